@@ -1,0 +1,1 @@
+//! Attestation: from a connected caller to its selectors (work in progress).

@@ -1,0 +1,4 @@
+//! tether (skeleton).
+pub mod proto;
+pub mod registration;
+pub mod attestation;

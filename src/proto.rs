@@ -1,0 +1,18 @@
+//! Generated protobuf messages and gRPC stubs (see `build.rs` and `proto/`).
+//!
+//! Nothing but `include!`s lives here: proto types stop at the edges
+//! (`workload_api`, `admin_api`, `cli`), whose `convert.rs` files translate.
+
+/// The SPIFFE Workload API (`proto/spiffe/workload/workload.proto`). The file
+/// has no protobuf package, so its service is `/SpiffeWorkloadAPI/...`.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic,
+    reason = "generated code"
+)]
+pub mod workload {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}
