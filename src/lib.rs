@@ -2,3 +2,5 @@
 pub mod proto;
 pub mod registration;
 pub mod attestation;
+pub mod authority;
+pub mod bundle;

@@ -1,0 +1,209 @@
+//! X.509 signing authorities: a CA certificate and its key, and leaf signing.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType,
+};
+use spiffe::TrustDomain;
+use x509_parser::prelude::FromDer;
+
+use super::AuthorityError;
+use super::rotation::Lifetime;
+
+/// Certificates are backdated by this much, so a verifier whose clock is a
+/// little behind ours does not see them as not yet valid.
+pub const BACKDATE: Duration = Duration::from_secs(10);
+
+/// A CA that signs X.509-SVIDs.
+pub struct X509Authority {
+    id: String,
+    cert_der: Vec<u8>,
+    lifetime: Lifetime,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// What a leaf certificate should say; the authority adds validity and
+/// issuer fields.
+#[derive(Debug, Clone)]
+pub struct LeafTemplate {
+    /// The single URI SAN.
+    pub uri: String,
+    /// DNS SANs (the first also becomes the subject CN).
+    pub dns_names: Vec<String>,
+    /// Requested lifetime, capped at the CA's own expiry.
+    pub ttl: Duration,
+}
+
+/// A signed leaf certificate.
+#[derive(Debug, Clone)]
+pub struct SignedLeaf {
+    /// The leaf followed by any intermediates, DER.
+    pub chain: Vec<Vec<u8>>,
+    /// Serial number, big-endian bytes.
+    pub serial: Vec<u8>,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+// === impl X509Authority ===
+
+impl X509Authority {
+    /// Generates a self-signed P-256 root for `trust_domain`.
+    pub fn generate_self_signed(
+        trust_domain: &TrustDomain,
+        now: SystemTime,
+        ttl: Duration,
+        activates_at: SystemTime,
+    ) -> Result<(Self, KeyPairDer), AuthorityError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(AuthorityError::Rcgen)?;
+        let id = super::random_id()?;
+        let not_before = now - BACKDATE;
+        let mut params = CertificateParams::default();
+        params.not_before = not_before.into();
+        params.not_after = (now + ttl).into();
+        params.serial_number = Some(super::random_serial()?);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, "tether");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("tether CA {id}"));
+        // A root that signs leaves directly: no intermediates below it.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        // The signing certificate's SPIFFE ID is the trust domain (no path).
+        let uri = trust_domain.id_string();
+        params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(AuthorityError::Rcgen)?)];
+        let cert = params.self_signed(&key).map_err(AuthorityError::Rcgen)?;
+        let der = KeyPairDer(zeroize::Zeroizing::new(key.serialize_der()));
+        let authority = Self::from_parts(id, cert.der().to_vec(), key, activates_at)?;
+        Ok((authority, der))
+    }
+
+    /// Rebuilds an authority from its stored certificate and key, checking
+    /// that they belong together.
+    pub fn from_parts(
+        id: String,
+        cert_der: Vec<u8>,
+        key: KeyPair,
+        activates_at: SystemTime,
+    ) -> Result<Self, AuthorityError> {
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&cert_der)
+            .map_err(|e| AuthorityError::Corrupt(format!("CA {id}: certificate: {e}")))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(AuthorityError::Corrupt(format!(
+                "CA {id}: the key file does not belong to the certificate"
+            )));
+        }
+        let not_before = to_system_time(cert.validity().not_before.timestamp());
+        let not_after = to_system_time(cert.validity().not_after.timestamp());
+        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)
+            .map_err(AuthorityError::Rcgen)?;
+        Ok(Self {
+            id,
+            cert_der,
+            lifetime: Lifetime {
+                not_before,
+                not_after,
+                activates_at,
+            },
+            issuer,
+        })
+    }
+
+    /// Signs a leaf for `public_key` (the workload's fresh key).
+    pub fn sign_leaf(
+        &self,
+        template: &LeafTemplate,
+        public_key: &KeyPair,
+        now: SystemTime,
+    ) -> Result<SignedLeaf, AuthorityError> {
+        let not_before = now - BACKDATE;
+        let not_after = (now + template.ttl).min(self.lifetime.not_after);
+        let serial = super::random_serial()?;
+        let mut params = CertificateParams::default();
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        params.serial_number = Some(serial.clone());
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, "tether");
+        if let Some(first) = template.dns_names.first() {
+            params.distinguished_name.push(DnType::CommonName, first.as_str());
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let mut sans = Vec::with_capacity(1 + template.dns_names.len());
+        sans.push(SanType::URI(
+            template.uri.clone().try_into().map_err(AuthorityError::Rcgen)?,
+        ));
+        for name in &template.dns_names {
+            sans.push(SanType::DnsName(
+                name.clone().try_into().map_err(AuthorityError::Rcgen)?,
+            ));
+        }
+        params.subject_alt_names = sans;
+        let cert = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(AuthorityError::Rcgen)?;
+        Ok(SignedLeaf {
+            chain: vec![cert.der().to_vec()],
+            serial: serial.to_bytes(),
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Identifier (also the key file name).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// Validity and activation.
+    pub fn lifetime(&self) -> Lifetime {
+        self.lifetime
+    }
+}
+
+impl fmt::Debug for X509Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("X509Authority")
+            .field("id", &self.id)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A PKCS#8 private key on its way to disk; zeroed when dropped.
+pub struct KeyPairDer(pub zeroize::Zeroizing<Vec<u8>>);
+
+impl fmt::Debug for KeyPairDer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyPairDer(<redacted>)")
+    }
+}
+
+/// Seconds since the epoch to `SystemTime` (clamped at the epoch).
+pub fn to_system_time(unix_seconds: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(unix_seconds).unwrap_or(0))
+}
+
+impl SignedLeaf {
+    /// The serial as lowercase hex, as logs and `svid list` show it.
+    pub fn serial_hex(&self) -> String {
+        self.serial.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}

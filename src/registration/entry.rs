@@ -1,0 +1,442 @@
+//! Registration entries: the rule "a caller whose selectors include these
+//! gets this SPIFFE ID", with the SVID parameters that go with it.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::Duration;
+
+use aws_lc_rs::digest;
+use serde::Deserialize;
+use spiffe::{SpiffeId, TrustDomain};
+
+use super::selector::{Selector, SelectorError, SelectorSet};
+
+/// Longest hint accepted (the Workload API spec asks for at most 1024 bytes).
+pub const MAX_HINT_LEN: usize = 1024;
+/// Most selectors one entry may require.
+pub const MAX_SELECTORS: usize = 64;
+/// Most DNS names one entry may carry.
+pub const MAX_DNS_NAMES: usize = 32;
+/// The SPIFFE ID spec asks issuers not to generate IDs longer than this.
+pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+
+/// Stable identifier of an entry. For entries from the config file it is
+/// derived from the SPIFFE ID and the selectors, so it survives restarts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryId(String);
+
+/// Where an entry came from, which decides who may change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntrySource {
+    /// The `[[entries]]` of the config file: the file is the source of truth.
+    Config,
+}
+
+/// A validated registration entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationEntry {
+    /// Stable identifier.
+    pub id: EntryId,
+    /// The identity granted.
+    pub spiffe_id: SpiffeId,
+    /// All of these must be among the caller's selectors.
+    pub selectors: SelectorSet,
+    /// X.509-SVID lifetime for this entry; the agent default when `None`.
+    pub x509_svid_ttl: Option<Duration>,
+    /// JWT-SVID lifetime for this entry; the agent default when `None`.
+    pub jwt_svid_ttl: Option<Duration>,
+    /// DNS SANs of the X.509-SVID (the first is also the subject CN).
+    pub dns_names: Vec<String>,
+    /// Operator guidance for workloads holding several SVIDs.
+    pub hint: Option<String>,
+    /// Foreign trust domains whose bundles this entry's holders receive.
+    pub federates_with: BTreeSet<TrustDomain>,
+    /// Who owns the entry.
+    pub source: EntrySource,
+}
+
+/// An entry as written in the config file (`[[entries]]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryConfig {
+    /// `spiffe://<trust domain>/<path>`, in the agent's trust domain.
+    pub spiffe_id: String,
+    /// `type:key:value` selectors, all of which the caller must have.
+    #[serde(default)]
+    pub selectors: Vec<String>,
+    /// Optional hint returned with the SVIDs.
+    #[serde(default)]
+    pub hint: Option<String>,
+    /// DNS SANs for the X.509-SVID.
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    /// Overrides the agent's `x509_svid_ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub x509_svid_ttl: Option<Duration>,
+    /// Overrides the agent's `jwt_svid_ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub jwt_svid_ttl: Option<Duration>,
+    /// Trust domains (each defined by a `[[federation]]`) to federate with.
+    #[serde(default)]
+    pub federates_with: Vec<String>,
+}
+
+/// Why an entry was refused. Each variant names the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    /// `spiffe_id` is not a SPIFFE ID.
+    #[error("spiffe_id {value:?} is not a valid SPIFFE ID: {source}")]
+    BadSpiffeId {
+        /// The value given.
+        value: String,
+        /// What the SPIFFE ID parser said.
+        #[source]
+        source: spiffe::SpiffeIdError,
+    },
+    /// `spiffe_id` is valid but not in canonical form (uppercase trust domain, say).
+    #[error("spiffe_id {value:?} is not in canonical form; write it as {canonical:?}")]
+    NotCanonical {
+        /// The value given.
+        value: String,
+        /// How it should be written.
+        canonical: String,
+    },
+    /// `spiffe_id` belongs to another trust domain.
+    #[error("spiffe_id {value:?} is outside the agent's trust domain {trust_domain:?}")]
+    ForeignTrustDomain {
+        /// The value given.
+        value: String,
+        /// The agent's trust domain.
+        trust_domain: String,
+    },
+    /// `spiffe_id` has no path: that names the trust domain, not a workload.
+    #[error("spiffe_id {0:?} has no path; a workload ID looks like spiffe://domain/service")]
+    NoPath(String),
+    /// A string field is longer than allowed.
+    #[error("{field} is {len} bytes long; the limit is {limit}")]
+    TooLong {
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A list field has too many items.
+    #[error("{field} has {len} items; the limit is {limit}")]
+    TooMany {
+        /// The field.
+        field: &'static str,
+        /// How many were given.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// No selectors: the entry would match every process on the node.
+    #[error("selectors is empty; an entry needs at least one selector (it would match every process)")]
+    NoSelectors,
+    /// One of the selectors is malformed.
+    #[error("selectors: {0}")]
+    BadSelector(#[from] SelectorError),
+    /// A TTL of zero.
+    #[error("{0} must be greater than zero")]
+    ZeroTtl(&'static str),
+    /// A DNS name that is not one.
+    #[error("dns_names: {0:?} is not a valid DNS name")]
+    BadDnsName(String),
+    /// A hint that is empty.
+    #[error("hint must not be empty when given")]
+    EmptyHint,
+    /// `federates_with` names something that is not a trust domain.
+    #[error("federates_with: {value:?} is not a trust domain: {source}")]
+    BadFederatedDomain {
+        /// The value given.
+        value: String,
+        /// What the parser said.
+        #[source]
+        source: spiffe::SpiffeIdError,
+    },
+    /// `federates_with` names a domain no `[[federation]]` defines.
+    #[error("federates_with: {0:?} has no [[federation]] section giving its bundle")]
+    UnknownFederation(String),
+    /// `federates_with` names the agent's own trust domain.
+    #[error("federates_with: {0:?} is the agent's own trust domain")]
+    FederatesWithSelf(String),
+}
+
+// === impl EntryId ===
+
+impl EntryId {
+    /// The id of a config-file entry: a digest of what identifies it, so the
+    /// same entry keeps the same id across restarts.
+    fn for_config(spiffe_id: &SpiffeId, selectors: &SelectorSet) -> Self {
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(spiffe_id.to_string().as_bytes());
+        for selector in selectors {
+            ctx.update(b"\n");
+            ctx.update(selector.to_string().as_bytes());
+        }
+        let digest = ctx.finish();
+        let hex: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Self(format!("cfg-{hex}"))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// === impl RegistrationEntry ===
+
+impl RegistrationEntry {
+    /// Validates a config-file entry against the agent's trust domain and the
+    /// federations it knows.
+    pub fn from_config(
+        config: &EntryConfig,
+        trust_domain: &TrustDomain,
+        federations: &BTreeSet<TrustDomain>,
+    ) -> Result<Self, EntryError> {
+        let spiffe_id = parse_workload_id(&config.spiffe_id, trust_domain)?;
+
+        if config.selectors.is_empty() {
+            return Err(EntryError::NoSelectors);
+        }
+        check_count("selectors", config.selectors.len(), MAX_SELECTORS)?;
+        let selectors = config
+            .selectors
+            .iter()
+            .map(|s| s.parse::<Selector>())
+            .collect::<Result<SelectorSet, _>>()?;
+
+        if config.x509_svid_ttl == Some(Duration::ZERO) {
+            return Err(EntryError::ZeroTtl("x509_svid_ttl"));
+        }
+        if config.jwt_svid_ttl == Some(Duration::ZERO) {
+            return Err(EntryError::ZeroTtl("jwt_svid_ttl"));
+        }
+
+        check_count("dns_names", config.dns_names.len(), MAX_DNS_NAMES)?;
+        for name in &config.dns_names {
+            if !is_dns_name(name) {
+                return Err(EntryError::BadDnsName(name.clone()));
+            }
+        }
+
+        if let Some(hint) = &config.hint {
+            if hint.is_empty() {
+                return Err(EntryError::EmptyHint);
+            }
+            check_len("hint", hint.len(), MAX_HINT_LEN)?;
+        }
+
+        let mut federates_with = BTreeSet::new();
+        for value in &config.federates_with {
+            let domain =
+                TrustDomain::new(value).map_err(|source| EntryError::BadFederatedDomain {
+                    value: value.clone(),
+                    source,
+                })?;
+            if &domain == trust_domain {
+                return Err(EntryError::FederatesWithSelf(value.clone()));
+            }
+            if !federations.contains(&domain) {
+                return Err(EntryError::UnknownFederation(value.clone()));
+            }
+            federates_with.insert(domain);
+        }
+
+        Ok(Self {
+            id: EntryId::for_config(&spiffe_id, &selectors),
+            spiffe_id,
+            selectors,
+            x509_svid_ttl: config.x509_svid_ttl,
+            jwt_svid_ttl: config.jwt_svid_ttl,
+            dns_names: config.dns_names.clone(),
+            hint: config.hint.clone(),
+            federates_with,
+            source: EntrySource::Config,
+        })
+    }
+
+    /// True when every selector this entry requires is among `caller`'s.
+    pub fn matches(&self, caller: &SelectorSet) -> bool {
+        self.selectors.is_subset(caller)
+    }
+}
+
+/// Parses a workload SPIFFE ID: canonical, in `trust_domain`, with a path.
+pub fn parse_workload_id(value: &str, trust_domain: &TrustDomain) -> Result<SpiffeId, EntryError> {
+    check_len("spiffe_id", value.len(), MAX_SPIFFE_ID_LEN)?;
+    let id = SpiffeId::new(value).map_err(|source| EntryError::BadSpiffeId {
+        value: value.to_owned(),
+        source,
+    })?;
+    let canonical = id.to_string();
+    if canonical != value {
+        return Err(EntryError::NotCanonical {
+            value: value.to_owned(),
+            canonical,
+        });
+    }
+    if !id.is_member_of(trust_domain) {
+        return Err(EntryError::ForeignTrustDomain {
+            value: value.to_owned(),
+            trust_domain: trust_domain.to_string(),
+        });
+    }
+    if id.path().is_empty() {
+        return Err(EntryError::NoPath(value.to_owned()));
+    }
+    Ok(id)
+}
+
+fn check_len(field: &'static str, len: usize, limit: usize) -> Result<(), EntryError> {
+    if len > limit {
+        return Err(EntryError::TooLong { field, len, limit });
+    }
+    Ok(())
+}
+
+fn check_count(field: &'static str, len: usize, limit: usize) -> Result<(), EntryError> {
+    if len > limit {
+        return Err(EntryError::TooMany { field, len, limit });
+    }
+    Ok(())
+}
+
+/// RFC 1123 host names, with an optional leading `*.` wildcard label.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    fn feds() -> BTreeSet<TrustDomain> {
+        [TrustDomain::new("other.org").unwrap()].into()
+    }
+
+    fn config(spiffe_id: &str, selectors: &[&str]) -> EntryConfig {
+        EntryConfig {
+            spiffe_id: spiffe_id.into(),
+            selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
+            ..EntryConfig::default()
+        }
+    }
+
+    #[test]
+    fn valid_entry_gets_a_stable_id() {
+        let mut c = config("spiffe://example.org/svc", &["unix:uid:1000", "unix:gid:1000"]);
+        c.dns_names = vec!["svc.example.org".into(), "*.svc.local".into()];
+        c.federates_with = vec!["other.org".into()];
+        c.hint = Some("internal".into());
+        let a = RegistrationEntry::from_config(&c, &td(), &feds()).unwrap();
+        c.selectors.reverse();
+        let b = RegistrationEntry::from_config(&c, &td(), &feds()).unwrap();
+        assert_eq!(a.id, b.id, "selector order must not change the id");
+        assert!(a.id.as_str().starts_with("cfg-"));
+        let other = config("spiffe://example.org/svc2", &["unix:uid:1000"]);
+        let c2 = RegistrationEntry::from_config(&other, &td(), &feds()).unwrap();
+        assert_ne!(a.id, c2.id);
+    }
+
+    #[test]
+    fn refuses_bad_entries() {
+        let cases: Vec<(EntryConfig, &str)> = vec![
+            (config("not-an-id", &["unix:uid:1"]), "not a valid SPIFFE ID"),
+            (config("spiffe://other.org/x", &["unix:uid:1"]), "outside the agent's trust domain"),
+            (config("spiffe://example.org", &["unix:uid:1"]), "has no path"),
+            (config("spiffe://Example.org/x", &["unix:uid:1"]), "canonical form"),
+            (config("spiffe://example.org/x", &[]), "needs at least one selector"),
+            (config("spiffe://example.org/x", &["uid:1"]), "unknown type"),
+            (config("spiffe://example.org/x/", &["unix:uid:1"]), "not a valid SPIFFE ID"),
+            (
+                EntryConfig {
+                    x509_svid_ttl: Some(Duration::ZERO),
+                    ..config("spiffe://example.org/x", &["unix:uid:1"])
+                },
+                "x509_svid_ttl must be greater than zero",
+            ),
+            (
+                EntryConfig {
+                    dns_names: vec!["bad name".into()],
+                    ..config("spiffe://example.org/x", &["unix:uid:1"])
+                },
+                "not a valid DNS name",
+            ),
+            (
+                EntryConfig {
+                    federates_with: vec!["unknown.org".into()],
+                    ..config("spiffe://example.org/x", &["unix:uid:1"])
+                },
+                "no [[federation]]",
+            ),
+            (
+                EntryConfig {
+                    federates_with: vec!["example.org".into()],
+                    ..config("spiffe://example.org/x", &["unix:uid:1"])
+                },
+                "own trust domain",
+            ),
+            (
+                EntryConfig {
+                    hint: Some("h".repeat(MAX_HINT_LEN + 1)),
+                    ..config("spiffe://example.org/x", &["unix:uid:1"])
+                },
+                "hint is 1025 bytes",
+            ),
+        ];
+        for (c, want) in cases {
+            let err = RegistrationEntry::from_config(&c, &td(), &feds()).unwrap_err();
+            assert!(err.to_string().contains(want), "{c:?}: {err} (wanted {want:?})");
+        }
+    }
+
+    #[test]
+    fn matches_on_subset() {
+        let e = RegistrationEntry::from_config(
+            &config("spiffe://example.org/x", &["unix:uid:1000", "unix:gid:50"]),
+            &td(),
+            &feds(),
+        )
+        .unwrap();
+        let caller: SelectorSet = ["unix:uid:1000", "unix:gid:50", "unix:user:alice"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert!(e.matches(&caller));
+        let partial: SelectorSet = ["unix:uid:1000"].iter().map(|s| s.parse().unwrap()).collect();
+        assert!(!e.matches(&partial));
+    }
+
+    #[test]
+    fn dns_names() {
+        for ok in ["a", "a.b", "x-1.example.org", "*.example.org"] {
+            assert!(is_dns_name(ok), "{ok}");
+        }
+        for bad in ["", "a..b", "-a.b", "a b", "*", "a.*.b", &"a".repeat(64)] {
+            assert!(!is_dns_name(bad), "{bad}");
+        }
+    }
+}
