@@ -1,1 +1,584 @@
-//! Attestation: from a connected caller to its selectors (work in progress).
+//! Attestation: from a connected caller to the selectors that describe it.
+//!
+//! Owns [`Caller`] (the peer of a Unix socket as the kernel reported it at
+//! connect, pinned by a pidfd), [`Attestor`] (the closed set of attestors;
+//! for now only unix), the [`Attested`] result and [`AttestationError`].
+//! Submodules: `caller` (peer credentials, pidfd, liveness), `procfs` (pure
+//! /proc parsers and thin readers), `unix` (the unix attestor and its
+//! executable-hash cache).
+//!
+//! Invariants:
+//! - It reads the OS, never the registry: selectors are facts about the
+//!   process, and matching them to entries is `registration`'s job.
+//! - Identity comes from the kernel, never from what the caller says: the
+//!   uid/gid come from `SO_PEERCRED` and /proc and must agree, and nothing
+//!   the caller sends over the socket is consulted.
+//! - No selectors for a process that is gone: every attestation ends with
+//!   [`Caller::ensure_alive`], so a caller that exits or whose PID is
+//!   recycled mid-attestation gets an error, never another's identity.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use serde::Deserialize;
+
+use crate::registration::selector::SelectorSet;
+
+mod caller;
+mod procfs;
+mod unix;
+
+pub use caller::Caller;
+pub use procfs::ProcfsError;
+
+use unix::UnixAttestor;
+
+/// Default [`UnixAttestorConfig::workload_size_limit`]: 256 MiB.
+const DEFAULT_WORKLOAD_SIZE_LIMIT: u64 = 256 * 1024 * 1024;
+
+/// The `[attestor]` section of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttestorConfig {
+    /// `[attestor.unix]`.
+    pub unix: UnixAttestorConfig,
+}
+
+/// The `[attestor.unix]` section of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnixAttestorConfig {
+    /// Produce `unix:path` and `unix:sha256` (default true). When on, an
+    /// executable that cannot be read fails attestation.
+    pub discover_workload_path: bool,
+    /// Largest executable hashed for `unix:sha256`, in bytes (default 256
+    /// MiB). Larger ones get no sha256 selector (logged), never a failed
+    /// attestation. Hashing is the one cost a caller controls, hence the
+    /// bound; 0 hashes nothing (unlike SPIRE, where 0 means unlimited).
+    pub workload_size_limit: u64,
+}
+
+/// Turns a [`Caller`] into [`Attested`] selectors. Cheap to clone; clones
+/// share the executable-hash cache.
+///
+/// A closed set of attestors: the unix attestor always runs (its uid/gid
+/// check is what ties /proc to the connection); others will be fields here,
+/// `Option`al by configuration, not plugins.
+#[derive(Debug, Clone)]
+pub struct Attestor {
+    proc_root: Arc<Path>,
+    unix: UnixAttestor,
+}
+
+/// What attestation established about one caller.
+#[derive(Debug, Clone)]
+pub struct Attested {
+    /// The caller's PID in the agent's PID namespace.
+    pub pid: i32,
+    /// Effective uid (`SO_PEERCRED`, confirmed by /proc).
+    pub uid: u32,
+    /// Effective gid (`SO_PEERCRED`, confirmed by /proc).
+    pub gid: u32,
+    /// `readlink /proc/<pid>/exe`, when `discover_workload_path` is on.
+    pub executable: Option<PathBuf>,
+    /// Every selector the attestors produced.
+    pub selectors: SelectorSet,
+}
+
+/// Why a caller could not be identified or attested.
+#[derive(Debug, thiserror::Error)]
+pub enum AttestationError {
+    /// `SO_PEERCRED` could not be read from the connection.
+    #[error("cannot read the peer's credentials (SO_PEERCRED)")]
+    PeerCredentials(#[source] Errno),
+    /// The kernel reported PID 0: the peer is in a PID namespace the agent
+    /// cannot see (the agent needs the host PID namespace, `hostPID: true`).
+    #[error(
+        "the peer's PID is not visible from the agent's PID namespace (run the agent with hostPID)"
+    )]
+    NoPeerPid,
+    /// `SO_PEERPIDFD` failed for a reason other than an old kernel or a departed peer.
+    #[error("cannot read the peer's pidfd (SO_PEERPIDFD)")]
+    PeerPidfd(#[source] Errno),
+    /// `pidfd_open` failed for a reason other than the process being gone.
+    #[error("pidfd_open({pid}) failed")]
+    PidfdOpen {
+        /// The caller's PID.
+        pid: i32,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// Polling the caller's pidfd for exit failed.
+    #[error("cannot poll the pidfd of pid {pid}")]
+    PollPidfd {
+        /// The caller's PID.
+        pid: i32,
+        /// The system error.
+        #[source]
+        source: Errno,
+    },
+    /// The process that connected has exited, or its PID now names another process.
+    #[error("caller pid {pid} has exited")]
+    CallerExited {
+        /// The PID the caller had.
+        pid: i32,
+    },
+    /// The process's effective uid/gid differ from what `SO_PEERCRED` recorded at connect.
+    #[error(
+        "caller pid {pid} connected as uid {peer_uid} gid {peer_gid} but now runs as uid {proc_uid} gid {proc_gid}"
+    )]
+    CredentialsChanged {
+        /// The caller's PID.
+        pid: i32,
+        /// Effective uid at connect (`SO_PEERCRED`).
+        peer_uid: u32,
+        /// Effective gid at connect (`SO_PEERCRED`).
+        peer_gid: u32,
+        /// Effective uid in /proc at attestation.
+        proc_uid: u32,
+        /// Effective gid in /proc at attestation.
+        proc_gid: u32,
+    },
+    /// The caller executed another program while it was being attested.
+    #[error("caller pid {pid} executed another program during attestation")]
+    ExecutableChanged {
+        /// The caller's PID.
+        pid: i32,
+    },
+    /// A /proc file (or the executable behind `/proc/<pid>/exe`) could not be read.
+    #[error("cannot read {}", path.display())]
+    ReadProc {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// A /proc file held something other than what the kernel writes.
+    #[error("cannot parse {}", path.display())]
+    ParseProc {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong with it.
+        #[source]
+        source: ProcfsError,
+    },
+    /// The blocking attestation job panicked or was cancelled by runtime shutdown.
+    #[error("the attestation job did not complete")]
+    Blocking(#[source] tokio::task::JoinError),
+}
+
+// === impl Attestor ===
+
+impl Attestor {
+    /// An attestor reading the real `/proc`.
+    pub fn new(config: &AttestorConfig) -> Self {
+        Self::with_proc_root(config, PathBuf::from("/proc"))
+    }
+
+    /// An attestor reading `proc_root` instead of `/proc` for attestation
+    /// (fixtures, or a host /proc mounted elsewhere). Caller liveness is
+    /// always checked against the real `/proc`.
+    pub fn with_proc_root(config: &AttestorConfig, proc_root: PathBuf) -> Self {
+        Self {
+            proc_root: proc_root.into(),
+            unix: UnixAttestor::new(&config.unix),
+        }
+    }
+
+    /// Reads the caller's selectors, then confirms it is still the process
+    /// that connected. Runs on the blocking pool: NSS lookups and hashing block.
+    ///
+    /// Cancelling the future does not stop the blocking job; it completes
+    /// and its result is dropped.
+    pub async fn attest(&self, caller: &Caller) -> Result<Attested, AttestationError> {
+        let attestor = self.clone();
+        let caller = caller.clone();
+        tokio::task::spawn_blocking(move || attestor.attest_blocking(&caller))
+            .await
+            .map_err(AttestationError::Blocking)?
+    }
+
+    fn attest_blocking(&self, caller: &Caller) -> Result<Attested, AttestationError> {
+        let facts = match self.unix.attest(&self.proc_root, caller) {
+            Ok(facts) => facts,
+            // A read that failed because the caller left is the caller's
+            // doing: report that rather than an agent-side fault.
+            Err(error) => {
+                caller.ensure_alive()?;
+                return Err(error);
+            }
+        };
+        // Every read above was about this caller only if it is still running now.
+        caller.ensure_alive()?;
+        tracing::debug!(
+            pid = caller.pid(),
+            uid = caller.uid(),
+            pidfd = ?caller.pidfd_source(),
+            selectors = facts.selectors.len(),
+            "caller attested"
+        );
+        Ok(Attested {
+            pid: caller.pid(),
+            uid: caller.uid(),
+            gid: caller.gid(),
+            executable: facts.executable,
+            selectors: facts.selectors,
+        })
+    }
+}
+
+// === impl UnixAttestorConfig ===
+
+impl Default for UnixAttestorConfig {
+    fn default() -> Self {
+        Self {
+            discover_workload_path: true,
+            workload_size_limit: DEFAULT_WORKLOAD_SIZE_LIMIT,
+        }
+    }
+}
+
+// === impl AttestationError ===
+
+impl AttestationError {
+    /// True when the caller's own behaviour caused the failure (it exited,
+    /// changed its credentials after connecting, or exec'd mid-attestation),
+    /// as opposed to an agent-side or deployment fault worth an operator's
+    /// attention.
+    pub fn is_caller_fault(&self) -> bool {
+        matches!(
+            self,
+            Self::CallerExited { .. }
+                | Self::CredentialsChanged { .. }
+                | Self::ExecutableChanged { .. }
+        )
+    }
+}
+
+/// Real peer processes for tests: a Python child that connects to a socket.
+#[cfg(test)]
+pub(crate) mod test_peer {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, ChildStdin, Command, Stdio};
+
+    use tempfile::TempDir;
+    use tokio::net::{UnixListener, UnixStream};
+
+    /// A child process connected to our listener, waiting for its stdin to close.
+    pub(crate) struct Peer {
+        pub(crate) child: Child,
+        stdin: Option<ChildStdin>,
+        _dir: TempDir,
+    }
+
+    /// Spawns a child that connects, runs `after_connect` (Python), says
+    /// ready, then waits for stdin to close (or exits at once if `linger`
+    /// is false). Returns once the child has connected, with the server side.
+    pub(crate) async fn connect(after_connect: &str, linger: bool) -> (Peer, UnixStream) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let wait = if linger { "sys.stdin.read()" } else { "" };
+        let script = format!(
+            "import os, socket, sys\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.connect(sys.argv[1])\n\
+             {after_connect}\n\
+             print('ready', flush=True)\n\
+             {wait}\n"
+        );
+        let python = if std::path::Path::new("/usr/bin/python3").exists() {
+            "/usr/bin/python3"
+        } else {
+            "python3"
+        };
+        let mut child = Command::new(python)
+            .arg("-c")
+            .arg(script)
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        // The connection sits in the backlog until accept, so blocking here is fine.
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "child did not connect");
+        let (stream, _) = listener.accept().await.unwrap();
+        let peer = Peer {
+            child,
+            stdin,
+            _dir: dir,
+        };
+        (peer, stream)
+    }
+
+    impl Peer {
+        pub(crate) fn pid(&self) -> i32 {
+            i32::try_from(self.child.id()).unwrap()
+        }
+
+        /// Lets the child exit normally and reaps it.
+        pub(crate) fn finish(&mut self) {
+            drop(self.stdin.take());
+            self.child.wait().unwrap();
+        }
+    }
+
+    impl Drop for Peer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use aws_lc_rs::digest;
+    use tokio::net::UnixStream;
+
+    use super::caller::PidfdSource;
+    use super::*;
+    use crate::registration::selector::Selector;
+
+    fn sel(s: &str) -> Selector {
+        s.parse().unwrap()
+    }
+
+    fn values(attested: &Attested, key: &str) -> Vec<String> {
+        attested
+            .selectors
+            .iter()
+            .filter(|s| s.key() == key)
+            .map(|s| s.value()[key.len() + 1..].to_owned())
+            .collect()
+    }
+
+    fn expected_sha256(path: &Path) -> String {
+        let bytes = std::fs::read(path).unwrap();
+        digest::digest(&digest::SHA256, &bytes)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn attests_this_process() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let caller = Caller::from_stream(&ours).unwrap();
+        assert_eq!(caller.pidfd_source(), PidfdSource::PeerPidfd);
+        let attestor = Attestor::new(&AttestorConfig::default());
+        let attested = attestor.attest(&caller).await.unwrap();
+
+        let uid = nix::unistd::geteuid().as_raw();
+        let gid = nix::unistd::getegid().as_raw();
+        assert_eq!(attested.pid, i32::try_from(std::process::id()).unwrap());
+        assert_eq!((attested.uid, attested.gid), (uid, gid));
+        let s = &attested.selectors;
+        assert!(s.contains(&sel(&format!("unix:uid:{uid}"))));
+        assert!(s.contains(&sel(&format!("unix:gid:{gid}"))));
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .unwrap()
+            .unwrap();
+        assert!(s.contains(&sel(&format!("unix:user:{}", user.name))));
+        let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+            .unwrap()
+            .unwrap();
+        assert!(s.contains(&sel(&format!("unix:group:{}", group.name))));
+
+        let mut want_groups: Vec<String> = nix::unistd::getgroups()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_raw().to_string())
+            .collect();
+        want_groups.sort();
+        want_groups.dedup();
+        let mut got_groups = values(&attested, "supplementary_gid");
+        got_groups.sort();
+        assert_eq!(got_groups, want_groups);
+
+        let exe = std::env::current_exe().unwrap().canonicalize().unwrap();
+        assert_eq!(attested.executable.as_deref(), Some(exe.as_path()));
+        assert!(s.contains(&sel(&format!("unix:path:{}", exe.display()))));
+        assert_eq!(values(&attested, "sha256"), [expected_sha256(&exe)]);
+
+        // Every selector is one an entry could be written with.
+        for selector in s {
+            assert_eq!(sel(&selector.to_string()), *selector);
+        }
+    }
+
+    #[tokio::test]
+    async fn hash_cache_hits_on_the_same_binary() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let caller = Caller::from_stream(&ours).unwrap();
+        let attestor = Attestor::new(&AttestorConfig::default());
+        let first = attestor.attest(&caller).await.unwrap();
+        assert_eq!(
+            (attestor.unix.cache_len(), attestor.unix.cache_hits()),
+            (1, 0)
+        );
+        // A clone shares the cache.
+        let second = attestor.clone().attest(&caller).await.unwrap();
+        assert_eq!(
+            (attestor.unix.cache_len(), attestor.unix.cache_hits()),
+            (1, 1)
+        );
+        assert_eq!(first.selectors, second.selectors);
+    }
+
+    #[tokio::test]
+    async fn attests_through_the_pidfd_open_fallback() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let caller = Caller::from_stream_with(&ours, PidfdSource::PidfdOpen).unwrap();
+        assert_eq!(caller.pidfd_source(), PidfdSource::PidfdOpen);
+        let attested = Attestor::new(&AttestorConfig::default())
+            .attest(&caller)
+            .await
+            .unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        assert!(
+            attested
+                .selectors
+                .contains(&sel(&format!("unix:uid:{uid}")))
+        );
+        assert_eq!(values(&attested, "sha256").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn caller_that_exited_is_refused() {
+        for source in [PidfdSource::PeerPidfd, PidfdSource::PidfdOpen] {
+            let (mut peer, stream) = test_peer::connect("", true).await;
+            let caller = Caller::from_stream_with(&stream, source).unwrap();
+            assert_eq!(caller.pid(), peer.pid());
+            assert_eq!(caller.pidfd_source(), source);
+            let attestor = Attestor::new(&AttestorConfig::default());
+            // Alive: attested as the Python interpreter it runs.
+            let attested = attestor.attest(&caller).await.unwrap();
+            assert!(
+                values(&attested, "path")[0].contains("python"),
+                "{attested:?}"
+            );
+
+            peer.finish();
+            let err = attestor.attest(&caller).await.unwrap_err();
+            assert!(
+                matches!(err, AttestationError::CallerExited { pid } if pid == peer.pid()),
+                "{source:?}: {err:?}"
+            );
+            assert!(err.is_caller_fault());
+            assert!(matches!(
+                caller.ensure_alive(),
+                Err(AttestationError::CallerExited { .. })
+            ));
+            tokio::time::timeout(Duration::from_secs(5), caller.exited())
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn changed_credentials_are_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to change a child's credentials");
+            return;
+        }
+        let (_peer, stream) =
+            test_peer::connect("os.setegid(65534); os.seteuid(65534)", true).await;
+        let caller = Caller::from_stream(&stream).unwrap();
+        assert_eq!(caller.uid(), 0);
+        let err = Attestor::new(&AttestorConfig::default())
+            .attest(&caller)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AttestationError::CredentialsChanged {
+                    peer_uid: 0,
+                    proc_uid: 65534,
+                    proc_gid: 65534,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.is_caller_fault());
+    }
+
+    #[tokio::test]
+    async fn size_limit_omits_only_the_hash() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let caller = Caller::from_stream(&ours).unwrap();
+        let config = AttestorConfig {
+            unix: UnixAttestorConfig {
+                workload_size_limit: 1,
+                ..UnixAttestorConfig::default()
+            },
+        };
+        let attestor = Attestor::new(&config);
+        for _ in 0..2 {
+            let attested = attestor.attest(&caller).await.unwrap();
+            assert!(values(&attested, "sha256").is_empty());
+            assert_eq!(values(&attested, "path").len(), 1);
+        }
+        // The "too large" verdict is cached too, so it is logged once.
+        assert_eq!(attestor.unix.cache_hits(), 1);
+    }
+
+    #[tokio::test]
+    async fn path_discovery_can_be_turned_off() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let caller = Caller::from_stream(&ours).unwrap();
+        let config = AttestorConfig {
+            unix: UnixAttestorConfig {
+                discover_workload_path: false,
+                ..UnixAttestorConfig::default()
+            },
+        };
+        let attested = Attestor::new(&config).attest(&caller).await.unwrap();
+        assert!(attested.executable.is_none());
+        assert!(values(&attested, "path").is_empty());
+        assert!(values(&attested, "sha256").is_empty());
+        assert_eq!(values(&attested, "uid").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn unreadable_proc_is_an_agent_fault() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let caller = Caller::from_stream(&ours).unwrap();
+        let attestor = Attestor::with_proc_root(
+            &AttestorConfig::default(),
+            PathBuf::from("/nonexistent-proc"),
+        );
+        let err = attestor.attest(&caller).await.unwrap_err();
+        assert!(matches!(err, AttestationError::ReadProc { .. }), "{err:?}");
+        assert!(!err.is_caller_fault());
+    }
+
+    #[test]
+    fn config_defaults_and_unknown_fields() {
+        let config: AttestorConfig = toml::from_str("").unwrap();
+        assert!(config.unix.discover_workload_path);
+        assert_eq!(config.unix.workload_size_limit, 256 * 1024 * 1024);
+
+        let config: AttestorConfig =
+            toml::from_str("[unix]\ndiscover_workload_path = false\n").unwrap();
+        assert!(!config.unix.discover_workload_path);
+        assert_eq!(config.unix.workload_size_limit, 256 * 1024 * 1024);
+
+        assert!(toml::from_str::<AttestorConfig>("[unix]\nworkload_size_limt = 1\n").is_err());
+        assert!(toml::from_str::<AttestorConfig>("[k8]\n").is_err());
+        assert!(toml::from_str::<AttestorConfig>("[unix]\nworkload_size_limit = -1\n").is_err());
+    }
+}
