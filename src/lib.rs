@@ -1,6 +1,13 @@
 //! tether (skeleton).
-pub mod proto;
-pub mod registration;
 pub mod attestation;
 pub mod authority;
 pub mod bundle;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod federation;
+pub mod proto;
+pub mod registration;
+pub mod svid;
+pub mod telemetry;
+pub mod workload_api;

@@ -42,7 +42,9 @@ impl JwtKey {
         let key = KeyPair::try_from(pkcs8)
             .map_err(|e| AuthorityError::Corrupt(format!("JWT key {kid}: {e}")))?;
         if !key.is_compatible(&PKCS_ECDSA_P256_SHA256) {
-            return Err(AuthorityError::Corrupt(format!("JWT key {kid}: not a P-256 key")));
+            return Err(AuthorityError::Corrupt(format!(
+                "JWT key {kid}: not a P-256 key"
+            )));
         }
         let public = JwtAuthority::from_p256_point(kid.clone(), key.public_key_raw())
             .map_err(|e| AuthorityError::Corrupt(format!("JWT key {kid}: {e}")))?;

@@ -26,7 +26,9 @@ pub enum KeyStoreError {
     },
     /// A private key file others could read: refuse rather than use a key
     /// that may be copied.
-    #[error("{path} has mode {mode:04o}; a private key must be readable by its owner only (chmod 600)")]
+    #[error(
+        "{path} has mode {mode:04o}; a private key must be readable by its owner only (chmod 600)"
+    )]
     Permissive {
         /// The file.
         path: PathBuf,
@@ -121,7 +123,9 @@ fn open_regular(path: &Path) -> Result<File, KeyStoreError> {
 
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyStoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy());
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy());
     let tmp = dir.join(format!(".{name}.tmp"));
     // A leftover from a crash mid-write is ours to replace.
     remove(&tmp)?;

@@ -79,10 +79,14 @@ pub enum AuthorityError {
     #[error(transparent)]
     Store(#[from] KeyStoreError),
     /// The stored state cannot be trusted.
-    #[error("authority state in the data dir is damaged: {0}; refusing to start with it (restore the data dir from a backup, or move it away to start a new trust domain)")]
+    #[error(
+        "authority state in the data dir is damaged: {0}; refusing to start with it (restore the data dir from a backup, or move it away to start a new trust domain)"
+    )]
     Corrupt(String),
     /// The data dir holds the keys of another trust domain.
-    #[error("the data dir holds the keys of trust domain {stored:?}, but trust_domain is {configured:?}; use another data_dir or the matching trust_domain")]
+    #[error(
+        "the data dir holds the keys of trust domain {stored:?}, but trust_domain is {configured:?}; use another data_dir or the matching trust_domain"
+    )]
     OtherTrustDomain {
         /// From the state file.
         stored: String,
@@ -179,6 +183,7 @@ impl Authority {
         data_dir: &Path,
     ) -> Result<Self, AuthorityError> {
         let dir = data_dir.join("authority");
+        key_store::ensure_private_dir(&dir)?;
         key_store::ensure_private_dir(&dir.join("keys"))?;
         let keys = load(&dir, &trust_domain)?;
         let bundle = Arc::new(bundle_of(&trust_domain, &keys));
@@ -235,7 +240,9 @@ impl Authority {
             let now = SystemTime::now();
             let authority = self.clone();
             let wait = match tokio::task::spawn_blocking(move || authority.rotate_at(now)).await {
-                Ok(Ok(next)) => next.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO),
+                Ok(Ok(next)) => next
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
                 Ok(Err(error)) => {
                     tracing::error!(%error, "key rotation failed; retrying");
                     RETRY_AFTER_FAILURE
@@ -470,11 +477,15 @@ fn store(dir: &Path, trust_domain: &TrustDomain, keys: &KeySet) -> Result<(), Au
 fn check_file_id(id: &str) -> Result<(), AuthorityError> {
     if !id.is_empty()
         && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
         Ok(())
     } else {
-        Err(AuthorityError::Corrupt(format!("key id {id:?} is not one tether wrote")))
+        Err(AuthorityError::Corrupt(format!(
+            "key id {id:?} is not one tether wrote"
+        )))
     }
 }
 
@@ -527,7 +538,10 @@ mod tests {
         drop(a);
 
         let b = Authority::load_or_create(td(), AuthorityConfig::default(), dir.path()).unwrap();
-        assert!(b.bundle().same_keys(&bundle), "restart keeps the trust bundle");
+        assert!(
+            b.bundle().same_keys(&bundle),
+            "restart keeps the trust bundle"
+        );
         assert_eq!(b.jwt_signer().unwrap().kid(), kid);
 
         use std::os::unix::fs::MetadataExt;
@@ -547,7 +561,10 @@ mod tests {
             dir.path(),
         )
         .unwrap_err();
-        assert!(matches!(err, AuthorityError::OtherTrustDomain { .. }), "{err}");
+        assert!(
+            matches!(err, AuthorityError::OtherTrustDomain { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -556,10 +573,14 @@ mod tests {
         Authority::load_or_create(td(), AuthorityConfig::default(), dir.path()).unwrap();
         let state = dir.path().join("authority/state.json");
         std::fs::write(&state, b"{ not json").unwrap();
-        let err = Authority::load_or_create(td(), AuthorityConfig::default(), dir.path())
-            .unwrap_err();
+        let err =
+            Authority::load_or_create(td(), AuthorityConfig::default(), dir.path()).unwrap_err();
         assert!(err.to_string().contains("damaged"), "{err}");
-        assert_eq!(std::fs::read(&state).unwrap(), b"{ not json", "never overwritten");
+        assert_eq!(
+            std::fs::read(&state).unwrap(),
+            b"{ not json",
+            "never overwritten"
+        );
     }
 
     #[test]
@@ -571,8 +592,8 @@ mod tests {
         let other = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let path = x509_key_path(&dir.path().join("authority"), &id);
         key_store::write_secret(&path, &to_pem(&other.serialize_der())).unwrap();
-        let err = Authority::load_or_create(td(), AuthorityConfig::default(), dir.path())
-            .unwrap_err();
+        let err =
+            Authority::load_or_create(td(), AuthorityConfig::default(), dir.path()).unwrap_err();
         assert!(err.to_string().contains("does not belong"), "{err}");
     }
 
@@ -600,8 +621,16 @@ mod tests {
         let keys = a.inner.keys.borrow().clone();
         let lifetimes: Vec<Lifetime> = keys.x509.iter().map(|k| k.lifetime()).collect();
         let at = |secs| start + Duration::from_secs(secs);
-        assert_eq!(rotation::active(&lifetimes, at(400)), Some(0), "old CA signs until 5/6");
-        assert_eq!(rotation::active(&lifetimes, at(501)), Some(1), "new CA signs after 5/6");
+        assert_eq!(
+            rotation::active(&lifetimes, at(400)),
+            Some(0),
+            "old CA signs until 5/6"
+        );
+        assert_eq!(
+            rotation::active(&lifetimes, at(501)),
+            Some(1),
+            "new CA signs after 5/6"
+        );
 
         // Past the first keys' expiry they leave the bundle and the disk.
         a.rotate_at(at(601)).unwrap();

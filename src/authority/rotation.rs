@@ -87,7 +87,9 @@ pub fn active(keys: &[Lifetime], now: SystemTime) -> Option<usize> {
 /// to publish ahead of use when nothing can sign, and refusing to sign
 /// forever would be worse.
 pub fn plan(keys: &[Lifetime], now: SystemTime) -> Plan {
-    let expired: Vec<usize> = (0..keys.len()).filter(|&i| keys[i].not_after <= now).collect();
+    let expired: Vec<usize> = (0..keys.len())
+        .filter(|&i| keys[i].not_after <= now)
+        .collect();
     let Some(current) = active(keys, now) else {
         return Plan {
             expired,
@@ -147,18 +149,30 @@ mod tests {
         assert_eq!(p.next_check, t(30), "look again at half life");
 
         let p = plan(&[first], t(30));
-        assert_eq!(p.prepare, Some(t(50)), "successor activates at 5/6 of the life");
+        assert_eq!(
+            p.prepare,
+            Some(t(50)),
+            "successor activates at 5/6 of the life"
+        );
 
         let second = Lifetime::starting(t(30), 6 * HOUR, t(50));
         let keys = [first, second];
-        assert_eq!(active(&keys, t(40)), Some(0), "successor published, not yet signing");
+        assert_eq!(
+            active(&keys, t(40)),
+            Some(0),
+            "successor published, not yet signing"
+        );
         let p = plan(&keys, t(40));
         assert_eq!(p.prepare, None);
         assert_eq!(p.next_check, t(50));
 
         assert_eq!(active(&keys, t(50)), Some(1));
         let p = plan(&keys, t(50));
-        assert_eq!(p.next_check, t(60), "old key leaves the bundle at its not_after");
+        assert_eq!(
+            p.next_check,
+            t(60),
+            "old key leaves the bundle at its not_after"
+        );
 
         let p = plan(&keys, t(60));
         assert_eq!(p.expired, vec![0]);

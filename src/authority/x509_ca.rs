@@ -68,7 +68,9 @@ impl X509Authority {
         params.not_after = (now + ttl).into();
         params.serial_number = Some(super::random_serial()?);
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, "tether");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "tether");
         params
             .distinguished_name
             .push(DnType::CommonName, format!("tether CA {id}"));
@@ -77,7 +79,8 @@ impl X509Authority {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         // The signing certificate's SPIFFE ID is the trust domain (no path).
         let uri = trust_domain.id_string();
-        params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(AuthorityError::Rcgen)?)];
+        params.subject_alt_names =
+            vec![SanType::URI(uri.try_into().map_err(AuthorityError::Rcgen)?)];
         let cert = params.self_signed(&key).map_err(AuthorityError::Rcgen)?;
         let der = KeyPairDer(zeroize::Zeroizing::new(key.serialize_der()));
         let authority = Self::from_parts(id, cert.der().to_vec(), key, activates_at)?;
@@ -130,9 +133,13 @@ impl X509Authority {
         params.not_after = not_after.into();
         params.serial_number = Some(serial.clone());
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, "tether");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "tether");
         if let Some(first) = template.dns_names.first() {
-            params.distinguished_name.push(DnType::CommonName, first.as_str());
+            params
+                .distinguished_name
+                .push(DnType::CommonName, first.as_str());
         }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -143,7 +150,11 @@ impl X509Authority {
         params.use_authority_key_identifier_extension = true;
         let mut sans = Vec::with_capacity(1 + template.dns_names.len());
         sans.push(SanType::URI(
-            template.uri.clone().try_into().map_err(AuthorityError::Rcgen)?,
+            template
+                .uri
+                .clone()
+                .try_into()
+                .map_err(AuthorityError::Rcgen)?,
         ));
         for name in &template.dns_names {
             sans.push(SanType::DnsName(

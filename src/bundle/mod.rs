@@ -163,7 +163,9 @@ impl JwtAuthority {
 
 impl fmt::Debug for JwtAuthority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JwtAuthority").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("JwtAuthority")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -181,7 +183,9 @@ fn p256_params(point: &[u8]) -> Result<EllipticCurveKeyParameters, BundleError> 
             x: URL_SAFE_NO_PAD.encode(&xy[..32]),
             y: URL_SAFE_NO_PAD.encode(&xy[32..]),
         }),
-        _ => Err(BundleError::UnsupportedKey("expected an uncompressed P-256 point")),
+        _ => Err(BundleError::UnsupportedKey(
+            "expected an uncompressed P-256 point",
+        )),
     }
 }
 
@@ -223,12 +227,11 @@ impl TrustBundle {
             match key.get("use").and_then(serde_json::Value::as_str) {
                 Some(USE_X509_SVID) => x509_authorities.push(parse_x5c(index, &key)?),
                 Some(USE_JWT_SVID) => {
-                    let jwk: Jwk = serde_json::from_value(key).map_err(|e| {
-                        BundleError::BadJwtAuthority {
+                    let jwk: Jwk =
+                        serde_json::from_value(key).map_err(|e| BundleError::BadJwtAuthority {
                             index,
                             problem: e.to_string(),
-                        }
-                    })?;
+                        })?;
                     let authority = JwtAuthority::from_jwk(jwk)
                         .map_err(|problem| BundleError::BadJwtAuthority { index, problem })?;
                     if jwt_authorities.iter().any(|a| a.kid == authority.kid) {
@@ -330,7 +333,9 @@ fn parse_x5c(index: usize, key: &serde_json::Value) -> Result<Vec<u8>, BundleErr
         .and_then(|chain| chain.first())
         .and_then(serde_json::Value::as_str)
         .ok_or_else(|| bad("x5c is missing or empty"))?;
-    let der = STANDARD.decode(first).map_err(|_| bad("x5c[0] is not base64"))?;
+    let der = STANDARD
+        .decode(first)
+        .map_err(|_| bad("x5c[0] is not base64"))?;
     let (rest, cert) = x509_parser::parse_x509_certificate(&der)
         .map_err(|_| bad("x5c[0] is not a DER certificate"))?;
     if !rest.is_empty() {
@@ -380,23 +385,39 @@ mod tests {
         assert_eq!(back.x509_der(), ca);
         let jwks: serde_json::Value = serde_json::from_slice(&back.jwks_json()).unwrap();
         assert_eq!(jwks["keys"][0]["kid"], "kid-1");
-        assert!(jwks["keys"][0].get("use").is_none(), "Workload API JWKS carries no use");
+        assert!(
+            jwks["keys"][0].get("use").is_none(),
+            "Workload API JWKS carries no use"
+        );
     }
 
     #[test]
     fn unknown_use_is_ignored_and_bad_keys_fail() {
         let td = TrustDomain::new("example.org").unwrap();
-        let doc = br#"{"keys":[{"kty":"EC","use":"wit-svid","kid":"w"},{"kty":"OKP","use":"other"}]}"#;
+        let doc =
+            br#"{"keys":[{"kty":"EC","use":"wit-svid","kid":"w"},{"kty":"OKP","use":"other"}]}"#;
         let b = TrustBundle::from_spiffe_json(td.clone(), doc).unwrap();
         assert!(b.x509_authorities().is_empty() && b.jwt_authorities().is_empty());
 
         let cases: &[(&[u8], &str)] = &[
             (b"not json", "not a JWK Set"),
             (br#"{"keys":[{"use":"x509-svid"}]}"#, "x5c is missing"),
-            (br#"{"keys":[{"use":"x509-svid","x5c":["!!"]}]}"#, "not base64"),
-            (br#"{"keys":[{"use":"x509-svid","x5c":["AAAA"]}]}"#, "not a DER certificate"),
-            (br#"{"keys":[{"use":"jwt-svid","kty":"EC","crv":"P-256","x":"AA","y":"AA"}]}"#, "kid is missing"),
-            (br#"{"keys":[{"use":"jwt-svid","kty":"oct","k":"AAAA","kid":"k"}]}"#, "symmetric"),
+            (
+                br#"{"keys":[{"use":"x509-svid","x5c":["!!"]}]}"#,
+                "not base64",
+            ),
+            (
+                br#"{"keys":[{"use":"x509-svid","x5c":["AAAA"]}]}"#,
+                "not a DER certificate",
+            ),
+            (
+                br#"{"keys":[{"use":"jwt-svid","kty":"EC","crv":"P-256","x":"AA","y":"AA"}]}"#,
+                "kid is missing",
+            ),
+            (
+                br#"{"keys":[{"use":"jwt-svid","kty":"oct","k":"AAAA","kid":"k"}]}"#,
+                "symmetric",
+            ),
         ];
         for (doc, want) in cases {
             let err = TrustBundle::from_spiffe_json(td.clone(), doc).unwrap_err();

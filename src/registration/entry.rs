@@ -133,7 +133,9 @@ pub enum EntryError {
         limit: usize,
     },
     /// No selectors: the entry would match every process on the node.
-    #[error("selectors is empty; an entry needs at least one selector (it would match every process)")]
+    #[error(
+        "selectors is empty; an entry needs at least one selector (it would match every process)"
+    )]
     NoSelectors,
     /// One of the selectors is malformed.
     #[error("selectors: {0}")]
@@ -177,7 +179,10 @@ impl EntryId {
             ctx.update(selector.to_string().as_bytes());
         }
         let digest = ctx.finish();
-        let hex: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         Self(format!("cfg-{hex}"))
     }
 
@@ -321,7 +326,9 @@ fn is_dns_name(name: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
@@ -347,7 +354,10 @@ mod tests {
 
     #[test]
     fn valid_entry_gets_a_stable_id() {
-        let mut c = config("spiffe://example.org/svc", &["unix:uid:1000", "unix:gid:1000"]);
+        let mut c = config(
+            "spiffe://example.org/svc",
+            &["unix:uid:1000", "unix:gid:1000"],
+        );
         c.dns_names = vec!["svc.example.org".into(), "*.svc.local".into()];
         c.federates_with = vec!["other.org".into()];
         c.hint = Some("internal".into());
@@ -364,13 +374,31 @@ mod tests {
     #[test]
     fn refuses_bad_entries() {
         let cases: Vec<(EntryConfig, &str)> = vec![
-            (config("not-an-id", &["unix:uid:1"]), "not a valid SPIFFE ID"),
-            (config("spiffe://other.org/x", &["unix:uid:1"]), "outside the agent's trust domain"),
-            (config("spiffe://example.org", &["unix:uid:1"]), "has no path"),
-            (config("spiffe://Example.org/x", &["unix:uid:1"]), "canonical form"),
-            (config("spiffe://example.org/x", &[]), "needs at least one selector"),
+            (
+                config("not-an-id", &["unix:uid:1"]),
+                "not a valid SPIFFE ID",
+            ),
+            (
+                config("spiffe://other.org/x", &["unix:uid:1"]),
+                "outside the agent's trust domain",
+            ),
+            (
+                config("spiffe://example.org", &["unix:uid:1"]),
+                "has no path",
+            ),
+            (
+                config("spiffe://Example.org/x", &["unix:uid:1"]),
+                "canonical form",
+            ),
+            (
+                config("spiffe://example.org/x", &[]),
+                "needs at least one selector",
+            ),
             (config("spiffe://example.org/x", &["uid:1"]), "unknown type"),
-            (config("spiffe://example.org/x/", &["unix:uid:1"]), "not a valid SPIFFE ID"),
+            (
+                config("spiffe://example.org/x/", &["unix:uid:1"]),
+                "not a valid SPIFFE ID",
+            ),
             (
                 EntryConfig {
                     x509_svid_ttl: Some(Duration::ZERO),
@@ -409,7 +437,10 @@ mod tests {
         ];
         for (c, want) in cases {
             let err = RegistrationEntry::from_config(&c, &td(), &feds()).unwrap_err();
-            assert!(err.to_string().contains(want), "{c:?}: {err} (wanted {want:?})");
+            assert!(
+                err.to_string().contains(want),
+                "{c:?}: {err} (wanted {want:?})"
+            );
         }
     }
 
@@ -426,7 +457,10 @@ mod tests {
             .map(|s| s.parse().unwrap())
             .collect();
         assert!(e.matches(&caller));
-        let partial: SelectorSet = ["unix:uid:1000"].iter().map(|s| s.parse().unwrap()).collect();
+        let partial: SelectorSet = ["unix:uid:1000"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
         assert!(!e.matches(&partial));
     }
 

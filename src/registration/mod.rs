@@ -89,16 +89,16 @@ impl EntrySet {
         let mut hints = HashSet::new();
         let mut out = Vec::new();
         for entry in self.entries.iter().filter(|e| e.matches(selectors)) {
-            if let Some(hint) = &entry.hint {
-                if !hints.insert(hint.as_str()) {
-                    tracing::warn!(
-                        entry_id = %entry.id,
-                        spiffe_id = %entry.spiffe_id,
-                        hint,
-                        "entry left out of a response: another matching entry has the same hint"
-                    );
-                    continue;
-                }
+            if let Some(hint) = &entry.hint
+                && !hints.insert(hint.as_str())
+            {
+                tracing::warn!(
+                    entry_id = %entry.id,
+                    spiffe_id = %entry.spiffe_id,
+                    hint,
+                    "entry left out of a response: another matching entry has the same hint"
+                );
+                continue;
             }
             out.push(Arc::clone(entry));
         }
@@ -160,8 +160,12 @@ mod tests {
             hint: hint.map(str::to_owned),
             ..EntryConfig::default()
         };
-        RegistrationEntry::from_config(&c, &TrustDomain::new("example.org").unwrap(), &BTreeSet::new())
-            .unwrap()
+        RegistrationEntry::from_config(
+            &c,
+            &TrustDomain::new("example.org").unwrap(),
+            &BTreeSet::new(),
+        )
+        .unwrap()
     }
 
     fn selectors(s: &[&str]) -> SelectorSet {
@@ -172,7 +176,11 @@ mod tests {
     fn matching_keeps_order_and_drops_duplicate_hints() {
         let reg = Registry::new(vec![
             entry("spiffe://example.org/a", &["unix:uid:1"], Some("one")),
-            entry("spiffe://example.org/b", &["unix:uid:1", "unix:gid:2"], Some("two")),
+            entry(
+                "spiffe://example.org/b",
+                &["unix:uid:1", "unix:gid:2"],
+                Some("two"),
+            ),
             entry("spiffe://example.org/c", &["unix:uid:1"], Some("one")),
             entry("spiffe://example.org/d", &["unix:uid:9"], None),
         ])
@@ -184,7 +192,11 @@ mod tests {
             .map(|e| e.spiffe_id.to_string())
             .collect();
         assert_eq!(got, ["spiffe://example.org/a", "spiffe://example.org/b"]);
-        assert!(reg.snapshot().matching(&selectors(&["unix:uid:3"])).is_empty());
+        assert!(
+            reg.snapshot()
+                .matching(&selectors(&["unix:uid:3"]))
+                .is_empty()
+        );
     }
 
     #[test]
@@ -195,6 +207,9 @@ mod tests {
             entry("spiffe://example.org/a", &["unix:uid:1"], None),
         ])
         .unwrap_err();
-        assert!(err.to_string().contains("entries 1 and 3 are duplicates"), "{err}");
+        assert!(
+            err.to_string().contains("entries 1 and 3 are duplicates"),
+            "{err}"
+        );
     }
 }

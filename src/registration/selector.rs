@@ -209,7 +209,11 @@ fn check_value(kind: SelectorType, key: &str, value: &str) -> Result<(), &'stati
             .map(drop)
             .map_err(|_| "the value must be a decimal number"),
         (SelectorType::Unix, "sha256") => {
-            if value.len() == 64 && value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            if value.len() == 64
+                && value
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
                 Ok(())
             } else {
                 Err("the value must be 64 lowercase hex digits")
@@ -247,25 +251,41 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        let cases: &[(&str, fn(&SelectorError) -> bool)] = &[
+        type Check = fn(&SelectorError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("uid:1000", |e| matches!(e, SelectorError::UnknownType(..))),
             (":uid:1000", |e| matches!(e, SelectorError::MissingType(_))),
             ("nocolon", |e| matches!(e, SelectorError::MissingType(_))),
-            ("docker:label:a:b", |e| matches!(e, SelectorError::UnknownType(..))),
-            ("unix:ui:1000", |e| matches!(e, SelectorError::UnknownKey { .. })),
+            ("docker:label:a:b", |e| {
+                matches!(e, SelectorError::UnknownType(..))
+            }),
+            ("unix:ui:1000", |e| {
+                matches!(e, SelectorError::UnknownKey { .. })
+            }),
             ("unix:uid", |e| matches!(e, SelectorError::EmptyValue(_))),
             ("unix:uid:", |e| matches!(e, SelectorError::EmptyValue(_))),
-            ("unix:uid:abc", |e| matches!(e, SelectorError::BadValue { .. })),
-            ("unix:uid:-1", |e| matches!(e, SelectorError::BadValue { .. })),
-            ("unix:sha256:ABC", |e| matches!(e, SelectorError::BadValue { .. })),
-            ("unix:path:relative/bin", |e| matches!(e, SelectorError::BadValue { .. })),
+            ("unix:uid:abc", |e| {
+                matches!(e, SelectorError::BadValue { .. })
+            }),
+            ("unix:uid:-1", |e| {
+                matches!(e, SelectorError::BadValue { .. })
+            }),
+            ("unix:sha256:ABC", |e| {
+                matches!(e, SelectorError::BadValue { .. })
+            }),
+            ("unix:path:relative/bin", |e| {
+                matches!(e, SelectorError::BadValue { .. })
+            }),
         ];
         for (input, check) in cases {
             let err = input.parse::<Selector>().unwrap_err();
             assert!(check(&err), "{input}: unexpected {err:?}");
         }
         let long = format!("unix:user:{}", "a".repeat(MAX_SELECTOR_LEN));
-        assert!(matches!(long.parse::<Selector>(), Err(SelectorError::TooLong(_))));
+        assert!(matches!(
+            long.parse::<Selector>(),
+            Err(SelectorError::TooLong(_))
+        ));
     }
 
     #[test]

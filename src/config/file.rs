@@ -1,0 +1,40 @@
+//! The config file as serde sees it: every key optional, unknown keys refused.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::attestation::AttestorConfig;
+use crate::authority::AuthorityConfig;
+use crate::federation::FederationConfig;
+use crate::registration::EntryConfig;
+use crate::telemetry::LogConfig;
+use crate::workload_api::WorkloadApiLimits;
+
+/// The TOML document.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub trust_domain: Option<String>,
+    pub socket_path: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub x509_svid_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub jwt_svid_ttl: Option<Duration>,
+    #[serde(default)]
+    pub allow_unauthenticated_verifiers: bool,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub authority: AuthorityConfig,
+    #[serde(default)]
+    pub attestor: AttestorConfig,
+    #[serde(default)]
+    pub limits: WorkloadApiLimits,
+    #[serde(default)]
+    pub entries: Vec<EntryConfig>,
+    #[serde(default)]
+    pub federation: Vec<FederationConfig>,
+}

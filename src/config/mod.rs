@@ -1,0 +1,501 @@
+//! Configuration: one TOML file, every option defaulted, validated once into
+//! a [`Config`] that cannot be invalid.
+//!
+//! Each domain owns its settings type (`AuthorityConfig`, `AttestorConfig`,
+//! `EntryConfig`, ...); this module composes them, applies the environment
+//! overrides from an injected [`EnvSource`], and checks what only the whole
+//! can check (an entry's trust domain, its federations, TTLs against key
+//! lifetimes). Nothing else imports this module: `daemon` hands each domain
+//! its own section.
+//!
+//! Without a config file the agent runs on the embedded default: trust
+//! domain `tether.local`, and one entry giving the user who started the
+//! agent the identity `spiffe://tether.local/uid/<uid>`.
+
+pub mod env;
+pub mod error;
+pub mod file;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use spiffe::TrustDomain;
+
+use crate::attestation::AttestorConfig;
+use crate::authority::AuthorityConfig;
+use crate::federation::FederationSource;
+use crate::registration::{EntryConfig, RegistrationEntry, Registry};
+use crate::svid::SvidConfig;
+use crate::telemetry::{LogConfig, LogFormat};
+use crate::workload_api::WorkloadApiConfig;
+pub use env::{EnvSource, MapEnv, ProcessEnv};
+pub use error::ConfigError;
+use file::RawConfig;
+
+/// The trust domain of the embedded default configuration.
+pub const DEFAULT_TRUST_DOMAIN: &str = "tether.local";
+/// Longest config file read.
+const MAX_CONFIG_LEN: u64 = 4 * 1024 * 1024;
+
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// A file given with `--config`.
+    File(PathBuf),
+    /// No file: the embedded default.
+    Embedded,
+}
+
+/// A complete, valid configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from.
+    pub source: ConfigSource,
+    /// The agent's trust domain.
+    pub trust_domain: TrustDomain,
+    /// The Workload API socket.
+    pub socket_path: PathBuf,
+    /// Keys and state.
+    pub data_dir: PathBuf,
+    /// SVID lifetimes.
+    pub svid: SvidConfig,
+    /// Signing keys.
+    pub authority: AuthorityConfig,
+    /// Workload attestation.
+    pub attestor: AttestorConfig,
+    /// Workload API behaviour and limits.
+    pub workload_api: WorkloadApiConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Registration entries from the file, in order.
+    pub entries: Vec<RegistrationEntry>,
+    /// Federated trust domains.
+    pub federation: Vec<FederationSource>,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Loads `path` (or the embedded default when `None`), applies the
+    /// environment overrides and validates everything.
+    pub fn load(path: Option<&Path>, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        match path {
+            Some(path) => {
+                let text = read_file(path)?;
+                let raw: RawConfig =
+                    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                Self::from_raw(raw, ConfigSource::File(path.to_owned()), env)
+            }
+            None => {
+                let uid = env.euid();
+                let raw = RawConfig {
+                    entries: vec![EntryConfig {
+                        spiffe_id: format!("spiffe://{DEFAULT_TRUST_DOMAIN}/uid/{uid}"),
+                        selectors: vec![format!("unix:uid:{uid}")],
+                        hint: Some("default".into()),
+                        ..EntryConfig::default()
+                    }],
+                    ..RawConfig::default()
+                };
+                Self::from_raw(raw, ConfigSource::Embedded, env)
+            }
+        }
+    }
+
+    /// Parses TOML text (for tests and `config check`).
+    pub fn from_toml(text: &str, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            source,
+        })?;
+        Self::from_raw(raw, ConfigSource::File(PathBuf::from("<inline>")), env)
+    }
+
+    fn from_raw(
+        raw: RawConfig,
+        source: ConfigSource,
+        env: &dyn EnvSource,
+    ) -> Result<Self, ConfigError> {
+        let td_value = env
+            .var("TETHER_TRUST_DOMAIN")
+            .or(raw.trust_domain)
+            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+        let trust_domain = parse_trust_domain("trust_domain", &td_value)?;
+
+        let socket_path = env
+            .var("TETHER_SOCKET_PATH")
+            .map(PathBuf::from)
+            .or(raw.socket_path)
+            .unwrap_or_else(|| default_socket_path(env));
+        check_absolute("socket_path", &socket_path)?;
+        let data_dir = env
+            .var("TETHER_DATA_DIR")
+            .map(PathBuf::from)
+            .or(raw.data_dir)
+            .unwrap_or_else(|| default_data_dir(env));
+        check_absolute("data_dir", &data_dir)?;
+
+        let defaults = SvidConfig::default();
+        let svid = SvidConfig {
+            x509_svid_ttl: raw.x509_svid_ttl.unwrap_or(defaults.x509_svid_ttl),
+            jwt_svid_ttl: raw.jwt_svid_ttl.unwrap_or(defaults.jwt_svid_ttl),
+        };
+        let authority = raw.authority;
+        check_ttl("authority.ca_ttl", authority.ca_ttl, None)?;
+        check_ttl("authority.jwt_key_ttl", authority.jwt_key_ttl, None)?;
+        check_ttl(
+            "x509_svid_ttl",
+            svid.x509_svid_ttl,
+            Some(("authority.ca_ttl", authority.ca_ttl)),
+        )?;
+        check_ttl(
+            "jwt_svid_ttl",
+            svid.jwt_svid_ttl,
+            Some(("authority.jwt_key_ttl", authority.jwt_key_ttl)),
+        )?;
+
+        let mut log = raw.log;
+        if let Some(level) = env.var("TETHER_LOG_LEVEL") {
+            log.level = level;
+        }
+        if let Some(format) = env.var("TETHER_LOG_FORMAT") {
+            log.format = match format.as_str() {
+                "plain" => LogFormat::Plain,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "TETHER_LOG_FORMAT",
+                        format,
+                        "expected plain or json",
+                    ));
+                }
+            };
+        }
+        log.validate()
+            .map_err(|problem| ConfigError::invalid("log.level", log.level.clone(), problem))?;
+
+        raw.limits
+            .validate()
+            .map_err(|(key, problem)| ConfigError::invalid(format!("limits.{key}"), "", problem))?;
+        let workload_api = WorkloadApiConfig {
+            allow_unauthenticated_verifiers: raw.allow_unauthenticated_verifiers,
+            limits: raw.limits,
+        };
+
+        let mut federation = Vec::with_capacity(raw.federation.len());
+        for (i, f) in raw.federation.iter().enumerate() {
+            let key = format!("federation[{i}]");
+            let td = parse_trust_domain(&format!("{key}.trust_domain"), &f.trust_domain)?;
+            if td == trust_domain {
+                return Err(ConfigError::invalid(
+                    format!("{key}.trust_domain"),
+                    &f.trust_domain,
+                    "is the agent's own trust domain",
+                ));
+            }
+            if federation
+                .iter()
+                .any(|s: &FederationSource| s.trust_domain == td)
+            {
+                return Err(ConfigError::invalid(
+                    format!("{key}.trust_domain"),
+                    &f.trust_domain,
+                    "appears in two [[federation]] sections",
+                ));
+            }
+            check_absolute(&format!("{key}.bundle_path"), &f.bundle_path)?;
+            if f.refresh_interval.is_zero() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.refresh_interval"),
+                    "0s",
+                    "must be greater than zero",
+                ));
+            }
+            federation.push(FederationSource {
+                trust_domain: td,
+                bundle_path: f.bundle_path.clone(),
+                refresh_interval: f.refresh_interval,
+            });
+        }
+        let federated: BTreeSet<TrustDomain> =
+            federation.iter().map(|f| f.trust_domain.clone()).collect();
+
+        let mut entries = Vec::with_capacity(raw.entries.len());
+        for (i, e) in raw.entries.iter().enumerate() {
+            let key = format!("entries[{i}]");
+            let entry =
+                RegistrationEntry::from_config(e, &trust_domain, &federated).map_err(|source| {
+                    ConfigError::Invalid {
+                        key: key.clone(),
+                        value: e.spiffe_id.clone(),
+                        source: Box::new(source),
+                    }
+                })?;
+            if let Some(ttl) = entry.x509_svid_ttl {
+                check_ttl(
+                    &format!("{key}.x509_svid_ttl"),
+                    ttl,
+                    Some(("authority.ca_ttl", authority.ca_ttl)),
+                )?;
+            }
+            if let Some(ttl) = entry.jwt_svid_ttl {
+                check_ttl(
+                    &format!("{key}.jwt_svid_ttl"),
+                    ttl,
+                    Some(("authority.jwt_key_ttl", authority.jwt_key_ttl)),
+                )?;
+            }
+            entries.push(entry);
+        }
+        // Duplicates are a property of the whole list.
+        Registry::new(entries.clone())
+            .map_err(|e| ConfigError::invalid("entries", "", e.to_string()))?;
+
+        Ok(Self {
+            source,
+            trust_domain,
+            socket_path,
+            data_dir,
+            svid,
+            authority,
+            attestor: raw.attestor,
+            workload_api,
+            log,
+            entries,
+            federation,
+        })
+    }
+}
+
+/// The Workload API socket when none is configured: `/run/tether/agent.sock`
+/// for root; for other users `$XDG_RUNTIME_DIR/tether/agent.sock`, or
+/// `/tmp/tether-<uid>/agent.sock` without a runtime dir.
+pub fn default_socket_path(env: &dyn EnvSource) -> PathBuf {
+    let uid = env.euid();
+    if uid == 0 {
+        return PathBuf::from("/run/tether/agent.sock");
+    }
+    match env.var("XDG_RUNTIME_DIR") {
+        Some(dir) if Path::new(&dir).is_absolute() => Path::new(&dir).join("tether/agent.sock"),
+        _ => PathBuf::from(format!("/tmp/tether-{uid}/agent.sock")),
+    }
+}
+
+/// The data dir when none is configured: `/var/lib/tether` for root;
+/// `$XDG_DATA_HOME/tether` or `~/.local/share/tether` for other users.
+pub fn default_data_dir(env: &dyn EnvSource) -> PathBuf {
+    let uid = env.euid();
+    if uid == 0 {
+        return PathBuf::from("/var/lib/tether");
+    }
+    if let Some(dir) = env
+        .var("XDG_DATA_HOME")
+        .filter(|d| Path::new(d).is_absolute())
+    {
+        return Path::new(&dir).join("tether");
+    }
+    if let Some(home) = env.var("HOME").filter(|d| Path::new(d).is_absolute()) {
+        return Path::new(&home).join(".local/share/tether");
+    }
+    PathBuf::from(format!("/tmp/tether-{uid}/data"))
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    let read = || -> std::io::Result<String> {
+        let file = std::fs::File::open(path)?;
+        let mut text = String::new();
+        file.take(MAX_CONFIG_LEN).read_to_string(&mut text)?;
+        Ok(text)
+    };
+    read().map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn parse_trust_domain(key: &str, value: &str) -> Result<TrustDomain, ConfigError> {
+    let td = TrustDomain::new(value).map_err(|e| ConfigError::Invalid {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        source: Box::new(e),
+    })?;
+    if td.as_str() != value {
+        return Err(ConfigError::invalid(
+            key,
+            value,
+            format!("write the trust domain name alone, in lowercase: {td}"),
+        ));
+    }
+    Ok(td)
+}
+
+fn check_absolute(key: &str, path: &Path) -> Result<(), ConfigError> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            path.display().to_string(),
+            "must be an absolute path",
+        ))
+    }
+}
+
+fn check_ttl(key: &str, ttl: Duration, limit: Option<(&str, Duration)>) -> Result<(), ConfigError> {
+    let shown = humantime::format_duration(ttl).to_string();
+    if ttl.is_zero() {
+        return Err(ConfigError::invalid(
+            key,
+            shown,
+            "must be greater than zero",
+        ));
+    }
+    if let Some((limit_key, limit)) = limit
+        && ttl > limit
+    {
+        return Err(ConfigError::invalid(
+            key,
+            shown,
+            format!(
+                "is longer than {limit_key} ({}): nothing can outlive the key that signs it",
+                humantime::format_duration(limit)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> MapEnv {
+        MapEnv {
+            vars: [("HOME".to_owned(), "/home/u".to_owned())].into(),
+            euid: 1000,
+        }
+    }
+
+    #[test]
+    fn embedded_default_gives_the_user_an_identity() {
+        let c = Config::load(None, &env()).unwrap();
+        assert_eq!(c.source, ConfigSource::Embedded);
+        assert_eq!(c.trust_domain.as_str(), "tether.local");
+        assert_eq!(c.socket_path, PathBuf::from("/tmp/tether-1000/agent.sock"));
+        assert_eq!(c.data_dir, PathBuf::from("/home/u/.local/share/tether"));
+        assert_eq!(c.entries.len(), 1);
+        assert_eq!(
+            c.entries[0].spiffe_id.to_string(),
+            "spiffe://tether.local/uid/1000"
+        );
+        assert_eq!(c.svid.x509_svid_ttl, Duration::from_secs(3600));
+        assert_eq!(c.svid.jwt_svid_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn root_gets_system_paths_and_env_overrides_win() {
+        let root = MapEnv {
+            vars: Default::default(),
+            euid: 0,
+        };
+        let c = Config::from_toml("", &root).unwrap();
+        assert_eq!(c.socket_path, PathBuf::from("/run/tether/agent.sock"));
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/tether"));
+        assert!(
+            c.entries.is_empty(),
+            "a config file has only the entries it names"
+        );
+
+        let mut e = env();
+        e.vars
+            .insert("XDG_RUNTIME_DIR".into(), "/run/user/1000".into());
+        e.vars
+            .insert("TETHER_DATA_DIR".into(), "/srv/tether".into());
+        let c = Config::from_toml("data_dir = \"/elsewhere\"", &e).unwrap();
+        assert_eq!(
+            c.socket_path,
+            PathBuf::from("/run/user/1000/tether/agent.sock")
+        );
+        assert_eq!(c.data_dir, PathBuf::from("/srv/tether"));
+    }
+
+    #[test]
+    fn the_issue_example_parses() {
+        let text = r#"
+trust_domain = "example.org"
+socket_path = "/tmp/tether/agent.sock"
+data_dir = "/tmp/tether/data"
+x509_svid_ttl = "1h"
+jwt_svid_ttl = "5m"
+
+[[entries]]
+spiffe_id = "spiffe://example.org/myservice"
+selectors = ["unix:uid:1000"]
+hint = "myservice"
+dns_names = ["example.org"]
+jwt_svid_ttl = "30s"
+federates_with = ["example-federated.org"]
+
+[[federation]]
+trust_domain = "example-federated.org"
+bundle_path = "/etc/tether/example-federated.org.json"
+"#;
+        let c = Config::from_toml(text, &env()).unwrap();
+        assert_eq!(c.entries[0].jwt_svid_ttl, Some(Duration::from_secs(30)));
+        assert_eq!(
+            c.federation[0].trust_domain.as_str(),
+            "example-federated.org"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            ("trust_domain = \"Bad Domain\"", "trust_domain"),
+            ("trust_domain = \"EXAMPLE.org\"", "lowercase"),
+            (
+                "x509_svid_ttl = \"0s\"",
+                "x509_svid_ttl = \"0s\": must be greater than zero",
+            ),
+            ("jwt_svid_ttl = \"2d\"", "jwt_svid_ttl"),
+            ("x509_svid_ttl = \"soon\"", "x509_svid_ttl"),
+            ("socket_path = \"relative.sock\"", "socket_path"),
+            ("no_such_key = 1", "no_such_key"),
+            ("[authority]\nca_ttl = \"0s\"", "authority.ca_ttl"),
+            ("[authority]\nkind = \"hsm\"", "kind"),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tether.local/x\"\nselectors = [\"uid:1000\"]",
+                "entries[0]",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://other.org/x\"\nselectors = [\"unix:uid:1\"]",
+                "outside the agent's trust domain",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tether.local/x\"\nselectors = [\"unix:uid:1\"]\nx509_svid_ttl = \"0s\"",
+                "x509_svid_ttl must be greater than zero",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tether.local/x\"\nselectors = [\"unix:uid:1\"]\nbogus = 1",
+                "bogus",
+            ),
+            (
+                "[[federation]]\ntrust_domain = \"tether.local\"\nbundle_path = \"/x\"",
+                "own trust domain",
+            ),
+            ("[limits]\nmax_audiences = 0", "limits.max_audiences"),
+        ];
+        for (text, want) in cases {
+            let err = Config::from_toml(text, &env()).unwrap_err();
+            assert!(
+                err.to_string().contains(want),
+                "{text}\n=> {err}\n(wanted {want:?})"
+            );
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The composition root: the only module that wires the parts together,
+//! spawns long-lived jobs and owns their cancellation.
+//!
+//! [`start`] binds first and fails fast (data dir lock, keys, federation
+//! files, socket), then spawns the loops; the returned [`Running`] knows the
+//! socket path tests and the CLI use, and stops everything cleanly: streams
+//! end with Unavailable, the socket is unlinked, the data dir unlocked.
+
+pub mod shutdown;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use nix::fcntl::{Flock, FlockArg};
+use spiffe::TrustDomain;
+
+use crate::attestation::Attestor;
+use crate::authority::Authority;
+use crate::config::{Config, ConfigSource};
+use crate::federation::Federation;
+use crate::registration::Registry;
+use crate::svid::SvidIssuer;
+use crate::workload_api::{self, BoundSocket, WorkloadApi};
+pub use shutdown::Shutdown;
+
+/// How long stopping waits for streams and loops to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A started agent.
+#[derive(Debug)]
+pub struct Running {
+    socket_path: PathBuf,
+    trust_domain: TrustDomain,
+    shutdown: Shutdown,
+    failed: Arc<AtomicBool>,
+    _lock: Flock<File>,
+}
+
+/// Starts the agent described by `config`.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    raise_fd_limit();
+    create_private_dir(&config.data_dir)?;
+    let lock = lock_data_dir(&config.data_dir)?;
+
+    let authority = {
+        let (td, cfg, dir) = (
+            config.trust_domain.clone(),
+            config.authority.clone(),
+            config.data_dir.clone(),
+        );
+        tokio::task::spawn_blocking(move || Authority::load_or_create(td, cfg, &dir))
+            .await
+            .context("loading the authority")??
+    };
+    let federation =
+        Federation::load(config.federation.clone()).context("loading federated bundles")?;
+    let registry = Registry::new(config.entries.clone()).context("loading registration entries")?;
+    let svids = SvidIssuer::new(authority.clone(), config.svid);
+    let attestor = Attestor::new(&config.attestor);
+
+    let mut socket = BoundSocket::bind(&config.socket_path, 0o777).with_context(|| {
+        format!(
+            "binding the workload socket {}",
+            config.socket_path.display()
+        )
+    })?;
+
+    let shutdown = Shutdown::default();
+    let failed = Arc::new(AtomicBool::new(false));
+    shutdown.spawn(authority.clone().run(shutdown.token()));
+    shutdown.spawn(
+        svids
+            .clone()
+            .run_rotation(registry.clone(), shutdown.token()),
+    );
+    shutdown.spawn(federation.clone().run(shutdown.token()));
+
+    let api = WorkloadApi::new(
+        attestor,
+        registry.clone(),
+        svids,
+        federation,
+        config.workload_api.clone(),
+        shutdown.tracker(),
+        shutdown.token(),
+    );
+    {
+        let limits = config.workload_api.limits.clone();
+        let token = shutdown.token();
+        let failed = Arc::clone(&failed);
+        shutdown.spawn(async move {
+            let stop = token.clone().cancelled_owned();
+            if let Err(error) = workload_api::serve(api, &mut socket, &limits, stop).await {
+                tracing::error!(%error, "workload API server failed; stopping the agent");
+                failed.store(true, Ordering::SeqCst);
+                token.cancel();
+            }
+            // Unlinks the socket, now that nothing is served on it.
+            drop(socket);
+        });
+    }
+
+    match &config.source {
+        ConfigSource::Embedded => {
+            tracing::info!("no --config given: running on the embedded default configuration")
+        }
+        ConfigSource::File(path) => {
+            tracing::info!(config = %path.display(), "configuration loaded")
+        }
+    }
+    tracing::info!(
+        trust_domain = %config.trust_domain,
+        socket = %config.socket_path.display(),
+        data_dir = %config.data_dir.display(),
+        entries = registry.snapshot().len(),
+        "tether agent started"
+    );
+    for entry in registry.snapshot().iter() {
+        let selectors: Vec<String> = entry.selectors.iter().map(ToString::to_string).collect();
+        tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, ?selectors, "registration entry");
+    }
+
+    Ok(Running {
+        socket_path: config.socket_path,
+        trust_domain: config.trust_domain,
+        shutdown,
+        failed,
+        _lock: lock,
+    })
+}
+
+// === impl Running ===
+
+impl Running {
+    /// The Workload API socket.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// The agent's trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// Runs until SIGINT/SIGTERM or a fatal failure, then stops.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        let failed = self.shutdown.token();
+        tokio::select! {
+            signal = shutdown::os_signal() => {
+                let signal = signal.context("installing signal handlers")?;
+                tracing::info!(signal, "stopping");
+            }
+            () = failed.cancelled() => {}
+        }
+        self.stop().await
+    }
+
+    /// Stops every job, waiting up to [`SHUTDOWN_GRACE`].
+    pub async fn stop(self) -> anyhow::Result<()> {
+        if !self.shutdown.stop(SHUTDOWN_GRACE).await {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "some jobs did not stop within the grace period");
+        }
+        if self.failed.load(Ordering::SeqCst) {
+            bail!("the workload API server failed (see the log)");
+        }
+        tracing::info!("tether agent stopped");
+        Ok(())
+    }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data_dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of data_dir {}", dir.display()))
+}
+
+/// One agent per data dir: a second one would rotate the same keys.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
+    let path = dir.join("tether.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        anyhow::anyhow!(
+            "data_dir {} is in use by another tether agent ({errno}); stop it or choose another data_dir",
+            dir.display()
+        )
+    })
+}
+
+/// Raises the soft open-file limit to the hard one: every workload
+/// connection is a descriptor, and the default soft limit (often 1024) is
+/// far below what a node's workloads can open.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::debug!(%error, "could not raise the open file limit");
+    }
+}

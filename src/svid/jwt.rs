@@ -1,0 +1,381 @@
+//! JWT-SVIDs: issuance (ES256, `kid` in the header; `sub`, `aud`, `exp`,
+//! `iat`, `jti` claims) and validation against trust bundles.
+//!
+//! Validation is strict where the JWT-SVID spec is: compact JWS only; a
+//! header of `alg`, `kid` and optionally `typ` (`JWT` or `JOSE`) and
+//! nothing else; an asymmetric `alg`; a `kid` found in the bundle of the
+//! trust domain named by `sub`; `exp` required and `nbf` honoured with no
+//! leeway; the audience present.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, Validation};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use spiffe::{SpiffeId, TrustDomain};
+
+use super::SvidError;
+use crate::authority::Authority;
+use crate::bundle::TrustBundle;
+use crate::registration::RegistrationEntry;
+
+/// Longest token accepted for validation, in bytes.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// Algorithms the JWT-SVID spec allows. Never `none`, never HMAC.
+const ALLOWED_ALGS: &[Algorithm] = &[
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+
+/// A signed JWT-SVID.
+#[derive(Clone)]
+pub struct JwtSvid {
+    /// Its subject.
+    pub spiffe_id: SpiffeId,
+    /// The compact JWS.
+    pub token: String,
+    /// The entry's hint.
+    pub hint: Option<String>,
+    /// `exp`.
+    pub expiry: SystemTime,
+    /// `jti`, for logs.
+    pub jti: String,
+}
+
+impl std::fmt::Debug for JwtSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtSvid")
+            .field("spiffe_id", &self.spiffe_id.to_string())
+            .field("jti", &self.jti)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A token that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidatedJwt {
+    /// `sub`.
+    pub spiffe_id: SpiffeId,
+    /// Every claim, `aud` always as an array.
+    pub claims: Map<String, Value>,
+}
+
+/// Why a token was refused. Every variant is the token's fault, and its
+/// message is safe to return to the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtValidationError {
+    /// Longer than [`MAX_TOKEN_LEN`].
+    #[error("token is {0} bytes; the limit is {MAX_TOKEN_LEN}")]
+    TooLong(usize),
+    /// Not three base64url segments with JSON header and payload.
+    #[error("token is malformed: {0}")]
+    Malformed(&'static str),
+    /// A header member the JWT-SVID spec does not allow.
+    #[error("token header has member {0:?}; a JWT-SVID header holds only alg, kid and typ")]
+    ExtraHeader(String),
+    /// `typ` other than `JWT`/`JOSE`.
+    #[error("token typ {0:?} is not JWT or JOSE")]
+    BadType(String),
+    /// `alg` not allowed.
+    #[error("token alg {0:?} is not allowed for JWT-SVIDs")]
+    BadAlgorithm(String),
+    /// No `kid`.
+    #[error("token header has no kid")]
+    MissingKid,
+    /// `sub` missing or not a SPIFFE ID.
+    #[error("token sub is missing or not a SPIFFE ID")]
+    BadSubject,
+    /// No bundle for the subject's trust domain.
+    #[error("no trust bundle for trust domain {0:?}")]
+    UntrustedDomain(String),
+    /// The bundle has no key with this `kid`.
+    #[error("no key with kid {kid:?} in the bundle of {trust_domain:?}")]
+    UnknownKid {
+        /// The `kid`.
+        kid: String,
+        /// The subject's trust domain.
+        trust_domain: String,
+    },
+    /// Signature, expiry, not-before or audience check failed.
+    #[error("token is invalid: {0}")]
+    Invalid(String),
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    sub: String,
+    aud: &'a [String],
+    exp: u64,
+    iat: u64,
+    jti: &'a str,
+}
+
+/// Signs a JWT-SVID for `entry` with audience `audiences` at `now`.
+pub fn issue(
+    authority: &Authority,
+    entry: &RegistrationEntry,
+    audiences: &[String],
+    default_ttl: Duration,
+    now: SystemTime,
+) -> Result<JwtSvid, SvidError> {
+    let key = authority.jwt_signer()?;
+    let expiry = (now + entry.jwt_svid_ttl.unwrap_or(default_ttl)).min(key.latest_expiry());
+    let jti = crate::authority::random_id()?;
+    let claims = Claims {
+        sub: entry.spiffe_id.to_string(),
+        aud: audiences,
+        exp: unix(expiry),
+        iat: unix(now),
+        jti: &jti,
+    };
+    let token = key.sign(&claims)?;
+    Ok(JwtSvid {
+        spiffe_id: entry.spiffe_id.clone(),
+        token,
+        hint: entry.hint.clone(),
+        expiry,
+        jti,
+    })
+}
+
+/// Validates `token` for `audience` against the bundles `bundle_for` knows.
+pub fn validate(
+    token: &str,
+    audience: &str,
+    bundle_for: impl Fn(&TrustDomain) -> Option<Arc<TrustBundle>>,
+) -> Result<ValidatedJwt, JwtValidationError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(JwtValidationError::TooLong(token.len()));
+    }
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtValidationError::Malformed(
+            "expected three dot-separated segments",
+        ));
+    };
+    let header = decode_segment(header, "header is not base64url JSON")?;
+    let alg = check_header(&header)?;
+    let kid = header
+        .get("kid")
+        .and_then(Value::as_str)
+        .filter(|k| !k.is_empty())
+        .ok_or(JwtValidationError::MissingKid)?;
+
+    // Only to pick the bundle: nothing from the payload is trusted until the
+    // signature has been checked below.
+    let unverified = decode_segment(payload, "payload is not base64url JSON")?;
+    let subject = unverified
+        .get("sub")
+        .and_then(Value::as_str)
+        .and_then(|s| SpiffeId::new(s).ok())
+        .ok_or(JwtValidationError::BadSubject)?;
+    let trust_domain = subject.trust_domain();
+    let bundle = bundle_for(trust_domain)
+        .ok_or_else(|| JwtValidationError::UntrustedDomain(trust_domain.to_string()))?;
+    let key = bundle
+        .jwt_authority(kid)
+        .ok_or_else(|| JwtValidationError::UnknownKid {
+            kid: kid.to_owned(),
+            trust_domain: trust_domain.to_string(),
+        })?;
+
+    let mut validation = Validation::new(alg);
+    validation.leeway = 0;
+    validation.validate_nbf = true;
+    validation.set_audience(&[audience]);
+    validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+    let data = jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), &validation)
+        .map_err(|e| JwtValidationError::Invalid(e.to_string()))?;
+    let mut claims = data.claims;
+    if claims.get("sub").and_then(Value::as_str) != Some(subject.to_string().as_str()) {
+        return Err(JwtValidationError::BadSubject);
+    }
+    // Report `aud` as an array whatever its form in the token, as SPIRE does.
+    if let Some(aud @ Value::String(_)) = claims.get("aud").cloned() {
+        claims.insert("aud".into(), Value::Array(vec![aud]));
+    }
+    Ok(ValidatedJwt {
+        spiffe_id: subject,
+        claims,
+    })
+}
+
+fn decode_segment(
+    segment: &str,
+    problem: &'static str,
+) -> Result<Map<String, Value>, JwtValidationError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(segment)
+        .map_err(|_| JwtValidationError::Malformed(problem))?;
+    serde_json::from_slice(&bytes).map_err(|_| JwtValidationError::Malformed(problem))
+}
+
+fn check_header(header: &Map<String, Value>) -> Result<Algorithm, JwtValidationError> {
+    const ALLOWED_MEMBERS: [&str; 3] = ["alg", "kid", "typ"];
+    if let Some(extra) = header
+        .keys()
+        .find(|k| !ALLOWED_MEMBERS.contains(&k.as_str()))
+    {
+        return Err(JwtValidationError::ExtraHeader(extra.clone()));
+    }
+    if let Some(typ) = header.get("typ") {
+        match typ.as_str() {
+            Some("JWT" | "JOSE") => {}
+            _ => return Err(JwtValidationError::BadType(typ.to_string())),
+        }
+    }
+    let alg_value = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    alg_value
+        .parse::<Algorithm>()
+        .ok()
+        .filter(|alg| ALLOWED_ALGS.contains(alg))
+        .ok_or_else(|| JwtValidationError::BadAlgorithm(alg_value.to_owned()))
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The trust domains a caller's entries federate with.
+pub fn federated_domains<'a>(
+    entries: impl IntoIterator<Item = &'a Arc<RegistrationEntry>>,
+) -> BTreeSet<TrustDomain> {
+    entries
+        .into_iter()
+        .flat_map(|e| e.federates_with.iter().cloned())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::AuthorityConfig;
+    use crate::registration::EntryConfig;
+
+    fn setup() -> (tempfile::TempDir, Authority, RegistrationEntry) {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let authority =
+            Authority::load_or_create(td.clone(), AuthorityConfig::default(), dir.path()).unwrap();
+        let entry = RegistrationEntry::from_config(
+            &EntryConfig {
+                spiffe_id: "spiffe://example.org/svc".into(),
+                selectors: vec!["unix:uid:1".into()],
+                ..EntryConfig::default()
+            },
+            &td,
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        (dir, authority, entry)
+    }
+
+    fn sign_raw(header: &str, payload: &Value) -> String {
+        format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload.to_string()),
+            URL_SAFE_NO_PAD.encode(b"sig")
+        )
+    }
+
+    #[test]
+    fn issue_then_validate() {
+        let (_dir, authority, entry) = setup();
+        let aud = vec!["api".to_owned()];
+        let svid = issue(
+            &authority,
+            &entry,
+            &aud,
+            Duration::from_secs(300),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let bundle = authority.bundle();
+        let ok = validate(&svid.token, "api", |_| Some(bundle.clone())).unwrap();
+        assert_eq!(ok.spiffe_id.to_string(), "spiffe://example.org/svc");
+        assert_eq!(ok.claims["aud"], serde_json::json!(["api"]));
+        assert!(ok.claims.contains_key("exp") && ok.claims.contains_key("iat"));
+
+        let wrong_aud = validate(&svid.token, "other", |_| Some(bundle.clone())).unwrap_err();
+        assert!(
+            matches!(wrong_aud, JwtValidationError::Invalid(_)),
+            "{wrong_aud}"
+        );
+        let untrusted = validate(&svid.token, "api", |_| None).unwrap_err();
+        assert!(matches!(untrusted, JwtValidationError::UntrustedDomain(_)));
+    }
+
+    #[test]
+    fn expired_token_is_refused_without_leeway() {
+        let (_dir, authority, entry) = setup();
+        let past = SystemTime::now() - Duration::from_secs(301);
+        let svid = issue(
+            &authority,
+            &entry,
+            &["a".into()],
+            Duration::from_secs(300),
+            past,
+        )
+        .unwrap();
+        let bundle = authority.bundle();
+        let err = validate(&svid.token, "a", |_| Some(bundle.clone())).unwrap_err();
+        assert!(err.to_string().contains("xpired"), "{err}");
+    }
+
+    #[test]
+    fn refuses_hostile_headers() {
+        let (_dir, authority, _) = setup();
+        let bundle = authority.bundle();
+        let kid = bundle.jwt_authorities()[0].kid().to_owned();
+        let payload = serde_json::json!({"sub": "spiffe://example.org/x", "aud": "a", "exp": 4_000_000_000u64});
+        let cases = [
+            (r#"{"alg":"none","kid":"k"}"#.to_owned(), "alg"),
+            (format!(r#"{{"alg":"HS256","kid":"{kid}"}}"#), "alg"),
+            (r#"{"alg":"ES256"}"#.to_owned(), "no kid"),
+            (
+                format!(r#"{{"alg":"ES256","kid":"{kid}","jku":"http://x"}}"#),
+                "only alg, kid and typ",
+            ),
+            (
+                format!(r#"{{"alg":"ES256","kid":"{kid}","typ":"at+jwt"}}"#),
+                "typ",
+            ),
+            (
+                r#"{"alg":"ES256","kid":"foreign"}"#.to_owned(),
+                "no key with kid",
+            ),
+            (format!(r#"{{"alg":"ES256","kid":"{kid}"}}"#), "invalid"),
+        ];
+        for (header, want) in cases {
+            let token = sign_raw(&header, &payload);
+            let err = validate(&token, "a", |_| Some(bundle.clone())).unwrap_err();
+            assert!(err.to_string().contains(want), "{header}: {err}");
+        }
+        for garbage in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "!!!.???.***",
+            &"a".repeat(MAX_TOKEN_LEN + 1),
+        ] {
+            assert!(validate(garbage, "a", |_| Some(bundle.clone())).is_err());
+        }
+    }
+}

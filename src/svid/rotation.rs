@@ -1,0 +1,79 @@
+//! The X.509-SVID rotation loop: the single owner of renewals.
+//!
+//! It sleeps until the earliest renewal time in the cache, re-issues what is
+//! due, and on every registry change drops the SVIDs of removed or changed
+//! entries (their holders' streams re-issue on demand). Issuance that fails
+//! keeps the last good SVID, which stays valid until its own expiry, and is
+//! retried with backoff.
+
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::SvidIssuer;
+use crate::registration::Registry;
+
+/// Longest sleep between looks at the cache, so a clock jump or a new
+/// entry's first SVID is noticed promptly.
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// Wait after a failed renewal before the next attempt.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+// === impl SvidIssuer ===
+
+impl SvidIssuer {
+    /// Runs until `cancel`: renews X.509-SVIDs at about half their life.
+    pub async fn run_rotation(self, registry: Registry, cancel: CancellationToken) {
+        let mut entries = registry.subscribe();
+        let mut cache_changes = self.x509.subscribe();
+        loop {
+            let now = SystemTime::now();
+            let (due, next) = self.x509.due(now);
+            let mut failed = false;
+            let current = registry.snapshot();
+            for svid in due {
+                let Some(entry) = current.get(&svid.entry_id) else {
+                    continue;
+                };
+                match self.renew_x509(entry) {
+                    Ok(new) => tracing::debug!(
+                        entry_id = %entry.id,
+                        spiffe_id = %entry.spiffe_id,
+                        serial = %new.serial,
+                        "renewed X.509-SVID"
+                    ),
+                    Err(error) => {
+                        failed = true;
+                        tracing::warn!(
+                            entry_id = %entry.id,
+                            spiffe_id = %entry.spiffe_id,
+                            %error,
+                            "X.509-SVID renewal failed; the current SVID stays until it expires"
+                        );
+                    }
+                }
+            }
+            let wait = if failed {
+                RETRY_AFTER_FAILURE
+            } else {
+                next.and_then(|n| n.duration_since(SystemTime::now()).ok())
+                    .unwrap_or(MAX_SLEEP)
+                    .min(MAX_SLEEP)
+            };
+            cache_changes.mark_unchanged();
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+                // A newly issued SVID may be due before the current wait ends.
+                Ok(()) = cache_changes.changed() => {}
+                Ok(()) = entries.changed() => {
+                    let set = entries.borrow_and_update().clone();
+                    let dropped = self.x509.retain_current(&set);
+                    if dropped > 0 {
+                        tracing::debug!(dropped, "dropped X.509-SVIDs of removed or changed entries");
+                    }
+                }
+            }
+        }
+    }
+}

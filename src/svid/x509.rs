@@ -1,0 +1,101 @@
+//! X.509-SVID issuance: a fresh P-256 key per SVID, signed by the active CA,
+//! exactly one URI SAN (the SPIFFE ID), the entry's DNS names.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+use spiffe::SpiffeId;
+use zeroize::Zeroizing;
+
+use super::SvidError;
+use crate::authority::{Authority, LeafTemplate};
+use crate::registration::{EntryId, RegistrationEntry};
+
+/// An X.509-SVID with its private key.
+pub struct X509Svid {
+    /// The entry it was issued for.
+    pub entry_id: EntryId,
+    /// Its SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Leaf first, then intermediates; DER.
+    pub chain: Vec<Vec<u8>>,
+    key: Zeroizing<Vec<u8>>,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// When the rotation loop replaces it (about half its life, jittered).
+    pub renew_at: SystemTime,
+    /// What the entry said when this SVID was issued; a different entry
+    /// revision means the SVID must be re-issued.
+    pub(crate) issued_for: Arc<RegistrationEntry>,
+}
+
+// === impl X509Svid ===
+
+impl X509Svid {
+    /// The private key, PKCS#8 DER, unencrypted (the Workload API form).
+    pub fn key_pkcs8(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// The chain as concatenated DER (the Workload API form).
+    pub fn chain_der(&self) -> Vec<u8> {
+        self.chain.concat()
+    }
+
+    /// True when the entry changed in a way the certificate reflects.
+    pub(crate) fn is_stale_for(&self, entry: &RegistrationEntry) -> bool {
+        let was = &self.issued_for;
+        was.spiffe_id != entry.spiffe_id
+            || was.dns_names != entry.dns_names
+            || was.x509_svid_ttl != entry.x509_svid_ttl
+    }
+}
+
+impl fmt::Debug for X509Svid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("X509Svid")
+            .field("spiffe_id", &self.spiffe_id.to_string())
+            .field("serial", &self.serial)
+            .field(
+                "not_after",
+                &humantime::format_rfc3339_seconds(self.not_after),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Issues an X.509-SVID for `entry` at `now`.
+pub fn issue(
+    authority: &Authority,
+    entry: &Arc<RegistrationEntry>,
+    default_ttl: Duration,
+    now: SystemTime,
+) -> Result<X509Svid, SvidError> {
+    let ca = authority.x509_signer()?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(SvidError::KeyGeneration)?;
+    let template = LeafTemplate {
+        uri: entry.spiffe_id.to_string(),
+        dns_names: entry.dns_names.clone(),
+        ttl: entry.x509_svid_ttl.unwrap_or(default_ttl),
+    };
+    let signed = ca.sign_leaf(&template, &key, now)?;
+    let serial = signed.serial_hex();
+    let renew_at = super::renewal_time(now, signed.not_after);
+    Ok(X509Svid {
+        entry_id: entry.id.clone(),
+        spiffe_id: entry.spiffe_id.clone(),
+        chain: signed.chain,
+        key: Zeroizing::new(key.serialize_der()),
+        serial,
+        not_before: signed.not_before,
+        not_after: signed.not_after,
+        renew_at,
+        issued_for: Arc::clone(entry),
+    })
+}

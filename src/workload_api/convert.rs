@@ -1,0 +1,73 @@
+//! Domain values to Workload API messages.
+
+use std::collections::HashMap;
+
+use prost_types::value::Kind;
+use serde_json::Value;
+
+use crate::bundle::TrustBundle;
+use crate::proto::workload as pb;
+use crate::svid::{JwtSvid, X509Svid};
+
+/// One X.509-SVID message; `bundle` is the SVID's own trust domain's
+/// X.509 bundle (concatenated DER).
+pub fn x509_svid(svid: &X509Svid, hint: Option<&str>, bundle: &[u8]) -> pb::X509svid {
+    pb::X509svid {
+        spiffe_id: svid.spiffe_id.to_string(),
+        x509_svid: svid.chain_der(),
+        x509_svid_key: svid.key_pkcs8().to_vec(),
+        bundle: bundle.to_vec(),
+        hint: hint.unwrap_or_default().to_owned(),
+    }
+}
+
+/// One JWT-SVID message.
+pub fn jwt_svid(svid: &JwtSvid) -> pb::Jwtsvid {
+    pb::Jwtsvid {
+        spiffe_id: svid.spiffe_id.to_string(),
+        svid: svid.token.clone(),
+        hint: svid.hint.clone().unwrap_or_default(),
+    }
+}
+
+/// Bundles keyed by the SPIFFE ID of their trust domain, X.509 form.
+pub fn x509_bundles<'a>(
+    bundles: impl IntoIterator<Item = &'a TrustBundle>,
+) -> HashMap<String, Vec<u8>> {
+    bundles
+        .into_iter()
+        .map(|b| (b.trust_domain().id_string(), b.x509_der()))
+        .collect()
+}
+
+/// Bundles keyed by the SPIFFE ID of their trust domain, JWKS form.
+pub fn jwt_bundles<'a>(
+    bundles: impl IntoIterator<Item = &'a TrustBundle>,
+) -> HashMap<String, Vec<u8>> {
+    bundles
+        .into_iter()
+        .map(|b| (b.trust_domain().id_string(), b.jwks_json()))
+        .collect()
+}
+
+/// JSON claims to a protobuf `Struct`.
+pub fn claims(map: serde_json::Map<String, Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, value(v))).collect(),
+    }
+}
+
+fn value(v: Value) -> prost_types::Value {
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(b),
+        // Protobuf numbers are doubles; JWT numeric dates fit exactly.
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => Kind::StringValue(s),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(value).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(claims(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}

@@ -1,0 +1,148 @@
+//! The SPIFFE Workload API over a Unix socket.
+//!
+//! Thin by design: [`listener`] binds the socket and identifies each
+//! connection's peer from the kernel; [`header`] refuses calls without the
+//! security header; [`service`] attests, matches, issues and converts;
+//! [`status`] is the one place domain errors become gRPC codes. Proto types
+//! stop here: domain modules never see them, nor `tonic::Status`.
+
+pub mod convert;
+pub mod header;
+pub mod listener;
+pub mod service;
+pub mod status;
+
+use std::future::Future;
+
+use serde::Deserialize;
+use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+
+use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+pub use listener::{BindError, BoundSocket};
+pub use service::WorkloadApi;
+
+/// How the Workload API behaves towards callers.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadApiConfig {
+    /// Serve the own trust bundle to callers with no identity (as SPIRE's
+    /// `allow_unauthenticated_verifiers`); off by default.
+    pub allow_unauthenticated_verifiers: bool,
+    /// Bounds on what a caller may ask for.
+    pub limits: WorkloadApiLimits,
+}
+
+/// `[limits]`: bounds on untrusted input and resources per caller.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadApiLimits {
+    /// Most audiences in one FetchJWTSVID request.
+    pub max_audiences: usize,
+    /// Longest audience string, in bytes.
+    pub max_audience_len: usize,
+    /// Largest gRPC request message, in bytes. Larger requests are refused
+    /// by the transport (OutOfRange) before they are decoded.
+    pub max_request_bytes: usize,
+    /// Most concurrent connections to the workload socket; further clients
+    /// wait in the listen backlog.
+    pub max_connections: usize,
+    /// Most concurrent streams (RPCs) on one connection.
+    pub max_streams_per_connection: u32,
+}
+
+// === impl WorkloadApiLimits ===
+
+impl Default for WorkloadApiLimits {
+    fn default() -> Self {
+        Self {
+            max_audiences: 16,
+            max_audience_len: 1024,
+            max_request_bytes: 4 * 1024 * 1024,
+            max_connections: 8192,
+            max_streams_per_connection: 128,
+        }
+    }
+}
+
+impl WorkloadApiLimits {
+    /// Checks every limit is usable; on failure names the key.
+    pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        let positive = "must be greater than zero";
+        if self.max_audiences == 0 {
+            return Err(("max_audiences", positive));
+        }
+        if self.max_audience_len == 0 {
+            return Err(("max_audience_len", positive));
+        }
+        if self.max_request_bytes < 1024 {
+            return Err(("max_request_bytes", "must be at least 1024"));
+        }
+        if self.max_connections == 0 {
+            return Err(("max_connections", positive));
+        }
+        if self.max_streams_per_connection == 0 {
+            return Err(("max_streams_per_connection", positive));
+        }
+        Ok(())
+    }
+
+    /// Refuses an audience list that is empty, too long, or has empty or
+    /// overlong members.
+    pub fn check_audiences(&self, audiences: &[String]) -> Result<(), Status> {
+        if audiences.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if audiences.len() > self.max_audiences {
+            return Err(Status::invalid_argument(format!(
+                "{} audiences requested; the limit is {}",
+                audiences.len(),
+                self.max_audiences
+            )));
+        }
+        for audience in audiences {
+            if audience.is_empty() {
+                return Err(Status::invalid_argument(
+                    "audience must not contain empty strings",
+                ));
+            }
+            self.check_len("audience", audience, self.max_audience_len)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a field longer than `limit` bytes.
+    pub fn check_len(&self, field: &str, value: &str, limit: usize) -> Result<(), Status> {
+        if value.len() > limit {
+            return Err(Status::invalid_argument(format!(
+                "{field} is {} bytes long; the limit is {limit}",
+                value.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Serves `api` on `socket` until `shutdown` resolves.
+pub async fn serve(
+    api: WorkloadApi,
+    socket: &mut BoundSocket,
+    limits: &WorkloadApiLimits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let Some(listener) = socket.take_listener() else {
+        return Ok(());
+    };
+    let service = InterceptedService::new(
+        SpiffeWorkloadApiServer::new(api).max_decoding_message_size(limits.max_request_bytes),
+        header::require_security_header,
+    );
+    Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            listener::incoming(listener, limits.max_connections),
+            shutdown,
+        )
+        .await
+}

@@ -1,0 +1,414 @@
+//! The SPIFFE Workload API RPCs. Thin: identify the caller, attest, match
+//! entries, issue, convert. Streams send the full state first, as soon as
+//! the caller is attested, then again whenever any part of it changes.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use spiffe::{SpiffeId, TrustDomain};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
+
+use super::listener::PeerInfo;
+use super::{WorkloadApiConfig, convert, status};
+use crate::attestation::{Attested, Attestor, Caller};
+use crate::bundle::TrustBundle;
+use crate::federation::{FederatedBundles, Federation};
+use crate::proto::workload as pb;
+use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
+use crate::registration::{EntrySet, RegistrationEntry, Registry, SelectorSet};
+use crate::svid::{self, SvidIssuer};
+
+/// What the Workload API serves from. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    attestor: Attestor,
+    registry: Registry,
+    svids: SvidIssuer,
+    federation: Federation,
+    config: WorkloadApiConfig,
+    jobs: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// Everything a stream's state depends on; any change wakes the stream.
+struct Watches {
+    entries: watch::Receiver<Arc<EntrySet>>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    federated: watch::Receiver<Arc<FederatedBundles>>,
+    svids: watch::Receiver<u64>,
+}
+
+type Stream<T> = ReceiverStream<Result<T, Status>>;
+
+// === impl WorkloadApi ===
+
+impl WorkloadApi {
+    /// A Workload API serving from these parts. Stream jobs are spawned on
+    /// `jobs` and end when `cancel` fires.
+    pub fn new(
+        attestor: Attestor,
+        registry: Registry,
+        svids: SvidIssuer,
+        federation: Federation,
+        config: WorkloadApiConfig,
+        jobs: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            attestor,
+            registry,
+            svids,
+            federation,
+            config,
+            jobs,
+            cancel,
+        }
+    }
+
+    /// Who is calling: the connection's peer, attested now.
+    async fn identify<T>(&self, request: &Request<T>) -> Result<(Caller, Attested), Status> {
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .ok_or_else(|| Status::internal("connection carries no peer credentials"))?;
+        let caller = peer.0.as_ref().map_err(|e| status::attestation(e))?.clone();
+        let attested = self
+            .attestor
+            .attest(&caller)
+            .await
+            .map_err(|e| status::attestation(&e))?;
+        Ok((caller, attested))
+    }
+
+    fn watches(&self) -> Watches {
+        Watches {
+            entries: self.registry.subscribe(),
+            bundle: self.svids.authority().subscribe_bundle(),
+            federated: self.federation.subscribe(),
+            svids: self.svids.subscribe_x509(),
+        }
+    }
+
+    /// The caller's X.509 state: one SVID per matching entry (the first is
+    /// the default) and the bundles of the domains those entries federate with.
+    fn x509_state(&self, selectors: &SelectorSet) -> Result<pb::X509svidResponse, Status> {
+        let entries = self.registry.snapshot().matching(selectors);
+        if entries.is_empty() {
+            return Err(status::no_identity());
+        }
+        let own = self.svids.authority().bundle().x509_der();
+        let svids = entries
+            .iter()
+            .map(|entry| {
+                let svid = self
+                    .svids
+                    .x509_svid(entry)
+                    .map_err(|e| status::issuance(&e))?;
+                Ok(convert::x509_svid(&svid, entry.hint.as_deref(), &own))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let federated = self.federated_bundles(&entries);
+        Ok(pb::X509svidResponse {
+            svids,
+            crl: Vec::new(),
+            federated_bundles: convert::x509_bundles(federated.iter().map(|b| &**b)),
+        })
+    }
+
+    /// Own bundle plus the federated bundles the caller's entries name.
+    /// Without any identity only verifiers allowed by configuration get
+    /// the own bundle.
+    fn bundle_state(&self, selectors: &SelectorSet) -> Result<Vec<Arc<TrustBundle>>, Status> {
+        let entries = self.registry.snapshot().matching(selectors);
+        if entries.is_empty() && !self.config.allow_unauthenticated_verifiers {
+            return Err(status::no_identity());
+        }
+        let mut bundles = vec![self.svids.authority().bundle()];
+        bundles.extend(self.federated_bundles(&entries));
+        Ok(bundles)
+    }
+
+    fn federated_bundles(&self, entries: &[Arc<RegistrationEntry>]) -> Vec<Arc<TrustBundle>> {
+        let wanted = svid::jwt::federated_domains(entries);
+        let all = self.federation.current();
+        wanted
+            .iter()
+            .filter_map(|td| all.get(td).cloned())
+            .collect()
+    }
+
+    /// Sends `first`, then the recomputed state after every change that
+    /// alters it, until the client leaves, the caller exits, the state
+    /// becomes an error (sent, then the stream ends) or the agent stops.
+    fn stream<T, F>(&self, method: &'static str, caller: Caller, first: T, compute: F) -> Stream<T>
+    where
+        T: PartialEq + Clone + Send + 'static,
+        F: Fn(&Self) -> Result<T, Status> + Send + 'static,
+    {
+        // Subscribed after `first` was computed, so the loop recomputes once
+        // before its first wait: a change in between is never lost.
+        let mut watches = self.watches();
+        let (tx, rx) = mpsc::channel(1);
+        let this = self.clone();
+        let span = tracing::debug_span!("stream", method, pid = caller.pid());
+        self.jobs.spawn(
+            async move {
+                let cancel = this.cancel.clone();
+                let mut last = first.clone();
+                if !send(&tx, Ok(first), &cancel).await {
+                    return;
+                }
+                let mut recheck = true;
+                loop {
+                    if !recheck {
+                        tokio::select! {
+                            () = cancel.cancelled() => {
+                                let _ = tx.try_send(Err(status::shutting_down()));
+                                return;
+                            }
+                            () = tx.closed() => return,
+                            () = caller.exited() => return,
+                            alive = watches.changed() => if !alive { return },
+                        }
+                    }
+                    recheck = false;
+                    match compute(&this) {
+                        Ok(state) if state == last => {}
+                        Ok(state) => {
+                            last = state.clone();
+                            tracing::debug!("pushing an update");
+                            if !send(&tx, Ok(state), &cancel).await {
+                                return;
+                            }
+                        }
+                        Err(status) => {
+                            tracing::info!(code = ?status.code(), message = status.message(), "ending stream");
+                            let _ = send(&tx, Err(status), &cancel).await;
+                            return;
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        ReceiverStream::new(rx)
+    }
+}
+
+/// Sends unless the agent is stopping or the client is gone.
+async fn send<T>(tx: &mpsc::Sender<T>, item: T, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        sent = tx.send(item) => sent.is_ok(),
+        () = cancel.cancelled() => false,
+    }
+}
+
+// === impl Watches ===
+
+impl Watches {
+    /// Resolves when anything changes; false when a source is gone (the
+    /// agent is stopping).
+    async fn changed(&mut self) -> bool {
+        tokio::select! {
+            r = self.entries.changed() => r.is_ok(),
+            r = self.bundle.changed() => r.is_ok(),
+            r = self.federated.changed() => r.is_ok(),
+            r = self.svids.changed() => r.is_ok(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Stream<pb::X509svidResponse>;
+    type FetchX509BundlesStream = Stream<pb::X509BundlesResponse>;
+    type FetchJWTBundlesStream = Stream<pb::JwtBundlesResponse>;
+    type FetchWITSVIDStream = Stream<pb::WitsvidResponse>;
+    type FetchWITBundlesStream = Stream<pb::WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let (caller, attested) = self.identify(&request).await?;
+        let selectors = attested.selectors;
+        let first = self.x509_state(&selectors)?;
+        tracing::debug!(
+            pid = caller.pid(),
+            svids = first.svids.len(),
+            "FetchX509SVID"
+        );
+        Ok(Response::new(self.stream(
+            "FetchX509SVID",
+            caller,
+            first,
+            move |api| {
+                api.x509_state(&selectors).map_err(|s| {
+                    if s.code() == tonic::Code::PermissionDenied {
+                        status::identity_lost()
+                    } else {
+                        s
+                    }
+                })
+            },
+        )))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let (caller, attested) = self.identify(&request).await?;
+        let selectors = attested.selectors;
+        let state = move |api: &Self| {
+            let bundles = api.bundle_state(&selectors)?;
+            Ok(pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: convert::x509_bundles(bundles.iter().map(|b| &**b)),
+            })
+        };
+        let first = state(self)?;
+        Ok(Response::new(self.stream(
+            "FetchX509Bundles",
+            caller,
+            first,
+            state,
+        )))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        let limits = &self.config.limits;
+        let wanted_id = {
+            let req = request.get_ref();
+            limits.check_audiences(&req.audience)?;
+            if req.spiffe_id.is_empty() {
+                None
+            } else {
+                limits.check_len(
+                    "spiffe_id",
+                    &req.spiffe_id,
+                    crate::registration::entry::MAX_SPIFFE_ID_LEN,
+                )?;
+                Some(SpiffeId::new(&req.spiffe_id).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "spiffe_id {:?} is not a SPIFFE ID: {e}",
+                        req.spiffe_id
+                    ))
+                })?)
+            }
+        };
+        let (caller, attested) = self.identify(&request).await?;
+        let entries: Vec<_> = self
+            .registry
+            .snapshot()
+            .matching(&attested.selectors)
+            .into_iter()
+            .filter(|e| wanted_id.as_ref().is_none_or(|id| &e.spiffe_id == id))
+            .collect();
+        if entries.is_empty() {
+            return Err(status::no_identity());
+        }
+        let audiences = &request.get_ref().audience;
+        let mut svids = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            let svid = self
+                .svids
+                .jwt_svid(entry, audiences)
+                .map_err(|e| status::issuance(&e))?;
+            tracing::debug!(pid = caller.pid(), spiffe_id = %entry.spiffe_id, jti = %svid.jti, ?audiences, "issued JWT-SVID");
+            svids.push(convert::jwt_svid(&svid));
+        }
+        Ok(Response::new(pb::JwtsvidResponse { svids }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let (caller, attested) = self.identify(&request).await?;
+        let selectors = attested.selectors;
+        let state = move |api: &Self| {
+            let bundles = api.bundle_state(&selectors)?;
+            Ok(pb::JwtBundlesResponse {
+                bundles: convert::jwt_bundles(bundles.iter().map(|b| &**b)),
+            })
+        };
+        let first = state(self)?;
+        Ok(Response::new(self.stream(
+            "FetchJWTBundles",
+            caller,
+            first,
+            state,
+        )))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        {
+            let req = request.get_ref();
+            if req.audience.is_empty() {
+                return Err(Status::invalid_argument("audience must be specified"));
+            }
+            if req.svid.is_empty() {
+                return Err(Status::invalid_argument("svid must be specified"));
+            }
+            self.config.limits.check_len(
+                "audience",
+                &req.audience,
+                self.config.limits.max_audience_len,
+            )?;
+            self.config
+                .limits
+                .check_len("svid", &req.svid, svid::jwt::MAX_TOKEN_LEN)?;
+        }
+        let (_caller, attested) = self.identify(&request).await?;
+        // Own domain, plus the domains the caller's entries federate with.
+        let entries = self.registry.snapshot().matching(&attested.selectors);
+        let federated: BTreeSet<TrustDomain> = svid::jwt::federated_domains(&entries);
+        let own = self.svids.authority().bundle();
+        let all_federated = self.federation.current();
+        let req = request.into_inner();
+        let validated = svid::jwt::validate(&req.svid, &req.audience, |td| {
+            if td == own.trust_domain() {
+                Some(Arc::clone(&own))
+            } else if federated.contains(td) {
+                all_federated.get(td).cloned()
+            } else {
+                None
+            }
+        })
+        .map_err(|e| status::invalid_token(&e))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: validated.spiffe_id.to_string(),
+            claims: Some(convert::claims(validated.claims)),
+        }))
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        _request: Request<pb::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented(
+            "tether does not serve the WIT-SVID profile",
+        ))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _request: Request<pb::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented(
+            "tether does not serve the WIT-SVID profile",
+        ))
+    }
+}
