@@ -148,6 +148,7 @@ struct StoredState {
 struct StoredX509 {
     id: String,
     certificate: String,
+    issued_at: u64,
     activates_at: u64,
 }
 
@@ -420,6 +421,7 @@ fn load(dir: &Path, trust_domain: &TrustDomain) -> Result<KeySet, AuthorityError
             stored.id,
             cert.into_contents(),
             key,
+            from_unix(stored.issued_at),
             from_unix(stored.activates_at),
         )?));
     }
@@ -453,6 +455,7 @@ fn store(dir: &Path, trust_domain: &TrustDomain, keys: &KeySet) -> Result<(), Au
             .map(|k| StoredX509 {
                 id: k.id().to_owned(),
                 certificate: pem::encode(&pem::Pem::new("CERTIFICATE", k.cert_der())),
+                issued_at: to_unix(k.lifetime().not_before),
                 activates_at: to_unix(k.lifetime().activates_at),
             })
             .collect(),
@@ -552,6 +555,38 @@ mod tests {
     }
 
     #[test]
+    fn backdated_certificates_do_not_shift_the_rotation_schedule() {
+        // Regression: the schedule once started at the backdated notBefore,
+        // so short-lived CAs rotated far too early.
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuthorityConfig {
+            ca_ttl: Duration::from_secs(12),
+            ..AuthorityConfig::default()
+        };
+        let before = SystemTime::now();
+        let a = Authority::load_or_create(td(), config, dir.path()).unwrap();
+        let prepare_at = a.x509_signer().unwrap().lifetime().prepare_successor_at();
+        assert!(
+            prepare_at >= before + Duration::from_secs(5),
+            "{prepare_at:?}"
+        );
+        drop(a);
+        let b = Authority::load_or_create(td(), config_12s(), dir.path()).unwrap();
+        let reloaded = b.x509_signer().unwrap().lifetime().prepare_successor_at();
+        assert!(
+            reloaded >= before + Duration::from_secs(5),
+            "after a restart too"
+        );
+    }
+
+    fn config_12s() -> AuthorityConfig {
+        AuthorityConfig {
+            ca_ttl: Duration::from_secs(12),
+            ..AuthorityConfig::default()
+        }
+    }
+
+    #[test]
     fn other_trust_domain_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         Authority::load_or_create(td(), AuthorityConfig::default(), dir.path()).unwrap();
@@ -612,7 +647,7 @@ mod tests {
         bundles.mark_unchanged();
 
         // Half life: successors are published but do not sign yet.
-        let start = a.x509_signer().unwrap().lifetime().not_before + x509_ca::BACKDATE;
+        let start = a.x509_signer().unwrap().lifetime().not_before;
         a.rotate_at(start + Duration::from_secs(301)).unwrap();
         assert!(bundles.has_changed().unwrap());
         let bundle = a.bundle();

@@ -83,16 +83,18 @@ impl X509Authority {
             vec![SanType::URI(uri.try_into().map_err(AuthorityError::Rcgen)?)];
         let cert = params.self_signed(&key).map_err(AuthorityError::Rcgen)?;
         let der = KeyPairDer(zeroize::Zeroizing::new(key.serialize_der()));
-        let authority = Self::from_parts(id, cert.der().to_vec(), key, activates_at)?;
+        let authority = Self::from_parts(id, cert.der().to_vec(), key, now, activates_at)?;
         Ok((authority, der))
     }
 
     /// Rebuilds an authority from its stored certificate and key, checking
-    /// that they belong together.
+    /// that they belong together. `issued_at` starts the rotation schedule
+    /// (the certificate's own `notBefore` is backdated by [`BACKDATE`]).
     pub fn from_parts(
         id: String,
         cert_der: Vec<u8>,
         key: KeyPair,
+        issued_at: SystemTime,
         activates_at: SystemTime,
     ) -> Result<Self, AuthorityError> {
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&cert_der)
@@ -102,7 +104,6 @@ impl X509Authority {
                 "CA {id}: the key file does not belong to the certificate"
             )));
         }
-        let not_before = to_system_time(cert.validity().not_before.timestamp());
         let not_after = to_system_time(cert.validity().not_after.timestamp());
         let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)
             .map_err(AuthorityError::Rcgen)?;
@@ -110,7 +111,7 @@ impl X509Authority {
             id,
             cert_der,
             lifetime: Lifetime {
-                not_before,
+                not_before: issued_at,
                 not_after,
                 activates_at,
             },

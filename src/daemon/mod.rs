@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -38,6 +38,8 @@ pub struct Running {
     trust_domain: TrustDomain,
     shutdown: Shutdown,
     failed: Arc<AtomicBool>,
+    open_streams: Arc<AtomicUsize>,
+    registry: Registry,
     _lock: Flock<File>,
 }
 
@@ -89,6 +91,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown.tracker(),
         shutdown.token(),
     );
+    let open_streams = api.open_streams();
     {
         let limits = config.workload_api.limits.clone();
         let token = shutdown.token();
@@ -130,6 +133,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         trust_domain: config.trust_domain,
         shutdown,
         failed,
+        open_streams,
+        registry,
         _lock: lock,
     })
 }
@@ -145,6 +150,17 @@ impl Running {
     /// The agent's trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
+    }
+
+    /// The registration entries being served (for embedding and tests;
+    /// operators change entries through the config file).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Workload API streams being served right now.
+    pub fn open_streams(&self) -> usize {
+        self.open_streams.load(Ordering::Relaxed)
     }
 
     /// Runs until SIGINT/SIGTERM or a fatal failure, then stops.

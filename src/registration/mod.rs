@@ -122,6 +122,19 @@ impl Registry {
         })
     }
 
+    /// Replaces every entry at once; subscribers wake and re-evaluate.
+    pub fn replace(&self, entries: Vec<RegistrationEntry>) -> Result<(), RegistrationError> {
+        check_duplicates(&entries)?;
+        let entries = entries.into_iter().map(Arc::new).collect();
+        self.current.send_modify(|set| {
+            *set = Arc::new(EntrySet {
+                entries,
+                revision: set.revision + 1,
+            });
+        });
+        Ok(())
+    }
+
     /// The entries as they are now. Cheap: an `Arc` clone.
     pub fn snapshot(&self) -> Arc<EntrySet> {
         self.current.borrow().clone()

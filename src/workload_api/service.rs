@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch};
@@ -33,6 +34,23 @@ pub struct WorkloadApi {
     config: WorkloadApiConfig,
     jobs: TaskTracker,
     cancel: CancellationToken,
+    open_streams: Arc<AtomicUsize>,
+}
+
+/// Counts a stream as open for as long as its job runs.
+struct OpenStream(Arc<AtomicUsize>);
+
+impl OpenStream {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Everything a stream's state depends on; any change wakes the stream.
@@ -67,7 +85,13 @@ impl WorkloadApi {
             config,
             jobs,
             cancel,
+            open_streams: Arc::default(),
         }
+    }
+
+    /// The number of streams being served right now (shared counter).
+    pub fn open_streams(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.open_streams)
     }
 
     /// Who is calling: the connection's peer, attested now.
@@ -156,8 +180,10 @@ impl WorkloadApi {
         let (tx, rx) = mpsc::channel(1);
         let this = self.clone();
         let span = tracing::debug_span!("stream", method, pid = caller.pid());
+        let open = OpenStream::new(&self.open_streams);
         self.jobs.spawn(
             async move {
+                let _open = open;
                 let cancel = this.cancel.clone();
                 let mut last = first.clone();
                 if !send(&tx, Ok(first), &cancel).await {

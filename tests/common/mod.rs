@@ -1,0 +1,208 @@
+//! Shared test harness: a real agent on a temporary socket and data dir,
+//! driven through real clients (the `spiffe` crate, tether's own gRPC stubs).
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tempfile::TempDir;
+use tether::config::{Config, MapEnv};
+use tether::daemon::{self, Running};
+use tether::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Upper bound on waiting for something that must happen; a failure guard,
+/// never a performance assertion.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The uid this test runs as.
+pub fn uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// A running agent and the directory it lives in.
+pub struct TestAgent {
+    pub running: Option<Running>,
+    pub dir: TempDir,
+    pub socket: PathBuf,
+}
+
+impl TestAgent {
+    /// Starts an agent for trust domain example.org with `extra` appended
+    /// to its config (entries, federation, TTLs).
+    pub async fn start(extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let running = start_in(dir.path(), extra).await.expect("agent starts");
+        let socket = running.socket_path().to_owned();
+        Self {
+            running: Some(running),
+            dir,
+            socket,
+        }
+    }
+
+    /// Stops and starts the agent again on the same data dir and config.
+    pub async fn restart(&mut self, extra: &str) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("clean stop");
+        }
+        self.running = Some(
+            start_in(self.dir.path(), extra)
+                .await
+                .expect("agent restarts"),
+        );
+    }
+
+    /// `unix:///...` for SPIFFE clients.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// The Rust `spiffe` crate client, unmodified.
+    pub async fn spiffe_client(&self) -> spiffe::WorkloadApiClient {
+        spiffe::WorkloadApiClient::connect_to(self.endpoint())
+            .await
+            .expect("spiffe client connects")
+    }
+
+    /// tether's own generated client, with or without the security header.
+    pub async fn raw_client(&self, with_header: bool) -> RawClient {
+        raw_client(&self.socket, with_header).await
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("agent is running")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("clean stop");
+        }
+    }
+}
+
+/// The config every test agent shares, plus `extra`.
+pub fn config_text(dir: &Path, extra: &str) -> String {
+    format!(
+        "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}\"\nlog.level = \"warn\"\n{extra}",
+        dir.join("agent.sock").display(),
+        dir.join("data").display(),
+    )
+}
+
+pub async fn start_in(dir: &Path, extra: &str) -> anyhow::Result<Running> {
+    let config = Config::from_toml(&config_text(dir, extra), &MapEnv::default())?;
+    tether::telemetry::init(&config.log);
+    daemon::start(config).await
+}
+
+/// An `[[entries]]` block for this test process's uid.
+pub fn entry_for_me(path: &str, hint: &str) -> String {
+    format!(
+        "[[entries]]\nspiffe_id = \"spiffe://example.org/{path}\"\nselectors = [\"unix:uid:{}\"]\nhint = \"{hint}\"\n",
+        uid()
+    )
+}
+
+pub type HeaderFn = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+pub type RawClient = SpiffeWorkloadApiClient<InterceptedService<Channel, HeaderFn>>;
+
+fn add_header(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    request.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    Ok(request)
+}
+
+fn no_header(request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    Ok(request)
+}
+
+pub async fn raw_client(socket: &Path, with_header: bool) -> RawClient {
+    let path = socket.to_owned();
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .expect("static uri")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .expect("connects");
+    let header: HeaderFn = if with_header { add_header } else { no_header };
+    SpiffeWorkloadApiClient::with_interceptor(channel, header)
+}
+
+/// Polls `check` until it holds, failing after [`PATIENCE`].
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A CA for a foreign trust domain, and its SPIFFE bundle document with one
+/// X.509 authority and one JWT authority (kid `fed-key`).
+pub struct ForeignDomain {
+    pub ca_der: Vec<u8>,
+    pub jwt_key: rcgen::KeyPair,
+}
+
+impl ForeignDomain {
+    pub fn new() -> Self {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).expect("ca");
+        let jwt_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        Self {
+            ca_der: ca.der().to_vec(),
+            jwt_key,
+        }
+    }
+
+    /// The SPIFFE bundle document.
+    pub fn bundle_json(&self, kid: &str, sequence: u64) -> String {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        let point = self.jwt_key.public_key_raw();
+        serde_json::json!({
+            "keys": [
+                {"use": "x509-svid", "kty": "EC", "crv": "P-256", "x5c": [STANDARD.encode(&self.ca_der)]},
+                {"use": "jwt-svid", "kty": "EC", "crv": "P-256", "kid": kid,
+                 "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..65])}
+            ],
+            "spiffe_sequence": sequence,
+        })
+        .to_string()
+    }
+
+    /// A JWT-SVID from this domain, signed with its JWT key.
+    pub fn sign_jwt(&self, kid: &str, sub: &str, aud: &str, exp: u64) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.into());
+        header.typ = Some("JWT".into());
+        let claims = serde_json::json!({"sub": sub, "aud": [aud], "exp": exp});
+        let key = jsonwebtoken::EncodingKey::from_ec_der(&self.jwt_key.serialize_der());
+        jsonwebtoken::encode(&header, &claims, &key).expect("sign")
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
