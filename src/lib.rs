@@ -1,13 +1,51 @@
-//! tether (skeleton).
+//! tether: a node-local identity agent for AI and MCP agent processes.
+//!
+//! Processes talk to tether over a Unix socket. tether attests who they are
+//! from kernel facts (peer credentials, `/proc`), matches them against
+//! registration entries, and serves the SPIFFE Workload API: X.509-SVIDs,
+//! JWT-SVIDs, trust bundles and JWT validation, so any SPIFFE client works
+//! unchanged. See `ARCHITECTURE.md` for the picture and the reasons.
+//!
+//! # Codemap, in layer order (a module uses only modules above it)
+//!
+//! - [`proto`], [`telemetry`], [`bundle`]: leaves. Generated gRPC code;
+//!   logging; trust bundles as values and their three encodings.
+//! - [`registration`]: entries (selectors -> SPIFFE ID) and subset
+//!   matching. [`attestation`]: from a connected process to its selectors.
+//!   [`authority`]: the CA and JWT keys, on disk and rotated; the only
+//!   module holding private signing keys. [`federation`]: foreign trust
+//!   bundles read from files.
+//! - [`svid`]: issuing, caching, rotating and validating SVIDs.
+//! - [`workload_api`]: the SPIFFE Workload API over the Unix socket.
+//! - [`config`]: the TOML file, composed from each domain's settings type.
+//! - [`daemon`]: the composition root; spawns every long-lived job.
+//! - [`cli`]: the `tether` command line.
+//!
+//! # Invariants
+//!
+//! - Identity comes from the kernel, never from what a caller sends: no
+//!   request field names a selector or a pid.
+//! - No key is used to sign before it is in the published bundle, and
+//!   nothing outlives the key that signed it.
+//! - Private keys never leave [`authority`] (workload SVID keys aside, which
+//!   are handed to their workload) and are never logged.
+//! - Proto types never reach a domain module, and domain modules never see
+//!   `tonic::Status`.
+//! - Nothing is spawned outside [`daemon`]'s cancellation tree.
+
+pub mod bundle;
+pub mod proto;
+pub mod telemetry;
+
 pub mod attestation;
 pub mod authority;
-pub mod bundle;
+pub mod federation;
+pub mod registration;
+
+pub mod svid;
+
+pub mod workload_api;
+
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod federation;
-pub mod proto;
-pub mod registration;
-pub mod svid;
-pub mod telemetry;
-pub mod workload_api;

@@ -20,6 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::Connected;
 
+use super::authority::AuthorityFix;
 use crate::attestation::{AttestationError, Caller};
 
 /// Pause after an accept failure such as EMFILE, so a full fd table does
@@ -65,6 +66,7 @@ pub struct PeerInfo(pub Result<Caller, Arc<AttestationError>>);
 pub struct PeerStream {
     stream: UnixStream,
     peer: PeerInfo,
+    fix: AuthorityFix,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -156,6 +158,7 @@ pub fn incoming(
                 Ok(PeerStream {
                     stream,
                     peer,
+                    fix: AuthorityFix::default(),
                     _permit: permit,
                 })
             }
@@ -180,12 +183,39 @@ impl Connected for PeerStream {
 }
 
 impl AsyncRead for PeerStream {
+    /// Reads through [`AuthorityFix`] until it has decided the connection
+    /// needs nothing, then straight from the socket.
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        loop {
+            let ready = this.fix.output();
+            if !ready.is_empty() {
+                let n = ready.len().min(buf.remaining());
+                buf.put_slice(&ready[..n]);
+                ready.drain(..n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.fix.is_passthrough() {
+                return Pin::new(&mut this.stream).poll_read(cx, buf);
+            }
+            let mut chunk = [0u8; 8192];
+            let mut chunk_buf = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut this.stream).poll_read(cx, &mut chunk_buf) {
+                Poll::Ready(Ok(())) if chunk_buf.filled().is_empty() => {
+                    this.fix.finish();
+                    if this.fix.output().is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Ok(())) => this.fix.push(chunk_buf.filled())?,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`status`] is the one place domain errors become gRPC codes. Proto types
 //! stop here: domain modules never see them, nor `tonic::Status`.
 
+pub mod authority;
 pub mod convert;
 pub mod header;
 pub mod listener;

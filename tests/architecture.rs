@@ -1,0 +1,193 @@
+//! The layering in ARCHITECTURE.md, enforced: reads `src/**/*.rs` and fails
+//! on a `crate::x` reference that points up or sideways where the table
+//! does not allow it. Also keeps the crypto stack to one provider.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Which crate-internal modules each module may name. A module may always
+/// name itself.
+fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
+    BTreeMap::from([
+        // 0: leaves
+        ("proto", &[][..]),
+        ("telemetry", &[][..]),
+        ("bundle", &[][..]),
+        // 1: core
+        ("registration", &[][..]),
+        ("attestation", &["registration"][..]),
+        ("authority", &["bundle"][..]),
+        ("federation", &["bundle"][..]),
+        // 2: services
+        ("svid", &["authority", "bundle", "registration"][..]),
+        // 3: edges
+        (
+            "workload_api",
+            &[
+                "attestation",
+                "bundle",
+                "federation",
+                "proto",
+                "registration",
+                "svid",
+                "telemetry",
+            ][..],
+        ),
+        // 4: config composes every domain's settings type
+        (
+            "config",
+            &[
+                "attestation",
+                "authority",
+                "federation",
+                "registration",
+                "svid",
+                "telemetry",
+                "workload_api",
+            ][..],
+        ),
+        // 5: the composition root
+        (
+            "daemon",
+            &[
+                "attestation",
+                "authority",
+                "bundle",
+                "config",
+                "federation",
+                "registration",
+                "svid",
+                "telemetry",
+                "workload_api",
+            ][..],
+        ),
+        // 6: the command line
+        ("cli", &["config", "daemon", "proto", "telemetry"][..]),
+    ])
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The top-level module a file belongs to (`src/svid/jwt.rs` -> `svid`).
+fn module_of(src: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(src).unwrap();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
+    first.trim_end_matches(".rs").to_owned()
+}
+
+/// Every `crate::name` in the text, code only (line comments skipped).
+fn crate_refs(text: &str) -> BTreeSet<String> {
+    let mut refs = BTreeSet::new();
+    for line in text.lines() {
+        let code = line.split("//").next().unwrap_or("");
+        let mut rest = code;
+        while let Some(i) = rest.find("crate::") {
+            let after = &rest[i + "crate::".len()..];
+            let name: String = after
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                refs.insert(name);
+            }
+            rest = after;
+        }
+        // `use crate::{a, b}` groups
+        if let Some(i) = code.find("crate::{") {
+            let group = &code[i + "crate::{".len()..];
+            for part in group.split(['{', '}', ',']) {
+                let name: String = part
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name.chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
+                    refs.insert(name);
+                }
+            }
+        }
+    }
+    refs
+}
+
+#[test]
+fn modules_only_import_downwards() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let table = allowed();
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut violations = Vec::new();
+    for file in files {
+        let module = module_of(&src, &file);
+        if module == "lib" || module == "main" {
+            continue;
+        }
+        let Some(allowed) = table.get(module.as_str()) else {
+            violations.push(format!(
+                "{}: module {module} is missing from the layer table",
+                file.display()
+            ));
+            continue;
+        };
+        let text = std::fs::read_to_string(&file).unwrap();
+        for name in crate_refs(&text) {
+            if name != module
+                && !allowed.contains(&name.as_str())
+                && table.contains_key(name.as_str())
+            {
+                violations.push(format!(
+                    "{}: {module} may not use crate::{name}",
+                    file.display()
+                ));
+            }
+        }
+    }
+    assert!(
+        violations.is_empty(),
+        "layering violations:\n{}",
+        violations.join("\n")
+    );
+}
+
+#[test]
+fn one_crypto_provider() {
+    // aws-lc-rs everywhere (rustls' default); ring must not creep in.
+    let lock =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock")).unwrap();
+    let packages: Vec<&str> = lock
+        .lines()
+        .filter_map(|l| l.strip_prefix("name = \""))
+        .map(|l| l.trim_end_matches('"'))
+        .collect();
+    for banned in ["ring", "openssl", "openssl-sys"] {
+        assert!(
+            !packages.contains(&banned),
+            "{banned} is in Cargo.lock; use aws-lc-rs"
+        );
+    }
+}
+
+#[test]
+fn the_scanner_sees_grouped_and_inline_references() {
+    let refs = crate_refs(
+        "use crate::{svid::X, bundle};\nlet a = crate::config::load(); // crate::daemon\n",
+    );
+    assert_eq!(
+        refs,
+        BTreeSet::from(["svid".to_owned(), "bundle".to_owned(), "config".to_owned()])
+    );
+}
