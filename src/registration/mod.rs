@@ -92,7 +92,8 @@ impl EntrySet {
             if let Some(hint) = &entry.hint
                 && !hints.insert(hint.as_str())
             {
-                tracing::warn!(
+                // Warned about once when the entries were loaded.
+                tracing::debug!(
                     entry_id = %entry.id,
                     spiffe_id = %entry.spiffe_id,
                     hint,
@@ -112,6 +113,7 @@ impl Registry {
     /// A registry holding `entries` in this order.
     pub fn new(entries: Vec<RegistrationEntry>) -> Result<Self, RegistrationError> {
         check_duplicates(&entries)?;
+        warn_shared_hints(&entries);
         let set = EntrySet {
             entries: entries.into_iter().map(Arc::new).collect(),
             revision: 1,
@@ -125,6 +127,7 @@ impl Registry {
     /// Replaces every entry at once; subscribers wake and re-evaluate.
     pub fn replace(&self, entries: Vec<RegistrationEntry>) -> Result<(), RegistrationError> {
         check_duplicates(&entries)?;
+        warn_shared_hints(&entries);
         let entries = entries.into_iter().map(Arc::new).collect();
         self.current.send_modify(|set| {
             *set = Arc::new(EntrySet {
@@ -143,6 +146,23 @@ impl Registry {
     /// A receiver that wakes whenever the entries change.
     pub fn subscribe(&self) -> watch::Receiver<Arc<EntrySet>> {
         self.current.subscribe()
+    }
+}
+
+/// Two entries with one hint: a caller matching both gets only the first.
+fn warn_shared_hints(entries: &[RegistrationEntry]) {
+    let mut first_with: HashMap<&str, &RegistrationEntry> = HashMap::new();
+    for entry in entries {
+        if let Some(hint) = entry.hint.as_deref()
+            && let Some(first) = first_with.insert(hint, entry)
+        {
+            tracing::warn!(
+                hint,
+                first = %first.spiffe_id,
+                second = %entry.spiffe_id,
+                "two entries share a hint: a process matching both gets only the first"
+            );
+        }
     }
 }
 
