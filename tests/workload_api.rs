@@ -667,3 +667,119 @@ async fn entry_changes_reach_open_streams_and_losing_every_identity_ends_them() 
     );
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn validation_refuses_expired_immature_and_forged_tokens() {
+    let foreign = ForeignDomain::new();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle_path = dir.path().join("federated.json");
+    std::fs::write(&bundle_path, foreign.bundle_json("fed-key", 1)).unwrap();
+    let extra = format!(
+        "{}federates_with = [\"example-federated.org\"]\n[[federation]]\ntrust_domain = \"example-federated.org\"\nbundle_path = \"{}\"\n",
+        entry_for_me("svc", "main"),
+        bundle_path.display()
+    );
+    let agent = TestAgent::start(&extra).await;
+    let mut raw = agent.raw_client(true).await;
+    let sub = "spiffe://example-federated.org/peer";
+    let sign = |claims: serde_json::Value,
+                alg: jsonwebtoken::Algorithm,
+                key: &jsonwebtoken::EncodingKey| {
+        let mut header = jsonwebtoken::Header::new(alg);
+        header.kid = Some("fed-key".into());
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    };
+    let ec_key = jsonwebtoken::EncodingKey::from_ec_der(&foreign.jwt_key.serialize_der());
+    let now = unix_now();
+    let es256 = jsonwebtoken::Algorithm::ES256;
+    let cases = [
+        (
+            "expired by a second",
+            sign(
+                serde_json::json!({"sub": sub, "aud": ["me"], "exp": now - 1}),
+                es256,
+                &ec_key,
+            ),
+        ),
+        (
+            "not yet valid",
+            sign(
+                serde_json::json!({"sub": sub, "aud": ["me"], "exp": now + 600, "nbf": now + 300}),
+                es256,
+                &ec_key,
+            ),
+        ),
+        (
+            "no exp",
+            sign(
+                serde_json::json!({"sub": sub, "aud": ["me"]}),
+                es256,
+                &ec_key,
+            ),
+        ),
+        (
+            "HS256 keyed with the public key",
+            sign(
+                serde_json::json!({"sub": sub, "aud": ["me"], "exp": now + 60}),
+                jsonwebtoken::Algorithm::HS256,
+                &jsonwebtoken::EncodingKey::from_secret(foreign.jwt_key.public_key_raw()),
+            ),
+        ),
+        (
+            "signed by another key under the same kid",
+            sign(
+                serde_json::json!({"sub": sub, "aud": ["me"], "exp": now + 60}),
+                es256,
+                &jsonwebtoken::EncodingKey::from_ec_der(
+                    &ForeignDomain::new().jwt_key.serialize_der(),
+                ),
+            ),
+        ),
+    ];
+    for (what, token) in cases {
+        let err = raw
+            .validate_jwtsvid(pb::ValidateJwtsvidRequest {
+                audience: "me".into(),
+                svid: token,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{what}: {}",
+            err.message()
+        );
+    }
+    // alg: none, hand-assembled.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let none = format!(
+        "{}.{}.",
+        b64.encode(r#"{"alg":"none","kid":"fed-key"}"#),
+        b64.encode(serde_json::json!({"sub": sub, "aud": ["me"], "exp": now + 60}).to_string())
+    );
+    let err = raw
+        .validate_jwtsvid(pb::ValidateJwtsvidRequest {
+            audience: "me".into(),
+            svid: none,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("alg"), "{}", err.message());
+
+    // And a good one still passes.
+    let good = sign(
+        serde_json::json!({"sub": sub, "aud": ["me"], "exp": now + 60}),
+        es256,
+        &ec_key,
+    );
+    raw.validate_jwtsvid(pb::ValidateJwtsvidRequest {
+        audience: "me".into(),
+        svid: good,
+    })
+    .await
+    .unwrap();
+    agent.stop().await;
+}

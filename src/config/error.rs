@@ -17,11 +17,17 @@ pub enum ConfigError {
         source: io::Error,
     },
     /// The file is not valid TOML, or has an unknown key or a value of the
-    /// wrong type (the message gives the line and the key).
-    #[error("config file {path}: {source}")]
+    /// wrong type.
+    #[error("config file {path}:{line}:{column}: {message} (in `{context}`)", message = source.message())]
     Parse {
         /// The file.
         path: PathBuf,
+        /// The line at fault, trimmed and shortened, so the key is visible.
+        context: String,
+        /// 1-based line of the problem.
+        line: usize,
+        /// 1-based column of the problem.
+        column: usize,
         /// The parser's report.
         #[source]
         source: toml::de::Error,
@@ -40,6 +46,29 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// A [`ConfigError::Parse`] located in `text`.
+    pub fn parse(path: PathBuf, text: &str, source: toml::de::Error) -> Self {
+        let offset = source.span().map_or(0, |span| span.start).min(text.len());
+        let before = &text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        let context: String = text
+            .lines()
+            .nth(line - 1)
+            .unwrap_or_default()
+            .trim()
+            .chars()
+            .take(80)
+            .collect();
+        Self::Parse {
+            path,
+            context,
+            line,
+            column,
+            source,
+        }
+    }
+
     /// An [`ConfigError::Invalid`] with a plain reason.
     pub fn invalid(
         key: impl Into<String>,

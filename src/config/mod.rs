@@ -83,11 +83,8 @@ impl Config {
         match path {
             Some(path) => {
                 let text = read_file(path)?;
-                let raw: RawConfig =
-                    toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                        path: path.to_owned(),
-                        source,
-                    })?;
+                let raw: RawConfig = toml::from_str(&text)
+                    .map_err(|source| ConfigError::parse(path.to_owned(), &text, source))?;
                 Self::from_raw(raw, ConfigSource::File(path.to_owned()), env)
             }
             None => {
@@ -108,10 +105,8 @@ impl Config {
 
     /// Parses TOML text (for tests and `config check`).
     pub fn from_toml(text: &str, env: &dyn EnvSource) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            source,
-        })?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|source| ConfigError::parse(PathBuf::from("<inline>"), text, source))?;
         Self::from_raw(raw, ConfigSource::File(PathBuf::from("<inline>")), env)
     }
 
@@ -466,6 +461,10 @@ bundle_path = "/etc/tether/example-federated.org.json"
             ("x509_svid_ttl = \"soon\"", "x509_svid_ttl"),
             ("socket_path = \"relative.sock\"", "socket_path"),
             ("no_such_key = 1", "no_such_key"),
+            (
+                "trust_domain = \"a\"\n\n  bogus = 1",
+                "<inline>:3:3: unknown field `bogus`",
+            ),
             ("[authority]\nca_ttl = \"0s\"", "authority.ca_ttl"),
             ("[authority]\nkind = \"hsm\"", "kind"),
             (

@@ -1,0 +1,189 @@
+//! `tether run` as a process: start, serve, stop on SIGTERM, recover from a
+//! crash, refuse a second agent, refuse bad configuration.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{PATIENCE, entry_for_me};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn tether() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tether"))
+}
+
+fn write_config(dir: &Path, name: &str, data: &str) -> std::path::PathBuf {
+    let text = format!(
+        "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}\"\n{}",
+        dir.join("agent.sock").display(),
+        dir.join(data).display(),
+        entry_for_me("svc", "main")
+    );
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start(config: &Path) -> Child {
+    tether()
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tether starts")
+}
+
+/// Waits until the agent answers on its socket.
+async fn wait_serving(socket: &Path) -> spiffe::WorkloadApiClient {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Ok(client) =
+            spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display())).await
+            && client.fetch_x509_svid().await.is_ok()
+        {
+            return client;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent never served on {}",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for the agent to exit without blocking the runtime: the clients
+/// in this test must keep answering the agent's HTTP/2 shutdown PING.
+async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "agent did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_unlinks_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "agent.toml", "data");
+    let socket = dir.path().join("agent.sock");
+    let mut agent = start(&config);
+    wait_serving(&socket).await;
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(
+        mode & 0o777,
+        0o777,
+        "world-connectable: attestation decides"
+    );
+
+    kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_exit(&mut agent).await;
+    assert!(status.success(), "exit status {status}");
+    assert!(!socket.exists(), "socket unlinked on SIGTERM");
+}
+
+#[tokio::test]
+async fn restarts_after_a_crash_and_refuses_to_share_a_live_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "agent.toml", "data");
+    let socket = dir.path().join("agent.sock");
+    let mut agent = start(&config);
+    let client = wait_serving(&socket).await;
+    let bundle_before = client.fetch_x509_bundles().await.unwrap();
+
+    // A second agent on the same socket (own data dir) is refused.
+    let other = write_config(dir.path(), "other.toml", "other-data");
+    let out = tether()
+        .args(["run", "--config"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use"), "{stderr}");
+
+    // kill -9: the socket file stays behind, stale.
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    assert!(socket.exists(), "a crash leaves the socket file");
+    let mut agent = start(&config);
+    let client = wait_serving(&socket).await;
+    let bundle_after = client.fetch_x509_bundles().await.unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    assert_eq!(
+        bundle_before.get(&td).unwrap().authorities(),
+        bundle_after.get(&td).unwrap().authorities(),
+        "same trust bundle after the crash"
+    );
+    kill(Pid::from_raw(agent.id() as i32), Signal::SIGINT).unwrap();
+    assert!(wait_exit(&mut agent).await.success());
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("trust_domain = \"not a domain\"\n", "trust_domain"),
+        ("x509_svid_ttl = \"0s\"\n", "x509_svid_ttl"),
+        (
+            "[[entries]]\nspiffe_id = \"spiffe://tether.local/x\"\nselectors = [\"1000\"]\n",
+            "entries[0]",
+        ),
+        ("unknown_key = true\n", "unknown_key"),
+        (
+            "[[entries]]\nspiffe_id = \"spiffe://elsewhere.org/x\"\nselectors = [\"unix:uid:1\"]\n",
+            "outside the agent's trust domain",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = tether()
+            .args(["run", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "{text}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+    let out = tether()
+        .args(["run", "--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[tokio::test]
+async fn the_embedded_default_gives_the_user_an_identity() {
+    // `tether run` with no config: the user who started it gets
+    // spiffe://tether.local/uid/<uid>. Paths come from the environment.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let mut agent = tether()
+        .arg("run")
+        .env_remove("TETHER_CONFIG")
+        .env("TETHER_SOCKET_PATH", &socket)
+        .env("TETHER_DATA_DIR", dir.path().join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = wait_serving(&socket).await;
+    let svid = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        format!("spiffe://tether.local/uid/{}", common::uid())
+    );
+    kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut agent).await.success());
+}
