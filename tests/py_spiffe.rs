@@ -4,6 +4,13 @@
 //! Needs `TETHER_TEST_PYTHON` pointing at a Python with py-spiffe
 //! installed; `scripts/test` creates that venv and runs these tests.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt as _;

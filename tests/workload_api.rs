@@ -1,6 +1,13 @@
 //! The SPIFFE Workload API, driven by the unmodified Rust `spiffe` crate and
 //! by raw gRPC where exact status codes matter.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
 mod common;
 
 use std::collections::HashSet;

@@ -28,9 +28,9 @@ pub enum ConfigError {
         line: usize,
         /// 1-based column of the problem.
         column: usize,
-        /// The parser's report.
+        /// The parser's report (boxed: it is large, and errors are rare).
         #[source]
-        source: toml::de::Error,
+        source: Box<toml::de::Error>,
     },
     /// A key has a value tether cannot use.
     #[error("{key} = {value:?}: {source}")]
@@ -65,7 +65,7 @@ impl ConfigError {
             context,
             line,
             column,
-            source,
+            source: Box::new(source),
         }
     }
 
