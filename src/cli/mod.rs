@@ -5,7 +5,10 @@
 //! 64 bad configuration or usage; 69 the agent could not be reached;
 //! 77 the agent refused (no identity, permission denied).
 
+pub mod api;
+pub mod output;
 pub mod run;
+pub mod workload_client;
 
 use std::process::ExitCode;
 
@@ -30,12 +33,16 @@ pub struct Cli {
 enum Command {
     /// Run the agent: serve the SPIFFE Workload API on a Unix socket.
     Run(run::RunArgs),
+    /// Talk to a running agent's Workload API as this process: fetch and
+    /// watch SVIDs and bundles, validate JWT-SVIDs.
+    Api(api::ApiArgs),
 }
 
 /// Runs the parsed command line and maps the outcome to an exit status.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(&args),
+        Command::Api(args) => api::run(&args),
     }
 }
 
