@@ -403,9 +403,11 @@ mod tests {
         encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
     }
 
+    type HeaderList = Vec<(Vec<u8>, Vec<u8>)>;
+
     /// Splits the output into frames and decodes every header block with a
     /// fresh decoder, as h2 would.
-    fn read_back(bytes: &[u8]) -> (Vec<Vec<(Vec<u8>, Vec<u8>)>>, Vec<Vec<u8>>) {
+    fn read_back(bytes: &[u8]) -> (Vec<HeaderList>, Vec<Vec<u8>>) {
         assert!(bytes.starts_with(PREFACE));
         let mut rest = &bytes[PREFACE.len()..];
         let mut decoder = Decoder::new();
