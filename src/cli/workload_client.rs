@@ -433,11 +433,20 @@ fn describe_status(socket: &Path, status: &Status) -> String {
     } else {
         status.message()
     };
+    // A status built from a transport failure carries its cause; one the
+    // agent sent does not, and its message already says what is wrong.
+    let from_transport = std::error::Error::source(status).is_some() || status.message().is_empty();
     match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded => format!(
+        Code::Unavailable | Code::DeadlineExceeded if from_transport => format!(
             "the agent is unavailable: {message}; is `tether run` running? socket: {}",
             socket.display()
         ),
+        Code::Unavailable | Code::DeadlineExceeded => {
+            format!(
+                "the agent is unavailable: {message} (socket: {})",
+                socket.display()
+            )
+        }
         _ => message.to_owned(),
     }
 }
