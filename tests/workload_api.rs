@@ -24,6 +24,24 @@ fn td() -> TrustDomain {
     TrustDomain::new("example.org").unwrap()
 }
 
+/// An agent whose one entry (for this process) federates with
+/// `example-federated.org`, whose bundle is `foreign`'s, in a file re-read
+/// every 100ms. Keep the returned directory alive as long as the agent.
+async fn federated_agent(
+    foreign: &ForeignDomain,
+) -> (TestAgent, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle_path = dir.path().join("federated.json");
+    std::fs::write(&bundle_path, foreign.bundle_json("fed-key", 1)).unwrap();
+    let extra = format!(
+        "{}federates_with = [\"example-federated.org\"]\n[[federation]]\ntrust_domain = \"example-federated.org\"\nbundle_path = \"{}\"\nrefresh_interval = \"100ms\"\n",
+        entry_for_me("svc", "main"),
+        bundle_path.display()
+    );
+    let agent = TestAgent::start(&extra).await;
+    (agent, dir, bundle_path)
+}
+
 #[tokio::test]
 async fn x509_svid_follows_the_spec_and_chains_to_the_bundle() {
     let extra = format!(
@@ -493,15 +511,7 @@ async fn restart_keeps_the_trust_bundle() {
 #[tokio::test]
 async fn federated_bundles_are_served_and_trusted_and_reloaded() {
     let foreign = ForeignDomain::new();
-    let dir = tempfile::tempdir().unwrap();
-    let bundle_path = dir.path().join("federated.json");
-    std::fs::write(&bundle_path, foreign.bundle_json("fed-key", 1)).unwrap();
-    let extra = format!(
-        "{}federates_with = [\"example-federated.org\"]\n[[federation]]\ntrust_domain = \"example-federated.org\"\nbundle_path = \"{}\"\nrefresh_interval = \"100ms\"\n",
-        entry_for_me("svc", "main"),
-        bundle_path.display()
-    );
-    let agent = TestAgent::start(&extra).await;
+    let (agent, _dir, bundle_path) = federated_agent(&foreign).await;
     let client = agent.spiffe_client().await;
     let fed_td = TrustDomain::new("example-federated.org").unwrap();
 
@@ -678,15 +688,7 @@ async fn entry_changes_reach_open_streams_and_losing_every_identity_ends_them() 
 #[tokio::test]
 async fn validation_refuses_expired_immature_and_forged_tokens() {
     let foreign = ForeignDomain::new();
-    let dir = tempfile::tempdir().unwrap();
-    let bundle_path = dir.path().join("federated.json");
-    std::fs::write(&bundle_path, foreign.bundle_json("fed-key", 1)).unwrap();
-    let extra = format!(
-        "{}federates_with = [\"example-federated.org\"]\n[[federation]]\ntrust_domain = \"example-federated.org\"\nbundle_path = \"{}\"\n",
-        entry_for_me("svc", "main"),
-        bundle_path.display()
-    );
-    let agent = TestAgent::start(&extra).await;
+    let (agent, _dir, _bundle_path) = federated_agent(&foreign).await;
     let mut raw = agent.raw_client(true).await;
     let sub = "spiffe://example-federated.org/peer";
     let sign = |claims: serde_json::Value,

@@ -284,21 +284,8 @@ impl Authority {
             return Ok(x509_plan.next_check.min(jwt_plan.next_check));
         }
 
-        let keep = |expired: &[usize], i: usize| !expired.contains(&i);
-        let mut x509: Vec<Arc<X509Authority>> = current
-            .x509
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| keep(&x509_plan.expired, *i))
-            .map(|(_, k)| Arc::clone(k))
-            .collect();
-        let mut jwt: Vec<Arc<JwtKey>> = current
-            .jwt
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| keep(&jwt_plan.expired, *i))
-            .map(|(_, k)| Arc::clone(k))
-            .collect();
+        let mut x509 = without(&current.x509, &x509_plan.expired);
+        let mut jwt = without(&current.jwt, &jwt_plan.expired);
 
         // New keys reach the disk before the state file names them, so a
         // crash in between leaves an unused key file, never a missing one.
@@ -348,6 +335,15 @@ impl Authority {
         // (an expired key removed and a successor due in the same instant).
         Ok(now)
     }
+}
+
+/// `keys` minus the ones at the `expired` indexes.
+fn without<T>(keys: &[Arc<T>], expired: &[usize]) -> Vec<Arc<T>> {
+    keys.iter()
+        .enumerate()
+        .filter(|(i, _)| !expired.contains(i))
+        .map(|(_, k)| Arc::clone(k))
+        .collect()
 }
 
 fn bundle_of(trust_domain: &TrustDomain, keys: &KeySet) -> TrustBundle {

@@ -166,6 +166,23 @@ impl WorkloadApi {
             .collect()
     }
 
+    /// A bundle stream (X.509 or JWT form, as `encode` makes it).
+    async fn bundle_stream<R, T>(
+        &self,
+        request: &Request<R>,
+        method: &'static str,
+        encode: fn(&[Arc<TrustBundle>]) -> T,
+    ) -> Result<Response<Stream<T>>, Status>
+    where
+        T: PartialEq + Clone + Send + 'static,
+    {
+        let (caller, attested) = self.identify(request).await?;
+        let selectors = attested.selectors;
+        let state = move |api: &Self| api.bundle_state(&selectors).map(|b| encode(&b));
+        let first = state(self)?;
+        Ok(Response::new(self.stream(method, caller, first, state)))
+    }
+
     /// Sends `first`, then the recomputed state after every change that
     /// alters it, until the client leaves, the caller exits, the state
     /// becomes an error (sent, then the stream ends) or the agent stops.
@@ -289,22 +306,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let (caller, attested) = self.identify(&request).await?;
-        let selectors = attested.selectors;
-        let state = move |api: &Self| {
-            let bundles = api.bundle_state(&selectors)?;
-            Ok(pb::X509BundlesResponse {
+        self.bundle_stream(&request, "FetchX509Bundles", |bundles| {
+            pb::X509BundlesResponse {
                 crl: Vec::new(),
                 bundles: convert::x509_bundles(bundles.iter().map(|b| &**b)),
-            })
-        };
-        let first = state(self)?;
-        Ok(Response::new(self.stream(
-            "FetchX509Bundles",
-            caller,
-            first,
-            state,
-        )))
+            }
+        })
+        .await
     }
 
     async fn fetch_jwtsvid(
@@ -359,21 +367,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let (caller, attested) = self.identify(&request).await?;
-        let selectors = attested.selectors;
-        let state = move |api: &Self| {
-            let bundles = api.bundle_state(&selectors)?;
-            Ok(pb::JwtBundlesResponse {
+        self.bundle_stream(&request, "FetchJWTBundles", |bundles| {
+            pb::JwtBundlesResponse {
                 bundles: convert::jwt_bundles(bundles.iter().map(|b| &**b)),
-            })
-        };
-        let first = state(self)?;
-        Ok(Response::new(self.stream(
-            "FetchJWTBundles",
-            caller,
-            first,
-            state,
-        )))
+            }
+        })
+        .await
     }
 
     async fn validate_jwtsvid(
