@@ -43,6 +43,7 @@ pub mod federation;
 pub mod registration;
 
 pub mod svid;
+pub mod transport;
 
 pub mod workload_api;
 

@@ -25,7 +25,8 @@ use crate::config::{Config, ConfigSource};
 use crate::federation::Federation;
 use crate::registration::Registry;
 use crate::svid::SvidIssuer;
-use crate::workload_api::{self, BoundSocket, WorkloadApi};
+use crate::transport::BoundSocket;
+use crate::workload_api::{self, WorkloadApi};
 pub use shutdown::Shutdown;
 
 /// How long stopping waits for streams and loops to finish.

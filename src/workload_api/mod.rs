@@ -1,15 +1,13 @@
 //! The SPIFFE Workload API over a Unix socket.
 //!
-//! Thin by design: [`listener`] binds the socket and identifies each
+//! Thin by design: `transport` binds the socket and identifies each
 //! connection's peer from the kernel; [`header`] refuses calls without the
 //! security header; [`service`] attests, matches, issues and converts;
 //! [`status`] is the one place domain errors become gRPC codes. Proto types
 //! stop here: domain modules never see them, nor `tonic::Status`.
 
-pub mod authority;
 pub mod convert;
 pub mod header;
-pub mod listener;
 pub mod service;
 pub mod status;
 
@@ -21,7 +19,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
-pub use listener::{BindError, BoundSocket};
+use crate::transport::{self, BoundSocket};
 pub use service::WorkloadApi;
 
 /// How the Workload API behaves towards callers.
@@ -142,7 +140,7 @@ pub async fn serve(
         .max_concurrent_streams(limits.max_streams_per_connection)
         .add_service(service)
         .serve_with_incoming_shutdown(
-            listener::incoming(listener, limits.max_connections),
+            transport::incoming(listener, limits.max_connections),
             shutdown,
         )
         .await

@@ -14,7 +14,6 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
-use super::listener::PeerInfo;
 use super::{WorkloadApiConfig, convert, status};
 use crate::attestation::{Attested, Attestor, Caller};
 use crate::bundle::TrustBundle;
@@ -23,6 +22,7 @@ use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::registration::{EntrySet, RegistrationEntry, Registry, SelectorSet};
 use crate::svid::{self, SvidIssuer};
+use crate::transport::PeerInfo;
 
 /// What the Workload API serves from. Cheap to clone.
 #[derive(Debug, Clone)]

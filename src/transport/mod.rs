@@ -1,0 +1,14 @@
+//! Transport: the Unix sockets tether serves gRPC on, shared by the
+//! Workload API and the admin API.
+//!
+//! [`listener`] binds a socket safely (never over a live agent or a file
+//! that is not a stale socket) and accepts connections with the peer
+//! identified from the kernel at accept time ([`PeerInfo`], a request
+//! extension every RPC can read). [`authority`] lets gRPC C-core clients
+//! (py-spiffe, grpc-java) through the Rust HTTP/2 stack. Nothing here
+//! decides what a caller may do: the edges do.
+
+pub mod authority;
+pub mod listener;
+
+pub use listener::{BindError, BoundSocket, PeerInfo, PeerStream, incoming};
