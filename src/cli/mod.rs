@@ -1,11 +1,18 @@
 //! The `tether` command line: `run` starts the agent; `api` talks to a
-//! running agent's Workload API the way a workload would.
+//! running agent's Workload API the way a workload would; the operator
+//! commands (`entry`, `svid`, `bundle`, `healthcheck`, `reload`) talk to
+//! its admin socket.
 //!
-//! Exit codes (stable, for scripts): 0 success; 1 any other failure;
-//! 64 bad configuration or usage; 69 the agent could not be reached;
-//! 77 the agent refused (no identity, permission denied).
+//! Exit codes (stable, for scripts): 0 success; 1 any other failure (the
+//! agent refused a request as invalid, say); 2 bad flags (clap); 64 bad
+//! configuration or usage; 69 the agent could not be reached; 77 the agent
+//! refused (no identity, permission denied).
 
+pub mod admin_client;
 pub mod api;
+pub mod channel;
+pub mod entry;
+pub mod operator;
 pub mod output;
 pub mod run;
 pub mod workload_client;
@@ -36,6 +43,29 @@ enum Command {
     /// Talk to a running agent's Workload API as this process: fetch and
     /// watch SVIDs and bundles, validate JWT-SVIDs.
     Api(api::ApiArgs),
+    /// Manage registration entries (admin socket).
+    Entry(entry::EntryArgs),
+    /// Inspect issued SVIDs and who holds them (admin socket).
+    Svid(operator::SvidArgs),
+    /// Show the trust bundle (admin socket).
+    Bundle(operator::BundleArgs),
+    /// Check that the agent answers and serves (admin socket).
+    ///
+    /// Exit 0 and one line ("serving: trust domain ..., N entries, M open
+    /// streams") only then; otherwise the reason on stderr and exit 69
+    /// (unreachable) or 1 (not serving).
+    ///
+    /// --json prints {"serving", "trust_domain", "entries", "open_streams",
+    /// "version"} whenever the agent answers.
+    Healthcheck(operator::PlainArgs),
+    /// Ask the agent to re-read its config file, as SIGHUP does (admin
+    /// socket).
+    ///
+    /// A refused reload keeps the running config: the agent's reason goes
+    /// to stderr and the exit status is 1.
+    ///
+    /// --json prints {"config_entries", "federations"}.
+    Reload(operator::PlainArgs),
 }
 
 /// Runs the parsed command line and maps the outcome to an exit status.
@@ -43,6 +73,11 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Api(args) => api::run(&args),
+        Command::Entry(args) => entry::run(&args),
+        Command::Svid(args) => operator::run_svid(&args),
+        Command::Bundle(args) => operator::run_bundle(&args),
+        Command::Healthcheck(args) => operator::run_healthcheck(&args),
+        Command::Reload(args) => operator::run_reload(&args),
     }
 }
 

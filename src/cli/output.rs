@@ -1,6 +1,6 @@
-//! Everything the CLI prints to stdout: the report types of the `api`
-//! commands and their two renderings, readable (for people) and `--json`
-//! (for scripts).
+//! Everything the CLI prints to stdout: the report types of the `api` and
+//! operator commands and their two renderings, readable (for people) and
+//! `--json` (for scripts).
 //!
 //! The report structs are the JSON schema: their serde field names are a
 //! stable interface, documented on each field. Readable output may change
@@ -15,6 +15,7 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
@@ -169,6 +170,121 @@ pub struct ValidationReport {
     pub claims: serde_json::Value,
 }
 
+/// One registration entry: `entry create`, `entry show`, `entry update`,
+/// and each element of `entry list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EntryView {
+    /// `id`: the entry's id (`ent-...` for API entries, `cfg-...` for
+    /// config-file entries).
+    pub id: String,
+    /// `spiffe_id`: the SPIFFE ID (template) granted.
+    pub spiffe_id: String,
+    /// `selectors`: all must be among a caller's (`"unix:uid:1000"`).
+    pub selectors: Vec<String>,
+    /// `source`: `"config"` (the config file owns it), `"api"`, or
+    /// `"unknown"`.
+    pub source: &'static str,
+    /// `revision`: counts changes, from 1; `entry update --revision` takes
+    /// it.
+    pub revision: u64,
+    /// `x509_svid_ttl`: humantime (`"1h"`), or `null` for the agent default.
+    pub x509_svid_ttl: Option<Ttl>,
+    /// `jwt_svid_ttl`: humantime (`"5m"`), or `null` for the agent default.
+    pub jwt_svid_ttl: Option<Ttl>,
+    /// `dns_names`: DNS SANs of the X.509-SVID.
+    pub dns_names: Vec<String>,
+    /// `hint`: the operator's hint (may be `""`).
+    pub hint: String,
+    /// `federates_with`: trust domain names.
+    pub federates_with: Vec<String>,
+    /// `created_at`: RFC 3339, or `null` if the agent did not say.
+    pub created_at: Option<Timestamp>,
+    /// `updated_at`: RFC 3339, or `null` if the agent did not say.
+    pub updated_at: Option<Timestamp>,
+}
+
+/// A lifetime: humantime in both renderings (`"1h 30m"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ttl(pub Duration);
+
+/// `tether entry list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EntriesReport {
+    /// `entries`: in the agent's order (config-file entries first).
+    pub entries: Vec<EntryView>,
+}
+
+/// `tether entry delete`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeletedReport {
+    /// `deleted`: the id of the entry deleted.
+    pub deleted: String,
+}
+
+/// `tether svid list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SvidsReport {
+    /// `svids`: every live X.509-SVID, sorted by SPIFFE ID.
+    pub svids: Vec<IssuedSvidView>,
+}
+
+/// One live X.509-SVID.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuedSvidView {
+    /// `spiffe_id`: the SVID's SPIFFE ID.
+    pub spiffe_id: String,
+    /// `serial`: lowercase hex.
+    pub serial: String,
+    /// `not_before`: RFC 3339 (`null` if the agent did not say).
+    pub not_before: Option<Timestamp>,
+    /// `not_after`: RFC 3339 (`null` if the agent did not say).
+    pub not_after: Option<Timestamp>,
+    /// `entry_id`: the entry it was issued for.
+    pub entry_id: String,
+    /// `holders`: the processes with an open stream that received it
+    /// (empty: none right now).
+    pub holders: Vec<HolderView>,
+}
+
+/// A process holding an SVID.
+#[derive(Debug, Clone, Serialize)]
+pub struct HolderView {
+    /// `pid`.
+    pub pid: i32,
+    /// `uid`.
+    pub uid: u32,
+    /// `executable`: its path (`""` if unknown).
+    pub executable: String,
+    /// `selectors`: what attestation found for it.
+    pub selectors: Vec<String>,
+    /// `since`: when its stream received the SVID, RFC 3339 (or `null`).
+    pub since: Option<Timestamp>,
+}
+
+/// `tether healthcheck`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthReport {
+    /// `serving`: the agent can issue SVIDs.
+    pub serving: bool,
+    /// `trust_domain`: the agent's trust domain name.
+    pub trust_domain: String,
+    /// `entries`: registration entries, config and API.
+    pub entries: u32,
+    /// `open_streams`: open Workload API streams.
+    pub open_streams: u32,
+    /// `version`: the agent's version.
+    pub version: String,
+}
+
+/// `tether reload`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    /// `config_entries`: entries from the config file after the reload.
+    pub config_entries: u32,
+    /// `federations`: federated trust domains after the reload.
+    pub federations: u32,
+}
+
 // === impl Format ===
 
 impl Format {
@@ -210,6 +326,69 @@ impl Format {
         self.print(report, |w, _| render_validation(w, report))
     }
 
+    /// Prints one entry (`entry create|show|update`).
+    pub fn entry(self, entry: &EntryView) -> io::Result<()> {
+        self.print(entry, |w, now| render_entry(w, entry, now))
+    }
+
+    /// Prints the result of `entry list`: a table.
+    pub fn entries(self, report: &EntriesReport) -> io::Result<()> {
+        self.print(report, |w, _| render_entries(w, report))
+    }
+
+    /// Prints the result of `entry delete`.
+    pub fn deleted(self, report: &DeletedReport) -> io::Result<()> {
+        self.print(report, |w, _| {
+            writeln!(w, "Deleted entry {}", printable(&report.deleted))
+        })
+    }
+
+    /// Prints the result of `svid list`: a table, a line per holder.
+    pub fn svids(self, report: &SvidsReport) -> io::Result<()> {
+        self.print(report, |w, now| render_svids(w, report, now))
+    }
+
+    /// Prints the result of `healthcheck`.
+    pub fn health(self, report: &HealthReport) -> io::Result<()> {
+        self.print(report, |w, _| render_health(w, report))
+    }
+
+    /// Prints the result of `reload`.
+    pub fn reload(self, report: &ReloadReport) -> io::Result<()> {
+        self.print(report, |w, _| {
+            writeln!(
+                w,
+                "reloaded: {} config entr{}, {} federation{}",
+                report.config_entries,
+                if report.config_entries == 1 {
+                    "y"
+                } else {
+                    "ies"
+                },
+                report.federations,
+                plural(report.federations as usize)
+            )
+        })
+    }
+
+    /// Prints a JSON document the agent sent (the SPIFFE bundle): indented
+    /// for people, one line for `--json`. It was parsed, so it cannot carry
+    /// raw control characters.
+    pub fn document(self, document: &serde_json::Value) -> io::Result<()> {
+        self.print(document, |w, _| {
+            let text = serde_json::to_string_pretty(document).map_err(|_| std::fmt::Error)?;
+            writeln!(w, "{text}")
+        })
+    }
+
+    /// Prints PEM text as it is (`bundle show --format pem`), whatever the
+    /// format: PEM is already the machine-readable form.
+    pub fn pem(text: &str) -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        out.flush()
+    }
+
     /// JSON is written compact on one line, so streams are JSON lines.
     fn print<T: Serialize>(
         self,
@@ -242,6 +421,17 @@ impl Timestamp {
     pub fn from_unix(seconds: i64) -> Option<Self> {
         OffsetDateTime::from_unix_timestamp(seconds).ok().map(Self)
     }
+
+    /// The Unix time in milliseconds the admin API sends; `None` for 0
+    /// (the agent's "unknown") or out of range.
+    pub fn from_unix_ms(ms: i64) -> Option<Self> {
+        if ms == 0 {
+            return None;
+        }
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .ok()
+            .map(Self)
+    }
 }
 
 impl std::fmt::Display for Timestamp {
@@ -256,6 +446,20 @@ impl std::fmt::Display for Timestamp {
 }
 
 impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+// === impl Ttl ===
+
+impl std::fmt::Display for Ttl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for Ttl {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
     }
@@ -426,6 +630,189 @@ fn render_validation(w: &mut String, report: &ValidationReport) -> std::fmt::Res
     writeln!(w, "{claims}")
 }
 
+fn render_entry(w: &mut String, entry: &EntryView, now: OffsetDateTime) -> std::fmt::Result {
+    writeln!(w, "ID:              {}", printable(&entry.id))?;
+    writeln!(w, "SPIFFE ID:       {}", printable(&entry.spiffe_id))?;
+    writeln!(w, "Selectors:       {}", list(&entry.selectors))?;
+    writeln!(w, "Source:          {}", entry.source)?;
+    writeln!(w, "Revision:        {}", entry.revision)?;
+    writeln!(w, "X.509-SVID TTL:  {}", ttl(entry.x509_svid_ttl))?;
+    writeln!(w, "JWT-SVID TTL:    {}", ttl(entry.jwt_svid_ttl))?;
+    writeln!(w, "DNS names:       {}", list(&entry.dns_names))?;
+    writeln!(w, "Hint:            {}", or_none(&entry.hint))?;
+    writeln!(w, "Federates with:  {}", list(&entry.federates_with))?;
+    writeln!(w, "Created:         {}", when(entry.created_at, now))?;
+    writeln!(w, "Updated:         {}", when(entry.updated_at, now))
+}
+
+fn render_entries(w: &mut String, report: &EntriesReport) -> std::fmt::Result {
+    if report.entries.is_empty() {
+        return writeln!(w, "No entries");
+    }
+    let rows = report.entries.iter().map(|e| {
+        vec![
+            printable(&e.id).into_owned(),
+            printable(&e.spiffe_id).into_owned(),
+            cells(&e.selectors),
+            e.source.to_owned(),
+            ttl(e.x509_svid_ttl),
+            ttl(e.jwt_svid_ttl),
+            or_dash(&e.hint),
+        ]
+    });
+    table(
+        w,
+        &[
+            "ID",
+            "SPIFFE ID",
+            "SELECTORS",
+            "SOURCE",
+            "X509 TTL",
+            "JWT TTL",
+            "HINT",
+        ],
+        rows,
+    )
+}
+
+fn render_svids(w: &mut String, report: &SvidsReport, now: OffsetDateTime) -> std::fmt::Result {
+    if report.svids.is_empty() {
+        return writeln!(w, "No live X.509-SVIDs");
+    }
+    let mut rows = Vec::new();
+    for svid in &report.svids {
+        let expires = match svid.not_after {
+            Some(at) => format!("{at} ({})", relative(at.0, now)),
+            None => "(unknown)".to_owned(),
+        };
+        let columns = |pid: String, uid: String, executable: String| {
+            vec![
+                printable(&svid.spiffe_id).into_owned(),
+                printable(&svid.serial).into_owned(),
+                expires.clone(),
+                printable(&svid.entry_id).into_owned(),
+                pid,
+                uid,
+                executable,
+            ]
+        };
+        if svid.holders.is_empty() {
+            rows.push(columns("-".into(), "-".into(), "-".into()));
+        }
+        // A line per holder, each complete, so that `grep` finds a process
+        // together with its SVID.
+        for holder in &svid.holders {
+            rows.push(columns(
+                holder.pid.to_string(),
+                holder.uid.to_string(),
+                or_dash(&holder.executable),
+            ));
+        }
+    }
+    table(
+        w,
+        &[
+            "SPIFFE ID",
+            "SERIAL",
+            "EXPIRES",
+            "ENTRY",
+            "PID",
+            "UID",
+            "EXECUTABLE",
+        ],
+        rows,
+    )
+}
+
+fn render_health(w: &mut String, report: &HealthReport) -> std::fmt::Result {
+    let state = if report.serving {
+        "serving"
+    } else {
+        "not serving"
+    };
+    writeln!(
+        w,
+        "{state}: trust domain {}, {} entr{}, {} open stream{}",
+        printable(&report.trust_domain),
+        report.entries,
+        if report.entries == 1 { "y" } else { "ies" },
+        report.open_streams,
+        plural(report.open_streams as usize)
+    )
+}
+
+/// Aligned columns, two spaces apart; the last column is not padded.
+/// Cells must already be printable.
+fn table(
+    w: &mut String,
+    header: &[&str],
+    rows: impl IntoIterator<Item = Vec<String>>,
+) -> std::fmt::Result {
+    let rows: Vec<Vec<String>> = rows.into_iter().collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| -> std::fmt::Result {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.zip(&widths).enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            text.push_str(cell);
+            let pad = width.saturating_sub(cell.chars().count());
+            text.extend(std::iter::repeat_n(' ', pad));
+        }
+        writeln!(w, "{}", text.trim_end())
+    };
+    line(&mut header.iter().copied())?;
+    for row in &rows {
+        line(&mut row.iter().map(String::as_str))?;
+    }
+    Ok(())
+}
+
+fn ttl(ttl: Option<Ttl>) -> String {
+    ttl.map_or_else(|| "default".to_owned(), |t| t.to_string())
+}
+
+fn when(at: Option<Timestamp>, now: OffsetDateTime) -> String {
+    at.map_or_else(
+        || "(unknown)".to_owned(),
+        |at| format!("{at} ({})", relative(at.0, now)),
+    )
+}
+
+/// Several values in one table cell.
+fn cells(items: &[String]) -> String {
+    if items.is_empty() {
+        return "-".to_owned();
+    }
+    items
+        .iter()
+        .map(|s| printable(s))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        printable(s).into_owned()
+    }
+}
+
+fn or_none(s: &str) -> Cow<'_, str> {
+    if s.is_empty() {
+        Cow::Borrowed("(none)")
+    } else {
+        printable(s)
+    }
+}
+
 /// "in 59m", "3h 5m ago": coarse, because the exact instant is printed
 /// beside it.
 pub fn relative(then: OffsetDateTime, now: OffsetDateTime) -> String {
@@ -531,6 +918,117 @@ mod tests {
     fn agent_strings_cannot_drive_the_terminal() {
         assert_eq!(printable("spiffe://a/b"), "spiffe://a/b");
         assert_eq!(printable("x\u{1b}[2Jy\n"), "x\\u{1b}[2Jy\\n");
+    }
+
+    fn entry(id: &str, source: &'static str, selectors: &[&str]) -> EntryView {
+        EntryView {
+            id: id.into(),
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
+            source,
+            revision: 1,
+            x509_svid_ttl: Some(Ttl(Duration::from_secs(600))),
+            jwt_svid_ttl: None,
+            dns_names: Vec::new(),
+            hint: String::new(),
+            federates_with: Vec::new(),
+            created_at: Some(at(0)),
+            updated_at: None,
+        }
+    }
+
+    #[test]
+    fn entry_tables_align_and_show_defaults() {
+        let report = EntriesReport {
+            entries: vec![
+                entry("cfg-1", "config", &["unix:uid:1"]),
+                entry("ent-long-id", "api", &["unix:uid:2", "unix:gid:2"]),
+            ],
+        };
+        let mut text = String::new();
+        render_entries(&mut text, &report).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "ID           SPIFFE ID                         SELECTORS              SOURCE  X509 TTL  JWT TTL  HINT",
+                "cfg-1        spiffe://example.org/cfg-1        unix:uid:1             config  10m       default  -",
+                "ent-long-id  spiffe://example.org/ent-long-id  unix:uid:2,unix:gid:2  api     10m       default  -",
+            ]
+        );
+        let mut text = String::new();
+        render_entry(&mut text, &report.entries[0], at(60).0).unwrap();
+        assert!(text.starts_with("ID:              cfg-1\n"), "{text}");
+        assert!(text.contains("Hint:            (none)"), "{text}");
+        assert!(
+            text.contains("Created:         1970-01-01T00:00:00Z (1m ago)"),
+            "{text}"
+        );
+        assert!(text.contains("Updated:         (unknown)"), "{text}");
+        let mut empty = String::new();
+        render_entries(&mut empty, &EntriesReport { entries: vec![] }).unwrap();
+        assert_eq!(empty, "No entries\n");
+    }
+
+    #[test]
+    fn svid_tables_have_a_line_per_holder_or_a_dash() {
+        let svid = |id: &str, holders: Vec<HolderView>| IssuedSvidView {
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            serial: "0a".into(),
+            not_before: Some(at(0)),
+            not_after: Some(at(3600)),
+            entry_id: format!("ent-{id}"),
+            holders,
+        };
+        let holder = |pid: i32| HolderView {
+            pid,
+            uid: 0,
+            executable: "/usr/bin/x".into(),
+            selectors: Vec::new(),
+            since: None,
+        };
+        let report = SvidsReport {
+            svids: vec![svid("a", vec![holder(7), holder(8)]), svid("b", Vec::new())],
+        };
+        let mut text = String::new();
+        render_svids(&mut text, &report, at(0).0).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("SPIFFE ID"), "{text}");
+        assert!(lines[1].contains("ent-a  7    0    /usr/bin/x"), "{text}");
+        assert!(lines[2].contains("ent-a  8    0    /usr/bin/x"), "{text}");
+        assert!(lines[1].contains("1970-01-01T01:00:00Z (in 1h)"), "{text}");
+        assert!(lines[3].starts_with("spiffe://example.org/b"), "{text}");
+        assert!(lines[3].ends_with("ent-b  -    -    -"), "{text}");
+    }
+
+    #[test]
+    fn health_and_reload_lines_count_in_words() {
+        let health = |entries, open_streams| HealthReport {
+            serving: true,
+            trust_domain: "example.org".into(),
+            entries,
+            open_streams,
+            version: "0.1.0".into(),
+        };
+        let mut text = String::new();
+        render_health(&mut text, &health(1, 2)).unwrap();
+        assert_eq!(
+            text,
+            "serving: trust domain example.org, 1 entry, 2 open streams\n"
+        );
+        let mut text = String::new();
+        render_health(&mut text, &health(3, 1)).unwrap();
+        assert_eq!(
+            text,
+            "serving: trust domain example.org, 3 entries, 1 open stream\n"
+        );
+        let json = serde_json::to_value(health(3, 1)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"serving": true, "trust_domain": "example.org",
+                "entries": 3, "open_streams": 1, "version": "0.1.0"})
+        );
     }
 
     #[test]

@@ -9,17 +9,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use thiserror::Error;
-use tokio::net::UnixStream;
 use tonic::codec::Streaming;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint, Uri};
-use tonic::{Code, Request, Status};
+use tonic::transport::Channel;
+use tonic::{Request, Status};
 
-use super::{EXIT_NOPERM, EXIT_UNAVAILABLE};
+use super::EXIT_UNAVAILABLE;
+use super::channel::{
+    self, CallError, DialError, MAX_MESSAGE_LEN, describe_status, root_cause, status_exit_code,
+};
 use crate::config::{EnvSource, default_socket_path};
 use crate::proto::workload::{self as pb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
 
@@ -31,13 +32,6 @@ pub const TETHER_SOCKET_PATH: &str = "TETHER_SOCKET_PATH";
 
 /// The security header the Workload API requires on every call.
 const SECURITY_HEADER: &str = "workload.spiffe.io";
-/// Largest message accepted from the agent. tonic's default, stated here
-/// because the agent is untrusted input: a bigger message fails the call
-/// instead of growing memory.
-const MAX_MESSAGE_LEN: usize = 4 * 1024 * 1024;
-/// tonic needs an HTTP URI to build requests; the connector ignores it and
-/// dials the socket.
-const PLACEHOLDER_URI: &str = "http://[::]:50051";
 
 /// Where the socket address came from, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,13 +147,9 @@ impl WorkloadClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Connect { .. } | Self::Timeout { .. } => EXIT_UNAVAILABLE,
-            Self::Status { status, .. } => match status.code() {
-                Code::PermissionDenied | Code::Unauthenticated => EXIT_NOPERM,
-                Code::Unavailable | Code::DeadlineExceeded => EXIT_UNAVAILABLE,
-                // InvalidArgument is the request's fault (a bad token, a
-                // SPIFFE ID the caller does not hold): an ordinary failure.
-                _ => 1,
-            },
+            // InvalidArgument is the request's fault (a bad token, a SPIFFE
+            // ID the caller does not hold): an ordinary failure.
+            Self::Status { status, .. } => status_exit_code(status.code()),
         }
     }
 }
@@ -180,28 +170,15 @@ impl Interceptor for SecurityHeader {
 impl WorkloadClient {
     /// Dials `socket`, waiting at most `timeout`.
     pub async fn connect(socket: &Path, timeout: Duration) -> Result<Self, WorkloadClientError> {
-        let endpoint = Endpoint::from_static(PLACEHOLDER_URI);
-        let path = socket.to_owned();
-        let connector = tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        });
-        let channel =
-            match tokio::time::timeout(timeout, endpoint.connect_with_connector(connector)).await {
-                Ok(Ok(channel)) => channel,
-                Ok(Err(source)) => {
-                    return Err(WorkloadClientError::Connect {
-                        socket: socket.to_owned(),
-                        source,
-                    });
-                }
-                Err(_elapsed) => {
-                    return Err(WorkloadClientError::Timeout {
-                        socket: socket.to_owned(),
-                        after: timeout,
-                    });
-                }
-            };
+        let channel = channel::dial(socket, timeout)
+            .await
+            .map_err(|error| match error {
+                DialError::Connect(source) => WorkloadClientError::Connect {
+                    socket: socket.to_owned(),
+                    source,
+                },
+                DialError::Timeout => timed_out(timeout, socket),
+            })?;
         let client = SpiffeWorkloadApiClient::with_interceptor(channel, SecurityHeader)
             .max_decoding_message_size(MAX_MESSAGE_LEN);
         Ok(Self {
@@ -288,11 +265,12 @@ async fn bounded<T>(
     socket: &Path,
     call: impl Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> Result<T, WorkloadClientError> {
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(status_error(socket, status)),
-        Err(_elapsed) => Err(timed_out(timeout, socket)),
-    }
+    channel::bounded(timeout, call)
+        .await
+        .map_err(|error| match error {
+            CallError::Status(status) => status_error(socket, status),
+            CallError::Timeout => timed_out(timeout, socket),
+        })
 }
 
 fn status_error(socket: &Path, status: Status) -> WorkloadClientError {
@@ -417,43 +395,10 @@ fn scheme(value: &str) -> Option<&str> {
     .then_some(scheme)
 }
 
-/// The innermost cause of a transport error: "No such file or directory
-/// (os error 2)" says more than tonic's "transport error".
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
-}
-
-fn describe_status(socket: &Path, status: &Status) -> String {
-    let message = if status.message().is_empty() {
-        status.code().description()
-    } else {
-        status.message()
-    };
-    // A status built from a transport failure carries its cause; one the
-    // agent sent does not, and its message already says what is wrong.
-    let from_transport = std::error::Error::source(status).is_some() || status.message().is_empty();
-    match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded if from_transport => format!(
-            "the agent is unavailable: {message}; is `tether run` running? socket: {}",
-            socket.display()
-        ),
-        Code::Unavailable | Code::DeadlineExceeded => {
-            format!(
-                "the agent is unavailable: {message} (socket: {})",
-                socket.display()
-            )
-        }
-        _ => message.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::EXIT_NOPERM;
     use crate::config::MapEnv;
 
     fn env(vars: &[(&str, &str)], euid: u32) -> MapEnv {
