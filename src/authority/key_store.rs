@@ -1,6 +1,12 @@
 //! Key material on disk: private keys are written 0600 and atomically
 //! (temp file, fsync, rename, fsync the directory), and refused on read when
 //! anyone but the owner could read them.
+//!
+//! tether's own files are opened with `O_NOFOLLOW`. Files the operator
+//! mounts (the upstream CA of `[authority] kind = "disk"`) are read through
+//! symlinks, because a Kubernetes Secret volume is a farm of them
+//! (`tls.key -> ..data/tls.key`); the mode, type and size checks then apply
+//! to the file the link points at.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -68,7 +74,25 @@ pub fn write_public(path: &Path, bytes: &[u8]) -> Result<(), KeyStoreError> {
 
 /// Reads a secret written by [`write_secret`], refusing group/other access.
 pub fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
-    let mut file = open_regular(path)?;
+    read_secret_from(path, open_regular(path, Links::Refuse)?)
+}
+
+/// Reads a secret the operator provides (an upstream CA key), following
+/// symlinks, refusing group/other access to the file they lead to.
+pub fn read_mounted_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
+    read_secret_from(path, open_regular(path, Links::Follow)?)
+}
+
+/// Reads a public file the operator provides (an upstream CA certificate),
+/// following symlinks.
+pub fn read_mounted(path: &Path) -> Result<Vec<u8>, KeyStoreError> {
+    let mut file = open_regular(path, Links::Follow)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(io_err(path))?;
+    Ok(bytes)
+}
+
+fn read_secret_from(path: &Path, mut file: File) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
     let meta = file.metadata().map_err(io_err(path))?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
@@ -84,7 +108,7 @@ pub fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyStoreError> {
 
 /// Reads a public file, or `None` when it does not exist.
 pub fn read_public(path: &Path) -> Result<Option<Vec<u8>>, KeyStoreError> {
-    let mut file = match open_regular(path) {
+    let mut file = match open_regular(path, Links::Refuse) {
         Ok(file) => file,
         Err(KeyStoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
             return Ok(None);
@@ -104,11 +128,23 @@ pub fn remove(path: &Path) -> Result<(), KeyStoreError> {
     }
 }
 
-fn open_regular(path: &Path) -> Result<File, KeyStoreError> {
-    // O_NOFOLLOW: a key path swapped for a symlink is refused, not followed.
+/// Whether a symlink at the path itself is followed.
+#[derive(Clone, Copy)]
+enum Links {
+    /// tether's own files: a key path swapped for a symlink is refused.
+    Refuse,
+    /// Operator-mounted files: Secret volumes are symlinks by design.
+    Follow,
+}
+
+fn open_regular(path: &Path, links: Links) -> Result<File, KeyStoreError> {
+    let flags = match links {
+        Links::Refuse => nix::libc::O_NOFOLLOW,
+        Links::Follow => 0,
+    };
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
+        .custom_flags(flags)
         .open(path)
         .map_err(io_err(path))?;
     let meta = file.metadata().map_err(io_err(path))?;
@@ -172,6 +208,23 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&real, &link).unwrap();
         assert!(read_secret(&link).is_err());
+    }
+
+    #[test]
+    fn mounted_secrets_follow_links_and_check_the_target() {
+        // The shape of a Kubernetes Secret volume: key -> ..data/key.
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("..data")).unwrap();
+        let real = dir.path().join("..data/key.pem");
+        write_secret(&real, b"secret").unwrap();
+        let link = dir.path().join("key.pem");
+        std::os::unix::fs::symlink("..data/key.pem", &link).unwrap();
+        assert_eq!(&**read_mounted_secret(&link).unwrap(), b"secret");
+
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_mounted_secret(&link).unwrap_err();
+        assert!(err.to_string().contains("mode 0644"), "{err}");
+        assert_eq!(read_mounted(&link).unwrap(), b"secret");
     }
 
     #[test]

@@ -5,21 +5,42 @@
 //! the trust domain, their files in `data_dir/authority/` ([`key_store`]),
 //! and their rotation ([`rotation`]). Everyone else gets an [`Authority`]
 //! handle: the active signer for each kind, and the trust bundle (published
-//! on a `watch` whenever a key is added or retired).
+//! on a `watch` whenever its content changes).
+//!
+//! Two kinds of X.509 authority (`[authority] kind`):
+//! - `self_signed`: each CA is a self-signed root kept in the data dir, and
+//!   the bundle holds those roots;
+//! - `disk`: an upstream CA mounted by the operator ([`upstream`]) issues the
+//!   agent's own intermediate CAs, and the bundle holds the upstream's trust
+//!   anchor, so agents sharing one upstream trust each other's X.509-SVIDs.
+//!   The intermediates rotate on the same schedule as self-signed roots
+//!   without touching the bundle. The upstream files are re-read on every
+//!   wake of the rotation loop (at least once a minute): a new upstream CA
+//!   gets a new intermediate at once, and the old anchor stays in the bundle
+//!   until the intermediates under it expire. JWT keys stay per agent: a
+//!   JWT-SVID validates on another node only through federation or a shared
+//!   JWT authority, which this module does not provide.
+//!
+//! A CA issued by another authority than the configured one (the upstream
+//! changed, or `kind` did) signs no more; it stays until its `notAfter`, so
+//! its anchor stays in the bundle for what it signed.
 //!
 //! Invariants:
-//! - a key is in the published bundle before anything is signed with it,
-//!   and stays there until everything it signed has expired (signatures are
-//!   capped at the key's own expiry);
-//! - private keys live in files of mode 0600 and in memory only inside this
-//!   module; they are never logged (only `kid`s and CA ids are);
+//! - the anchor of every CA is in the published bundle before anything is
+//!   signed with it, and stays there until everything it signed has expired
+//!   (signatures are capped at the CA's expiry, an intermediate's at its
+//!   upstream chain's);
+//! - private keys live in files of mode 0600 (the upstream's: readable by its
+//!   owner only) and in memory only inside this module; they are never logged
+//!   (only `kid`s, CA ids and upstream serials are);
 //! - a data dir written for another trust domain, a key that does not match
-//!   its certificate or a key file others can read stops the agent: it never
-//!   starts empty over a damaged store.
+//!   its certificate, a key file others can read or an upstream CA that fails
+//!   its checks stops the agent: it never starts empty over a damaged store.
 
 pub mod jwt_keys;
 pub mod key_store;
 pub mod rotation;
+pub mod upstream;
 pub mod x509_ca;
 
 use std::path::{Path, PathBuf};
@@ -39,10 +60,16 @@ use crate::bundle::TrustBundle;
 pub use jwt_keys::JwtKey;
 use key_store::KeyStoreError;
 use rotation::Lifetime;
+use upstream::{Fingerprint, Upstream, UpstreamError, UpstreamFiles};
 pub use x509_ca::{LeafTemplate, SignedLeaf, X509Authority};
 
-/// Version of `authority/state.json` this build reads and writes.
-const STATE_VERSION: u32 = 1;
+/// Newest version of `authority/state.json` this build reads and writes.
+/// Version 2 records upstream chains; it is written only when a CA has one,
+/// so a tether that predates them refuses the file instead of taking
+/// intermediates for roots.
+const STATE_VERSION: u32 = 2;
+/// The version written when every CA is a self-signed root.
+const STATE_VERSION_ROOTS_ONLY: u32 = 1;
 /// How long the rotation loop waits after a failure before trying again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 /// The rotation loop looks at the clock at least this often, so a wall
@@ -56,6 +83,9 @@ pub enum AuthorityKind {
     /// A self-signed root created on first start and kept in the data dir.
     #[default]
     SelfSigned,
+    /// The agent's own intermediate, issued by an upstream CA read from
+    /// `cert_path` and `key_path`.
+    Disk,
 }
 
 /// `[authority]` settings.
@@ -64,7 +94,14 @@ pub enum AuthorityKind {
 pub struct AuthorityConfig {
     /// Which authority signs.
     pub kind: AuthorityKind,
-    /// Lifetime of each X.509 CA. X.509-SVIDs never outlive their CA.
+    /// `kind = "disk"`: the upstream CA certificate (PEM), optionally
+    /// followed by its chain up to the trust anchor.
+    pub cert_path: Option<PathBuf>,
+    /// `kind = "disk"`: the upstream CA's private key (PEM, PKCS#8 or SEC1,
+    /// P-256), readable by its owner only.
+    pub key_path: Option<PathBuf>,
+    /// Lifetime of each X.509 CA (with `kind = "disk"`, of each
+    /// intermediate). X.509-SVIDs never outlive their CA.
     #[serde(with = "humantime_serde")]
     pub ca_ttl: Duration,
     /// Lifetime of each JWT signing key. JWT-SVIDs never outlive their key.
@@ -108,13 +145,25 @@ pub enum AuthorityError {
     /// The system random number generator failed.
     #[error("system random number generator failed")]
     Random,
+    /// The upstream CA files were refused.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The configuration is incomplete (see [`AuthorityConfig::validate`]).
+    #[error("{0}: {1}")]
+    Config(&'static str, String),
 }
 
 /// The trust domain's keys at one instant.
 #[derive(Debug)]
 struct KeySet {
+    /// CAs of the configured authority: they sign, per the schedule.
     x509: Vec<Arc<X509Authority>>,
+    /// CAs of another authority (an older upstream, another `kind`): they
+    /// sign no more and stay until their `notAfter`, with their anchors in
+    /// the bundle.
+    retiring: Vec<Arc<X509Authority>>,
     jwt: Vec<Arc<JwtKey>>,
+    /// The bundle's sequence number: grows with every change of its content.
     sequence: u64,
 }
 
@@ -131,8 +180,20 @@ struct Inner {
     dir: PathBuf,
     keys: watch::Sender<Arc<KeySet>>,
     bundle: watch::Sender<Arc<TrustBundle>>,
-    /// Serialises rotations (the loop and start-up); signing never takes it.
-    rotating: Mutex<()>,
+    /// Serialises rotations (the loop and start-up) and holds what only they
+    /// use; signing never takes it.
+    rotating: Mutex<RotationState>,
+}
+
+/// What the rotation loop keeps between wakes.
+#[derive(Debug, Default)]
+struct RotationState {
+    /// `kind = "disk"`: the upstream CA in use.
+    upstream: Option<Upstream>,
+    /// Upstream files already refused, so each bad version is reported once.
+    refused: Option<Fingerprint>,
+    /// The last upstream read failure reported, so repeats drop to debug.
+    read_failure: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -148,6 +209,9 @@ struct StoredState {
 struct StoredX509 {
     id: String,
     certificate: String,
+    /// The certificates above it up to the anchor (PEM), for an intermediate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    upstream_chain: Vec<String>,
     issued_at: u64,
     activates_at: u64,
 }
@@ -166,9 +230,46 @@ impl Default for AuthorityConfig {
     fn default() -> Self {
         Self {
             kind: AuthorityKind::SelfSigned,
+            cert_path: None,
+            key_path: None,
             ca_ttl: Duration::from_secs(24 * 3600),
             jwt_key_ttl: Duration::from_secs(24 * 3600),
         }
+    }
+}
+
+impl AuthorityConfig {
+    /// Checks what needs no I/O; returns the offending key
+    /// (`authority.cert_path`, ...) and the problem. The files themselves
+    /// are checked when the authority loads.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.ca_ttl.is_zero() {
+            return Err(("authority.ca_ttl", "must be greater than zero".into()));
+        }
+        if self.jwt_key_ttl.is_zero() {
+            return Err(("authority.jwt_key_ttl", "must be greater than zero".into()));
+        }
+        let paths = [
+            ("authority.cert_path", &self.cert_path),
+            ("authority.key_path", &self.key_path),
+        ];
+        for (key, path) in paths {
+            match (self.kind, path) {
+                (AuthorityKind::Disk, None) => {
+                    return Err((key, "is required with kind = \"disk\"".into()));
+                }
+                (AuthorityKind::Disk, Some(path)) if !path.is_absolute() => {
+                    return Err((key, format!("{} must be an absolute path", path.display())));
+                }
+                (AuthorityKind::SelfSigned, Some(_)) => {
+                    // A path without `kind = "disk"` is a half-done setup:
+                    // signing with a self-signed root instead would be silent.
+                    return Err((key, "is only used with kind = \"disk\"".into()));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -183,6 +284,18 @@ impl Authority {
         config: AuthorityConfig,
         data_dir: &Path,
     ) -> Result<Self, AuthorityError> {
+        config
+            .validate()
+            .map_err(|(key, problem)| AuthorityError::Config(key, problem))?;
+        let upstream = match (config.kind, &config.cert_path, &config.key_path) {
+            (AuthorityKind::Disk, Some(cert_path), Some(key_path)) => {
+                let upstream =
+                    Upstream::load(cert_path, key_path, &trust_domain, SystemTime::now())?;
+                tracing::info!(subject = upstream.subject(), serial = upstream.serial(), not_after = %humantime::format_rfc3339_seconds(upstream.not_after()), "loaded the upstream CA");
+                Some(upstream)
+            }
+            _ => None,
+        };
         let dir = data_dir.join("authority");
         key_store::ensure_private_dir(&dir)?;
         key_store::ensure_private_dir(&dir.join("keys"))?;
@@ -195,7 +308,10 @@ impl Authority {
                 dir,
                 keys: watch::channel(Arc::new(keys)).0,
                 bundle: watch::channel(bundle).0,
-                rotating: Mutex::new(()),
+                rotating: Mutex::new(RotationState {
+                    upstream,
+                    ..RotationState::default()
+                }),
             }),
         };
         authority.rotate_at(SystemTime::now())?;
@@ -230,22 +346,32 @@ impl Authority {
         self.inner.bundle.borrow().clone()
     }
 
-    /// Wakes whenever the bundle changes (a key prepared or retired).
+    /// Wakes whenever the bundle's content changes (a root or JWT key added
+    /// or retired; not an intermediate rotating under the same anchor).
     pub fn subscribe_bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
         self.inner.bundle.subscribe()
     }
 
     /// The rotation loop: applies the schedule whenever something is due.
     pub async fn run(self, cancel: CancellationToken) {
+        let mut last_failure: Option<String> = None;
         loop {
             let now = SystemTime::now();
             let authority = self.clone();
             let wait = match tokio::task::spawn_blocking(move || authority.rotate_at(now)).await {
-                Ok(Ok(next)) => next
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO),
+                Ok(Ok(next)) => {
+                    last_failure = None;
+                    next.duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                }
                 Ok(Err(error)) => {
-                    tracing::error!(%error, "key rotation failed; retrying");
+                    let message = error.to_string();
+                    if last_failure.as_deref() == Some(message.as_str()) {
+                        tracing::debug!(%error, "key rotation failed again; retrying");
+                    } else {
+                        tracing::error!(%error, "key rotation failed; retrying");
+                    }
+                    last_failure = Some(message);
                     RETRY_AFTER_FAILURE
                 }
                 Err(error) => {
@@ -261,22 +387,61 @@ impl Authority {
         }
     }
 
-    /// Applies the rotation schedule at `now`: retires expired keys,
-    /// prepares successors, persists, publishes. Returns when to look again.
+    /// Applies the rotation schedule at `now`: picks up a changed upstream
+    /// CA, retires expired keys, prepares successors, persists, publishes.
+    /// Returns when to look again.
     fn rotate_at(&self, now: SystemTime) -> Result<SystemTime, AuthorityError> {
-        let _guard = self
+        let mut state = self
             .inner
             .rotating
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.refresh_upstream(&mut state, now);
+        let upstream = state.upstream.as_ref();
+        let signing_chain: &[Vec<u8>] = upstream.map_or(&[], Upstream::chain);
         let current = self.inner.keys.borrow().clone();
 
-        let x509_lifetimes: Vec<Lifetime> = current.x509.iter().map(|k| k.lifetime()).collect();
+        // Only CAs of the configured authority sign. The others stay until
+        // their notAfter, for their anchors; one that never activated signed
+        // nothing and goes at once.
+        let mut reclassified = false;
+        let mut x509 = Vec::with_capacity(current.x509.len() + 1);
+        let mut retiring = Vec::new();
+        let mut gone: Vec<Arc<X509Authority>> = Vec::new();
+        let everything = current.x509.iter().map(|ca| (ca, true));
+        for (ca, was_signing) in everything.chain(current.retiring.iter().map(|ca| (ca, false))) {
+            let signs = ca.upstream_chain() == signing_chain;
+            reclassified |= signs != was_signing;
+            if signs {
+                x509.push(Arc::clone(ca));
+            } else if ca.lifetime().activates_at > now {
+                tracing::info!(
+                    ca_id = ca.id(),
+                    "dropped an unused X.509 CA issued by another authority"
+                );
+                gone.push(Arc::clone(ca));
+            } else if ca.lifetime().not_after <= now {
+                tracing::info!(ca_id = ca.id(), "retired expired X.509 CA");
+                gone.push(Arc::clone(ca));
+            } else {
+                if was_signing {
+                    tracing::info!(ca_id = ca.id(), until = %humantime::format_rfc3339_seconds(ca.lifetime().not_after), "X.509 CA issued by another authority signs no more; its anchor stays in the bundle until it expires");
+                }
+                retiring.push(Arc::clone(ca));
+            }
+        }
+
+        let x509_lifetimes: Vec<Lifetime> = x509.iter().map(|k| k.lifetime()).collect();
         let jwt_lifetimes: Vec<Lifetime> = current.jwt.iter().map(|k| k.lifetime()).collect();
         let x509_plan = rotation::plan(&x509_lifetimes, now);
         let jwt_plan = rotation::plan(&jwt_lifetimes, now);
+        let prepare_x509 = x509_plan
+            .prepare
+            .filter(|_| self.successor_outlives_active(upstream, &x509_lifetimes, now));
 
-        let changed = x509_plan.prepare.is_some()
+        let changed = reclassified
+            || !gone.is_empty()
+            || prepare_x509.is_some()
             || jwt_plan.prepare.is_some()
             || !x509_plan.expired.is_empty()
             || !jwt_plan.expired.is_empty();
@@ -284,20 +449,26 @@ impl Authority {
             return Ok(x509_plan.next_check.min(jwt_plan.next_check));
         }
 
-        let mut x509 = without(&current.x509, &x509_plan.expired);
+        for &i in &x509_plan.expired {
+            tracing::info!(ca_id = x509[i].id(), "retired expired X.509 CA");
+            gone.push(Arc::clone(&x509[i]));
+        }
+        let mut x509 = without(&x509, &x509_plan.expired);
         let mut jwt = without(&current.jwt, &jwt_plan.expired);
 
         // New keys reach the disk before the state file names them, so a
         // crash in between leaves an unused key file, never a missing one.
-        if let Some(activates_at) = x509_plan.prepare {
-            let (ca, key) = X509Authority::generate_self_signed(
-                &self.inner.trust_domain,
-                now,
-                self.inner.config.ca_ttl,
-                activates_at,
-            )?;
+        if let Some(activates_at) = prepare_x509 {
+            let ttl = self.inner.config.ca_ttl;
+            let td = &self.inner.trust_domain;
+            let (ca, key) = match upstream {
+                None => X509Authority::generate_self_signed(td, now, ttl, activates_at)?,
+                Some(upstream) => {
+                    X509Authority::generate_intermediate(td, upstream, now, ttl, activates_at)?
+                }
+            };
             key_store::write_secret(&x509_key_path(&self.inner.dir, ca.id()), &to_pem(&key.0))?;
-            tracing::info!(ca_id = ca.id(), activates_at = %humantime::format_rfc3339_seconds(activates_at), "prepared X.509 CA");
+            tracing::info!(ca_id = ca.id(), intermediate = upstream.is_some(), not_after = %humantime::format_rfc3339_seconds(ca.lifetime().not_after), activates_at = %humantime::format_rfc3339_seconds(activates_at), "prepared X.509 CA");
             x509.push(Arc::new(ca));
         }
         if let Some(activates_at) = jwt_plan.prepare {
@@ -308,15 +479,21 @@ impl Authority {
             jwt.push(Arc::new(key));
         }
 
-        let next = KeySet {
+        let mut next = KeySet {
             x509,
+            retiring,
             jwt,
-            sequence: current.sequence + 1,
+            sequence: current.sequence,
         };
+        // An intermediate rotating under the same anchor changes no bundle:
+        // nobody is woken for it.
+        let published = self.inner.bundle.borrow().clone();
+        let bundle_changed = !bundle_of(&self.inner.trust_domain, &next).same_keys(&published);
+        if bundle_changed {
+            next.sequence += 1;
+        }
         store(&self.inner.dir, &self.inner.trust_domain, &next)?;
-        for &i in &x509_plan.expired {
-            let old = &current.x509[i];
-            tracing::info!(ca_id = old.id(), "retired expired X.509 CA");
+        for old in &gone {
             key_store::remove(&x509_key_path(&self.inner.dir, old.id()))?;
         }
         for &i in &jwt_plan.expired {
@@ -326,14 +503,88 @@ impl Authority {
         }
 
         // Bundle first, then signers: whoever sees a new signer can already
-        // see its key in the bundle.
-        self.inner
-            .bundle
-            .send_replace(Arc::new(bundle_of(&self.inner.trust_domain, &next)));
+        // see its anchor in the bundle.
+        if bundle_changed {
+            self.inner
+                .bundle
+                .send_replace(Arc::new(bundle_of(&self.inner.trust_domain, &next)));
+        }
         self.inner.keys.send_replace(Arc::new(next));
         // Something changed: look again right away, the plan may go on
         // (an expired key removed and a successor due in the same instant).
         Ok(now)
+    }
+
+    /// A successor is worth preparing unless it would expire no later than
+    /// the active CA: an intermediate cut short at its upstream's expiry
+    /// cannot be outlived, and preparing ever shorter successors would only
+    /// churn keys. Only renewing the upstream CA helps then.
+    fn successor_outlives_active(
+        &self,
+        upstream: Option<&Upstream>,
+        lifetimes: &[Lifetime],
+        now: SystemTime,
+    ) -> bool {
+        let (Some(upstream), Some(active)) = (upstream, rotation::active(lifetimes, now)) else {
+            return true;
+        };
+        let successor_not_after = (now + self.inner.config.ca_ttl).min(upstream.not_after());
+        let worthwhile = successor_not_after > lifetimes[active].not_after;
+        if !worthwhile {
+            tracing::debug!(upstream_not_after = %humantime::format_rfc3339_seconds(upstream.not_after()), "no successor intermediate: it could not outlive the active one before the upstream CA expires");
+        }
+        worthwhile
+    }
+
+    /// `kind = "disk"`: re-reads the upstream files and switches to them
+    /// when their content changed and passes every check. A file that fails
+    /// is reported (once per version) and ignored: the old upstream stays.
+    fn refresh_upstream(&self, state: &mut RotationState, now: SystemTime) {
+        let (Some(current), Some(cert_path), Some(key_path)) = (
+            state.upstream.as_ref(),
+            self.inner.config.cert_path.as_deref(),
+            self.inner.config.key_path.as_deref(),
+        ) else {
+            return;
+        };
+        let files = match UpstreamFiles::read(cert_path, key_path) {
+            Ok(files) => files,
+            Err(error) => {
+                let message = error.to_string();
+                if state.read_failure.as_deref() == Some(message.as_str()) {
+                    tracing::debug!(%error, "upstream CA files still unreadable; keeping the upstream CA in use");
+                } else {
+                    tracing::warn!(%error, "cannot re-read the upstream CA files; keeping the upstream CA in use");
+                }
+                state.read_failure = Some(message);
+                return;
+            }
+        };
+        state.read_failure = None;
+        let fingerprint = files.fingerprint();
+        if fingerprint == current.fingerprint() || state.refused == Some(fingerprint) {
+            return;
+        }
+        match Upstream::from_files(&files, &self.inner.trust_domain, now) {
+            Ok(next) => {
+                if next.chain() != current.chain() {
+                    tracing::info!(
+                        old_subject = current.subject(),
+                        old_serial = current.serial(),
+                        subject = next.subject(),
+                        serial = next.serial(),
+                        not_after = %humantime::format_rfc3339_seconds(next.not_after()),
+                        "the upstream CA changed on disk; issuing a new intermediate from it"
+                    );
+                }
+                state.upstream = Some(next);
+                state.refused = None;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the upstream CA files changed but were refused; keeping the upstream CA in use");
+                state.refused = Some(fingerprint);
+            }
+        }
     }
 }
 
@@ -346,10 +597,20 @@ fn without<T>(keys: &[Arc<T>], expired: &[usize]) -> Vec<Arc<T>> {
         .collect()
 }
 
+/// The bundle: the anchors of every CA, oldest first and each once, and
+/// every JWT key.
 fn bundle_of(trust_domain: &TrustDomain, keys: &KeySet) -> TrustBundle {
+    let mut cas: Vec<&Arc<X509Authority>> = keys.x509.iter().chain(&keys.retiring).collect();
+    cas.sort_by_key(|ca| ca.lifetime().not_before);
+    let mut anchors: Vec<Vec<u8>> = Vec::with_capacity(cas.len());
+    for ca in cas {
+        if !anchors.iter().any(|a| a.as_slice() == ca.anchor_der()) {
+            anchors.push(ca.anchor_der().to_vec());
+        }
+    }
     TrustBundle::new(
         trust_domain.clone(),
-        keys.x509.iter().map(|k| k.cert_der().to_vec()).collect(),
+        anchors,
         keys.jwt.iter().map(|k| k.public().clone()).collect(),
         keys.sequence,
     )
@@ -389,6 +650,7 @@ fn load(dir: &Path, trust_domain: &TrustDomain) -> Result<KeySet, AuthorityError
     let Some(bytes) = key_store::read_public(&path)? else {
         return Ok(KeySet {
             x509: Vec::new(),
+            retiring: Vec::new(),
             jwt: Vec::new(),
             sequence: 0,
         });
@@ -413,9 +675,20 @@ fn load(dir: &Path, trust_domain: &TrustDomain) -> Result<KeySet, AuthorityError
             .map_err(|e| AuthorityError::Corrupt(format!("{}: {e}", key_path.display())))?;
         let cert = pem::parse(&stored.certificate)
             .map_err(|e| AuthorityError::Corrupt(format!("CA {}: certificate: {e}", stored.id)))?;
+        let upstream_chain = stored
+            .upstream_chain
+            .iter()
+            .map(|c| pem::parse(c).map(pem::Pem::into_contents))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                AuthorityError::Corrupt(format!("CA {}: upstream chain: {e}", stored.id))
+            })?;
+        // Every CA loads as a signer; the first rotation sets aside those of
+        // another authority than the configured one.
         x509.push(Arc::new(X509Authority::from_parts(
             stored.id,
             cert.into_contents(),
+            upstream_chain,
             key,
             from_unix(stored.issued_at),
             from_unix(stored.activates_at),
@@ -435,22 +708,29 @@ fn load(dir: &Path, trust_domain: &TrustDomain) -> Result<KeySet, AuthorityError
     }
     Ok(KeySet {
         x509,
+        retiring: Vec::new(),
         jwt,
         sequence: state.sequence,
     })
 }
 
 fn store(dir: &Path, trust_domain: &TrustDomain, keys: &KeySet) -> Result<(), AuthorityError> {
+    let certificate = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der));
+    let cas = || keys.x509.iter().chain(&keys.retiring);
+    let chained = cas().any(|k| !k.upstream_chain().is_empty());
     let state = StoredState {
-        version: STATE_VERSION,
+        version: if chained {
+            STATE_VERSION
+        } else {
+            STATE_VERSION_ROOTS_ONLY
+        },
         trust_domain: trust_domain.to_string(),
         sequence: keys.sequence,
-        x509: keys
-            .x509
-            .iter()
+        x509: cas()
             .map(|k| StoredX509 {
                 id: k.id().to_owned(),
-                certificate: pem::encode(&pem::Pem::new("CERTIFICATE", k.cert_der())),
+                certificate: certificate(k.cert_der()),
+                upstream_chain: k.upstream_chain().iter().map(|c| certificate(c)).collect(),
                 issued_at: to_unix(k.lifetime().not_before),
                 activates_at: to_unix(k.lifetime().activates_at),
             })
@@ -635,6 +915,7 @@ mod tests {
             kind: AuthorityKind::SelfSigned,
             ca_ttl: Duration::from_secs(600),
             jwt_key_ttl: Duration::from_secs(600),
+            ..AuthorityConfig::default()
         };
         let a = Authority::load_or_create(td(), config, dir.path()).unwrap();
         let first_ca = a.x509_signer().unwrap().id().to_owned();

@@ -142,6 +142,9 @@ impl Config {
         let authority = raw.authority;
         check_ttl("authority.ca_ttl", authority.ca_ttl, None)?;
         check_ttl("authority.jwt_key_ttl", authority.jwt_key_ttl, None)?;
+        authority
+            .validate()
+            .map_err(|(key, problem)| ConfigError::invalid(key, "", problem))?;
         check_ttl(
             "x509_svid_ttl",
             svid.x509_svid_ttl,
