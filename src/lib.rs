@@ -35,6 +35,7 @@
 
 pub mod bundle;
 pub mod proto;
+pub mod store;
 pub mod telemetry;
 
 pub mod attestation;

@@ -1,0 +1,468 @@
+//! The rows the store keeps, and how each field becomes a column and back.
+//!
+//! Both directions apply the same bounds: a row the store would refuse to
+//! read back is refused on write ([`super::StoreError::Unstorable`]), so one
+//! careless caller cannot leave a row that stops every later
+//! [`super::Store::entries`]. A stored value outside the bounds can then only
+//! come from damage, and reads as [`super::StoreError::BadRow`].
+//!
+//! Times are unix milliseconds and durations milliseconds (`INTEGER`), so
+//! anything finer than a millisecond is dropped on write. Lists are JSON
+//! arrays of strings (`TEXT`).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::types::ValueRef;
+
+/// Longest entry id or certificate serial (hex), in bytes.
+pub(super) const MAX_ID_LEN: usize = 256;
+/// Longest SPIFFE ID, in bytes: the SPIFFE spec's URI limit.
+pub(super) const MAX_SPIFFE_ID_LEN: usize = 2048;
+/// Longest hint, in bytes.
+pub(super) const MAX_HINT_LEN: usize = 1024;
+/// Most items in one list column (selectors, DNS names, trust domains).
+pub(super) const MAX_LIST_ITEMS: usize = 256;
+/// Longest list item, in bytes: a `unix:path:` selector carries a path of up
+/// to `PATH_MAX` (4096).
+pub(super) const MAX_LIST_ITEM_LEN: usize = 4096 + 64;
+/// Longest JSON text of one list column, in bytes. Checked before parsing, so
+/// a damaged row never makes the store allocate more than this for it.
+pub(super) const MAX_LIST_JSON_LEN: usize = 256 * 1024;
+/// Latest time and longest duration kept, in milliseconds: the end of year
+/// 9999. Far beyond any certificate, and far inside `i64` and `SystemTime`.
+pub(super) const MAX_MILLIS: i64 = 253_402_300_799_999;
+
+/// A registration entry as stored: plain data, validated by its caller.
+///
+/// `created_at` and `updated_at` keep whole milliseconds only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryRow {
+    /// Stable identifier, chosen by the caller.
+    pub id: String,
+    /// The SPIFFE ID the entry grants.
+    pub spiffe_id: String,
+    /// Selectors in their text form (`unix:uid:1000`), in the caller's order.
+    pub selectors: Vec<String>,
+    /// X.509-SVID lifetime, when not the default.
+    pub x509_svid_ttl: Option<Duration>,
+    /// JWT-SVID lifetime, when not the default.
+    pub jwt_svid_ttl: Option<Duration>,
+    /// DNS SANs for the X.509-SVID.
+    pub dns_names: Vec<String>,
+    /// Workload API hint.
+    pub hint: Option<String>,
+    /// Trust domains whose bundles the workload receives.
+    pub federates_with: Vec<String>,
+    /// When the entry was created; entries are listed in this order.
+    pub created_at: SystemTime,
+    /// When the entry last changed.
+    pub updated_at: SystemTime,
+    /// Bumped by the caller on every change; see [`super::Store::update_entry`].
+    pub revision: u64,
+}
+
+/// One issued X.509-SVID, kept for `tether svid list` and investigations.
+///
+/// Times keep whole milliseconds only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedX509 {
+    /// Certificate serial number, hex.
+    pub serial: String,
+    /// The entry it was issued for (stored or from the config file).
+    pub entry_id: String,
+    /// The SPIFFE ID in its URI SAN.
+    pub spiffe_id: String,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// When tether signed it.
+    pub issued_at: SystemTime,
+}
+
+/// What is wrong with one field, on its way in or out. Becomes
+/// `Unstorable` or `BadRow` once the row is known.
+#[derive(Debug)]
+pub(super) struct Problem {
+    pub(super) what: String,
+    pub(super) source: Option<serde_json::Error>,
+}
+
+/// An [`EntryRow`] as its columns.
+#[derive(Debug)]
+pub(super) struct EncodedEntry<'a> {
+    pub(super) id: &'a str,
+    pub(super) spiffe_id: &'a str,
+    pub(super) selectors: String,
+    /// The selectors sorted, deduplicated and JSON-encoded: two entries with
+    /// the same SPIFFE ID and this key are the same entry.
+    pub(super) selector_key: String,
+    pub(super) x509_svid_ttl_ms: Option<i64>,
+    pub(super) jwt_svid_ttl_ms: Option<i64>,
+    pub(super) dns_names: String,
+    pub(super) hint: Option<&'a str>,
+    pub(super) federates_with: String,
+    pub(super) created_at_ms: i64,
+    pub(super) updated_at_ms: i64,
+    pub(super) revision: i64,
+}
+
+/// An [`IssuedX509`] as its columns.
+#[derive(Debug)]
+pub(super) struct EncodedX509<'a> {
+    pub(super) serial: &'a str,
+    pub(super) entry_id: &'a str,
+    pub(super) spiffe_id: &'a str,
+    pub(super) not_before_ms: i64,
+    pub(super) not_after_ms: i64,
+    pub(super) issued_at_ms: i64,
+}
+
+// === impl Problem ===
+
+impl Problem {
+    fn new(column: &str, what: impl std::fmt::Display) -> Problem {
+        Problem {
+            what: format!("{column}: {what}"),
+            source: None,
+        }
+    }
+}
+
+// === impl EncodedEntry ===
+
+impl<'a> EncodedEntry<'a> {
+    pub(super) fn new(row: &'a EntryRow) -> Result<EncodedEntry<'a>, Problem> {
+        Ok(EncodedEntry {
+            id: bounded("id", &row.id, MAX_ID_LEN)?,
+            spiffe_id: bounded("spiffe_id", &row.spiffe_id, MAX_SPIFFE_ID_LEN)?,
+            selectors: encode_list("selectors", &row.selectors)?,
+            selector_key: selector_key(&row.selectors),
+            x509_svid_ttl_ms: row
+                .x509_svid_ttl
+                .map(|d| encode_duration("x509_svid_ttl", d))
+                .transpose()?,
+            jwt_svid_ttl_ms: row
+                .jwt_svid_ttl
+                .map(|d| encode_duration("jwt_svid_ttl", d))
+                .transpose()?,
+            dns_names: encode_list("dns_names", &row.dns_names)?,
+            hint: row
+                .hint
+                .as_deref()
+                .map(|h| bounded("hint", h, MAX_HINT_LEN))
+                .transpose()?,
+            federates_with: encode_list("federates_with", &row.federates_with)?,
+            created_at_ms: encode_time("created_at", row.created_at)?,
+            updated_at_ms: encode_time("updated_at", row.updated_at)?,
+            revision: i64::try_from(row.revision)
+                .map_err(|_| Problem::new("revision", "larger than i64::MAX"))?,
+        })
+    }
+}
+
+// === impl EncodedX509 ===
+
+impl<'a> EncodedX509<'a> {
+    pub(super) fn new(record: &'a IssuedX509) -> Result<EncodedX509<'a>, Problem> {
+        Ok(EncodedX509 {
+            serial: bounded("serial", &record.serial, MAX_ID_LEN)?,
+            entry_id: bounded("entry_id", &record.entry_id, MAX_ID_LEN)?,
+            spiffe_id: bounded("spiffe_id", &record.spiffe_id, MAX_SPIFFE_ID_LEN)?,
+            not_before_ms: encode_time("not_before", record.not_before)?,
+            not_after_ms: encode_time("not_after", record.not_after)?,
+            issued_at_ms: encode_time("issued_at", record.issued_at)?,
+        })
+    }
+}
+
+// === encoding ===
+
+fn bounded<'a>(column: &str, value: &'a str, max: usize) -> Result<&'a str, Problem> {
+    if value.len() > max {
+        return Err(Problem::new(
+            column,
+            format_args!("{} bytes, at most {max}", value.len()),
+        ));
+    }
+    Ok(value)
+}
+
+fn encode_list(column: &str, items: &[String]) -> Result<String, Problem> {
+    check_list(column, items)?;
+    // `Value`'s Display cannot fail, unlike `serde_json::to_string`.
+    let json = serde_json::Value::from(items.to_vec()).to_string();
+    if json.len() > MAX_LIST_JSON_LEN {
+        return Err(Problem::new(
+            column,
+            format_args!("{} bytes as JSON, at most {MAX_LIST_JSON_LEN}", json.len()),
+        ));
+    }
+    Ok(json)
+}
+
+/// The canonical form of a selector set: sorted, deduplicated, JSON. JSON
+/// rather than a separator-joined string because a selector may contain any
+/// separator (`unix:path:/a,b`); JSON escaping keeps distinct sets distinct.
+pub(super) fn selector_key(selectors: &[String]) -> String {
+    let mut set: Vec<&String> = selectors.iter().collect();
+    set.sort();
+    set.dedup();
+    serde_json::Value::from(set.into_iter().cloned().collect::<Vec<_>>()).to_string()
+}
+
+pub(super) fn encode_time(column: &str, time: SystemTime) -> Result<i64, Problem> {
+    let since_epoch = time
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| Problem::new(column, "before 1970"))?;
+    millis(column, since_epoch)
+}
+
+fn encode_duration(column: &str, duration: Duration) -> Result<i64, Problem> {
+    millis(column, duration)
+}
+
+fn millis(column: &str, duration: Duration) -> Result<i64, Problem> {
+    i64::try_from(duration.as_millis())
+        .ok()
+        .filter(|ms| *ms <= MAX_MILLIS)
+        .ok_or_else(|| Problem::new(column, "beyond the year 9999"))
+}
+
+// === decoding ===
+
+/// The entry columns [`decode_entry`] reads, in its order.
+pub(super) const ENTRY_COLUMNS_SQL: &str = "id, spiffe_id, selectors, x509_svid_ttl_ms, \
+     jwt_svid_ttl_ms, dns_names, hint, federates_with, created_at_ms, updated_at_ms, revision";
+pub(super) const ENTRY_COLUMNS: usize = 11;
+
+/// The issued_x509 columns [`decode_x509`] reads, in its order.
+pub(super) const X509_COLUMNS_SQL: &str =
+    "serial, entry_id, spiffe_id, not_before_ms, not_after_ms, issued_at_ms";
+pub(super) const X509_COLUMNS: usize = 6;
+
+pub(super) fn decode_entry(v: &[ValueRef<'_>; ENTRY_COLUMNS]) -> Result<EntryRow, Problem> {
+    Ok(EntryRow {
+        id: decode_text("id", v[0], MAX_ID_LEN)?.to_owned(),
+        spiffe_id: decode_text("spiffe_id", v[1], MAX_SPIFFE_ID_LEN)?.to_owned(),
+        selectors: decode_list("selectors", v[2])?,
+        x509_svid_ttl: decode_opt_duration("x509_svid_ttl_ms", v[3])?,
+        jwt_svid_ttl: decode_opt_duration("jwt_svid_ttl_ms", v[4])?,
+        dns_names: decode_list("dns_names", v[5])?,
+        hint: decode_opt_text("hint", v[6], MAX_HINT_LEN)?.map(str::to_owned),
+        federates_with: decode_list("federates_with", v[7])?,
+        created_at: decode_time("created_at_ms", v[8])?,
+        updated_at: decode_time("updated_at_ms", v[9])?,
+        revision: decode_revision(v[10])?,
+    })
+}
+
+pub(super) fn decode_x509(v: &[ValueRef<'_>; X509_COLUMNS]) -> Result<IssuedX509, Problem> {
+    Ok(IssuedX509 {
+        serial: decode_text("serial", v[0], MAX_ID_LEN)?.to_owned(),
+        entry_id: decode_text("entry_id", v[1], MAX_ID_LEN)?.to_owned(),
+        spiffe_id: decode_text("spiffe_id", v[2], MAX_SPIFFE_ID_LEN)?.to_owned(),
+        not_before: decode_time("not_before_ms", v[3])?,
+        not_after: decode_time("not_after_ms", v[4])?,
+        issued_at: decode_time("issued_at_ms", v[5])?,
+    })
+}
+
+/// A `TEXT` column within `max` bytes.
+pub(super) fn decode_text<'r>(
+    column: &str,
+    value: ValueRef<'r>,
+    max: usize,
+) -> Result<&'r str, Problem> {
+    match value {
+        ValueRef::Text(bytes) if bytes.len() > max => Err(Problem::new(
+            column,
+            format_args!("{} bytes, at most {max}", bytes.len()),
+        )),
+        ValueRef::Text(bytes) => {
+            std::str::from_utf8(bytes).map_err(|_| Problem::new(column, "not UTF-8"))
+        }
+        other => Err(unexpected(column, "text", other)),
+    }
+}
+
+pub(super) fn decode_opt_text<'r>(
+    column: &str,
+    value: ValueRef<'r>,
+    max: usize,
+) -> Result<Option<&'r str>, Problem> {
+    match value {
+        ValueRef::Null => Ok(None),
+        other => decode_text(column, other, max).map(Some),
+    }
+}
+
+pub(super) fn decode_list(column: &str, value: ValueRef<'_>) -> Result<Vec<String>, Problem> {
+    let json = decode_text(column, value, MAX_LIST_JSON_LEN)?;
+    let items: Vec<String> = serde_json::from_str(json).map_err(|source| Problem {
+        what: format!("{column}: not a JSON list of strings"),
+        source: Some(source),
+    })?;
+    check_list(column, &items)?;
+    Ok(items)
+}
+
+pub(super) fn decode_time(column: &str, value: ValueRef<'_>) -> Result<SystemTime, Problem> {
+    let ms = decode_millis(column, value)?;
+    UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .ok_or_else(|| Problem::new(column, "not representable as a time"))
+}
+
+pub(super) fn decode_opt_duration(
+    column: &str,
+    value: ValueRef<'_>,
+) -> Result<Option<Duration>, Problem> {
+    match value {
+        ValueRef::Null => Ok(None),
+        other => decode_millis(column, other).map(|ms| Some(Duration::from_millis(ms))),
+    }
+}
+
+pub(super) fn decode_revision(value: ValueRef<'_>) -> Result<u64, Problem> {
+    match value {
+        ValueRef::Integer(n) => {
+            u64::try_from(n).map_err(|_| Problem::new("revision", format_args!("{n} < 0")))
+        }
+        other => Err(unexpected("revision", "integer", other)),
+    }
+}
+
+fn decode_millis(column: &str, value: ValueRef<'_>) -> Result<u64, Problem> {
+    match value {
+        ValueRef::Integer(ms) if (0..=MAX_MILLIS).contains(&ms) => {
+            u64::try_from(ms).map_err(|_| Problem::new(column, "negative"))
+        }
+        ValueRef::Integer(ms) => Err(Problem::new(
+            column,
+            format_args!("{ms} ms is outside 0..={MAX_MILLIS}"),
+        )),
+        other => Err(unexpected(column, "integer", other)),
+    }
+}
+
+fn check_list(column: &str, items: &[String]) -> Result<(), Problem> {
+    if items.len() > MAX_LIST_ITEMS {
+        return Err(Problem::new(
+            column,
+            format_args!("{} items, at most {MAX_LIST_ITEMS}", items.len()),
+        ));
+    }
+    if let Some(long) = items.iter().find(|i| i.len() > MAX_LIST_ITEM_LEN) {
+        return Err(Problem::new(
+            column,
+            format_args!(
+                "an item of {} bytes, at most {MAX_LIST_ITEM_LEN}",
+                long.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn unexpected(column: &str, wanted: &str, found: ValueRef<'_>) -> Problem {
+    Problem::new(
+        column,
+        format_args!("expected {wanted}, found {}", found.data_type()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(n: usize, len: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{i:0len$}")).collect()
+    }
+
+    #[test]
+    fn selector_key_ignores_order_and_repeats_but_not_content() {
+        let key = |s: &[&str]| selector_key(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(key(&["b", "a", "a"]), key(&["a", "b"]));
+        assert_eq!(key(&["a", "b"]), r#"["a","b"]"#);
+        // A separator inside a selector does not merge two sets into one.
+        assert_ne!(key(&["a,b"]), key(&["a", "b"]));
+        assert_ne!(key(&["a\nb"]), key(&["a", "b"]));
+        assert_eq!(key(&[]), "[]");
+    }
+
+    #[test]
+    fn times_round_trip_in_whole_milliseconds() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let ms = encode_time("t", t).unwrap();
+        assert_eq!(ms, 1_700_000_000_123);
+        assert_eq!(decode_time("t", ValueRef::Integer(ms)).unwrap(), t);
+        // Sub-millisecond precision is dropped, not rounded up.
+        let fine = t + Duration::from_micros(999);
+        assert_eq!(encode_time("t", fine).unwrap(), ms);
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_both_ways() {
+        let before_epoch = UNIX_EPOCH - Duration::from_secs(1);
+        assert!(encode_time("t", before_epoch).is_err());
+        assert!(encode_duration("d", Duration::MAX).is_err());
+        assert!(encode_duration("d", Duration::from_millis(MAX_MILLIS as u64 + 1)).is_err());
+        assert!(encode_duration("d", Duration::from_millis(MAX_MILLIS as u64)).is_ok());
+
+        for bad in [
+            ValueRef::Integer(-1),
+            ValueRef::Integer(MAX_MILLIS + 1),
+            ValueRef::Integer(i64::MAX),
+            ValueRef::Integer(i64::MIN),
+            ValueRef::Real(1.0),
+            ValueRef::Text(b"1"),
+            ValueRef::Null,
+        ] {
+            assert!(decode_time("t", bad).is_err(), "{bad:?}");
+        }
+        assert!(decode_opt_duration("d", ValueRef::Null).unwrap().is_none());
+        assert!(decode_opt_duration("d", ValueRef::Integer(-5)).is_err());
+        assert!(decode_revision(ValueRef::Integer(-1)).is_err());
+        assert_eq!(decode_revision(ValueRef::Integer(7)).unwrap(), 7);
+    }
+
+    #[test]
+    fn lists_are_bounded_both_ways() {
+        assert!(encode_list("l", &list(MAX_LIST_ITEMS, 8)).is_ok());
+        assert!(encode_list("l", &list(MAX_LIST_ITEMS + 1, 8)).is_err());
+        assert!(encode_list("l", &list(1, MAX_LIST_ITEM_LEN + 1)).is_err());
+        // Within the item limits, but too long as a whole.
+        assert!(encode_list("l", &list(MAX_LIST_ITEMS, MAX_LIST_ITEM_LEN)).is_err());
+
+        let too_many = serde_json::Value::from(list(MAX_LIST_ITEMS + 1, 1)).to_string();
+        let err = decode_list("l", ValueRef::Text(too_many.as_bytes())).unwrap_err();
+        assert!(err.what.contains("items"), "{}", err.what);
+
+        let huge = format!("[\"{}\"]", "x".repeat(MAX_LIST_JSON_LEN));
+        assert!(decode_list("l", ValueRef::Text(huge.as_bytes())).is_err());
+
+        for bad in [
+            &b"{}"[..],
+            &b"[1]"[..],
+            &b"[\"a\""[..],
+            &b"\xff"[..],
+            &b"[[\"a\"]]"[..],
+        ] {
+            let err = decode_list("l", ValueRef::Text(bad)).unwrap_err();
+            assert!(err.what.starts_with("l: "), "{}", err.what);
+        }
+        let ok = decode_list("l", ValueRef::Text(br#"["a","b"]"#)).unwrap();
+        assert_eq!(ok, ["a", "b"]);
+    }
+
+    #[test]
+    fn text_is_bounded_and_utf8() {
+        assert_eq!(decode_text("c", ValueRef::Text(b"abc"), 3).unwrap(), "abc");
+        assert!(decode_text("c", ValueRef::Text(b"abcd"), 3).is_err());
+        assert!(decode_text("c", ValueRef::Text(b"\xc3"), 3).is_err());
+        assert!(decode_text("c", ValueRef::Blob(b"abc"), 3).is_err());
+        assert!(decode_opt_text("c", ValueRef::Null, 3).unwrap().is_none());
+        assert!(bounded("c", &"x".repeat(MAX_ID_LEN + 1), MAX_ID_LEN).is_err());
+    }
+}
