@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-const PROTOS: &[&str] = &["spiffe/workload/workload.proto"];
+const PROTOS: &[&str] = &[
+    "spiffe/workload/workload.proto",
+    "tether/admin/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new("proto");

@@ -8,15 +8,18 @@
 //!
 //! # Codemap, in layer order (a module uses only modules above it)
 //!
-//! - [`proto`], [`telemetry`], [`bundle`]: leaves. Generated gRPC code;
-//!   logging; trust bundles as values and their three encodings.
+//! - [`proto`], [`telemetry`], [`bundle`], [`store`]: leaves. Generated gRPC
+//!   code; logging; trust bundles as values and their three encodings; the
+//!   SQLite database in the data dir.
 //! - [`registration`]: entries (selectors -> SPIFFE ID) and subset
 //!   matching. [`attestation`]: from a connected process to its selectors.
 //!   [`authority`]: the CA and JWT keys, on disk and rotated; the only
 //!   module holding private signing keys. [`federation`]: foreign trust
 //!   bundles read from files.
 //! - [`svid`]: issuing, caching, rotating and validating SVIDs.
+//!   [`transport`]: the Unix sockets both APIs serve on.
 //! - [`workload_api`]: the SPIFFE Workload API over the Unix socket.
+//!   [`admin_api`]: the operators' API on a second, root-only socket.
 //! - [`config`]: the TOML file, composed from each domain's settings type.
 //! - [`daemon`]: the composition root; spawns every long-lived job.
 //! - [`cli`]: the `tether` command line.
@@ -46,6 +49,7 @@ pub mod registration;
 pub mod svid;
 pub mod transport;
 
+pub mod admin_api;
 pub mod workload_api;
 
 pub mod cli;

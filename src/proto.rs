@@ -16,3 +16,17 @@
 pub mod workload {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }
+
+/// tether's admin API (`proto/tether/admin/v1/admin.proto`), served on the
+/// admin socket only.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic,
+    reason = "generated code"
+)]
+pub mod admin {
+    include!(concat!(env!("OUT_DIR"), "/tether.admin.v1.rs"));
+}

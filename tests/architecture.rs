@@ -68,7 +68,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ),
         ("transport", &["attestation"][..]),
         // 3: edges (the Workload API never touches the authority directly)
-        ("workload_api", &EDGE[..]),
+        ("workload_api", EDGE),
         ("admin_api", EDGE),
         // 4: config composes every domain's settings type
         ("config", CONFIG),

@@ -38,8 +38,9 @@ impl Agent {
         // Other uids (the `nobody` test) must reach the socket inside.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let text = format!(
-            "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}\"\n{entries}",
+            "trust_domain = \"example.org\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\n{entries}",
             dir.path().join("agent.sock").display(),
+            dir.path().join("admin/admin.sock").display(),
             dir.path().join("data").display(),
         );
         let config = Config::from_toml(&text, &MapEnv::default()).unwrap();

@@ -24,8 +24,9 @@ fn tether() -> Command {
 
 fn write_config(dir: &Path, name: &str, data: &str) -> std::path::PathBuf {
     let text = format!(
-        "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}\"\n{}",
+        "trust_domain = \"example.org\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\n{}",
         dir.join("agent.sock").display(),
+        dir.join(format!("{data}-admin/admin.sock")).display(),
         dir.join(data).display(),
         entry_for_me("svc", "main")
     );
@@ -181,6 +182,7 @@ async fn the_embedded_default_gives_the_user_an_identity() {
         .env_remove("TETHER_CONFIG")
         .env("TETHER_SOCKET_PATH", &socket)
         .env("TETHER_DATA_DIR", dir.path().join("data"))
+        .env("TETHER_ADMIN_SOCKET", dir.path().join("admin/admin.sock"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -656,7 +656,10 @@ async fn entry_changes_reach_open_streams_and_losing_every_identity_ends_them() 
     )
     .unwrap();
     entries.extend(config.entries);
-    registry.replace(entries).unwrap();
+    registry
+        .replace_config(entries, Default::default())
+        .await
+        .unwrap();
     let update = tokio::time::timeout(PATIENCE, stream.next())
         .await
         .unwrap()
@@ -665,7 +668,10 @@ async fn entry_changes_reach_open_streams_and_losing_every_identity_ends_them() 
     assert_eq!(update.svids().len(), 2);
 
     // Every entry removed: PermissionDenied ends the stream.
-    registry.replace(Vec::new()).unwrap();
+    registry
+        .replace_config(Vec::new(), Default::default())
+        .await
+        .unwrap();
     let mut raw_end = None;
     let end = tokio::time::timeout(PATIENCE, async {
         while let Some(item) = stream.next().await {

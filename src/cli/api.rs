@@ -76,7 +76,7 @@ struct CommonArgs {
         global = true,
         value_name = "DURATION",
         default_value = "5s",
-        value_parser = parse_timeout
+        value_parser = super::channel::parse_timeout
     )]
     timeout: Duration,
 }
@@ -878,14 +878,6 @@ fn number_to_json(n: f64) -> serde_json::Value {
     serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, serde_json::Value::Number)
 }
 
-fn parse_timeout(value: &str) -> Result<Duration, String> {
-    let timeout = humantime::parse_duration(value).map_err(|e| e.to_string())?;
-    if timeout.is_zero() {
-        return Err("must be greater than zero".to_owned());
-    }
-    Ok(timeout)
-}
-
 fn stdout(source: io::Error) -> ApiError {
     ApiError::Stdout { source }
 }
@@ -1121,8 +1113,9 @@ mod tests {
 
     #[test]
     fn timeouts_must_be_positive_durations() {
-        assert_eq!(parse_timeout("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_timeout("0s").is_err());
-        assert!(parse_timeout("soon").is_err());
+        let parse = super::super::channel::parse_timeout;
+        assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse("0s").is_err());
+        assert!(parse("soon").is_err());
     }
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::attestation::AttestorConfig;
 use crate::authority::AuthorityConfig;
 use crate::federation::FederationConfig;
-use crate::registration::EntryConfig;
+use crate::registration::EntrySpec;
 use crate::telemetry::LogConfig;
 use crate::workload_api::WorkloadApiLimits;
 
@@ -18,6 +18,10 @@ use crate::workload_api::WorkloadApiLimits;
 pub struct RawConfig {
     pub trust_domain: Option<String>,
     pub socket_path: Option<PathBuf>,
+    pub admin_socket_path: Option<PathBuf>,
+    #[serde(default)]
+    pub admin_uids: Vec<u32>,
+    pub admin_group: Option<String>,
     pub data_dir: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     pub x509_svid_ttl: Option<Duration>,
@@ -34,7 +38,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub limits: WorkloadApiLimits,
     #[serde(default)]
-    pub entries: Vec<EntryConfig>,
+    pub entries: Vec<EntrySpec>,
     #[serde(default)]
     pub federation: Vec<FederationConfig>,
 }

@@ -2,7 +2,7 @@
 //! a [`Config`] that cannot be invalid.
 //!
 //! Each domain owns its settings type (`AuthorityConfig`, `AttestorConfig`,
-//! `EntryConfig`, ...); this module composes them, applies the environment
+//! `EntrySpec`, ...); this module composes them, applies the environment
 //! overrides from an injected [`EnvSource`], and checks what only the whole
 //! can check (an entry's trust domain, its federations, TTLs against key
 //! lifetimes). Nothing else imports this module: `daemon` hands each domain
@@ -22,10 +22,11 @@ use std::time::Duration;
 
 use spiffe::TrustDomain;
 
+use crate::admin_api::AdminApiConfig;
 use crate::attestation::AttestorConfig;
 use crate::authority::AuthorityConfig;
 use crate::federation::FederationSource;
-use crate::registration::{EntryConfig, RegistrationEntry, Registry};
+use crate::registration::{self, EntrySpec, RegistrationEntry};
 use crate::svid::SvidConfig;
 use crate::telemetry::{LogConfig, LogFormat};
 use crate::workload_api::WorkloadApiConfig;
@@ -58,6 +59,8 @@ pub struct Config {
     pub socket_path: PathBuf,
     /// Keys and state.
     pub data_dir: PathBuf,
+    /// The admin socket and who may use it.
+    pub admin: AdminApiConfig,
     /// SVID lifetimes.
     pub svid: SvidConfig,
     /// Signing keys.
@@ -90,11 +93,11 @@ impl Config {
             None => {
                 let uid = env.euid();
                 let raw = RawConfig {
-                    entries: vec![EntryConfig {
+                    entries: vec![EntrySpec {
                         spiffe_id: format!("spiffe://{DEFAULT_TRUST_DOMAIN}/uid/{uid}"),
                         selectors: vec![format!("unix:uid:{uid}")],
                         hint: Some("default".into()),
-                        ..EntryConfig::default()
+                        ..EntrySpec::default()
                     }],
                     ..RawConfig::default()
                 };
@@ -250,14 +253,37 @@ impl Config {
             entries.push(entry);
         }
         // Duplicates are a property of the whole list.
-        Registry::new(entries.clone())
+        registration::check_config_duplicates(&entries)
             .map_err(|e| ConfigError::invalid("entries", "", e.to_string()))?;
+
+        let admin_socket_path = env
+            .var("TETHER_ADMIN_SOCKET")
+            .map(PathBuf::from)
+            .or(raw.admin_socket_path)
+            .unwrap_or_else(|| default_admin_socket_path(env));
+        check_absolute("admin_socket_path", &admin_socket_path)?;
+        // The workload socket's directory is shared with workloads (a
+        // Kubernetes hostPath, say): the admin socket must not be in it.
+        if admin_socket_path.parent() == socket_path.parent() {
+            return Err(ConfigError::invalid(
+                "admin_socket_path",
+                admin_socket_path.display().to_string(),
+                "must be in another directory than socket_path: workloads must never reach the admin socket",
+            ));
+        }
+        let admin_gid = raw.admin_group.as_deref().map(resolve_group).transpose()?;
+        let admin = AdminApiConfig {
+            socket_path: admin_socket_path,
+            uids: raw.admin_uids,
+            gid: admin_gid,
+        };
 
         Ok(Self {
             source,
             trust_domain,
             socket_path,
             data_dir,
+            admin,
             svid,
             authority,
             attestor: raw.attestor,
@@ -280,6 +306,39 @@ pub fn default_socket_path(env: &dyn EnvSource) -> PathBuf {
     match env.var("XDG_RUNTIME_DIR") {
         Some(dir) if Path::new(&dir).is_absolute() => Path::new(&dir).join("tether/agent.sock"),
         _ => PathBuf::from(format!("/tmp/tether-{uid}/agent.sock")),
+    }
+}
+
+/// The admin socket when none is configured: `/run/tether-admin/admin.sock`
+/// for root; for other users `$XDG_RUNTIME_DIR/tether-admin/admin.sock`, or
+/// `/tmp/tether-<uid>-admin/admin.sock`. Never in the workload socket's
+/// directory, which may be shared with workloads.
+pub fn default_admin_socket_path(env: &dyn EnvSource) -> PathBuf {
+    let uid = env.euid();
+    if uid == 0 {
+        return PathBuf::from("/run/tether-admin/admin.sock");
+    }
+    match env.var("XDG_RUNTIME_DIR") {
+        Some(dir) if Path::new(&dir).is_absolute() => {
+            Path::new(&dir).join("tether-admin/admin.sock")
+        }
+        _ => PathBuf::from(format!("/tmp/tether-{uid}-admin/admin.sock")),
+    }
+}
+
+/// `admin_group`: a group name, or a numeric gid.
+fn resolve_group(value: &str) -> Result<u32, ConfigError> {
+    if let Ok(gid) = value.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(value) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(ConfigError::invalid("admin_group", value, "no such group")),
+        Err(errno) => Err(ConfigError::invalid(
+            "admin_group",
+            value,
+            format!("group lookup failed: {errno}"),
+        )),
     }
 }
 
@@ -385,6 +444,10 @@ mod tests {
         assert_eq!(c.source, ConfigSource::Embedded);
         assert_eq!(c.trust_domain.as_str(), "tether.local");
         assert_eq!(c.socket_path, PathBuf::from("/tmp/tether-1000/agent.sock"));
+        assert_eq!(
+            c.admin.socket_path,
+            PathBuf::from("/tmp/tether-1000-admin/admin.sock")
+        );
         assert_eq!(c.data_dir, PathBuf::from("/home/u/.local/share/tether"));
         assert_eq!(c.entries.len(), 1);
         assert_eq!(
@@ -491,6 +554,11 @@ bundle_path = "/etc/tether/example-federated.org.json"
                 "own trust domain",
             ),
             ("[limits]\nmax_audiences = 0", "limits.max_audiences"),
+            ("admin_group = \"no-such-group-here\"", "admin_group"),
+            (
+                "socket_path = \"/tmp/x.sock\"\nadmin_socket_path = \"/tmp/y.sock\"",
+                "another directory",
+            ),
         ];
         for (text, want) in cases {
             let err = Config::from_toml(text, &env()).unwrap_err();

@@ -6,6 +6,7 @@
 //! socket path tests and the CLI use, and stops everything cleanly: streams
 //! end with Unavailable, the socket is unlinked, the data dir unlocked.
 
+mod reload;
 pub mod shutdown;
 
 use std::fs::{File, OpenOptions};
@@ -19,11 +20,15 @@ use anyhow::{Context as _, bail};
 use nix::fcntl::{Flock, FlockArg};
 use spiffe::TrustDomain;
 
+use tokio::sync::mpsc;
+
+use crate::admin_api::{self, AdminApi, AdminAuthz};
 use crate::attestation::Attestor;
 use crate::authority::Authority;
 use crate::config::{Config, ConfigSource};
 use crate::federation::Federation;
 use crate::registration::Registry;
+use crate::store::Store;
 use crate::svid::SvidIssuer;
 use crate::transport::BoundSocket;
 use crate::workload_api::{self, WorkloadApi};
@@ -36,6 +41,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Running {
     socket_path: PathBuf,
+    admin_socket_path: PathBuf,
     trust_domain: TrustDomain,
     shutdown: Shutdown,
     failed: Arc<AtomicBool>,
@@ -60,16 +66,34 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .await
             .context("loading the authority")??
     };
+    let store = {
+        let dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || Store::open(&dir))
+            .await
+            .context("opening the store")??
+    };
     let federation =
         Federation::load(config.federation.clone()).context("loading federated bundles")?;
-    let registry = Registry::new(config.entries.clone()).context("loading registration entries")?;
-    let svids = SvidIssuer::new(authority.clone(), config.svid);
+    let registry = Registry::open(
+        config.entries.clone(),
+        store.clone(),
+        config.trust_domain.clone(),
+        federation.trust_domains(),
+    )
+    .context("loading registration entries")?;
+    let svids = SvidIssuer::new(authority.clone(), config.svid, store);
     let attestor = Attestor::new(&config.attestor);
 
     let mut socket = BoundSocket::bind(&config.socket_path, 0o777).with_context(|| {
         format!(
             "binding the workload socket {}",
             config.socket_path.display()
+        )
+    })?;
+    let mut admin_socket = admin_api::bind(&config.admin).with_context(|| {
+        format!(
+            "binding the admin socket {}",
+            config.admin.socket_path.display()
         )
     })?;
 
@@ -81,18 +105,28 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .clone()
             .run_rotation(registry.clone(), shutdown.token()),
     );
+    shutdown.spawn(svids.clone().run_recorder(shutdown.token()));
     shutdown.spawn(federation.clone().run(shutdown.token()));
 
     let api = WorkloadApi::new(
         attestor,
         registry.clone(),
-        svids,
-        federation,
+        svids.clone(),
+        federation.clone(),
         config.workload_api.clone(),
         shutdown.tracker(),
         shutdown.token(),
     );
     let open_streams = api.open_streams();
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    let admin = AdminApi::new(
+        registry.clone(),
+        svids,
+        authority,
+        Arc::clone(&open_streams),
+        reload_tx,
+    );
+
     {
         let limits = config.workload_api.limits.clone();
         let token = shutdown.token();
@@ -108,6 +142,28 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             drop(socket);
         });
     }
+    {
+        let authz = AdminAuthz::new(&config.admin.uids);
+        let token = shutdown.token();
+        let failed = Arc::clone(&failed);
+        shutdown.spawn(async move {
+            let stop = token.clone().cancelled_owned();
+            if let Err(error) = admin_api::serve(admin, authz, &mut admin_socket, stop).await {
+                tracing::error!(%error, "admin API server failed; stopping the agent");
+                failed.store(true, Ordering::SeqCst);
+                token.cancel();
+            }
+            drop(admin_socket);
+        });
+    }
+    shutdown.spawn(
+        reload::Reloader {
+            running: config.clone(),
+            registry: registry.clone(),
+            federation,
+        }
+        .run(reload_rx, shutdown.token()),
+    );
 
     match &config.source {
         ConfigSource::Embedded => {
@@ -120,6 +176,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracing::info!(
         trust_domain = %config.trust_domain,
         socket = %config.socket_path.display(),
+        admin_socket = %config.admin.socket_path.display(),
         data_dir = %config.data_dir.display(),
         entries = registry.snapshot().len(),
         "tether agent started"
@@ -131,6 +188,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     Ok(Running {
         socket_path: config.socket_path,
+        admin_socket_path: config.admin.socket_path,
         trust_domain: config.trust_domain,
         shutdown,
         failed,
@@ -146,6 +204,11 @@ impl Running {
     /// The Workload API socket.
     pub fn socket_path(&self) -> &Path {
         &self.socket_path
+    }
+
+    /// The admin API socket.
+    pub fn admin_socket_path(&self) -> &Path {
+        &self.admin_socket_path
     }
 
     /// The agent's trust domain.

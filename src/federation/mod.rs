@@ -79,7 +79,7 @@ pub enum FederationError {
 /// Federated bundles and the sources they are read from.
 #[derive(Debug, Clone)]
 pub struct Federation {
-    sources: Arc<Vec<FederationSource>>,
+    sources: Arc<watch::Sender<Arc<Vec<FederationSource>>>>,
     bundles: Arc<watch::Sender<Arc<FederatedBundles>>>,
 }
 
@@ -99,18 +99,29 @@ impl Federation {
     /// error: an agent that cannot trust what it was told to trust should
     /// not start.
     pub fn load(sources: Vec<FederationSource>) -> Result<Self, FederationError> {
-        let mut bundles = FederatedBundles::new();
-        for source in &sources {
-            let bytes = read(source)?;
-            bundles.insert(
-                source.trust_domain.clone(),
-                Arc::new(parse(source, &bytes)?),
-            );
-        }
+        let bundles = load_all(&sources)?;
         Ok(Self {
-            sources: Arc::new(sources),
+            sources: Arc::new(watch::channel(Arc::new(sources)).0),
             bundles: Arc::new(watch::channel(Arc::new(bundles)).0),
         })
+    }
+
+    /// Replaces the sources (a config reload). Every new file must read and
+    /// parse, or nothing changes.
+    pub fn replace(&self, sources: Vec<FederationSource>) -> Result<(), FederationError> {
+        let bundles = load_all(&sources)?;
+        self.bundles.send_replace(Arc::new(bundles));
+        self.sources.send_replace(Arc::new(sources));
+        Ok(())
+    }
+
+    /// The trust domains configured now.
+    pub fn trust_domains(&self) -> std::collections::BTreeSet<TrustDomain> {
+        self.sources
+            .borrow()
+            .iter()
+            .map(|s| s.trust_domain.clone())
+            .collect()
     }
 
     /// The federated bundles as they are now.
@@ -123,34 +134,39 @@ impl Federation {
         self.bundles.subscribe()
     }
 
-    /// Polls the bundle files until `cancel`.
+    /// Polls the bundle files until `cancel`, following source changes.
     pub async fn run(self, cancel: CancellationToken) {
-        if self.sources.is_empty() {
-            return;
-        }
-        let mut watched: Vec<Watched> = self
-            .sources
-            .iter()
-            .map(|source| Watched {
-                source: source.clone(),
-                last: read(source).unwrap_or_default(),
-            })
-            .collect();
-        let tick = self
-            .sources
-            .iter()
-            .map(|s| s.refresh_interval)
-            .min()
-            .unwrap_or_else(default_refresh_interval);
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sources = self.sources.subscribe();
         loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                _ = interval.tick() => {}
-            }
-            for w in &mut watched {
-                self.refresh(w).await;
+            let current = sources.borrow_and_update().clone();
+            let mut watched: Vec<Watched> = current
+                .iter()
+                .map(|source| Watched {
+                    source: source.clone(),
+                    last: read(source).unwrap_or_default(),
+                })
+                .collect();
+            let tick = current
+                .iter()
+                .map(|s| s.refresh_interval)
+                .min()
+                .unwrap_or_else(default_refresh_interval);
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    changed = sources.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    _ = interval.tick() => {}
+                }
+                for w in &mut watched {
+                    self.refresh(w).await;
+                }
             }
         }
     }
@@ -179,6 +195,10 @@ impl Federation {
                     "federated bundle updated"
                 );
                 let td = watched.source.trust_domain.clone();
+                // A reload may have dropped this domain meanwhile.
+                if !self.sources.borrow().iter().any(|s| s.trust_domain == td) {
+                    return;
+                }
                 self.bundles.send_modify(|all| {
                     let mut next = FederatedBundles::clone(all);
                     next.insert(td, Arc::new(bundle));
@@ -190,6 +210,18 @@ impl Federation {
             }
         }
     }
+}
+
+fn load_all(sources: &[FederationSource]) -> Result<FederatedBundles, FederationError> {
+    let mut bundles = FederatedBundles::new();
+    for source in sources {
+        let bytes = read(source)?;
+        bundles.insert(
+            source.trust_domain.clone(),
+            Arc::new(parse(source, &bytes)?),
+        );
+    }
+    Ok(bundles)
 }
 
 fn read(source: &FederationSource) -> Result<Vec<u8>, FederationError> {

@@ -3,13 +3,17 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::digest;
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use spiffe::{SpiffeId, TrustDomain};
 
 use super::selector::{Selector, SelectorError, SelectorSet};
+use super::template::IdTemplate;
 
 /// Longest hint accepted (the Workload API spec asks for at most 1024 bytes).
 pub const MAX_HINT_LEN: usize = 1024;
@@ -25,11 +29,16 @@ pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EntryId(String);
 
+/// Longest entry id accepted from an operator.
+pub const MAX_ENTRY_ID_LEN: usize = 64;
+
 /// Where an entry came from, which decides who may change it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntrySource {
     /// The `[[entries]]` of the config file: the file is the source of truth.
     Config,
+    /// Created through the admin API; persisted in the store.
+    Api,
 }
 
 /// A validated registration entry.
@@ -37,8 +46,9 @@ pub enum EntrySource {
 pub struct RegistrationEntry {
     /// Stable identifier.
     pub id: EntryId,
-    /// The identity granted.
-    pub spiffe_id: SpiffeId,
+    /// The identity granted (a template filled from the caller's selectors,
+    /// or a fixed ID).
+    pub spiffe_id: IdTemplate,
     /// All of these must be among the caller's selectors.
     pub selectors: SelectorSet,
     /// X.509-SVID lifetime for this entry; the agent default when `None`.
@@ -53,13 +63,21 @@ pub struct RegistrationEntry {
     pub federates_with: BTreeSet<TrustDomain>,
     /// Who owns the entry.
     pub source: EntrySource,
+    /// Bumped on every update (1 when created).
+    pub revision: u64,
+    /// When it was created.
+    pub created_at: SystemTime,
+    /// When it last changed.
+    pub updated_at: SystemTime,
 }
 
-/// An entry as written in the config file (`[[entries]]`).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// What an operator writes: an entry in the config file (`[[entries]]`) or
+/// in an admin API request, before validation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EntryConfig {
-    /// `spiffe://<trust domain>/<path>`, in the agent's trust domain.
+pub struct EntrySpec {
+    /// `spiffe://<trust domain>/<path>`, in the agent's trust domain; the
+    /// path may hold `{type:key}` placeholders (see `template`).
     pub spiffe_id: String,
     /// `type:key:value` selectors, all of which the caller must have.
     #[serde(default)]
@@ -164,6 +182,17 @@ pub enum EntryError {
     /// `federates_with` names the agent's own trust domain.
     #[error("federates_with: {0:?} is the agent's own trust domain")]
     FederatesWithSelf(String),
+    /// A malformed SPIFFE ID template.
+    #[error("spiffe_id {value:?}: {problem}")]
+    BadTemplate {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// An entry id that tether could not have issued.
+    #[error("id {0:?} is not an entry id")]
+    BadId(String),
 }
 
 // === impl EntryId ===
@@ -171,9 +200,9 @@ pub enum EntryError {
 impl EntryId {
     /// The id of a config-file entry: a digest of what identifies it, so the
     /// same entry keeps the same id across restarts.
-    fn for_config(spiffe_id: &SpiffeId, selectors: &SelectorSet) -> Self {
+    fn for_config(spiffe_id: &IdTemplate, selectors: &SelectorSet) -> Self {
         let mut ctx = digest::Context::new(&digest::SHA256);
-        ctx.update(spiffe_id.to_string().as_bytes());
+        ctx.update(spiffe_id.as_str().as_bytes());
         for selector in selectors {
             ctx.update(b"\n");
             ctx.update(selector.to_string().as_bytes());
@@ -184,6 +213,31 @@ impl EntryId {
             .map(|b| format!("{b:02x}"))
             .collect();
         Self(format!("cfg-{hex}"))
+    }
+
+    /// A fresh id for an entry created through the admin API: 96 random
+    /// bits, so ids are never reused.
+    pub fn random() -> Result<Self, EntryError> {
+        let mut bytes = [0u8; 12];
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| EntryError::BadId("<random number generator failed>".into()))?;
+        Ok(Self(format!("ent-{}", URL_SAFE_NO_PAD.encode(bytes))))
+    }
+
+    /// An id given by an operator or read from the store: only the shapes
+    /// tether issues are accepted.
+    pub fn parse(value: &str) -> Result<Self, EntryError> {
+        let ok = (value.starts_with("ent-") || value.starts_with("cfg-"))
+            && value.len() <= MAX_ENTRY_ID_LEN
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(Self(value.to_owned()))
+        } else {
+            Err(EntryError::BadId(value.chars().take(80).collect()))
+        }
     }
 
     /// The id as text.
@@ -202,13 +256,53 @@ impl fmt::Display for EntryId {
 
 impl RegistrationEntry {
     /// Validates a config-file entry against the agent's trust domain and the
-    /// federations it knows.
+    /// federations it knows. Its id is derived from its SPIFFE ID and
+    /// selectors, so it is stable across restarts.
     pub fn from_config(
-        config: &EntryConfig,
+        spec: &EntrySpec,
         trust_domain: &TrustDomain,
         federations: &BTreeSet<TrustDomain>,
     ) -> Result<Self, EntryError> {
-        let spiffe_id = parse_workload_id(&config.spiffe_id, trust_domain)?;
+        let now = SystemTime::now();
+        Self::build(spec, trust_domain, federations, |template, selectors| {
+            Meta {
+                id: EntryId::for_config(template, selectors),
+                source: EntrySource::Config,
+                revision: 1,
+                created_at: now,
+                updated_at: now,
+            }
+        })
+    }
+
+    /// Validates an entry for the admin API (or one read back from the
+    /// store) with the given identity and bookkeeping.
+    pub fn from_api(
+        spec: &EntrySpec,
+        trust_domain: &TrustDomain,
+        federations: &BTreeSet<TrustDomain>,
+        id: EntryId,
+        revision: u64,
+        created_at: SystemTime,
+        updated_at: SystemTime,
+    ) -> Result<Self, EntryError> {
+        Self::build(spec, trust_domain, federations, |_, _| Meta {
+            id,
+            source: EntrySource::Api,
+            revision,
+            created_at,
+            updated_at,
+        })
+    }
+
+    fn build(
+        config: &EntrySpec,
+        trust_domain: &TrustDomain,
+        federations: &BTreeSet<TrustDomain>,
+        meta: impl FnOnce(&IdTemplate, &SelectorSet) -> Meta,
+    ) -> Result<Self, EntryError> {
+        check_len("spiffe_id", config.spiffe_id.len(), MAX_SPIFFE_ID_LEN)?;
+        let spiffe_id = IdTemplate::parse(&config.spiffe_id, trust_domain)?;
 
         if config.selectors.is_empty() {
             return Err(EntryError::NoSelectors);
@@ -241,6 +335,7 @@ impl RegistrationEntry {
             check_len("hint", hint.len(), MAX_HINT_LEN)?;
         }
 
+        check_count("federates_with", config.federates_with.len(), MAX_DNS_NAMES)?;
         let mut federates_with = BTreeSet::new();
         for value in &config.federates_with {
             let domain =
@@ -257,8 +352,9 @@ impl RegistrationEntry {
             federates_with.insert(domain);
         }
 
+        let meta = meta(&spiffe_id, &selectors);
         Ok(Self {
-            id: EntryId::for_config(&spiffe_id, &selectors),
+            id: meta.id,
             spiffe_id,
             selectors,
             x509_svid_ttl: config.x509_svid_ttl,
@@ -266,14 +362,49 @@ impl RegistrationEntry {
             dns_names: config.dns_names.clone(),
             hint: config.hint.clone(),
             federates_with,
-            source: EntrySource::Config,
+            source: meta.source,
+            revision: meta.revision,
+            created_at: meta.created_at,
+            updated_at: meta.updated_at,
         })
+    }
+
+    /// The entry as an operator wrote it.
+    pub fn to_spec(&self) -> EntrySpec {
+        EntrySpec {
+            spiffe_id: self.spiffe_id.to_string(),
+            selectors: self.selectors.iter().map(ToString::to_string).collect(),
+            hint: self.hint.clone(),
+            dns_names: self.dns_names.clone(),
+            x509_svid_ttl: self.x509_svid_ttl,
+            jwt_svid_ttl: self.jwt_svid_ttl,
+            federates_with: self
+                .federates_with
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        }
+    }
+
+    /// True when both grant the same ID (template) on the same selectors:
+    /// a duplicate.
+    pub fn same_rule(&self, other: &Self) -> bool {
+        self.spiffe_id.as_str() == other.spiffe_id.as_str() && self.selectors == other.selectors
     }
 
     /// True when every selector this entry requires is among `caller`'s.
     pub fn matches(&self, caller: &SelectorSet) -> bool {
         self.selectors.is_subset(caller)
     }
+}
+
+/// Bookkeeping that depends on where an entry came from.
+struct Meta {
+    id: EntryId,
+    source: EntrySource,
+    revision: u64,
+    created_at: SystemTime,
+    updated_at: SystemTime,
 }
 
 /// Parses a workload SPIFFE ID: canonical, in `trust_domain`, with a path.
@@ -344,11 +475,11 @@ mod tests {
         [TrustDomain::new("other.org").unwrap()].into()
     }
 
-    fn config(spiffe_id: &str, selectors: &[&str]) -> EntryConfig {
-        EntryConfig {
+    fn config(spiffe_id: &str, selectors: &[&str]) -> EntrySpec {
+        EntrySpec {
             spiffe_id: spiffe_id.into(),
             selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
-            ..EntryConfig::default()
+            ..EntrySpec::default()
         }
     }
 
@@ -373,7 +504,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_entries() {
-        let cases: Vec<(EntryConfig, &str)> = vec![
+        let cases: Vec<(EntrySpec, &str)> = vec![
             (
                 config("not-an-id", &["unix:uid:1"]),
                 "not a valid SPIFFE ID",
@@ -400,35 +531,35 @@ mod tests {
                 "not a valid SPIFFE ID",
             ),
             (
-                EntryConfig {
+                EntrySpec {
                     x509_svid_ttl: Some(Duration::ZERO),
                     ..config("spiffe://example.org/x", &["unix:uid:1"])
                 },
                 "x509_svid_ttl must be greater than zero",
             ),
             (
-                EntryConfig {
+                EntrySpec {
                     dns_names: vec!["bad name".into()],
                     ..config("spiffe://example.org/x", &["unix:uid:1"])
                 },
                 "not a valid DNS name",
             ),
             (
-                EntryConfig {
+                EntrySpec {
                     federates_with: vec!["unknown.org".into()],
                     ..config("spiffe://example.org/x", &["unix:uid:1"])
                 },
                 "no [[federation]]",
             ),
             (
-                EntryConfig {
+                EntrySpec {
                     federates_with: vec!["example.org".into()],
                     ..config("spiffe://example.org/x", &["unix:uid:1"])
                 },
                 "own trust domain",
             ),
             (
-                EntryConfig {
+                EntrySpec {
                     hint: Some("h".repeat(MAX_HINT_LEN + 1)),
                     ..config("spiffe://example.org/x", &["unix:uid:1"])
                 },

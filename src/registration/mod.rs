@@ -1,33 +1,80 @@
 //! Registration: who gets which SPIFFE ID.
 //!
-//! Owns [`RegistrationEntry`] (selectors -> SPIFFE ID), the [`Registry`] that
-//! holds the current [`EntrySet`], and the subset matching that decides which
-//! entries a caller's selectors satisfy.
+//! Owns [`RegistrationEntry`] (selectors -> SPIFFE ID or ID template), the
+//! [`Registry`] that holds the current [`EntrySet`], and the subset matching
+//! that decides which entries a caller's selectors satisfy.
+//!
+//! Entries come from two places: the config file (source `Config`, replaced
+//! as a whole on reload, never changed through the API) and the admin API
+//! (source `Api`, persisted in the store before they take effect, so an
+//! acknowledged entry survives any crash).
 //!
 //! Invariant: this module never reads the operating system. The selectors it
 //! matches come from `attestation`; it only compares them.
 //!
 //! Readers take a snapshot (an `Arc<EntrySet>`) and never hold a lock while
-//! they work; writers replace the whole set and bump its revision, which
-//! wakes every subscriber (open Workload API streams re-evaluate on it).
+//! they work; writers are serialised, persist first, then replace the whole
+//! set and bump its revision, which wakes every subscriber (open Workload
+//! API streams re-evaluate on it).
 
 pub mod entry;
+mod persist;
 pub mod selector;
+pub mod template;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
+use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
-pub use entry::{EntryConfig, EntryError, EntryId, EntrySource, RegistrationEntry};
+use crate::store::{Store, StoreError};
+pub use entry::{EntryError, EntryId, EntrySource, EntrySpec, RegistrationEntry};
 pub use selector::{Selector, SelectorSet, SelectorType};
+pub use template::IdTemplate;
 
-/// Why a set of entries was refused as a whole.
+/// Why a registration change was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationError {
-    /// The same SPIFFE ID with the same selectors appears twice.
-    #[error("entries {first} and {second} are duplicates ({spiffe_id} with the same selectors)")]
+    /// The entry itself is invalid.
+    #[error(transparent)]
+    Invalid(#[from] EntryError),
+    /// Another entry already grants this ID on these selectors.
+    #[error("an entry with this SPIFFE ID and these selectors already exists: {existing}")]
     Duplicate {
+        /// The id of the existing entry.
+        existing: EntryId,
+    },
+    /// No entry with this id.
+    #[error("no entry with id {0}")]
+    NotFound(EntryId),
+    /// The entry comes from the config file.
+    #[error("entry {0} comes from the config file; change it there and reload")]
+    FromConfig(EntryId),
+    /// The entry changed since the caller read it.
+    #[error("entry {id} is at revision {found}, not {expected}; read it again")]
+    Conflict {
+        /// The entry.
+        id: EntryId,
+        /// The revision the caller expected.
+        expected: u64,
+        /// The revision it is at.
+        found: u64,
+    },
+    /// A stored entry no longer validates (damaged store, or a trust domain
+    /// or federation change): refuse to start rather than drop it.
+    #[error("stored entry {id} is not valid: {source}")]
+    Stored {
+        /// The stored entry's id.
+        id: String,
+        /// Why it does not validate.
+        #[source]
+        source: EntryError,
+    },
+    /// Two config-file entries are duplicates.
+    #[error("entries {first} and {second} are duplicates ({spiffe_id} with the same selectors)")]
+    DuplicateInConfig {
         /// Position (1-based) of the first occurrence.
         first: usize,
         /// Position (1-based) of the repeat.
@@ -35,10 +82,27 @@ pub enum RegistrationError {
         /// The SPIFFE ID both grant.
         spiffe_id: String,
     },
+    /// The store refused.
+    #[error("entry store: {0}")]
+    Store(#[from] StoreError),
+    /// The blocking store job did not complete.
+    #[error("entry store job failed: {0}")]
+    Job(#[from] tokio::task::JoinError),
 }
 
-/// An immutable set of entries in their registration order. The first entry
-/// a caller matches is its default identity.
+/// One identity a caller gets: the entry and the SPIFFE ID it resolves to
+/// for this caller.
+#[derive(Debug, Clone)]
+pub struct Match {
+    /// The entry.
+    pub entry: Arc<RegistrationEntry>,
+    /// Its ID for this caller (a template filled in, or the fixed ID).
+    pub spiffe_id: SpiffeId,
+}
+
+/// An immutable set of entries: config-file entries in file order, then
+/// API entries by creation. The first entry a caller matches is its
+/// default identity.
 #[derive(Debug, Default)]
 pub struct EntrySet {
     entries: Vec<Arc<RegistrationEntry>>,
@@ -48,13 +112,23 @@ pub struct EntrySet {
 /// The current registration entries, shared by every reader.
 #[derive(Debug, Clone)]
 pub struct Registry {
-    current: Arc<watch::Sender<Arc<EntrySet>>>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    current: watch::Sender<Arc<EntrySet>>,
+    store: Store,
+    trust_domain: TrustDomain,
+    federations: Mutex<BTreeSet<TrustDomain>>,
+    /// Serialises writers: persist, then publish, in one order.
+    writes: tokio::sync::Mutex<()>,
 }
 
 // === impl EntrySet ===
 
 impl EntrySet {
-    /// Every entry, in registration order.
+    /// Every entry, in order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<RegistrationEntry>> {
         self.entries.iter()
     }
@@ -79,78 +153,272 @@ impl EntrySet {
         self.entries.iter().find(|e| &e.id == id)
     }
 
-    /// The entries whose selectors are all among `selectors`, in
-    /// registration order (the first is the caller's default identity).
+    /// The identities a caller with `selectors` gets, in order (the first is
+    /// its default identity): entries whose selectors are all among the
+    /// caller's and whose ID resolves for it.
     ///
     /// Hints must be unique within one Workload API response: when two
     /// matching entries share a hint the first one wins and the other is
-    /// left out (and logged), as SPIRE does.
-    pub fn matching(&self, selectors: &SelectorSet) -> Vec<Arc<RegistrationEntry>> {
+    /// left out, as SPIRE does. So does a second entry resolving to an ID
+    /// already granted.
+    pub fn matching(&self, selectors: &SelectorSet) -> Vec<Match> {
         let mut hints = HashSet::new();
+        let mut ids = HashSet::new();
         let mut out = Vec::new();
         for entry in self.entries.iter().filter(|e| e.matches(selectors)) {
+            let Some(spiffe_id) = entry.spiffe_id.resolve(selectors) else {
+                continue;
+            };
             if let Some(hint) = &entry.hint
                 && !hints.insert(hint.as_str())
             {
                 // Warned about once when the entries were loaded.
-                tracing::debug!(
-                    entry_id = %entry.id,
-                    spiffe_id = %entry.spiffe_id,
-                    hint,
-                    "entry left out of a response: another matching entry has the same hint"
-                );
+                tracing::debug!(entry_id = %entry.id, hint, "entry left out: another matching entry has the same hint");
                 continue;
             }
-            out.push(Arc::clone(entry));
+            if !ids.insert(spiffe_id.clone()) {
+                continue;
+            }
+            out.push(Match {
+                entry: Arc::clone(entry),
+                spiffe_id,
+            });
         }
         out
+    }
+
+    /// Entries matching an operator's filters: an exact SPIFFE ID (or
+    /// template) and/or selectors the entry must all require.
+    pub fn filtered(
+        &self,
+        spiffe_id: Option<&str>,
+        selectors: &SelectorSet,
+    ) -> Vec<Arc<RegistrationEntry>> {
+        self.entries
+            .iter()
+            .filter(|e| spiffe_id.is_none_or(|id| e.spiffe_id.as_str() == id))
+            .filter(|e| selectors.is_subset(&e.selectors))
+            .cloned()
+            .collect()
+    }
+
+    fn duplicate_of(&self, candidate: &RegistrationEntry) -> Option<&Arc<RegistrationEntry>> {
+        self.entries
+            .iter()
+            .find(|e| e.id != candidate.id && e.same_rule(candidate))
     }
 }
 
 // === impl Registry ===
 
 impl Registry {
-    /// A registry holding `entries` in this order.
-    pub fn new(entries: Vec<RegistrationEntry>) -> Result<Self, RegistrationError> {
-        check_duplicates(&entries)?;
+    /// The registry for `config_entries` (in file order) and every entry
+    /// stored through the admin API. A stored entry that no longer
+    /// validates stops the start.
+    pub fn open(
+        config_entries: Vec<RegistrationEntry>,
+        store: Store,
+        trust_domain: TrustDomain,
+        federations: BTreeSet<TrustDomain>,
+    ) -> Result<Self, RegistrationError> {
+        check_config_duplicates(&config_entries)?;
+        let stored = persist::load(&store, &trust_domain, &federations)?;
+        let mut entries: Vec<Arc<RegistrationEntry>> =
+            config_entries.into_iter().map(Arc::new).collect();
+        for entry in stored {
+            if let Some(existing) = entries.iter().find(|e| e.same_rule(&entry)) {
+                tracing::warn!(
+                    entry_id = %entry.id,
+                    config_entry = %existing.id,
+                    spiffe_id = %entry.spiffe_id,
+                    "a stored entry duplicates a config-file entry; both are kept, the config entry first"
+                );
+            }
+            entries.push(Arc::new(entry));
+        }
         warn_shared_hints(&entries);
         let set = EntrySet {
-            entries: entries.into_iter().map(Arc::new).collect(),
+            entries,
             revision: 1,
         };
-        let (tx, _) = watch::channel(Arc::new(set));
         Ok(Self {
-            current: Arc::new(tx),
+            inner: Arc::new(Inner {
+                current: watch::channel(Arc::new(set)).0,
+                store,
+                trust_domain,
+                federations: Mutex::new(federations),
+                writes: tokio::sync::Mutex::new(()),
+            }),
         })
     }
 
-    /// Replaces every entry at once; subscribers wake and re-evaluate.
-    pub fn replace(&self, entries: Vec<RegistrationEntry>) -> Result<(), RegistrationError> {
-        check_duplicates(&entries)?;
-        warn_shared_hints(&entries);
-        let entries = entries.into_iter().map(Arc::new).collect();
-        self.current.send_modify(|set| {
+    /// The entries as they are now. Cheap: an `Arc` clone.
+    pub fn snapshot(&self) -> Arc<EntrySet> {
+        self.inner.current.borrow().clone()
+    }
+
+    /// A receiver that wakes whenever the entries change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<EntrySet>> {
+        self.inner.current.subscribe()
+    }
+
+    /// The agent's trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.inner.trust_domain
+    }
+
+    fn federations(&self) -> BTreeSet<TrustDomain> {
+        self.inner
+            .federations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Creates an entry through the admin API. It is stored before it takes
+    /// effect; when this returns, it survives a crash.
+    pub async fn create(
+        &self,
+        spec: &EntrySpec,
+    ) -> Result<Arc<RegistrationEntry>, RegistrationError> {
+        let now = SystemTime::now();
+        let entry = RegistrationEntry::from_api(
+            spec,
+            &self.inner.trust_domain,
+            &self.federations(),
+            EntryId::random()?,
+            1,
+            now,
+            now,
+        )?;
+        let _write = self.inner.writes.lock().await;
+        if let Some(existing) = self.snapshot().duplicate_of(&entry) {
+            return Err(RegistrationError::Duplicate {
+                existing: existing.id.clone(),
+            });
+        }
+        let row = persist::row(&entry);
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.insert_entry(&row))
+            .await?
+            .map_err(|e| persist::duplicate_or(e, &entry))?;
+        let entry = Arc::new(entry);
+        self.publish(|entries| entries.push(Arc::clone(&entry)));
+        tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "entry created");
+        Ok(entry)
+    }
+
+    /// Replaces an API entry's spec. With `expected_revision`, only if the
+    /// entry is still at that revision.
+    pub async fn update(
+        &self,
+        id: &EntryId,
+        spec: &EntrySpec,
+        expected_revision: Option<u64>,
+    ) -> Result<Arc<RegistrationEntry>, RegistrationError> {
+        let _write = self.inner.writes.lock().await;
+        let current = self.api_entry(id)?;
+        if let Some(expected) = expected_revision
+            && expected != current.revision
+        {
+            return Err(RegistrationError::Conflict {
+                id: id.clone(),
+                expected,
+                found: current.revision,
+            });
+        }
+        let entry = RegistrationEntry::from_api(
+            spec,
+            &self.inner.trust_domain,
+            &self.federations(),
+            id.clone(),
+            current.revision + 1,
+            current.created_at,
+            SystemTime::now(),
+        )?;
+        if let Some(existing) = self.snapshot().duplicate_of(&entry) {
+            return Err(RegistrationError::Duplicate {
+                existing: existing.id.clone(),
+            });
+        }
+        let row = persist::row(&entry);
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.update_entry(&row))
+            .await?
+            .map_err(|e| persist::duplicate_or(e, &entry))?;
+        let entry = Arc::new(entry);
+        self.publish(|entries| {
+            if let Some(slot) = entries.iter_mut().find(|e| e.id == entry.id) {
+                *slot = Arc::clone(&entry);
+            }
+        });
+        tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, revision = entry.revision, "entry updated");
+        Ok(entry)
+    }
+
+    /// Deletes an API entry.
+    pub async fn delete(&self, id: &EntryId) -> Result<(), RegistrationError> {
+        let _write = self.inner.writes.lock().await;
+        let current = self.api_entry(id)?;
+        let store = self.inner.store.clone();
+        let key = id.as_str().to_owned();
+        tokio::task::spawn_blocking(move || store.delete_entry(&key)).await??;
+        self.publish(|entries| entries.retain(|e| e.id != *id));
+        tracing::info!(entry_id = %id, spiffe_id = %current.spiffe_id, "entry deleted");
+        Ok(())
+    }
+
+    /// Replaces the config-file entries (a reload) and the federations
+    /// entries may name. API entries are kept.
+    pub async fn replace_config(
+        &self,
+        config_entries: Vec<RegistrationEntry>,
+        federations: BTreeSet<TrustDomain>,
+    ) -> Result<(), RegistrationError> {
+        check_config_duplicates(&config_entries)?;
+        let _write = self.inner.writes.lock().await;
+        *self
+            .inner
+            .federations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = federations;
+        self.publish(|entries| {
+            let api: Vec<_> = entries
+                .drain(..)
+                .filter(|e| e.source == EntrySource::Api)
+                .collect();
+            entries.extend(config_entries.into_iter().map(Arc::new));
+            entries.extend(api);
+        });
+        warn_shared_hints(&self.snapshot().entries);
+        Ok(())
+    }
+
+    fn api_entry(&self, id: &EntryId) -> Result<Arc<RegistrationEntry>, RegistrationError> {
+        let snapshot = self.snapshot();
+        let entry = snapshot
+            .get(id)
+            .ok_or_else(|| RegistrationError::NotFound(id.clone()))?;
+        if entry.source == EntrySource::Config {
+            return Err(RegistrationError::FromConfig(id.clone()));
+        }
+        Ok(Arc::clone(entry))
+    }
+
+    fn publish(&self, change: impl FnOnce(&mut Vec<Arc<RegistrationEntry>>)) {
+        self.inner.current.send_modify(|set| {
+            let mut entries = set.entries.clone();
+            change(&mut entries);
             *set = Arc::new(EntrySet {
                 entries,
                 revision: set.revision + 1,
             });
         });
-        Ok(())
-    }
-
-    /// The entries as they are now. Cheap: an `Arc` clone.
-    pub fn snapshot(&self) -> Arc<EntrySet> {
-        self.current.borrow().clone()
-    }
-
-    /// A receiver that wakes whenever the entries change.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<EntrySet>> {
-        self.current.subscribe()
     }
 }
 
 /// Two entries with one hint: a caller matching both gets only the first.
-fn warn_shared_hints(entries: &[RegistrationEntry]) {
+fn warn_shared_hints(entries: &[Arc<RegistrationEntry>]) {
     let mut first_with: HashMap<&str, &RegistrationEntry> = HashMap::new();
     for entry in entries {
         if let Some(hint) = entry.hint.as_deref()
@@ -166,11 +434,13 @@ fn warn_shared_hints(entries: &[RegistrationEntry]) {
     }
 }
 
-fn check_duplicates(entries: &[RegistrationEntry]) -> Result<(), RegistrationError> {
+/// Refuses two config-file entries with the same id (the same SPIFFE ID
+/// and selectors).
+pub fn check_config_duplicates(entries: &[RegistrationEntry]) -> Result<(), RegistrationError> {
     let mut first_at = HashMap::with_capacity(entries.len());
     for (i, entry) in entries.iter().enumerate() {
         if let Some(first) = first_at.insert(&entry.id, i) {
-            return Err(RegistrationError::Duplicate {
+            return Err(RegistrationError::DuplicateInConfig {
                 first: first + 1,
                 second: i + 1,
                 spiffe_id: entry.spiffe_id.to_string(),
@@ -183,46 +453,54 @@ fn check_duplicates(entries: &[RegistrationEntry]) -> Result<(), RegistrationErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spiffe::TrustDomain;
-    use std::collections::BTreeSet;
 
-    fn entry(id: &str, selectors: &[&str], hint: Option<&str>) -> RegistrationEntry {
-        let c = EntryConfig {
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    fn spec(id: &str, selectors: &[&str], hint: Option<&str>) -> EntrySpec {
+        EntrySpec {
             spiffe_id: id.into(),
             selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
             hint: hint.map(str::to_owned),
-            ..EntryConfig::default()
-        };
-        RegistrationEntry::from_config(
-            &c,
-            &TrustDomain::new("example.org").unwrap(),
-            &BTreeSet::new(),
-        )
-        .unwrap()
+            ..EntrySpec::default()
+        }
+    }
+
+    fn entry(id: &str, selectors: &[&str], hint: Option<&str>) -> RegistrationEntry {
+        RegistrationEntry::from_config(&spec(id, selectors, hint), &td(), &BTreeSet::new()).unwrap()
     }
 
     fn selectors(s: &[&str]) -> SelectorSet {
         s.iter().map(|s| s.parse().unwrap()).collect()
     }
 
+    fn registry(dir: &tempfile::TempDir, config: Vec<RegistrationEntry>) -> Registry {
+        let store = Store::open(dir.path()).unwrap();
+        Registry::open(config, store, td(), BTreeSet::new()).unwrap()
+    }
+
     #[test]
     fn matching_keeps_order_and_drops_duplicate_hints() {
-        let reg = Registry::new(vec![
-            entry("spiffe://example.org/a", &["unix:uid:1"], Some("one")),
-            entry(
-                "spiffe://example.org/b",
-                &["unix:uid:1", "unix:gid:2"],
-                Some("two"),
-            ),
-            entry("spiffe://example.org/c", &["unix:uid:1"], Some("one")),
-            entry("spiffe://example.org/d", &["unix:uid:9"], None),
-        ])
-        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(
+            &dir,
+            vec![
+                entry("spiffe://example.org/a", &["unix:uid:1"], Some("one")),
+                entry(
+                    "spiffe://example.org/b",
+                    &["unix:uid:1", "unix:gid:2"],
+                    Some("two"),
+                ),
+                entry("spiffe://example.org/c", &["unix:uid:1"], Some("one")),
+                entry("spiffe://example.org/d", &["unix:uid:9"], None),
+            ],
+        );
         let got: Vec<String> = reg
             .snapshot()
             .matching(&selectors(&["unix:uid:1", "unix:gid:2"]))
             .iter()
-            .map(|e| e.spiffe_id.to_string())
+            .map(|m| m.spiffe_id.to_string())
             .collect();
         assert_eq!(got, ["spiffe://example.org/a", "spiffe://example.org/b"]);
         assert!(
@@ -233,16 +511,155 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_entries_are_refused() {
-        let err = Registry::new(vec![
-            entry("spiffe://example.org/a", &["unix:uid:1"], None),
-            entry("spiffe://example.org/b", &["unix:uid:1"], None),
-            entry("spiffe://example.org/a", &["unix:uid:1"], None),
-        ])
+    fn templates_resolve_per_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(
+            &dir,
+            vec![entry(
+                "spiffe://example.org/user/{unix:user}",
+                &["unix:gid:100"],
+                None,
+            )],
+        );
+        let alice = reg
+            .snapshot()
+            .matching(&selectors(&["unix:gid:100", "unix:user:alice"]));
+        assert_eq!(
+            alice[0].spiffe_id.to_string(),
+            "spiffe://example.org/user/alice"
+        );
+        let nameless = reg.snapshot().matching(&selectors(&["unix:gid:100"]));
+        assert!(
+            nameless.is_empty(),
+            "a template without its value does not match"
+        );
+    }
+
+    #[test]
+    fn duplicate_config_entries_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let err = Registry::open(
+            vec![
+                entry("spiffe://example.org/a", &["unix:uid:1"], None),
+                entry("spiffe://example.org/b", &["unix:uid:1"], None),
+                entry("spiffe://example.org/a", &["unix:uid:1"], None),
+            ],
+            store,
+            td(),
+            BTreeSet::new(),
+        )
         .unwrap_err();
         assert!(
             err.to_string().contains("entries 1 and 3 are duplicates"),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn api_entries_persist_and_config_entries_are_protected() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = vec![entry("spiffe://example.org/cfg", &["unix:uid:1"], None)];
+        let reg = registry(&dir, config.clone());
+        let mut rx = reg.subscribe();
+        rx.mark_unchanged();
+
+        let created = reg
+            .create(&spec(
+                "spiffe://example.org/api",
+                &["unix:uid:2"],
+                Some("h"),
+            ))
+            .await
+            .unwrap();
+        assert!(rx.has_changed().unwrap(), "subscribers wake");
+        assert_eq!(created.source, EntrySource::Api);
+        assert!(created.id.as_str().starts_with("ent-"));
+
+        let dup = reg
+            .create(&spec("spiffe://example.org/api", &["unix:uid:2"], None))
+            .await
+            .unwrap_err();
+        assert!(matches!(dup, RegistrationError::Duplicate { .. }), "{dup}");
+        let dup_of_config = reg
+            .create(&spec("spiffe://example.org/cfg", &["unix:uid:1"], None))
+            .await
+            .unwrap_err();
+        assert!(matches!(dup_of_config, RegistrationError::Duplicate { .. }));
+
+        let cfg_id = reg.snapshot().iter().next().unwrap().id.clone();
+        let err = reg.delete(&cfg_id).await.unwrap_err();
+        assert!(matches!(err, RegistrationError::FromConfig(_)), "{err}");
+
+        let updated = reg
+            .update(
+                &created.id,
+                &spec("spiffe://example.org/api2", &["unix:uid:2"], None),
+                Some(1),
+            )
+            .await
+            .unwrap();
+        assert_eq!(updated.revision, 2);
+        let stale = reg
+            .update(
+                &created.id,
+                &spec("spiffe://example.org/api3", &["unix:uid:2"], None),
+                Some(1),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(stale, RegistrationError::Conflict { found: 2, .. }),
+            "{stale}"
+        );
+
+        // A restart: the stored entry is back, after the config entries.
+        drop(reg);
+        let reopened = registry(&dir, config);
+        let ids: Vec<String> = reopened
+            .snapshot()
+            .iter()
+            .map(|e| e.spiffe_id.to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            ["spiffe://example.org/cfg", "spiffe://example.org/api2"]
+        );
+        let stored = reopened.snapshot().get(&created.id).unwrap().clone();
+        assert_eq!(stored.revision, 2);
+        assert_eq!(stored.hint, None);
+
+        reopened.delete(&created.id).await.unwrap();
+        assert!(matches!(
+            reopened.delete(&created.id).await.unwrap_err(),
+            RegistrationError::NotFound(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn reload_replaces_config_entries_and_keeps_api_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(
+            &dir,
+            vec![entry("spiffe://example.org/old", &["unix:uid:1"], None)],
+        );
+        reg.create(&spec("spiffe://example.org/api", &["unix:uid:2"], None))
+            .await
+            .unwrap();
+        reg.replace_config(
+            vec![entry("spiffe://example.org/new", &["unix:uid:1"], None)],
+            BTreeSet::new(),
+        )
+        .await
+        .unwrap();
+        let ids: Vec<String> = reg
+            .snapshot()
+            .iter()
+            .map(|e| e.spiffe_id.to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            ["spiffe://example.org/new", "spiffe://example.org/api"]
         );
     }
 }

@@ -12,13 +12,18 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
+use spiffe::SpiffeId;
+
 use super::x509::X509Svid;
 use crate::registration::{EntryId, EntrySet};
+
+/// An entry and the ID it resolved to: one SVID each.
+pub type SvidKey = (EntryId, SpiffeId);
 
 /// Current X.509-SVIDs by entry.
 #[derive(Debug)]
 pub struct X509SvidCache {
-    svids: Mutex<HashMap<EntryId, Arc<X509Svid>>>,
+    svids: Mutex<HashMap<SvidKey, Arc<X509Svid>>>,
     issuing: Mutex<()>,
     generation: watch::Sender<u64>,
 }
@@ -36,15 +41,15 @@ impl Default for X509SvidCache {
 }
 
 impl X509SvidCache {
-    fn svids(&self) -> MutexGuard<'_, HashMap<EntryId, Arc<X509Svid>>> {
+    fn svids(&self) -> MutexGuard<'_, HashMap<SvidKey, Arc<X509Svid>>> {
         // The map is valid after any panic elsewhere: every write is one
         // insert or remove.
         self.svids.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The cached SVID for `id`, if any.
-    pub fn get(&self, id: &EntryId) -> Option<Arc<X509Svid>> {
-        self.svids().get(id).cloned()
+    /// The cached SVID for `key`, if any.
+    pub fn get(&self, key: &SvidKey) -> Option<Arc<X509Svid>> {
+        self.svids().get(key).cloned()
     }
 
     /// Serialises issuance on a miss; hold the guard while issuing.
@@ -54,7 +59,8 @@ impl X509SvidCache {
 
     /// Stores `svid` as the entry's current SVID and wakes subscribers.
     pub fn put(&self, svid: Arc<X509Svid>) {
-        self.svids().insert(svid.entry_id.clone(), svid);
+        self.svids()
+            .insert((svid.entry_id.clone(), svid.spiffe_id.clone()), svid);
         self.generation.send_modify(|g| *g += 1);
     }
 
@@ -64,7 +70,7 @@ impl X509SvidCache {
         let dropped = {
             let mut svids = self.svids();
             let before = svids.len();
-            svids.retain(|id, svid| entries.get(id).is_some_and(|e| !svid.is_stale_for(e)));
+            svids.retain(|(id, _), svid| entries.get(id).is_some_and(|e| !svid.is_stale_for(e)));
             before - svids.len()
         };
         if dropped > 0 {
@@ -87,6 +93,21 @@ impl X509SvidCache {
             }
         }
         (due, next)
+    }
+
+    /// Drops `svid` if it is still the current one for its key.
+    pub fn remove(&self, svid: &Arc<X509Svid>) {
+        let key = (svid.entry_id.clone(), svid.spiffe_id.clone());
+        let removed = {
+            let mut svids = self.svids();
+            match svids.get(&key) {
+                Some(current) if Arc::ptr_eq(current, svid) => svids.remove(&key).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            self.generation.send_modify(|g| *g += 1);
+        }
     }
 
     /// Every cached SVID (for `svid list`).

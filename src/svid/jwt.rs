@@ -21,7 +21,7 @@ use spiffe::{SpiffeId, TrustDomain};
 use super::SvidError;
 use crate::authority::Authority;
 use crate::bundle::TrustBundle;
-use crate::registration::RegistrationEntry;
+use crate::registration::{Match, RegistrationEntry};
 
 /// Longest token accepted for validation, in bytes.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -121,10 +121,12 @@ struct Claims<'a> {
     jti: &'a str,
 }
 
-/// Signs a JWT-SVID for `entry` with audience `audiences` at `now`.
+/// Signs a JWT-SVID with subject `spiffe_id` (the entry's ID for the
+/// caller) for `entry` and `audiences` at `now`.
 pub fn issue(
     authority: &Authority,
     entry: &RegistrationEntry,
+    spiffe_id: &SpiffeId,
     audiences: &[String],
     default_ttl: Duration,
     now: SystemTime,
@@ -133,7 +135,7 @@ pub fn issue(
     let expiry = (now + entry.jwt_svid_ttl.unwrap_or(default_ttl)).min(key.latest_expiry());
     let jti = crate::authority::random_id()?;
     let claims = Claims {
-        sub: entry.spiffe_id.to_string(),
+        sub: spiffe_id.to_string(),
         aud: audiences,
         exp: unix(expiry),
         iat: unix(now),
@@ -141,7 +143,7 @@ pub fn issue(
     };
     let token = key.sign(&claims)?;
     Ok(JwtSvid {
-        spiffe_id: entry.spiffe_id.clone(),
+        spiffe_id: spiffe_id.clone(),
         token,
         hint: entry.hint.clone(),
         expiry,
@@ -254,11 +256,11 @@ fn unix(t: SystemTime) -> u64 {
 
 /// The trust domains a caller's entries federate with.
 pub fn federated_domains<'a>(
-    entries: impl IntoIterator<Item = &'a Arc<RegistrationEntry>>,
+    matches: impl IntoIterator<Item = &'a Match>,
 ) -> BTreeSet<TrustDomain> {
-    entries
+    matches
         .into_iter()
-        .flat_map(|e| e.federates_with.iter().cloned())
+        .flat_map(|m| m.entry.federates_with.iter().cloned())
         .collect()
 }
 
@@ -266,7 +268,7 @@ pub fn federated_domains<'a>(
 mod tests {
     use super::*;
     use crate::authority::AuthorityConfig;
-    use crate::registration::EntryConfig;
+    use crate::registration::EntrySpec;
 
     fn setup() -> (tempfile::TempDir, Authority, RegistrationEntry) {
         let dir = tempfile::tempdir().unwrap();
@@ -274,16 +276,20 @@ mod tests {
         let authority =
             Authority::load_or_create(td.clone(), AuthorityConfig::default(), dir.path()).unwrap();
         let entry = RegistrationEntry::from_config(
-            &EntryConfig {
+            &EntrySpec {
                 spiffe_id: "spiffe://example.org/svc".into(),
                 selectors: vec!["unix:uid:1".into()],
-                ..EntryConfig::default()
+                ..EntrySpec::default()
             },
             &td,
             &BTreeSet::new(),
         )
         .unwrap();
         (dir, authority, entry)
+    }
+
+    fn svc() -> SpiffeId {
+        SpiffeId::new("spiffe://example.org/svc").unwrap()
     }
 
     fn sign_raw(header: &str, payload: &Value) -> String {
@@ -302,6 +308,7 @@ mod tests {
         let svid = issue(
             &authority,
             &entry,
+            &svc(),
             &aud,
             Duration::from_secs(300),
             SystemTime::now(),
@@ -329,6 +336,7 @@ mod tests {
         let svid = issue(
             &authority,
             &entry,
+            &svc(),
             &["a".into()],
             Duration::from_secs(300),
             past,

@@ -11,19 +11,23 @@
 //! published bundle, and never outlives that key (the authority caps it).
 
 pub mod cache;
+pub mod holders;
 pub mod jwt;
 pub mod rotation;
 pub mod x509;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::authority::{Authority, AuthorityError};
-use crate::registration::RegistrationEntry;
+use crate::registration::Match;
+use crate::store::{IssuedX509, Store, StoreError};
 pub use cache::X509SvidCache;
+pub use holders::{Holder, HolderHandle, Holders};
 pub use jwt::{JwtSvid, JwtValidationError, ValidatedJwt};
 pub use x509::X509Svid;
 
@@ -47,12 +51,24 @@ pub enum SvidError {
     KeyGeneration(#[source] rcgen::Error),
 }
 
+/// How many issuance records may wait for the recorder before new ones are
+/// dropped (records are for operators; issuance never waits on them).
+const RECORD_QUEUE: usize = 1024;
+/// How long issuance records are kept after the SVID expired.
+const RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// How often expired records are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Issues and caches SVIDs. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SvidIssuer {
     authority: Authority,
     config: SvidConfig,
     x509: Arc<X509SvidCache>,
+    holders: Arc<Holders>,
+    store: Store,
+    records: mpsc::Sender<IssuedX509>,
+    recorder: Arc<Mutex<Option<mpsc::Receiver<IssuedX509>>>>,
 }
 
 // === impl SvidConfig ===
@@ -69,12 +85,85 @@ impl Default for SvidConfig {
 // === impl SvidIssuer ===
 
 impl SvidIssuer {
-    /// An issuer signing through `authority`.
-    pub fn new(authority: Authority, config: SvidConfig) -> Self {
+    /// An issuer signing through `authority`, recording X.509 issuance in
+    /// `store`.
+    pub fn new(authority: Authority, config: SvidConfig, store: Store) -> Self {
+        let (records, recorder) = mpsc::channel(RECORD_QUEUE);
         Self {
             authority,
             config,
             x509: Arc::new(X509SvidCache::default()),
+            holders: Arc::default(),
+            store,
+            records,
+            recorder: Arc::new(Mutex::new(Some(recorder))),
+        }
+    }
+
+    /// Registers a process holding X.509-SVIDs through a stream.
+    pub fn hold(&self, holder: Holder) -> HolderHandle {
+        self.holders.register(holder)
+    }
+
+    /// Every process holding X.509-SVIDs through an open stream.
+    pub fn holders(&self) -> Vec<Holder> {
+        self.holders.all()
+    }
+
+    /// X.509-SVIDs issued and not yet expired, from the store (so including
+    /// those issued before a restart). Blocking.
+    pub fn issued_live(&self) -> Result<Vec<IssuedX509>, StoreError> {
+        self.store.live_x509(SystemTime::now())
+    }
+
+    fn record(&self, svid: &X509Svid) {
+        let record = IssuedX509 {
+            serial: svid.serial.clone(),
+            entry_id: svid.entry_id.as_str().to_owned(),
+            spiffe_id: svid.spiffe_id.to_string(),
+            not_before: svid.not_before,
+            not_after: svid.not_after,
+            issued_at: SystemTime::now(),
+        };
+        if self.records.try_send(record).is_err() {
+            tracing::debug!(serial = %svid.serial, "issuance record dropped: the recorder is behind");
+        }
+    }
+
+    /// The recorder loop: writes issuance records to the store, off the
+    /// request path, and prunes old ones.
+    pub async fn run_recorder(self, cancel: CancellationToken) {
+        let taken = self
+            .recorder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(mut records) = taken else {
+            return;
+        };
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = prune.tick() => {
+                    let store = self.store.clone();
+                    let before = SystemTime::now() - RECORD_RETENTION;
+                    match tokio::task::spawn_blocking(move || store.prune_x509(before)).await {
+                        Ok(Ok(pruned)) if pruned > 0 => tracing::debug!(pruned, "pruned expired issuance records"),
+                        Ok(Err(error)) => tracing::warn!(%error, "could not prune issuance records"),
+                        _ => {}
+                    }
+                }
+                Some(record) = records.recv() => {
+                    let store = self.store.clone();
+                    let serial = record.serial.clone();
+                    match tokio::task::spawn_blocking(move || store.record_x509_issued(&record)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => tracing::warn!(%serial, %error, "could not record an issued X.509-SVID"),
+                        Err(error) => tracing::warn!(%serial, %error, "issuance recorder job failed"),
+                    }
+                }
+            }
         }
     }
 
@@ -83,37 +172,49 @@ impl SvidIssuer {
         &self.authority
     }
 
-    /// The entry's current X.509-SVID, issued now if it has none or the one
-    /// it has no longer matches the entry.
-    pub fn x509_svid(&self, entry: &Arc<RegistrationEntry>) -> Result<Arc<X509Svid>, SvidError> {
+    /// The current X.509-SVID for a matched identity, issued now if there
+    /// is none or the one there no longer matches the entry. The caller is
+    /// about to hand it out, so it counts as in use.
+    pub fn x509_svid(&self, matched: &Match) -> Result<Arc<X509Svid>, SvidError> {
+        let svid = self.current_or_issue(matched)?;
+        svid.mark_served();
+        Ok(svid)
+    }
+
+    fn current_or_issue(&self, matched: &Match) -> Result<Arc<X509Svid>, SvidError> {
+        let entry = &matched.entry;
+        let key = (entry.id.clone(), matched.spiffe_id.clone());
         let fresh =
             |svid: &Arc<X509Svid>| !svid.is_stale_for(entry) && svid.not_after > SystemTime::now();
-        if let Some(svid) = self.x509.get(&entry.id).filter(fresh) {
+        if let Some(svid) = self.x509.get(&key).filter(fresh) {
             return Ok(svid);
         }
         let _issuing = self.x509.issuing();
         // Another caller may have issued while we waited.
-        if let Some(svid) = self.x509.get(&entry.id).filter(fresh) {
+        if let Some(svid) = self.x509.get(&key).filter(fresh) {
             return Ok(svid);
         }
-        self.renew_x509(entry)
+        self.renew_x509(matched)
     }
 
-    /// Issues a new X.509-SVID for `entry` and makes it current.
-    fn renew_x509(&self, entry: &Arc<RegistrationEntry>) -> Result<Arc<X509Svid>, SvidError> {
+    /// Issues a new X.509-SVID for a matched identity and makes it current.
+    fn renew_x509(&self, matched: &Match) -> Result<Arc<X509Svid>, SvidError> {
+        let entry = &matched.entry;
         let svid = Arc::new(x509::issue(
             &self.authority,
             entry,
+            &matched.spiffe_id,
             self.config.x509_svid_ttl,
             SystemTime::now(),
         )?);
         tracing::info!(
             entry_id = %entry.id,
-            spiffe_id = %entry.spiffe_id,
+            spiffe_id = %svid.spiffe_id,
             serial = %svid.serial,
             not_after = %humantime::format_rfc3339_seconds(svid.not_after),
             "issued X.509-SVID"
         );
+        self.record(&svid);
         self.x509.put(Arc::clone(&svid));
         Ok(svid)
     }
@@ -128,15 +229,12 @@ impl SvidIssuer {
         self.x509.all()
     }
 
-    /// Signs a JWT-SVID for `entry` and `audiences`.
-    pub fn jwt_svid(
-        &self,
-        entry: &RegistrationEntry,
-        audiences: &[String],
-    ) -> Result<JwtSvid, SvidError> {
+    /// Signs a JWT-SVID for a matched identity and `audiences`.
+    pub fn jwt_svid(&self, matched: &Match, audiences: &[String]) -> Result<JwtSvid, SvidError> {
         jwt::issue(
             &self.authority,
-            entry,
+            &matched.entry,
+            &matched.spiffe_id,
             audiences,
             self.config.jwt_svid_ttl,
             SystemTime::now(),

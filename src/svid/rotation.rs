@@ -10,8 +10,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use super::SvidIssuer;
-use crate::registration::Registry;
+use crate::registration::{Match, Registry};
 
 /// Longest sleep between looks at the cache, so a clock jump or a new
 /// entry's first SVID is noticed promptly.
@@ -35,10 +37,20 @@ impl SvidIssuer {
                 let Some(entry) = current.get(&svid.entry_id) else {
                     continue;
                 };
-                match self.renew_x509(entry) {
+                if !svid.was_served() {
+                    // Nobody took it since it was issued: let it go; it is
+                    // issued again on demand.
+                    self.x509.remove(&svid);
+                    continue;
+                }
+                let matched = Match {
+                    entry: Arc::clone(entry),
+                    spiffe_id: svid.spiffe_id.clone(),
+                };
+                match self.renew_x509(&matched) {
                     Ok(new) => tracing::debug!(
                         entry_id = %entry.id,
-                        spiffe_id = %entry.spiffe_id,
+                        spiffe_id = %svid.spiffe_id,
                         serial = %new.serial,
                         "renewed X.509-SVID"
                     ),
@@ -46,7 +58,7 @@ impl SvidIssuer {
                         failed = true;
                         tracing::warn!(
                             entry_id = %entry.id,
-                            spiffe_id = %entry.spiffe_id,
+                            spiffe_id = %svid.spiffe_id,
                             %error,
                             "X.509-SVID renewal failed; the current SVID stays until it expires"
                         );

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
@@ -33,6 +34,10 @@ pub struct X509Svid {
     /// What the entry said when this SVID was issued; a different entry
     /// revision means the SVID must be re-issued.
     pub(crate) issued_for: Arc<RegistrationEntry>,
+    /// Set when the SVID is handed to a caller. One never handed out by its
+    /// renewal time is dropped instead of renewed (a template entry can
+    /// resolve to many IDs; only those in use are kept fresh).
+    served: AtomicBool,
 }
 
 // === impl X509Svid ===
@@ -55,6 +60,16 @@ impl X509Svid {
             || was.dns_names != entry.dns_names
             || was.x509_svid_ttl != entry.x509_svid_ttl
     }
+
+    /// Marks the SVID as handed to a caller.
+    pub fn mark_served(&self) {
+        self.served.store(true, Ordering::Relaxed);
+    }
+
+    /// True once handed to a caller.
+    pub(crate) fn was_served(&self) -> bool {
+        self.served.load(Ordering::Relaxed)
+    }
 }
 
 impl fmt::Debug for X509Svid {
@@ -70,17 +85,19 @@ impl fmt::Debug for X509Svid {
     }
 }
 
-/// Issues an X.509-SVID for `entry` at `now`.
+/// Issues an X.509-SVID with `spiffe_id` (the entry's ID for the caller)
+/// for `entry` at `now`.
 pub fn issue(
     authority: &Authority,
     entry: &Arc<RegistrationEntry>,
+    spiffe_id: &SpiffeId,
     default_ttl: Duration,
     now: SystemTime,
 ) -> Result<X509Svid, SvidError> {
     let ca = authority.x509_signer()?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(SvidError::KeyGeneration)?;
     let template = LeafTemplate {
-        uri: entry.spiffe_id.to_string(),
+        uri: spiffe_id.to_string(),
         dns_names: entry.dns_names.clone(),
         ttl: entry.x509_svid_ttl.unwrap_or(default_ttl),
     };
@@ -89,7 +106,7 @@ pub fn issue(
     let renew_at = super::renewal_time(now, signed.not_after);
     Ok(X509Svid {
         entry_id: entry.id.clone(),
-        spiffe_id: entry.spiffe_id.clone(),
+        spiffe_id: spiffe_id.clone(),
         chain: signed.chain,
         key: Zeroizing::new(key.serialize_der()),
         serial,
@@ -97,5 +114,6 @@ pub fn issue(
         not_after: signed.not_after,
         renew_at,
         issued_for: Arc::clone(entry),
+        served: AtomicBool::new(false),
     })
 }

@@ -21,6 +21,22 @@ pub fn x509_svid(svid: &X509Svid, hint: Option<&str>, bundle: &[u8]) -> pb::X509
     }
 }
 
+/// The serial numbers (lowercase hex) of the leaf certificates in a
+/// response, in order; a leaf that does not parse is left out.
+pub fn serials(response: &pb::X509svidResponse) -> Vec<String> {
+    response
+        .svids
+        .iter()
+        .filter_map(|svid| x509_parser::parse_x509_certificate(&svid.x509_svid).ok())
+        .map(|(_, cert)| {
+            cert.raw_serial()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
+        .collect()
+}
+
 /// One JWT-SVID message.
 pub fn jwt_svid(svid: &JwtSvid) -> pb::Jwtsvid {
     pb::Jwtsvid {

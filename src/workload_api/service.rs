@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
 
 use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch};
@@ -20,8 +21,8 @@ use crate::bundle::TrustBundle;
 use crate::federation::{FederatedBundles, Federation};
 use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
-use crate::registration::{EntrySet, RegistrationEntry, Registry, SelectorSet};
-use crate::svid::{self, SvidIssuer};
+use crate::registration::{EntrySet, Match, Registry, SelectorSet};
+use crate::svid::{self, Holder, SvidIssuer};
 use crate::transport::PeerInfo;
 
 /// What the Workload API serves from. Cheap to clone.
@@ -121,22 +122,19 @@ impl WorkloadApi {
     /// The caller's X.509 state: one SVID per matching entry (the first is
     /// the default) and the bundles of the domains those entries federate with.
     fn x509_state(&self, selectors: &SelectorSet) -> Result<pb::X509svidResponse, Status> {
-        let entries = self.registry.snapshot().matching(selectors);
-        if entries.is_empty() {
+        let matches = self.registry.snapshot().matching(selectors);
+        if matches.is_empty() {
             return Err(status::no_identity());
         }
         let own = self.svids.authority().bundle().x509_der();
-        let svids = entries
+        let svids = matches
             .iter()
-            .map(|entry| {
-                let svid = self
-                    .svids
-                    .x509_svid(entry)
-                    .map_err(|e| status::issuance(&e))?;
-                Ok(convert::x509_svid(&svid, entry.hint.as_deref(), &own))
+            .map(|m| {
+                let svid = self.svids.x509_svid(m).map_err(|e| status::issuance(&e))?;
+                Ok(convert::x509_svid(&svid, m.entry.hint.as_deref(), &own))
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        let federated = self.federated_bundles(&entries);
+        let federated = self.federated_bundles(&matches);
         Ok(pb::X509svidResponse {
             svids,
             crl: Vec::new(),
@@ -148,17 +146,17 @@ impl WorkloadApi {
     /// Without any identity only verifiers allowed by configuration get
     /// the own bundle.
     fn bundle_state(&self, selectors: &SelectorSet) -> Result<Vec<Arc<TrustBundle>>, Status> {
-        let entries = self.registry.snapshot().matching(selectors);
-        if entries.is_empty() && !self.config.allow_unauthenticated_verifiers {
+        let matches = self.registry.snapshot().matching(selectors);
+        if matches.is_empty() && !self.config.allow_unauthenticated_verifiers {
             return Err(status::no_identity());
         }
         let mut bundles = vec![self.svids.authority().bundle()];
-        bundles.extend(self.federated_bundles(&entries));
+        bundles.extend(self.federated_bundles(&matches));
         Ok(bundles)
     }
 
-    fn federated_bundles(&self, entries: &[Arc<RegistrationEntry>]) -> Vec<Arc<TrustBundle>> {
-        let wanted = svid::jwt::federated_domains(entries);
+    fn federated_bundles(&self, matches: &[Match]) -> Vec<Arc<TrustBundle>> {
+        let wanted = svid::jwt::federated_domains(matches);
         let all = self.federation.current();
         wanted
             .iter()
@@ -180,16 +178,31 @@ impl WorkloadApi {
         let selectors = attested.selectors;
         let state = move |api: &Self| api.bundle_state(&selectors).map(|b| encode(&b));
         let first = state(self)?;
-        Ok(Response::new(self.stream(method, caller, first, state)))
+        Ok(Response::new(self.stream(
+            method,
+            caller,
+            first,
+            state,
+            |_| {},
+        )))
     }
 
     /// Sends `first`, then the recomputed state after every change that
     /// alters it, until the client leaves, the caller exits, the state
     /// becomes an error (sent, then the stream ends) or the agent stops.
-    fn stream<T, F>(&self, method: &'static str, caller: Caller, first: T, compute: F) -> Stream<T>
+    /// `sent` sees every message that went out.
+    fn stream<T, F, S>(
+        &self,
+        method: &'static str,
+        caller: Caller,
+        first: T,
+        compute: F,
+        sent: S,
+    ) -> Stream<T>
     where
         T: PartialEq + Clone + Send + 'static,
         F: Fn(&Self) -> Result<T, Status> + Send + 'static,
+        S: Fn(&T) + Send + 'static,
     {
         // Subscribed after `first` was computed, so the loop recomputes once
         // before its first wait: a change in between is never lost.
@@ -203,6 +216,7 @@ impl WorkloadApi {
                 let _open = open;
                 let cancel = this.cancel.clone();
                 let mut last = first.clone();
+                sent(&first);
                 if !send(&tx, Ok(first), &cancel).await {
                     return;
                 }
@@ -224,6 +238,7 @@ impl WorkloadApi {
                         Ok(state) if state == last => {}
                         Ok(state) => {
                             last = state.clone();
+                            sent(&state);
                             tracing::debug!("pushing an update");
                             if !send(&tx, Ok(state), &cancel).await {
                                 return;
@@ -279,26 +294,39 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let (caller, attested) = self.identify(&request).await?;
-        let selectors = attested.selectors;
-        let first = self.x509_state(&selectors)?;
+        let first = self.x509_state(&attested.selectors)?;
         tracing::debug!(
             pid = caller.pid(),
             svids = first.svids.len(),
             "FetchX509SVID"
         );
+        // The stream's caller holds what it is sent, for `svid list`.
+        let holder = self.svids.hold(Holder {
+            pid: attested.pid,
+            uid: attested.uid,
+            executable: attested.executable.clone(),
+            selectors: attested.selectors.iter().map(ToString::to_string).collect(),
+            since: SystemTime::now(),
+            serials: Vec::new(),
+        });
+        let selectors = attested.selectors;
+        let compute = move |api: &Self| {
+            api.x509_state(&selectors).map_err(|s| {
+                if s.code() == tonic::Code::PermissionDenied {
+                    status::identity_lost()
+                } else {
+                    s
+                }
+            })
+        };
+        let sent =
+            move |response: &pb::X509svidResponse| holder.set_serials(convert::serials(response));
         Ok(Response::new(self.stream(
             "FetchX509SVID",
             caller,
             first,
-            move |api| {
-                api.x509_state(&selectors).map_err(|s| {
-                    if s.code() == tonic::Code::PermissionDenied {
-                        status::identity_lost()
-                    } else {
-                        s
-                    }
-                })
-            },
+            compute,
+            sent,
         )))
     }
 
@@ -340,24 +368,24 @@ impl SpiffeWorkloadApi for WorkloadApi {
             }
         };
         let (caller, attested) = self.identify(&request).await?;
-        let entries: Vec<_> = self
+        let matches: Vec<_> = self
             .registry
             .snapshot()
             .matching(&attested.selectors)
             .into_iter()
-            .filter(|e| wanted_id.as_ref().is_none_or(|id| &e.spiffe_id == id))
+            .filter(|m| wanted_id.as_ref().is_none_or(|id| &m.spiffe_id == id))
             .collect();
-        if entries.is_empty() {
+        if matches.is_empty() {
             return Err(status::no_identity());
         }
         let audiences = &request.get_ref().audience;
-        let mut svids = Vec::with_capacity(entries.len());
-        for entry in &entries {
+        let mut svids = Vec::with_capacity(matches.len());
+        for m in &matches {
             let svid = self
                 .svids
-                .jwt_svid(entry, audiences)
+                .jwt_svid(m, audiences)
                 .map_err(|e| status::issuance(&e))?;
-            tracing::debug!(pid = caller.pid(), spiffe_id = %entry.spiffe_id, jti = %svid.jti, ?audiences, "issued JWT-SVID");
+            tracing::debug!(pid = caller.pid(), spiffe_id = %m.spiffe_id, jti = %svid.jti, ?audiences, "issued JWT-SVID");
             svids.push(convert::jwt_svid(&svid));
         }
         Ok(Response::new(pb::JwtsvidResponse { svids }))
@@ -398,8 +426,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         let (_caller, attested) = self.identify(&request).await?;
         // Own domain, plus the domains the caller's entries federate with.
-        let entries = self.registry.snapshot().matching(&attested.selectors);
-        let federated: BTreeSet<TrustDomain> = svid::jwt::federated_domains(&entries);
+        let matches = self.registry.snapshot().matching(&attested.selectors);
+        let federated: BTreeSet<TrustDomain> = svid::jwt::federated_domains(&matches);
         let own = self.svids.authority().bundle();
         let all_federated = self.federation.current();
         let req = request.into_inner();

@@ -90,8 +90,9 @@ impl TestAgent {
 /// The config every test agent shares, plus `extra`.
 pub fn config_text(dir: &Path, extra: &str) -> String {
     format!(
-        "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}\"\nlog.level = \"warn\"\n{extra}",
+        "trust_domain = \"example.org\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\nlog.level = \"warn\"\n{extra}",
         dir.join("agent.sock").display(),
+        dir.join("admin/admin.sock").display(),
         dir.join("data").display(),
     )
 }
@@ -126,19 +127,8 @@ fn no_header(request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::S
 }
 
 pub async fn raw_client(socket: &Path, with_header: bool) -> RawClient {
-    let path = socket.to_owned();
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .expect("static uri")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .expect("connects");
     let header: HeaderFn = if with_header { add_header } else { no_header };
-    SpiffeWorkloadApiClient::with_interceptor(channel, header)
+    SpiffeWorkloadApiClient::with_interceptor(uds_channel(socket).await, header)
 }
 
 /// Polls `check` until it holds, failing after [`PATIENCE`].
@@ -205,4 +195,46 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs()
+}
+
+pub type AdminClient = tether::proto::admin::admin_client::AdminClient<Channel>;
+
+/// A channel over a Unix socket.
+pub async fn uds_channel(socket: &Path) -> Channel {
+    try_uds_channel(socket).await.expect("connects")
+}
+
+/// A channel over a Unix socket, or why not.
+pub async fn try_uds_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = socket.to_owned();
+    Endpoint::try_from("http://[::]:50051")
+        .expect("static uri")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+}
+
+/// tether's admin client on `socket`.
+pub async fn admin_client(socket: &Path) -> AdminClient {
+    tether::proto::admin::admin_client::AdminClient::new(uds_channel(socket).await)
+}
+
+impl TestAgent {
+    /// The admin client of this agent.
+    pub async fn admin(&self) -> AdminClient {
+        admin_client(self.running().admin_socket_path()).await
+    }
+}
+
+/// An admin API entry spec.
+pub fn spec(spiffe_id: &str, selectors: &[&str]) -> tether::proto::admin::EntrySpec {
+    tether::proto::admin::EntrySpec {
+        spiffe_id: spiffe_id.into(),
+        selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    }
 }

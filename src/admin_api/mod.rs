@@ -1,0 +1,78 @@
+//! The admin API: operators' gRPC service on its own Unix socket.
+//!
+//! Entries at runtime, what was issued to whom, the trust bundle, health
+//! and reload. Only root and the uids in `admin_uids` get in: [`authz`]
+//! checks the peer credentials of every call, whatever the socket's file
+//! mode says. The workload socket never serves this service, so a workload
+//! cannot reach an admin method even by name.
+
+pub mod authz;
+pub mod convert;
+pub mod service;
+pub mod status;
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+
+use crate::proto::admin::admin_server::AdminServer;
+use crate::transport::{self, BoundSocket};
+pub use authz::AdminAuthz;
+pub use service::{AdminApi, ReloadOutcome, ReloadRequest};
+
+/// Most concurrent admin connections: operators, not workloads.
+const MAX_CONNECTIONS: usize = 64;
+/// Largest admin request.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Admin socket settings.
+#[derive(Debug, Clone)]
+pub struct AdminApiConfig {
+    /// The admin socket.
+    pub socket_path: PathBuf,
+    /// Uids besides root that may call the admin API.
+    pub uids: Vec<u32>,
+    /// A group whose members may connect (socket mode 0660, group owner);
+    /// without it the socket is 0600. The uid check applies either way.
+    pub gid: Option<u32>,
+}
+
+/// Binds the admin socket: 0600, or 0660 owned by the configured group.
+pub fn bind(config: &AdminApiConfig) -> Result<BoundSocket, transport::BindError> {
+    let mode = if config.gid.is_some() { 0o660 } else { 0o600 };
+    let socket = BoundSocket::bind(&config.socket_path, mode)?;
+    if let Some(gid) = config.gid {
+        nix::unistd::chown(
+            &config.socket_path,
+            None,
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|errno| transport::BindError::Io {
+            path: config.socket_path.clone(),
+            source: errno.into(),
+        })?;
+    }
+    Ok(socket)
+}
+
+/// Serves `api` on `socket` until `shutdown` resolves.
+pub async fn serve(
+    api: AdminApi,
+    authz: AdminAuthz,
+    socket: &mut BoundSocket,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let Some(listener) = socket.take_listener() else {
+        return Ok(());
+    };
+    let service = InterceptedService::new(
+        AdminServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),
+        authz,
+    );
+    Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(transport::incoming(listener, MAX_CONNECTIONS), shutdown)
+        .await
+}

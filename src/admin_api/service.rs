@@ -1,0 +1,271 @@
+//! The admin RPCs. Thin: validate the request, call the domain, convert.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use super::{convert, status};
+use crate::authority::Authority;
+use crate::proto::admin as pb;
+use crate::proto::admin::admin_server::Admin;
+use crate::registration::{EntryId, Registry, Selector, SelectorSet};
+use crate::svid::SvidIssuer;
+
+/// What a reload changed.
+#[derive(Debug, Clone, Copy)]
+pub struct ReloadOutcome {
+    /// Entries now from the config file.
+    pub config_entries: usize,
+    /// Federated trust domains now configured.
+    pub federations: usize,
+}
+
+/// A request to re-read the config file; the answer is the outcome or the
+/// reason it was refused (the running config stays then).
+pub type ReloadRequest = oneshot::Sender<Result<ReloadOutcome, String>>;
+
+/// What the admin API serves from. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    registry: Registry,
+    svids: SvidIssuer,
+    authority: Authority,
+    open_streams: Arc<AtomicUsize>,
+    reload: mpsc::Sender<ReloadRequest>,
+}
+
+impl AdminApi {
+    /// An admin API over these parts; reloads are sent on `reload`.
+    pub fn new(
+        registry: Registry,
+        svids: SvidIssuer,
+        authority: Authority,
+        open_streams: Arc<AtomicUsize>,
+        reload: mpsc::Sender<ReloadRequest>,
+    ) -> Self {
+        Self {
+            registry,
+            svids,
+            authority,
+            open_streams,
+            reload,
+        }
+    }
+}
+
+fn entry_id(value: &str) -> Result<EntryId, Status> {
+    if value.is_empty() {
+        return Err(status::invalid("id", "is required"));
+    }
+    EntryId::parse(value).map_err(|e| status::invalid("id", e))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn create_entry(
+        &self,
+        request: Request<pb::CreateEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let spec = convert::spec(request.into_inner().spec)?;
+        let entry = self
+            .registry
+            .create(&spec)
+            .await
+            .map_err(status::registration)?;
+        Ok(Response::new(convert::entry(&entry)))
+    }
+
+    async fn update_entry(
+        &self,
+        request: Request<pb::UpdateEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let request = request.into_inner();
+        let id = entry_id(&request.id)?;
+        let spec = convert::spec(request.spec)?;
+        let expected = (request.revision != 0).then_some(request.revision);
+        let entry = self
+            .registry
+            .update(&id, &spec, expected)
+            .await
+            .map_err(status::registration)?;
+        Ok(Response::new(convert::entry(&entry)))
+    }
+
+    async fn delete_entry(
+        &self,
+        request: Request<pb::DeleteEntryRequest>,
+    ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
+        let id = entry_id(&request.into_inner().id)?;
+        self.registry
+            .delete(&id)
+            .await
+            .map_err(status::registration)?;
+        Ok(Response::new(pb::DeleteEntryResponse {}))
+    }
+
+    async fn get_entry(
+        &self,
+        request: Request<pb::GetEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let id = entry_id(&request.into_inner().id)?;
+        let snapshot = self.registry.snapshot();
+        let entry = snapshot
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("no entry with id {id}")))?;
+        Ok(Response::new(convert::entry(entry)))
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let request = request.into_inner();
+        if request.selectors.len() > 64 {
+            return Err(status::invalid("selectors", "at most 64 filters"));
+        }
+        let selectors = request
+            .selectors
+            .iter()
+            .map(|s| {
+                s.parse::<Selector>()
+                    .map_err(|e| status::invalid("selectors", e))
+            })
+            .collect::<Result<SelectorSet, Status>>()?;
+        let spiffe_id = (!request.spiffe_id.is_empty()).then_some(request.spiffe_id.as_str());
+        let entries = self
+            .registry
+            .snapshot()
+            .filtered(spiffe_id, &selectors)
+            .iter()
+            .map(|e| convert::entry(e))
+            .collect();
+        Ok(Response::new(pb::ListEntriesResponse { entries }))
+    }
+
+    async fn list_svids(
+        &self,
+        _request: Request<pb::ListSvidsRequest>,
+    ) -> Result<Response<pb::ListSvidsResponse>, Status> {
+        let issuer = self.svids.clone();
+        let recorded = tokio::task::spawn_blocking(move || issuer.issued_live())
+            .await
+            .map_err(|e| Status::internal(format!("listing SVIDs: {e}")))?
+            .map_err(|e| Status::internal(format!("listing SVIDs: {e}")))?;
+        // Recorded issuance (including before a restart), completed by the
+        // cache (records are written off the request path).
+        let mut svids: BTreeMap<String, pb::IssuedSvid> = recorded
+            .into_iter()
+            .map(|r| {
+                (
+                    r.serial.clone(),
+                    pb::IssuedSvid {
+                        spiffe_id: r.spiffe_id,
+                        entry_id: r.entry_id,
+                        serial: r.serial,
+                        not_before_ms: convert::unix_ms(r.not_before),
+                        not_after_ms: convert::unix_ms(r.not_after),
+                        holders: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        let now = std::time::SystemTime::now();
+        for svid in self
+            .svids
+            .x509_svids()
+            .into_iter()
+            .filter(|s| s.not_after > now)
+        {
+            svids
+                .entry(svid.serial.clone())
+                .or_insert_with(|| pb::IssuedSvid {
+                    spiffe_id: svid.spiffe_id.to_string(),
+                    entry_id: svid.entry_id.to_string(),
+                    serial: svid.serial.clone(),
+                    not_before_ms: convert::unix_ms(svid.not_before),
+                    not_after_ms: convert::unix_ms(svid.not_after),
+                    holders: Vec::new(),
+                });
+        }
+        for holder in self.svids.holders() {
+            for serial in &holder.serials {
+                if let Some(svid) = svids.get_mut(serial) {
+                    svid.holders.push(pb::SvidHolder {
+                        pid: holder.pid,
+                        uid: holder.uid,
+                        executable: holder
+                            .executable
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default(),
+                        selectors: holder.selectors.clone(),
+                        since_ms: convert::unix_ms(holder.since),
+                    });
+                }
+            }
+        }
+        let mut svids: Vec<_> = svids.into_values().collect();
+        svids.sort_by(|a, b| {
+            a.spiffe_id
+                .cmp(&b.spiffe_id)
+                .then(b.not_after_ms.cmp(&a.not_after_ms))
+        });
+        Ok(Response::new(pb::ListSvidsResponse { svids }))
+    }
+
+    async fn get_bundle(
+        &self,
+        _request: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        let bundle = self.authority.bundle();
+        let spiffe_json = bundle
+            .to_spiffe_json()
+            .map_err(|e| Status::internal(format!("encoding the bundle: {e}")))?;
+        Ok(Response::new(pb::Bundle {
+            trust_domain: bundle.trust_domain().to_string(),
+            spiffe_json,
+            x509_authorities: bundle.x509_authorities().to_vec(),
+            sequence: bundle.sequence(),
+        }))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        Ok(Response::new(pb::HealthResponse {
+            serving: self.authority.x509_signer().is_ok() && self.authority.jwt_signer().is_ok(),
+            trust_domain: self.registry.trust_domain().to_string(),
+            entries: u32::try_from(self.registry.snapshot().len()).unwrap_or(u32::MAX),
+            open_streams: u32::try_from(self.open_streams.load(Ordering::Relaxed))
+                .unwrap_or(u32::MAX),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+
+    async fn reload(
+        &self,
+        _request: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.reload
+            .send(tx)
+            .await
+            .map_err(|_| Status::unavailable("the agent is stopping"))?;
+        let outcome = rx
+            .await
+            .map_err(|_| Status::unavailable("the agent is stopping"))?
+            .map_err(|reason| {
+                Status::failed_precondition(format!(
+                    "reload refused, the running config stays: {reason}"
+                ))
+            })?;
+        Ok(Response::new(pb::ReloadResponse {
+            config_entries: u32::try_from(outcome.config_entries).unwrap_or(u32::MAX),
+            federations: u32::try_from(outcome.federations).unwrap_or(u32::MAX),
+        }))
+    }
+}
