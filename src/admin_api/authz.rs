@@ -1,6 +1,7 @@
-//! Who may use the admin API: root and the configured uids, decided from
-//! the kernel's peer credentials on every call (never from anything the
-//! caller sends, and never from the socket's file mode alone).
+//! Who may use the admin API: root, the user the agent runs as (who can
+//! read its data dir anyway) and the configured uids, decided from the
+//! kernel's peer credentials on every call (never from anything the caller
+//! sends, and never from the socket's file mode alone).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -16,10 +17,11 @@ pub struct AdminAuthz {
 }
 
 impl AdminAuthz {
-    /// Root plus `uids`.
+    /// Root, the agent's own effective uid, and `uids`.
     pub fn new(uids: &[u32]) -> Self {
         let mut allowed: BTreeSet<u32> = uids.iter().copied().collect();
         allowed.insert(0);
+        allowed.insert(nix::unistd::geteuid().as_raw());
         Self {
             uids: Arc::new(allowed),
         }
@@ -40,7 +42,7 @@ impl AdminAuthz {
                 "admin API call refused: uid not in admin_uids"
             );
             Err(Status::permission_denied(format!(
-                "admin API: uid {} is not allowed (root and admin_uids only)",
+                "admin API: uid {} is not allowed (root, the agent's user and admin_uids only)",
                 caller.uid()
             )))
         }

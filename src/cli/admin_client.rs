@@ -2,7 +2,7 @@
 //! operator command shares, a tonic `Channel` over the socket, and the
 //! mapping from what went wrong to an exit status.
 //!
-//! The agent decides who may call (root and `admin_uids`, from the peer
+//! The agent decides who may call (root, the agent's user and `admin_uids`, from the peer
 //! credentials); this client never guesses. It only adds, when the socket
 //! itself refused the connection, the hint that the admin socket is not for
 //! everyone. Invariant: every wait is bounded by `--timeout`.
@@ -326,7 +326,7 @@ fn describe_admin_status(socket: &Path, status: &Status) -> String {
 fn connect_hint(error: &tonic::transport::Error) -> &'static str {
     match io_cause(error).map(io::Error::kind) {
         Some(io::ErrorKind::PermissionDenied) => {
-            "the admin socket is for root and the uids in admin_uids (members of admin_group may connect)"
+            "the admin socket is for root, the agent's user and the uids in admin_uids (members of admin_group may connect)"
         }
         _ => {
             "is `tether run` running? (--admin-socket or $TETHER_ADMIN_SOCKET names another socket)"
