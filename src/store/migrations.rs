@@ -3,8 +3,10 @@
 //! version bump, so a crash leaves the database at N-1 or N, never between.
 //!
 //! A shipped step is never edited (a test pins each one's SHA-256): a
-//! database at version N must mean the same schema on every build. Later
-//! schema work (tasks, revocations) appends `migrations/v2.sql` and so on.
+//! database at version N must mean the same schema on every build.
+//!
+//! - v1: `entries`, `issued_x509`.
+//! - v2: `entries.audiences`, `tasks`.
 
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -12,11 +14,22 @@ use rusqlite::{Connection, TransactionBehavior};
 pub(super) const APPLICATION_ID: i64 = 0x7465_7468;
 
 /// Every step, oldest first; index + 1 is the version it produces.
-pub(super) const STEPS: &[&str] = &[include_str!("migrations/v1.sql")];
+pub(super) const STEPS: &[&str] = &[
+    include_str!("migrations/v1.sql"),
+    include_str!("migrations/v2.sql"),
+];
 
 /// The schema version this build writes and understands.
-// STEPS is a short literal list: its length fits u32.
-pub(super) const LATEST: u32 = STEPS.len() as u32;
+#[cfg(test)]
+pub(super) const LATEST: u32 = version_of(STEPS);
+
+/// The schema version `steps` produce, and the newest a build that knows
+/// only them understands.
+// Step lists are STEPS or a prefix of it, a short literal list: the length
+// fits u32.
+pub(super) const fn version_of(steps: &[&str]) -> u32 {
+    steps.len() as u32
+}
 
 /// The database's `user_version`: 0 for a fresh file. Signed, because SQLite
 /// stores it signed and a foreign file may hold anything.
@@ -65,7 +78,10 @@ mod tests {
     fn shipped_steps_are_never_edited() {
         // Appending a step adds a line here; changing a line means a
         // released database would no longer match its version number.
-        let pinned = ["267135485dbf667e8ca6c2be43aa625b86776c581fccc30455b5a8e79623d9c9"];
+        let pinned = [
+            "267135485dbf667e8ca6c2be43aa625b86776c581fccc30455b5a8e79623d9c9",
+            "f9e520d640379abef35a7731d79593cbdc7712de6b374ae317822bb26241a2a9",
+        ];
         assert_eq!(STEPS.len(), pinned.len(), "pin the new step's SHA-256");
         for (step, want) in STEPS.iter().zip(pinned) {
             let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, step.as_bytes());
@@ -78,21 +94,28 @@ mod tests {
     fn an_appended_step_upgrades_and_a_failing_one_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("m.db")).unwrap();
-        assert_eq!(apply(&mut conn, STEPS).unwrap(), 1);
+        assert_eq!(apply(&mut conn, &STEPS[..1]).unwrap(), 1);
         assert_eq!(table_names(&conn), ["entries", "issued_x509"]);
         let app_id: i64 = conn
             .pragma_query_value(None, "application_id", |r| r.get(0))
             .unwrap();
         assert_eq!(app_id, APPLICATION_ID);
 
-        let v2 = "CREATE TABLE tasks (id TEXT NOT NULL PRIMARY KEY) STRICT;";
-        assert_eq!(apply(&mut conn, &[STEPS[0], v2]).unwrap(), 2);
+        assert_eq!(apply(&mut conn, STEPS).unwrap(), i64::from(LATEST));
         // Re-applying is a no-op, not a "table exists" error.
-        assert_eq!(apply(&mut conn, &[STEPS[0], v2]).unwrap(), 2);
-
-        let broken = "CREATE TABLE revocations (jti TEXT) STRICT; NOT SQL AT ALL;";
-        assert!(apply(&mut conn, &[STEPS[0], v2, broken]).is_err());
-        assert_eq!(user_version(&conn).unwrap(), 2);
+        assert_eq!(apply(&mut conn, STEPS).unwrap(), i64::from(LATEST));
         assert_eq!(table_names(&conn), ["entries", "issued_x509", "tasks"]);
+
+        let next = "CREATE TABLE revocations (jti TEXT NOT NULL PRIMARY KEY) STRICT;";
+        let broken = "CREATE TABLE later (x TEXT) STRICT; NOT SQL AT ALL;";
+        let with_next: Vec<&str> = STEPS.iter().copied().chain([next]).collect();
+        let with_broken: Vec<&str> = with_next.iter().copied().chain([broken]).collect();
+        assert_eq!(apply(&mut conn, &with_next).unwrap(), i64::from(LATEST) + 1);
+        assert!(apply(&mut conn, &with_broken).is_err());
+        assert_eq!(user_version(&conn).unwrap(), i64::from(LATEST) + 1);
+        assert_eq!(
+            table_names(&conn),
+            ["entries", "issued_x509", "revocations", "tasks"]
+        );
     }
 }

@@ -1,17 +1,23 @@
 //! The agent's embedded database: `data_dir/tether.db`, SQLite in WAL mode.
 //!
-//! Owns the operator state that must outlive restarts and crashes:
-//! registration entries created at runtime (config-file entries are never
-//! stored) and a record of issued X.509-SVIDs. [`Store`] is a cheap-to-clone
-//! handle; its methods block (async callers use `spawn_blocking`) and are
-//! serialised by one connection behind a mutex. Rows are plain data
-//! ([`EntryRow`], [`IssuedX509`]) that callers validate; the store knows no
-//! domain type and only bounds what it keeps.
+//! Owns the state that must outlive restarts and crashes: registration
+//! entries created at runtime (config-file entries are never stored), a
+//! record of issued X.509-SVIDs, and tasks with their ends. [`Store`] is a
+//! cheap-to-clone handle; its methods block (async callers use
+//! `spawn_blocking`) and are serialised by one connection behind a mutex.
+//! Rows are plain data ([`EntryRow`], [`IssuedX509`], [`TaskRow`]) that
+//! callers validate; the store knows no domain type and only bounds what it
+//! keeps.
 //!
 //! Invariants:
 //! - An acknowledged write is durable: every write commits before its method
 //!   returns, and `synchronous = FULL` syncs the WAL on each commit, so it
-//!   survives `kill -9` and power loss.
+//!   survives `kill -9` and power loss. A batch method is one transaction:
+//!   all of it, or none of it, after a crash.
+//! - A task's end is written once: the first recorded end wins, and no
+//!   write turns an ended task active again. A task row is kept until its
+//!   deadline has passed, so a restart knows every end whose tokens could
+//!   still be presented.
 //! - A damaged database is refused, never recreated or repaired: [`Store::open`]
 //!   runs `quick_check` before writing anything, and closes a database it
 //!   refuses without checkpointing, so the file is left as it was found.
@@ -24,6 +30,10 @@
 //! would add joins and ordering columns for no query. The one question asked
 //! of selectors, "does another entry have this SPIFFE ID and selector set?",
 //! is a UNIQUE index over a canonical column (sorted, deduplicated JSON).
+//!
+//! Entry audiences and task tools are lists for the same reason: the task
+//! layer keeps live tasks in memory and asks the store only by id or by
+//! deadline.
 //!
 //! `rows` holds the row types and the column codec with its bounds;
 //! `migrations` the append-only schema steps.
@@ -43,11 +53,11 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionB
 mod migrations;
 mod rows;
 
-pub use rows::{EntryRow, IssuedX509};
+pub use rows::{EntryRow, IssuedX509, TaskEnd, TaskRow};
 
 use rows::{
-    ENTRY_COLUMNS, ENTRY_COLUMNS_SQL, EncodedEntry, EncodedX509, MAX_ID_LEN, Problem, X509_COLUMNS,
-    X509_COLUMNS_SQL,
+    ENTRY_COLUMNS, ENTRY_COLUMNS_SQL, EncodedEnd, EncodedEntry, EncodedTask, EncodedX509,
+    MAX_ID_LEN, Problem, TASK_COLUMNS, TASK_COLUMNS_SQL, X509_COLUMNS, X509_COLUMNS_SQL,
 };
 
 /// The database file inside `data_dir`.
@@ -65,6 +75,7 @@ const MAX_FINDING_LEN: usize = 200;
 
 const ENTRIES: &str = "entries";
 const ISSUED_X509: &str = "issued_x509";
+const TASKS: &str = "tasks";
 
 /// Handle to the database in `data_dir/tether.db`. Cheap to clone; all
 /// methods block, serialised by one connection.
@@ -216,6 +227,12 @@ impl Store {
     /// pending migrations. `data_dir` must exist (the daemon creates it 0700
     /// and holds its lock).
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(data_dir, migrations::STEPS)
+    }
+
+    /// [`Store::open`] as a build that knows only `steps` would: tests use
+    /// it to write a database of an older schema.
+    fn open_with(data_dir: &Path, steps: &[&str]) -> Result<Store, StoreError> {
         let path = data_dir.join(DB_FILE);
         prepare_files(data_dir, &path)?;
 
@@ -233,7 +250,7 @@ impl Store {
             .map_err(open_error(&path))?;
         configure(&conn).map_err(open_error(&path))?;
         check_integrity(&conn, &path)?;
-        check_identity(&conn, &path)?;
+        check_identity(&conn, &path, steps)?;
 
         // Persistent in the file header; the first write since `quick_check`.
         let mode: String = conn
@@ -242,7 +259,7 @@ impl Store {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::NoWal { path, mode });
         }
-        migrations::apply(&mut conn, migrations::STEPS).map_err(open_error(&path))?;
+        migrations::apply(&mut conn, steps).map_err(open_error(&path))?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
             .map_err(open_error(&path))?;
 
@@ -268,7 +285,8 @@ impl Store {
 
     /// Stores a new entry. [`StoreError::Duplicate`] when its id is taken, or
     /// when another entry has the same SPIFFE ID and the same selector set
-    /// (in any order, repeats ignored).
+    /// (in any order, repeats ignored; audiences and the other fields do not
+    /// count).
     pub fn insert_entry(&self, row: &EntryRow) -> Result<(), StoreError> {
         let encoded = EncodedEntry::new(row).map_err(|p| unstorable(ENTRIES, &row.id, p))?;
         let mut conn = self.conn();
@@ -283,10 +301,10 @@ impl Store {
         self.refuse_same_identity(&tx, &encoded, None)?;
         tx.prepare(
             "INSERT INTO entries (id, spiffe_id, selectors, selector_key, x509_svid_ttl_ms, \
-             jwt_svid_ttl_ms, dns_names, hint, federates_with, created_at_ms, updated_at_ms, \
-             revision) VALUES (:id, :spiffe_id, :selectors, :selector_key, :x509_svid_ttl_ms, \
-             :jwt_svid_ttl_ms, :dns_names, :hint, :federates_with, :created_at_ms, \
-             :updated_at_ms, :revision)",
+             jwt_svid_ttl_ms, dns_names, hint, federates_with, audiences, created_at_ms, \
+             updated_at_ms, revision) VALUES (:id, :spiffe_id, :selectors, :selector_key, \
+             :x509_svid_ttl_ms, :jwt_svid_ttl_ms, :dns_names, :hint, :federates_with, \
+             :audiences, :created_at_ms, :updated_at_ms, :revision)",
         )
         .and_then(|mut stmt| stmt.execute(entry_params(&encoded).as_slice()))
         .map_err(self.write_error(|| format!("entry {}", quote(&row.id))))?;
@@ -331,8 +349,9 @@ impl Store {
             "UPDATE entries SET spiffe_id = :spiffe_id, selectors = :selectors, \
              selector_key = :selector_key, x509_svid_ttl_ms = :x509_svid_ttl_ms, \
              jwt_svid_ttl_ms = :jwt_svid_ttl_ms, dns_names = :dns_names, hint = :hint, \
-             federates_with = :federates_with, created_at_ms = :created_at_ms, \
-             updated_at_ms = :updated_at_ms, revision = :revision WHERE id = :id",
+             federates_with = :federates_with, audiences = :audiences, \
+             created_at_ms = :created_at_ms, updated_at_ms = :updated_at_ms, \
+             revision = :revision WHERE id = :id",
         )
         .and_then(|mut stmt| stmt.execute(entry_params(&encoded).as_slice()))
         .map_err(self.write_error(|| format!("entry {}", quote(&row.id))))?;
@@ -429,6 +448,145 @@ impl Store {
     pub fn prune_x509(&self, before: SystemTime) -> Result<usize, StoreError> {
         let conn = self.conn();
         conn.prepare("DELETE FROM issued_x509 WHERE not_after_ms < ?1")
+            .and_then(|mut stmt| stmt.execute([query_millis(before)]))
+            .map_err(self.sql())
+    }
+
+    /// Stores a task as it begins. [`StoreError::Duplicate`] when its id is
+    /// taken (by an active or an ended task); [`StoreError::Unstorable`] when
+    /// `row.ended` is set: an end is recorded by [`Store::end_task`] only.
+    pub fn insert_task(&self, row: &TaskRow) -> Result<(), StoreError> {
+        self.insert_tasks(std::slice::from_ref(row))
+    }
+
+    /// [`Store::insert_task`] for several tasks, in one transaction (one
+    /// sync): either all are stored or, on any refusal (including two rows
+    /// with the same id), none is.
+    pub fn insert_tasks(&self, rows: &[TaskRow]) -> Result<(), StoreError> {
+        let encoded = rows
+            .iter()
+            .map(|row| EncodedTask::new(row).map_err(|p| unstorable(TASKS, &row.id, p)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if encoded.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql())?;
+        {
+            let mut stmt = tx
+                .prepare(
+                    "INSERT INTO tasks (id, owner_pid, owner_start_time, owner_uid, \
+                     owner_executable, owner_exe_sha256, spiffe_id, entry_id, audience, intent, \
+                     tools, bind_x5t, created_at_ms, deadline_ms, ended_at_ms, end_reason, \
+                     tokens_issued) VALUES (:id, :owner_pid, :owner_start_time, :owner_uid, \
+                     :owner_executable, :owner_exe_sha256, :spiffe_id, :entry_id, :audience, \
+                     :intent, :tools, :bind_x5t, :created_at_ms, :deadline_ms, NULL, NULL, \
+                     :tokens_issued)",
+                )
+                .map_err(self.sql())?;
+            for task in &encoded {
+                stmt.execute(task_params(task).as_slice())
+                    .map_err(self.write_error(|| format!("task {}", quote(task.id))))?;
+            }
+        }
+        // Dropping `tx` on an error above rolls the whole batch back.
+        tx.commit().map_err(self.sql())
+    }
+
+    /// Records the end of task `id` with the number of tokens it issued.
+    /// The first end wins: `Ok(false)`, changing nothing, when the task has
+    /// already ended (it keeps its first time, reason and count) or is not
+    /// stored; `Ok(true)` when this call ended it.
+    pub fn end_task(
+        &self,
+        id: &str,
+        end: &TaskEnd,
+        tokens_issued: u64,
+    ) -> Result<bool, StoreError> {
+        let encoded =
+            EncodedEnd::new(id, end, tokens_issued).map_err(|p| unstorable(TASKS, id, p))?;
+        let conn = self.conn();
+        let changed = conn
+            .prepare(END_TASK_SQL)
+            .and_then(|mut stmt| stmt.execute(end_params(&encoded).as_slice()))
+            .map_err(self.sql())?;
+        Ok(changed > 0)
+    }
+
+    /// [`Store::end_task`] for several tasks, in one transaction (one sync):
+    /// all the ends are recorded or, on an error, none. Returns how many
+    /// tasks this call ended; an id ended already, absent, or repeated in
+    /// `ends` (the first of the batch wins) does not count.
+    pub fn end_tasks(&self, ends: &[(String, TaskEnd, u64)]) -> Result<usize, StoreError> {
+        let encoded = ends
+            .iter()
+            .map(|(id, end, tokens)| {
+                EncodedEnd::new(id, end, *tokens).map_err(|p| unstorable(TASKS, id, p))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if encoded.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql())?;
+        let mut changed = 0;
+        {
+            let mut stmt = tx.prepare(END_TASK_SQL).map_err(self.sql())?;
+            for end in &encoded {
+                changed += stmt
+                    .execute(end_params(end).as_slice())
+                    .map_err(self.sql())?;
+            }
+        }
+        tx.commit().map_err(self.sql())?;
+        Ok(changed)
+    }
+
+    /// The stored task with this id, active or ended.
+    pub fn task(&self, id: &str) -> Result<Option<TaskRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {TASK_COLUMNS_SQL}, rowid FROM tasks WHERE id = ?1"
+            ))
+            .map_err(self.sql())?;
+        let mut rows = stmt.query([id]).map_err(self.sql())?;
+        match rows.next().map_err(self.sql())? {
+            Some(row) => decode_task(row).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every task whose deadline is after `now`, active or ended: what a
+    /// restart must know, since tokens of such a task may still be presented
+    /// and an ended one's must stay refused. Oldest `created_at` first (ties
+    /// by id).
+    pub fn tasks_until(&self, now: SystemTime) -> Result<Vec<TaskRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {TASK_COLUMNS_SQL}, rowid FROM tasks WHERE deadline_ms > ?1 \
+                 ORDER BY created_at_ms, id"
+            ))
+            .map_err(self.sql())?;
+        let mut rows = stmt.query([query_millis(now)]).map_err(self.sql())?;
+        let mut tasks = Vec::new();
+        while let Some(row) = rows.next().map_err(self.sql())? {
+            tasks.push(decode_task(row)?);
+        }
+        Ok(tasks)
+    }
+
+    /// Deletes tasks, active or ended, whose deadline is before `before`;
+    /// returns how many. Past its deadline a task's tokens have all expired,
+    /// so its end no longer needs remembering.
+    pub fn prune_tasks(&self, before: SystemTime) -> Result<usize, StoreError> {
+        let conn = self.conn();
+        conn.prepare("DELETE FROM tasks WHERE deadline_ms < ?1")
             .and_then(|mut stmt| stmt.execute([query_millis(before)]))
             .map_err(self.sql())
     }
@@ -591,14 +749,23 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
-    let findings = (|| {
+    let mut findings = Vec::new();
+    let checked = (|| {
         let mut stmt = conn.prepare(&format!("PRAGMA quick_check({QUICK_CHECK_MAX_FINDINGS})"))?;
-        let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-    })()
-    .map_err(open_error(path))?;
-    if findings.len() == 1 && findings[0] == "ok" {
-        return Ok(());
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            findings.push(row.get::<_, String>(0)?);
+        }
+        Ok(())
+    })();
+    match checked {
+        Ok(()) if findings.len() == 1 && findings[0] == "ok" => return Ok(()),
+        Ok(()) => {}
+        // quick_check reports a damaged page as a finding, then fails when
+        // its NOT NULL and STRICT checks scan a table through that page: keep
+        // what it found before failing (which page), and the failure.
+        Err(e) if is_damage(&e) => findings.push(e.to_string()),
+        Err(e) => return Err(open_error(path)(e)),
     }
     // One line: findings come as multi-line text.
     let findings: Vec<String> = findings
@@ -612,8 +779,9 @@ fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     })
 }
 
-/// Refuses another program's database, and one from a newer tether.
-fn check_identity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+/// Refuses another program's database, and one with a schema newer than
+/// `steps` produce.
+fn check_identity(conn: &Connection, path: &Path, steps: &[&str]) -> Result<(), StoreError> {
     let not_ours = |detail: String| StoreError::Corrupt {
         path: path.to_owned(),
         detail,
@@ -642,11 +810,12 @@ fn check_identity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     }
     let found =
         u32::try_from(version).map_err(|_| not_ours(format!("schema version {version}")))?;
-    if found > migrations::LATEST {
+    let known = migrations::version_of(steps);
+    if found > known {
         return Err(StoreError::NewerSchema {
             path: path.to_owned(),
             found,
-            known: migrations::LATEST,
+            known,
         });
     }
     Ok(())
@@ -677,7 +846,7 @@ fn is_damage(e: &rusqlite::Error) -> bool {
 
 // === rows ===
 
-fn entry_params<'a>(e: &'a EncodedEntry<'a>) -> [(&'static str, &'a dyn rusqlite::ToSql); 12] {
+fn entry_params<'a>(e: &'a EncodedEntry<'a>) -> [(&'static str, &'a dyn rusqlite::ToSql); 13] {
     [
         (":id", &e.id),
         (":spiffe_id", &e.spiffe_id),
@@ -688,9 +857,45 @@ fn entry_params<'a>(e: &'a EncodedEntry<'a>) -> [(&'static str, &'a dyn rusqlite
         (":dns_names", &e.dns_names),
         (":hint", &e.hint),
         (":federates_with", &e.federates_with),
+        (":audiences", &e.audiences),
         (":created_at_ms", &e.created_at_ms),
         (":updated_at_ms", &e.updated_at_ms),
         (":revision", &e.revision),
+    ]
+}
+
+/// Ends an active task; an ended one keeps its first end (the `IS NULL`
+/// condition is what makes the first end win).
+const END_TASK_SQL: &str = "UPDATE tasks SET ended_at_ms = :ended_at_ms, \
+     end_reason = :end_reason, tokens_issued = :tokens_issued \
+     WHERE id = :id AND ended_at_ms IS NULL";
+
+fn task_params<'a>(t: &'a EncodedTask<'a>) -> [(&'static str, &'a dyn rusqlite::ToSql); 15] {
+    [
+        (":id", &t.id),
+        (":owner_pid", &t.owner_pid),
+        (":owner_start_time", &t.owner_start_time),
+        (":owner_uid", &t.owner_uid),
+        (":owner_executable", &t.owner_executable),
+        (":owner_exe_sha256", &t.owner_exe_sha256),
+        (":spiffe_id", &t.spiffe_id),
+        (":entry_id", &t.entry_id),
+        (":audience", &t.audience),
+        (":intent", &t.intent),
+        (":tools", &t.tools),
+        (":bind_x5t", &t.bind_x5t),
+        (":created_at_ms", &t.created_at_ms),
+        (":deadline_ms", &t.deadline_ms),
+        (":tokens_issued", &t.tokens_issued),
+    ]
+}
+
+fn end_params<'a>(e: &'a EncodedEnd<'a>) -> [(&'static str, &'a dyn rusqlite::ToSql); 4] {
+    [
+        (":id", &e.id),
+        (":ended_at_ms", &e.ended_at_ms),
+        (":end_reason", &e.end_reason),
+        (":tokens_issued", &e.tokens_issued),
     ]
 }
 
@@ -705,6 +910,11 @@ fn stored_revision(conn: &Connection, id: &str) -> rusqlite::Result<Option<Resul
 fn decode_entry(row: &rusqlite::Row<'_>) -> Result<EntryRow, StoreError> {
     let values = values::<ENTRY_COLUMNS>(row)?;
     rows::decode_entry(&values).map_err(|p| bad_row(ENTRIES, row_label(&values, row), p))
+}
+
+fn decode_task(row: &rusqlite::Row<'_>) -> Result<TaskRow, StoreError> {
+    let values = values::<TASK_COLUMNS>(row)?;
+    rows::decode_task(&values).map_err(|p| bad_row(TASKS, row_label(&values, row), p))
 }
 
 fn decode_x509(row: &rusqlite::Row<'_>) -> Result<IssuedX509, StoreError> {
@@ -777,6 +987,7 @@ fn shorten(text: &str, max_chars: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeSet, HashMap};
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::ExitStatusExt;
@@ -809,10 +1020,43 @@ mod tests {
             dns_names: vec!["a.example.org".into()],
             hint: Some("primary".into()),
             federates_with: vec!["spiffe://other.org".into()],
+            audiences: vec!["https://mcp.jira.internal".into()],
             created_at: at(0),
             updated_at: at(0),
             revision: 1,
         }
+    }
+
+    fn task(id: &str, created_at: u64, deadline: u64) -> TaskRow {
+        TaskRow {
+            id: id.into(),
+            owner_pid: 4242,
+            owner_start_time: 1_234_567,
+            owner_uid: 1000,
+            owner_executable: Some("/usr/local/bin/agent".into()),
+            owner_exe_sha256: Some("ab".repeat(32)),
+            spiffe_id: "spiffe://example.org/agent".into(),
+            entry_id: "e1".into(),
+            audience: "https://mcp.jira.internal".into(),
+            intent: "triage the open tickets".into(),
+            tools: vec!["jira.search".into(), "jira.comment".into()],
+            bind_x5t: Some("x".repeat(43)),
+            created_at: at(created_at),
+            deadline: at(deadline),
+            ended: None,
+            tokens_issued: 0,
+        }
+    }
+
+    fn end(at_ms: u64, reason: &str) -> TaskEnd {
+        TaskEnd {
+            at: at(at_ms),
+            reason: reason.into(),
+        }
+    }
+
+    fn task_ids(tasks: &[TaskRow]) -> Vec<&str> {
+        tasks.iter().map(|t| t.id.as_str()).collect()
     }
 
     fn issued(serial: &str, issued_at: u64, not_after: u64) -> IssuedX509 {
@@ -867,6 +1111,7 @@ mod tests {
         first.hint = None;
         first.dns_names = vec![];
         first.federates_with = vec![];
+        first.audiences = vec![];
         for row in [&b, &a, &first] {
             store.insert_entry(row).unwrap();
         }
@@ -881,6 +1126,7 @@ mod tests {
         changed.selectors = vec!["unix:uid:3".into()];
         changed.spiffe_id = "spiffe://example.org/a2".into();
         changed.hint = None;
+        changed.audiences = vec!["https://a.internal".into(), "https://b.internal".into()];
         changed.updated_at = at(9);
         changed.revision = 2;
         store.update_entry(&changed).unwrap();
@@ -918,6 +1164,11 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, StoreError::Duplicate { .. }), "{err}");
         assert!(err.to_string().contains("(entry \"e1\")"), "{err}");
+        // Nor do other audiences make another entry.
+        let mut other_audiences = entry("e2", a, &["unix:uid:1", "unix:gid:1"]);
+        other_audiences.audiences = vec!["https://elsewhere.internal".into()];
+        let err = store.insert_entry(&other_audiences).unwrap_err();
+        assert!(matches!(err, StoreError::Duplicate { .. }), "{err}");
 
         // A different SPIFFE ID or a different set is another entry.
         let other = "spiffe://example.org/b";
@@ -1132,7 +1383,7 @@ mod tests {
             "PRAGMA wal_autocheckpoint = 0; \
              INSERT INTO entries SELECT 'zzz', 'spiffe://example.org/zzz', selectors, \
              selector_key, x509_svid_ttl_ms, jwt_svid_ttl_ms, dns_names, hint, \
-             federates_with, created_at_ms + 100000, updated_at_ms, revision \
+             federates_with, created_at_ms + 100000, updated_at_ms, revision, audiences \
              FROM entries WHERE id = 'entry-00000';",
         )
         .unwrap();
@@ -1296,6 +1547,28 @@ mod tests {
             store.insert_entry(&row),
             Err(StoreError::Unstorable { .. })
         ));
+        let mut row = entry("e1", "spiffe://example.org/a", &[]);
+        row.audiences = vec!["x".repeat(rows::MAX_LIST_ITEM_LEN + 1)];
+        match store.insert_entry(&row) {
+            Err(StoreError::Unstorable { problem, .. }) => {
+                assert!(problem.starts_with("audiences: "), "{problem}")
+            }
+            other => panic!("expected Unstorable, got {other:?}"),
+        }
+        row.audiences = (0..=rows::MAX_LIST_ITEMS).map(|i| i.to_string()).collect();
+        assert!(matches!(
+            store.insert_entry(&row),
+            Err(StoreError::Unstorable { .. })
+        ));
+        row.audiences = vec![];
+        store.insert_entry(&row).unwrap();
+        row.revision = 2;
+        row.audiences = vec!["x".repeat(rows::MAX_LIST_ITEM_LEN + 1)];
+        assert!(matches!(
+            store.update_entry(&row),
+            Err(StoreError::Unstorable { .. })
+        ));
+        assert!(store.delete_entry("e1").unwrap());
         assert!(matches!(
             store.record_x509_issued(&IssuedX509 {
                 not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 2),
@@ -1320,11 +1593,17 @@ mod tests {
             ("revision", "-1"),
             ("x509_svid_ttl_ms", "9223372036854775807"),
             ("hint", "hex(zeroblob(5000))"),
+            ("audiences", "'[\"https://a.internal\", 7]'"),
+            // 257 items: one more than a write may store.
+            (
+                "audiences",
+                "'[' || substr(replace(hex(zeroblob(257)), '00', '\"a\",'), 1, 1027) || ']'",
+            ),
         ] {
             conn.execute_batch(&format!(
                 "INSERT INTO entries SELECT 'bad', spiffe_id || '/bad', selectors, \
                  selector_key, x509_svid_ttl_ms, jwt_svid_ttl_ms, dns_names, hint, \
-                 federates_with, created_at_ms + 1, updated_at_ms, revision \
+                 federates_with, created_at_ms + 1, updated_at_ms, revision, audiences \
                  FROM entries WHERE id = 'good'; \
                  UPDATE entries SET {column} = {value} WHERE id = 'bad';"
             ))
@@ -1370,6 +1649,512 @@ mod tests {
         ));
     }
 
+    /// Stores `row` as a v1 build did: every v1 column, no audiences.
+    fn insert_v1_entry(store: &Store, row: &EntryRow) {
+        let encoded = EncodedEntry::new(row).unwrap();
+        let params: Vec<_> = entry_params(&encoded)
+            .into_iter()
+            .filter(|(name, _)| *name != ":audiences")
+            .collect();
+        store
+            .conn()
+            .execute(
+                "INSERT INTO entries (id, spiffe_id, selectors, selector_key, x509_svid_ttl_ms, \
+                 jwt_svid_ttl_ms, dns_names, hint, federates_with, created_at_ms, updated_at_ms, \
+                 revision) VALUES (:id, :spiffe_id, :selectors, :selector_key, \
+                 :x509_svid_ttl_ms, :jwt_svid_ttl_ms, :dns_names, :hint, :federates_with, \
+                 :created_at_ms, :updated_at_ms, :revision)",
+                params.as_slice(),
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn a_v1_database_upgrades_keeping_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = &migrations::STEPS[..1];
+        let mut a = entry("a", "spiffe://example.org/a", &["unix:uid:1"]);
+        a.audiences = vec![];
+        let mut b = entry("b", "spiffe://example.org/b", &["unix:uid:2"]);
+        b.audiences = vec![];
+        b.created_at = at(1);
+        {
+            // What a v1 build wrote: no audiences column, no tasks table.
+            let store = Store::open_with(dir.path(), v1).unwrap();
+            assert_eq!(store.schema_version().unwrap(), 1);
+            insert_v1_entry(&store, &a);
+            insert_v1_entry(&store, &b);
+            store.record_x509_issued(&issued("01", 0, 100)).unwrap();
+        }
+        // A v1 build reopens its own database (and nothing upgraded it).
+        assert_eq!(
+            Store::open_with(dir.path(), v1)
+                .unwrap()
+                .schema_version()
+                .unwrap(),
+            1
+        );
+
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 2);
+        // Every v1 row reads back whole, with no audiences.
+        assert_eq!(store.entries().unwrap(), [a.clone(), b]);
+        assert_eq!(store.live_x509(at(0)).unwrap(), [issued("01", 0, 100)]);
+        assert!(store.tasks_until(UNIX_EPOCH).unwrap().is_empty());
+
+        // And the upgraded rows take audiences and tasks like new ones.
+        a.audiences = vec!["https://mcp.jira.internal".into()];
+        a.revision = 2;
+        store.update_entry(&a).unwrap();
+        assert_eq!(store.entry("a").unwrap(), Some(a));
+        store.insert_task(&task("t1", 0, 100)).unwrap();
+        drop(store);
+
+        // A v1 build now refuses the database rather than misread it.
+        match Store::open_with(dir.path(), v1) {
+            Err(StoreError::NewerSchema {
+                found: 2, known: 1, ..
+            }) => {}
+            other => panic!("expected NewerSchema, got {other:?}"),
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.task("t1").unwrap(), Some(task("t1", 0, 100)));
+    }
+
+    #[test]
+    fn a_task_is_stored_active_and_its_first_end_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut t1 = task("t1", 0, 60_000);
+        t1.owner_executable = None;
+        t1.owner_exe_sha256 = None;
+        t1.bind_x5t = None;
+        t1.tools = vec![];
+        t1.tokens_issued = 2;
+        store.insert_task(&t1).unwrap();
+        assert_eq!(store.task("t1").unwrap(), Some(t1.clone()));
+        assert_eq!(store.task("missing").unwrap(), None);
+
+        let err = store.insert_task(&task("t1", 5, 10)).unwrap_err();
+        assert!(matches!(err, StoreError::Duplicate { .. }), "{err}");
+        assert!(err.to_string().contains("task \"t1\""), "{err}");
+
+        // An end arrives only through end_task.
+        let mut born_ended = task("t2", 0, 60_000);
+        born_ended.ended = Some(end(1, "completed"));
+        match store.insert_task(&born_ended) {
+            Err(StoreError::Unstorable {
+                table: "tasks",
+                problem,
+                ..
+            }) => assert!(problem.starts_with("ended: "), "{problem}"),
+            other => panic!("expected Unstorable, got {other:?}"),
+        }
+        assert_eq!(store.task("t2").unwrap(), None);
+
+        assert!(store.end_task("t1", &end(30, "completed"), 7).unwrap());
+        let ended = TaskRow {
+            ended: Some(end(30, "completed")),
+            tokens_issued: 7,
+            ..t1.clone()
+        };
+        assert_eq!(store.task("t1").unwrap(), Some(ended.clone()));
+        // A later end changes nothing: not the time, the reason or the count.
+        assert!(!store.end_task("t1", &end(40, "owner exited"), 9).unwrap());
+        assert_eq!(store.task("t1").unwrap(), Some(ended.clone()));
+        assert!(!store.end_task("missing", &end(40, "completed"), 0).unwrap());
+        // An ended task's id stays taken, so it cannot be restarted active.
+        assert!(matches!(
+            store.insert_task(&t1),
+            Err(StoreError::Duplicate { .. })
+        ));
+
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.task("t1").unwrap(), Some(ended));
+    }
+
+    #[test]
+    fn a_batch_of_tasks_is_stored_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert_tasks(&[]).unwrap();
+
+        // A duplicate inside the batch: neither copy, nor the rows before it.
+        let err = store
+            .insert_tasks(&[task("a", 0, 10), task("b", 0, 10), task("a", 1, 10)])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Duplicate { .. }), "{err}");
+        assert!(err.to_string().contains("task \"a\""), "{err}");
+        assert!(store.tasks_until(UNIX_EPOCH).unwrap().is_empty());
+
+        store
+            .insert_tasks(&[task("a", 0, 10), task("b", 1, 10)])
+            .unwrap();
+        // A duplicate of a stored task, last in the batch.
+        let err = store
+            .insert_tasks(&[task("c", 2, 10), task("d", 3, 10), task("b", 4, 10)])
+            .unwrap_err();
+        assert!(err.to_string().contains("task \"b\""), "{err}");
+        // One row that cannot be stored refuses the batch before any write.
+        let mut bad = task("e", 5, 10);
+        bad.owner_pid = 0;
+        let err = store.insert_tasks(&[task("c", 2, 10), bad]).unwrap_err();
+        assert!(matches!(err, StoreError::Unstorable { .. }), "{err}");
+        assert_eq!(
+            task_ids(&store.tasks_until(UNIX_EPOCH).unwrap()),
+            ["a", "b"]
+        );
+        assert_eq!(store.task("b").unwrap(), Some(task("b", 1, 10)));
+    }
+
+    #[test]
+    fn a_batch_of_ends_is_one_transaction_and_first_ends_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .insert_tasks(&[task("a", 0, 100), task("b", 1, 100), task("c", 2, 100)])
+            .unwrap();
+        assert!(store.end_task("b", &end(5, "completed"), 1).unwrap());
+        assert_eq!(store.end_tasks(&[]).unwrap(), 0);
+
+        // One end that cannot be stored refuses the batch: "a" stays active.
+        let err = store
+            .end_tasks(&[
+                ("a".into(), end(6, "owner exited"), 3),
+                (
+                    "c".into(),
+                    end(6, &"r".repeat(rows::MAX_END_REASON_LEN + 1)),
+                    0,
+                ),
+            ])
+            .unwrap_err();
+        match err {
+            StoreError::Unstorable { id, problem, .. } => {
+                assert_eq!(id, "\"c\"");
+                assert!(problem.starts_with("ended.reason: "), "{problem}");
+            }
+            other => panic!("expected Unstorable, got {other:?}"),
+        }
+        assert_eq!(store.task("a").unwrap().unwrap().ended, None);
+
+        let changed = store
+            .end_tasks(&[
+                ("a".into(), end(7, "owner exited"), 3),
+                ("b".into(), end(7, "revoked"), 9),
+                ("missing".into(), end(7, "revoked"), 0),
+                ("a".into(), end(8, "deadline"), 4),
+            ])
+            .unwrap();
+        assert_eq!(changed, 1, "only a was active");
+        let a = store.task("a").unwrap().unwrap();
+        assert_eq!(
+            (a.ended, a.tokens_issued),
+            (Some(end(7, "owner exited")), 3)
+        );
+        let b = store.task("b").unwrap().unwrap();
+        assert_eq!((b.ended, b.tokens_issued), (Some(end(5, "completed")), 1));
+        assert_eq!(store.task("c").unwrap().unwrap().ended, None);
+    }
+
+    #[test]
+    fn tasks_list_until_their_deadline_and_prune_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // id, created at, deadline
+        for (id, created_at, deadline) in [
+            ("late", 30, 300),
+            ("b", 10, 200),
+            ("a", 10, 100),
+            ("first", 0, 50),
+        ] {
+            store.insert_task(&task(id, created_at, deadline)).unwrap();
+        }
+        assert!(store.end_task("b", &end(20, "completed"), 1).unwrap());
+        let until = |ms| task_ids(&store.tasks_until(at(ms)).unwrap()).join(",");
+
+        // Oldest first, ties by id; ended tasks too, until their deadline.
+        assert_eq!(until(0), "first,a,b,late");
+        assert_eq!(until(49), "first,a,b,late");
+        // A deadline equal to `now` has passed.
+        assert_eq!(until(50), "a,b,late");
+        assert_eq!(until(99), "a,b,late");
+        assert_eq!(until(100), "b,late");
+        assert_eq!(until(199), "b,late");
+        assert_eq!(until(200), "late");
+        assert_eq!(until(300), "");
+        assert_eq!(
+            store.tasks_until(at(150)).unwrap()[0],
+            TaskRow {
+                ended: Some(end(20, "completed")),
+                tokens_issued: 1,
+                ..task("b", 10, 200)
+            }
+        );
+        assert_eq!(
+            store
+                .tasks_until(UNIX_EPOCH - Duration::from_secs(1))
+                .unwrap()
+                .len(),
+            4
+        );
+
+        // Strictly before: a deadline equal to `before` is kept.
+        assert_eq!(store.prune_tasks(at(50)).unwrap(), 0);
+        assert_eq!(store.prune_tasks(at(51)).unwrap(), 1);
+        assert_eq!(store.prune_tasks(at(51)).unwrap(), 0);
+        // Ended or not.
+        assert_eq!(store.prune_tasks(at(250)).unwrap(), 2);
+        assert_eq!(until(0), "late");
+        assert_eq!(store.task("b").unwrap(), None);
+        assert!(!store.end_task("b", &end(260, "completed"), 0).unwrap());
+    }
+
+    #[test]
+    fn task_values_outside_the_bounds_are_refused_on_write_and_bad_rows_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let long = |n: usize| "x".repeat(n);
+
+        // Every bound, at its limit, round trips.
+        let widest = TaskRow {
+            id: long(MAX_ID_LEN),
+            owner_pid: i32::MAX,
+            owner_start_time: i64::MAX as u64,
+            owner_uid: u32::MAX,
+            owner_executable: Some(long(rows::MAX_PATH_LEN)),
+            owner_exe_sha256: Some(long(MAX_ID_LEN)),
+            spiffe_id: long(rows::MAX_SPIFFE_ID_LEN),
+            entry_id: long(MAX_ID_LEN),
+            audience: long(rows::MAX_SPIFFE_ID_LEN),
+            intent: long(rows::MAX_INTENT_LEN),
+            tools: (0..rows::MAX_LIST_ITEMS).map(|i| i.to_string()).collect(),
+            bind_x5t: Some(long(MAX_ID_LEN)),
+            created_at: UNIX_EPOCH,
+            deadline: UNIX_EPOCH + Duration::from_millis(rows::MAX_MILLIS as u64),
+            ended: None,
+            tokens_issued: i64::MAX as u64,
+        };
+        store.insert_task(&widest).unwrap();
+        let reason = long(rows::MAX_END_REASON_LEN);
+        let last = UNIX_EPOCH + Duration::from_millis(rows::MAX_MILLIS as u64);
+        let widest_end = TaskEnd { at: last, reason };
+        assert!(
+            store
+                .end_task(&widest.id, &widest_end, i64::MAX as u64)
+                .unwrap()
+        );
+        let stored = store.task(&widest.id).unwrap().unwrap();
+        assert_eq!(stored.ended, Some(widest_end));
+        assert_eq!(
+            stored,
+            TaskRow {
+                ended: stored.ended.clone(),
+                ..widest.clone()
+            }
+        );
+        assert_eq!(store.prune_tasks(last).unwrap(), 0);
+        store.conn().execute("DELETE FROM tasks", []).unwrap();
+
+        // One past each bound is refused, naming the field.
+        type Damage = fn(&mut TaskRow);
+        let refused: [(&str, Damage); 17] = [
+            ("id", |t| t.id = "x".repeat(MAX_ID_LEN + 1)),
+            ("owner_pid", |t| t.owner_pid = 0),
+            ("owner_pid", |t| t.owner_pid = -1),
+            ("owner_start_time", |t| {
+                t.owner_start_time = i64::MAX as u64 + 1
+            }),
+            ("owner_executable", |t| {
+                t.owner_executable = Some("x".repeat(rows::MAX_PATH_LEN + 1))
+            }),
+            ("owner_exe_sha256", |t| {
+                t.owner_exe_sha256 = Some("x".repeat(MAX_ID_LEN + 1))
+            }),
+            ("spiffe_id", |t| {
+                t.spiffe_id = "x".repeat(rows::MAX_SPIFFE_ID_LEN + 1)
+            }),
+            ("entry_id", |t| t.entry_id = "x".repeat(MAX_ID_LEN + 1)),
+            ("audience", |t| {
+                t.audience = "x".repeat(rows::MAX_SPIFFE_ID_LEN + 1)
+            }),
+            ("intent", |t| {
+                t.intent = "x".repeat(rows::MAX_INTENT_LEN + 1)
+            }),
+            ("tools", |t| {
+                t.tools = (0..=rows::MAX_LIST_ITEMS).map(|i| i.to_string()).collect()
+            }),
+            ("tools", |t| {
+                t.tools = vec!["x".repeat(rows::MAX_LIST_ITEM_LEN + 1)]
+            }),
+            ("bind_x5t", |t| {
+                t.bind_x5t = Some("x".repeat(MAX_ID_LEN + 1))
+            }),
+            ("created_at", |t| {
+                t.created_at = UNIX_EPOCH - Duration::from_millis(1)
+            }),
+            ("deadline", |t| {
+                t.deadline = UNIX_EPOCH + Duration::from_millis(rows::MAX_MILLIS as u64 + 1)
+            }),
+            ("tokens_issued", |t| t.tokens_issued = u64::MAX),
+            ("ended", |t| t.ended = Some(end(1, "completed"))),
+        ];
+        for (field, damage) in refused {
+            let mut row = task("t", 0, 100);
+            damage(&mut row);
+            for result in [
+                store.insert_task(&row),
+                store.insert_tasks(&[task("ok", 0, 100), row.clone()]),
+            ] {
+                match result {
+                    Err(StoreError::Unstorable {
+                        table: "tasks",
+                        problem,
+                        ..
+                    }) => assert!(problem.starts_with(&format!("{field}: ")), "{problem}"),
+                    other => panic!("{field}: expected Unstorable, got {other:?}"),
+                }
+            }
+        }
+        assert!(store.tasks_until(UNIX_EPOCH).unwrap().is_empty());
+
+        store.insert_task(&task("good", 0, 100)).unwrap();
+        for (field, bad_end, tokens) in [
+            ("tokens_issued", end(0, "completed"), u64::MAX),
+            (
+                "ended.reason",
+                end(0, &long(rows::MAX_END_REASON_LEN + 1)),
+                0,
+            ),
+            (
+                "ended.at",
+                TaskEnd {
+                    at: UNIX_EPOCH - Duration::from_millis(1),
+                    reason: "completed".into(),
+                },
+                0,
+            ),
+        ] {
+            for result in [
+                store.end_task("good", &bad_end, tokens).map(|_| ()),
+                store
+                    .end_tasks(&[("good".into(), bad_end.clone(), tokens)])
+                    .map(|_| ()),
+            ] {
+                match result {
+                    Err(StoreError::Unstorable { problem, .. }) => {
+                        assert!(problem.starts_with(&format!("{field}: ")), "{problem}")
+                    }
+                    other => panic!("{field}: expected Unstorable, got {other:?}"),
+                }
+            }
+        }
+        assert_eq!(store.task("good").unwrap(), Some(task("good", 0, 100)));
+
+        // Damage that keeps the file structurally sound (STRICT still holds
+        // the types): values no write could have produced.
+        let conn = raw(dir.path());
+        let ext = |n: usize| format!("hex(zeroblob({}))", n.div_ceil(2));
+        for (assignments, column) in [
+            ("owner_pid = 0".to_owned(), "owner_pid"),
+            ("owner_pid = 2147483648".into(), "owner_pid"),
+            ("owner_start_time = -1".into(), "owner_start_time"),
+            ("owner_uid = -1".into(), "owner_uid"),
+            ("owner_uid = 4294967296".into(), "owner_uid"),
+            (
+                format!("owner_executable = {}", ext(rows::MAX_PATH_LEN + 1)),
+                "owner_executable",
+            ),
+            (
+                format!("owner_exe_sha256 = {}", ext(MAX_ID_LEN + 1)),
+                "owner_exe_sha256",
+            ),
+            (
+                format!("spiffe_id = {}", ext(rows::MAX_SPIFFE_ID_LEN + 1)),
+                "spiffe_id",
+            ),
+            (format!("entry_id = {}", ext(MAX_ID_LEN + 1)), "entry_id"),
+            (
+                format!("audience = {}", ext(rows::MAX_SPIFFE_ID_LEN + 1)),
+                "audience",
+            ),
+            (
+                format!("intent = {}", ext(rows::MAX_INTENT_LEN + 1)),
+                "intent",
+            ),
+            ("tools = '[\"jira.search\", 1]'".into(), "tools"),
+            ("tools = 'jira.search'".into(), "tools"),
+            (format!("bind_x5t = {}", ext(MAX_ID_LEN + 1)), "bind_x5t"),
+            ("created_at_ms = -5".into(), "created_at_ms"),
+            (
+                format!("deadline_ms = {}", rows::MAX_MILLIS + 1),
+                "deadline_ms",
+            ),
+            // An end half written: either half alone is damage.
+            ("ended_at_ms = 5".into(), "end_reason"),
+            ("end_reason = 'completed'".into(), "ended_at_ms"),
+            (
+                "ended_at_ms = -1, end_reason = 'completed'".into(),
+                "ended_at_ms",
+            ),
+            (
+                format!(
+                    "ended_at_ms = 5, end_reason = {}",
+                    ext(rows::MAX_END_REASON_LEN + 1)
+                ),
+                "end_reason",
+            ),
+            ("tokens_issued = -1".into(), "tokens_issued"),
+        ] {
+            conn.execute_batch(&format!(
+                "INSERT INTO tasks SELECT 'bad', owner_pid, owner_start_time, owner_uid, \
+                 owner_executable, owner_exe_sha256, spiffe_id, entry_id, audience, intent, \
+                 tools, bind_x5t, created_at_ms + 1, deadline_ms, ended_at_ms, end_reason, \
+                 tokens_issued FROM tasks WHERE id = 'good'; \
+                 UPDATE tasks SET {assignments} WHERE id = 'bad';"
+            ))
+            .unwrap();
+            let listed = store
+                .tasks_until(UNIX_EPOCH - Duration::from_secs(1))
+                .map(|_| ());
+            for result in [listed, store.task("bad").map(|_| ())] {
+                match result {
+                    Err(StoreError::BadRow {
+                        table, id, problem, ..
+                    }) => {
+                        assert_eq!(table, "tasks");
+                        assert_eq!(id, "\"bad\"");
+                        assert!(
+                            problem.starts_with(&format!("{column}: ")),
+                            "{assignments}: {problem}"
+                        );
+                    }
+                    other => panic!("{assignments}: expected BadRow, got {other:?}"),
+                }
+            }
+            assert!(store.task("good").unwrap().is_some());
+            conn.execute("DELETE FROM tasks WHERE id = 'bad'", [])
+                .unwrap();
+        }
+
+        // An id that cannot be read is named by its rowid.
+        conn.execute(
+            &format!(
+                "UPDATE tasks SET id = {} WHERE id = 'good'",
+                ext(MAX_ID_LEN + 1)
+            ),
+            [],
+        )
+        .unwrap();
+        match store.tasks_until(UNIX_EPOCH) {
+            Err(StoreError::BadRow { table, id, .. }) => {
+                assert_eq!(table, "tasks");
+                assert!(id.starts_with("at rowid"), "{id}");
+            }
+            other => panic!("expected BadRow, got {other:?}"),
+        }
+    }
+
     #[test]
     fn clones_share_one_connection_across_threads() {
         let dir = tempfile::tempdir().unwrap();
@@ -1392,7 +2177,9 @@ mod tests {
 
     /// Acknowledged writes survive the writer being killed at an arbitrary
     /// point, over several kill/restart rounds on the same database (each
-    /// round also recovers the WAL the previous victim left). SIGKILL keeps
+    /// round also recovers the WAL the previous victim left): entries,
+    /// records, task batches and task ends. A batch cut by the kill is there
+    /// whole or not at all. SIGKILL keeps
     /// the page cache, so this proves commit-before-acknowledge and recovery,
     /// not power-loss durability, which rests on `synchronous = FULL`
     /// (checked in `migrates_from_empty_and_reopens_idempotently`).
@@ -1422,7 +2209,74 @@ mod tests {
                     "round {round}: acknowledged record {id} lost"
                 );
             }
+
+            let tasks: HashMap<String, TaskRow> = store
+                .tasks_until(UNIX_EPOCH)
+                .unwrap()
+                .into_iter()
+                .map(|t| (t.id.clone(), t))
+                .collect();
+            let state = |id: &str| -> Option<Option<TaskEnd>> {
+                let task = tasks.get(id)?;
+                let tokens = if task.ended.is_some() { crash_i(id) } else { 0 };
+                assert_eq!(task.tokens_issued, tokens, "round {round}: task {id}");
+                Some(task.ended.clone())
+            };
+            // Every task, acknowledged or cut short by the kill, is in a
+            // state some prefix of its writes produced: both tasks of a batch
+            // or neither, both ends of a batch or neither.
+            let bases: BTreeSet<&str> = tasks
+                .keys()
+                .map(|id| id.rsplit_once('-').unwrap().0)
+                .collect();
+            for base in &bases {
+                let (a, b) = (format!("{base}-a"), format!("{base}-b"));
+                let (Some(a_end), Some(b_end)) = (state(&a), state(&b)) else {
+                    panic!("round {round}: a batch of tasks was stored in part: {base}");
+                };
+                let states = crash_task_states(crash_i(base));
+                assert!(
+                    states.contains(&(a_end.clone(), b_end.clone())),
+                    "round {round}: {base} ended as {a_end:?} and {b_end:?}, no prefix of {states:?}"
+                );
+            }
+            // And an acknowledged task has all its writes.
+            for id in &acknowledged {
+                let final_state = crash_task_states(crash_i(id)).pop().unwrap();
+                let a = state(&format!("{id}-a"));
+                let b = state(&format!("{id}-b"));
+                assert_eq!(
+                    (a, b),
+                    (Some(final_state.0), Some(final_state.1)),
+                    "round {round}: acknowledged tasks of {id} lost or not ended"
+                );
+            }
         }
+    }
+
+    /// The write number in a crash writer's id (`r1-00042`, `r1-00042-a`).
+    fn crash_i(id: &str) -> u64 {
+        id.split('-').nth(1).unwrap().parse().unwrap()
+    }
+
+    /// The ends of the two tasks the crash writer's `i`-th write stores
+    /// (`-a`, `-b`), after each of its task writes in turn: as inserted,
+    /// after `end_task` (even `i`), after `end_tasks` (`i` a multiple of 3).
+    /// Mirrors [`crash_writer_child`].
+    fn crash_task_states(i: u64) -> Vec<(Option<TaskEnd>, Option<TaskEnd>)> {
+        let mut states = vec![(None, None)];
+        let (mut a, mut b) = (None, None);
+        if i.is_multiple_of(2) {
+            a = Some(end(i, "completed"));
+            states.push((a.clone(), b.clone()));
+        }
+        if i.is_multiple_of(3) {
+            // The first end wins: an `a` ended above keeps "completed".
+            a.get_or_insert(end(i, "revoked"));
+            b = Some(end(i, "owner exited"));
+            states.push((a, b));
+        }
+        states
     }
 
     fn run_writer_until_killed(dir: &Path, round: u32, kill_after: usize) -> Vec<String> {
@@ -1484,6 +2338,22 @@ mod tests {
                     ..issued("", i, i + 3_600_000)
                 })
                 .unwrap();
+            let (a, b) = (format!("{id}-a"), format!("{id}-b"));
+            store
+                .insert_tasks(&[task(&a, i, i + 3_600_000), task(&b, i, i + 3_600_000)])
+                .unwrap();
+            if i.is_multiple_of(2) {
+                assert!(store.end_task(&a, &end(i, "completed"), i).unwrap());
+            }
+            if i.is_multiple_of(3) {
+                let ended = store
+                    .end_tasks(&[
+                        (b.clone(), end(i, "owner exited"), i),
+                        (a.clone(), end(i, "revoked"), i),
+                    ])
+                    .unwrap();
+                assert_eq!(ended, if i.is_multiple_of(2) { 1 } else { 2 });
+            }
             writeln!(stdout, "ack {id}").unwrap();
             stdout.flush().unwrap();
         }

@@ -8,7 +8,8 @@
 //!
 //! Times are unix milliseconds and durations milliseconds (`INTEGER`), so
 //! anything finer than a millisecond is dropped on write. Lists are JSON
-//! arrays of strings (`TEXT`).
+//! arrays of strings (`TEXT`). Counters and other unsigned numbers are
+//! `INTEGER` too, so one beyond `i64::MAX` is refused.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,11 +21,18 @@ pub(super) const MAX_ID_LEN: usize = 256;
 pub(super) const MAX_SPIFFE_ID_LEN: usize = 2048;
 /// Longest hint, in bytes.
 pub(super) const MAX_HINT_LEN: usize = 1024;
-/// Most items in one list column (selectors, DNS names, trust domains).
+/// Longest file system path kept (a task owner's executable), in bytes:
+/// `PATH_MAX` (4096) and some room.
+pub(super) const MAX_PATH_LEN: usize = 4096 + 64;
+/// Longest task intent, in bytes.
+pub(super) const MAX_INTENT_LEN: usize = 4096;
+/// Longest reason for a task's end, in bytes.
+pub(super) const MAX_END_REASON_LEN: usize = 256;
+/// Most items in one list column (selectors, DNS names, trust domains,
+/// audiences, tools).
 pub(super) const MAX_LIST_ITEMS: usize = 256;
-/// Longest list item, in bytes: a `unix:path:` selector carries a path of up
-/// to `PATH_MAX` (4096).
-pub(super) const MAX_LIST_ITEM_LEN: usize = 4096 + 64;
+/// Longest list item, in bytes: a `unix:path:` selector carries a path.
+pub(super) const MAX_LIST_ITEM_LEN: usize = MAX_PATH_LEN;
 /// Longest JSON text of one list column, in bytes. Checked before parsing, so
 /// a damaged row never makes the store allocate more than this for it.
 pub(super) const MAX_LIST_JSON_LEN: usize = 256 * 1024;
@@ -53,6 +61,11 @@ pub struct EntryRow {
     pub hint: Option<String>,
     /// Trust domains whose bundles the workload receives.
     pub federates_with: Vec<String>,
+    /// Audience names the entry's holders answer to besides their SPIFFE ID
+    /// (`https://mcp.jira.internal`): a task token addressed to one of them
+    /// may be exchanged by the holder. Not part of the entry's identity (see
+    /// [`super::Store::insert_entry`]); empty for entries stored by schema v1.
+    pub audiences: Vec<String>,
     /// When the entry was created; entries are listed in this order.
     pub created_at: SystemTime,
     /// When the entry last changed.
@@ -80,6 +93,58 @@ pub struct IssuedX509 {
     pub issued_at: SystemTime,
 }
 
+/// A task: a unit of delegated agent work that owns short-lived tokens.
+///
+/// Written when the task begins, and changed once more when it ends (see
+/// [`super::Store::end_task`]). Times keep whole milliseconds only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRow {
+    /// The task id (the tokens' `txn` claim), chosen by the caller.
+    pub id: String,
+    /// The owner process's pid; greater than 0.
+    pub owner_pid: i32,
+    /// The owner process's start time, in clock ticks since boot
+    /// (`/proc/<pid>/stat` field 22): with the pid, it tells the owner from a
+    /// later process that reused its pid. At most `i64::MAX`.
+    pub owner_start_time: u64,
+    /// The owner process's uid.
+    pub owner_uid: u32,
+    /// The owner's executable, when it was known.
+    pub owner_executable: Option<String>,
+    /// SHA-256 of the owner's executable, hex, when it was computed.
+    pub owner_exe_sha256: Option<String>,
+    /// The SPIFFE ID the task acts for.
+    pub spiffe_id: String,
+    /// The entry that granted that SPIFFE ID.
+    pub entry_id: String,
+    /// Who the task's tokens are addressed to.
+    pub audience: String,
+    /// What the task is for, as its owner stated it.
+    pub intent: String,
+    /// The tools the task's tokens allow.
+    pub tools: Vec<String>,
+    /// The base64url SHA-256 thumbprint of the certificate the tokens are
+    /// bound to (`cnf.x5t#S256`), if bound.
+    pub bind_x5t: Option<String>,
+    /// When the task began; tasks are listed in this order.
+    pub created_at: SystemTime,
+    /// When the task ends at the latest; no token of it outlives this.
+    pub deadline: SystemTime,
+    /// How the task ended; `None` while active. A task is stored active.
+    pub ended: Option<TaskEnd>,
+    /// How many tokens the task issued, as recorded at its end.
+    pub tokens_issued: u64,
+}
+
+/// The end of a task: once recorded, its tokens are refused for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskEnd {
+    /// When it ended.
+    pub at: SystemTime,
+    /// Why, in a few words (`completed`, `owner exited`).
+    pub reason: String,
+}
+
 /// What is wrong with one field, on its way in or out. Becomes
 /// `Unstorable` or `BadRow` once the row is known.
 #[derive(Debug)]
@@ -102,6 +167,7 @@ pub(super) struct EncodedEntry<'a> {
     pub(super) dns_names: String,
     pub(super) hint: Option<&'a str>,
     pub(super) federates_with: String,
+    pub(super) audiences: String,
     pub(super) created_at_ms: i64,
     pub(super) updated_at_ms: i64,
     pub(super) revision: i64,
@@ -116,6 +182,35 @@ pub(super) struct EncodedX509<'a> {
     pub(super) not_before_ms: i64,
     pub(super) not_after_ms: i64,
     pub(super) issued_at_ms: i64,
+}
+
+/// An active [`TaskRow`] as its columns (the end columns are NULL).
+#[derive(Debug)]
+pub(super) struct EncodedTask<'a> {
+    pub(super) id: &'a str,
+    pub(super) owner_pid: i32,
+    pub(super) owner_start_time: i64,
+    pub(super) owner_uid: u32,
+    pub(super) owner_executable: Option<&'a str>,
+    pub(super) owner_exe_sha256: Option<&'a str>,
+    pub(super) spiffe_id: &'a str,
+    pub(super) entry_id: &'a str,
+    pub(super) audience: &'a str,
+    pub(super) intent: &'a str,
+    pub(super) tools: String,
+    pub(super) bind_x5t: Option<&'a str>,
+    pub(super) created_at_ms: i64,
+    pub(super) deadline_ms: i64,
+    pub(super) tokens_issued: i64,
+}
+
+/// The end of task `id` and its final token count, as their columns.
+#[derive(Debug)]
+pub(super) struct EncodedEnd<'a> {
+    pub(super) id: &'a str,
+    pub(super) ended_at_ms: i64,
+    pub(super) end_reason: &'a str,
+    pub(super) tokens_issued: i64,
 }
 
 // === impl Problem ===
@@ -153,10 +248,10 @@ impl<'a> EncodedEntry<'a> {
                 .map(|h| bounded("hint", h, MAX_HINT_LEN))
                 .transpose()?,
             federates_with: encode_list("federates_with", &row.federates_with)?,
+            audiences: encode_list("audiences", &row.audiences)?,
             created_at_ms: encode_time("created_at", row.created_at)?,
             updated_at_ms: encode_time("updated_at", row.updated_at)?,
-            revision: i64::try_from(row.revision)
-                .map_err(|_| Problem::new("revision", "larger than i64::MAX"))?,
+            revision: encode_count("revision", row.revision)?,
         })
     }
 }
@@ -172,6 +267,75 @@ impl<'a> EncodedX509<'a> {
             not_before_ms: encode_time("not_before", record.not_before)?,
             not_after_ms: encode_time("not_after", record.not_after)?,
             issued_at_ms: encode_time("issued_at", record.issued_at)?,
+        })
+    }
+}
+
+// === impl EncodedTask ===
+
+impl<'a> EncodedTask<'a> {
+    /// Refuses a task that has already ended: a task is stored when it
+    /// begins, and its end is recorded by [`super::Store::end_task`] only, so
+    /// "first end wins" has a single place to hold.
+    pub(super) fn new(row: &'a TaskRow) -> Result<EncodedTask<'a>, Problem> {
+        if row.ended.is_some() {
+            return Err(Problem::new(
+                "ended",
+                "set; a task is stored active and ended with end_task",
+            ));
+        }
+        if row.owner_pid <= 0 {
+            return Err(Problem::new(
+                "owner_pid",
+                format_args!("{}, must be greater than 0", row.owner_pid),
+            ));
+        }
+        Ok(EncodedTask {
+            id: bounded("id", &row.id, MAX_ID_LEN)?,
+            owner_pid: row.owner_pid,
+            owner_start_time: encode_count("owner_start_time", row.owner_start_time)?,
+            owner_uid: row.owner_uid,
+            owner_executable: row
+                .owner_executable
+                .as_deref()
+                .map(|p| bounded("owner_executable", p, MAX_PATH_LEN))
+                .transpose()?,
+            owner_exe_sha256: row
+                .owner_exe_sha256
+                .as_deref()
+                .map(|h| bounded("owner_exe_sha256", h, MAX_ID_LEN))
+                .transpose()?,
+            spiffe_id: bounded("spiffe_id", &row.spiffe_id, MAX_SPIFFE_ID_LEN)?,
+            entry_id: bounded("entry_id", &row.entry_id, MAX_ID_LEN)?,
+            audience: bounded("audience", &row.audience, MAX_SPIFFE_ID_LEN)?,
+            intent: bounded("intent", &row.intent, MAX_INTENT_LEN)?,
+            tools: encode_list("tools", &row.tools)?,
+            bind_x5t: row
+                .bind_x5t
+                .as_deref()
+                .map(|t| bounded("bind_x5t", t, MAX_ID_LEN))
+                .transpose()?,
+            created_at_ms: encode_time("created_at", row.created_at)?,
+            deadline_ms: encode_time("deadline", row.deadline)?,
+            tokens_issued: encode_count("tokens_issued", row.tokens_issued)?,
+        })
+    }
+}
+
+// === impl EncodedEnd ===
+
+impl<'a> EncodedEnd<'a> {
+    /// `id` is not bounded: an id no task could have simply matches none.
+    pub(super) fn new(
+        id: &'a str,
+        end: &'a TaskEnd,
+        tokens_issued: u64,
+    ) -> Result<EncodedEnd<'a>, Problem> {
+        Ok(EncodedEnd {
+            id,
+            ended_at_ms: encode_time("ended.at", end.at)?,
+            end_reason: bounded("ended.reason", &end.reason, MAX_END_REASON_LEN)?,
+            tokens_issued: encode_count("tokens_issued", tokens_issued)?,
         })
     }
 }
@@ -218,6 +382,11 @@ pub(super) fn encode_time(column: &str, time: SystemTime) -> Result<i64, Problem
     millis(column, since_epoch)
 }
 
+/// An unsigned number as an `INTEGER`.
+fn encode_count(column: &str, n: u64) -> Result<i64, Problem> {
+    i64::try_from(n).map_err(|_| Problem::new(column, "larger than i64::MAX"))
+}
+
 fn encode_duration(column: &str, duration: Duration) -> Result<i64, Problem> {
     millis(column, duration)
 }
@@ -233,13 +402,20 @@ fn millis(column: &str, duration: Duration) -> Result<i64, Problem> {
 
 /// The entry columns [`decode_entry`] reads, in its order.
 pub(super) const ENTRY_COLUMNS_SQL: &str = "id, spiffe_id, selectors, x509_svid_ttl_ms, \
-     jwt_svid_ttl_ms, dns_names, hint, federates_with, created_at_ms, updated_at_ms, revision";
-pub(super) const ENTRY_COLUMNS: usize = 11;
+     jwt_svid_ttl_ms, dns_names, hint, federates_with, audiences, created_at_ms, updated_at_ms, \
+     revision";
+pub(super) const ENTRY_COLUMNS: usize = 12;
 
 /// The issued_x509 columns [`decode_x509`] reads, in its order.
 pub(super) const X509_COLUMNS_SQL: &str =
     "serial, entry_id, spiffe_id, not_before_ms, not_after_ms, issued_at_ms";
 pub(super) const X509_COLUMNS: usize = 6;
+
+/// The tasks columns [`decode_task`] reads, in its order.
+pub(super) const TASK_COLUMNS_SQL: &str = "id, owner_pid, owner_start_time, owner_uid, \
+     owner_executable, owner_exe_sha256, spiffe_id, entry_id, audience, intent, tools, bind_x5t, \
+     created_at_ms, deadline_ms, ended_at_ms, end_reason, tokens_issued";
+pub(super) const TASK_COLUMNS: usize = 17;
 
 pub(super) fn decode_entry(v: &[ValueRef<'_>; ENTRY_COLUMNS]) -> Result<EntryRow, Problem> {
     Ok(EntryRow {
@@ -251,9 +427,10 @@ pub(super) fn decode_entry(v: &[ValueRef<'_>; ENTRY_COLUMNS]) -> Result<EntryRow
         dns_names: decode_list("dns_names", v[5])?,
         hint: decode_opt_text("hint", v[6], MAX_HINT_LEN)?.map(str::to_owned),
         federates_with: decode_list("federates_with", v[7])?,
-        created_at: decode_time("created_at_ms", v[8])?,
-        updated_at: decode_time("updated_at_ms", v[9])?,
-        revision: decode_revision(v[10])?,
+        audiences: decode_list("audiences", v[8])?,
+        created_at: decode_time("created_at_ms", v[9])?,
+        updated_at: decode_time("updated_at_ms", v[10])?,
+        revision: decode_revision(v[11])?,
     })
 }
 
@@ -266,6 +443,40 @@ pub(super) fn decode_x509(v: &[ValueRef<'_>; X509_COLUMNS]) -> Result<IssuedX509
         not_after: decode_time("not_after_ms", v[4])?,
         issued_at: decode_time("issued_at_ms", v[5])?,
     })
+}
+
+pub(super) fn decode_task(v: &[ValueRef<'_>; TASK_COLUMNS]) -> Result<TaskRow, Problem> {
+    Ok(TaskRow {
+        id: decode_text("id", v[0], MAX_ID_LEN)?.to_owned(),
+        owner_pid: decode_integer("owner_pid", v[1], 1)?,
+        owner_start_time: decode_integer("owner_start_time", v[2], 0)?,
+        owner_uid: decode_integer("owner_uid", v[3], 0)?,
+        owner_executable: decode_opt_text("owner_executable", v[4], MAX_PATH_LEN)?
+            .map(str::to_owned),
+        owner_exe_sha256: decode_opt_text("owner_exe_sha256", v[5], MAX_ID_LEN)?.map(str::to_owned),
+        spiffe_id: decode_text("spiffe_id", v[6], MAX_SPIFFE_ID_LEN)?.to_owned(),
+        entry_id: decode_text("entry_id", v[7], MAX_ID_LEN)?.to_owned(),
+        audience: decode_text("audience", v[8], MAX_SPIFFE_ID_LEN)?.to_owned(),
+        intent: decode_text("intent", v[9], MAX_INTENT_LEN)?.to_owned(),
+        tools: decode_list("tools", v[10])?,
+        bind_x5t: decode_opt_text("bind_x5t", v[11], MAX_ID_LEN)?.map(str::to_owned),
+        created_at: decode_time("created_at_ms", v[12])?,
+        deadline: decode_time("deadline_ms", v[13])?,
+        ended: decode_end(v[14], v[15])?,
+        tokens_issued: decode_integer("tokens_issued", v[16], 0)?,
+    })
+}
+
+/// Both end columns NULL (active), or both set (ended); one without the
+/// other is damage.
+fn decode_end(at: ValueRef<'_>, reason: ValueRef<'_>) -> Result<Option<TaskEnd>, Problem> {
+    match (at, reason) {
+        (ValueRef::Null, ValueRef::Null) => Ok(None),
+        (at, reason) => Ok(Some(TaskEnd {
+            at: decode_time("ended_at_ms", at)?,
+            reason: decode_text("end_reason", reason, MAX_END_REASON_LEN)?.to_owned(),
+        })),
+    }
 }
 
 /// A `TEXT` column within `max` bytes.
@@ -325,11 +536,23 @@ pub(super) fn decode_opt_duration(
 }
 
 pub(super) fn decode_revision(value: ValueRef<'_>) -> Result<u64, Problem> {
+    decode_integer("revision", value, 0)
+}
+
+/// An `INTEGER` column of at least `min` that fits `T`.
+fn decode_integer<T: TryFrom<i64>>(
+    column: &str,
+    value: ValueRef<'_>,
+    min: i64,
+) -> Result<T, Problem> {
     match value {
-        ValueRef::Integer(n) => {
-            u64::try_from(n).map_err(|_| Problem::new("revision", format_args!("{n} < 0")))
+        ValueRef::Integer(n) if n < min => {
+            Err(Problem::new(column, format_args!("{n}, at least {min}")))
         }
-        other => Err(unexpected("revision", "integer", other)),
+        ValueRef::Integer(n) => {
+            T::try_from(n).map_err(|_| Problem::new(column, format_args!("{n} is out of range")))
+        }
+        other => Err(unexpected(column, "integer", other)),
     }
 }
 
@@ -425,6 +648,44 @@ mod tests {
         assert!(decode_opt_duration("d", ValueRef::Integer(-5)).is_err());
         assert!(decode_revision(ValueRef::Integer(-1)).is_err());
         assert_eq!(decode_revision(ValueRef::Integer(7)).unwrap(), 7);
+    }
+
+    #[test]
+    fn integers_are_bounded_by_their_type_and_minimum() {
+        let pid = |n| decode_integer::<i32>("owner_pid", ValueRef::Integer(n), 1);
+        assert_eq!(pid(1).unwrap(), 1);
+        assert_eq!(pid(i64::from(i32::MAX)).unwrap(), i32::MAX);
+        for bad in [0, -1, i64::from(i32::MAX) + 1, i64::MIN] {
+            let err = pid(bad).unwrap_err();
+            assert!(err.what.starts_with("owner_pid: "), "{}", err.what);
+        }
+        let uid = |n| decode_integer::<u32>("owner_uid", ValueRef::Integer(n), 0);
+        assert_eq!(uid(i64::from(u32::MAX)).unwrap(), u32::MAX);
+        assert!(uid(i64::from(u32::MAX) + 1).is_err());
+        assert!(uid(-1).is_err());
+        let count = |v| decode_integer::<u64>("tokens_issued", v, 0);
+        assert_eq!(count(ValueRef::Integer(i64::MAX)).unwrap(), i64::MAX as u64);
+        assert!(count(ValueRef::Text(b"1")).is_err());
+        assert!(count(ValueRef::Null).is_err());
+        assert!(encode_count("c", i64::MAX as u64).is_ok());
+        assert!(encode_count("c", i64::MAX as u64 + 1).is_err());
+    }
+
+    #[test]
+    fn an_end_is_both_columns_or_neither() {
+        assert_eq!(decode_end(ValueRef::Null, ValueRef::Null).unwrap(), None);
+        let ended = decode_end(ValueRef::Integer(5), ValueRef::Text(b"completed")).unwrap();
+        assert_eq!(
+            ended,
+            Some(TaskEnd {
+                at: UNIX_EPOCH + Duration::from_millis(5),
+                reason: "completed".into()
+            })
+        );
+        let err = decode_end(ValueRef::Integer(5), ValueRef::Null).unwrap_err();
+        assert!(err.what.starts_with("end_reason: "), "{}", err.what);
+        let err = decode_end(ValueRef::Null, ValueRef::Text(b"completed")).unwrap_err();
+        assert!(err.what.starts_with("ended_at_ms: "), "{}", err.what);
     }
 
     #[test]

@@ -1,0 +1,44 @@
+-- Schema v2: entry audiences, and tasks (units of delegated agent work that
+-- own short-lived tokens).
+-- Shipped: never edit this file. Change the schema by appending a step
+-- (v3.sql) to STEPS in migrations.rs.
+
+-- The audience names an entry's holders answer to besides their SPIFFE ID
+-- (https://mcp.jira.internal), as a JSON array of strings. Entries stored by
+-- v1 have none.
+ALTER TABLE entries ADD COLUMN audiences TEXT NOT NULL DEFAULT '[]';
+
+-- A task row is written when the task begins and changed once, when it ends.
+-- Its end is what keeps its tokens refused after a restart, so it is kept
+-- until the deadline has passed, after which every token has expired anyway.
+-- No foreign key to entries: the entry may come from the config file, and
+-- the task's record outlives it.
+CREATE TABLE tasks (
+    id                TEXT    NOT NULL PRIMARY KEY,
+    -- The owner process: pid with its start time (clock ticks since boot,
+    -- /proc/<pid>/stat field 22), so a reused pid is not mistaken for it.
+    owner_pid         INTEGER NOT NULL,
+    owner_start_time  INTEGER NOT NULL,
+    owner_uid         INTEGER NOT NULL,
+    owner_executable  TEXT,
+    owner_exe_sha256  TEXT,
+    spiffe_id         TEXT    NOT NULL,
+    entry_id          TEXT    NOT NULL,
+    audience          TEXT    NOT NULL,
+    intent            TEXT    NOT NULL,
+    -- JSON array of strings.
+    tools             TEXT    NOT NULL,
+    -- base64url SHA-256 certificate thumbprint the tokens are bound to.
+    bind_x5t          TEXT,
+    -- Unix milliseconds.
+    created_at_ms     INTEGER NOT NULL,
+    deadline_ms       INTEGER NOT NULL,
+    -- Both NULL while the task is active, both set once it has ended.
+    ended_at_ms       INTEGER,
+    end_reason        TEXT,
+    tokens_issued     INTEGER NOT NULL
+) STRICT;
+
+-- Loading at start (deadline still ahead) and pruning (deadline passed)
+-- both select on the deadline.
+CREATE INDEX tasks_by_deadline ON tasks (deadline_ms);
