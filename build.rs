@@ -6,6 +6,7 @@ use std::path::Path;
 const PROTOS: &[&str] = &[
     "spiffe/workload/workload.proto",
     "tether/admin/v1/admin.proto",
+    "tether/task/v1/task.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -47,9 +47,11 @@ pub mod federation;
 pub mod registration;
 
 pub mod svid;
+pub mod task;
 pub mod transport;
 
 pub mod admin_api;
+pub mod task_api;
 pub mod workload_api;
 
 pub mod cli;

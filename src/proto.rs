@@ -30,3 +30,17 @@ pub mod workload {
 pub mod admin {
     include!(concat!(env!("OUT_DIR"), "/tether.admin.v1.rs"));
 }
+
+/// tether's Task API (`proto/tether/task/v1/task.proto`), served on the
+/// workload socket.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic,
+    reason = "generated code"
+)]
+pub mod task {
+    include!(concat!(env!("OUT_DIR"), "/tether.task.v1.rs"));
+}

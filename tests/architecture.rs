@@ -23,11 +23,13 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "proto",
         "registration",
         "svid",
+        "task",
         "telemetry",
         "transport",
     ];
     const CONFIG: &[&str] = &[
         "admin_api",
+        "task",
         "attestation",
         "authority",
         "federation",
@@ -46,6 +48,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "registration",
         "store",
         "svid",
+        "task",
+        "task_api",
         "telemetry",
         "transport",
         "workload_api",
@@ -66,10 +70,22 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             "svid",
             &["authority", "bundle", "registration", "store"][..],
         ),
+        (
+            "task",
+            &[
+                "attestation",
+                "authority",
+                "bundle",
+                "registration",
+                "store",
+                "svid",
+            ][..],
+        ),
         ("transport", &["attestation"][..]),
         // 3: edges (the Workload API never touches the authority directly)
         ("workload_api", EDGE),
         ("admin_api", EDGE),
+        ("task_api", EDGE),
         // 4: config composes every domain's settings type
         ("config", CONFIG),
         // 5: the composition root

@@ -22,6 +22,7 @@ pub fn spec(spec: Option<pb::EntrySpec>) -> Result<EntrySpec, Status> {
         ("selectors", &spec.selectors),
         ("dns_names", &spec.dns_names),
         ("federates_with", &spec.federates_with),
+        ("audiences", &spec.audiences),
     ] {
         if list.len() > MAX_LIST {
             return Err(status::invalid(
@@ -51,6 +52,7 @@ pub fn spec(spec: Option<pb::EntrySpec>) -> Result<EntrySpec, Status> {
         x509_svid_ttl: ttl(spec.x509_svid_ttl_ms),
         jwt_svid_ttl: ttl(spec.jwt_svid_ttl_ms),
         federates_with: spec.federates_with,
+        audiences: spec.audiences,
     })
 }
 
@@ -69,6 +71,7 @@ pub fn entry(entry: &RegistrationEntry) -> pb::Entry {
             dns_names: spec.dns_names,
             hint: spec.hint.unwrap_or_default(),
             federates_with: spec.federates_with,
+            audiences: spec.audiences,
         }),
         source: match entry.source {
             EntrySource::Config => pb::EntrySource::Config,

@@ -13,6 +13,7 @@ use crate::proto::admin as pb;
 use crate::proto::admin::admin_server::Admin;
 use crate::registration::{EntryId, Registry, Selector, SelectorSet};
 use crate::svid::SvidIssuer;
+use crate::task::{Task, Tasks};
 
 /// What a reload changed.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +34,7 @@ pub struct AdminApi {
     registry: Registry,
     svids: SvidIssuer,
     authority: Authority,
+    tasks: Tasks,
     open_streams: Arc<AtomicUsize>,
     reload: mpsc::Sender<ReloadRequest>,
 }
@@ -43,6 +45,7 @@ impl AdminApi {
         registry: Registry,
         svids: SvidIssuer,
         authority: Authority,
+        tasks: Tasks,
         open_streams: Arc<AtomicUsize>,
         reload: mpsc::Sender<ReloadRequest>,
     ) -> Self {
@@ -50,6 +53,7 @@ impl AdminApi {
             registry,
             svids,
             authority,
+            tasks,
             open_streams,
             reload,
         }
@@ -63,8 +67,86 @@ fn entry_id(value: &str) -> Result<EntryId, Status> {
     EntryId::parse(value).map_err(|e| status::invalid("id", e))
 }
 
+fn task_info(task: &Task) -> pb::TaskInfo {
+    let ended = task.ended();
+    pb::TaskInfo {
+        id: task.id.clone(),
+        spiffe_id: task.spiffe_id.to_string(),
+        entry_id: task.entry_id.to_string(),
+        owner_pid: task.owner.pid,
+        owner_uid: task.owner.uid,
+        owner_executable: task
+            .owner
+            .executable
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        audience: task.audience.clone(),
+        intent: task.intent.clone(),
+        tools: task.tools.clone(),
+        created_at_ms: convert::unix_ms(task.created_at),
+        deadline_ms: convert::unix_ms(task.deadline),
+        state: if ended.is_some() { "ended" } else { "active" }.into(),
+        end_reason: ended.map(|(r, _)| r.to_string()).unwrap_or_default(),
+        ended_at_ms: ended.map_or(0, |(_, at)| convert::unix_ms(at)),
+        tokens_issued: task.tokens_issued(),
+        bound: task.bind_x5t.is_some(),
+    }
+}
+
+fn task_id(value: &str) -> Result<&str, Status> {
+    if value.is_empty() || value.len() > 64 {
+        return Err(status::invalid("id", "is required (a task id)"));
+    }
+    Ok(value)
+}
+
 #[tonic::async_trait]
 impl Admin for AdminApi {
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let include_ended = request.into_inner().include_ended;
+        let tasks = self
+            .tasks
+            .list(include_ended)
+            .iter()
+            .map(|t| task_info(t))
+            .collect();
+        Ok(Response::new(pb::ListTasksResponse { tasks }))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::TaskInfo>, Status> {
+        let request = request.into_inner();
+        let id = task_id(&request.id)?;
+        let task = self
+            .tasks
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("no task {id}")))?;
+        Ok(Response::new(task_info(&task)))
+    }
+
+    async fn revoke_task(
+        &self,
+        request: Request<pb::RevokeTaskRequest>,
+    ) -> Result<Response<pb::TaskInfo>, Status> {
+        let request = request.into_inner();
+        let id = task_id(&request.id)?;
+        let task = self.tasks.revoke(id).await.map_err(|e| match e {
+            crate::task::TaskError::NotFound(_) => Status::not_found(e.to_string()),
+            other => {
+                tracing::error!(error = %other, "revoking a task failed");
+                Status::internal(format!("revoking the task failed: {other}"))
+            }
+        })?;
+        tracing::info!(task_id = %task.id, "task revoked by an operator");
+        Ok(Response::new(task_info(&task)))
+    }
+
     async fn create_entry(
         &self,
         request: Request<pb::CreateEntryRequest>,

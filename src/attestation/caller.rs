@@ -120,9 +120,47 @@ impl Caller {
         })
     }
 
+    /// Watches a process known from before (a task owner recorded before
+    /// a restart): pins it with `pidfd_open` and checks it is still the
+    /// process that started at `start_time`. A different start time means
+    /// the PID now belongs to someone else: CallerExited.
+    pub fn reattach(
+        pid: i32,
+        uid: u32,
+        gid: u32,
+        start_time: u64,
+    ) -> Result<Caller, AttestationError> {
+        if pid <= 0 {
+            return Err(AttestationError::NoPeerPid);
+        }
+        let process = Arc::new(Process {
+            pidfd: open_pidfd(pid)?,
+            source: PidfdSource::PidfdOpen,
+            exit_watch: OnceLock::new(),
+        });
+        let current = process.read_start_time(pid)?;
+        process.ensure_running(pid)?;
+        if current != start_time {
+            return Err(AttestationError::CallerExited { pid });
+        }
+        Ok(Caller {
+            pid,
+            uid,
+            gid,
+            start_time,
+            process,
+        })
+    }
+
     /// The caller's PID in the agent's PID namespace.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The process start time (`/proc/<pid>/stat` field 22, clock ticks
+    /// since boot): with the PID, it names one process for good.
+    pub fn start_time(&self) -> u64 {
+        self.start_time
     }
 
     /// The effective uid at `connect()` (`SO_PEERCRED`).
@@ -296,6 +334,19 @@ mod tests {
 
     use super::super::test_peer;
     use super::*;
+
+    #[tokio::test]
+    async fn reattach_finds_a_live_process_and_refuses_a_reused_pid() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let me = Caller::from_stream(&ours).unwrap();
+        let again = Caller::reattach(me.pid(), me.uid(), me.gid(), me.start_time()).unwrap();
+        again.ensure_alive().unwrap();
+        let err = Caller::reattach(me.pid(), me.uid(), me.gid(), me.start_time() + 1).unwrap_err();
+        assert!(
+            matches!(err, AttestationError::CallerExited { .. }),
+            "{err}"
+        );
+    }
 
     #[tokio::test]
     async fn peer_of_a_pair_is_this_process() {

@@ -35,6 +35,9 @@ pub use procfs::ProcfsError;
 
 use unix::UnixAttestor;
 
+/// Deepest ancestor chain read for task scopes.
+const MAX_LINEAGE: usize = 64;
+
 /// Default [`UnixAttestorConfig::workload_size_limit`]: 256 MiB.
 const DEFAULT_WORKLOAD_SIZE_LIMIT: u64 = 256 * 1024 * 1024;
 
@@ -200,6 +203,16 @@ impl Attestor {
         tokio::task::spawn_blocking(move || attestor.attest_blocking(&caller))
             .await
             .map_err(AttestationError::Blocking)?
+    }
+
+    /// The caller's ancestors (parent first) as (pid, start time): kernel
+    /// facts a task scope is recognised by. Blocking reads, off the runtime.
+    pub async fn lineage(&self, caller: &Caller) -> Vec<(i32, u64)> {
+        let proc_root = Arc::clone(&self.proc_root);
+        let pid = caller.pid();
+        tokio::task::spawn_blocking(move || procfs::read_lineage(&proc_root, pid, MAX_LINEAGE))
+            .await
+            .unwrap_or_default()
     }
 
     fn attest_blocking(&self, caller: &Caller) -> Result<Attested, AttestationError> {

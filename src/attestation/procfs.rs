@@ -20,6 +20,8 @@ const MAX_PROC_FILE_LEN: u64 = 64 * 1024;
 /// Fields of `stat` before the process name: `pid (comm)`. The start time is
 /// field 22 (1-based) of the whole line, so it is the 20th field after `)`.
 const STARTTIME_INDEX_AFTER_COMM: usize = 22 - 3;
+/// Field 4 (ppid), counted after the command name (fields 1 and 2).
+const PPID_INDEX_AFTER_COMM: usize = 4 - 3;
 
 /// Why the contents of a /proc file were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,6 +104,48 @@ pub fn parse_stat_start_time(contents: &[u8]) -> Result<u64, ProcfsError> {
         .nth(STARTTIME_INDEX_AFTER_COMM)
         .ok_or(ProcfsError::MissingStartTime)?;
     parse_decimal(field).ok_or(ProcfsError::MalformedStartTime)
+}
+
+/// Parses the parent pid (field 4) and the start time (field 22) from
+/// `/proc/<pid>/stat`, counting from the last `)` as
+/// [`parse_stat_start_time`] does.
+pub fn parse_stat_parent(contents: &[u8]) -> Result<(i32, u64), ProcfsError> {
+    let end = contents
+        .iter()
+        .rposition(|&b| b == b')')
+        .ok_or(ProcfsError::MissingCommEnd)?;
+    let after = contents.get(end + 1..).unwrap_or_default();
+    let ppid = after
+        .split(u8::is_ascii_whitespace)
+        .filter(|f| !f.is_empty())
+        .nth(PPID_INDEX_AFTER_COMM)
+        .and_then(parse_decimal)
+        .and_then(|n| i32::try_from(n).ok())
+        .ok_or(ProcfsError::MalformedStartTime)?;
+    Ok((ppid, parse_stat_start_time(contents)?))
+}
+
+/// The ancestors of `pid` (its parent first) as (pid, start time), up to
+/// `max` of them, stopping below init. A process that exits while its
+/// chain is read ends the chain there.
+pub fn read_lineage(proc_root: &Path, pid: i32, max: usize) -> Vec<(i32, u64)> {
+    let mut out = Vec::new();
+    let parent_of = |pid: i32| {
+        read_small(&pid_path(proc_root, pid, "stat"))
+            .ok()
+            .and_then(|c| parse_stat_parent(&c).ok())
+    };
+    let Some((mut next, _)) = parent_of(pid) else {
+        return out;
+    };
+    while next > 1 && out.len() < max {
+        let Some((ppid, start)) = parent_of(next) else {
+            break;
+        };
+        out.push((next, start));
+        next = ppid;
+    }
+    out
 }
 
 fn set_once<T>(slot: &mut Option<T>, name: &'static str, value: T) -> Result<(), ProcfsError> {

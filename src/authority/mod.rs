@@ -341,6 +341,24 @@ impl Authority {
             .ok_or(AuthorityError::NoActiveKey("JWT"))
     }
 
+    /// True when `cert_der` is a certificate one of this agent's CAs
+    /// (signing or retiring) signed: an X.509-SVID this agent issued.
+    pub fn issued_here(&self, cert_der: &[u8]) -> bool {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert_der) else {
+            return false;
+        };
+        let keys = self.inner.keys.borrow().clone();
+        keys.x509.iter().chain(keys.retiring.iter()).any(|ca| {
+            x509_parser::parse_x509_certificate(ca.cert_der())
+                .is_ok_and(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
+        })
+    }
+
+    /// True when `kid` names one of this agent's JWT signing keys.
+    pub fn is_own_jwt_key(&self, kid: &str) -> bool {
+        self.inner.keys.borrow().jwt.iter().any(|k| k.kid() == kid)
+    }
+
     /// The trust domain's bundle as it is now.
     pub fn bundle(&self) -> Arc<TrustBundle> {
         self.inner.bundle.borrow().clone()

@@ -98,6 +98,12 @@ struct SpecArgs {
     /// entry's holders receive (repeat for several).
     #[arg(long = "federates-with", value_name = "TRUST_DOMAIN")]
     federates_with: Vec<String>,
+
+    /// An audience name this entry's holders answer to besides their SPIFFE
+    /// ID (an MCP server's URI): task tokens addressed to it may be
+    /// exchanged by them (repeat for several).
+    #[arg(long = "audience", value_name = "AUDIENCE")]
+    audiences: Vec<String>,
 }
 
 /// Arguments of `tether entry update`.
@@ -185,6 +191,7 @@ impl SpecArgs {
             dns_names: self.dns_names.clone(),
             hint: self.hint.clone().unwrap_or_default(),
             federates_with: self.federates_with.clone(),
+            audiences: self.audiences.clone(),
         }
     }
 }
@@ -367,6 +374,7 @@ mod tests {
                 dns_names: vec!["a.example.org".into()],
                 hint: "a".into(),
                 federates_with: vec!["partner.example".into()],
+                audiences: Vec::new(),
             }
         );
         // No selector, or a revision of 0: clap's usage error.

@@ -9,6 +9,7 @@ use crate::attestation::AttestorConfig;
 use crate::authority::AuthorityConfig;
 use crate::federation::FederationConfig;
 use crate::registration::EntrySpec;
+use crate::task::TaskConfig;
 use crate::telemetry::LogConfig;
 use crate::workload_api::WorkloadApiLimits;
 
@@ -37,6 +38,8 @@ pub struct RawConfig {
     pub attestor: AttestorConfig,
     #[serde(default)]
     pub limits: WorkloadApiLimits,
+    #[serde(default)]
+    pub tasks: TaskConfig,
     #[serde(default)]
     pub entries: Vec<EntrySpec>,
     #[serde(default)]

@@ -28,6 +28,7 @@ use crate::authority::AuthorityConfig;
 use crate::federation::FederationSource;
 use crate::registration::{self, EntrySpec, RegistrationEntry};
 use crate::svid::SvidConfig;
+use crate::task::TaskConfig;
 use crate::telemetry::{LogConfig, LogFormat};
 use crate::workload_api::WorkloadApiConfig;
 pub use env::{EnvSource, MapEnv, ProcessEnv};
@@ -69,6 +70,8 @@ pub struct Config {
     pub attestor: AttestorConfig,
     /// Workload API behaviour and limits.
     pub workload_api: WorkloadApiConfig,
+    /// Task-bound tokens.
+    pub tasks: TaskConfig,
     /// Logging.
     pub log: LogConfig,
     /// Registration entries from the file, in order.
@@ -182,6 +185,9 @@ impl Config {
         raw.limits
             .validate()
             .map_err(|(key, problem)| ConfigError::invalid(format!("limits.{key}"), "", problem))?;
+        raw.tasks
+            .validate()
+            .map_err(|(key, problem)| ConfigError::invalid(key, "", problem))?;
         let workload_api = WorkloadApiConfig {
             allow_unauthenticated_verifiers: raw.allow_unauthenticated_verifiers,
             limits: raw.limits,
@@ -288,6 +294,7 @@ impl Config {
             authority,
             attestor: raw.attestor,
             workload_api,
+            tasks: raw.tasks,
             log,
             entries,
             federation,

@@ -10,6 +10,7 @@ mod reload;
 pub mod shutdown;
 
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,8 +31,10 @@ use crate::federation::Federation;
 use crate::registration::Registry;
 use crate::store::Store;
 use crate::svid::SvidIssuer;
-use crate::transport::BoundSocket;
-use crate::workload_api::{self, WorkloadApi};
+use crate::task::Tasks;
+use crate::task_api::{self, TaskApi};
+use crate::transport::{self, BoundSocket, Jobs};
+use crate::workload_api::{self, WorkloadApi, WorkloadApiLimits};
 pub use shutdown::Shutdown;
 
 /// How long stopping waits for streams and loops to finish.
@@ -81,7 +84,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         federation.trust_domains(),
     )
     .context("loading registration entries")?;
-    let svids = SvidIssuer::new(authority.clone(), config.svid, store);
+    let svids = SvidIssuer::new(authority.clone(), config.svid, store.clone());
+    let tasks = Tasks::new(config.tasks.clone(), authority.clone(), store);
+    {
+        let tasks = tasks.clone();
+        let watched = tokio::task::spawn_blocking(move || tasks.restore())
+            .await
+            .context("restoring tasks")??;
+        if watched > 0 {
+            tracing::info!(
+                tasks = watched,
+                "tasks from before the restart are live again"
+            );
+        }
+    }
     let attestor = Attestor::new(&config.attestor);
 
     let mut socket = BoundSocket::bind(&config.socket_path, 0o777).with_context(|| {
@@ -107,15 +123,32 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     shutdown.spawn(svids.clone().run_recorder(shutdown.token()));
     shutdown.spawn(federation.clone().run(shutdown.token()));
+    shutdown.spawn(
+        tasks
+            .clone()
+            .run_lifecycle(registry.clone(), shutdown.token()),
+    );
 
+    let jobs = Jobs {
+        tracker: shutdown.tracker(),
+        cancel: shutdown.token(),
+    };
     let api = WorkloadApi::new(
-        attestor,
+        attestor.clone(),
         registry.clone(),
         svids.clone(),
         federation.clone(),
+        tasks.clone(),
         config.workload_api.clone(),
-        shutdown.tracker(),
-        shutdown.token(),
+        jobs.clone(),
+    );
+    let task_api = TaskApi::new(
+        attestor,
+        registry.clone(),
+        tasks.clone(),
+        authority.clone(),
+        federation.clone(),
+        jobs,
     );
     let open_streams = api.open_streams();
     let (reload_tx, reload_rx) = mpsc::channel(4);
@@ -123,6 +156,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         registry.clone(),
         svids,
         authority,
+        tasks,
         Arc::clone(&open_streams),
         reload_tx,
     );
@@ -133,7 +167,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let failed = Arc::clone(&failed);
         shutdown.spawn(async move {
             let stop = token.clone().cancelled_owned();
-            if let Err(error) = workload_api::serve(api, &mut socket, &limits, stop).await {
+            if let Err(error) =
+                serve_workload_socket(api, task_api, &mut socket, &limits, stop).await
+            {
                 tracing::error!(%error, "workload API server failed; stopping the agent");
                 failed.store(true, Ordering::SeqCst);
                 token.cancel();
@@ -275,6 +311,29 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
             dir.display()
         )
     })
+}
+
+/// Serves the Workload API and the Task API on the workload socket until
+/// `shutdown` resolves.
+async fn serve_workload_socket(
+    api: WorkloadApi,
+    task_api: TaskApi,
+    socket: &mut BoundSocket,
+    limits: &WorkloadApiLimits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let Some(listener) = socket.take_listener() else {
+        return Ok(());
+    };
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .add_service(workload_api::service(api, limits))
+        .add_service(task_api::service(task_api, limits.max_request_bytes))
+        .serve_with_incoming_shutdown(
+            transport::incoming(listener, limits.max_connections),
+            shutdown,
+        )
+        .await
 }
 
 /// Raises the soft open-file limit to the hard one: every workload

@@ -29,6 +29,8 @@ pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EntryId(String);
 
+/// Longest audience name an entry may declare.
+pub const MAX_AUDIENCE_LEN: usize = 1024;
 /// Longest entry id accepted from an operator.
 pub const MAX_ENTRY_ID_LEN: usize = 64;
 
@@ -61,6 +63,10 @@ pub struct RegistrationEntry {
     pub hint: Option<String>,
     /// Foreign trust domains whose bundles this entry's holders receive.
     pub federates_with: BTreeSet<TrustDomain>,
+    /// Audience names this entry's holders answer to besides their SPIFFE
+    /// ID (an MCP server's URI, say): a task token addressed to one of them
+    /// may be exchanged by the holder.
+    pub audiences: Vec<String>,
     /// Who owns the entry.
     pub source: EntrySource,
     /// Bumped on every update (1 when created).
@@ -97,6 +103,9 @@ pub struct EntrySpec {
     /// Trust domains (each defined by a `[[federation]]`) to federate with.
     #[serde(default)]
     pub federates_with: Vec<String>,
+    /// Audience names the holders answer to besides their SPIFFE ID.
+    #[serde(default)]
+    pub audiences: Vec<String>,
 }
 
 /// Why an entry was refused. Each variant names the field at fault.
@@ -190,6 +199,9 @@ pub enum EntryError {
         /// What is wrong with it.
         problem: String,
     },
+    /// An audience name that is empty, too long or has spaces.
+    #[error("audiences: {0:?} is not an audience name (non-empty, at most 1024 bytes, no spaces)")]
+    BadAudience(String),
     /// An entry id that tether could not have issued.
     #[error("id {0:?} is not an entry id")]
     BadId(String),
@@ -352,6 +364,16 @@ impl RegistrationEntry {
             federates_with.insert(domain);
         }
 
+        check_count("audiences", config.audiences.len(), MAX_DNS_NAMES)?;
+        for audience in &config.audiences {
+            if audience.is_empty()
+                || audience.len() > MAX_AUDIENCE_LEN
+                || audience.chars().any(char::is_whitespace)
+            {
+                return Err(EntryError::BadAudience(audience.chars().take(80).collect()));
+            }
+        }
+
         let meta = meta(&spiffe_id, &selectors);
         Ok(Self {
             id: meta.id,
@@ -362,6 +384,7 @@ impl RegistrationEntry {
             dns_names: config.dns_names.clone(),
             hint: config.hint.clone(),
             federates_with,
+            audiences: config.audiences.clone(),
             source: meta.source,
             revision: meta.revision,
             created_at: meta.created_at,
@@ -383,6 +406,7 @@ impl RegistrationEntry {
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
+            audiences: self.audiences.clone(),
         }
     }
 

@@ -21,6 +21,7 @@ pub(super) fn row(entry: &RegistrationEntry) -> EntryRow {
         dns_names: spec.dns_names,
         hint: spec.hint,
         federates_with: spec.federates_with,
+        audiences: spec.audiences,
         created_at: entry.created_at,
         updated_at: entry.updated_at,
         revision: entry.revision,
@@ -50,6 +51,7 @@ pub(super) fn load(
                 x509_svid_ttl: row.x509_svid_ttl,
                 jwt_svid_ttl: row.jwt_svid_ttl,
                 federates_with: row.federates_with.clone(),
+                audiences: row.audiences.clone(),
             };
             RegistrationEntry::from_api(
                 &spec,

@@ -480,10 +480,11 @@ impl Store {
                     "INSERT INTO tasks (id, owner_pid, owner_start_time, owner_uid, \
                      owner_executable, owner_exe_sha256, spiffe_id, entry_id, audience, intent, \
                      tools, bind_x5t, created_at_ms, deadline_ms, ended_at_ms, end_reason, \
-                     tokens_issued) VALUES (:id, :owner_pid, :owner_start_time, :owner_uid, \
-                     :owner_executable, :owner_exe_sha256, :spiffe_id, :entry_id, :audience, \
-                     :intent, :tools, :bind_x5t, :created_at_ms, :deadline_ms, NULL, NULL, \
-                     :tokens_issued)",
+                     tokens_issued, scope_descendants) VALUES (:id, :owner_pid, \
+                     :owner_start_time, :owner_uid, :owner_executable, :owner_exe_sha256, \
+                     :spiffe_id, :entry_id, :audience, :intent, :tools, :bind_x5t, \
+                     :created_at_ms, :deadline_ms, NULL, NULL, :tokens_issued, \
+                     :scope_descendants)",
                 )
                 .map_err(self.sql())?;
             for task in &encoded {
@@ -870,7 +871,7 @@ const END_TASK_SQL: &str = "UPDATE tasks SET ended_at_ms = :ended_at_ms, \
      end_reason = :end_reason, tokens_issued = :tokens_issued \
      WHERE id = :id AND ended_at_ms IS NULL";
 
-fn task_params<'a>(t: &'a EncodedTask<'a>) -> [(&'static str, &'a dyn rusqlite::ToSql); 15] {
+fn task_params<'a>(t: &'a EncodedTask<'a>) -> [(&'static str, &'a dyn rusqlite::ToSql); 16] {
     [
         (":id", &t.id),
         (":owner_pid", &t.owner_pid),
@@ -887,6 +888,7 @@ fn task_params<'a>(t: &'a EncodedTask<'a>) -> [(&'static str, &'a dyn rusqlite::
         (":created_at_ms", &t.created_at_ms),
         (":deadline_ms", &t.deadline_ms),
         (":tokens_issued", &t.tokens_issued),
+        (":scope_descendants", &t.scope_descendants),
     ]
 }
 
@@ -1045,6 +1047,7 @@ mod tests {
             deadline: at(deadline),
             ended: None,
             tokens_issued: 0,
+            scope_descendants: false,
         }
     }
 
@@ -1934,6 +1937,7 @@ mod tests {
             deadline: UNIX_EPOCH + Duration::from_millis(rows::MAX_MILLIS as u64),
             ended: None,
             tokens_issued: i64::MAX as u64,
+            scope_descendants: true,
         };
         store.insert_task(&widest).unwrap();
         let reason = long(rows::MAX_END_REASON_LEN);
@@ -2105,12 +2109,13 @@ mod tests {
                 "end_reason",
             ),
             ("tokens_issued = -1".into(), "tokens_issued"),
+            ("scope_descendants = 2".into(), "scope_descendants"),
         ] {
             conn.execute_batch(&format!(
                 "INSERT INTO tasks SELECT 'bad', owner_pid, owner_start_time, owner_uid, \
                  owner_executable, owner_exe_sha256, spiffe_id, entry_id, audience, intent, \
                  tools, bind_x5t, created_at_ms + 1, deadline_ms, ended_at_ms, end_reason, \
-                 tokens_issued FROM tasks WHERE id = 'good'; \
+                 tokens_issued, scope_descendants FROM tasks WHERE id = 'good'; \
                  UPDATE tasks SET {assignments} WHERE id = 'bad';"
             ))
             .unwrap();

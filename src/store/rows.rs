@@ -134,6 +134,9 @@ pub struct TaskRow {
     pub ended: Option<TaskEnd>,
     /// How many tokens the task issued, as recorded at its end.
     pub tokens_issued: u64,
+    /// Whether the owner's descendants are scoped to the task (their
+    /// FetchJWTSVID gets its token only).
+    pub scope_descendants: bool,
 }
 
 /// The end of a task: once recorded, its tokens are refused for good.
@@ -202,6 +205,7 @@ pub(super) struct EncodedTask<'a> {
     pub(super) created_at_ms: i64,
     pub(super) deadline_ms: i64,
     pub(super) tokens_issued: i64,
+    pub(super) scope_descendants: i64,
 }
 
 /// The end of task `id` and its final token count, as their columns.
@@ -318,6 +322,7 @@ impl<'a> EncodedTask<'a> {
             created_at_ms: encode_time("created_at", row.created_at)?,
             deadline_ms: encode_time("deadline", row.deadline)?,
             tokens_issued: encode_count("tokens_issued", row.tokens_issued)?,
+            scope_descendants: i64::from(row.scope_descendants),
         })
     }
 }
@@ -414,8 +419,8 @@ pub(super) const X509_COLUMNS: usize = 6;
 /// The tasks columns [`decode_task`] reads, in its order.
 pub(super) const TASK_COLUMNS_SQL: &str = "id, owner_pid, owner_start_time, owner_uid, \
      owner_executable, owner_exe_sha256, spiffe_id, entry_id, audience, intent, tools, bind_x5t, \
-     created_at_ms, deadline_ms, ended_at_ms, end_reason, tokens_issued";
-pub(super) const TASK_COLUMNS: usize = 17;
+     created_at_ms, deadline_ms, ended_at_ms, end_reason, tokens_issued, scope_descendants";
+pub(super) const TASK_COLUMNS: usize = 18;
 
 pub(super) fn decode_entry(v: &[ValueRef<'_>; ENTRY_COLUMNS]) -> Result<EntryRow, Problem> {
     Ok(EntryRow {
@@ -464,6 +469,16 @@ pub(super) fn decode_task(v: &[ValueRef<'_>; TASK_COLUMNS]) -> Result<TaskRow, P
         deadline: decode_time("deadline_ms", v[13])?,
         ended: decode_end(v[14], v[15])?,
         tokens_issued: decode_integer("tokens_issued", v[16], 0)?,
+        scope_descendants: match decode_integer::<u8>("scope_descendants", v[17], 0)? {
+            0 => false,
+            1 => true,
+            n => {
+                return Err(Problem::new(
+                    "scope_descendants",
+                    format_args!("{n}, not 0 or 1"),
+                ));
+            }
+        },
     })
 }
 

@@ -9,6 +9,23 @@
 //! decides what a caller may do: the edges do.
 
 pub mod authority;
+pub mod header;
+pub mod identify;
+pub mod json;
 pub mod listener;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use identify::identify;
 pub use listener::{BindError, BoundSocket, PeerInfo, PeerStream, incoming};
+
+/// Where an edge spawns per-stream work: the daemon's tracker, and the
+/// token that stops it. Edges never import `daemon`.
+#[derive(Debug, Clone)]
+pub struct Jobs {
+    /// Every stream job is spawned on this.
+    pub tracker: TaskTracker,
+    /// Fires when the agent stops.
+    pub cancel: CancellationToken,
+}

@@ -7,19 +7,15 @@
 //! stop here: domain modules never see them, nor `tonic::Status`.
 
 pub mod convert;
-pub mod header;
 pub mod service;
 pub mod status;
-
-use std::future::Future;
 
 use serde::Deserialize;
 use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
 
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
-use crate::transport::{self, BoundSocket};
+use crate::transport;
 pub use service::WorkloadApi;
 
 /// How the Workload API behaves towards callers.
@@ -122,26 +118,16 @@ impl WorkloadApiLimits {
     }
 }
 
-/// Serves `api` on `socket` until `shutdown` resolves.
-pub async fn serve(
+/// The header-checking interceptor's type.
+pub type HeaderCheck = fn(tonic::Request<()>) -> Result<tonic::Request<()>, Status>;
+
+/// The Workload API as a tonic service, behind the security header check.
+pub fn service(
     api: WorkloadApi,
-    socket: &mut BoundSocket,
     limits: &WorkloadApiLimits,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
-    let Some(listener) = socket.take_listener() else {
-        return Ok(());
-    };
-    let service = InterceptedService::new(
+) -> InterceptedService<SpiffeWorkloadApiServer<WorkloadApi>, HeaderCheck> {
+    InterceptedService::new(
         SpiffeWorkloadApiServer::new(api).max_decoding_message_size(limits.max_request_bytes),
-        header::require_security_header,
-    );
-    Server::builder()
-        .max_concurrent_streams(limits.max_streams_per_connection)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            transport::incoming(listener, limits.max_connections),
-            shutdown,
-        )
-        .await
+        transport::header::require_security_header as HeaderCheck,
+    )
 }

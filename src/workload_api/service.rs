@@ -11,7 +11,6 @@ use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
@@ -23,7 +22,8 @@ use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::registration::{EntrySet, Match, Registry, SelectorSet};
 use crate::svid::{self, Holder, SvidIssuer};
-use crate::transport::PeerInfo;
+use crate::task::Tasks;
+use crate::transport::{self, Jobs};
 
 /// What the Workload API serves from. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -32,9 +32,9 @@ pub struct WorkloadApi {
     registry: Registry,
     svids: SvidIssuer,
     federation: Federation,
+    tasks: Tasks,
     config: WorkloadApiConfig,
-    jobs: TaskTracker,
-    cancel: CancellationToken,
+    jobs: Jobs,
     open_streams: Arc<AtomicUsize>,
 }
 
@@ -74,18 +74,18 @@ impl WorkloadApi {
         registry: Registry,
         svids: SvidIssuer,
         federation: Federation,
+        tasks: Tasks,
         config: WorkloadApiConfig,
-        jobs: TaskTracker,
-        cancel: CancellationToken,
+        jobs: Jobs,
     ) -> Self {
         Self {
             attestor,
             registry,
             svids,
             federation,
+            tasks,
             config,
             jobs,
-            cancel,
             open_streams: Arc::default(),
         }
     }
@@ -97,17 +97,50 @@ impl WorkloadApi {
 
     /// Who is calling: the connection's peer, attested now.
     async fn identify<T>(&self, request: &Request<T>) -> Result<(Caller, Attested), Status> {
-        let peer = request
-            .extensions()
-            .get::<PeerInfo>()
-            .ok_or_else(|| Status::internal("connection carries no peer credentials"))?;
-        let caller = peer.0.as_ref().map_err(|e| status::attestation(e))?.clone();
-        let attested = self
-            .attestor
-            .attest(&caller)
-            .await
-            .map_err(|e| status::attestation(&e))?;
-        Ok((caller, attested))
+        transport::identify(&self.attestor, request).await
+    }
+
+    /// A process running under a task that scopes its owner's descendants
+    /// (`tether task run`) gets that task's token from the standard
+    /// FetchJWTSVID, for the task's audience only. `None` when the caller
+    /// is not in such a task.
+    async fn task_scoped_jwt(
+        &self,
+        caller: &Caller,
+        request: &pb::JwtsvidRequest,
+    ) -> Result<Option<pb::JwtsvidResponse>, Status> {
+        if !self.tasks.has_scopes() {
+            return Ok(None);
+        }
+        let mut chain = vec![(caller.pid(), caller.start_time())];
+        chain.extend(self.attestor.lineage(caller).await);
+        let Some(task) = self.tasks.scope_of(&chain) else {
+            return Ok(None);
+        };
+        if request.audience.len() != 1 || request.audience[0] != task.audience {
+            return Err(Status::permission_denied(format!(
+                "this process runs under task {}: it may only get tokens for the task's audience {:?}",
+                task.id, task.audience
+            )));
+        }
+        if !request.spiffe_id.is_empty() && request.spiffe_id != task.spiffe_id.to_string() {
+            return Err(Status::permission_denied(format!(
+                "this process runs under task {} as {}",
+                task.id, task.spiffe_id
+            )));
+        }
+        let token = self
+            .tasks
+            .token_for(&task)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        tracing::debug!(pid = caller.pid(), task_id = %task.id, "issued a task-scoped JWT-SVID");
+        Ok(Some(pb::JwtsvidResponse {
+            svids: vec![pb::Jwtsvid {
+                spiffe_id: task.spiffe_id.to_string(),
+                svid: token.token,
+                hint: String::new(),
+            }],
+        }))
     }
 
     fn watches(&self) -> Watches {
@@ -211,10 +244,10 @@ impl WorkloadApi {
         let this = self.clone();
         let span = tracing::debug_span!("stream", method, pid = caller.pid());
         let open = OpenStream::new(&self.open_streams);
-        self.jobs.spawn(
+        self.jobs.tracker.spawn(
             async move {
                 let _open = open;
-                let cancel = this.cancel.clone();
+                let cancel = this.jobs.cancel.clone();
                 let mut last = first.clone();
                 sent(&first);
                 if !send(&tx, Ok(first), &cancel).await {
@@ -368,6 +401,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
             }
         };
         let (caller, attested) = self.identify(&request).await?;
+        if let Some(scoped) = self.task_scoped_jwt(&caller, request.get_ref()).await? {
+            return Ok(Response::new(scoped));
+        }
         let matches: Vec<_> = self
             .registry
             .snapshot()
@@ -441,9 +477,19 @@ impl SpiffeWorkloadApi for WorkloadApi {
             }
         })
         .map_err(|e| status::invalid_token(&e))?;
+        // A task token dies with its task, for every validator.
+        if let Some(txn) = validated
+            .claims
+            .get("txn")
+            .and_then(serde_json::Value::as_str)
+        {
+            self.tasks
+                .check_task(txn, &req.svid)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: validated.spiffe_id.to_string(),
-            claims: Some(convert::claims(validated.claims)),
+            claims: Some(transport::json::to_struct(validated.claims)),
         }))
     }
 

@@ -8,7 +8,6 @@
 
 use tonic::Status;
 
-use crate::attestation::AttestationError;
 use crate::svid::{JwtValidationError, SvidError};
 
 /// The caller matches no registration entry.
@@ -26,17 +25,6 @@ pub fn identity_lost() -> Status {
 /// The agent is stopping; clients reconnect.
 pub fn shutting_down() -> Status {
     Status::unavailable("tether is shutting down")
-}
-
-/// Attestation failed.
-pub fn attestation(error: &AttestationError) -> Status {
-    if error.is_caller_fault() {
-        tracing::info!(%error, "caller refused during attestation");
-        Status::unauthenticated(format!("could not verify the calling process: {error}"))
-    } else {
-        tracing::warn!(%error, "workload attestation failed");
-        Status::unavailable("workload attestation failed; see the agent log")
-    }
 }
 
 /// Issuing an SVID failed: an agent-side fault.

@@ -238,3 +238,31 @@ pub fn spec(spiffe_id: &str, selectors: &[&str]) -> tether::proto::admin::EntryS
         ..Default::default()
     }
 }
+
+pub type TaskClient =
+    tether::proto::task::tasks_client::TasksClient<InterceptedService<Channel, HeaderFn>>;
+
+/// tether's Task API client on the workload socket (with the header).
+pub async fn task_client(socket: &Path) -> TaskClient {
+    tether::proto::task::tasks_client::TasksClient::with_interceptor(
+        uds_channel(socket).await,
+        add_header as HeaderFn,
+    )
+}
+
+impl TestAgent {
+    /// The Task API client of this agent.
+    pub async fn tasks(&self) -> TaskClient {
+        task_client(&self.socket).await
+    }
+}
+
+/// Decodes a JWT's claims without checking anything (tests only).
+pub fn claims_of(token: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).expect("a JWS");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url");
+    serde_json::from_slice(&bytes).expect("JSON claims")
+}

@@ -36,7 +36,10 @@ CREATE TABLE tasks (
     -- Both NULL while the task is active, both set once it has ended.
     ended_at_ms       INTEGER,
     end_reason        TEXT,
-    tokens_issued     INTEGER NOT NULL
+    tokens_issued     INTEGER NOT NULL,
+    -- 1 when the owner's descendants are scoped to the task (`tether task
+    -- run`): their FetchJWTSVID gets this task's token only.
+    scope_descendants INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 
 -- Loading at start (deadline still ahead) and pruning (deadline passed)

@@ -1,0 +1,111 @@
+//! The task lifecycle loop: the single owner of task ends that nobody asked
+//! for. It ends a task the moment its owner process exits (a pidfd per
+//! owner, event-driven: no polling), when its deadline passes, or when the
+//! registration entry it was begun under is removed; and it prunes tasks
+//! whose tokens have all expired.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use tokio_util::sync::CancellationToken;
+
+use super::{EndReason, Task, Tasks};
+use crate::registration::Registry;
+
+/// How often ended tasks past their deadline are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Longest sleep without looking at the clock (a clock jump is noticed).
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+impl Tasks {
+    /// Runs until `cancel`.
+    pub async fn run_lifecycle(self, registry: Registry, cancel: CancellationToken) {
+        let taken = self
+            .inner
+            .owners_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(mut owners) = taken else {
+            return;
+        };
+        // One exit watch per owner process (not per task): a process that
+        // begins and ends many tasks costs one future.
+        let mut exits = FuturesUnordered::new();
+        let mut watched: HashSet<(i32, u64)> = HashSet::new();
+        let mut deadlines: BinaryHeap<Reverse<(SystemTime, String)>> = BinaryHeap::new();
+        let mut entries = registry.subscribe();
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        loop {
+            let now = SystemTime::now();
+            // End every task whose deadline has passed.
+            while let Some(Reverse((deadline, _))) = deadlines.peek()
+                && *deadline <= now
+            {
+                if let Some(Reverse((_, id))) = deadlines.pop()
+                    && let Some(task) = self.get(&id)
+                {
+                    self.end_quietly(&task, EndReason::Deadline).await;
+                }
+            }
+            let wait = deadlines
+                .peek()
+                .and_then(|Reverse((d, _))| d.duration_since(now).ok())
+                .unwrap_or(MAX_SLEEP)
+                .min(MAX_SLEEP);
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+                Some((task, caller)) = owners.recv() => {
+                    deadlines.push(Reverse((task.deadline, task.id.clone())));
+                    let owner = (task.owner.pid, task.owner.start_time);
+                    if watched.insert(owner) {
+                        exits.push(async move {
+                            caller.exited().await;
+                            owner
+                        });
+                    }
+                }
+                Some(owner) = exits.next() => {
+                    watched.remove(&owner);
+                    for task in self.list(false) {
+                        if (task.owner.pid, task.owner.start_time) == owner {
+                            self.end_quietly(&task, EndReason::OwnerExited).await;
+                        }
+                    }
+                }
+                Ok(()) = entries.changed() => {
+                    let snapshot = entries.borrow_and_update().clone();
+                    for task in self.list(false) {
+                        if snapshot.get(&task.entry_id).is_none() {
+                            self.end_quietly(&task, EndReason::EntryRemoved).await;
+                        }
+                    }
+                }
+                _ = prune.tick() => {
+                    if let Err(error) = self.prune().await {
+                        tracing::warn!(%error, "could not prune ended tasks");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn end_quietly(&self, task: &Arc<Task>, reason: EndReason) {
+        if let Err(error) = self.finish(task, reason).await {
+            // The end is not stored: keep the task refused in memory anyway
+            // (fail closed), and say so.
+            tracing::error!(task_id = %task.id, %reason, %error, "could not store the end of a task; refusing its tokens until restart");
+            let mut state = task.state();
+            if state.ended.is_none() {
+                state.ended = Some((reason, SystemTime::now()));
+            }
+            drop(state);
+            self.inner.changes.send_modify(|n| *n += 1);
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! The Task API RPCs.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spiffe::{SpiffeId, TrustDomain};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::attestation::{Attested, Attestor, Caller};
+use crate::authority::Authority;
+use crate::bundle::TrustBundle;
+use crate::federation::Federation;
+use crate::proto::task as pb;
+use crate::proto::task::tasks_server::Tasks as TasksRpc;
+use crate::registration::{Match, Registry};
+use crate::task::{BeginRequest, IssuedToken, Owner, Tasks, claims};
+use crate::transport::{self, Jobs};
+
+/// Longest token accepted in a request, in bytes.
+const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// Largest certificate accepted in a request, in bytes.
+const MAX_CERT_LEN: usize = 16 * 1024;
+
+/// What the Task API serves from. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TaskApi {
+    attestor: Attestor,
+    registry: Registry,
+    tasks: Tasks,
+    authority: Authority,
+    federation: Federation,
+    jobs: Jobs,
+}
+
+impl TaskApi {
+    /// A Task API over these parts; watch streams run on `jobs` until
+    /// `cancel`.
+    pub fn new(
+        attestor: Attestor,
+        registry: Registry,
+        tasks: Tasks,
+        authority: Authority,
+        federation: Federation,
+        jobs: Jobs,
+    ) -> Self {
+        Self {
+            attestor,
+            registry,
+            tasks,
+            authority,
+            federation,
+            jobs,
+        }
+    }
+
+    async fn identify<T>(&self, request: &Request<T>) -> Result<(Caller, Attested), Status> {
+        transport::identify(&self.attestor, request).await
+    }
+
+    /// The own bundle, and the federated bundles the caller's entries name.
+    fn bundles_for(
+        &self,
+        matches: &[Match],
+    ) -> impl Fn(&TrustDomain) -> Option<Arc<TrustBundle>> + use<> {
+        let own = self.authority.bundle();
+        let wanted: BTreeSet<TrustDomain> = crate::svid::jwt::federated_domains(matches);
+        let federated = self.federation.current();
+        move |td: &TrustDomain| {
+            if td == own.trust_domain() {
+                Some(Arc::clone(&own))
+            } else if wanted.contains(td) {
+                federated.get(td).cloned()
+            } else {
+                None
+            }
+        }
+    }
+
+    /// The thumbprint of a certificate the caller binds its tokens to: an
+    /// X.509-SVID this agent issued for `spiffe_id`.
+    fn binding(&self, cert: &[u8], spiffe_id: &SpiffeId) -> Result<Option<String>, Status> {
+        if cert.is_empty() {
+            return Ok(None);
+        }
+        if cert.len() > MAX_CERT_LEN {
+            return Err(Status::invalid_argument("bind_certificate is too large"));
+        }
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+            .map_err(|_| Status::invalid_argument("bind_certificate is not a DER certificate"))?;
+        let uri = parsed
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+                    _ => None,
+                })
+            });
+        if uri.as_deref() != Some(spiffe_id.to_string().as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "bind_certificate is not an X.509-SVID for {spiffe_id}"
+            )));
+        }
+        if !parsed.validity().is_valid() || !self.authority.issued_here(cert) {
+            return Err(Status::invalid_argument(
+                "bind_certificate is not a current X.509-SVID issued by this agent",
+            ));
+        }
+        Ok(Some(claims::thumbprint(cert)))
+    }
+}
+
+fn token_message(token: IssuedToken) -> pb::TaskToken {
+    pb::TaskToken {
+        token: token.token,
+        expires_at_ms: unix_ms(token.expires_at),
+    }
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn bounded(field: &str, value: &str, limit: usize) -> Result<(), Status> {
+    if value.len() > limit {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes long; the limit is {limit}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn task_id(value: &str) -> Result<&str, Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument("task_id is required"));
+    }
+    bounded("task_id", value, 64)?;
+    Ok(value)
+}
+
+type Stream<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl TasksRpc for TaskApi {
+    type WatchTaskStream = Stream<pb::TaskToken>;
+
+    async fn begin_task(
+        &self,
+        request: Request<pb::BeginTaskRequest>,
+    ) -> Result<Response<pb::BeginTaskResponse>, Status> {
+        {
+            let req = request.get_ref();
+            bounded("audience", &req.audience, 4096)?;
+            bounded("intent", &req.intent, 64 * 1024)?;
+            bounded("spiffe_id", &req.spiffe_id, 2048)?;
+            if req.tools.len() > 1024 {
+                return Err(Status::invalid_argument("tools: far too many"));
+            }
+        }
+        let (caller, attested) = self.identify(&request).await?;
+        let req = request.into_inner();
+        let matches = self.registry.snapshot().matching(&attested.selectors);
+        let matched = if req.spiffe_id.is_empty() {
+            matches.first()
+        } else {
+            matches
+                .iter()
+                .find(|m| m.spiffe_id.to_string() == req.spiffe_id)
+        }
+        .ok_or_else(|| {
+            Status::permission_denied(
+                "no identity issued: no registration entry grants this process that identity",
+            )
+        })?;
+        let bind_x5t = self.binding(&req.bind_certificate, &matched.spiffe_id)?;
+        let owner = Owner {
+            pid: caller.pid(),
+            start_time: caller.start_time(),
+            uid: attested.uid,
+            executable: attested.executable.clone(),
+            exe_sha256: attested
+                .selectors
+                .iter()
+                .find(|s| s.key() == "sha256")
+                .and_then(|s| s.value().split_once(':').map(|(_, v)| v.to_owned())),
+        };
+        let begin = BeginRequest {
+            audience: req.audience,
+            intent: req.intent,
+            tools: req.tools,
+            ttl: (req.ttl_ms != 0).then(|| Duration::from_millis(req.ttl_ms)),
+            bind_x5t,
+            scope_descendants: req.scope_descendants,
+        };
+        let (task, token) = self
+            .tasks
+            .begin(&caller, owner, matched, begin)
+            .await
+            .map_err(status::task)?;
+        Ok(Response::new(pb::BeginTaskResponse {
+            task_id: task.id.clone(),
+            token: Some(token_message(token)),
+            deadline_ms: unix_ms(task.deadline),
+        }))
+    }
+
+    async fn watch_task(
+        &self,
+        request: Request<pb::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let (caller, _) = self.identify(&request).await?;
+        let id = task_id(&request.get_ref().task_id)?.to_owned();
+        let task = self.tasks.owned(&caller, &id).map_err(status::task)?;
+        let first = self.tasks.token_for(&task).map_err(status::task)?;
+        let (tx, rx) = mpsc::channel(1);
+        let tasks = self.tasks.clone();
+        let registry = self.registry.clone();
+        let cancel = self.jobs.cancel.clone();
+        let mut ends = tasks.subscribe();
+        self.jobs.tracker.spawn(async move {
+            let mut token = first;
+            loop {
+                let expires_at = token.expires_at;
+                if tx.send(Ok(token_message(token))).await.is_err() {
+                    return;
+                }
+                // Renew at two thirds of the token's life: a client always
+                // holds a token with a third of its life left.
+                let now = SystemTime::now();
+                let left = expires_at.duration_since(now).unwrap_or(Duration::ZERO);
+                let renew_in = left.saturating_sub(left / 3).max(Duration::from_millis(200));
+                let sleep = tokio::time::sleep(renew_in);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => {
+                            let _ = tx.send(Err(Status::unavailable("tether is shutting down"))).await;
+                            return;
+                        }
+                        () = tx.closed() => return,
+                        () = &mut sleep => break,
+                        changed = ends.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            if let Some((reason, _)) = task.ended() {
+                                let _ = tx.send(Err(status::ended(&task.id, reason))).await;
+                                return;
+                            }
+                        }
+                    }
+                }
+                // Re-check before every renewal: the task lives, its owner
+                // too (the lifecycle loop ends it otherwise), its entry is there.
+                if let Some((reason, _)) = task.ended() {
+                    let _ = tx.send(Err(status::ended(&task.id, reason))).await;
+                    return;
+                }
+                if registry.snapshot().get(&task.entry_id).is_none() {
+                    let _ = tx
+                        .send(Err(status::ended(&task.id, crate::task::EndReason::EntryRemoved)))
+                        .await;
+                    return;
+                }
+                token = match tasks.token_for(&task) {
+                    Ok(token) => token,
+                    Err(error) => {
+                        let _ = tx.send(Err(status::task(error))).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn renew_task(
+        &self,
+        request: Request<pb::RenewTaskRequest>,
+    ) -> Result<Response<pb::TaskToken>, Status> {
+        let (caller, _) = self.identify(&request).await?;
+        let id = task_id(&request.get_ref().task_id)?;
+        let token = self.tasks.renew(&caller, id).map_err(status::task)?;
+        Ok(Response::new(token_message(token)))
+    }
+
+    async fn end_task(
+        &self,
+        request: Request<pb::EndTaskRequest>,
+    ) -> Result<Response<pb::EndTaskResponse>, Status> {
+        let (caller, _) = self.identify(&request).await?;
+        let id = task_id(&request.get_ref().task_id)?;
+        self.tasks.end(&caller, id).await.map_err(status::task)?;
+        Ok(Response::new(pb::EndTaskResponse {}))
+    }
+
+    async fn exchange_token(
+        &self,
+        request: Request<pb::ExchangeTokenRequest>,
+    ) -> Result<Response<pb::ExchangeTokenResponse>, Status> {
+        {
+            let req = request.get_ref();
+            if req.subject_token.is_empty() {
+                return Err(Status::invalid_argument("subject_token is required"));
+            }
+            bounded("subject_token", &req.subject_token, MAX_TOKEN_LEN)?;
+            bounded("audience", &req.audience, 4096)?;
+            if req.tools.len() > 1024 {
+                return Err(Status::invalid_argument("tools: far too many"));
+            }
+        }
+        let (_caller, attested) = self.identify(&request).await?;
+        let req = request.into_inner();
+        let matches = self.registry.snapshot().matching(&attested.selectors);
+        if matches.is_empty() {
+            return Err(Status::permission_denied(
+                "no identity issued: only a registered workload may exchange tokens",
+            ));
+        }
+        // Bound to the certificate of the identity that exchanges.
+        let bind_x5t = match matches.first() {
+            Some(first) if !req.bind_certificate.is_empty() => {
+                let bound = matches.iter().find_map(|m| {
+                    self.binding(&req.bind_certificate, &m.spiffe_id)
+                        .ok()
+                        .flatten()
+                });
+                Some(bound.ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "bind_certificate is not a current X.509-SVID of the caller (for example {})",
+                        first.spiffe_id
+                    ))
+                })?)
+            }
+            _ => None,
+        };
+        let token = self
+            .tasks
+            .exchange(
+                &req.subject_token,
+                &matches,
+                &req.audience,
+                &req.tools,
+                bind_x5t,
+                self.bundles_for(&matches),
+            )
+            .map_err(status::task)?;
+        Ok(Response::new(pb::ExchangeTokenResponse {
+            token: Some(token_message(token)),
+        }))
+    }
+
+    async fn validate_task_token(
+        &self,
+        request: Request<pb::ValidateTaskTokenRequest>,
+    ) -> Result<Response<pb::ValidateTaskTokenResponse>, Status> {
+        {
+            let req = request.get_ref();
+            if req.token.is_empty() {
+                return Err(Status::invalid_argument("token is required"));
+            }
+            if req.audience.is_empty() {
+                return Err(Status::invalid_argument("audience is required"));
+            }
+            bounded("token", &req.token, MAX_TOKEN_LEN)?;
+            bounded("audience", &req.audience, 4096)?;
+            bounded("tool", &req.tool, 1024)?;
+            if req.presenter_certificate.len() > MAX_CERT_LEN {
+                return Err(Status::invalid_argument(
+                    "presenter_certificate is too large",
+                ));
+            }
+        }
+        let (_caller, attested) = self.identify(&request).await?;
+        let req = request.into_inner();
+        let matches = self.registry.snapshot().matching(&attested.selectors);
+        let tool = (!req.tool.is_empty()).then_some(req.tool.as_str());
+        let presenter =
+            (!req.presenter_certificate.is_empty()).then_some(req.presenter_certificate.as_slice());
+        let response = match self.tasks.validate(
+            &req.token,
+            &req.audience,
+            tool,
+            presenter,
+            self.bundles_for(&matches),
+        ) {
+            Ok(valid) => pb::ValidateTaskTokenResponse {
+                valid: true,
+                reason: String::new(),
+                spiffe_id: valid.spiffe_id.to_string(),
+                task_id: valid.claims.txn.clone(),
+                actors: valid.claims.actors(),
+                claims: Some(transport::json::to_struct(valid.raw_claims)),
+            },
+            Err(rejection) => pb::ValidateTaskTokenResponse {
+                valid: false,
+                reason: rejection.to_string(),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(response))
+    }
+}

@@ -1,0 +1,37 @@
+//! Who is calling: the connection's peer (from the kernel, at accept),
+//! attested now. Shared by every service on the workload socket, with the
+//! one mapping of attestation failures to gRPC codes.
+
+use tonic::{Request, Status};
+
+use super::PeerInfo;
+use crate::attestation::{AttestationError, Attested, Attestor, Caller};
+
+/// The caller of `request`, attested.
+pub async fn identify<T>(
+    attestor: &Attestor,
+    request: &Request<T>,
+) -> Result<(Caller, Attested), Status> {
+    let peer = request
+        .extensions()
+        .get::<PeerInfo>()
+        .ok_or_else(|| Status::internal("connection carries no peer credentials"))?;
+    let caller = peer.0.as_ref().map_err(|e| attestation_status(e))?.clone();
+    let attested = attestor
+        .attest(&caller)
+        .await
+        .map_err(|e| attestation_status(&e))?;
+    Ok((caller, attested))
+}
+
+/// Attestation failed: the caller's own doing is Unauthenticated (with the
+/// reason), an agent-side fault is Unavailable (details in the log).
+pub fn attestation_status(error: &AttestationError) -> Status {
+    if error.is_caller_fault() {
+        tracing::info!(%error, "caller refused during attestation");
+        Status::unauthenticated(format!("could not verify the calling process: {error}"))
+    } else {
+        tracing::warn!(%error, "workload attestation failed");
+        Status::unavailable("workload attestation failed; see the agent log")
+    }
+}
