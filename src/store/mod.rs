@@ -2,12 +2,12 @@
 //!
 //! Owns the state that must outlive restarts and crashes: registration
 //! entries created at runtime (config-file entries are never stored), a
-//! record of issued X.509-SVIDs, and tasks with their ends. [`Store`] is a
-//! cheap-to-clone handle; its methods block (async callers use
-//! `spawn_blocking`) and are serialised by one connection behind a mutex.
-//! Rows are plain data ([`EntryRow`], [`IssuedX509`], [`TaskRow`]) that
-//! callers validate; the store knows no domain type and only bounds what it
-//! keeps.
+//! record of issued X.509-SVIDs, revoked X.509-SVIDs for the CRLs, and tasks
+//! with their ends. [`Store`] is a cheap-to-clone handle; its methods block
+//! (async callers use `spawn_blocking`) and are serialised by one connection
+//! behind a mutex. Rows are plain data ([`EntryRow`], [`IssuedX509`],
+//! [`RevokedX509`], [`TaskRow`]) that callers validate; the store knows no
+//! domain type and only bounds what it keeps.
 //!
 //! Invariants:
 //! - An acknowledged write is durable: every write commits before its method
@@ -18,6 +18,9 @@
 //!   write turns an ended task active again. A task row is kept until its
 //!   deadline has passed, so a restart knows every end whose tokens could
 //!   still be presented.
+//! - A revocation is written once, the same way: the first record of a serial
+//!   wins, and it is kept until the certificate has expired, so a restart
+//!   publishes every revocation a relying party could still need.
 //! - A damaged database is refused, never recreated or repaired: [`Store::open`]
 //!   runs `quick_check` before writing anything, and closes a database it
 //!   refuses without checkpointing, so the file is left as it was found.
@@ -53,11 +56,12 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionB
 mod migrations;
 mod rows;
 
-pub use rows::{EntryRow, IssuedX509, TaskEnd, TaskRow};
+pub use rows::{EntryRow, IssuedX509, RevokedX509, TaskEnd, TaskRow};
 
 use rows::{
-    ENTRY_COLUMNS, ENTRY_COLUMNS_SQL, EncodedEnd, EncodedEntry, EncodedTask, EncodedX509,
-    MAX_ID_LEN, Problem, TASK_COLUMNS, TASK_COLUMNS_SQL, X509_COLUMNS, X509_COLUMNS_SQL,
+    ENTRY_COLUMNS, ENTRY_COLUMNS_SQL, EncodedEnd, EncodedEntry, EncodedRevoked, EncodedTask,
+    EncodedX509, MAX_ID_LEN, Problem, REVOKED_COLUMNS, REVOKED_COLUMNS_SQL, TASK_COLUMNS,
+    TASK_COLUMNS_SQL, X509_COLUMNS, X509_COLUMNS_SQL,
 };
 
 /// The database file inside `data_dir`.
@@ -75,6 +79,7 @@ const MAX_FINDING_LEN: usize = 200;
 
 const ENTRIES: &str = "entries";
 const ISSUED_X509: &str = "issued_x509";
+const REVOKED_X509: &str = "revoked_x509";
 const TASKS: &str = "tasks";
 
 /// Handle to the database in `data_dir/tether.db`. Cheap to clone; all
@@ -285,8 +290,8 @@ impl Store {
 
     /// Stores a new entry. [`StoreError::Duplicate`] when its id is taken, or
     /// when another entry has the same SPIFFE ID and the same selector set
-    /// (in any order, repeats ignored; audiences and the other fields do not
-    /// count).
+    /// (in any order, repeats ignored; audiences, `process_bound` and the
+    /// other fields do not count).
     pub fn insert_entry(&self, row: &EntryRow) -> Result<(), StoreError> {
         let encoded = EncodedEntry::new(row).map_err(|p| unstorable(ENTRIES, &row.id, p))?;
         let mut conn = self.conn();
@@ -301,10 +306,11 @@ impl Store {
         self.refuse_same_identity(&tx, &encoded, None)?;
         tx.prepare(
             "INSERT INTO entries (id, spiffe_id, selectors, selector_key, x509_svid_ttl_ms, \
-             jwt_svid_ttl_ms, dns_names, hint, federates_with, audiences, created_at_ms, \
-             updated_at_ms, revision) VALUES (:id, :spiffe_id, :selectors, :selector_key, \
-             :x509_svid_ttl_ms, :jwt_svid_ttl_ms, :dns_names, :hint, :federates_with, \
-             :audiences, :created_at_ms, :updated_at_ms, :revision)",
+             jwt_svid_ttl_ms, dns_names, hint, federates_with, audiences, process_bound, \
+             created_at_ms, updated_at_ms, revision) VALUES (:id, :spiffe_id, :selectors, \
+             :selector_key, :x509_svid_ttl_ms, :jwt_svid_ttl_ms, :dns_names, :hint, \
+             :federates_with, :audiences, :process_bound, :created_at_ms, :updated_at_ms, \
+             :revision)",
         )
         .and_then(|mut stmt| stmt.execute(entry_params(&encoded).as_slice()))
         .map_err(self.write_error(|| format!("entry {}", quote(&row.id))))?;
@@ -350,7 +356,7 @@ impl Store {
              selector_key = :selector_key, x509_svid_ttl_ms = :x509_svid_ttl_ms, \
              jwt_svid_ttl_ms = :jwt_svid_ttl_ms, dns_names = :dns_names, hint = :hint, \
              federates_with = :federates_with, audiences = :audiences, \
-             created_at_ms = :created_at_ms, updated_at_ms = :updated_at_ms, \
+             process_bound = :process_bound, created_at_ms = :created_at_ms, updated_at_ms = :updated_at_ms, \
              revision = :revision WHERE id = :id",
         )
         .and_then(|mut stmt| stmt.execute(entry_params(&encoded).as_slice()))
@@ -448,6 +454,62 @@ impl Store {
     pub fn prune_x509(&self, before: SystemTime) -> Result<usize, StoreError> {
         let conn = self.conn();
         conn.prepare("DELETE FROM issued_x509 WHERE not_after_ms < ?1")
+            .and_then(|mut stmt| stmt.execute([query_millis(before)]))
+            .map_err(self.sql())
+    }
+
+    /// Records the revocation of an X.509-SVID; `Ok(true)` when recorded.
+    /// A serial already revoked keeps its first record (its CA, time, expiry
+    /// and reason): `Ok(false)`, changing nothing. Serials are compared as
+    /// stored text, so callers write them in one case.
+    pub fn revoke_x509(&self, record: &RevokedX509) -> Result<bool, StoreError> {
+        let encoded =
+            EncodedRevoked::new(record).map_err(|p| unstorable(REVOKED_X509, &record.serial, p))?;
+        let conn = self.conn();
+        // DO NOTHING for the serial only: any other constraint still fails.
+        let inserted = conn
+            .prepare(
+                "INSERT INTO revoked_x509 (serial, ca_id, revoked_at_ms, not_after_ms, reason) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (serial) DO NOTHING",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(rusqlite::params![
+                    encoded.serial,
+                    encoded.ca_id,
+                    encoded.revoked_at_ms,
+                    encoded.not_after_ms,
+                    encoded.reason,
+                ])
+            })
+            .map_err(self.sql())?;
+        Ok(inserted > 0)
+    }
+
+    /// Revocations whose certificate has not expired at `now` (`not_after`
+    /// after `now`), of every CA: what the CRLs list. Oldest `revoked_at`
+    /// first (ties by serial).
+    pub fn revoked_x509(&self, now: SystemTime) -> Result<Vec<RevokedX509>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {REVOKED_COLUMNS_SQL}, rowid FROM revoked_x509 WHERE not_after_ms > ?1 \
+                 ORDER BY revoked_at_ms, serial"
+            ))
+            .map_err(self.sql())?;
+        let mut rows = stmt.query([query_millis(now)]).map_err(self.sql())?;
+        let mut records = Vec::new();
+        while let Some(row) = rows.next().map_err(self.sql())? {
+            records.push(decode_revoked(row)?);
+        }
+        Ok(records)
+    }
+
+    /// Deletes revocations of certificates that expired before `before`;
+    /// returns how many. An expired certificate fails validation without a
+    /// CRL, so its revocation no longer needs publishing.
+    pub fn prune_revoked_x509(&self, before: SystemTime) -> Result<usize, StoreError> {
+        let conn = self.conn();
+        conn.prepare("DELETE FROM revoked_x509 WHERE not_after_ms < ?1")
             .and_then(|mut stmt| stmt.execute([query_millis(before)]))
             .map_err(self.sql())
     }
@@ -847,7 +909,7 @@ fn is_damage(e: &rusqlite::Error) -> bool {
 
 // === rows ===
 
-fn entry_params<'a>(e: &'a EncodedEntry<'a>) -> [(&'static str, &'a dyn rusqlite::ToSql); 13] {
+fn entry_params<'a>(e: &'a EncodedEntry<'a>) -> [(&'static str, &'a dyn rusqlite::ToSql); 14] {
     [
         (":id", &e.id),
         (":spiffe_id", &e.spiffe_id),
@@ -859,6 +921,7 @@ fn entry_params<'a>(e: &'a EncodedEntry<'a>) -> [(&'static str, &'a dyn rusqlite
         (":hint", &e.hint),
         (":federates_with", &e.federates_with),
         (":audiences", &e.audiences),
+        (":process_bound", &e.process_bound),
         (":created_at_ms", &e.created_at_ms),
         (":updated_at_ms", &e.updated_at_ms),
         (":revision", &e.revision),
@@ -922,6 +985,11 @@ fn decode_task(row: &rusqlite::Row<'_>) -> Result<TaskRow, StoreError> {
 fn decode_x509(row: &rusqlite::Row<'_>) -> Result<IssuedX509, StoreError> {
     let values = values::<X509_COLUMNS>(row)?;
     rows::decode_x509(&values).map_err(|p| bad_row(ISSUED_X509, row_label(&values, row), p))
+}
+
+fn decode_revoked(row: &rusqlite::Row<'_>) -> Result<RevokedX509, StoreError> {
+    let values = values::<REVOKED_COLUMNS>(row)?;
+    rows::decode_revoked(&values).map_err(|p| bad_row(REVOKED_X509, row_label(&values, row), p))
 }
 
 fn values<'r, const N: usize>(row: &'r rusqlite::Row<'_>) -> Result<[ValueRef<'r>; N], StoreError> {
@@ -1023,10 +1091,25 @@ mod tests {
             hint: Some("primary".into()),
             federates_with: vec!["spiffe://other.org".into()],
             audiences: vec!["https://mcp.jira.internal".into()],
+            process_bound: false,
             created_at: at(0),
             updated_at: at(0),
             revision: 1,
         }
+    }
+
+    fn revoked(serial: &str, revoked_at: u64, not_after: u64) -> RevokedX509 {
+        RevokedX509 {
+            serial: serial.into(),
+            ca_id: "ca-1".into(),
+            revoked_at: at(revoked_at),
+            not_after: at(not_after),
+            reason: "process exited".into(),
+        }
+    }
+
+    fn serials(records: &[RevokedX509]) -> Vec<&str> {
+        records.iter().map(|r| r.serial.as_str()).collect()
     }
 
     fn task(id: &str, created_at: u64, deadline: u64) -> TaskRow {
@@ -1105,8 +1188,10 @@ mod tests {
 
         let mut b = entry("b", "spiffe://example.org/b", &["unix:uid:1"]);
         b.created_at = at(5);
+        b.process_bound = true;
         let mut a = entry("a", "spiffe://example.org/a", &["unix:uid:2", "unix:gid:2"]);
         a.created_at = at(5);
+        a.process_bound = true;
         let mut first = entry("z", "spiffe://example.org/z", &[]);
         first.created_at = at(1);
         first.x509_svid_ttl = None;
@@ -1130,20 +1215,34 @@ mod tests {
         changed.spiffe_id = "spiffe://example.org/a2".into();
         changed.hint = None;
         changed.audiences = vec!["https://a.internal".into(), "https://b.internal".into()];
+        changed.process_bound = false;
         changed.updated_at = at(9);
         changed.revision = 2;
         store.update_entry(&changed).unwrap();
-        assert_eq!(store.entry("a").unwrap(), Some(changed));
+        assert_eq!(store.entry("a").unwrap(), Some(changed.clone()));
+        // And back: an update writes the flag both ways.
+        changed.process_bound = true;
+        changed.revision = 3;
+        store.update_entry(&changed).unwrap();
+        assert!(store.entry("a").unwrap().unwrap().process_bound);
 
         assert!(store.delete_entry("a").unwrap());
         assert!(!store.delete_entry("a").unwrap());
         assert_eq!(store.entry("a").unwrap(), None);
         assert_eq!(ids(&store.entries().unwrap()), ["z", "b"]);
 
-        // And it is all still there after a restart.
+        // And it is all still there after a restart, the flag included
+        // (b's is set, first's is not).
+        let mut first_bound = first.clone();
+        first_bound.process_bound = true;
+        first_bound.revision = 2;
+        store.update_entry(&first_bound).unwrap();
+        first_bound.process_bound = false;
+        first_bound.revision = 3;
+        store.update_entry(&first_bound).unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.entries().unwrap(), [first, b]);
+        assert_eq!(store.entries().unwrap(), [first_bound, b]);
     }
 
     #[test]
@@ -1171,6 +1270,11 @@ mod tests {
         let mut other_audiences = entry("e2", a, &["unix:uid:1", "unix:gid:1"]);
         other_audiences.audiences = vec!["https://elsewhere.internal".into()];
         let err = store.insert_entry(&other_audiences).unwrap_err();
+        assert!(matches!(err, StoreError::Duplicate { .. }), "{err}");
+        // Nor does process binding.
+        let mut process_bound = entry("e2", a, &["unix:uid:1", "unix:gid:1"]);
+        process_bound.process_bound = true;
+        let err = store.insert_entry(&process_bound).unwrap_err();
         assert!(matches!(err, StoreError::Duplicate { .. }), "{err}");
 
         // A different SPIFFE ID or a different set is another entry.
@@ -1386,8 +1490,8 @@ mod tests {
             "PRAGMA wal_autocheckpoint = 0; \
              INSERT INTO entries SELECT 'zzz', 'spiffe://example.org/zzz', selectors, \
              selector_key, x509_svid_ttl_ms, jwt_svid_ttl_ms, dns_names, hint, \
-             federates_with, created_at_ms + 100000, updated_at_ms, revision, audiences \
-             FROM entries WHERE id = 'entry-00000';",
+             federates_with, created_at_ms + 100000, updated_at_ms, revision, audiences, \
+             process_bound FROM entries WHERE id = 'entry-00000';",
         )
         .unwrap();
         drop(conn);
@@ -1602,12 +1706,15 @@ mod tests {
                 "audiences",
                 "'[' || substr(replace(hex(zeroblob(257)), '00', '\"a\",'), 1, 1027) || ']'",
             ),
+            // A flag is 0 or 1, strictly: no other value means "set".
+            ("process_bound", "2"),
+            ("process_bound", "-1"),
         ] {
             conn.execute_batch(&format!(
                 "INSERT INTO entries SELECT 'bad', spiffe_id || '/bad', selectors, \
                  selector_key, x509_svid_ttl_ms, jwt_svid_ttl_ms, dns_names, hint, \
-                 federates_with, created_at_ms + 1, updated_at_ms, revision, audiences \
-                 FROM entries WHERE id = 'good'; \
+                 federates_with, created_at_ms + 1, updated_at_ms, revision, audiences, \
+                 process_bound FROM entries WHERE id = 'good'; \
                  UPDATE entries SET {column} = {value} WHERE id = 'bad';"
             ))
             .unwrap();
@@ -1652,12 +1759,13 @@ mod tests {
         ));
     }
 
-    /// Stores `row` as a v1 build did: every v1 column, no audiences.
+    /// Stores `row` as a v1 build did: every v1 column, no audiences and no
+    /// process binding.
     fn insert_v1_entry(store: &Store, row: &EntryRow) {
         let encoded = EncodedEntry::new(row).unwrap();
         let params: Vec<_> = entry_params(&encoded)
             .into_iter()
-            .filter(|(name, _)| *name != ":audiences")
+            .filter(|(name, _)| ![":audiences", ":process_bound"].contains(name))
             .collect();
         store
             .conn()
@@ -1682,7 +1790,8 @@ mod tests {
         b.audiences = vec![];
         b.created_at = at(1);
         {
-            // What a v1 build wrote: no audiences column, no tasks table.
+            // What a v1 build wrote: no audiences or process_bound column, no
+            // tasks or revoked_x509 table.
             let store = Store::open_with(dir.path(), v1).unwrap();
             assert_eq!(store.schema_version().unwrap(), 1);
             insert_v1_entry(&store, &a);
@@ -1700,17 +1809,23 @@ mod tests {
 
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.schema_version().unwrap(), 2);
-        // Every v1 row reads back whole, with no audiences.
+        // Every v1 row reads back whole, with no audiences, and not process
+        // bound: v1 entries shared one SVID per entry.
+        assert!(!a.process_bound && !b.process_bound);
         assert_eq!(store.entries().unwrap(), [a.clone(), b]);
         assert_eq!(store.live_x509(at(0)).unwrap(), [issued("01", 0, 100)]);
         assert!(store.tasks_until(UNIX_EPOCH).unwrap().is_empty());
+        assert!(store.revoked_x509(UNIX_EPOCH).unwrap().is_empty());
 
-        // And the upgraded rows take audiences and tasks like new ones.
+        // And the upgraded rows take audiences, process binding, tasks and
+        // revocations like new ones.
         a.audiences = vec!["https://mcp.jira.internal".into()];
+        a.process_bound = true;
         a.revision = 2;
         store.update_entry(&a).unwrap();
-        assert_eq!(store.entry("a").unwrap(), Some(a));
+        assert_eq!(store.entry("a").unwrap(), Some(a.clone()));
         store.insert_task(&task("t1", 0, 100)).unwrap();
+        assert!(store.revoke_x509(&revoked("01", 50, 100)).unwrap());
         drop(store);
 
         // A v1 build now refuses the database rather than misread it.
@@ -1722,6 +1837,203 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.task("t1").unwrap(), Some(task("t1", 0, 100)));
+        assert_eq!(store.entry("a").unwrap(), Some(a));
+        assert_eq!(store.revoked_x509(at(0)).unwrap(), [revoked("01", 50, 100)]);
+    }
+
+    #[test]
+    fn revocations_list_until_expiry_and_the_first_record_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.revoked_x509(UNIX_EPOCH).unwrap().is_empty());
+        // serial, revoked at, not after
+        for (serial, revoked_at, not_after) in [
+            ("0c", 20, 300),
+            ("0b", 10, 200),
+            ("0a", 10, 100),
+            ("ff", 0, 50),
+        ] {
+            assert!(
+                store
+                    .revoke_x509(&revoked(serial, revoked_at, not_after))
+                    .unwrap()
+            );
+        }
+        let listed = |ms| serials(&store.revoked_x509(at(ms)).unwrap()).join(",");
+
+        // Oldest revocation first, ties by serial.
+        assert_eq!(listed(0), "ff,0a,0b,0c");
+        assert_eq!(listed(49), "ff,0a,0b,0c");
+        // A certificate expiring at `now` has expired.
+        assert_eq!(listed(50), "0a,0b,0c");
+        assert_eq!(listed(99), "0a,0b,0c");
+        assert_eq!(listed(100), "0b,0c");
+        assert_eq!(listed(299), "0c");
+        assert_eq!(listed(300), "");
+        assert_eq!(
+            store
+                .revoked_x509(UNIX_EPOCH - Duration::from_secs(1))
+                .unwrap()
+                .len(),
+            4
+        );
+
+        // Revoking again keeps the first record whole: CA, time, expiry and
+        // reason.
+        let first = revoked("0b", 10, 200);
+        let again = RevokedX509 {
+            ca_id: "ca-2".into(),
+            revoked_at: at(15),
+            not_after: at(900),
+            reason: "operator".into(),
+            ..first.clone()
+        };
+        assert!(!store.revoke_x509(&again).unwrap());
+        assert!(!store.revoke_x509(&first).unwrap());
+        assert_eq!(listed(150), "0b,0c");
+        assert_eq!(store.revoked_x509(at(150)).unwrap()[0], first);
+        // Serials are text: another case is another serial.
+        assert!(store.revoke_x509(&revoked("0B", 30, 200)).unwrap());
+        assert_eq!(listed(150), "0b,0c,0B");
+
+        // And all of it survives a restart.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let listed = |ms| serials(&store.revoked_x509(at(ms)).unwrap()).join(",");
+        assert_eq!(listed(0), "ff,0a,0b,0c,0B");
+        assert_eq!(store.revoked_x509(at(150)).unwrap()[0], first);
+
+        // Strictly before: a certificate expiring at `before` is kept.
+        assert_eq!(store.prune_revoked_x509(at(50)).unwrap(), 0);
+        assert_eq!(store.prune_revoked_x509(at(51)).unwrap(), 1);
+        assert_eq!(store.prune_revoked_x509(at(51)).unwrap(), 0);
+        assert_eq!(listed(0), "0a,0b,0c,0B");
+        assert_eq!(store.prune_revoked_x509(at(201)).unwrap(), 3);
+        assert_eq!(listed(0), "0c");
+        // A pruned serial's record is gone: revoking it again records anew.
+        assert!(store.revoke_x509(&revoked("ff", 60, 70)).unwrap());
+        assert_eq!(listed(0), "0c,ff");
+    }
+
+    #[test]
+    fn revocation_values_outside_the_bounds_are_refused_on_write_and_bad_rows_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let long = |n: usize| "x".repeat(n);
+        let last = UNIX_EPOCH + Duration::from_millis(rows::MAX_MILLIS as u64);
+
+        // Every bound, at its limit, round trips.
+        let widest = RevokedX509 {
+            serial: long(MAX_ID_LEN),
+            ca_id: long(MAX_ID_LEN),
+            revoked_at: UNIX_EPOCH,
+            not_after: last,
+            reason: long(rows::MAX_REASON_LEN),
+        };
+        assert!(store.revoke_x509(&widest).unwrap());
+        assert_eq!(store.revoked_x509(UNIX_EPOCH).unwrap(), [widest]);
+        assert_eq!(store.prune_revoked_x509(last).unwrap(), 0);
+        store
+            .conn()
+            .execute("DELETE FROM revoked_x509", [])
+            .unwrap();
+
+        // One past each bound is refused, naming the field.
+        type Damage = fn(&mut RevokedX509);
+        let refused: [(&str, Damage); 6] = [
+            ("serial", |r| r.serial = "x".repeat(MAX_ID_LEN + 1)),
+            ("ca_id", |r| r.ca_id = "x".repeat(MAX_ID_LEN + 1)),
+            ("revoked_at", |r| {
+                r.revoked_at = UNIX_EPOCH - Duration::from_millis(1)
+            }),
+            ("not_after", |r| {
+                r.not_after = UNIX_EPOCH - Duration::from_millis(1)
+            }),
+            ("not_after", |r| {
+                r.not_after = UNIX_EPOCH + Duration::from_millis(rows::MAX_MILLIS as u64 + 1)
+            }),
+            ("reason", |r| {
+                r.reason = "x".repeat(rows::MAX_REASON_LEN + 1)
+            }),
+        ];
+        for (field, damage) in refused {
+            let mut record = revoked("0a", 0, 100);
+            damage(&mut record);
+            match store.revoke_x509(&record) {
+                Err(StoreError::Unstorable {
+                    table: "revoked_x509",
+                    id,
+                    problem,
+                }) => {
+                    assert!(problem.starts_with(&format!("{field}: ")), "{problem}");
+                    assert!(id.len() < 100, "error quotes the whole serial: {id}");
+                }
+                other => panic!("{field}: expected Unstorable, got {other:?}"),
+            }
+        }
+        assert!(store.revoked_x509(UNIX_EPOCH).unwrap().is_empty());
+
+        // Damage that keeps the file structurally sound (STRICT still holds
+        // the types): values no write could have produced.
+        assert!(store.revoke_x509(&revoked("good", 0, 100)).unwrap());
+        let conn = raw(dir.path());
+        let ext = |n: usize| format!("hex(zeroblob({}))", n.div_ceil(2));
+        for (assignments, column) in [
+            (format!("ca_id = {}", ext(MAX_ID_LEN + 1)), "ca_id"),
+            ("revoked_at_ms = -1".to_owned(), "revoked_at_ms"),
+            (
+                format!("not_after_ms = {}", rows::MAX_MILLIS + 1),
+                "not_after_ms",
+            ),
+            (
+                format!("reason = {}", ext(rows::MAX_REASON_LEN + 1)),
+                "reason",
+            ),
+            ("reason = CAST(x'ff' AS TEXT)".into(), "reason"),
+        ] {
+            conn.execute_batch(&format!(
+                "INSERT INTO revoked_x509 SELECT 'bad', ca_id, revoked_at_ms + 1, \
+                 not_after_ms, reason FROM revoked_x509 WHERE serial = 'good'; \
+                 UPDATE revoked_x509 SET {assignments} WHERE serial = 'bad';"
+            ))
+            .unwrap();
+            match store.revoked_x509(UNIX_EPOCH) {
+                Err(StoreError::BadRow {
+                    table, id, problem, ..
+                }) => {
+                    assert_eq!(table, "revoked_x509");
+                    assert_eq!(id, "\"bad\"");
+                    assert!(
+                        problem.starts_with(&format!("{column}: ")),
+                        "{assignments}: {problem}"
+                    );
+                }
+                other => panic!("{assignments}: expected BadRow, got {other:?}"),
+            }
+            conn.execute("DELETE FROM revoked_x509 WHERE serial = 'bad'", [])
+                .unwrap();
+        }
+        assert_eq!(
+            store.revoked_x509(UNIX_EPOCH).unwrap(),
+            [revoked("good", 0, 100)]
+        );
+
+        // A serial that cannot be read is named by its rowid.
+        conn.execute(
+            &format!(
+                "UPDATE revoked_x509 SET serial = {} WHERE serial = 'good'",
+                ext(MAX_ID_LEN + 1)
+            ),
+            [],
+        )
+        .unwrap();
+        match store.revoked_x509(UNIX_EPOCH) {
+            Err(StoreError::BadRow { table, id, .. }) => {
+                assert_eq!(table, "revoked_x509");
+                assert!(id.starts_with("at rowid"), "{id}");
+            }
+            other => panic!("expected BadRow, got {other:?}"),
+        }
     }
 
     #[test]
@@ -1825,11 +2137,7 @@ mod tests {
         let err = store
             .end_tasks(&[
                 ("a".into(), end(6, "owner exited"), 3),
-                (
-                    "c".into(),
-                    end(6, &"r".repeat(rows::MAX_END_REASON_LEN + 1)),
-                    0,
-                ),
+                ("c".into(), end(6, &"r".repeat(rows::MAX_REASON_LEN + 1)), 0),
             ])
             .unwrap_err();
         match err {
@@ -1940,7 +2248,7 @@ mod tests {
             scope_descendants: true,
         };
         store.insert_task(&widest).unwrap();
-        let reason = long(rows::MAX_END_REASON_LEN);
+        let reason = long(rows::MAX_REASON_LEN);
         let last = UNIX_EPOCH + Duration::from_millis(rows::MAX_MILLIS as u64);
         let widest_end = TaskEnd { at: last, reason };
         assert!(
@@ -2025,11 +2333,7 @@ mod tests {
         store.insert_task(&task("good", 0, 100)).unwrap();
         for (field, bad_end, tokens) in [
             ("tokens_issued", end(0, "completed"), u64::MAX),
-            (
-                "ended.reason",
-                end(0, &long(rows::MAX_END_REASON_LEN + 1)),
-                0,
-            ),
+            ("ended.reason", end(0, &long(rows::MAX_REASON_LEN + 1)), 0),
             (
                 "ended.at",
                 TaskEnd {
@@ -2104,7 +2408,7 @@ mod tests {
             (
                 format!(
                     "ended_at_ms = 5, end_reason = {}",
-                    ext(rows::MAX_END_REASON_LEN + 1)
+                    ext(rows::MAX_REASON_LEN + 1)
                 ),
                 "end_reason",
             ),
@@ -2182,8 +2486,9 @@ mod tests {
 
     /// Acknowledged writes survive the writer being killed at an arbitrary
     /// point, over several kill/restart rounds on the same database (each
-    /// round also recovers the WAL the previous victim left): entries,
-    /// records, task batches and task ends. A batch cut by the kill is there
+    /// round also recovers the WAL the previous victim left): entries (with
+    /// their process binding), records, revocations (first record kept),
+    /// task batches and task ends. A batch cut by the kill is there
     /// whole or not at all. SIGKILL keeps
     /// the page cache, so this proves commit-before-acknowledge and recovery,
     /// not power-loss durability, which rests on `synchronous = FULL`
@@ -2197,21 +2502,50 @@ mod tests {
 
             let store = Store::open(dir.path()).unwrap();
             // Every row decodes, and every acknowledged write is there.
-            let stored: Vec<String> = store.entries().unwrap().into_iter().map(|e| e.id).collect();
+            let stored: HashMap<String, EntryRow> = store
+                .entries()
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.id.clone(), e))
+                .collect();
             let records: Vec<String> = store
                 .live_x509(UNIX_EPOCH)
                 .unwrap()
                 .into_iter()
                 .map(|r| r.serial)
                 .collect();
+            let revocations: HashMap<String, RevokedX509> = store
+                .revoked_x509(UNIX_EPOCH)
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.serial.clone(), r))
+                .collect();
             for id in &acknowledged {
                 assert!(
-                    stored.contains(id),
+                    stored.contains_key(id),
                     "round {round}: acknowledged entry {id} lost"
                 );
                 assert!(
                     records.contains(id),
                     "round {round}: acknowledged record {id} lost"
+                );
+                assert!(
+                    revocations.contains_key(id),
+                    "round {round}: acknowledged revocation {id} lost"
+                );
+            }
+            // Every entry has the flag its write set, and every revocation,
+            // acknowledged or cut short by the kill, is its first record:
+            // never the second one the writer tried.
+            for (id, row) in &stored {
+                let i = crash_i(id);
+                assert_eq!(row.process_bound, i % 2 == 1, "round {round}: {id}");
+            }
+            for (serial, record) in &revocations {
+                assert_eq!(
+                    *record,
+                    crash_revocation(serial),
+                    "round {round}: revocation {serial}"
                 );
             }
 
@@ -2256,6 +2590,15 @@ mod tests {
                     "round {round}: acknowledged tasks of {id} lost or not ended"
                 );
             }
+        }
+    }
+
+    /// The revocation the crash writer records first for serial `id`.
+    fn crash_revocation(id: &str) -> RevokedX509 {
+        let i = crash_i(id);
+        RevokedX509 {
+            serial: id.to_owned(),
+            ..revoked("", i, i + 3_600_000)
         }
     }
 
@@ -2335,6 +2678,7 @@ mod tests {
             let id = format!("r{round}-{i:05}");
             let mut row = entry(&id, &format!("spiffe://example.org/{id}"), &["unix:uid:0"]);
             row.created_at = at(i);
+            row.process_bound = i % 2 == 1;
             store.insert_entry(&row).unwrap();
             store
                 .record_x509_issued(&IssuedX509 {
@@ -2343,6 +2687,14 @@ mod tests {
                     ..issued("", i, i + 3_600_000)
                 })
                 .unwrap();
+            let first = crash_revocation(&id);
+            assert!(store.revoke_x509(&first).unwrap());
+            let second = RevokedX509 {
+                revoked_at: at(i + 1),
+                reason: "operator".into(),
+                ..first
+            };
+            assert!(!store.revoke_x509(&second).unwrap());
             let (a, b) = (format!("{id}-a"), format!("{id}-b"));
             store
                 .insert_tasks(&[task(&a, i, i + 3_600_000), task(&b, i, i + 3_600_000)])

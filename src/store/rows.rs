@@ -9,7 +9,8 @@
 //! Times are unix milliseconds and durations milliseconds (`INTEGER`), so
 //! anything finer than a millisecond is dropped on write. Lists are JSON
 //! arrays of strings (`TEXT`). Counters and other unsigned numbers are
-//! `INTEGER` too, so one beyond `i64::MAX` is refused.
+//! `INTEGER` too, so one beyond `i64::MAX` is refused. Flags are `INTEGER` 0
+//! or 1, strictly: any other stored value is damage, not "set".
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,8 +27,8 @@ pub(super) const MAX_HINT_LEN: usize = 1024;
 pub(super) const MAX_PATH_LEN: usize = 4096 + 64;
 /// Longest task intent, in bytes.
 pub(super) const MAX_INTENT_LEN: usize = 4096;
-/// Longest reason for a task's end, in bytes.
-pub(super) const MAX_END_REASON_LEN: usize = 256;
+/// Longest reason for a task's end or a certificate's revocation, in bytes.
+pub(super) const MAX_REASON_LEN: usize = 256;
 /// Most items in one list column (selectors, DNS names, trust domains,
 /// audiences, tools).
 pub(super) const MAX_LIST_ITEMS: usize = 256;
@@ -66,6 +67,11 @@ pub struct EntryRow {
     /// may be exchanged by the holder. Not part of the entry's identity (see
     /// [`super::Store::insert_entry`]); empty for entries stored by schema v1.
     pub audiences: Vec<String>,
+    /// Whether each process matching the entry gets its own X.509-SVID (key
+    /// and certificate), revoked when the process exits, instead of sharing
+    /// one per entry. Not part of the entry's identity; false for entries
+    /// stored by schema v1.
+    pub process_bound: bool,
     /// When the entry was created; entries are listed in this order.
     pub created_at: SystemTime,
     /// When the entry last changed.
@@ -91,6 +97,25 @@ pub struct IssuedX509 {
     pub not_after: SystemTime,
     /// When tether signed it.
     pub issued_at: SystemTime,
+}
+
+/// A revoked X.509-SVID, listed on the CRL of the CA that signed it until
+/// the certificate expires.
+///
+/// Written once: the first record of a serial is kept (see
+/// [`super::Store::revoke_x509`]). Times keep whole milliseconds only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedX509 {
+    /// Certificate serial number, hex; identifies the record.
+    pub serial: String,
+    /// The id of the CA that signed it.
+    pub ca_id: String,
+    /// When it was revoked.
+    pub revoked_at: SystemTime,
+    /// The certificate's expiry: the record is kept until then.
+    pub not_after: SystemTime,
+    /// Why, in a few words (`process exited`).
+    pub reason: String,
 }
 
 /// A task: a unit of delegated agent work that owns short-lived tokens.
@@ -171,6 +196,7 @@ pub(super) struct EncodedEntry<'a> {
     pub(super) hint: Option<&'a str>,
     pub(super) federates_with: String,
     pub(super) audiences: String,
+    pub(super) process_bound: i64,
     pub(super) created_at_ms: i64,
     pub(super) updated_at_ms: i64,
     pub(super) revision: i64,
@@ -185,6 +211,16 @@ pub(super) struct EncodedX509<'a> {
     pub(super) not_before_ms: i64,
     pub(super) not_after_ms: i64,
     pub(super) issued_at_ms: i64,
+}
+
+/// A [`RevokedX509`] as its columns.
+#[derive(Debug)]
+pub(super) struct EncodedRevoked<'a> {
+    pub(super) serial: &'a str,
+    pub(super) ca_id: &'a str,
+    pub(super) revoked_at_ms: i64,
+    pub(super) not_after_ms: i64,
+    pub(super) reason: &'a str,
 }
 
 /// An active [`TaskRow`] as its columns (the end columns are NULL).
@@ -253,6 +289,7 @@ impl<'a> EncodedEntry<'a> {
                 .transpose()?,
             federates_with: encode_list("federates_with", &row.federates_with)?,
             audiences: encode_list("audiences", &row.audiences)?,
+            process_bound: encode_flag(row.process_bound),
             created_at_ms: encode_time("created_at", row.created_at)?,
             updated_at_ms: encode_time("updated_at", row.updated_at)?,
             revision: encode_count("revision", row.revision)?,
@@ -271,6 +308,20 @@ impl<'a> EncodedX509<'a> {
             not_before_ms: encode_time("not_before", record.not_before)?,
             not_after_ms: encode_time("not_after", record.not_after)?,
             issued_at_ms: encode_time("issued_at", record.issued_at)?,
+        })
+    }
+}
+
+// === impl EncodedRevoked ===
+
+impl<'a> EncodedRevoked<'a> {
+    pub(super) fn new(record: &'a RevokedX509) -> Result<EncodedRevoked<'a>, Problem> {
+        Ok(EncodedRevoked {
+            serial: bounded("serial", &record.serial, MAX_ID_LEN)?,
+            ca_id: bounded("ca_id", &record.ca_id, MAX_ID_LEN)?,
+            revoked_at_ms: encode_time("revoked_at", record.revoked_at)?,
+            not_after_ms: encode_time("not_after", record.not_after)?,
+            reason: bounded("reason", &record.reason, MAX_REASON_LEN)?,
         })
     }
 }
@@ -322,7 +373,7 @@ impl<'a> EncodedTask<'a> {
             created_at_ms: encode_time("created_at", row.created_at)?,
             deadline_ms: encode_time("deadline", row.deadline)?,
             tokens_issued: encode_count("tokens_issued", row.tokens_issued)?,
-            scope_descendants: i64::from(row.scope_descendants),
+            scope_descendants: encode_flag(row.scope_descendants),
         })
     }
 }
@@ -339,7 +390,7 @@ impl<'a> EncodedEnd<'a> {
         Ok(EncodedEnd {
             id,
             ended_at_ms: encode_time("ended.at", end.at)?,
-            end_reason: bounded("ended.reason", &end.reason, MAX_END_REASON_LEN)?,
+            end_reason: bounded("ended.reason", &end.reason, MAX_REASON_LEN)?,
             tokens_issued: encode_count("tokens_issued", tokens_issued)?,
         })
     }
@@ -387,6 +438,11 @@ pub(super) fn encode_time(column: &str, time: SystemTime) -> Result<i64, Problem
     millis(column, since_epoch)
 }
 
+/// A flag as an `INTEGER`, 0 or 1.
+fn encode_flag(flag: bool) -> i64 {
+    i64::from(flag)
+}
+
 /// An unsigned number as an `INTEGER`.
 fn encode_count(column: &str, n: u64) -> Result<i64, Problem> {
     i64::try_from(n).map_err(|_| Problem::new(column, "larger than i64::MAX"))
@@ -407,14 +463,18 @@ fn millis(column: &str, duration: Duration) -> Result<i64, Problem> {
 
 /// The entry columns [`decode_entry`] reads, in its order.
 pub(super) const ENTRY_COLUMNS_SQL: &str = "id, spiffe_id, selectors, x509_svid_ttl_ms, \
-     jwt_svid_ttl_ms, dns_names, hint, federates_with, audiences, created_at_ms, updated_at_ms, \
-     revision";
-pub(super) const ENTRY_COLUMNS: usize = 12;
+     jwt_svid_ttl_ms, dns_names, hint, federates_with, audiences, process_bound, created_at_ms, \
+     updated_at_ms, revision";
+pub(super) const ENTRY_COLUMNS: usize = 13;
 
 /// The issued_x509 columns [`decode_x509`] reads, in its order.
 pub(super) const X509_COLUMNS_SQL: &str =
     "serial, entry_id, spiffe_id, not_before_ms, not_after_ms, issued_at_ms";
 pub(super) const X509_COLUMNS: usize = 6;
+
+/// The revoked_x509 columns [`decode_revoked`] reads, in its order.
+pub(super) const REVOKED_COLUMNS_SQL: &str = "serial, ca_id, revoked_at_ms, not_after_ms, reason";
+pub(super) const REVOKED_COLUMNS: usize = 5;
 
 /// The tasks columns [`decode_task`] reads, in its order.
 pub(super) const TASK_COLUMNS_SQL: &str = "id, owner_pid, owner_start_time, owner_uid, \
@@ -433,9 +493,10 @@ pub(super) fn decode_entry(v: &[ValueRef<'_>; ENTRY_COLUMNS]) -> Result<EntryRow
         hint: decode_opt_text("hint", v[6], MAX_HINT_LEN)?.map(str::to_owned),
         federates_with: decode_list("federates_with", v[7])?,
         audiences: decode_list("audiences", v[8])?,
-        created_at: decode_time("created_at_ms", v[9])?,
-        updated_at: decode_time("updated_at_ms", v[10])?,
-        revision: decode_revision(v[11])?,
+        process_bound: decode_flag("process_bound", v[9])?,
+        created_at: decode_time("created_at_ms", v[10])?,
+        updated_at: decode_time("updated_at_ms", v[11])?,
+        revision: decode_revision(v[12])?,
     })
 }
 
@@ -447,6 +508,16 @@ pub(super) fn decode_x509(v: &[ValueRef<'_>; X509_COLUMNS]) -> Result<IssuedX509
         not_before: decode_time("not_before_ms", v[3])?,
         not_after: decode_time("not_after_ms", v[4])?,
         issued_at: decode_time("issued_at_ms", v[5])?,
+    })
+}
+
+pub(super) fn decode_revoked(v: &[ValueRef<'_>; REVOKED_COLUMNS]) -> Result<RevokedX509, Problem> {
+    Ok(RevokedX509 {
+        serial: decode_text("serial", v[0], MAX_ID_LEN)?.to_owned(),
+        ca_id: decode_text("ca_id", v[1], MAX_ID_LEN)?.to_owned(),
+        revoked_at: decode_time("revoked_at_ms", v[2])?,
+        not_after: decode_time("not_after_ms", v[3])?,
+        reason: decode_text("reason", v[4], MAX_REASON_LEN)?.to_owned(),
     })
 }
 
@@ -469,16 +540,7 @@ pub(super) fn decode_task(v: &[ValueRef<'_>; TASK_COLUMNS]) -> Result<TaskRow, P
         deadline: decode_time("deadline_ms", v[13])?,
         ended: decode_end(v[14], v[15])?,
         tokens_issued: decode_integer("tokens_issued", v[16], 0)?,
-        scope_descendants: match decode_integer::<u8>("scope_descendants", v[17], 0)? {
-            0 => false,
-            1 => true,
-            n => {
-                return Err(Problem::new(
-                    "scope_descendants",
-                    format_args!("{n}, not 0 or 1"),
-                ));
-            }
-        },
+        scope_descendants: decode_flag("scope_descendants", v[17])?,
     })
 }
 
@@ -489,7 +551,7 @@ fn decode_end(at: ValueRef<'_>, reason: ValueRef<'_>) -> Result<Option<TaskEnd>,
         (ValueRef::Null, ValueRef::Null) => Ok(None),
         (at, reason) => Ok(Some(TaskEnd {
             at: decode_time("ended_at_ms", at)?,
-            reason: decode_text("end_reason", reason, MAX_END_REASON_LEN)?.to_owned(),
+            reason: decode_text("end_reason", reason, MAX_REASON_LEN)?.to_owned(),
         })),
     }
 }
@@ -552,6 +614,17 @@ pub(super) fn decode_opt_duration(
 
 pub(super) fn decode_revision(value: ValueRef<'_>) -> Result<u64, Problem> {
     decode_integer("revision", value, 0)
+}
+
+/// An `INTEGER` column holding 0 or 1, strictly: any other value is damage,
+/// not "true".
+fn decode_flag(column: &str, value: ValueRef<'_>) -> Result<bool, Problem> {
+    match value {
+        ValueRef::Integer(0) => Ok(false),
+        ValueRef::Integer(1) => Ok(true),
+        ValueRef::Integer(n) => Err(Problem::new(column, format_args!("{n}, not 0 or 1"))),
+        other => Err(unexpected(column, "integer", other)),
+    }
 }
 
 /// An `INTEGER` column of at least `min` that fits `T`.
@@ -684,6 +757,26 @@ mod tests {
         assert!(count(ValueRef::Null).is_err());
         assert!(encode_count("c", i64::MAX as u64).is_ok());
         assert!(encode_count("c", i64::MAX as u64 + 1).is_err());
+    }
+
+    #[test]
+    fn flags_are_0_or_1_strictly() {
+        assert_eq!(encode_flag(false), 0);
+        assert_eq!(encode_flag(true), 1);
+        assert!(!decode_flag("f", ValueRef::Integer(0)).unwrap());
+        assert!(decode_flag("f", ValueRef::Integer(1)).unwrap());
+        for bad in [
+            ValueRef::Integer(2),
+            ValueRef::Integer(-1),
+            ValueRef::Integer(256),
+            ValueRef::Integer(i64::MIN),
+            ValueRef::Real(1.0),
+            ValueRef::Text(b"1"),
+            ValueRef::Null,
+        ] {
+            let err = decode_flag("process_bound", bad).unwrap_err();
+            assert!(err.what.starts_with("process_bound: "), "{}", err.what);
+        }
     }
 
     #[test]

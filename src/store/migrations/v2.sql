@@ -1,5 +1,5 @@
--- Schema v2: entry audiences, and tasks (units of delegated agent work that
--- own short-lived tokens).
+-- Schema v2: entry audiences and process binding, tasks (units of delegated
+-- agent work that own short-lived tokens), and revoked X.509-SVIDs.
 -- Shipped: never edit this file. Change the schema by appending a step
 -- (v3.sql) to STEPS in migrations.rs.
 
@@ -7,6 +7,11 @@
 -- (https://mcp.jira.internal), as a JSON array of strings. Entries stored by
 -- v1 have none.
 ALTER TABLE entries ADD COLUMN audiences TEXT NOT NULL DEFAULT '[]';
+
+-- 1 when each process matching the entry gets its own X.509-SVID (key and
+-- certificate), revoked when the process exits; 0 when the processes share
+-- one per entry, as every entry stored by v1 does.
+ALTER TABLE entries ADD COLUMN process_bound INTEGER NOT NULL DEFAULT 0;
 
 -- A task row is written when the task begins and changed once, when it ends.
 -- Its end is what keeps its tokens refused after a restart, so it is kept
@@ -45,3 +50,20 @@ CREATE TABLE tasks (
 -- Loading at start (deadline still ahead) and pruning (deadline passed)
 -- both select on the deadline.
 CREATE INDEX tasks_by_deadline ON tasks (deadline_ms);
+
+-- Revoked X.509-SVIDs, for the CRLs the agent publishes. The first record of
+-- a serial is kept, and kept until the certificate expires: after that the
+-- certificate fails validation anyway. No foreign key to issued_x509: that
+-- record may have been pruned, or never written.
+CREATE TABLE revoked_x509 (
+    serial        TEXT    NOT NULL PRIMARY KEY,
+    -- The id of the CA that signed it: each CA's CRL lists its own.
+    ca_id         TEXT    NOT NULL,
+    -- Unix milliseconds.
+    revoked_at_ms INTEGER NOT NULL,
+    not_after_ms  INTEGER NOT NULL,
+    reason        TEXT    NOT NULL
+) STRICT;
+
+-- Listing (not yet expired) and pruning (expired) both select on expiry.
+CREATE INDEX revoked_x509_by_expiry ON revoked_x509 (not_after_ms);
