@@ -266,6 +266,32 @@ impl AdminClient {
         let call = self.client.reload(pb::ReloadRequest {});
         bounded(self.timeout, &self.socket, call).await
     }
+
+    /// The live tasks, and with `include_ended` the ended ones the agent
+    /// still remembers.
+    pub async fn list_tasks(
+        &mut self,
+        include_ended: bool,
+    ) -> Result<Vec<pb::TaskInfo>, AdminClientError> {
+        let call = self
+            .client
+            .list_tasks(pb::ListTasksRequest { include_ended });
+        bounded(self.timeout, &self.socket, call)
+            .await
+            .map(|r| r.tasks)
+    }
+
+    /// One task.
+    pub async fn get_task(&mut self, id: String) -> Result<pb::TaskInfo, AdminClientError> {
+        let call = self.client.get_task(pb::GetTaskRequest { id });
+        bounded(self.timeout, &self.socket, call).await
+    }
+
+    /// Ends a task as revoked; the task as it is afterwards.
+    pub async fn revoke_task(&mut self, id: String) -> Result<pb::TaskInfo, AdminClientError> {
+        let call = self.client.revoke_task(pb::RevokeTaskRequest { id });
+        bounded(self.timeout, &self.socket, call).await
+    }
 }
 
 /// Runs a call under the timeout.

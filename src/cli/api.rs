@@ -783,7 +783,7 @@ fn pem_config() -> EncodeConfig {
 /// `mode` in the same directory, then renamed over `path`: the file never
 /// exists half-written, and a key is never readable by others, not even
 /// between create and chmod.
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+pub(super) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
@@ -837,7 +837,7 @@ fn read_token(arg: &str) -> Result<String, ApiError> {
 }
 
 /// A protobuf `Struct` (the claims of ValidateJWTSVID) as JSON.
-fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
+pub(super) fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
     serde_json::Value::Object(
         s.fields
             .iter()

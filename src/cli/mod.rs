@@ -1,7 +1,7 @@
-//! The `tether` command line: `run` starts the agent; `api` talks to a
-//! running agent's Workload API the way a workload would; the operator
-//! commands (`entry`, `svid`, `bundle`, `healthcheck`, `reload`) talk to
-//! its admin socket.
+//! The `tether` command line: `run` starts the agent; `api`, `token` and
+//! `task run` talk to a running agent's workload socket the way a workload
+//! would; the operator commands (`entry`, `svid`, `bundle`, `healthcheck`,
+//! `reload`, `task list|show|revoke`) talk to its admin socket.
 //!
 //! Exit codes (stable, for scripts): 0 success; 1 any other failure (the
 //! agent refused a request as invalid, say); 2 bad flags (clap); 64 bad
@@ -15,6 +15,11 @@ pub mod entry;
 pub mod operator;
 pub mod output;
 pub mod run;
+pub mod subreaper;
+pub mod task;
+pub mod task_client;
+pub mod task_run;
+pub mod token;
 pub mod workload_client;
 
 use std::process::ExitCode;
@@ -66,6 +71,11 @@ enum Command {
     ///
     /// --json prints {"config_entries", "federations"}.
     Reload(operator::PlainArgs),
+    /// Run a command as one task with task-bound tokens (workload socket);
+    /// list, show and revoke tasks (admin socket).
+    Task(task::TaskArgs),
+    /// Exchange or validate task tokens (workload socket).
+    Token(token::TokenArgs),
 }
 
 /// Runs the parsed command line and maps the outcome to an exit status.
@@ -78,6 +88,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Bundle(args) => operator::run_bundle(&args),
         Command::Healthcheck(args) => operator::run_healthcheck(&args),
         Command::Reload(args) => operator::run_reload(&args),
+        Command::Task(args) => task::run(&args),
+        Command::Token(args) => token::run(&args),
     }
 }
 

@@ -285,6 +285,80 @@ pub struct ReloadReport {
     pub federations: u32,
 }
 
+/// One task: `task show`, `task revoke`, and each element of `task list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskView {
+    /// `id`: the task's id (its tokens' `txn`).
+    pub id: String,
+    /// `spiffe_id`: the owner's SPIFFE ID (its tokens' `sub`).
+    pub spiffe_id: String,
+    /// `entry_id`: the registration entry that granted that identity.
+    pub entry_id: String,
+    /// `owner_pid`: the process that began the task (for `task run`, the
+    /// runner).
+    pub owner_pid: i32,
+    /// `owner_uid`.
+    pub owner_uid: u32,
+    /// `owner_executable`: its path (`""` if unknown).
+    pub owner_executable: String,
+    /// `audience`: the one audience of its tokens.
+    pub audience: String,
+    /// `intent`: what it is for, in words.
+    pub intent: String,
+    /// `tools`: the tools it may use.
+    pub tools: Vec<String>,
+    /// `bound`: its tokens are bound to the owner's X.509-SVID.
+    pub bound: bool,
+    /// `created_at`: RFC 3339 (or `null`).
+    pub created_at: Option<Timestamp>,
+    /// `deadline`: when it ends at the latest, RFC 3339 (or `null`).
+    pub deadline: Option<Timestamp>,
+    /// `tokens_issued`: tokens issued for it so far, exchanges included.
+    pub tokens_issued: u64,
+    /// `state`: `"active"` or `"ended"`.
+    pub state: String,
+    /// `end_reason`: why it ended (`"completed"`, `"deadline"`, `"owner
+    /// exited"`, `"entry removed"`, `"revoked"`), `null` while active.
+    pub end_reason: Option<String>,
+    /// `ended_at`: RFC 3339, `null` while active.
+    pub ended_at: Option<Timestamp>,
+}
+
+/// `tether task list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TasksReport {
+    /// `tasks`: in the agent's order.
+    pub tasks: Vec<TaskView>,
+}
+
+/// `tether token exchange`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExchangedToken {
+    /// `token`: the new task token (compact JWS).
+    pub token: String,
+    /// `expires_at`: RFC 3339 (or `null` if the agent did not say).
+    pub expires_at: Option<Timestamp>,
+}
+
+/// `tether token validate`. Every field is always present; all but `valid`
+/// and `reason` are empty when the token is not valid.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskTokenValidation {
+    /// `valid`.
+    pub valid: bool,
+    /// `reason`: why not, when not valid; `null` when valid.
+    pub reason: Option<String>,
+    /// `spiffe_id`: the subject (the task owner's SPIFFE ID).
+    pub spiffe_id: String,
+    /// `task_id`: the task (`txn`).
+    pub task_id: String,
+    /// `actors`: the actor chain (`act`), newest actor first; empty when
+    /// the token was never exchanged.
+    pub actors: Vec<String>,
+    /// `claims`: every claim of the token, as the agent returned them.
+    pub claims: serde_json::Value,
+}
+
 // === impl Format ===
 
 impl Format {
@@ -369,6 +443,30 @@ impl Format {
                 plural(report.federations as usize)
             )
         })
+    }
+
+    /// Prints one task (`task show|revoke`).
+    pub fn task(self, task: &TaskView) -> io::Result<()> {
+        self.print(task, |w, now| render_task(w, task, now))
+    }
+
+    /// Prints the result of `task list`: a table.
+    pub fn tasks(self, report: &TasksReport) -> io::Result<()> {
+        self.print(report, |w, now| render_tasks(w, report, now))
+    }
+
+    /// Prints the result of `token exchange`: the bare token (for `$(...)`)
+    /// or, with `--json`, the token and its expiry.
+    pub fn exchanged(self, exchanged: &ExchangedToken) -> io::Result<()> {
+        self.print(exchanged, |w, _| {
+            writeln!(w, "{}", printable(&exchanged.token))
+        })
+    }
+
+    /// Prints the result of `token validate`. Readable output is for a
+    /// valid token only (an invalid one is an error on stderr).
+    pub fn task_validation(self, report: &TaskTokenValidation) -> io::Result<()> {
+        self.print(report, |w, _| render_task_validation(w, report))
     }
 
     /// Prints a JSON document the agent sent (the SPIFFE bundle): indented
@@ -624,6 +722,102 @@ fn render_bundles(w: &mut String, report: &BundlesReport, now: OffsetDateTime) -
 fn render_validation(w: &mut String, report: &ValidationReport) -> std::fmt::Result {
     writeln!(w, "valid")?;
     writeln!(w, "SPIFFE ID: {}", printable(&report.spiffe_id))?;
+    writeln!(w, "Claims:")?;
+    // Pretty JSON escapes control characters itself.
+    let claims = serde_json::to_string_pretty(&report.claims).map_err(|_| std::fmt::Error)?;
+    writeln!(w, "{claims}")
+}
+
+fn render_task(w: &mut String, task: &TaskView, now: OffsetDateTime) -> std::fmt::Result {
+    writeln!(w, "ID:           {}", printable(&task.id))?;
+    writeln!(w, "SPIFFE ID:    {}", printable(&task.spiffe_id))?;
+    writeln!(w, "Entry:        {}", or_none(&task.entry_id))?;
+    writeln!(
+        w,
+        "Owner:        pid {}, uid {}, {}",
+        task.owner_pid,
+        task.owner_uid,
+        or_none(&task.owner_executable)
+    )?;
+    writeln!(w, "Audience:     {}", printable(&task.audience))?;
+    writeln!(w, "Intent:       {}", or_none(&task.intent))?;
+    writeln!(w, "Tools:        {}", list(&task.tools))?;
+    writeln!(
+        w,
+        "Bound:        {}",
+        if task.bound {
+            "yes (to the owner's X.509-SVID)"
+        } else {
+            "no"
+        }
+    )?;
+    writeln!(w, "Created:      {}", when(task.created_at, now))?;
+    writeln!(w, "Deadline:     {}", when(task.deadline, now))?;
+    writeln!(w, "Tokens:       {}", task.tokens_issued)?;
+    match &task.end_reason {
+        Some(_) => writeln!(
+            w,
+            "State:        {}, {}",
+            task_state(task),
+            when(task.ended_at, now)
+        ),
+        None => writeln!(w, "State:        {}", task_state(task)),
+    }
+}
+
+fn render_tasks(w: &mut String, report: &TasksReport, now: OffsetDateTime) -> std::fmt::Result {
+    if report.tasks.is_empty() {
+        return writeln!(w, "No tasks");
+    }
+    let rows = report.tasks.iter().map(|t| {
+        vec![
+            printable(&t.id).into_owned(),
+            printable(&t.spiffe_id).into_owned(),
+            t.owner_pid.to_string(),
+            printable(&t.audience).into_owned(),
+            cells(&t.tools),
+            when(t.deadline, now),
+            t.tokens_issued.to_string(),
+            task_state(t),
+        ]
+    });
+    table(
+        w,
+        &[
+            "ID",
+            "SPIFFE ID",
+            "OWNER PID",
+            "AUDIENCE",
+            "TOOLS",
+            "DEADLINE",
+            "TOKENS",
+            "STATE",
+        ],
+        rows,
+    )
+}
+
+/// "active", or "ended: revoked".
+fn task_state(task: &TaskView) -> String {
+    match &task.end_reason {
+        Some(reason) => format!("{}: {}", printable(&task.state), printable(reason)),
+        None => printable(&task.state).into_owned(),
+    }
+}
+
+fn render_task_validation(w: &mut String, report: &TaskTokenValidation) -> std::fmt::Result {
+    if !report.valid {
+        let reason = report.reason.as_deref().unwrap_or("");
+        return writeln!(w, "invalid: {}", printable(reason));
+    }
+    writeln!(w, "valid")?;
+    writeln!(w, "SPIFFE ID:    {}", printable(&report.spiffe_id))?;
+    writeln!(w, "Task:         {}", printable(&report.task_id))?;
+    if report.actors.is_empty() {
+        writeln!(w, "Actor chain:  (none: not exchanged)")?;
+    } else {
+        writeln!(w, "Actor chain:  {} (newest first)", list(&report.actors))?;
+    }
     writeln!(w, "Claims:")?;
     // Pretty JSON escapes control characters itself.
     let claims = serde_json::to_string_pretty(&report.claims).map_err(|_| std::fmt::Error)?;
@@ -1029,6 +1223,95 @@ mod tests {
             serde_json::json!({"serving": true, "trust_domain": "example.org",
                 "entries": 3, "open_streams": 1, "version": "0.1.0"})
         );
+    }
+
+    fn task(id: &str, end_reason: Option<&str>) -> TaskView {
+        TaskView {
+            id: id.into(),
+            spiffe_id: "spiffe://example.org/agent".into(),
+            entry_id: "cfg-1".into(),
+            owner_pid: 4242,
+            owner_uid: 1000,
+            owner_executable: "/usr/bin/tether".into(),
+            audience: "spiffe://example.org/mcp".into(),
+            intent: "triage".into(),
+            tools: vec!["jira.read".into(), "jira.search".into()],
+            bound: false,
+            created_at: Some(at(0)),
+            deadline: Some(at(240)),
+            tokens_issued: 2,
+            state: if end_reason.is_some() {
+                "ended"
+            } else {
+                "active"
+            }
+            .into(),
+            end_reason: end_reason.map(str::to_owned),
+            ended_at: end_reason.map(|_| at(60)),
+        }
+    }
+
+    #[test]
+    fn task_tables_show_owner_deadline_and_state() {
+        let report = TasksReport {
+            tasks: vec![task("tsk-a", None), task("tsk-b", Some("revoked"))],
+        };
+        let mut text = String::new();
+        render_tasks(&mut text, &report, at(0).0).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "ID     SPIFFE ID                   OWNER PID  AUDIENCE                  TOOLS                  DEADLINE                      TOKENS  STATE",
+                "tsk-a  spiffe://example.org/agent  4242       spiffe://example.org/mcp  jira.read,jira.search  1970-01-01T00:04:00Z (in 4m)  2       active",
+                "tsk-b  spiffe://example.org/agent  4242       spiffe://example.org/mcp  jira.read,jira.search  1970-01-01T00:04:00Z (in 4m)  2       ended: revoked",
+            ]
+        );
+        let mut shown = String::new();
+        render_task(&mut shown, &report.tasks[1], at(120).0).unwrap();
+        assert!(
+            shown.contains("Owner:        pid 4242, uid 1000, /usr/bin/tether"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("State:        ended: revoked, 1970-01-01T00:01:00Z (1m ago)"),
+            "{shown}"
+        );
+        let mut empty = String::new();
+        render_tasks(&mut empty, &TasksReport { tasks: vec![] }, at(0).0).unwrap();
+        assert_eq!(empty, "No tasks\n");
+    }
+
+    #[test]
+    fn task_token_validations_show_the_actor_chain() {
+        let report = TaskTokenValidation {
+            valid: true,
+            reason: None,
+            spiffe_id: "spiffe://example.org/agent".into(),
+            task_id: "tsk-1".into(),
+            actors: vec![
+                "spiffe://example.org/b".into(),
+                "spiffe://example.org/a".into(),
+            ],
+            claims: serde_json::json!({"txn": "tsk-1"}),
+        };
+        let mut text = String::new();
+        render_task_validation(&mut text, &report).unwrap();
+        assert!(
+            text.starts_with(
+                "valid\nSPIFFE ID:    spiffe://example.org/agent\nTask:         tsk-1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "Actor chain:  spiffe://example.org/b, spiffe://example.org/a (newest first)"
+            ),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["reason"], serde_json::Value::Null);
+        assert_eq!(json["actors"][0], "spiffe://example.org/b");
     }
 
     #[test]
