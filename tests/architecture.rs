@@ -68,7 +68,13 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // 2: services and the shared transport
         (
             "svid",
-            &["authority", "bundle", "registration", "store"][..],
+            &[
+                "attestation",
+                "authority",
+                "bundle",
+                "registration",
+                "store",
+            ][..],
         ),
         (
             "task",

@@ -53,6 +53,7 @@ pub fn spec(spec: Option<pb::EntrySpec>) -> Result<EntrySpec, Status> {
         jwt_svid_ttl: ttl(spec.jwt_svid_ttl_ms),
         federates_with: spec.federates_with,
         audiences: spec.audiences,
+        process_bound: spec.process_bound,
     })
 }
 
@@ -72,6 +73,7 @@ pub fn entry(entry: &RegistrationEntry) -> pb::Entry {
             hint: spec.hint.unwrap_or_default(),
             federates_with: spec.federates_with,
             audiences: spec.audiences,
+            process_bound: spec.process_bound,
         }),
         source: match entry.source {
             EntrySource::Config => pb::EntrySource::Config,

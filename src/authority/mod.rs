@@ -354,6 +354,37 @@ impl Authority {
         })
     }
 
+    /// Signs a CRL for the CA `ca_id` (signing or retiring) listing
+    /// `revoked` (serial bytes, revocation time). `None` when that CA is
+    /// gone (its certificates have expired, and so need no CRL).
+    pub fn sign_crl(
+        &self,
+        ca_id: &str,
+        revoked: &[(Vec<u8>, SystemTime)],
+        crl_number: u64,
+        next_update: SystemTime,
+    ) -> Result<Option<Vec<u8>>, AuthorityError> {
+        let keys = self.inner.keys.borrow().clone();
+        let Some(ca) = keys
+            .x509
+            .iter()
+            .chain(keys.retiring.iter())
+            .find(|ca| ca.id() == ca_id)
+        else {
+            return Ok(None);
+        };
+        let now = SystemTime::now();
+        ca.sign_crl(
+            revoked,
+            crl_number,
+            now,
+            next_update
+                .min(ca.lifetime().not_after)
+                .max(now + Duration::from_secs(1)),
+        )
+        .map(Some)
+    }
+
     /// True when `kid` names one of this agent's JWT signing keys.
     pub fn is_own_jwt_key(&self, kid: &str) -> bool {
         self.inner.keys.borrow().jwt.iter().any(|k| k.kid() == kid)

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, SanType,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use spiffe::TrustDomain;
 use x509_parser::prelude::FromDer;
@@ -260,6 +260,37 @@ impl X509Authority {
             not_before,
             not_after,
         })
+    }
+
+    /// Signs a CRL listing `revoked` (serial bytes, revocation time) issued
+    /// by this CA, valid from `now` until `next_update`.
+    pub fn sign_crl(
+        &self,
+        revoked: &[(Vec<u8>, SystemTime)],
+        crl_number: u64,
+        now: SystemTime,
+        next_update: SystemTime,
+    ) -> Result<Vec<u8>, AuthorityError> {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: (now - BACKDATE).into(),
+            next_update: next_update.into(),
+            crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|(serial, at)| rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial),
+                    revocation_time: (*at).into(),
+                    reason_code: Some(rcgen::RevocationReason::CessationOfOperation),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(AuthorityError::Rcgen)?;
+        Ok(crl.der().to_vec())
     }
 
     /// Identifier (also the key file name).

@@ -104,6 +104,11 @@ struct SpecArgs {
     /// exchanged by them (repeat for several).
     #[arg(long = "audience", value_name = "AUDIENCE")]
     audiences: Vec<String>,
+
+    /// Give each matching process its own X.509-SVID, revoked (and listed
+    /// in the CRL) when the process exits.
+    #[arg(long)]
+    process_bound: bool,
 }
 
 /// Arguments of `tether entry update`.
@@ -192,6 +197,7 @@ impl SpecArgs {
             hint: self.hint.clone().unwrap_or_default(),
             federates_with: self.federates_with.clone(),
             audiences: self.audiences.clone(),
+            process_bound: self.process_bound,
         }
     }
 }
@@ -375,6 +381,7 @@ mod tests {
                 hint: "a".into(),
                 federates_with: vec!["partner.example".into()],
                 audiences: Vec::new(),
+                process_bound: false,
             }
         );
         // No selector, or a revision of 0: clap's usage error.

@@ -122,6 +122,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .run_rotation(registry.clone(), shutdown.token()),
     );
     shutdown.spawn(svids.clone().run_recorder(shutdown.token()));
+    shutdown.spawn(svids.clone().run_revocations(shutdown.token()));
     shutdown.spawn(federation.clone().run(shutdown.token()));
     shutdown.spawn(
         tasks

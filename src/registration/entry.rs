@@ -67,6 +67,9 @@ pub struct RegistrationEntry {
     /// ID (an MCP server's URI, say): a task token addressed to one of them
     /// may be exchanged by the holder.
     pub audiences: Vec<String>,
+    /// Each matching process gets its own X.509-SVID (key and certificate),
+    /// revoked when the process exits, instead of one shared per entry.
+    pub process_bound: bool,
     /// Who owns the entry.
     pub source: EntrySource,
     /// Bumped on every update (1 when created).
@@ -106,6 +109,9 @@ pub struct EntrySpec {
     /// Audience names the holders answer to besides their SPIFFE ID.
     #[serde(default)]
     pub audiences: Vec<String>,
+    /// One X.509-SVID per process, revoked (CRL) when the process exits.
+    #[serde(default)]
+    pub process_bound: bool,
 }
 
 /// Why an entry was refused. Each variant names the field at fault.
@@ -385,6 +391,7 @@ impl RegistrationEntry {
             hint: config.hint.clone(),
             federates_with,
             audiences: config.audiences.clone(),
+            process_bound: config.process_bound,
             source: meta.source,
             revision: meta.revision,
             created_at: meta.created_at,
@@ -407,6 +414,7 @@ impl RegistrationEntry {
                 .map(ToString::to_string)
                 .collect(),
             audiences: self.audiences.clone(),
+            process_bound: self.process_bound,
         }
     }
 

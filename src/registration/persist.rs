@@ -22,6 +22,7 @@ pub(super) fn row(entry: &RegistrationEntry) -> EntryRow {
         hint: spec.hint,
         federates_with: spec.federates_with,
         audiences: spec.audiences,
+        process_bound: spec.process_bound,
         created_at: entry.created_at,
         updated_at: entry.updated_at,
         revision: entry.revision,
@@ -52,6 +53,7 @@ pub(super) fn load(
                 jwt_svid_ttl: row.jwt_svid_ttl,
                 federates_with: row.federates_with.clone(),
                 audiences: row.audiences.clone(),
+                process_bound: row.process_bound,
             };
             RegistrationEntry::from_api(
                 &spec,

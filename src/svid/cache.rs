@@ -17,8 +17,12 @@ use spiffe::SpiffeId;
 use super::x509::X509Svid;
 use crate::registration::{EntryId, EntrySet};
 
-/// An entry and the ID it resolved to: one SVID each.
-pub type SvidKey = (EntryId, SpiffeId);
+/// A process, by pid and start time.
+pub type ProcessKey = (i32, u64);
+
+/// An entry, the ID it resolved to, and for process-bound entries the
+/// process: one SVID each.
+pub type SvidKey = (EntryId, SpiffeId, Option<ProcessKey>);
 
 /// Current X.509-SVIDs by entry.
 #[derive(Debug)]
@@ -59,8 +63,7 @@ impl X509SvidCache {
 
     /// Stores `svid` as the entry's current SVID and wakes subscribers.
     pub fn put(&self, svid: Arc<X509Svid>) {
-        self.svids()
-            .insert((svid.entry_id.clone(), svid.spiffe_id.clone()), svid);
+        self.svids().insert(svid.key(), svid);
         self.generation.send_modify(|g| *g += 1);
     }
 
@@ -70,7 +73,7 @@ impl X509SvidCache {
         let dropped = {
             let mut svids = self.svids();
             let before = svids.len();
-            svids.retain(|(id, _), svid| entries.get(id).is_some_and(|e| !svid.is_stale_for(e)));
+            svids.retain(|(id, _, _), svid| entries.get(id).is_some_and(|e| !svid.is_stale_for(e)));
             before - svids.len()
         };
         if dropped > 0 {
@@ -97,7 +100,7 @@ impl X509SvidCache {
 
     /// Drops `svid` if it is still the current one for its key.
     pub fn remove(&self, svid: &Arc<X509Svid>) {
-        let key = (svid.entry_id.clone(), svid.spiffe_id.clone());
+        let key = svid.key();
         let removed = {
             let mut svids = self.svids();
             match svids.get(&key) {
@@ -108,6 +111,28 @@ impl X509SvidCache {
         if removed {
             self.generation.send_modify(|g| *g += 1);
         }
+    }
+
+    /// Takes out every SVID bound to `process` (it exited).
+    pub fn take_process(&self, process: ProcessKey) -> Vec<Arc<X509Svid>> {
+        let taken: Vec<Arc<X509Svid>> = {
+            let mut svids = self.svids();
+            let keys: Vec<SvidKey> = svids
+                .keys()
+                .filter(|(_, _, p)| *p == Some(process))
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| svids.remove(k)).collect()
+        };
+        if !taken.is_empty() {
+            self.generation.send_modify(|g| *g += 1);
+        }
+        taken
+    }
+
+    /// Wakes subscribers without a cache change (new CRLs).
+    pub fn touch(&self) {
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Every cached SVID (for `svid list`).

@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod holders;
 pub mod jwt;
+pub mod revocation;
 pub mod rotation;
 pub mod x509;
 
@@ -23,12 +24,14 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::attestation::Caller;
 use crate::authority::{Authority, AuthorityError};
 use crate::registration::Match;
 use crate::store::{IssuedX509, Store, StoreError};
-pub use cache::X509SvidCache;
+pub use cache::{ProcessKey, X509SvidCache};
 pub use holders::{Holder, HolderHandle, Holders};
 pub use jwt::{JwtSvid, JwtValidationError, ValidatedJwt};
+use revocation::Revocations;
 pub use x509::X509Svid;
 
 /// Default SVID lifetimes (the top-level `x509_svid_ttl` and `jwt_svid_ttl`).
@@ -69,6 +72,7 @@ pub struct SvidIssuer {
     store: Store,
     records: mpsc::Sender<IssuedX509>,
     recorder: Arc<Mutex<Option<mpsc::Receiver<IssuedX509>>>>,
+    revocations: Arc<Revocations>,
 }
 
 // === impl SvidConfig ===
@@ -97,6 +101,7 @@ impl SvidIssuer {
             store,
             records,
             recorder: Arc::new(Mutex::new(Some(recorder))),
+            revocations: Arc::default(),
         }
     }
 
@@ -174,16 +179,28 @@ impl SvidIssuer {
 
     /// The current X.509-SVID for a matched identity, issued now if there
     /// is none or the one there no longer matches the entry. The caller is
-    /// about to hand it out, so it counts as in use.
-    pub fn x509_svid(&self, matched: &Match) -> Result<Arc<X509Svid>, SvidError> {
-        let svid = self.current_or_issue(matched)?;
+    /// about to hand it out, so it counts as in use. For a process-bound
+    /// entry the SVID is `caller`'s own, revoked when it exits.
+    pub fn x509_svid(&self, matched: &Match, caller: &Caller) -> Result<Arc<X509Svid>, SvidError> {
+        let process = matched
+            .entry
+            .process_bound
+            .then(|| (caller.pid(), caller.start_time()));
+        let svid = self.current_or_issue(matched, process)?;
+        if let Some(process) = process {
+            self.revocations.watch(process, caller);
+        }
         svid.mark_served();
         Ok(svid)
     }
 
-    fn current_or_issue(&self, matched: &Match) -> Result<Arc<X509Svid>, SvidError> {
+    fn current_or_issue(
+        &self,
+        matched: &Match,
+        process: Option<ProcessKey>,
+    ) -> Result<Arc<X509Svid>, SvidError> {
         let entry = &matched.entry;
-        let key = (entry.id.clone(), matched.spiffe_id.clone());
+        let key = (entry.id.clone(), matched.spiffe_id.clone(), process);
         let fresh =
             |svid: &Arc<X509Svid>| !svid.is_stale_for(entry) && svid.not_after > SystemTime::now();
         if let Some(svid) = self.x509.get(&key).filter(fresh) {
@@ -194,16 +211,22 @@ impl SvidIssuer {
         if let Some(svid) = self.x509.get(&key).filter(fresh) {
             return Ok(svid);
         }
-        self.renew_x509(matched)
+        self.renew_x509(matched, process)
     }
 
-    /// Issues a new X.509-SVID for a matched identity and makes it current.
-    fn renew_x509(&self, matched: &Match) -> Result<Arc<X509Svid>, SvidError> {
+    /// Issues a new X.509-SVID for a matched identity (and process) and
+    /// makes it current.
+    fn renew_x509(
+        &self,
+        matched: &Match,
+        process: Option<ProcessKey>,
+    ) -> Result<Arc<X509Svid>, SvidError> {
         let entry = &matched.entry;
         let svid = Arc::new(x509::issue(
             &self.authority,
             entry,
             &matched.spiffe_id,
+            process,
             self.config.x509_svid_ttl,
             SystemTime::now(),
         )?);
@@ -211,12 +234,18 @@ impl SvidIssuer {
             entry_id = %entry.id,
             spiffe_id = %svid.spiffe_id,
             serial = %svid.serial,
+            pid = process.map(|(pid, _)| pid),
             not_after = %humantime::format_rfc3339_seconds(svid.not_after),
             "issued X.509-SVID"
         );
         self.record(&svid);
         self.x509.put(Arc::clone(&svid));
         Ok(svid)
+    }
+
+    /// The CRLs in force (DER), one per CA with revoked, unexpired SVIDs.
+    pub fn crls(&self) -> Arc<Vec<Vec<u8>>> {
+        self.revocations.crls()
     }
 
     /// Wakes whenever any cached X.509-SVID is replaced or dropped.

@@ -11,6 +11,7 @@ use spiffe::SpiffeId;
 use zeroize::Zeroizing;
 
 use super::SvidError;
+use super::cache::{ProcessKey, SvidKey};
 use crate::authority::{Authority, LeafTemplate};
 use crate::registration::{EntryId, RegistrationEntry};
 
@@ -31,6 +32,10 @@ pub struct X509Svid {
     pub not_after: SystemTime,
     /// When the rotation loop replaces it (about half its life, jittered).
     pub renew_at: SystemTime,
+    /// The CA that signed it (for its CRL).
+    pub ca_id: String,
+    /// The process it belongs to, for process-bound entries.
+    pub process: Option<ProcessKey>,
     /// What the entry said when this SVID was issued; a different entry
     /// revision means the SVID must be re-issued.
     pub(crate) issued_for: Arc<RegistrationEntry>,
@@ -59,6 +64,12 @@ impl X509Svid {
         was.spiffe_id != entry.spiffe_id
             || was.dns_names != entry.dns_names
             || was.x509_svid_ttl != entry.x509_svid_ttl
+            || was.process_bound != entry.process_bound
+    }
+
+    /// The cache key of this SVID.
+    pub fn key(&self) -> SvidKey {
+        (self.entry_id.clone(), self.spiffe_id.clone(), self.process)
     }
 
     /// Marks the SVID as handed to a caller.
@@ -91,6 +102,7 @@ pub fn issue(
     authority: &Authority,
     entry: &Arc<RegistrationEntry>,
     spiffe_id: &SpiffeId,
+    process: Option<ProcessKey>,
     default_ttl: Duration,
     now: SystemTime,
 ) -> Result<X509Svid, SvidError> {
@@ -113,6 +125,8 @@ pub fn issue(
         not_before: signed.not_before,
         not_after: signed.not_after,
         renew_at,
+        ca_id: ca.id().to_owned(),
+        process,
         issued_for: Arc::clone(entry),
         served: AtomicBool::new(false),
     })

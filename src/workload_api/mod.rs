@@ -1,8 +1,8 @@
 //! The SPIFFE Workload API over a Unix socket.
 //!
-//! Thin by design: `transport` binds the socket and identifies each
-//! connection's peer from the kernel; [`header`] refuses calls without the
-//! security header; [`service`] attests, matches, issues and converts;
+//! Thin by design: `transport` binds the socket, identifies each
+//! connection's peer from the kernel and refuses calls without the security
+//! header; [`mod@service`] attests, matches, issues and converts;
 //! [`status`] is the one place domain errors become gRPC codes. Proto types
 //! stop here: domain modules never see them, nor `tonic::Status`.
 

@@ -154,7 +154,11 @@ impl WorkloadApi {
 
     /// The caller's X.509 state: one SVID per matching entry (the first is
     /// the default) and the bundles of the domains those entries federate with.
-    fn x509_state(&self, selectors: &SelectorSet) -> Result<pb::X509svidResponse, Status> {
+    fn x509_state(
+        &self,
+        caller: &Caller,
+        selectors: &SelectorSet,
+    ) -> Result<pb::X509svidResponse, Status> {
         let matches = self.registry.snapshot().matching(selectors);
         if matches.is_empty() {
             return Err(status::no_identity());
@@ -163,14 +167,17 @@ impl WorkloadApi {
         let svids = matches
             .iter()
             .map(|m| {
-                let svid = self.svids.x509_svid(m).map_err(|e| status::issuance(&e))?;
+                let svid = self
+                    .svids
+                    .x509_svid(m, caller)
+                    .map_err(|e| status::issuance(&e))?;
                 Ok(convert::x509_svid(&svid, m.entry.hint.as_deref(), &own))
             })
             .collect::<Result<Vec<_>, Status>>()?;
         let federated = self.federated_bundles(&matches);
         Ok(pb::X509svidResponse {
             svids,
-            crl: Vec::new(),
+            crl: self.svids.crls().to_vec(),
             federated_bundles: convert::x509_bundles(federated.iter().map(|b| &**b)),
         })
     }
@@ -202,14 +209,14 @@ impl WorkloadApi {
         &self,
         request: &Request<R>,
         method: &'static str,
-        encode: fn(&[Arc<TrustBundle>]) -> T,
+        encode: fn(&Self, &[Arc<TrustBundle>]) -> T,
     ) -> Result<Response<Stream<T>>, Status>
     where
         T: PartialEq + Clone + Send + 'static,
     {
         let (caller, attested) = self.identify(request).await?;
         let selectors = attested.selectors;
-        let state = move |api: &Self| api.bundle_state(&selectors).map(|b| encode(&b));
+        let state = move |api: &Self| api.bundle_state(&selectors).map(|b| encode(api, &b));
         let first = state(self)?;
         Ok(Response::new(self.stream(
             method,
@@ -327,7 +334,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let (caller, attested) = self.identify(&request).await?;
-        let first = self.x509_state(&attested.selectors)?;
+        let first = self.x509_state(&caller, &attested.selectors)?;
         tracing::debug!(
             pid = caller.pid(),
             svids = first.svids.len(),
@@ -343,8 +350,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
             serials: Vec::new(),
         });
         let selectors = attested.selectors;
+        let stream_caller = caller.clone();
         let compute = move |api: &Self| {
-            api.x509_state(&selectors).map_err(|s| {
+            api.x509_state(&stream_caller, &selectors).map_err(|s| {
                 if s.code() == tonic::Code::PermissionDenied {
                     status::identity_lost()
                 } else {
@@ -367,9 +375,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        self.bundle_stream(&request, "FetchX509Bundles", |bundles| {
+        self.bundle_stream(&request, "FetchX509Bundles", |api, bundles| {
             pb::X509BundlesResponse {
-                crl: Vec::new(),
+                crl: api.svids.crls().to_vec(),
                 bundles: convert::x509_bundles(bundles.iter().map(|b| &**b)),
             }
         })
@@ -431,7 +439,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.bundle_stream(&request, "FetchJWTBundles", |bundles| {
+        self.bundle_stream(&request, "FetchJWTBundles", |_, bundles| {
             pb::JwtBundlesResponse {
                 bundles: convert::jwt_bundles(bundles.iter().map(|b| &**b)),
             }
