@@ -716,3 +716,81 @@ async fn child_end_task() {
         Err(status) => println!("outcome={:?}", status.code()),
     }
 }
+
+/// Run by `tether task run`: the unmodified spiffe crate inside a task.
+#[tokio::test]
+#[ignore = "child process of fetch_jwt_svid_inside_task_run_is_task_bound"]
+async fn child_spiffe_fetch_jwt() {
+    let client = spiffe::WorkloadApiClient::connect_env().await.unwrap();
+    let token = client.fetch_jwt_svid([JIRA], None).await.unwrap();
+    println!(
+        "TXN {}",
+        claims_of(token.token())["txn"].as_str().unwrap_or("none")
+    );
+    match client
+        .fetch_jwt_svid(["https://elsewhere.example"], None)
+        .await
+    {
+        Ok(_) => println!("OTHER allowed"),
+        Err(e) => println!("OTHER refused: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn fetch_jwt_svid_inside_task_run_is_task_bound() {
+    let agent = agent().await;
+    let out = tokio::task::spawn_blocking({
+        let socket = agent.socket.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_tether"))
+                .args([
+                    "task",
+                    "run",
+                    "--audience",
+                    JIRA,
+                    "--intent",
+                    "look around",
+                    "--tool",
+                    "jira.read",
+                ])
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--")
+                .arg(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "child_spiffe_fetch_jwt",
+                    "--ignored",
+                    "--nocapture",
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let txn = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("TXN "))
+        .expect("the child fetched a JWT-SVID");
+    assert_ne!(txn, "none", "the token inside the task carries txn");
+    assert!(
+        stdout.contains("OTHER refused"),
+        "another audience is refused: {stdout}"
+    );
+    // Outside the task, this process still gets plain JWT-SVIDs.
+    let plain = agent
+        .spiffe_client()
+        .await
+        .fetch_jwt_svid(["https://elsewhere.example"], None)
+        .await
+        .unwrap();
+    assert!(claims_of(plain.token()).get("txn").is_none());
+    agent.stop().await;
+}
