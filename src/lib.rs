@@ -8,16 +8,19 @@
 //!
 //! # Codemap, in layer order (a module uses only modules above it)
 //!
-//! - [`proto`], [`telemetry`], [`bundle`], [`store`]: leaves. Generated gRPC
-//!   code; logging; trust bundles as values and their three encodings; the
-//!   SQLite database in the data dir.
+//! - [`proto`], [`telemetry`], [`bundle`], [`store`], [`audit`]: leaves.
+//!   Generated gRPC code; logging; trust bundles as values and their three
+//!   encodings; the SQLite database in the data dir; the tamper-evident
+//!   audit trail of every identity decision.
 //! - [`registration`]: entries (selectors -> SPIFFE ID) and subset
 //!   matching. [`attestation`]: from a connected process to its selectors.
 //!   [`authority`]: the CA and JWT keys, on disk and rotated; the only
 //!   module holding private signing keys. [`federation`]: foreign trust
 //!   bundles read from files.
 //! - [`svid`]: issuing, caching, rotating and validating SVIDs.
-//!   [`transport`]: the Unix sockets both APIs serve on.
+//!   [`transport`]: the Unix sockets both APIs serve on. [`policy`]: the
+//!   operator's Cedar policies, deciding each issuance, renewal and exchange
+//!   at request time.
 //! - [`workload_api`]: the SPIFFE Workload API over the Unix socket.
 //!   [`admin_api`]: the operators' API on a second, root-only socket.
 //! - [`config`]: the TOML file, composed from each domain's settings type.
@@ -36,6 +39,7 @@
 //!   `tonic::Status`.
 //! - Nothing is spawned outside [`daemon`]'s cancellation tree.
 
+pub mod audit;
 pub mod bundle;
 pub mod proto;
 pub mod store;
@@ -46,6 +50,7 @@ pub mod authority;
 pub mod federation;
 pub mod registration;
 
+pub mod policy;
 pub mod svid;
 pub mod task;
 pub mod transport;

@@ -491,6 +491,21 @@ async fn reload_applies_a_good_file_and_keeps_the_running_config_on_a_bad_one() 
         .entries;
     assert_eq!(entries.len(), 2, "the running config stays");
 
+    // A setting only a restart applies is refused, not silently ignored.
+    std::fs::write(
+        &path,
+        format!("{base}{}[audit]\nqueue = 7\n", entry_for_me("one", "one")),
+    )
+    .unwrap();
+    let err = admin.reload(pb::ReloadRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("[audit] changed; that needs a restart"),
+        "{}",
+        err.message()
+    );
+
     // SIGHUP does the same as `tether reload`.
     std::fs::write(&path, format!("{base}{}", entry_for_me("three", "three"))).unwrap();
     kill(Pid::this(), Signal::SIGHUP).unwrap();

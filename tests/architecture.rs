@@ -17,9 +17,11 @@ use std::path::{Path, PathBuf};
 fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     const EDGE: &[&str] = &[
         "attestation",
+        "audit",
         "authority",
         "bundle",
         "federation",
+        "policy",
         "proto",
         "registration",
         "svid",
@@ -29,10 +31,12 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     ];
     const CONFIG: &[&str] = &[
         "admin_api",
+        "audit",
         "task",
         "attestation",
         "authority",
         "federation",
+        "policy",
         "registration",
         "svid",
         "telemetry",
@@ -41,10 +45,12 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     const ROOT: &[&str] = &[
         "admin_api",
         "attestation",
+        "audit",
         "authority",
         "bundle",
         "config",
         "federation",
+        "policy",
         "registration",
         "store",
         "svid",
@@ -60,8 +66,10 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("telemetry", &[][..]),
         ("bundle", &[][..]),
         ("store", &[][..]),
+        ("audit", &[][..]),
         // 1: core
-        ("registration", &["store"][..]),
+        // Core modules record their decisions in the audit trail (a leaf).
+        ("registration", &["audit", "store"][..]),
         ("attestation", &["registration"][..]),
         ("authority", &["bundle"][..]),
         ("federation", &["bundle"][..]),
@@ -70,6 +78,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             "svid",
             &[
                 "attestation",
+                "audit",
                 "authority",
                 "bundle",
                 "registration",
@@ -80,6 +89,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             "task",
             &[
                 "attestation",
+                "audit",
                 "authority",
                 "bundle",
                 "registration",
@@ -87,7 +97,9 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "svid",
             ][..],
         ),
-        ("transport", &["attestation"][..]),
+        ("transport", &["attestation", "audit", "policy"][..]),
+        // Decisions only: policy sees registration types and nothing else.
+        ("policy", &["registration"][..]),
         // 3: edges (the Workload API never touches the authority directly)
         ("workload_api", EDGE),
         ("admin_api", EDGE),
@@ -97,7 +109,12 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // 5: the composition root
         ("daemon", ROOT),
         // 6: the command line
-        ("cli", &["config", "daemon", "proto", "telemetry"][..]),
+        (
+            "cli",
+            // `policy validate|check` run the agent's own loader and
+            // evaluator offline.
+            &["audit", "config", "daemon", "policy", "proto", "telemetry"][..],
+        ),
     ])
 }
 

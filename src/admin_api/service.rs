@@ -318,8 +318,21 @@ impl Admin for AdminApi {
         &self,
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        let mut problems = Vec::new();
+        if let Err(error) = self.authority.x509_signer() {
+            problems.push(format!("no usable X.509 signing key: {error}"));
+        }
+        if let Err(error) = self.authority.jwt_signer() {
+            problems.push(format!("no usable JWT signing key: {error}"));
+        }
+        if let Some(problem) = self.tasks.audit().problem() {
+            problems.push(format!(
+                "the audit trail is failing, issuance is refused: {problem}"
+            ));
+        }
         Ok(Response::new(pb::HealthResponse {
-            serving: self.authority.x509_signer().is_ok() && self.authority.jwt_signer().is_ok(),
+            serving: problems.is_empty(),
+            problems,
             trust_domain: self.registry.trust_domain().to_string(),
             entries: u32::try_from(self.registry.snapshot().len()).unwrap_or(u32::MAX),
             open_streams: u32::try_from(self.open_streams.load(Ordering::Relaxed))

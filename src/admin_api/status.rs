@@ -13,6 +13,7 @@ pub fn registration(error: RegistrationError) -> Status {
         RegistrationError::NotFound(_) => Status::not_found(error.to_string()),
         RegistrationError::FromConfig(_) => Status::failed_precondition(error.to_string()),
         RegistrationError::Conflict { .. } => Status::aborted(error.to_string()),
+        RegistrationError::Audit(_) => Status::unavailable(error.to_string()),
         RegistrationError::Stored { .. }
         | RegistrationError::DuplicateInConfig { .. }
         | RegistrationError::Store(_)

@@ -1,7 +1,8 @@
 //! The `tether` command line: `run` starts the agent; `api`, `token` and
 //! `task run` talk to a running agent's workload socket the way a workload
 //! would; the operator commands (`entry`, `svid`, `bundle`, `healthcheck`,
-//! `reload`, `task list|show|revoke`) talk to its admin socket.
+//! `reload`, `task list|show|revoke`) talk to its admin socket; `audit`
+//! reads the audit trail's files directly.
 //!
 //! Exit codes (stable, for scripts): 0 success; 1 any other failure (the
 //! agent refused a request as invalid, say); 2 bad flags (clap); 64 bad
@@ -10,10 +11,12 @@
 
 pub mod admin_client;
 pub mod api;
+pub mod audit;
 pub mod channel;
 pub mod entry;
 pub mod operator;
 pub mod output;
+pub mod policy;
 pub mod run;
 pub mod subreaper;
 pub mod task;
@@ -76,6 +79,12 @@ enum Command {
     Task(task::TaskArgs),
     /// Exchange or validate task tokens (workload socket).
     Token(token::TokenArgs),
+    /// Validate a policy directory, or decide one request against it, as
+    /// the agent would (offline: no agent needed).
+    Policy(policy::PolicyArgs),
+    /// Verify or read the tamper-evident audit trail (its files; no agent
+    /// needed).
+    Audit(audit::AuditArgs),
 }
 
 /// Runs the parsed command line and maps the outcome to an exit status.
@@ -90,6 +99,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Reload(args) => operator::run_reload(&args),
         Command::Task(args) => task::run(&args),
         Command::Token(args) => token::run(&args),
+        Command::Policy(args) => policy::run(&args),
+        Command::Audit(args) => audit::run(&args),
     }
 }
 

@@ -92,10 +92,12 @@ pub enum OperatorError {
     #[error(transparent)]
     Client(#[from] AdminClientError),
     /// The agent answers but does not serve.
-    #[error("the agent is not serving (trust domain {trust_domain}; its signing keys are not usable); admin socket: {}", .socket.display())]
+    #[error("the agent is not serving (trust domain {trust_domain}): {problems}; admin socket: {}", .socket.display())]
     NotServing {
         /// The agent's trust domain.
         trust_domain: String,
+        /// Why, as the agent says.
+        problems: String,
         /// The admin socket asked.
         socket: PathBuf,
     },
@@ -223,6 +225,7 @@ fn healthcheck(common: &AdminArgs) -> Result<(), OperatorError> {
         entries: health.entries,
         open_streams: health.open_streams,
         version: health.version,
+        problems: health.problems,
     };
     let format = common.format();
     // Scripts get the document either way; people get the reason on
@@ -235,6 +238,11 @@ fn healthcheck(common: &AdminArgs) -> Result<(), OperatorError> {
     } else {
         Err(OperatorError::NotServing {
             trust_domain: report.trust_domain,
+            problems: if report.problems.is_empty() {
+                "its signing keys are not usable".to_owned()
+            } else {
+                report.problems.join("; ")
+            },
             socket,
         })
     }

@@ -21,6 +21,8 @@ use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::audit::AuditRecord;
+
 /// How to print: chosen once from `--json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -274,6 +276,9 @@ pub struct HealthReport {
     pub open_streams: u32,
     /// `version`: the agent's version.
     pub version: String,
+    /// `problems`: why it is not serving, one line each (empty when
+    /// serving).
+    pub problems: Vec<String>,
 }
 
 /// `tether reload`.
@@ -283,6 +288,51 @@ pub struct ReloadReport {
     pub config_entries: u32,
     /// `federations`: federated trust domains after the reload.
     pub federations: u32,
+}
+
+/// `tether policy validate`: valid or not, what was read and what is
+/// wrong.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyValidation {
+    /// `valid`: every file parsed and validated against the schema.
+    pub valid: bool,
+    /// `files`: `*.cedar` files read (0 when the directory could not be).
+    pub files: usize,
+    /// `policies`: policies loaded (0 when invalid).
+    pub policies: usize,
+    /// `ids`: their ids, in file order (`@id`, else `FILE:policyN`).
+    pub ids: Vec<String>,
+    /// `errors`: what stops the set loading, located.
+    pub errors: Vec<PolicyProblemView>,
+    /// `warnings`: what the validator found suspicious (a policy that can
+    /// never apply); they do not stop a load.
+    pub warnings: Vec<PolicyProblemView>,
+}
+
+/// One located problem in a policy file.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyProblemView {
+    /// `file`: the file, as found under the directory given.
+    pub file: PathBuf,
+    /// `line`: from 1.
+    pub line: usize,
+    /// `column`: from 1, in characters.
+    pub column: usize,
+    /// `reason`: what is wrong.
+    pub reason: String,
+}
+
+/// `tether policy check`: the decision and the policies behind it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyDecisionView {
+    /// `decision`: `"allow"` or `"deny"`.
+    pub decision: &'static str,
+    /// `policies`: the ids of the policies that decided (the permits that
+    /// matched; or the forbids that matched, or the policies that failed on
+    /// the request; empty when nothing permitted it).
+    pub policies: Vec<String>,
+    /// `reason`: why it was denied; null when allowed.
+    pub reason: Option<String>,
 }
 
 /// One task: `task show`, `task revoke`, and each element of `task list`.
@@ -357,6 +407,55 @@ pub struct TaskTokenValidation {
     pub actors: Vec<String>,
     /// `claims`: every claim of the token, as the agent returned them.
     pub claims: serde_json::Value,
+}
+
+/// `tether audit verify` on an intact trail.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditVerified {
+    /// `intact`: `true`.
+    pub intact: bool,
+    /// `records`: records checked.
+    pub records: u64,
+    /// `files`: audit files read.
+    pub files: usize,
+    /// `head_seq`: the seq the trail's `HEAD` names (the last record known
+    /// synced; 0 for an empty trail).
+    pub head_seq: u64,
+    /// `head_hash`: `HEAD`'s SHA-256, lowercase hex. Kept off the node, it
+    /// lets a later check show the trail up to it was not rewritten.
+    pub head_hash: String,
+    /// `last_seq`: the last record's seq; more than `head_seq` while a
+    /// running agent has records not yet synced.
+    pub last_seq: u64,
+    /// `recoveries`: the agent's `audit-recovered` records (a start that
+    /// found damage or a crash's leftovers).
+    pub recoveries: Vec<AuditRecoveryView>,
+}
+
+/// One `audit-recovered` record.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecoveryView {
+    /// `file`: its audit file.
+    pub file: PathBuf,
+    /// `line`: its line, from 1.
+    pub line: u64,
+    /// `seq`: its seq.
+    pub seq: u64,
+    /// `reason`: what the agent found and did.
+    pub reason: String,
+}
+
+/// `tether audit verify` on a broken trail.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditBroken {
+    /// `intact`: `false`.
+    pub intact: bool,
+    /// `file`: the file of the first broken record (or `HEAD`).
+    pub file: PathBuf,
+    /// `line`: its line, from 1.
+    pub line: u64,
+    /// `problem`: what is wrong there.
+    pub problem: String,
 }
 
 // === impl Format ===
@@ -445,6 +544,19 @@ impl Format {
         })
     }
 
+    /// Prints the result of `policy validate`: one line when valid ("N
+    /// policies in M files: valid"); the problems themselves go to stderr
+    /// (see [`PolicyProblemView`]'s Display), unless `--json`.
+    pub fn policy_validation(self, report: &PolicyValidation) -> io::Result<()> {
+        self.print(report, |w, _| render_policy_validation(w, report))
+    }
+
+    /// Prints the result of `policy check`: "allow (policies: a, b)" or
+    /// "deny: reason (policies: c)".
+    pub fn policy_decision(self, report: &PolicyDecisionView) -> io::Result<()> {
+        self.print(report, |w, _| render_policy_decision(w, report))
+    }
+
     /// Prints one task (`task show|revoke`).
     pub fn task(self, task: &TaskView) -> io::Result<()> {
         self.print(task, |w, now| render_task(w, task, now))
@@ -482,6 +594,59 @@ impl Format {
     /// Prints PEM text as it is (`bundle show --format pem`), whatever the
     /// format: PEM is already the machine-readable form.
     pub fn pem(text: &str) -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        out.flush()
+    }
+
+    /// Prints the verdict of `audit verify` on an intact trail.
+    pub fn audit_verified(self, report: &AuditVerified) -> io::Result<()> {
+        self.print(report, |w, _| {
+            write!(
+                w,
+                "audit trail intact: {} record{} in {} file{}, head seq {}",
+                report.records,
+                plural(report.records as usize),
+                report.files,
+                plural(report.files),
+                report.head_seq
+            )?;
+            if report.last_seq > report.head_seq {
+                write!(
+                    w,
+                    " ({} more written, not yet synced)",
+                    report.last_seq - report.head_seq
+                )?;
+            }
+            writeln!(w)
+        })
+    }
+
+    /// Prints the verdict of `audit verify` on a broken trail: one line.
+    pub fn audit_broken(self, report: &AuditBroken) -> io::Result<()> {
+        self.print(report, |w, _| {
+            writeln!(
+                w,
+                "audit trail broken at {}:{}: {}",
+                printable(&report.file.display().to_string()),
+                report.line,
+                printable(&report.problem)
+            )
+        })
+    }
+
+    /// Prints one audit record (`audit tail`): a readable line, or with
+    /// `--json` the line exactly as stored (it parsed as JSON, so it holds
+    /// no raw control characters), flushed so a pipe sees it at once.
+    pub fn audit_record(self, record: &AuditRecord) -> io::Result<()> {
+        let text = match self {
+            Self::Json => format!("{}\n", record.line),
+            Self::Readable => {
+                let mut text = String::new();
+                render_audit_record(&mut text, record).map_err(io::Error::other)?;
+                text
+            }
+        };
         let mut out = io::stdout().lock();
         out.write_all(text.as_bytes())?;
         out.flush()
@@ -824,6 +989,54 @@ fn render_task_validation(w: &mut String, report: &TaskTokenValidation) -> std::
     writeln!(w, "{claims}")
 }
 
+fn render_policy_validation(w: &mut String, report: &PolicyValidation) -> std::fmt::Result {
+    if report.valid {
+        writeln!(
+            w,
+            "{} polic{} in {} file{}: valid",
+            report.policies,
+            if report.policies == 1 { "y" } else { "ies" },
+            report.files,
+            plural(report.files)
+        )
+    } else {
+        writeln!(
+            w,
+            "invalid: {} problem{}",
+            report.errors.len(),
+            plural(report.errors.len())
+        )
+    }
+}
+
+fn render_policy_decision(w: &mut String, report: &PolicyDecisionView) -> std::fmt::Result {
+    match &report.reason {
+        None => write!(w, "{}", report.decision)?,
+        Some(reason) => write!(w, "{}: {}", report.decision, printable(reason))?,
+    }
+    if !report.policies.is_empty() {
+        write!(w, " (policies: {})", list(&report.policies))?;
+    }
+    writeln!(w)
+}
+
+// === impl PolicyProblemView ===
+
+impl std::fmt::Display for PolicyProblemView {
+    /// `FILE:LINE:COLUMN: reason`, as compilers print, so editors jump
+    /// to it; control characters escaped.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            printable(&self.file.display().to_string()),
+            self.line,
+            self.column,
+            printable(&self.reason)
+        )
+    }
+}
+
 fn render_entry(w: &mut String, entry: &EntryView, now: OffsetDateTime) -> std::fmt::Result {
     writeln!(w, "ID:              {}", printable(&entry.id))?;
     writeln!(w, "SPIFFE ID:       {}", printable(&entry.spiffe_id))?;
@@ -932,11 +1145,69 @@ fn render_health(w: &mut String, report: &HealthReport) -> std::fmt::Result {
         if report.entries == 1 { "y" } else { "ies" },
         report.open_streams,
         plural(report.open_streams as usize)
-    )
+    )?;
+    for problem in &report.problems {
+        writeln!(w, "  {}", printable(problem))?;
+    }
+    Ok(())
 }
 
 /// Aligned columns, two spaces apart; the last column is not padded.
 /// Cells must already be printable.
+/// `time  seq  event  decision  spiffe-id  key=value...`: the fields a
+/// record has, ids as they are, free text quoted.
+fn render_audit_record(w: &mut String, record: &AuditRecord) -> std::fmt::Result {
+    let event = &record.event;
+    write!(
+        w,
+        "{}  {:>6}  {:<15} {:<5}  {}",
+        Timestamp(record.time),
+        record.seq,
+        event.event.as_str(),
+        event.decision.as_str(),
+        event
+            .spiffe_id
+            .as_deref()
+            .map_or(Cow::Borrowed("-"), printable)
+    )?;
+    if let Some(pid) = event.pid {
+        write!(w, "  pid={pid}")?;
+    }
+    if let Some(uid) = event.uid {
+        write!(w, " uid={uid}")?;
+    }
+    let ids = [
+        ("exe", event.executable.as_deref()),
+        ("task", event.task_id.as_deref()),
+        ("audience", event.audience.as_deref()),
+        ("token", event.token_id.as_deref()),
+        ("entry", event.entry_id.as_deref()),
+    ];
+    for (key, value) in ids {
+        if let Some(value) = value {
+            write!(w, " {key}={}", printable(value))?;
+        }
+    }
+    let lists = [
+        ("tools", &event.tools),
+        ("policies", &event.policy_ids),
+        ("actors", &event.actors),
+    ];
+    for (key, items) in lists {
+        if !items.is_empty() {
+            let items: Vec<Cow<'_, str>> = items.iter().map(|s| printable(s)).collect();
+            write!(w, " {key}={}", items.join(","))?;
+        }
+    }
+    // Debug quoting escapes quotes and control characters alike.
+    for (key, text) in [("intent", &event.intent), ("reason", &event.reason)] {
+        if let Some(text) = text {
+            write!(w, " {key}={text:?}")?;
+        }
+    }
+    writeln!(w)
+}
+
 fn table(
     w: &mut String,
     header: &[&str],
@@ -1109,6 +1380,36 @@ mod tests {
     }
 
     #[test]
+    fn audit_records_are_one_readable_line() {
+        use crate::audit::{AuditEvent, Decision, EventKind};
+        let event = AuditEvent {
+            spiffe_id: Some("spiffe://example.org/agent".into()),
+            pid: Some(42),
+            task_id: Some("tsk-1".into()),
+            audience: Some("mcp://jira".into()),
+            tools: vec!["jira.search".into(), "jira.read".into()],
+            policy_ids: vec!["p0".into()],
+            reason: Some("tool \"x\"\n\u{1b}[2J".into()),
+            ..AuditEvent::new(EventKind::Deny, Decision::Deny)
+        };
+        let record = AuditRecord {
+            seq: 7,
+            time: at(1_700_000_000).0,
+            prev: "0".repeat(64),
+            event,
+            line: String::new(),
+        };
+        let mut text = String::new();
+        render_audit_record(&mut text, &record).unwrap();
+        assert_eq!(
+            text,
+            "2023-11-14T22:13:20Z       7  deny            deny   spiffe://example.org/agent  pid=42 \
+             task=tsk-1 audience=mcp://jira tools=jira.search,jira.read policies=p0 \
+             reason=\"tool \\\"x\\\"\\n\\u{1b}[2J\"\n"
+        );
+    }
+
+    #[test]
     fn agent_strings_cannot_drive_the_terminal() {
         assert_eq!(printable("spiffe://a/b"), "spiffe://a/b");
         assert_eq!(printable("x\u{1b}[2Jy\n"), "x\\u{1b}[2Jy\\n");
@@ -1204,6 +1505,7 @@ mod tests {
             entries,
             open_streams,
             version: "0.1.0".into(),
+            problems: Vec::new(),
         };
         let mut text = String::new();
         render_health(&mut text, &health(1, 2)).unwrap();
@@ -1221,7 +1523,59 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"serving": true, "trust_domain": "example.org",
-                "entries": 3, "open_streams": 1, "version": "0.1.0"})
+                "entries": 3, "open_streams": 1, "version": "0.1.0", "problems": []})
+        );
+    }
+
+    #[test]
+    fn policy_reports_read_like_compiler_output() {
+        let problem = PolicyProblemView {
+            file: "policies/a.cedar".into(),
+            line: 3,
+            column: 7,
+            reason: "unexpected token `}`\u{1b}".into(),
+        };
+        assert_eq!(
+            problem.to_string(),
+            "policies/a.cedar:3:7: unexpected token `}`\\u{1b}"
+        );
+        let valid = |policies, files| PolicyValidation {
+            valid: true,
+            files,
+            policies,
+            ids: Vec::new(),
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let mut text = String::new();
+        render_policy_validation(&mut text, &valid(7, 5)).unwrap();
+        assert_eq!(text, "7 policies in 5 files: valid\n");
+        let mut text = String::new();
+        render_policy_validation(&mut text, &valid(1, 1)).unwrap();
+        assert_eq!(text, "1 policy in 1 file: valid\n");
+
+        let decision = |decision, policies: &[&str], reason: Option<&str>| PolicyDecisionView {
+            decision,
+            policies: policies.iter().map(|p| (*p).to_owned()).collect(),
+            reason: reason.map(str::to_owned),
+        };
+        let mut text = String::new();
+        render_policy_decision(&mut text, &decision("allow", &["a", "b"], None)).unwrap();
+        assert_eq!(text, "allow (policies: a, b)\n");
+        let mut text = String::new();
+        let denied = decision("deny", &["c"], Some("forbidden by c"));
+        render_policy_decision(&mut text, &denied).unwrap();
+        assert_eq!(text, "deny: forbidden by c (policies: c)\n");
+        let mut text = String::new();
+        render_policy_decision(
+            &mut text,
+            &decision("deny", &[], Some("no policy permits x")),
+        )
+        .unwrap();
+        assert_eq!(text, "deny: no policy permits x\n");
+        assert_eq!(
+            serde_json::to_value(&denied).unwrap(),
+            serde_json::json!({"decision": "deny", "policies": ["c"], "reason": "forbidden by c"})
         );
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::attestation::AttestorConfig;
+use crate::audit::AuditConfig;
 use crate::authority::AuthorityConfig;
 use crate::federation::FederationConfig;
 use crate::registration::EntrySpec;
@@ -24,6 +25,9 @@ pub struct RawConfig {
     pub admin_uids: Vec<u32>,
     pub admin_group: Option<String>,
     pub data_dir: Option<PathBuf>,
+    pub policy_dir: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub policy_poll_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub x509_svid_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -40,6 +44,8 @@ pub struct RawConfig {
     pub limits: WorkloadApiLimits,
     #[serde(default)]
     pub tasks: TaskConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     #[serde(default)]
     pub entries: Vec<EntrySpec>,
     #[serde(default)]

@@ -24,8 +24,10 @@ use spiffe::TrustDomain;
 
 use crate::admin_api::AdminApiConfig;
 use crate::attestation::AttestorConfig;
+use crate::audit::AuditConfig;
 use crate::authority::AuthorityConfig;
 use crate::federation::FederationSource;
+use crate::policy::PolicyConfig;
 use crate::registration::{self, EntrySpec, RegistrationEntry};
 use crate::svid::SvidConfig;
 use crate::task::TaskConfig;
@@ -72,6 +74,11 @@ pub struct Config {
     pub workload_api: WorkloadApiConfig,
     /// Task-bound tokens.
     pub tasks: TaskConfig,
+    /// Cedar policies (`policy_dir`); none: entries alone decide.
+    pub policy: PolicyConfig,
+    /// The audit trail; `dir` is always set (`data_dir/audit` unless
+    /// configured).
+    pub audit: AuditConfig,
     /// Logging.
     pub log: LogConfig,
     /// Registration entries from the file, in order.
@@ -262,6 +269,25 @@ impl Config {
         registration::check_config_duplicates(&entries)
             .map_err(|e| ConfigError::invalid("entries", "", e.to_string()))?;
 
+        let audit = resolve_audit(raw.audit, &data_dir)?;
+        let policy = PolicyConfig {
+            dir: raw.policy_dir,
+            poll_interval: raw
+                .policy_poll_interval
+                .unwrap_or(PolicyConfig::default().poll_interval),
+        };
+        policy.validate().map_err(|(key, problem)| {
+            let value = match key {
+                "policy_dir" => policy
+                    .dir
+                    .as_deref()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default(),
+                _ => humantime::format_duration(policy.poll_interval).to_string(),
+            };
+            ConfigError::invalid(key, value, problem)
+        })?;
+
         let admin_socket_path = env
             .var("TETHER_ADMIN_SOCKET")
             .map(PathBuf::from)
@@ -295,6 +321,8 @@ impl Config {
             attestor: raw.attestor,
             workload_api,
             tasks: raw.tasks,
+            policy,
+            audit,
             log,
             entries,
             federation,
@@ -331,6 +359,19 @@ pub fn default_admin_socket_path(env: &dyn EnvSource) -> PathBuf {
         }
         _ => PathBuf::from(format!("/tmp/tether-{uid}-admin/admin.sock")),
     }
+}
+
+/// `[audit]`, validated, with `dir` defaulted to `data_dir/audit`.
+fn resolve_audit(mut audit: AuditConfig, data_dir: &Path) -> Result<AuditConfig, ConfigError> {
+    audit.validate().map_err(|(key, problem)| {
+        let value = match key {
+            "audit.dir" => audit.dir.as_ref().map(|d| d.display().to_string()),
+            _ => None,
+        };
+        ConfigError::invalid(key, value.unwrap_or_default(), problem)
+    })?;
+    audit.dir.get_or_insert_with(|| data_dir.join("audit"));
+    Ok(audit)
 }
 
 /// `admin_group`: a group name, or a numeric gid.
@@ -463,6 +504,43 @@ mod tests {
         );
         assert_eq!(c.svid.x509_svid_ttl, Duration::from_secs(3600));
         assert_eq!(c.svid.jwt_svid_ttl, Duration::from_secs(300));
+        assert_eq!(
+            c.audit.dir,
+            Some(PathBuf::from("/home/u/.local/share/tether/audit"))
+        );
+    }
+
+    /// The shipped example documents every key with its default: it must
+    /// stay loadable, and its values must be the defaults it claims.
+    #[test]
+    fn the_example_file_is_valid_and_shows_the_defaults() {
+        let example = include_str!("../../deploy/agent.example.toml");
+        let c = Config::from_toml(example, &env()).unwrap();
+        let d = Config::load(None, &env()).unwrap();
+        assert_eq!(c.trust_domain, d.trust_domain);
+        assert_eq!(c.svid.x509_svid_ttl, d.svid.x509_svid_ttl);
+        assert_eq!(c.svid.jwt_svid_ttl, d.svid.jwt_svid_ttl);
+        assert_eq!(c.audit.queue, d.audit.queue);
+        assert_eq!(c.audit.flush_interval, d.audit.flush_interval);
+        assert_eq!(c.audit.max_file_bytes, d.audit.max_file_bytes);
+        assert_eq!(c.policy.poll_interval, d.policy.poll_interval);
+        assert_eq!(c.entries.len(), 1);
+    }
+
+    #[test]
+    fn the_audit_section_is_read_and_checked() {
+        let c = Config::from_toml(
+            "data_dir = \"/srv/t\"\n[audit]\nmax_file_bytes = 8192\nflush_interval = \"1s\"\nqueue = 10\nstdout = true",
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(c.audit.dir, Some(PathBuf::from("/srv/t/audit")));
+        assert_eq!(c.audit.max_file_bytes, 8192);
+        assert_eq!(c.audit.flush_interval, Duration::from_secs(1));
+        assert_eq!(c.audit.queue, 10);
+        assert!(c.audit.stdout);
+        let c = Config::from_toml("[audit]\ndir = \"/var/log/tether\"", &env()).unwrap();
+        assert_eq!(c.audit.dir, Some(PathBuf::from("/var/log/tether")));
     }
 
     #[test]
@@ -561,6 +639,14 @@ bundle_path = "/etc/tether/example-federated.org.json"
                 "own trust domain",
             ),
             ("[limits]\nmax_audiences = 0", "limits.max_audiences"),
+            ("[audit]\nqueue = 0", "audit.queue"),
+            ("[audit]\nmax_file_bytes = 100", "audit.max_file_bytes"),
+            ("[audit]\nflush_interval = \"0s\"", "audit.flush_interval"),
+            (
+                "[audit]\ndir = \"audit\"",
+                "audit.dir = \"audit\": must be an absolute path",
+            ),
+            ("[audit]\nbogus = 1", "bogus"),
             ("admin_group = \"no-such-group-here\"", "admin_group"),
             (
                 "socket_path = \"/tmp/x.sock\"\nadmin_socket_path = \"/tmp/y.sock\"",

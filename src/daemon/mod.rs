@@ -22,12 +22,15 @@ use nix::fcntl::{Flock, FlockArg};
 use spiffe::TrustDomain;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::admin_api::{self, AdminApi, AdminAuthz};
 use crate::attestation::Attestor;
+use crate::audit::AuditLog;
 use crate::authority::Authority;
 use crate::config::{Config, ConfigSource};
 use crate::federation::Federation;
+use crate::policy::Policy;
 use crate::registration::Registry;
 use crate::store::Store;
 use crate::svid::SvidIssuer;
@@ -50,6 +53,10 @@ pub struct Running {
     failed: Arc<AtomicBool>,
     open_streams: Arc<AtomicUsize>,
     registry: Registry,
+    audit: AuditLog,
+    /// The audit writer stops last, after every job that could record.
+    audit_stop: CancellationToken,
+    audit_writer: tokio::task::JoinHandle<()>,
     _lock: Flock<File>,
 }
 
@@ -75,17 +82,45 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .await
             .context("opening the store")??
     };
+    let audit_dir = config
+        .audit
+        .dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("audit"));
+    let (audit, audit_writer) = AuditLog::open(&audit_dir, &config.audit)
+        .with_context(|| format!("opening the audit trail in {}", audit_dir.display()))?;
+    let audit_stop = CancellationToken::new();
+    let audit_writer = tokio::spawn(audit_writer.run(audit_stop.clone()));
+    let policy = Policy::load(&config.policy).context("loading policies")?;
+    if policy.is_enforcing() {
+        let summary = policy.summary();
+        tracing::info!(
+            dir = %config.policy.dir.as_deref().unwrap_or(Path::new("")).display(),
+            policies = summary.policies,
+            "policies loaded"
+        );
+    } else {
+        tracing::warn!(
+            "no policy_dir: registration entries alone decide what each workload may do"
+        );
+    }
     let federation =
         Federation::load(config.federation.clone()).context("loading federated bundles")?;
     let registry = Registry::open(
         config.entries.clone(),
         store.clone(),
+        audit.clone(),
         config.trust_domain.clone(),
         federation.trust_domains(),
     )
     .context("loading registration entries")?;
-    let svids = SvidIssuer::new(authority.clone(), config.svid, store.clone());
-    let tasks = Tasks::new(config.tasks.clone(), authority.clone(), store);
+    let svids = SvidIssuer::new(authority.clone(), config.svid, store.clone(), audit.clone());
+    let tasks = Tasks::new(
+        config.tasks.clone(),
+        authority.clone(),
+        store,
+        audit.clone(),
+    );
     {
         let tasks = tasks.clone();
         let watched = tokio::task::spawn_blocking(move || tasks.restore())
@@ -140,6 +175,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         svids.clone(),
         federation.clone(),
         tasks.clone(),
+        policy.clone(),
         config.workload_api.clone(),
         jobs.clone(),
     );
@@ -149,6 +185,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tasks.clone(),
         authority.clone(),
         federation.clone(),
+        policy.clone(),
         jobs,
     );
     let open_streams = api.open_streams();
@@ -198,9 +235,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             running: config.clone(),
             registry: registry.clone(),
             federation,
+            policy: policy.clone(),
+            audit: audit.clone(),
         }
         .run(reload_rx, shutdown.token()),
     );
+    {
+        let audit = audit.clone();
+        shutdown.spawn(policy.run_watcher(
+            move |outcome| reload::record_policy_reload(&audit, outcome),
+            shutdown.token(),
+        ));
+    }
 
     match &config.source {
         ConfigSource::Embedded => {
@@ -231,6 +277,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         failed,
         open_streams,
         registry,
+        audit,
+        audit_stop,
+        audit_writer,
         _lock: lock,
     })
 }
@@ -259,6 +308,11 @@ impl Running {
         &self.registry
     }
 
+    /// The audit trail's handle (tests flush it).
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
     /// Workload API streams being served right now.
     pub fn open_streams(&self) -> usize {
         self.open_streams.load(Ordering::Relaxed)
@@ -281,6 +335,14 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         if !self.shutdown.stop(SHUTDOWN_GRACE).await {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "some jobs did not stop within the grace period");
+        }
+        // Everything that records has stopped: drain and sync the trail.
+        self.audit_stop.cancel();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.audit_writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the audit writer did not finish within the grace period");
         }
         if self.failed.load(Ordering::SeqCst) {
             bail!("the workload API server failed (see the log)");

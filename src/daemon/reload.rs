@@ -1,15 +1,20 @@
 //! Config reload: SIGHUP or `tether reload` re-reads the config file and
-//! applies what can change at runtime (entries and federation). Anything
-//! else, or a file that does not validate, is refused with the reason and
-//! the running configuration stays.
+//! the policy directory and applies what can change at runtime (entries,
+//! federation, policies). Anything else, or a file that does not validate,
+//! is refused with the reason and the running configuration stays.
+//!
+//! Policies also reload by themselves when their files change (the
+//! watcher); both paths record a `policy-reload` audit event.
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin_api::{ReloadOutcome, ReloadRequest};
+use crate::audit::{AuditEvent, AuditLog, Decision, EventKind};
 use crate::config::{Config, ConfigSource, ProcessEnv};
 use crate::federation::Federation;
+use crate::policy::{Policy, PolicySummary};
 use crate::registration::Registry;
 
 /// Owns reloads: one at a time, in arrival order.
@@ -19,6 +24,8 @@ pub(super) struct Reloader {
     pub running: Config,
     pub registry: Registry,
     pub federation: Federation,
+    pub policy: Policy,
+    pub audit: AuditLog,
 }
 
 impl Reloader {
@@ -90,6 +97,20 @@ impl Reloader {
             "admin_socket_path",
             next.admin.socket_path == self.running.admin.socket_path,
         )?;
+        unchanged("[audit]", next.audit == self.running.audit)?;
+
+        if next.policy.dir != self.running.policy.dir {
+            return Err("policy_dir changed; that needs a restart".into());
+        }
+        let policies = {
+            let policy = self.policy.clone();
+            tokio::task::spawn_blocking(move || policy.reload())
+                .await
+                .map_err(|e| format!("reloading policies: {e}"))?
+                .map_err(|e| e.to_string())
+        };
+        record_policy_reload(&self.audit, policies.clone());
+        policies.map_err(|e| format!("policies: {e}"))?;
 
         self.federation
             .replace(next.federation.clone())
@@ -104,5 +125,28 @@ impl Reloader {
         };
         self.running = next;
         Ok(outcome)
+    }
+}
+
+/// Records a policy (re)load attempt: what is now in force, or why the
+/// new files were refused. A record that cannot be written is logged; the
+/// reload itself has already happened (or not) and cannot be undone.
+pub(super) fn record_policy_reload(audit: &AuditLog, outcome: Result<PolicySummary, String>) {
+    let event = match outcome {
+        Ok(summary) => AuditEvent {
+            reason: Some(format!(
+                "{} policies from {} files in force",
+                summary.policies, summary.files
+            )),
+            policy_ids: summary.ids,
+            ..AuditEvent::new(EventKind::PolicyReload, Decision::Info)
+        },
+        Err(reason) => AuditEvent {
+            reason: Some(format!("refused; the policies in force stay: {reason}")),
+            ..AuditEvent::new(EventKind::PolicyReload, Decision::Deny)
+        },
+    };
+    if let Err(error) = audit.record(event) {
+        tracing::error!(%error, "the policy reload could not be audited");
     }
 }

@@ -273,6 +273,22 @@ impl fmt::Display for EntryId {
 // === impl RegistrationEntry ===
 
 impl RegistrationEntry {
+    /// Whether `other` grants the same thing: every field but the
+    /// bookkeeping (revision, timestamps).
+    pub fn grants_as(&self, other: &RegistrationEntry) -> bool {
+        self.id == other.id
+            && self.spiffe_id == other.spiffe_id
+            && self.selectors == other.selectors
+            && self.x509_svid_ttl == other.x509_svid_ttl
+            && self.jwt_svid_ttl == other.jwt_svid_ttl
+            && self.dns_names == other.dns_names
+            && self.hint == other.hint
+            && self.federates_with == other.federates_with
+            && self.audiences == other.audiences
+            && self.process_bound == other.process_bound
+            && self.source == other.source
+    }
+
     /// Validates a config-file entry against the agent's trust domain and the
     /// federations it knows. Its id is derived from its SPIFFE ID and
     /// selectors, so it is stable across restarts.

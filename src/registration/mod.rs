@@ -29,6 +29,7 @@ use std::time::SystemTime;
 use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
+use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, Decision as AuditDecision, EventKind};
 use crate::store::{Store, StoreError};
 pub use entry::{EntryError, EntryId, EntrySource, EntrySpec, RegistrationEntry};
 pub use selector::{Selector, SelectorSet, SelectorType};
@@ -88,6 +89,25 @@ pub enum RegistrationError {
     /// The blocking store job did not complete.
     #[error("entry store job failed: {0}")]
     Job(#[from] tokio::task::JoinError),
+    /// The change could not be recorded in the audit trail.
+    #[error("not changing entries: {0}")]
+    Audit(#[from] AuditUnavailable),
+}
+
+/// What a write does to an entry.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Created,
+    Updated,
+}
+
+impl Change {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+        }
+    }
 }
 
 /// One identity a caller gets: the entry and the SPIFFE ID it resolves to
@@ -119,6 +139,7 @@ pub struct Registry {
 struct Inner {
     current: watch::Sender<Arc<EntrySet>>,
     store: Store,
+    audit: AuditLog,
     trust_domain: TrustDomain,
     federations: Mutex<BTreeSet<TrustDomain>>,
     /// Serialises writers: persist, then publish, in one order.
@@ -218,6 +239,7 @@ impl Registry {
     pub fn open(
         config_entries: Vec<RegistrationEntry>,
         store: Store,
+        audit: AuditLog,
         trust_domain: TrustDomain,
         federations: BTreeSet<TrustDomain>,
     ) -> Result<Self, RegistrationError> {
@@ -245,6 +267,7 @@ impl Registry {
             inner: Arc::new(Inner {
                 current: watch::channel(Arc::new(set)).0,
                 store,
+                audit,
                 trust_domain,
                 federations: Mutex::new(federations),
                 writes: tokio::sync::Mutex::new(()),
@@ -292,20 +315,7 @@ impl Registry {
             now,
         )?;
         let _write = self.inner.writes.lock().await;
-        if let Some(existing) = self.snapshot().duplicate_of(&entry) {
-            return Err(RegistrationError::Duplicate {
-                existing: existing.id.clone(),
-            });
-        }
-        let row = persist::row(&entry);
-        let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || store.insert_entry(&row))
-            .await?
-            .map_err(|e| persist::duplicate_or(e, &entry))?;
-        let entry = Arc::new(entry);
-        self.publish(|entries| entries.push(Arc::clone(&entry)));
-        tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "entry created");
-        Ok(entry)
+        self.store_and_publish(entry, Change::Created).await
     }
 
     /// Replaces an API entry's spec. With `expected_revision`, only if the
@@ -336,23 +346,38 @@ impl Registry {
             current.created_at,
             SystemTime::now(),
         )?;
+        self.store_and_publish(entry, Change::Updated).await
+    }
+
+    /// Checks, audits, stores, then publishes a created or updated entry.
+    /// The caller holds the write lock.
+    async fn store_and_publish(
+        &self,
+        entry: RegistrationEntry,
+        change: Change,
+    ) -> Result<Arc<RegistrationEntry>, RegistrationError> {
         if let Some(existing) = self.snapshot().duplicate_of(&entry) {
             return Err(RegistrationError::Duplicate {
                 existing: existing.id.clone(),
             });
         }
+        self.audit_change(&entry, change.as_str())?;
         let row = persist::row(&entry);
         let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || store.update_entry(&row))
-            .await?
-            .map_err(|e| persist::duplicate_or(e, &entry))?;
+        tokio::task::spawn_blocking(move || match change {
+            Change::Created => store.insert_entry(&row),
+            Change::Updated => store.update_entry(&row),
+        })
+        .await?
+        .map_err(|e| persist::duplicate_or(e, &entry))?;
         let entry = Arc::new(entry);
-        self.publish(|entries| {
-            if let Some(slot) = entries.iter_mut().find(|e| e.id == entry.id) {
-                *slot = Arc::clone(&entry);
-            }
-        });
-        tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, revision = entry.revision, "entry updated");
+        self.publish(
+            |entries| match entries.iter_mut().find(|e| e.id == entry.id) {
+                Some(slot) => *slot = Arc::clone(&entry),
+                None => entries.push(Arc::clone(&entry)),
+            },
+        );
+        tracing::info!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, revision = entry.revision, "entry {}", change.as_str());
         Ok(entry)
     }
 
@@ -360,11 +385,32 @@ impl Registry {
     pub async fn delete(&self, id: &EntryId) -> Result<(), RegistrationError> {
         let _write = self.inner.writes.lock().await;
         let current = self.api_entry(id)?;
+        self.audit_change(&current, "deleted")?;
         let store = self.inner.store.clone();
         let key = id.as_str().to_owned();
         tokio::task::spawn_blocking(move || store.delete_entry(&key)).await??;
         self.publish(|entries| entries.retain(|e| e.id != *id));
         tracing::info!(entry_id = %id, spiffe_id = %current.spiffe_id, "entry deleted");
+        Ok(())
+    }
+
+    /// Records an entry change; refused when it cannot be recorded (an
+    /// unaudited change could grant identities nobody can trace).
+    fn audit_change(&self, entry: &RegistrationEntry, what: &str) -> Result<(), RegistrationError> {
+        self.inner.audit.record(AuditEvent {
+            spiffe_id: Some(entry.spiffe_id.to_string()),
+            entry_id: Some(entry.id.to_string()),
+            reason: Some(format!(
+                "entry {what}: selectors {}",
+                entry
+                    .selectors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
+            ..AuditEvent::new(EventKind::EntryChange, AuditDecision::Info)
+        })?;
         Ok(())
     }
 
@@ -377,6 +423,7 @@ impl Registry {
     ) -> Result<(), RegistrationError> {
         check_config_duplicates(&config_entries)?;
         let _write = self.inner.writes.lock().await;
+        self.audit_config_changes(&config_entries)?;
         *self
             .inner
             .federations
@@ -391,6 +438,33 @@ impl Registry {
             entries.extend(api);
         });
         warn_shared_hints(&self.snapshot().entries);
+        Ok(())
+    }
+
+    /// Records what a reload changes among the config entries; refused
+    /// (nothing applied) when it cannot be recorded.
+    fn audit_config_changes(&self, next: &[RegistrationEntry]) -> Result<(), RegistrationError> {
+        let snapshot = self.snapshot();
+        let running: HashMap<&EntryId, &RegistrationEntry> = snapshot
+            .entries
+            .iter()
+            .filter(|e| e.source == EntrySource::Config)
+            .map(|e| (&e.id, e.as_ref()))
+            .collect();
+        for entry in next {
+            match running.get(&entry.id) {
+                None => self.audit_change(entry, "created by a reload")?,
+                Some(current) if !current.grants_as(entry) => {
+                    self.audit_change(entry, "updated by a reload")?;
+                }
+                Some(_) => {}
+            }
+        }
+        for (id, current) in &running {
+            if !next.iter().any(|e| e.id == **id) {
+                self.audit_change(current, "deleted by a reload")?;
+            }
+        }
         Ok(())
     }
 
@@ -475,9 +549,27 @@ mod tests {
         s.iter().map(|s| s.parse().unwrap()).collect()
     }
 
+    /// A real audit trail under `dir`; its writer runs on the test's
+    /// runtime when there is one (sync tests record nothing).
+    fn audit(dir: &tempfile::TempDir) -> AuditLog {
+        // A registry reopened in the same test gets its own trail: the
+        // first writer still holds its directory's lock.
+        static OPENED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (log, writer) = AuditLog::open(
+            &dir.path().join(format!("audit-{n}")),
+            &crate::audit::AuditConfig::default(),
+        )
+        .unwrap();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(writer.run(tokio_util::sync::CancellationToken::new()));
+        }
+        log
+    }
+
     fn registry(dir: &tempfile::TempDir, config: Vec<RegistrationEntry>) -> Registry {
         let store = Store::open(dir.path()).unwrap();
-        Registry::open(config, store, td(), BTreeSet::new()).unwrap()
+        Registry::open(config, store, audit(dir), td(), BTreeSet::new()).unwrap()
     }
 
     #[test]
@@ -546,6 +638,7 @@ mod tests {
                 entry("spiffe://example.org/a", &["unix:uid:1"], None),
             ],
             store,
+            audit(&dir),
             td(),
             BTreeSet::new(),
         )

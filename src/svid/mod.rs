@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::attestation::Caller;
+use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, Decision as AuditDecision, EventKind};
 use crate::authority::{Authority, AuthorityError};
 use crate::registration::Match;
 use crate::store::{IssuedX509, Store, StoreError};
@@ -52,6 +53,9 @@ pub enum SvidError {
     /// Generating the SVID's key pair failed.
     #[error("generating the SVID key: {0}")]
     KeyGeneration(#[source] rcgen::Error),
+    /// The issuance could not be recorded: nothing is issued unaudited.
+    #[error("not issuing: {0}")]
+    Audit(#[from] AuditUnavailable),
 }
 
 /// How many issuance records may wait for the recorder before new ones are
@@ -73,6 +77,7 @@ pub struct SvidIssuer {
     records: mpsc::Sender<IssuedX509>,
     recorder: Arc<Mutex<Option<mpsc::Receiver<IssuedX509>>>>,
     revocations: Arc<Revocations>,
+    audit: AuditLog,
 }
 
 // === impl SvidConfig ===
@@ -91,7 +96,7 @@ impl Default for SvidConfig {
 impl SvidIssuer {
     /// An issuer signing through `authority`, recording X.509 issuance in
     /// `store`.
-    pub fn new(authority: Authority, config: SvidConfig, store: Store) -> Self {
+    pub fn new(authority: Authority, config: SvidConfig, store: Store, audit: AuditLog) -> Self {
         let (records, recorder) = mpsc::channel(RECORD_QUEUE);
         Self {
             authority,
@@ -102,6 +107,7 @@ impl SvidIssuer {
             records,
             recorder: Arc::new(Mutex::new(Some(recorder))),
             revocations: Arc::default(),
+            audit,
         }
     }
 
@@ -186,7 +192,7 @@ impl SvidIssuer {
             .entry
             .process_bound
             .then(|| (caller.pid(), caller.start_time()));
-        let svid = self.current_or_issue(matched, process)?;
+        let svid = self.current_or_issue(matched, process, caller)?;
         if let Some(process) = process {
             self.revocations.watch(process, caller);
         }
@@ -198,6 +204,7 @@ impl SvidIssuer {
         &self,
         matched: &Match,
         process: Option<ProcessKey>,
+        caller: &Caller,
     ) -> Result<Arc<X509Svid>, SvidError> {
         let entry = &matched.entry;
         let key = (entry.id.clone(), matched.spiffe_id.clone(), process);
@@ -211,15 +218,16 @@ impl SvidIssuer {
         if let Some(svid) = self.x509.get(&key).filter(fresh) {
             return Ok(svid);
         }
-        self.renew_x509(matched, process)
+        self.renew_x509(matched, process, Some(caller))
     }
 
     /// Issues a new X.509-SVID for a matched identity (and process) and
     /// makes it current.
-    fn renew_x509(
+    pub(crate) fn renew_x509(
         &self,
         matched: &Match,
         process: Option<ProcessKey>,
+        by: Option<&Caller>,
     ) -> Result<Arc<X509Svid>, SvidError> {
         let entry = &matched.entry;
         let svid = Arc::new(x509::issue(
@@ -238,6 +246,23 @@ impl SvidIssuer {
             not_after = %humantime::format_rfc3339_seconds(svid.not_after),
             "issued X.509-SVID"
         );
+        // Recorded before it is handed out: nothing leaves unaudited.
+        self.audit.record(AuditEvent {
+            spiffe_id: Some(svid.spiffe_id.to_string()),
+            pid: by.map(Caller::pid),
+            uid: by.map(Caller::uid),
+            entry_id: Some(entry.id.to_string()),
+            token_id: Some(svid.serial.clone()),
+            reason: Some(
+                if by.is_some() {
+                    "issued on demand"
+                } else {
+                    "renewed"
+                }
+                .into(),
+            ),
+            ..AuditEvent::new(EventKind::IssueX509, AuditDecision::Allow)
+        })?;
         self.record(&svid);
         self.x509.put(Arc::clone(&svid));
         Ok(svid)
@@ -256,6 +281,11 @@ impl SvidIssuer {
     /// Every live X.509-SVID this agent holds.
     pub fn x509_svids(&self) -> Vec<Arc<X509Svid>> {
         self.x509.all()
+    }
+
+    /// The default JWT-SVID lifetime.
+    pub fn jwt_svid_ttl(&self) -> Duration {
+        self.config.jwt_svid_ttl
     }
 
     /// Signs a JWT-SVID for a matched identity and `audiences`.

@@ -47,7 +47,7 @@ impl SvidIssuer {
                     entry: Arc::clone(entry),
                     spiffe_id: svid.spiffe_id.clone(),
                 };
-                match self.renew_x509(&matched, svid.process) {
+                match self.renew_x509(&matched, svid.process, None) {
                     Ok(new) => tracing::debug!(
                         entry_id = %entry.id,
                         spiffe_id = %svid.spiffe_id,

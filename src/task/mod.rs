@@ -34,6 +34,7 @@ use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch};
 
 use crate::attestation::Caller;
+use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, Decision as AuditDecision, EventKind};
 use crate::authority::{Authority, AuthorityError};
 use crate::bundle::TrustBundle;
 use crate::registration::{EntryId, Match};
@@ -111,6 +112,9 @@ pub enum TaskError {
     /// A blocking store job did not complete.
     #[error("task store job failed: {0}")]
     Job(#[from] tokio::task::JoinError),
+    /// The decision could not be recorded: nothing is issued unaudited.
+    #[error("not issuing: {0}")]
+    Audit(#[from] AuditUnavailable),
 }
 
 /// Why a token is not valid. Safe to return to the presenter.
@@ -189,6 +193,8 @@ pub struct BeginRequest {
     pub bind_x5t: Option<String>,
     /// Scope the owner's descendants to the task (`tether task run`).
     pub scope_descendants: bool,
+    /// The policies that allowed the begin (for the audit record).
+    pub decided_by: Vec<String>,
 }
 
 /// A task, as the agent keeps it.
@@ -230,8 +236,27 @@ struct TaskState {
 pub struct IssuedToken {
     /// The compact JWS.
     pub token: String,
+    /// Its `jti` (what the audit trail names, never the token).
+    pub jti: String,
     /// Its `exp`.
     pub expires_at: SystemTime,
+}
+
+/// An exchange that passed every check but policy.
+#[derive(Debug)]
+pub struct Exchange {
+    /// The task of the subject token.
+    pub task: Arc<Task>,
+    /// The exchanging identity (the new actor).
+    pub actor: SpiffeId,
+    /// The new actor chain, newest first.
+    pub actors: Vec<String>,
+    /// The new audience.
+    pub audience: String,
+    /// The tools of the new token.
+    pub tools: Vec<String>,
+    /// The subject token's claims.
+    pub subject: TaskClaims,
 }
 
 /// A token that passed validation.
@@ -259,6 +284,7 @@ struct Inner {
     config: TaskConfig,
     authority: Authority,
     store: Store,
+    audit: AuditLog,
     tasks: Mutex<HashMap<String, Arc<Task>>>,
     /// Bumped whenever a task ends.
     changes: watch::Sender<u64>,
@@ -467,14 +493,16 @@ impl fmt::Debug for IssuedToken {
 // === impl Tasks ===
 
 impl Tasks {
-    /// The tasks of an agent signing with `authority`, kept in `store`.
-    pub fn new(config: TaskConfig, authority: Authority, store: Store) -> Self {
+    /// The tasks of an agent signing with `authority`, kept in `store`,
+    /// every decision recorded in `audit`.
+    pub fn new(config: TaskConfig, authority: Authority, store: Store, audit: AuditLog) -> Self {
         let (owners, owners_rx) = mpsc::unbounded_channel();
         Self {
             inner: Arc::new(Inner {
                 config,
                 authority,
                 store,
+                audit,
                 tasks: Mutex::default(),
                 changes: watch::channel(0).0,
                 owners,
@@ -602,6 +630,7 @@ impl Tasks {
             return Err(TaskError::TooMany(active));
         }
 
+        let decided_by = request.decided_by;
         let now = SystemTime::now();
         let task = Arc::new(Task {
             id: new_task_id()?,
@@ -632,6 +661,15 @@ impl Tasks {
             None,
             task.requester(),
         )?;
+        if let Err(unavailable) = self.inner.audit.record(AuditEvent {
+            token_id: Some(token.jti.clone()),
+            policy_ids: decided_by,
+            ..task_event(&task, EventKind::TaskBegin, AuditDecision::Allow)
+        }) {
+            // Nothing leaves unaudited: the task dies before its token does.
+            let _ = self.finish(&task, EndReason::Revoked).await;
+            return Err(unavailable.into());
+        }
         tracing::info!(
             task_id = %task.id,
             spiffe_id = %task.spiffe_id,
@@ -652,21 +690,20 @@ impl Tasks {
             .ok_or_else(|| TaskError::NotOwner(id.chars().take(80).collect()))
     }
 
-    /// A fresh token for the owner's task.
-    pub fn renew(&self, caller: &Caller, id: &str) -> Result<IssuedToken, TaskError> {
-        let task = self.owned(caller, id)?;
-        self.token_for(&task)
-    }
-
-    /// A fresh token for `task` (its own audience and tools), if it lives.
-    pub fn token_for(&self, task: &Task) -> Result<IssuedToken, TaskError> {
+    /// A fresh token for `task` (its own audience and tools), if it lives,
+    /// recording which policies allowed the renewal.
+    pub fn token_for(
+        &self,
+        task: &Task,
+        decided_by: Vec<String>,
+    ) -> Result<IssuedToken, TaskError> {
         if let Some((reason, _)) = task.ended() {
             return Err(TaskError::Ended {
                 id: task.id.clone(),
                 reason: reason.to_string(),
             });
         }
-        self.issue(
+        let token = self.issue(
             task,
             &task.audience,
             &task.tools,
@@ -674,7 +711,18 @@ impl Tasks {
             task.bind_x5t.clone(),
             None,
             task.requester(),
-        )
+        )?;
+        self.inner.audit.record(AuditEvent {
+            token_id: Some(token.jti.clone()),
+            policy_ids: decided_by,
+            ..task_event(task, EventKind::TaskRenew, AuditDecision::Allow)
+        })?;
+        Ok(token)
+    }
+
+    /// The audit log decisions are recorded in.
+    pub fn audit(&self) -> &AuditLog {
+        &self.inner.audit
     }
 
     /// Ends the owner's task.
@@ -716,6 +764,18 @@ impl Tasks {
         }
         self.inner.changes.send_modify(|n| *n += 1);
         tracing::info!(task_id = %task.id, %reason, tokens = task.tokens_issued(), "task ended");
+        let kind = match reason {
+            EndReason::Deadline => EventKind::Expire,
+            EndReason::Revoked => EventKind::Revoke,
+            _ => EventKind::TaskEnd,
+        };
+        if let Err(error) = self.inner.audit.record(AuditEvent {
+            reason: Some(reason.to_string()),
+            ..task_event(task, kind, AuditDecision::Info)
+        }) {
+            // The end itself is stored and enforced; only its record is lost.
+            tracing::error!(task_id = %task.id, %error, "could not record the end of a task in the audit trail");
+        }
         Ok(true)
     }
 
@@ -770,20 +830,21 @@ impl Tasks {
         self.inner.changes.subscribe()
     }
 
-    /// Exchanges `subject` (a task token addressed to the caller) for one
-    /// addressed to `audience`, with `tools` (a subset; empty keeps them).
-    /// `identities` are the caller's matched identities: the subject token
-    /// must be addressed to one of their SPIFFE IDs or declared audiences,
-    /// and that identity becomes the new actor.
-    pub fn exchange(
+    /// Checks an exchange of `subject` (a task token addressed to the
+    /// caller) for a token addressed to `audience`, with `tools` (a subset;
+    /// empty keeps them). `identities` are the caller's matched identities:
+    /// the subject token must be addressed to one of their SPIFFE IDs or
+    /// declared audiences, and that identity becomes the new actor. Nothing
+    /// is issued until [`Tasks::complete_exchange`], so policy can decide
+    /// on the checked plan in between.
+    pub fn prepare_exchange(
         &self,
         subject: &str,
         identities: &[Match],
         audience: &str,
         tools: &[String],
-        bind_x5t: Option<String>,
         bundle_for: impl Fn(&TrustDomain) -> Option<Arc<TrustBundle>>,
-    ) -> Result<IssuedToken, TaskError> {
+    ) -> Result<Exchange, TaskError> {
         check_audience("audience", audience)?;
         check_tools(tools, &self.inner.config)?;
         // The subject token must be addressed to the caller: find its
@@ -825,32 +886,62 @@ impl Tasks {
             }
             dedup(tools.to_vec())
         };
-        let act = Actor {
-            sub: actor.to_string(),
-            act: subject.claims.act.clone().map(Box::new),
-        };
         if subject.claims.actors().len() + 1 > claims::MAX_ACTOR_DEPTH {
             return Err(TaskError::Exchange(format!(
                 "the actor chain would exceed {} actors",
                 claims::MAX_ACTOR_DEPTH
             )));
         }
+        let mut actors = vec![actor.to_string()];
+        actors.extend(subject.claims.actors());
+        Ok(Exchange {
+            task,
+            actor,
+            actors,
+            audience: audience.to_owned(),
+            tools,
+            subject: subject.claims,
+        })
+    }
+
+    /// Issues the token of a checked exchange, bound to `bind_x5t` when
+    /// given, recording which policies allowed it.
+    pub fn complete_exchange(
+        &self,
+        exchange: Exchange,
+        bind_x5t: Option<String>,
+        decided_by: Vec<String>,
+    ) -> Result<IssuedToken, TaskError> {
+        let Exchange {
+            task,
+            actor,
+            actors,
+            audience,
+            tools,
+            subject,
+        } = exchange;
+        let act = Actor {
+            sub: actor.to_string(),
+            act: subject.act.clone().map(Box::new),
+        };
         let token = self.issue(
             &task,
-            audience,
+            &audience,
             &tools,
             Some(act),
             bind_x5t,
-            Some(UNIX_EPOCH + Duration::from_secs(subject.claims.exp)),
-            subject.claims.rctx.clone(),
+            Some(UNIX_EPOCH + Duration::from_secs(subject.exp)),
+            subject.rctx.clone(),
         )?;
-        tracing::info!(
-            task_id = %task.id,
-            actor = %actor,
-            audience,
-            tools = ?tools,
-            "task token exchanged"
-        );
+        tracing::info!(task_id = %task.id, actor = %actor, audience, tools = ?tools, "task token exchanged");
+        self.inner.audit.record(AuditEvent {
+            audience: Some(audience),
+            tools,
+            actors,
+            token_id: Some(token.jti.clone()),
+            policy_ids: decided_by,
+            ..task_event(&task, EventKind::Exchange, AuditDecision::Allow)
+        })?;
         Ok(token)
     }
 
@@ -982,6 +1073,7 @@ impl Tasks {
         task.state().tokens_issued += 1;
         Ok(IssuedToken {
             token,
+            jti: claims.jti,
             expires_at: UNIX_EPOCH + Duration::from_secs(claims.exp),
         })
     }
@@ -994,6 +1086,26 @@ impl Tasks {
             .retain(|_, t| t.ended().is_none() || t.deadline > now);
         let store = self.inner.store.clone();
         Ok(tokio::task::spawn_blocking(move || store.prune_tasks(now)).await??)
+    }
+}
+
+/// The audit record of an event about `task`, with its owner and context.
+fn task_event(task: &Task, event: EventKind, decision: AuditDecision) -> AuditEvent {
+    AuditEvent {
+        spiffe_id: Some(task.spiffe_id.to_string()),
+        pid: Some(task.owner.pid),
+        uid: Some(task.owner.uid),
+        executable: task
+            .owner
+            .executable
+            .as_ref()
+            .map(|p| p.display().to_string()),
+        task_id: Some(task.id.clone()),
+        intent: Some(task.intent.clone()),
+        audience: Some(task.audience.clone()),
+        tools: task.tools.clone(),
+        entry_id: Some(task.entry_id.to_string()),
+        ..AuditEvent::new(event, decision)
     }
 }
 

@@ -11,13 +11,16 @@ use tonic::{Request, Response, Status};
 
 use super::status;
 use crate::attestation::{Attested, Attestor, Caller};
+use crate::audit::{AuditEvent, Decision as AuditDecision, EventKind};
 use crate::authority::Authority;
 use crate::bundle::TrustBundle;
 use crate::federation::Federation;
+use crate::policy::{Action, Policy, PolicyContext, PolicyRequest, Resource};
 use crate::proto::task as pb;
 use crate::proto::task::tasks_server::Tasks as TasksRpc;
 use crate::registration::{Match, Registry};
-use crate::task::{BeginRequest, IssuedToken, Owner, Tasks, claims};
+use crate::task::{BeginRequest, IssuedToken, Owner, Task, Tasks, ValidatedTaskToken, claims};
+use crate::transport::gate::{self, Subject};
 use crate::transport::{self, Jobs};
 
 /// Longest token accepted in a request, in bytes.
@@ -33,6 +36,7 @@ pub struct TaskApi {
     tasks: Tasks,
     authority: Authority,
     federation: Federation,
+    policy: Policy,
     jobs: Jobs,
 }
 
@@ -45,6 +49,7 @@ impl TaskApi {
         tasks: Tasks,
         authority: Authority,
         federation: Federation,
+        policy: Policy,
         jobs: Jobs,
     ) -> Self {
         Self {
@@ -53,12 +58,126 @@ impl TaskApi {
             tasks,
             authority,
             federation,
+            policy,
             jobs,
         }
     }
 
     async fn identify<T>(&self, request: &Request<T>) -> Result<(Caller, Attested), Status> {
         transport::identify(&self.attestor, request).await
+    }
+
+    /// Policy on renewing `task`'s token for the process `attested`.
+    pub(crate) fn renew_decision(
+        &self,
+        attested: &Attested,
+        task: &Task,
+    ) -> Result<Vec<String>, Status> {
+        let selectors = gate::selectors(attested);
+        let executable = gate::executable(attested);
+        let left = task
+            .deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
+        gate::decide(
+            &self.policy,
+            self.tasks.audit(),
+            attested,
+            &PolicyRequest {
+                principal: &task.spiffe_id,
+                selectors: &selectors,
+                action: Action::RenewTask,
+                resource: Resource::Audience(&task.audience),
+                context: PolicyContext {
+                    intent: &task.intent,
+                    tools: &task.tools,
+                    ttl_seconds: i64::try_from(left).unwrap_or(i64::MAX),
+                    actors: &[],
+                    uid: attested.uid,
+                    executable: &executable,
+                    audience: &task.audience,
+                },
+            },
+            Subject {
+                task_id: Some(task.id.clone()),
+                actors: Vec::new(),
+            },
+        )
+    }
+
+    /// Policy on using `tool` under the validated token.
+    fn use_tool_decision(
+        &self,
+        attested: &Attested,
+        token: &ValidatedTaskToken,
+        tool: &str,
+        audience: &str,
+    ) -> Result<Vec<String>, Status> {
+        let selectors = gate::selectors(attested);
+        let executable = gate::executable(attested);
+        let tools: Vec<String> = token.claims.tools().map(str::to_owned).collect();
+        let actors = token.claims.actors();
+        let left = token.claims.exp.saturating_sub(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        );
+        gate::decide(
+            &self.policy,
+            self.tasks.audit(),
+            attested,
+            &PolicyRequest {
+                principal: &token.spiffe_id,
+                selectors: &selectors,
+                action: Action::UseTool,
+                resource: Resource::Tool(tool),
+                context: PolicyContext {
+                    intent: &token.claims.tctx.intent,
+                    tools: &tools,
+                    ttl_seconds: i64::try_from(left).unwrap_or(i64::MAX),
+                    actors: &actors,
+                    uid: attested.uid,
+                    executable: &executable,
+                    audience,
+                },
+            },
+            Subject {
+                task_id: Some(token.claims.txn.clone()),
+                actors: actors.clone(),
+            },
+        )
+    }
+
+    /// One `validate` record per ValidateTaskToken: who asked about which
+    /// token (its `jti`, never the token) and what was answered.
+    fn audit_validation(
+        &self,
+        attested: &Attested,
+        audience: &str,
+        tool: Option<&str>,
+        outcome: &Result<ValidatedTaskToken, String>,
+    ) {
+        let mut event = AuditEvent {
+            audience: Some(audience.to_owned()),
+            tools: tool.map(|t| vec![t.to_owned()]).unwrap_or_default(),
+            ..gate::caller_event(attested, EventKind::Validate, AuditDecision::Allow)
+        };
+        match outcome {
+            Ok(valid) => {
+                event.spiffe_id = Some(valid.spiffe_id.to_string());
+                event.task_id = Some(valid.claims.txn.clone());
+                event.token_id = Some(valid.claims.jti.clone());
+                event.actors = valid.claims.actors();
+            }
+            Err(reason) => {
+                event.decision = AuditDecision::Deny;
+                event.reason = Some(reason.clone());
+            }
+        }
+        if let Err(error) = self.tasks.audit().record(event) {
+            tracing::warn!(%error, "could not record a validation");
+        }
     }
 
     /// The own bundle, and the federated bundles the caller's entries name.
@@ -115,6 +234,7 @@ impl TaskApi {
     }
 }
 
+/// The caller's executable as the policy and the audit trail see it.
 fn token_message(token: IssuedToken) -> pb::TaskToken {
     pb::TaskToken {
         token: token.token,
@@ -191,13 +311,39 @@ impl TasksRpc for TaskApi {
                 .find(|s| s.key() == "sha256")
                 .and_then(|s| s.value().split_once(':').map(|(_, v)| v.to_owned())),
         };
+        let ttl = (req.ttl_ms != 0).then(|| Duration::from_millis(req.ttl_ms));
+        let ttl_seconds = ttl.unwrap_or(self.tasks.config().default_ttl).as_secs();
+        let selectors = gate::selectors(&attested);
+        let executable = gate::executable(&attested);
+        let decided_by = gate::decide(
+            &self.policy,
+            self.tasks.audit(),
+            &attested,
+            &PolicyRequest {
+                principal: &matched.spiffe_id,
+                selectors: &selectors,
+                action: Action::BeginTask,
+                resource: Resource::Audience(&req.audience),
+                context: PolicyContext {
+                    intent: &req.intent,
+                    tools: &req.tools,
+                    ttl_seconds: i64::try_from(ttl_seconds).unwrap_or(i64::MAX),
+                    actors: &[],
+                    uid: attested.uid,
+                    executable: &executable,
+                    audience: &req.audience,
+                },
+            },
+            Subject::default(),
+        )?;
         let begin = BeginRequest {
             audience: req.audience,
             intent: req.intent,
             tools: req.tools,
-            ttl: (req.ttl_ms != 0).then(|| Duration::from_millis(req.ttl_ms)),
+            ttl,
             bind_x5t,
             scope_descendants: req.scope_descendants,
+            decided_by,
         };
         let (task, token) = self
             .tasks
@@ -215,12 +361,17 @@ impl TasksRpc for TaskApi {
         &self,
         request: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
-        let (caller, _) = self.identify(&request).await?;
+        let (caller, attested) = self.identify(&request).await?;
         let id = task_id(&request.get_ref().task_id)?.to_owned();
         let task = self.tasks.owned(&caller, &id).map_err(status::task)?;
-        let first = self.tasks.token_for(&task).map_err(status::task)?;
+        let decided_by = self.renew_decision(&attested, &task)?;
+        let first = self
+            .tasks
+            .token_for(&task, decided_by)
+            .map_err(status::task)?;
         let (tx, rx) = mpsc::channel(1);
         let tasks = self.tasks.clone();
+        let api = self.clone();
         let registry = self.registry.clone();
         let cancel = self.jobs.cancel.clone();
         let mut ends = tasks.subscribe();
@@ -269,7 +420,15 @@ impl TasksRpc for TaskApi {
                         .await;
                     return;
                 }
-                token = match tasks.token_for(&task) {
+                // Policy decides every refresh, not once per stream.
+                let decided_by = match api.renew_decision(&attested, &task) {
+                    Ok(ids) => ids,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                token = match tasks.token_for(&task, decided_by) {
                     Ok(token) => token,
                     Err(error) => {
                         let _ = tx.send(Err(status::task(error))).await;
@@ -285,9 +444,14 @@ impl TasksRpc for TaskApi {
         &self,
         request: Request<pb::RenewTaskRequest>,
     ) -> Result<Response<pb::TaskToken>, Status> {
-        let (caller, _) = self.identify(&request).await?;
+        let (caller, attested) = self.identify(&request).await?;
         let id = task_id(&request.get_ref().task_id)?;
-        let token = self.tasks.renew(&caller, id).map_err(status::task)?;
+        let task = self.tasks.owned(&caller, id).map_err(status::task)?;
+        let decided_by = self.renew_decision(&attested, &task)?;
+        let token = self
+            .tasks
+            .token_for(&task, decided_by)
+            .map_err(status::task)?;
         Ok(Response::new(token_message(token)))
     }
 
@@ -341,16 +505,50 @@ impl TasksRpc for TaskApi {
             }
             _ => None,
         };
-        let token = self
+        let exchange = self
             .tasks
-            .exchange(
+            .prepare_exchange(
                 &req.subject_token,
                 &matches,
                 &req.audience,
                 &req.tools,
-                bind_x5t,
                 self.bundles_for(&matches),
             )
+            .map_err(status::task)?;
+        let selectors = gate::selectors(&attested);
+        let executable = gate::executable(&attested);
+        let left = exchange.subject.exp.saturating_sub(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        );
+        let decided_by = gate::decide(
+            &self.policy,
+            self.tasks.audit(),
+            &attested,
+            &PolicyRequest {
+                principal: &exchange.actor,
+                selectors: &selectors,
+                action: Action::ExchangeToken,
+                resource: Resource::Audience(&exchange.audience),
+                context: PolicyContext {
+                    intent: &exchange.task.intent,
+                    tools: &exchange.tools,
+                    ttl_seconds: i64::try_from(left).unwrap_or(i64::MAX),
+                    actors: &exchange.actors,
+                    uid: attested.uid,
+                    executable: &executable,
+                    audience: &exchange.audience,
+                },
+            },
+            Subject {
+                task_id: Some(exchange.task.id.clone()),
+                actors: exchange.actors.clone(),
+            },
+        )?;
+        let token = self
+            .tasks
+            .complete_exchange(exchange, bind_x5t, decided_by)
             .map_err(status::task)?;
         Ok(Response::new(pb::ExchangeTokenResponse {
             token: Some(token_message(token)),
@@ -384,13 +582,26 @@ impl TasksRpc for TaskApi {
         let tool = (!req.tool.is_empty()).then_some(req.tool.as_str());
         let presenter =
             (!req.presenter_certificate.is_empty()).then_some(req.presenter_certificate.as_slice());
-        let response = match self.tasks.validate(
-            &req.token,
-            &req.audience,
-            tool,
-            presenter,
-            self.bundles_for(&matches),
-        ) {
+        let validated = self
+            .tasks
+            .validate(
+                &req.token,
+                &req.audience,
+                tool,
+                presenter,
+                self.bundles_for(&matches),
+            )
+            .map_err(|rejection| rejection.to_string())
+            .and_then(|valid| match tool {
+                // Using a tool is a decision of its own, made now.
+                Some(tool) => self
+                    .use_tool_decision(&attested, &valid, tool, &req.audience)
+                    .map(|_| valid)
+                    .map_err(|status| status.message().to_owned()),
+                None => Ok(valid),
+            });
+        self.audit_validation(&attested, &req.audience, tool, &validated);
+        let response = match validated {
             Ok(valid) => pb::ValidateTaskTokenResponse {
                 valid: true,
                 reason: String::new(),
@@ -399,9 +610,9 @@ impl TasksRpc for TaskApi {
                 actors: valid.claims.actors(),
                 claims: Some(transport::json::to_struct(valid.raw_claims)),
             },
-            Err(rejection) => pb::ValidateTaskTokenResponse {
+            Err(reason) => pb::ValidateTaskTokenResponse {
                 valid: false,
-                reason: rejection.to_string(),
+                reason,
                 ..Default::default()
             },
         };

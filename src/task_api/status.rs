@@ -15,6 +15,10 @@ pub fn task(error: TaskError) -> Status {
         }
         TaskError::Ended { .. } => Status::failed_precondition(error.to_string()),
         TaskError::TooMany(_) => Status::resource_exhausted(error.to_string()),
+        TaskError::Audit(_) => {
+            tracing::error!(%error, "refusing to issue: the audit trail is unavailable");
+            Status::unavailable(error.to_string())
+        }
         TaskError::Sign(_) | TaskError::Store(_) | TaskError::Job(_) => {
             tracing::error!(%error, "task operation failed");
             Status::unavailable(format!(

@@ -9,6 +9,7 @@
 //! decides what a caller may do: the edges do.
 
 pub mod authority;
+pub mod gate;
 pub mod header;
 pub mod identify;
 pub mod json;

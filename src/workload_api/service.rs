@@ -16,13 +16,16 @@ use tracing::Instrument as _;
 
 use super::{WorkloadApiConfig, convert, status};
 use crate::attestation::{Attested, Attestor, Caller};
+use crate::audit::{AuditEvent, Decision as AuditDecision, EventKind};
 use crate::bundle::TrustBundle;
 use crate::federation::{FederatedBundles, Federation};
+use crate::policy::{Action, Policy, PolicyContext, PolicyRequest, Resource};
 use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::registration::{EntrySet, Match, Registry, SelectorSet};
 use crate::svid::{self, Holder, SvidIssuer};
 use crate::task::Tasks;
+use crate::transport::gate::{self, Subject};
 use crate::transport::{self, Jobs};
 
 /// What the Workload API serves from. Cheap to clone.
@@ -33,6 +36,7 @@ pub struct WorkloadApi {
     svids: SvidIssuer,
     federation: Federation,
     tasks: Tasks,
+    policy: Policy,
     config: WorkloadApiConfig,
     jobs: Jobs,
     open_streams: Arc<AtomicUsize>,
@@ -68,13 +72,18 @@ type Stream<T> = ReceiverStream<Result<T, Status>>;
 
 impl WorkloadApi {
     /// A Workload API serving from these parts. Stream jobs are spawned on
-    /// `jobs` and end when `cancel` fires.
+    /// `jobs` and end when it is cancelled.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the composition root hands the edge each part it serves from; a struct would only rename them"
+    )]
     pub fn new(
         attestor: Attestor,
         registry: Registry,
         svids: SvidIssuer,
         federation: Federation,
         tasks: Tasks,
+        policy: Policy,
         config: WorkloadApiConfig,
         jobs: Jobs,
     ) -> Self {
@@ -84,6 +93,7 @@ impl WorkloadApi {
             svids,
             federation,
             tasks,
+            policy,
             config,
             jobs,
             open_streams: Arc::default(),
@@ -107,6 +117,7 @@ impl WorkloadApi {
     async fn task_scoped_jwt(
         &self,
         caller: &Caller,
+        attested: &Attested,
         request: &pb::JwtsvidRequest,
     ) -> Result<Option<pb::JwtsvidResponse>, Status> {
         if !self.tasks.has_scopes() {
@@ -129,9 +140,34 @@ impl WorkloadApi {
                 task.id, task.spiffe_id
             )));
         }
+        let selectors = gate::selectors(attested);
+        let executable = gate::executable(attested);
+        let decided_by = gate::decide(
+            &self.policy,
+            self.tasks.audit(),
+            attested,
+            &PolicyRequest {
+                principal: &task.spiffe_id,
+                selectors: &selectors,
+                action: Action::FetchJwtSvid,
+                resource: Resource::Audience(&task.audience),
+                context: PolicyContext {
+                    intent: &task.intent,
+                    tools: &task.tools,
+                    uid: attested.uid,
+                    executable: &executable,
+                    audience: &task.audience,
+                    ..PolicyContext::default()
+                },
+            },
+            Subject {
+                task_id: Some(task.id.clone()),
+                actors: Vec::new(),
+            },
+        )?;
         let token = self
             .tasks
-            .token_for(&task)
+            .token_for(&task, decided_by)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         tracing::debug!(pid = caller.pid(), task_id = %task.id, "issued a task-scoped JWT-SVID");
         Ok(Some(pb::JwtsvidResponse {
@@ -298,6 +334,7 @@ impl WorkloadApi {
     }
 }
 
+/// The caller's executable as the policy and the audit trail see it.
 /// Sends unless the agent is stopping or the client is gone.
 async fn send<T>(tx: &mpsc::Sender<T>, item: T, cancel: &CancellationToken) -> bool {
     tokio::select! {
@@ -409,7 +446,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
             }
         };
         let (caller, attested) = self.identify(&request).await?;
-        if let Some(scoped) = self.task_scoped_jwt(&caller, request.get_ref()).await? {
+        if let Some(scoped) = self
+            .task_scoped_jwt(&caller, &attested, request.get_ref())
+            .await?
+        {
             return Ok(Response::new(scoped));
         }
         let matches: Vec<_> = self
@@ -423,14 +463,66 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(status::no_identity());
         }
         let audiences = &request.get_ref().audience;
+        let selectors = gate::selectors(&attested);
+        let executable = gate::executable(&attested);
         let mut svids = Vec::with_capacity(matches.len());
+        let mut denied = None;
         for m in &matches {
+            // Policy decides each identity for each audience; an identity
+            // denied for any of them gets no token.
+            let mut decided_by = Vec::new();
+            let allowed = audiences.iter().try_for_each(|audience| {
+                let ttl = m
+                    .entry
+                    .jwt_svid_ttl
+                    .unwrap_or(self.svids.jwt_svid_ttl())
+                    .as_secs();
+                let ids = gate::decide(
+                    &self.policy,
+                    self.tasks.audit(),
+                    &attested,
+                    &PolicyRequest {
+                        principal: &m.spiffe_id,
+                        selectors: &selectors,
+                        action: Action::FetchJwtSvid,
+                        resource: Resource::Audience(audience),
+                        context: PolicyContext {
+                            ttl_seconds: i64::try_from(ttl).unwrap_or(i64::MAX),
+                            uid: attested.uid,
+                            executable: &executable,
+                            audience,
+                            ..PolicyContext::default()
+                        },
+                    },
+                    Subject::default(),
+                )?;
+                decided_by.extend(ids);
+                Ok::<(), Status>(())
+            });
+            if let Err(status) = allowed {
+                denied.get_or_insert(status);
+                continue;
+            }
             let svid = self
                 .svids
                 .jwt_svid(m, audiences)
                 .map_err(|e| status::issuance(&e))?;
+            self.tasks
+                .audit()
+                .record(AuditEvent {
+                    spiffe_id: Some(m.spiffe_id.to_string()),
+                    audience: Some(audiences.join(" ")),
+                    entry_id: Some(m.entry.id.to_string()),
+                    token_id: Some(svid.jti.clone()),
+                    policy_ids: decided_by,
+                    ..gate::caller_event(&attested, EventKind::IssueJwt, AuditDecision::Allow)
+                })
+                .map_err(|e| Status::unavailable(format!("not issuing: {e}")))?;
             tracing::debug!(pid = caller.pid(), spiffe_id = %m.spiffe_id, jti = %svid.jti, ?audiences, "issued JWT-SVID");
             svids.push(convert::jwt_svid(&svid));
+        }
+        if svids.is_empty() {
+            return Err(denied.unwrap_or_else(status::no_identity));
         }
         Ok(Response::new(pb::JwtsvidResponse { svids }))
     }
@@ -469,32 +561,34 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .check_len("svid", &req.svid, svid::jwt::MAX_TOKEN_LEN)?;
         }
         let (_caller, attested) = self.identify(&request).await?;
-        // Own domain, plus the domains the caller's entries federate with.
-        let matches = self.registry.snapshot().matching(&attested.selectors);
-        let federated: BTreeSet<TrustDomain> = svid::jwt::federated_domains(&matches);
-        let own = self.svids.authority().bundle();
-        let all_federated = self.federation.current();
-        let req = request.into_inner();
-        let validated = svid::jwt::validate(&req.svid, &req.audience, |td| {
-            if td == own.trust_domain() {
-                Some(Arc::clone(&own))
-            } else if federated.contains(td) {
-                all_federated.get(td).cloned()
-            } else {
-                None
+        let audience = request.get_ref().audience.clone();
+        let outcome = self.validate_jwt(&attested, request.into_inner());
+        let mut event = AuditEvent {
+            audience: Some(audience),
+            ..gate::caller_event(&attested, EventKind::Validate, AuditDecision::Allow)
+        };
+        match &outcome {
+            Ok(validated) => {
+                let claim = |name: &str| {
+                    validated
+                        .claims
+                        .get(name)
+                        .and_then(serde_json::Value::as_str)
+                        .map(ToOwned::to_owned)
+                };
+                event.spiffe_id = Some(validated.spiffe_id.to_string());
+                event.token_id = claim("jti");
+                event.task_id = claim("txn");
             }
-        })
-        .map_err(|e| status::invalid_token(&e))?;
-        // A task token dies with its task, for every validator.
-        if let Some(txn) = validated
-            .claims
-            .get("txn")
-            .and_then(serde_json::Value::as_str)
-        {
-            self.tasks
-                .check_task(txn, &req.svid)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Err(status) => {
+                event.decision = AuditDecision::Deny;
+                event.reason = Some(status.message().to_owned());
+            }
         }
+        if let Err(error) = self.tasks.audit().record(event) {
+            tracing::warn!(%error, "could not record a validation");
+        }
+        let validated = outcome?;
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: validated.spiffe_id.to_string(),
             claims: Some(transport::json::to_struct(validated.claims)),
@@ -517,5 +611,43 @@ impl SpiffeWorkloadApi for WorkloadApi {
         Err(Status::unimplemented(
             "tether does not serve the WIT-SVID profile",
         ))
+    }
+}
+
+impl WorkloadApi {
+    /// Validates a JWT-SVID for `attested`: against the own bundle and the
+    /// bundles its entries federate with; a task token also against its
+    /// task, which must still be live.
+    fn validate_jwt(
+        &self,
+        attested: &Attested,
+        req: pb::ValidateJwtsvidRequest,
+    ) -> Result<svid::jwt::ValidatedJwt, Status> {
+        // Own domain, plus the domains the caller's entries federate with.
+        let matches = self.registry.snapshot().matching(&attested.selectors);
+        let federated: BTreeSet<TrustDomain> = svid::jwt::federated_domains(&matches);
+        let own = self.svids.authority().bundle();
+        let all_federated = self.federation.current();
+        let validated = svid::jwt::validate(&req.svid, &req.audience, |td| {
+            if td == own.trust_domain() {
+                Some(Arc::clone(&own))
+            } else if federated.contains(td) {
+                all_federated.get(td).cloned()
+            } else {
+                None
+            }
+        })
+        .map_err(|e| status::invalid_token(&e))?;
+        // A task token dies with its task, for every validator.
+        if let Some(txn) = validated
+            .claims
+            .get("txn")
+            .and_then(serde_json::Value::as_str)
+        {
+            self.tasks
+                .check_task(txn, &req.svid)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        Ok(validated)
     }
 }

@@ -1,0 +1,423 @@
+//! The tamper-evident audit trail: every identity decision, append-only,
+//! hash-chained, fsynced in batches.
+//!
+//! Owns the audit directory. [`AuditLog`] is the cheap-to-clone handle every
+//! decision point records through; [`AuditWriter`] is the one loop that
+//! writes (spawned by `daemon`); [`verify`], [`read`] and [`AuditReader`]
+//! read a trail, live or copied, with or without a running agent. Imports
+//! nothing from the crate.
+//!
+//! # On disk
+//!
+//! ```text
+//! <dir>/                  0700 (a directory group or others may write is refused)
+//!   audit-000001.jsonl    0600, append-only JSON lines; a new file once one reaches max_file_bytes
+//!   audit-000002.jsonl
+//!   HEAD                  0600, {"seq":N,"hash":"<hex>"}: the last record known durable
+//!   audit.lock            flock: one writer per directory
+//! ```
+//!
+//! Each line is one record, at most [`MAX_LINE`] (64 KiB) without its
+//! newline:
+//!
+//! ```text
+//! {"seq":2,"time":"2026-05-01T10:00:00.123456Z","prev":"<64 hex>","event":"issue-jwt","decision":"allow","spiffe_id":"spiffe://…","pid":42,…}
+//! ```
+//!
+//! - `seq` counts from 1, consecutive across files.
+//! - `time` is RFC 3339 in UTC with microseconds: the moment `record` was
+//!   called (so it may step back with the clock; order is `seq`'s).
+//! - `prev` is the lowercase hex SHA-256 (aws-lc-rs) of the previous
+//!   record's line, exactly as stored, without its newline; 64 zeros for
+//!   the first. The chain continues across files.
+//! - then the [`AuditEvent`] fields, `event` and `decision` always, the
+//!   others only when set. Text that would make the line too long is cut
+//!   with a marker (`…[cut from N bytes]`), never refused.
+//!
+//! Truncating the tail keeps the chain valid, so `HEAD` names the last
+//! durable record and is replaced atomically (temp file, fsync, rename,
+//! fsync the directory) after each fsynced batch. [`verify`] reads `HEAD`
+//! first and then checks that the files reach it: records past `HEAD` are
+//! a running writer's batch not yet synced (reported, not an error);
+//! records missing before it are a cut.
+//!
+//! # Writing
+//!
+//! [`AuditLog::record`] bounds and serializes the event on the caller's
+//! thread and queues it (bounded by `queue`): it never blocks and never
+//! touches the disk. It refuses (so the caller fails closed and issues
+//! nothing) when the queue is full, when the writer has failed, or when the
+//! writer has stopped. The writer takes everything queued, gives each record
+//! its `seq` and `prev`, and writes the batch with one `write(2)` at once
+//! (a process crash loses only what is still queued); it fsyncs the
+//! file, then replaces `HEAD`, once per `flush_interval` with writes
+//! pending (or at once for [`AuditLog::flush`]), so a power loss costs at
+//! most the last interval's records, and records are never fsynced one by
+//! one. A failed write or fsync marks the log failed ([`AuditLog::problem`]
+//! says why, `record` refuses) and is retried every second with the same
+//! records, cut back to the last good length first (after a failed fsync
+//! the kernel may have dropped the unsynced pages, so they are written
+//! again); the first success clears the failure. Blocking file work runs
+//! on tokio's blocking pool, one awaited call at a time.
+//!
+//! # Opening after a crash
+//!
+//! [`AuditLog::open`] never rewrites or deletes a complete record. A last
+//! line without its newline (a crash mid-write, never synced) is cut, with a
+//! warning naming the file and line, and the writer's first record is an
+//! `audit-recovered` event saying what was cut. Other damage (a line that is
+//! not a record, a broken chain, `HEAD` missing or disagreeing with the
+//! files) does not stop the start: it is described in that first record,
+//! and when `HEAD` is ahead of the files (a cut tail) or disagrees with the
+//! last record, the chain continues from `HEAD`, so the gap stays visible
+//! to [`verify`] for good. A directory that cannot be created, locked or
+//! written is an [`AuditError`] naming the path.
+//!
+//! # What the chain proves, and what it cannot
+//!
+//! An edited, removed, reordered or inserted record, a removed file and a
+//! cut tail are detected by anyone holding the files. Someone who can
+//! rewrite the whole directory can also rewrite the whole chain and `HEAD`:
+//! to detect that, keep a copy of the records elsewhere (`stdout = true`
+//! into a log pipeline) or note `HEAD`'s hash off the node from time to
+//! time (`tether audit verify --json` prints it).
+//!
+//! With `stdout = true` each record is also printed as one JSON line on
+//! stdout once it is synced. This module is then the one exception to
+//! `cli::output` owning stdout: the audit stream is its own stream. A
+//! stalled stdout reader stalls the writer and, once the queue is full,
+//! issuance: records are never dropped to keep going.
+
+mod event;
+mod files;
+mod read;
+mod recovery;
+mod verify;
+mod writer;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use event::{AuditEvent, AuditRecord, Decision, EventKind};
+pub use files::MAX_LINE;
+pub use read::{AuditReader, ReadFilter, read};
+pub use verify::{Recovery, VerifyReport, verify};
+pub use writer::AuditWriter;
+
+/// Smallest `max_file_bytes`.
+const MIN_FILE_BYTES: u64 = 4096;
+/// Longest `flush_interval`: longer leaves acknowledged records unsynced
+/// for too long.
+const MAX_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+/// Largest `queue`.
+const MAX_QUEUE: usize = 1 << 20;
+
+/// `[audit]` settings (config composes it; defaults in `Default`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The audit directory. `None`: `<data_dir>/audit` (the caller
+    /// resolves it).
+    pub dir: Option<PathBuf>,
+    /// Start a new file once one reaches this size (default 64 MiB; at
+    /// least 4096).
+    pub max_file_bytes: u64,
+    /// How often written records are fsynced (default 50ms; more than zero,
+    /// at most 10s).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Records waiting for the writer, at most (default 16384; 1 to 2^20).
+    /// When full, recording refuses and callers fail closed.
+    pub queue: usize,
+    /// Also print each record as a JSON line on stdout (default false).
+    pub stdout: bool,
+}
+
+/// Why the audit directory cannot be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The file system refused.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A setting is out of range.
+    #[error("{key}: {problem}")]
+    Config {
+        /// The key (`audit.queue`).
+        key: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The path exists and is not a directory.
+    #[error("{}: not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// Group or others may write the directory, so they could rewrite the
+    /// trail.
+    #[error(
+        "{} has mode {mode:04o}; the audit directory must be writable by its owner only (chmod 700)",
+        .path.display()
+    )]
+    Permissive {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Another writer holds the directory: two chains would interleave.
+    #[error("{} is in use by another tether agent ({source})", .path.display())]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+        /// Why the lock was not granted.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// The trail is damaged here: the first broken, edited, reordered or
+    /// missing record, or a line that is not a record.
+    #[error("audit trail broken at {}:{line}: {problem}", .file.display())]
+    Broken {
+        /// The file (or `HEAD`).
+        file: PathBuf,
+        /// The line, from 1.
+        line: u64,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A blocking write job ended without an answer (it panicked, or the
+    /// runtime is shutting down).
+    #[error("the audit write job failed: {0}")]
+    Job(#[source] tokio::task::JoinError),
+}
+
+/// Why a record was not queued. The caller must then fail closed: issue
+/// nothing it could not record.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditUnavailable {
+    /// More records wait for the writer than the queue holds.
+    #[error("the audit queue is full ({capacity} records wait for the writer)")]
+    QueueFull {
+        /// The queue's size.
+        capacity: usize,
+    },
+    /// The writer cannot write (disk full, read-only, I/O error); it retries
+    /// every second.
+    #[error("the audit log cannot be written: {source}")]
+    Failed {
+        /// The last write error.
+        #[source]
+        source: Arc<AuditError>,
+    },
+    /// The writer has stopped (shutdown).
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
+/// The handle decision points record through. Cheap to clone; recording
+/// never blocks and never touches the disk on the caller's thread.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
+}
+
+/// State the writer publishes to every handle.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Fast path for `record`: set while `failure` is `Some`.
+    failed: AtomicBool,
+    failure: Mutex<Option<Arc<AuditError>>>,
+}
+
+/// What handles send the writer.
+#[derive(Debug)]
+enum Message {
+    /// One event, bounded and serialized, with its time.
+    Record(Queued),
+    /// Answer once everything queued before is durable.
+    Flush(oneshot::Sender<()>),
+}
+
+/// An event on its way to the writer.
+#[derive(Debug)]
+struct Queued {
+    /// RFC 3339, UTC, microseconds.
+    time: String,
+    /// The event's JSON object, at most `event::MAX_BODY` bytes.
+    body: Vec<u8>,
+}
+
+// === impl AuditConfig ===
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_file_bytes: 64 * 1024 * 1024,
+            flush_interval: Duration::from_millis(50),
+            queue: 16384,
+            stdout: false,
+        }
+    }
+}
+
+impl AuditConfig {
+    /// Checks each setting; on failure names the key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(dir) = &self.dir
+            && !dir.is_absolute()
+        {
+            return Err(("audit.dir", "must be an absolute path".into()));
+        }
+        if self.max_file_bytes < MIN_FILE_BYTES {
+            return Err((
+                "audit.max_file_bytes",
+                format!("must be at least {MIN_FILE_BYTES}"),
+            ));
+        }
+        if self.flush_interval.is_zero() {
+            return Err(("audit.flush_interval", "must be greater than zero".into()));
+        }
+        if self.flush_interval > MAX_FLUSH_INTERVAL {
+            return Err((
+                "audit.flush_interval",
+                format!(
+                    "must be at most {}: records stay unsynced that long",
+                    humantime::format_duration(MAX_FLUSH_INTERVAL)
+                ),
+            ));
+        }
+        if self.queue == 0 || self.queue > MAX_QUEUE {
+            return Err(("audit.queue", format!("must be between 1 and {MAX_QUEUE}")));
+        }
+        Ok(())
+    }
+}
+
+// === impl AuditLog ===
+
+impl AuditLog {
+    /// Opens (creating, mode 0700) the directory, locks it, recovers from a
+    /// crash (see the module docs), and returns the handle and the writer
+    /// loop to spawn. Blocks on file I/O (it may read the newest file
+    /// whole): call it before serving, or from a blocking context.
+    pub fn open(dir: &Path, config: &AuditConfig) -> Result<(AuditLog, AuditWriter), AuditError> {
+        config
+            .validate()
+            .map_err(|(key, problem)| AuditError::Config { key, problem })?;
+        let (tx, rx) = mpsc::channel(config.queue);
+        let shared = Arc::new(Shared::default());
+        let writer = AuditWriter::open(dir, config, rx, Arc::clone(&shared))?;
+        Ok((AuditLog { tx, shared }, writer))
+    }
+
+    /// Queues one record. `Err` when the queue is full, the writer has
+    /// failed or stopped: the caller then fails closed (refuses to issue),
+    /// so no credential is ever issued unaudited. `Ok` means queued: it is
+    /// written at once and durable within `flush_interval`.
+    pub fn record(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
+        if let Some(source) = self.shared.failure() {
+            return Err(AuditUnavailable::Failed { source });
+        }
+        let queued = Queued {
+            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            body: event.to_body(),
+        };
+        self.tx
+            .try_send(Message::Record(queued))
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => AuditUnavailable::QueueFull {
+                    capacity: self.tx.max_capacity(),
+                },
+                mpsc::error::TrySendError::Closed(_) => AuditUnavailable::Stopped,
+            })
+    }
+
+    /// Why the log is not healthy right now (the writer failed, and why;
+    /// the queue is full; the writer stopped), or `None` when healthy. For
+    /// health checks.
+    pub fn problem(&self) -> Option<String> {
+        if let Some(source) = self.shared.failure() {
+            return Some(
+                AuditUnavailable::Failed { source }.to_string() + " (retrying every second)",
+            );
+        }
+        if self.tx.is_closed() {
+            return Some(AuditUnavailable::Stopped.to_string());
+        }
+        if self.tx.capacity() == 0 {
+            return Some(
+                AuditUnavailable::QueueFull {
+                    capacity: self.tx.max_capacity(),
+                }
+                .to_string(),
+            );
+        }
+        None
+    }
+
+    /// Resolves when every record queued before the call is written,
+    /// fsynced and named by `HEAD` (tests, shutdown). It syncs at once
+    /// rather than at the next `flush_interval`, so a caller that must not
+    /// hand out a credential before its record is durable can record, then
+    /// flush. Waits while the writer is failing; returns at once if the
+    /// writer has stopped.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Message::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+impl fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("queued", &(self.tx.max_capacity() - self.tx.capacity()))
+            .field("problem", &self.problem())
+            .finish()
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    fn failure(&self) -> Option<Arc<AuditError>> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sets (`Some`) or clears (`None`) the failure; true when that changed
+    /// whether the log is failed.
+    fn set_failure(&self, failure: Option<Arc<AuditError>>) -> bool {
+        let failed = failure.is_some();
+        *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = failure;
+        self.failed.swap(failed, Ordering::AcqRel) != failed
+    }
+}
+
+/// `AuditError::Io` for `path`.
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,105 @@
+//! The policy gate every decision on the workload socket passes through:
+//! evaluate, record a denial in the audit trail, and turn it into the one
+//! status callers see (PermissionDenied naming the deciding policies).
+
+use tonic::Status;
+
+use crate::attestation::Attested;
+use crate::audit::{AuditEvent, AuditLog, Decision as AuditDecision, EventKind};
+use crate::policy::{Decision, Policy, PolicyRequest};
+
+/// What the audit record of a denial says about the request, besides what
+/// the policy request holds.
+#[derive(Debug, Clone, Default)]
+pub struct Subject {
+    /// The task, if the request is about one.
+    pub task_id: Option<String>,
+    /// The actor chain, newest first.
+    pub actors: Vec<String>,
+}
+
+/// Decides `request` for the caller `attested`. Allowed: the ids of the
+/// policies that allowed it (for the allow record). Denied: a Deny audit
+/// record, then PermissionDenied naming the policies and the reason. A
+/// denial that cannot be recorded is still a denial.
+pub fn decide(
+    policy: &Policy,
+    audit: &AuditLog,
+    attested: &Attested,
+    request: &PolicyRequest<'_>,
+    subject: Subject,
+) -> Result<Vec<String>, Status> {
+    match policy.evaluate(request) {
+        Decision::Allow { policies } => Ok(policies),
+        Decision::Deny { policies, reason } => {
+            let (audience, tool) = match request.resource {
+                crate::policy::Resource::Audience(a) => (a.to_owned(), None),
+                crate::policy::Resource::Tool(t) => {
+                    (request.context.audience.to_owned(), Some(t.to_owned()))
+                }
+            };
+            let mut tools = request.context.tools.to_vec();
+            if let Some(tool) = &tool {
+                tools = vec![tool.clone()];
+            }
+            let record = AuditEvent {
+                spiffe_id: Some(request.principal.to_string()),
+                task_id: subject.task_id,
+                intent: (!request.context.intent.is_empty())
+                    .then(|| request.context.intent.to_owned()),
+                audience: Some(audience),
+                tools,
+                reason: Some(format!("{}: {reason}", request.action.as_str())),
+                policy_ids: policies.clone(),
+                actors: subject.actors,
+                ..caller_event(attested, EventKind::Deny, AuditDecision::Deny)
+            };
+            if let Err(error) = audit.record(record) {
+                tracing::error!(%error, "could not record a policy denial");
+            }
+            tracing::info!(
+                action = request.action.as_str(),
+                principal = %request.principal,
+                ?policies,
+                %reason,
+                "denied by policy"
+            );
+            let named = if policies.is_empty() {
+                String::new()
+            } else {
+                format!(" (policies: {})", policies.join(", "))
+            };
+            Err(Status::permission_denied(format!(
+                "denied by policy{named}: {reason}"
+            )))
+        }
+    }
+}
+
+/// An audit event about a request from `attested`: its pid, uid and
+/// executable filled in from the kernel's facts.
+pub fn caller_event(attested: &Attested, event: EventKind, decision: AuditDecision) -> AuditEvent {
+    AuditEvent {
+        pid: Some(attested.pid),
+        uid: Some(attested.uid),
+        executable: attested
+            .executable
+            .as_ref()
+            .map(|p| p.display().to_string()),
+        ..AuditEvent::new(event, decision)
+    }
+}
+
+/// The selectors of `attested` as the policy sees them.
+pub fn selectors(attested: &Attested) -> Vec<String> {
+    attested.selectors.iter().map(ToString::to_string).collect()
+}
+
+/// The executable of `attested` as the policy sees it (`""` when unknown).
+pub fn executable(attested: &Attested) -> String {
+    attested
+        .executable
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
