@@ -26,6 +26,9 @@ pub struct RawConfig {
     pub admin_group: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub policy_dir: Option<PathBuf>,
+    /// The audit directory (the name for `[audit] dir`; one of the
+    /// two at most).
+    pub audit_dir: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     pub policy_poll_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]

@@ -269,7 +269,7 @@ impl Config {
         registration::check_config_duplicates(&entries)
             .map_err(|e| ConfigError::invalid("entries", "", e.to_string()))?;
 
-        let audit = resolve_audit(raw.audit, &data_dir)?;
+        let audit = resolve_audit(raw.audit, raw.audit_dir, &data_dir)?;
         let policy = PolicyConfig {
             dir: raw.policy_dir,
             poll_interval: raw
@@ -362,7 +362,22 @@ pub fn default_admin_socket_path(env: &dyn EnvSource) -> PathBuf {
 }
 
 /// `[audit]`, validated, with `dir` defaulted to `data_dir/audit`.
-fn resolve_audit(mut audit: AuditConfig, data_dir: &Path) -> Result<AuditConfig, ConfigError> {
+fn resolve_audit(
+    mut audit: AuditConfig,
+    audit_dir: Option<PathBuf>,
+    data_dir: &Path,
+) -> Result<AuditConfig, ConfigError> {
+    if let Some(dir) = audit_dir {
+        if audit.dir.is_some() {
+            return Err(ConfigError::invalid(
+                "audit_dir",
+                dir.display().to_string(),
+                "set either audit_dir or [audit] dir, not both",
+            ));
+        }
+        check_absolute("audit_dir", &dir)?;
+        audit.dir = Some(dir);
+    }
     audit.validate().map_err(|(key, problem)| {
         let value = match key {
             "audit.dir" => audit.dir.as_ref().map(|d| d.display().to_string()),
@@ -525,6 +540,17 @@ mod tests {
         assert_eq!(c.audit.max_file_bytes, d.audit.max_file_bytes);
         assert_eq!(c.policy.poll_interval, d.policy.poll_interval);
         assert_eq!(c.entries.len(), 1);
+    }
+
+    #[test]
+    fn audit_dir_is_the_top_level_name_of_the_audit_directory() {
+        let c = Config::from_toml("audit_dir = \"/srv/audit\"", &env()).unwrap();
+        assert_eq!(c.audit.dir, Some(PathBuf::from("/srv/audit")));
+        let both = Config::from_toml("audit_dir = \"/srv/a\"\n[audit]\ndir = \"/srv/b\"", &env())
+            .unwrap_err();
+        assert!(both.to_string().contains("not both"), "{both}");
+        let relative = Config::from_toml("audit_dir = \"audit\"", &env()).unwrap_err();
+        assert!(relative.to_string().contains("absolute"), "{relative}");
     }
 
     #[test]
