@@ -200,7 +200,16 @@ pub fn validate(
     validation.set_audience(&[audience]);
     validation.set_required_spec_claims(&["exp", "sub", "aud"]);
     let data = jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), &validation)
-        .map_err(|e| JwtValidationError::Invalid(e.to_string()))?;
+        .map_err(|e| {
+        use jsonwebtoken::errors::ErrorKind;
+        JwtValidationError::Invalid(match e.kind() {
+            ErrorKind::InvalidAudience => format!("it is not addressed to {audience:?}"),
+            ErrorKind::ExpiredSignature => "it has expired".into(),
+            ErrorKind::ImmatureSignature => "it is not valid yet (nbf)".into(),
+            ErrorKind::InvalidSignature => "its signature does not verify".into(),
+            _ => e.to_string(),
+        })
+    })?;
     let mut claims = data.claims;
     if claims.get("sub").and_then(Value::as_str) != Some(subject.to_string().as_str()) {
         return Err(JwtValidationError::BadSubject);
@@ -324,6 +333,10 @@ mod tests {
         assert!(
             matches!(wrong_aud, JwtValidationError::Invalid(_)),
             "{wrong_aud}"
+        );
+        assert_eq!(
+            wrong_aud.to_string(),
+            "token is invalid: it is not addressed to \"other\""
         );
         let untrusted = validate(&svid.token, "api", |_| None).unwrap_err();
         assert!(matches!(untrusted, JwtValidationError::UntrustedDomain(_)));

@@ -106,7 +106,11 @@ impl TaskApi {
         )
     }
 
-    /// Policy on using `tool` under the validated token.
+    /// Policy on using `tool` under the validated token. The principal is
+    /// the token's subject, attested when its task began, not here: its
+    /// selectors are not the caller's (the caller is the validator, an MCP
+    /// server), so the principal carries none; `uid` and `executable` in
+    /// the context describe the process asking.
     fn use_tool_decision(
         &self,
         attested: &Attested,
@@ -114,7 +118,7 @@ impl TaskApi {
         tool: &str,
         audience: &str,
     ) -> Result<Vec<String>, Status> {
-        let selectors = gate::selectors(attested);
+        let selectors: [String; 0] = [];
         let executable = gate::executable(attested);
         let tools: Vec<String> = token.claims.tools().map(str::to_owned).collect();
         let actors = token.claims.actors();

@@ -1,0 +1,229 @@
+//! What the three MCP example processes share: the way to their local
+//! tether (the workload socket, found as `tether api` finds it), their own
+//! SPIFFE ID, the one question a resource server asks tether about a
+//! presented token, and the RFC 6750 bearer conventions on the wire.
+//!
+//! Nothing here holds a credential longer than a call, and nothing decides
+//! on its own: tether validates every token, the process only turns the
+//! answer into HTTP.
+
+// Each example uses a different part of this module.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use tether::cli::task_client::TaskClient;
+use tether::cli::workload_client::{WorkloadClient, WorkloadClientError, resolve_socket};
+use tether::config::ProcessEnv;
+use tether::proto::task as pb;
+use tonic::Code;
+use zeroize::Zeroize as _;
+
+/// How long any one call to tether may take.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The workload socket: `--socket`, else `SPIFFE_ENDPOINT_SOCKET`, else
+/// `TETHER_SOCKET_PATH`, else the agent's default for this user.
+pub fn socket(flag: Option<&str>) -> Result<PathBuf> {
+    resolve_socket(flag, &ProcessEnv).map_err(|e| anyhow!("{e}"))
+}
+
+/// Dials the Task API.
+pub async fn tasks(socket: &Path) -> Result<TaskClient> {
+    TaskClient::connect(socket, TIMEOUT)
+        .await
+        .map_err(|e| anyhow!("reaching tether: {e}"))
+}
+
+/// This process's SPIFFE ID, as tether attested it: the first X.509-SVID's.
+/// The private key that comes with it is wiped at once.
+pub async fn own_spiffe_id(socket: &Path) -> Result<String> {
+    let mut client = WorkloadClient::connect(socket, TIMEOUT)
+        .await
+        .map_err(|e| anyhow!("reaching tether: {e}"))?;
+    let mut stream = client
+        .fetch_x509_svid()
+        .await
+        .map_err(|e| anyhow!("asking tether who this process is: {e}"))?;
+    let mut response = client
+        .first(&mut stream)
+        .await
+        .map_err(|e| anyhow!("asking tether who this process is: {e}"))?
+        .context("tether sent no X.509-SVID")?;
+    for svid in &mut response.svids {
+        svid.x509_svid_key.zeroize();
+    }
+    response
+        .svids
+        .first()
+        .map(|svid| svid.spiffe_id.clone())
+        .context("tether knows no identity for this process")
+}
+
+/// A presented token that tether accepted.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The token itself, kept only for an exchange within this request.
+    pub token: String,
+    /// `sub`: the workload the task belongs to.
+    pub spiffe_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The actor chain, newest first.
+    pub actors: Vec<String>,
+}
+
+/// Why a presented token was not accepted, as an HTTP resource server says
+/// it (RFC 6750 section 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No bearer token: 401, a bare challenge.
+    Missing,
+    /// Not valid for this audience at all (expired, revoked, ended, for
+    /// someone else, bound to another certificate): 401 `invalid_token`.
+    InvalidToken(String),
+    /// Valid, but not for this tool (outside the task's tools, or refused
+    /// by policy): 403 `insufficient_scope`.
+    InsufficientScope(String),
+    /// tether could not be asked: 503.
+    Unavailable(String),
+}
+
+/// Asks tether whether `token` may be used here (`audience`) for each of
+/// `tools` (none: any use of this audience). One ValidateTaskToken per tool,
+/// on every request: an ended task or a dead owner is refused at the next
+/// call, never cached as good.
+pub async fn check(
+    tasks: &TaskClient,
+    token: &str,
+    audience: &str,
+    tools: &[String],
+    presenter_certificate: &[u8],
+) -> Result<Accepted, Refusal> {
+    let mut tasks = tasks.clone();
+    let ask = |tool: &str| pb::ValidateTaskTokenRequest {
+        token: token.to_owned(),
+        audience: audience.to_owned(),
+        tool: tool.to_owned(),
+        presenter_certificate: presenter_certificate.to_vec(),
+    };
+    let mut accepted = None;
+    for tool in tools
+        .iter()
+        .map(String::as_str)
+        .chain(tools.is_empty().then_some(""))
+    {
+        let answer = match tasks.validate(ask(tool)).await {
+            Ok(answer) => answer,
+            // A policy refusing the tool (UseTool) answers PermissionDenied.
+            Err(WorkloadClientError::Status { status, .. })
+                if status.code() == Code::PermissionDenied && !tool.is_empty() =>
+            {
+                return Err(Refusal::InsufficientScope(status.message().to_owned()));
+            }
+            Err(e) => return Err(Refusal::Unavailable(e.to_string())),
+        };
+        if !answer.valid {
+            if tool.is_empty() {
+                return Err(Refusal::InvalidToken(answer.reason));
+            }
+            // Is it the token, or only this tool? Ask once more without it.
+            return match tasks.validate(ask("")).await {
+                Ok(plain) if plain.valid => Err(Refusal::InsufficientScope(answer.reason)),
+                Ok(plain) => Err(Refusal::InvalidToken(plain.reason)),
+                Err(e) => Err(Refusal::Unavailable(e.to_string())),
+            };
+        }
+        accepted = Some(Accepted {
+            token: token.to_owned(),
+            spiffe_id: answer.spiffe_id,
+            task_id: answer.task_id,
+            actors: answer.actors,
+        });
+    }
+    accepted.ok_or_else(|| Refusal::Unavailable("nothing was validated".into()))
+}
+
+/// The bearer token of a request (`Authorization: Bearer <token>`, the
+/// scheme in any case), if there is exactly one well-formed one.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(' '))
+        .then_some(token)
+}
+
+/// Resolves on SIGINT or SIGTERM (never, if they cannot be watched).
+pub async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+// === impl Refusal ===
+
+impl Refusal {
+    /// The status and `WWW-Authenticate` challenge for this refusal.
+    pub fn http(&self, realm: &str) -> (StatusCode, Option<HeaderValue>) {
+        let challenge = |error: Option<(&str, &str)>| {
+            let mut value = format!("Bearer realm=\"{}\"", quotable(realm));
+            if let Some((code, description)) = error {
+                value.push_str(&format!(
+                    ", error=\"{code}\", error_description=\"{}\"",
+                    quotable(description)
+                ));
+            }
+            HeaderValue::from_str(&value).ok()
+        };
+        match self {
+            Self::Missing => (StatusCode::UNAUTHORIZED, challenge(None)),
+            Self::InvalidToken(reason) => (
+                StatusCode::UNAUTHORIZED,
+                challenge(Some(("invalid_token", reason))),
+            ),
+            Self::InsufficientScope(reason) => (
+                StatusCode::FORBIDDEN,
+                challenge(Some(("insufficient_scope", reason))),
+            ),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, None),
+        }
+    }
+
+    /// One line for logs and response bodies.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Missing => "no bearer token".into(),
+            Self::InvalidToken(reason) => format!("invalid token: {reason}"),
+            Self::InsufficientScope(reason) => format!("insufficient scope: {reason}"),
+            Self::Unavailable(reason) => format!("tether unavailable: {reason}"),
+        }
+    }
+}
+
+/// `s` as the inside of an RFC 6750 quoted string: printable ASCII without
+/// `"` and `\` (a double quote becomes a single one; anything else `?`).
+fn quotable(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '"' => '\'',
+            ' ' | '!' | '#'..='[' | ']'..='~' => c,
+            _ => '?',
+        })
+        .collect()
+}
