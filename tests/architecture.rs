@@ -222,18 +222,24 @@ fn modules_only_import_downwards() {
 
 #[test]
 fn one_crypto_provider() {
-    // aws-lc-rs everywhere (rustls' default); ring must not creep in.
-    let lock =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.lock")).unwrap();
-    let packages: Vec<&str> = lock
-        .lines()
-        .filter_map(|l| l.strip_prefix("name = \""))
-        .map(|l| l.trim_end_matches('"'))
-        .collect();
+    // aws-lc-rs everywhere (rustls' default); ring must not creep in. Asked
+    // of `cargo tree` (what any target, test or build script would compile)
+    // rather than of Cargo.lock: a weak feature (`ring?/alloc` in
+    // rustls-webpki) lists ring in the lock file although nothing enables it
+    // (rust-lang/cargo#10801).
     for banned in ["ring", "openssl", "openssl-sys"] {
+        let out = std::process::Command::new(env!("CARGO"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["tree", "--offline", "--locked", "--target", "all"])
+            .args(["-e", "normal,build,dev", "--prefix", "none", "-i", banned])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let absent = stderr.contains("did not match any packages");
         assert!(
-            !packages.contains(&banned),
-            "{banned} is in Cargo.lock; use aws-lc-rs"
+            absent || (out.status.success() && stdout.trim().is_empty()),
+            "{banned} would be built; use aws-lc-rs. Who needs it:\n{stdout}{stderr}"
         );
     }
 }

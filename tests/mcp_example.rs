@@ -139,7 +139,7 @@ const WALKTHROUGH: &[(&str, Expect)] = &[
         "mcp-agent present --token-file /tmp/tether-mcp/token --publish-url",
         Expect::Fails(&[
             "POST /publish -> refused (401): Bearer realm=\"notes-publish-api\", error=\"invalid_token\"",
-            "it is not addressed to 'spiffe://tether.local/api/publish'",
+            "it is not addressed to audience 'spiffe://tether.local/api/publish'",
         ]),
     ),
     ("kill -INT $!", Expect::Signal(Signal::SIGINT)),
@@ -164,6 +164,25 @@ const WALKTHROUGH: &[(&str, Expect)] = &[
             "has ended: owner exited",
         ]),
     ),
+    (
+        "mcp-notes-server --tls --listen 127.0.0.1:7703 &",
+        Expect::Background(Some(
+            "mcp-notes-server: spiffe://tether.local/mcp/notes on https://",
+        )),
+    ),
+    (
+        "mcp-agent --tls --server https://127.0.0.1:7703/mcp run",
+        Expect::Background(Some("holding task")),
+    ),
+    (
+        "mcp-agent --tls --server https://127.0.0.1:7703/mcp present --token-file /tmp/tether-mcp/bound-token",
+        Expect::Fails(&[
+            "the server refused (401)",
+            "error=\"invalid_token\"",
+            "the presented certificate is not the one the token is bound to",
+        ]),
+    ),
+    ("kill -INT $!", Expect::Signal(Signal::SIGINT)),
 ];
 
 #[test]

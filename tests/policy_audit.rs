@@ -314,6 +314,7 @@ permit (
         audience: audience.into(),
         tools: Vec::new(),
         bind_certificate: Vec::new(),
+        subject_presenter_certificate: Vec::new(),
     };
 
     let refused = tasks

@@ -220,6 +220,7 @@ async fn exchange_by_the_audience_carries_the_actor_chain_and_never_widens() {
             audience: "https://downstream.example/api".into(),
             tools: vec!["jira.read".into()],
             bind_certificate: Vec::new(),
+            subject_presenter_certificate: Vec::new(),
         })
         .await
         .unwrap()
@@ -255,6 +256,7 @@ async fn exchange_by_the_audience_carries_the_actor_chain_and_never_widens() {
             audience: "https://downstream.example/api".into(),
             tools: vec!["jira.delete".into()],
             bind_certificate: Vec::new(),
+            subject_presenter_certificate: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -277,6 +279,7 @@ async fn exchange_by_the_audience_carries_the_actor_chain_and_never_widens() {
             audience: "https://downstream.example/api".into(),
             tools: Vec::new(),
             bind_certificate: Vec::new(),
+            subject_presenter_certificate: Vec::new(),
         })
         .await
         .unwrap()
@@ -297,6 +300,7 @@ async fn exchange_by_the_audience_carries_the_actor_chain_and_never_widens() {
             audience: "https://downstream.example/api".into(),
             tools: Vec::new(),
             bind_certificate: Vec::new(),
+            subject_presenter_certificate: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -652,11 +656,42 @@ async fn bound_tokens_need_the_certificate_they_are_bound_to() {
         .into_inner();
     assert!(!wrong.valid, "another process's certificate does not do");
     let right = tasks
-        .validate_task_token(check(cert))
+        .validate_task_token(check(cert.clone()))
         .await
         .unwrap()
         .into_inner();
     assert!(right.valid, "{}", right.reason);
+
+    // Its audience may exchange it only with the certificate it was
+    // presented with, and only if that is the one it is bound to.
+    let exchange = |presenter: Vec<u8>| pb::ExchangeTokenRequest {
+        subject_token: token.clone(),
+        audience: "spiffe://example.org/downstream".into(),
+        tools: Vec::new(),
+        bind_certificate: Vec::new(),
+        subject_presenter_certificate: presenter,
+    };
+    let unshown = tasks
+        .exchange_token(exchange(Vec::new()))
+        .await
+        .unwrap_err();
+    assert!(unshown.message().contains("bound"), "{unshown:?}");
+    let stolen = tasks
+        .exchange_token(exchange(other.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        stolen
+            .message()
+            .contains("not the one the token is bound to"),
+        "{stolen:?}"
+    );
+    let exchanged = tasks
+        .exchange_token(exchange(cert.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(exchanged.token.is_some());
 
     // Binding to a certificate that is not the caller's own SVID is refused.
     let err = tasks

@@ -8,8 +8,8 @@
 //!
 //! ```text
 //! mcp-agent run --intent TEXT --tool T [--tool T ...] [--query Q] [--ttl 5m]
-//!               [--server URL] [--audience A] [--token-file F] [--hold]
-//! mcp-agent present --token-file F (--tool T [--arg K=V ...] | --publish-url URL)
+//!               [--server URL] [--audience A] [--token-file F] [--hold] [--tls]
+//! mcp-agent present --token-file F (--tool T [--arg K=V ...] | --publish-url URL) [--tls]
 //! ```
 //!
 //! `run --hold` keeps the task open after the calls (its token in
@@ -17,6 +17,12 @@
 //! then ends it; killed instead, its task dies with it. `present` shows a
 //! token in another process's hands: it calls one tool, or posts straight to
 //! the publishing API, with a token it did not get from tether.
+//!
+//! With `--tls` the agent talks to the server over mTLS (spiffe-rustls fed
+//! by an X509Source over tether's Workload API), accepts only the server's
+//! SPIFFE ID (`--server-id`), and binds its task to its own X.509-SVID: the
+//! token then carries `cnf`, and the server hands tether the certificate
+//! each request came with, so a copied token is refused in other hands.
 //!
 //! Exit status: 0 when every call succeeded, 1 when one was refused or
 //! failed, 2 for bad flags.
@@ -52,34 +58,26 @@ struct Args {
     /// The MCP server's endpoint.
     #[arg(long, global = true, default_value = "http://127.0.0.1:7701/mcp")]
     server: String,
+    /// Talk to the server over mTLS with this process's X.509-SVID (and
+    /// bind the task to it); the server must be `--server-id`.
+    #[arg(long, global = true)]
+    tls: bool,
+    /// The SPIFFE ID the server must prove over mTLS.
+    #[arg(long, global = true, default_value = "spiffe://tether.local/mcp/notes")]
+    server_id: String,
+}
+
+/// How this process reaches the MCP server.
+struct Link {
+    server: String,
+    /// An mTLS client, and this process's certificate, with `--tls`.
+    tls: Option<(reqwest::Client, Vec<u8>)>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Begin a task, run the plan with its token, end the task.
-    Run {
-        /// What the work is for (recorded with the task and in the audit trail).
-        #[arg(long)]
-        intent: String,
-        /// A tool the task may use (repeat).
-        #[arg(long = "tool", required = true)]
-        tools: Vec<String>,
-        /// The audience: the MCP server's SPIFFE ID.
-        #[arg(long, default_value = "spiffe://tether.local/mcp/notes")]
-        audience: String,
-        /// What to search the notes for.
-        #[arg(long, default_value = "q3")]
-        query: String,
-        /// The task's lifetime.
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        ttl: Duration,
-        /// Write the task token here (0600), and keep it fresh with --hold.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        /// Keep the task after the calls until SIGINT or SIGTERM.
-        #[arg(long)]
-        hold: bool,
-    },
+    Run(Plan),
     /// Present a token this process did not get from tether.
     Present {
         /// The file holding the token.
@@ -113,34 +111,23 @@ enum Outcome {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    link::install_crypto_provider();
     let args = Args::parse();
-    let result = match args.command {
-        Command::Run {
-            intent,
-            tools,
-            audience,
-            query,
-            ttl,
-            token_file,
-            hold,
-        } => {
-            let plan = Plan {
-                intent,
-                tools,
-                audience,
-                query,
-                ttl,
-                token_file,
-                hold,
-            };
-            run(args.socket.as_deref(), &args.server, plan).await
+    let link = match connect_link(&args).await {
+        Ok(link) => link,
+        Err(e) => {
+            eprintln!("mcp-agent: {e:#}");
+            return ExitCode::FAILURE;
         }
+    };
+    let result = match args.command {
+        Command::Run(plan) => run(args.socket.as_deref(), &link, plan).await,
         Command::Present {
             token_file,
             tool,
             args: tool_args,
             publish_url,
-        } => present(&args.server, &token_file, tool, tool_args, publish_url).await,
+        } => present(&link, &token_file, tool, tool_args, publish_url).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -152,18 +139,58 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The server's address and, with `--tls`, the mTLS client.
+async fn connect_link(args: &Args) -> Result<Link> {
+    let tls = if args.tls {
+        let socket = link::socket(args.socket.as_deref())?;
+        let source = link::x509_source(&socket).await?;
+        let certificate = link::leaf_certificate(&source)?;
+        let config = spiffe_rustls::mtls_client(source)
+            .authorize(spiffe_rustls::authorizer::exact([args.server_id.as_str()])?)
+            .with_alpn_protocols([b"http/1.1".as_slice()])
+            .build()?;
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .build()
+            .context("building the mTLS client")?;
+        Some((client, certificate))
+    } else {
+        None
+    };
+    Ok(Link {
+        server: args.server.clone(),
+        tls,
+    })
+}
+
+/// `run`: what the task is for, and how to run it.
+#[derive(Debug, clap::Args)]
 struct Plan {
+    /// What the work is for (recorded with the task and in the audit trail).
+    #[arg(long)]
     intent: String,
+    /// A tool the task may use (repeat).
+    #[arg(long = "tool", required = true)]
     tools: Vec<String>,
+    /// The audience: the MCP server's SPIFFE ID.
+    #[arg(long, default_value = "spiffe://tether.local/mcp/notes")]
     audience: String,
+    /// What to search the notes for.
+    #[arg(long, default_value = "q3")]
     query: String,
+    /// The task's lifetime.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     ttl: Duration,
+    /// Write the task token here (0600), and keep it fresh with --hold.
+    #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Keep the task after the calls until SIGINT or SIGTERM.
+    #[arg(long)]
     hold: bool,
 }
 
 /// `run`: begin, call, (hold,) end. `Ok(true)` when every call succeeded.
-async fn run(socket: Option<&str>, server: &str, plan: Plan) -> Result<bool> {
+async fn run(socket: Option<&str>, link: &Link, plan: Plan) -> Result<bool> {
     let socket = link::socket(socket)?;
     let mut tasks = link::tasks(&socket).await?;
     let begun = tasks
@@ -172,6 +199,12 @@ async fn run(socket: Option<&str>, server: &str, plan: Plan) -> Result<bool> {
             intent: plan.intent.clone(),
             tools: plan.tools.clone(),
             ttl_ms: u64::try_from(plan.ttl.as_millis()).unwrap_or(u64::MAX),
+            // Over mTLS the task is bound to this process's certificate.
+            bind_certificate: link
+                .tls
+                .as_ref()
+                .map(|(_, certificate)| certificate.clone())
+                .unwrap_or_default(),
             ..pb::BeginTaskRequest::default()
         })
         .await
@@ -189,7 +222,7 @@ async fn run(socket: Option<&str>, server: &str, plan: Plan) -> Result<bool> {
         write_token(file, &token.token)?;
     }
 
-    let all_ok = match call_plan(server, &token.token, &plan.query).await {
+    let all_ok = match call_plan(link, &token.token, &plan.query).await {
         Ok(all_ok) => all_ok,
         Err(e) => {
             println!("mcp session failed: {e:#}");
@@ -198,9 +231,10 @@ async fn run(socket: Option<&str>, server: &str, plan: Plan) -> Result<bool> {
     };
 
     if plan.hold {
+        let stop = link::stop_signal();
         println!("holding task {}; stop with Ctrl-C", begun.task_id);
         std::io::stdout().flush()?;
-        if !hold(&mut tasks, &begun.task_id, plan.token_file.as_deref()).await? {
+        if !hold(&mut tasks, &begun.task_id, plan.token_file.as_deref(), stop).await? {
             return Ok(false);
         }
     }
@@ -214,8 +248,8 @@ async fn run(socket: Option<&str>, server: &str, plan: Plan) -> Result<bool> {
 
 /// Connects with the task token and runs the plan: search, read the first
 /// hit, publish it. Every step runs, whatever the one before it gave.
-async fn call_plan(server: &str, token: &str, query: &str) -> Result<bool> {
-    let client = connect(server, token).await?;
+async fn call_plan(link: &Link, token: &str, query: &str) -> Result<bool> {
+    let client = connect(link, token).await?;
     let offered = client.list_all_tools().await.context("listing tools")?;
     let mut names: Vec<_> = offered.iter().map(|tool| tool.name.to_string()).collect();
     names.sort();
@@ -241,10 +275,13 @@ async fn call_plan(server: &str, token: &str, query: &str) -> Result<bool> {
     Ok(all_ok)
 }
 
-async fn connect(server: &str, token: &str) -> Result<RunningService<RoleClient, ()>> {
-    let transport = StreamableHttpClientTransport::from_config(
-        StreamableHttpClientTransportConfig::with_uri(server).auth_header(token),
-    );
+async fn connect(link: &Link, token: &str) -> Result<RunningService<RoleClient, ()>> {
+    let server = link.server.as_str();
+    let config = StreamableHttpClientTransportConfig::with_uri(server).auth_header(token);
+    let transport = match &link.tls {
+        Some((client, _)) => StreamableHttpClientTransport::with_client(client.clone(), config),
+        None => StreamableHttpClientTransport::from_config(config),
+    };
     match ().serve(transport).await {
         Ok(client) => Ok(client),
         // The transport error is a field, not the error's source.
@@ -325,12 +362,12 @@ async fn hold(
     tasks: &mut tether::cli::task_client::TaskClient,
     task_id: &str,
     token_file: Option<&Path>,
+    stop: impl Future<Output = ()>,
 ) -> Result<bool> {
     let mut stream = tasks
         .watch(task_id.to_owned())
         .await
         .context("watching the task")?;
-    let stop = link::stop_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -356,7 +393,7 @@ async fn hold(
 
 /// `present`: one call with someone else's token.
 async fn present(
-    server: &str,
+    link: &Link,
     token_file: &Path,
     tool: Option<String>,
     args: Vec<(String, String)>,
@@ -389,7 +426,7 @@ async fn present(
         return Ok(report("POST /publish", &outcome));
     }
     let tool = tool.context("--tool or --publish-url is required")?;
-    let client = match connect(server, token).await {
+    let client = match connect(link, token).await {
         Ok(client) => client,
         Err(e) => {
             println!("{tool} -> {e:#}");

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
+use axum::response::{IntoResponse as _, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tether::cli::task_client::TaskClient;
 use tether::cli::workload_client::{WorkloadClient, WorkloadClientError, resolve_socket};
@@ -24,6 +25,15 @@ use zeroize::Zeroize as _;
 
 /// How long any one call to tether may take.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Makes aws-lc-rs the process's rustls provider. Every example calls it
+/// first: reqwest is built without a provider of its own (so that ring is
+/// never compiled in), and refuses to build a client, even a plain HTTP one,
+/// until one is installed.
+pub fn install_crypto_provider() {
+    // Err: one is installed already, which is as good.
+    let _ = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
 
 /// The workload socket: `--socket`, else `SPIFFE_ENDPOINT_SOCKET`, else
 /// `TETHER_SOCKET_PATH`, else the agent's default for this user.
@@ -63,6 +73,32 @@ pub async fn own_spiffe_id(socket: &Path) -> Result<String> {
         .context("tether knows no identity for this process")
 }
 
+/// This process's X.509-SVID and trust bundle, kept fresh by the `spiffe`
+/// crate's X509Source over tether's Workload API: what `spiffe-rustls`
+/// builds mTLS configurations from.
+pub async fn x509_source(socket: &Path) -> Result<spiffe::X509Source> {
+    spiffe::X509Source::builder()
+        .endpoint(format!("unix:{}", socket.display()))
+        .build()
+        .await
+        .context("fetching this process's X.509-SVID from tether")
+}
+
+/// The DER leaf certificate of the source's current X.509-SVID: what a
+/// token is bound to (`cnf`).
+pub fn leaf_certificate(source: &spiffe::X509Source) -> Result<Vec<u8>> {
+    let svid = source.svid().context("no X.509-SVID")?;
+    svid.cert_chain()
+        .first()
+        .map(|cert| cert.as_bytes().to_vec())
+        .context("an X.509-SVID without a certificate")
+}
+
+/// The peer's DER leaf certificate on an mTLS connection, put in each
+/// request's extensions by the TLS server loop.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub Vec<u8>);
+
 /// A presented token that tether accepted.
 #[derive(Debug, Clone)]
 pub struct Accepted {
@@ -74,6 +110,9 @@ pub struct Accepted {
     pub task_id: String,
     /// The actor chain, newest first.
     pub actors: Vec<String>,
+    /// The certificate it was presented with (mTLS; empty otherwise): an
+    /// exchange of a bound token must show it.
+    pub presenter: Vec<u8>,
 }
 
 /// Why a presented token was not accepted, as an HTTP resource server says
@@ -142,6 +181,7 @@ pub async fn check(
             spiffe_id: answer.spiffe_id,
             task_id: answer.task_id,
             actors: answer.actors,
+            presenter: presenter_certificate.to_vec(),
         });
     }
     accepted.ok_or_else(|| Refusal::Unavailable("nothing was validated".into()))
@@ -161,28 +201,36 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .then_some(token)
 }
 
-/// Resolves on SIGINT or SIGTERM (never, if they cannot be watched).
-pub async fn stop_signal() {
+/// A future that resolves on SIGINT or SIGTERM (never, if they cannot be
+/// watched). The handlers are installed when this is called, not when the
+/// future is first polled: call it before telling anyone you are ready, or
+/// a signal sent at once kills the process instead.
+pub fn stop_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    let signals = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = signals else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }
 
 // === impl Refusal ===
 
 impl Refusal {
-    /// The status and `WWW-Authenticate` challenge for this refusal.
-    pub fn http(&self, realm: &str) -> (StatusCode, Option<HeaderValue>) {
+    /// The HTTP answer, logged on stderr as `who: refused: ...`: the status
+    /// and, for 401 and 403, a `WWW-Authenticate` challenge with the reason.
+    pub fn response(&self, who: &str) -> Response {
+        eprintln!("{who}: refused: {}", self.describe());
         let challenge = |error: Option<(&str, &str)>| {
-            let mut value = format!("Bearer realm=\"{}\"", quotable(realm));
+            let mut value = format!("Bearer realm=\"{}\"", quotable(who));
             if let Some((code, description)) = error {
                 value.push_str(&format!(
                     ", error=\"{code}\", error_description=\"{}\"",
@@ -191,7 +239,7 @@ impl Refusal {
             }
             HeaderValue::from_str(&value).ok()
         };
-        match self {
+        let (status, challenge) = match self {
             Self::Missing => (StatusCode::UNAUTHORIZED, challenge(None)),
             Self::InvalidToken(reason) => (
                 StatusCode::UNAUTHORIZED,
@@ -202,7 +250,14 @@ impl Refusal {
                 challenge(Some(("insufficient_scope", reason))),
             ),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, None),
+        };
+        let mut response = (status, self.describe()).into_response();
+        if let Some(challenge) = challenge {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
         }
+        response
     }
 
     /// One line for logs and response bodies.

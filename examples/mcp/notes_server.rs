@@ -15,8 +15,14 @@
 //! addressed to that API, with only `notes.publish`, which names this
 //! server in its actor chain.
 //!
+//! With `--tls` it serves HTTPS with its own X.509-SVID (spiffe-rustls,
+//! fed by an X509Source over tether's Workload API) and requires a client
+//! certificate from its trust domain; the client's certificate is then
+//! handed to tether with every validation, so a token bound to another
+//! process's certificate (`cnf`) is refused.
+//!
 //! ```text
-//! mcp-notes-server [--listen 127.0.0.1:7701] [--socket PATH]
+//! mcp-notes-server [--listen 127.0.0.1:7701] [--socket PATH] [--tls]
 //!                  [--publish-url http://127.0.0.1:7702/publish]
 //!                  [--publish-audience spiffe://tether.local/api/publish]
 //! mcp-notes-server exchange --token-file F --audience A   # what an exchange by this server gives
@@ -76,6 +82,10 @@ struct Args {
     /// The publishing API's identity: the audience tokens are exchanged for.
     #[arg(long, default_value = "spiffe://tether.local/api/publish")]
     publish_audience: String,
+    /// Serve HTTPS with this process's X.509-SVID, clients authenticated
+    /// by theirs (mTLS).
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +124,7 @@ struct Notes {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    link::install_crypto_provider();
     let args = Args::parse();
     let socket = link::socket(args.socket.as_deref())?;
     if let Some(Command::Exchange {
@@ -151,21 +162,110 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let tls = if args.tls {
+        Some(tls_config(&socket, &shared.audience).await?)
+    } else {
+        None
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let stop_requested = link::stop_signal();
     let mut stdout = std::io::stdout().lock();
     writeln!(
         stdout,
-        "mcp-notes-server: {} on http://{addr}/mcp",
+        "mcp-notes-server: {} on {scheme}://{addr}/mcp",
         shared.audience
     )?;
     stdout.flush()?;
     drop(stdout);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            link::stop_signal().await;
-            stop.cancel();
-        })
-        .await
-        .context("serving")
+    match tls {
+        Some(tls) => {
+            serve_tls(listener, router, tls, stop, stop_requested).await;
+            Ok(())
+        }
+        None => axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                stop_requested.await;
+                stop.cancel();
+            })
+            .await
+            .context("serving"),
+    }
+}
+
+/// The mTLS server configuration: this process's SVID, and clients from
+/// its own trust domain only.
+async fn tls_config(
+    socket: &std::path::Path,
+    own_id: &str,
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>> {
+    let trust_domain = spiffe::SpiffeId::new(own_id)
+        .context("this process's SPIFFE ID")?
+        .trust_domain()
+        .to_string();
+    let source = link::x509_source(socket).await?;
+    let config = spiffe_rustls::mtls_server(source)
+        .authorize(spiffe_rustls::authorizer::trust_domains([
+            trust_domain.as_str()
+        ])?)
+        .with_alpn_protocols([b"http/1.1".as_slice()])
+        .build()?;
+    Ok(Arc::new(config))
+}
+
+/// Accepts TLS connections until a stop signal; each connection's requests
+/// carry the client's certificate ([`link::PeerCertificate`]).
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    config: Arc<tokio_rustls::rustls::ServerConfig>,
+    stop: tokio_util::sync::CancellationToken,
+    signal: impl Future<Output = ()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::pin!(signal);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut signal => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    eprintln!("mcp-notes-server: accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(tls) => tls,
+                Err(e) => {
+                    eprintln!("mcp-notes-server: TLS handshake with {peer} failed: {e}");
+                    return;
+                }
+            };
+            let certificate = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| leaf.to_vec())
+                .unwrap_or_default();
+            let service = hyper_util::service::TowerToHyperService::new(
+                router.layer(axum::Extension(link::PeerCertificate(certificate))),
+            );
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = &mut connection => {}
+                () = stop.cancelled() => connection.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+    stop.cancel();
 }
 
 /// Every request: a token tether accepts for this audience and for each
@@ -183,7 +283,14 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
         Ok(tools) => tools,
         Err(problem) => return (StatusCode::BAD_REQUEST, problem).into_response(),
     };
-    match link::check(&shared.tasks, &token, &shared.audience, &tools, &[]).await {
+    // Over mTLS, the client's certificate: a bound token must be presented
+    // by the process it is bound to.
+    let presenter = parts
+        .extensions
+        .get::<link::PeerCertificate>()
+        .map(|c| c.0.clone())
+        .unwrap_or_default();
+    match link::check(&shared.tasks, &token, &shared.audience, &tools, &presenter).await {
         Ok(accepted) => {
             if !tools.is_empty() {
                 eprintln!(
@@ -226,15 +333,7 @@ fn called_tools(body: &[u8]) -> Result<Vec<String>, &'static str> {
 }
 
 fn refuse(refusal: &Refusal) -> Response {
-    eprintln!("mcp-notes-server: refused: {}", refusal.describe());
-    let (status, challenge) = refusal.http("mcp-notes-server");
-    let mut response = (status, refusal.describe()).into_response();
-    if let Some(challenge) = challenge {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, challenge);
-    }
-    response
+    refusal.response("mcp-notes-server")
 }
 
 /// `exchange`: one ExchangeToken as this process, printed.
@@ -253,6 +352,7 @@ async fn exchange_command(
             audience,
             tools,
             bind_certificate: Vec::new(),
+            subject_presenter_certificate: Vec::new(),
         })
         .await
     {
@@ -410,6 +510,8 @@ impl Notes {
                 audience: shared.publish_audience.clone(),
                 tools: vec!["notes.publish".into()],
                 bind_certificate: Vec::new(),
+                // A bound token is exchanged only as received from its holder.
+                subject_presenter_certificate: accepted.presenter.clone(),
             })
             .await
         {

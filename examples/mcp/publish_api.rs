@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context as _, Result};
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -83,6 +83,7 @@ struct Api {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    link::install_crypto_provider();
     let args = Args::parse();
     let socket = link::socket(args.socket.as_deref())?;
     let audience = link::own_spiffe_id(&socket).await?;
@@ -101,6 +102,7 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let stop_requested = link::stop_signal();
     let mut stdout = std::io::stdout().lock();
     writeln!(
         stdout,
@@ -110,7 +112,7 @@ async fn main() -> Result<()> {
     stdout.flush()?;
     drop(stdout);
     axum::serve(listener, router)
-        .with_graceful_shutdown(link::stop_signal())
+        .with_graceful_shutdown(stop_requested)
         .await
         .context("serving")
 }
@@ -169,13 +171,5 @@ async fn published(State(api): State<Arc<Api>>) -> Json<Vec<Published>> {
 }
 
 fn refuse(refusal: &Refusal) -> Response {
-    eprintln!("notes-publish-api: refused: {}", refusal.describe());
-    let (status, challenge) = refusal.http("notes-publish-api");
-    let mut response = (status, refusal.describe()).into_response();
-    if let Some(challenge) = challenge {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, challenge);
-    }
-    response
+    refusal.response("notes-publish-api")
 }

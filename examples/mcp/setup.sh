@@ -25,10 +25,13 @@ admin_socket_path = "$dir/admin/admin.sock"
 data_dir = "$dir/data"
 policy_dir = "$here/policies"
 
-# The agent: begins tasks for the notes server.
+# The agent: begins tasks for the notes server. Each agent process gets an
+# X.509-SVID of its own (process_bound), so a task bound to one (mcp-agent
+# --tls) cannot be used by another, even one running the same binary.
 [[entries]]
 spiffe_id = "spiffe://tether.local/mcp/agent"
 selectors = ["unix:uid:$uid", "unix:path:$agent"]
+process_bound = true
 
 # The MCP server: tokens addressed to it are its to validate and exchange.
 [[entries]]

@@ -88,6 +88,12 @@ struct ExchangeArgs {
     /// token's audience when it holds that, else its default).
     #[arg(long)]
     bind: bool,
+
+    /// The certificate the token was presented with (PEM; the first
+    /// CERTIFICATE block): needed to exchange a bound token, which must be
+    /// bound to it.
+    #[arg(long, value_name = "PEM_FILE")]
+    presenter_cert: Option<PathBuf>,
 }
 
 /// Arguments of `tether token validate`.
@@ -215,7 +221,14 @@ fn execute(args: &TokenArgs) -> Result<(), TokenError> {
     let timeout = args.socket.timeout();
     // Blocking input is read before the runtime starts.
     let (token, presenter) = match &args.command {
-        TokenCommand::Exchange(exchange) => (read_token(&exchange.token)?, None),
+        TokenCommand::Exchange(exchange) => (
+            read_token(&exchange.token)?,
+            exchange
+                .presenter_cert
+                .as_deref()
+                .map(read_certificate)
+                .transpose()?,
+        ),
         TokenCommand::Validate(validate) => (
             read_token(&validate.token)?,
             validate
@@ -248,6 +261,7 @@ fn execute(args: &TokenArgs) -> Result<(), TokenError> {
                     audience: exchange.audience.clone(),
                     tools: exchange.tools.clone(),
                     bind_certificate,
+                    subject_presenter_certificate: presenter.unwrap_or_default(),
                 };
                 Ok::<_, TokenError>(client.exchange(request).await?)
             })?;

@@ -203,7 +203,7 @@ pub fn validate(
         .map_err(|e| {
         use jsonwebtoken::errors::ErrorKind;
         JwtValidationError::Invalid(match e.kind() {
-            ErrorKind::InvalidAudience => format!("it is not addressed to {audience:?}"),
+            ErrorKind::InvalidAudience => format!("it is not addressed to audience {audience:?}"),
             ErrorKind::ExpiredSignature => "it has expired".into(),
             ErrorKind::ImmatureSignature => "it is not valid yet (nbf)".into(),
             ErrorKind::InvalidSignature => "its signature does not verify".into(),
@@ -336,7 +336,7 @@ mod tests {
         );
         assert_eq!(
             wrong_aud.to_string(),
-            "token is invalid: it is not addressed to \"other\""
+            "token is invalid: it is not addressed to audience \"other\""
         );
         let untrusted = validate(&svid.token, "api", |_| None).unwrap_err();
         assert!(matches!(untrusted, JwtValidationError::UntrustedDomain(_)));

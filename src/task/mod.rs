@@ -834,12 +834,15 @@ impl Tasks {
     /// caller) for a token addressed to `audience`, with `tools` (a subset;
     /// empty keeps them). `identities` are the caller's matched identities:
     /// the subject token must be addressed to one of their SPIFFE IDs or
-    /// declared audiences, and that identity becomes the new actor. Nothing
-    /// is issued until [`Tasks::complete_exchange`], so policy can decide
-    /// on the checked plan in between.
+    /// declared audiences, and that identity becomes the new actor. A bound
+    /// subject token (`cnf`) is accepted only with `subject_presenter`, the
+    /// certificate it was presented with, and only if that is the one it is
+    /// bound to. Nothing is issued until [`Tasks::complete_exchange`], so
+    /// policy can decide on the checked plan in between.
     pub fn prepare_exchange(
         &self,
         subject: &str,
+        subject_presenter: Option<&[u8]>,
         identities: &[Match],
         audience: &str,
         tools: &[String],
@@ -862,7 +865,13 @@ impl Tasks {
                     "the subject token is addressed to {unverified_aud:?}, not to the caller; only a token's audience may exchange it"
                 ))
             })?;
-        let subject = self.validate(subject, &unverified_aud, None, None, bundle_for)?;
+        let subject = self.validate(
+            subject,
+            &unverified_aud,
+            None,
+            subject_presenter,
+            bundle_for,
+        )?;
         let task = self.get(&subject.claims.txn).ok_or_else(|| {
             TaskError::Exchange(format!(
                 "task {} is not known to this agent",

@@ -483,6 +483,11 @@ impl TasksRpc for TaskApi {
             if req.tools.len() > 1024 {
                 return Err(Status::invalid_argument("tools: far too many"));
             }
+            if req.subject_presenter_certificate.len() > MAX_CERT_LEN {
+                return Err(Status::invalid_argument(
+                    "subject_presenter_certificate is too large",
+                ));
+            }
         }
         let (_caller, attested) = self.identify(&request).await?;
         let req = request.into_inner();
@@ -513,6 +518,8 @@ impl TasksRpc for TaskApi {
             .tasks
             .prepare_exchange(
                 &req.subject_token,
+                (!req.subject_presenter_certificate.is_empty())
+                    .then_some(req.subject_presenter_certificate.as_slice()),
                 &matches,
                 &req.audience,
                 &req.tools,
