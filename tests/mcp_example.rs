@@ -207,16 +207,19 @@ fn the_readme_walkthrough_runs_as_written() {
     shell.stop_all();
 }
 
-/// The MCP server may exchange only tokens addressed to it: a token it
-/// obtained for the publishing API is not its to exchange again.
+/// What the MCP server must refuse besides the walkthrough's cases: a token
+/// for another audience, an expired one, a revoked one; and what it may not
+/// exchange: a token that is not addressed to it.
 #[test]
-fn the_mcp_server_cannot_exchange_a_token_not_addressed_to_it() {
+fn the_mcp_server_refuses_what_is_not_its_to_accept_or_exchange() {
     let mut shell = Shell::new();
     shell.step("export PATH=", Expect::Path);
     shell.step(
         "examples/mcp/setup.sh /tmp/tether-mcp",
         Expect::Succeeds(&["wrote /"]),
     );
+    // Task tokens of one second, so that one can expire while its task lives.
+    shell.run("printf '[tasks]\\ntoken_ttl = \"1s\"\\n' >> /tmp/tether-mcp/tether.toml");
     shell.step(
         "tether run --config /tmp/tether-mcp/tether.toml &",
         Expect::Background(None),
@@ -227,19 +230,43 @@ fn the_mcp_server_cannot_exchange_a_token_not_addressed_to_it() {
     );
     shell.step(
         "notes-publish-api --listen 127.0.0.1:0 &",
-        Expect::Background(Some("on http://")),
+        Expect::Background(Some(" on http://")),
     );
+    let api = shell.announced_url();
     shell.step(
-        "mcp-agent run --server http://127.0.0.1:9/mcp --intent \"publish the Q3 summary\" --tool notes.search --tool notes.read --tool notes.publish --token-file /tmp/tether-mcp/token --hold &",
+        &format!("mcp-notes-server --listen 127.0.0.1:0 --publish-url {api}/publish &"),
+        Expect::Background(Some(" on http://")),
+    );
+    let server = shell.announced_url();
+    shell.step(
+        &format!(
+            "mcp-agent --server {server} run --intent \"publish the Q3 summary\" --tool notes.search --tool notes.read --tool notes.publish --token-file /tmp/tether-mcp/token --hold &"
+        ),
         Expect::Background(Some("holding task")),
     );
+    let task_id = shell.background_output().iter().find_map(|line| {
+        line.strip_prefix("task ")
+            .and_then(|rest| rest.split(' ').next())
+            .map(str::to_owned)
+    });
+    let task_id = task_id.expect("the agent names its task");
+    let present = |file: &str| {
+        format!(
+            "mcp-agent --server {server} present --token-file {file} --tool notes.read --arg id=q3-summary"
+        )
+    };
 
     // Addressed to the notes server: it may exchange it, for the API.
+    shell.step(
+        "cp /tmp/tether-mcp/token /tmp/tether-mcp/old-token",
+        Expect::Succeeds(&[]),
+    );
     shell.step(
         "mcp-notes-server exchange --token-file /tmp/tether-mcp/token --audience spiffe://tether.local/api/publish --tool notes.publish > /tmp/tether-mcp/api-token",
         Expect::Succeeds(&[]),
     );
-    // That token is addressed to the API: the notes server cannot exchange it.
+    // That token is addressed to the API: the notes server cannot exchange
+    // it, and does not accept it either.
     let refused = shell.run(
         "mcp-notes-server exchange --token-file /tmp/tether-mcp/api-token --audience spiffe://tether.local/mcp/notes",
     );
@@ -251,11 +278,48 @@ fn the_mcp_server_cannot_exchange_a_token_not_addressed_to_it() {
                 .contains("addressed to \"spiffe://tether.local/api/publish\", not to the caller"),
         "{stderr}"
     );
-    // The held agent's plan had no server to talk to: its exit status says
-    // so, and is not what this test is about.
+    shell.step(
+        &present("/tmp/tether-mcp/api-token"),
+        Expect::Fails(&[
+            "the server refused (401)",
+            "error=\"invalid_token\"",
+            "it is not addressed to audience 'spiffe://tether.local/mcp/notes'",
+        ]),
+    );
+
+    // A token of the living task, but past its `exp`: refused, while the
+    // fresh one the agent keeps in its token file still works.
+    shell.step(
+        &present("/tmp/tether-mcp/old-token"),
+        Expect::SoonFails(&[
+            "the server refused (401)",
+            "error=\"invalid_token\"",
+            "expired",
+        ]),
+    );
+    shell.step(
+        &present("/tmp/tether-mcp/token"),
+        Expect::Succeeds(&["notes.read -> ok"]),
+    );
+
+    // Revoked by an operator: every token of the task dies at once.
+    shell.step(
+        &format!("tether task revoke {task_id}"),
+        Expect::Succeeds(&[]),
+    );
+    shell.step(
+        &present("/tmp/tether-mcp/token"),
+        Expect::Fails(&[
+            "the server refused (401)",
+            "error=\"invalid_token\"",
+            "revoked",
+        ]),
+    );
+    // The held agent sees its task end and exits (1: not by its choice).
     let mut agent = shell.background.pop().unwrap();
-    agent.child.kill().unwrap();
-    agent.child.wait().unwrap();
+    let status = agent.child.wait().unwrap();
+    agent.drain();
+    assert_eq!(status.code(), Some(1), "{}", agent.seen.join("\n"));
     shell.stop_all();
 }
 
@@ -475,6 +539,22 @@ impl Shell {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The URL the last background process announced (`... on URL`).
+    fn announced_url(&self) -> String {
+        let last = self.background.last().expect("a background process");
+        let line = last
+            .seen
+            .iter()
+            .find(|line| line.contains(" on http"))
+            .expect("an announced address");
+        line.rsplit(' ').next().unwrap().to_owned()
+    }
+
+    /// What the last background process printed so far.
+    fn background_output(&self) -> &[String] {
+        &self.background.last().expect("a background process").seen
     }
 
     /// `kill $(jobs -p)`: every background process stops cleanly.
