@@ -1,11 +1,12 @@
 //! Attestation: from a connected caller to the selectors that describe it.
 //!
 //! Owns [`Caller`] (the peer of a Unix socket as the kernel reported it at
-//! connect, pinned by a pidfd), [`Attestor`] (the closed set of attestors;
-//! for now only unix), the [`Attested`] result and [`AttestationError`].
-//! Submodules: `caller` (peer credentials, pidfd, liveness), `procfs` (pure
-//! /proc parsers and thin readers), `unix` (the unix attestor and its
-//! executable-hash cache).
+//! connect, pinned by a pidfd), [`Attestor`] (the closed set of attestors:
+//! unix always, Kubernetes when configured), the [`Attested`] result and
+//! [`AttestationError`]. Submodules: `caller` (peer credentials, pidfd,
+//! liveness), `procfs` (pure /proc parsers and thin readers), `unix` (the
+//! unix attestor and its executable-hash cache), [`k8s`] (pods through the
+//! kubelet).
 //!
 //! Invariants:
 //! - It reads the OS, never the registry: selectors are facts about the
@@ -27,6 +28,7 @@ use serde::Deserialize;
 use crate::registration::selector::SelectorSet;
 
 mod caller;
+pub mod k8s;
 mod procfs;
 mod unix;
 
@@ -47,6 +49,8 @@ const DEFAULT_WORKLOAD_SIZE_LIMIT: u64 = 256 * 1024 * 1024;
 pub struct AttestorConfig {
     /// `[attestor.unix]`.
     pub unix: UnixAttestorConfig,
+    /// `[attestor.k8s]`.
+    pub k8s: k8s::K8sAttestorConfig,
 }
 
 /// The `[attestor.unix]` section of the config file.
@@ -67,12 +71,13 @@ pub struct UnixAttestorConfig {
 /// share the executable-hash cache.
 ///
 /// A closed set of attestors: the unix attestor always runs (its uid/gid
-/// check is what ties /proc to the connection); others will be fields here,
-/// `Option`al by configuration, not plugins.
+/// check is what ties /proc to the connection); the Kubernetes one when
+/// configured. Fields, `Option`al by configuration, not plugins.
 #[derive(Debug, Clone)]
 pub struct Attestor {
     proc_root: Arc<Path>,
     unix: UnixAttestor,
+    k8s: Option<Arc<k8s::K8sAttestor>>,
 }
 
 /// What attestation established about one caller.
@@ -172,37 +177,83 @@ pub enum AttestationError {
     /// The blocking attestation job panicked or was cancelled by runtime shutdown.
     #[error("the attestation job did not complete")]
     Blocking(#[source] tokio::task::JoinError),
+    /// The caller's cgroups place it in two pods or containers at once.
+    #[error("caller pid {pid}: {source}")]
+    Cgroup {
+        /// The caller's PID.
+        pid: i32,
+        /// What disagreed.
+        #[source]
+        source: k8s::CgroupError,
+    },
+    /// The caller runs in a pod that the kubelet could not tell about.
+    #[error("caller pid {pid} runs in a pod that could not be attested: {source}")]
+    Kubernetes {
+        /// The caller's PID.
+        pid: i32,
+        /// Why.
+        #[source]
+        source: k8s::K8sError,
+    },
 }
 
 // === impl Attestor ===
 
 impl Attestor {
-    /// An attestor reading the real `/proc`.
-    pub fn new(config: &AttestorConfig) -> Self {
+    /// An attestor reading the real `/proc`. Fails only when the Kubernetes
+    /// attestor is enabled and its kubelet client cannot be set up (the CA
+    /// file).
+    pub fn new(config: &AttestorConfig) -> Result<Self, k8s::KubeletError> {
         Self::with_proc_root(config, PathBuf::from("/proc"))
     }
 
     /// An attestor reading `proc_root` instead of `/proc` for attestation
     /// (fixtures, or a host /proc mounted elsewhere). Caller liveness is
     /// always checked against the real `/proc`.
-    pub fn with_proc_root(config: &AttestorConfig, proc_root: PathBuf) -> Self {
-        Self {
+    pub fn with_proc_root(
+        config: &AttestorConfig,
+        proc_root: PathBuf,
+    ) -> Result<Self, k8s::KubeletError> {
+        let k8s = if config.k8s.enabled {
+            Some(Arc::new(k8s::K8sAttestor::new(&config.k8s)?))
+        } else {
+            None
+        };
+        Ok(Self {
             proc_root: proc_root.into(),
             unix: UnixAttestor::new(&config.unix),
-        }
+            k8s,
+        })
     }
 
     /// Reads the caller's selectors, then confirms it is still the process
-    /// that connected. Runs on the blocking pool: NSS lookups and hashing block.
+    /// that connected. The /proc work runs on the blocking pool (NSS lookups
+    /// and hashing block); a caller in a pod is then looked up in the
+    /// kubelet's pod list, asynchronously.
     ///
     /// Cancelling the future does not stop the blocking job; it completes
     /// and its result is dropped.
     pub async fn attest(&self, caller: &Caller) -> Result<Attested, AttestationError> {
         let attestor = self.clone();
-        let caller = caller.clone();
-        tokio::task::spawn_blocking(move || attestor.attest_blocking(&caller))
-            .await
-            .map_err(AttestationError::Blocking)?
+        let blocking_caller = caller.clone();
+        let (mut attested, pod) =
+            tokio::task::spawn_blocking(move || attestor.attest_blocking(&blocking_caller))
+                .await
+                .map_err(AttestationError::Blocking)??;
+        if let (Some(k8s), Some(pod)) = (&self.k8s, pod) {
+            // The pod and container were read from the caller's own cgroup
+            // before its liveness was confirmed: the lookup maps facts
+            // already pinned to this caller.
+            let selectors =
+                k8s.selectors(&pod)
+                    .await
+                    .map_err(|source| AttestationError::Kubernetes {
+                        pid: attested.pid,
+                        source,
+                    })?;
+            attested.selectors.extend(selectors);
+        }
+        Ok(attested)
     }
 
     /// The caller's ancestors (parent first) as (pid, start time): kernel
@@ -215,7 +266,27 @@ impl Attestor {
             .unwrap_or_default()
     }
 
-    fn attest_blocking(&self, caller: &Caller) -> Result<Attested, AttestationError> {
+    fn attest_blocking(
+        &self,
+        caller: &Caller,
+    ) -> Result<(Attested, Option<k8s::PodContainer>), AttestationError> {
+        let pod = match &self.k8s {
+            Some(k8s) => {
+                let file = procfs::read_cgroup(k8s.proc_root(), caller.pid());
+                let file = match file {
+                    Ok(file) => file,
+                    Err(error) => {
+                        caller.ensure_alive()?;
+                        return Err(error);
+                    }
+                };
+                k8s::pod_container(&file).map_err(|source| AttestationError::Cgroup {
+                    pid: caller.pid(),
+                    source,
+                })?
+            }
+            None => None,
+        };
         let facts = match self.unix.attest(&self.proc_root, caller) {
             Ok(facts) => facts,
             // A read that failed because the caller left is the caller's
@@ -234,13 +305,16 @@ impl Attestor {
             selectors = facts.selectors.len(),
             "caller attested"
         );
-        Ok(Attested {
-            pid: caller.pid(),
-            uid: caller.uid(),
-            gid: caller.gid(),
-            executable: facts.executable,
-            selectors: facts.selectors,
-        })
+        Ok((
+            Attested {
+                pid: caller.pid(),
+                uid: caller.uid(),
+                gid: caller.gid(),
+                executable: facts.executable,
+                selectors: facts.selectors,
+            },
+            pod,
+        ))
     }
 }
 
@@ -390,7 +464,7 @@ mod tests {
         let (ours, _theirs) = UnixStream::pair().unwrap();
         let caller = Caller::from_stream(&ours).unwrap();
         assert_eq!(caller.pidfd_source(), PidfdSource::PeerPidfd);
-        let attestor = Attestor::new(&AttestorConfig::default());
+        let attestor = Attestor::new(&AttestorConfig::default()).unwrap();
         let attested = attestor.attest(&caller).await.unwrap();
 
         let uid = nix::unistd::geteuid().as_raw();
@@ -435,7 +509,7 @@ mod tests {
     async fn hash_cache_hits_on_the_same_binary() {
         let (ours, _theirs) = UnixStream::pair().unwrap();
         let caller = Caller::from_stream(&ours).unwrap();
-        let attestor = Attestor::new(&AttestorConfig::default());
+        let attestor = Attestor::new(&AttestorConfig::default()).unwrap();
         let first = attestor.attest(&caller).await.unwrap();
         assert_eq!(
             (attestor.unix.cache_len(), attestor.unix.cache_hits()),
@@ -456,6 +530,7 @@ mod tests {
         let caller = Caller::from_stream_with(&ours, PidfdSource::PidfdOpen).unwrap();
         assert_eq!(caller.pidfd_source(), PidfdSource::PidfdOpen);
         let attested = Attestor::new(&AttestorConfig::default())
+            .unwrap()
             .attest(&caller)
             .await
             .unwrap();
@@ -475,7 +550,7 @@ mod tests {
             let caller = Caller::from_stream_with(&stream, source).unwrap();
             assert_eq!(caller.pid(), peer.pid());
             assert_eq!(caller.pidfd_source(), source);
-            let attestor = Attestor::new(&AttestorConfig::default());
+            let attestor = Attestor::new(&AttestorConfig::default()).unwrap();
             // Alive: attested as the Python interpreter it runs.
             let attested = attestor.attest(&caller).await.unwrap();
             assert!(
@@ -511,6 +586,7 @@ mod tests {
         let caller = Caller::from_stream(&stream).unwrap();
         assert_eq!(caller.uid(), 0);
         let err = Attestor::new(&AttestorConfig::default())
+            .unwrap()
             .attest(&caller)
             .await
             .unwrap_err();
@@ -538,8 +614,9 @@ mod tests {
                 workload_size_limit: 1,
                 ..UnixAttestorConfig::default()
             },
+            ..AttestorConfig::default()
         };
-        let attestor = Attestor::new(&config);
+        let attestor = Attestor::new(&config).unwrap();
         for _ in 0..2 {
             let attested = attestor.attest(&caller).await.unwrap();
             assert!(values(&attested, "sha256").is_empty());
@@ -558,8 +635,13 @@ mod tests {
                 discover_workload_path: false,
                 ..UnixAttestorConfig::default()
             },
+            ..AttestorConfig::default()
         };
-        let attested = Attestor::new(&config).attest(&caller).await.unwrap();
+        let attested = Attestor::new(&config)
+            .unwrap()
+            .attest(&caller)
+            .await
+            .unwrap();
         assert!(attested.executable.is_none());
         assert!(values(&attested, "path").is_empty());
         assert!(values(&attested, "sha256").is_empty());
@@ -573,7 +655,8 @@ mod tests {
         let attestor = Attestor::with_proc_root(
             &AttestorConfig::default(),
             PathBuf::from("/nonexistent-proc"),
-        );
+        )
+        .unwrap();
         let err = attestor.attest(&caller).await.unwrap_err();
         assert!(matches!(err, AttestationError::ReadProc { .. }), "{err:?}");
         assert!(!err.is_caller_fault());

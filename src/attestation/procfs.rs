@@ -191,6 +191,24 @@ pub fn pid_path(proc_root: &Path, pid: i32, file: &str) -> PathBuf {
 }
 
 /// Reads and parses `<proc_root>/<pid>/status`.
+/// `<proc_root>/<pid>/cgroup`, at most [`super::k8s::MAX_CGROUP_FILE`]
+/// bytes (the kernel writes a few hundred).
+pub fn read_cgroup(proc_root: &Path, pid: i32) -> Result<String, AttestationError> {
+    use std::io::Read as _;
+    let path = pid_path(proc_root, pid, "cgroup");
+    let mut text = String::new();
+    File::open(&path)
+        .and_then(|file| {
+            file.take(super::k8s::MAX_CGROUP_FILE)
+                .read_to_string(&mut text)
+        })
+        .map_err(|source| AttestationError::ReadProc {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(text)
+}
+
 pub fn read_status(proc_root: &Path, pid: i32) -> Result<ProcStatus, AttestationError> {
     let path = pid_path(proc_root, pid, "status");
     let contents = read_small(&path)?;

@@ -303,6 +303,14 @@ impl Config {
                 "must be in another directory than socket_path: workloads must never reach the admin socket",
             ));
         }
+        let mut attestor = raw.attestor;
+        if attestor.k8s.enabled && attestor.k8s.node_name.is_none() {
+            attestor.k8s.node_name = env.var("NODE_NAME").filter(|n| !n.is_empty());
+        }
+        attestor
+            .k8s
+            .validate()
+            .map_err(|(key, problem)| ConfigError::invalid(key, String::new(), problem))?;
         let admin_gid = raw.admin_group.as_deref().map(resolve_group).transpose()?;
         let admin = AdminApiConfig {
             socket_path: admin_socket_path,
@@ -318,7 +326,7 @@ impl Config {
             admin,
             svid,
             authority,
-            attestor: raw.attestor,
+            attestor,
             workload_api,
             tasks: raw.tasks,
             policy,
@@ -540,6 +548,34 @@ mod tests {
         assert_eq!(c.audit.max_file_bytes, d.audit.max_file_bytes);
         assert_eq!(c.policy.poll_interval, d.policy.poll_interval);
         assert_eq!(c.entries.len(), 1);
+    }
+
+    #[test]
+    fn the_k8s_attestor_takes_its_node_from_the_downward_api() {
+        let text = "[attestor.k8s]\nenabled = true\n";
+        let missing = Config::from_toml(text, &env()).unwrap_err();
+        assert!(missing.to_string().contains("NODE_NAME"), "{missing}");
+        let mut with_node = env();
+        with_node.vars.insert("NODE_NAME".into(), "node-a".into());
+        let c = Config::from_toml(text, &with_node).unwrap();
+        assert_eq!(c.attestor.k8s.node_name.as_deref(), Some("node-a"));
+        let explicit = Config::from_toml(
+            "[attestor.k8s]\nenabled = true\nnode_name = \"node-b\"\n",
+            &with_node,
+        )
+        .unwrap();
+        assert_eq!(explicit.attestor.k8s.node_name.as_deref(), Some("node-b"));
+        let bad = Config::from_toml(
+            "[attestor.k8s]\nenabled = true\nnode_name = \"n\"\nmax_poll_attempts = 0\n",
+            &env(),
+        )
+        .unwrap_err();
+        assert!(
+            bad.to_string().contains("attestor.k8s.max_poll_attempts"),
+            "{bad}"
+        );
+        // Off, nothing is required.
+        assert!(!Config::from_toml("", &env()).unwrap().attestor.k8s.enabled);
     }
 
     #[test]

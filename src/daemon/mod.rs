@@ -133,7 +133,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             );
         }
     }
-    let attestor = Attestor::new(&config.attestor);
+    let attestor = Attestor::new(&config.attestor).context("setting up the Kubernetes attestor")?;
 
     let mut socket = BoundSocket::bind(&config.socket_path, 0o777).with_context(|| {
         format!(

@@ -25,8 +25,18 @@ pub async fn identify<T>(
 }
 
 /// Attestation failed: the caller's own doing is Unauthenticated (with the
-/// reason), an agent-side fault is Unavailable (details in the log).
+/// reason), an agent-side fault is Unavailable (details in the log), except
+/// for a pod the kubelet could not tell about, where the reason (kubelet
+/// down, pod not listed yet) is what the workload needs to know and holds
+/// nothing secret.
 pub fn attestation_status(error: &AttestationError) -> Status {
+    if matches!(
+        error,
+        AttestationError::Kubernetes { .. } | AttestationError::Cgroup { .. }
+    ) {
+        tracing::warn!(%error, "pod attestation failed");
+        return Status::unavailable(format!("could not attest the calling process: {error}"));
+    }
     if error.is_caller_fault() {
         tracing::info!(%error, "caller refused during attestation");
         Status::unauthenticated(format!("could not verify the calling process: {error}"))

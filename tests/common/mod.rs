@@ -6,6 +6,8 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
+pub mod kubelet;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
