@@ -9,7 +9,7 @@
 //! # Codemap, in layer order (a module uses only modules above it)
 //!
 //! - [`proto`], [`telemetry`], [`bundle`], [`store`], [`audit`]: leaves.
-//!   Generated gRPC code; logging; trust bundles as values and their three
+//!   Generated gRPC code; logging, metrics and the HTTP endpoint; trust bundles as values and their three
 //!   encodings; the SQLite database in the data dir; the tamper-evident
 //!   audit trail of every identity decision.
 //! - [`registration`]: entries (selectors -> SPIFFE ID) and subset

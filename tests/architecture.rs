@@ -70,7 +70,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // 1: core
         // Core modules record their decisions in the audit trail (a leaf).
         ("registration", &["audit", "store"][..]),
-        ("attestation", &["registration"][..]),
+        // Every layer records metrics (telemetry, a leaf).
+        ("attestation", &["registration", "telemetry"][..]),
         ("authority", &["bundle"][..]),
         ("federation", &["bundle"][..]),
         // 2: services and the shared transport
@@ -83,6 +84,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "bundle",
                 "registration",
                 "store",
+                "telemetry",
             ][..],
         ),
         (
@@ -95,9 +97,13 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "registration",
                 "store",
                 "svid",
+                "telemetry",
             ][..],
         ),
-        ("transport", &["attestation", "audit", "policy"][..]),
+        (
+            "transport",
+            &["attestation", "audit", "policy", "telemetry"][..],
+        ),
         // Decisions only: policy sees registration types and nothing else.
         ("policy", &["registration"][..]),
         // 3: edges (the Workload API never touches the authority directly)

@@ -14,6 +14,7 @@ use crate::proto::admin::admin_server::Admin;
 use crate::registration::{EntryId, Registry, Selector, SelectorSet};
 use crate::svid::SvidIssuer;
 use crate::task::{Task, Tasks};
+use crate::telemetry::http::Readiness;
 
 /// What a reload changed.
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +38,7 @@ pub struct AdminApi {
     tasks: Tasks,
     open_streams: Arc<AtomicUsize>,
     reload: mpsc::Sender<ReloadRequest>,
+    readiness: Readiness,
 }
 
 impl AdminApi {
@@ -48,6 +50,7 @@ impl AdminApi {
         tasks: Tasks,
         open_streams: Arc<AtomicUsize>,
         reload: mpsc::Sender<ReloadRequest>,
+        readiness: Readiness,
     ) -> Self {
         Self {
             registry,
@@ -56,6 +59,7 @@ impl AdminApi {
             tasks,
             open_streams,
             reload,
+            readiness,
         }
     }
 }
@@ -318,18 +322,8 @@ impl Admin for AdminApi {
         &self,
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let mut problems = Vec::new();
-        if let Err(error) = self.authority.x509_signer() {
-            problems.push(format!("no usable X.509 signing key: {error}"));
-        }
-        if let Err(error) = self.authority.jwt_signer() {
-            problems.push(format!("no usable JWT signing key: {error}"));
-        }
-        if let Some(problem) = self.tasks.audit().problem() {
-            problems.push(format!(
-                "the audit trail is failing, issuance is refused: {problem}"
-            ));
-        }
+        // The same answer as the HTTP endpoint's /readyz.
+        let problems = self.readiness.problems();
         Ok(Response::new(pb::HealthResponse {
             serving: problems.is_empty(),
             problems,

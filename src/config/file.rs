@@ -40,6 +40,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub http: crate::telemetry::http::HttpConfig,
+    #[serde(default)]
     pub authority: AuthorityConfig,
     #[serde(default)]
     pub attestor: AttestorConfig,

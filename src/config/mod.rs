@@ -81,6 +81,9 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The HTTP endpoint for probes and metrics (`[http]`); off unless
+    /// `listen` is set.
+    pub http: crate::telemetry::http::HttpConfig,
     /// Registration entries from the file, in order.
     pub entries: Vec<RegistrationEntry>,
     /// Federated trust domains.
@@ -332,6 +335,7 @@ impl Config {
             policy,
             audit,
             log,
+            http: raw.http,
             entries,
             federation,
         })

@@ -36,6 +36,7 @@ use crate::store::Store;
 use crate::svid::SvidIssuer;
 use crate::task::Tasks;
 use crate::task_api::{self, TaskApi};
+use crate::telemetry::{self, http::Readiness};
 use crate::transport::{self, BoundSocket, Jobs};
 use crate::workload_api::{self, WorkloadApi, WorkloadApiLimits};
 pub use shutdown::Shutdown;
@@ -46,6 +47,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A started agent.
 #[derive(Debug)]
 pub struct Running {
+    http_addr: Option<std::net::SocketAddr>,
     socket_path: PathBuf,
     admin_socket_path: PathBuf,
     trust_domain: TrustDomain,
@@ -118,7 +120,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let tasks = Tasks::new(
         config.tasks.clone(),
         authority.clone(),
-        store,
+        store.clone(),
         audit.clone(),
     );
     {
@@ -190,6 +192,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     let open_streams = api.open_streams();
     let (reload_tx, reload_rx) = mpsc::channel(4);
+    let readiness: Readiness = {
+        let (authority, audit, store) = (authority.clone(), audit.clone(), store.clone());
+        Readiness::new(move || problems(&authority, &audit, &store))
+    };
     let admin = AdminApi::new(
         registry.clone(),
         svids,
@@ -197,7 +203,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tasks,
         Arc::clone(&open_streams),
         reload_tx,
+        readiness.clone(),
     );
+    let http_addr = match config.http.listen {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the HTTP endpoint {listen} ([http] listen)"))?;
+            let addr = listener
+                .local_addr()
+                .context("the HTTP endpoint's address")?;
+            shutdown.spawn(telemetry::http::serve(
+                listener,
+                readiness,
+                shutdown.tracker(),
+                shutdown.token(),
+            ));
+            tracing::info!(%addr, "HTTP endpoint: /healthz, /readyz, /metrics");
+            Some(addr)
+        }
+        None => None,
+    };
 
     {
         let limits = config.workload_api.limits.clone();
@@ -270,6 +296,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
 
     Ok(Running {
+        http_addr,
         socket_path: config.socket_path,
         admin_socket_path: config.admin.socket_path,
         trust_domain: config.trust_domain,
@@ -284,9 +311,36 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
 }
 
+/// Why the agent is not serving right now (empty: it is): the one answer
+/// behind the admin API's Health and the HTTP endpoint's `/readyz`.
+fn problems(authority: &Authority, audit: &AuditLog, store: &Store) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(error) = authority.x509_signer() {
+        problems.push(format!("no usable X.509 signing key: {error}"));
+    }
+    if let Err(error) = authority.jwt_signer() {
+        problems.push(format!("no usable JWT signing key: {error}"));
+    }
+    if let Some(problem) = audit.problem() {
+        problems.push(format!(
+            "the audit trail is failing, issuance is refused: {problem}"
+        ));
+    }
+    if let Err(error) = store.check_writable() {
+        problems.push(format!("the store cannot be written: {error}"));
+    }
+    problems
+}
+
 // === impl Running ===
 
 impl Running {
+    /// Where the HTTP endpoint listens, when `[http] listen` is set (the
+    /// bound address: port 0 in the config gets a real one here).
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_addr
+    }
+
     /// The Workload API socket.
     pub fn socket_path(&self) -> &Path {
         &self.socket_path

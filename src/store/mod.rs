@@ -281,6 +281,15 @@ impl Store {
         &self.shared.path
     }
 
+    /// Whether the database can take a write now (for readiness): takes and
+    /// releases the write lock (`BEGIN IMMEDIATE`, `ROLLBACK`), which a
+    /// read-only or vanished database refuses. Writes nothing.
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            .map_err(self.sql())
+    }
+
     /// The schema version of the open database (`PRAGMA user_version`).
     pub fn schema_version(&self) -> Result<u32, StoreError> {
         let conn = self.conn();

@@ -263,6 +263,7 @@ impl SvidIssuer {
             ),
             ..AuditEvent::new(EventKind::IssueX509, AuditDecision::Allow)
         })?;
+        crate::telemetry::metrics().x509_svids_issued.inc();
         self.record(&svid);
         self.x509.put(Arc::clone(&svid));
         Ok(svid)

@@ -119,12 +119,18 @@ impl SvidIssuer {
             };
             let store = self.store.clone();
             match tokio::task::spawn_blocking(move || store.revoke_x509(&record)).await {
-                Ok(Ok(_)) => tracing::info!(
-                    serial = %svid.serial,
-                    spiffe_id = %svid.spiffe_id,
-                    pid = process.0,
-                    "revoked the X.509-SVID of an exited process"
-                ),
+                Ok(Ok(_)) => {
+                    crate::telemetry::metrics()
+                        .revocations
+                        .get_or_create(&crate::telemetry::metrics::Kind { kind: "x509" })
+                        .inc();
+                    tracing::info!(
+                        serial = %svid.serial,
+                        spiffe_id = %svid.spiffe_id,
+                        pid = process.0,
+                        "revoked the X.509-SVID of an exited process"
+                    );
+                }
                 Ok(Err(error)) => {
                     tracing::error!(serial = %svid.serial, %error, "could not store a revocation")
                 }

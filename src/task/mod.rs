@@ -40,6 +40,7 @@ use crate::bundle::TrustBundle;
 use crate::registration::{EntryId, Match};
 use crate::store::{Store, StoreError, TaskEnd, TaskRow};
 use crate::svid::jwt::{self as jwt_svid, JwtValidationError};
+use crate::telemetry::metrics::{Kind, Reason, metrics};
 use claims::{Actor, Confirmation, RequesterContext, TCTX_VERSION, TaskClaims, TaskContext};
 
 /// `[tasks]` settings.
@@ -551,6 +552,7 @@ impl Tasks {
                     {
                         Ok(caller) => {
                             watched += 1;
+                            metrics().tasks_active.inc();
                             let _ = self.inner.owners.send((Arc::clone(&task), caller));
                             None
                         }
@@ -661,6 +663,7 @@ impl Tasks {
             None,
             task.requester(),
         )?;
+        metrics().tasks_active.inc();
         if let Err(unavailable) = self.inner.audit.record(AuditEvent {
             token_id: Some(token.jti.clone()),
             policy_ids: decided_by,
@@ -670,6 +673,10 @@ impl Tasks {
             let _ = self.finish(&task, EndReason::Revoked).await;
             return Err(unavailable.into());
         }
+        metrics()
+            .task_tokens_issued
+            .get_or_create(&Kind { kind: "begin" })
+            .inc();
         tracing::info!(
             task_id = %task.id,
             spiffe_id = %task.spiffe_id,
@@ -717,6 +724,10 @@ impl Tasks {
             policy_ids: decided_by,
             ..task_event(task, EventKind::TaskRenew, AuditDecision::Allow)
         })?;
+        metrics()
+            .task_tokens_issued
+            .get_or_create(&Kind { kind: "renew" })
+            .inc();
         Ok(token)
     }
 
@@ -763,6 +774,19 @@ impl Tasks {
             state.ended = Some((reason, now));
         }
         self.inner.changes.send_modify(|n| *n += 1);
+        metrics().tasks_active.dec();
+        metrics()
+            .tasks_ended
+            .get_or_create(&Reason {
+                reason: reason.as_str(),
+            })
+            .inc();
+        if reason == EndReason::Revoked {
+            metrics()
+                .revocations
+                .get_or_create(&Kind { kind: "task" })
+                .inc();
+        }
         tracing::info!(task_id = %task.id, %reason, tokens = task.tokens_issued(), "task ended");
         let kind = match reason {
             EndReason::Deadline => EventKind::Expire,
@@ -951,6 +975,10 @@ impl Tasks {
             policy_ids: decided_by,
             ..task_event(&task, EventKind::Exchange, AuditDecision::Allow)
         })?;
+        metrics()
+            .task_tokens_issued
+            .get_or_create(&Kind { kind: "exchange" })
+            .inc();
         Ok(token)
     }
 

@@ -162,6 +162,7 @@ impl TaskApi {
         tool: Option<&str>,
         outcome: &Result<ValidatedTaskToken, String>,
     ) {
+        crate::telemetry::metrics().validated("task_token", outcome.is_ok());
         let mut event = AuditEvent {
             audience: Some(audience.to_owned()),
             tools: tool.map(|t| vec![t.to_owned()]).unwrap_or_default(),

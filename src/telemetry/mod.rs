@@ -2,6 +2,11 @@
 //! output), plain or JSON, filtered by `log.level` (an `EnvFilter`
 //! directive such as `info` or `tether=debug,h2=warn`).
 
+pub mod http;
+pub mod metrics;
+
+pub use metrics::metrics;
+
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 

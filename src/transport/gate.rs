@@ -32,6 +32,12 @@ pub fn decide(
     match policy.evaluate(request) {
         Decision::Allow { policies } => Ok(policies),
         Decision::Deny { policies, reason } => {
+            crate::telemetry::metrics()
+                .policy_denials
+                .get_or_create(&crate::telemetry::metrics::Kind {
+                    kind: request.action.as_str(),
+                })
+                .inc();
             let (audience, tool) = match request.resource {
                 crate::policy::Resource::Audience(a) => (a.to_owned(), None),
                 crate::policy::Resource::Tool(t) => {

@@ -17,10 +17,10 @@ pub async fn identify<T>(
         .get::<PeerInfo>()
         .ok_or_else(|| Status::internal("connection carries no peer credentials"))?;
     let caller = peer.0.as_ref().map_err(|e| attestation_status(e))?.clone();
-    let attested = attestor
-        .attest(&caller)
-        .await
-        .map_err(|e| attestation_status(&e))?;
+    let started = std::time::Instant::now();
+    let attested = attestor.attest(&caller).await;
+    crate::telemetry::metrics().observe_attestation(started.elapsed());
+    let attested = attested.map_err(|e| attestation_status(&e))?;
     Ok((caller, attested))
 }
 

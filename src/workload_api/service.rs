@@ -518,6 +518,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     ..gate::caller_event(&attested, EventKind::IssueJwt, AuditDecision::Allow)
                 })
                 .map_err(|e| Status::unavailable(format!("not issuing: {e}")))?;
+            crate::telemetry::metrics().jwt_svids_issued.inc();
             tracing::debug!(pid = caller.pid(), spiffe_id = %m.spiffe_id, jti = %svid.jti, ?audiences, "issued JWT-SVID");
             svids.push(convert::jwt_svid(&svid));
         }
@@ -563,6 +564,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let (_caller, attested) = self.identify(&request).await?;
         let audience = request.get_ref().audience.clone();
         let outcome = self.validate_jwt(&attested, request.into_inner());
+        crate::telemetry::metrics().validated("jwt_svid", outcome.is_ok());
         let mut event = AuditEvent {
             audience: Some(audience),
             ..gate::caller_event(&attested, EventKind::Validate, AuditDecision::Allow)

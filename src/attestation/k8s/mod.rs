@@ -284,6 +284,7 @@ impl K8sAttestor {
         }
         let fetched = Instant::now();
         let list = self.kubelet.pods().await.inspect_err(|error| {
+            crate::telemetry::metrics().kubelet_errors.inc();
             tracing::warn!(%error, "asking the kubelet for its pods failed");
         })?;
         let total = list.items.len();

@@ -1,0 +1,172 @@
+//! The agent's metrics: one process-wide set, recorded where things happen
+//! and read by `/metrics` in the Prometheus (OpenMetrics) text format.
+//!
+//! Process-wide rather than passed around: a counter is a fact about the
+//! process, every layer records into it, and this module (a leaf) imports
+//! nothing from the crate. Label values are closed sets chosen by the code
+//! (never request data), so the number of series stays bounded.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// A label with one value from a closed set.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    /// The kind.
+    pub kind: &'static str,
+}
+
+/// Why a task ended (`completed`, `owner exited`, `expired`, ...).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// The reason, as the task records it.
+    pub reason: &'static str,
+}
+
+/// Which validation, and its outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Validation {
+    /// `jwt_svid` (ValidateJWTSVID) or `task_token` (ValidateTaskToken).
+    pub api: &'static str,
+    /// `valid` or `invalid`.
+    pub result: &'static str,
+}
+
+/// Every metric the agent exposes.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// X.509-SVIDs signed.
+    pub x509_svids_issued: Counter,
+    /// JWT-SVIDs signed (task tokens not included).
+    pub jwt_svids_issued: Counter,
+    /// Task tokens signed, by `kind`: `begin`, `renew`, `exchange`.
+    pub task_tokens_issued: Family<Kind, Counter>,
+    /// Tasks running now.
+    pub tasks_active: Gauge,
+    /// Tasks ended, by reason.
+    pub tasks_ended: Family<Reason, Counter>,
+    /// Token validations, by API and outcome.
+    pub validations: Family<Validation, Counter>,
+    /// Requests a policy denied, by action.
+    pub policy_denials: Family<Kind, Counter>,
+    /// Revocations, by `kind`: `task` (an operator's), `x509` (a
+    /// process-bound SVID whose process exited).
+    pub revocations: Family<Kind, Counter>,
+    /// Time to attest a caller (unix and, for a pod, the kubelet lookup).
+    pub attestation_seconds: Histogram,
+    /// Failed requests to the kubelet.
+    pub kubelet_errors: Counter,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("tether");
+        let metrics = Self {
+            x509_svids_issued: Counter::default(),
+            jwt_svids_issued: Counter::default(),
+            task_tokens_issued: Family::default(),
+            tasks_active: Gauge::default(),
+            tasks_ended: Family::default(),
+            validations: Family::default(),
+            policy_denials: Family::default(),
+            revocations: Family::default(),
+            // 100 µs to ~1.6 s: /proc reads are sub-millisecond, a cold
+            // executable hash or a kubelet round trip is not.
+            attestation_seconds: Histogram::new((0..15).map(|i| 0.0001 * 2f64.powi(i))),
+            kubelet_errors: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "x509_svids_issued",
+            "X.509-SVIDs signed",
+            metrics.x509_svids_issued.clone(),
+        );
+        registry.register(
+            "jwt_svids_issued",
+            "JWT-SVIDs signed (task tokens not included)",
+            metrics.jwt_svids_issued.clone(),
+        );
+        registry.register(
+            "task_tokens_issued",
+            "Task tokens signed, by kind (begin, renew, exchange)",
+            metrics.task_tokens_issued.clone(),
+        );
+        registry.register(
+            "tasks_active",
+            "Tasks running now",
+            metrics.tasks_active.clone(),
+        );
+        registry.register(
+            "tasks_ended",
+            "Tasks ended, by reason",
+            metrics.tasks_ended.clone(),
+        );
+        registry.register(
+            "validations",
+            "Token validations, by API and result",
+            metrics.validations.clone(),
+        );
+        registry.register(
+            "policy_denials",
+            "Requests denied by policy, by action",
+            metrics.policy_denials.clone(),
+        );
+        registry.register(
+            "revocations",
+            "Revocations, by kind (task, x509)",
+            metrics.revocations.clone(),
+        );
+        registry.register(
+            "attestation_seconds",
+            "Time to attest a caller",
+            metrics.attestation_seconds.clone(),
+        );
+        registry.register(
+            "kubelet_errors",
+            "Failed requests to the kubelet",
+            metrics.kubelet_errors.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Records one attestation's duration.
+    pub fn observe_attestation(&self, took: Duration) {
+        self.attestation_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Counts one validation.
+    pub fn validated(&self, api: &'static str, valid: bool) {
+        self.validations
+            .get_or_create(&Validation {
+                api,
+                result: if valid { "valid" } else { "invalid" },
+            })
+            .inc();
+    }
+
+    /// Everything, in the OpenMetrics text format (which Prometheus reads).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
