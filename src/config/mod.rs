@@ -554,6 +554,47 @@ mod tests {
         assert_eq!(c.entries.len(), 1);
     }
 
+    /// The `agent.toml` block scalar of a ConfigMap manifest (`agent.toml:
+    /// |`) or of a JSON patch replacing it (`value: |`), unindented.
+    fn configmap_agent_toml(manifest: &str) -> String {
+        let mut lines = manifest
+            .lines()
+            .skip_while(|l| !matches!(l.trim(), "agent.toml: |" | "value: |"));
+        lines.next();
+        let block: Vec<&str> = lines
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .collect();
+        let indent = block
+            .iter()
+            .find(|l| !l.is_empty())
+            .map_or(0, |l| l.len() - l.trim_start().len());
+        block
+            .iter()
+            .map(|l| l.get(indent..).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The configurations the Kubernetes manifests ship are configurations
+    /// this agent accepts (keys, values, the admin socket's directory).
+    #[test]
+    fn the_kubernetes_configmaps_are_valid_agent_configs() {
+        let mut node = env();
+        node.vars.insert("NODE_NAME".into(), "node-a".into());
+        for manifest in [
+            include_str!("../../deploy/kubernetes/base/configmap.yaml"),
+            include_str!("../../deploy/kubernetes/upstream-ca/configmap-patch.yaml"),
+        ] {
+            let text = configmap_agent_toml(manifest);
+            assert!(text.contains("[attestor.k8s]"), "{text}");
+            let c = Config::from_toml(&text, &node)
+                .unwrap_or_else(|e| panic!("{e}\n--- agent.toml ---\n{text}"));
+            assert!(c.attestor.k8s.enabled);
+            assert_eq!(c.attestor.k8s.node_name.as_deref(), Some("node-a"));
+            assert!(c.http.listen.is_some());
+        }
+    }
+
     #[test]
     fn the_k8s_attestor_takes_its_node_from_the_downward_api() {
         let text = "[attestor.k8s]\nenabled = true\n";

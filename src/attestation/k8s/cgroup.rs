@@ -209,6 +209,16 @@ mod tests {
     }
 
     #[test]
+    fn paths_relative_to_the_agents_own_cgroup_namespace() {
+        // An agent in a container of its own (cgroup v2, private cgroup
+        // namespace) sees other pods' paths relative to its own cgroup.
+        expect_container(&format!(
+            "0::/../../kubepods-besteffort-pod{UID_}.slice/cri-containerd-{ID}.scope\n"
+        ));
+        expect_container(&format!("0::/../../../burstable/pod{UID}/{ID}\n"));
+    }
+
+    #[test]
     fn the_pod_level_has_no_container_and_a_precise_line_wins() {
         assert_eq!(
             found(&format!("0::/kubepods/burstable/pod{UID}\n")),

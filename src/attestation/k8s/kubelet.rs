@@ -142,9 +142,12 @@ impl Kubelet {
                 .with_root_certificates(read_ca(&config.kubelet_ca_path)?)
                 .with_no_client_auth()
         };
+        // The kubelet's serving certificate names the node, not the
+        // loopback address the agent dials it on.
         let name = config
             .kubelet_tls_server_name
             .clone()
+            .or_else(|| config.node_name.clone())
             .unwrap_or_else(|| config.kubelet_host.clone());
         let server_name =
             ServerName::try_from(name.clone()).map_err(|_| KubeletError::ServerName(name))?;

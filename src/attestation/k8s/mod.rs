@@ -56,7 +56,8 @@ pub struct K8sAttestorConfig {
     pub token_path: PathBuf,
     /// The CA that signs the kubelet's serving certificate.
     pub kubelet_ca_path: PathBuf,
-    /// The name the kubelet's certificate must carry (default: the host).
+    /// The name the kubelet's certificate must carry (default: the node
+    /// name, as the kubelet's serving certificate carries it).
     pub kubelet_tls_server_name: Option<String>,
     /// Accept any kubelet certificate (self-signed serving certificates).
     pub skip_kubelet_verification: bool,
