@@ -352,3 +352,27 @@ async fn a_process_outside_pods_never_waits_for_the_kubelet() {
     assert_eq!(kubelet.requests(), 0);
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn a_failed_fetch_is_shared_by_the_callers_that_waited_for_it() {
+    let kubelet = stand_in(Box::new(|_| (500, "kubelet trouble".into()))).await;
+    let attestor = std::sync::Arc::new(
+        K8sAttestor::new(&K8sAttestorConfig {
+            // The failure stands for this long; the test ends well within.
+            poll_retry_interval: Duration::from_secs(10),
+            ..kubelet.config()
+        })
+        .unwrap(),
+    );
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let attestor = std::sync::Arc::clone(&attestor);
+            tokio::spawn(async move { attestor.selectors(&in_pod()).await })
+        })
+        .collect();
+    for caller in callers {
+        let err = caller.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("500"), "{err}");
+    }
+    assert_eq!(kubelet.requests(), 1, "one request for all eight callers");
+}

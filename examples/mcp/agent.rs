@@ -440,12 +440,18 @@ async fn present(
 }
 
 /// Writes the token readable by this user only, replacing the file whole.
+/// The partial file is created anew (never opened through a link someone
+/// left in its place), then renamed over the token file.
 fn write_token(file: &Path, token: &str) -> Result<()> {
     let partial = file.with_extension("partial");
+    match std::fs::remove_file(&partial) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", partial.display())),
+    }
     let mut out = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&partial)
         .with_context(|| format!("writing {}", partial.display()))?;

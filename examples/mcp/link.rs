@@ -99,8 +99,9 @@ pub fn leaf_certificate(source: &spiffe::X509Source) -> Result<Vec<u8>> {
 #[derive(Debug, Clone)]
 pub struct PeerCertificate(pub Vec<u8>);
 
-/// A presented token that tether accepted.
-#[derive(Debug, Clone)]
+/// A presented token that tether accepted. Its `Debug` leaves the token
+/// out: it must never reach a log.
+#[derive(Clone)]
 pub struct Accepted {
     /// The token itself, kept only for an exchange within this request.
     pub token: String,
@@ -113,6 +114,16 @@ pub struct Accepted {
     /// The certificate it was presented with (mTLS; empty otherwise): an
     /// exchange of a bound token must show it.
     pub presenter: Vec<u8>,
+}
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accepted")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("task_id", &self.task_id)
+            .field("actors", &self.actors)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a presented token was not accepted, as an HTTP resource server says

@@ -37,6 +37,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use axum::Router;
@@ -221,15 +222,24 @@ async fn serve_tls(
     stop: tokio_util::sync::CancellationToken,
     signal: impl Future<Output = ()>,
 ) {
+    // Bounds a client cannot stretch: connections at once, the handshake,
+    // the request headers, the drain at shutdown.
+    const MAX_CONNECTIONS: usize = 256;
+    const HANDSHAKE: Duration = Duration::from_secs(5);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(signal);
     loop {
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            break;
+        };
         let (tcp, peer) = tokio::select! {
             () = &mut signal => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     eprintln!("mcp-notes-server: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -238,10 +248,15 @@ async fn serve_tls(
         let router = router.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(e) => {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
                     eprintln!("mcp-notes-server: TLS handshake with {peer} failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    eprintln!("mcp-notes-server: TLS handshake with {peer} timed out");
                     return;
                 }
             };
@@ -255,13 +270,20 @@ async fn serve_tls(
             let service = hyper_util::service::TowerToHyperService::new(
                 router.layer(axum::Extension(link::PeerCertificate(certificate))),
             );
-            let connection = hyper::server::conn::http1::Builder::new()
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HANDSHAKE);
+            let connection = builder
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                 .with_upgrades();
             tokio::pin!(connection);
             tokio::select! {
                 _ = &mut connection => {}
-                () = stop.cancelled() => connection.as_mut().graceful_shutdown(),
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(HANDSHAKE, connection).await;
+                }
             }
         });
     }
@@ -510,7 +532,7 @@ impl Notes {
                 audience: shared.publish_audience.clone(),
                 tools: vec!["notes.publish".into()],
                 bind_certificate: Vec::new(),
-                // A bound token is exchanged only as received from its holder.
+                // What our TLS session saw: a copied bound token is refused.
                 subject_presenter_certificate: accepted.presenter.clone(),
             })
             .await

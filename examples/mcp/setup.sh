@@ -16,7 +16,12 @@ agent=$(path_of mcp-agent)
 server=$(path_of mcp-notes-server)
 api=$(path_of notes-publish-api)
 uid=$(id -u)
-mkdir -p "$dir"
+# A directory of this user's only: the token files go there too.
+mkdir -p -m 700 "$dir"
+if [ ! -O "$dir" ] || [ -n "$(find "$dir" -maxdepth 0 -perm /077)" ]; then
+  echo "setup.sh: $dir must be a directory of yours that others cannot enter (chmod 700)" >&2
+  exit 1
+fi
 cat > "$dir/tether.toml" <<TOML
 # The MCP example's agent, written by examples/mcp/setup.sh.
 trust_domain = "tether.local"

@@ -323,7 +323,10 @@ impl Admin for AdminApi {
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
         // The same answer as the HTTP endpoint's /readyz.
-        let problems = self.readiness.problems();
+        let readiness = self.readiness.clone();
+        let problems = tokio::task::spawn_blocking(move || readiness.problems())
+            .await
+            .map_err(|e| Status::internal(format!("the readiness check failed: {e}")))?;
         Ok(Response::new(pb::HealthResponse {
             serving: problems.is_empty(),
             problems,

@@ -45,6 +45,9 @@ pub enum ProcfsError {
     /// The start-time field is not a decimal number.
     #[error("start time is not a number")]
     MalformedStartTime,
+    /// The file is longer than any the kernel writes.
+    #[error("longer than the kernel ever writes it")]
+    TooLong,
 }
 
 /// The identity facts of `/proc/<pid>/status`.
@@ -190,7 +193,6 @@ pub fn pid_path(proc_root: &Path, pid: i32, file: &str) -> PathBuf {
     proc_root.join(pid.to_string()).join(file)
 }
 
-/// Reads and parses `<proc_root>/<pid>/status`.
 /// `<proc_root>/<pid>/cgroup`, at most [`super::k8s::MAX_CGROUP_FILE`]
 /// bytes (the kernel writes a few hundred).
 pub fn read_cgroup(proc_root: &Path, pid: i32) -> Result<String, AttestationError> {
@@ -199,16 +201,24 @@ pub fn read_cgroup(proc_root: &Path, pid: i32) -> Result<String, AttestationErro
     let mut text = String::new();
     File::open(&path)
         .and_then(|file| {
-            file.take(super::k8s::MAX_CGROUP_FILE)
+            file.take(super::k8s::MAX_CGROUP_FILE + 1)
                 .read_to_string(&mut text)
         })
         .map_err(|source| AttestationError::ReadProc {
             path: path.clone(),
             source,
         })?;
+    // Never a prefix of the file parsed as if it were all of it.
+    if text.len() as u64 > super::k8s::MAX_CGROUP_FILE {
+        return Err(AttestationError::ParseProc {
+            path,
+            source: ProcfsError::TooLong,
+        });
+    }
     Ok(text)
 }
 
+/// Reads and parses `<proc_root>/<pid>/status`.
 pub fn read_status(proc_root: &Path, pid: i32) -> Result<ProcStatus, AttestationError> {
     let path = pid_path(proc_root, pid, "status");
     let contents = read_small(&path)?;

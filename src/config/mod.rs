@@ -619,6 +619,13 @@ mod tests {
             bad.to_string().contains("attestor.k8s.max_poll_attempts"),
             "{bad}"
         );
+        // Unverified, the kubelet may only be this node's loopback.
+        let remote = Config::from_toml(
+            "[attestor.k8s]\nenabled = true\nnode_name = \"n\"\nkubelet_host = \"10.0.0.7\"\nskip_kubelet_verification = true\n",
+            &env(),
+        )
+        .unwrap_err();
+        assert!(remote.to_string().contains("loopback"), "{remote}");
         // Off, nothing is required.
         assert!(!Config::from_toml("", &env()).unwrap().attestor.k8s.enabled);
     }

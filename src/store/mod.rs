@@ -282,8 +282,12 @@ impl Store {
     }
 
     /// Whether the database can take a write now (for readiness): takes and
-    /// releases the write lock (`BEGIN IMMEDIATE`, `ROLLBACK`), which a
-    /// read-only or vanished database refuses. Writes nothing.
+    /// releases the write lock (`BEGIN IMMEDIATE`, `ROLLBACK`), which fails
+    /// when the connection is read-only or the lock is wedged. Writes
+    /// nothing, so it cannot see a file system that fails only on the
+    /// write itself (full, gone read-only under an open file); those fail
+    /// the write, and the request, when it comes. Blocking: call it off
+    /// the async workers.
     pub fn check_writable(&self) -> Result<(), StoreError> {
         let conn = self.conn();
         conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")

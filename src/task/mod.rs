@@ -653,6 +653,8 @@ impl Tasks {
         let store = self.inner.store.clone();
         tokio::task::spawn_blocking(move || store.insert_task(&row)).await??;
         self.tasks().insert(task.id.clone(), Arc::clone(&task));
+        // Active from now: its end, whenever it comes, counts it down.
+        metrics().tasks_active.inc();
         let _ = self.inner.owners.send((Arc::clone(&task), caller.clone()));
         let token = self.issue(
             &task,
@@ -663,7 +665,6 @@ impl Tasks {
             None,
             task.requester(),
         )?;
-        metrics().tasks_active.inc();
         if let Err(unavailable) = self.inner.audit.record(AuditEvent {
             token_id: Some(token.jti.clone()),
             policy_ids: decided_by,
@@ -860,8 +861,9 @@ impl Tasks {
     /// the subject token must be addressed to one of their SPIFFE IDs or
     /// declared audiences, and that identity becomes the new actor. A bound
     /// subject token (`cnf`) is accepted only with `subject_presenter`, the
-    /// certificate it was presented with, and only if that is the one it is
-    /// bound to. Nothing is issued until [`Tasks::complete_exchange`], so
+    /// certificate the caller says it was presented with, and only if that
+    /// is the one it is bound to (the caller's statement: it keeps an honest
+    /// service from exchanging a copied token). Nothing is issued until [`Tasks::complete_exchange`], so
     /// policy can decide on the checked plan in between.
     pub fn prepare_exchange(
         &self,

@@ -27,6 +27,12 @@ use super::metrics::metrics;
 /// Bound on reading a request's headers: a slow client cannot hold a
 /// connection open for free.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on a whole connection (one request: no keep-alive), so a client
+/// that never reads its answer cannot hold a slot either.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The wait after a failed accept (out of file descriptors, say), instead
+/// of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 64;
 
@@ -83,6 +89,7 @@ pub async fn serve(
                 Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(%error, "accepting an HTTP connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
@@ -93,26 +100,41 @@ pub async fn serve(
             let _permit = permit;
             let service = service_fn(move |request| {
                 let readiness = readiness.clone();
-                async move { Ok::<_, Infallible>(answer(&request, &readiness)) }
+                async move {
+                    // Readiness takes the store's lock: off the async workers.
+                    let problems = if request.uri().path() == "/readyz" {
+                        let readiness = readiness.clone();
+                        tokio::task::spawn_blocking(move || readiness.problems())
+                            .await
+                            .unwrap_or_else(|e| vec![format!("the readiness check failed: {e}")])
+                    } else {
+                        Vec::new()
+                    };
+                    Ok::<_, Infallible>(answer(&request, &problems))
+                }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false);
             let connection = builder.serve_connection(TokioIo::new(tcp), service);
             tokio::pin!(connection);
             tokio::select! {
                 _ = &mut connection => {}
+                () = tokio::time::sleep(CONNECTION_TIMEOUT) => {}
                 () = cancel.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+                    let _ = tokio::time::timeout(HEADER_TIMEOUT, connection).await;
                 }
             }
         });
     }
 }
 
-fn answer<B>(request: &Request<B>, readiness: &Readiness) -> Response<Full<Bytes>> {
+/// The answer to `request`; `problems` is readiness (computed for
+/// `/readyz` only).
+fn answer<B>(request: &Request<B>, problems: &[String]) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &'static str, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
@@ -133,7 +155,6 @@ fn answer<B>(request: &Request<B>, readiness: &Readiness) -> Response<Full<Bytes
     match request.uri().path() {
         "/healthz" => reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
         "/readyz" => {
-            let problems = readiness.problems();
             if problems.is_empty() {
                 reply(
                     StatusCode::OK,
@@ -171,7 +192,7 @@ mod tests {
 
     #[test]
     fn readyz_says_why_the_agent_is_not_serving() {
-        let failing = Readiness::new(|| vec!["the audit trail is failing".into()]);
+        let failing = vec!["the audit trail is failing".to_owned()];
         let response = answer(&get("/readyz"), &failing);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         let body = format!("{:?}", response.body());

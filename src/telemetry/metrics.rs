@@ -85,9 +85,9 @@ impl Metrics {
             validations: Family::default(),
             policy_denials: Family::default(),
             revocations: Family::default(),
-            // 100 µs to ~1.6 s: /proc reads are sub-millisecond, a cold
-            // executable hash or a kubelet round trip is not.
-            attestation_seconds: Histogram::new((0..15).map(|i| 0.0001 * 2f64.powi(i))),
+            // 100 µs to ~26 s: /proc reads are sub-millisecond, a cold
+            // executable hash or a kubelet lookup with retries is not.
+            attestation_seconds: Histogram::new((0..19).map(|i| 0.0001 * 2f64.powi(i))),
             kubelet_errors: Counter::default(),
             registry: Registry::default(),
         };

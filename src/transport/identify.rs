@@ -30,12 +30,14 @@ pub async fn identify<T>(
 /// down, pod not listed yet) is what the workload needs to know and holds
 /// nothing secret.
 pub fn attestation_status(error: &AttestationError) -> Status {
-    if matches!(
-        error,
-        AttestationError::Kubernetes { .. } | AttestationError::Cgroup { .. }
-    ) {
+    if let AttestationError::Kubernetes { .. } = error {
         tracing::warn!(%error, "pod attestation failed");
         return Status::unavailable(format!("could not attest the calling process: {error}"));
+    }
+    // Not transient: retrying would not help.
+    if let AttestationError::Cgroup { .. } = error {
+        tracing::warn!(%error, "pod attestation refused");
+        return Status::permission_denied(format!("could not attest the calling process: {error}"));
     }
     if error.is_caller_fault() {
         tracing::info!(%error, "caller refused during attestation");

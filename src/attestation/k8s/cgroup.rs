@@ -24,9 +24,9 @@
 pub struct PodContainer {
     /// The pod's UID, in its canonical form (`2c48913c-b29f-11e7-...`).
     pub pod_uid: String,
-    /// The container's ID as the runtime reports it (64 hex digits), or
-    /// `None` for a process of the pod's own cgroup (the pause container's
-    /// level), which belongs to no container.
+    /// The container's ID as the runtime reports it (64 hex digits). Always
+    /// set in what [`pod_container`] returns; `None` only for a v1
+    /// hierarchy line that stops at the pod level, while merging lines.
     pub container_id: Option<String>,
 }
 
@@ -67,7 +67,9 @@ pub fn pod_container(file: &str) -> Result<Option<PodContainer>, CgroupError> {
             }
         }
     }
-    Ok(found)
+    // A process at the pod level belongs to no container: workloads never
+    // run there, so it is no pod's workload.
+    Ok(found.filter(|pc| pc.container_id.is_some()))
 }
 
 fn describe(pc: &PodContainer) -> String {
@@ -77,14 +79,21 @@ fn describe(pc: &PodContainer) -> String {
     }
 }
 
-/// The pod (the last path segment naming one) and the container below it.
+/// The pod (the one path segment naming one) and the container below it.
+///
+/// A path naming two pods is no pod's: a container allowed to create
+/// cgroups could otherwise make `.../pod<its own>/<id>/pod<another>` and
+/// move in, to be taken for the other pod.
 fn in_path(path: &str) -> Option<PodContainer> {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let (at, pod_uid) = segments
+    let mut pods = segments
         .iter()
         .enumerate()
-        .rev()
-        .find_map(|(i, segment)| pod_uid_in(segment).map(|uid| (i, uid)))?;
+        .filter_map(|(i, segment)| pod_uid_in(segment).map(|uid| (i, uid)));
+    let (at, pod_uid) = pods.next()?;
+    if pods.next().is_some() {
+        return None;
+    }
     let container_id = match segments.get(at + 1..) {
         Some([container]) => Some(container_id_in(container)?),
         Some([]) | None => None,
@@ -198,7 +207,7 @@ mod tests {
     }
 
     #[test]
-    fn nested_clusters_name_the_innermost_pod() {
+    fn nested_clusters_name_the_pod() {
         let host = "f".repeat(64);
         expect_container(&format!(
             "0::/docker/{host}/kubepods/besteffort/pod{UID}/{ID}\n"
@@ -219,13 +228,10 @@ mod tests {
     }
 
     #[test]
-    fn the_pod_level_has_no_container_and_a_precise_line_wins() {
+    fn the_pod_level_is_no_workload_and_a_precise_line_wins() {
         assert_eq!(
-            found(&format!("0::/kubepods/burstable/pod{UID}\n")),
-            PodContainer {
-                pod_uid: UID.into(),
-                container_id: None
-            }
+            pod_container(&format!("0::/kubepods/burstable/pod{UID}\n")),
+            Ok(None)
         );
         expect_container(&format!(
             "3:cpu:/kubepods/burstable/pod{UID}\n2:memory:/kubepods/burstable/pod{UID}/{ID}\n"
@@ -259,6 +265,18 @@ mod tests {
             "\u{0}\u{1}::::::pod",
         ] {
             assert_eq!(pod_container(file), Ok(None), "{file:?}");
+        }
+    }
+
+    #[test]
+    fn a_pod_nested_in_another_pods_container_is_no_pod() {
+        let other = "3f0c2c5e-1111-2222-3333-444455556666";
+        for file in [
+            format!("0::/kubepods/burstable/pod{UID}/{ID}/pod{other}\n"),
+            format!("0::/kubepods/burstable/pod{UID}/{ID}/pod{other}/{ID}\n"),
+            format!("0::/kubepods/burstable/pod{UID}/{ID}/{ID}\n"),
+        ] {
+            assert_eq!(pod_container(&file), Ok(None), "{file}");
         }
     }
 

@@ -161,9 +161,13 @@ impl Kubelet {
         })
     }
 
-    /// `host:port`, for messages.
+    /// `host:port` (an IPv6 literal in brackets), for messages and `Host`.
     pub fn address(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 
     /// The pods the kubelet runs.
@@ -175,10 +179,17 @@ impl Kubelet {
                 address: address.clone(),
                 timeout: self.timeout,
             })??;
-        serde_json::from_slice(&body).map_err(|e| KubeletError::Malformed {
-            address,
-            problem: e.to_string(),
-        })
+        // Parsing megabytes is CPU work: off the async workers.
+        tokio::task::spawn_blocking(move || serde_json::from_slice(&body))
+            .await
+            .map_err(|e| KubeletError::Malformed {
+                address: address.clone(),
+                problem: e.to_string(),
+            })?
+            .map_err(|e| KubeletError::Malformed {
+                address,
+                problem: e.to_string(),
+            })
     }
 
     async fn get_pods(&self) -> Result<Bytes, KubeletError> {

@@ -87,7 +87,14 @@ pub struct K8sAttestor {
     cache_ttl: Duration,
     attempts: u32,
     retry_interval: Duration,
-    cache: Mutex<Option<Cached>>,
+    cache: Mutex<Cache>,
+}
+
+/// The last pod list, and the last failure to get one.
+#[derive(Debug, Default)]
+struct Cache {
+    pods: Option<Cached>,
+    failure: Option<(Instant, Arc<KubeletError>)>,
 }
 
 #[derive(Debug)]
@@ -99,9 +106,10 @@ struct Cached {
 /// Why a process in a pod could not be attested.
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
-    /// Asking the kubelet failed.
+    /// Asking the kubelet failed (now, or just before: a failure is
+    /// shared by the callers that waited for it).
     #[error(transparent)]
-    Kubelet(#[from] KubeletError),
+    Kubelet(#[from] Arc<KubeletError>),
     /// The pod is not on this node's kubelet, even after retrying.
     #[error("pod {pod_uid} is not among the pods of node {node} ({attempts} attempts)")]
     PodNotListed {
@@ -143,7 +151,7 @@ impl Default for K8sAttestorConfig {
             max_poll_attempts: 10,
             poll_retry_interval: Duration::from_millis(300),
             request_timeout: Duration::from_secs(5),
-            max_response_bytes: 64 * 1024 * 1024,
+            max_response_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -167,6 +175,20 @@ impl K8sAttestorConfig {
         }
         if self.kubelet_host.is_empty() {
             return Err(("attestor.k8s.kubelet_host", "is empty".into()));
+        }
+        // Unverified, the token (which may get nodes/proxy of every node)
+        // goes to whoever answers: only ever to this node's own loopback.
+        let loopback = self.kubelet_host == "localhost"
+            || self
+                .kubelet_host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if self.skip_kubelet_verification && !loopback {
+            return Err((
+                "attestor.k8s.skip_kubelet_verification",
+                "is allowed only with a loopback kubelet_host (the token would go to any server)"
+                    .into(),
+            ));
         }
         if self.kubelet_secure_port == 0 && self.kubelet_read_only_port == 0 {
             return Err(("attestor.k8s.kubelet_secure_port", "is 0".into()));
@@ -232,7 +254,7 @@ impl K8sAttestor {
             cache_ttl: config.pod_cache_ttl,
             attempts: config.max_poll_attempts,
             retry_interval: config.poll_retry_interval,
-            cache: Mutex::new(None),
+            cache: Mutex::new(Cache::default()),
         })
     }
 
@@ -274,9 +296,20 @@ impl K8sAttestor {
     /// This node's pods: the cached list if it is younger than the TTL and
     /// than `fetched_after`, else a fresh one. One fetch at a time: callers
     /// that wait for it share its result.
-    async fn pods(&self, fetched_after: Option<Instant>) -> Result<Arc<Vec<Pod>>, KubeletError> {
+    async fn pods(
+        &self,
+        fetched_after: Option<Instant>,
+    ) -> Result<Arc<Vec<Pod>>, Arc<KubeletError>> {
         let mut cache = self.cache.lock().await;
-        if let Some(cached) = &*cache {
+        // A fetch that just failed is the answer for everyone who waited
+        // for it: a kubelet that is down costs each caller one timeout at
+        // most, not one per caller queued before it.
+        if let Some((at, error)) = &cache.failure
+            && at.elapsed() < self.retry_interval
+        {
+            return Err(Arc::clone(error));
+        }
+        if let Some(cached) = &cache.pods {
             let fresh = cached.fetched.elapsed() < self.cache_ttl;
             let recent = fetched_after.is_none_or(|after| cached.fetched >= after);
             if fresh && recent {
@@ -284,10 +317,19 @@ impl K8sAttestor {
             }
         }
         let fetched = Instant::now();
-        let list = self.kubelet.pods().await.inspect_err(|error| {
-            crate::telemetry::metrics().kubelet_errors.inc();
-            tracing::warn!(%error, "asking the kubelet for its pods failed");
-        })?;
+        let list = match self.kubelet.pods().await {
+            Ok(list) => list,
+            Err(error) => {
+                crate::telemetry::metrics().kubelet_errors.inc();
+                // The caller's attestation failure is logged where it is
+                // answered; this is the detail.
+                tracing::debug!(%error, "asking the kubelet for its pods failed");
+                let error = Arc::new(error);
+                cache.failure = Some((Instant::now(), Arc::clone(&error)));
+                return Err(error);
+            }
+        };
+        cache.failure = None;
         let total = list.items.len();
         let pods: Vec<Pod> = list
             .items
@@ -306,7 +348,7 @@ impl K8sAttestor {
             );
         }
         let pods = Arc::new(pods);
-        *cache = Some(Cached {
+        cache.pods = Some(Cached {
             fetched,
             pods: Arc::clone(&pods),
         });
@@ -329,10 +371,9 @@ fn selectors_of(pod: &Pod, container_id: Option<&str>) -> Option<SelectorSet> {
     if let Some(ns) = &meta.namespace {
         out.insert(k8s("ns", ns));
     }
-    let sa = spec
-        .and_then(|s| s.service_account_name.as_deref())
-        .unwrap_or("default");
-    out.insert(k8s("sa", sa));
+    if let Some(sa) = spec.and_then(|s| s.service_account_name.as_deref()) {
+        out.insert(k8s("sa", sa));
+    }
     if let Some(name) = &meta.name {
         out.insert(k8s("pod-name", name));
     }
