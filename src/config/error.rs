@@ -43,6 +43,15 @@ pub enum ConfigError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A setting (one key, or keys that must agree) that a domain's own
+    /// check refused; the problem says which value is wrong.
+    #[error("{key}: {problem}")]
+    Setting {
+        /// The key (`tasks.token_ttl`, `attestor.k8s.node_name`).
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 impl ConfigError {
@@ -66,6 +75,14 @@ impl ConfigError {
             line,
             column,
             source: Box::new(source),
+        }
+    }
+
+    /// A [`ConfigError::Setting`]: a domain's check of its section failed.
+    pub fn setting(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::Setting {
+            key: key.into(),
+            problem: problem.into(),
         }
     }
 

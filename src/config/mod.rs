@@ -160,7 +160,7 @@ impl Config {
         check_ttl("authority.jwt_key_ttl", authority.jwt_key_ttl, None)?;
         authority
             .validate()
-            .map_err(|(key, problem)| ConfigError::invalid(key, "", problem))?;
+            .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
         check_ttl(
             "x509_svid_ttl",
             svid.x509_svid_ttl,
@@ -194,10 +194,10 @@ impl Config {
 
         raw.limits
             .validate()
-            .map_err(|(key, problem)| ConfigError::invalid(format!("limits.{key}"), "", problem))?;
+            .map_err(|(key, problem)| ConfigError::setting(format!("limits.{key}"), problem))?;
         raw.tasks
             .validate()
-            .map_err(|(key, problem)| ConfigError::invalid(key, "", problem))?;
+            .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
         let workload_api = WorkloadApiConfig {
             allow_unauthenticated_verifiers: raw.allow_unauthenticated_verifiers,
             limits: raw.limits,
@@ -313,7 +313,7 @@ impl Config {
         attestor
             .k8s
             .validate()
-            .map_err(|(key, problem)| ConfigError::invalid(key, String::new(), problem))?;
+            .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
         let admin_gid = raw.admin_group.as_deref().map(resolve_group).transpose()?;
         let admin = AdminApiConfig {
             socket_path: admin_socket_path,
@@ -390,13 +390,14 @@ fn resolve_audit(
         check_absolute("audit_dir", &dir)?;
         audit.dir = Some(dir);
     }
-    audit.validate().map_err(|(key, problem)| {
-        let value = match key {
-            "audit.dir" => audit.dir.as_ref().map(|d| d.display().to_string()),
-            _ => None,
-        };
-        ConfigError::invalid(key, value.unwrap_or_default(), problem)
-    })?;
+    audit
+        .validate()
+        .map_err(|(key, problem)| match (key, &audit.dir) {
+            ("audit.dir", Some(dir)) => {
+                ConfigError::invalid(key, dir.display().to_string(), problem)
+            }
+            _ => ConfigError::setting(key, problem),
+        })?;
     audit.dir.get_or_insert_with(|| data_dir.join("audit"));
     Ok(audit)
 }
