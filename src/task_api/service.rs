@@ -92,7 +92,7 @@ impl TaskApi {
                 context: PolicyContext {
                     intent: &task.intent,
                     tools: &task.tools,
-                    ttl_seconds: i64::try_from(left).unwrap_or(i64::MAX),
+                    ttl_seconds: gate::ttl_seconds(left),
                     actors: &[],
                     uid: attested.uid,
                     executable: &executable,
@@ -122,11 +122,7 @@ impl TaskApi {
         let executable = gate::executable(attested);
         let tools: Vec<String> = token.claims.tools().map(str::to_owned).collect();
         let actors = token.claims.actors();
-        let left = token.claims.exp.saturating_sub(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        );
+        let left = gate::seconds_until(token.claims.exp);
         gate::decide(
             &self.policy,
             self.tasks.audit(),
@@ -139,7 +135,7 @@ impl TaskApi {
                 context: PolicyContext {
                     intent: &token.claims.tctx.intent,
                     tools: &tools,
-                    ttl_seconds: i64::try_from(left).unwrap_or(i64::MAX),
+                    ttl_seconds: gate::ttl_seconds(left),
                     actors: &actors,
                     uid: attested.uid,
                     executable: &executable,
@@ -332,7 +328,7 @@ impl TasksRpc for TaskApi {
                 context: PolicyContext {
                     intent: &req.intent,
                     tools: &req.tools,
-                    ttl_seconds: i64::try_from(ttl_seconds).unwrap_or(i64::MAX),
+                    ttl_seconds: gate::ttl_seconds(ttl_seconds),
                     actors: &[],
                     uid: attested.uid,
                     executable: &executable,
@@ -529,11 +525,7 @@ impl TasksRpc for TaskApi {
             .map_err(status::task)?;
         let selectors = gate::selectors(&attested);
         let executable = gate::executable(&attested);
-        let left = exchange.subject.exp.saturating_sub(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        );
+        let left = gate::seconds_until(exchange.subject.exp);
         let decided_by = gate::decide(
             &self.policy,
             self.tasks.audit(),
@@ -546,7 +538,7 @@ impl TasksRpc for TaskApi {
                 context: PolicyContext {
                     intent: &exchange.task.intent,
                     tools: &exchange.tools,
-                    ttl_seconds: i64::try_from(left).unwrap_or(i64::MAX),
+                    ttl_seconds: gate::ttl_seconds(left),
                     actors: &exchange.actors,
                     uid: attested.uid,
                     executable: &executable,

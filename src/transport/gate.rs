@@ -96,6 +96,20 @@ pub fn caller_event(attested: &Attested, event: EventKind, decision: AuditDecisi
     }
 }
 
+/// Seconds as the policy context's `ttl_seconds` (a Cedar Long), saturating.
+pub fn ttl_seconds(seconds: u64) -> i64 {
+    i64::try_from(seconds).unwrap_or(i64::MAX)
+}
+
+/// Seconds from now until the Unix time `exp` (0 once it has passed): the
+/// life a token has left.
+pub fn seconds_until(exp: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    exp.saturating_sub(now)
+}
+
 /// The selectors of `attested` as the policy sees them.
 pub fn selectors(attested: &Attested) -> Vec<String> {
     attested.selectors.iter().map(ToString::to_string).collect()

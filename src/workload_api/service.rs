@@ -487,7 +487,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         action: Action::FetchJwtSvid,
                         resource: Resource::Audience(audience),
                         context: PolicyContext {
-                            ttl_seconds: i64::try_from(ttl).unwrap_or(i64::MAX),
+                            ttl_seconds: gate::ttl_seconds(ttl),
                             uid: attested.uid,
                             executable: &executable,
                             audience,
