@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// A label with one value from a closed set.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,6 +68,13 @@ pub struct Metrics {
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
+/// A new metric of its default kind, registered under `name`.
+fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS
@@ -76,74 +83,52 @@ pub fn metrics() -> &'static Metrics {
 impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("tether");
-        let metrics = Self {
-            x509_svids_issued: Counter::default(),
-            jwt_svids_issued: Counter::default(),
-            task_tokens_issued: Family::default(),
-            tasks_active: Gauge::default(),
-            tasks_ended: Family::default(),
-            validations: Family::default(),
-            policy_denials: Family::default(),
-            revocations: Family::default(),
-            // 100 µs to ~26 s: /proc reads are sub-millisecond, a cold
-            // executable hash or a kubelet lookup with retries is not.
-            attestation_seconds: Histogram::new((0..19).map(|i| 0.0001 * 2f64.powi(i))),
-            kubelet_errors: Counter::default(),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "x509_svids_issued",
-            "X.509-SVIDs signed",
-            metrics.x509_svids_issued.clone(),
-        );
-        registry.register(
-            "jwt_svids_issued",
-            "JWT-SVIDs signed (task tokens not included)",
-            metrics.jwt_svids_issued.clone(),
-        );
-        registry.register(
-            "task_tokens_issued",
-            "Task tokens signed, by kind (begin, renew, exchange)",
-            metrics.task_tokens_issued.clone(),
-        );
-        registry.register(
-            "tasks_active",
-            "Tasks running now",
-            metrics.tasks_active.clone(),
-        );
-        registry.register(
-            "tasks_ended",
-            "Tasks ended, by reason",
-            metrics.tasks_ended.clone(),
-        );
-        registry.register(
-            "validations",
-            "Token validations, by API and result",
-            metrics.validations.clone(),
-        );
-        registry.register(
-            "policy_denials",
-            "Requests denied by policy, by action",
-            metrics.policy_denials.clone(),
-        );
-        registry.register(
-            "revocations",
-            "Revocations, by kind (task, x509)",
-            metrics.revocations.clone(),
-        );
-        registry.register(
-            "attestation_seconds",
-            "Time to attest a caller",
-            metrics.attestation_seconds.clone(),
-        );
-        registry.register(
-            "kubelet_errors",
-            "Failed requests to the kubelet",
-            metrics.kubelet_errors.clone(),
-        );
         Self {
+            x509_svids_issued: registered(&mut registry, "x509_svids_issued", "X.509-SVIDs signed"),
+            jwt_svids_issued: registered(
+                &mut registry,
+                "jwt_svids_issued",
+                "JWT-SVIDs signed (task tokens not included)",
+            ),
+            task_tokens_issued: registered(
+                &mut registry,
+                "task_tokens_issued",
+                "Task tokens signed, by kind (begin, renew, exchange)",
+            ),
+            tasks_active: registered(&mut registry, "tasks_active", "Tasks running now"),
+            tasks_ended: registered(&mut registry, "tasks_ended", "Tasks ended, by reason"),
+            validations: registered(
+                &mut registry,
+                "validations",
+                "Token validations, by API and result",
+            ),
+            policy_denials: registered(
+                &mut registry,
+                "policy_denials",
+                "Requests denied by policy, by action",
+            ),
+            revocations: registered(
+                &mut registry,
+                "revocations",
+                "Revocations, by kind (task, x509)",
+            ),
+            attestation_seconds: {
+                // 100 µs to ~26 s: /proc reads are sub-millisecond, a cold
+                // executable hash or a kubelet lookup with retries is not.
+                let histogram = Histogram::new((0..19).map(|i| 0.0001 * 2f64.powi(i)));
+                registry.register(
+                    "attestation_seconds",
+                    "Time to attest a caller",
+                    histogram.clone(),
+                );
+                histogram
+            },
+            kubelet_errors: registered(
+                &mut registry,
+                "kubelet_errors",
+                "Failed requests to the kubelet",
+            ),
             registry,
-            ..metrics
         }
     }
 
