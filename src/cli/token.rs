@@ -220,24 +220,15 @@ fn execute(args: &TokenArgs) -> Result<(), TokenError> {
         .map_err(TaskClientError::from)?;
     let timeout = args.socket.timeout();
     // Blocking input is read before the runtime starts.
-    let (token, presenter) = match &args.command {
-        TokenCommand::Exchange(exchange) => (
-            read_token(&exchange.token)?,
-            exchange
-                .presenter_cert
-                .as_deref()
-                .map(read_certificate)
-                .transpose()?,
-        ),
-        TokenCommand::Validate(validate) => (
-            read_token(&validate.token)?,
-            validate
-                .presenter_cert
-                .as_deref()
-                .map(read_certificate)
-                .transpose()?,
-        ),
+    let (token, presenter_cert) = match &args.command {
+        TokenCommand::Exchange(exchange) => (&exchange.token, &exchange.presenter_cert),
+        TokenCommand::Validate(validate) => (&validate.token, &validate.presenter_cert),
     };
+    let token = read_token(token)?;
+    let presenter = presenter_cert
+        .as_deref()
+        .map(read_certificate)
+        .transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
