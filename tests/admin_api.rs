@@ -565,8 +565,11 @@ async fn kill_9_during_a_burst_of_writes_loses_no_acknowledged_entry() {
     let mut agent = start();
     let mut admin = wait_for_admin().await;
     let mut acknowledged = Vec::new();
+    // The kill lands once some writes are acknowledged, whatever the
+    // machine's speed, while the writer keeps writing.
+    let enough_written = tokio::sync::Notify::new();
     let writer = async {
-        for i in 0.. {
+        for i in 0..1_000_000 {
             let made = admin
                 .create_entry(pb::CreateEntryRequest {
                     spec: Some(spec(
@@ -579,10 +582,13 @@ async fn kill_9_during_a_burst_of_writes_loses_no_acknowledged_entry() {
                 Ok(entry) => acknowledged.push(entry.into_inner().id),
                 Err(_) => break,
             }
+            if acknowledged.len() == 20 {
+                enough_written.notify_one();
+            }
         }
     };
     let killer = async {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        enough_written.notified().await;
         kill(Pid::from_raw(agent.id() as i32), Signal::SIGKILL).unwrap();
     };
     tokio::join!(writer, killer);
@@ -590,7 +596,7 @@ async fn kill_9_during_a_burst_of_writes_loses_no_acknowledged_entry() {
     let agent_done = tokio::task::spawn_blocking(move || agent.wait().unwrap());
     agent_done.await.unwrap();
     assert!(
-        acknowledged.len() > 5,
+        acknowledged.len() >= 20,
         "the burst wrote something before the kill"
     );
 
