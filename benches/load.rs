@@ -25,6 +25,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tether::cli::task_client::TaskClient;
@@ -45,18 +46,34 @@ enum Op {
     Exchange,
     X509First,
     NewConnection,
+    WatchRefresh,
+    ProcessCached,
+    ProcessCold,
+    Empty,
 }
 
 impl Op {
-    const ALL: [Op; 7] = [
+    const ALL: [Op; 11] = [
+        Op::Empty,
         Op::FetchJwt,
         Op::ValidateJwt,
         Op::BeginEnd,
+        Op::WatchRefresh,
         Op::ValidateTask,
         Op::Exchange,
         Op::X509First,
         Op::NewConnection,
+        Op::ProcessCached,
+        Op::ProcessCold,
     ];
+
+    /// Operations that start a process each time: run at up to this many
+    /// clients (more would measure fork on two cores, not the agent).
+    const MAX_PROCESS_CLIENTS: usize = 16;
+
+    fn spawns_processes(self) -> bool {
+        matches!(self, Op::ProcessCached | Op::ProcessCold)
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -67,6 +84,10 @@ impl Op {
             Op::Exchange => "exchange",
             Op::X509First => "x509_first",
             Op::NewConnection => "new_connection",
+            Op::WatchRefresh => "watch_refresh",
+            Op::ProcessCached => "process_cached",
+            Op::ProcessCold => "process_cold",
+            Op::Empty => "empty",
         }
     }
 
@@ -79,14 +100,24 @@ impl Op {
             Op::Exchange => "ExchangeToken",
             Op::X509First => "FetchX509SVID, first message",
             Op::NewConnection => "new connection + FetchJWTSVID (attestation, hash cached)",
+            Op::WatchRefresh => "WatchTask, one fresh token (re-check, policy, sign)",
+            Op::ProcessCached => "new process: `tether api fetch jwt` (exe hash cached)",
+            Op::ProcessCold => "new process: `tether api fetch jwt` (exe hash cold, 30 MB)",
+            Op::Empty => "empty unary gRPC call (the stack alone, no agent)",
         }
     }
 
     /// The limit this operation is bound by, and its name.
     fn limit(self, limits: &Limits) -> (f64, &'static str) {
         match self {
-            Op::FetchJwt | Op::Exchange | Op::NewConnection => (limits.sign, "ES256 sign"),
-            Op::BeginEnd => (limits.sign, "ES256 sign"),
+            Op::FetchJwt
+            | Op::Exchange
+            | Op::NewConnection
+            | Op::WatchRefresh
+            | Op::ProcessCached
+            | Op::ProcessCold
+            | Op::BeginEnd => (limits.sign, "ES256 sign"),
+            Op::Empty => (f64::INFINITY, "—"),
             Op::ValidateJwt | Op::ValidateTask => (limits.verify, "ES256 verify"),
             Op::X509First => (limits.keygen_x509, "P-256 keygen + X.509 sign"),
         }
@@ -106,6 +137,14 @@ struct Args {
     clients: Vec<usize>,
     ops: Vec<Op>,
     write: Option<PathBuf>,
+    scale: bool,
+}
+
+/// Where the clients connect, and a directory for what they make.
+struct Targets {
+    agent: PathBuf,
+    empty: PathBuf,
+    work: PathBuf,
 }
 
 struct Row {
@@ -120,6 +159,10 @@ struct Row {
 }
 
 fn main() {
+    if let Ok(streams) = std::env::var(scale::CHILD_STREAMS) {
+        scale::child(streams.parse().unwrap());
+        return;
+    }
     let args = parse_args();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     eprintln!("measuring this machine's limits ({cores} cores)...");
@@ -127,17 +170,31 @@ fn main() {
     eprintln!("{limits:?}");
 
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path());
+    let agent = Agent::start(&dir.path().join("load"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
+    // The empty service gets a runtime of its own, as an agent would.
+    let empty_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .enable_all()
+        .build()
+        .unwrap();
+    let targets = Targets {
+        agent: agent.socket.clone(),
+        empty: empty::serve(&empty_runtime, dir.path()),
+        work: dir.path().to_owned(),
+    };
     let idle_rss = agent.rss_kib();
     let mut rows = Vec::new();
     for &op in &args.ops {
         for &clients in &args.clients {
+            if op.spawns_processes() && clients > Op::MAX_PROCESS_CLIENTS {
+                continue;
+            }
             let cpu_before = agent.cpu_time();
-            let row = runtime.block_on(run(op, clients, args.duration, &agent.socket));
+            let row = runtime.block_on(run(op, clients, args.duration, &targets));
             let cpu = agent.cpu_time().saturating_sub(cpu_before);
             let done = (row.ops_per_sec * args.duration.as_secs_f64()).max(1.0);
             let row = Row {
@@ -158,8 +215,17 @@ fn main() {
     }
     let peak_rss = agent.peak_rss_kib();
     agent.stop();
+    let scale = args.scale.then(|| scale::run(&runtime, dir.path()));
 
-    let report = report(&args, cores, &limits, &rows, idle_rss, peak_rss);
+    let report = report(
+        &args,
+        cores,
+        &limits,
+        &rows,
+        idle_rss,
+        peak_rss,
+        scale.as_ref(),
+    );
     println!("{report}");
     if let Some(path) = &args.write {
         std::fs::write(path, &report).unwrap();
@@ -173,6 +239,7 @@ fn parse_args() -> Args {
         clients: vec![1, 16, 64, 256, 1024],
         ops: Op::ALL.to_vec(),
         write: None,
+        scale: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -201,6 +268,7 @@ fn parse_args() -> Args {
                     .collect();
             }
             "--write" => args.write = Some(it.next().unwrap().into()),
+            "--scale" => args.scale = true,
             // cargo bench passes --bench to every harness.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -278,8 +346,26 @@ struct Agent {
 }
 
 impl Agent {
+    /// Starts an agent in `dir` with the bench's entries.
     fn start(dir: &Path) -> Self {
         let uid = nix::unistd::geteuid().as_raw();
+        let entries = format!(
+            r#"[[entries]]
+spiffe_id = "spiffe://bench.local/agent"
+selectors = ["unix:uid:{uid}"]
+
+[[entries]]
+spiffe_id = "{AUDIENCE}"
+selectors = ["unix:uid:{uid}"]
+"#
+        );
+        Self::start_with(dir, "", &entries)
+    }
+
+    /// Starts an agent in `dir` with `head` among the top-level settings
+    /// and `tail` (entries) at the end of its config file.
+    fn start_with(dir: &Path, head: &str, tail: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("agent.toml");
         std::fs::write(
             &config,
@@ -289,6 +375,7 @@ socket_path = "{socket}"
 admin_socket_path = "{admin}"
 data_dir = "{data}"
 log.level = "warn"
+{head}
 
 [tasks]
 max_tasks_per_process = 100000
@@ -296,13 +383,7 @@ max_tasks_per_process = 100000
 [limits]
 max_connections = 8192
 
-[[entries]]
-spiffe_id = "spiffe://bench.local/agent"
-selectors = ["unix:uid:{uid}"]
-
-[[entries]]
-spiffe_id = "{AUDIENCE}"
-selectors = ["unix:uid:{uid}"]
+{tail}
 "#,
                 socket = dir.join("agent.sock").display(),
                 admin = dir.join("admin/admin.sock").display(),
@@ -371,27 +452,25 @@ selectors = ["unix:uid:{uid}"]
 
 // === the load ===
 
-async fn run(op: Op, clients: usize, duration: Duration, socket: &Path) -> Row {
+async fn run(op: Op, clients: usize, duration: Duration, targets: &Targets) -> Row {
     let mut workers = Vec::new();
     // Every client connects and prepares before the clock starts.
     let mut prepared = Vec::new();
     for _ in 0..clients {
-        prepared.push(Client::prepare(op, socket).await);
+        prepared.push(Client::prepare(op, targets).await);
     }
     let start = Instant::now() + Duration::from_millis(50);
-    let socket = socket.to_owned();
     for mut client in prepared {
-        let socket = socket.clone();
+        let socket = targets.agent.clone();
+        let work = targets.work.clone();
         workers.push(tokio::spawn(async move {
             tokio::time::sleep_until(start.into()).await;
             let mut latencies = Vec::new();
             let mut errors = 0usize;
             while start.elapsed() < duration {
-                let began = Instant::now();
-                if client.once(op, &socket).await {
-                    latencies.push(began.elapsed());
-                } else {
-                    errors += 1;
+                match client.once(op, &socket, &work).await {
+                    Some(took) => latencies.push(took),
+                    None => errors += 1,
                 }
             }
             client.finish().await;
@@ -428,6 +507,8 @@ async fn run(op: Op, clients: usize, duration: Duration, socket: &Path) -> Row {
 struct Client {
     workload: WorkloadClient,
     tasks: TaskClient,
+    /// A connection to the empty service.
+    empty: Option<tonic::client::Grpc<tonic::transport::Channel>>,
     /// A JWT-SVID to validate, or a task token to validate or exchange.
     token: String,
     /// The task it holds, if any.
@@ -435,12 +516,24 @@ struct Client {
 }
 
 impl Client {
-    async fn prepare(op: Op, socket: &Path) -> Self {
+    async fn prepare(op: Op, targets: &Targets) -> Self {
+        let socket = &targets.agent;
         let mut workload = WorkloadClient::connect(socket, TIMEOUT).await.unwrap();
         let mut tasks = TaskClient::connect(socket, TIMEOUT).await.unwrap();
         let mut client_token = String::new();
         let mut task_id = None;
+        let mut empty = None;
         match op {
+            Op::Empty => {
+                let channel = tether::cli::channel::dial(&targets.empty, TIMEOUT)
+                    .await
+                    .unwrap();
+                empty = Some(tonic::client::Grpc::new(channel));
+            }
+            Op::WatchRefresh => {
+                let begun = tasks.begin(begin_request()).await.unwrap();
+                task_id = Some(begun.task_id);
+            }
             Op::ValidateJwt => {
                 let response = workload
                     .fetch_jwt_svid(wl::JwtsvidRequest {
@@ -461,14 +554,62 @@ impl Client {
         Self {
             workload,
             tasks,
+            empty,
             token: client_token,
             task_id,
         }
     }
 
-    /// One operation; true when it succeeded.
-    async fn once(&mut self, op: Op, socket: &Path) -> bool {
+    /// One operation: how long it took, or `None` when it failed.
+    async fn once(&mut self, op: Op, socket: &Path, work: &Path) -> Option<Duration> {
         match op {
+            Op::ProcessCached => {
+                return spawn_fetch(env!("CARGO_BIN_EXE_tether").as_ref(), socket).await;
+            }
+            Op::ProcessCold => {
+                // A copy is a new inode: its hash is not cached. Made before
+                // the clock starts.
+                static COPIES: AtomicU64 = AtomicU64::new(0);
+                let copy = work.join(format!("tether-{}", COPIES.fetch_add(1, Ordering::Relaxed)));
+                std::fs::copy(env!("CARGO_BIN_EXE_tether"), &copy).unwrap();
+                let took = spawn_fetch(&copy, socket).await;
+                let _ = std::fs::remove_file(&copy);
+                return took;
+            }
+            _ => {}
+        }
+        let began = Instant::now();
+        self.once_in_process(op, socket)
+            .await
+            .then(|| began.elapsed())
+    }
+
+    /// One operation over this client's connections; true when it succeeded.
+    async fn once_in_process(&mut self, op: Op, socket: &Path) -> bool {
+        match op {
+            Op::Empty => {
+                let Some(grpc) = self.empty.as_mut() else {
+                    return false;
+                };
+                if grpc.ready().await.is_err() {
+                    return false;
+                }
+                let path = http::uri::PathAndQuery::from_static(empty::PATH);
+                let codec = tonic_prost::ProstCodec::<(), ()>::default();
+                grpc.unary(tonic::Request::new(()), path, codec)
+                    .await
+                    .is_ok()
+            }
+            Op::WatchRefresh => {
+                let Some(id) = self.task_id.clone() else {
+                    return false;
+                };
+                let Ok(mut stream) = self.tasks.watch(id).await else {
+                    return false;
+                };
+                matches!(self.tasks.next(&mut stream).await, Ok(Some(_)))
+            }
+            Op::ProcessCached | Op::ProcessCold => false,
             Op::FetchJwt => self
                 .workload
                 .fetch_jwt_svid(wl::JwtsvidRequest {
@@ -537,6 +678,44 @@ impl Client {
     }
 }
 
+/// Runs `tether api fetch jwt` as a new process; how long it took, or
+/// `None` when it failed.
+async fn spawn_fetch(exe: &Path, socket: &Path) -> Option<Duration> {
+    let exe = exe.to_owned();
+    let socket = socket.to_owned();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..10 {
+            let began = Instant::now();
+            let status = Command::new(&exe)
+                .args([
+                    "api",
+                    "fetch",
+                    "jwt",
+                    "--token-only",
+                    "--audience",
+                    AUDIENCE,
+                    "--socket",
+                ])
+                .arg(&socket)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            match status {
+                Ok(status) => return status.success().then(|| began.elapsed()),
+                // Another thread's child may still hold the copy open for
+                // writing between its fork and exec: try again.
+                Err(error) if error.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+}
+
 fn begin_request() -> task_pb::BeginTaskRequest {
     task_pb::BeginTaskRequest {
         audience: AUDIENCE.into(),
@@ -544,6 +723,335 @@ fn begin_request() -> task_pb::BeginTaskRequest {
         tools: vec!["search".into(), "read".into()],
         ttl_ms: 600_000,
         ..task_pb::BeginTaskRequest::default()
+    }
+}
+
+// === scale ===
+
+/// Figures at scale, each on a fresh agent: memory with many live tasks,
+/// revocation latency when a task's owner dies, and CPU over time with
+/// thousands of X.509-SVID streams rotating.
+mod scale {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::process::CommandExt;
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::Pid;
+    use tether::cli::task_client::TaskClient;
+    use tether::cli::workload_client::WorkloadClient;
+    use tether::proto::task as task_pb;
+
+    use super::{AUDIENCE, Agent, TIMEOUT, begin_request};
+
+    /// Set in a child process: open this many X.509 streams and count updates.
+    pub const CHILD_STREAMS: &str = "TETHER_BENCH_CHILD_STREAMS";
+    const CHILD_SOCKET: &str = "TETHER_BENCH_CHILD_SOCKET";
+
+    const TASK_STEPS: [usize; 2] = [10_000, 100_000];
+    const BEGIN_CLIENTS: usize = 32;
+    const REVOCATION_SAMPLES: usize = 100;
+    const STREAM_PROCESSES: usize = 100;
+    const STREAMS_PER_PROCESS: usize = 100;
+    const STREAM_TTL: Duration = Duration::from_secs(30);
+    /// Two and a half rotations of every SVID.
+    const STREAM_WINDOW: Duration = Duration::from_secs(40);
+
+    pub struct Scale {
+        pub idle_rss_kib: u64,
+        /// Live tasks, the agent's RSS then, and BeginTask/s getting there.
+        pub tasks: Vec<(usize, u64, f64)>,
+        /// Owner exit (SIGKILL sent) to the first refused validation, sorted.
+        pub revocation: Vec<Duration>,
+        pub streams: Streams,
+    }
+
+    pub struct Streams {
+        pub streams: usize,
+        pub processes: usize,
+        pub ttl: Duration,
+        /// The agent's CPU use in each second of the window (1.0 = one core).
+        pub cpu_per_second: Vec<f64>,
+        /// Updates the streams received after their first message.
+        pub pushes: u64,
+        pub rss_kib: u64,
+    }
+
+    pub fn run(runtime: &tokio::runtime::Runtime, dir: &Path) -> Scale {
+        let agent = Agent::start(&dir.join("tasks"));
+        let idle_rss_kib = agent.rss_kib();
+        let socket = agent.socket.clone();
+        let tasks = runtime.block_on(fill_tasks(&agent));
+        eprintln!("tasks: {tasks:?}");
+        let revocation = runtime.block_on(revocation(&socket));
+        agent.stop();
+        let streams = streams(dir);
+        Scale {
+            idle_rss_kib,
+            tasks,
+            revocation,
+            streams,
+        }
+    }
+
+    /// Begins tasks from [`BEGIN_CLIENTS`] connections up to each step of
+    /// [`TASK_STEPS`], reading the agent's RSS at each.
+    async fn fill_tasks(agent: &Agent) -> Vec<(usize, u64, f64)> {
+        let mut clients = Vec::new();
+        for _ in 0..BEGIN_CLIENTS {
+            clients.push(TaskClient::connect(&agent.socket, TIMEOUT).await.unwrap());
+        }
+        let mut live = 0;
+        let mut out = Vec::new();
+        for step in TASK_STEPS {
+            let each = (step - live).div_ceil(BEGIN_CLIENTS);
+            let began = Instant::now();
+            let mut workers = Vec::new();
+            for mut client in clients.drain(..) {
+                workers.push(tokio::spawn(async move {
+                    for _ in 0..each {
+                        client.begin(begin_request()).await.unwrap();
+                    }
+                    client
+                }));
+            }
+            for worker in workers {
+                clients.push(worker.await.unwrap());
+            }
+            live += each * BEGIN_CLIENTS;
+            let rate = (each * BEGIN_CLIENTS) as f64 / began.elapsed().as_secs_f64();
+            out.push((live, agent.rss_kib(), rate));
+        }
+        out
+    }
+
+    /// Starts `tether task run` owning a task, kills it, and validates the
+    /// task's token until the agent refuses it.
+    async fn revocation(socket: &Path) -> Vec<Duration> {
+        let mut validator = TaskClient::connect(socket, TIMEOUT).await.unwrap();
+        let mut samples = Vec::new();
+        for _ in 0..REVOCATION_SAMPLES {
+            let mut runner = Command::new(env!("CARGO_BIN_EXE_tether"))
+                .args(["task", "run", "--socket"])
+                .arg(socket)
+                .args([
+                    "--audience",
+                    AUDIENCE,
+                    "--intent",
+                    "revocation",
+                    "--tool",
+                    "search",
+                ])
+                .args([
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo \"$TETHER_TASK_TOKEN\"; exec sleep 600",
+                ])
+                .stdout(Stdio::piped())
+                .process_group(0)
+                .spawn()
+                .unwrap();
+            let stdout = runner.stdout.take().unwrap();
+            let token = tokio::task::spawn_blocking(move || {
+                let mut line = String::new();
+                BufReader::new(stdout).read_line(&mut line).unwrap();
+                line.trim().to_owned()
+            })
+            .await
+            .unwrap();
+            let request = task_pb::ValidateTaskTokenRequest {
+                token,
+                audience: AUDIENCE.into(),
+                tool: "search".into(),
+                presenter_certificate: Vec::new(),
+            };
+            assert!(validator.validate(request.clone()).await.unwrap().valid);
+            let pid = Pid::from_raw(i32::try_from(runner.id()).unwrap());
+            let killed = Instant::now();
+            kill(pid, Signal::SIGKILL).unwrap();
+            while validator.validate(request.clone()).await.unwrap().valid {
+                assert!(killed.elapsed() < TIMEOUT, "the task outlived its owner");
+            }
+            samples.push(killed.elapsed());
+            let _ = killpg(pid, Signal::SIGKILL);
+            let _ = runner.wait();
+        }
+        samples.sort();
+        samples
+    }
+
+    /// [`STREAM_PROCESSES`] processes, each with [`STREAMS_PER_PROCESS`]
+    /// FetchX509SVID streams and its own SVID (a process-bound entry), on
+    /// an agent issuing [`STREAM_TTL`] SVIDs; the agent's CPU each second.
+    fn streams(dir: &Path) -> Streams {
+        let exe = std::env::current_exe().unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        let agent = Agent::start_with(
+            &dir.join("streams"),
+            &format!("x509_svid_ttl = \"{}s\"", STREAM_TTL.as_secs()),
+            &format!(
+                r#"[[entries]]
+spiffe_id = "spiffe://bench.local/streams"
+selectors = ["unix:uid:{uid}", "unix:path:{}"]
+process_bound = true
+"#,
+                exe.display()
+            ),
+        );
+        let mut children = Vec::new();
+        for _ in 0..STREAM_PROCESSES {
+            children.push(
+                Command::new(&exe)
+                    .env(CHILD_STREAMS, STREAMS_PER_PROCESS.to_string())
+                    .env(CHILD_SOCKET, &agent.socket)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        let mut outputs = Vec::new();
+        for child in &mut children {
+            let mut out = BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ready", "a stream process did not start");
+            outputs.push(out);
+        }
+        let mut cpu_per_second = Vec::new();
+        let mut last = agent.cpu_time();
+        let started = Instant::now();
+        while started.elapsed() < STREAM_WINDOW {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = agent.cpu_time();
+            cpu_per_second.push((now - last).as_secs_f64());
+            last = now;
+        }
+        let rss_kib = agent.rss_kib();
+        let mut pushes = 0;
+        for (child, mut out) in children.iter_mut().zip(outputs) {
+            drop(child.stdin.take());
+            let mut count = String::new();
+            out.read_to_string(&mut count).unwrap();
+            pushes += count.trim().parse::<u64>().unwrap();
+            child.wait().unwrap();
+        }
+        agent.stop();
+        Streams {
+            streams: STREAM_PROCESSES * STREAMS_PER_PROCESS,
+            processes: STREAM_PROCESSES,
+            ttl: STREAM_TTL,
+            cpu_per_second,
+            pushes,
+            rss_kib,
+        }
+    }
+
+    /// A stream process: opens `streams` FetchX509SVID streams on one
+    /// connection, says `ready` once each has its first message, counts
+    /// the updates after that, and prints the count when stdin closes.
+    pub fn child(streams: usize) {
+        let socket = std::env::var_os(CHILD_SOCKET).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut client = WorkloadClient::connect(Path::new(&socket), TIMEOUT)
+                .await
+                .unwrap();
+            let updates = Arc::new(AtomicU64::new(0));
+            for _ in 0..streams {
+                let mut stream = client.fetch_x509_svid().await.unwrap();
+                client.first(&mut stream).await.unwrap().unwrap();
+                let updates = Arc::clone(&updates);
+                tokio::spawn(async move {
+                    while let Ok(Some(_)) = stream.message().await {
+                        updates.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+            println!("ready");
+            std::io::stdout().flush().unwrap();
+            tokio::task::spawn_blocking(|| {
+                let mut sink = Vec::new();
+                let _ = std::io::stdin().read_to_end(&mut sink);
+            })
+            .await
+            .unwrap();
+            println!("{}", updates.load(Ordering::Relaxed));
+        });
+    }
+}
+
+// === the empty service ===
+
+/// The floor under every operation: a unary gRPC call with an empty request
+/// and response over a Unix socket, served by the same stack as the agent
+/// (tonic, hyper, h2, tokio) with nothing behind it.
+mod empty {
+    use std::convert::Infallible;
+    use std::path::{Path, PathBuf};
+    use std::task::{Context, Poll};
+
+    use tonic::body::Body;
+    use tonic::codegen::{BoxFuture, Service, http};
+
+    pub const PATH: &str = "/bench.Empty/Call";
+
+    /// Serves the empty call on `dir/empty.sock` on `runtime`; the socket path.
+    pub fn serve(runtime: &tokio::runtime::Runtime, dir: &Path) -> PathBuf {
+        let path = dir.join("empty.sock");
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::UnixListener::bind(&path).unwrap()
+        };
+        runtime.spawn(
+            tonic::transport::Server::builder()
+                .add_service(Empty)
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+        path
+    }
+
+    #[derive(Clone)]
+    struct Empty;
+
+    impl tonic::server::NamedService for Empty {
+        const NAME: &'static str = "bench.Empty";
+    }
+
+    struct Call;
+
+    impl tonic::server::UnaryService<()> for Call {
+        type Response = ();
+        type Future = BoxFuture<tonic::Response<()>, tonic::Status>;
+
+        fn call(&mut self, _request: tonic::Request<()>) -> Self::Future {
+            Box::pin(async { Ok(tonic::Response::new(())) })
+        }
+    }
+
+    impl Service<http::Request<Body>> for Empty {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+            Box::pin(async move {
+                let codec = tonic_prost::ProstCodec::<(), ()>::default();
+                Ok(tonic::server::Grpc::new(codec).unary(Call, request).await)
+            })
+        }
     }
 }
 
@@ -556,6 +1064,7 @@ fn report(
     rows: &[Row],
     idle_rss_kib: u64,
     peak_rss_kib: u64,
+    scale: Option<&scale::Scale>,
 ) -> String {
     let mut out = String::new();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -571,10 +1080,11 @@ fn report(
     let _ = writeln!(out, "# tether benchmarks\n");
     let _ = writeln!(
         out,
-        "Produced by `cargo bench --bench load -- --duration {} --clients {} --ops {} --write BENCHMARKS.md`.\n",
+        "Produced by `cargo bench --bench load -- --duration {} --clients {} --ops {}{} --write BENCHMARKS.md`.\n",
         humantime::format_duration(args.duration),
         clients.join(","),
         ops.join(","),
+        if args.scale { " --scale" } else { "" },
     );
     let _ = writeln!(
         out,
@@ -600,26 +1110,44 @@ fn report(
     let _ = writeln!(out, "## Operations over the Unix socket\n");
     let _ = writeln!(
         out,
-        "| operation | clients | per second | p50 | p99 | p99.9 | agent CPU / op | of its limit | errors |"
+        "| operation | clients | per second | p50 | p99 | p99.9 | agent CPU / op | of its limit | of the empty call | errors |"
     );
     let _ = writeln!(
         out,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for row in rows {
         let (limit, limit_name) = row.op.limit(limits);
+        let of_limit = if limit.is_finite() {
+            format!("{:.0}% of {limit_name}", 100.0 * row.ops_per_sec / limit)
+        } else {
+            "—".to_owned()
+        };
+        let empty = rows
+            .iter()
+            .find(|r| r.op == Op::Empty && r.clients == row.clients)
+            .filter(|_| row.op != Op::Empty)
+            .map_or_else(
+                || "—".to_owned(),
+                |empty| format!("{:.0}%", 100.0 * row.ops_per_sec / empty.ops_per_sec),
+            );
+        let cpu = if row.op == Op::Empty {
+            "—".to_owned()
+        } else {
+            micros(row.cpu_per_op)
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {:.0}% of {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
             row.op.describe(),
             row.clients,
             row.ops_per_sec,
             micros(row.p50),
             micros(row.p99),
             micros(row.p999),
-            micros(row.cpu_per_op),
-            100.0 * row.ops_per_sec / limit,
-            limit_name,
+            cpu,
+            of_limit,
+            empty,
             row.errors,
         );
     }
@@ -629,7 +1157,77 @@ fn report(
         idle_rss_kib as f64 / 1024.0,
         peak_rss_kib as f64 / 1024.0
     );
+    if let Some(scale) = scale {
+        scale_report(&mut out, scale);
+    }
     out
+}
+
+fn scale_report(out: &mut String, scale: &scale::Scale) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let _ = writeln!(out, "\n## At scale\n");
+    let _ = writeln!(
+        out,
+        "Live tasks (each begun over the socket, stored and watched; one owner process):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| live tasks | agent RSS | BeginTask/s getting there |"
+    );
+    let _ = writeln!(out, "| ---: | ---: | ---: |");
+    let _ = writeln!(out, "| 0 | {:.1} MiB | — |", mib(scale.idle_rss_kib));
+    for (live, rss, rate) in &scale.tasks {
+        let _ = writeln!(out, "| {live} | {:.1} MiB | {rate:.0} |", mib(*rss));
+    }
+    let at = |q: f64| {
+        let n = scale.revocation.len();
+        scale
+            .revocation
+            .get(((n as f64 * q) as usize).min(n.saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let _ = writeln!(
+        out,
+        "\nRevocation: a `tether task run` owning a task is killed (SIGKILL) and the \
+         task's token is validated in a loop until refused, with 100,000 other tasks live; \
+         {} samples: p50 {}, p99 {}, max {}.",
+        scale.revocation.len(),
+        micros(at(0.5)),
+        micros(at(0.99)),
+        micros(scale.revocation.last().copied().unwrap_or_default()),
+    );
+    let streams = &scale.streams;
+    let mut cpu = streams.cpu_per_second.clone();
+    cpu.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        cpu.get(((cpu.len() as f64 * q) as usize).min(cpu.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+            * 100.0
+    };
+    let mean = cpu.iter().sum::<f64>() / cpu.len().max(1) as f64 * 100.0;
+    let _ = writeln!(
+        out,
+        "\nX.509 streams: {} FetchX509SVID streams from {} processes, each process with its \
+         own SVID (a process-bound entry) living {}, watched for {} seconds (each SVID rotates \
+         at about half its life, jittered by ±10% of that): {} updates pushed; agent RSS {:.1} MiB; \
+         agent CPU per second (100% = one core): mean {mean:.1}%, median {:.1}%, max {:.1}%.",
+        streams.streams,
+        streams.processes,
+        humantime::format_duration(streams.ttl),
+        streams.cpu_per_second.len(),
+        streams.pushes,
+        mib(streams.rss_kib),
+        pct(0.5),
+        pct(1.0),
+    );
+    let seconds: Vec<String> = streams
+        .cpu_per_second
+        .iter()
+        .map(|c| format!("{:.0}", c * 100.0))
+        .collect();
+    let _ = writeln!(out, "\nCPU % each second: {}.", seconds.join(" "));
 }
 
 fn micros(d: Duration) -> String {

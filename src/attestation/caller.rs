@@ -4,16 +4,17 @@
 //! handed to someone else while we are still reading /proc. So a [`Caller`]
 //! holds a pidfd for the exact process that connected, taken from the
 //! kernel's record of the connection (`SO_PEERPIDFD`), plus the process's
-//! start time. Anything read about the PID is trusted only if, *afterwards*,
-//! [`Caller::ensure_alive`] confirms the pidfd has not exited and the start
-//! time is unchanged: a live pidfd pins its PID, so every read before the
-//! check was about this process.
+//! start time (which, with the PID, names the process in records that
+//! outlive the pidfd). Anything read about the PID is trusted only if,
+//! *afterwards*, [`Caller::ensure_alive`] confirms the pidfd has not exited:
+//! the kernel cannot hand a PID to another process while the one holding
+//! it has not exited, so every read before the check was about this process.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -22,7 +23,8 @@ use nix::sys::socket::{getsockopt, sockopt};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use super::{AttestationError, procfs};
+use super::procfs::FileKey;
+use super::{AttestationError, Memo, procfs};
 
 /// The real /proc: caller liveness is a fact about this kernel, never a fixture.
 const PROC_ROOT: &str = "/proc";
@@ -44,6 +46,9 @@ pub struct Caller {
     gid: u32,
     /// `/proc/<pid>/stat` field 22, read at accept while the pidfd was alive.
     start_time: u64,
+    /// The executable at accept (`stat /proc/<pid>/exe`); `None` when it
+    /// could not be read, or for a process watched but never attested.
+    exe: Option<FileKey>,
     process: Arc<Process>,
 }
 
@@ -69,6 +74,8 @@ struct Process {
     /// that needs a runtime and most callers never wait for exit. `None`
     /// when registration failed; waiters then poll.
     exit_watch: OnceLock<Option<AsyncFd<OwnedFd>>>,
+    /// The last full attestation of this connection's caller.
+    memo: Mutex<Option<Arc<Memo>>>,
 }
 
 // === impl Caller ===
@@ -102,20 +109,18 @@ impl Caller {
             },
             PidfdSource::PidfdOpen => (open_pidfd(pid)?, PidfdSource::PidfdOpen),
         };
-        let process = Arc::new(Process {
-            pidfd,
-            source,
-            exit_watch: OnceLock::new(),
-        });
-        // Read the start time, then check the pidfd: if the process is still
-        // running now, the start time we read was its own.
+        let process = Arc::new(Process::new(pidfd, source));
+        // Read the start time and the executable, then check the pidfd: if
+        // the process is still running now, what we read was its own.
         let start_time = process.read_start_time(pid)?;
+        let exe = procfs::stat_exe(Path::new(PROC_ROOT), pid).ok();
         process.ensure_running(pid)?;
         Ok(Caller {
             pid,
             uid,
             gid,
             start_time,
+            exe,
             process,
         })
     }
@@ -133,11 +138,7 @@ impl Caller {
         if pid <= 0 {
             return Err(AttestationError::NoPeerPid);
         }
-        let process = Arc::new(Process {
-            pidfd: open_pidfd(pid)?,
-            source: PidfdSource::PidfdOpen,
-            exit_watch: OnceLock::new(),
-        });
+        let process = Arc::new(Process::new(open_pidfd(pid)?, PidfdSource::PidfdOpen));
         let current = process.read_start_time(pid)?;
         process.ensure_running(pid)?;
         if current != start_time {
@@ -148,6 +149,7 @@ impl Caller {
             uid,
             gid,
             start_time,
+            exe: None,
             process,
         })
     }
@@ -173,24 +175,35 @@ impl Caller {
         self.gid
     }
 
+    /// The executable the process ran when it connected.
+    pub(crate) fn executable_at_connect(&self) -> Option<FileKey> {
+        self.exe
+    }
+
+    /// The last full attestation of this connection's caller, if any.
+    pub(crate) fn memo(&self) -> Option<Arc<Memo>> {
+        self.process.memo().clone()
+    }
+
+    /// Keeps `memo` for the next call on this connection.
+    pub(crate) fn remember(&self, memo: Arc<Memo>) {
+        *self.process.memo() = Some(memo);
+    }
+
     /// How the pidfd was obtained.
     pub(crate) fn pidfd_source(&self) -> PidfdSource {
         self.process.source
     }
 
-    /// Confirms the process that connected is still running and is the same
-    /// process: its pidfd has not signalled exit and its start time is
-    /// unchanged since accept.
+    /// Confirms the process that connected is still running: its pidfd
+    /// has not signalled exit. A PID is not reused before its process has
+    /// exited (and been reaped), so a running pidfd means the PID is still
+    /// this process; re-reading its start time could only agree.
     ///
     /// Call it *after* reading anything about the PID; success means those
     /// reads described this caller.
     pub fn ensure_alive(&self) -> Result<(), AttestationError> {
-        self.process.ensure_running(self.pid)?;
-        let start_time = self.process.read_start_time(self.pid)?;
-        if start_time != self.start_time {
-            return Err(AttestationError::CallerExited { pid: self.pid });
-        }
-        Ok(())
+        self.process.ensure_running(self.pid)
     }
 
     /// Resolves once the process has exited (immediately if it already has).
@@ -229,6 +242,20 @@ impl Caller {
 // === impl Process ===
 
 impl Process {
+    fn new(pidfd: OwnedFd, source: PidfdSource) -> Self {
+        Self {
+            pidfd,
+            source,
+            exit_watch: OnceLock::new(),
+            memo: Mutex::new(None),
+        }
+    }
+
+    /// The memo slot; a poisoned lock still holds a whole `Option`.
+    fn memo(&self) -> MutexGuard<'_, Option<Arc<Memo>>> {
+        self.memo.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Err(CallerExited) once the pidfd reports exit.
     fn ensure_running(&self, pid: i32) -> Result<(), AttestationError> {
         match self.has_exited() {

@@ -21,6 +21,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use serde::Deserialize;
@@ -35,10 +36,15 @@ mod unix;
 pub use caller::Caller;
 pub use procfs::ProcfsError;
 
-use unix::UnixAttestor;
+use procfs::{FileKey, ProcStatus};
+use unix::{UnixAttestor, UnixFacts};
 
 /// Deepest ancestor chain read for task scopes.
 const MAX_LINEAGE: usize = 64;
+
+/// Longest a connection's attestation is reused, however unchanged the
+/// process: the user and group names in it are as fresh as the name cache.
+const MEMO_MAX_AGE: Duration = unix::NAME_TTL;
 
 /// Default [`UnixAttestorConfig::workload_size_limit`]: 256 MiB.
 const DEFAULT_WORKLOAD_SIZE_LIMIT: u64 = 256 * 1024 * 1024;
@@ -93,6 +99,21 @@ pub struct Attested {
     pub executable: Option<PathBuf>,
     /// Every selector the attestors produced.
     pub selectors: SelectorSet,
+}
+
+/// A connection's last full attestation, and the kernel facts it rests on.
+///
+/// Reused by the next call on the same connection only while those facts
+/// still hold: the same credentials in `/proc/<pid>/status`, the same
+/// executable (device, inode, size, times), the process alive (pidfd), and
+/// younger than [`MEMO_MAX_AGE`]. Anything else attests afresh.
+#[derive(Debug)]
+pub(crate) struct Memo {
+    taken: Instant,
+    status: ProcStatus,
+    exe_key: Option<FileKey>,
+    attested: Attested,
+    pod: Option<k8s::PodContainer>,
 }
 
 /// Why a caller could not be identified or attested.
@@ -150,8 +171,9 @@ pub enum AttestationError {
         /// Effective gid in /proc at attestation.
         proc_gid: u32,
     },
-    /// The caller executed another program while it was being attested.
-    #[error("caller pid {pid} executed another program during attestation")]
+    /// The caller runs another program than the one that connected (it
+    /// exec'd after connecting, or while being attested).
+    #[error("caller pid {pid} executed another program after connecting; reconnect")]
     ExecutableChanged {
         /// The caller's PID.
         pid: i32,
@@ -231,21 +253,36 @@ impl Attestor {
     /// and hashing block); a caller in a pod is then looked up in the
     /// kubelet's pod list, asynchronously.
     ///
+    /// A later call on the same connection reuses that work when the
+    /// process is unchanged (see [`Memo`]): a few /proc reads on the
+    /// calling thread instead of a trip through the blocking pool. Pod
+    /// selectors are looked up on every call either way, so label changes
+    /// show as soon as the pod cache has them.
+    ///
     /// Cancelling the future does not stop the blocking job; it completes
     /// and its result is dropped.
     pub async fn attest(&self, caller: &Caller) -> Result<Attested, AttestationError> {
-        let attestor = self.clone();
-        let blocking_caller = caller.clone();
-        let (mut attested, pod) =
-            tokio::task::spawn_blocking(move || attestor.attest_blocking(&blocking_caller))
-                .await
-                .map_err(AttestationError::Blocking)??;
-        if let (Some(k8s), Some(pod)) = (&self.k8s, pod) {
+        let remembered = match caller.memo() {
+            Some(memo) if self.still_holds(caller, &memo)? => memo,
+            _ => {
+                let attestor = self.clone();
+                let blocking_caller = caller.clone();
+                let memo =
+                    tokio::task::spawn_blocking(move || attestor.attest_blocking(&blocking_caller))
+                        .await
+                        .map_err(AttestationError::Blocking)??;
+                let memo = Arc::new(memo);
+                caller.remember(Arc::clone(&memo));
+                memo
+            }
+        };
+        let mut attested = remembered.attested.clone();
+        if let (Some(k8s), Some(pod)) = (&self.k8s, &remembered.pod) {
             // The pod and container were read from the caller's own cgroup
             // before its liveness was confirmed: the lookup maps facts
             // already pinned to this caller.
             let selectors =
-                k8s.selectors(&pod)
+                k8s.selectors(pod)
                     .await
                     .map_err(|source| AttestationError::Kubernetes {
                         pid: attested.pid,
@@ -254,6 +291,34 @@ impl Attestor {
             attested.selectors.extend(selectors);
         }
         Ok(attested)
+    }
+
+    /// True when `memo` still describes the caller: same credentials, same
+    /// executable, still running, not too old. A changed process is not an
+    /// error here; the full attestation that follows decides about it.
+    /// Non-blocking /proc reads, done on the calling thread.
+    fn still_holds(&self, caller: &Caller, memo: &Memo) -> Result<bool, AttestationError> {
+        if memo.taken.elapsed() >= MEMO_MAX_AGE {
+            return Ok(false);
+        }
+        let pid = caller.pid();
+        let unchanged = procfs::read_status(&self.proc_root, pid)
+            .map(|status| status == memo.status)
+            .and_then(|same| match (same, memo.exe_key) {
+                (true, Some(key)) => procfs::stat_exe(&self.proc_root, pid).map(|now| now == key),
+                (same, _) => Ok(same),
+            });
+        // A read that failed because the caller left is the caller's doing.
+        let unchanged = match unchanged {
+            Ok(unchanged) => unchanged,
+            Err(error) => {
+                caller.ensure_alive()?;
+                return Err(error);
+            }
+        };
+        // The reads described this caller only if it is still running now.
+        caller.ensure_alive()?;
+        Ok(unchanged)
     }
 
     /// The caller's ancestors (parent first) as (pid, start time): kernel
@@ -266,10 +331,7 @@ impl Attestor {
             .unwrap_or_default()
     }
 
-    fn attest_blocking(
-        &self,
-        caller: &Caller,
-    ) -> Result<(Attested, Option<k8s::PodContainer>), AttestationError> {
+    fn attest_blocking(&self, caller: &Caller) -> Result<Memo, AttestationError> {
         let pod = match &self.k8s {
             Some(k8s) => {
                 let file = procfs::read_cgroup(k8s.proc_root(), caller.pid());
@@ -287,6 +349,7 @@ impl Attestor {
             }
             None => None,
         };
+        let taken = Instant::now();
         let facts = match self.unix.attest(&self.proc_root, caller) {
             Ok(facts) => facts,
             // A read that failed because the caller left is the caller's
@@ -305,16 +368,25 @@ impl Attestor {
             selectors = facts.selectors.len(),
             "caller attested"
         );
-        Ok((
-            Attested {
+        let UnixFacts {
+            executable,
+            selectors,
+            status,
+            exe_key,
+        } = facts;
+        Ok(Memo {
+            taken,
+            status,
+            exe_key,
+            attested: Attested {
                 pid: caller.pid(),
                 uid: caller.uid(),
                 gid: caller.gid(),
-                executable: facts.executable,
-                selectors: facts.selectors,
+                executable,
+                selectors,
             },
             pod,
-        ))
+        })
     }
 }
 
@@ -409,6 +481,14 @@ pub(crate) mod test_peer {
     impl Peer {
         pub(crate) fn pid(&self) -> i32 {
             i32::try_from(self.child.id()).unwrap()
+        }
+
+        /// Writes a line to the child's stdin.
+        pub(crate) fn say(&mut self, line: &str) {
+            use std::io::Write as _;
+            let stdin = self.stdin.as_mut().unwrap();
+            writeln!(stdin, "{line}").unwrap();
+            stdin.flush().unwrap();
         }
 
         /// Lets the child exit normally and reaps it.
@@ -515,13 +595,62 @@ mod tests {
             (attestor.unix.cache_len(), attestor.unix.cache_hits()),
             (1, 0)
         );
-        // A clone shares the cache.
+        // A clone shares the cache; a new connection attests in full.
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let caller = Caller::from_stream(&ours).unwrap();
         let second = attestor.clone().attest(&caller).await.unwrap();
         assert_eq!(
             (attestor.unix.cache_len(), attestor.unix.cache_hits()),
             (1, 1)
         );
         assert_eq!(first.selectors, second.selectors);
+    }
+
+    #[tokio::test]
+    async fn a_connection_reuses_its_attestation_while_the_process_is_unchanged() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let caller = Caller::from_stream(&ours).unwrap();
+        let attestor = Attestor::new(&AttestorConfig::default()).unwrap();
+        let first = attestor.attest(&caller).await.unwrap();
+        let memo = caller.memo().unwrap();
+        let again = attestor.attest(&caller.clone()).await.unwrap();
+        assert_eq!(first.selectors, again.selectors);
+        // Reused, not redone: the same memo, and the hash cache never asked.
+        assert!(Arc::ptr_eq(&memo, &caller.memo().unwrap()));
+        assert_eq!(attestor.unix.cache_hits(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_execs_after_connecting_is_refused() {
+        // With and without an attestation remembered from before the exec.
+        for attest_first in [true, false] {
+            let exec_sleep = "print('ready', flush=True); sys.stdin.readline(); \
+                              os.execv('/bin/sleep', ['sleep', '60'])";
+            let (mut peer, stream) = test_peer::connect(exec_sleep, true).await;
+            let caller = Caller::from_stream(&stream).unwrap();
+            let attestor = Attestor::new(&AttestorConfig::default()).unwrap();
+            if attest_first {
+                let attested = attestor.attest(&caller).await.unwrap();
+                assert!(values(&attested, "path")[0].contains("python"));
+            }
+            peer.say("exec now");
+            let exe = PathBuf::from(format!("/proc/{}/exe", peer.pid()));
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while !std::fs::read_link(&exe).is_ok_and(|p| p.ends_with("sleep")) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the peer never exec'd");
+            let err = attestor.attest(&caller).await.unwrap_err();
+            assert!(
+                matches!(err, AttestationError::ExecutableChanged { pid } if pid == peer.pid()),
+                "attest_first {attest_first}: {err:?}"
+            );
+            assert!(err.is_caller_fault());
+            peer.child.kill().unwrap();
+            peer.child.wait().unwrap();
+        }
     }
 
     #[tokio::test]
@@ -607,8 +736,6 @@ mod tests {
 
     #[tokio::test]
     async fn size_limit_omits_only_the_hash() {
-        let (ours, _theirs) = UnixStream::pair().unwrap();
-        let caller = Caller::from_stream(&ours).unwrap();
         let config = AttestorConfig {
             unix: UnixAttestorConfig {
                 workload_size_limit: 1,
@@ -618,6 +745,9 @@ mod tests {
         };
         let attestor = Attestor::new(&config).unwrap();
         for _ in 0..2 {
+            // A new connection each time: attested in full, not remembered.
+            let (ours, _theirs) = UnixStream::pair().unwrap();
+            let caller = Caller::from_stream(&ours).unwrap();
             let attested = attestor.attest(&caller).await.unwrap();
             assert!(values(&attested, "sha256").is_empty());
             assert_eq!(values(&attested, "path").len(), 1);

@@ -17,6 +17,9 @@ use super::AttestationError;
 /// KiB; anything larger is not a file we understand.
 const MAX_PROC_FILE_LEN: u64 = 64 * 1024;
 
+/// Buffer for one /proc text file: `status` is under 2 KiB.
+const PROC_READ_CAPACITY: usize = 4096;
+
 /// Fields of `stat` before the process name: `pid (comm)`. The start time is
 /// field 22 (1-based) of the whole line, so it is the 20th field after `)`.
 const STARTTIME_INDEX_AFTER_COMM: usize = 22 - 3;
@@ -59,6 +62,42 @@ pub struct ProcStatus {
     pub egid: u32,
     /// Supplementary group ids, in the kernel's order (`Groups:`).
     pub groups: Vec<u32>,
+}
+
+/// Identity and version of a file, from `stat`/`fstat`.
+///
+/// A replaced file has a new inode, and changing one in place moves its
+/// ctime, which no unprivileged process can set back; so, up to timestamp
+/// granularity, a key names one content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub(super) dev: u64,
+    pub(super) ino: u64,
+    /// Size in bytes.
+    pub(super) size: u64,
+    pub(super) mtime: (i64, i64),
+    pub(super) ctime: (i64, i64),
+}
+
+// === impl FileKey ===
+
+impl FileKey {
+    /// The key of a file's metadata.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// True when both name the same file (device and inode), whatever its
+    /// version.
+    pub fn same_file(&self, other: &Self) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+    }
 }
 
 // === parsers ===
@@ -239,6 +278,16 @@ pub fn read_exe_link(proc_root: &Path, pid: i32) -> Result<PathBuf, AttestationE
     std::fs::read_link(&path).map_err(|source| AttestationError::ReadProc { path, source })
 }
 
+/// `stat <proc_root>/<pid>/exe`: the key of the file the process runs,
+/// without opening it.
+pub fn stat_exe(proc_root: &Path, pid: i32) -> Result<FileKey, AttestationError> {
+    let path = pid_path(proc_root, pid, "exe");
+    match std::fs::metadata(&path) {
+        Ok(meta) => Ok(FileKey::of(&meta)),
+        Err(source) => Err(AttestationError::ReadProc { path, source }),
+    }
+}
+
 /// Opens the executable itself through `<proc_root>/<pid>/exe`, which works
 /// across mount namespaces and refers to the file the process runs even if
 /// its path has since been replaced.
@@ -264,7 +313,10 @@ pub fn is_same_file(path: &Path, file: &File) -> Result<bool, AttestationError> 
 
 fn read_small(path: &Path) -> Result<Vec<u8>, AttestationError> {
     let read = || -> io::Result<Vec<u8>> {
-        let mut contents = Vec::new();
+        // Room for the whole file up front: one read returns it (procfs
+        // renders a file at its first read) and one more sees the end,
+        // with no small probing reads.
+        let mut contents = Vec::with_capacity(PROC_READ_CAPACITY);
         File::open(path)?
             .take(MAX_PROC_FILE_LEN)
             .read_to_end(&mut contents)?;

@@ -12,16 +12,17 @@
 //! reads described the caller. [`Caller::ensure_alive`] after the fact does.
 
 use std::collections::HashMap;
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io::{ErrorKind, Read};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
 use nix::unistd::{Gid, Group, Uid, User};
 
+use super::procfs::{FileKey, ProcStatus};
 use super::{AttestationError, Caller, UnixAttestorConfig, procfs};
 use crate::registration::selector::{Selector, SelectorSet, SelectorType};
 
@@ -34,18 +35,32 @@ const HASH_CACHE_CAPACITY: usize = 4096;
 /// per hash and freed after, so idle memory does not depend on it.
 const HASH_CHUNK_LEN: usize = 64 * 1024;
 
-/// The unix attestor with its executable-hash cache (shared by clones).
+/// How long a user or group name looked up through NSS is reused. Names
+/// are decoration on kernel ids; an edit to /etc/passwd or the directory
+/// reaches selectors within this time.
+pub(crate) const NAME_TTL: Duration = Duration::from_secs(10);
+
+/// Names remembered; past this the cache starts over.
+const NAME_CACHE_CAPACITY: usize = 4096;
+
+/// The unix attestor with its executable-hash and name caches (shared by clones).
 #[derive(Debug, Clone)]
 pub(crate) struct UnixAttestor {
     config: UnixAttestorConfig,
     hashes: Arc<HashCache>,
+    names: Arc<NameCache>,
 }
 
-/// What the unix attestor learned about one caller.
+/// What the unix attestor learned about one caller, with the facts it was
+/// derived from (so a later call can tell whether they still hold).
 #[derive(Debug)]
 pub(crate) struct UnixFacts {
     pub(crate) executable: Option<PathBuf>,
     pub(crate) selectors: SelectorSet,
+    /// The `/proc/<pid>/status` ids the selectors describe.
+    pub(crate) status: ProcStatus,
+    /// The executable's key, when `discover_workload_path` is on.
+    pub(crate) exe_key: Option<FileKey>,
 }
 
 /// SHA-256 of executables by file identity. `None` records "too large to
@@ -56,20 +71,6 @@ struct HashCache {
     hits: AtomicU64,
 }
 
-/// Identity and version of an executable, from `fstat` of the open file.
-///
-/// A replaced file has a new inode, and changing one in place moves its
-/// ctime, which no unprivileged process can set back; so, up to timestamp
-/// granularity, a key names one content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct FileKey {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
 // === impl UnixAttestor ===
 
 impl UnixAttestor {
@@ -77,6 +78,7 @@ impl UnixAttestor {
         Self {
             config: config.clone(),
             hashes: Arc::default(),
+            names: Arc::default(),
         }
     }
 
@@ -107,32 +109,52 @@ impl UnixAttestor {
             Selector::new(SelectorType::Unix, key, value)
         };
         selectors.insert(unix("uid", &status.euid));
-        if let Some(name) = user_name(status.euid) {
+        if let Some(name) = self.names.user(status.euid) {
             selectors.insert(unix("user", &name));
         }
         selectors.insert(unix("gid", &status.egid));
-        if let Some(name) = group_name(status.egid) {
+        if let Some(name) = self.names.group(status.egid) {
             selectors.insert(unix("group", &name));
         }
         for &gid in &status.groups {
             selectors.insert(unix("supplementary_gid", &gid));
-            if let Some(name) = group_name(gid) {
+            if let Some(name) = self.names.group(gid) {
                 selectors.insert(unix("supplementary_group", &name));
             }
         }
 
         let mut executable = None;
+        let mut exe_key = None;
         if self.config.discover_workload_path {
             // Open first: the hash cache key and the hashed bytes then come
             // from this one open file, whatever happens to the path.
             let (exe, file) = procfs::open_exe(proc_root, pid)?;
+            let key =
+                FileKey::of(
+                    &file
+                        .metadata()
+                        .map_err(|source| AttestationError::ReadProc {
+                            path: exe.clone(),
+                            source,
+                        })?,
+                );
+            // The program that connected must be the one running now: after
+            // an exec, a socket handed to (or kept by) another process would
+            // otherwise speak with the new program's identity.
+            if !caller
+                .executable_at_connect()
+                .is_some_and(|pinned| pinned.same_file(&key))
+            {
+                return Err(AttestationError::ExecutableChanged { pid });
+            }
             let path = procfs::read_exe_link(proc_root, pid)?;
-            let hash = self.sha256(pid, &exe, &file)?;
+            let hash = self.sha256(pid, &exe, &file, key)?;
             // The link is read apart from the open. Had the process exec'd
             // in between, path and hash would describe different programs.
             if !procfs::is_same_file(&exe, &file)? {
                 return Err(AttestationError::ExecutableChanged { pid });
             }
+            exe_key = Some(key);
             match path.to_str() {
                 Some(text) if path.is_absolute() => {
                     selectors.insert(unix("path", &text));
@@ -151,6 +173,8 @@ impl UnixAttestor {
         Ok(UnixFacts {
             executable,
             selectors,
+            status,
+            exe_key,
         })
     }
 
@@ -164,12 +188,12 @@ impl UnixAttestor {
         pid: i32,
         path: &Path,
         file: &File,
+        key: FileKey,
     ) -> Result<Option<String>, AttestationError> {
         let read_err = |source| AttestationError::ReadProc {
             path: path.to_owned(),
             source,
         };
-        let key = FileKey::of(&file.metadata().map_err(read_err)?);
         if let Some(cached) = self.hashes.get(&key) {
             return Ok(cached);
         }
@@ -232,7 +256,65 @@ impl UnixAttestor {
     }
 }
 
-/// The agent's NSS name for a uid; `None` (omit the selector) when unknown.
+/// Which NSS database a name comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum NameKind {
+    User,
+    Group,
+}
+
+/// When a name was looked up, and the answer (`None`: no such id).
+type NameEntry = (Instant, Option<String>);
+
+/// NSS answers by id for [`NAME_TTL`]. Each lookup through libc reads and
+/// parses /etc/passwd or /etc/group (or asks a directory service); a busy
+/// node attests the same few ids thousands of times a second.
+#[derive(Debug, Default)]
+struct NameCache {
+    entries: Mutex<HashMap<(NameKind, u32), NameEntry>>,
+}
+
+// === impl NameCache ===
+
+impl NameCache {
+    /// The user name of `uid`; `None` (omit the selector) when unknown.
+    fn user(&self, uid: u32) -> Option<String> {
+        self.lookup(NameKind::User, uid)
+    }
+
+    /// The group name of `gid`; `None` (omit the selector) when unknown.
+    fn group(&self, gid: u32) -> Option<String> {
+        self.lookup(NameKind::Group, gid)
+    }
+
+    fn lookup(&self, kind: NameKind, id: u32) -> Option<String> {
+        let now = Instant::now();
+        if let Some((at, name)) = self.lock().get(&(kind, id))
+            && now.saturating_duration_since(*at) < NAME_TTL
+        {
+            return name.clone();
+        }
+        // Looked up without the lock: NSS may be slow, and two threads
+        // looking up the same id at once only do the work twice.
+        let name = match kind {
+            NameKind::User => user_name(id),
+            NameKind::Group => group_name(id),
+        };
+        let mut entries = self.lock();
+        if entries.len() >= NAME_CACHE_CAPACITY {
+            entries.clear();
+        }
+        entries.insert((kind, id), (now, name.clone()));
+        name
+    }
+
+    /// Every operation leaves the map valid, so a poisoned lock is still usable.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(NameKind, u32), NameEntry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The agent's NSS name for a uid; `None` when unknown.
 fn user_name(uid: u32) -> Option<String> {
     match User::from_uid(Uid::from_raw(uid)) {
         Ok(user) => user.map(|u| u.name),
@@ -243,7 +325,7 @@ fn user_name(uid: u32) -> Option<String> {
     }
 }
 
-/// The agent's NSS name for a gid; `None` (omit the selector) when unknown.
+/// The agent's NSS name for a gid; `None` when unknown.
 fn group_name(gid: u32) -> Option<String> {
     match Group::from_gid(Gid::from_raw(gid)) {
         Ok(group) => group.map(|g| g.name),
@@ -301,20 +383,6 @@ impl std::fmt::Debug for HashCache {
             .field("entries", &self.lock().len())
             .field("hits", &self.hits.load(Ordering::Relaxed))
             .finish()
-    }
-}
-
-// === impl FileKey ===
-
-impl FileKey {
-    fn of(meta: &Metadata) -> Self {
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        }
     }
 }
 
