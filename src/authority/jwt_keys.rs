@@ -190,9 +190,7 @@ mod tests {
 
     fn signers_holding(key: &JwtKey) -> usize {
         let mut id = [0_u8; 32];
-        id.copy_from_slice(
-            digest::digest(&digest::SHA256, key.encoding_key.as_bytes()).as_ref(),
-        );
+        id.copy_from_slice(digest::digest(&digest::SHA256, key.encoding_key.as_bytes()).as_ref());
         SIGNERS
             .lock()
             .unwrap()
