@@ -18,6 +18,7 @@
 //!   exchange it.
 
 pub mod claims;
+mod journal;
 pub mod lifecycle;
 
 use std::collections::HashMap;
@@ -42,6 +43,7 @@ use crate::store::{Store, StoreError, TaskEnd, TaskRow};
 use crate::svid::jwt::{self as jwt_svid, JwtValidationError};
 use crate::telemetry::metrics::{Kind, Reason, metrics};
 use claims::{Actor, Confirmation, RequesterContext, TCTX_VERSION, TaskClaims, TaskContext};
+use journal::Journal;
 
 /// `[tasks]` settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -116,6 +118,9 @@ pub enum TaskError {
     /// The decision could not be recorded: nothing is issued unaudited.
     #[error("not issuing: {0}")]
     Audit(#[from] AuditUnavailable),
+    /// A begin or an end could not be stored.
+    #[error("task store: {0}")]
+    Journal(#[from] journal::JournalError),
 }
 
 /// Why a token is not valid. Safe to return to the presenter.
@@ -292,6 +297,8 @@ struct Inner {
     /// New owners for the lifecycle loop to watch.
     owners: mpsc::UnboundedSender<OwnerWatch>,
     owners_rx: Mutex<Option<mpsc::UnboundedReceiver<OwnerWatch>>>,
+    /// Group commit for begins and ends; started on first use, inside the runtime.
+    journal: std::sync::OnceLock<Journal>,
 }
 
 // === impl TaskConfig ===
@@ -508,8 +515,16 @@ impl Tasks {
                 changes: watch::channel(0).0,
                 owners,
                 owners_rx: Mutex::new(Some(owners_rx)),
+                journal: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// The group-commit writers, started on first use (inside the runtime).
+    fn journal(&self) -> &Journal {
+        self.inner
+            .journal
+            .get_or_init(|| Journal::start(&self.inner.store))
     }
 
     fn tasks(&self) -> MutexGuard<'_, HashMap<String, Arc<Task>>> {
@@ -649,9 +664,7 @@ impl Tasks {
             state: Mutex::default(),
         });
         // Stored before the first token leaves, so a restart knows it.
-        let row = task.row();
-        let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || store.insert_task(&row)).await??;
+        self.journal().begin(task.row()).await?;
         self.tasks().insert(task.id.clone(), Arc::clone(&task));
         // Active from now: its end, whenever it comes, counts it down.
         metrics().tasks_active.inc();
@@ -763,10 +776,9 @@ impl Tasks {
             at: now,
             reason: reason.as_str().into(),
         };
-        let store = self.inner.store.clone();
-        let id = task.id.clone();
-        let issued = task.tokens_issued();
-        tokio::task::spawn_blocking(move || store.end_task(&id, &end, issued)).await??;
+        self.journal()
+            .end(task.id.clone(), end, task.tokens_issued())
+            .await?;
         {
             let mut state = task.state();
             if state.ended.is_some() {

@@ -19,7 +19,7 @@ pub fn task(error: TaskError) -> Status {
             tracing::error!(%error, "refusing to issue: the audit trail is unavailable");
             Status::unavailable(error.to_string())
         }
-        TaskError::Sign(_) | TaskError::Store(_) | TaskError::Job(_) => {
+        TaskError::Sign(_) | TaskError::Store(_) | TaskError::Job(_) | TaskError::Journal(_) => {
             tracing::error!(%error, "task operation failed");
             Status::unavailable(format!(
                 "the agent could not complete the task operation: {error}"
