@@ -112,11 +112,11 @@ fn me() -> String {
 }
 
 /// The binary, with the socket environment cleared so that only what a
-/// test passes counts.
+/// test passes counts, and waiting for the agent as long as the test does.
 fn tether(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
     command
-        .args(args)
+        .args(common::with_cli_timeout(args, PATIENCE))
         .env_remove("SPIFFE_ENDPOINT_SOCKET")
         .env_remove("TETHER_SOCKET_PATH")
         .env_remove("TETHER_ADMIN_SOCKET")

@@ -9,6 +9,8 @@
     reason = "test helpers: a panic is the test failing, with its message"
 )]
 
+mod common;
+
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -73,11 +75,11 @@ fn my_uid() -> u32 {
 }
 
 /// The binary, with the socket environment cleared so that only what a
-/// test passes counts.
+/// test passes counts, and waiting for the agent as long as the test does.
 fn tether(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
     command
-        .args(args)
+        .args(common::with_cli_timeout(args, PATIENCE))
         .env_remove("SPIFFE_ENDPOINT_SOCKET")
         .env_remove("TETHER_SOCKET_PATH")
         .stdin(Stdio::null());

@@ -54,11 +54,11 @@ fn admin_socket(agent: &TestAgent) -> String {
 }
 
 /// The binary, with the socket environment cleared so that only what a
-/// test passes counts.
+/// test passes counts, and waiting for the agent as long as the test does.
 fn tether(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
     command
-        .args(args)
+        .args(common::with_cli_timeout(args, PATIENCE))
         .env_remove("SPIFFE_ENDPOINT_SOCKET")
         .env_remove("TETHER_SOCKET_PATH")
         .env_remove("TETHER_ADMIN_SOCKET")
@@ -441,7 +441,8 @@ async fn descendants_get_the_tasks_token_from_the_workload_api() {
     let agent = agent().await;
     // A grandchild asks the standard FetchJWTSVID, knowing nothing of tasks.
     let script = format!(
-        r#"echo "$TETHER_TASK_ID"; sh -c '"$TETHER" api fetch jwt --audience {JIRA} --token-only'"#
+        r#"echo "$TETHER_TASK_ID"; sh -c '"$TETHER" api fetch jwt --audience {JIRA} --token-only --timeout {}s'"#,
+        PATIENCE.as_secs()
     );
     let mut command = task_run(&agent, &[], &script);
     command.env("TETHER", env!("CARGO_BIN_EXE_tether"));
@@ -463,7 +464,10 @@ async fn what_the_command_leaves_running_is_stopped_and_reaped() {
         "sleep 30 >/dev/null 2>&1 & echo $! > {}; exit 0",
         pid_file.display()
     );
-    let out = output(task_run(&agent, &["--grace", "100ms"], &script), None).await;
+    // The grace is how long the runner waits before SIGTERM, then again
+    // before SIGKILL, then for the reaping: generous, so that the orphan
+    // is reaped by the runner however slowly it gets to run and die.
+    let out = output(task_run(&agent, &["--grace", "2s"], &script), None).await;
     assert_exit(&out, 0);
     let orphan = pid_in(&pid_file).await;
     assert!(is_gone(orphan), "the orphan was stopped and reaped");
@@ -478,10 +482,11 @@ async fn bound_tasks_need_the_runners_certificate() {
     // bound to (SVIDs are per entry) and presents it.
     let script = format!(
         r#"echo "$TETHER_TASK_TOKEN"
-"$TETHER" api fetch x509 --write {dir} >/dev/null || exit 90
-"$TETHER" token validate --token "$TETHER_TASK_TOKEN" --audience {JIRA} --presenter-cert {dir}/svid.0.pem >/dev/null || exit 91
-"$TETHER" token validate --token "$TETHER_TASK_TOKEN" --audience {JIRA} 2>&1 | grep -q bound || exit 92"#,
-        dir = dir.path().display()
+"$TETHER" api fetch x509 --write {dir} --timeout {patience}s >/dev/null || exit 90
+"$TETHER" token validate --token "$TETHER_TASK_TOKEN" --audience {JIRA} --presenter-cert {dir}/svid.0.pem --timeout {patience}s >/dev/null || exit 91
+"$TETHER" token validate --token "$TETHER_TASK_TOKEN" --audience {JIRA} --timeout {patience}s 2>&1 | grep -q bound || exit 92"#,
+        dir = dir.path().display(),
+        patience = PATIENCE.as_secs()
     );
     let mut command = task_run(&agent, &["--bind"], &script);
     command.env("TETHER", env!("CARGO_BIN_EXE_tether"));

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{PATIENCE, entry_for_me};
+use common::{PATIENCE, entry_for_me, until_handling};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -84,6 +84,8 @@ async fn sigterm_stops_cleanly_and_unlinks_the_socket() {
     let socket = dir.path().join("agent.sock");
     let mut agent = start(&config);
     wait_serving(&socket).await;
+    // Serving comes a moment before the handlers are installed.
+    until_handling(agent.id(), Signal::SIGTERM).await;
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
     assert_eq!(
@@ -124,6 +126,7 @@ async fn restarts_after_a_crash_and_refuses_to_share_a_live_socket() {
     assert!(socket.exists(), "a crash leaves the socket file");
     let mut agent = start(&config);
     let client = wait_serving(&socket).await;
+    until_handling(agent.id(), Signal::SIGINT).await;
     let bundle_after = client.fetch_x509_bundles().await.unwrap();
     let td = spiffe::TrustDomain::new("example.org").unwrap();
     assert_eq!(
@@ -193,6 +196,7 @@ async fn the_embedded_default_gives_the_user_an_identity() {
         svid.spiffe_id().to_string(),
         format!("spiffe://tether.local/uid/{}", common::uid())
     );
+    until_handling(agent.id(), Signal::SIGTERM).await;
     kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM).unwrap();
     assert!(wait_exit(&mut agent).await.success());
 }

@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::kubelet::{CONTAINER, NODE, POD_UID, pod, pod_list, stand_in};
+use common::kubelet::{CONTAINER, NODE, POD_UID, pod, pod_list, refused_port, stand_in};
 use tether::attestation::k8s::{K8sAttestor, K8sAttestorConfig, K8sError, Kubelet, PodContainer};
 use tether::registration::{Selector, SelectorSet};
 use tokio::net::TcpListener;
@@ -36,7 +36,13 @@ async fn a_pods_process_gets_its_pods_selectors() {
         (200, pod_list(vec![pod(POD_UID, NODE, Some(CONTAINER))]))
     }))
     .await;
-    let attestor = K8sAttestor::new(&kubelet.config()).unwrap();
+    let attestor = K8sAttestor::new(&K8sAttestorConfig {
+        // The longest the config allows: the second call below comes within
+        // it whatever the machine's speed.
+        pod_cache_ttl: Duration::from_secs(300),
+        ..kubelet.config()
+    })
+    .unwrap();
     let selectors = strings(&attestor.selectors(&in_pod()).await.unwrap());
     for want in [
         "k8s:ns:agents",
@@ -174,14 +180,11 @@ async fn garbage_huge_and_unverifiable_answers_are_errors() {
 
 #[tokio::test]
 async fn a_kubelet_that_is_down_or_silent_fails_in_bounded_time() {
-    // Nothing listens on this port any more.
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    // Nothing listens on this port.
+    let down = refused_port();
     let kubelet = stand_in(Box::new(|_| (200, pod_list(vec![])))).await;
     let err = K8sAttestor::new(&K8sAttestorConfig {
-        kubelet_secure_port: port,
+        kubelet_secure_port: down.port,
         ..kubelet.config()
     })
     .unwrap()
@@ -325,13 +328,10 @@ async fn a_pod_the_kubelet_cannot_tell_about_is_refused_with_the_reason() {
     // The kubelet is down.
     let kubelet = stand_in(Box::new(|_| (200, pod_list(vec![])))).await;
     let proc_root = proc_tree(&pod_cgroup());
-    let down = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let down = refused_port();
     let config = k8s_config(&kubelet, proc_root.path()).replace(
         &format!("kubelet_secure_port = {}", kubelet.addr.port()),
-        &format!("kubelet_secure_port = {down}"),
+        &format!("kubelet_secure_port = {}", down.port),
     );
     let agent = common::TestAgent::start(&config).await;
     let err = jwt_subjects(&agent).await.unwrap_err();
@@ -358,8 +358,11 @@ async fn a_failed_fetch_is_shared_by_the_callers_that_waited_for_it() {
     let kubelet = stand_in(Box::new(|_| (500, "kubelet trouble".into()))).await;
     let attestor = std::sync::Arc::new(
         K8sAttestor::new(&K8sAttestorConfig {
-            // The failure stands for this long; the test ends well within.
-            poll_retry_interval: Duration::from_secs(10),
+            // The failure stands for this long: longer than any run of this
+            // test, so every caller that waited for the fetch shares it
+            // whatever the machine's speed. (No retry sleeps it: a failed
+            // fetch ends the attestation at once.)
+            poll_retry_interval: Duration::from_secs(3600),
             ..kubelet.config()
         })
         .unwrap(),

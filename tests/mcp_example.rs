@@ -49,6 +49,9 @@ enum Expect {
     Background(Option<&'static str>),
     /// Exits 0; stdout contains each string.
     Succeeds(&'static [&'static str]),
+    /// Exits 0 with these strings once the agent has caught up (its audit
+    /// trail is written by a job of its own, after the answer): retried.
+    SoonSucceeds(&'static [&'static str]),
     /// Exits non-zero; stdout contains each string.
     Fails(&'static [&'static str]),
     /// Exits non-zero with these strings once the agent has caught up
@@ -104,7 +107,7 @@ const WALKTHROUGH: &[(&str, Expect)] = &[
     ),
     (
         "tether audit tail",
-        Expect::Succeeds(&[
+        Expect::SoonSucceeds(&[
             "task-begin",
             "intent=\"publish the Q3 summary\"",
             "exe=",
@@ -218,8 +221,11 @@ fn the_mcp_server_refuses_what_is_not_its_to_accept_or_exchange() {
         "examples/mcp/setup.sh /tmp/tether-mcp",
         Expect::Succeeds(&["wrote /"]),
     );
-    // Task tokens of one second, so that one can expire while its task lives.
-    shell.run("printf '[tasks]\\ntoken_ttl = \"1s\"\\n' >> /tmp/tether-mcp/tether.toml");
+    // Short task tokens, so that one expires while its task lives (waited
+    // for below); long enough that every other step, each a few processes
+    // started, uses its token well within its life whatever the machine's
+    // speed (the agent renews at two thirds of it).
+    shell.run("printf '[tasks]\\ntoken_ttl = \"10s\"\\n' >> /tmp/tether-mcp/tether.toml");
     shell.step(
         "tether run --config /tmp/tether-mcp/tether.toml &",
         Expect::Background(None),
@@ -442,22 +448,8 @@ impl Shell {
                 let output = self.run(command);
                 assert_shows(command, &output, false, wanted);
             }
-            Expect::SoonFails(wanted) => {
-                let started = Instant::now();
-                loop {
-                    let output = self.run(command);
-                    let stdout = String::from_utf8_lossy(&output.stdout);
-                    if !output.status.success() && wanted.iter().all(|w| stdout.contains(w)) {
-                        eprintln!("refused after {:?}", started.elapsed());
-                        break;
-                    }
-                    assert!(
-                        started.elapsed() < PATIENCE,
-                        "{command} never failed as expected; last output:\n{stdout}"
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
+            Expect::SoonSucceeds(wanted) => self.retry(command, true, wanted),
+            Expect::SoonFails(wanted) => self.retry(command, false, wanted),
             Expect::Signal(signal) => {
                 let mut last = self.background.pop().expect("a background process for $!");
                 kill(
@@ -475,6 +467,26 @@ impl Shell {
                     );
                 }
             }
+        }
+    }
+
+    /// Runs `command` until it exits successfully or not, as `success`
+    /// says, with each of `wanted` on stdout; fails after [`PATIENCE`].
+    fn retry(&self, command: &str, success: bool, wanted: &[&str]) {
+        let started = Instant::now();
+        loop {
+            let output = self.run(command);
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            if output.status.success() == success && wanted.iter().all(|w| stdout.contains(w)) {
+                eprintln!("as expected after {:?}", started.elapsed());
+                return;
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "{command} never {} as expected; last output:\n{stdout}",
+                if success { "succeeded" } else { "failed" }
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -51,6 +51,14 @@ fn policy_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// Puts `text` in `dir/name` in one step, as the watcher must see it: a
+/// plain write could be read half done (empty, or cut) by a poll.
+fn write_policy(dir: &Path, name: &str, text: &str) {
+    let hidden = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&hidden, text).unwrap();
+    std::fs::rename(&hidden, dir.join(name)).unwrap();
+}
+
 /// The config lines for an agent whose process is both the agent workload
 /// and the Jira MCP server, under the policies in `policies`.
 fn config_for(policies: &Path, more: &str) -> String {
@@ -187,7 +195,7 @@ async fn a_policy_file_change_applies_without_a_restart_and_a_broken_one_changes
         .expect("allowed before the change");
 
     // The watcher sees the new file; the next request is decided by it.
-    std::fs::write(policies.path().join("delete.cedar"), NO_DELETE).unwrap();
+    write_policy(policies.path(), "delete.cedar", NO_DELETE);
     let last = eventually!(
         "the new policy denies jira.delete",
         match tasks.begin_task(begin(JIRA, &["jira.delete"])).await {
@@ -198,20 +206,24 @@ async fn a_policy_file_change_applies_without_a_restart_and_a_broken_one_changes
         }
     );
     assert!(last.contains("no-delete"), "{last}");
-    let reload = records(&agent)
-        .await
-        .into_iter()
-        .find(|r| r.event.event == EventKind::PolicyReload)
-        .expect("the reload is audited");
+    // The watcher records the reload once the new set is in force: a
+    // request may be decided by it first.
+    let reload = eventually!(
+        "the reload is audited",
+        records(&agent)
+            .await
+            .into_iter()
+            .find(|r| r.event.event == EventKind::PolicyReload)
+    );
     assert_eq!(reload.event.policy_ids, ["allow-all", "no-delete"]);
 
     // A file that does not parse: refused with its place, and audited;
     // the set in force stays.
-    std::fs::write(
-        policies.path().join("broken.cedar"),
+    write_policy(
+        policies.path(),
+        "broken.cedar",
         "@id(\"broken\")\npermit (principal, action, resource)\nwhen { context.nope };\n",
-    )
-    .unwrap();
+    );
     let refused = eventually!(
         "the broken set is refused",
         records(&agent).await.into_iter().find(|r| {
@@ -478,7 +490,12 @@ async fn a_full_audit_queue_stops_issuance_with_a_clear_status_until_it_drains()
         .unwrap();
     let mut stalled_stdout = child.stdout.take().unwrap();
     let socket = dir.path().join("agent.sock");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     let mut client = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never served"
+        );
         if let Ok(channel) = common::try_uds_channel(&socket).await {
             let mut client = common::raw_client(&socket, true).await;
             drop(channel);

@@ -790,6 +790,8 @@ async fn fetch_jwt_svid_inside_task_run_is_task_bound() {
                 ])
                 .arg("--socket")
                 .arg(&socket)
+                // How long it waits for the agent: a failure guard here.
+                .args(["--timeout", &format!("{}s", PATIENCE.as_secs())])
                 .arg("--")
                 .arg(std::env::current_exe().unwrap())
                 .args([

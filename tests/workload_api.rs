@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use common::{ForeignDomain, PATIENCE, TestAgent, entry_for_me, eventually, uid, unix_now};
 use futures_util::StreamExt as _;
@@ -26,17 +25,35 @@ fn td() -> TrustDomain {
 
 /// An agent whose one entry (for this process) federates with
 /// `example-federated.org`, whose bundle is `foreign`'s, in a file re-read
-/// every 100ms. Keep the returned directory alive as long as the agent.
+/// every 100ms. With a `marker`, the entry also federates with
+/// `marker.example`, whose bundle is `marker`'s in `marker.json` beside
+/// the first, read after it on each refresh. Keep the returned directory
+/// alive as long as the agent.
 async fn federated_agent(
     foreign: &ForeignDomain,
+    marker: Option<&ForeignDomain>,
 ) -> (TestAgent, tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let bundle_path = dir.path().join("federated.json");
     std::fs::write(&bundle_path, foreign.bundle_json("fed-key", 1)).unwrap();
+    let federation = |td: &str, path: &std::path::Path| {
+        format!(
+            "[[federation]]\ntrust_domain = \"{td}\"\nbundle_path = \"{}\"\nrefresh_interval = \"100ms\"\n",
+            path.display()
+        )
+    };
+    let mut federates_with = vec!["\"example-federated.org\""];
+    let mut federations = federation("example-federated.org", &bundle_path);
+    if let Some(marker) = marker {
+        let marker_path = dir.path().join("marker.json");
+        std::fs::write(&marker_path, marker.bundle_json("marker-key", 1)).unwrap();
+        federates_with.push("\"marker.example\"");
+        federations.push_str(&federation("marker.example", &marker_path));
+    }
     let extra = format!(
-        "{}federates_with = [\"example-federated.org\"]\n[[federation]]\ntrust_domain = \"example-federated.org\"\nbundle_path = \"{}\"\nrefresh_interval = \"100ms\"\n",
+        "{}federates_with = [{}]\n{federations}",
         entry_for_me("svc", "main"),
-        bundle_path.display()
+        federates_with.join(", ")
     );
     let agent = TestAgent::start(&extra).await;
     (agent, dir, bundle_path)
@@ -511,7 +528,7 @@ async fn restart_keeps_the_trust_bundle() {
 #[tokio::test]
 async fn federated_bundles_are_served_and_trusted_and_reloaded() {
     let foreign = ForeignDomain::new();
-    let (agent, _dir, bundle_path) = federated_agent(&foreign).await;
+    let (agent, dir, bundle_path) = federated_agent(&foreign, Some(&ForeignDomain::new())).await;
     let client = agent.spiffe_client().await;
     let fed_td = TrustDomain::new("example-federated.org").unwrap();
 
@@ -557,14 +574,44 @@ async fn federated_bundles_are_served_and_trusted_and_reloaded() {
     .await
     .expect("federated bundle update pushed");
 
-    // A broken file keeps the last good bundle.
+    // A broken file keeps the last good bundle. Each refresh reads the
+    // files in turn, this one first: once the marker domain's file has
+    // changed twice after the broken write and both changes were pushed,
+    // a whole refresh has read the broken file since (the first change
+    // may come from a refresh that read it just before).
     std::fs::write(&bundle_path, b"{ broken").unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let ctx = client.fetch_x509_context().await.unwrap();
-    assert_eq!(
-        ctx.bundle_set().get(&fed_td).unwrap().authorities()[0].as_ref(),
-        rotated.ca_der.as_slice()
-    );
+    let marker_td = TrustDomain::new("marker.example").unwrap();
+    let mut pushed = None;
+    for sequence in [2, 3] {
+        let marker = ForeignDomain::new();
+        std::fs::write(
+            dir.path().join("marker.json"),
+            marker.bundle_json("marker-key", sequence),
+        )
+        .unwrap();
+        pushed = Some(
+            tokio::time::timeout(PATIENCE, async {
+                loop {
+                    let ctx = stream.next().await.unwrap().unwrap();
+                    if ctx.bundle_set().get(&marker_td).unwrap().authorities()[0].as_ref()
+                        == marker.ca_der.as_slice()
+                    {
+                        return ctx;
+                    }
+                }
+            })
+            .await
+            .expect("the marker's bundle update is pushed"),
+        );
+    }
+    let after_refresh = pushed.unwrap();
+    let fetched = client.fetch_x509_context().await.unwrap();
+    for ctx in [&after_refresh, &fetched] {
+        assert_eq!(
+            ctx.bundle_set().get(&fed_td).unwrap().authorities()[0].as_ref(),
+            rotated.ca_der.as_slice()
+        );
+    }
     agent.stop().await;
 }
 
@@ -694,7 +741,7 @@ async fn entry_changes_reach_open_streams_and_losing_every_identity_ends_them() 
 #[tokio::test]
 async fn validation_refuses_expired_immature_and_forged_tokens() {
     let foreign = ForeignDomain::new();
-    let (agent, _dir, _bundle_path) = federated_agent(&foreign).await;
+    let (agent, _dir, _bundle_path) = federated_agent(&foreign, None).await;
     let mut raw = agent.raw_client(true).await;
     let sub = "spiffe://example-federated.org/peer";
     let sign = |claims: serde_json::Value,

@@ -411,7 +411,7 @@ mod tests {
         tokio::task::yield_now().await;
         peer.child.kill().unwrap();
         for waiter in waiters {
-            tokio::time::timeout(Duration::from_secs(5), waiter)
+            tokio::time::timeout(Duration::from_secs(60), waiter)
                 .await
                 .unwrap()
                 .unwrap();
@@ -422,7 +422,7 @@ mod tests {
             Err(AttestationError::CallerExited { .. })
         ));
         // And it stays resolved.
-        tokio::time::timeout(Duration::from_secs(1), caller.exited())
+        tokio::time::timeout(Duration::from_secs(60), caller.exited())
             .await
             .unwrap();
         peer.finish();

@@ -698,7 +698,7 @@ mod tests {
                 caller.ensure_alive(),
                 Err(AttestationError::CallerExited { .. })
             ));
-            tokio::time::timeout(Duration::from_secs(5), caller.exited())
+            tokio::time::timeout(Duration::from_secs(60), caller.exited())
                 .await
                 .unwrap();
         }

@@ -440,7 +440,7 @@ mod tests {
     async fn a_missing_socket_is_unavailable_and_named() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("admin.sock");
-        let error = AdminClient::connect(&socket, Duration::from_secs(5))
+        let error = AdminClient::connect(&socket, Duration::from_secs(60))
             .await
             .unwrap_err();
         assert_eq!(error.exit_code(), EXIT_UNAVAILABLE);

@@ -23,6 +23,15 @@ fn dir_with(files: &[(&str, &str)]) -> TempDir {
     dir
 }
 
+/// Puts `text` in `dir/name` in one step (a hidden file renamed into
+/// place), as a polling watcher must see it: a plain write may be read
+/// half done, empty or cut.
+fn replace_file(dir: &Path, name: &str, text: &str) {
+    let hidden = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&hidden, text).unwrap();
+    std::fs::rename(&hidden, dir.join(name)).unwrap();
+}
+
 fn config(dir: &Path) -> PolicyConfig {
     PolicyConfig {
         dir: Some(dir.to_owned()),
@@ -458,27 +467,34 @@ async fn the_watcher_reloads_changed_files_and_reports_refusals() {
     };
     let ask = Ask::begin(PLANNER, JIRA);
 
-    std::fs::write(
-        dir.path().join("p.cedar"),
+    replace_file(
+        dir.path(),
+        "p.cedar",
         "@id(\"v2\") permit(principal, action, resource);",
-    )
-    .unwrap();
+    );
     let summary = next().await.unwrap();
     assert_eq!(summary.ids, ["v2"]);
     assert_eq!(ask.ask(&policy), allow(&["v2"]));
 
-    std::fs::write(dir.path().join("p.cedar"), "permit(").unwrap();
+    replace_file(dir.path(), "p.cedar", "permit(");
     let refused = next().await.unwrap_err();
     assert!(refused.contains("p.cedar:1:"), "{refused}");
     assert_eq!(ask.ask(&policy), allow(&["v2"]));
 
-    std::fs::write(
-        dir.path().join("q.cedar"),
+    // Two steps: a poll between them sees q.cedar beside the broken
+    // p.cedar, a new version refused in turn.
+    replace_file(
+        dir.path(),
+        "q.cedar",
         "@id(\"v3\") permit(principal, action, resource);",
-    )
-    .unwrap();
+    );
     std::fs::remove_file(dir.path().join("p.cedar")).unwrap();
-    let summary = next().await.unwrap();
+    let summary = loop {
+        match next().await {
+            Ok(summary) => break summary,
+            Err(refused) => assert!(refused.contains("p.cedar:1:"), "{refused}"),
+        }
+    };
     assert_eq!(summary.ids, ["v3"]);
 
     cancel.cancel();

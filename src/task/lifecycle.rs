@@ -100,11 +100,7 @@ impl Tasks {
             // The end is not stored: keep the task refused in memory anyway
             // (fail closed), and say so.
             tracing::error!(task_id = %task.id, %reason, %error, "could not store the end of a task; refusing its tokens until restart");
-            let mut state = task.state();
-            if state.ended.is_none() {
-                state.ended = Some((reason, SystemTime::now()));
-            }
-            drop(state);
+            self.mark_ended(task, reason, SystemTime::now());
             self.inner.changes.send_modify(|n| *n += 1);
         }
     }

@@ -17,6 +17,7 @@
 //!   never later than the subject token's, and only the token's audience may
 //!   exchange it.
 
+mod active;
 pub mod claims;
 mod journal;
 pub mod lifecycle;
@@ -42,6 +43,7 @@ use crate::registration::{EntryId, Match};
 use crate::store::{Store, StoreError, TaskEnd, TaskRow};
 use crate::svid::jwt::{self as jwt_svid, JwtValidationError};
 use crate::telemetry::metrics::{Kind, Reason, metrics};
+use active::ActiveIndex;
 use claims::{Actor, Confirmation, RequesterContext, TCTX_VERSION, TaskClaims, TaskContext};
 use journal::Journal;
 
@@ -299,6 +301,8 @@ struct Inner {
     owners_rx: Mutex<Option<mpsc::UnboundedReceiver<OwnerWatch>>>,
     /// Group commit for begins and ends; started on first use, inside the runtime.
     journal: std::sync::OnceLock<Journal>,
+    /// Active tasks by owner. Locked after `tasks` when both are held.
+    active: Mutex<ActiveIndex>,
 }
 
 // === impl TaskConfig ===
@@ -516,6 +520,7 @@ impl Tasks {
                 owners,
                 owners_rx: Mutex::new(Some(owners_rx)),
                 journal: std::sync::OnceLock::new(),
+                active: Mutex::default(),
             }),
         }
     }
@@ -525,6 +530,13 @@ impl Tasks {
         self.inner
             .journal
             .get_or_init(|| Journal::start(&self.inner.store))
+    }
+
+    fn active(&self) -> MutexGuard<'_, ActiveIndex> {
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn tasks(&self) -> MutexGuard<'_, HashMap<String, Arc<Task>>> {
@@ -567,6 +579,7 @@ impl Tasks {
                     {
                         Ok(caller) => {
                             watched += 1;
+                            self.active().activate(&task, false);
                             metrics().tasks_active.inc();
                             let _ = self.inner.owners.send((Arc::clone(&task), caller));
                             None
@@ -634,23 +647,22 @@ impl Tasks {
                 ),
             ));
         }
-        let active = self
-            .tasks()
-            .values()
-            .filter(|t| {
-                t.owner.pid == owner.pid
-                    && t.owner.start_time == owner.start_time
-                    && t.ended().is_none()
-            })
-            .count();
-        if active >= config.max_tasks_per_process {
-            return Err(TaskError::TooMany(active));
-        }
+        let key = (owner.pid, owner.start_time);
+        self.active()
+            .reserve(key, config.max_tasks_per_process)
+            .map_err(TaskError::TooMany)?;
+        let id = match new_task_id() {
+            Ok(id) => id,
+            Err(error) => {
+                self.active().release(key);
+                return Err(error);
+            }
+        };
 
         let decided_by = request.decided_by;
         let now = SystemTime::now();
         let task = Arc::new(Task {
-            id: new_task_id()?,
+            id,
             owner,
             spiffe_id: matched.spiffe_id.clone(),
             entry_id: matched.entry.id.clone(),
@@ -664,8 +676,15 @@ impl Tasks {
             state: Mutex::default(),
         });
         // Stored before the first token leaves, so a restart knows it.
-        self.journal().begin(task.row()).await?;
-        self.tasks().insert(task.id.clone(), Arc::clone(&task));
+        if let Err(error) = self.journal().begin(task.row()).await {
+            self.active().release(key);
+            return Err(error.into());
+        }
+        {
+            let mut tasks = self.tasks();
+            tasks.insert(task.id.clone(), Arc::clone(&task));
+            self.active().activate(&task, true);
+        }
         // Active from now: its end, whenever it comes, counts it down.
         metrics().tasks_active.inc();
         let _ = self.inner.owners.send((Arc::clone(&task), caller.clone()));
@@ -779,12 +798,8 @@ impl Tasks {
         self.journal()
             .end(task.id.clone(), end, task.tokens_issued())
             .await?;
-        {
-            let mut state = task.state();
-            if state.ended.is_some() {
-                return Ok(false);
-            }
-            state.ended = Some((reason, now));
+        if !self.mark_ended(task, reason, now) {
+            return Ok(false);
         }
         self.inner.changes.send_modify(|n| *n += 1);
         metrics().tasks_active.dec();
@@ -819,26 +834,27 @@ impl Tasks {
     /// The active task scoping a process whose chain (itself, then its
     /// ancestors, as pid and start time) contains its owner, nearest first.
     pub fn scope_of(&self, chain: &[(i32, u64)]) -> Option<Arc<Task>> {
-        let tasks = self.tasks();
-        chain.iter().find_map(|&(pid, start)| {
-            tasks
-                .values()
-                .find(|t| {
-                    t.scope_descendants
-                        && t.owner.pid == pid
-                        && t.owner.start_time == start
-                        && t.ended().is_none()
-                })
-                .cloned()
-        })
+        self.active().scope_of(chain)
     }
 
     /// True when some active task scopes its owner's descendants: only
     /// then is a caller's ancestry worth reading.
     pub fn has_scopes(&self) -> bool {
-        self.tasks()
-            .values()
-            .any(|t| t.scope_descendants && t.ended().is_none())
+        self.active().has_scopes()
+    }
+
+    /// Moves `task` from active to ended for `reason` unless it has ended
+    /// already; true when this call ended it. The one place a task leaves
+    /// the active index.
+    fn mark_ended(&self, task: &Task, reason: EndReason, at: SystemTime) -> bool {
+        let mut state = task.state();
+        if state.ended.is_some() {
+            return false;
+        }
+        state.ended = Some((reason, at));
+        drop(state);
+        self.active().deactivate(task);
+        true
     }
 
     /// The task with this id, active or ended.

@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tempfile::TempDir;
 use tether::attestation::k8s::K8sAttestorConfig;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -164,6 +164,25 @@ pub async fn stand_in(answer: Answer) -> StandIn {
         addr,
         dir,
         requests,
+    }
+}
+
+/// A port on 127.0.0.1 that refuses connections for as long as this is
+/// kept: a socket bound there that never listens. A port merely freed
+/// (bound, then closed) could be taken meanwhile by a test running in
+/// parallel; this one cannot.
+pub struct RefusedPort {
+    pub port: u16,
+    _socket: TcpSocket,
+}
+
+pub fn refused_port() -> RefusedPort {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    RefusedPort {
+        port,
+        _socket: socket,
     }
 }
 

@@ -145,6 +145,51 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// `tether` CLI arguments with the CLI's `--timeout` (how long it waits for
+/// the agent, 5s by default) set to `timeout`, unless `args` set their own:
+/// in these tests it is a failure guard, never what is tested. It goes
+/// before a `--`, after which come a command's own arguments.
+pub fn with_cli_timeout(args: &[&str], timeout: Duration) -> Vec<String> {
+    let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    if args
+        .iter()
+        .any(|a| a == "--timeout" || a.starts_with("--timeout="))
+    {
+        return args;
+    }
+    let at = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    args.splice(
+        at..at,
+        ["--timeout".to_owned(), format!("{}s", timeout.as_secs())],
+    );
+    args
+}
+
+/// Whether process `pid` has a handler installed for `signal` (its
+/// `SigCgt` mask in /proc). A process that serves may not have installed
+/// it yet; sending the signal before then would test the default action
+/// (death), not the process's handling of it.
+pub fn handles_signal(pid: u32, signal: nix::sys::signal::Signal) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let bit = 1u64 << (signal as u32 - 1);
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & bit != 0)
+}
+
+/// Waits until process `pid` handles `signal` (see [`handles_signal`]),
+/// failing after [`PATIENCE`].
+pub async fn until_handling(pid: u32, signal: nix::sys::signal::Signal) {
+    eventually(&format!("process {pid} to handle {signal}"), || {
+        handles_signal(pid, signal)
+    })
+    .await;
+}
+
 /// A CA for a foreign trust domain, and its SPIFFE bundle document with one
 /// X.509 authority and one JWT authority (kid `fed-key`).
 pub struct ForeignDomain {

@@ -1,0 +1,172 @@
+//! The active tasks by owner process: what BeginTask (the per-process
+//! limit) and FetchJWTSVID (is this caller inside a task's scope?) ask on
+//! every call, answered without walking every task the agent remembers.
+//!
+//! A task enters when it begins (or is restored active) and leaves exactly
+//! once, by whoever moves it from active to ended ([`super::Tasks`] does
+//! both under the task's state lock). Owners are (pid, start time): a pid
+//! reused by a later process is another owner.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::Task;
+
+/// A process, as a task records its owner: pid and start time.
+type Owner = (i32, u64);
+
+/// Counts of active tasks by owner, and the active tasks that scope their
+/// owner's descendants.
+#[derive(Debug, Default)]
+pub(super) struct ActiveIndex {
+    counts: HashMap<Owner, usize>,
+    scopes: HashMap<Owner, Vec<Arc<Task>>>,
+}
+
+// === impl ActiveIndex ===
+
+impl ActiveIndex {
+    /// Counts one more active task for `owner` unless it already has
+    /// `limit`: `Err(active)` then. Check and count are one step, so
+    /// concurrent begins cannot pass the limit together.
+    pub(super) fn reserve(&mut self, owner: Owner, limit: usize) -> Result<(), usize> {
+        let count = self.counts.entry(owner).or_default();
+        if *count >= limit {
+            let active = *count;
+            if active == 0 {
+                self.counts.remove(&owner);
+            }
+            return Err(active);
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// Undoes a [`ActiveIndex::reserve`] whose task never became active.
+    pub(super) fn release(&mut self, owner: Owner) {
+        if let Some(count) = self.counts.get_mut(&owner) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.counts.remove(&owner);
+            }
+        }
+    }
+
+    /// Records an active task whose count was reserved (or, restored from
+    /// the store, is counted here).
+    pub(super) fn activate(&mut self, task: &Arc<Task>, reserved: bool) {
+        let owner = (task.owner.pid, task.owner.start_time);
+        if !reserved {
+            *self.counts.entry(owner).or_default() += 1;
+        }
+        if task.scope_descendants {
+            self.scopes.entry(owner).or_default().push(Arc::clone(task));
+        }
+    }
+
+    /// Forgets a task that has just ended.
+    pub(super) fn deactivate(&mut self, task: &Task) {
+        let owner = (task.owner.pid, task.owner.start_time);
+        self.release(owner);
+        if task.scope_descendants
+            && let Some(scoped) = self.scopes.get_mut(&owner)
+        {
+            scoped.retain(|t| t.id != task.id);
+            if scoped.is_empty() {
+                self.scopes.remove(&owner);
+            }
+        }
+    }
+
+    /// How many active tasks `owner` has.
+    #[cfg(test)]
+    pub(super) fn count(&self, owner: Owner) -> usize {
+        self.counts.get(&owner).copied().unwrap_or(0)
+    }
+
+    /// True when some active task scopes its owner's descendants.
+    pub(super) fn has_scopes(&self) -> bool {
+        !self.scopes.is_empty()
+    }
+
+    /// The first (oldest) active scoping task of the nearest owner in
+    /// `chain`.
+    pub(super) fn scope_of(&self, chain: &[Owner]) -> Option<Arc<Task>> {
+        chain
+            .iter()
+            .find_map(|owner| self.scopes.get(owner)?.first().cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::store::TaskRow;
+
+    fn task(id: &str, owner: Owner, scoped: bool) -> Arc<Task> {
+        let now = SystemTime::now();
+        let row = TaskRow {
+            id: id.into(),
+            owner_pid: owner.0,
+            owner_start_time: owner.1,
+            owner_uid: 1000,
+            owner_executable: None,
+            owner_exe_sha256: None,
+            spiffe_id: "spiffe://example.org/agent".into(),
+            entry_id: "ent-1".into(),
+            audience: "spiffe://example.org/mcp".into(),
+            intent: "test".into(),
+            tools: vec!["search".into()],
+            bind_x5t: None,
+            created_at: now,
+            deadline: now + Duration::from_secs(600),
+            ended: None,
+            tokens_issued: 0,
+            scope_descendants: scoped,
+        };
+        Arc::new(Task::from_row(row).unwrap())
+    }
+
+    #[test]
+    fn the_limit_counts_active_tasks_per_owner() {
+        let mut index = ActiveIndex::default();
+        let (a, b) = ((10, 1), (10, 2));
+        index.reserve(a, 2).unwrap();
+        index.reserve(a, 2).unwrap();
+        assert_eq!(index.reserve(a, 2), Err(2));
+        // Another process with the same pid (a later start) is another owner.
+        index.reserve(b, 2).unwrap();
+        // A begin that failed gives its place back; so does an end.
+        index.release(a);
+        index.reserve(a, 2).unwrap();
+        let ending = task("t1", a, false);
+        index.deactivate(&ending);
+        assert_eq!(index.count(a), 1);
+        assert_eq!(index.reserve(b, 0), Err(1));
+        assert_eq!(index.reserve((11, 1), 0), Err(0));
+        assert!(!index.counts.contains_key(&(11, 1)), "no empty owners kept");
+    }
+
+    #[test]
+    fn scopes_are_found_by_the_nearest_owner_and_leave_when_ended() {
+        let mut index = ActiveIndex::default();
+        assert!(!index.has_scopes());
+        let parent = task("parent", (100, 1), true);
+        let grandparent = task("grandparent", (50, 1), true);
+        let unscoped = task("plain", (200, 1), false);
+        for t in [&parent, &grandparent, &unscoped] {
+            index.activate(t, false);
+        }
+        assert!(index.has_scopes());
+        let chain = [(300, 9), (200, 1), (100, 1), (50, 1)];
+        assert_eq!(index.scope_of(&chain).unwrap().id, "parent");
+        index.deactivate(&parent);
+        assert_eq!(index.scope_of(&chain).unwrap().id, "grandparent");
+        index.deactivate(&grandparent);
+        assert!(index.scope_of(&chain).is_none());
+        assert!(!index.has_scopes());
+        assert_eq!(index.count((200, 1)), 1);
+    }
+}
