@@ -188,13 +188,24 @@ fn main() {
     };
     let idle_rss = agent.rss_kib();
     let mut rows = Vec::new();
+    // (clients, p50 bound, p99 bound) of full attestations on new connections.
+    let mut attestations = Vec::new();
     for &op in &args.ops {
         for &clients in &args.clients {
             if op.spawns_processes() && clients > Op::MAX_PROCESS_CLIENTS {
                 continue;
             }
             let cpu_before = agent.cpu_time();
+            let buckets_before = agent.attestation_buckets();
             let row = runtime.block_on(run(op, clients, args.duration, &targets));
+            if op == Op::NewConnection {
+                let during = bucket_diff(&buckets_before, &agent.attestation_buckets());
+                attestations.push((
+                    clients,
+                    bucket_quantile(&during, 0.5),
+                    bucket_quantile(&during, 0.99),
+                ));
+            }
             let cpu = agent.cpu_time().saturating_sub(cpu_before);
             let done = (row.ops_per_sec * args.duration.as_secs_f64()).max(1.0);
             let row = Row {
@@ -222,6 +233,7 @@ fn main() {
         cores,
         &limits,
         &rows,
+        &attestations,
         idle_rss,
         peak_rss,
         scale.as_ref(),
@@ -343,6 +355,8 @@ fn per_second(threads: usize, each: Duration, f: impl Fn() + Sync) -> f64 {
 struct Agent {
     child: Child,
     socket: PathBuf,
+    /// The agent's `/healthz`, `/readyz` and `/metrics` listener.
+    http: std::net::SocketAddr,
 }
 
 impl Agent {
@@ -366,6 +380,11 @@ selectors = ["unix:uid:{uid}"]
     /// and `tail` (entries) at the end of its config file.
     fn start_with(dir: &Path, head: &str, tail: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
+        // A port free a moment ago; the agent refuses to start if it is taken.
+        let http = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let config = dir.join("agent.toml");
         std::fs::write(
             &config,
@@ -382,6 +401,9 @@ max_tasks_per_process = 100000
 
 [limits]
 max_connections = 8192
+
+[http]
+listen = "{http}"
 
 {tail}
 "#,
@@ -403,7 +425,34 @@ max_connections = 8192
             assert!(started.elapsed() < TIMEOUT, "the agent did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { child, socket }
+        Self {
+            child,
+            socket,
+            http,
+        }
+    }
+
+    /// The agent's attestation-time histogram: (upper bound in seconds,
+    /// cumulative count) per bucket, from `/metrics`.
+    fn attestation_buckets(&self) -> Vec<(f64, u64)> {
+        use std::io::{Read as _, Write as _};
+        let mut conn = std::net::TcpStream::connect(self.http).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).unwrap();
+        text.lines()
+            .filter_map(|line| line.strip_prefix("tether_attestation_seconds_bucket{le=\""))
+            .filter_map(|rest| {
+                let (le, count) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect()
     }
 
     fn pid(&self) -> u32 {
@@ -1057,11 +1106,16 @@ mod empty {
 
 // === the report ===
 
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call, each argument a section"
+)]
 fn report(
     args: &Args,
     cores: usize,
     limits: &Limits,
     rows: &[Row],
+    attestations: &[(usize, f64, f64)],
     idle_rss_kib: u64,
     peak_rss_kib: u64,
     scale: Option<&scale::Scale>,
@@ -1110,11 +1164,11 @@ fn report(
     let _ = writeln!(out, "## Operations over the Unix socket\n");
     let _ = writeln!(
         out,
-        "| operation | clients | per second | p50 | p99 | p99.9 | agent CPU / op | of its limit | of the empty call | errors |"
+        "| operation | clients | per second | p50 | p99 | p99.9 | agent CPU / op | of its limit | agent alone | of the empty call | errors |"
     );
     let _ = writeln!(
         out,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for row in rows {
         let (limit, limit_name) = row.op.limit(limits);
@@ -1131,6 +1185,15 @@ fn report(
                 || "—".to_owned(),
                 |empty| format!("{:.0}%", 100.0 * row.ops_per_sec / empty.ops_per_sec),
             );
+        // What the agent's own CPU cost per operation would allow on all
+        // cores, as a share of the limit: the clients' share of the cores
+        // taken out.
+        let alone = if limit.is_finite() && row.cpu_per_op > Duration::ZERO {
+            let ceiling = cores as f64 / row.cpu_per_op.as_secs_f64();
+            format!("{:.0}%", 100.0 * ceiling / limit)
+        } else {
+            "—".to_owned()
+        };
         let cpu = if row.op == Op::Empty {
             "—".to_owned()
         } else {
@@ -1138,7 +1201,7 @@ fn report(
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.op.describe(),
             row.clients,
             row.ops_per_sec,
@@ -1147,9 +1210,31 @@ fn report(
             micros(row.p999),
             cpu,
             of_limit,
+            alone,
             empty,
             row.errors,
         );
+    }
+    if !attestations.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nA new connection's attestation (hash cached), as the agent timed it \
+             (`tether_attestation_seconds`; upper bounds of its power-of-two buckets):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| clients | p50 at most | p99 at most |\n| ---: | ---: | ---: |"
+        );
+        for (clients, p50, p99) in attestations {
+            let bound = |s: f64| {
+                if s.is_finite() {
+                    micros(Duration::from_secs_f64(s))
+                } else {
+                    "over the last bucket".to_owned()
+                }
+            };
+            let _ = writeln!(out, "| {clients} | {} | {} |", bound(*p50), bound(*p99));
+        }
     }
     let _ = writeln!(
         out,
@@ -1228,6 +1313,27 @@ fn scale_report(out: &mut String, scale: &scale::Scale) {
         .map(|c| format!("{:.0}", c * 100.0))
         .collect();
     let _ = writeln!(out, "\nCPU % each second: {}.", seconds.join(" "));
+}
+
+/// Per-bucket counts added between two scrapes of a cumulative histogram.
+fn bucket_diff(before: &[(f64, u64)], after: &[(f64, u64)]) -> Vec<(f64, u64)> {
+    after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|(b, _)| *b == le).map_or(0, |(_, n)| *n);
+            (le, n.saturating_sub(was))
+        })
+        .collect()
+}
+
+/// The upper bound of the bucket holding quantile `q` of a cumulative histogram.
+fn bucket_quantile(buckets: &[(f64, u64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0, |(_, n)| *n);
+    let want = (total as f64 * q).ceil() as u64;
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= want.max(1))
+        .map_or(f64::NAN, |(le, _)| *le)
 }
 
 fn micros(d: Duration) -> String {
