@@ -15,50 +15,57 @@ use super::Task;
 /// A process, as a task records its owner: pid and start time.
 type Owner = (i32, u64);
 
-/// Counts of active tasks by owner, and the active tasks that scope their
+/// The active tasks of each owner, and the active tasks that scope their
 /// owner's descendants.
 #[derive(Debug, Default)]
 pub(super) struct ActiveIndex {
-    counts: HashMap<Owner, usize>,
+    owners: HashMap<Owner, OwnerTasks>,
     scopes: HashMap<Owner, Vec<Arc<Task>>>,
+}
+
+/// One owner's active tasks (by address: an `Arc<Task>` is one task) and
+/// the begins it has under way.
+#[derive(Debug, Default)]
+struct OwnerTasks {
+    tasks: HashMap<usize, Arc<Task>>,
+    reserved: usize,
 }
 
 // === impl ActiveIndex ===
 
 impl ActiveIndex {
     /// Counts one more active task for `owner` unless it already has
-    /// `limit`: `Err(active)` then. Check and count are one step, so
-    /// concurrent begins cannot pass the limit together.
+    /// `limit` (begins under way included): `Err(active)` then. Check and
+    /// count are one step, so concurrent begins cannot pass the limit
+    /// together.
     pub(super) fn reserve(&mut self, owner: Owner, limit: usize) -> Result<(), usize> {
-        let count = self.counts.entry(owner).or_default();
-        if *count >= limit {
-            let active = *count;
-            if active == 0 {
-                self.counts.remove(&owner);
-            }
+        let entry = self.owners.entry(owner).or_default();
+        let active = entry.tasks.len() + entry.reserved;
+        if active >= limit {
+            self.forget_if_empty(owner);
             return Err(active);
         }
-        *count += 1;
+        entry.reserved += 1;
         Ok(())
     }
 
     /// Undoes a [`ActiveIndex::reserve`] whose task never became active.
     pub(super) fn release(&mut self, owner: Owner) {
-        if let Some(count) = self.counts.get_mut(&owner) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.counts.remove(&owner);
-            }
+        if let Some(entry) = self.owners.get_mut(&owner) {
+            entry.reserved = entry.reserved.saturating_sub(1);
         }
+        self.forget_if_empty(owner);
     }
 
-    /// Records an active task whose count was reserved (or, restored from
-    /// the store, is counted here).
+    /// Records an active task: begun under a reservation, or restored from
+    /// the store.
     pub(super) fn activate(&mut self, task: &Arc<Task>, reserved: bool) {
         let owner = (task.owner.pid, task.owner.start_time);
-        if !reserved {
-            *self.counts.entry(owner).or_default() += 1;
+        let entry = self.owners.entry(owner).or_default();
+        if reserved {
+            entry.reserved = entry.reserved.saturating_sub(1);
         }
+        entry.tasks.insert(address(task), Arc::clone(task));
         if task.scope_descendants {
             self.scopes.entry(owner).or_default().push(Arc::clone(task));
         }
@@ -67,21 +74,34 @@ impl ActiveIndex {
     /// Forgets a task that has just ended.
     pub(super) fn deactivate(&mut self, task: &Task) {
         let owner = (task.owner.pid, task.owner.start_time);
-        self.release(owner);
+        if let Some(entry) = self.owners.get_mut(&owner) {
+            entry.tasks.remove(&address(task));
+        }
+        self.forget_if_empty(owner);
         if task.scope_descendants
             && let Some(scoped) = self.scopes.get_mut(&owner)
         {
-            scoped.retain(|t| t.id != task.id);
+            scoped.retain(|t| !std::ptr::eq(Arc::as_ptr(t), task));
             if scoped.is_empty() {
                 self.scopes.remove(&owner);
             }
         }
     }
 
-    /// How many active tasks `owner` has.
+    /// The active tasks of `owner`.
+    pub(super) fn of_owner(&self, owner: Owner) -> Vec<Arc<Task>> {
+        self.owners
+            .get(&owner)
+            .map(|entry| entry.tasks.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many active tasks `owner` has (begins under way included).
     #[cfg(test)]
     pub(super) fn count(&self, owner: Owner) -> usize {
-        self.counts.get(&owner).copied().unwrap_or(0)
+        self.owners
+            .get(&owner)
+            .map_or(0, |entry| entry.tasks.len() + entry.reserved)
     }
 
     /// True when some active task scopes its owner's descendants.
@@ -96,6 +116,21 @@ impl ActiveIndex {
             .iter()
             .find_map(|owner| self.scopes.get(owner)?.first().cloned())
     }
+
+    fn forget_if_empty(&mut self, owner: Owner) {
+        if self
+            .owners
+            .get(&owner)
+            .is_some_and(|entry| entry.tasks.is_empty() && entry.reserved == 0)
+        {
+            self.owners.remove(&owner);
+        }
+    }
+}
+
+/// A task's identity in the index: the address of its shared allocation.
+fn address(task: &Task) -> usize {
+    std::ptr::from_ref(task) as usize
 }
 
 #[cfg(test)]
@@ -138,15 +173,21 @@ mod tests {
         assert_eq!(index.reserve(a, 2), Err(2));
         // Another process with the same pid (a later start) is another owner.
         index.reserve(b, 2).unwrap();
-        // A begin that failed gives its place back; so does an end.
+        // A begin that failed gives its place back.
         index.release(a);
-        index.reserve(a, 2).unwrap();
-        let ending = task("t1", a, false);
-        index.deactivate(&ending);
+        let begun = task("t1", a, false);
+        index.activate(&begun, true);
         assert_eq!(index.count(a), 1);
+        assert_eq!(index.of_owner(a).len(), 1);
+        // An end gives its place back too, and an owner with nothing left
+        // is forgotten.
+        index.deactivate(&begun);
+        assert_eq!(index.count(a), 0);
+        assert!(index.of_owner(a).is_empty());
+        assert!(!index.owners.contains_key(&a));
         assert_eq!(index.reserve(b, 0), Err(1));
         assert_eq!(index.reserve((11, 1), 0), Err(0));
-        assert!(!index.counts.contains_key(&(11, 1)), "no empty owners kept");
+        assert!(!index.owners.contains_key(&(11, 1)), "no empty owners kept");
     }
 
     #[test]

@@ -72,11 +72,12 @@ impl Tasks {
                 }
                 Some(owner) = exits.next() => {
                     watched.remove(&owner);
-                    for task in self.list(false) {
-                        if (task.owner.pid, task.owner.start_time) == owner {
-                            self.end_quietly(&task, EndReason::OwnerExited).await;
-                        }
-                    }
+                    // Ended together, so their ends share one commit.
+                    let tasks = self.active_of(owner);
+                    futures_util::future::join_all(
+                        tasks.iter().map(|task| self.end_quietly(task, EndReason::OwnerExited)),
+                    )
+                    .await;
                 }
                 Ok(()) = entries.changed() => {
                     let snapshot = entries.borrow_and_update().clone();

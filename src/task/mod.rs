@@ -837,6 +837,11 @@ impl Tasks {
         self.active().scope_of(chain)
     }
 
+    /// The active tasks of the process `owner` (pid, start time).
+    pub fn active_of(&self, owner: (i32, u64)) -> Vec<Arc<Task>> {
+        self.active().of_owner(owner)
+    }
+
     /// True when some active task scopes its owner's descendants: only
     /// then is a caller's ancestry worth reading.
     pub fn has_scopes(&self) -> bool {
