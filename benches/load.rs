@@ -1020,8 +1020,15 @@ process_bound = true
                 client.first(&mut stream).await.unwrap().unwrap();
                 let updates = Arc::clone(&updates);
                 tokio::spawn(async move {
-                    while let Ok(Some(_)) = stream.message().await {
-                        updates.fetch_add(1, Ordering::Relaxed);
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(_)) => updates.fetch_add(1, Ordering::Relaxed),
+                            Ok(None) => break,
+                            Err(status) => {
+                                eprintln!("stream ended: {status}");
+                                break;
+                            }
+                        };
                     }
                 });
             }
