@@ -254,7 +254,7 @@ impl Attestor {
     /// kubelet's pod list, asynchronously.
     ///
     /// A later call on the same connection reuses that work when the
-    /// process is unchanged (see [`Memo`]): a few /proc reads on the
+    /// process is unchanged (see `Memo`): a few /proc reads on the
     /// calling thread instead of a trip through the blocking pool. Pod
     /// selectors are looked up on every call either way, so label changes
     /// show as soon as the pod cache has them.

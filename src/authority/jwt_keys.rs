@@ -4,7 +4,7 @@
 //! jsonwebtoken asks its crypto provider for a signer on every `encode`,
 //! and its aws-lc provider parses and checks the PKCS#8 key each time,
 //! which costs more than the signature. So the process installs
-//! [`PROVIDER`]: jsonwebtoken's own aws-lc provider, except that ES256
+//! `PROVIDER`: jsonwebtoken's own aws-lc provider, except that ES256
 //! signers come from keys parsed once and kept (by the SHA-256 of their
 //! DER, a few at most). The signing itself is aws-lc's.
 

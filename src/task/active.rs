@@ -135,33 +135,10 @@ fn address(task: &Task) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
-
     use super::*;
-    use crate::store::TaskRow;
 
     fn task(id: &str, owner: Owner, scoped: bool) -> Arc<Task> {
-        let now = SystemTime::now();
-        let row = TaskRow {
-            id: id.into(),
-            owner_pid: owner.0,
-            owner_start_time: owner.1,
-            owner_uid: 1000,
-            owner_executable: None,
-            owner_exe_sha256: None,
-            spiffe_id: "spiffe://example.org/agent".into(),
-            entry_id: "ent-1".into(),
-            audience: "spiffe://example.org/mcp".into(),
-            intent: "test".into(),
-            tools: vec!["search".into()],
-            bind_x5t: None,
-            created_at: now,
-            deadline: now + Duration::from_secs(600),
-            ended: None,
-            tokens_issued: 0,
-            scope_descendants: scoped,
-        };
-        Arc::new(Task::from_row(row).unwrap())
+        Arc::new(Task::from_row(super::super::test_row(id, owner, scoped)).unwrap())
     }
 
     #[test]

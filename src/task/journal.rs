@@ -128,31 +128,12 @@ async fn write_batches<T: Send + 'static>(
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
+    use std::time::SystemTime;
 
     use super::*;
 
     fn row(id: &str) -> TaskRow {
-        let now = SystemTime::now();
-        TaskRow {
-            id: id.into(),
-            owner_pid: 4242,
-            owner_start_time: 1,
-            owner_uid: 1000,
-            owner_executable: None,
-            owner_exe_sha256: None,
-            spiffe_id: "spiffe://example.org/agent".into(),
-            entry_id: "ent-1".into(),
-            audience: "spiffe://example.org/mcp".into(),
-            intent: "test".into(),
-            tools: vec!["search".into()],
-            bind_x5t: None,
-            created_at: now,
-            deadline: now + Duration::from_secs(600),
-            ended: None,
-            tokens_issued: 0,
-            scope_descendants: false,
-        }
+        super::super::test_row(id, (4242, 1), false)
     }
 
     #[tokio::test]
