@@ -827,6 +827,8 @@ mod scale {
         pub cpu_per_second: Vec<f64>,
         /// Updates the streams received after their first message.
         pub pushes: u64,
+        /// Of those, the ones carrying a new certificate of the stream's own.
+        pub rotations: u64,
         pub rss_kib: u64,
     }
 
@@ -982,12 +984,21 @@ process_bound = true
             last = now;
         }
         let rss_kib = agent.rss_kib();
-        let mut pushes = 0;
-        for (child, mut out) in children.iter_mut().zip(outputs) {
+        let (mut pushes, mut rotations) = (0, 0);
+        for child in &mut children {
+            let stdin = child.stdin.as_mut().unwrap();
+            stdin.write_all(b"report\n").unwrap();
+            stdin.flush().unwrap();
+        }
+        for out in &mut outputs {
+            let mut counts = String::new();
+            out.read_line(&mut counts).unwrap();
+            let (updates, rotated) = counts.trim().split_once(' ').unwrap();
+            pushes += updates.parse::<u64>().unwrap();
+            rotations += rotated.parse::<u64>().unwrap();
+        }
+        for child in &mut children {
             drop(child.stdin.take());
-            let mut count = String::new();
-            out.read_to_string(&mut count).unwrap();
-            pushes += count.trim().parse::<u64>().unwrap();
             child.wait().unwrap();
         }
         agent.stop();
@@ -997,6 +1008,7 @@ process_bound = true
             ttl: STREAM_TTL,
             cpu_per_second,
             pushes,
+            rotations,
             rss_kib,
         }
     }
@@ -1015,24 +1027,48 @@ process_bound = true
                 .await
                 .unwrap();
             let updates = Arc::new(AtomicU64::new(0));
+            let rotations = Arc::new(AtomicU64::new(0));
             for _ in 0..streams {
                 let mut stream = client.fetch_x509_svid().await.unwrap();
-                client.first(&mut stream).await.unwrap().unwrap();
-                let updates = Arc::clone(&updates);
+                let first = client.first(&mut stream).await.unwrap().unwrap();
+                let mut held = first.svids[0].x509_svid.clone();
+                let (updates, rotations) = (Arc::clone(&updates), Arc::clone(&rotations));
                 tokio::spawn(async move {
                     loop {
                         match stream.message().await {
-                            Ok(Some(_)) => updates.fetch_add(1, Ordering::Relaxed),
+                            Ok(Some(update)) => {
+                                updates.fetch_add(1, Ordering::Relaxed);
+                                // A new certificate of its own, not another
+                                // change (a CRL, a bundle).
+                                if update.svids[0].x509_svid != held {
+                                    held = update.svids[0].x509_svid.clone();
+                                    rotations.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
                             Ok(None) => break,
                             Err(status) => {
                                 eprintln!("stream ended: {status}");
                                 break;
                             }
-                        };
+                        }
                     }
                 });
             }
             println!("ready");
+            std::io::stdout().flush().unwrap();
+            // A line on stdin asks for the counts, before any stream
+            // process exits (an exit changes every stream's CRL).
+            tokio::task::spawn_blocking(|| {
+                let mut line = String::new();
+                let _ = std::io::stdin().read_line(&mut line);
+            })
+            .await
+            .unwrap();
+            println!(
+                "{} {}",
+                updates.load(Ordering::Relaxed),
+                rotations.load(Ordering::Relaxed)
+            );
             std::io::stdout().flush().unwrap();
             tokio::task::spawn_blocking(|| {
                 let mut sink = Vec::new();
@@ -1040,7 +1076,6 @@ process_bound = true
             })
             .await
             .unwrap();
-            println!("{}", updates.load(Ordering::Relaxed));
         });
     }
 }
@@ -1303,13 +1338,15 @@ fn scale_report(out: &mut String, scale: &scale::Scale) {
         out,
         "\nX.509 streams: {} FetchX509SVID streams from {} processes, each process with its \
          own SVID (a process-bound entry) living {}, watched for {} seconds (each SVID rotates \
-         at about half its life, jittered by ±10% of that): {} updates pushed; agent RSS {:.1} MiB; \
+         at about half its life, jittered by ±10% of that): {} updates pushed, {} of them a \
+         rotated SVID (a stream sees each of its process's rotations once); agent RSS {:.1} MiB; \
          agent CPU per second (100% = one core): mean {mean:.1}%, median {:.1}%, max {:.1}%.",
         streams.streams,
         streams.processes,
         humantime::format_duration(streams.ttl),
         streams.cpu_per_second.len(),
         streams.pushes,
+        streams.rotations,
         mib(streams.rss_kib),
         pct(0.5),
         pct(1.0),
