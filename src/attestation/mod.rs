@@ -301,15 +301,8 @@ impl Attestor {
         if memo.taken.elapsed() >= MEMO_MAX_AGE {
             return Ok(false);
         }
-        let pid = caller.pid();
-        let unchanged = procfs::read_status(&self.proc_root, pid)
-            .map(|status| status == memo.status)
-            .and_then(|same| match (same, memo.exe_key) {
-                (true, Some(key)) => procfs::stat_exe(&self.proc_root, pid).map(|now| now == key),
-                (same, _) => Ok(same),
-            });
         // A read that failed because the caller left is the caller's doing.
-        let unchanged = match unchanged {
+        let unchanged = match self.facts_unchanged(caller.pid(), memo) {
             Ok(unchanged) => unchanged,
             Err(error) => {
                 caller.ensure_alive()?;
@@ -319,6 +312,18 @@ impl Attestor {
         // The reads described this caller only if it is still running now.
         caller.ensure_alive()?;
         Ok(unchanged)
+    }
+
+    /// The same credentials in `/proc/<pid>/status`, and the same
+    /// executable (when the memo has one), as when `memo` was taken.
+    fn facts_unchanged(&self, pid: i32, memo: &Memo) -> Result<bool, AttestationError> {
+        if procfs::read_status(&self.proc_root, pid)? != memo.status {
+            return Ok(false);
+        }
+        match memo.exe_key {
+            Some(key) => Ok(procfs::stat_exe(&self.proc_root, pid)? == key),
+            None => Ok(true),
+        }
     }
 
     /// The caller's ancestors (parent first) as (pid, start time): kernel

@@ -299,16 +299,15 @@ pub fn open_exe(proc_root: &Path, pid: i32) -> Result<(PathBuf, File), Attestati
     }
 }
 
-/// Whether `path` (followed) is still the file `file` has open: same device
-/// and inode.
-pub fn is_same_file(path: &Path, file: &File) -> Result<bool, AttestationError> {
-    let read_err = |source| AttestationError::ReadProc {
-        path: path.to_owned(),
-        source,
-    };
-    let opened = file.metadata().map_err(read_err)?;
-    let current = std::fs::metadata(path).map_err(read_err)?;
-    Ok((opened.dev(), opened.ino()) == (current.dev(), current.ino()))
+/// The key of an open file (`fstat`); `path` names it in errors.
+pub fn key_of_open(path: &Path, file: &File) -> Result<FileKey, AttestationError> {
+    match file.metadata() {
+        Ok(meta) => Ok(FileKey::of(&meta)),
+        Err(source) => Err(AttestationError::ReadProc {
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 fn read_small(path: &Path) -> Result<Vec<u8>, AttestationError> {
@@ -553,11 +552,13 @@ mod tests {
         let path = dir.path().join("exe");
         std::fs::write(&path, b"one").unwrap();
         let file = File::open(&path).unwrap();
-        assert!(is_same_file(&path, &file).unwrap());
+        let opened = key_of_open(&path, &file).unwrap();
+        let now = || FileKey::of(&std::fs::metadata(&path).unwrap());
+        assert!(opened.same_file(&now()));
         let other = dir.path().join("other");
         std::fs::write(&other, b"two").unwrap();
         std::fs::rename(&other, &path).unwrap();
-        assert!(!is_same_file(&path, &file).unwrap());
+        assert!(!opened.same_file(&now()));
     }
 
     #[test]

@@ -129,15 +129,7 @@ impl UnixAttestor {
             // Open first: the hash cache key and the hashed bytes then come
             // from this one open file, whatever happens to the path.
             let (exe, file) = procfs::open_exe(proc_root, pid)?;
-            let key =
-                FileKey::of(
-                    &file
-                        .metadata()
-                        .map_err(|source| AttestationError::ReadProc {
-                            path: exe.clone(),
-                            source,
-                        })?,
-                );
+            let key = procfs::key_of_open(&exe, &file)?;
             // The program that connected must be the one running now: after
             // an exec, a socket handed to (or kept by) another process would
             // otherwise speak with the new program's identity.
@@ -151,7 +143,7 @@ impl UnixAttestor {
             let hash = self.sha256(pid, &exe, &file, key)?;
             // The link is read apart from the open. Had the process exec'd
             // in between, path and hash would describe different programs.
-            if !procfs::is_same_file(&exe, &file)? {
+            if !procfs::stat_exe(proc_root, pid)?.same_file(&key) {
                 return Err(AttestationError::ExecutableChanged { pid });
             }
             exe_key = Some(key);

@@ -647,17 +647,12 @@ impl Tasks {
                 ),
             ));
         }
+        let id = new_task_id()?;
+        // Counted from here; given back if the task is not stored.
         let key = (owner.pid, owner.start_time);
         self.active()
             .reserve(key, config.max_tasks_per_process)
             .map_err(TaskError::TooMany)?;
-        let id = match new_task_id() {
-            Ok(id) => id,
-            Err(error) => {
-                self.active().release(key);
-                return Err(error);
-            }
-        };
 
         let decided_by = request.decided_by;
         let now = SystemTime::now();
