@@ -2,13 +2,6 @@
 //! on a `crate::x` reference that points up or sideways where the table
 //! does not allow it. Also keeps the crypto stack to one provider.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

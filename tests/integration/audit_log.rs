@@ -1,13 +1,6 @@
 //! `tether audit verify|tail`, the built binary, on a real trail written
 //! through the audit API.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;

@@ -2,14 +2,7 @@
 //! under a shared upstream CA, and the unmodified `spiffe` crate client gets
 //! SVIDs that path-validate to the upstream root in the bundle.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::path::PathBuf;

@@ -2,14 +2,7 @@
 //! runtime reaching open Workload API streams, persistence across restarts
 //! and crashes, reload, and what was issued to whom.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -398,7 +391,12 @@ async fn the_workload_socket_never_serves_admin_methods() {
 /// 65534 and returns what it printed.
 fn call_as_nobody(admin_socket: &Path) -> String {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_admin_call", "--ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "admin_api::child_admin_call",
+            "--ignored",
+            "--nocapture",
+        ])
         .env("TETHER_TEST_ADMIN_SOCKET", admin_socket)
         .uid(65534)
         .gid(65534)

@@ -1,18 +1,11 @@
 //! The task commands (`tether task run|list|show|revoke`, `tether token
 //! exchange|validate`): the built binary against a real agent started in
 //! this process. This process is both the agent workload and the MCP
-//! server (two entries on its uid), as in tests/task_tokens.rs. Exit codes
+//! server (two entries on its uid), as in task_tokens.rs. Exit codes
 //! and output are the contract checked here; timeouts are failure guards
 //! only.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
-mod common;
+use crate::common;
 
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;

@@ -3,14 +3,7 @@
 //! the real daemon: a process whose cgroup names a pod gets its pod's
 //! identity; one whose cgroup names none is attested without the kubelet.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

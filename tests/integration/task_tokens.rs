@@ -1,14 +1,7 @@
 //! Task-bound tokens against the real agent: begin, validate, end, owner
 //! exit, deadline, exchange, revocation, restart, binding, watch.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
-mod common;
+use crate::common;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
@@ -396,7 +389,12 @@ async fn child_task_owner() {
 async fn owner_exit_kills_the_task_without_any_further_request() {
     let agent = agent().await;
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_task_owner", "--ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "task_tokens::child_task_owner",
+            "--ignored",
+            "--nocapture",
+        ])
         .env("TETHER_TEST_SOCKET", &agent.socket)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -721,7 +719,12 @@ async fn only_the_owner_may_renew_or_end() {
         let id = begun.task_id.clone();
         move || {
             Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "child_end_task", "--ignored", "--nocapture"])
+                .args([
+                    "--exact",
+                    "task_tokens::child_end_task",
+                    "--ignored",
+                    "--nocapture",
+                ])
                 .env("TETHER_TEST_SOCKET", socket)
                 .env("TETHER_TEST_TASK", id)
                 .output()
@@ -796,7 +799,7 @@ async fn fetch_jwt_svid_inside_task_run_is_task_bound() {
                 .arg(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
-                    "child_spiffe_fetch_jwt",
+                    "task_tokens::child_spiffe_fetch_jwt",
                     "--ignored",
                     "--nocapture",
                 ])

@@ -1,14 +1,7 @@
 //! `tether run` as a process: start, serve, stop on SIGTERM, recover from a
 //! crash, refuse a second agent, refuse bad configuration.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -2,14 +2,7 @@
 //! this process, on a temporary socket. Exit codes and output are the
 //! contract checked here; timeouts are failure guards only.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "test helpers: a panic is the test failing, with its message"
-)]
-
-mod common;
+use crate::common;
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::PermissionsExt as _;

@@ -1,14 +1,7 @@
 //! The HTTP endpoint (`[http] listen`) of a real agent: probes and metrics
 //! read over HTTP as a kubelet and a Prometheus server would.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 

@@ -4,14 +4,7 @@
 //! Needs `TETHER_TEST_PYTHON` pointing at a Python with py-spiffe
 //! installed; `scripts/test` creates that venv and runs these tests.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;

@@ -3,14 +3,7 @@
 //! records of each decision, `tether audit verify` on the agent's own
 //! trail, and issuance stopping when the trail cannot keep up.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
-mod common;
+use crate::common;
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};

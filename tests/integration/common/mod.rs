@@ -1,11 +1,6 @@
 //! Shared test harness: a real agent on a temporary socket and data dir,
 //! driven through real clients (the `spiffe` crate, tether's own gRPC stubs).
 
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different part of the harness"
-)]
-
 pub mod kubelet;
 
 use std::path::{Path, PathBuf};

@@ -1,14 +1,7 @@
 //! Process-bound X.509-SVIDs: one per process, revoked and listed in a CRL
 //! when the process exits.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
@@ -61,7 +54,12 @@ async fn a_process_bound_svid_is_revoked_when_its_process_exits() {
         let socket = agent.socket.clone();
         move || {
             Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "child_fetch_x509", "--ignored", "--nocapture"])
+                .args([
+                    "--exact",
+                    "process_bound::child_fetch_x509",
+                    "--ignored",
+                    "--nocapture",
+                ])
                 .env("TETHER_TEST_SOCKET", socket)
                 .output()
                 .unwrap()

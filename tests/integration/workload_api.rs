@@ -1,14 +1,7 @@
 //! The SPIFFE Workload API, driven by the unmodified Rust `spiffe` crate and
 //! by raw gRPC where exact status codes matter.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 

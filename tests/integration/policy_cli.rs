@@ -2,13 +2,6 @@
 //! examples (`examples/policies`) and on broken copies of them. No agent:
 //! the commands work offline. Exit codes and output are the contract.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails by panicking"
-)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

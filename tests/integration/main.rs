@@ -1,0 +1,35 @@
+//! The integration suite: one test binary, one module per area. Each test
+//! starts what it needs (a real agent on a temporary socket and data dir,
+//! the CLI, the example processes) and drives it as a user would.
+//!
+//! One binary rather than one per file: the suite links the agent once,
+//! which keeps a cold build and its target directory a fraction of the
+//! size. Tests that re-run this binary as a child process name their child
+//! test by its full path (`module::child_…`).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
+mod common;
+
+mod admin_api;
+mod architecture;
+mod audit_log;
+mod cli_admin;
+mod cli_api;
+mod cli_task;
+mod daemon;
+mod http_endpoint;
+mod k8s_attestor;
+mod mcp_example;
+mod policy_audit;
+mod policy_cli;
+mod process_bound;
+mod py_spiffe;
+mod task_tokens;
+mod upstream_authority;
+mod workload_api;
