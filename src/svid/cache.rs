@@ -3,10 +3,16 @@
 //!
 //! Reads take a short lock and clone an `Arc`; a miss issues under a
 //! separate lock so concurrent first requests for one entry issue once.
-//! Every replacement bumps a generation counter on a `watch`, which is how
-//! open streams learn that something they might hold has changed.
+//!
+//! Open streams learn of changes through [`SvidWatch`], and only of the
+//! changes that can concern them: keys hash into [`SHARDS`] shards, each
+//! with its own generation counter, and a stream follows the shards of the
+//! SVIDs it holds. One process's renewal wakes that process's streams (and
+//! the few that share its shard), not every stream on the node. Changes
+//! that concern every holder (new CRLs) bump a separate counter.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
@@ -24,12 +30,31 @@ pub type ProcessKey = (i32, u64);
 /// process: one SVID each.
 pub type SvidKey = (EntryId, SpiffeId, Option<ProcessKey>);
 
+/// How many shards the keys hash into: the bits of an [`Interest`].
+pub const SHARDS: usize = 63;
+
 /// Current X.509-SVIDs by entry.
 #[derive(Debug)]
 pub struct X509SvidCache {
     svids: Mutex<HashMap<SvidKey, Arc<X509Svid>>>,
     issuing: Mutex<()>,
-    generation: watch::Sender<u64>,
+    /// Bumped when a key in the shard is replaced or dropped.
+    shards: Box<[watch::Sender<u64>]>,
+    /// Bumped for what concerns every holder (new CRLs).
+    everyone: watch::Sender<u64>,
+}
+
+/// What a stream's state depends on in the cache: the shards of the keys
+/// it holds, and whether it carries the CRLs. A bit set, built with
+/// [`Interest::key`] and [`Interest::crls`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Interest(u64);
+
+/// Waits for the cache changes an [`Interest`] names.
+#[derive(Debug)]
+pub struct SvidWatch {
+    interest: Interest,
+    receivers: Vec<watch::Receiver<u64>>,
 }
 
 // === impl X509SvidCache ===
@@ -39,7 +64,8 @@ impl Default for X509SvidCache {
         Self {
             svids: Mutex::default(),
             issuing: Mutex::default(),
-            generation: watch::channel(0).0,
+            shards: (0..SHARDS).map(|_| watch::channel(0).0).collect(),
+            everyone: watch::channel(0).0,
         }
     }
 }
@@ -61,25 +87,35 @@ impl X509SvidCache {
         self.issuing.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Stores `svid` as the entry's current SVID and wakes subscribers.
+    /// Stores `svid` as the entry's current SVID and wakes its holders.
     pub fn put(&self, svid: Arc<X509Svid>) {
-        self.svids().insert(svid.key(), svid);
-        self.generation.send_modify(|g| *g += 1);
+        let key = svid.key();
+        let shard = shard_of(&key);
+        self.svids().insert(key, svid);
+        self.bump(shard);
+    }
+
+    fn bump(&self, shard: usize) {
+        if let Some(sender) = self.shards.get(shard) {
+            sender.send_modify(|g| *g += 1);
+        }
     }
 
     /// Drops SVIDs of entries that no longer exist, and those whose entry
     /// changed what the certificate says. Returns how many were dropped.
     pub fn retain_current(&self, entries: &EntrySet) -> usize {
-        let dropped = {
-            let mut svids = self.svids();
-            let before = svids.len();
-            svids.retain(|(id, _, _), svid| entries.get(id).is_some_and(|e| !svid.is_stale_for(e)));
-            before - svids.len()
-        };
-        if dropped > 0 {
-            self.generation.send_modify(|g| *g += 1);
+        let mut dropped = Vec::new();
+        self.svids().retain(|key, svid| {
+            let keep = entries.get(&key.0).is_some_and(|e| !svid.is_stale_for(e));
+            if !keep {
+                dropped.push(shard_of(key));
+            }
+            keep
+        });
+        for &shard in &dropped {
+            self.bump(shard);
         }
-        dropped
+        dropped.len()
     }
 
     /// The SVIDs due for renewal at `now`, and the earliest renewal time
@@ -109,7 +145,7 @@ impl X509SvidCache {
             }
         };
         if removed {
-            self.generation.send_modify(|g| *g += 1);
+            self.bump(shard_of(&key));
         }
     }
 
@@ -124,15 +160,15 @@ impl X509SvidCache {
                 .collect();
             keys.iter().filter_map(|k| svids.remove(k)).collect()
         };
-        if !taken.is_empty() {
-            self.generation.send_modify(|g| *g += 1);
+        for svid in &taken {
+            self.bump(shard_of(&svid.key()));
         }
         taken
     }
 
-    /// Wakes subscribers without a cache change (new CRLs).
+    /// Wakes every holder that carries the CRLs (new CRLs).
     pub fn touch(&self) {
-        self.generation.send_modify(|g| *g += 1);
+        self.everyone.send_modify(|g| *g += 1);
     }
 
     /// Every cached SVID (for `svid list`).
@@ -140,8 +176,195 @@ impl X509SvidCache {
         self.svids().values().cloned().collect()
     }
 
-    /// Wakes on every change.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+    /// Wakes on the changes `interest` names, from now on.
+    pub fn subscribe(&self, interest: Interest) -> SvidWatch {
+        let mut receivers: Vec<_> = interest
+            .shards()
+            .filter_map(|s| self.shards.get(s))
+            .map(watch::Sender::subscribe)
+            .collect();
+        if interest.has_crls() {
+            receivers.push(self.everyone.subscribe());
+        }
+        SvidWatch {
+            interest,
+            receivers,
+        }
+    }
+
+    /// Wakes on every change to any key (the rotation loop).
+    pub fn subscribe_all(&self) -> SvidWatch {
+        self.subscribe(Interest(u64::MAX))
+    }
+}
+
+/// The shard `key` hashes into. The hash is fixed (no per-process seed
+/// is needed: the keys are the agent's own).
+fn shard_of(key: &SvidKey) -> usize {
+    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+    usize::try_from(hash % SHARDS as u64).unwrap_or(0)
+}
+
+// === impl Interest ===
+
+impl Interest {
+    const CRLS: u64 = 1 << SHARDS;
+
+    /// Nothing in the cache.
+    pub const NONE: Self = Self(0);
+
+    /// Adds the shard of `key`.
+    #[must_use]
+    pub fn key(self, key: &SvidKey) -> Self {
+        Self(self.0 | 1 << shard_of(key))
+    }
+
+    /// Adds the CRLs.
+    #[must_use]
+    pub fn crls(self) -> Self {
+        Self(self.0 | Self::CRLS)
+    }
+
+    fn has_crls(self) -> bool {
+        self.0 & Self::CRLS != 0
+    }
+
+    fn shards(self) -> impl Iterator<Item = usize> {
+        (0..SHARDS).filter(move |s| self.0 & (1 << s) != 0)
+    }
+}
+
+// === impl SvidWatch ===
+
+impl SvidWatch {
+    /// What this watch follows.
+    pub fn interest(&self) -> Interest {
+        self.interest
+    }
+
+    /// Forgets the changes so far: [`Self::changed`] waits for the next.
+    pub fn mark_seen(&mut self) {
+        for receiver in &mut self.receivers {
+            receiver.mark_unchanged();
+        }
+    }
+
+    /// Resolves at the next change it follows (never, for
+    /// [`Interest::NONE`]). Every change since the last call counts, so
+    /// nothing between two waits is lost.
+    pub async fn changed(&mut self) {
+        if self.receivers.is_empty() {
+            return std::future::pending().await;
+        }
+        let waits = self.receivers.iter_mut().map(|r| Box::pin(r.changed()));
+        // The senders live as long as the cache, which outlives its watchers.
+        let _ = futures_util::future::select_all(waits).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::{Duration, SystemTime};
+
+    use futures_util::FutureExt as _;
+    use spiffe::TrustDomain;
+
+    use super::*;
+    use crate::authority::{Authority, AuthorityConfig};
+    use crate::registration::{EntrySpec, RegistrationEntry};
+
+    /// A process-bound SVID for each of `pids`, from a fresh authority.
+    fn svids_for(pids: &[i32]) -> (tempfile::TempDir, Vec<Arc<X509Svid>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let authority =
+            Authority::load_or_create(td.clone(), AuthorityConfig::default(), dir.path()).unwrap();
+        let entry = Arc::new(
+            RegistrationEntry::from_config(
+                &EntrySpec {
+                    spiffe_id: "spiffe://example.org/agent".into(),
+                    selectors: vec!["unix:uid:1".into()],
+                    process_bound: true,
+                    ..EntrySpec::default()
+                },
+                &td,
+                &BTreeSet::new(),
+            )
+            .unwrap(),
+        );
+        let id = SpiffeId::new("spiffe://example.org/agent").unwrap();
+        let svids = pids
+            .iter()
+            .map(|&pid| {
+                Arc::new(
+                    crate::svid::x509::issue(
+                        &authority,
+                        &entry,
+                        &id,
+                        Some((pid, 1)),
+                        Duration::from_secs(60),
+                        SystemTime::now(),
+                    )
+                    .unwrap(),
+                )
+            })
+            .collect();
+        (dir, svids)
+    }
+
+    #[test]
+    fn a_renewal_wakes_the_streams_holding_it_and_no_others() {
+        // Enough processes that two of them fall in different shards.
+        let pids: Vec<i32> = (100..110).collect();
+        let (_dir, svids) = svids_for(&pids);
+        let cache = X509SvidCache::default();
+        for svid in &svids {
+            cache.put(Arc::clone(svid));
+        }
+        let mut holder = cache.subscribe(Interest::NONE.crls().key(&svids[0].key()));
+        let mut other = svids[1..]
+            .iter()
+            .find(|s| shard_of(&s.key()) != shard_of(&svids[0].key()))
+            .map(|s| cache.subscribe(Interest::NONE.crls().key(&s.key())))
+            .expect("an SVID in another shard");
+        let mut bundles_only = cache.subscribe(Interest::NONE);
+
+        cache.put(Arc::clone(&svids[0]));
+        assert!(
+            holder.changed().now_or_never().is_some(),
+            "the holder wakes"
+        );
+        assert!(
+            other.changed().now_or_never().is_none(),
+            "another holder sleeps"
+        );
+
+        cache.touch();
+        assert!(
+            holder.changed().now_or_never().is_some(),
+            "new CRLs wake holders"
+        );
+        assert!(
+            other.changed().now_or_never().is_some(),
+            "new CRLs wake holders"
+        );
+        assert!(
+            bundles_only.changed().now_or_never().is_none(),
+            "nothing in the cache concerns a bundle stream"
+        );
+    }
+
+    #[test]
+    fn a_watch_sees_a_change_made_before_it_waits() {
+        let (_dir, svids) = svids_for(&[7]);
+        let cache = X509SvidCache::default();
+        let mut watch = cache.subscribe(Interest::NONE.key(&svids[0].key()));
+        cache.put(Arc::clone(&svids[0]));
+        assert!(watch.changed().now_or_never().is_some());
+        watch.mark_seen();
+        assert!(watch.changed().now_or_never().is_none());
+        cache.remove(&svids[0]);
+        assert!(watch.changed().now_or_never().is_some(), "a drop wakes too");
     }
 }

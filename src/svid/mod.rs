@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::attestation::Caller;
@@ -29,7 +29,7 @@ use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, Decision as AuditDeci
 use crate::authority::{Authority, AuthorityError};
 use crate::registration::Match;
 use crate::store::{IssuedX509, Store, StoreError};
-pub use cache::{ProcessKey, X509SvidCache};
+pub use cache::{Interest, ProcessKey, SvidWatch, X509SvidCache};
 pub use holders::{Holder, HolderHandle, Holders};
 pub use jwt::{JwtSvid, JwtValidationError, ValidatedJwt};
 use revocation::Revocations;
@@ -274,9 +274,10 @@ impl SvidIssuer {
         self.revocations.crls()
     }
 
-    /// Wakes whenever any cached X.509-SVID is replaced or dropped.
-    pub fn subscribe_x509(&self) -> watch::Receiver<u64> {
-        self.x509.subscribe()
+    /// Wakes when a cached X.509-SVID `interest` names is replaced or
+    /// dropped (or, when it names them, the CRLs change).
+    pub fn subscribe_x509(&self, interest: Interest) -> SvidWatch {
+        self.x509.subscribe(interest)
     }
 
     /// Every live X.509-SVID this agent holds.

@@ -27,7 +27,7 @@ impl SvidIssuer {
     /// Runs until `cancel`: renews X.509-SVIDs at about half their life.
     pub async fn run_rotation(self, registry: Registry, cancel: CancellationToken) {
         let mut entries = registry.subscribe();
-        let mut cache_changes = self.x509.subscribe();
+        let mut cache_changes = self.x509.subscribe_all();
         loop {
             let now = SystemTime::now();
             let (due, next) = self.x509.due(now);
@@ -37,9 +37,15 @@ impl SvidIssuer {
                 let Some(entry) = current.get(&svid.entry_id) else {
                     continue;
                 };
-                if !svid.was_served() {
-                    // Nobody took it since it was issued: let it go; it is
+                if !svid.is_wanted() {
+                    // Nobody took it, nor its predecessor: let it go; it is
                     // issued again on demand.
+                    tracing::debug!(
+                        entry_id = %entry.id,
+                        spiffe_id = %svid.spiffe_id,
+                        serial = %svid.serial,
+                        "dropped an X.509-SVID nobody took"
+                    );
                     self.x509.remove(&svid);
                     continue;
                 }
@@ -48,12 +54,15 @@ impl SvidIssuer {
                     spiffe_id: svid.spiffe_id.clone(),
                 };
                 match self.renew_x509(&matched, svid.process, None) {
-                    Ok(new) => tracing::debug!(
-                        entry_id = %entry.id,
-                        spiffe_id = %svid.spiffe_id,
-                        serial = %new.serial,
-                        "renewed X.509-SVID"
-                    ),
+                    Ok(new) => {
+                        new.succeed(&svid);
+                        tracing::debug!(
+                            entry_id = %entry.id,
+                            spiffe_id = %svid.spiffe_id,
+                            serial = %new.serial,
+                            "renewed X.509-SVID"
+                        );
+                    }
                     Err(error) => {
                         failed = true;
                         tracing::warn!(
@@ -68,16 +77,14 @@ impl SvidIssuer {
             let wait = if failed {
                 RETRY_AFTER_FAILURE
             } else {
-                next.and_then(|n| n.duration_since(SystemTime::now()).ok())
-                    .unwrap_or(MAX_SLEEP)
-                    .min(MAX_SLEEP)
+                sleep_until(next, SystemTime::now())
             };
-            cache_changes.mark_unchanged();
+            cache_changes.mark_seen();
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
                 // A newly issued SVID may be due before the current wait ends.
-                Ok(()) = cache_changes.changed() => {}
+                () = cache_changes.changed() => {}
                 Ok(()) = entries.changed() => {
                     let set = entries.borrow_and_update().clone();
                     let dropped = self.x509.retain_current(&set);
@@ -87,5 +94,39 @@ impl SvidIssuer {
                 }
             }
         }
+    }
+}
+
+/// How long to sleep before the next renewal, due at `next`: not at all
+/// when it is already due (renewing the others can take long enough under
+/// load), at most [`MAX_SLEEP`].
+fn sleep_until(next: Option<SystemTime>, now: SystemTime) -> Duration {
+    next.map_or(MAX_SLEEP, |next| {
+        next.duration_since(now).unwrap_or(Duration::ZERO)
+    })
+    .min(MAX_SLEEP)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_renewal_already_due_is_not_put_off() {
+        // Regression: a renewal that fell due while the loop was renewing
+        // others waited MAX_SLEEP, and loaded agents let SVIDs lapse.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let past = now - Duration::from_millis(1);
+        assert_eq!(sleep_until(Some(past), now), Duration::ZERO);
+        assert_eq!(sleep_until(Some(now), now), Duration::ZERO);
+    }
+
+    #[test]
+    fn sleeps_until_the_next_renewal_or_the_longest_sleep() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let soon = Duration::from_secs(3);
+        assert_eq!(sleep_until(Some(now + soon), now), soon);
+        assert_eq!(sleep_until(Some(now + 10 * MAX_SLEEP), now), MAX_SLEEP);
+        assert_eq!(sleep_until(None, now), MAX_SLEEP);
     }
 }

@@ -40,9 +40,14 @@ pub struct X509Svid {
     /// revision means the SVID must be re-issued.
     pub(crate) issued_for: Arc<RegistrationEntry>,
     /// Set when the SVID is handed to a caller. One never handed out by its
-    /// renewal time is dropped instead of renewed (a template entry can
-    /// resolve to many IDs; only those in use are kept fresh).
+    /// renewal time, whose predecessor was not either, is dropped instead of
+    /// renewed (a template entry can resolve to many IDs; only those in use
+    /// are kept fresh).
     served: AtomicBool,
+    /// Set on a renewal of an SVID that was handed out: its holders are
+    /// still there even if none has taken the renewal yet (a stream busy
+    /// sending, a loaded agent), so it is renewed once more regardless.
+    predecessor_served: AtomicBool,
 }
 
 // === impl X509Svid ===
@@ -75,6 +80,18 @@ impl X509Svid {
     /// Marks the SVID as handed to a caller.
     pub fn mark_served(&self) {
         self.served.store(true, Ordering::Relaxed);
+    }
+
+    /// Records that this SVID replaces `old` (the rotation loop).
+    pub(crate) fn succeed(&self, old: &Self) {
+        self.predecessor_served
+            .store(old.was_served(), Ordering::Relaxed);
+    }
+
+    /// True when it, or the SVID it replaced, was handed to a caller: the
+    /// rotation loop renews it rather than letting it go.
+    pub(crate) fn is_wanted(&self) -> bool {
+        self.was_served() || self.predecessor_served.load(Ordering::Relaxed)
     }
 
     /// True once handed to a caller.
@@ -129,5 +146,6 @@ pub fn issue(
         process,
         issued_for: Arc::clone(entry),
         served: AtomicBool::new(false),
+        predecessor_served: AtomicBool::new(false),
     })
 }

@@ -23,7 +23,7 @@ use crate::policy::{Action, Policy, PolicyContext, PolicyRequest, Resource};
 use crate::proto::workload as pb;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::registration::{EntrySet, Match, Registry, SelectorSet};
-use crate::svid::{self, Holder, SvidIssuer};
+use crate::svid::{self, Holder, Interest, SvidIssuer, SvidWatch};
 use crate::task::Tasks;
 use crate::transport::gate::{self, Subject};
 use crate::transport::{self, Jobs};
@@ -59,11 +59,12 @@ impl Drop for OpenStream {
 }
 
 /// Everything a stream's state depends on; any change wakes the stream.
+/// Of the SVID cache, only the SVIDs the stream holds (its [`Interest`]).
 struct Watches {
     entries: watch::Receiver<Arc<EntrySet>>,
     bundle: watch::Receiver<Arc<TrustBundle>>,
     federated: watch::Receiver<Arc<FederatedBundles>>,
-    svids: watch::Receiver<u64>,
+    svids: SvidWatch,
 }
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
@@ -179,27 +180,29 @@ impl WorkloadApi {
         }))
     }
 
-    fn watches(&self) -> Watches {
+    fn watches(&self, interest: Interest) -> Watches {
         Watches {
             entries: self.registry.subscribe(),
             bundle: self.svids.authority().subscribe_bundle(),
             federated: self.federation.subscribe(),
-            svids: self.svids.subscribe_x509(),
+            svids: self.svids.subscribe_x509(interest),
         }
     }
 
     /// The caller's X.509 state: one SVID per matching entry (the first is
-    /// the default) and the bundles of the domains those entries federate with.
+    /// the default) and the bundles of the domains those entries federate
+    /// with; and the SVIDs and CRLs it depends on.
     fn x509_state(
         &self,
         caller: &Caller,
         selectors: &SelectorSet,
-    ) -> Result<pb::X509svidResponse, Status> {
+    ) -> Result<(pb::X509svidResponse, Interest), Status> {
         let matches = self.registry.snapshot().matching(selectors);
         if matches.is_empty() {
             return Err(status::no_identity());
         }
         let own = self.svids.authority().bundle().x509_der();
+        let mut interest = Interest::NONE.crls();
         let svids = matches
             .iter()
             .map(|m| {
@@ -207,15 +210,17 @@ impl WorkloadApi {
                     .svids
                     .x509_svid(m, caller)
                     .map_err(|e| status::issuance(&e))?;
+                interest = interest.key(&svid.key());
                 Ok(convert::x509_svid(&svid, m.entry.hint.as_deref(), &own))
             })
             .collect::<Result<Vec<_>, Status>>()?;
         let federated = self.federated_bundles(&matches);
-        Ok(pb::X509svidResponse {
+        let response = pb::X509svidResponse {
             svids,
             crl: self.svids.crls().to_vec(),
             federated_bundles: convert::x509_bundles(federated.iter().map(|b| &**b)),
-        })
+        };
+        Ok((response, interest))
     }
 
     /// Own bundle plus the federated bundles the caller's entries name.
@@ -252,7 +257,10 @@ impl WorkloadApi {
     {
         let (caller, attested) = self.identify(request).await?;
         let selectors = attested.selectors;
-        let state = move |api: &Self| api.bundle_state(&selectors).map(|b| encode(api, &b));
+        let state = move |api: &Self| {
+            api.bundle_state(&selectors)
+                .map(|b| (encode(api, &b), Interest::NONE))
+        };
         let first = state(self)?;
         Ok(Response::new(self.stream(
             method,
@@ -266,23 +274,25 @@ impl WorkloadApi {
     /// Sends `first`, then the recomputed state after every change that
     /// alters it, until the client leaves, the caller exits, the state
     /// becomes an error (sent, then the stream ends) or the agent stops.
-    /// `sent` sees every message that went out.
+    /// `sent` sees every message that went out. Each state comes with the
+    /// cache [`Interest`] it depends on, which the stream then follows.
     fn stream<T, F, S>(
         &self,
         method: &'static str,
         caller: Caller,
-        first: T,
+        first: (T, Interest),
         compute: F,
         sent: S,
     ) -> Stream<T>
     where
         T: PartialEq + Clone + Send + 'static,
-        F: Fn(&Self) -> Result<T, Status> + Send + 'static,
+        F: Fn(&Self) -> Result<(T, Interest), Status> + Send + 'static,
         S: Fn(&T) + Send + 'static,
     {
         // Subscribed after `first` was computed, so the loop recomputes once
         // before its first wait: a change in between is never lost.
-        let mut watches = self.watches();
+        let (first, interest) = first;
+        let mut watches = self.watches(interest);
         let (tx, rx) = mpsc::channel(1);
         let this = self.clone();
         let span = tracing::debug_span!("stream", method, pid = caller.pid());
@@ -311,8 +321,16 @@ impl WorkloadApi {
                     }
                     recheck = false;
                     match compute(&this) {
-                        Ok(state) if state == last => {}
-                        Ok(state) => {
+                        Ok((state, interest)) => {
+                            if interest != watches.svids.interest() {
+                                // Holds other SVIDs now: follow those, and
+                                // look once more for a change in between.
+                                watches.svids = this.svids.subscribe_x509(interest);
+                                recheck = true;
+                            }
+                            if state == last {
+                                continue;
+                            }
                             last = state.clone();
                             sent(&state);
                             tracing::debug!("pushing an update");
@@ -353,7 +371,7 @@ impl Watches {
             r = self.entries.changed() => r.is_ok(),
             r = self.bundle.changed() => r.is_ok(),
             r = self.federated.changed() => r.is_ok(),
-            r = self.svids.changed() => r.is_ok(),
+            () = self.svids.changed() => true,
         }
     }
 }
@@ -374,7 +392,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let first = self.x509_state(&caller, &attested.selectors)?;
         tracing::debug!(
             pid = caller.pid(),
-            svids = first.svids.len(),
+            svids = first.0.svids.len(),
             "FetchX509SVID"
         );
         // The stream's caller holds what it is sent, for `svid list`.
