@@ -30,7 +30,7 @@ use crate::registration::selector::SelectorSet;
 
 mod caller;
 pub mod k8s;
-mod procfs;
+pub mod procfs;
 mod unix;
 
 pub use caller::Caller;

@@ -180,7 +180,7 @@ impl Kubelet {
                 timeout: self.timeout,
             })??;
         // Parsing megabytes is CPU work: off the async workers.
-        tokio::task::spawn_blocking(move || serde_json::from_slice(&body))
+        tokio::task::spawn_blocking(move || parse_pods(&body))
             .await
             .map_err(|e| KubeletError::Malformed {
                 address: address.clone(),
@@ -302,6 +302,12 @@ impl std::fmt::Debug for Kubelet {
 }
 
 /// The CA certificates in a PEM file.
+/// A pod list as the kubelet's `/pods` returns it (JSON), into the
+/// Kubernetes types.
+pub fn parse_pods(body: &[u8]) -> Result<k8s_openapi::List<Pod>, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
 fn read_ca(path: &Path) -> Result<RootCertStore, KubeletError> {
     let problem = |problem: String| KubeletError::Ca {
         path: path.to_owned(),

@@ -34,7 +34,7 @@ mod cgroup;
 mod kubelet;
 
 pub use cgroup::{CgroupError, MAX_CGROUP_FILE, PodContainer, pod_container};
-pub use kubelet::{Kubelet, KubeletError};
+pub use kubelet::{Kubelet, KubeletError, parse_pods};
 
 /// The `[attestor.k8s]` section of the config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -361,8 +361,9 @@ fn is_the_pod(pod: &Pod, uid: &str) -> bool {
 }
 
 /// The pod's selectors, and the container's when `container_id` is set;
-/// `None` when that container has no status in the pod (yet).
-fn selectors_of(pod: &Pod, container_id: Option<&str>) -> Option<SelectorSet> {
+/// `None` when that container has no status in the pod (yet). Pure: what
+/// the attestor makes of one pod the kubelet listed.
+pub fn selectors_of(pod: &Pod, container_id: Option<&str>) -> Option<SelectorSet> {
     let k8s = |key: &str, value: &str| Selector::new(SelectorType::K8s, key, value);
     let mut out = SelectorSet::new();
     let meta = &pod.metadata;
