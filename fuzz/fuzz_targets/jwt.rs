@@ -36,5 +36,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let fixture = fixture();
     let verdict = tether::svid::jwt::validate(token, "api", |_| Some(Arc::clone(&fixture.bundle)));
-    assert!(verdict.is_err(), "a token the agent never signed was accepted: {token}");
+    assert!(
+        verdict.is_err(),
+        "a token the agent never signed was accepted: {token}"
+    );
 });

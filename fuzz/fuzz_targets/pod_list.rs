@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
     };
     for pod in &pods.items {
         let _ = selectors_of(pod, None);
-        let statuses = pod.status.iter().flat_map(|s| s.container_statuses.iter().flatten());
+        let statuses = pod
+            .status
+            .iter()
+            .flat_map(|s| s.container_statuses.iter().flatten());
         for status in statuses {
             let _ = selectors_of(pod, status.container_id.as_deref());
         }
