@@ -192,9 +192,10 @@ impl X509SvidCache {
         }
     }
 
-    /// Wakes on every change to any key (the rotation loop).
+    /// Wakes on every change to any key, not on new CRLs (the rotation
+    /// loop).
     pub fn subscribe_all(&self) -> SvidWatch {
-        self.subscribe(Interest(u64::MAX))
+        self.subscribe(Interest(!Interest::CRLS))
     }
 }
 

@@ -301,13 +301,13 @@ impl std::fmt::Debug for Kubelet {
     }
 }
 
-/// The CA certificates in a PEM file.
 /// A pod list as the kubelet's `/pods` returns it (JSON), into the
 /// Kubernetes types.
 pub fn parse_pods(body: &[u8]) -> Result<k8s_openapi::List<Pod>, serde_json::Error> {
     serde_json::from_slice(body)
 }
 
+/// The CA certificates in a PEM file.
 fn read_ca(path: &Path) -> Result<RootCertStore, KubeletError> {
     let problem = |problem: String| KubeletError::Ca {
         path: path.to_owned(),
