@@ -401,6 +401,7 @@ max_tasks_per_process = 100000
 
 [limits]
 max_connections = 8192
+max_connections_per_process = 8192
 
 [http]
 listen = "{http}"

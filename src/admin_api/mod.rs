@@ -24,6 +24,8 @@ pub use service::{AdminApi, ReloadOutcome, ReloadRequest};
 
 /// Most concurrent admin connections: operators, not workloads.
 const MAX_CONNECTIONS: usize = 64;
+/// How long an operator's connection has to send the HTTP/2 preface.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Largest admin request.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
@@ -73,6 +75,16 @@ pub async fn serve(
     );
     Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(transport::incoming(listener, MAX_CONNECTIONS), shutdown)
+        .serve_with_incoming_shutdown(
+            transport::incoming(
+                listener,
+                transport::ConnectionLimits {
+                    max_connections: MAX_CONNECTIONS,
+                    max_per_process: MAX_CONNECTIONS,
+                    handshake_timeout: HANDSHAKE_TIMEOUT,
+                },
+            ),
+            shutdown,
+        )
         .await
 }

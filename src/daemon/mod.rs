@@ -37,12 +37,16 @@ use crate::svid::SvidIssuer;
 use crate::task::Tasks;
 use crate::task_api::{self, TaskApi};
 use crate::telemetry::{self, http::Readiness};
-use crate::transport::{self, BoundSocket, Jobs};
+use crate::transport::{self, BoundSocket, Jobs, SocketIdentity, StreamSlots};
 use crate::workload_api::{self, WorkloadApi, WorkloadApiLimits};
 pub use shutdown::Shutdown;
 
 /// How long stopping waits for streams and loops to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a socket's clients have, once the agent stops, to close their
+/// connections (streams have ended by then) before they are closed.
+const CONNECTION_DRAIN: Duration = Duration::from_secs(2);
 
 /// A started agent.
 #[derive(Debug)]
@@ -54,6 +58,7 @@ pub struct Running {
     shutdown: Shutdown,
     failed: Arc<AtomicBool>,
     open_streams: Arc<AtomicUsize>,
+    readiness: Readiness,
     registry: Registry,
     audit: AuditLog,
     /// The audit writer stops last, after every job that could record.
@@ -170,6 +175,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let jobs = Jobs {
         tracker: shutdown.tracker(),
         cancel: shutdown.token(),
+        streams: StreamSlots::new(config.workload_api.limits.max_streams_per_process),
     };
     let api = WorkloadApi::new(
         attestor.clone(),
@@ -194,7 +200,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let readiness: Readiness = {
         let (authority, audit, store) = (authority.clone(), audit.clone(), store.clone());
-        Readiness::new(move || problems(&authority, &audit, &store))
+        let sockets = [socket.identity(), admin_socket.identity()];
+        Readiness::new(move || problems(&authority, &audit, &store, &sockets))
     };
     let admin = AdminApi::new(
         registry.clone(),
@@ -215,7 +222,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .context("the HTTP endpoint's address")?;
             shutdown.spawn(telemetry::http::serve(
                 listener,
-                readiness,
+                readiness.clone(),
                 shutdown.tracker(),
                 shutdown.token(),
             ));
@@ -231,9 +238,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let failed = Arc::clone(&failed);
         shutdown.spawn(async move {
             let stop = token.clone().cancelled_owned();
-            if let Err(error) =
-                serve_workload_socket(api, task_api, &mut socket, &limits, stop).await
-            {
+            let served = serve_workload_socket(api, task_api, &mut socket, &limits, stop);
+            if let Err(error) = drained(served, &token, "workload").await {
                 tracing::error!(%error, "workload API server failed; stopping the agent");
                 failed.store(true, Ordering::SeqCst);
                 token.cancel();
@@ -248,7 +254,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let failed = Arc::clone(&failed);
         shutdown.spawn(async move {
             let stop = token.clone().cancelled_owned();
-            if let Err(error) = admin_api::serve(admin, authz, &mut admin_socket, stop).await {
+            let served = admin_api::serve(admin, authz, &mut admin_socket, stop);
+            if let Err(error) = drained(served, &token, "admin").await {
                 tracing::error!(%error, "admin API server failed; stopping the agent");
                 failed.store(true, Ordering::SeqCst);
                 token.cancel();
@@ -303,6 +310,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown,
         failed,
         open_streams,
+        readiness,
         registry,
         audit,
         audit_stop,
@@ -313,8 +321,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
 /// Why the agent is not serving right now (empty: it is): the one answer
 /// behind the admin API's Health and the HTTP endpoint's `/readyz`.
-fn problems(authority: &Authority, audit: &AuditLog, store: &Store) -> Vec<String> {
-    let mut problems = Vec::new();
+fn problems(
+    authority: &Authority,
+    audit: &AuditLog,
+    store: &Store,
+    sockets: &[SocketIdentity],
+) -> Vec<String> {
+    let mut problems: Vec<String> = sockets.iter().filter_map(SocketIdentity::problem).collect();
     if let Err(error) = authority.x509_signer() {
         problems.push(format!("no usable X.509 signing key: {error}"));
     }
@@ -339,6 +352,12 @@ impl Running {
     /// bound address: port 0 in the config gets a real one here).
     pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
         self.http_addr
+    }
+
+    /// Why the agent is not ready (empty: it is), as `/readyz` and the
+    /// admin API's Health report it.
+    pub fn readiness_problems(&self) -> Vec<String> {
+        self.readiness.problems()
     }
 
     /// The Workload API socket.
@@ -430,6 +449,27 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
     })
 }
 
+/// Runs a socket's server; once the agent stops, gives its connections
+/// [`CONNECTION_DRAIN`] to close, then drops the ones still open: a client
+/// that never closes its connection cannot hold the agent's shutdown.
+async fn drained(
+    served: impl Future<Output = Result<(), tonic::transport::Error>>,
+    stop: &CancellationToken,
+    socket: &'static str,
+) -> Result<(), tonic::transport::Error> {
+    let deadline = async {
+        stop.cancelled().await;
+        tokio::time::sleep(CONNECTION_DRAIN).await;
+    };
+    tokio::select! {
+        result = served => result,
+        () = deadline => {
+            tracing::warn!(socket, drain = ?CONNECTION_DRAIN, "connections still open after the drain; closing them");
+            Ok(())
+        }
+    }
+}
+
 /// Serves the Workload API and the Task API on the workload socket until
 /// `shutdown` resolves.
 async fn serve_workload_socket(
@@ -444,10 +484,11 @@ async fn serve_workload_socket(
     };
     tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
+        .timeout(limits.request_timeout)
         .add_service(workload_api::service(api, limits))
         .add_service(task_api::service(task_api, limits.max_request_bytes))
         .serve_with_incoming_shutdown(
-            transport::incoming(listener, limits.max_connections),
+            transport::incoming(listener, limits.connections()),
             shutdown,
         )
         .await

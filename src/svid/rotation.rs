@@ -29,6 +29,10 @@ impl SvidIssuer {
         let mut entries = registry.subscribe();
         let mut cache_changes = self.x509.subscribe_all();
         loop {
+            // Seen before the cache is read, so every change after the read
+            // wakes the wait below: our own renewals too, whose next due
+            // time `next` cannot know (it was computed before them).
+            cache_changes.mark_seen();
             let now = SystemTime::now();
             let (due, next) = self.x509.due(now);
             let mut failed = false;
@@ -79,7 +83,6 @@ impl SvidIssuer {
             } else {
                 sleep_until(next, SystemTime::now())
             };
-            cache_changes.mark_seen();
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}

@@ -365,6 +365,7 @@ impl TasksRpc for TaskApi {
         let (caller, attested) = self.identify(&request).await?;
         let id = task_id(&request.get_ref().task_id)?.to_owned();
         let task = self.tasks.owned(&caller, &id).map_err(status::task)?;
+        let slot = self.jobs.streams.take(&caller)?;
         let decided_by = self.renew_decision(&attested, &task)?;
         let first = self
             .tasks
@@ -377,6 +378,7 @@ impl TasksRpc for TaskApi {
         let cancel = self.jobs.cancel.clone();
         let mut ends = tasks.subscribe();
         self.jobs.tracker.spawn(async move {
+            let _slot = slot;
             let mut token = first;
             loop {
                 let expires_at = token.expires_at;

@@ -7,6 +7,7 @@
 //! decides what each caller gets. The path is unlinked when the
 //! [`BoundSocket`] is dropped, but only if it is still our socket.
 
+use std::future::Future as _;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -18,14 +19,38 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tonic::transport::server::Connected;
 
 use super::authority::AuthorityFix;
+use super::slots::{ProcessKey, ProcessSlots, Slot};
 use crate::attestation::{AttestationError, Caller};
 
 /// Pause after an accept failure such as EMFILE, so a full fd table does
 /// not turn the accept loop into a busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The HTTP/2 client connection preface: what every gRPC client sends
+/// first. A connection must get this far within the handshake timeout.
+const PREFACE_LEN: usize = 24;
+
+/// Where connections whose peer the kernel could not name are counted
+/// (pid 0 is never a peer): together, under one per-process budget.
+const UNIDENTIFIED: ProcessKey = (0, 0);
+
+/// Bounds on the connections one socket holds.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Most connections open at once; further clients wait in the backlog.
+    pub max_connections: usize,
+    /// Most connections one process may hold open; more are closed as
+    /// soon as they are accepted.
+    pub max_per_process: usize,
+    /// A connection that has not sent the HTTP/2 preface this long after
+    /// it was accepted is closed, so silent connections cannot hold the
+    /// slots everyone else needs.
+    pub handshake_timeout: Duration,
+}
 
 /// Why the socket could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +77,22 @@ pub enum BindError {
 /// A bound, listening socket; unlinks its path on drop.
 #[derive(Debug)]
 pub struct BoundSocket {
-    path: PathBuf,
+    identity: SocketIdentity,
     listener: Option<UnixListener>,
-    inode: u64,
+}
+
+/// A bound socket's path and the file it was bound as, to tell whether the
+/// path still leads to it. The file is its device, inode and change time:
+/// a socket bound in its place may get the same inode number back (tmpfs
+/// reuses them at once), never the same change time.
+#[derive(Debug, Clone)]
+pub struct SocketIdentity {
+    path: PathBuf,
+    file: (u64, u64, i64, i64),
+}
+
+fn file_of(meta: &std::fs::Metadata) -> (u64, u64, i64, i64) {
+    (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
 }
 
 /// The identity of the peer of one connection, as request extensions see it.
@@ -67,7 +105,10 @@ pub struct PeerStream {
     stream: UnixStream,
     peer: PeerInfo,
     fix: AuthorityFix,
+    /// Until the preface is in: the bytes still due, and the deadline.
+    handshake: Option<(usize, Pin<Box<Sleep>>)>,
     _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 // === impl BoundSocket ===
@@ -104,17 +145,24 @@ impl BoundSocket {
         }
         let listener = UnixListener::bind(path).map_err(io_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
-        let inode = std::fs::symlink_metadata(path).map_err(io_err)?.ino();
+        let meta = std::fs::symlink_metadata(path).map_err(io_err)?;
         Ok(Self {
-            path: path.to_owned(),
+            identity: SocketIdentity {
+                path: path.to_owned(),
+                file: file_of(&meta),
+            },
             listener: Some(listener),
-            inode,
         })
     }
 
     /// Where the socket is.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.identity.path
+    }
+
+    /// The path and the file bound there, to watch it.
+    pub fn identity(&self) -> SocketIdentity {
+        self.identity.clone()
     }
 
     /// Takes the listener out to serve on; the path stays owned by `self`.
@@ -127,48 +175,90 @@ impl Drop for BoundSocket {
     fn drop(&mut self) {
         // Only unlink the socket we created: if the path was replaced (by an
         // operator, or another agent after we lost it) it is not ours.
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(meta) if meta.file_type().is_socket() && meta.ino() == self.inode => {
-                if let Err(error) = std::fs::remove_file(&self.path) {
-                    tracing::warn!(path = %self.path.display(), %error, "could not remove socket");
-                }
-            }
-            _ => {}
+        let path = &self.identity.path;
+        if self.identity.problem().is_none()
+            && let Err(error) = std::fs::remove_file(path)
+        {
+            tracing::warn!(path = %path.display(), %error, "could not remove socket");
         }
     }
 }
 
-/// Accepts connections forever, identifying each peer, holding at most
-/// `max_connections` open at once (further clients wait in the backlog).
+// === impl SocketIdentity ===
+
+impl SocketIdentity {
+    /// Why clients connecting to the path no longer reach this socket
+    /// (removed, or replaced by another file); `None` while they do.
+    pub fn problem(&self) -> Option<String> {
+        let path = self.path.display();
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.file_type().is_socket() && file_of(&meta) == self.file => None,
+            Ok(_) => Some(format!(
+                "socket {path} was replaced by another file; clients no longer reach this agent (restart it)"
+            )),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Some(format!(
+                "socket {path} was removed; clients no longer reach this agent (restart it)"
+            )),
+            Err(error) => Some(format!("socket {path}: {error}")),
+        }
+    }
+}
+
+/// Accepts connections forever, identifying each peer, within `limits`:
+/// at most so many open at once (further clients wait in the backlog), so
+/// many per process (more are closed at once), and each must send the
+/// HTTP/2 preface within the handshake timeout.
 pub fn incoming(
     listener: UnixListener,
-    max_connections: usize,
+    limits: ConnectionLimits,
 ) -> impl futures_util::Stream<Item = io::Result<PeerStream>> {
-    let slots = Arc::new(Semaphore::new(max_connections));
-    futures_util::stream::unfold((listener, slots), |(listener, slots)| async move {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return None;
-        };
-        let item = match listener.accept().await {
-            Ok((stream, _)) => {
-                let peer = PeerInfo(Caller::from_stream(&stream).map_err(Arc::new));
-                if let Err(error) = &peer.0 {
-                    tracing::debug!(%error, "could not identify a connecting process");
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_process = ProcessSlots::new(limits.max_per_process, "max_connections_per_process");
+    let state = (listener, slots, per_process, limits.handshake_timeout);
+    futures_util::stream::unfold(state, |state| async move {
+        let (listener, slots, per_process, handshake_timeout) = &state;
+        let item = loop {
+            let Ok(permit) = Arc::clone(slots).acquire_owned().await else {
+                return None;
+            };
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let peer = PeerInfo(Caller::from_stream(&stream).map_err(Arc::new));
+                    let key = match &peer.0 {
+                        Ok(caller) => (caller.pid(), caller.start_time()),
+                        Err(error) => {
+                            tracing::debug!(%error, "could not identify a connecting process");
+                            UNIDENTIFIED
+                        }
+                    };
+                    let slot = match per_process.take(key) {
+                        Ok(slot) => slot,
+                        Err(exhausted) => {
+                            // Closed unread: the process keeps what it has.
+                            tracing::debug!(pid = key.0, %exhausted, "connection refused");
+                            continue;
+                        }
+                    };
+                    break Ok(PeerStream {
+                        stream,
+                        peer,
+                        fix: AuthorityFix::default(),
+                        handshake: Some((
+                            PREFACE_LEN,
+                            Box::pin(tokio::time::sleep(*handshake_timeout)),
+                        )),
+                        _permit: permit,
+                        _slot: slot,
+                    });
                 }
-                Ok(PeerStream {
-                    stream,
-                    peer,
-                    fix: AuthorityFix::default(),
-                    _permit: permit,
-                })
-            }
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                Err(error)
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    break Err(error);
+                }
             }
         };
-        Some((item, (listener, slots)))
+        Some((item, state))
     })
 }
 
@@ -179,6 +269,31 @@ impl Connected for PeerStream {
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.peer.clone()
+    }
+}
+
+impl PeerStream {
+    /// Reads from the socket, closing the connection (TimedOut) if the
+    /// preface is not in by the handshake deadline.
+    fn poll_socket(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some((_, deadline)) = &mut self.handshake
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            tracing::debug!(peer = ?self.peer.0.as_ref().map(Caller::pid).ok(), "no HTTP/2 preface in time; closing");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no HTTP/2 preface within the handshake timeout",
+            )));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some((due, _))) = (&read, &mut self.handshake) {
+            *due = due.saturating_sub(buf.filled().len() - before);
+            if *due == 0 {
+                self.handshake = None;
+            }
+        }
+        read
     }
 }
 
@@ -200,11 +315,11 @@ impl AsyncRead for PeerStream {
                 return Poll::Ready(Ok(()));
             }
             if this.fix.is_passthrough() {
-                return Pin::new(&mut this.stream).poll_read(cx, buf);
+                return this.poll_socket(cx, buf);
             }
             let mut chunk = [0u8; 8192];
             let mut chunk_buf = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut this.stream).poll_read(cx, &mut chunk_buf) {
+            match this.poll_socket(cx, &mut chunk_buf) {
                 Poll::Ready(Ok(())) if chunk_buf.filled().is_empty() => {
                     this.fix.finish();
                     if this.fix.output().is_empty() {

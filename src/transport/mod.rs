@@ -14,12 +14,16 @@ pub mod header;
 pub mod identify;
 pub mod json;
 pub mod listener;
+pub mod slots;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use identify::identify;
-pub use listener::{BindError, BoundSocket, PeerInfo, PeerStream, incoming};
+pub use listener::{
+    BindError, BoundSocket, ConnectionLimits, PeerInfo, PeerStream, SocketIdentity, incoming,
+};
+pub use slots::{ProcessSlots, Slot, StreamSlots};
 
 /// Where an edge spawns per-stream work: the daemon's tracker, and the
 /// token that stops it. Edges never import `daemon`.
@@ -29,4 +33,6 @@ pub struct Jobs {
     pub tracker: TaskTracker,
     /// Fires when the agent stops.
     pub cancel: CancellationToken,
+    /// Each process's budget of open streams.
+    pub streams: StreamSlots,
 }

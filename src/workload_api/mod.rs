@@ -10,6 +10,8 @@ pub mod convert;
 pub mod service;
 pub mod status;
 
+use std::time::Duration;
+
 use serde::Deserialize;
 use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
@@ -44,6 +46,20 @@ pub struct WorkloadApiLimits {
     pub max_connections: usize,
     /// Most concurrent streams (RPCs) on one connection.
     pub max_streams_per_connection: u32,
+    /// Most open long-lived streams (Workload API streams and `WatchTask`)
+    /// one process may hold, over all its connections.
+    pub max_streams_per_process: usize,
+    /// Most connections one process may hold open; more are closed as
+    /// soon as they are accepted.
+    pub max_connections_per_process: usize,
+    /// How long a new connection has to send the HTTP/2 preface before it
+    /// is closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How long a request may take until its response starts (a stream's
+    /// first message); bounds half-open requests whose body never comes.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 // === impl WorkloadApiLimits ===
@@ -56,6 +72,10 @@ impl Default for WorkloadApiLimits {
             max_request_bytes: 4 * 1024 * 1024,
             max_connections: 8192,
             max_streams_per_connection: 128,
+            max_streams_per_process: 256,
+            max_connections_per_process: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -79,7 +99,28 @@ impl WorkloadApiLimits {
         if self.max_streams_per_connection == 0 {
             return Err(("max_streams_per_connection", positive));
         }
+        if self.max_streams_per_process == 0 {
+            return Err(("max_streams_per_process", positive));
+        }
+        if self.max_connections_per_process == 0 {
+            return Err(("max_connections_per_process", positive));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(("handshake_timeout", positive));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(("request_timeout", positive));
+        }
         Ok(())
+    }
+
+    /// What the workload socket's listener enforces.
+    pub fn connections(&self) -> transport::ConnectionLimits {
+        transport::ConnectionLimits {
+            max_connections: self.max_connections,
+            max_per_process: self.max_connections_per_process,
+            handshake_timeout: self.handshake_timeout,
+        }
     }
 
     /// Refuses an audience list that is empty, too long, or has empty or

@@ -26,7 +26,7 @@ use crate::registration::{EntrySet, Match, Registry, SelectorSet};
 use crate::svid::{self, Holder, Interest, SvidIssuer, SvidWatch};
 use crate::task::Tasks;
 use crate::transport::gate::{self, Subject};
-use crate::transport::{self, Jobs};
+use crate::transport::{self, Jobs, Slot};
 
 /// What the Workload API serves from. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -256,6 +256,7 @@ impl WorkloadApi {
         T: PartialEq + Clone + Send + 'static,
     {
         let (caller, attested) = self.identify(request).await?;
+        let slot = self.jobs.streams.take(&caller)?;
         let selectors = attested.selectors;
         let state = move |api: &Self| {
             api.bundle_state(&selectors)
@@ -264,7 +265,7 @@ impl WorkloadApi {
         let first = state(self)?;
         Ok(Response::new(self.stream(
             method,
-            caller,
+            (caller, slot),
             first,
             state,
             |_| {},
@@ -276,10 +277,11 @@ impl WorkloadApi {
     /// becomes an error (sent, then the stream ends) or the agent stops.
     /// `sent` sees every message that went out. Each state comes with the
     /// cache [`Interest`] it depends on, which the stream then follows.
+    /// The caller's stream `slot` is held until the stream ends.
     fn stream<T, F, S>(
         &self,
         method: &'static str,
-        caller: Caller,
+        (caller, slot): (Caller, Slot),
         first: (T, Interest),
         compute: F,
         sent: S,
@@ -299,7 +301,7 @@ impl WorkloadApi {
         let open = OpenStream::new(&self.open_streams);
         self.jobs.tracker.spawn(
             async move {
-                let _open = open;
+                let _held = (open, slot);
                 let cancel = this.jobs.cancel.clone();
                 let mut last = first.clone();
                 sent(&first);
@@ -389,6 +391,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let (caller, attested) = self.identify(&request).await?;
+        let slot = self.jobs.streams.take(&caller)?;
         let first = self.x509_state(&caller, &attested.selectors)?;
         tracing::debug!(
             pid = caller.pid(),
@@ -419,7 +422,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             move |response: &pb::X509svidResponse| holder.set_serials(convert::serials(response));
         Ok(Response::new(self.stream(
             "FetchX509SVID",
-            caller,
+            (caller, slot),
             first,
             compute,
             sent,

@@ -442,6 +442,38 @@ async fn rotation_pushes_a_new_svid_on_the_open_stream() {
     agent.stop().await;
 }
 
+/// Regression: after a renewal the rotation loop slept its 30 s maximum
+/// (its own renewal's change was marked seen), so the second renewal of a
+/// short-lived SVID came long after the first had expired.
+#[tokio::test]
+async fn successive_renewals_leave_no_gap_in_validity() {
+    let extra = format!("x509_svid_ttl = \"6s\"\n{}", entry_for_me("svc", "main"));
+    let agent = TestAgent::start(&extra).await;
+    let client = agent.spiffe_client().await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    let mut leaf = first.default_svid().unwrap().leaf().as_ref().to_vec();
+    for _ in 0..3 {
+        let next = loop {
+            let ctx = stream.next().await.unwrap().unwrap();
+            let next = ctx.default_svid().unwrap().leaf().as_ref().to_vec();
+            if next != leaf {
+                break next;
+            }
+        };
+        let (_, old) = X509Certificate::from_der(&leaf).unwrap();
+        let (_, new) = X509Certificate::from_der(&next).unwrap();
+        assert!(
+            new.validity().not_before <= old.validity().not_after,
+            "renewed at {} after the last SVID expired at {}",
+            new.validity().not_before,
+            old.validity().not_after
+        );
+        leaf = next;
+    }
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn ca_rotation_publishes_the_new_root_before_it_signs() {
     // A 12s CA: the successor is published at 6s and signs from 10s.

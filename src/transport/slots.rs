@@ -1,0 +1,165 @@
+//! Budgets per process: one process may hold at most so many connections,
+//! and so many long-lived streams, whatever it does with them. Keyed by
+//! the kernel's process identity (pid and start time, so a reused pid
+//! starts afresh), never by anything the caller says.
+//!
+//! The listener draws a connection slot at accept time
+//! (`limits.max_connections_per_process`); the Workload API's streams and
+//! the task API's `WatchTask` draw from one stream budget
+//! (`limits.max_streams_per_process`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tonic::Status;
+
+use crate::attestation::Caller;
+
+/// A process as the kernel knows it: pid and start time.
+pub type ProcessKey = (i32, u64);
+
+/// Counts what each process holds against one limit. Cheap to clone;
+/// clones share counts.
+#[derive(Debug, Clone)]
+pub struct ProcessSlots {
+    limit: usize,
+    setting: &'static str,
+    open: Arc<Mutex<HashMap<ProcessKey, usize>>>,
+}
+
+/// One held slot; given back when this drops.
+#[derive(Debug)]
+pub struct Slot {
+    key: ProcessKey,
+    open: Arc<Mutex<HashMap<ProcessKey, usize>>>,
+}
+
+/// A process already holds its limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exhausted {
+    /// What it holds (and may not exceed).
+    pub limit: usize,
+    /// The setting that sets the limit, for the message.
+    pub setting: &'static str,
+}
+
+/// The per-process stream budget, shared by every streaming RPC.
+#[derive(Debug, Clone)]
+pub struct StreamSlots(ProcessSlots);
+
+// === impl ProcessSlots ===
+
+impl ProcessSlots {
+    /// At most `limit` slots per process; `setting` names the limit in
+    /// refusals.
+    pub fn new(limit: usize, setting: &'static str) -> Self {
+        Self {
+            limit,
+            setting,
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for one more of what `key` holds, unless it holds its limit.
+    pub fn take(&self, key: ProcessKey) -> Result<Slot, Exhausted> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = open.entry(key).or_insert(0);
+        if *held >= self.limit {
+            return Err(Exhausted {
+                limit: self.limit,
+                setting: self.setting,
+            });
+        }
+        *held += 1;
+        Ok(Slot {
+            key,
+            open: Arc::clone(&self.open),
+        })
+    }
+
+    /// How many processes hold at least one slot.
+    pub fn processes(&self) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+// === impl Slot ===
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = open.get_mut(&self.key) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+// === impl Exhausted ===
+
+impl fmt::Display for Exhausted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "this process already holds {} (limits.{})",
+            self.limit, self.setting
+        )
+    }
+}
+
+// === impl StreamSlots ===
+
+impl StreamSlots {
+    /// At most `limit` open streams per process.
+    pub fn new(limit: usize) -> Self {
+        Self(ProcessSlots::new(limit, "max_streams_per_process"))
+    }
+
+    /// A slot for one more stream of `caller`, or ResourceExhausted when
+    /// the process already holds its limit.
+    pub fn take(&self, caller: &Caller) -> Result<Slot, Status> {
+        self.0
+            .take((caller.pid(), caller.start_time()))
+            .map_err(|e| Status::resource_exhausted(format!("too many open streams: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_gets_its_limit_and_no_more() {
+        let slots = ProcessSlots::new(2, "max_streams_per_process");
+        let a = slots.take((10, 1)).unwrap();
+        let _b = slots.take((10, 1)).unwrap();
+        let refused = slots.take((10, 1)).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "this process already holds 2 (limits.max_streams_per_process)"
+        );
+        // Another process, or the same pid reused by a new process, has
+        // its own budget.
+        let _other = slots.take((11, 1)).unwrap();
+        let _reused = slots.take((10, 2)).unwrap();
+        drop(a);
+        let _c = slots.take((10, 1)).unwrap();
+    }
+
+    #[test]
+    fn a_process_with_nothing_held_is_forgotten() {
+        let slots = ProcessSlots::new(4, "max_connections_per_process");
+        let a = slots.take((10, 1)).unwrap();
+        let b = slots.take((10, 1)).unwrap();
+        assert_eq!(slots.processes(), 1);
+        drop(a);
+        drop(b);
+        assert_eq!(slots.processes(), 0);
+    }
+}
