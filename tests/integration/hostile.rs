@@ -84,10 +84,7 @@ fn child_open_and_abandon_connections() {
     println!("OPENED {}", held.len());
     // The agent closes every one: over this process's budget at once, the
     // rest when their handshake time is up.
-    let closed = held
-        .into_iter()
-        .filter(|conn| closed_by_agent(conn))
-        .count();
+    let closed = held.into_iter().filter(closed_by_agent).count();
     println!("CLOSED {closed}");
 }
 
