@@ -23,6 +23,7 @@ mod cli_admin;
 mod cli_api;
 mod cli_task;
 mod daemon;
+mod faults;
 mod hostile;
 mod http_endpoint;
 mod k8s_attestor;

@@ -1,0 +1,343 @@
+//! Faults the agent brings on itself or meets on the node, injected for
+//! real: kill -9 under load, a corrupted store or key file, a data dir
+//! that fills up or turns read-only (a small tmpfs, mounted here when the
+//! test runs as root; skipped with the reason otherwise). A kubelet that
+//! is down or silent is in `k8s_attestor`.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{PATIENCE, admin_client, claims_of, spec, task_client, uid};
+use tether::proto::admin as admin_pb;
+use tether::proto::task as task_pb;
+
+const AUDIENCE: &str = "spiffe://example.org/mcp/jira";
+
+fn tether() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tether"))
+}
+
+/// An agent's files: its config, sockets and data dir under `dir`.
+struct Layout {
+    config: PathBuf,
+    socket: PathBuf,
+    admin: PathBuf,
+    data: PathBuf,
+}
+
+impl Layout {
+    fn new(dir: &Path) -> Self {
+        let layout = Self {
+            config: dir.join("agent.toml"),
+            socket: dir.join("agent.sock"),
+            admin: dir.join("admin/admin.sock"),
+            data: dir.join("data"),
+        };
+        let me = uid();
+        let text = format!(
+            "trust_domain = \"example.org\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\n\
+             data_dir = \"{}\"\nlog.level = \"warn\"\n\
+             [[entries]]\nspiffe_id = \"spiffe://example.org/agent\"\nselectors = [\"unix:uid:{me}\"]\n\
+             [[entries]]\nspiffe_id = \"spiffe://example.org/mcp/jira\"\nselectors = [\"unix:uid:{me}\"]\n",
+            layout.socket.display(),
+            layout.admin.display(),
+            layout.data.display(),
+        );
+        std::fs::write(&layout.config, text).unwrap();
+        layout
+    }
+
+    fn start(&self) -> Child {
+        tether()
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tether starts")
+    }
+
+    /// Waits until the agent serves its Workload API.
+    async fn serving(&self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Ok(client) =
+                spiffe::WorkloadApiClient::connect_to(format!("unix://{}", self.socket.display()))
+                    .await
+                && client.fetch_x509_svid().await.is_ok()
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "agent never served");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `tether run` to its end: it must refuse to start.
+    fn refused(&self) -> Output {
+        let mut child = self.start();
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("the agent started on a damaged data dir");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    }
+}
+
+fn begin(intent: &str) -> task_pb::BeginTaskRequest {
+    task_pb::BeginTaskRequest {
+        audience: AUDIENCE.into(),
+        intent: intent.into(),
+        tools: vec!["search".into()],
+        spiffe_id: "spiffe://example.org/agent".into(),
+        ..Default::default()
+    }
+}
+
+// --- kill -9 under load --------------------------------------------------------
+
+/// What the load saw acknowledged before the agent died.
+#[derive(Default)]
+struct Acknowledged {
+    entries: Vec<String>,
+    /// Ended tasks and their (now revoked) tokens.
+    ended: Vec<(String, String)>,
+    issued: usize,
+}
+
+#[tokio::test]
+async fn kill_9_under_load_loses_nothing_acknowledged_and_streams_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::new(dir.path());
+    let mut agent = layout.start();
+    layout.serving().await;
+
+    // A long-lived stream, through the spiffe crate's X509Source, which
+    // reconnects on its own.
+    let source = spiffe::X509Source::builder()
+        .endpoint(format!("unix://{}", layout.socket.display()))
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let before = source.svid().unwrap().leaf().as_ref().to_vec();
+
+    let seen = Arc::new(Mutex::new(Acknowledged::default()));
+    let mut load = Vec::new();
+    {
+        let (seen, admin) = (Arc::clone(&seen), layout.admin.clone());
+        load.push(tokio::spawn(async move {
+            let mut admin = admin_client(&admin).await;
+            for i in 0.. {
+                let selector = format!("unix:uid:{}", 100_000 + i);
+                let spec = spec(&format!("spiffe://example.org/load/{i}"), &[&selector]);
+                let request = admin_pb::CreateEntryRequest { spec: Some(spec) };
+                let Ok(entry) = admin.create_entry(request).await else {
+                    return;
+                };
+                seen.lock().unwrap().entries.push(entry.into_inner().id);
+            }
+        }));
+    }
+    {
+        let (seen, socket) = (Arc::clone(&seen), layout.socket.clone());
+        load.push(tokio::spawn(async move {
+            let mut tasks = task_client(&socket).await;
+            for i in 0.. {
+                let Ok(begun) = tasks.begin_task(begin(&format!("load {i}"))).await else {
+                    return;
+                };
+                let begun = begun.into_inner();
+                let end = task_pb::EndTaskRequest {
+                    task_id: begun.task_id.clone(),
+                };
+                if tasks.end_task(end).await.is_err() {
+                    return;
+                }
+                let token = begun.token.unwrap().token;
+                seen.lock().unwrap().ended.push((begun.task_id, token));
+            }
+        }));
+    }
+    {
+        let (seen, socket) = (Arc::clone(&seen), layout.socket.clone());
+        load.push(tokio::spawn(async move {
+            let Ok(client) =
+                spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display())).await
+            else {
+                return;
+            };
+            while client.fetch_jwt_svid(&["load"], None).await.is_ok() {
+                seen.lock().unwrap().issued += 1;
+            }
+        }));
+    }
+    common::eventually("load acknowledged", || {
+        let seen = seen.lock().unwrap();
+        seen.entries.len() >= 30 && seen.ended.len() >= 10 && seen.issued >= 10
+    })
+    .await;
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    for job in load {
+        tokio::time::timeout(PATIENCE, job).await.unwrap().unwrap();
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+
+    let mut agent = layout.start();
+    layout.serving().await;
+    // Every acknowledged entry is there.
+    let listed: std::collections::HashSet<String> = admin_client(&layout.admin)
+        .await
+        .list_entries(admin_pb::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    for id in &seen.entries {
+        assert!(
+            listed.contains(id),
+            "entry {id} was acknowledged, then lost"
+        );
+    }
+    // Every acknowledged end is a revocation that held: the tokens are
+    // refused, and the trail records each end.
+    let mut tasks = task_client(&layout.socket).await;
+    for (task, token) in &seen.ended {
+        let answer = tasks
+            .validate_task_token(task_pb::ValidateTaskTokenRequest {
+                token: token.clone(),
+                audience: AUDIENCE.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!answer.valid, "task {task} ended, yet its token is valid");
+        assert_eq!(claims_of(token)["txn"], task.as_str());
+    }
+    let audit = layout.data.join("audit");
+    let out = tether()
+        .args(["audit", "tail", "--json", "-n", "1000000", "--dir"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    for (task, _) in &seen.ended {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["event"] == "task-end" && r["task_id"] == task.as_str()),
+            "task {task}'s end was acknowledged, and is not in the trail"
+        );
+    }
+    let out = tether()
+        .args(["audit", "verify", "--dir"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the trail after a crash: {out:?}");
+
+    // The stream resumed by itself on the restarted agent.
+    common::eventually("the X509Source to get a new SVID", || {
+        source
+            .svid()
+            .is_ok_and(|svid| svid.leaf().as_ref() != before.as_slice())
+    })
+    .await;
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+}
+
+// --- damaged files ---------------------------------------------------------------
+
+/// Stops an agent as an operator would (SIGTERM), once it handles it.
+async fn stop(mut agent: Child) {
+    use nix::sys::signal::{Signal, kill};
+    common::until_handling(agent.id(), Signal::SIGTERM).await;
+    kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::task::spawn_blocking(move || agent.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Runs an agent once (it creates its data dir), then stops it.
+async fn initialised(dir: &Path) -> Layout {
+    let layout = Layout::new(dir);
+    let agent = layout.start();
+    layout.serving().await;
+    stop(agent).await;
+    layout
+}
+
+fn first_file(dir: &Path, suffix: &str) -> PathBuf {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    files.sort();
+    files.into_iter().next().unwrap_or_else(|| {
+        panic!("no *{suffix} in {}", dir.display());
+    })
+}
+
+#[tokio::test]
+async fn a_corrupted_store_or_key_file_refuses_to_start_and_is_left_as_found() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = initialised(tmp.path()).await;
+    let cases = [
+        ("store", layout.data.join("tether.db")),
+        (
+            "key",
+            first_file(&layout.data.join("authority/keys"), ".pem"),
+        ),
+    ];
+    for (what, file) in cases {
+        let original = std::fs::read(&file).unwrap();
+        let garbage: Vec<u8> = (0..original.len().max(64))
+            .map(|i| u8::try_from(i * 7 % 251).unwrap())
+            .collect();
+        std::fs::write(&file, &garbage).unwrap();
+        let out = layout.refused();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: {stderr}");
+        let name = file.file_name().unwrap().to_string_lossy();
+        assert!(
+            stderr.contains(name.as_ref()),
+            "{what}: the message names the file: {stderr}"
+        );
+        // Never started empty: the damaged file is kept for the operator.
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            garbage,
+            "{what}: the file was replaced"
+        );
+        assert!(!layout.socket.exists(), "{what}: a socket was left serving");
+        // Put back, the agent starts again with what it had.
+        std::fs::write(&file, &original).unwrap();
+        let agent = layout.start();
+        layout.serving().await;
+        stop(agent).await;
+    }
+}
