@@ -341,3 +341,317 @@ async fn a_corrupted_store_or_key_file_refuses_to_start_and_is_left_as_found() {
         stop(agent).await;
     }
 }
+
+// --- a data dir that fills up or turns read-only ---------------------------------
+
+/// A small tmpfs mounted at a path for the test's life (root only).
+struct Tmpfs(PathBuf);
+
+/// A small ext4 file system on a loop file, mounted with
+/// `errors=remount-ro`, for the test's life (root only): the kernel turns
+/// it read-only under the agent's open files when it meets an error,
+/// which [`Ext4Loop::fail`] triggers.
+struct Ext4Loop(PathBuf);
+
+impl Tmpfs {
+    /// Mounts one at `path`, or says why it cannot.
+    fn mount(path: &Path, size: &str) -> Result<Self, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("mounting a tmpfs needs root".into());
+        }
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Self(path.to_owned()))
+    }
+
+    /// Writes a file until the file system is full; returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write as _;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(e) => panic!("filling: {e}"),
+            }
+        }
+        // Whatever space is left below a chunk, too.
+        let mut byte = 0;
+        while file.write(&chunk[..1]).is_ok_and(|n| n == 1) {
+            byte += 1;
+            if byte > 64 * 1024 {
+                break;
+            }
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Runs `command`, or says why it failed.
+fn run(command: &mut Command) -> Result<(), String> {
+    let out = command.output().map_err(|e| format!("{command:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Ext4Loop {
+    /// Makes a 32 MiB file system in `image` and mounts it at `path`, or
+    /// says why it cannot.
+    fn mount(image: &Path, path: &Path) -> Result<Self, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("mounting a loop file needs root".into());
+        }
+        std::fs::create_dir_all(path).unwrap();
+        std::fs::File::create(image)
+            .and_then(|f| f.set_len(32 * 1024 * 1024))
+            .map_err(|e| e.to_string())?;
+        run(Command::new("mkfs.ext4").arg("-q").arg(image))?;
+        run(Command::new("mount")
+            .args(["-o", "loop,errors=remount-ro"])
+            .arg(image)
+            .arg(path))?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        Ok(Self(path.to_owned()))
+    }
+
+    /// A file system error, as a failing disk would raise: the kernel
+    /// remounts the file system read-only.
+    fn fail(&self) {
+        let out = Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let name = Path::new(&device).file_name().unwrap().to_owned();
+        let trigger = Path::new("/sys/fs/ext4")
+            .join(name)
+            .join("trigger_fs_error");
+        std::fs::write(&trigger, "1").unwrap();
+        assert!(
+            std::fs::write(self.0.join("probe"), "x").is_err(),
+            "the file system is still writable"
+        );
+    }
+}
+
+impl Drop for Ext4Loop {
+    fn drop(&mut self) {
+        if run(Command::new("umount").arg(&self.0)).is_err() {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// Waits until a FetchJWTSVID and a BeginTask are both refused, and
+/// returns the refusals' messages.
+async fn issuance_refused(socket: &Path) -> Vec<String> {
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+        .await
+        .unwrap();
+    let mut tasks = task_client(socket).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut refusals = Vec::new();
+    while refusals.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "issuance never refused"
+        );
+        if let Err(error) = client.fetch_jwt_svid(&["while-broken"], None).await {
+            refusals.push(error.to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "BeginTask never refused"
+        );
+        match tasks.begin_task(begin("while broken")).await {
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                refusals.push(status.message().to_owned());
+                return refusals;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Waits until issuance works again.
+async fn issuance_back(socket: &Path) {
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+        .await
+        .unwrap();
+    let mut tasks = task_client(socket).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "issuance never came back"
+        );
+        if client.fetch_jwt_svid(&["again"], None).await.is_ok()
+            && tasks.begin_task(begin("again")).await.is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Validation answers as before: the JWT-SVID and the task token issued
+/// while the disk was fine still validate.
+async fn validation_works(socket: &Path, jwt: &str, task_token: &str) {
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+        .await
+        .unwrap();
+    client.validate_jwt_token("validator", jwt).await.unwrap();
+    let answer = task_client(socket)
+        .await
+        .validate_task_token(task_pb::ValidateTaskTokenRequest {
+            token: task_token.into(),
+            audience: AUDIENCE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.valid, "{}", answer.reason);
+}
+
+/// An agent whose data dir is `tmp/data`, and a JWT-SVID (audience
+/// `validator`) and a task token it issued.
+async fn agent_with_tokens(tmp: &Path) -> (tether::daemon::Running, PathBuf, String, String) {
+    let extra = format!(
+        "{}{}",
+        common::entry_for_me("agent", "agent"),
+        common::entry_for_me("mcp/jira", "mcp")
+    );
+    let running = common::start_in(tmp, &extra).await.unwrap();
+    let socket = running.socket_path().to_owned();
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+        .await
+        .unwrap();
+    let jwt = client
+        .fetch_jwt_svid(&["validator"], None)
+        .await
+        .unwrap()
+        .token()
+        .to_owned();
+    let task_token = task_client(&socket)
+        .await
+        .begin_task(begin("before"))
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+        .unwrap()
+        .token;
+    assert!(running.readiness_problems().is_empty());
+    (running, socket, jwt, task_token)
+}
+
+/// The admin API's Health: not serving, and why.
+async fn unhealthy(running: &tether::daemon::Running) -> Vec<String> {
+    let health = admin_client(running.admin_socket_path())
+        .await
+        .health(admin_pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!health.serving && !health.problems.is_empty(), "{health:?}");
+    health.problems
+}
+
+#[tokio::test]
+async fn a_full_data_dir_fails_issuance_closed_says_why_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = match Tmpfs::mount(&tmp.path().join("data"), "16m") {
+        Ok(data) => data,
+        Err(reason) => {
+            println!("skipped: {reason}");
+            return;
+        }
+    };
+    let (running, socket, jwt, task_token) = agent_with_tokens(tmp.path()).await;
+    let filler = data.fill();
+    let refusals = issuance_refused(&socket).await;
+    assert!(
+        refusals
+            .iter()
+            .any(|r| r.contains("No space left on device")),
+        "{refusals:?}"
+    );
+    let problems = unhealthy(&running).await;
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("No space left on device")),
+        "{problems:?}"
+    );
+    validation_works(&socket, &jwt, &task_token).await;
+    // Space again: issuance comes back by itself.
+    std::fs::remove_file(filler).unwrap();
+    issuance_back(&socket).await;
+    common::eventually("readiness back", || running.readiness_problems().is_empty()).await;
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_data_dir_turned_read_only_fails_issuance_closed_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = match Ext4Loop::mount(&tmp.path().join("data.img"), &tmp.path().join("data")) {
+        Ok(data) => data,
+        Err(reason) => {
+            println!("skipped: {reason}");
+            return;
+        }
+    };
+    let (running, socket, jwt, task_token) = agent_with_tokens(tmp.path()).await;
+    data.fail();
+    let refusals = issuance_refused(&socket).await;
+    assert!(
+        refusals.iter().any(|r| r.contains("Read-only file system")),
+        "{refusals:?}"
+    );
+    let problems = unhealthy(&running).await;
+    assert!(
+        problems.iter().any(|p| p.contains("Read-only file system")),
+        "{problems:?}"
+    );
+    validation_works(&socket, &jwt, &task_token).await;
+    running.stop().await.unwrap();
+    drop(data);
+}
