@@ -125,7 +125,10 @@ impl X509SvidCache {
         let mut due = Vec::new();
         let mut next: Option<SystemTime> = None;
         for svid in svids.values() {
-            if svid.renew_at <= now {
+            // Valid only from what is now the future: the clock stepped
+            // back past its issuance, and its holders would be refused
+            // until the clock caught up. Renewed now, at the new time.
+            if svid.renew_at <= now || svid.not_before > now {
                 due.push(Arc::clone(svid));
             } else {
                 next = Some(next.map_or(svid.renew_at, |n| n.min(svid.renew_at)));
@@ -312,6 +315,20 @@ mod tests {
             })
             .collect();
         (dir, svids)
+    }
+
+    #[test]
+    fn due_at_half_life_or_when_the_clock_stepped_back_past_issuance() {
+        let (_dir, svids) = svids_for(&[100]);
+        let cache = X509SvidCache::default();
+        cache.put(Arc::clone(&svids[0]));
+        let svid = &svids[0];
+        let due = |now| cache.due(now).0.len();
+        assert_eq!(due(svid.not_before + Duration::from_secs(1)), 0);
+        assert_eq!(cache.due(svid.not_before).1, Some(svid.renew_at));
+        assert_eq!(due(svid.renew_at), 1);
+        // The clock stepped back to before the SVID's validity.
+        assert_eq!(due(svid.not_before - Duration::from_secs(1)), 1);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! header of `alg`, `kid` and optionally `typ` (`JWT` or `JOSE`) and
 //! nothing else; an asymmetric `alg`; a `kid` found in the bundle of the
 //! trust domain named by `sub`; `exp` required and `nbf` honoured with no
-//! leeway; the audience present.
+//! leeway; an `iat` at most [`MAX_IAT_SKEW`] ahead; the audience present.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -25,6 +25,11 @@ use crate::registration::{Match, RegistrationEntry};
 
 /// Longest token accepted for validation, in bytes.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// How far in the future a token's `iat` may be (clock skew between
+/// nodes). Beyond it the issuer's clock was ahead, and the token would
+/// live longer than it was issued for: refused.
+pub const MAX_IAT_SKEW: Duration = Duration::from_secs(30);
 
 /// Algorithms the JWT-SVID spec allows. Never `none`, never HMAC.
 const ALLOWED_ALGS: &[Algorithm] = &[
@@ -211,6 +216,13 @@ pub fn validate(
         })
     })?;
     let mut claims = data.claims;
+    if let Some(iat) = claims.get("iat").and_then(Value::as_u64)
+        && iat > unix(SystemTime::now() + MAX_IAT_SKEW)
+    {
+        return Err(JwtValidationError::Invalid(
+            "it was issued in the future (iat): the issuer's clock is ahead".into(),
+        ));
+    }
     if claims.get("sub").and_then(Value::as_str) != Some(subject.to_string().as_str()) {
         return Err(JwtValidationError::BadSubject);
     }
@@ -358,6 +370,31 @@ mod tests {
         let bundle = authority.bundle();
         let err = validate(&svid.token, "a", |_| Some(bundle.clone())).unwrap_err();
         assert!(err.to_string().contains("xpired"), "{err}");
+    }
+
+    /// Regression: a token issued while the issuer's clock was hours ahead
+    /// validated once the clock stepped back, living hours past its TTL.
+    #[test]
+    fn a_token_issued_in_the_future_is_refused() {
+        let (_dir, authority, entry) = setup();
+        let bundle = authority.bundle();
+        let issue_at = |at| {
+            issue(
+                &authority,
+                &entry,
+                &svc(),
+                &["a".into()],
+                Duration::from_secs(300),
+                at,
+            )
+            .unwrap()
+        };
+        let ahead = issue_at(SystemTime::now() + Duration::from_secs(3600));
+        let err = validate(&ahead.token, "a", |_| Some(bundle.clone())).unwrap_err();
+        assert!(err.to_string().contains("issued in the future"), "{err}");
+        // Within the skew allowed between nodes, it is not.
+        let skewed = issue_at(SystemTime::now() + MAX_IAT_SKEW / 2);
+        validate(&skewed.token, "a", |_| Some(bundle.clone())).unwrap();
     }
 
     #[test]

@@ -15,9 +15,10 @@ use std::sync::Arc;
 use super::SvidIssuer;
 use crate::registration::{Match, Registry};
 
-/// Longest sleep between looks at the cache, so a clock jump or a new
-/// entry's first SVID is noticed promptly.
-const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// Longest sleep between looks at the cache: it bounds how late a step of
+/// the wall clock (forward: renewals due at once; back: SVIDs not valid
+/// yet) is noticed, since the sleep itself runs on the monotonic clock.
+const MAX_SLEEP: Duration = Duration::from_secs(5);
 /// Wait after a failed renewal before the next attempt.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 

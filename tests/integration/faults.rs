@@ -1,8 +1,11 @@
 //! Faults the agent brings on itself or meets on the node, injected for
 //! real: kill -9 under load, a corrupted store or key file, a data dir
-//! that fills up or turns read-only (a small tmpfs, mounted here when the
-//! test runs as root; skipped with the reason otherwise). A kubelet that
-//! is down or silent is in `k8s_attestor`.
+//! that fills up (a small tmpfs) or that the kernel turns read-only (ext4
+//! on a loop file), both mounted here when the test runs as root and
+//! skipped with the reason otherwise, and the wall clock stepping forward
+//! and back (libfaketime under the agent; skipped with the reason when it
+//! is not installed). A kubelet that is down or silent is in
+//! `k8s_attestor`.
 
 use crate::common;
 
@@ -52,9 +55,14 @@ impl Layout {
     }
 
     fn start(&self) -> Child {
+        self.start_with(&[])
+    }
+
+    fn start_with(&self, env: &[(&str, &Path)]) -> Child {
         tether()
             .args(["run", "--config"])
             .arg(&self.config)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -654,4 +662,113 @@ async fn a_data_dir_turned_read_only_fails_issuance_closed_and_says_why() {
     validation_works(&socket, &jwt, &task_token).await;
     running.stop().await.unwrap();
     drop(data);
+}
+
+// --- the wall clock steps ----------------------------------------------------------
+
+/// Where Debian's `faketime` package puts the library.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// The next X.509-SVID on `stream` other than `than`, as (DER, not before,
+/// not after) in Unix seconds.
+async fn next_svid(
+    stream: &mut tonic::Streaming<tether::proto::workload::X509svidResponse>,
+    than: &[u8],
+) -> (Vec<u8>, i64, i64) {
+    use x509_parser::prelude::*;
+    let guard = tokio::time::Instant::now() + 2 * PATIENCE;
+    loop {
+        let message = tokio::time::timeout_at(guard, stream.message())
+            .await
+            .expect("a new SVID in time")
+            .unwrap()
+            .expect("the stream goes on");
+        let der = message.svids[0].x509_svid.clone();
+        if der != than {
+            let (_, cert) = X509Certificate::from_der(&der).unwrap();
+            let validity = cert.validity();
+            let times = (
+                validity.not_before.timestamp(),
+                validity.not_after.timestamp(),
+            );
+            return (der, times.0, times.1);
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    i64::try_from(common::unix_now()).unwrap()
+}
+
+#[tokio::test]
+async fn the_wall_clock_stepping_forward_and_back_gets_fresh_svids_and_honest_validation() {
+    if !Path::new(LIBFAKETIME).exists() {
+        println!("skipped: libfaketime is not installed ({LIBFAKETIME}; apt-get install faketime)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::new(dir.path());
+    // The agent's wall clock is real time plus what this file says; its
+    // monotonic clock (timers, sleeps) is left alone, as an NTP step does.
+    let offset = dir.path().join("clock-offset");
+    std::fs::write(&offset, "+0").unwrap();
+    let agent = layout.start_with(&[
+        ("LD_PRELOAD", Path::new(LIBFAKETIME)),
+        ("FAKETIME_TIMESTAMP_FILE", &offset),
+        ("FAKETIME_NO_CACHE", Path::new("1")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", Path::new("1")),
+    ]);
+    layout.serving().await;
+    let mut raw = common::raw_client(&layout.socket, true).await;
+    let mut stream = raw
+        .fetch_x509svid(tether::proto::workload::X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let (first, _, first_not_after) = next_svid(&mut stream, &[]).await;
+
+    // Two hours forward: the SVID held is expired by the agent's clock; a
+    // fresh one comes, valid from the new time.
+    std::fs::write(&offset, "+2h").unwrap();
+    let (ahead, ahead_not_before, _) = next_svid(&mut stream, &first).await;
+    assert!(
+        ahead_not_before > first_not_after,
+        "renewed at the new time: {ahead_not_before} vs {first_not_after}"
+    );
+    assert!(ahead_not_before > unix_now() + 3600);
+    let client =
+        spiffe::WorkloadApiClient::connect_to(format!("unix://{}", layout.socket.display()))
+            .await
+            .unwrap();
+    let jwt = client
+        .fetch_jwt_svid(&["validator"], None)
+        .await
+        .unwrap()
+        .token()
+        .to_owned();
+    client.validate_jwt_token("validator", &jwt).await.unwrap();
+
+    // And back: the SVID held is not valid yet by anyone's clock; a fresh
+    // one comes, valid now. The token issued in the future is refused.
+    std::fs::write(&offset, "+0").unwrap();
+    let (_, back_not_before, back_not_after) = next_svid(&mut stream, &ahead).await;
+    let now = unix_now();
+    assert!(
+        back_not_before <= now && now < back_not_after,
+        "valid now ({now}): {back_not_before}..{back_not_after}"
+    );
+    let refused = client
+        .validate_jwt_token("validator", &jwt)
+        .await
+        .expect_err("a token issued two hours ahead is not valid yet");
+    println!("refused after the step back: {refused}");
+    // Issuance and validation go on at the restored time.
+    let jwt = client
+        .fetch_jwt_svid(&["validator"], None)
+        .await
+        .unwrap()
+        .token()
+        .to_owned();
+    client.validate_jwt_token("validator", &jwt).await.unwrap();
+    stop(agent).await;
 }
