@@ -15,6 +15,7 @@ use crate::registration::{EntryId, Registry, Selector, SelectorSet};
 use crate::svid::SvidIssuer;
 use crate::task::{Task, Tasks};
 use crate::telemetry::http::Readiness;
+use crate::transport::gate;
 
 /// What a reload changed.
 #[derive(Debug, Clone, Copy)]
@@ -148,6 +149,7 @@ impl Admin for AdminApi {
             }
         })?;
         tracing::info!(task_id = %task.id, "task revoked by an operator");
+        gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(task_info(&task)))
     }
 
@@ -161,6 +163,7 @@ impl Admin for AdminApi {
             .create(&spec)
             .await
             .map_err(status::registration)?;
+        gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(convert::entry(&entry)))
     }
 
@@ -177,6 +180,7 @@ impl Admin for AdminApi {
             .update(&id, &spec, expected)
             .await
             .map_err(status::registration)?;
+        gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(convert::entry(&entry)))
     }
 
@@ -189,6 +193,7 @@ impl Admin for AdminApi {
             .delete(&id)
             .await
             .map_err(status::registration)?;
+        gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(pb::DeleteEntryResponse {}))
     }
 

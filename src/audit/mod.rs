@@ -102,7 +102,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use event::{AuditEvent, AuditRecord, Decision, EventKind};
 pub use files::MAX_LINE;
@@ -229,14 +229,21 @@ pub enum AuditUnavailable {
 pub struct AuditLog {
     tx: mpsc::Sender<Message>,
     shared: Arc<Shared>,
+    /// Records queued so far; taken with the send, so the queue holds
+    /// records `1..=queued` in this order.
+    queued: Arc<Mutex<u64>>,
 }
 
 /// State the writer publishes to every handle.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     /// Fast path for `record`: set while `failure` is `Some`.
     failed: AtomicBool,
     failure: Mutex<Option<Arc<AuditError>>>,
+    /// How many queued records have been written to the trail (handed to
+    /// the kernel: they survive the agent's crash). Also pinged when the
+    /// writer fails or stops, so waiters look again.
+    written: watch::Sender<u64>,
 }
 
 /// What handles send the writer.
@@ -316,15 +323,21 @@ impl AuditLog {
             .validate()
             .map_err(|(key, problem)| AuditError::Config { key, problem })?;
         let (tx, rx) = mpsc::channel(config.queue);
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            written: watch::Sender::new(0),
+        });
         let writer = AuditWriter::open(dir, config, rx, Arc::clone(&shared))?;
-        Ok((AuditLog { tx, shared }, writer))
+        let queued = Arc::default();
+        Ok((AuditLog { tx, shared, queued }, writer))
     }
 
     /// Queues one record. `Err` when the queue is full, the writer has
     /// failed or stopped: the caller then fails closed (refuses to issue),
     /// so no credential is ever issued unaudited. `Ok` means queued: it is
-    /// written at once and durable within `flush_interval`.
+    /// written at once and durable within `flush_interval`. An edge hands
+    /// out what was recorded only after [`Self::written`].
     pub fn record(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
         if let Some(source) = self.shared.failure() {
             return Err(AuditUnavailable::Failed { source });
@@ -333,6 +346,7 @@ impl AuditLog {
             time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
             body: event.to_body(),
         };
+        let mut count = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
         self.tx
             .try_send(Message::Record(queued))
             .map_err(|error| match error {
@@ -340,7 +354,32 @@ impl AuditLog {
                     capacity: self.tx.max_capacity(),
                 },
                 mpsc::error::TrySendError::Closed(_) => AuditUnavailable::Stopped,
-            })
+            })?;
+        *count += 1;
+        Ok(())
+    }
+
+    /// Resolves once every record queued so far (the caller's own among
+    /// them) is written to the trail, so it survives a crash of the agent
+    /// (a crash of the machine: within `flush_interval`, see [`Self::flush`]).
+    /// `Err` when the writer fails or stops first: the caller then hands
+    /// out nothing, as if recording had been refused.
+    pub async fn written(&self) -> Result<(), AuditUnavailable> {
+        let target = *self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut written = self.shared.written.subscribe();
+        loop {
+            if *written.borrow_and_update() >= target {
+                return Ok(());
+            }
+            if let Some(source) = self.shared.failure() {
+                return Err(AuditUnavailable::Failed { source });
+            }
+            if self.tx.is_closed() {
+                return Err(AuditUnavailable::Stopped);
+            }
+            // The sender lives in `Shared`, as long as this handle.
+            let _ = written.changed().await;
+        }
     }
 
     /// Why the log is not healthy right now (the writer failed, and why;
@@ -407,7 +446,23 @@ impl Shared {
     fn set_failure(&self, failure: Option<Arc<AuditError>>) -> bool {
         let failed = failure.is_some();
         *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = failure;
-        self.failed.swap(failed, Ordering::AcqRel) != failed
+        let changed = self.failed.swap(failed, Ordering::AcqRel) != failed;
+        if failed {
+            // Whoever waits for a write learns it may not come.
+            self.written.send_modify(|_| {});
+        }
+        changed
+    }
+
+    /// Publishes how many queued records are written.
+    fn set_written(&self, count: u64) {
+        self.written.send_if_modified(|written| {
+            let newer = count > *written;
+            if newer {
+                *written = count;
+            }
+            newer
+        });
     }
 }
 

@@ -296,6 +296,30 @@ async fn cancelling_drains_and_syncs_what_is_queued() {
     assert!(log.problem().unwrap().contains("stopped"));
 }
 
+/// Regression: an acknowledged record was only queued, and a kill -9 of
+/// the agent could lose it. `written` resolves once it is in the file.
+#[tokio::test]
+async fn written_resolves_once_every_record_so_far_is_in_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = AuditConfig {
+        // No fsync within the test (10 s): written means written, not synced.
+        flush_interval: Duration::from_secs(10),
+        ..config()
+    };
+    let running = Running::start(tmp.path(), &config);
+    for i in 0..50 {
+        running.log.record(event(i)).unwrap();
+        if i % 10 == 9 {
+            guarded(running.log.written()).await.unwrap();
+            assert_eq!(lines_of(&segment(tmp.path(), 1)).len(), i + 1);
+        }
+    }
+    let log = running.log.clone();
+    running.stop().await;
+    // Nothing queued is waiting: resolves. Stopped with more queued: not.
+    guarded(log.written()).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_torn_last_line_is_cut_and_recorded() {
     let tmp = tempfile::tempdir().unwrap();

@@ -46,6 +46,9 @@ pub struct AuditWriter {
     /// Flush callers, with the seq they wait for.
     waiters: Vec<(u64, oneshot::Sender<()>)>,
     flush_interval: Duration,
+    /// Records the writer chained itself (a recovery note at open): they
+    /// come first, and are no one's to wait for.
+    own: u64,
 }
 
 /// One record, chained and serialized.
@@ -70,6 +73,8 @@ struct Disk {
     pending: VecDeque<Line>,
     /// Written to `segment` since its last fsync.
     unsynced: Vec<Line>,
+    /// Records written since the writer opened.
+    written: u64,
     /// The last record synced.
     synced: Head,
     /// What `HEAD` says, when it is valid.
@@ -151,6 +156,7 @@ impl AuditWriter {
                 next_number,
                 pending: VecDeque::new(),
                 unsynced: Vec::new(),
+                written: 0,
                 synced: chain,
                 committed,
                 dir_dirty: false,
@@ -160,6 +166,7 @@ impl AuditWriter {
             batch: Vec::new(),
             waiters: Vec::new(),
             flush_interval: config.flush_interval,
+            own: 0,
         };
         if !notes.is_empty() {
             let event = AuditEvent {
@@ -170,6 +177,7 @@ impl AuditWriter {
                 time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
                 body: event.to_body(),
             });
+            writer.own += 1;
         }
         Ok(writer)
     }
@@ -213,7 +221,10 @@ impl AuditWriter {
                 () = sleep_until(retry_at), if retry_at.is_some() => retry_at = None,
             }
         }
+        let shared = Arc::clone(&self.shared);
         self.finish().await;
+        // The queue is closed: waiters for records never written learn it.
+        shared.written.send_modify(|_| {});
     }
 
     /// Drains the queue and writes it all, a few times if need be.
@@ -282,7 +293,11 @@ impl AuditWriter {
             !disk.pending.is_empty()
         };
         if has_pending {
-            self.blocking(Disk::write).await?;
+            let result = self.blocking(Disk::write).await;
+            // Partial progress counts too: what was written is written.
+            let written = self.lock_disk().written.saturating_sub(self.own);
+            self.shared.set_written(written);
+            result?;
         }
         Ok(())
     }
@@ -434,6 +449,7 @@ impl Disk {
                 });
             }
             segment.len += buf.len() as u64;
+            self.written += count as u64;
             self.unsynced.extend(self.pending.drain(..count));
         }
         Ok(())

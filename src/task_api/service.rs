@@ -351,6 +351,7 @@ impl TasksRpc for TaskApi {
             .begin(&caller, owner, matched, begin)
             .await
             .map_err(status::task)?;
+        gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(pb::BeginTaskResponse {
             task_id: task.id.clone(),
             token: Some(token_message(token)),
@@ -382,6 +383,10 @@ impl TasksRpc for TaskApi {
             let mut token = first;
             loop {
                 let expires_at = token.expires_at;
+                if let Err(status) = gate::recorded(tasks.audit()).await {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
                 if tx.send(Ok(token_message(token))).await.is_err() {
                     return;
                 }
@@ -455,6 +460,7 @@ impl TasksRpc for TaskApi {
             .tasks
             .token_for(&task, decided_by)
             .map_err(status::task)?;
+        gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(token_message(token)))
     }
 
@@ -465,6 +471,7 @@ impl TasksRpc for TaskApi {
         let (caller, _) = self.identify(&request).await?;
         let id = task_id(&request.get_ref().task_id)?;
         self.tasks.end(&caller, id).await.map_err(status::task)?;
+        gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(pb::EndTaskResponse {}))
     }
 
@@ -556,6 +563,7 @@ impl TasksRpc for TaskApi {
             .tasks
             .complete_exchange(exchange, bind_x5t, decided_by)
             .map_err(status::task)?;
+        gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(pb::ExchangeTokenResponse {
             token: Some(token_message(token)),
         }))

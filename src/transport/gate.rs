@@ -1,6 +1,7 @@
 //! The policy gate every decision on the workload socket passes through:
 //! evaluate, record a denial in the audit trail, and turn it into the one
-//! status callers see (PermissionDenied naming the deciding policies).
+//! status callers see (PermissionDenied naming the deciding policies). And
+//! the last step before an edge hands anything out: [`recorded`].
 
 use tonic::Status;
 
@@ -122,4 +123,15 @@ pub fn executable(attested: &Attested) -> String {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_default()
+}
+
+/// Waits until everything this request recorded is written to the audit
+/// trail, so no credential, revocation or entry change is acknowledged
+/// that a crash of the agent could leave unrecorded. Unavailable (nothing
+/// handed out) when the trail cannot be written.
+pub async fn recorded(audit: &AuditLog) -> Result<(), Status> {
+    audit.written().await.map_err(|error| {
+        tracing::warn!(%error, "not answering: the audit record is not written");
+        Status::unavailable(format!("not issuing: {error}"))
+    })
 }

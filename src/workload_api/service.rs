@@ -304,6 +304,9 @@ impl WorkloadApi {
                 let _held = (open, slot);
                 let cancel = this.jobs.cancel.clone();
                 let mut last = first.clone();
+                if !this.recorded(&tx, &cancel).await {
+                    return;
+                }
                 sent(&first);
                 if !send(&tx, Ok(first), &cancel).await {
                     return;
@@ -334,8 +337,11 @@ impl WorkloadApi {
                                 continue;
                             }
                             last = state.clone();
-                            sent(&state);
                             tracing::debug!("pushing an update");
+                            if !this.recorded(&tx, &cancel).await {
+                                return;
+                            }
+                            sent(&state);
                             if !send(&tx, Ok(state), &cancel).await {
                                 return;
                             }
@@ -352,9 +358,25 @@ impl WorkloadApi {
         );
         ReceiverStream::new(rx)
     }
+
+    /// Whether what the state about to be sent recorded is in the audit
+    /// trail; if it cannot be, the stream gets Unavailable instead, and
+    /// ends.
+    async fn recorded<T>(
+        &self,
+        tx: &mpsc::Sender<Result<T, Status>>,
+        cancel: &CancellationToken,
+    ) -> bool {
+        match gate::recorded(self.tasks.audit()).await {
+            Ok(()) => true,
+            Err(status) => {
+                let _ = send(tx, Err(status), cancel).await;
+                false
+            }
+        }
+    }
 }
 
-/// The caller's executable as the policy and the audit trail see it.
 /// Sends unless the agent is stopping or the client is gone.
 async fn send<T>(tx: &mpsc::Sender<T>, item: T, cancel: &CancellationToken) -> bool {
     tokio::select! {
@@ -471,6 +493,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             .task_scoped_jwt(&caller, &attested, request.get_ref())
             .await?
         {
+            gate::recorded(self.tasks.audit()).await?;
             return Ok(Response::new(scoped));
         }
         let matches: Vec<_> = self
@@ -546,6 +569,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if svids.is_empty() {
             return Err(denied.unwrap_or_else(status::no_identity));
         }
+        gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(pb::JwtsvidResponse { svids }))
     }
 

@@ -175,7 +175,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged_and_streams_resume() {
             }
         }));
     }
-    {
+    for _ in 0..4 {
         let (seen, socket) = (Arc::clone(&seen), layout.socket.clone());
         load.push(tokio::spawn(async move {
             let Ok(client) =
@@ -254,6 +254,16 @@ async fn kill_9_under_load_loses_nothing_acknowledged_and_streams_resume() {
             "task {task}'s end was acknowledged, and is not in the trail"
         );
     }
+    // Every credential acknowledged (issued to its caller) is in the trail.
+    let issued = records
+        .iter()
+        .filter(|r| r["event"] == "issue-jwt" && r["decision"] == "allow")
+        .count();
+    assert!(
+        issued >= seen.issued,
+        "{} JWT-SVIDs were issued, {issued} are in the trail",
+        seen.issued
+    );
     let out = tether()
         .args(["audit", "verify", "--dir"])
         .arg(&audit)
