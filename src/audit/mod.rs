@@ -221,7 +221,18 @@ pub enum AuditUnavailable {
     /// The writer has stopped (shutdown).
     #[error("the audit writer has stopped")]
     Stopped,
+    /// The writer took the record but has not written it in time: it is
+    /// stuck (a hung disk, a stdout nobody reads).
+    #[error("the audit record was not written within {waited:?}: the audit writer is stalled")]
+    Stalled {
+        /// How long the caller waited.
+        waited: Duration,
+    },
 }
+
+/// Longest a caller waits for its record to be written before it gives
+/// up (and hands out nothing): a healthy writer takes milliseconds.
+pub const WRITE_WAIT: Duration = Duration::from_secs(5);
 
 /// The handle decision points record through. Cheap to clone; recording
 /// never blocks and never touches the disk on the caller's thread.
@@ -244,6 +255,10 @@ struct Shared {
     /// the kernel: they survive the agent's crash). Also pinged when the
     /// writer fails or stops, so waiters look again.
     written: watch::Sender<u64>,
+    /// Since when records have waited to be written with none written
+    /// (reset when one is, or when the first is queued into an empty
+    /// queue): how long the writer has been stuck.
+    waiting_since: Mutex<std::time::Instant>,
 }
 
 /// What handles send the writer.
@@ -327,6 +342,7 @@ impl AuditLog {
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             written: watch::Sender::new(0),
+            waiting_since: Mutex::new(std::time::Instant::now()),
         });
         let writer = AuditWriter::open(dir, config, rx, Arc::clone(&shared))?;
         let queued = Arc::default();
@@ -347,6 +363,10 @@ impl AuditLog {
             body: event.to_body(),
         };
         let mut count = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        if *self.shared.written.borrow() >= *count {
+            // Nothing was waiting: the stall clock starts now.
+            self.shared.progressed();
+        }
         self.tx
             .try_send(Message::Record(queued))
             .map_err(|error| match error {
@@ -365,6 +385,12 @@ impl AuditLog {
     /// `Err` when the writer fails or stops first: the caller then hands
     /// out nothing, as if recording had been refused.
     pub async fn written(&self) -> Result<(), AuditUnavailable> {
+        tokio::time::timeout(WRITE_WAIT, self.written_unbounded())
+            .await
+            .unwrap_or(Err(AuditUnavailable::Stalled { waited: WRITE_WAIT }))
+    }
+
+    async fn written_unbounded(&self) -> Result<(), AuditUnavailable> {
         let target = *self.queued.lock().unwrap_or_else(PoisonError::into_inner);
         let mut written = self.shared.written.subscribe();
         loop {
@@ -383,9 +409,27 @@ impl AuditLog {
     }
 
     /// Why the log is not healthy right now (the writer failed, and why;
-    /// the queue is full; the writer stopped), or `None` when healthy. For
-    /// health checks.
+    /// the queue is full; the writer stopped or is stalled), or `None` when
+    /// healthy. For health checks.
     pub fn problem(&self) -> Option<String> {
+        let waiting = self
+            .queued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .saturating_sub(*self.shared.written.borrow());
+        let stuck = self
+            .shared
+            .waiting_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed();
+        if waiting > 0 && stuck > WRITE_WAIT && self.shared.failure().is_none() {
+            return Some(format!(
+                "the audit writer is stalled: {waiting} records wait, none written for {}s \
+                 (a hung disk, or a stdout nobody reads); issuance is refused",
+                stuck.as_secs()
+            ));
+        }
         if let Some(source) = self.shared.failure() {
             return Some(
                 AuditUnavailable::Failed { source }.to_string() + " (retrying every second)",
@@ -456,13 +500,24 @@ impl Shared {
 
     /// Publishes how many queued records are written.
     fn set_written(&self, count: u64) {
-        self.written.send_if_modified(|written| {
+        let newer = self.written.send_if_modified(|written| {
             let newer = count > *written;
             if newer {
                 *written = count;
             }
             newer
         });
+        if newer {
+            self.progressed();
+        }
+    }
+
+    /// The writer moved (or had nothing to do): restarts the stall clock.
+    fn progressed(&self) {
+        *self
+            .waiting_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = std::time::Instant::now();
     }
 }
 

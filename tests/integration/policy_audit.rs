@@ -460,7 +460,7 @@ async fn audit_verify_passes_on_the_agents_trail_and_names_the_line_after_tamper
 /// full the writer waits, the queue fills, and issuance stops with a clear
 /// status, and health says why; draining the pipe brings it back.
 #[tokio::test]
-async fn a_full_audit_queue_stops_issuance_with_a_clear_status_until_it_drains() {
+async fn a_stalled_audit_writer_stops_issuance_with_a_clear_status_until_it_drains() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
     std::fs::write(
@@ -507,7 +507,7 @@ async fn a_full_audit_queue_stops_issuance_with_a_clear_status_until_it_drains()
     };
 
     // Ask until the agent refuses: each JWT-SVID is a record; the pipe
-    // (64 KiB) fills after a few hundred, then the queue. On a busy machine
+    // (64 KiB) fills after a few hundred, then the writer stalls. On a busy machine
     // the queue can also fill for a moment before the pipe does (the writer
     // was not scheduled yet): only a refusal while health reports the
     // stalled log counts, so keep asking until both say so.
@@ -524,8 +524,13 @@ async fn a_full_audit_queue_stops_issuance_with_a_clear_status_until_it_drains()
             continue;
         };
         assert_eq!(refusal.code(), Code::Unavailable, "{refusal:?}");
+        // Refused because this request's record is not written in time
+        // (the writer is stuck on the pipe), or, for later requests, not
+        // even queued (the queue is full).
         assert!(
-            refusal.message().contains("audit") && refusal.message().contains("queue is full"),
+            refusal.message().contains("audit")
+                && (refusal.message().contains("queue is full")
+                    || refusal.message().contains("stalled")),
             "{}",
             refusal.message()
         );
