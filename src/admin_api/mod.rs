@@ -65,6 +65,7 @@ pub async fn serve(
     authz: AdminAuthz,
     socket: &mut BoundSocket,
     shutdown: impl Future<Output = ()>,
+    closing: tokio_util::sync::CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let Some(listener) = socket.take_listener() else {
         return Ok(());
@@ -83,6 +84,7 @@ pub async fn serve(
                     max_per_process: MAX_CONNECTIONS,
                     handshake_timeout: HANDSHAKE_TIMEOUT,
                 },
+                closing,
             ),
             shutdown,
         )

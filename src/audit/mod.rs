@@ -231,8 +231,10 @@ pub enum AuditUnavailable {
 }
 
 /// Longest a caller waits for its record to be written before it gives
-/// up (and hands out nothing): a healthy writer takes milliseconds.
-pub const WRITE_WAIT: Duration = Duration::from_secs(5);
+/// up (and hands out nothing): a healthy writer takes milliseconds, a slow
+/// fsync of the batch before it (the writer does one thing at a time)
+/// rarely a second.
+pub const WRITE_WAIT: Duration = Duration::from_secs(10);
 
 /// The handle decision points record through. Cheap to clone; recording
 /// never blocks and never touches the disk on the caller's thread.

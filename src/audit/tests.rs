@@ -316,7 +316,7 @@ async fn written_resolves_once_every_record_so_far_is_in_the_file() {
     }
     let log = running.log.clone();
     running.stop().await;
-    // Nothing queued is waiting: resolves. Stopped with more queued: not.
+    // Stopped, with everything written: resolves.
     guarded(log.written()).await.unwrap();
 }
 

@@ -46,9 +46,10 @@ pub struct AuditWriter {
     /// Flush callers, with the seq they wait for.
     waiters: Vec<(u64, oneshot::Sender<()>)>,
     flush_interval: Duration,
-    /// Records the writer chained itself (a recovery note at open): they
-    /// come first, and are no one's to wait for.
-    own: u64,
+    /// The seq before the first record queued through a handle: the last
+    /// one on disk at open, plus the records the writer chained itself (a
+    /// recovery note), which come first and are no one's to wait for.
+    queued_from: u64,
 }
 
 /// One record, chained and serialized.
@@ -73,8 +74,10 @@ struct Disk {
     pending: VecDeque<Line>,
     /// Written to `segment` since its last fsync.
     unsynced: Vec<Line>,
-    /// Records written since the writer opened.
-    written: u64,
+    /// The highest seq written to a segment (not necessarily synced). A
+    /// seq, not a count: lines a failed sync puts back to be written again
+    /// are not counted twice.
+    written_seq: u64,
     /// The last record synced.
     synced: Head,
     /// What `HEAD` says, when it is valid.
@@ -156,7 +159,7 @@ impl AuditWriter {
                 next_number,
                 pending: VecDeque::new(),
                 unsynced: Vec::new(),
-                written: 0,
+                written_seq: chain.seq,
                 synced: chain,
                 committed,
                 dir_dirty: false,
@@ -166,7 +169,7 @@ impl AuditWriter {
             batch: Vec::new(),
             waiters: Vec::new(),
             flush_interval: config.flush_interval,
-            own: 0,
+            queued_from: chain.seq,
         };
         if !notes.is_empty() {
             let event = AuditEvent {
@@ -177,7 +180,7 @@ impl AuditWriter {
                 time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
                 body: event.to_body(),
             });
-            writer.own += 1;
+            writer.queued_from = writer.chain.seq;
         }
         Ok(writer)
     }
@@ -295,7 +298,10 @@ impl AuditWriter {
         if has_pending {
             let result = self.blocking(Disk::write).await;
             // Partial progress counts too: what was written is written.
-            let written = self.lock_disk().written.saturating_sub(self.own);
+            let written = self
+                .lock_disk()
+                .written_seq
+                .saturating_sub(self.queued_from);
             self.shared.set_written(written);
             result?;
         }
@@ -431,7 +437,7 @@ impl Disk {
                 segment.needs_truncate = false;
             }
             let mut buf = Vec::new();
-            let mut count = 0;
+            let mut count: usize = 0;
             for line in &self.pending {
                 if count > 0
                     && segment.len + (buf.len() + line.bytes.len()) as u64 > self.max_file_bytes
@@ -449,7 +455,9 @@ impl Disk {
                 });
             }
             segment.len += buf.len() as u64;
-            self.written += count as u64;
+            if let Some(last) = count.checked_sub(1).and_then(|i| self.pending.get(i)) {
+                self.written_seq = self.written_seq.max(last.seq);
+            }
             self.unsynced.extend(self.pending.drain(..count));
         }
         Ok(())

@@ -238,8 +238,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let failed = Arc::clone(&failed);
         shutdown.spawn(async move {
             let stop = token.clone().cancelled_owned();
-            let served = serve_workload_socket(api, task_api, &mut socket, &limits, stop);
-            if let Err(error) = drained(served, &token, "workload").await {
+            let closing = CancellationToken::new();
+            let served =
+                serve_workload_socket(api, task_api, &mut socket, &limits, stop, closing.clone());
+            if let Err(error) = drained(served, &token, &closing, "workload").await {
                 tracing::error!(%error, "workload API server failed; stopping the agent");
                 failed.store(true, Ordering::SeqCst);
                 token.cancel();
@@ -254,8 +256,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let failed = Arc::clone(&failed);
         shutdown.spawn(async move {
             let stop = token.clone().cancelled_owned();
-            let served = admin_api::serve(admin, authz, &mut admin_socket, stop);
-            if let Err(error) = drained(served, &token, "admin").await {
+            let closing = CancellationToken::new();
+            let served = admin_api::serve(admin, authz, &mut admin_socket, stop, closing.clone());
+            if let Err(error) = drained(served, &token, &closing, "admin").await {
                 tracing::error!(%error, "admin API server failed; stopping the agent");
                 failed.store(true, Ordering::SeqCst);
                 token.cancel();
@@ -450,24 +453,29 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
 }
 
 /// Runs a socket's server; once the agent stops, gives its connections
-/// [`CONNECTION_DRAIN`] to close, then drops the ones still open: a client
-/// that never closes its connection cannot hold the agent's shutdown.
+/// [`CONNECTION_DRAIN`] to close, then fires `closing`, which fails every
+/// read and write of the ones still open: a client that never closes its
+/// connection cannot hold the agent's shutdown.
 async fn drained(
     served: impl Future<Output = Result<(), tonic::transport::Error>>,
     stop: &CancellationToken,
+    closing: &CancellationToken,
     socket: &'static str,
 ) -> Result<(), tonic::transport::Error> {
+    tokio::pin!(served);
     let deadline = async {
         stop.cancelled().await;
         tokio::time::sleep(CONNECTION_DRAIN).await;
     };
     tokio::select! {
-        result = served => result,
-        () = deadline => {
-            tracing::warn!(socket, drain = ?CONNECTION_DRAIN, "connections still open after the drain; closing them");
-            Ok(())
-        }
+        result = &mut served => return result,
+        () = deadline => {}
     }
+    tracing::warn!(socket, drain = ?CONNECTION_DRAIN, "connections still open after the drain; closing them");
+    closing.cancel();
+    tokio::time::timeout(CONNECTION_DRAIN, served)
+        .await
+        .unwrap_or(Ok(()))
 }
 
 /// Serves the Workload API and the Task API on the workload socket until
@@ -478,6 +486,7 @@ async fn serve_workload_socket(
     socket: &mut BoundSocket,
     limits: &WorkloadApiLimits,
     shutdown: impl Future<Output = ()>,
+    closing: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let Some(listener) = socket.take_listener() else {
         return Ok(());
@@ -488,7 +497,7 @@ async fn serve_workload_socket(
         .add_service(workload_api::service(api, limits))
         .add_service(task_api::service(task_api, limits.max_request_bytes))
         .serve_with_incoming_shutdown(
-            transport::incoming(listener, limits.connections()),
+            transport::incoming(listener, limits.connections(), closing),
             shutdown,
         )
         .await

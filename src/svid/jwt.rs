@@ -216,8 +216,9 @@ pub fn validate(
         })
     })?;
     let mut claims = data.claims;
-    if let Some(iat) = claims.get("iat").and_then(Value::as_u64)
-        && iat > unix(SystemTime::now() + MAX_IAT_SKEW)
+    // As a number of any form: a fractional or huge `iat` is checked too.
+    if let Some(iat) = claims.get("iat").and_then(Value::as_f64)
+        && iat > unix(SystemTime::now() + MAX_IAT_SKEW) as f64
     {
         return Err(JwtValidationError::Invalid(
             "it was issued in the future (iat): the issuer's clock is ahead".into(),

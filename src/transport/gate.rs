@@ -128,10 +128,13 @@ pub fn executable(attested: &Attested) -> String {
 /// Waits until everything this request recorded is written to the audit
 /// trail, so no credential, revocation or entry change is acknowledged
 /// that a crash of the agent could leave unrecorded. Unavailable (nothing
-/// handed out) when the trail cannot be written.
+/// handed out) when the trail cannot be written. A change already made
+/// (an entry, an end) stays made: only its acknowledgement is withheld.
 pub async fn recorded(audit: &AuditLog) -> Result<(), Status> {
     audit.written().await.map_err(|error| {
         tracing::warn!(%error, "not answering: the audit record is not written");
-        Status::unavailable(format!("not issuing: {error}"))
+        Status::unavailable(format!(
+            "not answering: this request's audit record is not written: {error}"
+        ))
     })
 }

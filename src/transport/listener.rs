@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use super::authority::AuthorityFix;
@@ -82,17 +83,21 @@ pub struct BoundSocket {
 }
 
 /// A bound socket's path and the file it was bound as, to tell whether the
-/// path still leads to it. The file is its device, inode and change time:
-/// a socket bound in its place may get the same inode number back (tmpfs
-/// reuses them at once), never the same change time.
+/// path still leads to it. The file is its device and inode, and its birth
+/// time where the file system keeps one: a socket bound in its place may
+/// get the same inode number back (tmpfs and ext4 reuse them at once),
+/// never the same birth time. (Not the change time: a chown or chmod of
+/// the socket changes that, and is no replacement.)
 #[derive(Debug, Clone)]
 pub struct SocketIdentity {
     path: PathBuf,
-    file: (u64, u64, i64, i64),
+    file: FileKey,
 }
 
-fn file_of(meta: &std::fs::Metadata) -> (u64, u64, i64, i64) {
-    (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+type FileKey = (u64, u64, Option<std::time::SystemTime>);
+
+fn file_of(meta: &std::fs::Metadata) -> FileKey {
+    (meta.dev(), meta.ino(), meta.created().ok())
 }
 
 /// The identity of the peer of one connection, as request extensions see it.
@@ -107,6 +112,9 @@ pub struct PeerStream {
     fix: AuthorityFix,
     /// Until the preface is in: the bytes still due, and the deadline.
     handshake: Option<(usize, Pin<Box<Sleep>>)>,
+    /// Fires when the server gives up on its open connections (the drain
+    /// after a stop is over): reads and writes fail from then on.
+    closing: Pin<Box<WaitForCancellationFutureOwned>>,
     _permit: OwnedSemaphorePermit,
     _slot: Slot,
 }
@@ -211,12 +219,19 @@ impl SocketIdentity {
 pub fn incoming(
     listener: UnixListener,
     limits: ConnectionLimits,
+    closing: CancellationToken,
 ) -> impl futures_util::Stream<Item = io::Result<PeerStream>> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_process = ProcessSlots::new(limits.max_per_process, "max_connections_per_process");
-    let state = (listener, slots, per_process, limits.handshake_timeout);
+    let state = (
+        listener,
+        slots,
+        per_process,
+        limits.handshake_timeout,
+        closing,
+    );
     futures_util::stream::unfold(state, |state| async move {
-        let (listener, slots, per_process, handshake_timeout) = &state;
+        let (listener, slots, per_process, handshake_timeout, closing) = &state;
         let item = loop {
             let Ok(permit) = Arc::clone(slots).acquire_owned().await else {
                 return None;
@@ -247,6 +262,7 @@ pub fn incoming(
                             PREFACE_LEN,
                             Box::pin(tokio::time::sleep(*handshake_timeout)),
                         )),
+                        closing: Box::pin(closing.clone().cancelled_owned()),
                         _permit: permit,
                         _slot: slot,
                     });
@@ -276,24 +292,49 @@ impl PeerStream {
     /// Reads from the socket, closing the connection (TimedOut) if the
     /// preface is not in by the handshake deadline.
     fn poll_socket(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if let Some((_, deadline)) = &mut self.handshake
-            && deadline.as_mut().poll(cx).is_ready()
-        {
-            tracing::debug!(peer = ?self.peer.0.as_ref().map(Caller::pid).ok(), "no HTTP/2 preface in time; closing");
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no HTTP/2 preface within the handshake timeout",
-            )));
+        if let Poll::Ready(error) = self.poll_closing(cx) {
+            return Poll::Ready(Err(error));
         }
         let before = buf.filled().len();
-        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some((due, _))) = (&read, &mut self.handshake) {
-            *due = due.saturating_sub(buf.filled().len() - before);
-            if *due == 0 {
-                self.handshake = None;
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if let Some((due, _)) = &mut self.handshake {
+                    *due = due.saturating_sub(buf.filled().len() - before);
+                    if *due == 0 {
+                        self.handshake = None;
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            // Only a peer that has sent nothing more is late: one whose
+            // preface waits in the socket is read first.
+            Poll::Pending => {
+                let late = self
+                    .handshake
+                    .as_mut()
+                    .is_some_and(|(_, deadline)| deadline.as_mut().poll(cx).is_ready());
+                if late {
+                    tracing::debug!(peer = ?self.peer.0.as_ref().map(Caller::pid).ok(), "no HTTP/2 preface in time; closing");
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no HTTP/2 preface within the handshake timeout",
+                    )));
+                }
+                Poll::Pending
             }
         }
-        read
+    }
+
+    /// Ready with an error once the server has given up on its open
+    /// connections; registers for that otherwise.
+    fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.closing.as_mut().poll(cx).map(|()| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the agent stopped; the connection outlived the drain",
+            )
+        })
     }
 }
 
@@ -340,6 +381,9 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(error) = self.poll_closing(cx) {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -356,6 +400,9 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(error) = self.poll_closing(cx) {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 

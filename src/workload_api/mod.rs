@@ -56,8 +56,9 @@ pub struct WorkloadApiLimits {
     /// is closed.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
-    /// How long a request may take until its response starts (a stream's
-    /// first message); bounds half-open requests whose body never comes.
+    /// How long a request may take until its handler answers (for a
+    /// stream: until the stream is set up); bounds half-open requests whose
+    /// body never comes.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
 }

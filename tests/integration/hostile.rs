@@ -177,16 +177,27 @@ async fn silent_and_slow_handshakes_are_closed_and_others_served() {
 
 /// A raw HTTP/2 connection to the agent, its driver spawned.
 async fn h2_connection(socket: &Path, window: u32) -> h2::client::SendRequest<bytes::Bytes> {
+    h2_connection_and_driver(socket, window).await.0
+}
+
+/// The same, and its driver, which ends when the connection does.
+async fn h2_connection_and_driver(
+    socket: &Path,
+    window: u32,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
     let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
     let (send, connection) = h2::client::Builder::new()
         .initial_window_size(window)
         .handshake(stream)
         .await
         .unwrap();
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
-    send
+    (send, driver)
 }
 
 /// A gRPC request for `method` of the Workload API, with the header.
@@ -299,6 +310,32 @@ async fn a_client_that_never_reads_its_stream_holds_only_itself() {
     eventually("the unread stream freed", || running.open_streams() == 1).await;
     client.fetch_x509_svid().await.unwrap();
     agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_closes_does_not_hold_the_shutdown() {
+    let agent = TestAgent::start(&entry_for_me("svc", "main")).await;
+    // A stream never read, on a connection never closed, and a request
+    // whose body never comes.
+    let (send, driver) = h2_connection_and_driver(&agent.socket, 1024).await;
+    let mut send = send.ready().await.unwrap();
+    let (response, mut body) = send
+        .send_request(grpc_request("FetchX509SVID"), false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let _unread = response.await.unwrap();
+    let _half_open = send
+        .send_request(grpc_request("FetchJWTSVID"), false)
+        .unwrap();
+    // The agent stops anyway, and closes the connection on its side.
+    tokio::time::timeout(PATIENCE, agent.stop())
+        .await
+        .expect("the agent stops despite the client");
+    tokio::time::timeout(PATIENCE, driver)
+        .await
+        .expect("the agent closed the connection")
+        .unwrap();
 }
 
 #[tokio::test]
@@ -540,6 +577,18 @@ async fn a_symlinked_socket_path_is_refused_at_start() {
 #[tokio::test]
 async fn a_replaced_socket_path_fails_readiness_and_is_not_removed_at_stop() {
     let agent = TestAgent::start(&entry_for_me("svc", "main")).await;
+    // A chmod or chown of the socket is no replacement.
+    std::fs::set_permissions(
+        &agent.socket,
+        std::os::unix::fs::PermissionsExt::from_mode(0o775),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(&agent.socket, None, Some(0)).unwrap();
+    assert!(
+        agent.running().readiness_problems().is_empty(),
+        "{:?}",
+        agent.running().readiness_problems()
+    );
     // Someone replaces the socket path with their own socket.
     std::fs::remove_file(&agent.socket).unwrap();
     let _theirs = UnixListener::bind(&agent.socket).unwrap();

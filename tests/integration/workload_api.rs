@@ -463,10 +463,12 @@ async fn successive_renewals_leave_no_gap_in_validity() {
         };
         let (_, old) = X509Certificate::from_der(&leaf).unwrap();
         let (_, new) = X509Certificate::from_der(&next).unwrap();
+        // Issued (not before plus the 10 s backdating) before the last
+        // one expired.
+        let issued = new.validity().not_before.timestamp() + 10;
         assert!(
-            new.validity().not_before <= old.validity().not_after,
-            "renewed at {} after the last SVID expired at {}",
-            new.validity().not_before,
+            issued <= old.validity().not_after.timestamp(),
+            "renewed at {issued} after the last SVID expired at {}",
             old.validity().not_after
         );
         leaf = next;
