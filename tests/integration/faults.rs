@@ -100,6 +100,27 @@ impl Layout {
     }
 }
 
+/// The `spiffe` crate's client on `socket`.
+async fn workload(socket: &Path) -> spiffe::WorkloadApiClient {
+    spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+        .await
+        .unwrap()
+}
+
+/// The agent's answer to ValidateTaskToken for `token` and [`AUDIENCE`].
+async fn task_token_answer(socket: &Path, token: &str) -> task_pb::ValidateTaskTokenResponse {
+    task_client(socket)
+        .await
+        .validate_task_token(task_pb::ValidateTaskTokenRequest {
+            token: token.into(),
+            audience: AUDIENCE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn begin(intent: &str) -> task_pb::BeginTaskRequest {
     task_pb::BeginTaskRequest {
         audience: AUDIENCE.into(),
@@ -223,17 +244,8 @@ async fn kill_9_under_load_loses_nothing_acknowledged_and_streams_resume() {
     }
     // Every acknowledged end is a revocation that held: the tokens are
     // refused, and the trail records each end.
-    let mut tasks = task_client(&layout.socket).await;
     for (task, token) in &seen.ended {
-        let answer = tasks
-            .validate_task_token(task_pb::ValidateTaskTokenRequest {
-                token: token.clone(),
-                audience: AUDIENCE.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let answer = task_token_answer(&layout.socket, token).await;
         assert!(!answer.valid, "task {task} ended, yet its token is valid");
         assert_eq!(claims_of(token)["txn"], task.as_str());
     }
@@ -500,9 +512,7 @@ impl Drop for Ext4Loop {
 /// Waits until a FetchJWTSVID and a BeginTask are both refused, and
 /// returns the refusals' messages.
 async fn issuance_refused(socket: &Path) -> Vec<String> {
-    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
-        .await
-        .unwrap();
+    let client = workload(socket).await;
     let mut tasks = task_client(socket).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let mut refusals = Vec::new();
@@ -534,9 +544,7 @@ async fn issuance_refused(socket: &Path) -> Vec<String> {
 
 /// Waits until issuance works again.
 async fn issuance_back(socket: &Path) {
-    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
-        .await
-        .unwrap();
+    let client = workload(socket).await;
     let mut tasks = task_client(socket).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -556,20 +564,12 @@ async fn issuance_back(socket: &Path) {
 /// Validation answers as before: the JWT-SVID and the task token issued
 /// while the disk was fine still validate.
 async fn validation_works(socket: &Path, jwt: &str, task_token: &str) {
-    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+    workload(socket)
+        .await
+        .validate_jwt_token("validator", jwt)
         .await
         .unwrap();
-    client.validate_jwt_token("validator", jwt).await.unwrap();
-    let answer = task_client(socket)
-        .await
-        .validate_task_token(task_pb::ValidateTaskTokenRequest {
-            token: task_token.into(),
-            audience: AUDIENCE.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = task_token_answer(socket, task_token).await;
     assert!(answer.valid, "{}", answer.reason);
 }
 
@@ -583,9 +583,7 @@ async fn agent_with_tokens(tmp: &Path) -> (tether::daemon::Running, PathBuf, Str
     );
     let running = common::start_in(tmp, &extra).await.unwrap();
     let socket = running.socket_path().to_owned();
-    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
-        .await
-        .unwrap();
+    let client = workload(&socket).await;
     let jwt = client
         .fetch_jwt_svid(&["validator"], None)
         .await
@@ -748,10 +746,7 @@ async fn the_wall_clock_stepping_forward_and_back_gets_fresh_svids_and_honest_va
     let (ahead_not_before, _) =
         svid_where(&mut stream, |not_before, _| not_before > first_not_after).await;
     assert!(ahead_not_before > unix_now() + 3600);
-    let client =
-        spiffe::WorkloadApiClient::connect_to(format!("unix://{}", layout.socket.display()))
-            .await
-            .unwrap();
+    let client = workload(&layout.socket).await;
     let jwt = client
         .fetch_jwt_svid(&["validator"], None)
         .await
