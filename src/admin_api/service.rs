@@ -360,6 +360,8 @@ impl Admin for AdminApi {
                     "reload refused, the running config stays: {reason}"
                 ))
             })?;
+        // The reload's entry changes and policy record are in the trail.
+        gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(pb::ReloadResponse {
             config_entries: u32::try_from(outcome.config_entries).unwrap_or(u32::MAX),
             federations: u32::try_from(outcome.federations).unwrap_or(u32::MAX),
