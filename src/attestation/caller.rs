@@ -36,6 +36,10 @@ const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Set once we have warned that the kernel lacks `SO_PEERPIDFD`.
 static WARNED_NO_PEER_PIDFD: AtomicBool = AtomicBool::new(false);
 
+/// A process as the kernel names it for good: pid and start time (a pid
+/// reused by a new process has another start time).
+pub type ProcessKey = (i32, u64);
+
 /// The peer of a Unix socket connection as the kernel reported it at connect time.
 ///
 /// Cheap to clone: clones share one pidfd.
@@ -163,6 +167,11 @@ impl Caller {
     /// since boot): with the PID, it names one process for good.
     pub fn start_time(&self) -> u64 {
         self.start_time
+    }
+
+    /// The process as the kernel names it for good: pid and start time.
+    pub fn key(&self) -> ProcessKey {
+        (self.pid(), self.start_time)
     }
 
     /// The effective uid at `connect()` (`SO_PEERCRED`).

@@ -33,7 +33,7 @@ pub mod k8s;
 pub mod procfs;
 mod unix;
 
-pub use caller::Caller;
+pub use caller::{Caller, ProcessKey};
 pub use procfs::ProcfsError;
 
 use procfs::{FileKey, ProcStatus};

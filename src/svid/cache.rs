@@ -23,8 +23,7 @@ use spiffe::SpiffeId;
 use super::x509::X509Svid;
 use crate::registration::{EntryId, EntrySet};
 
-/// A process, by pid and start time.
-pub type ProcessKey = (i32, u64);
+pub use crate::attestation::ProcessKey;
 
 /// An entry, the ID it resolved to, and for process-bound entries the
 /// process: one SVID each.

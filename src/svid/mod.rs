@@ -188,10 +188,7 @@ impl SvidIssuer {
     /// about to hand it out, so it counts as in use. For a process-bound
     /// entry the SVID is `caller`'s own, revoked when it exits.
     pub fn x509_svid(&self, matched: &Match, caller: &Caller) -> Result<Arc<X509Svid>, SvidError> {
-        let process = matched
-            .entry
-            .process_bound
-            .then(|| (caller.pid(), caller.start_time()));
+        let process = matched.entry.process_bound.then(|| caller.key());
         let svid = self.current_or_issue(matched, process, caller)?;
         if let Some(process) = process {
             self.revocations.watch(process, caller);

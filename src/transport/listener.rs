@@ -24,8 +24,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use super::authority::AuthorityFix;
-use super::slots::{ProcessKey, ProcessSlots, Slot};
-use crate::attestation::{AttestationError, Caller};
+use super::slots::{ProcessSlots, Slot};
+use crate::attestation::{AttestationError, Caller, ProcessKey};
 
 /// Pause after an accept failure such as EMFILE, so a full fd table does
 /// not turn the accept loop into a busy loop.
@@ -240,7 +240,7 @@ pub fn incoming(
                 Ok((stream, _)) => {
                     let peer = PeerInfo(Caller::from_stream(&stream).map_err(Arc::new));
                     let key = match &peer.0 {
-                        Ok(caller) => (caller.pid(), caller.start_time()),
+                        Ok(caller) => caller.key(),
                         Err(error) => {
                             tracing::debug!(%error, "could not identify a connecting process");
                             UNIDENTIFIED

@@ -14,10 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tonic::Status;
 
-use crate::attestation::Caller;
-
-/// A process as the kernel knows it: pid and start time.
-pub type ProcessKey = (i32, u64);
+use crate::attestation::{Caller, ProcessKey};
 
 /// Counts what each process holds against one limit. Cheap to clone;
 /// clones share counts.
@@ -125,7 +122,7 @@ impl StreamSlots {
     /// the process already holds its limit.
     pub fn take(&self, caller: &Caller) -> Result<Slot, Status> {
         self.0
-            .take((caller.pid(), caller.start_time()))
+            .take(caller.key())
             .map_err(|e| Status::resource_exhausted(format!("too many open streams: {e}")))
     }
 }

@@ -124,7 +124,7 @@ impl WorkloadApi {
         if !self.tasks.has_scopes() {
             return Ok(None);
         }
-        let mut chain = vec![(caller.pid(), caller.start_time())];
+        let mut chain = vec![caller.key()];
         chain.extend(self.attestor.lineage(caller).await);
         let Some(task) = self.tasks.scope_of(&chain) else {
             return Ok(None);
