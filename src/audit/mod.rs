@@ -223,7 +223,7 @@ pub enum AuditUnavailable {
     Stopped,
     /// The writer took the record but has not written it in time: it is
     /// stuck (a hung disk, a stdout nobody reads).
-    #[error("the audit record was not written within {waited:?}: the audit writer is stalled")]
+    #[error("the audit writer is stalled (nothing written within {waited:?})")]
     Stalled {
         /// How long the caller waited.
         waited: Duration,
@@ -257,10 +257,9 @@ struct Shared {
     /// the kernel: they survive the agent's crash). Also pinged when the
     /// writer fails or stops, so waiters look again.
     written: watch::Sender<u64>,
-    /// Since when records have waited to be written with none written
-    /// (reset when one is, or when the first is queued into an empty
-    /// queue): how long the writer has been stuck.
-    waiting_since: Mutex<std::time::Instant>,
+    /// Set when a caller gave up waiting for its record ([`WRITE_WAIT`]),
+    /// cleared when the writer writes again: health's "stalled".
+    stalled: AtomicBool,
 }
 
 /// What handles send the writer.
@@ -344,7 +343,7 @@ impl AuditLog {
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             written: watch::Sender::new(0),
-            waiting_since: Mutex::new(std::time::Instant::now()),
+            stalled: AtomicBool::new(false),
         });
         let writer = AuditWriter::open(dir, config, rx, Arc::clone(&shared))?;
         let queued = Arc::default();
@@ -365,10 +364,6 @@ impl AuditLog {
             body: event.to_body(),
         };
         let mut count = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
-        if *self.shared.written.borrow() >= *count {
-            // Nothing was waiting: the stall clock starts now.
-            self.shared.progressed();
-        }
         self.tx
             .try_send(Message::Record(queued))
             .map_err(|error| match error {
@@ -387,9 +382,11 @@ impl AuditLog {
     /// `Err` when the writer fails or stops first: the caller then hands
     /// out nothing, as if recording had been refused.
     pub async fn written(&self) -> Result<(), AuditUnavailable> {
-        tokio::time::timeout(WRITE_WAIT, self.written_unbounded())
-            .await
-            .unwrap_or(Err(AuditUnavailable::Stalled { waited: WRITE_WAIT }))
+        let waited = tokio::time::timeout(WRITE_WAIT, self.written_unbounded()).await;
+        waited.unwrap_or_else(|_| {
+            self.shared.stalled.store(true, Ordering::Release);
+            Err(AuditUnavailable::Stalled { waited: WRITE_WAIT })
+        })
     }
 
     async fn written_unbounded(&self) -> Result<(), AuditUnavailable> {
@@ -414,22 +411,15 @@ impl AuditLog {
     /// the queue is full; the writer stopped or is stalled), or `None` when
     /// healthy. For health checks.
     pub fn problem(&self) -> Option<String> {
-        let waiting = self
-            .queued
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .saturating_sub(*self.shared.written.borrow());
-        let stuck = self
-            .shared
-            .waiting_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .elapsed();
-        if waiting > 0 && stuck > WRITE_WAIT && self.shared.failure().is_none() {
+        if self.shared.stalled.load(Ordering::Acquire) && self.shared.failure().is_none() {
+            let waiting = self
+                .queued
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .saturating_sub(*self.shared.written.borrow());
             return Some(format!(
-                "the audit writer is stalled: {waiting} records wait, none written for {}s \
-                 (a hung disk, or a stdout nobody reads); issuance is refused",
-                stuck.as_secs()
+                "the audit writer is stalled: {waiting} records wait to be written \
+                 (a hung disk, or a stdout nobody reads); issuance is refused"
             ));
         }
         if let Some(source) = self.shared.failure() {
@@ -510,16 +500,8 @@ impl Shared {
             newer
         });
         if newer {
-            self.progressed();
+            self.stalled.store(false, Ordering::Release);
         }
-    }
-
-    /// The writer moved (or had nothing to do): restarts the stall clock.
-    fn progressed(&self) {
-        *self
-            .waiting_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = std::time::Instant::now();
     }
 }
 

@@ -304,7 +304,7 @@ impl WorkloadApi {
                 let _held = (open, slot);
                 let cancel = this.jobs.cancel.clone();
                 let mut last = first.clone();
-                if !this.recorded(&tx, &cancel).await {
+                if !this.recorded(interest, &tx, &cancel).await {
                     return;
                 }
                 sent(&first);
@@ -338,7 +338,7 @@ impl WorkloadApi {
                             }
                             last = state.clone();
                             tracing::debug!("pushing an update");
-                            if !this.recorded(&tx, &cancel).await {
+                            if !this.recorded(interest, &tx, &cancel).await {
                                 return;
                             }
                             sent(&state);
@@ -361,12 +361,17 @@ impl WorkloadApi {
 
     /// Whether what the state about to be sent recorded is in the audit
     /// trail; if it cannot be, the stream gets Unavailable instead, and
-    /// ends.
+    /// ends. A state that holds no SVIDs (`interest` is none: bundles)
+    /// issued nothing, and waits for nothing.
     async fn recorded<T>(
         &self,
+        interest: Interest,
         tx: &mpsc::Sender<Result<T, Status>>,
         cancel: &CancellationToken,
     ) -> bool {
+        if interest == Interest::NONE {
+            return true;
+        }
         match gate::recorded(self.tasks.audit()).await {
             Ok(()) => true,
             Err(status) => {
