@@ -600,15 +600,7 @@ async fn kill_9_during_a_burst_of_writes_loses_no_acknowledged_entry() {
 
     let mut agent = start();
     let mut admin = wait_for_admin().await;
-    let stored: std::collections::HashSet<String> = admin
-        .list_entries(pb::ListEntriesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let stored = common::entry_ids(&mut admin).await;
     for id in &acknowledged {
         assert!(
             stored.contains(id),

@@ -107,6 +107,16 @@ async fn workload(socket: &Path) -> spiffe::WorkloadApiClient {
         .unwrap()
 }
 
+/// A JWT-SVID for audience `validator`.
+async fn validator_jwt(client: &spiffe::WorkloadApiClient) -> String {
+    client
+        .fetch_jwt_svid(&["validator"], None)
+        .await
+        .unwrap()
+        .token()
+        .to_owned()
+}
+
 /// The agent's answer to ValidateTaskToken for `token` and [`AUDIENCE`].
 async fn task_token_answer(socket: &Path, token: &str) -> task_pb::ValidateTaskTokenResponse {
     task_client(socket)
@@ -226,16 +236,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged_and_streams_resume() {
     let mut agent = layout.start();
     layout.serving().await;
     // Every acknowledged entry is there.
-    let listed: std::collections::HashSet<String> = admin_client(&layout.admin)
-        .await
-        .list_entries(admin_pb::ListEntriesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let listed = common::entry_ids(&mut admin_client(&layout.admin).await).await;
     for id in &seen.entries {
         assert!(
             listed.contains(id),
@@ -584,12 +585,7 @@ async fn agent_with_tokens(tmp: &Path) -> (tether::daemon::Running, PathBuf, Str
     let running = common::start_in(tmp, &extra).await.unwrap();
     let socket = running.socket_path().to_owned();
     let client = workload(&socket).await;
-    let jwt = client
-        .fetch_jwt_svid(&["validator"], None)
-        .await
-        .unwrap()
-        .token()
-        .to_owned();
+    let jwt = validator_jwt(&client).await;
     let task_token = task_client(&socket)
         .await
         .begin_task(begin("before"))
@@ -747,12 +743,7 @@ async fn the_wall_clock_stepping_forward_and_back_gets_fresh_svids_and_honest_va
         svid_where(&mut stream, |not_before, _| not_before > first_not_after).await;
     assert!(ahead_not_before > unix_now() + 3600);
     let client = workload(&layout.socket).await;
-    let jwt = client
-        .fetch_jwt_svid(&["validator"], None)
-        .await
-        .unwrap()
-        .token()
-        .to_owned();
+    let jwt = validator_jwt(&client).await;
     client.validate_jwt_token("validator", &jwt).await.unwrap();
 
     // And back: the SVID held is not valid yet by anyone's clock; a fresh
@@ -772,12 +763,7 @@ async fn the_wall_clock_stepping_forward_and_back_gets_fresh_svids_and_honest_va
         "{refused}"
     );
     // Issuance and validation go on at the restored time.
-    let jwt = client
-        .fetch_jwt_svid(&["validator"], None)
-        .await
-        .unwrap()
-        .token()
-        .to_owned();
+    let jwt = validator_jwt(&client).await;
     client.validate_jwt_token("validator", &jwt).await.unwrap();
     stop(agent).await;
 }

@@ -272,6 +272,19 @@ impl TestAgent {
     }
 }
 
+/// The ids of every entry the admin API lists.
+pub async fn entry_ids(admin: &mut AdminClient) -> std::collections::HashSet<String> {
+    admin
+        .list_entries(tether::proto::admin::ListEntriesRequest::default())
+        .await
+        .expect("ListEntries")
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
 /// An admin API entry spec.
 pub fn spec(spiffe_id: &str, selectors: &[&str]) -> tether::proto::admin::EntrySpec {
     tether::proto::admin::EntrySpec {
