@@ -1,13 +1,7 @@
-//! An audit segment as `tether audit verify` reads it: lines, hashes, the
-//! chain between them, a torn tail. A trail can be tampered with; the
-//! verifier must say so, never crash.
+//! `cargo fuzz run audit_lines`: the harness in `fuzz/harness/audit_lines.rs` under libFuzzer.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
+#[path = "../harness/audit_lines.rs"]
+mod harness;
 
-fuzz_target!(|data: &[u8]| {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    std::fs::write(dir.path().join("audit-000001.jsonl"), data).expect("a segment");
-    let _ = tether::audit::verify(dir.path());
-    let _ = tether::audit::read(dir.path(), &tether::audit::ReadFilter::default());
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::run(data));

@@ -1,17 +1,7 @@
-//! SPIFFE bundle files (JWKS with `x509-svid` and `jwt-svid` keys), as
-//! federation and the upstream CA load them.
+//! `cargo fuzz run bundle`: the harness in `fuzz/harness/bundle.rs` under libFuzzer.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use spiffe::TrustDomain;
-use tether::bundle::TrustBundle;
+#[path = "../harness/bundle.rs"]
+mod harness;
 
-fuzz_target!(|data: &[u8]| {
-    let td = TrustDomain::new("example.org").expect("a trust domain");
-    if let Ok(bundle) = TrustBundle::from_spiffe_json(td, data) {
-        // What was accepted must survive the agent's own encodings.
-        let _ = bundle.to_spiffe_json();
-        let _ = bundle.jwks_json();
-        let _ = bundle.x509_der();
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::run(data));

@@ -1,11 +1,7 @@
-//! `/proc/<pid>/cgroup` as the Kubernetes attestor reads it. A process
-//! can shape its cgroup path (a systemd unit name, a nested runtime).
+//! `cargo fuzz run cgroup`: the harness in `fuzz/harness/cgroup.rs` under libFuzzer.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
+#[path = "../harness/cgroup.rs"]
+mod harness;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = tether::attestation::k8s::pod_container(text);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::run(data));

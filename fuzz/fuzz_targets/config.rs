@@ -1,12 +1,7 @@
-//! The agent's configuration file (TOML), through the same loader as
-//! `tether run --config`: parse, defaults, validation of every key.
+//! `cargo fuzz run config`: the harness in `fuzz/harness/config.rs` under libFuzzer.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use tether::config::{Config, MapEnv};
+#[path = "../harness/config.rs"]
+mod harness;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = Config::from_toml(text, &MapEnv::default());
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::run(data));

@@ -1,22 +1,7 @@
-//! The kubelet's `/pods` answer, into the Kubernetes types and then into
-//! selectors, for every pod and container it lists.
+//! `cargo fuzz run pod_list`: the harness in `fuzz/harness/pod_list.rs` under libFuzzer.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use tether::attestation::k8s::{parse_pods, selectors_of};
+#[path = "../harness/pod_list.rs"]
+mod harness;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(pods) = parse_pods(data) else {
-        return;
-    };
-    for pod in &pods.items {
-        let _ = selectors_of(pod, None);
-        let statuses = pod
-            .status
-            .iter()
-            .flat_map(|s| s.container_statuses.iter().flatten());
-        for status in statuses {
-            let _ = selectors_of(pod, status.container_id.as_deref());
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::run(data));

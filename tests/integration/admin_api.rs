@@ -417,14 +417,9 @@ async fn child_admin_call() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (a client under another uid): scripts/test runs it"]
 async fn only_root_and_admin_uids_may_call_even_when_the_socket_lets_them_connect() {
-    if uid() != 0 {
-        eprintln!(
-            "skipped: needs root to run a client as another uid (running as uid {})",
-            uid()
-        );
-        return;
-    }
+    common::require_root("running a client as another uid");
     // The socket is group nogroup (65534), mode 0660: uid 65534 can connect,
     // and the uid check is what stands.
     for (uids, want) in [

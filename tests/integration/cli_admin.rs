@@ -592,14 +592,9 @@ async fn healthcheck_exits_69_naming_a_dead_socket() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (the CLI under another uid): scripts/test runs it"]
 async fn other_uids_are_refused_by_the_agent_or_by_the_socket() {
-    if uid() != 0 {
-        eprintln!(
-            "skipped: needs root to run the CLI as another uid (running as uid {})",
-            uid()
-        );
-        return;
-    }
+    common::require_root("running the CLI as another uid");
     // The socket lets group 65534 connect (0660); the agent's uid check
     // refuses: 77 with the agent's message.
     let agent = TestAgent::start("admin_group = \"65534\"\n").await;

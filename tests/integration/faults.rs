@@ -1,10 +1,11 @@
 //! Faults the agent brings on itself or meets on the node, injected for
 //! real: kill -9 under load, a corrupted store or key file, a data dir
 //! that fills up (a small tmpfs) or that the kernel turns read-only (ext4
-//! on a loop file), both mounted here when the test runs as root and
-//! skipped with the reason otherwise, and the wall clock stepping forward
-//! and back (libfaketime under the agent; skipped with the reason when it
-//! is not installed). A kubelet that is down or silent is in
+//! on a loop file), both mounted here, and the wall clock stepping forward
+//! and back (libfaketime under the agent). The disk tests need root and
+//! the clock test libfaketime: they are ignored by a plain `cargo nextest
+//! run` and run by `scripts/test`, where a missing prerequisite fails
+//! them with the reason. A kubelet that is down or silent is in
 //! `k8s_attestor`.
 
 use crate::common;
@@ -612,15 +613,10 @@ async fn unhealthy(running: &tether::daemon::Running) -> Vec<String> {
 }
 
 #[tokio::test]
+#[ignore = "needs root (mounts a tmpfs): scripts/test runs it"]
 async fn a_full_data_dir_fails_issuance_closed_says_why_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = match Tmpfs::mount(&tmp.path().join("data"), "16m") {
-        Ok(data) => data,
-        Err(reason) => {
-            println!("skipped: {reason}");
-            return;
-        }
-    };
+    let data = common::prerequisite(Tmpfs::mount(&tmp.path().join("data"), "16m"));
     let (running, socket, jwt, task_token) = agent_with_tokens(tmp.path()).await;
     let filler = data.fill();
     let refusals = issuance_refused(&socket).await;
@@ -646,15 +642,13 @@ async fn a_full_data_dir_fails_issuance_closed_says_why_and_recovers() {
 }
 
 #[tokio::test]
+#[ignore = "needs root, mkfs.ext4 and a loop device: scripts/test runs it"]
 async fn a_data_dir_turned_read_only_fails_issuance_closed_and_says_why() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = match Ext4Loop::mount(&tmp.path().join("data.img"), &tmp.path().join("data")) {
-        Ok(data) => data,
-        Err(reason) => {
-            println!("skipped: {reason}");
-            return;
-        }
-    };
+    let data = common::prerequisite(Ext4Loop::mount(
+        &tmp.path().join("data.img"),
+        &tmp.path().join("data"),
+    ));
     let (running, socket, jwt, task_token) = agent_with_tokens(tmp.path()).await;
     data.fail();
     let refusals = issuance_refused(&socket).await;
@@ -710,11 +704,12 @@ fn unix_now() -> i64 {
 }
 
 #[tokio::test]
+#[ignore = "needs libfaketime (apt-get install faketime): scripts/test runs it"]
 async fn the_wall_clock_stepping_forward_and_back_gets_fresh_svids_and_honest_validation() {
-    if !Path::new(LIBFAKETIME).exists() {
-        println!("skipped: libfaketime is not installed ({LIBFAKETIME}; apt-get install faketime)");
-        return;
-    }
+    assert!(
+        Path::new(LIBFAKETIME).exists(),
+        "prerequisite missing: libfaketime is not installed ({LIBFAKETIME}; apt-get install faketime)"
+    );
     let dir = tempfile::tempdir().unwrap();
     let layout = Layout::new(dir.path());
     // The agent's wall clock is real time plus what this file says; its

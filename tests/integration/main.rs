@@ -24,6 +24,7 @@ mod cli_api;
 mod cli_task;
 mod daemon;
 mod faults;
+mod fuzz_seeds;
 mod hostile;
 mod http_endpoint;
 mod k8s_attestor;

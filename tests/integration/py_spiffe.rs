@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::process::Command;
 
-use common::{TestAgent, entry_for_me, uid};
+use common::{TestAgent, entry_for_me};
 
 fn python() -> String {
     std::env::var("TETHER_TEST_PYTHON").expect(
@@ -50,15 +50,9 @@ async fn py_spiffe_fetches_and_validates() {
 }
 
 #[tokio::test]
-#[ignore = "needs a venv with py-spiffe: run scripts/test"]
+#[ignore = "needs a venv with py-spiffe, and root: scripts/test runs it"]
 async fn py_spiffe_under_an_unregistered_uid_is_denied() {
-    if uid() != 0 {
-        eprintln!(
-            "skipped: spawning a client under another uid needs root (this test runs as uid {})",
-            uid()
-        );
-        return;
-    }
+    common::require_root("spawning a client under another uid");
     let agent = TestAgent::start(&entry_for_me("root-only", "root")).await;
     // The nobody user must be able to reach the socket: attestation, not
     // file permissions, is what refuses it.

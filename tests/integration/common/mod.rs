@@ -23,6 +23,28 @@ pub fn uid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
+// Prerequisites. A test that needs something of the machine beyond the
+// suite's own parts (root, a system package) is `#[ignore = "needs …:
+// scripts/test runs it"]`, so a plain `cargo nextest run` lists it as
+// skipped; `scripts/test` and CI run it with `--run-ignored all`, and there
+// a missing prerequisite fails it with the reason. No test passes without
+// having run its body.
+
+/// Fails the test, naming what needs root, unless it runs as root.
+pub fn require_root(what: &str) {
+    assert_eq!(
+        uid(),
+        0,
+        "prerequisite missing: {what} needs root (running as uid {})",
+        uid()
+    );
+}
+
+/// The value, or a failure that names the missing prerequisite.
+pub fn prerequisite<T>(ready: Result<T, String>) -> T {
+    ready.unwrap_or_else(|reason| panic!("prerequisite missing: {reason}"))
+}
+
 /// A running agent and the directory it lives in.
 pub struct TestAgent {
     pub running: Option<Running>,
