@@ -8,6 +8,8 @@
 //!
 //! # Codemap, in layer order (a module uses only modules above it)
 //!
+//! - [`trusted_fs`]: the rules for every directory and file the agent
+//!   trusts (its own or root's, nobody else's to change, no symlinks).
 //! - [`proto`], [`telemetry`], [`bundle`], [`store`], [`audit`]: leaves.
 //!   Generated gRPC code; logging, metrics and the HTTP endpoint; trust bundles as values and their three
 //!   encodings; the SQLite database in the data dir; the tamper-evident
@@ -44,6 +46,7 @@ pub mod bundle;
 pub mod proto;
 pub mod store;
 pub mod telemetry;
+pub mod trusted_fs;
 
 pub mod attestation;
 pub mod authority;

@@ -41,15 +41,23 @@ pub struct AdminApiConfig {
     pub gid: Option<u32>,
 }
 
-/// Binds the admin socket: 0600, or 0660 owned by the configured group.
+/// Binds the admin socket: 0600 in a 0700 directory, or 0660 owned by the
+/// configured group in a 0755 one (its members must reach it).
 pub fn bind(config: &AdminApiConfig) -> Result<BoundSocket, transport::BindError> {
-    let mode = if config.gid.is_some() { 0o660 } else { 0o600 };
-    let socket = BoundSocket::bind(&config.socket_path, mode)?;
+    let (dir_mode, mode) = if config.gid.is_some() {
+        (0o755, 0o660)
+    } else {
+        (0o700, 0o600)
+    };
+    let socket = BoundSocket::bind(&config.socket_path, dir_mode, mode)?;
     if let Some(gid) = config.gid {
-        nix::unistd::chown(
+        // The socket itself, never what a symlink in its place leads to.
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
             &config.socket_path,
             None,
             Some(nix::unistd::Gid::from_raw(gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .map_err(|errno| transport::BindError::Io {
             path: config.socket_path.clone(),

@@ -148,8 +148,16 @@ impl UnixAttestor {
             }
             exe_key = Some(key);
             match path.to_str() {
-                Some(text) if path.is_absolute() => {
+                // The link names the file in the caller's own mount
+                // namespace, which the caller may have made (`unshare -m`,
+                // a container) to put any file at any path: only a path
+                // that leads, in the agent's namespace, to the very file
+                // the process runs is a fact.
+                Some(text) if path.is_absolute() && names_here(&path, &key) => {
                     selectors.insert(unix("path", &text));
+                }
+                Some(_) if path.is_absolute() => {
+                    tracing::debug!(pid, path = %path.display(), "the executable's path leads elsewhere in the agent's mount namespace (another namespace: a container, unshare); no unix:path selector")
                 }
                 // A lossy rendering could collide with a real path; no
                 // selector is the safe answer.
@@ -246,6 +254,12 @@ impl UnixAttestor {
     pub(crate) fn cache_len(&self) -> usize {
         self.hashes.lock().len()
     }
+}
+
+/// Whether `path`, looked up in the agent's own mount namespace, is the
+/// file `key` was taken from (same device and inode).
+fn names_here(path: &Path, key: &FileKey) -> bool {
+    std::fs::metadata(path).is_ok_and(|meta| FileKey::of(&meta).same_file(key))
 }
 
 /// Which NSS database a name comes from.

@@ -104,6 +104,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::trusted_fs::TrustedFsError;
+
 pub use event::{AuditEvent, AuditRecord, Decision, EventKind};
 pub use files::MAX_LINE;
 pub use read::{AuditReader, ReadFilter, read};
@@ -159,21 +161,10 @@ pub enum AuditError {
         /// What is wrong.
         problem: String,
     },
-    /// The path exists and is not a directory.
-    #[error("{}: not a directory", .0.display())]
-    NotADirectory(PathBuf),
-    /// Group or others may write the directory, so they could rewrite the
-    /// trail.
-    #[error(
-        "{} has mode {mode:04o}; the audit directory must be writable by its owner only (chmod 700)",
-        .path.display()
-    )]
-    Permissive {
-        /// The directory.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
+    /// The directory is someone else's, a symlink, writable by others or
+    /// under a directory that is: they could rewrite the trail.
+    #[error(transparent)]
+    Untrusted(#[from] TrustedFsError),
     /// Another writer holds the directory: two chains would interleave.
     #[error("{} is in use by another tether agent ({source})", .path.display())]
     Locked {

@@ -745,13 +745,18 @@ async fn opening_refuses_what_it_cannot_own() {
         );
     }
 
-    // Writable by others.
+    // Writable by others, and not empty (an empty one of its own it would
+    // make private, as a Kubernetes emptyDir).
     let open = tmp.path().join("open");
     fs::create_dir(&open).unwrap();
+    fs::write(open.join("planted"), "").unwrap();
     fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
     let error = AuditLog::open(&open, &config()).unwrap_err();
     assert!(
-        matches!(error, AuditError::Permissive { mode: 0o777, .. }),
+        matches!(
+            error,
+            AuditError::Untrusted(TrustedFsError::Mode { mode: 0o777, .. })
+        ),
         "{error}"
     );
 

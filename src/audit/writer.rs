@@ -9,9 +9,9 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -25,6 +25,7 @@ use super::event::{AuditEvent, Decision, EventKind, envelope};
 use super::files::{Hash, Head, LOCK_FILE, segment_name, sync_dir, write_head};
 use super::recovery::{Recovered, recover};
 use super::{AuditConfig, AuditError, Message, Queued, Shared, io_error};
+use crate::trusted_fs;
 
 /// How long a failed write waits before it is tried again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -542,25 +543,11 @@ impl Disk {
     }
 }
 
-/// Creates the directory (0700) if missing, refuses one others may write,
-/// and takes the writer's lock.
+/// Creates the directory (0700) if missing, refuses one that is not
+/// trusted (someone else's, a symlink, writable by others, or under such a
+/// directory), and takes the writer's lock.
 fn prepare_dir(dir: &Path) -> Result<Flock<File>, AuditError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_error(dir))?;
-    let meta = fs::metadata(dir).map_err(io_error(dir))?;
-    if !meta.is_dir() {
-        return Err(AuditError::NotADirectory(dir.to_owned()));
-    }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(AuditError::Permissive {
-            path: dir.to_owned(),
-            mode,
-        });
-    }
+    trusted_fs::dir(dir, 0o700)?;
     // Refuse to start rather than fail at the first write: a read-only
     // mount (which stops root too) or a directory this user cannot write.
     nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK)

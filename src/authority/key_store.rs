@@ -2,7 +2,9 @@
 //! (temp file, fsync, rename, fsync the directory), and refused on read when
 //! anyone but the owner could read them.
 //!
-//! tether's own files are opened with `O_NOFOLLOW`. Files the operator
+//! tether's own files are opened with `O_NOFOLLOW`, in directories only the
+//! agent (or root) can change, and each must be owned by the agent or root
+//! ([`crate::trusted_fs`]): a key someone else planted is refused. Files the operator
 //! mounts (the upstream CA of `[authority] kind = "disk"`) are read through
 //! symlinks, because a Kubernetes Secret volume is a farm of them
 //! (`tls.key -> ..data/tls.key`); the mode, type and size checks then apply
@@ -10,10 +12,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
+
+use crate::trusted_fs::{self, TrustedFsError};
 
 /// Largest key or state file read, in bytes: anything bigger is not ours.
 const MAX_FILE_LEN: u64 = 1024 * 1024;
@@ -47,6 +51,9 @@ pub enum KeyStoreError {
     /// Larger than any key or state file tether writes.
     #[error("{0} is larger than {MAX_FILE_LEN} bytes: not a tether file")]
     TooLarge(PathBuf),
+    /// A directory or file someone else could have prepared.
+    #[error(transparent)]
+    Untrusted(#[from] TrustedFsError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KeyStoreError + '_ {
@@ -56,10 +63,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KeyStoreError + '_ {
     }
 }
 
-/// Creates `dir` (and parents) with mode 0700 if missing.
+/// Creates `dir` (and parents) with mode 0700 if missing; an existing one
+/// must be trusted, and is narrowed to 0700.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), KeyStoreError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+    trusted_fs::dir(dir, 0o700)?;
+    Ok(trusted_fs::set_mode(dir, 0o700)?)
 }
 
 /// Writes a secret: mode 0600, all or nothing.
@@ -154,6 +162,9 @@ fn open_regular(path: &Path, links: Links) -> Result<File, KeyStoreError> {
     if meta.len() > MAX_FILE_LEN {
         return Err(KeyStoreError::TooLarge(path.to_owned()));
     }
+    // Owner and write access; whether others may read a secret is
+    // `read_secret_from`'s to say, with its own advice.
+    trusted_fs::check_file(path, &meta, false)?;
     Ok(file)
 }
 
@@ -185,6 +196,8 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyStoreErro
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
     #[test]

@@ -16,12 +16,12 @@ use thiserror::Error;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use super::EXIT_UNAVAILABLE;
 use super::channel::{
     self, CallError, DialError, MAX_MESSAGE_LEN, describe_status, io_cause, parse_timeout,
     root_cause, status_exit_code,
 };
 use super::output::Format;
+use super::{EXIT_NOPERM, EXIT_UNAVAILABLE};
 use crate::config::{EnvSource, default_admin_socket_path};
 use crate::proto::admin::{self as pb, admin_client};
 
@@ -94,6 +94,10 @@ pub enum AdminClientError {
         #[source]
         status: Status,
     },
+    /// The default admin socket's directory is someone else's or others
+    /// may write it: what answers there may not be the agent.
+    #[error("refusing the default admin socket: {0}")]
+    Untrusted(#[from] crate::trusted_fs::TrustedFsError),
     /// The async runtime could not be set up.
     #[error("setting up the runtime: {source}")]
     Runtime {
@@ -120,7 +124,7 @@ impl AdminArgs {
     }
 
     /// The admin socket to dial.
-    pub fn socket(&self, env: &dyn EnvSource) -> PathBuf {
+    pub fn socket(&self, env: &dyn EnvSource) -> Result<PathBuf, AdminClientError> {
         resolve_admin_socket(self.admin_socket.as_deref(), env)
     }
 
@@ -139,7 +143,7 @@ impl AdminArgs {
             .enable_all()
             .build()
             .map_err(|source| AdminClientError::Runtime { source })?;
-        let socket = self.socket(env);
+        let socket = self.socket(env)?;
         runtime.block_on(async {
             let client = AdminClient::connect(&socket, self.timeout).await?;
             job(client).await
@@ -155,6 +159,7 @@ impl AdminClientError {
         match self {
             Self::Connect { .. } | Self::Timeout { .. } => EXIT_UNAVAILABLE,
             Self::Status { status, .. } => status_exit_code(status.code()),
+            Self::Untrusted(_) => EXIT_NOPERM,
             Self::Runtime { .. } => 1,
         }
     }
@@ -315,14 +320,20 @@ async fn bounded<T>(
 }
 
 /// The admin socket to dial: `--admin-socket`, else `TETHER_ADMIN_SOCKET`,
-/// else the agent's default for this user.
-pub fn resolve_admin_socket(flag: Option<&Path>, env: &dyn EnvSource) -> PathBuf {
+/// else the agent's default for this user, when its directory is trusted.
+pub fn resolve_admin_socket(
+    flag: Option<&Path>,
+    env: &dyn EnvSource,
+) -> Result<PathBuf, AdminClientError> {
     if let Some(path) = flag {
-        return path.to_owned();
+        return Ok(path.to_owned());
     }
     match env.var(TETHER_ADMIN_SOCKET) {
-        Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => default_admin_socket_path(env),
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => Ok(channel::trusted_default(
+            default_admin_socket_path(env),
+            env.euid(),
+        )?),
     }
 }
 
@@ -363,7 +374,6 @@ fn connect_hint(error: &tonic::transport::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::EXIT_NOPERM;
     use crate::config::MapEnv;
 
     fn env(vars: &[(&str, &str)], euid: u32) -> MapEnv {
@@ -380,19 +390,19 @@ mod tests {
     fn admin_socket_precedence_flag_then_env_then_default() {
         let with_env = env(&[(TETHER_ADMIN_SOCKET, "/env/admin.sock")], 0);
         assert_eq!(
-            resolve_admin_socket(Some(Path::new("/flag.sock")), &with_env),
+            resolve_admin_socket(Some(Path::new("/flag.sock")), &with_env).unwrap(),
             PathBuf::from("/flag.sock")
         );
         assert_eq!(
-            resolve_admin_socket(None, &with_env),
+            resolve_admin_socket(None, &with_env).unwrap(),
             PathBuf::from("/env/admin.sock")
         );
         assert_eq!(
-            resolve_admin_socket(None, &env(&[], 0)),
+            resolve_admin_socket(None, &env(&[], 0)).unwrap(),
             PathBuf::from("/run/tether-admin/admin.sock")
         );
         assert_eq!(
-            resolve_admin_socket(None, &env(&[(TETHER_ADMIN_SOCKET, "")], 1000)),
+            resolve_admin_socket(None, &env(&[(TETHER_ADMIN_SOCKET, "")], 1000)).unwrap(),
             PathBuf::from("/tmp/tether-1000-admin/admin.sock")
         );
         assert!(parse_socket_path("").is_err());

@@ -37,7 +37,7 @@ use super::output::{
     X509SvidSummary,
 };
 use super::workload_client::{SocketError, WorkloadClient, WorkloadClientError, resolve_socket};
-use super::{EXIT_UNAVAILABLE, EXIT_USAGE, fail};
+use super::{EXIT_NOPERM, EXIT_UNAVAILABLE, EXIT_USAGE, fail};
 use crate::config::ProcessEnv;
 use crate::proto::workload as pb;
 
@@ -303,6 +303,7 @@ impl ApiError {
     /// The exit status for this failure (see `cli` for the table).
     pub fn exit_code(&self) -> u8 {
         match self {
+            Self::Socket(SocketError::Untrusted(_)) => EXIT_NOPERM,
             Self::Socket(_) => EXIT_USAGE,
             Self::Client(error) => error.exit_code(),
             Self::NoMessage { .. } => EXIT_UNAVAILABLE,

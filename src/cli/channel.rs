@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 
 use super::{EXIT_NOPERM, EXIT_UNAVAILABLE};
+use crate::trusted_fs::{self, TrustedFsError};
 
 /// Largest message accepted from the agent. tonic's default, stated here
 /// because the agent is untrusted input: a bigger message fails the call
@@ -23,6 +24,27 @@ pub const MAX_MESSAGE_LEN: usize = 4 * 1024 * 1024;
 /// tonic needs an HTTP URI to build requests; the connector ignores it and
 /// dials the socket.
 const PLACEHOLDER_URI: &str = "http://[::]:50051";
+
+/// The agent's default socket for this user, refused when its directory
+/// exists and is not trusted ([`trusted_fs::check_dir`] for `uid`): in a
+/// directory someone else owns or may write, the socket could be theirs,
+/// taking the tokens sent to it and answering what they like. A missing
+/// directory is fine: there is no agent to talk to, and dialling says so.
+pub fn trusted_default(
+    socket: std::path::PathBuf,
+    uid: u32,
+) -> Result<std::path::PathBuf, TrustedFsError> {
+    let Some(dir) = socket.parent() else {
+        return Ok(socket);
+    };
+    match trusted_fs::check_dir(dir, uid) {
+        Err(TrustedFsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(socket)
+        }
+        Err(error) => Err(error),
+        Ok(()) => Ok(socket),
+    }
+}
 
 /// Dialling a socket failed.
 #[derive(Debug)]

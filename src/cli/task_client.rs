@@ -116,6 +116,7 @@ impl TaskClientError {
     /// The exit status for this failure (see `cli` for the table).
     pub fn exit_code(&self) -> u8 {
         match self {
+            Self::Socket(SocketError::Untrusted(_)) => EXIT_NOPERM,
             Self::Socket(_) => EXIT_USAGE,
             Self::Client(error) => error.exit_code(),
             Self::NoSvidMessage => EXIT_UNAVAILABLE,

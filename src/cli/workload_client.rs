@@ -43,7 +43,7 @@ pub enum SocketOrigin {
 }
 
 /// A socket address that cannot be used.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error)]
 pub enum SocketError {
     /// A URI with a scheme other than `unix` (the agent serves only a Unix
     /// socket).
@@ -64,6 +64,10 @@ pub enum SocketError {
         /// What is wrong with it.
         problem: &'static str,
     },
+    /// The default socket's directory is someone else's or others may
+    /// write it: what answers there may not be the agent.
+    #[error("refusing the default socket: {0}")]
+    Untrusted(#[from] crate::trusted_fs::TrustedFsError),
 }
 
 /// Talking to the agent failed.
@@ -289,7 +293,7 @@ fn timed_out(after: Duration, socket: &Path) -> WorkloadClientError {
 
 /// The socket to dial: `--socket` (a path or a `unix:` URI), else
 /// `SPIFFE_ENDPOINT_SOCKET` (a `unix:` URI), else `TETHER_SOCKET_PATH`,
-/// else the agent's default for this user.
+/// else the agent's default for this user, when its directory is trusted.
 pub fn resolve_socket(flag: Option<&str>, env: &dyn EnvSource) -> Result<PathBuf, SocketError> {
     if let Some(value) = flag {
         return parse_flag(value);
@@ -300,7 +304,10 @@ pub fn resolve_socket(flag: Option<&str>, env: &dyn EnvSource) -> Result<PathBuf
     if let Some(path) = env.var(TETHER_SOCKET_PATH) {
         return Ok(PathBuf::from(path));
     }
-    Ok(default_socket_path(env))
+    Ok(channel::trusted_default(
+        default_socket_path(env),
+        env.euid(),
+    )?)
 }
 
 /// `--socket` takes a plain path (relative paths are the user's own
@@ -424,8 +431,8 @@ mod tests {
         ];
         for (value, want) in ok {
             assert_eq!(
-                resolve_socket(Some(value), &env(&[], 1000)),
-                Ok(PathBuf::from(want)),
+                resolve_socket(Some(value), &env(&[], 1000)).unwrap(),
+                PathBuf::from(want),
                 "{value}"
             );
         }
@@ -458,19 +465,25 @@ mod tests {
             1000,
         );
         assert_eq!(
-            resolve_socket(Some("/flag.sock"), &both),
-            Ok("/flag.sock".into())
+            resolve_socket(Some("/flag.sock"), &both).unwrap(),
+            PathBuf::from("/flag.sock")
         );
-        assert_eq!(resolve_socket(None, &both), Ok("/spiffe.sock".into()));
+        assert_eq!(
+            resolve_socket(None, &both).unwrap(),
+            PathBuf::from("/spiffe.sock")
+        );
         let tether = env(&[(TETHER_SOCKET_PATH, "/tether.sock")], 1000);
-        assert_eq!(resolve_socket(None, &tether), Ok("/tether.sock".into()));
         assert_eq!(
-            resolve_socket(None, &env(&[], 0)),
-            Ok("/run/tether/agent.sock".into())
+            resolve_socket(None, &tether).unwrap(),
+            PathBuf::from("/tether.sock")
         );
         assert_eq!(
-            resolve_socket(None, &env(&[], 1000)),
-            Ok("/tmp/tether-1000/agent.sock".into())
+            resolve_socket(None, &env(&[], 0)).unwrap(),
+            PathBuf::from("/run/tether/agent.sock")
+        );
+        assert_eq!(
+            resolve_socket(None, &env(&[], 1000)).unwrap(),
+            PathBuf::from("/tmp/tether-1000/agent.sock")
         );
     }
 

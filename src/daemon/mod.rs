@@ -11,7 +11,7 @@ pub mod shutdown;
 
 use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -38,6 +38,7 @@ use crate::task::Tasks;
 use crate::task_api::{self, TaskApi};
 use crate::telemetry::{self, http::Readiness};
 use crate::transport::{self, BoundSocket, Jobs, SocketIdentity, StreamSlots};
+use crate::trusted_fs;
 use crate::workload_api::{self, WorkloadApi, WorkloadApiLimits};
 pub use shutdown::Shutdown;
 
@@ -142,7 +143,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let attestor = Attestor::new(&config.attestor).context("setting up the Kubernetes attestor")?;
 
-    let mut socket = BoundSocket::bind(&config.socket_path, 0o777).with_context(|| {
+    let mut socket = BoundSocket::bind(&config.socket_path, 0o755, 0o777).with_context(|| {
         format!(
             "binding the workload socket {}",
             config.socket_path.display()
@@ -428,10 +429,12 @@ impl Running {
     }
 }
 
+/// The data dir: created 0700, or an existing one that is trusted (see
+/// [`trusted_fs`]) narrowed to 0700. Nothing in it is read before this.
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating data_dir {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("setting the mode of data_dir {}", dir.display()))
+    trusted_fs::dir(dir, 0o700)
+        .and_then(|()| trusted_fs::set_mode(dir, 0o700))
+        .with_context(|| format!("data_dir {}", dir.display()))
 }
 
 /// One agent per data dir: a second one would rotate the same keys.

@@ -53,6 +53,8 @@ use rusqlite::config::DbConfig;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use crate::trusted_fs::{self, TrustedFsError};
+
 mod migrations;
 mod rows;
 
@@ -108,6 +110,11 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// The database, or its `-wal` or `-shm` file, is someone else's, a
+    /// symlink, or writable by others: whoever wrote it could grant
+    /// themselves identities.
+    #[error(transparent)]
+    Untrusted(#[from] TrustedFsError),
     /// The database, or its `-wal` or `-shm` file, is open to others: anyone
     /// who can write it can grant themselves identities.
     #[error(
@@ -795,12 +802,9 @@ fn check_private(path: &Path, required: bool) -> Result<(), StoreError> {
             });
         }
     };
-    if !meta.file_type().is_file() {
-        return Err(StoreError::Io {
-            path: path.to_owned(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
-        });
-    }
+    // A regular file, the agent's or root's, that nobody else may write: a
+    // database someone else planted would hand them every entry.
+    trusted_fs::check_file(path, &meta, false)?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(StoreError::Permissive {
@@ -1592,7 +1596,10 @@ mod tests {
         fs::set_permissions(&wal, fs::Permissions::from_mode(0o666)).unwrap();
         assert!(matches!(
             Store::open(dir.path()),
-            Err(StoreError::Permissive { .. })
+            Err(StoreError::Untrusted(TrustedFsError::Mode {
+                mode: 0o666,
+                ..
+            }))
         ));
         fs::remove_file(&wal).unwrap();
 
@@ -1600,7 +1607,7 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), &path).unwrap();
         assert!(matches!(
             Store::open(dir.path()),
-            Err(StoreError::Io { .. })
+            Err(StoreError::Untrusted(TrustedFsError::Symlink(_)))
         ));
     }
 

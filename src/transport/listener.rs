@@ -9,7 +9,7 @@
 
 use std::future::Future as _;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,6 +26,7 @@ use tonic::transport::server::Connected;
 use super::authority::AuthorityFix;
 use super::slots::{ProcessSlots, Slot};
 use crate::attestation::{AttestationError, Caller, ProcessKey};
+use crate::trusted_fs::{self, TrustedFsError};
 
 /// Pause after an accept failure such as EMFILE, so a full fd table does
 /// not turn the accept loop into a busy loop.
@@ -64,6 +65,9 @@ pub enum BindError {
     /// The path exists and is not a socket: never delete what we did not create.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    /// The socket's directory is someone else's or others may write it.
+    #[error(transparent)]
+    Untrusted(#[from] TrustedFsError),
     /// The file system refused.
     #[error("{path}: {source}")]
     Io {
@@ -122,20 +126,21 @@ pub struct PeerStream {
 // === impl BoundSocket ===
 
 impl BoundSocket {
-    /// Binds `path` with the given mode, creating its directory (0755) and
-    /// removing a stale socket left by a crash.
-    pub fn bind(path: &Path, mode: u32) -> Result<Self, BindError> {
+    /// Binds `path` with mode `mode`, removing a stale socket left by a
+    /// crash. Its directory is created with `dir_mode` when missing; an
+    /// existing one must be trusted ([`trusted_fs::dir`]): in a directory
+    /// someone else owns or may write, they could move the socket aside and
+    /// answer in its place.
+    pub fn bind(path: &Path, dir_mode: u32, mode: u32) -> Result<Self, BindError> {
         let io_err = |source| BindError::Io {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent()
-            && !dir.exists()
-        {
-            std::fs::create_dir_all(dir).map_err(io_err)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-                .map_err(io_err)?;
-        }
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        trusted_fs::dir(dir, dir_mode)?;
         match std::fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
                 match std::os::unix::net::UnixStream::connect(path) {
@@ -152,7 +157,7 @@ impl BoundSocket {
             Err(e) => return Err(io_err(e)),
         }
         let listener = UnixListener::bind(path).map_err(io_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
+        trusted_fs::set_mode(path, mode)?;
         let meta = std::fs::symlink_metadata(path).map_err(io_err)?;
         Ok(Self {
             identity: SocketIdentity {
@@ -413,23 +418,25 @@ impl AsyncWrite for PeerStream {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
     #[tokio::test]
     async fn stale_socket_is_replaced_live_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/agent.sock");
-        let first = BoundSocket::bind(&path, 0o777).unwrap();
+        let first = BoundSocket::bind(&path, 0o755, 0o777).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o777, "world-connectable");
-        let err = BoundSocket::bind(&path, 0o777).unwrap_err();
+        let err = BoundSocket::bind(&path, 0o755, 0o777).unwrap_err();
         assert!(matches!(err, BindError::InUse(_)), "{err}");
 
         // Simulate a crash: the listener closes but the file stays.
         let mut crashed = first;
         drop(crashed.take_listener());
         std::mem::forget(crashed);
-        let second = BoundSocket::bind(&path, 0o777).unwrap();
+        let second = BoundSocket::bind(&path, 0o755, 0o777).unwrap();
         drop(second);
         assert!(!path.exists(), "unlinked on drop");
     }
@@ -440,7 +447,7 @@ mod tests {
         let file = dir.path().join("file");
         std::fs::write(&file, b"keep me").unwrap();
         assert!(matches!(
-            BoundSocket::bind(&file, 0o777),
+            BoundSocket::bind(&file, 0o755, 0o777),
             Err(BindError::NotASocket(_))
         ));
         assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
@@ -448,7 +455,7 @@ mod tests {
         let link = dir.path().join("link.sock");
         std::os::unix::fs::symlink(&file, &link).unwrap();
         assert!(matches!(
-            BoundSocket::bind(&link, 0o777),
+            BoundSocket::bind(&link, 0o755, 0o777),
             Err(BindError::NotASocket(_))
         ));
     }
@@ -457,7 +464,7 @@ mod tests {
     async fn replaced_path_is_not_unlinked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
-        let bound = BoundSocket::bind(&path, 0o777).unwrap();
+        let bound = BoundSocket::bind(&path, 0o755, 0o777).unwrap();
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"someone else's").unwrap();
         drop(bound);

@@ -21,6 +21,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "task",
         "telemetry",
         "transport",
+        "trusted_fs",
     ];
     const CONFIG: &[&str] = &[
         "admin_api",
@@ -51,21 +52,23 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "task_api",
         "telemetry",
         "transport",
+        "trusted_fs",
         "workload_api",
     ];
     BTreeMap::from([
-        // 0: leaves
+        // 0: leaves; what keeps state on disk trusts only trusted_fs's paths
+        ("trusted_fs", &[][..]),
         ("proto", &[][..]),
         ("telemetry", &[][..]),
         ("bundle", &[][..]),
-        ("store", &[][..]),
-        ("audit", &[][..]),
+        ("store", &["trusted_fs"][..]),
+        ("audit", &["trusted_fs"][..]),
         // 1: core
         // Core modules record their decisions in the audit trail (a leaf).
         ("registration", &["audit", "store"][..]),
         // Every layer records metrics (telemetry, a leaf).
         ("attestation", &["registration", "telemetry"][..]),
-        ("authority", &["bundle"][..]),
+        ("authority", &["bundle", "trusted_fs"][..]),
         ("federation", &["bundle"][..]),
         // 2: services and the shared transport
         (
@@ -95,7 +98,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ),
         (
             "transport",
-            &["attestation", "audit", "policy", "telemetry"][..],
+            &["attestation", "audit", "policy", "telemetry", "trusted_fs"][..],
         ),
         // Decisions only: policy sees registration types and nothing else.
         ("policy", &["registration"][..]),
@@ -112,7 +115,15 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             "cli",
             // `policy validate|check` run the agent's own loader and
             // evaluator offline.
-            &["audit", "config", "daemon", "policy", "proto", "telemetry"][..],
+            &[
+                "audit",
+                "config",
+                "daemon",
+                "policy",
+                "proto",
+                "telemetry",
+                "trusted_fs",
+            ][..],
         ),
     ])
 }

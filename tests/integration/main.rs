@@ -28,6 +28,7 @@ mod fuzz_seeds;
 mod hostile;
 mod http_endpoint;
 mod k8s_attestor;
+mod local_users;
 mod mcp_example;
 mod policy_audit;
 mod policy_cli;
