@@ -20,6 +20,12 @@ use super::files::{Hash, MAX_LINE};
 const ENVELOPE_MAX: usize = 160;
 /// Longest serialized event, in bytes.
 pub(super) const MAX_BODY: usize = MAX_LINE - ENVELOPE_MAX;
+/// Most bytes kept of an audience or a tool name, which any caller of the
+/// validation RPCs chooses: longer ones are cut and marked with their
+/// length and SHA-256, so a record still tells them apart without storing
+/// what a caller made up (issue 15, finding 5: four processes wrote 83 MB
+/// in 5 s through 4 KiB audiences).
+const CALLER_TEXT_MAX: usize = 256;
 /// Successive limits tried on oversized events: (bytes per text field,
 /// items per list). The last always fits: 21 strings of at most
 /// 16 + marker characters, each escaped at most sixfold.
@@ -235,6 +241,35 @@ impl AuditEvent {
     /// [`MAX_BODY`] bytes: oversized text fields and lists are cut, with a
     /// marker, never refused.
     pub(super) fn to_body(&self) -> Vec<u8> {
+        let bounded;
+        let this = if self.has_long_caller_text() {
+            bounded = self.with_caller_text_bounded();
+            &bounded
+        } else {
+            self
+        };
+        this.to_bounded_body()
+    }
+
+    /// Whether an audience or a tool is longer than [`CALLER_TEXT_MAX`].
+    fn has_long_caller_text(&self) -> bool {
+        self.audience
+            .iter()
+            .chain(&self.tools)
+            .any(|t| t.len() > CALLER_TEXT_MAX)
+    }
+
+    /// A copy with the audience and each tool cut to [`CALLER_TEXT_MAX`],
+    /// marked with the length and hash of what was cut.
+    fn with_caller_text_bounded(&self) -> AuditEvent {
+        AuditEvent {
+            audience: self.audience.as_deref().map(cut_with_hash),
+            tools: self.tools.iter().map(|t| cut_with_hash(t)).collect(),
+            ..self.clone()
+        }
+    }
+
+    fn to_bounded_body(&self) -> Vec<u8> {
         // JSON is never shorter than the text it holds: a hostile event is
         // cut without being serialized whole first.
         if self.text_len() <= MAX_BODY
@@ -362,6 +397,25 @@ fn serialized_within_bound(event: &AuditEvent) -> Option<Vec<u8>> {
 
 /// `text` cut to at most `max` bytes (at a character boundary), saying
 /// how long it was.
+/// `text` cut to [`CALLER_TEXT_MAX`] bytes and marked with its length and
+/// SHA-256 (lowercase hex), or as it is when short enough.
+fn cut_with_hash(text: &str) -> String {
+    if text.len() <= CALLER_TEXT_MAX {
+        return text.to_owned();
+    }
+    let mut end = CALLER_TEXT_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}…[cut from {} bytes, sha256 {hex}]",
+        &text[..end],
+        text.len()
+    )
+}
+
 fn cut_text(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
@@ -376,6 +430,39 @@ fn cut_text(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_audiences_and_tools_are_cut_and_marked_with_their_hash() {
+        let long = "a".repeat(4096);
+        let event = AuditEvent {
+            audience: Some(long.clone()),
+            tools: vec!["t".repeat(1024), "short".into()],
+            intent: Some("i".repeat(1000)),
+            ..AuditEvent::new(EventKind::Validate, Decision::Deny)
+        };
+        let body: serde_json::Value = serde_json::from_slice(&event.to_body()).unwrap();
+        let audience = body["audience"].as_str().unwrap();
+        assert!(
+            audience.starts_with(&"a".repeat(CALLER_TEXT_MAX)),
+            "{audience}"
+        );
+        assert!(audience.len() < CALLER_TEXT_MAX + 120, "{}", audience.len());
+        let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, long.as_bytes());
+        let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            audience.ends_with(&format!("…[cut from 4096 bytes, sha256 {hex}]")),
+            "{audience}"
+        );
+        assert!(
+            body["tools"][0]
+                .as_str()
+                .unwrap()
+                .contains("cut from 1024 bytes")
+        );
+        assert_eq!(body["tools"][1], "short");
+        // The operator-facing intent is bounded by its own input limit.
+        assert_eq!(body["intent"].as_str().unwrap().len(), 1000);
+    }
 
     #[test]
     fn absent_fields_are_left_out_and_names_are_stable() {

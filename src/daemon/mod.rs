@@ -196,7 +196,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         federation.clone(),
         policy.clone(),
         jobs,
-    );
+    )
+    .allow_unauthenticated_verifiers(config.workload_api.allow_unauthenticated_verifiers);
     let open_streams = api.open_streams();
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let readiness: Readiness = {

@@ -608,32 +608,33 @@ impl Tasks {
         Ok(watched)
     }
 
-    /// Begins a task owned by `caller` under `matched`, and issues its first
-    /// token.
-    pub async fn begin(
+    /// Checks what a BeginTask request asks for (audience, intent, tools,
+    /// lifetime) before anything else looks at it, policy included; the
+    /// lifetime the task gets.
+    pub fn check_begin(
         &self,
-        caller: &Caller,
-        owner: Owner,
-        matched: &Match,
-        request: BeginRequest,
-    ) -> Result<(Arc<Task>, IssuedToken), TaskError> {
+        audience: &str,
+        intent: &str,
+        tools: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<Duration, TaskError> {
         let config = &self.inner.config;
-        check_audience("audience", &request.audience)?;
-        if request.intent.trim().is_empty() {
+        check_audience("audience", audience)?;
+        if intent.trim().is_empty() {
             return Err(invalid("intent", "must say what the task is for"));
         }
-        if request.intent.len() > config.max_intent_len {
+        if intent.len() > config.max_intent_len {
             return Err(invalid(
                 "intent",
                 format!(
                     "is {} bytes; the limit is {}",
-                    request.intent.len(),
+                    intent.len(),
                     config.max_intent_len
                 ),
             ));
         }
-        check_tools(&request.tools, config)?;
-        let ttl = request.ttl.unwrap_or(config.default_ttl);
+        check_tools(tools, config)?;
+        let ttl = ttl.unwrap_or(config.default_ttl);
         if ttl.is_zero() {
             return Err(invalid("ttl", "must be greater than zero"));
         }
@@ -647,6 +648,25 @@ impl Tasks {
                 ),
             ));
         }
+        Ok(ttl)
+    }
+
+    /// Begins a task owned by `caller` under `matched`, and issues its first
+    /// token.
+    pub async fn begin(
+        &self,
+        caller: &Caller,
+        owner: Owner,
+        matched: &Match,
+        request: BeginRequest,
+    ) -> Result<(Arc<Task>, IssuedToken), TaskError> {
+        let config = &self.inner.config;
+        let ttl = self.check_begin(
+            &request.audience,
+            &request.intent,
+            &request.tools,
+            request.ttl,
+        )?;
         let id = new_task_id()?;
         // Counted from here; given back if the task is not stored.
         let key = (owner.pid, owner.start_time);

@@ -38,6 +38,8 @@ pub struct TaskApi {
     federation: Federation,
     policy: Policy,
     jobs: Jobs,
+    /// Whether a caller with no identity may validate tokens.
+    allow_unauthenticated_verifiers: bool,
 }
 
 impl TaskApi {
@@ -60,7 +62,15 @@ impl TaskApi {
             federation,
             policy,
             jobs,
+            allow_unauthenticated_verifiers: false,
         }
+    }
+
+    /// Lets callers that match no entry validate task tokens (the
+    /// `allow_unauthenticated_verifiers` setting); off by default.
+    pub fn allow_unauthenticated_verifiers(mut self, allow: bool) -> Self {
+        self.allow_unauthenticated_verifiers = allow;
+        self
     }
 
     async fn identify<T>(&self, request: &Request<T>) -> Result<(Caller, Attested), Status> {
@@ -313,7 +323,13 @@ impl TasksRpc for TaskApi {
                 .and_then(|s| s.value().split_once(':').map(|(_, v)| v.to_owned())),
         };
         let ttl = (req.ttl_ms != 0).then(|| Duration::from_millis(req.ttl_ms));
-        let ttl_seconds = ttl.unwrap_or(self.tasks.config().default_ttl).as_secs();
+        // The request is checked before policy sees it: a malformed one is
+        // InvalidArgument, never a policy denial and its record.
+        let ttl_seconds = self
+            .tasks
+            .check_begin(&req.audience, &req.intent, &req.tools, ttl)
+            .map_err(status::task)?
+            .as_secs();
         let selectors = gate::selectors(&attested);
         let executable = gate::executable(&attested);
         let decided_by = gate::decide(
@@ -593,6 +609,7 @@ impl TasksRpc for TaskApi {
         let (_caller, attested) = self.identify(&request).await?;
         let req = request.into_inner();
         let matches = self.registry.snapshot().matching(&attested.selectors);
+        gate::verifier(!matches.is_empty(), self.allow_unauthenticated_verifiers)?;
         let tool = (!req.tool.is_empty()).then_some(req.tool.as_str());
         let presenter =
             (!req.presenter_certificate.is_empty()).then_some(req.presenter_certificate.as_slice());

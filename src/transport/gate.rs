@@ -9,6 +9,21 @@ use crate::attestation::Attested;
 use crate::audit::{AuditEvent, AuditLog, Decision as AuditDecision, EventKind};
 use crate::policy::{Decision, Policy, PolicyRequest};
 
+/// Whether a caller may ask the agent to validate a token (ValidateJWTSVID,
+/// ValidateTaskToken): only one that matches a registration entry, unless
+/// the operator set `allow_unauthenticated_verifiers`. Refused without an
+/// audit record: a caller with no identity must not be able to make the
+/// agent write (issue 15, finding 5).
+pub fn verifier(has_identity: bool, allow_unauthenticated: bool) -> Result<(), Status> {
+    if has_identity || allow_unauthenticated {
+        return Ok(());
+    }
+    Err(Status::permission_denied(
+        "validation refused: no registration entry matches this process \
+         (allow_unauthenticated_verifiers is off)",
+    ))
+}
+
 /// What the audit record of a denial says about the request, besides what
 /// the policy request holds.
 #[derive(Debug, Clone, Default)]

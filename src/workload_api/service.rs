@@ -612,8 +612,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .check_len("svid", &req.svid, svid::jwt::MAX_TOKEN_LEN)?;
         }
         let (_caller, attested) = self.identify(&request).await?;
+        let matches = self.registry.snapshot().matching(&attested.selectors);
+        gate::verifier(
+            !matches.is_empty(),
+            self.config.allow_unauthenticated_verifiers,
+        )?;
         let audience = request.get_ref().audience.clone();
-        let outcome = self.validate_jwt(&attested, request.into_inner());
+        let outcome = self.validate_jwt(&matches, request.into_inner());
         crate::telemetry::metrics().validated("jwt_svid", outcome.is_ok());
         let mut event = AuditEvent {
             audience: Some(audience),
@@ -672,12 +677,11 @@ impl WorkloadApi {
     /// task, which must still be live.
     fn validate_jwt(
         &self,
-        attested: &Attested,
+        matches: &[Match],
         req: pb::ValidateJwtsvidRequest,
     ) -> Result<svid::jwt::ValidatedJwt, Status> {
         // Own domain, plus the domains the caller's entries federate with.
-        let matches = self.registry.snapshot().matching(&attested.selectors);
-        let federated: BTreeSet<TrustDomain> = svid::jwt::federated_domains(&matches);
+        let federated: BTreeSet<TrustDomain> = svid::jwt::federated_domains(matches);
         let own = self.svids.authority().bundle();
         let all_federated = self.federation.current();
         let validated = svid::jwt::validate(&req.svid, &req.audience, |td| {
@@ -690,6 +694,12 @@ impl WorkloadApi {
             }
         })
         .map_err(|e| status::invalid_token(&e))?;
+        // A token bound to a certificate (`cnf`) is worth nothing without
+        // it, and this RPC has no way to be shown one: a stolen bound token
+        // must not pass here (issue 15, finding 8).
+        if validated.claims.get("cnf").is_some() {
+            return Err(status::bound_token());
+        }
         // A task token dies with its task, for every validator.
         if let Some(txn) = validated
             .claims

@@ -22,6 +22,14 @@ pub fn identity_lost() -> Status {
     )
 }
 
+/// A certificate-bound token presented where the certificate cannot be.
+pub fn bound_token() -> Status {
+    Status::invalid_argument(
+        "the token is bound to a certificate (cnf): validate it with ValidateTaskToken \
+         and the presenter's certificate",
+    )
+}
+
 /// The agent is stopping; clients reconnect.
 pub fn shutting_down() -> Status {
     Status::unavailable("tether is shutting down")

@@ -323,3 +323,110 @@ async fn a_path_forged_in_a_private_mount_namespace_gets_no_unix_path() {
     );
     agent.stop().await;
 }
+
+/// The audit records of processes of `uid`, as written so far.
+fn records_of(agent: &common::TestAgent, uid: u32) -> Vec<tether::audit::AuditRecord> {
+    tether::audit::read(
+        &agent.dir.path().join("data/audit"),
+        &tether::audit::ReadFilter::default(),
+    )
+    .unwrap()
+    .into_iter()
+    .filter(|r| r.event.uid == Some(uid))
+    .collect()
+}
+
+// The agent runs in this process: the blocking CLI calls need a second
+// worker thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (a client as another uid): scripts/test runs it"]
+async fn callers_with_no_identity_cannot_validate_or_write_to_the_trail() {
+    common::require_root("running a client as another uid");
+    const NOBODY: u32 = 65534;
+    for allowed in [false, true] {
+        let agent = common::TestAgent::start(&format!(
+            "allow_unauthenticated_verifiers = {allowed}\n{}",
+            common::entry_for_me("svc", "main")
+        ))
+        .await;
+        std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let token = agent
+            .spiffe_client()
+            .await
+            .fetch_jwt_svid(&["api"], None)
+            .await
+            .unwrap()
+            .token()
+            .to_owned();
+        let as_nobody = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_tether"))
+                .args(args)
+                .arg("--socket")
+                .arg(&agent.socket)
+                .env_clear()
+                .uid(NOBODY)
+                .gid(NOBODY)
+                .output()
+                .unwrap()
+        };
+        // A long audience, as the finding's flood used (within the
+        // Workload API's own limit, 1 KiB).
+        let audience = "a".repeat(1000);
+        let jwt = as_nobody(&[
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            &audience,
+            "--token",
+            &token,
+        ]);
+        let task = as_nobody(&[
+            "token",
+            "validate",
+            "--audience",
+            &audience,
+            "--token",
+            &token,
+        ]);
+        // What this test process validates is recorded: once its record is
+        // in the trail, nobody's would be too.
+        agent
+            .spiffe_client()
+            .await
+            .validate_jwt_token("api", &token)
+            .await
+            .unwrap();
+        let me = common::uid();
+        common::eventually("the registered caller's record", || {
+            records_of(&agent, me)
+                .iter()
+                .any(|r| r.event.event == tether::audit::EventKind::Validate)
+        })
+        .await;
+        let theirs = records_of(&agent, NOBODY);
+        if allowed {
+            // Answered (invalid: the audience is not the token's),
+            // recorded, and bounded.
+            for out in [&jwt, &task] {
+                assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
+            }
+            assert_eq!(theirs.len(), 2, "{theirs:?}");
+            for record in &theirs {
+                let kept = record.event.audience.as_deref().unwrap();
+                assert!(kept.len() < 400 && kept.contains("sha256"), "{kept}");
+            }
+        } else {
+            for out in [&jwt, &task] {
+                assert_eq!(out.status.code(), Some(77), "{}", stderr(out));
+                assert!(
+                    stderr(out).contains("allow_unauthenticated_verifiers is off"),
+                    "{}",
+                    stderr(out)
+                );
+            }
+            assert!(theirs.is_empty(), "{theirs:?}");
+        }
+        agent.stop().await;
+    }
+}

@@ -174,6 +174,44 @@ async fn a_policy_forbidding_a_tool_denies_begin_task_naming_it_and_audits_both_
 }
 
 #[tokio::test]
+async fn a_malformed_begin_task_is_invalid_before_any_policy_decides() {
+    let forbid_all = "@id(\"nothing\")\nforbid (principal, action, resource);\n";
+    let policies = policy_dir(&[("forbid.cedar", forbid_all)]);
+    let agent = TestAgent::start(&config_for(policies.path(), "")).await;
+    let mut tasks = agent.tasks().await;
+    let huge_ttl = pb::BeginTaskRequest {
+        ttl_ms: u64::MAX,
+        ..begin(JIRA, &["jira.read"])
+    };
+    for (request, field) in [
+        (begin(JIRA, &["not a tool!"]), "tools"),
+        (huge_ttl, "ttl"),
+        (begin("two audiences", &["jira.read"]), "audience"),
+    ] {
+        let refused = tasks.begin_task(request).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains(field), "{}", refused.message());
+    }
+    // The policy still decides a well-formed request.
+    let denied = tasks
+        .begin_task(begin(JIRA, &["jira.read"]))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denials: Vec<_> = records(&agent)
+        .await
+        .into_iter()
+        .filter(|r| r.event.event == EventKind::Deny)
+        .collect();
+    assert_eq!(
+        denials.len(),
+        1,
+        "only the well-formed request: {denials:?}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
 async fn a_policy_file_change_applies_without_a_restart_and_a_broken_one_changes_nothing() {
     let policies = policy_dir(&[("allow.cedar", ALLOW_ALL)]);
     let agent = TestAgent::start(&config_for(

@@ -659,6 +659,9 @@ async fn bound_tokens_need_the_certificate_they_are_bound_to() {
         .unwrap()
         .into_inner();
     assert!(right.valid, "{}", right.reason);
+    // A plain SPIFFE verifier cannot be shown the certificate: refused.
+    let plain = spiffe.validate_jwt_token(JIRA, &token).await.unwrap_err();
+    assert!(plain.to_string().contains("ValidateTaskToken"), "{plain}");
 
     // Its audience may exchange it only with the certificate it was
     // presented with, and only if that is the one it is bound to.
