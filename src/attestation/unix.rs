@@ -157,12 +157,12 @@ impl UnixAttestor {
                     selectors.insert(unix("path", &text));
                 }
                 Some(_) if path.is_absolute() => {
-                    tracing::debug!(pid, path = %path.display(), "the executable's path leads elsewhere in the agent's mount namespace (another namespace: a container, unshare); no unix:path selector")
+                    tracing::debug!(pid, path = ?path, "the executable's path leads elsewhere in the agent's mount namespace (another namespace: a container, unshare); no unix:path selector")
                 }
                 // A lossy rendering could collide with a real path; no
                 // selector is the safe answer.
                 _ => {
-                    tracing::debug!(pid, path = %path.display(), "executable path is not absolute UTF-8; no unix:path selector")
+                    tracing::debug!(pid, path = ?path, "executable path is not absolute UTF-8; no unix:path selector")
                 }
             }
             if let Some(hash) = hash {

@@ -731,7 +731,9 @@ impl Tasks {
             pid = task.owner.pid,
             audience = %task.audience,
             tools = ?task.tools,
-            intent = %task.intent,
+            // Quoted and escaped: the caller wrote it, and a newline or an
+            // escape sequence in a plain log line would forge another.
+            intent = ?task.intent,
             deadline = %humantime::format_rfc3339_seconds(task.deadline),
             "task begun"
         );

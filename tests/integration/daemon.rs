@@ -193,3 +193,33 @@ async fn the_embedded_default_gives_the_user_an_identity() {
     kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM).unwrap();
     assert!(wait_exit(&mut agent).await.success());
 }
+
+#[tokio::test]
+async fn what_a_caller_writes_cannot_forge_a_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "agent.toml", "data");
+    let socket = dir.path().join("agent.sock");
+    let mut agent = start(&config);
+    wait_serving(&socket).await;
+    until_handling(agent.id(), Signal::SIGTERM).await;
+    let mut tasks = common::task_client(&socket).await;
+    let forged = "read the tickets\n2026-01-01T00:00:00Z  INFO tether::task: task ended \
+                  task_id=FAKE reason=revoked\u{1b}[2J\u{1b}[31m";
+    tasks
+        .begin_task(tether::proto::task::BeginTaskRequest {
+            audience: "https://mcp.example/jira".into(),
+            intent: forged.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut agent).await.success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("task begun"), "{log}");
+    for line in log.lines().filter(|l| l.contains("task_id=FAKE")) {
+        assert!(line.contains("task begun"), "a forged line: {line}");
+    }
+    assert!(!log.contains('\u{1b}'), "a raw escape sequence in the log");
+}
