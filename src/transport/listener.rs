@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
@@ -43,7 +43,8 @@ const UNIDENTIFIED: ProcessKey = (0, 0);
 /// Bounds on the connections one socket holds.
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
-    /// Most connections open at once; further clients wait in the backlog.
+    /// Most connections open at once; further ones are closed as soon as
+    /// they are accepted (never left waiting in the backlog).
     pub max_connections: usize,
     /// Most connections one process may hold open; more are closed as
     /// soon as they are accepted.
@@ -238,11 +239,22 @@ pub fn incoming(
     futures_util::stream::unfold(state, |state| async move {
         let (listener, slots, per_process, handshake_timeout, closing) = &state;
         let item = loop {
-            let Ok(permit) = Arc::clone(slots).acquire_owned().await else {
-                return None;
-            };
             match listener.accept().await {
                 Ok((stream, _)) => {
+                    // Accepted at once, whatever the budget: a client left
+                    // waiting in the backlog could exec another program
+                    // before the agent looked at it (issue 15, finding 4).
+                    // Over the budget, it is closed unread.
+                    let permit = match Arc::clone(slots).try_acquire_owned() {
+                        Ok(permit) => permit,
+                        Err(TryAcquireError::NoPermits) => {
+                            tracing::debug!(
+                                "connection refused: max_connections connections are open"
+                            );
+                            continue;
+                        }
+                        Err(TryAcquireError::Closed) => return None,
+                    };
                     let peer = PeerInfo(Caller::from_stream(&stream).map_err(Arc::new));
                     let key = match &peer.0 {
                         Ok(caller) => caller.key(),

@@ -146,6 +146,55 @@ async fn ten_thousand_abandoned_connections_are_contained() {
 }
 
 #[tokio::test]
+async fn a_connection_over_the_budget_is_closed_at_once_not_left_in_the_backlog() {
+    // Two slots, held by connections that stay silent (the handshake
+    // timeout is far away).
+    let extra = format!(
+        "[limits]\nmax_connections = 2\nhandshake_timeout = \"120s\"\n{}",
+        entry_for_me("svc", "main")
+    );
+    let agent = TestAgent::start(&extra).await;
+    let socket = agent.socket.clone();
+    let (held, over) = tokio::task::spawn_blocking(move || {
+        let held: Vec<UnixStream> = (0..2)
+            .map(|_| {
+                let mut conn = UnixStream::connect(&socket).unwrap();
+                // Accepted: the agent's HTTP/2 settings arrive.
+                conn.set_read_timeout(Some(PATIENCE)).unwrap();
+                let mut first = [0u8; 9];
+                conn.read_exact(&mut first).unwrap();
+                conn
+            })
+            .collect();
+        // The next one is accepted and closed at once. Left in the backlog
+        // instead, it could exec another program before being looked at.
+        let over = UnixStream::connect(&socket).unwrap();
+        let closed = closed_by_agent(&over);
+        (held, closed)
+    })
+    .await
+    .unwrap();
+    assert!(over, "the connection over the budget was left waiting");
+    drop(held);
+    eventually_served(&agent).await;
+    agent.stop().await;
+}
+
+/// Waits until a fresh client is served (slots given back are reused).
+async fn eventually_served(agent: &TestAgent) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Ok(client) = spiffe::WorkloadApiClient::connect_to(agent.endpoint()).await
+            && client.fetch_x509_svid().await.is_ok()
+        {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
 async fn silent_and_slow_handshakes_are_closed_and_others_served() {
     let extra = format!(
         "[limits]\nhandshake_timeout = \"1s\"\n{}",
