@@ -273,17 +273,27 @@ impl AdminClient {
     }
 
     /// The live tasks, and with `include_ended` the ended ones the agent
-    /// still remembers.
+    /// still remembers: every page, each within the message limit.
     pub async fn list_tasks(
         &mut self,
         include_ended: bool,
     ) -> Result<Vec<pb::TaskInfo>, AdminClientError> {
-        let call = self
-            .client
-            .list_tasks(pb::ListTasksRequest { include_ended });
-        bounded(self.timeout, &self.socket, call)
-            .await
-            .map(|r| r.tasks)
+        let mut tasks = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let call = self.client.list_tasks(pb::ListTasksRequest {
+                include_ended,
+                page_size: 0,
+                page_token: page_token.clone(),
+            });
+            let page = bounded(self.timeout, &self.socket, call).await?;
+            tasks.extend(page.tasks);
+            // A token that does not move on would loop for ever.
+            if page.next_page_token.is_empty() || page.next_page_token == page_token {
+                return Ok(tasks);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     /// One task.

@@ -632,6 +632,17 @@ mod tests {
     }
 
     #[test]
+    fn an_intent_longer_than_the_store_keeps_is_refused_at_start() {
+        // Accepted here, it failed every BeginTask with Unavailable.
+        let long = Config::from_toml("[tasks]\nmax_intent_len = 65536\n", &env()).unwrap_err();
+        assert!(
+            long.to_string().contains("tasks.max_intent_len") && long.to_string().contains("4096"),
+            "{long}"
+        );
+        Config::from_toml("[tasks]\nmax_intent_len = 4096\n", &env()).unwrap();
+    }
+
+    #[test]
     fn audit_dir_is_the_top_level_name_of_the_audit_directory() {
         let c = Config::from_toml("audit_dir = \"/srv/audit\"", &env()).unwrap();
         assert_eq!(c.audit.dir, Some(PathBuf::from("/srv/audit")));

@@ -58,7 +58,7 @@ use crate::trusted_fs::{self, TrustedFsError};
 mod migrations;
 mod rows;
 
-pub use rows::{EntryRow, IssuedX509, RevokedX509, TaskEnd, TaskRow};
+pub use rows::{EntryRow, IssuedX509, MAX_INTENT_LEN, RevokedX509, TaskEnd, TaskRow};
 
 use rows::{
     ENTRY_COLUMNS, ENTRY_COLUMNS_SQL, EncodedEnd, EncodedEntry, EncodedRevoked, EncodedTask,
@@ -2258,7 +2258,7 @@ mod tests {
             spiffe_id: long(rows::MAX_SPIFFE_ID_LEN),
             entry_id: long(MAX_ID_LEN),
             audience: long(rows::MAX_SPIFFE_ID_LEN),
-            intent: long(rows::MAX_INTENT_LEN),
+            intent: long(MAX_INTENT_LEN),
             tools: (0..rows::MAX_LIST_ITEMS).map(|i| i.to_string()).collect(),
             bind_x5t: Some(long(MAX_ID_LEN)),
             created_at: UNIX_EPOCH,
@@ -2310,9 +2310,7 @@ mod tests {
             ("audience", |t| {
                 t.audience = "x".repeat(rows::MAX_SPIFFE_ID_LEN + 1)
             }),
-            ("intent", |t| {
-                t.intent = "x".repeat(rows::MAX_INTENT_LEN + 1)
-            }),
+            ("intent", |t| t.intent = "x".repeat(MAX_INTENT_LEN + 1)),
             ("tools", |t| {
                 t.tools = (0..=rows::MAX_LIST_ITEMS).map(|i| i.to_string()).collect()
             }),
@@ -2406,10 +2404,7 @@ mod tests {
                 format!("audience = {}", ext(rows::MAX_SPIFFE_ID_LEN + 1)),
                 "audience",
             ),
-            (
-                format!("intent = {}", ext(rows::MAX_INTENT_LEN + 1)),
-                "intent",
-            ),
+            (format!("intent = {}", ext(MAX_INTENT_LEN + 1)), "intent"),
             ("tools = '[\"jira.search\", 1]'".into(), "tools"),
             ("tools = 'jira.search'".into(), "tools"),
             (format!("bind_x5t = {}", ext(MAX_ID_LEN + 1)), "bind_x5t"),

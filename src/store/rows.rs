@@ -26,7 +26,7 @@ pub(super) const MAX_HINT_LEN: usize = 1024;
 /// `PATH_MAX` (4096) and some room.
 pub(super) const MAX_PATH_LEN: usize = 4096 + 64;
 /// Longest task intent, in bytes.
-pub(super) const MAX_INTENT_LEN: usize = 4096;
+pub const MAX_INTENT_LEN: usize = 4096;
 /// Longest reason for a task's end or a certificate's revocation, in bytes.
 pub(super) const MAX_REASON_LEN: usize = 256;
 /// Most items in one list column (selectors, DNS names, trust domains,

@@ -345,6 +345,15 @@ impl TaskConfig {
                 "is longer than tasks.max_token_ttl".into(),
             ));
         }
+        if self.max_intent_len > crate::store::MAX_INTENT_LEN {
+            return Err((
+                "tasks.max_intent_len",
+                format!(
+                    "is at most {} (what the task store keeps)",
+                    crate::store::MAX_INTENT_LEN
+                ),
+            ));
+        }
         for (key, n) in [
             ("tasks.max_intent_len", self.max_intent_len),
             ("tasks.max_tools", self.max_tools),

@@ -609,3 +609,85 @@ async fn kill_9_during_a_burst_of_writes_loses_no_acknowledged_entry() {
         .await
         .unwrap();
 }
+
+// The CLI is a blocking call against this process's agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_lists_come_in_pages_that_each_fit_a_message() {
+    // 1,100 tasks with the longest intents the store keeps: more than
+    // 4 MiB, the message limit of the CLI, in one answer.
+    const TASKS: usize = 1_100;
+    let agent = TestAgent::start(&format!(
+        "[tasks]\nmax_intent_len = 4096\nmax_tasks_per_process = {TASKS}\n{}",
+        entry_for_me("agent", "agent")
+    ))
+    .await;
+    let intent = "i".repeat(4000);
+    let begin = |tasks: common::TaskClient, n: usize| {
+        let intent = intent.clone();
+        async move {
+            let mut tasks = tasks;
+            for _ in 0..n {
+                tasks
+                    .begin_task(tether::proto::task::BeginTaskRequest {
+                        audience: "https://mcp.example/jira".into(),
+                        intent: intent.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let tasks = common::task_client(&agent.socket).await;
+    futures_util::future::join_all((0..4).map(|_| begin(tasks.clone(), TASKS / 4))).await;
+    let mut admin = agent.admin().await;
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = Vec::new();
+    loop {
+        let page = admin
+            .list_tasks(pb::ListTasksRequest {
+                include_ended: false,
+                page_size: 400,
+                page_token: page_token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(page.tasks.len());
+        listed.extend(page.tasks.into_iter().map(|t| t.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(pages, [400, 400, 300]);
+    let mut unique = listed.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), TASKS, "every task once");
+    let bad = admin
+        .list_tasks(pb::ListTasksRequest {
+            page_token: "not a token".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("page_token"), "{}", bad.message());
+
+    // `tether task list` pages through them all.
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["task", "list", "--json", "--admin-socket"])
+        .arg(agent.running().admin_socket_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["tasks"].as_array().unwrap().len(), TASKS);
+    agent.stop().await;
+}
