@@ -90,6 +90,7 @@ pub async fn serve(
                 transport::ConnectionLimits {
                     max_connections: MAX_CONNECTIONS,
                     max_per_process: MAX_CONNECTIONS,
+                    max_per_uid: MAX_CONNECTIONS,
                     handshake_timeout: HANDSHAKE_TIMEOUT,
                 },
                 closing,

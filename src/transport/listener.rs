@@ -39,6 +39,8 @@ const PREFACE_LEN: usize = 24;
 /// Where connections whose peer the kernel could not name are counted
 /// (pid 0 is never a peer): together, under one per-process budget.
 const UNIDENTIFIED: ProcessKey = (0, 0);
+/// ... and under one per-uid budget (`(uid_t) -1` is nobody's uid).
+const UNIDENTIFIED_UID: u32 = u32::MAX;
 
 /// Bounds on the connections one socket holds.
 #[derive(Debug, Clone)]
@@ -49,6 +51,10 @@ pub struct ConnectionLimits {
     /// Most connections one process may hold open; more are closed as
     /// soon as they are accepted.
     pub max_per_process: usize,
+    /// Most connections the processes of one uid may hold open together;
+    /// more are closed as soon as they are accepted. One user's many
+    /// processes cannot take every connection.
+    pub max_per_uid: usize,
     /// A connection that has not sent the HTTP/2 preface this long after
     /// it was accepted is closed, so silent connections cannot hold the
     /// slots everyone else needs.
@@ -122,6 +128,7 @@ pub struct PeerStream {
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
     _permit: OwnedSemaphorePermit,
     _slot: Slot,
+    _uid_slot: Slot<u32>,
 }
 
 // === impl BoundSocket ===
@@ -229,15 +236,16 @@ pub fn incoming(
 ) -> impl futures_util::Stream<Item = io::Result<PeerStream>> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_process = ProcessSlots::new(limits.max_per_process, "max_connections_per_process");
+    let per_uid = ProcessSlots::new(limits.max_per_uid, "max_connections_per_uid");
     let state = (
         listener,
         slots,
-        per_process,
+        (per_process, per_uid),
         limits.handshake_timeout,
         closing,
     );
     futures_util::stream::unfold(state, |state| async move {
-        let (listener, slots, per_process, handshake_timeout, closing) = &state;
+        let (listener, slots, (per_process, per_uid), handshake_timeout, closing) = &state;
         let item = loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -256,18 +264,22 @@ pub fn incoming(
                         Err(TryAcquireError::Closed) => return None,
                     };
                     let peer = PeerInfo(Caller::from_stream(&stream).map_err(Arc::new));
-                    let key = match &peer.0 {
-                        Ok(caller) => caller.key(),
+                    let (key, uid) = match &peer.0 {
+                        Ok(caller) => (caller.key(), caller.uid()),
                         Err(error) => {
                             tracing::debug!(%error, "could not identify a connecting process");
-                            UNIDENTIFIED
+                            (UNIDENTIFIED, UNIDENTIFIED_UID)
                         }
                     };
-                    let slot = match per_process.take(key) {
-                        Ok(slot) => slot,
+                    // Closed unread when over either budget: the process
+                    // (and its uid) keep what they have.
+                    let slots = per_process
+                        .take(key)
+                        .and_then(|slot| per_uid.take(uid).map(|uid_slot| (slot, uid_slot)));
+                    let (slot, uid_slot) = match slots {
+                        Ok(slots) => slots,
                         Err(exhausted) => {
-                            // Closed unread: the process keeps what it has.
-                            tracing::debug!(pid = key.0, %exhausted, "connection refused");
+                            tracing::debug!(pid = key.0, uid, %exhausted, "connection refused");
                             continue;
                         }
                     };
@@ -282,6 +294,7 @@ pub fn incoming(
                         closing: Box::pin(closing.clone().cancelled_owned()),
                         _permit: permit,
                         _slot: slot,
+                        _uid_slot: uid_slot,
                     });
                 }
                 Err(error) => {

@@ -1,38 +1,41 @@
-//! Budgets per process: one process may hold at most so many connections,
-//! and so many long-lived streams, whatever it does with them. Keyed by
-//! the kernel's process identity (pid and start time, so a reused pid
-//! starts afresh), never by anything the caller says.
+//! Budgets per process and per uid: one process (or all the processes of
+//! one uid) may hold at most so many connections, and a process so many
+//! long-lived streams, whatever it does with them. Keyed by the kernel's
+//! process identity (pid and start time, so a reused pid starts afresh) or
+//! uid, never by anything the caller says.
 //!
-//! The listener draws a connection slot at accept time
-//! (`limits.max_connections_per_process`); the Workload API's streams and
-//! the task API's `WatchTask` draw from one stream budget
+//! The listener draws a connection slot per process and one per uid at
+//! accept time (`limits.max_connections_per_process`,
+//! `limits.max_connections_per_uid`); the Workload API's streams and the
+//! task API's `WatchTask` draw from one stream budget
 //! (`limits.max_streams_per_process`).
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tonic::Status;
 
 use crate::attestation::{Caller, ProcessKey};
 
-/// Counts what each process holds against one limit. Cheap to clone;
-/// clones share counts.
+/// Counts what each holder (a process, by default; a uid) holds against
+/// one limit. Cheap to clone; clones share counts.
 #[derive(Debug, Clone)]
-pub struct ProcessSlots {
+pub struct ProcessSlots<K = ProcessKey> {
     limit: usize,
     setting: &'static str,
-    open: Arc<Mutex<HashMap<ProcessKey, usize>>>,
+    open: Arc<Mutex<HashMap<K, usize>>>,
 }
 
 /// One held slot; given back when this drops.
 #[derive(Debug)]
-pub struct Slot {
-    key: ProcessKey,
-    open: Arc<Mutex<HashMap<ProcessKey, usize>>>,
+pub struct Slot<K: Eq + Hash = ProcessKey> {
+    key: K,
+    open: Arc<Mutex<HashMap<K, usize>>>,
 }
 
-/// A process already holds its limit.
+/// A holder already holds its limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exhausted {
     /// What it holds (and may not exceed).
@@ -47,8 +50,8 @@ pub struct StreamSlots(ProcessSlots);
 
 // === impl ProcessSlots ===
 
-impl ProcessSlots {
-    /// At most `limit` slots per process; `setting` names the limit in
+impl<K: Copy + Eq + Hash> ProcessSlots<K> {
+    /// At most `limit` slots per holder; `setting` names the limit in
     /// refusals.
     pub fn new(limit: usize, setting: &'static str) -> Self {
         Self {
@@ -59,7 +62,7 @@ impl ProcessSlots {
     }
 
     /// A slot for one more of what `key` holds, unless it holds its limit.
-    pub fn take(&self, key: ProcessKey) -> Result<Slot, Exhausted> {
+    pub fn take(&self, key: K) -> Result<Slot<K>, Exhausted> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let held = open.entry(key).or_insert(0);
         if *held >= self.limit {
@@ -75,7 +78,7 @@ impl ProcessSlots {
         })
     }
 
-    /// How many processes hold at least one slot.
+    /// How many holders hold at least one slot.
     pub fn processes(&self) -> usize {
         self.open
             .lock()
@@ -86,7 +89,7 @@ impl ProcessSlots {
 
 // === impl Slot ===
 
-impl Drop for Slot {
+impl<K: Eq + Hash> Drop for Slot<K> {
     fn drop(&mut self) {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(held) = open.get_mut(&self.key) {
@@ -102,11 +105,7 @@ impl Drop for Slot {
 
 impl fmt::Display for Exhausted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "this process already holds {} (limits.{})",
-            self.limit, self.setting
-        )
+        write!(f, "already holds {} (limits.{})", self.limit, self.setting)
     }
 }
 
@@ -121,9 +120,9 @@ impl StreamSlots {
     /// A slot for one more stream of `caller`, or ResourceExhausted when
     /// the process already holds its limit.
     pub fn take(&self, caller: &Caller) -> Result<Slot, Status> {
-        self.0
-            .take(caller.key())
-            .map_err(|e| Status::resource_exhausted(format!("too many open streams: {e}")))
+        self.0.take(caller.key()).map_err(|e| {
+            Status::resource_exhausted(format!("too many open streams: this process {e}"))
+        })
     }
 }
 
@@ -133,13 +132,13 @@ mod tests {
 
     #[test]
     fn a_process_gets_its_limit_and_no_more() {
-        let slots = ProcessSlots::new(2, "max_streams_per_process");
+        let slots = ProcessSlots::<ProcessKey>::new(2, "max_streams_per_process");
         let a = slots.take((10, 1)).unwrap();
         let _b = slots.take((10, 1)).unwrap();
         let refused = slots.take((10, 1)).unwrap_err();
         assert_eq!(
             refused.to_string(),
-            "this process already holds 2 (limits.max_streams_per_process)"
+            "already holds 2 (limits.max_streams_per_process)"
         );
         // Another process, or the same pid reused by a new process, has
         // its own budget.
@@ -151,7 +150,7 @@ mod tests {
 
     #[test]
     fn a_process_with_nothing_held_is_forgotten() {
-        let slots = ProcessSlots::new(4, "max_connections_per_process");
+        let slots = ProcessSlots::<ProcessKey>::new(4, "max_connections_per_process");
         let a = slots.take((10, 1)).unwrap();
         let b = slots.take((10, 1)).unwrap();
         assert_eq!(slots.processes(), 1);

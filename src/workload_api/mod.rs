@@ -41,8 +41,8 @@ pub struct WorkloadApiLimits {
     /// Largest gRPC request message, in bytes. Larger requests are refused
     /// by the transport (OutOfRange) before they are decoded.
     pub max_request_bytes: usize,
-    /// Most concurrent connections to the workload socket; further clients
-    /// wait in the listen backlog.
+    /// Most concurrent connections to the workload socket; further ones
+    /// are closed as soon as they are accepted.
     pub max_connections: usize,
     /// Most concurrent streams (RPCs) on one connection.
     pub max_streams_per_connection: u32,
@@ -52,6 +52,9 @@ pub struct WorkloadApiLimits {
     /// Most connections one process may hold open; more are closed as
     /// soon as they are accepted.
     pub max_connections_per_process: usize,
+    /// Most connections the processes of one uid may hold open together;
+    /// more are closed as soon as they are accepted.
+    pub max_connections_per_uid: usize,
     /// How long a new connection has to send the HTTP/2 preface before it
     /// is closed.
     #[serde(with = "humantime_serde")]
@@ -75,6 +78,7 @@ impl Default for WorkloadApiLimits {
             max_streams_per_connection: 128,
             max_streams_per_process: 256,
             max_connections_per_process: 1024,
+            max_connections_per_uid: 4096,
             handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
         }
@@ -106,6 +110,9 @@ impl WorkloadApiLimits {
         if self.max_connections_per_process == 0 {
             return Err(("max_connections_per_process", positive));
         }
+        if self.max_connections_per_uid == 0 {
+            return Err(("max_connections_per_uid", positive));
+        }
         if self.handshake_timeout.is_zero() {
             return Err(("handshake_timeout", positive));
         }
@@ -120,6 +127,7 @@ impl WorkloadApiLimits {
         transport::ConnectionLimits {
             max_connections: self.max_connections,
             max_per_process: self.max_connections_per_process,
+            max_per_uid: self.max_connections_per_uid,
             handshake_timeout: self.handshake_timeout,
         }
     }

@@ -180,6 +180,59 @@ async fn a_connection_over_the_budget_is_closed_at_once_not_left_in_the_backlog(
     agent.stop().await;
 }
 
+// The CLI below is a blocking call against this process's agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (a client as another uid): scripts/test runs it"]
+async fn one_uid_gets_its_connection_budget_and_other_uids_are_still_served() {
+    common::require_root("running a client as another uid");
+    let extra = format!(
+        "[limits]\nmax_connections_per_uid = 2\nhandshake_timeout = \"120s\"\n{}",
+        entry_for_me("svc", "main")
+    );
+    let agent = TestAgent::start(&extra).await;
+    std::fs::set_permissions(
+        agent.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let socket = agent.socket.clone();
+    let (held, over) = tokio::task::spawn_blocking(move || {
+        let held: Vec<UnixStream> = (0..2)
+            .map(|_| {
+                let mut conn = UnixStream::connect(&socket).unwrap();
+                conn.set_read_timeout(Some(PATIENCE)).unwrap();
+                let mut first = [0u8; 9];
+                conn.read_exact(&mut first).unwrap();
+                conn
+            })
+            .collect();
+        let over = UnixStream::connect(&socket).unwrap();
+        (held, closed_by_agent(&over))
+    })
+    .await
+    .unwrap();
+    assert!(over, "this uid got more than its budget");
+    // Another uid is answered (PermissionDenied: it has no entry), not
+    // turned away.
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["api", "fetch", "x509", "--socket"])
+        .arg(&agent.socket)
+        .env_clear()
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(77),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(held);
+    eventually_served(&agent).await;
+    agent.stop().await;
+}
+
 /// Waits until a fresh client is served (slots given back are reused).
 async fn eventually_served(agent: &TestAgent) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
