@@ -154,26 +154,9 @@ async fn a_connection_over_the_budget_is_closed_at_once_not_left_in_the_backlog(
         entry_for_me("svc", "main")
     );
     let agent = TestAgent::start(&extra).await;
-    let socket = agent.socket.clone();
-    let (held, over) = tokio::task::spawn_blocking(move || {
-        let held: Vec<UnixStream> = (0..2)
-            .map(|_| {
-                let mut conn = UnixStream::connect(&socket).unwrap();
-                // Accepted: the agent's HTTP/2 settings arrive.
-                conn.set_read_timeout(Some(PATIENCE)).unwrap();
-                let mut first = [0u8; 9];
-                conn.read_exact(&mut first).unwrap();
-                conn
-            })
-            .collect();
-        // The next one is accepted and closed at once. Left in the backlog
-        // instead, it could exec another program before being looked at.
-        let over = UnixStream::connect(&socket).unwrap();
-        let closed = closed_by_agent(&over);
-        (held, closed)
-    })
-    .await
-    .unwrap();
+    // The next one is accepted and closed at once. Left in the backlog
+    // instead, it could exec another program before being looked at.
+    let (held, over) = hold_then_one_more(&agent, 2).await;
     assert!(over, "the connection over the budget was left waiting");
     drop(held);
     eventually_served(&agent).await;
@@ -195,22 +178,7 @@ async fn one_uid_gets_its_connection_budget_and_other_uids_are_still_served() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let socket = agent.socket.clone();
-    let (held, over) = tokio::task::spawn_blocking(move || {
-        let held: Vec<UnixStream> = (0..2)
-            .map(|_| {
-                let mut conn = UnixStream::connect(&socket).unwrap();
-                conn.set_read_timeout(Some(PATIENCE)).unwrap();
-                let mut first = [0u8; 9];
-                conn.read_exact(&mut first).unwrap();
-                conn
-            })
-            .collect();
-        let over = UnixStream::connect(&socket).unwrap();
-        (held, closed_by_agent(&over))
-    })
-    .await
-    .unwrap();
+    let (held, over) = hold_then_one_more(&agent, 2).await;
     assert!(over, "this uid got more than its budget");
     // Another uid is answered (PermissionDenied: it has no entry), not
     // turned away.
@@ -231,6 +199,27 @@ async fn one_uid_gets_its_connection_budget_and_other_uids_are_still_served() {
     drop(held);
     eventually_served(&agent).await;
     agent.stop().await;
+}
+
+/// `n` connections the agent accepted (its HTTP/2 settings arrived) and
+/// that then stay silent, and whether one more is closed by the agent.
+async fn hold_then_one_more(agent: &TestAgent, n: usize) -> (Vec<UnixStream>, bool) {
+    let socket = agent.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let held: Vec<UnixStream> = (0..n)
+            .map(|_| {
+                let mut conn = UnixStream::connect(&socket).unwrap();
+                conn.set_read_timeout(Some(PATIENCE)).unwrap();
+                let mut first = [0u8; 9];
+                conn.read_exact(&mut first).unwrap();
+                conn
+            })
+            .collect();
+        let over = UnixStream::connect(&socket).unwrap();
+        (held, closed_by_agent(&over))
+    })
+    .await
+    .unwrap()
 }
 
 /// Waits until a fresh client is served (slots given back are reused).
