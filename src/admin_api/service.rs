@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
@@ -74,9 +75,11 @@ fn entry_id(value: &str) -> Result<EntryId, Status> {
 
 /// Tasks in one ListTasks answer when the request does not say.
 const DEFAULT_TASK_PAGE: usize = 50;
-/// Most tasks in one ListTasks answer: with intents of the largest size
-/// the store keeps (4 KiB), about 2.3 MB, within a client's 4 MiB limit.
+/// Most tasks in one ListTasks answer.
 const MAX_TASK_PAGE: usize = 500;
+/// Most bytes of tasks in one ListTasks answer, half a client's 4 MiB
+/// limit, whatever the tasks hold (intents, tools, audiences, paths).
+const MAX_TASK_PAGE_BYTES: usize = 2 * 1024 * 1024;
 
 /// Where a page of tasks ends: the last task's creation time (ns since the
 /// epoch) and id, the order ListTasks lists in. Opaque to clients.
@@ -176,23 +179,31 @@ impl Admin for AdminApi {
             0 => DEFAULT_TASK_PAGE,
             n => (n as usize).min(MAX_TASK_PAGE),
         };
-        let mut page: Vec<_> = self
+        let listed = self
             .tasks
             .list(request.include_ended)
             .into_iter()
-            .filter(|t| after.as_ref().is_none_or(|after| after.precedes(t)))
-            .take(size + 1)
-            .collect();
-        let next_page_token = if page.len() > size {
-            page.truncate(size);
-            page.last()
-                .map(|t| TaskCursor::of(t).to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+            .filter(|t| after.as_ref().is_none_or(|after| after.precedes(t)));
+        // At most `size` tasks and MAX_TASK_PAGE_BYTES of them (at least
+        // one): whatever the tasks hold, an answer fits a client's limit.
+        let (mut tasks, mut bytes) = (Vec::new(), 0);
+        let mut last: Option<Arc<Task>> = None;
+        let mut next_page_token = String::new();
+        for task in listed {
+            let info = task_info(&task);
+            let len = info.encoded_len();
+            if let Some(last) = &last
+                && (tasks.len() == size || bytes + len > MAX_TASK_PAGE_BYTES)
+            {
+                next_page_token = TaskCursor::of(last).to_string();
+                break;
+            }
+            bytes += len;
+            tasks.push(info);
+            last = Some(task);
+        }
         Ok(Response::new(pb::ListTasksResponse {
-            tasks: page.iter().map(|t| task_info(t)).collect(),
+            tasks,
             next_page_token,
         }))
     }

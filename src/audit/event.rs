@@ -395,8 +395,6 @@ fn serialized_within_bound(event: &AuditEvent) -> Option<Vec<u8>> {
         .filter(|body| body.len() <= MAX_BODY)
 }
 
-/// `text` cut to at most `max` bytes (at a character boundary), saying
-/// how long it was.
 /// `text` cut to [`CALLER_TEXT_MAX`] bytes and marked with its length and
 /// SHA-256 (lowercase hex), or as it is when short enough.
 fn cut_with_hash(text: &str) -> String {
@@ -416,6 +414,8 @@ fn cut_with_hash(text: &str) -> String {
     )
 }
 
+/// `text` cut to at most `max` bytes (at a character boundary), saying
+/// how long it was.
 fn cut_text(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();

@@ -287,9 +287,11 @@ impl AdminClient {
                 page_token: page_token.clone(),
             });
             let page = bounded(self.timeout, &self.socket, call).await?;
+            // A page that brings nothing, or a token that does not move
+            // on, would loop for ever: the list ends there.
+            let stuck = page.tasks.is_empty() || page.next_page_token == page_token;
             tasks.extend(page.tasks);
-            // A token that does not move on would loop for ever.
-            if page.next_page_token.is_empty() || page.next_page_token == page_token {
+            if page.next_page_token.is_empty() || stuck {
                 return Ok(tasks);
             }
             page_token = page.next_page_token;

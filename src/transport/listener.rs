@@ -39,7 +39,8 @@ const PREFACE_LEN: usize = 24;
 /// Where connections whose peer the kernel could not name are counted
 /// (pid 0 is never a peer): together, under one per-process budget.
 const UNIDENTIFIED: ProcessKey = (0, 0);
-/// ... and under one per-uid budget (`(uid_t) -1` is nobody's uid).
+/// ... and, when even the kernel gives no uid, under one per-uid budget
+/// (`(uid_t) -1` is nobody's uid).
 const UNIDENTIFIED_UID: u32 = u32::MAX;
 
 /// Bounds on the connections one socket holds.
@@ -226,9 +227,9 @@ impl SocketIdentity {
 }
 
 /// Accepts connections forever, identifying each peer, within `limits`:
-/// at most so many open at once (further clients wait in the backlog), so
-/// many per process (more are closed at once), and each must send the
-/// HTTP/2 preface within the handshake timeout.
+/// at most so many open at once, per uid and per process (more are
+/// accepted and closed at once, never left waiting in the backlog), and
+/// each must send the HTTP/2 preface within the handshake timeout.
 pub fn incoming(
     listener: UnixListener,
     limits: ConnectionLimits,
@@ -268,7 +269,10 @@ pub fn incoming(
                         Ok(caller) => (caller.key(), caller.uid()),
                         Err(error) => {
                             tracing::debug!(%error, "could not identify a connecting process");
-                            (UNIDENTIFIED, UNIDENTIFIED_UID)
+                            // The process is gone or unreadable; its uid is
+                            // still the kernel's word.
+                            let uid = stream.peer_cred().map_or(UNIDENTIFIED_UID, |c| c.uid());
+                            (UNIDENTIFIED, uid)
                         }
                     };
                     // Closed unread when over either budget: the process

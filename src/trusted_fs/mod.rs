@@ -104,9 +104,11 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> TrustedFsError + '_ {
 /// with `mode` when it does not exist, or accepts an existing one only when
 /// it is trusted. Either way every directory above it must be trusted too.
 /// An existing directory keeps its mode (it was checked not to let others
-/// write), with one exception: an *empty* directory the agent's own uid
-/// owns that others may write (a Kubernetes `emptyDir` is made 0777) is
-/// given `mode` and, found still empty, is as good as one just created.
+/// write), with one exception: an *empty*, non-sticky directory the
+/// agent's own uid owns that others may write (a Kubernetes `emptyDir` is
+/// made 0777) is given `mode` and, found still empty, is as good as one
+/// just created. (A sticky one, `/tmp` or `/dev/shm`, is shared on purpose
+/// and refused as it is.)
 pub fn dir(dir: &Path, mode: u32) -> Result<(), TrustedFsError> {
     let uid = agent_uid();
     let dir = absolute(dir)?;
@@ -127,19 +129,27 @@ pub fn dir(dir: &Path, mode: u32) -> Result<(), TrustedFsError> {
             Err(e) => return Err(io_error(path)(e)),
         }
     }
+    // Again, now that every directory on the way exists: one that someone
+    // else made between the first walk and the creation above would
+    // otherwise hold the agent's new directory.
+    check_ancestors(&dir, uid)?;
     if let Ok(meta) = fs::symlink_metadata(&dir)
         && meta.is_dir()
         && meta.uid() == uid
         && meta.mode() & WRITABLE_BY_OTHERS != 0
+        && meta.mode() & STICKY == 0
         && is_empty(&dir)?
     {
+        let was = meta.mode() & 0o7777;
         set_mode(&dir, mode)?;
-        // Whatever appeared before the mode changed could be someone else's.
+        // Whatever appeared before the mode changed could be someone
+        // else's: refused, and the mode put back as it was found.
         if !is_empty(&dir)? {
+            set_mode(&dir, was)?;
             return Err(TrustedFsError::Mode {
                 path: dir,
                 owner: uid,
-                mode: meta.mode() & 0o7777,
+                mode: was,
                 problem: "others could write it, and something appeared in it meanwhile",
             });
         }
@@ -235,26 +245,38 @@ fn check_own_dir(dir: &Path, uid: u32) -> Result<(), TrustedFsError> {
     Ok(())
 }
 
-/// Every existing directory above `path`, and above the target of each
-/// symlink among them, is trusted as a parent: owned by the agent or root,
-/// and not writable by others unless sticky.
+/// Every existing directory above `path` is trusted as a parent: owned by
+/// the agent or root, and not writable by others unless sticky. A symlink
+/// among them must be owned by the agent or root (in a sticky directory
+/// its owner could retarget it), and where it leads is checked the same
+/// way, link by link, each link's own directory included.
 fn check_ancestors(path: &Path, uid: u32) -> Result<(), TrustedFsError> {
-    for ancestor in path.ancestors().skip(1) {
+    match path.parent() {
+        Some(parent) => check_chain(parent, uid, MAX_LINKS),
+        None => Ok(()),
+    }
+}
+
+/// Most symlinks followed above one path (the kernel's own limit).
+const MAX_LINKS: u32 = 40;
+
+/// `dir` and every directory above it, as parents; symlinks followed one
+/// at a time. Components that do not exist yet are skipped (the caller
+/// creates them).
+fn check_chain(dir: &Path, uid: u32, links_left: u32) -> Result<(), TrustedFsError> {
+    for ancestor in dir.ancestors() {
         let meta = match fs::symlink_metadata(ancestor) {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_error(ancestor)(e)),
         };
         if meta.file_type().is_symlink() {
-            // The link sits in a directory checked in this same walk; it
-            // must be owned by someone trusted (in a sticky directory its
-            // owner could retarget it), and where it leads is walked too.
             check_owner(ancestor, &meta, uid)?;
-            let target = fs::canonicalize(ancestor).map_err(io_error(ancestor))?;
-            for real in target.ancestors() {
-                let meta = fs::symlink_metadata(real).map_err(io_error(real))?;
-                check_parent(real, &meta, uid)?;
-            }
+            let target = link_target(ancestor)?;
+            let links_left = links_left
+                .checked_sub(1)
+                .ok_or_else(|| TrustedFsError::Symlink(ancestor.to_owned()))?;
+            check_chain(&target, uid, links_left)?;
         } else if meta.is_dir() {
             check_parent(ancestor, &meta, uid)?;
         } else {
@@ -265,6 +287,37 @@ fn check_ancestors(path: &Path, uid: u32) -> Result<(), TrustedFsError> {
         }
     }
     Ok(())
+}
+
+/// Where the symlink `link` leads, as an absolute path without `.` or `..`:
+/// a relative target is taken from the link's directory, resolved (its
+/// own links were checked on the way to `link`). A `..` after the first
+/// name in a target could climb out of a link that is not walked here:
+/// refused.
+fn link_target(link: &Path) -> Result<PathBuf, TrustedFsError> {
+    use std::path::Component;
+    let target = fs::read_link(link).map_err(io_error(link))?;
+    let mut resolved = if target.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        let parent = link.parent().unwrap_or(Path::new("/"));
+        fs::canonicalize(parent).map_err(io_error(parent))?
+    };
+    let mut named = false;
+    for component in target.components() {
+        match component {
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+            Component::ParentDir if !named => {
+                resolved.pop();
+            }
+            Component::ParentDir => return Err(TrustedFsError::Symlink(link.to_owned())),
+            Component::Normal(name) => {
+                named = true;
+                resolved.push(name);
+            }
+        }
+    }
+    Ok(resolved)
 }
 
 fn check_parent(dir: &Path, meta: &Metadata, uid: u32) -> Result<(), TrustedFsError> {

@@ -83,6 +83,11 @@ fn an_empty_directory_of_its_own_that_others_may_write_is_made_private() {
         Err(TrustedFsError::Mode { mode: 0o777, .. })
     ));
     assert_eq!(mode_of(&empty), 0o777);
+    // A sticky one (/tmp, /dev/shm) is shared on purpose: never changed.
+    fs::remove_file(empty.join("planted")).unwrap();
+    chmod(&empty, 0o1777);
+    assert!(dir(&empty, 0o700).is_err());
+    assert_eq!(mode_of(&empty), 0o1777);
 }
 
 #[test]
@@ -233,6 +238,23 @@ fn what_another_user_owns_is_refused_naming_the_owner() {
     .unwrap();
     assert!(matches!(
         dir(&link.join("data"), 0o700),
+        Err(TrustedFsError::Owner { owner: 65534, .. })
+    ));
+    // Theirs in the middle of a chain of links: ours -> theirs -> real.
+    let theirs_link = tmp.path().join("theirs-link");
+    symlink(&real, &theirs_link).unwrap();
+    nix::unistd::fchownat(
+        AT_FDCWD,
+        &theirs_link,
+        Some(nix::unistd::Uid::from_raw(65534)),
+        None,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+    let ours = tmp.path().join("ours");
+    symlink("theirs-link", &ours).unwrap();
+    assert!(matches!(
+        dir(&ours.join("data"), 0o700),
         Err(TrustedFsError::Owner { owner: 65534, .. })
     ));
 }

@@ -178,7 +178,31 @@ async fn one_uid_gets_its_connection_budget_and_other_uids_are_still_served() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let (held, over) = hold_then_one_more(&agent, 2).await;
+    // Two other processes of this uid each hold a connection (a watch
+    // stream); this process, holding none, is refused the third.
+    let watchers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut watcher = Command::new(env!("CARGO_BIN_EXE_tether"))
+                .args(["api", "watch", "--socket"])
+                .arg(&agent.socket)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            KillOnDrop(watcher.stdout.take(), watcher)
+        })
+        .collect();
+    let watchers = tokio::task::spawn_blocking(move || {
+        let mut watchers = watchers;
+        for KillOnDrop(stdout, _) in &mut watchers {
+            let mut first = [0u8; 1];
+            stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+        }
+        watchers
+    })
+    .await
+    .unwrap();
+    let (held, over) = hold_then_one_more(&agent, 0).await;
     assert!(over, "this uid got more than its budget");
     // Another uid is answered (PermissionDenied: it has no entry), not
     // turned away.
@@ -196,9 +220,19 @@ async fn one_uid_gets_its_connection_budget_and_other_uids_are_still_served() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    drop(held);
+    drop((held, watchers));
     eventually_served(&agent).await;
     agent.stop().await;
+}
+
+/// A child process (and its stdout), killed when this drops.
+struct KillOnDrop(Option<std::process::ChildStdout>, std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.1.kill();
+        let _ = self.1.wait();
+    }
 }
 
 /// `n` connections the agent accepted (its HTTP/2 settings arrived) and

@@ -148,12 +148,14 @@ async fn a_socket_directory_another_user_made_first_stops_the_agent_and_its_cli(
 async fn a_non_root_agent_makes_its_own_socket_directories_and_serves() {
     common::require_root("running the agent as another uid");
     let victim = Victim::new(2);
-    let mut agent = victim
-        .tether(&["run"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut agent = Running(
+        victim
+            .tether(&["run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let socket = victim.socket_dir().join("agent.sock");
     common::eventually("the agent's socket", || socket.exists()).await;
     for (dir, mode) in [(victim.socket_dir(), 0o755), (victim.admin_dir(), 0o700)] {
@@ -179,15 +181,25 @@ async fn a_non_root_agent_makes_its_own_socket_directories_and_serves() {
         "{stdout}"
     );
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = tokio::task::spawn_blocking(move || agent.wait())
+    let status = tokio::task::spawn_blocking(move || agent.0.wait())
         .await
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// An agent process, killed if the test fails before stopping it.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test]
@@ -299,8 +311,10 @@ async fn a_path_forged_in_a_private_mount_namespace_gets_no_unix_path() {
             .output()
             .unwrap()
     };
+    // The real file at that path, in the agent's own namespace.
+    std::fs::copy(env!("CARGO_BIN_EXE_tether"), &bin).unwrap();
     // The attack: the caller's own mount namespace, where the entry's path
-    // is a file of its choosing (here, a copy of tether, which asks).
+    // is a file of its choosing (here, another copy of tether, which asks).
     let forged = fetch(Command::new("unshare").args(["-m", "--propagation", "private"]).args([
         "sh",
         "-c",
@@ -312,8 +326,7 @@ async fn a_path_forged_in_a_private_mount_namespace_gets_no_unix_path() {
         !String::from_utf8_lossy(&forged.stdout).contains("spiffe://example.org/target"),
         "forged path got the identity"
     );
-    // The same program at that path in the agent's own namespace gets it.
-    std::fs::copy(env!("CARGO_BIN_EXE_tether"), &bin).unwrap();
+    // The file at that path in the agent's own namespace gets it.
     let real = fetch(&mut Command::new(&bin));
     assert!(real.status.success(), "{}", stderr(&real));
     assert!(
