@@ -20,6 +20,18 @@ fn give_away(path: &Path) {
     .unwrap();
 }
 
+/// Gives the symlink `link` itself (not what it leads to) to uid 65534.
+fn give_link_away(link: &Path) {
+    nix::unistd::fchownat(
+        AT_FDCWD,
+        link,
+        Some(nix::unistd::Uid::from_raw(65534)),
+        None,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}
+
 fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -228,14 +240,7 @@ fn what_another_user_owns_is_refused_naming_the_owner() {
     fs::create_dir(&real).unwrap();
     let link = tmp.path().join("link");
     symlink(&real, &link).unwrap();
-    nix::unistd::fchownat(
-        AT_FDCWD,
-        &link,
-        Some(nix::unistd::Uid::from_raw(65534)),
-        None,
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
+    give_link_away(&link);
     assert!(matches!(
         dir(&link.join("data"), 0o700),
         Err(TrustedFsError::Owner { owner: 65534, .. })
@@ -243,14 +248,7 @@ fn what_another_user_owns_is_refused_naming_the_owner() {
     // Theirs in the middle of a chain of links: ours -> theirs -> real.
     let theirs_link = tmp.path().join("theirs-link");
     symlink(&real, &theirs_link).unwrap();
-    nix::unistd::fchownat(
-        AT_FDCWD,
-        &theirs_link,
-        Some(nix::unistd::Uid::from_raw(65534)),
-        None,
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
+    give_link_away(&theirs_link);
     let ours = tmp.path().join("ours");
     symlink("theirs-link", &ours).unwrap();
     assert!(matches!(

@@ -70,15 +70,21 @@ async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
-#[tokio::test]
-async fn sigterm_stops_cleanly_and_unlinks_the_socket() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "agent.toml", "data");
-    let socket = dir.path().join("agent.sock");
-    let mut agent = start(&config);
+/// `tether run` in `dir`, serving and ready for SIGTERM; its socket.
+async fn serving(dir: &Path) -> (Child, std::path::PathBuf) {
+    let config = write_config(dir, "agent.toml", "data");
+    let socket = dir.join("agent.sock");
+    let agent = start(&config);
     wait_serving(&socket).await;
     // Serving comes a moment before the handlers are installed.
     until_handling(agent.id(), Signal::SIGTERM).await;
+    (agent, socket)
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_unlinks_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, socket) = serving(dir.path()).await;
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
     assert_eq!(
@@ -197,11 +203,7 @@ async fn the_embedded_default_gives_the_user_an_identity() {
 #[tokio::test]
 async fn what_a_caller_writes_cannot_forge_a_log_line() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "agent.toml", "data");
-    let socket = dir.path().join("agent.sock");
-    let mut agent = start(&config);
-    wait_serving(&socket).await;
-    until_handling(agent.id(), Signal::SIGTERM).await;
+    let (mut agent, socket) = serving(dir.path()).await;
     let mut tasks = common::task_client(&socket).await;
     let forged = "read the tickets\n2026-01-01T00:00:00Z  INFO tether::task: task ended \
                   task_id=FAKE reason=revoked\u{1b}[2J\u{1b}[31m";
