@@ -102,7 +102,7 @@ pub enum Decision {
 ///
 /// Never a token, never a key: `token_id` is a `jti` or a certificate
 /// serial. Absent fields are left out of the line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct AuditEvent {
     /// What happened.
     pub event: EventKind,
@@ -147,6 +147,11 @@ pub struct AuditEvent {
     /// The actor chain of an exchanged token, newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub actors: Vec<String>,
+    /// How many more identical denials came within the interval after the
+    /// one this record repeats (a record of its own, once the interval is
+    /// over; see the audit module).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeated: Option<u64>,
 }
 
 /// A record as read back from the trail.
@@ -234,6 +239,7 @@ impl AuditEvent {
             token_id: None,
             entry_id: None,
             actors: Vec::new(),
+            repeated: None,
         }
     }
 
@@ -350,6 +356,7 @@ impl AuditEvent {
             token_id: text(&self.token_id),
             entry_id: text(&self.entry_id),
             actors: list(&self.actors),
+            repeated: self.repeated,
         }
     }
 }

@@ -92,6 +92,7 @@ mod event;
 mod files;
 mod read;
 mod recovery;
+mod repeats;
 mod verify;
 mod writer;
 
@@ -236,6 +237,8 @@ pub struct AuditLog {
     /// Records queued so far; taken with the send, so the queue holds
     /// records `1..=queued` in this order.
     queued: Arc<Mutex<u64>>,
+    /// Identical denials being counted rather than recorded one by one.
+    repeats: Arc<Mutex<repeats::Repeats>>,
 }
 
 /// State the writer publishes to every handle.
@@ -338,7 +341,16 @@ impl AuditLog {
         });
         let writer = AuditWriter::open(dir, config, rx, Arc::clone(&shared))?;
         let queued = Arc::default();
-        Ok((AuditLog { tx, shared, queued }, writer))
+        let repeats = Arc::default();
+        Ok((
+            AuditLog {
+                tx,
+                shared,
+                queued,
+                repeats,
+            },
+            writer,
+        ))
     }
 
     /// Queues one record. `Err` when the queue is full, the writer has
@@ -346,10 +358,29 @@ impl AuditLog {
     /// so no credential is ever issued unaudited. `Ok` means queued: it is
     /// written at once and durable within `flush_interval`. An edge hands
     /// out what was recorded only after [`Self::written`].
+    ///
+    /// A denial identical to one recorded less than [`repeats::INTERVAL`]
+    /// ago, by the same process, is counted instead; the count is recorded
+    /// (`repeated`) with the first record made after its interval.
     pub fn record(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
         if let Some(source) = self.shared.failure() {
             return Err(AuditUnavailable::Failed { source });
         }
+        let now = tokio::time::Instant::now();
+        let (due, verdict) = {
+            let mut repeats = self.repeats.lock().unwrap_or_else(PoisonError::into_inner);
+            (repeats.due(now), repeats.observe(&event, now))
+        };
+        for counted in due {
+            self.enqueue(counted)?;
+        }
+        match verdict {
+            repeats::Verdict::Counted => Ok(()),
+            repeats::Verdict::Record => self.enqueue(event),
+        }
+    }
+
+    fn enqueue(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
         let queued = Queued {
             time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
             body: event.to_body(),

@@ -940,3 +940,42 @@ fn config_defaults_and_bounds() {
     assert!(parsed.stdout);
     assert!(toml::from_str::<AuditConfig>("bogus = 1").is_err());
 }
+
+#[tokio::test]
+async fn identical_denials_are_one_record_and_then_one_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("audit");
+    let running = Running::start(&dir, &config());
+    let denial = AuditEvent {
+        pid: Some(7),
+        audience: Some("api".into()),
+        reason: Some("token expired".into()),
+        ..AuditEvent::new(EventKind::Validate, Decision::Deny)
+    };
+    for _ in 0..50 {
+        running.log.record(denial.clone()).unwrap();
+    }
+    running.flush().await;
+    assert_eq!(read(&dir, &ReadFilter::default()).unwrap().len(), 1);
+    // The interval over, the next record brings the count with it. (A
+    // real wait: the crate's tokio has no paused clock.)
+    tokio::time::sleep(repeats::INTERVAL + Duration::from_millis(100)).await;
+    running
+        .log
+        .record(AuditEvent::new(EventKind::Validate, Decision::Allow))
+        .unwrap();
+    running.flush().await;
+    let records = read(&dir, &ReadFilter::default()).unwrap();
+    assert_eq!(records.len(), 3, "{records:?}");
+    assert_eq!(records[1].event.repeated, Some(49));
+    assert_eq!(
+        records[1].event,
+        AuditEvent {
+            repeated: Some(49),
+            ..denial
+        }
+    );
+    assert_eq!(records[2].event.decision, Decision::Allow);
+    assert!(verify(&dir).is_ok());
+    running.stop().await;
+}

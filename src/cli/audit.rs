@@ -53,7 +53,8 @@ enum AuditCommand {
     /// --json prints each record's line exactly as stored (JSON lines:
     /// "seq", "time", "prev", "event", "decision", and "spiffe_id", "pid",
     /// "uid", "executable", "task_id", "intent", "audience", "tools",
-    /// "reason", "policy_ids", "token_id", "entry_id", "actors" when set).
+    /// "reason", "policy_ids", "token_id", "entry_id", "actors", "repeated"
+    /// when set).
     /// A line that is not a record is reported on stderr and skipped (exit
     /// 1 at the end).
     Tail(TailArgs),

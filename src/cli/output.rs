@@ -1176,6 +1176,9 @@ fn render_audit_record(w: &mut String, record: &AuditRecord) -> std::fmt::Result
     if let Some(uid) = event.uid {
         write!(w, " uid={uid}")?;
     }
+    if let Some(repeated) = event.repeated {
+        write!(w, " repeated={repeated}")?;
+    }
     let ids = [
         ("exe", event.executable.as_deref()),
         ("task", event.task_id.as_deref()),
