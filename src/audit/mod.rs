@@ -359,9 +359,9 @@ impl AuditLog {
     /// written at once and durable within `flush_interval`. An edge hands
     /// out what was recorded only after [`Self::written`].
     ///
-    /// A denial identical to one recorded less than [`repeats::INTERVAL`]
-    /// ago, by the same process, is counted instead; the count is recorded
-    /// (`repeated`) with the first record made after its interval.
+    /// A denial identical to one the same process had recorded less than
+    /// 10 s ago is counted instead; the count is recorded (`repeated`)
+    /// with the first record made after those 10 s.
     pub fn record(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
         if let Some(source) = self.shared.failure() {
             return Err(AuditUnavailable::Failed { source });

@@ -9,8 +9,7 @@
 //! next record the agent makes. Allowed decisions are never held back.
 
 use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -30,6 +29,9 @@ pub(super) struct Repeats {
     /// The first moment an interval ends: before it, `due` has nothing to
     /// look at (it runs with every record).
     next_due: Option<Instant>,
+    /// Keys the hash that tells denials apart, so no caller can aim for a
+    /// collision with another's.
+    keys: RandomState,
 }
 
 #[derive(Debug)]
@@ -59,7 +61,8 @@ impl Repeats {
         if event.decision != Decision::Deny {
             return Verdict::Record;
         }
-        let kind = kind_of(event);
+        // What makes two denials the same: everything but the time.
+        let kind = self.keys.hash_one(event);
         if let Some(counting) = self.counting.get_mut(&kind)
             && now < counting.until
         {
@@ -104,13 +107,6 @@ impl Repeats {
         self.next_due = self.counting.values().map(|c| c.until).min();
         records
     }
-}
-
-/// What makes two denials the same: everything but the time.
-fn kind_of(event: &AuditEvent) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    event.hash(&mut hasher);
-    hasher.finish()
 }
 
 #[cfg(test)]
