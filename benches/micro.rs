@@ -79,7 +79,7 @@ fn audit_log(dir: &Path, runtime: &tokio::runtime::Runtime) -> AuditLog {
         queue: 1 << 20,
         ..AuditConfig::default()
     };
-    let (log, writer) = AuditLog::open(&dir.join("audit"), &config).unwrap();
+    let (log, writer) = AuditLog::open(&dir.join("audit"), &config, audit_key()).unwrap();
     runtime.spawn(writer.run(CancellationToken::new()));
     log
 }
@@ -208,7 +208,8 @@ fn entry_set(n: usize, dir: &Path) -> Arc<EntrySet> {
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
     let store = Store::open(dir).unwrap();
-    let (audit, _writer) = AuditLog::open(&dir.join("audit"), &AuditConfig::default()).unwrap();
+    let (audit, _writer) =
+        AuditLog::open(&dir.join("audit"), &AuditConfig::default(), audit_key()).unwrap();
     let registry = Registry::open(entries, store, audit, td, BTreeSet::new()).unwrap();
     registry.snapshot()
 }
@@ -423,3 +424,8 @@ fn task_validate(c: &mut Criterion) {
 
 criterion_group!(benches, matching, sign, task_validate);
 criterion_main!(benches);
+
+/// A fresh audit signing key.
+fn audit_key() -> Arc<tether::audit::SigningKey> {
+    Arc::new(tether::audit::SigningKey::generate().unwrap().0)
+}

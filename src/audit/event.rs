@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::files::{Hash, MAX_LINE};
+use super::seal::Seal;
 
 /// Room left in a line for the envelope the writer adds before the event:
 /// `{"seq":<20 digits>,"time":"<RFC 3339>","prev":"<64 hex>",`.
@@ -152,6 +153,11 @@ pub struct AuditEvent {
     /// over; see the audit module).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repeated: Option<u64>,
+    /// The agent's seal, on `audit-recovered` records only (see
+    /// `audit::seal`): what the agent found at start cannot be made up
+    /// by someone without its audit key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<Seal>,
 }
 
 /// A record as read back from the trail.
@@ -240,6 +246,7 @@ impl AuditEvent {
             entry_id: None,
             actors: Vec::new(),
             repeated: None,
+            seal: None,
         }
     }
 
@@ -357,6 +364,7 @@ impl AuditEvent {
             entry_id: text(&self.entry_id),
             actors: list(&self.actors),
             repeated: self.repeated,
+            seal: self.seal.clone(),
         }
     }
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use aws_lc_rs::digest;
 use serde::{Deserialize, Serialize};
 
+use super::seal::{Seal, SigningKey, head_message};
 use super::{AuditError, io_error};
 
 /// Longest record line, in bytes, without its newline. Longer lines are
@@ -46,23 +47,45 @@ pub(super) struct Head {
     pub hash: Hash,
 }
 
+/// A well-formed `HEAD` file: the point it names and, unless an older
+/// tether wrote it, the agent's seal over that point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct HeadFile {
+    pub head: Head,
+    pub sealed: Option<SealedAt>,
+}
+
+/// `HEAD`'s seal and the time it was made (part of what is signed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SealedAt {
+    /// RFC 3339, UTC, microseconds.
+    pub time: String,
+    pub seal: Seal,
+}
+
 /// What the `HEAD` file holds, read without trusting it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum HeadState {
     /// No `HEAD` file.
     Missing,
-    /// A well-formed `HEAD`.
-    Valid(Head),
+    /// A well-formed `HEAD` (its seal not checked yet).
+    Valid(HeadFile),
     /// A `HEAD` that is not what tether writes; the reason.
     Damaged(String),
 }
 
-/// `HEAD` on disk: `{"seq":N,"hash":"<64 hex>"}` and a newline.
+/// `HEAD` on disk: `{"seq":N,"hash":"<64 hex>","time":"…","seal":{"key":…,"sig":…}}`
+/// and a newline. `time` and `seal` are absent in a `HEAD` written before
+/// seals (they are then both absent).
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HeadDocument {
     seq: u64,
     hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seal: Option<Seal>,
 }
 
 /// One item of [`LineReader`].
@@ -305,21 +328,33 @@ pub(super) fn read_head(dir: &Path) -> io::Result<HeadState> {
         Ok(document) => document,
         Err(e) => return Ok(HeadState::Damaged(format!("does not parse: {e}"))),
     };
-    match Hash::parse(&document.hash) {
-        Some(hash) => Ok(HeadState::Valid(Head {
+    let Some(hash) = Hash::parse(&document.hash) else {
+        return Ok(HeadState::Damaged(
+            "hash is not 64 lowercase hex digits".into(),
+        ));
+    };
+    let sealed = match (document.time, document.seal) {
+        (None, None) => None,
+        (Some(time), Some(seal)) if seal.is_well_formed() => Some(SealedAt { time, seal }),
+        (Some(_), Some(_)) => {
+            return Ok(HeadState::Damaged("seal is malformed".into()));
+        }
+        _ => return Ok(HeadState::Damaged("has a time or a seal, not both".into())),
+    };
+    Ok(HeadState::Valid(HeadFile {
+        head: Head {
             seq: document.seq,
             hash,
-        })),
-        None => Ok(HeadState::Damaged(
-            "hash is not 64 lowercase hex digits".into(),
-        )),
-    }
+        },
+        sealed,
+    }))
 }
 
 /// Replaces `dir/HEAD` atomically: temp file, fsync, rename, fsync the
 /// directory. A crash leaves the old `HEAD` or the new one, never a mix.
-/// An error names the path that failed.
-pub(super) fn write_head(dir: &Path, head: Head) -> Result<(), AuditError> {
+/// `HEAD` is sealed with `key` at the current time. An error names the
+/// path that failed.
+pub(super) fn write_head(dir: &Path, head: Head, key: &SigningKey) -> Result<(), AuditError> {
     let tmp = dir.join(HEAD_TMP_FILE);
     let path = dir.join(HEAD_FILE);
     // A leftover from a crash mid-write is ours to replace; anything else
@@ -328,9 +363,13 @@ pub(super) fn write_head(dir: &Path, head: Head) -> Result<(), AuditError> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error(&tmp)(e)),
         _ => {}
     }
+    let time = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+    let seal = key.seal(&head_message(head.seq, &head.hash, &time));
     let document = HeadDocument {
         seq: head.seq,
         hash: head.hash.to_string(),
+        time: Some(time),
+        seal: Some(seal),
     };
     let mut text = serde_json::to_string(&document)
         .map_err(io::Error::other)
@@ -462,15 +501,46 @@ mod tests {
             seq: 7,
             hash: Hash::of(b"x"),
         };
-        write_head(dir.path(), head).unwrap();
-        assert_eq!(read_head(dir.path()).unwrap(), HeadState::Valid(head));
+        let (key, _) = SigningKey::generate().unwrap();
+        write_head(dir.path(), head, &key).unwrap();
+        let HeadState::Valid(file) = read_head(dir.path()).unwrap() else {
+            panic!("HEAD not valid");
+        };
+        assert_eq!(file.head, head);
+        let sealed = file.sealed.expect("a sealed HEAD");
+        let text = head_message(head.seq, &head.hash, &sealed.time);
+        assert_eq!(
+            sealed
+                .seal
+                .check(std::slice::from_ref(key.public_key()), &text),
+            Ok(())
+        );
         assert!(!dir.path().join(HEAD_TMP_FILE).exists());
+
+        // A HEAD written before seals is still a HEAD.
+        fs::write(
+            dir.path().join(HEAD_FILE),
+            format!("{{\"seq\":7,\"hash\":\"{}\"}}\n", head.hash),
+        )
+        .unwrap();
+        assert_eq!(
+            read_head(dir.path()).unwrap(),
+            HeadState::Valid(HeadFile { head, sealed: None })
+        );
 
         for (text, want) in [
             ("{\"seq\":1,\"hash\":\"00\"}\n", "hash"),
             ("{\"seq\":1}\n", "does not parse"),
             ("{\"seq\":1,\"hash\":\"x\",\"more\":1}\n", "does not parse"),
             ("", "newline"),
+            (
+                "{\"seq\":1,\"hash\":\"0000000000000000000000000000000000000000000000000000000000000000\",\"time\":\"t\"}\n",
+                "not both",
+            ),
+            (
+                "{\"seq\":1,\"hash\":\"0000000000000000000000000000000000000000000000000000000000000000\",\"time\":\"t\",\"seal\":{\"key\":\"ab\",\"sig\":\"AA\"}}\n",
+                "malformed",
+            ),
         ] {
             fs::write(dir.path().join(HEAD_FILE), text).unwrap();
             match read_head(dir.path()).unwrap() {

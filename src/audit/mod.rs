@@ -4,8 +4,9 @@
 //! Owns the audit directory. [`AuditLog`] is the cheap-to-clone handle every
 //! decision point records through; [`AuditWriter`] is the one loop that
 //! writes (spawned by `daemon`); [`verify`], [`read`] and [`AuditReader`]
-//! read a trail, live or copied, with or without a running agent. Imports
-//! nothing from the crate.
+//! read a trail, live or copied, with or without a running agent;
+//! [`seal`] signs its end. Imports nothing from the crate but
+//! `trusted_fs`.
 //!
 //! # On disk
 //!
@@ -13,7 +14,7 @@
 //! <dir>/                  0700 (a directory group or others may write is refused)
 //!   audit-000001.jsonl    0600, append-only JSON lines; a new file once one reaches max_file_bytes
 //!   audit-000002.jsonl
-//!   HEAD                  0600, {"seq":N,"hash":"<hex>"}: the last record known durable
+//!   HEAD                  0600, {"seq":N,"hash":"<hex>","time":…,"seal":…}: the last record known durable, sealed
 //!   audit.lock            flock: one writer per directory
 //! ```
 //!
@@ -76,11 +77,16 @@
 //! # What the chain proves, and what it cannot
 //!
 //! An edited, removed, reordered or inserted record, a removed file and a
-//! cut tail are detected by anyone holding the files. Someone who can
-//! rewrite the whole directory can also rewrite the whole chain and `HEAD`:
-//! to detect that, keep a copy of the records elsewhere (`stdout = true`
-//! into a log pipeline) or note `HEAD`'s hash off the node from time to
-//! time (`tether audit verify --json` prints it).
+//! cut tail are detected by anyone holding the files. `HEAD` and each
+//! `audit-recovered` record are sealed with the agent's [`SigningKey`]
+//! ([`seal`]): with the published [`PublicKey`], [`verify`] also detects a
+//! tail cut with `HEAD` rewritten to match, and a made-up recovery record.
+//! Someone who holds the key can reseal a rewritten chain, and someone who
+//! can write the directory can put back an older sealed `HEAD` with the
+//! tail cut to it: to detect those, keep a copy of the records elsewhere
+//! (`stdout = true` into a log pipeline) or note `HEAD`'s hash and seal
+//! time off the node from time to time (`tether audit verify --json`
+//! prints them).
 //!
 //! With `stdout = true` each record is also printed as one JSON line on
 //! stdout once it is synced. This module is then the one exception to
@@ -93,6 +99,7 @@ mod files;
 mod read;
 mod recovery;
 mod repeats;
+mod seal;
 mod verify;
 mod writer;
 
@@ -110,6 +117,7 @@ use crate::trusted_fs::TrustedFsError;
 pub use event::{AuditEvent, AuditRecord, Decision, EventKind};
 pub use files::MAX_LINE;
 pub use read::{AuditReader, ReadFilter, read};
+pub use seal::{PublicKey, Seal, SigningKey};
 pub use verify::{Recovery, VerifyReport, verify};
 pub use writer::AuditWriter;
 
@@ -186,6 +194,10 @@ pub enum AuditError {
         /// What is wrong.
         problem: String,
     },
+    /// The audit signing key, or a public key given to check seals with,
+    /// is not usable.
+    #[error("audit key: {0}")]
+    Key(String),
     /// A blocking write job ended without an answer (it panicked, or the
     /// runtime is shutting down).
     #[error("the audit write job failed: {0}")]
@@ -328,7 +340,14 @@ impl AuditLog {
     /// crash (see the module docs), and returns the handle and the writer
     /// loop to spawn. Blocks on file I/O (it may read the newest file
     /// whole): call it before serving, or from a blocking context.
-    pub fn open(dir: &Path, config: &AuditConfig) -> Result<(AuditLog, AuditWriter), AuditError> {
+    ///
+    /// `key` seals every `HEAD` the writer writes and its `audit-recovered`
+    /// records (see [`SigningKey`]).
+    pub fn open(
+        dir: &Path,
+        config: &AuditConfig,
+        key: Arc<SigningKey>,
+    ) -> Result<(AuditLog, AuditWriter), AuditError> {
         config
             .validate()
             .map_err(|(key, problem)| AuditError::Config { key, problem })?;
@@ -339,7 +358,7 @@ impl AuditLog {
             written: watch::Sender::new(0),
             stalled: AtomicBool::new(false),
         });
-        let writer = AuditWriter::open(dir, config, rx, Arc::clone(&shared))?;
+        let writer = AuditWriter::open(dir, config, rx, Arc::clone(&shared), key)?;
         let queued = Arc::default();
         let repeats = Arc::default();
         Ok((

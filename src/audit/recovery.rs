@@ -11,9 +11,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::files::{
-    HEAD_FILE, Hash, Head, HeadState, Item, LineReader, MAX_LINE, list_segments, open_read,
-    read_head, segment_name, seq_prefix, sync_dir,
+    HEAD_FILE, Hash, Head, HeadFile, HeadState, Item, LineReader, MAX_LINE, list_segments,
+    open_read, read_head, segment_name, seq_prefix, sync_dir,
 };
+use super::seal::{SealProblem, SigningKey, head_message};
 use super::{AuditError, io_error};
 
 /// The state of the trail as the writer takes it over.
@@ -57,11 +58,16 @@ struct Scan {
 
 /// Scans the directory (already created and locked) and cuts a torn last
 /// line.
-pub(super) fn recover(dir: &Path) -> Result<Recovered, AuditError> {
+/// `key` is the agent's: a `HEAD` it did not seal is noted.
+pub(super) fn recover(dir: &Path, key: &SigningKey) -> Result<Recovered, AuditError> {
     let head_path = dir.join(HEAD_FILE);
     let head_state = read_head(dir).map_err(io_error(&head_path))?;
-    let head = match head_state {
-        HeadState::Valid(head) => Some(head),
+    let mut notes = Vec::new();
+    let head = match &head_state {
+        HeadState::Valid(file) => {
+            notes.extend(seal_note(file, key));
+            Some(file.head)
+        }
         _ => None,
     };
     let segments = list_segments(dir).map_err(io_error(dir))?;
@@ -73,7 +79,6 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered, AuditError> {
         })?,
     };
 
-    let mut notes = Vec::new();
     let mut append_to = None;
     let mut tail = None;
     let mut at_head = None;
@@ -135,7 +140,7 @@ fn continue_from(
             }
             Head::GENESIS
         }
-        (None, HeadState::Valid(head)) => {
+        (None, HeadState::Valid(HeadFile { head, .. })) => {
             if head.seq > 0 {
                 notes.push(format!(
                     "HEAD records seq {} but the audit files hold no record: records 1 to {} are missing; the chain continues from HEAD",
@@ -164,7 +169,8 @@ fn continue_from(
             ));
             tail.head
         }
-        (Some(tail), HeadState::Valid(head)) => match tail.head.seq.cmp(&head.seq) {
+        (Some(tail), HeadState::Valid(HeadFile { head, .. })) => match tail.head.seq.cmp(&head.seq)
+        {
             Ordering::Equal if tail.head.hash == head.hash => tail.head,
             Ordering::Equal => {
                 notes.push(format!(
@@ -198,6 +204,29 @@ fn continue_from(
                 tail.head
             }
         },
+    }
+}
+
+/// What to say about `HEAD`'s seal, if it is not this agent's seal of it.
+fn seal_note(file: &HeadFile, key: &SigningKey) -> Option<String> {
+    let Some(sealed) = &file.sealed else {
+        return Some(
+            "HEAD was not sealed (a tether before seals wrote it, or it was rewritten)".into(),
+        );
+    };
+    let text = head_message(file.head.seq, &file.head.hash, &sealed.time);
+    match sealed
+        .seal
+        .check(std::slice::from_ref(key.public_key()), &text)
+    {
+        Ok(()) => None,
+        Err(SealProblem::UnknownKey(id)) => Some(format!(
+            "HEAD was sealed by audit key {id}, not by the key of this agent, {} (the audit key was replaced or removed, or HEAD was rewritten)",
+            key.id()
+        )),
+        Err(SealProblem::BadSignature(_)) => Some(
+            "HEAD's seal does not verify with this agent's audit key: HEAD was rewritten".into(),
+        ),
     }
 }
 

@@ -18,6 +18,20 @@ use super::*;
 /// Longest any wait may take before the test fails instead of hanging.
 const GUARD: Duration = Duration::from_secs(60);
 
+/// The agent's audit key in every test of this process: a trail reopened
+/// by a test is reopened by "the same agent".
+fn key() -> Arc<SigningKey> {
+    static KEY: std::sync::LazyLock<Arc<SigningKey>> =
+        std::sync::LazyLock::new(|| Arc::new(SigningKey::generate().unwrap().0));
+    Arc::clone(&KEY)
+}
+
+/// [`super::verify`] with the seals checked: every trail here is written
+/// by "the same agent".
+fn verify(dir: &Path) -> Result<VerifyReport, AuditError> {
+    super::verify(dir, std::slice::from_ref(key().public_key()))
+}
+
 /// A writer running on the test's runtime.
 struct Running {
     log: AuditLog,
@@ -27,7 +41,7 @@ struct Running {
 
 impl Running {
     fn start(dir: &Path, config: &AuditConfig) -> Self {
-        let (log, writer) = AuditLog::open(dir, config).unwrap();
+        let (log, writer) = AuditLog::open(dir, config, key()).unwrap();
         let cancel = CancellationToken::new();
         let job = tokio::spawn(writer.run(cancel.clone()));
         Self { log, cancel, job }
@@ -195,9 +209,15 @@ async fn records_chain_round_trip() {
         assert!(time.ends_with('Z') && time.contains('.'), "{time}");
         prev = sha256_hex(line.as_bytes());
     }
-    assert_eq!(
-        fs::read_to_string(dir.join("HEAD")).unwrap(),
-        format!("{{\"seq\":5,\"hash\":\"{prev}\"}}\n")
+    let head = fs::read_to_string(dir.join("HEAD")).unwrap();
+    assert!(
+        head.starts_with(&format!("{{\"seq\":5,\"hash\":\"{prev}\",\"time\":\""))
+            && head.contains(&format!(
+                ",\"seal\":{{\"key\":\"{}\",\"sig\":\"",
+                key().id()
+            ))
+            && head.ends_with("\"}}\n"),
+        "{head}"
     );
 
     let records = read(&dir, &ReadFilter::default()).unwrap();
@@ -217,6 +237,11 @@ async fn records_chain_round_trip() {
     );
     assert_eq!(report.head_hash, prev);
     assert!(report.recoveries.is_empty() && !report.partial_tail);
+    assert!(report.seals_checked);
+    assert_eq!(
+        report.sealed.map(|(key_id, _)| key_id).as_deref(),
+        Some(key().id())
+    );
     running.stop().await;
 
     // A restart continues the chain where it stopped.
@@ -613,7 +638,7 @@ async fn a_full_queue_refuses_and_says_so() {
         queue: 2,
         ..config()
     };
-    let (log, writer) = AuditLog::open(tmp.path(), &config).unwrap();
+    let (log, writer) = AuditLog::open(tmp.path(), &config, key()).unwrap();
     log.record(event(0)).unwrap();
     log.record(event(1)).unwrap();
     assert!(matches!(
@@ -738,7 +763,7 @@ async fn opening_refuses_what_it_cannot_own() {
     let file = tmp.path().join("file");
     fs::write(&file, "").unwrap();
     for path in [file.clone(), file.join("audit")] {
-        let error = AuditLog::open(&path, &config()).unwrap_err();
+        let error = AuditLog::open(&path, &config(), key()).unwrap_err();
         assert!(
             error.to_string().contains(&file.display().to_string()),
             "{error}"
@@ -751,7 +776,7 @@ async fn opening_refuses_what_it_cannot_own() {
     fs::create_dir(&open).unwrap();
     fs::write(open.join("planted"), "").unwrap();
     fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
-    let error = AuditLog::open(&open, &config()).unwrap_err();
+    let error = AuditLog::open(&open, &config(), key()).unwrap_err();
     assert!(
         matches!(
             error,
@@ -763,7 +788,7 @@ async fn opening_refuses_what_it_cannot_own() {
     // Held by another writer.
     let dir = tmp.path().join("audit");
     let running = Running::start(&dir, &config());
-    let error = AuditLog::open(&dir, &config()).unwrap_err();
+    let error = AuditLog::open(&dir, &config(), key()).unwrap_err();
     assert!(matches!(error, AuditError::Locked { .. }), "{error}");
     running.stop().await;
     Running::start(&dir, &config()).stop().await;
@@ -775,6 +800,7 @@ async fn opening_refuses_what_it_cannot_own() {
             queue: 0,
             ..config()
         },
+        key(),
     )
     .unwrap_err();
     assert!(error.to_string().starts_with("audit.queue"), "{error}");

@@ -6,6 +6,11 @@
 //! record before it or the record itself changed: the next record (or
 //! `HEAD`) tells which, so an edit is reported at the edited line.
 //!
+//! Given the agent's published audit keys, it also checks the seals: the
+//! one on `HEAD`, which vouches for every record up to it, and the one on
+//! each `audit-recovered` record (see `audit::seal`). Without keys it says
+//! who sealed `HEAD`, unchecked.
+//!
 //! Works on a copy, or beside a running writer: `HEAD` is read first, and
 //! the writer moves `HEAD` only after the records it names are written, so
 //! everything `HEAD` names is in the files read after it. Records past
@@ -19,6 +24,7 @@ use super::files::{
     HEAD_FILE, Hash, Head, HeadState, Item, LineReader, list_segments, open_read, read_head,
     segment_name,
 };
+use super::seal::{PublicKey, head_message, recovery_message};
 use super::{AuditError, io_error};
 
 /// What [`verify`] found in an intact trail.
@@ -41,6 +47,12 @@ pub struct VerifyReport {
     /// The `audit-recovered` records: each start that found damage or a
     /// crash's leftovers.
     pub recoveries: Vec<Recovery>,
+    /// The id of the key whose seal `HEAD` carries, and when it was made;
+    /// `None` for a `HEAD` written before seals.
+    pub sealed: Option<(String, String)>,
+    /// The seals were checked against keys given: `HEAD`'s and every
+    /// `audit-recovered` record's hold.
+    pub seals_checked: bool,
 }
 
 /// An `audit-recovered` record.
@@ -72,8 +84,10 @@ struct Suspect {
     after: Place,
 }
 
-struct Verifier {
+struct Verifier<'k> {
     head: Option<Head>,
+    /// The published keys to check seals with; empty: not checked.
+    keys: &'k [PublicKey],
     expected_seq: u64,
     last: Option<Place>,
     suspect: Option<Suspect>,
@@ -85,16 +99,19 @@ struct Verifier {
 
 /// Checks the trail in `dir`: `Ok` with what was checked, or
 /// [`AuditError::Broken`] at the first broken, edited, reordered or
-/// missing record (or damaged `HEAD`). Other errors are I/O.
-pub fn verify(dir: &Path) -> Result<VerifyReport, AuditError> {
+/// missing record (or damaged `HEAD`). With `keys` (the agent's published
+/// audit keys), a `HEAD` or an `audit-recovered` record whose seal is
+/// missing or does not hold is broken too. Other errors are I/O.
+pub fn verify(dir: &Path, keys: &[PublicKey]) -> Result<VerifyReport, AuditError> {
     let head_path = dir.join(HEAD_FILE);
     let head_state = read_head(dir).map_err(io_error(&head_path))?;
     let segments = list_segments(dir).map_err(io_error(dir))?;
     let mut verifier = Verifier {
-        head: match head_state {
-            HeadState::Valid(head) => Some(head),
+        head: match &head_state {
+            HeadState::Valid(file) => Some(file.head),
             _ => None,
         },
+        keys,
         expected_seq: 1,
         last: None,
         suspect: None,
@@ -150,7 +167,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, AuditError> {
 
 // === impl Verifier ===
 
-impl Verifier {
+impl Verifier<'_> {
     fn line(&mut self, file: &Path, line: u64, item: Item) -> Result<(), AuditError> {
         let bytes = match item {
             Item::Line(bytes) => bytes,
@@ -205,6 +222,26 @@ impl Verifier {
             _ => {}
         }
         if record.event.event == EventKind::AuditRecovered {
+            if !self.keys.is_empty() {
+                let reason = record.event.reason.as_deref().unwrap_or_default();
+                let problem = match &record.event.seal {
+                    None => Some("it is not sealed".to_owned()),
+                    Some(seal) => seal
+                        .check(self.keys, &recovery_message(record.seq, &prev, reason))
+                        .err()
+                        .map(|problem| problem.to_string()),
+                };
+                if let Some(problem) = problem {
+                    return Err(self.first_of(broken(
+                        file,
+                        line,
+                        format!(
+                            "the audit-recovered record seq {} does not hold: {problem}",
+                            record.seq
+                        ),
+                    )));
+                }
+            }
             self.recoveries.push(Recovery {
                 file: file.to_owned(),
                 line,
@@ -257,9 +294,9 @@ impl Verifier {
         partial_tail: bool,
     ) -> Result<VerifyReport, AuditError> {
         let head_path = dir.join(HEAD_FILE);
-        let head = match head_state {
-            HeadState::Valid(head) => *head,
-            HeadState::Missing if files == 0 => Head::GENESIS,
+        let (head, sealed) = match head_state {
+            HeadState::Valid(file) => (file.head, file.sealed.as_ref()),
+            HeadState::Missing if files == 0 => (Head::GENESIS, None),
             HeadState::Missing => {
                 return Err(self.first_of(broken(
                     &head_path,
@@ -312,6 +349,23 @@ impl Verifier {
             }
             _ => {}
         }
+        if !self.keys.is_empty() {
+            let problem = match sealed {
+                None => Some("it is not sealed".to_owned()),
+                Some(sealed) => sealed
+                    .seal
+                    .check(self.keys, &head_message(head.seq, &head.hash, &sealed.time))
+                    .err()
+                    .map(|problem| problem.to_string()),
+            };
+            if let Some(problem) = problem {
+                return Err(broken(
+                    &head_path,
+                    1,
+                    format!("HEAD does not hold: {problem}"),
+                ));
+            }
+        }
         Ok(VerifyReport {
             records: self.records,
             files,
@@ -320,6 +374,8 @@ impl Verifier {
             last_seq,
             partial_tail,
             recoveries: self.recoveries,
+            sealed: sealed.map(|sealed| (sealed.seal.key.clone(), sealed.time.clone())),
+            seals_checked: !self.keys.is_empty(),
         })
     }
 }

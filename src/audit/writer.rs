@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::event::{AuditEvent, Decision, EventKind, envelope};
 use super::files::{Hash, Head, LOCK_FILE, segment_name, sync_dir, write_head};
 use super::recovery::{Recovered, recover};
+use super::seal::{SigningKey, recovery_message};
 use super::{AuditConfig, AuditError, Message, Queued, Shared, io_error};
 use crate::trusted_fs;
 
@@ -31,6 +32,9 @@ use crate::trusted_fs;
 const RETRY: Duration = Duration::from_secs(1);
 /// Attempts to write what is queued once cancelled, one [`RETRY`] apart.
 const FINAL_ATTEMPTS: u32 = 3;
+/// Longest `audit-recovered` reason: well under what would make the event
+/// be cut (escaping at most sixfold), so the sealed text is the stored one.
+const MAX_RECOVERY_REASON: usize = 8 * 1024;
 /// Most messages taken from the queue before writing.
 const BATCH_MAX: usize = 4096;
 
@@ -65,6 +69,8 @@ struct Line {
 struct Disk {
     dir: PathBuf,
     _lock: Flock<File>,
+    /// Seals every `HEAD` written.
+    key: Arc<SigningKey>,
     max_file_bytes: u64,
     stdout: bool,
     /// The segment records are appended to; `None` until the next one is
@@ -109,6 +115,7 @@ impl AuditWriter {
         config: &AuditConfig,
         rx: mpsc::Receiver<Message>,
         shared: Arc<Shared>,
+        key: Arc<SigningKey>,
     ) -> Result<Self, AuditError> {
         let lock = prepare_dir(dir)?;
         let Recovered {
@@ -117,7 +124,7 @@ impl AuditWriter {
             next_number,
             head,
             notes,
-        } = recover(dir)?;
+        } = recover(dir, &key)?;
 
         let segment = match append_to {
             Some((_, path, len)) => {
@@ -142,7 +149,7 @@ impl AuditWriter {
         let committed = if head.is_none() && segment.is_none() && next_number == 1 {
             // A new trail: HEAD exists from the start, so a trail with files
             // and no HEAD is always damage.
-            write_head(dir, Head::GENESIS)?;
+            write_head(dir, Head::GENESIS, &key)?;
             Some(Head::GENESIS)
         } else {
             head
@@ -154,6 +161,7 @@ impl AuditWriter {
             disk: Arc::new(Mutex::new(Disk {
                 dir: dir.to_owned(),
                 _lock: lock,
+                key: Arc::clone(&key),
                 max_file_bytes: config.max_file_bytes,
                 stdout: config.stdout,
                 segment,
@@ -173,8 +181,13 @@ impl AuditWriter {
             queued_from: chain.seq,
         };
         if !notes.is_empty() {
+            // Bounded so the record is never cut: the seal signs it whole.
+            let reason = bounded_reason(notes.join("; "));
+            let seq = chain.seq + 1;
+            let seal = key.seal(&recovery_message(seq, &chain.hash, &reason));
             let event = AuditEvent {
-                reason: Some(notes.join("; ")),
+                reason: Some(reason),
+                seal: Some(seal),
                 ..AuditEvent::new(EventKind::AuditRecovered, Decision::Info)
             };
             writer.chain_record(Queued {
@@ -498,7 +511,7 @@ impl Disk {
             self.dir_dirty = false;
         }
         if self.committed != Some(self.synced) {
-            write_head(&self.dir, self.synced)?;
+            write_head(&self.dir, self.synced, &self.key)?;
             self.committed = Some(self.synced);
         }
         Ok(())
@@ -546,6 +559,21 @@ impl Disk {
 /// Creates the directory (0700) if missing, refuses one that is not
 /// trusted (someone else's, a symlink, writable by others, or under such a
 /// directory), and takes the writer's lock.
+/// An `audit-recovered` reason cut (on a character boundary, marked) to
+/// [`MAX_RECOVERY_REASON`] bytes.
+fn bounded_reason(mut reason: String) -> String {
+    if reason.len() > MAX_RECOVERY_REASON {
+        let total = reason.len();
+        let mut end = MAX_RECOVERY_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push_str(&format!("…[cut from {total} bytes]"));
+    }
+    reason
+}
+
 fn prepare_dir(dir: &Path) -> Result<Flock<File>, AuditError> {
     trusted_fs::dir(dir, 0o700)?;
     // Refuse to start rather than fail at the first write: a read-only

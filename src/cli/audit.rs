@@ -19,9 +19,11 @@ use time::format_description::well_known::Rfc3339;
 
 use super::output::{AuditBroken, AuditRecoveryView, AuditVerified, Format};
 use super::{EXIT_USAGE, fail};
-use crate::audit::{self, AuditError, AuditReader, AuditRecord, ReadFilter};
+use crate::audit::{self, AuditError, AuditReader, AuditRecord, PublicKey, ReadFilter};
 use crate::config::{Config, ConfigError, ProcessEnv};
 
+/// Largest public key file read.
+const MAX_PUBLIC_KEY_FILE: u64 = 16 * 1024;
 /// How often `tail --follow` looks for new records.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
 
@@ -42,9 +44,14 @@ enum AuditCommand {
     /// first edited, removed, reordered or missing record (or file). The
     /// agent's recoveries from crashes or damage are listed on stderr.
     ///
+    /// With --public-key, HEAD's seal and every audit-recovered record's
+    /// are checked too: a missing or rewritten seal is "broken". Without
+    /// it, the key that sealed HEAD is named, unchecked.
+    ///
     /// --json prints {"intact": true, "records", "files", "head_seq",
-    /// "head_hash", "last_seq", "recoveries": [{"file", "line", "seq",
-    /// "reason"}]} or {"intact": false, "file", "line", "problem"}.
+    /// "head_hash", "last_seq", "sealed_by", "sealed_at", "seals_checked",
+    /// "recoveries": [{"file", "line", "seq", "reason"}]} or
+    /// {"intact": false, "file", "line", "problem"}.
     Verify(VerifyArgs),
     /// Print audit records, oldest first: time, seq, event, decision,
     /// SPIFFE ID, then pid, task, audience, tools, policies, intent and
@@ -83,6 +90,13 @@ struct TrailArgs {
 struct VerifyArgs {
     #[command(flatten)]
     trail: TrailArgs,
+
+    /// The agent's published audit key (data_dir/audit.pub, PEM), copied
+    /// off the node: HEAD's seal and every audit-recovered record's must
+    /// hold, so a cut tail with a rewritten HEAD is detected. Repeat it
+    /// for a trail sealed by more than one key (after a key change).
+    #[arg(long, value_name = "FILE")]
+    public_key: Vec<PathBuf>,
 }
 
 /// Arguments of `tether audit tail`.
@@ -149,7 +163,7 @@ impl AuditCliError {
 /// Runs `tether audit ...`.
 pub fn run(args: &AuditArgs) -> ExitCode {
     let result = match &args.command {
-        AuditCommand::Verify(verify) => run_verify(&verify.trail),
+        AuditCommand::Verify(verify) => run_verify(verify),
         AuditCommand::Tail(tail) => run_tail(tail),
     };
     match result {
@@ -161,10 +175,16 @@ pub fn run(args: &AuditArgs) -> ExitCode {
     }
 }
 
-fn run_verify(trail: &TrailArgs) -> Result<ExitCode, AuditCliError> {
+fn run_verify(args: &VerifyArgs) -> Result<ExitCode, AuditCliError> {
+    let trail = &args.trail;
     let dir = trail.dir()?;
     let format = Format::from_json_flag(trail.json);
-    match audit::verify(&dir) {
+    let keys = args
+        .public_key
+        .iter()
+        .map(|path| read_public_key(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    match audit::verify(&dir, &keys) {
         Ok(report) => {
             for recovery in &report.recoveries {
                 eprintln!(
@@ -183,6 +203,9 @@ fn run_verify(trail: &TrailArgs) -> Result<ExitCode, AuditCliError> {
                     head_seq: report.head_seq,
                     head_hash: report.head_hash,
                     last_seq: report.last_seq,
+                    sealed_by: report.sealed.as_ref().map(|(key, _)| key.clone()),
+                    sealed_at: report.sealed.map(|(_, time)| time),
+                    seals_checked: report.seals_checked,
                     recoveries: report
                         .recoveries
                         .into_iter()
@@ -214,6 +237,24 @@ fn run_verify(trail: &TrailArgs) -> Result<ExitCode, AuditCliError> {
         }
         Err(error) => Err(error.into()),
     }
+}
+
+/// A public key file, bounded and parsed.
+fn read_public_key(path: &std::path::Path) -> Result<PublicKey, AuditCliError> {
+    use std::io::Read as _;
+    let key_error = |problem: String| {
+        AuditCliError::Audit(AuditError::Key(format!("{}: {problem}", path.display())))
+    };
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_PUBLIC_KEY_FILE + 1).read_to_end(&mut text))
+        .map_err(|e| key_error(e.to_string()))?;
+    if text.len() as u64 > MAX_PUBLIC_KEY_FILE {
+        return Err(key_error(format!(
+            "larger than {MAX_PUBLIC_KEY_FILE} bytes: not a public key"
+        )));
+    }
+    PublicKey::from_pem(&text).map_err(|e| key_error(e.to_string()))
 }
 
 fn run_tail(args: &TailArgs) -> Result<ExitCode, AuditCliError> {

@@ -427,6 +427,13 @@ pub struct AuditVerified {
     /// `last_seq`: the last record's seq; more than `head_seq` while a
     /// running agent has records not yet synced.
     pub last_seq: u64,
+    /// `sealed_by`: the id of the audit key that sealed `HEAD` (`null`: a
+    /// `HEAD` written before seals).
+    pub sealed_by: Option<String>,
+    /// `sealed_at`: when `HEAD` was sealed (RFC 3339).
+    pub sealed_at: Option<String>,
+    /// `seals_checked`: the seals were checked against `--public-key`.
+    pub seals_checked: bool,
     /// `recoveries`: the agent's `audit-recovered` records (a start that
     /// found damage or a crash's leftovers).
     pub recoveries: Vec<AuditRecoveryView>,
@@ -617,6 +624,21 @@ impl Format {
                     " ({} more written, not yet synced)",
                     report.last_seq - report.head_seq
                 )?;
+            }
+            match (&report.sealed_by, &report.sealed_at) {
+                (Some(key), Some(time)) if report.seals_checked => write!(
+                    w,
+                    "; HEAD sealed by audit key {} at {}, seals verified",
+                    printable(key),
+                    printable(time)
+                )?,
+                (Some(key), Some(time)) => write!(
+                    w,
+                    "; HEAD sealed by audit key {} at {} (not checked: pass --public-key)",
+                    printable(key),
+                    printable(time)
+                )?,
+                _ => write!(w, "; HEAD is not sealed")?,
             }
             writeln!(w)
         })

@@ -6,6 +6,7 @@
 //! socket path tests and the CLI use, and stops everything cleanly: streams
 //! end with Unavailable, the socket is unlinked, the data dir unlocked.
 
+pub mod audit_key;
 mod reload;
 pub mod shutdown;
 
@@ -95,7 +96,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .dir
         .clone()
         .unwrap_or_else(|| config.data_dir.join("audit"));
-    let (audit, audit_writer) = AuditLog::open(&audit_dir, &config.audit)
+    let audit_key = {
+        let dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || audit_key::load_or_create(&dir))
+            .await
+            .context("loading the audit key")??
+    };
+    let (audit, audit_writer) = AuditLog::open(&audit_dir, &config.audit, Arc::new(audit_key))
         .with_context(|| format!("opening the audit trail in {}", audit_dir.display()))?;
     let audit_stop = CancellationToken::new();
     let audit_writer = tokio::spawn(audit_writer.run(audit_stop.clone()));

@@ -577,6 +577,7 @@ mod tests {
         let (log, writer) = AuditLog::open(
             &dir.path().join(format!("audit-{n}")),
             &crate::audit::AuditConfig::default(),
+            Arc::new(crate::audit::SigningKey::generate().unwrap().0),
         )
         .unwrap();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

@@ -29,7 +29,7 @@ async fn write_trail(dir: &Path) {
         flush_interval: Duration::from_millis(5),
         ..AuditConfig::default()
     };
-    let (log, writer) = AuditLog::open(dir, &config).unwrap();
+    let (log, writer) = AuditLog::open(dir, &config, audit_key()).unwrap();
     let cancel = CancellationToken::new();
     let job = tokio::spawn(writer.run(cancel.clone()));
     for i in 0..6 {
@@ -68,9 +68,12 @@ async fn verify_and_tail_a_trail_written_through_the_api() {
     // Intact.
     let out = tether(&["audit", "verify", "--dir", dir_arg]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(
-        stdout(&out),
-        "audit trail intact: 6 records in 1 file, head seq 6\n"
+    let said = stdout(&out);
+    assert!(
+        said.starts_with(
+            "audit trail intact: 6 records in 1 file, head seq 6; HEAD sealed by audit key "
+        ) && said.ends_with(" (not checked: pass --public-key)\n"),
+        "{said}"
     );
     let out = tether(&["audit", "verify", "--dir", dir_arg, "--json"]);
     assert!(out.status.success(), "{out:?}");
@@ -168,4 +171,9 @@ fn a_missing_trail_is_an_error_not_a_verdict() {
     assert!(out.stdout.is_empty());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains(&missing.display().to_string()), "{err}");
+}
+
+/// A fresh audit signing key.
+fn audit_key() -> std::sync::Arc<tether::audit::SigningKey> {
+    std::sync::Arc::new(tether::audit::SigningKey::generate().unwrap().0)
 }

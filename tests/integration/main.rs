@@ -19,6 +19,7 @@ mod common;
 mod admin_api;
 mod architecture;
 mod audit_log;
+mod audit_seal;
 mod cli_admin;
 mod cli_api;
 mod cli_task;
