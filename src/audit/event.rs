@@ -18,7 +18,7 @@ use super::seal::Seal;
 
 /// Room left in a line for the envelope the writer adds before the event:
 /// `{"seq":<20 digits>,"time":"<RFC 3339>","prev":"<64 hex>",`.
-const ENVELOPE_MAX: usize = 160;
+pub(super) const ENVELOPE_MAX: usize = 160;
 /// Longest serialized event, in bytes.
 pub(super) const MAX_BODY: usize = MAX_LINE - ENVELOPE_MAX;
 /// Most bytes kept of an audience or a tool name, which any caller of the

@@ -94,6 +94,7 @@
 //! stalled stdout reader stalls the writer and, once the queue is full,
 //! issuance: records are never dropped to keep going.
 
+mod budget;
 mod event;
 mod files;
 mod read;
@@ -148,6 +149,13 @@ pub struct AuditConfig {
     pub queue: usize,
     /// Also print each record as a JSON line on stdout (default false).
     pub stdout: bool,
+    /// Bytes of records per second each uid's requests may make the agent
+    /// write (default 64 KiB; see `audit::budget`). Over it, the requests
+    /// are refused (ResourceExhausted).
+    pub caller_bytes_per_second: u64,
+    /// Bytes each uid may write at once before `caller_bytes_per_second`
+    /// applies (default 4 MiB; at least 64 KiB, a record's largest size).
+    pub caller_burst_bytes: u64,
 }
 
 /// Why the audit directory cannot be opened or read.
@@ -225,6 +233,17 @@ pub enum AuditUnavailable {
     /// The writer has stopped (shutdown).
     #[error("the audit writer has stopped")]
     Stopped,
+    /// The caller's uid has written its budget of audit bytes
+    /// (`caller_bytes_per_second`): its requests wait until it refills.
+    #[error(
+        "uid {uid} is over its audit budget ({rate} bytes/s of audit records): retry later"
+    )]
+    OverBudget {
+        /// The caller's uid.
+        uid: u32,
+        /// `caller_bytes_per_second`.
+        rate: u64,
+    },
     /// The writer took the record but has not written it in time: it is
     /// stuck (a hung disk, a stdout nobody reads).
     #[error("the audit writer is stalled (nothing written within {waited:?})")]
@@ -251,6 +270,10 @@ pub struct AuditLog {
     queued: Arc<Mutex<u64>>,
     /// Identical denials being counted rather than recorded one by one.
     repeats: Arc<Mutex<repeats::Repeats>>,
+    /// Each uid's audit bytes.
+    budget: Arc<Mutex<budget::Budget>>,
+    /// `caller_bytes_per_second`, for the refusal.
+    caller_rate: u64,
 }
 
 /// State the writer publishes to every handle.
@@ -296,6 +319,8 @@ impl Default for AuditConfig {
             flush_interval: Duration::from_millis(50),
             queue: 16384,
             stdout: false,
+            caller_bytes_per_second: 64 * 1024,
+            caller_burst_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -329,6 +354,18 @@ impl AuditConfig {
         if self.queue == 0 || self.queue > MAX_QUEUE {
             return Err(("audit.queue", format!("must be between 1 and {MAX_QUEUE}")));
         }
+        if self.caller_bytes_per_second == 0 {
+            return Err((
+                "audit.caller_bytes_per_second",
+                "must be greater than zero".into(),
+            ));
+        }
+        if self.caller_burst_bytes < MAX_LINE as u64 {
+            return Err((
+                "audit.caller_burst_bytes",
+                format!("must be at least {MAX_LINE} (the largest record)"),
+            ));
+        }
         Ok(())
     }
 }
@@ -361,12 +398,18 @@ impl AuditLog {
         let writer = AuditWriter::open(dir, config, rx, Arc::clone(&shared), key)?;
         let queued = Arc::default();
         let repeats = Arc::default();
+        let budget = Arc::new(Mutex::new(budget::Budget::new(
+            config.caller_bytes_per_second,
+            config.caller_burst_bytes,
+        )));
         Ok((
             AuditLog {
                 tx,
                 shared,
                 queued,
                 repeats,
+                budget,
+                caller_rate: config.caller_bytes_per_second,
             },
             writer,
         ))
@@ -381,6 +424,10 @@ impl AuditLog {
     /// A denial identical to one the same process had recorded less than
     /// 10 s ago is counted instead; the count is recorded (`repeated`)
     /// with the first record made after those 10 s.
+    ///
+    /// A record a request caused (one with a pid, not `info`) is charged to
+    /// the caller's uid: over its budget it is refused
+    /// ([`AuditUnavailable::OverBudget`]), see `audit::budget`.
     pub fn record(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
         if let Some(source) = self.shared.failure() {
             return Err(AuditUnavailable::Failed { source });
@@ -391,18 +438,36 @@ impl AuditLog {
             (repeats.due(now), repeats.observe(&event, now))
         };
         for counted in due {
-            self.enqueue(counted)?;
+            self.enqueue(counted.to_body())?;
         }
-        match verdict {
-            repeats::Verdict::Counted => Ok(()),
-            repeats::Verdict::Record => self.enqueue(event),
+        if verdict == repeats::Verdict::Counted {
+            return Ok(());
+        }
+        let body = event.to_body();
+        let charge = self
+            .budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .charge(&event, body.len() + event::ENVELOPE_MAX, now);
+        match charge {
+            budget::Charge::Paid => self.enqueue(body),
+            budget::Charge::Refused { note } => {
+                if let Some(note) = note {
+                    // Best effort: the refusal stands either way.
+                    let _ = self.enqueue(note.to_body());
+                }
+                Err(AuditUnavailable::OverBudget {
+                    uid: event.uid.unwrap_or_default(),
+                    rate: self.caller_rate,
+                })
+            }
         }
     }
 
-    fn enqueue(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
+    fn enqueue(&self, body: Vec<u8>) -> Result<(), AuditUnavailable> {
         let queued = Queued {
             time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
-            body: event.to_body(),
+            body,
         };
         let mut count = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
         self.tx

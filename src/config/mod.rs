@@ -767,6 +767,11 @@ bundle_path = "/etc/tether/example-federated.org.json"
             ("[limits]\nmax_audiences = 0", "limits.max_audiences"),
             ("[audit]\nqueue = 0", "audit.queue"),
             ("[audit]\nmax_file_bytes = 100", "audit.max_file_bytes"),
+            (
+                "[audit]\ncaller_bytes_per_second = 0",
+                "audit.caller_bytes_per_second",
+            ),
+            ("[audit]\ncaller_burst_bytes = 4096", "audit.caller_burst_bytes"),
             ("[audit]\nflush_interval = \"0s\"", "audit.flush_interval"),
             (
                 "[audit]\ndir = \"audit\"",

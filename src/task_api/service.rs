@@ -167,7 +167,7 @@ impl TaskApi {
         audience: &str,
         tool: Option<&str>,
         outcome: &Result<ValidatedTaskToken, String>,
-    ) {
+    ) -> Result<(), Status> {
         crate::telemetry::metrics().validated("task_token", outcome.is_ok());
         let mut event = AuditEvent {
             audience: Some(audience.to_owned()),
@@ -186,9 +186,7 @@ impl TaskApi {
                 event.reason = Some(reason.clone());
             }
         }
-        if let Err(error) = self.tasks.audit().record(event) {
-            tracing::warn!(%error, "could not record a validation");
-        }
+        gate::record_validation(self.tasks.audit(), event)
     }
 
     /// The own bundle, and the federated bundles the caller's entries name.
@@ -631,7 +629,7 @@ impl TasksRpc for TaskApi {
                     .map_err(|status| status.message().to_owned()),
                 None => Ok(valid),
             });
-        self.audit_validation(&attested, &req.audience, tool, &validated);
+        self.audit_validation(&attested, &req.audience, tool, &validated)?;
         let response = match validated {
             Ok(valid) => pb::ValidateTaskTokenResponse {
                 valid: true,

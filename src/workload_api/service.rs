@@ -566,7 +566,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     policy_ids: decided_by,
                     ..gate::caller_event(&attested, EventKind::IssueJwt, AuditDecision::Allow)
                 })
-                .map_err(|e| Status::unavailable(format!("not issuing: {e}")))?;
+                .map_err(|e| gate::unrecorded(&e))?;
             crate::telemetry::metrics().jwt_svids_issued.inc();
             tracing::debug!(pid = caller.pid(), spiffe_id = %m.spiffe_id, jti = %svid.jti, ?audiences, "issued JWT-SVID");
             svids.push(convert::jwt_svid(&svid));
@@ -642,9 +642,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 event.reason = Some(status.message().to_owned());
             }
         }
-        if let Err(error) = self.tasks.audit().record(event) {
-            tracing::warn!(%error, "could not record a validation");
-        }
+        gate::record_validation(self.tasks.audit(), event)?;
         let validated = outcome?;
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: validated.spiffe_id.to_string(),

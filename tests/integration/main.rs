@@ -18,6 +18,7 @@ mod common;
 
 mod admin_api;
 mod architecture;
+mod audit_budget;
 mod audit_log;
 mod audit_seal;
 mod cli_admin;

@@ -1,0 +1,98 @@
+//! Issue 15, finding 5: what one uid's requests can make the agent write
+//! to the audit trail is bounded (`audit.caller_bytes_per_second`, burst
+//! `audit.caller_burst_bytes`). Past it that uid's requests are refused
+//! (ResourceExhausted, nothing issued unaudited), one record says so, and
+//! every other uid is served from its own budget.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::process::Command;
+
+use tether::audit::{AuditRecord, Decision, EventKind, ReadFilter};
+use tokio::time::Instant;
+
+use crate::common::{self, TestAgent};
+
+const RATE: u64 = 1024;
+const BURST: u64 = 65536;
+/// A uid with an entry of its own, for the test's second caller.
+const OTHER: u32 = 4_343_434;
+
+fn records(agent: &TestAgent) -> Vec<AuditRecord> {
+    tether::audit::read(&agent.dir.path().join("data/audit"), &ReadFilter::default()).unwrap()
+}
+
+// The agent runs in this process: the blocking CLI call needs a second
+// worker thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (a client as another uid): scripts/test runs it"]
+async fn one_uid_cannot_write_more_than_its_audit_budget_and_others_are_served() {
+    common::require_root("running a client as another uid");
+    let agent = TestAgent::start(&format!(
+        "[audit]\ncaller_bytes_per_second = {RATE}\ncaller_burst_bytes = {BURST}\n{}\
+         [[entries]]\nspiffe_id = \"spiffe://example.org/other\"\nselectors = [\"unix:uid:{OTHER}\"]\n",
+        common::entry_for_me("flood", "flood")
+    ))
+    .await;
+    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let me = common::uid();
+    let client = agent.spiffe_client().await;
+
+    // A new audience each time, as the finding's flood did: no two records
+    // alike, so none is counted as a repeat.
+    let started = Instant::now();
+    let mut refused = None;
+    for i in 0..10_000 {
+        let audience = format!("https://{i}.{}.example", "a".repeat(200));
+        match client.fetch_jwt_svid(&[audience.as_str()], None).await {
+            Ok(_) => {}
+            Err(error) => {
+                refused = Some(error.to_string());
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the flood is refused before 10,000 records");
+    assert!(refused.contains("over its audit budget"), "{refused}");
+
+    // Another uid is served meanwhile, from its own budget.
+    let other = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["api", "fetch", "jwt", "--audience", "https://api.example", "--socket"])
+        .arg(&agent.socket)
+        .env_clear()
+        .uid(OTHER)
+        .gid(OTHER)
+        .output()
+        .unwrap();
+    assert!(other.status.success(), "{other:?}");
+    // And so is this uid again, once its budget has refilled for a record.
+    let deadline = Instant::now() + common::PATIENCE;
+    while let Err(error) = client.fetch_jwt_svid(&["https://later.example"], None).await {
+        assert!(error.to_string().contains("over its audit budget"), "{error}");
+        assert!(Instant::now() < deadline, "the budget never refilled");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    agent.running().audit().flush().await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let records = records(&agent);
+    let charged: u64 = records
+        .iter()
+        .filter(|r| r.event.uid == Some(me) && r.event.decision != Decision::Info)
+        .filter(|r| !r.event.reason.as_deref().unwrap_or("").contains("audit budget"))
+        .map(|r| r.line.len() as u64 + 1)
+        .sum();
+    // What the uid made the agent write is within its budget over the run.
+    let bound = BURST + (RATE as f64 * elapsed) as u64;
+    assert!(charged <= bound, "{charged} bytes > {bound} bytes");
+    let note = records
+        .iter()
+        .find(|r| r.event.event == EventKind::Deny && r.event.uid == Some(me))
+        .expect("the refusals are recorded");
+    assert!(
+        note.event.reason.as_deref().unwrap().contains(&format!("audit budget of uid {me} exhausted")),
+        "{note:?}"
+    );
+    assert!(records.iter().any(|r| r.event.uid == Some(OTHER) && r.event.event == EventKind::IssueJwt));
+    agent.stop().await;
+}
