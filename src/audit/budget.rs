@@ -59,7 +59,7 @@ pub(super) enum Charge {
     /// Over budget: refuse the request; queue `note` (uncharged) if set.
     Refused {
         /// The record of the refusals, when one is due.
-        note: Option<AuditEvent>,
+        note: Option<Box<AuditEvent>>,
     },
 }
 
@@ -105,13 +105,16 @@ impl Budget {
             return Charge::Paid;
         }
         bucket.refused += 1;
-        if bucket.noted.is_some_and(|noted| now < noted + NOTE_INTERVAL) {
+        if bucket
+            .noted
+            .is_some_and(|noted| now < noted + NOTE_INTERVAL)
+        {
             return Charge::Refused { note: None };
         }
         bucket.noted = Some(now);
         let refused = std::mem::take(&mut bucket.refused);
         Charge::Refused {
-            note: Some(AuditEvent {
+            note: Some(Box::new(AuditEvent {
                 pid: event.pid,
                 uid: event.uid,
                 executable: event.executable.clone(),
@@ -122,7 +125,7 @@ impl Budget {
                 )),
                 repeated: Some(refused),
                 ..AuditEvent::new(EventKind::Deny, Decision::Deny)
-            }),
+            })),
         }
     }
 }
@@ -198,7 +201,11 @@ mod tests {
             pid: None,
             ..request(7)
         };
-        for event in [end, renewal, AuditEvent::new(EventKind::EntryChange, Decision::Allow)] {
+        for event in [
+            end,
+            renewal,
+            AuditEvent::new(EventKind::EntryChange, Decision::Allow),
+        ] {
             assert_eq!(budget.charge(&event, 60_000, now), Charge::Paid);
         }
     }
@@ -219,6 +226,9 @@ mod tests {
         // Once the others have refilled, they are forgotten and a new uid
         // gets its burst.
         let later = now + Duration::from_secs(100);
-        assert_eq!(budget.charge(&request(u32::MAX - 1), 100, later), Charge::Paid);
+        assert_eq!(
+            budget.charge(&request(u32::MAX - 1), 100, later),
+            Charge::Paid
+        );
     }
 }

@@ -235,9 +235,7 @@ pub enum AuditUnavailable {
     Stopped,
     /// The caller's uid has written its budget of audit bytes
     /// (`caller_bytes_per_second`): its requests wait until it refills.
-    #[error(
-        "uid {uid} is over its audit budget ({rate} bytes/s of audit records): retry later"
-    )]
+    #[error("uid {uid} is over its audit budget ({rate} bytes/s of audit records): retry later")]
     OverBudget {
         /// The caller's uid.
         uid: u32,

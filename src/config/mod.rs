@@ -771,7 +771,10 @@ bundle_path = "/etc/tether/example-federated.org.json"
                 "[audit]\ncaller_bytes_per_second = 0",
                 "audit.caller_bytes_per_second",
             ),
-            ("[audit]\ncaller_burst_bytes = 4096", "audit.caller_burst_bytes"),
+            (
+                "[audit]\ncaller_burst_bytes = 4096",
+                "audit.caller_burst_bytes",
+            ),
             ("[audit]\nflush_interval = \"0s\"", "audit.flush_interval"),
             (
                 "[audit]\ndir = \"audit\"",

@@ -614,10 +614,12 @@ async fn kill_9_during_a_burst_of_writes_loses_no_acknowledged_entry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_lists_come_in_pages_that_each_fit_a_message() {
     // 1,100 tasks with the longest intents the store keeps: more than
-    // 4 MiB, the message limit of the CLI, in one answer.
+    // 4 MiB, the message limit of the CLI, in one answer. Their records
+    // take more than this uid's default audit burst (4 MiB).
     const TASKS: usize = 1_100;
     let agent = TestAgent::start(&format!(
-        "[tasks]\nmax_intent_len = 4096\nmax_tasks_per_process = {TASKS}\n{}",
+        "[audit]\ncaller_burst_bytes = 67108864\n\
+         [tasks]\nmax_intent_len = 4096\nmax_tasks_per_process = {TASKS}\n{}",
         entry_for_me("agent", "agent")
     ))
     .await;

@@ -57,7 +57,14 @@ async fn one_uid_cannot_write_more_than_its_audit_budget_and_others_are_served()
 
     // Another uid is served meanwhile, from its own budget.
     let other = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["api", "fetch", "jwt", "--audience", "https://api.example", "--socket"])
+        .args([
+            "api",
+            "fetch",
+            "jwt",
+            "--audience",
+            "https://api.example",
+            "--socket",
+        ])
         .arg(&agent.socket)
         .env_clear()
         .uid(OTHER)
@@ -67,8 +74,14 @@ async fn one_uid_cannot_write_more_than_its_audit_budget_and_others_are_served()
     assert!(other.status.success(), "{other:?}");
     // And so is this uid again, once its budget has refilled for a record.
     let deadline = Instant::now() + common::PATIENCE;
-    while let Err(error) = client.fetch_jwt_svid(&["https://later.example"], None).await {
-        assert!(error.to_string().contains("over its audit budget"), "{error}");
+    while let Err(error) = client
+        .fetch_jwt_svid(&["https://later.example"], None)
+        .await
+    {
+        assert!(
+            error.to_string().contains("over its audit budget"),
+            "{error}"
+        );
         assert!(Instant::now() < deadline, "the budget never refilled");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
@@ -79,7 +92,13 @@ async fn one_uid_cannot_write_more_than_its_audit_budget_and_others_are_served()
     let charged: u64 = records
         .iter()
         .filter(|r| r.event.uid == Some(me) && r.event.decision != Decision::Info)
-        .filter(|r| !r.event.reason.as_deref().unwrap_or("").contains("audit budget"))
+        .filter(|r| {
+            !r.event
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("audit budget")
+        })
         .map(|r| r.line.len() as u64 + 1)
         .sum();
     // What the uid made the agent write is within its budget over the run.
@@ -90,9 +109,17 @@ async fn one_uid_cannot_write_more_than_its_audit_budget_and_others_are_served()
         .find(|r| r.event.event == EventKind::Deny && r.event.uid == Some(me))
         .expect("the refusals are recorded");
     assert!(
-        note.event.reason.as_deref().unwrap().contains(&format!("audit budget of uid {me} exhausted")),
+        note.event
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains(&format!("audit budget of uid {me} exhausted")),
         "{note:?}"
     );
-    assert!(records.iter().any(|r| r.event.uid == Some(OTHER) && r.event.event == EventKind::IssueJwt));
+    assert!(
+        records
+            .iter()
+            .any(|r| r.event.uid == Some(OTHER) && r.event.event == EventKind::IssueJwt)
+    );
     agent.stop().await;
 }
