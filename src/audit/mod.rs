@@ -480,6 +480,23 @@ impl AuditLog {
         Ok(())
     }
 
+    /// Records the counts of repeated denials still being counted, their
+    /// intervals over or not: the agent is stopping, and a count waits
+    /// otherwise for the next record (see `audit::repeats`). Best effort,
+    /// like the counting itself.
+    pub fn record_counts(&self) {
+        let counts = self
+            .repeats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain();
+        for counted in counts {
+            if let Err(error) = self.enqueue(counted.to_body()) {
+                tracing::warn!(%error, "could not record a count of repeated denials");
+            }
+        }
+    }
+
     /// Resolves once every record queued so far (the caller's own among
     /// them) is written to the trail, so it survives a crash of the agent
     /// (a crash of the machine: within `flush_interval`, see [`Self::flush`]).

@@ -85,6 +85,20 @@ impl Repeats {
         Verdict::Record
     }
 
+    /// The records of every count, over or not (the agent is stopping);
+    /// every interval ends.
+    pub(super) fn drain(&mut self) -> Vec<AuditEvent> {
+        self.next_due = None;
+        self.counting
+            .drain()
+            .filter(|(_, counting)| counting.repeats > 0)
+            .map(|(_, counting)| AuditEvent {
+                repeated: Some(counting.repeats),
+                ..counting.first
+            })
+            .collect()
+    }
+
     /// The records of the intervals over by `now` that counted repeats;
     /// those intervals end.
     pub(super) fn due(&mut self, now: Instant) -> Vec<AuditEvent> {

@@ -1005,3 +1005,28 @@ async fn identical_denials_are_one_record_and_then_one_count() {
     assert!(verify(&dir).is_ok());
     running.stop().await;
 }
+
+#[tokio::test]
+async fn counts_still_being_made_are_recorded_when_the_agent_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("audit");
+    let running = Running::start(&dir, &config());
+    let denial = AuditEvent {
+        pid: Some(7),
+        reason: Some("no".into()),
+        ..AuditEvent::new(EventKind::Validate, Decision::Deny)
+    };
+    for _ in 0..5 {
+        running.log.record(denial.clone()).unwrap();
+    }
+    running.log.record_counts();
+    running.flush().await;
+    let records = read(&dir, &ReadFilter::default()).unwrap();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[1].event.repeated, Some(4));
+    // Nothing is counted twice.
+    running.log.record_counts();
+    running.flush().await;
+    assert_eq!(read(&dir, &ReadFilter::default()).unwrap().len(), 2);
+    running.stop().await;
+}

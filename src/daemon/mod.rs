@@ -421,7 +421,9 @@ impl Running {
         if !self.shutdown.stop(SHUTDOWN_GRACE).await {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "some jobs did not stop within the grace period");
         }
-        // Everything that records has stopped: drain and sync the trail.
+        // Everything that records has stopped: the counts of repeated
+        // denials are recorded, then the trail drained and synced.
+        self.audit.record_counts();
         self.audit_stop.cancel();
         if tokio::time::timeout(SHUTDOWN_GRACE, self.audit_writer)
             .await
