@@ -4,13 +4,19 @@
 //! finding 5: four processes wrote 83 MB in 5 s).
 //!
 //! A token bucket per uid, in bytes of record line: it holds up to `burst`
-//! and refills at `rate` per second. A record a request caused (a
-//! decision, allow or deny, with the caller's pid) is charged to the
-//! caller's uid before it is queued; when the bucket cannot pay, the
-//! record is not written and the request is refused (the caller fails
-//! closed: nothing is issued unaudited). Records the agent makes on its own
-//! (`info`: ends, expiries, reloads, recoveries, entry changes) are never
-//! charged.
+//! and refills at `rate` per second. Every record about a caller's process
+//! (one with a uid: its decisions, and the ends and renewals of its tasks)
+//! is charged to that uid when it is queued, and may take the bucket below
+//! zero; a record is never refused for the budget, so nothing the agent
+//! must write (a task's end) is ever lost to it. What is refused is the
+//! next *request*: [`Budget::admit`] runs before a request does any work,
+//! and a uid whose bucket is empty or in debt is refused
+//! (ResourceExhausted) before anything is created, decided or recorded.
+//!
+//! So a uid's records over any period add up to at most `burst` plus
+//! `rate` per second, plus what requests admitted just before the bucket
+//! ran dry and the tasks it already holds write afterwards (their ends
+//! and renewals, which keep its bucket in debt and its requests refused).
 //!
 //! Refusals are themselves recorded, at most once per [`NOTE_INTERVAL`]
 //! per uid: one `deny` record naming the budget, with `repeated` counting
@@ -51,12 +57,13 @@ struct Bucket {
     noted: Option<Instant>,
 }
 
-/// What to do with a record.
+/// Whether a request may go on.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Charge {
-    /// Paid (or not chargeable): queue it.
-    Paid,
-    /// Over budget: refuse the request; queue `note` (uncharged) if set.
+pub(super) enum Admission {
+    /// The uid's bucket holds something: go on.
+    Admitted,
+    /// Empty or in debt: refuse the request; queue `note` (uncharged) if
+    /// set.
     Refused {
         /// The record of the refusals, when one is due.
         note: Option<Box<AuditEvent>>,
@@ -74,21 +81,64 @@ impl Budget {
         }
     }
 
-    /// Charges `bytes` for `event` to its caller's uid, if a request
-    /// caused it.
-    pub(super) fn charge(&mut self, event: &AuditEvent, bytes: usize, now: Instant) -> Charge {
-        let (Some(uid), Some(_)) = (event.uid, event.pid) else {
-            return Charge::Paid;
+    /// Whether `uid`'s next request may go on. `pid` and `executable` go
+    /// into the refusal record.
+    pub(super) fn admit(
+        &mut self,
+        uid: u32,
+        pid: i32,
+        executable: Option<&str>,
+        now: Instant,
+    ) -> Admission {
+        let Some(bucket) = self.bucket(uid, now) else {
+            return Admission::Refused { note: None };
         };
-        if event.decision == Decision::Info {
-            return Charge::Paid;
+        if bucket.level > 0.0 {
+            return Admission::Admitted;
         }
+        bucket.refused += 1;
+        if bucket
+            .noted
+            .is_some_and(|noted| now < noted + NOTE_INTERVAL)
+        {
+            return Admission::Refused { note: None };
+        }
+        bucket.noted = Some(now);
+        let refused = std::mem::take(&mut bucket.refused);
+        Admission::Refused {
+            note: Some(Box::new(AuditEvent {
+                pid: Some(pid),
+                uid: Some(uid),
+                executable: executable.map(ToOwned::to_owned),
+                reason: Some(format!(
+                    "audit budget of uid {uid} exhausted ({} bytes/s, burst {}): its requests are refused until it refills",
+                    self.rate, self.burst
+                )),
+                repeated: Some(refused),
+                ..AuditEvent::new(EventKind::Deny, Decision::Deny)
+            })),
+        }
+    }
+
+    /// Charges `bytes` for `event` to the uid it is about, if any. Never
+    /// refuses: the bucket may go into debt.
+    pub(super) fn charge(&mut self, event: &AuditEvent, bytes: usize, now: Instant) {
+        if let Some(uid) = event.uid
+            && let Some(bucket) = self.bucket(uid, now)
+        {
+            bucket.level -= bytes as f64;
+        }
+    }
+
+    /// `uid`'s bucket, refilled to `now`; `None` when no room is left to
+    /// track a new uid.
+    fn bucket(&mut self, uid: u32, now: Instant) -> Option<&mut Bucket> {
         let (rate, burst) = (self.rate as f64, self.burst as f64);
         if !self.buckets.contains_key(&uid) && self.buckets.len() >= MAX_UIDS {
             self.buckets
                 .retain(|_, bucket| bucket.refilled(now, rate, burst) < burst);
             if self.buckets.len() >= MAX_UIDS {
-                return Charge::Refused { note: None };
+                return None;
             }
         }
         let bucket = self.buckets.entry(uid).or_insert(Bucket {
@@ -99,34 +149,7 @@ impl Budget {
         });
         bucket.level = bucket.refilled(now, rate, burst);
         bucket.at = now;
-        let cost = bytes as f64;
-        if bucket.level >= cost {
-            bucket.level -= cost;
-            return Charge::Paid;
-        }
-        bucket.refused += 1;
-        if bucket
-            .noted
-            .is_some_and(|noted| now < noted + NOTE_INTERVAL)
-        {
-            return Charge::Refused { note: None };
-        }
-        bucket.noted = Some(now);
-        let refused = std::mem::take(&mut bucket.refused);
-        Charge::Refused {
-            note: Some(Box::new(AuditEvent {
-                pid: event.pid,
-                uid: event.uid,
-                executable: event.executable.clone(),
-                spiffe_id: event.spiffe_id.clone(),
-                reason: Some(format!(
-                    "audit budget of uid {uid} exhausted ({} bytes/s, burst {}): its requests are refused until it refills",
-                    self.rate, self.burst
-                )),
-                repeated: Some(refused),
-                ..AuditEvent::new(EventKind::Deny, Decision::Deny)
-            })),
-        }
+        Some(bucket)
     }
 }
 
@@ -143,7 +166,7 @@ impl Bucket {
 mod tests {
     use super::*;
 
-    fn request(uid: u32) -> AuditEvent {
+    fn about(uid: u32) -> AuditEvent {
         AuditEvent {
             pid: Some(42),
             uid: Some(uid),
@@ -151,38 +174,43 @@ mod tests {
         }
     }
 
+    fn admit(budget: &mut Budget, uid: u32, now: Instant) -> Admission {
+        budget.admit(uid, 42, None, now)
+    }
+
     #[test]
-    fn a_uid_pays_up_to_its_burst_then_its_rate_and_is_told_once_per_interval() {
+    fn a_uid_is_admitted_until_its_records_spend_the_burst_then_at_its_rate() {
         let mut budget = Budget::new(100, 1000);
         let start = Instant::now();
         for _ in 0..10 {
-            assert_eq!(budget.charge(&request(7), 100, start), Charge::Paid);
+            assert_eq!(admit(&mut budget, 7, start), Admission::Admitted);
+            budget.charge(&about(7), 100, start);
         }
-        let Charge::Refused { note: Some(note) } = budget.charge(&request(7), 100, start) else {
-            panic!("the eleventh is over the burst, and noted");
+        let Admission::Refused { note: Some(note) } = admit(&mut budget, 7, start) else {
+            panic!("the burst is spent: refused, and noted");
         };
         assert_eq!(note.repeated, Some(1));
         assert!(note.reason.unwrap().contains("uid 7"));
         assert_eq!(
-            budget.charge(&request(7), 100, start),
-            Charge::Refused { note: None }
+            admit(&mut budget, 7, start),
+            Admission::Refused { note: None }
         );
         // Another uid has its own bucket.
-        assert_eq!(budget.charge(&request(8), 100, start), Charge::Paid);
-        // One second refills 100 bytes: one record.
+        assert_eq!(admit(&mut budget, 8, start), Admission::Admitted);
+        // Records never refuse: a task's end of uid 7 takes it into debt,
+        // which one second (100 bytes) does not repay.
+        budget.charge(&about(7), 150, start);
         let later = start + Duration::from_secs(1);
-        assert_eq!(budget.charge(&request(7), 100, later), Charge::Paid);
         assert_eq!(
-            budget.charge(&request(7), 100, later),
-            Charge::Refused { note: None }
+            admit(&mut budget, 7, later),
+            Admission::Refused { note: None }
         );
-        // Past the interval (9 s more: 900 bytes), the refusals since the
-        // note are counted.
-        let much_later = start + NOTE_INTERVAL;
-        for _ in 0..9 {
-            assert_eq!(budget.charge(&request(7), 100, much_later), Charge::Paid);
-        }
-        let Charge::Refused { note: Some(note) } = budget.charge(&request(7), 100, much_later)
+        // Two seconds more do.
+        let later = start + Duration::from_secs(3);
+        assert_eq!(admit(&mut budget, 7, later), Admission::Admitted);
+        // Past the interval, the refusals since the note are counted.
+        budget.charge(&about(7), 10_000, later);
+        let Admission::Refused { note: Some(note) } = admit(&mut budget, 7, start + NOTE_INTERVAL)
         else {
             panic!("noted again after the interval");
         };
@@ -190,24 +218,21 @@ mod tests {
     }
 
     #[test]
-    fn what_the_agent_records_on_its_own_is_never_charged() {
+    fn records_about_no_caller_are_not_charged() {
         let mut budget = Budget::new(1, 1);
         let now = Instant::now();
-        let end = AuditEvent {
-            decision: Decision::Info,
-            ..request(7)
-        };
-        let renewal = AuditEvent {
-            pid: None,
-            ..request(7)
-        };
-        for event in [
-            end,
-            renewal,
-            AuditEvent::new(EventKind::EntryChange, Decision::Allow),
-        ] {
-            assert_eq!(budget.charge(&event, 60_000, now), Charge::Paid);
-        }
+        budget.charge(
+            &AuditEvent::new(EventKind::EntryChange, Decision::Allow),
+            60_000,
+            now,
+        );
+        budget.charge(
+            &AuditEvent::new(EventKind::PolicyReload, Decision::Info),
+            60_000,
+            now,
+        );
+        assert!(budget.buckets.is_empty());
+        assert_eq!(admit(&mut budget, 7, now), Admission::Admitted);
     }
 
     #[test]
@@ -215,20 +240,17 @@ mod tests {
         let mut budget = Budget::new(1, 100);
         let now = Instant::now();
         for uid in 0..MAX_UIDS as u32 {
-            assert_eq!(budget.charge(&request(uid), 100, now), Charge::Paid);
+            budget.charge(&about(uid), 100, now);
         }
         // Every tracked bucket owes: a new uid waits for room.
         assert_eq!(
-            budget.charge(&request(u32::MAX), 100, now),
-            Charge::Refused { note: None }
+            admit(&mut budget, u32::MAX, now),
+            Admission::Refused { note: None }
         );
         assert_eq!(budget.buckets.len(), MAX_UIDS);
         // Once the others have refilled, they are forgotten and a new uid
         // gets its burst.
         let later = now + Duration::from_secs(100);
-        assert_eq!(
-            budget.charge(&request(u32::MAX - 1), 100, later),
-            Charge::Paid
-        );
+        assert_eq!(admit(&mut budget, u32::MAX - 1, later), Admission::Admitted);
     }
 }

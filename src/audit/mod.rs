@@ -149,9 +149,9 @@ pub struct AuditConfig {
     pub queue: usize,
     /// Also print each record as a JSON line on stdout (default false).
     pub stdout: bool,
-    /// Bytes of records per second each uid's requests may make the agent
-    /// write (default 64 KiB; see `audit::budget`). Over it, the requests
-    /// are refused (ResourceExhausted).
+    /// Bytes of records per second the records about each uid's processes
+    /// may take (default 64 KiB; see `audit::budget`). Over it, that uid's
+    /// requests are refused (ResourceExhausted) until it is repaid.
     pub caller_bytes_per_second: u64,
     /// Bytes each uid may write at once before `caller_bytes_per_second`
     /// applies (default 4 MiB; at least 64 KiB, a record's largest size).
@@ -423,9 +423,8 @@ impl AuditLog {
     /// 10 s ago is counted instead; the count is recorded (`repeated`)
     /// with the first record made after those 10 s.
     ///
-    /// A record a request caused (one with a pid, not `info`) is charged to
-    /// the caller's uid: over its budget it is refused
-    /// ([`AuditUnavailable::OverBudget`]), see `audit::budget`.
+    /// A record about a caller's process (one with a uid) is charged to
+    /// that uid's audit budget, never refused for it: see [`Self::admit`].
     pub fn record(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
         if let Some(source) = self.shared.failure() {
             return Err(AuditUnavailable::Failed { source });
@@ -436,26 +435,53 @@ impl AuditLog {
             (repeats.due(now), repeats.observe(&event, now))
         };
         for counted in due {
-            self.enqueue(counted.to_body())?;
+            self.charged(counted, now)?;
         }
         if verdict == repeats::Verdict::Counted {
             return Ok(());
         }
+        self.charged(event, now)
+    }
+
+    /// Queues `event`, charged to the uid it is about.
+    fn charged(
+        &self,
+        event: AuditEvent,
+        now: tokio::time::Instant,
+    ) -> Result<(), AuditUnavailable> {
         let body = event.to_body();
-        let charge = self
-            .budget
+        self.budget
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .charge(&event, body.len() + event::ENVELOPE_MAX, now);
-        match charge {
-            budget::Charge::Paid => self.enqueue(body),
-            budget::Charge::Refused { note } => {
+        self.enqueue(body)
+    }
+
+    /// Whether a request of a process of `uid` may go on: refused
+    /// ([`AuditUnavailable::OverBudget`]) while the audit records about
+    /// that uid's processes have spent its budget (`audit::budget`). Edges
+    /// ask before doing any work, so a refused request creates, decides
+    /// and records nothing (one record per 10 s says the uid is refused).
+    pub fn admit(
+        &self,
+        uid: u32,
+        pid: i32,
+        executable: Option<&str>,
+    ) -> Result<(), AuditUnavailable> {
+        let admission = self
+            .budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admit(uid, pid, executable, tokio::time::Instant::now());
+        match admission {
+            budget::Admission::Admitted => Ok(()),
+            budget::Admission::Refused { note } => {
                 if let Some(note) = note {
                     // Best effort: the refusal stands either way.
                     let _ = self.enqueue(note.to_body());
                 }
                 Err(AuditUnavailable::OverBudget {
-                    uid: event.uid.unwrap_or_default(),
+                    uid,
                     rate: self.caller_rate,
                 })
             }

@@ -73,8 +73,11 @@ impl TaskApi {
         self
     }
 
+    /// The caller, from the kernel, admitted by its uid's audit budget.
     async fn identify<T>(&self, request: &Request<T>) -> Result<(Caller, Attested), Status> {
-        transport::identify(&self.attestor, request).await
+        let (caller, attested) = transport::identify(&self.attestor, request).await?;
+        gate::admit(self.tasks.audit(), &attested)?;
+        Ok((caller, attested))
     }
 
     /// Policy on renewing `task`'s token for the process `attested`.

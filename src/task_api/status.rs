@@ -2,7 +2,6 @@
 
 use tonic::Status;
 
-use crate::audit::AuditUnavailable;
 use crate::task::{EndReason, TaskError};
 
 /// A refused task operation.
@@ -16,9 +15,6 @@ pub fn task(error: TaskError) -> Status {
         }
         TaskError::Ended { .. } => Status::failed_precondition(error.to_string()),
         TaskError::TooMany(_) => Status::resource_exhausted(error.to_string()),
-        TaskError::Audit(unavailable @ AuditUnavailable::OverBudget { .. }) => {
-            Status::resource_exhausted(unavailable.to_string())
-        }
         TaskError::Audit(_) => {
             tracing::error!(%error, "refusing to issue: the audit trail is unavailable");
             Status::unavailable(error.to_string())

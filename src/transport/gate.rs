@@ -6,7 +6,7 @@
 use tonic::Status;
 
 use crate::attestation::Attested;
-use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, Decision as AuditDecision, EventKind};
+use crate::audit::{AuditEvent, AuditLog, Decision as AuditDecision, EventKind};
 use crate::policy::{Decision, Policy, PolicyRequest};
 
 /// Whether a caller may ask the agent to validate a token (ValidateJWTSVID,
@@ -76,12 +76,8 @@ pub fn decide(
                 actors: subject.actors,
                 ..caller_event(attested, EventKind::Deny, AuditDecision::Deny)
             };
-            match audit.record(record) {
-                Ok(()) => {}
-                // The caller's own flood: its budget record says so, once
-                // per interval, rather than a log line per denial.
-                Err(AuditUnavailable::OverBudget { .. }) => {}
-                Err(error) => tracing::error!(%error, "could not record a policy denial"),
+            if let Err(error) = audit.record(record) {
+                tracing::error!(%error, "could not record a policy denial");
             }
             tracing::info!(
                 action = request.action.as_str(),
@@ -144,29 +140,27 @@ pub fn executable(attested: &Attested) -> String {
         .unwrap_or_default()
 }
 
-/// The status of a request whose audit record was refused: nothing is
-/// issued. The caller's uid over its audit budget is ResourceExhausted
-/// (its own doing; it may retry later), anything else Unavailable.
-pub fn unrecorded(error: &AuditUnavailable) -> Status {
-    match error {
-        AuditUnavailable::OverBudget { .. } => Status::resource_exhausted(error.to_string()),
-        _ => Status::unavailable(format!("not issuing: {error}")),
-    }
+/// Whether the caller's uid may make a request now: refused with
+/// ResourceExhausted while the audit records about its processes have spent
+/// its audit budget (see `audit::budget`). Every edge asks right after
+/// identifying the caller, before any work.
+pub fn admit(audit: &AuditLog, attested: &Attested) -> Result<(), Status> {
+    let executable = attested
+        .executable
+        .as_ref()
+        .map(|p| p.display().to_string());
+    audit
+        .admit(attested.uid, attested.pid, executable.as_deref())
+        .map_err(|error| Status::resource_exhausted(error.to_string()))
 }
 
 /// Records a validation, best effort: a trail that cannot take it does not
-/// stop verifiers (a warning). But a caller over its own audit budget is
-/// refused (ResourceExhausted): validating unrecorded for it would let it
-/// go on at no cost.
+/// stop verifiers (a warning).
 pub fn record_validation(audit: &AuditLog, event: AuditEvent) -> Result<(), Status> {
-    match audit.record(event) {
-        Ok(()) => Ok(()),
-        Err(error @ AuditUnavailable::OverBudget { .. }) => Err(unrecorded(&error)),
-        Err(error) => {
-            tracing::warn!(%error, "could not record a validation");
-            Ok(())
-        }
+    if let Err(error) = audit.record(event) {
+        tracing::warn!(%error, "could not record a validation");
     }
+    Ok(())
 }
 
 /// Waits until everything this request recorded is written to the audit

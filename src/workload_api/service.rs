@@ -107,8 +107,11 @@ impl WorkloadApi {
     }
 
     /// Who is calling: the connection's peer, attested now.
+    /// The caller, from the kernel, admitted by its uid's audit budget.
     async fn identify<T>(&self, request: &Request<T>) -> Result<(Caller, Attested), Status> {
-        transport::identify(&self.attestor, request).await
+        let (caller, attested) = transport::identify(&self.attestor, request).await?;
+        gate::admit(self.tasks.audit(), &attested)?;
+        Ok((caller, attested))
     }
 
     /// A process running under a task that scopes its owner's descendants
@@ -566,7 +569,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     policy_ids: decided_by,
                     ..gate::caller_event(&attested, EventKind::IssueJwt, AuditDecision::Allow)
                 })
-                .map_err(|e| gate::unrecorded(&e))?;
+                .map_err(|e| Status::unavailable(format!("not issuing: {e}")))?;
             crate::telemetry::metrics().jwt_svids_issued.inc();
             tracing::debug!(pid = caller.pid(), spiffe_id = %m.spiffe_id, jti = %svid.jti, ?audiences, "issued JWT-SVID");
             svids.push(convert::jwt_svid(&svid));

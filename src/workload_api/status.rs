@@ -8,7 +8,6 @@
 
 use tonic::Status;
 
-use crate::audit::AuditUnavailable;
 use crate::svid::{JwtValidationError, SvidError};
 
 /// The caller matches no registration entry.
@@ -36,12 +35,8 @@ pub fn shutting_down() -> Status {
     Status::unavailable("tether is shutting down")
 }
 
-/// Issuing an SVID failed: an agent-side fault, or the caller's uid over
-/// its audit budget (ResourceExhausted, not logged: the trail says so).
+/// Issuing an SVID failed: an agent-side fault.
 pub fn issuance(error: &SvidError) -> Status {
-    if let SvidError::Audit(unavailable @ AuditUnavailable::OverBudget { .. }) = error {
-        return Status::resource_exhausted(unavailable.to_string());
-    }
     tracing::error!(%error, "SVID issuance failed");
     Status::unavailable("could not issue an SVID; see the agent log")
 }
