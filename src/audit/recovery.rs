@@ -32,6 +32,9 @@ pub(super) struct Recovered {
     /// Damage found and what was done about it, for the `audit-recovered`
     /// record; empty after a clean stop.
     pub notes: Vec<String>,
+    /// What a crash leaves and recovery repairs as designed (an incomplete
+    /// last line cut): said in the same record, but not damage.
+    pub crash_notes: Vec<String>,
 }
 
 /// A record's place, for notes.
@@ -63,6 +66,7 @@ pub(super) fn recover(dir: &Path, key: &SigningKey) -> Result<Recovered, AuditEr
     let head_path = dir.join(HEAD_FILE);
     let head_state = read_head(dir).map_err(io_error(&head_path))?;
     let mut notes = Vec::new();
+    let mut crash_notes = Vec::new();
     let head = match &head_state {
         HeadState::Valid(file) => {
             notes.extend(seal_note(file, key));
@@ -87,7 +91,14 @@ pub(super) fn recover(dir: &Path, key: &SigningKey) -> Result<Recovered, AuditEr
     for (i, (number, path)) in segments.iter().enumerate().rev() {
         let scan = scan(path, head.map(|h| h.seq))?;
         if i + 1 == segments.len() {
-            append_to = cut_torn_line(path, *number, &scan, next_number, &mut notes)?;
+            append_to = cut_torn_line(
+                path,
+                *number,
+                &scan,
+                next_number,
+                &mut notes,
+                &mut crash_notes,
+            )?;
             if let Some(line) = scan.damaged_last {
                 notes.push(format!(
                     "{}:{line} is not an audit record (left as found)",
@@ -109,6 +120,7 @@ pub(super) fn recover(dir: &Path, key: &SigningKey) -> Result<Recovered, AuditEr
         next_number,
         head,
         notes,
+        crash_notes,
     })
 }
 
@@ -238,6 +250,7 @@ fn cut_torn_line(
     scan: &Scan,
     next_number: u32,
     notes: &mut Vec<String>,
+    crash_notes: &mut Vec<String>,
 ) -> Result<Option<(u32, PathBuf, u64)>, AuditError> {
     if scan.fragment == 0 {
         return Ok(Some((number, path.to_owned(), scan.consumed)));
@@ -271,7 +284,7 @@ fn cut_torn_line(
         bytes = scan.fragment,
         "cut an incomplete last audit record left by a crash mid-write (it was never synced)"
     );
-    notes.push(format!(
+    crash_notes.push(format!(
         "cut an incomplete last record ({} bytes) at {}:{line}, left by a crash mid-write; it was never synced",
         scan.fragment,
         path.display()

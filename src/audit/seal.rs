@@ -18,7 +18,7 @@
 //!
 //! ```text
 //! tether-audit-head/v1\n<seq>\n<hash hex>\n<time>
-//! tether-audit-recovered/v1\n<seq>\n<prev hex>\n<reason>
+//! tether-audit-recovered/v1\n<seq>\n<prev hex>\n<decision>\n<reason>
 //! ```
 //!
 //! A key is named by its id: the first 16 bytes of the SHA-256 of its
@@ -247,9 +247,10 @@ pub(super) fn head_message(seq: u64, hash: &Hash, time: &str) -> Vec<u8> {
     format!("tether-audit-head/v1\n{seq}\n{hash}\n{time}").into_bytes()
 }
 
-/// What an `audit-recovered` record's seal signs.
-pub(super) fn recovery_message(seq: u64, prev: &Hash, reason: &str) -> Vec<u8> {
-    format!("tether-audit-recovered/v1\n{seq}\n{prev}\n{reason}").into_bytes()
+/// What an `audit-recovered` record's seal signs: its place, whether it
+/// reports damage (`deny`) or only a crash's leftovers (`info`), and what.
+pub(super) fn recovery_message(seq: u64, prev: &Hash, decision: &str, reason: &str) -> Vec<u8> {
+    format!("tether-audit-recovered/v1\n{seq}\n{prev}\n{decision}\n{reason}").into_bytes()
 }
 
 fn key_error(problem: &str) -> AuditError {
@@ -289,7 +290,7 @@ mod tests {
             Err(SealProblem::BadSignature(published.id().to_owned()))
         );
         // The same fields under the other purpose are another text.
-        let recovery = recovery_message(7, &Hash::of(b"x"), "2026-12-07T00:00:00.000000Z");
+        let recovery = recovery_message(7, &Hash::of(b"x"), "info", "2026-12-07T00:00:00.000000Z");
         assert!(
             seal.check(std::slice::from_ref(&published), &recovery)
                 .is_err()

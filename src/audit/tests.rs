@@ -596,6 +596,8 @@ async fn a_cut_tail_stays_visible_after_a_restart() {
     );
     let reason = recovered.event.reason.as_deref().unwrap();
     assert!(reason.contains("records 8 to 10 are missing"), "{reason}");
+    // Damage, not a crash's leftovers: a denial.
+    assert_eq!(recovered.event.decision, Decision::Deny);
     assert_eq!(records[8].seq, 12);
     assert_eq!(&lines_of(&path)[..7], &lines[..], "nothing rewritten");
 

@@ -6,6 +6,11 @@
 //! record before it or the record itself changed: the next record (or
 //! `HEAD`) tells which, so an edit is reported at the edited line.
 //!
+//! An `audit-recovered` record that reports damage (`deny`: the agent
+//! found a cut, an edit, a missing or rewritten `HEAD` when it started)
+//! breaks the trail there for good, even where the chain after it holds;
+//! one that reports only a crash's leftovers (`info`) is listed.
+//!
 //! Given the agent's published audit keys, it also checks the seals: the
 //! one on `HEAD`, which vouches for every record up to it, and the one on
 //! each `audit-recovered` record (see `audit::seal`). Without keys it says
@@ -19,7 +24,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::event::{AuditRecord, EventKind};
+use super::event::{AuditRecord, Decision, EventKind};
 use super::files::{
     HEAD_FILE, Hash, Head, HeadState, Item, LineReader, list_segments, open_read, read_head,
     segment_name,
@@ -95,6 +100,9 @@ struct Verifier<'k> {
     at_head: Option<Place>,
     records: u64,
     recoveries: Vec<Recovery>,
+    /// The first `audit-recovered` record that reports damage (a `deny`):
+    /// the agent found the trail broken when it started.
+    damage: Option<(Place, String)>,
 }
 
 /// Checks the trail in `dir`: `Ok` with what was checked, or
@@ -118,6 +126,7 @@ pub fn verify(dir: &Path, keys: &[PublicKey]) -> Result<VerifyReport, AuditError
         at_head: None,
         records: 0,
         recoveries: Vec::new(),
+        damage: None,
     };
 
     let mut partial_tail = false;
@@ -227,7 +236,15 @@ impl Verifier<'_> {
                 let problem = match &record.event.seal {
                     None => Some("it is not sealed".to_owned()),
                     Some(seal) => seal
-                        .check(self.keys, &recovery_message(record.seq, &prev, reason))
+                        .check(
+                            self.keys,
+                            &recovery_message(
+                                record.seq,
+                                &prev,
+                                record.event.decision.as_str(),
+                                reason,
+                            ),
+                        )
                         .err()
                         .map(|problem| problem.to_string()),
                 };
@@ -241,6 +258,12 @@ impl Verifier<'_> {
                         ),
                     )));
                 }
+            }
+            if record.event.decision == Decision::Deny && self.damage.is_none() {
+                self.damage = Some((
+                    place.clone(),
+                    record.event.reason.clone().unwrap_or_default(),
+                ));
             }
             self.recoveries.push(Recovery {
                 file: file.to_owned(),
@@ -348,6 +371,16 @@ impl Verifier<'_> {
                 ));
             }
             _ => {}
+        }
+        if let Some((place, reason)) = &self.damage {
+            return Err(broken(
+                &place.file,
+                place.line,
+                format!(
+                    "the agent found the trail damaged when it started (its record seq {}): {reason}",
+                    place.seq
+                ),
+            ));
         }
         if !self.keys.is_empty() {
             let problem = match sealed {

@@ -124,6 +124,7 @@ impl AuditWriter {
             next_number,
             head,
             notes,
+            crash_notes,
         } = recover(dir, &key)?;
 
         let segment = match append_to {
@@ -180,15 +181,28 @@ impl AuditWriter {
             flush_interval: config.flush_interval,
             queued_from: chain.seq,
         };
-        if !notes.is_empty() {
+        if !notes.is_empty() || !crash_notes.is_empty() {
+            // Damage (anything but what a crash leaves) is a denial: the
+            // trail is broken there for good (`verify`).
+            let decision = if notes.is_empty() {
+                Decision::Info
+            } else {
+                Decision::Deny
+            };
+            let all: Vec<String> = notes.into_iter().chain(crash_notes).collect();
             // Bounded so the record is never cut: the seal signs it whole.
-            let reason = bounded_reason(notes.join("; "));
+            let reason = bounded_reason(all.join("; "));
             let seq = chain.seq + 1;
-            let seal = key.seal(&recovery_message(seq, &chain.hash, &reason));
+            let seal = key.seal(&recovery_message(
+                seq,
+                &chain.hash,
+                decision.as_str(),
+                &reason,
+            ));
             let event = AuditEvent {
                 reason: Some(reason),
                 seal: Some(seal),
-                ..AuditEvent::new(EventKind::AuditRecovered, Decision::Info)
+                ..AuditEvent::new(EventKind::AuditRecovered, decision)
             };
             writer.chain_record(Queued {
                 time: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),

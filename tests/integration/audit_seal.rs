@@ -181,20 +181,31 @@ async fn the_agent_seals_what_it_found_at_start_and_a_new_key_is_recorded() {
     .unwrap();
 
     // The agent starts on the rewritten HEAD: it says so in a record it
-    // seals, and seals HEAD again; the trail verifies, the recovery listed.
+    // seals, and seals HEAD again. That record breaks the trail for good,
+    // whoever verifies, with or without the key: a restart does not turn a
+    // rewritten trail into an intact one.
     agent.restart(&entries()).await;
     agent.running().audit().flush().await;
     let data = agent.dir.path().join("data");
     if let Some(running) = agent.running.take() {
         running.stop().await.unwrap();
     }
-    let out = verify(&dir, &[&key]);
-    assert!(out.status.success(), "{out:?}");
-    let notes = String::from_utf8_lossy(&out.stderr);
-    assert!(notes.contains("HEAD was not sealed"), "{notes}");
+    for keys in [vec![], vec![key.as_path()]] {
+        let out = verify(&dir, &keys);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            said(&out).contains(&format!(
+                "audit-000001.jsonl:{}: the agent found the trail damaged when it started (its record seq {}): HEAD was not sealed",
+                kept.len() + 1,
+                kept.len() + 1
+            )),
+            "{}",
+            said(&out)
+        );
+    }
 
-    // A replaced key: the next start records the change, sealed with the
-    // new key; the old key alone no longer verifies HEAD, both together do.
+    // A replaced key is recorded by the next start the same way, sealed
+    // with the new key: the old key alone does not verify the new seals.
     std::fs::remove_file(data.join("audit.key")).unwrap();
     agent.restart(&entries()).await;
     let new_key = agent.dir.path().join("new.pub");
@@ -202,10 +213,25 @@ async fn the_agent_seals_what_it_found_at_start_and_a_new_key_is_recorded() {
     if let Some(running) = agent.running.take() {
         running.stop().await.unwrap();
     }
+    let records = tether::audit::read(&dir, &tether::audit::ReadFilter::default()).unwrap();
+    let last_recovery = records
+        .iter()
+        .rev()
+        .find(|r| r.event.event == tether::audit::EventKind::AuditRecovered)
+        .unwrap();
+    assert!(
+        last_recovery
+            .event
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("not by the key of this agent"),
+        "{last_recovery:?}"
+    );
     let out = verify(&dir, &[&key]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let out = verify(&dir, &[&key, &new_key]);
-    assert!(out.status.success(), "{out:?}");
-    let notes = String::from_utf8_lossy(&out.stderr);
-    assert!(notes.contains("not by the key of this agent"), "{notes}");
+    assert!(
+        said(&out).contains("not among the public keys given"),
+        "{}",
+        said(&out)
+    );
 }
