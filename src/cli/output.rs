@@ -1210,7 +1210,7 @@ fn render_audit_record(w: &mut String, record: &AuditRecord) -> std::fmt::Result
     ];
     for (key, value) in ids {
         if let Some(value) = value {
-            write!(w, " {key}={}", printable(value))?;
+            write!(w, " {key}={}", field_value(value, false))?;
         }
     }
     let lists = [
@@ -1220,7 +1220,7 @@ fn render_audit_record(w: &mut String, record: &AuditRecord) -> std::fmt::Result
     ];
     for (key, items) in lists {
         if !items.is_empty() {
-            let items: Vec<Cow<'_, str>> = items.iter().map(|s| printable(s)).collect();
+            let items: Vec<Cow<'_, str>> = items.iter().map(|s| field_value(s, true)).collect();
             write!(w, " {key}={}", items.join(","))?;
         }
     }
@@ -1349,6 +1349,21 @@ fn list(items: &[String]) -> String {
         .join(", ")
 }
 
+/// A caller-chosen value in a `key=value` line: as it is when it cannot be
+/// mistaken for more fields, else quoted and escaped (Debug), so a space,
+/// an `=`, a quote (or, in a list, a comma) cannot forge a field.
+fn field_value(s: &str, in_list: bool) -> Cow<'_, str> {
+    let plain = !s.is_empty()
+        && !s.chars().any(|c| {
+            c.is_control() || c.is_whitespace() || c == '=' || c == '"' || (in_list && c == ',')
+        });
+    if plain {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(format!("{s:?}"))
+    }
+}
+
 /// `s` with control characters escaped, so a hostile agent cannot drive
 /// the terminal.
 fn printable(s: &str) -> Cow<'_, str> {
@@ -1432,6 +1447,19 @@ mod tests {
              task=tsk-1 audience=mcp://jira tools=jira.search,jira.read policies=p0 \
              reason=\"tool \\\"x\\\"\\n\\u{1b}[2J\"\n"
         );
+    }
+
+    #[test]
+    fn caller_values_cannot_forge_fields_of_an_audit_line() {
+        assert_eq!(field_value("mcp://jira", false), "mcp://jira");
+        assert_eq!(
+            field_value("a b token=FORGED", false),
+            "\"a b token=FORGED\""
+        );
+        assert_eq!(field_value("x\u{1b}[2J", false), "\"x\\u{1b}[2J\"");
+        assert_eq!(field_value("a,b", false), "a,b");
+        assert_eq!(field_value("a,b", true), "\"a,b\"");
+        assert_eq!(field_value("", false), "\"\"");
     }
 
     #[test]

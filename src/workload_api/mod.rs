@@ -152,6 +152,11 @@ impl WorkloadApiLimits {
                 ));
             }
             self.check_len("audience", audience, self.max_audience_len)?;
+            if audience.chars().any(char::is_control) {
+                return Err(Status::invalid_argument(
+                    "audience must not contain control characters",
+                ));
+            }
         }
         Ok(())
     }

@@ -343,6 +343,13 @@ async fn garbage_and_oversized_requests_get_invalid_argument_and_the_agent_keeps
         ),
         (jwt(vec!["a".repeat(1024 * 1024)], ""), "the limit is"),
         (jwt(vec![String::new()], ""), "empty"),
+        // A newline or an escape sequence in an audience (issue 15's rerun:
+        // it reached the token and the audit trail).
+        (
+            jwt(vec!["a\ntask ended task_id=FAKE".into()], ""),
+            "control characters",
+        ),
+        (jwt(vec!["a\u{1b}[31m".into()], ""), "control characters"),
         (jwt(vec!["a".into()], "not a spiffe id"), "not a SPIFFE ID"),
         (
             jwt(
