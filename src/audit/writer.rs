@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::event::{AuditEvent, Decision, EventKind, envelope};
-use super::files::{Hash, Head, LOCK_FILE, segment_name, sync_dir, write_head};
+use super::files::{HEAD_FILE, Hash, Head, LOCK_FILE, segment_name, sync_dir, write_head};
 use super::recovery::{Recovered, recover};
 use super::seal::{SigningKey, recovery_message};
 use super::{AuditConfig, AuditError, Message, Queued, Shared, io_error};
@@ -134,6 +134,10 @@ impl AuditWriter {
                     .custom_flags(nix::libc::O_NOFOLLOW)
                     .open(&path)
                     .map_err(io_error(&path))?;
+                // The file records are appended to: the agent's, with one
+                // name (a second name elsewhere would leak every record).
+                let meta = file.metadata().map_err(io_error(&path))?;
+                trusted_fs::check_file(&path, &meta, false)?;
                 // Whatever a previous run left unsynced is synced before
                 // HEAD can name anything after it.
                 file.sync_all().map_err(io_error(&path))?;
@@ -603,6 +607,16 @@ fn prepare_dir(dir: &Path) -> Result<Flock<File>, AuditError> {
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&path)
         .map_err(io_error(&path))?;
+    let meta = file.metadata().map_err(io_error(&path))?;
+    trusted_fs::check_file(&path, &meta, false)?;
+    // HEAD, which the writer replaces and trusts at start, is the agent's
+    // too (a copy checked by `verify` may be anyone's).
+    let head = dir.join(HEAD_FILE);
+    match std::fs::symlink_metadata(&head) {
+        Ok(meta) => trusted_fs::check_file(&head, &meta, false)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error(&head)(e)),
+    }
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, source)| AuditError::Locked {
         path: dir.to_owned(),
         source,

@@ -455,8 +455,15 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
         .truncate(false)
         .write(true)
         .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
+    // Someone else's lock file would let them hold the lock: the agent
+    // could not start.
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    trusted_fs::check_file(&path, &meta, false)?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         anyhow::anyhow!(
             "data_dir {} is in use by another tether agent ({errno}); stop it or choose another data_dir",

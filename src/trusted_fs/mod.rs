@@ -36,9 +36,9 @@ const STICKY: u32 = 0o1000;
 pub enum TrustedFsError {
     /// Someone other than the agent's uid and root owns it.
     #[error(
-        "{} is owned by uid {owner} (mode {mode:04o}); tether, running as uid {uid}, trusts \
-         only what uid {uid} or root owns: remove it, or choose another path",
-        path.display()
+        "{} is owned by uid {owner} (mode {mode:04o}); {}: remove it, or choose another path",
+        path.display(),
+        trusted_owners(*uid)
     )]
     Owner {
         /// The path.
@@ -66,6 +66,19 @@ pub enum TrustedFsError {
         /// What is wrong with it.
         problem: &'static str,
     },
+    /// A file with more than one name: through another one, somewhere the
+    /// agent does not check, it may be read or changed.
+    #[error(
+        "{} has {links} hard links: through another name it may be read or changed; tether \
+         keeps its state only in files with one name",
+        path.display()
+    )]
+    Links {
+        /// The path.
+        path: PathBuf,
+        /// Its link count.
+        links: u64,
+    },
     /// A symlink where the agent keeps its own things.
     #[error("{} is a symlink; tether keeps its sockets and state only in real directories and files", .0.display())]
     Symlink(PathBuf),
@@ -86,6 +99,15 @@ pub enum TrustedFsError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Whose files the agent trusts, in words.
+fn trusted_owners(uid: u32) -> String {
+    if uid == 0 {
+        "tether, running as root, trusts only what root owns".to_owned()
+    } else {
+        format!("tether, running as uid {uid}, trusts only what uid {uid} or root owns")
+    }
 }
 
 /// The uid whose files the agent trusts besides root's: its own.
@@ -172,8 +194,8 @@ pub fn check_dir(dir: &Path, uid: u32) -> Result<(), TrustedFsError> {
 }
 
 /// Checks an opened file the agent keeps state or keys in, from its
-/// `fstat`: a regular file, owned by the agent or root, not writable by
-/// others and, when `secret`, not open to them at all.
+/// `fstat`: a regular file with one name, owned by the agent or root, not
+/// writable by others and, when `secret`, not open to them at all.
 pub fn check_file(path: &Path, meta: &Metadata, secret: bool) -> Result<(), TrustedFsError> {
     if meta.file_type().is_symlink() {
         return Err(TrustedFsError::Symlink(path.to_owned()));
@@ -185,6 +207,12 @@ pub fn check_file(path: &Path, meta: &Metadata, secret: bool) -> Result<(), Trus
         });
     }
     check_owner(path, meta, agent_uid())?;
+    if meta.nlink() > 1 {
+        return Err(TrustedFsError::Links {
+            path: path.to_owned(),
+            links: meta.nlink(),
+        });
+    }
     let mode = meta.mode() & 0o7777;
     let problem = if secret && mode & OPEN_TO_OTHERS != 0 {
         "a secret must be readable by its owner only"

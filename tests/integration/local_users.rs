@@ -246,7 +246,19 @@ async fn keys_a_store_and_an_audit_trail_someone_else_planted_are_refused() {
         .map(|e| e.unwrap().path())
         .find(|p| p.is_file())
         .expect("a key file");
-    for planted in [key, data.join("tether.db"), data.join("audit")] {
+    // The red-team rerun found the lock files, HEAD and the audit files
+    // were not checked: someone else's lock file kept the agent from
+    // starting, someone else's HEAD or segment could be rewritten or read.
+    for planted in [
+        key,
+        data.join("tether.db"),
+        data.join("audit"),
+        data.join("audit.key"),
+        data.join("audit.pub"),
+        data.join("tether.lock"),
+        data.join("audit/audit.lock"),
+        data.join("audit/HEAD"),
+    ] {
         let before = std::fs::symlink_metadata(&planted).unwrap();
         chown(&planted, ATTACKER);
         let error = refused(tmp.path(), &data).await;
@@ -263,6 +275,21 @@ async fn keys_a_store_and_an_audit_trail_someone_else_planted_are_refused() {
         );
         chown(&planted, 0);
     }
+
+    // A second name for a file the agent trusts, made while it could be
+    // reached (a hard link elsewhere): refused, so it cannot leak or change
+    // what the agent writes there.
+    let elsewhere = tmp.path().join("leak");
+    std::fs::hard_link(data.join("audit.key"), &elsewhere).unwrap();
+    let error = refused(tmp.path(), &data).await;
+    assert!(error.contains("has 2 hard links"), "{error}");
+    std::fs::remove_file(&elsewhere).unwrap();
+    start_at(tmp.path(), &data)
+        .await
+        .unwrap()
+        .stop()
+        .await
+        .unwrap();
 }
 
 /// An agent with its sockets in `dir` and its state in `data_dir`.
