@@ -192,7 +192,7 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode, AuditCliError> {
                     recovery.file.display(),
                     recovery.line,
                     recovery.seq,
-                    recovery.reason.escape_debug()
+                    super::output::printable(&recovery.reason)
                 );
             }
             format

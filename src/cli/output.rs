@@ -1366,7 +1366,7 @@ fn field_value(s: &str, in_list: bool) -> Cow<'_, str> {
 
 /// `s` with control characters escaped, so a hostile agent cannot drive
 /// the terminal.
-fn printable(s: &str) -> Cow<'_, str> {
+pub(super) fn printable(s: &str) -> Cow<'_, str> {
     if !s.chars().any(char::is_control) {
         return Cow::Borrowed(s);
     }
