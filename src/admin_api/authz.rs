@@ -28,7 +28,10 @@ impl AdminAuthz {
     }
 
     fn check(&self, peer: Option<&PeerInfo>) -> Result<(), Status> {
-        let Some(PeerInfo(Ok(caller))) = peer else {
+        let Some(PeerInfo {
+            caller: Ok(caller), ..
+        }) = peer
+        else {
             return Err(Status::permission_denied(
                 "admin API: the caller could not be identified",
             ));

@@ -5,6 +5,11 @@
 //! checks the peer credentials of every call, whatever the socket's file
 //! mode says. The workload socket never serves this service, so a workload
 //! cannot reach an admin method even by name.
+//!
+//! The socket keeps its own connection limits, not `[limits]`: 64
+//! connections in all, a preface within 10 s, closed after 5 minutes with
+//! no call in flight. Registration entries play no part in who may
+//! connect, so there is no smaller budget for uids they do not name.
 
 pub mod authz;
 pub mod convert;
@@ -26,6 +31,10 @@ pub use service::{AdminApi, ReloadOutcome, ReloadRequest};
 const MAX_CONNECTIONS: usize = 64;
 /// How long an operator's connection has to send the HTTP/2 preface.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an operator's connection may stay open with no call in flight
+/// (as the workload socket's default `limits.idle_connection_timeout`), so
+/// idle connections cannot hold the 64 slots.
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 /// Largest admin request.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
@@ -83,6 +92,7 @@ pub async fn serve(
         authz,
     );
     Server::builder()
+        .layer(transport::InFlightLayer)
         .add_service(service)
         .serve_with_incoming_shutdown(
             transport::incoming(
@@ -91,8 +101,11 @@ pub async fn serve(
                     max_connections: MAX_CONNECTIONS,
                     max_per_process: MAX_CONNECTIONS,
                     max_per_uid: MAX_CONNECTIONS,
+                    max_per_unmatched_uid: MAX_CONNECTIONS,
                     handshake_timeout: HANDSHAKE_TIMEOUT,
+                    idle_timeout: IDLE_TIMEOUT,
                 },
+                None,
                 closing,
             ),
             shutdown,

@@ -552,6 +552,15 @@ mod tests {
         assert_eq!(c.audit.flush_interval, d.audit.flush_interval);
         assert_eq!(c.audit.max_file_bytes, d.audit.max_file_bytes);
         assert_eq!(c.policy.poll_interval, d.policy.poll_interval);
+        let (c_limits, d_limits) = (&c.workload_api.limits, &d.workload_api.limits);
+        assert_eq!(
+            c_limits.idle_connection_timeout,
+            d_limits.idle_connection_timeout
+        );
+        assert_eq!(
+            c_limits.max_connections_per_unmatched_uid,
+            d_limits.max_connections_per_unmatched_uid
+        );
         assert_eq!(c.entries.len(), 1);
     }
 
@@ -640,6 +649,76 @@ mod tests {
             "{long}"
         );
         Config::from_toml("[tasks]\nmax_intent_len = 4096\n", &env()).unwrap();
+    }
+
+    #[test]
+    fn the_idle_timeout_and_the_unmatched_uid_budget_are_read_and_checked() {
+        let d = Config::from_toml("", &env()).unwrap().workload_api.limits;
+        assert_eq!(d.idle_connection_timeout, Duration::from_secs(300));
+        assert_eq!(d.max_connections_per_unmatched_uid, 64);
+        let c = Config::from_toml(
+            "[limits]\nidle_connection_timeout = \"90s\"\nmax_connections_per_unmatched_uid = 8",
+            &env(),
+        )
+        .unwrap()
+        .workload_api
+        .limits;
+        assert_eq!(c.idle_connection_timeout, Duration::from_secs(90));
+        assert_eq!(c.max_connections_per_unmatched_uid, 8);
+        assert_eq!(c.connections().idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.connections().max_per_unmatched_uid, 8);
+        // The bounds themselves are accepted.
+        for ok in ["1s", "24h"] {
+            Config::from_toml(
+                &format!("[limits]\nidle_connection_timeout = \"{ok}\""),
+                &env(),
+            )
+            .unwrap();
+        }
+        Config::from_toml(
+            "[limits]\nmax_connections_per_uid = 8\nmax_connections_per_unmatched_uid = 8",
+            &env(),
+        )
+        .unwrap();
+        let cases = [
+            (
+                "idle_connection_timeout = \"0s\"",
+                "limits.idle_connection_timeout: must be between 1s and 24h",
+            ),
+            (
+                "idle_connection_timeout = \"999ms\"",
+                "limits.idle_connection_timeout: must be between 1s and 24h",
+            ),
+            (
+                "idle_connection_timeout = \"25h\"",
+                "limits.idle_connection_timeout: must be between 1s and 24h",
+            ),
+            (
+                "idle_connection_timeout = \"soon\"",
+                "idle_connection_timeout",
+            ),
+            (
+                "max_connections_per_unmatched_uid = 0",
+                "limits.max_connections_per_unmatched_uid: must be greater than zero",
+            ),
+            // Lowering the per-uid budget below the default small one
+            // needs the small one lowered too: never fixed silently.
+            (
+                "max_connections_per_uid = 16",
+                "limits.max_connections_per_unmatched_uid: must be greater than zero and at most max_connections_per_uid",
+            ),
+            (
+                "max_connections_per_uid = 16\nmax_connections_per_unmatched_uid = 17",
+                "at most max_connections_per_uid",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Config::from_toml(&format!("[limits]\n{text}"), &env()).unwrap_err();
+            assert!(
+                err.to_string().contains(want),
+                "{text}\n=> {err}\n(wanted {want:?})"
+            );
+        }
     }
 
     #[test]

@@ -243,13 +243,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     {
         let limits = config.workload_api.limits.clone();
+        let entries = registry.clone();
         let token = shutdown.token();
         let failed = Arc::clone(&failed);
         shutdown.spawn(async move {
             let stop = token.clone().cancelled_owned();
             let closing = CancellationToken::new();
-            let served =
-                serve_workload_socket(api, task_api, &mut socket, &limits, stop, closing.clone());
+            let served = serve_workload_socket(
+                api,
+                task_api,
+                &mut socket,
+                &limits,
+                entries,
+                stop,
+                closing.clone(),
+            );
             if let Err(error) = drained(served, &token, &closing, "workload").await {
                 tracing::error!(%error, "workload API server failed; stopping the agent");
                 failed.store(true, Ordering::SeqCst);
@@ -499,12 +507,14 @@ async fn drained(
 }
 
 /// Serves the Workload API and the Task API on the workload socket until
-/// `shutdown` resolves.
+/// `shutdown` resolves, within `limits` (the per-uid budget judged against
+/// the registration `entries` as they are at each accept).
 async fn serve_workload_socket(
     api: WorkloadApi,
     task_api: TaskApi,
     socket: &mut BoundSocket,
     limits: &WorkloadApiLimits,
+    entries: Registry,
     shutdown: impl Future<Output = ()>,
     closing: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
@@ -514,10 +524,11 @@ async fn serve_workload_socket(
     tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
         .timeout(limits.request_timeout)
+        .layer(transport::InFlightLayer)
         .add_service(workload_api::service(api, limits))
         .add_service(task_api::service(task_api, limits.max_request_bytes))
         .serve_with_incoming_shutdown(
-            transport::incoming(listener, limits.connections(), closing),
+            transport::incoming(listener, limits.connections(), Some(entries), closing),
             shutdown,
         )
         .await

@@ -10,16 +10,19 @@
 //! then decides. The cost follows the caller's selectors and the few entries
 //! filed under each, not the size of the registry.
 //!
+//! The index also knows which uids any entry can match at all
+//! ([`UidScope`]), for the connection budget of uids that match none.
+//!
 //! Invariant: an index is built whole from the entry list it describes and
 //! never patched, so it cannot fall out of step with it. Entry sets are
 //! immutable; a change builds a new set, and with it a new index.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
 use super::entry::{EntryId, RegistrationEntry};
-use super::selector::{Selector, SelectorSet};
+use super::selector::{Selector, SelectorSet, SelectorType};
 
 /// Where each entry of one entry list is found: by the selector it is
 /// filed under, and by its id. Positions index that list.
@@ -33,6 +36,25 @@ pub(super) struct EntryIndex {
     unconditional: Vec<usize>,
     /// The position of the first entry with each id.
     by_id: HashMap<EntryId, usize>,
+    /// The uids whose callers some entry may match.
+    uids: UidScope,
+}
+
+/// The uids whose callers some entry of a list may match, judged from the
+/// entries alone (no caller is attested for it).
+///
+/// A caller has exactly one `unix:uid` selector, its effective uid as the
+/// kernel recorded it at connect (attestation refuses a process whose
+/// uid changed since). So an entry that requires `unix:uid:N` can match
+/// only callers of uid N. An entry that requires no `unix:uid` selector
+/// (only a path, a hash, a gid, a user name, pod facts) may match a caller
+/// of any uid, as far as anything known before attestation can tell.
+#[derive(Debug, PartialEq, Eq)]
+enum UidScope {
+    /// Only callers of these uids: every entry requires a `unix:uid`.
+    Only(HashSet<u32>),
+    /// Callers of any uid: some entry requires none.
+    Any,
 }
 
 // === impl EntryIndex ===
@@ -51,6 +73,7 @@ impl EntryIndex {
             filed: HashMap::with_capacity(entries.len().min(required_by.len())),
             unconditional: Vec::new(),
             by_id: HashMap::with_capacity(entries.len()),
+            uids: UidScope::of(entries),
         };
         for (position, entry) in entries.iter().enumerate() {
             // The first of the rarest, so the same list always gives the
@@ -91,6 +114,49 @@ impl EntryIndex {
     pub(super) fn position_of(&self, id: &EntryId) -> Option<usize> {
         self.by_id.get(id).copied()
     }
+
+    /// Whether some entry may match a caller of `uid` (see [`UidScope`]).
+    pub(super) fn may_match_uid(&self, uid: u32) -> bool {
+        match &self.uids {
+            UidScope::Only(uids) => uids.contains(&uid),
+            UidScope::Any => true,
+        }
+    }
+}
+
+// === impl UidScope ===
+
+impl Default for UidScope {
+    /// No entries: no uid.
+    fn default() -> Self {
+        Self::Only(HashSet::new())
+    }
+}
+
+impl UidScope {
+    fn of(entries: &[Arc<RegistrationEntry>]) -> Self {
+        let mut named = HashSet::new();
+        for entry in entries {
+            let mut uids = entry
+                .selectors
+                .iter()
+                .filter(|s| s.kind() == SelectorType::Unix && s.key() == "uid")
+                .map(|s| s.value().strip_prefix("uid:").and_then(|v| v.parse().ok()))
+                .peekable();
+            if uids.peek().is_none() {
+                return Self::Any;
+            }
+            for uid in uids {
+                // Parsed selectors always hold a number; anything else
+                // must not narrow the scope.
+                let Some(uid) = uid else {
+                    return Self::Any;
+                };
+                named.insert(uid);
+            }
+        }
+        Self::Only(named)
+    }
 }
 
 impl fmt::Debug for EntryIndex {
@@ -99,6 +165,7 @@ impl fmt::Debug for EntryIndex {
             .field("selectors", &self.filed.len())
             .field("unconditional", &self.unconditional.len())
             .field("ids", &self.by_id.len())
+            .field("uids", &self.uids)
             .finish()
     }
 }
@@ -169,6 +236,35 @@ mod tests {
         let index = EntryIndex::new(&list);
         assert_eq!(index.candidates(&SelectorSet::new()), [1]);
         assert_eq!(index.candidates(&caller(&["unix:uid:2"])), [1, 2]);
+    }
+
+    #[test]
+    fn only_the_uids_entries_name_may_match_unless_an_entry_names_none() {
+        let named = EntryIndex::new(&entries(&[
+            &["unix:uid:1000", "unix:path:/opt/a"],
+            &["unix:uid:1001"],
+            // Matches nobody (a caller has one uid); names both anyway.
+            &["unix:uid:7", "unix:uid:8"],
+        ]));
+        for uid in [1000, 1001, 7, 8] {
+            assert!(named.may_match_uid(uid), "{uid}");
+        }
+        for uid in [0, 65534, u32::MAX] {
+            assert!(!named.may_match_uid(uid), "{uid}");
+        }
+        assert!(!EntryIndex::new(&[]).may_match_uid(1000), "no entries");
+        // One entry that requires no uid may match a caller of any uid:
+        // a path, a gid, a user name (resolved only at attestation),
+        // pod facts.
+        for open in [
+            "unix:path:/opt/a",
+            "unix:gid:50",
+            "unix:user:alice",
+            "k8s:ns:default",
+        ] {
+            let index = EntryIndex::new(&entries(&[&["unix:uid:1000"], &[open]]));
+            assert!(index.may_match_uid(65534), "{open}");
+        }
     }
 
     #[test]

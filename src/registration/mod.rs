@@ -228,6 +228,17 @@ impl EntrySet {
         out
     }
 
+    /// Whether some entry may match a caller whose uid is `uid`, judged
+    /// before attestation: false only when every entry requires a
+    /// `unix:uid` selector and none names `uid`. Any entry without one (a
+    /// `unix:path`, `unix:sha256`, `unix:gid` or `unix:user` entry, pod
+    /// selectors) may match every uid. The connection budget of uids that
+    /// match nothing is the smaller one
+    /// (`limits.max_connections_per_unmatched_uid`).
+    pub fn may_match_uid(&self, uid: u32) -> bool {
+        self.index.may_match_uid(uid)
+    }
+
     /// Entries matching an operator's filters: an exact SPIFFE ID (or
     /// template) and/or selectors the entry must all require.
     pub fn filtered(

@@ -16,7 +16,11 @@ pub async fn identify<T>(
         .extensions()
         .get::<PeerInfo>()
         .ok_or_else(|| Status::internal("connection carries no peer credentials"))?;
-    let caller = peer.0.as_ref().map_err(|e| attestation_status(e))?.clone();
+    let caller = peer
+        .caller
+        .as_ref()
+        .map_err(|e| attestation_status(e))?
+        .clone();
     let started = std::time::Instant::now();
     let attested = attestor.attest(&caller).await;
     crate::telemetry::metrics().observe_attestation(started.elapsed());

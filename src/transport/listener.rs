@@ -6,6 +6,12 @@
 //! world-connectable (0777) on purpose: attestation, not file permissions,
 //! decides what each caller gets. The path is unlinked when the
 //! [`BoundSocket`] is dropped, but only if it is still our socket.
+//!
+//! Accepting never waits on a budget: each connection is accepted at once
+//! and, over a budget, closed unread (issue 15, finding 4). Every open
+//! connection then holds its slots until it is closed: by the client, by
+//! the handshake timeout (no HTTP/2 preface), by the idle timeout (nothing
+//! in flight, see [`idle`](super::idle)), or by the drain at shutdown.
 
 use std::future::Future as _;
 use std::io;
@@ -19,13 +25,15 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use super::authority::AuthorityFix;
+use super::idle::Activity;
 use super::slots::{ProcessSlots, Slot};
 use crate::attestation::{AttestationError, Caller, ProcessKey};
+use crate::registration::Registry;
 use crate::trusted_fs::{self, TrustedFsError};
 
 /// Pause after an accept failure such as EMFILE, so a full fd table does
@@ -56,10 +64,19 @@ pub struct ConnectionLimits {
     /// more are closed as soon as they are accepted. One user's many
     /// processes cannot take every connection.
     pub max_per_uid: usize,
+    /// The same, for a uid no registration entry can match
+    /// ([`EntrySet::may_match_uid`](crate::registration::EntrySet::may_match_uid)):
+    /// a user with no identity to get needs few connections. Applies only
+    /// where [`incoming`] is given the entries.
+    pub max_per_unmatched_uid: usize,
     /// A connection that has not sent the HTTP/2 preface this long after
     /// it was accepted is closed, so silent connections cannot hold the
     /// slots everyone else needs.
     pub handshake_timeout: Duration,
+    /// A connection with no request in flight this long (counted from
+    /// accept, then from the end of its last request) is closed. Only
+    /// requests count, not bytes: PINGs keep nothing open.
+    pub idle_timeout: Duration,
 }
 
 /// Why the socket could not be bound.
@@ -112,9 +129,16 @@ fn file_of(meta: &std::fs::Metadata) -> FileKey {
     (meta.dev(), meta.ino(), meta.created().ok())
 }
 
-/// The identity of the peer of one connection, as request extensions see it.
+/// The peer of one connection, as request extensions see it.
 #[derive(Debug, Clone)]
-pub struct PeerInfo(pub Result<Caller, Arc<AttestationError>>);
+pub struct PeerInfo {
+    /// The process at the other end as the kernel named it at accept, or
+    /// why it could not be named.
+    pub caller: Result<Caller, Arc<AttestationError>>,
+    /// The connection's requests in flight, counted by
+    /// [`InFlightLayer`](super::idle::InFlightLayer).
+    pub(super) activity: Arc<Activity>,
+}
 
 /// An accepted connection and its peer.
 #[derive(Debug)]
@@ -124,6 +148,12 @@ pub struct PeerStream {
     fix: AuthorityFix,
     /// Until the preface is in: the bytes still due, and the deadline.
     handshake: Option<(usize, Pin<Box<Sleep>>)>,
+    /// Requests in flight on this connection, and since when none has been.
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+    /// Fires when the connection may have been idle for `idle_timeout`;
+    /// moved whenever it turns idle again.
+    idle_deadline: Pin<Box<Sleep>>,
     /// Fires when the server gives up on its open connections (the drain
     /// after a stop is over): reads and writes fail from then on.
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -228,88 +258,130 @@ impl SocketIdentity {
 
 /// Accepts connections forever, identifying each peer, within `limits`:
 /// at most so many open at once, per uid and per process (more are
-/// accepted and closed at once, never left waiting in the backlog), and
-/// each must send the HTTP/2 preface within the handshake timeout.
+/// accepted and closed at once, never left waiting in the backlog); each
+/// must send the HTTP/2 preface within the handshake timeout, and is closed
+/// once idle for the idle timeout. With `entries`, a uid that no entry can
+/// match gets the smaller per-uid budget; without (the admin socket), every
+/// uid gets the same.
 pub fn incoming(
     listener: UnixListener,
     limits: ConnectionLimits,
+    entries: Option<Registry>,
     closing: CancellationToken,
 ) -> impl futures_util::Stream<Item = io::Result<PeerStream>> {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let per_process = ProcessSlots::new(limits.max_per_process, "max_connections_per_process");
-    let per_uid = ProcessSlots::new(limits.max_per_uid, "max_connections_per_uid");
-    let state = (
+    let acceptor = Acceptor {
         listener,
-        slots,
-        (per_process, per_uid),
-        limits.handshake_timeout,
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        per_process: ProcessSlots::new(limits.max_per_process, "max_connections_per_process"),
+        per_uid: ProcessSlots::new(limits.max_per_uid, "max_connections_per_uid"),
+        limits,
+        entries,
         closing,
-    );
-    futures_util::stream::unfold(state, |state| async move {
-        let (listener, slots, (per_process, per_uid), handshake_timeout, closing) = &state;
-        let item = loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    // Accepted at once, whatever the budget: a client left
-                    // waiting in the backlog could exec another program
-                    // before the agent looked at it (issue 15, finding 4).
-                    // Over the budget, it is closed unread.
-                    let permit = match Arc::clone(slots).try_acquire_owned() {
-                        Ok(permit) => permit,
-                        Err(TryAcquireError::NoPermits) => {
-                            tracing::debug!(
-                                "connection refused: max_connections connections are open"
-                            );
-                            continue;
-                        }
-                        Err(TryAcquireError::Closed) => return None,
-                    };
-                    let peer = PeerInfo(Caller::from_stream(&stream).map_err(Arc::new));
-                    let (key, uid) = match &peer.0 {
-                        Ok(caller) => (caller.key(), caller.uid()),
-                        Err(error) => {
-                            tracing::debug!(%error, "could not identify a connecting process");
-                            // The process is gone or unreadable; its uid is
-                            // still the kernel's word.
-                            let uid = stream.peer_cred().map_or(UNIDENTIFIED_UID, |c| c.uid());
-                            (UNIDENTIFIED, uid)
-                        }
-                    };
-                    // Closed unread when over either budget: the process
-                    // (and its uid) keep what they have.
-                    let slots = per_process
-                        .take(key)
-                        .and_then(|slot| per_uid.take(uid).map(|uid_slot| (slot, uid_slot)));
-                    let (slot, uid_slot) = match slots {
-                        Ok(slots) => slots,
-                        Err(exhausted) => {
-                            tracing::debug!(pid = key.0, uid, %exhausted, "connection refused");
-                            continue;
-                        }
-                    };
-                    break Ok(PeerStream {
-                        stream,
-                        peer,
-                        fix: AuthorityFix::default(),
-                        handshake: Some((
-                            PREFACE_LEN,
-                            Box::pin(tokio::time::sleep(*handshake_timeout)),
-                        )),
-                        closing: Box::pin(closing.clone().cancelled_owned()),
-                        _permit: permit,
-                        _slot: slot,
-                        _uid_slot: uid_slot,
-                    });
-                }
+    };
+    futures_util::stream::unfold(acceptor, |acceptor| async move {
+        let item = acceptor.next().await?;
+        Some((item, acceptor))
+    })
+}
+
+/// The accept loop's state: the listener and the budgets it draws from.
+struct Acceptor {
+    listener: UnixListener,
+    slots: Arc<Semaphore>,
+    per_process: ProcessSlots,
+    per_uid: ProcessSlots<u32>,
+    limits: ConnectionLimits,
+    entries: Option<Registry>,
+    closing: CancellationToken,
+}
+
+// === impl Acceptor ===
+
+impl Acceptor {
+    /// The next connection within the budgets; `None` once the
+    /// connection budget is closed.
+    async fn next(&self) -> Option<io::Result<PeerStream>> {
+        loop {
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    break Err(error);
+                    return Some(Err(error));
                 }
-            }
-        };
-        Some((item, state))
-    })
+            };
+            // Accepted at once, whatever the budget: a client left waiting
+            // in the backlog could exec another program before the agent
+            // looked at it (issue 15, finding 4). Over the budget, it is
+            // closed unread.
+            let permit = match Arc::clone(&self.slots).try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(TryAcquireError::NoPermits) => {
+                    tracing::debug!("connection refused: max_connections connections are open");
+                    continue;
+                }
+                Err(TryAcquireError::Closed) => return None,
+            };
+            let caller = Caller::from_stream(&stream).map_err(Arc::new);
+            let (key, uid) = match &caller {
+                Ok(caller) => (caller.key(), caller.uid()),
+                Err(error) => {
+                    tracing::debug!(%error, "could not identify a connecting process");
+                    // The process is gone or unreadable; its uid is still
+                    // the kernel's word.
+                    let uid = stream.peer_cred().map_or(UNIDENTIFIED_UID, |c| c.uid());
+                    (UNIDENTIFIED, uid)
+                }
+            };
+            // Closed unread when over either budget: the process (and its
+            // uid) keep what they have.
+            let slots = self.per_process.take(key).and_then(|slot| {
+                let (limit, setting) = self.uid_budget(uid);
+                let uid_slot = self.per_uid.take_within(uid, limit, setting)?;
+                Ok((slot, uid_slot))
+            });
+            let (slot, uid_slot) = match slots {
+                Ok(slots) => slots,
+                Err(exhausted) => {
+                    tracing::debug!(pid = key.0, uid, %exhausted, "connection refused");
+                    continue;
+                }
+            };
+            let activity = Activity::new();
+            return Some(Ok(PeerStream {
+                stream,
+                peer: PeerInfo {
+                    caller,
+                    activity: Arc::clone(&activity),
+                },
+                fix: AuthorityFix::default(),
+                handshake: Some((
+                    PREFACE_LEN,
+                    Box::pin(tokio::time::sleep(self.limits.handshake_timeout)),
+                )),
+                activity,
+                idle_timeout: self.limits.idle_timeout,
+                idle_deadline: Box::pin(tokio::time::sleep(self.limits.idle_timeout)),
+                closing: Box::pin(self.closing.clone().cancelled_owned()),
+                _permit: permit,
+                _slot: slot,
+                _uid_slot: uid_slot,
+            }));
+        }
+    }
+
+    /// How many connections `uid`'s processes may hold together, and the
+    /// setting that says so: the small budget when no registration entry
+    /// can match the uid, as the entries are now.
+    fn uid_budget(&self, uid: u32) -> (usize, &'static str) {
+        match &self.entries {
+            Some(entries) if !entries.snapshot().may_match_uid(uid) => (
+                self.limits.max_per_unmatched_uid,
+                "max_connections_per_unmatched_uid",
+            ),
+            _ => (self.limits.max_per_uid, "max_connections_per_uid"),
+        }
+    }
 }
 
 // === impl PeerStream ===
@@ -324,7 +396,8 @@ impl Connected for PeerStream {
 
 impl PeerStream {
     /// Reads from the socket, closing the connection (TimedOut) if the
-    /// preface is not in by the handshake deadline.
+    /// preface is not in by the handshake deadline, or once it has been
+    /// idle for the idle timeout.
     fn poll_socket(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if let Poll::Ready(error) = self.poll_closing(cx) {
             return Poll::Ready(Err(error));
@@ -349,11 +422,49 @@ impl PeerStream {
                     .as_mut()
                     .is_some_and(|(_, deadline)| deadline.as_mut().poll(cx).is_ready());
                 if late {
-                    tracing::debug!(peer = ?self.peer.0.as_ref().map(Caller::pid).ok(), "no HTTP/2 preface in time; closing");
+                    tracing::debug!(peer = ?self.peer.caller.as_ref().map(Caller::pid).ok(), "no HTTP/2 preface in time; closing");
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "no HTTP/2 preface within the handshake timeout",
                     )));
+                }
+                if self.poll_idle(cx).is_ready() {
+                    tracing::debug!(peer = ?self.peer.caller.as_ref().map(Caller::pid).ok(), "no request in flight for the idle timeout; closing");
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no request in flight within the idle timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Ready once the connection has had nothing in flight for the idle
+    /// timeout; registers to be woken when that may be so otherwise.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.activity.idle_since() {
+            Some(since) => {
+                // A timeout past the clock's end never comes.
+                let Some(deadline) = since.checked_add(self.idle_timeout) else {
+                    return Poll::Pending;
+                };
+                if self.idle_deadline.deadline() != deadline {
+                    self.idle_deadline.as_mut().reset(deadline);
+                }
+                self.idle_deadline.as_mut().poll(cx)
+            }
+            // Busy. Nothing wakes this read when the last request ends, so
+            // look again a timeout from now: by then the connection has
+            // turned idle (and the deadline moves to its idle time plus
+            // the timeout) or is still busy.
+            None => {
+                if self.idle_deadline.as_mut().poll(cx).is_ready()
+                    && let Some(next) = Instant::now().checked_add(self.idle_timeout)
+                {
+                    self.idle_deadline.as_mut().reset(next);
+                    // Registers the waker for the new deadline.
+                    let _ = self.idle_deadline.as_mut().poll(cx);
                 }
                 Poll::Pending
             }

@@ -4,14 +4,17 @@
 //! [`listener`] binds a socket safely (never over a live agent or a file
 //! that is not a stale socket) and accepts connections with the peer
 //! identified from the kernel at accept time ([`PeerInfo`], a request
-//! extension every RPC can read). [`authority`] lets gRPC C-core clients
-//! (py-spiffe, grpc-java) through the Rust HTTP/2 stack. Nothing here
-//! decides what a caller may do: the edges do.
+//! extension every RPC can read), within the connection budgets of
+//! [`slots`]. [`idle`] closes connections with no request in flight.
+//! [`authority`] lets gRPC C-core clients (py-spiffe, grpc-java) through
+//! the Rust HTTP/2 stack. Nothing here decides what a caller may do: the
+//! edges do.
 
 pub mod authority;
 pub mod gate;
 pub mod header;
 pub mod identify;
+pub mod idle;
 pub mod json;
 pub mod listener;
 pub mod slots;
@@ -20,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use identify::identify;
+pub use idle::InFlightLayer;
 pub use listener::{
     BindError, BoundSocket, ConnectionLimits, PeerInfo, PeerStream, SocketIdentity, incoming,
 };

@@ -6,9 +6,10 @@
 //!
 //! The listener draws a connection slot per process and one per uid at
 //! accept time (`limits.max_connections_per_process`,
-//! `limits.max_connections_per_uid`); the Workload API's streams and the
-//! task API's `WatchTask` draw from one stream budget
-//! (`limits.max_streams_per_process`).
+//! `limits.max_connections_per_uid`, or the smaller
+//! `limits.max_connections_per_unmatched_uid` for a uid no entry can
+//! match); the Workload API's streams and the task API's `WatchTask` draw
+//! from one stream budget (`limits.max_streams_per_process`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -63,13 +64,25 @@ impl<K: Copy + Eq + Hash> ProcessSlots<K> {
 
     /// A slot for one more of what `key` holds, unless it holds its limit.
     pub fn take(&self, key: K) -> Result<Slot<K>, Exhausted> {
+        self.take_within(key, self.limit, self.setting)
+    }
+
+    /// A slot for one more of what `key` holds, unless it holds `limit`
+    /// (set by `setting`) already: a holder whose budget is not the
+    /// common one, counted with the others.
+    pub fn take_within(
+        &self,
+        key: K,
+        limit: usize,
+        setting: &'static str,
+    ) -> Result<Slot<K>, Exhausted> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let held = open.entry(key).or_insert(0);
-        if *held >= self.limit {
-            return Err(Exhausted {
-                limit: self.limit,
-                setting: self.setting,
-            });
+        if *held >= limit {
+            if *held == 0 {
+                open.remove(&key);
+            }
+            return Err(Exhausted { limit, setting });
         }
         *held += 1;
         Ok(Slot {
@@ -146,6 +159,27 @@ mod tests {
         let _reused = slots.take((10, 2)).unwrap();
         drop(a);
         let _c = slots.take((10, 1)).unwrap();
+    }
+
+    #[test]
+    fn a_holder_with_its_own_limit_shares_the_count() {
+        let slots = ProcessSlots::<u32>::new(3, "max_connections_per_uid");
+        let small = "max_connections_per_unmatched_uid";
+        let a = slots.take_within(7, 1, small).unwrap();
+        let refused = slots.take_within(7, 1, small).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "already holds 1 (limits.max_connections_per_unmatched_uid)"
+        );
+        // The common limit counts what it took under the small one.
+        let _b = slots.take(7).unwrap();
+        let _c = slots.take(7).unwrap();
+        assert!(slots.take(7).is_err());
+        drop(a);
+        let _d = slots.take(7).unwrap();
+        // A limit of zero refuses without keeping the holder.
+        assert!(slots.take_within(8, 0, small).is_err());
+        assert_eq!(slots.processes(), 1);
     }
 
     #[test]

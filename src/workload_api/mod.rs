@@ -55,10 +55,19 @@ pub struct WorkloadApiLimits {
     /// Most connections the processes of one uid may hold open together;
     /// more are closed as soon as they are accepted.
     pub max_connections_per_uid: usize,
+    /// The same for a uid that no registration entry can match (every
+    /// entry requires a `unix:uid` selector, none this uid's); at most
+    /// `max_connections_per_uid`.
+    pub max_connections_per_unmatched_uid: usize,
     /// How long a new connection has to send the HTTP/2 preface before it
     /// is closed.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// How long a connection may stay open with no request in flight
+    /// (counted from accept, then from the end of its last request; an
+    /// open stream is in flight) before the agent closes it.
+    #[serde(with = "humantime_serde")]
+    pub idle_connection_timeout: Duration,
     /// How long a request may take until its handler answers (for a
     /// stream: until the stream is set up); bounds half-open requests whose
     /// body never comes.
@@ -79,13 +88,21 @@ impl Default for WorkloadApiLimits {
             max_streams_per_process: 256,
             max_connections_per_process: 1024,
             max_connections_per_uid: 4096,
+            max_connections_per_unmatched_uid: 64,
             handshake_timeout: Duration::from_secs(10),
+            idle_connection_timeout: Duration::from_secs(5 * 60),
             request_timeout: Duration::from_secs(60),
         }
     }
 }
 
 impl WorkloadApiLimits {
+    /// The shortest `idle_connection_timeout`: a client needs time to send
+    /// its first request after connecting.
+    pub const MIN_IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+    /// The longest `idle_connection_timeout`: longer is no bound at all.
+    pub const MAX_IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+
     /// Checks every limit is usable; on failure names the key.
     pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
         let positive = "must be greater than zero";
@@ -113,8 +130,21 @@ impl WorkloadApiLimits {
         if self.max_connections_per_uid == 0 {
             return Err(("max_connections_per_uid", positive));
         }
+        if self.max_connections_per_unmatched_uid == 0
+            || self.max_connections_per_unmatched_uid > self.max_connections_per_uid
+        {
+            return Err((
+                "max_connections_per_unmatched_uid",
+                "must be greater than zero and at most max_connections_per_uid",
+            ));
+        }
         if self.handshake_timeout.is_zero() {
             return Err(("handshake_timeout", positive));
+        }
+        if !(Self::MIN_IDLE_CONNECTION_TIMEOUT..=Self::MAX_IDLE_CONNECTION_TIMEOUT)
+            .contains(&self.idle_connection_timeout)
+        {
+            return Err(("idle_connection_timeout", "must be between 1s and 24h"));
         }
         if self.request_timeout.is_zero() {
             return Err(("request_timeout", positive));
@@ -128,7 +158,9 @@ impl WorkloadApiLimits {
             max_connections: self.max_connections,
             max_per_process: self.max_connections_per_process,
             max_per_uid: self.max_connections_per_uid,
+            max_per_unmatched_uid: self.max_connections_per_unmatched_uid,
             handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_connection_timeout,
         }
     }
 

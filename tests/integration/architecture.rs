@@ -98,7 +98,14 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ),
         (
             "transport",
-            &["attestation", "audit", "policy", "telemetry", "trusted_fs"][..],
+            &[
+                "attestation",
+                "audit",
+                "policy",
+                "registration",
+                "telemetry",
+                "trusted_fs",
+            ][..],
         ),
         // Decisions only: policy sees registration types and nothing else.
         ("policy", &["registration"][..]),
