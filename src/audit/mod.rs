@@ -5,7 +5,7 @@
 //! decision point records through; [`AuditWriter`] is the one loop that
 //! writes (spawned by `daemon`); [`verify`], [`read`] and [`AuditReader`]
 //! read a trail, live or copied, with or without a running agent;
-//! [`seal`] signs its end. Imports nothing from the crate but
+//! `seal` signs its end. Imports nothing from the crate but
 //! `trusted_fs`.
 //!
 //! # On disk
@@ -79,7 +79,7 @@
 //! An edited, removed, reordered or inserted record, a removed file and a
 //! cut tail are detected by anyone holding the files. `HEAD` and each
 //! `audit-recovered` record are sealed with the agent's [`SigningKey`]
-//! ([`seal`]): with the published [`PublicKey`], [`verify`] also detects a
+//! (`audit::seal`): with the published [`PublicKey`], [`verify`] also detects a
 //! tail cut with `HEAD` rewritten to match, and a made-up recovery record.
 //! Someone who holds the key can reseal a rewritten chain, and someone who
 //! can write the directory can put back an older sealed `HEAD` with the
