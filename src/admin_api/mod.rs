@@ -39,7 +39,7 @@ const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5 * 60)
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 /// Admin socket settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminApiConfig {
     /// The admin socket.
     pub socket_path: PathBuf,

@@ -19,12 +19,14 @@ use crate::telemetry::http::Readiness;
 use crate::transport::gate;
 
 /// What a reload changed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ReloadOutcome {
     /// Entries now from the config file.
     pub config_entries: usize,
     /// Federated trust domains now configured.
     pub federations: usize,
+    /// Keys changed in the file that only a restart applies (not applied).
+    pub needs_restart: Vec<String>,
 }
 
 /// A request to re-read the config file; the answer is the outcome or the
@@ -451,6 +453,7 @@ impl Admin for AdminApi {
         Ok(Response::new(pb::ReloadResponse {
             config_entries: u32::try_from(outcome.config_entries).unwrap_or(u32::MAX),
             federations: u32::try_from(outcome.federations).unwrap_or(u32::MAX),
+            needs_restart: outcome.needs_restart,
         }))
     }
 }

@@ -50,7 +50,7 @@ const MEMO_MAX_AGE: Duration = unix::NAME_TTL;
 const DEFAULT_WORKLOAD_SIZE_LIMIT: u64 = 256 * 1024 * 1024;
 
 /// The `[attestor]` section of the config file.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AttestorConfig {
     /// `[attestor.unix]`.
@@ -60,7 +60,7 @@ pub struct AttestorConfig {
 }
 
 /// The `[attestor.unix]` section of the config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UnixAttestorConfig {
     /// Produce `unix:path` and `unix:sha256` (default true). When on, an

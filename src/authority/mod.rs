@@ -89,7 +89,7 @@ pub enum AuthorityKind {
 }
 
 /// `[authority]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthorityConfig {
     /// Which authority signs.

@@ -257,6 +257,7 @@ fn reload(common: &AdminArgs) -> Result<(), OperatorError> {
         .reload(&ReloadReport {
             config_entries: outcome.config_entries,
             federations: outcome.federations,
+            needs_restart: outcome.needs_restart,
         })
         .map_err(stdout)
 }

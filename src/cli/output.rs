@@ -288,6 +288,9 @@ pub struct ReloadReport {
     pub config_entries: u32,
     /// `federations`: federated trust domains after the reload.
     pub federations: u32,
+    /// `needs_restart`: keys changed in the file that only a restart
+    /// applies (the agent keeps their running values).
+    pub needs_restart: Vec<String>,
 }
 
 /// `tether policy validate`: valid or not, what was read and what is
@@ -547,7 +550,15 @@ impl Format {
                 },
                 report.federations,
                 plural(report.federations as usize)
-            )
+            )?;
+            if !report.needs_restart.is_empty() {
+                writeln!(
+                    w,
+                    "not applied, they need a restart: {}",
+                    report.needs_restart.join(", ")
+                )?;
+            }
+            Ok(())
         })
     }
 

@@ -12,6 +12,7 @@
 //! domain `tether.local`, and one entry giving the user who started the
 //! agent the identity `spiffe://tether.local/uid/<uid>`.
 
+mod diff;
 pub mod env;
 pub mod error;
 pub mod file;

@@ -1,7 +1,11 @@
 //! Config reload: SIGHUP or `tether reload` re-reads the config file and
 //! the policy directory and applies what can change at runtime (entries,
-//! federation, policies). Anything else, or a file that does not validate,
-//! is refused with the reason and the running configuration stays.
+//! federation, policies), all or nothing: everything is read and validated
+//! first (the file, the policy files, the federated bundles, the entries),
+//! and only then applied, so a refused reload changes nothing and says
+//! why. Keys that only a restart applies (`Config::needs_restart`) are not
+//! applied and are named in the answer; the configuration in force keeps
+//! their running values.
 //!
 //! Policies also reload by themselves when their files change (the
 //! watcher); both paths record a `policy-reload` audit event.
@@ -15,7 +19,7 @@ use crate::audit::{AuditEvent, AuditLog, Decision, EventKind};
 use crate::config::{Config, ConfigSource, ProcessEnv};
 use crate::federation::Federation;
 use crate::policy::{Policy, PolicySummary};
-use crate::registration::Registry;
+use crate::registration::{Registry, check_config_duplicates};
 
 /// Owns reloads: one at a time, in arrival order.
 #[derive(Debug)]
@@ -56,6 +60,7 @@ impl Reloader {
                 Ok(o) => tracing::info!(
                     config_entries = o.config_entries,
                     federations = o.federations,
+                    needs_restart = ?o.needs_restart,
                     "configuration reloaded"
                 ),
                 Err(reason) => {
@@ -80,50 +85,49 @@ impl Reloader {
                 .map_err(|e| format!("reading the config: {e}"))?
                 .map_err(|e| e.to_string())?
         };
-        let unchanged = |what: &str, same: bool| {
-            if same {
-                Ok(())
-            } else {
-                Err(format!("{what} changed; that needs a restart"))
-            }
-        };
-        unchanged(
-            "trust_domain",
-            next.trust_domain == self.running.trust_domain,
-        )?;
-        unchanged("socket_path", next.socket_path == self.running.socket_path)?;
-        unchanged("data_dir", next.data_dir == self.running.data_dir)?;
-        unchanged(
-            "admin_socket_path",
-            next.admin.socket_path == self.running.admin.socket_path,
-        )?;
-        unchanged("[audit]", next.audit == self.running.audit)?;
+        let needs_restart = self.running.needs_restart(&next);
 
-        if next.policy.dir != self.running.policy.dir {
-            return Err("policy_dir changed; that needs a restart".into());
-        }
-        let policies = {
+        // Everything read and checked before anything is applied.
+        let prepared_policies = {
             let policy = self.policy.clone();
-            tokio::task::spawn_blocking(move || policy.reload())
+            tokio::task::spawn_blocking(move || policy.prepare())
                 .await
                 .map_err(|e| format!("reloading policies: {e}"))?
-                .map_err(|e| e.to_string())
         };
-        record_policy_reload(&self.audit, policies.clone());
-        policies.map_err(|e| format!("policies: {e}"))?;
-
-        self.federation
-            .replace(next.federation.clone())
+        let prepared_policies = match prepared_policies {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                record_policy_reload(&self.audit, Err(error.to_string()));
+                return Err(format!("policies: {error}"));
+            }
+        };
+        let prepared_federation = self
+            .federation
+            .prepare(next.federation.clone())
             .map_err(|e| e.to_string())?;
+        check_config_duplicates(&next.entries).map_err(|e| e.to_string())?;
+
+        // Applied: the entries first, the one step that can still refuse
+        // (their changes must be recorded); then what cannot fail.
         self.registry
-            .replace_config(next.entries.clone(), self.federation.trust_domains())
+            .replace_config(next.entries.clone(), prepared_federation.trust_domains())
             .await
             .map_err(|e| e.to_string())?;
+        self.federation.apply(prepared_federation);
+        let summary = self.policy.install_prepared(prepared_policies);
+        record_policy_reload(&self.audit, Ok(summary));
+        if !needs_restart.is_empty() {
+            tracing::warn!(
+                keys = ?needs_restart,
+                "changed in the config file, not applied: they need a restart"
+            );
+        }
         let outcome = ReloadOutcome {
             config_entries: next.entries.len(),
             federations: next.federation.len(),
+            needs_restart: needs_restart.iter().map(|k| (*k).to_owned()).collect(),
         };
-        self.running = next;
+        self.running = self.running.reloaded(&next);
         Ok(outcome)
     }
 }

@@ -92,6 +92,24 @@ fn default_refresh_interval() -> Duration {
     Duration::from_secs(5)
 }
 
+/// Federation sources whose bundles have been read, not yet in force
+/// ([`Federation::prepare`]).
+#[derive(Debug)]
+pub struct PreparedFederation {
+    sources: Vec<FederationSource>,
+    bundles: FederatedBundles,
+}
+
+impl PreparedFederation {
+    /// The trust domains these sources federate with.
+    pub fn trust_domains(&self) -> std::collections::BTreeSet<TrustDomain> {
+        self.sources
+            .iter()
+            .map(|s| s.trust_domain.clone())
+            .collect()
+    }
+}
+
 // === impl Federation ===
 
 impl Federation {
@@ -106,13 +124,21 @@ impl Federation {
         })
     }
 
-    /// Replaces the sources (a config reload). Every new file must read and
-    /// parse, or nothing changes.
-    pub fn replace(&self, sources: Vec<FederationSource>) -> Result<(), FederationError> {
+    /// Reads every new source's bundle for a config reload without
+    /// putting anything in force: every file must read and parse.
+    /// [`Self::apply`] puts the result in force.
+    pub fn prepare(
+        &self,
+        sources: Vec<FederationSource>,
+    ) -> Result<PreparedFederation, FederationError> {
         let bundles = load_all(&sources)?;
-        self.bundles.send_replace(Arc::new(bundles));
-        self.sources.send_replace(Arc::new(sources));
-        Ok(())
+        Ok(PreparedFederation { sources, bundles })
+    }
+
+    /// Puts prepared sources and their bundles in force.
+    pub fn apply(&self, prepared: PreparedFederation) {
+        self.bundles.send_replace(Arc::new(prepared.bundles));
+        self.sources.send_replace(Arc::new(prepared.sources));
     }
 
     /// The trust domains configured now.

@@ -49,7 +49,7 @@ const MAX_POLL_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Where the policies live and how often to look for changes. The config
 /// file's top-level `policy_dir` key is [`dir`](Self::dir).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// The directory of `*.cedar` files (`policy_dir`). None: no policy,
@@ -293,6 +293,18 @@ impl PolicyConfig {
     }
 }
 
+/// A policy set read and validated, not yet in force
+/// ([`Policy::prepare`]).
+pub struct PreparedPolicies(Snapshot);
+
+impl fmt::Debug for PreparedPolicies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PreparedPolicies")
+            .field(&self.0.summary)
+            .finish()
+    }
+}
+
 // === impl Policy ===
 
 impl Policy {
@@ -356,6 +368,30 @@ impl Policy {
             .unwrap_or_else(PoisonError::into_inner);
         let snapshot = engine.load_dir(dir)?;
         Ok(self.install(snapshot))
+    }
+
+    /// Reads and validates the directory as [`Self::reload`] does, without
+    /// putting the result in force: the first half of an all-or-nothing
+    /// config reload ([`Self::install_prepared`] is the second). `None`
+    /// without a policy directory. Blocking: call it off the runtime.
+    pub fn prepare(&self) -> Result<Option<PreparedPolicies>, PolicyError> {
+        let (Some(dir), Some(engine)) = (&self.shared.dir, &self.shared.engine) else {
+            return Ok(None);
+        };
+        Ok(Some(PreparedPolicies(engine.load_dir(dir)?)))
+    }
+
+    /// Puts prepared policies in force: what is in force now.
+    pub fn install_prepared(&self, prepared: Option<PreparedPolicies>) -> PolicySummary {
+        let Some(PreparedPolicies(snapshot)) = prepared else {
+            return self.summary();
+        };
+        let _one_at_a_time = self
+            .shared
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.install(snapshot)
     }
 
     /// Swaps in a new snapshot; the caller holds `reloading`.

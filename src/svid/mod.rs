@@ -36,7 +36,7 @@ use revocation::Revocations;
 pub use x509::X509Svid;
 
 /// Default SVID lifetimes (the top-level `x509_svid_ttl` and `jwt_svid_ttl`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Eq, Copy)]
 pub struct SvidConfig {
     /// X.509-SVID lifetime unless the entry says otherwise.
     pub x509_svid_ttl: Duration,

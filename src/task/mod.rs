@@ -48,7 +48,7 @@ use claims::{Actor, Confirmation, RequesterContext, TCTX_VERSION, TaskClaims, Ta
 use journal::Journal;
 
 /// `[tasks]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskConfig {
     /// Task lifetime when the request names none.

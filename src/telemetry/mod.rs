@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
 /// `[log]` settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// Filter directive (`info`, `debug`, `tether=debug,info`).

@@ -21,7 +21,7 @@ use crate::transport;
 pub use service::WorkloadApi;
 
 /// How the Workload API behaves towards callers.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct WorkloadApiConfig {
     /// Serve the own trust bundle to callers with no identity (as SPIRE's
     /// `allow_unauthenticated_verifiers`); off by default.
@@ -31,7 +31,7 @@ pub struct WorkloadApiConfig {
 }
 
 /// `[limits]`: bounds on untrusted input and resources per caller.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkloadApiLimits {
     /// Most audiences in one FetchJWTSVID request.

@@ -484,19 +484,40 @@ async fn reload_applies_a_good_file_and_keeps_the_running_config_on_a_bad_one() 
         .entries;
     assert_eq!(entries.len(), 2, "the running config stays");
 
-    // A setting only a restart applies is refused, not silently ignored.
+    // A setting only a restart applies is not applied, and the answer says
+    // so; what a reload can apply is applied. The config in force keeps
+    // the running value: the same file again still names it.
     std::fs::write(
         &path,
         format!("{base}{}[audit]\nqueue = 7\n", entry_for_me("one", "one")),
     )
     .unwrap();
-    let err = admin.reload(pb::ReloadRequest {}).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
+    for _ in 0..2 {
+        let outcome = admin
+            .reload(pb::ReloadRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(outcome.config_entries, 1);
+        assert_eq!(outcome.needs_restart, ["[audit]"]);
+    }
+    let out = tokio::task::spawn_blocking({
+        let socket = running.admin_socket_path().to_owned();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_tether"))
+                .args(["reload", "--admin-socket"])
+                .arg(socket)
+                .env_remove("TETHER_CONFIG")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
     assert!(
-        err.message()
-            .contains("[audit] changed; that needs a restart"),
-        "{}",
-        err.message()
+        String::from_utf8_lossy(&out.stdout).contains("not applied, they need a restart: [audit]"),
+        "{out:?}"
     );
 
     // SIGHUP does the same as `tether reload`.

@@ -322,6 +322,40 @@ async fn tether_reload_applies_policies_at_once_and_refuses_a_broken_set() {
         .await
         .unwrap_err();
     assert!(still.message().contains("no-delete"), "{}", still.message());
+
+    // All or nothing: new policy files (no-delete gone) with a config file
+    // whose federated bundle cannot be read. The reload is refused, and the
+    // policies in force are still the old ones (they used to be swapped in
+    // before the bundle was read, and stayed).
+    std::fs::remove_file(policies.path().join("unknown.cedar")).unwrap();
+    std::fs::remove_file(policies.path().join("delete.cedar")).unwrap();
+    let base = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "{base}[[federation]]\ntrust_domain = \"other.org\"\nbundle_path = \"{}\"\n",
+            dir.path().join("missing-bundle.json").display()
+        ),
+    )
+    .unwrap();
+    let err = admin.reload(admin_pb::ReloadRequest {}).await.unwrap_err();
+    assert!(
+        err.message().contains("missing-bundle.json"),
+        "{}",
+        err.message()
+    );
+    let still = tasks
+        .begin_task(begin(JIRA, &["jira.delete"]))
+        .await
+        .unwrap_err();
+    assert!(still.message().contains("no-delete"), "{}", still.message());
+    // The file fixed: the new policies are in force.
+    std::fs::write(&path, base).unwrap();
+    admin.reload(admin_pb::ReloadRequest {}).await.unwrap();
+    tasks
+        .begin_task(begin(JIRA, &["jira.delete"]))
+        .await
+        .unwrap();
     running.stop().await.unwrap();
 }
 

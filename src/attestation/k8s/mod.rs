@@ -37,7 +37,7 @@ pub use cgroup::{CgroupError, MAX_CGROUP_FILE, PodContainer, pod_container};
 pub use kubelet::{Kubelet, KubeletError, parse_pods};
 
 /// The `[attestor.k8s]` section of the config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct K8sAttestorConfig {
     /// Attest pods (default false).
