@@ -1,10 +1,13 @@
 //! The composition root: the only module that wires the parts together,
 //! spawns long-lived jobs and owns their cancellation.
 //!
-//! [`start`] binds first and fails fast (data dir lock, keys, federation
-//! files, socket), then spawns the loops; the returned [`Running`] knows the
-//! socket path tests and the CLI use, and stops everything cleanly: streams
-//! end with Unavailable, the socket is unlinked, the data dir unlocked.
+//! [`start`] takes the data dir's lock and binds every socket and listener
+//! first, then loads and fails fast (keys, store, audit trail, policies,
+//! federation files, entries, tasks), then spawns the loops, each by name;
+//! a failed start leaves nothing running. The returned [`Running`] knows
+//! the socket path tests and the CLI use, and stops everything within
+//! [`SHUTDOWN_GRACE`]: streams end with Unavailable, the socket is
+//! unlinked, the audit trail synced, the data dir unlocked.
 
 pub mod audit_key;
 mod reload;
@@ -15,7 +18,7 @@ use std::future::Future;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -43,8 +46,13 @@ use crate::trusted_fs;
 use crate::workload_api::{self, WorkloadApi, WorkloadApiLimits};
 pub use shutdown::Shutdown;
 
-/// How long stopping waits for streams and loops to finish.
+/// How long stopping takes at most: streams and loops, then the audit
+/// writer's final write and sync.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The part of [`SHUTDOWN_GRACE`] kept for the audit writer, after every
+/// job that records has stopped.
+const AUDIT_DRAIN: Duration = Duration::from_secs(2);
 
 /// How long a socket's clients have, once the agent stops, to close their
 /// connections (streams have ended by then) before they are closed.
@@ -58,7 +66,6 @@ pub struct Running {
     admin_socket_path: PathBuf,
     trust_domain: TrustDomain,
     shutdown: Shutdown,
-    failed: Arc<AtomicBool>,
     open_streams: Arc<AtomicUsize>,
     readiness: Readiness,
     registry: Registry,
@@ -74,6 +81,30 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     raise_fd_limit();
     create_private_dir(&config.data_dir)?;
     let lock = lock_data_dir(&config.data_dir)?;
+
+    // Every socket and listener is bound before anything is spawned: a
+    // start that fails leaves nothing running.
+    let mut socket = BoundSocket::bind(&config.socket_path, 0o755, 0o777).with_context(|| {
+        format!(
+            "binding the workload socket {}",
+            config.socket_path.display()
+        )
+    })?;
+    let mut admin_socket = admin_api::bind(&config.admin).with_context(|| {
+        format!(
+            "binding the admin socket {}",
+            config.admin.socket_path.display()
+        )
+    })?;
+
+    let http_listener = match config.http.listen {
+        Some(listen) => Some(
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the HTTP endpoint {listen} ([http] listen)"))?,
+        ),
+        None => None,
+    };
 
     let authority = {
         let (td, cfg, dir) = (
@@ -106,75 +137,46 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("opening the audit trail in {}", audit_dir.display()))?;
     let audit_stop = CancellationToken::new();
     let audit_writer = tokio::spawn(audit_writer.run(audit_stop.clone()));
-    let policy = Policy::load(&config.policy).context("loading policies")?;
-    if policy.is_enforcing() {
-        let summary = policy.summary();
-        tracing::info!(
-            dir = %config.policy.dir.as_deref().unwrap_or(Path::new("")).display(),
-            policies = summary.policies,
-            "policies loaded"
-        );
-    } else {
-        tracing::warn!(
-            "no policy_dir: registration entries alone decide what each workload may do"
-        );
-    }
-    let federation =
-        Federation::load(config.federation.clone()).context("loading federated bundles")?;
-    let registry = Registry::open(
-        config.entries.clone(),
-        store.clone(),
-        audit.clone(),
-        config.trust_domain.clone(),
-        federation.trust_domains(),
-    )
-    .context("loading registration entries")?;
-    let svids = SvidIssuer::new(authority.clone(), config.svid, store.clone(), audit.clone());
-    let tasks = Tasks::new(
-        config.tasks.clone(),
-        authority.clone(),
-        store.clone(),
-        audit.clone(),
-    );
-    {
-        let tasks = tasks.clone();
-        let watched = tokio::task::spawn_blocking(move || tasks.restore())
-            .await
-            .context("restoring tasks")??;
-        if watched > 0 {
-            tracing::info!(
-                tasks = watched,
-                "tasks from before the restart are live again"
-            );
+    // The audit writer runs from here: a step that fails stops it before
+    // the start returns (and the data dir's lock is released).
+    let Parts {
+        policy,
+        federation,
+        registry,
+        svids,
+        tasks,
+        attestor,
+    } = match load_parts(&config, &authority, &store, &audit).await {
+        Ok(parts) => parts,
+        Err(error) => {
+            audit_stop.cancel();
+            let _ = audit_writer.await;
+            return Err(error);
         }
-    }
-    let attestor = Attestor::new(&config.attestor).context("setting up the Kubernetes attestor")?;
-
-    let mut socket = BoundSocket::bind(&config.socket_path, 0o755, 0o777).with_context(|| {
-        format!(
-            "binding the workload socket {}",
-            config.socket_path.display()
-        )
-    })?;
-    let mut admin_socket = admin_api::bind(&config.admin).with_context(|| {
-        format!(
-            "binding the admin socket {}",
-            config.admin.socket_path.display()
-        )
-    })?;
+    };
 
     let shutdown = Shutdown::default();
-    let failed = Arc::new(AtomicBool::new(false));
-    shutdown.spawn(authority.clone().run(shutdown.token()));
+    shutdown.spawn("key rotation", authority.clone().run(shutdown.token()));
     shutdown.spawn(
+        "svid rotation",
         svids
             .clone()
             .run_rotation(registry.clone(), shutdown.token()),
     );
-    shutdown.spawn(svids.clone().run_recorder(shutdown.token()));
-    shutdown.spawn(svids.clone().run_revocations(shutdown.token()));
-    shutdown.spawn(federation.clone().run(shutdown.token()));
     shutdown.spawn(
+        "issuance recorder",
+        svids.clone().run_recorder(shutdown.token()),
+    );
+    shutdown.spawn(
+        "svid revocations",
+        svids.clone().run_revocations(shutdown.token()),
+    );
+    shutdown.spawn(
+        "federated bundles",
+        federation.clone().run(shutdown.token()),
+    );
+    shutdown.spawn(
+        "task lifecycle",
         tasks
             .clone()
             .run_lifecycle(registry.clone(), shutdown.token()),
@@ -221,20 +223,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         reload_tx,
         readiness.clone(),
     );
-    let http_addr = match config.http.listen {
-        Some(listen) => {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("binding the HTTP endpoint {listen} ([http] listen)"))?;
+    let http_addr = match http_listener {
+        Some(listener) => {
             let addr = listener
                 .local_addr()
                 .context("the HTTP endpoint's address")?;
-            shutdown.spawn(telemetry::http::serve(
-                listener,
-                readiness.clone(),
-                shutdown.tracker(),
-                shutdown.token(),
-            ));
+            shutdown.spawn(
+                "http endpoint",
+                telemetry::http::serve(
+                    listener,
+                    readiness.clone(),
+                    shutdown.tracker(),
+                    shutdown.token(),
+                ),
+            );
             tracing::info!(%addr, "HTTP endpoint: /healthz, /readyz, /metrics");
             Some(addr)
         }
@@ -245,8 +247,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let limits = config.workload_api.limits.clone();
         let entries = registry.clone();
         let token = shutdown.token();
-        let failed = Arc::clone(&failed);
-        shutdown.spawn(async move {
+        let fail = shutdown.clone();
+        shutdown.spawn("workload server", async move {
             let stop = token.clone().cancelled_owned();
             let closing = CancellationToken::new();
             let served = serve_workload_socket(
@@ -260,8 +262,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             );
             if let Err(error) = drained(served, &token, &closing, "workload").await {
                 tracing::error!(%error, "workload API server failed; stopping the agent");
-                failed.store(true, Ordering::SeqCst);
-                token.cancel();
+                fail.fail(format!("the workload API server failed: {error}"));
             }
             // Unlinks the socket, now that nothing is served on it.
             drop(socket);
@@ -270,20 +271,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     {
         let authz = AdminAuthz::new(&config.admin.uids);
         let token = shutdown.token();
-        let failed = Arc::clone(&failed);
-        shutdown.spawn(async move {
+        let fail = shutdown.clone();
+        shutdown.spawn("admin server", async move {
             let stop = token.clone().cancelled_owned();
             let closing = CancellationToken::new();
             let served = admin_api::serve(admin, authz, &mut admin_socket, stop, closing.clone());
             if let Err(error) = drained(served, &token, &closing, "admin").await {
                 tracing::error!(%error, "admin API server failed; stopping the agent");
-                failed.store(true, Ordering::SeqCst);
-                token.cancel();
+                fail.fail(format!("the admin API server failed: {error}"));
             }
             drop(admin_socket);
         });
     }
     shutdown.spawn(
+        "reloader",
         reload::Reloader {
             running: config.clone(),
             registry: registry.clone(),
@@ -295,10 +296,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     {
         let audit = audit.clone();
-        shutdown.spawn(policy.run_watcher(
-            move |outcome| reload::record_policy_reload(&audit, outcome),
-            shutdown.token(),
-        ));
+        shutdown.spawn(
+            "policy watcher",
+            policy.run_watcher(
+                move |outcome| reload::record_policy_reload(&audit, outcome),
+                shutdown.token(),
+            ),
+        );
     }
 
     match &config.source {
@@ -328,7 +332,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         admin_socket_path: config.admin.socket_path,
         trust_domain: config.trust_domain,
         shutdown,
-        failed,
         open_streams,
         readiness,
         registry,
@@ -336,6 +339,79 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         audit_stop,
         audit_writer,
         _lock: lock,
+    })
+}
+
+/// What the agent is made of besides its keys, store and audit trail.
+struct Parts {
+    policy: Policy,
+    federation: Federation,
+    registry: Registry,
+    svids: SvidIssuer,
+    tasks: Tasks,
+    attestor: Attestor,
+}
+
+/// Loads policies, federated bundles and entries, and restores the tasks
+/// of the last run: every step of the start that can fail once the audit
+/// writer runs.
+async fn load_parts(
+    config: &Config,
+    authority: &Authority,
+    store: &Store,
+    audit: &AuditLog,
+) -> anyhow::Result<Parts> {
+    let policy = Policy::load(&config.policy).context("loading policies")?;
+    if policy.is_enforcing() {
+        let summary = policy.summary();
+        tracing::info!(
+            dir = %config.policy.dir.as_deref().unwrap_or(Path::new("")).display(),
+            policies = summary.policies,
+            "policies loaded"
+        );
+    } else {
+        tracing::warn!(
+            "no policy_dir: registration entries alone decide what each workload may do"
+        );
+    }
+    let federation =
+        Federation::load(config.federation.clone()).context("loading federated bundles")?;
+    let registry = Registry::open(
+        config.entries.clone(),
+        store.clone(),
+        audit.clone(),
+        config.trust_domain.clone(),
+        federation.trust_domains(),
+    )
+    .context("loading registration entries")?;
+    let svids = SvidIssuer::new(authority.clone(), config.svid, store.clone(), audit.clone());
+    let tasks = Tasks::new(
+        config.tasks.clone(),
+        authority.clone(),
+        store.clone(),
+        audit.clone(),
+    );
+    {
+        let tasks = tasks.clone();
+        let watched = tokio::task::spawn_blocking(move || tasks.restore())
+            .await
+            .context("restoring tasks")??;
+        if watched > 0 {
+            tracing::info!(
+                tasks = watched,
+                "tasks from before the restart are live again"
+            );
+        }
+    }
+    let attestor = Attestor::new(&config.attestor).context("setting up the Kubernetes attestor")?;
+
+    Ok(Parts {
+        policy,
+        federation,
+        registry,
+        svids,
+        tasks,
+        attestor,
     })
 }
 
@@ -424,23 +500,34 @@ impl Running {
         self.stop().await
     }
 
-    /// Stops every job, waiting up to [`SHUTDOWN_GRACE`].
+    /// Stops every job and then the audit writer, all within
+    /// [`SHUTDOWN_GRACE`]: the jobs get all of it but [`AUDIT_DRAIN`],
+    /// which the audit writer keeps to write and sync what they recorded.
+    /// `Err` when a server failed (it says which) and stopped the agent.
     pub async fn stop(self) -> anyhow::Result<()> {
-        if !self.shutdown.stop(SHUTDOWN_GRACE).await {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "some jobs did not stop within the grace period");
+        if let Err(left) = self.shutdown.stop(SHUTDOWN_GRACE - AUDIT_DRAIN).await {
+            tracing::warn!(
+                grace = ?(SHUTDOWN_GRACE - AUDIT_DRAIN),
+                jobs = ?left.jobs,
+                streams = left.streams,
+                "some jobs did not stop within the grace period"
+            );
         }
         // Everything that records has stopped: the counts of repeated
         // denials are recorded, then the trail drained and synced.
         self.audit.record_counts();
         self.audit_stop.cancel();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.audit_writer)
+        if tokio::time::timeout(AUDIT_DRAIN, self.audit_writer)
             .await
             .is_err()
         {
-            tracing::warn!("the audit writer did not finish within the grace period");
+            tracing::warn!(
+                drain = ?AUDIT_DRAIN,
+                "the audit writer did not finish within its part of the grace period"
+            );
         }
-        if self.failed.load(Ordering::SeqCst) {
-            bail!("the workload API server failed (see the log)");
+        if let Some(failure) = self.shutdown.failure() {
+            bail!("{failure}");
         }
         tracing::info!("tether agent stopped");
         Ok(())

@@ -225,3 +225,29 @@ async fn what_a_caller_writes_cannot_forge_a_log_line() {
     }
     assert!(!log.contains('\u{1b}'), "a raw escape sequence in the log");
 }
+
+/// Issue 16, item 1: a start that fails leaves nothing running. The HTTP
+/// listener used to be bound after six loops and the audit writer were
+/// spawned: its failure left them running, the audit writer holding its
+/// directory's lock after the data dir's was released, so the next start
+/// in the same process found the trail "in use by another tether agent".
+#[tokio::test]
+async fn a_start_that_fails_leaves_nothing_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let error = common::start_in(
+        dir.path(),
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        format!("{error:#}").contains("binding the HTTP endpoint"),
+        "{error:#}"
+    );
+    // Nothing of the failed start holds the data dir, the audit trail or
+    // the sockets: the same agent starts at once.
+    let running = common::start_in(dir.path(), "").await.unwrap();
+    running.stop().await.unwrap();
+}
