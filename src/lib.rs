@@ -20,10 +20,13 @@
 //!   module holding private signing keys. [`federation`]: foreign trust
 //!   bundles read from files.
 //! - [`svid`]: issuing, caching, rotating and validating SVIDs.
+//!   [`task`]: task-bound tokens: begin, renew, exchange, validate, end,
+//!   and the journal that survives restarts.
 //!   [`transport`]: the Unix sockets both APIs serve on. [`policy`]: the
 //!   operator's Cedar policies, deciding each issuance, renewal and exchange
 //!   at request time.
 //! - [`workload_api`]: the SPIFFE Workload API over the Unix socket.
+//!   [`task_api`]: the Task API beside it on the same socket.
 //!   [`admin_api`]: the operators' API on a second, root-only socket.
 //! - [`config`]: the TOML file, composed from each domain's settings type.
 //! - [`daemon`]: the composition root; spawns every long-lived job.
@@ -35,8 +38,10 @@
 //!   request field names a selector or a pid.
 //! - No key is used to sign before it is in the published bundle, and
 //!   nothing outlives the key that signed it.
-//! - Private keys never leave [`authority`] (workload SVID keys aside, which
-//!   are handed to their workload) and are never logged.
+//! - Private signing keys never leave [`authority`] (workload SVID keys
+//!   aside, which are handed to their workload, and the audit key, which
+//!   [`daemon`] loads and hands to [`audit`] to seal the trail) and are
+//!   never logged.
 //! - Proto types never reach a domain module, and domain modules never see
 //!   `tonic::Status`.
 //! - Nothing is spawned outside [`daemon`]'s cancellation tree.
