@@ -423,15 +423,7 @@ impl Tasks {
         // Active from now: its end, whenever it comes, counts it down.
         metrics().tasks_active.inc();
         let _ = self.inner.owners.send((Arc::clone(&task), caller.clone()));
-        let token = self.issue(
-            &task,
-            &task.audience,
-            &task.tools,
-            None,
-            task.bind_x5t.clone(),
-            None,
-            task.requester(),
-        )?;
+        let token = self.issue_own(&task)?;
         if let Err(unavailable) = self.inner.audit.record(AuditEvent {
             token_id: Some(token.jti.clone()),
             policy_ids: decided_by,

@@ -78,15 +78,7 @@ impl Tasks {
                 reason: reason.to_string(),
             });
         }
-        let token = self.issue(
-            task,
-            &task.audience,
-            &task.tools,
-            None,
-            task.bind_x5t.clone(),
-            None,
-            task.requester(),
-        )?;
+        let token = self.issue_own(task)?;
         self.inner.audit.record(AuditEvent {
             token_id: Some(token.jti.clone()),
             policy_ids: decided_by,
@@ -97,6 +89,20 @@ impl Tasks {
             .get_or_create(&Kind { kind: "renew" })
             .inc();
         Ok(token)
+    }
+
+    /// A token of `task` as its owner gets it (begin, renew): the task's
+    /// own audience, tools and binding, no actor.
+    pub(super) fn issue_own(&self, task: &Task) -> Result<IssuedToken, TaskError> {
+        self.issue(
+            task,
+            &task.audience,
+            &task.tools,
+            None,
+            task.bind_x5t.clone(),
+            None,
+            task.requester(),
+        )
     }
 
     #[expect(
