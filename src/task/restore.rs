@@ -1,7 +1,9 @@
 //! A task in the store: the row it is written as at begin, and loading the
 //! rows back after a restart. Ended tasks stay ended; an active one whose
-//! deadline passed or whose owner process is gone is ended (and stored so)
-//! during the restore, so a restart never resurrects a token.
+//! owner process is gone is ended, and stored so, during the restore; one
+//! whose deadline has passed is not loaded at all (its tokens have expired,
+//! and a token signed here for a task unknown here is refused). A restart
+//! never resurrects a token.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -80,9 +82,10 @@ impl Task {
 // === impl Tasks ===
 
 impl Tasks {
-    /// Loads the tasks a previous run left (blocking). Ended ones stay
-    /// ended; active ones whose owner is gone, or whose deadline passed, are
-    /// ended now; the others are watched again.
+    /// Loads the tasks a previous run left whose deadline is still ahead
+    /// (blocking). Ended ones stay ended; active ones whose owner is gone
+    /// (or whose deadline passed meanwhile) are ended now; the others are
+    /// watched again. Returns how many are watched.
     pub fn restore(&self) -> Result<usize, TaskError> {
         let now = SystemTime::now();
         let rows = self.inner.store.tasks_until(now)?;
