@@ -138,7 +138,7 @@ mod tests {
     use super::*;
 
     fn task(id: &str, owner: Owner, scoped: bool) -> Arc<Task> {
-        Arc::new(Task::from_row(super::super::test_row(id, owner, scoped)).unwrap())
+        Arc::new(Task::from_row(super::super::tests::test_row(id, owner, scoped)).unwrap())
     }
 
     #[test]

@@ -8,6 +8,21 @@
 //! ([`lifecycle`]); from then on every token of it, exchanged ones
 //! included, is rejected, until it would have expired anyway.
 //!
+//! [`Tasks`] is the handle. This file holds the types, begin, renew's
+//! owner check, ends and lookups; each other concern has its own file:
+//!
+//! | file | owns |
+//! | --- | --- |
+//! | `config.rs` | [`TaskConfig`] and its validation |
+//! | `request.rs` | the checks on what BeginTask and ExchangeToken ask for |
+//! | `token.rs` | signing: the one place a token's claims are assembled |
+//! | `exchange.rs` | token exchange (prepare, then complete after policy) |
+//! | `validate.rs` | the task rules on top of JWT-SVID validation |
+//! | `restore.rs` | the stored row of a task, and loading them after a restart |
+//! | `active.rs` | the active tasks by owner process |
+//! | `journal.rs` | group commit of begins and ends |
+//! | [`claims`], [`lifecycle`] | the claim set; the loop that ends tasks nobody ended |
+//!
 //! Invariants:
 //! - a task's end is in the store before anyone is told it ended, so a
 //!   restart never resurrects a token;
@@ -19,59 +34,40 @@
 
 mod active;
 pub mod claims;
+mod config;
+mod exchange;
 mod journal;
 pub mod lifecycle;
+mod request;
+mod restore;
+mod token;
+mod validate;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Deserialize;
 use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch};
 
 use crate::attestation::Caller;
 use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, Decision as AuditDecision, EventKind};
 use crate::authority::{Authority, AuthorityError};
-use crate::bundle::TrustBundle;
 use crate::registration::{EntryId, Match};
-use crate::store::{Store, StoreError, TaskEnd, TaskRow};
-use crate::svid::jwt::{self as jwt_svid, JwtValidationError};
+use crate::store::{Store, StoreError, TaskEnd};
+use crate::svid::jwt::JwtValidationError;
 use crate::telemetry::metrics::{Kind, Reason, metrics};
 use active::ActiveIndex;
-use claims::{Actor, Confirmation, RequesterContext, TCTX_VERSION, TaskClaims, TaskContext};
 use journal::Journal;
+use request::dedup;
 
-/// `[tasks]` settings.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TaskConfig {
-    /// Task lifetime when the request names none.
-    #[serde(with = "humantime_serde")]
-    pub default_ttl: Duration,
-    /// Longest task lifetime a request may ask for.
-    #[serde(with = "humantime_serde")]
-    pub max_ttl: Duration,
-    /// Lifetime of each token (never past the task deadline).
-    #[serde(with = "humantime_serde")]
-    pub token_ttl: Duration,
-    /// Longest token lifetime validation accepts (`exp - iat`).
-    #[serde(with = "humantime_serde")]
-    pub max_token_ttl: Duration,
-    /// Longest intent, in bytes.
-    pub max_intent_len: usize,
-    /// Most tools per task.
-    pub max_tools: usize,
-    /// Longest tool name, in bytes.
-    pub max_tool_len: usize,
-    /// Most active tasks one process may own.
-    pub max_tasks_per_process: usize,
-}
+pub use config::TaskConfig;
+pub use exchange::Exchange;
+pub use token::IssuedToken;
+pub use validate::ValidatedTaskToken;
 
 /// Why a task operation was refused. The messages are safe to return to
 /// the caller.
@@ -239,45 +235,6 @@ struct TaskState {
     tokens_issued: u64,
 }
 
-/// A signed task token.
-#[derive(Clone)]
-pub struct IssuedToken {
-    /// The compact JWS.
-    pub token: String,
-    /// Its `jti` (what the audit trail names, never the token).
-    pub jti: String,
-    /// Its `exp`.
-    pub expires_at: SystemTime,
-}
-
-/// An exchange that passed every check but policy.
-#[derive(Debug)]
-pub struct Exchange {
-    /// The task of the subject token.
-    pub task: Arc<Task>,
-    /// The exchanging identity (the new actor).
-    pub actor: SpiffeId,
-    /// The new actor chain, newest first.
-    pub actors: Vec<String>,
-    /// The new audience.
-    pub audience: String,
-    /// The tools of the new token.
-    pub tools: Vec<String>,
-    /// The subject token's claims.
-    pub subject: TaskClaims,
-}
-
-/// A token that passed validation.
-#[derive(Debug, Clone)]
-pub struct ValidatedTaskToken {
-    /// `sub`.
-    pub spiffe_id: SpiffeId,
-    /// The typed claims.
-    pub claims: TaskClaims,
-    /// Every claim, as JSON.
-    pub raw_claims: serde_json::Map<String, serde_json::Value>,
-}
-
 /// The tasks of this agent. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Tasks {
@@ -303,69 +260,6 @@ struct Inner {
     journal: std::sync::OnceLock<Journal>,
     /// Active tasks by owner. Locked after `tasks` when both are held.
     active: Mutex<ActiveIndex>,
-}
-
-// === impl TaskConfig ===
-
-impl Default for TaskConfig {
-    fn default() -> Self {
-        Self {
-            default_ttl: Duration::from_secs(5 * 60),
-            max_ttl: Duration::from_secs(60 * 60),
-            token_ttl: Duration::from_secs(2 * 60),
-            max_token_ttl: Duration::from_secs(5 * 60),
-            max_intent_len: 1024,
-            max_tools: 32,
-            max_tool_len: 128,
-            max_tasks_per_process: 64,
-        }
-    }
-}
-
-impl TaskConfig {
-    /// Checks the settings hang together; on failure names the key.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        let positive = |key, d: Duration| {
-            if d.is_zero() {
-                Err((key, "must be greater than zero".to_owned()))
-            } else {
-                Ok(())
-            }
-        };
-        positive("tasks.default_ttl", self.default_ttl)?;
-        positive("tasks.max_ttl", self.max_ttl)?;
-        positive("tasks.token_ttl", self.token_ttl)?;
-        positive("tasks.max_token_ttl", self.max_token_ttl)?;
-        if self.default_ttl > self.max_ttl {
-            return Err(("tasks.default_ttl", "is longer than tasks.max_ttl".into()));
-        }
-        if self.token_ttl > self.max_token_ttl {
-            return Err((
-                "tasks.token_ttl",
-                "is longer than tasks.max_token_ttl".into(),
-            ));
-        }
-        if self.max_intent_len > crate::store::MAX_INTENT_LEN {
-            return Err((
-                "tasks.max_intent_len",
-                format!(
-                    "is at most {} (what the task store keeps)",
-                    crate::store::MAX_INTENT_LEN
-                ),
-            ));
-        }
-        for (key, n) in [
-            ("tasks.max_intent_len", self.max_intent_len),
-            ("tasks.max_tools", self.max_tools),
-            ("tasks.max_tool_len", self.max_tool_len),
-            ("tasks.max_tasks_per_process", self.max_tasks_per_process),
-        ] {
-            if n == 0 {
-                return Err((key, "must be greater than zero".into()));
-            }
-        }
-        Ok(())
-    }
 }
 
 // === impl EndReason ===
@@ -420,94 +314,6 @@ impl Task {
     /// True when `caller` is the owning process.
     pub fn is_owned_by(&self, caller: &Caller) -> bool {
         caller.pid() == self.owner.pid && caller.start_time() == self.owner.start_time
-    }
-
-    fn row(&self) -> TaskRow {
-        TaskRow {
-            id: self.id.clone(),
-            owner_pid: self.owner.pid,
-            owner_start_time: self.owner.start_time,
-            owner_uid: self.owner.uid,
-            owner_executable: self
-                .owner
-                .executable
-                .as_ref()
-                .map(|p| p.display().to_string()),
-            owner_exe_sha256: self.owner.exe_sha256.clone(),
-            spiffe_id: self.spiffe_id.to_string(),
-            entry_id: self.entry_id.to_string(),
-            audience: self.audience.clone(),
-            intent: self.intent.clone(),
-            tools: self.tools.clone(),
-            bind_x5t: self.bind_x5t.clone(),
-            created_at: self.created_at,
-            deadline: self.deadline,
-            ended: None,
-            tokens_issued: 0,
-            scope_descendants: self.scope_descendants,
-        }
-    }
-
-    fn from_row(row: TaskRow) -> Option<Self> {
-        let spiffe_id = SpiffeId::new(&row.spiffe_id).ok()?;
-        let entry_id = EntryId::parse(&row.entry_id).ok()?;
-        let ended = row
-            .ended
-            .as_ref()
-            .map(|end| (EndReason::parse(&end.reason), end.at));
-        Some(Self {
-            id: row.id,
-            owner: Owner {
-                pid: row.owner_pid,
-                start_time: row.owner_start_time,
-                uid: row.owner_uid,
-                executable: row.owner_executable.map(PathBuf::from),
-                exe_sha256: row.owner_exe_sha256,
-            },
-            spiffe_id,
-            entry_id,
-            audience: row.audience,
-            intent: row.intent,
-            tools: row.tools,
-            bind_x5t: row.bind_x5t,
-            scope_descendants: row.scope_descendants,
-            created_at: row.created_at,
-            deadline: row.deadline,
-            state: Mutex::new(TaskState {
-                ended,
-                tokens_issued: row.tokens_issued,
-            }),
-        })
-    }
-
-    fn context(&self) -> TaskContext {
-        TaskContext {
-            ver: TCTX_VERSION,
-            intent: self.intent.clone(),
-            tools: self.tools.clone(),
-            deadline: unix(self.deadline),
-        }
-    }
-
-    fn requester(&self) -> RequesterContext {
-        RequesterContext {
-            authn: "unix-peercred".into(),
-            pid: self.owner.pid,
-            pid_start: self.owner.start_time,
-            uid: self.owner.uid,
-            exe_sha256: self.owner.exe_sha256.clone(),
-        }
-    }
-}
-
-impl fmt::Debug for IssuedToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IssuedToken")
-            .field(
-                "expires_at",
-                &humantime::format_rfc3339_seconds(self.expires_at),
-            )
-            .finish_non_exhaustive()
     }
 }
 
@@ -565,101 +371,6 @@ impl Tasks {
         self.inner.authority.trust_domain()
     }
 
-    /// Loads the tasks a previous run left (blocking). Ended ones stay
-    /// ended; active ones whose owner is gone, or whose deadline passed, are
-    /// ended now; the others are watched again.
-    pub fn restore(&self) -> Result<usize, TaskError> {
-        let now = SystemTime::now();
-        let rows = self.inner.store.tasks_until(now)?;
-        let mut ends = Vec::new();
-        let mut watched = 0;
-        for row in rows {
-            let id = row.id.clone();
-            let Some(task) = Task::from_row(row) else {
-                tracing::warn!(task_id = %id, "stored task does not decode; treating it as revoked");
-                continue;
-            };
-            let task = Arc::new(task);
-            if task.ended().is_none() {
-                let reason = if task.deadline <= now {
-                    Some(EndReason::Deadline)
-                } else {
-                    match Caller::reattach(task.owner.pid, task.owner.uid, 0, task.owner.start_time)
-                    {
-                        Ok(caller) => {
-                            watched += 1;
-                            self.active().activate(&task, false);
-                            metrics().tasks_active.inc();
-                            let _ = self.inner.owners.send((Arc::clone(&task), caller));
-                            None
-                        }
-                        Err(_) => Some(EndReason::OwnerExited),
-                    }
-                };
-                if let Some(reason) = reason {
-                    task.state().ended = Some((reason, now));
-                    ends.push((
-                        task.id.clone(),
-                        TaskEnd {
-                            at: now,
-                            reason: reason.as_str().into(),
-                        },
-                        task.tokens_issued(),
-                    ));
-                    tracing::info!(task_id = %task.id, %reason, "task ended while the agent was down");
-                }
-            }
-            self.tasks().insert(task.id.clone(), task);
-        }
-        if !ends.is_empty() {
-            self.inner.store.end_tasks(&ends)?;
-        }
-        Ok(watched)
-    }
-
-    /// Checks what a BeginTask request asks for (audience, intent, tools,
-    /// lifetime) before anything else looks at it, policy included; the
-    /// lifetime the task gets.
-    pub fn check_begin(
-        &self,
-        audience: &str,
-        intent: &str,
-        tools: &[String],
-        ttl: Option<Duration>,
-    ) -> Result<Duration, TaskError> {
-        let config = &self.inner.config;
-        check_audience("audience", audience)?;
-        if intent.trim().is_empty() {
-            return Err(invalid("intent", "must say what the task is for"));
-        }
-        if intent.len() > config.max_intent_len {
-            return Err(invalid(
-                "intent",
-                format!(
-                    "is {} bytes; the limit is {}",
-                    intent.len(),
-                    config.max_intent_len
-                ),
-            ));
-        }
-        check_tools(tools, config)?;
-        let ttl = ttl.unwrap_or(config.default_ttl);
-        if ttl.is_zero() {
-            return Err(invalid("ttl", "must be greater than zero"));
-        }
-        if ttl > config.max_ttl {
-            return Err(invalid(
-                "ttl",
-                format!(
-                    "{} is above the maximum task lifetime of {}; ask for less (it is never shortened silently)",
-                    humantime::format_duration(ttl),
-                    humantime::format_duration(config.max_ttl)
-                ),
-            ));
-        }
-        Ok(ttl)
-    }
-
     /// Begins a task owned by `caller` under `matched`, and issues its first
     /// token.
     pub async fn begin(
@@ -712,15 +423,7 @@ impl Tasks {
         // Active from now: its end, whenever it comes, counts it down.
         metrics().tasks_active.inc();
         let _ = self.inner.owners.send((Arc::clone(&task), caller.clone()));
-        let token = self.issue(
-            &task,
-            &task.audience,
-            &task.tools,
-            None,
-            task.bind_x5t.clone(),
-            None,
-            task.requester(),
-        )?;
+        let token = self.issue_own(&task)?;
         if let Err(unavailable) = self.inner.audit.record(AuditEvent {
             token_id: Some(token.jti.clone()),
             policy_ids: decided_by,
@@ -754,40 +457,6 @@ impl Tasks {
         self.get(id)
             .filter(|t| t.is_owned_by(caller))
             .ok_or_else(|| TaskError::NotOwner(id.chars().take(80).collect()))
-    }
-
-    /// A fresh token for `task` (its own audience and tools), if it lives,
-    /// recording which policies allowed the renewal.
-    pub fn token_for(
-        &self,
-        task: &Task,
-        decided_by: Vec<String>,
-    ) -> Result<IssuedToken, TaskError> {
-        if let Some((reason, _)) = task.ended() {
-            return Err(TaskError::Ended {
-                id: task.id.clone(),
-                reason: reason.to_string(),
-            });
-        }
-        let token = self.issue(
-            task,
-            &task.audience,
-            &task.tools,
-            None,
-            task.bind_x5t.clone(),
-            None,
-            task.requester(),
-        )?;
-        self.inner.audit.record(AuditEvent {
-            token_id: Some(token.jti.clone()),
-            policy_ids: decided_by,
-            ..task_event(task, EventKind::TaskRenew, AuditDecision::Allow)
-        })?;
-        metrics()
-            .task_tokens_issued
-            .get_or_create(&Kind { kind: "renew" })
-            .inc();
-        Ok(token)
     }
 
     /// The audit log decisions are recorded in.
@@ -914,268 +583,6 @@ impl Tasks {
         self.inner.changes.subscribe()
     }
 
-    /// Checks an exchange of `subject` (a task token addressed to the
-    /// caller) for a token addressed to `audience`, with `tools` (a subset;
-    /// empty keeps them). `identities` are the caller's matched identities:
-    /// the subject token must be addressed to one of their SPIFFE IDs or
-    /// declared audiences, and that identity becomes the new actor. A bound
-    /// subject token (`cnf`) is accepted only with `subject_presenter`, the
-    /// certificate the caller says it was presented with, and only if that
-    /// is the one it is bound to (the caller's statement: it keeps an honest
-    /// service from exchanging a copied token). Nothing is issued until [`Tasks::complete_exchange`], so
-    /// policy can decide on the checked plan in between.
-    pub fn prepare_exchange(
-        &self,
-        subject: &str,
-        subject_presenter: Option<&[u8]>,
-        identities: &[Match],
-        audience: &str,
-        tools: &[String],
-        bundle_for: impl Fn(&TrustDomain) -> Option<Arc<TrustBundle>>,
-    ) -> Result<Exchange, TaskError> {
-        check_audience("audience", audience)?;
-        check_tools(tools, &self.inner.config)?;
-        // The subject token must be addressed to the caller: find its
-        // audience among the caller's names, then validate it for that.
-        let unverified_aud = peek_audience(subject).ok_or_else(|| {
-            TaskError::Exchange("the subject token has no single audience".into())
-        })?;
-        let actor = identities
-            .iter()
-            .find(|m| m.spiffe_id.to_string() == unverified_aud)
-            .or_else(|| identities.iter().find(|m| m.entry.audiences.contains(&unverified_aud)))
-            .map(|m| m.spiffe_id.clone())
-            .ok_or_else(|| {
-                TaskError::Exchange(format!(
-                    "the subject token is addressed to {unverified_aud:?}, not to the caller; only a token's audience may exchange it"
-                ))
-            })?;
-        let subject = self.validate(
-            subject,
-            &unverified_aud,
-            None,
-            subject_presenter,
-            bundle_for,
-        )?;
-        let task = self.get(&subject.claims.txn).ok_or_else(|| {
-            TaskError::Exchange(format!(
-                "task {} is not known to this agent",
-                subject.claims.txn
-            ))
-        })?;
-        if let Some((reason, _)) = task.ended() {
-            return Err(TaskError::Ended {
-                id: task.id.clone(),
-                reason: reason.to_string(),
-            });
-        }
-        let granted: Vec<String> = subject.claims.tools().map(str::to_owned).collect();
-        let tools = if tools.is_empty() {
-            granted
-        } else {
-            if let Some(extra) = tools.iter().find(|t| !granted.contains(t)) {
-                return Err(TaskError::Exchange(format!(
-                    "tool {extra:?} is not in the subject token's scope; an exchange can only narrow"
-                )));
-            }
-            dedup(tools.to_vec())
-        };
-        if subject.claims.actors().len() + 1 > claims::MAX_ACTOR_DEPTH {
-            return Err(TaskError::Exchange(format!(
-                "the actor chain would exceed {} actors",
-                claims::MAX_ACTOR_DEPTH
-            )));
-        }
-        let mut actors = vec![actor.to_string()];
-        actors.extend(subject.claims.actors());
-        Ok(Exchange {
-            task,
-            actor,
-            actors,
-            audience: audience.to_owned(),
-            tools,
-            subject: subject.claims,
-        })
-    }
-
-    /// Issues the token of a checked exchange, bound to `bind_x5t` when
-    /// given, recording which policies allowed it.
-    pub fn complete_exchange(
-        &self,
-        exchange: Exchange,
-        bind_x5t: Option<String>,
-        decided_by: Vec<String>,
-    ) -> Result<IssuedToken, TaskError> {
-        let Exchange {
-            task,
-            actor,
-            actors,
-            audience,
-            tools,
-            subject,
-        } = exchange;
-        let act = Actor {
-            sub: actor.to_string(),
-            act: subject.act.clone().map(Box::new),
-        };
-        let token = self.issue(
-            &task,
-            &audience,
-            &tools,
-            Some(act),
-            bind_x5t,
-            Some(UNIX_EPOCH + Duration::from_secs(subject.exp)),
-            subject.rctx.clone(),
-        )?;
-        tracing::info!(task_id = %task.id, actor = %actor, audience, tools = ?tools, "task token exchanged");
-        self.inner.audit.record(AuditEvent {
-            audience: Some(audience),
-            tools,
-            actors,
-            token_id: Some(token.jti.clone()),
-            policy_ids: decided_by,
-            ..task_event(&task, EventKind::Exchange, AuditDecision::Allow)
-        })?;
-        metrics()
-            .task_tokens_issued
-            .get_or_create(&Kind { kind: "exchange" })
-            .inc();
-        Ok(token)
-    }
-
-    /// Validates a task token for `audience` (and `tool`, and the
-    /// presenter's certificate when the token is bound).
-    pub fn validate(
-        &self,
-        token: &str,
-        audience: &str,
-        tool: Option<&str>,
-        presenter_cert: Option<&[u8]>,
-        bundle_for: impl Fn(&TrustDomain) -> Option<Arc<TrustBundle>>,
-    ) -> Result<ValidatedTaskToken, TokenRejection> {
-        let validated = jwt_svid::validate(token, audience, bundle_for)?;
-        if validated
-            .claims
-            .get("aud")
-            .and_then(|a| a.as_array())
-            .is_none_or(|a| a.len() != 1)
-        {
-            return Err(TokenRejection::NotATaskToken(
-                "a task token has exactly one audience".into(),
-            ));
-        }
-        // `validate` reports `aud` as an array; the typed claims hold one.
-        let mut raw = validated.claims.clone();
-        if let Some(serde_json::Value::Array(one)) = raw.get("aud").cloned() {
-            raw.insert("aud".into(), one.into_iter().next().unwrap_or_default());
-        }
-        let claims: TaskClaims = serde_json::from_value(serde_json::Value::Object(raw))
-            .map_err(|e| TokenRejection::NotATaskToken(e.to_string()))?;
-        if claims.tctx.ver != TCTX_VERSION {
-            return Err(TokenRejection::NotATaskToken(format!(
-                "unknown tctx version {}",
-                claims.tctx.ver
-            )));
-        }
-        let lifetime = claims.exp.saturating_sub(claims.iat);
-        let max = self.inner.config.max_token_ttl.as_secs();
-        if lifetime > max {
-            return Err(TokenRejection::TooLong(lifetime, max));
-        }
-        self.check_task(&claims.txn, token)?;
-        if let Some(tool) = tool
-            && !claims.allows(tool)
-        {
-            return Err(TokenRejection::ToolNotAllowed(tool.to_owned()));
-        }
-        if let Some(Confirmation { x5t_s256 }) = &claims.cnf {
-            let Some(cert) = presenter_cert else {
-                return Err(TokenRejection::Binding(
-                    "the token is bound to a certificate (cnf); present the certificate it is bound to",
-                ));
-            };
-            if claims::thumbprint(cert) != *x5t_s256 {
-                return Err(TokenRejection::Binding(
-                    "the presented certificate is not the one the token is bound to",
-                ));
-            }
-        }
-        Ok(ValidatedTaskToken {
-            spiffe_id: validated.spiffe_id,
-            claims,
-            raw_claims: validated.claims,
-        })
-    }
-
-    /// Rejects a token of an ended task, and a token signed here for a task
-    /// this agent does not know (fail closed). Tokens signed elsewhere for
-    /// tasks unknown here are judged by their signature alone.
-    pub fn check_task(&self, txn: &str, token: &str) -> Result<(), TokenRejection> {
-        match self.get(txn) {
-            Some(task) => match task.ended() {
-                Some((reason, _)) => Err(TokenRejection::Ended {
-                    txn: txn.to_owned(),
-                    reason: reason.to_string(),
-                }),
-                None => Ok(()),
-            },
-            None => {
-                let kid = peek_kid(token).unwrap_or_default();
-                if self.inner.authority.is_own_jwt_key(&kid) {
-                    Err(TokenRejection::UnknownTask(txn.chars().take(80).collect()))
-                } else {
-                    Ok(())
-                }
-            }
-        }
-    }
-
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the claims that vary between begin, renew and exchange"
-    )]
-    fn issue(
-        &self,
-        task: &Task,
-        audience: &str,
-        tools: &[String],
-        act: Option<Actor>,
-        bind_x5t: Option<String>,
-        not_after: Option<SystemTime>,
-        rctx: RequesterContext,
-    ) -> Result<IssuedToken, TaskError> {
-        let key = self.inner.authority.jwt_signer()?;
-        let now = SystemTime::now();
-        let mut exp = (now + self.inner.config.token_ttl)
-            .min(task.deadline)
-            .min(key.latest_expiry());
-        if let Some(cap) = not_after {
-            exp = exp.min(cap);
-        }
-        let claims = TaskClaims {
-            iss: self.trust_domain().id_string(),
-            sub: task.spiffe_id.to_string(),
-            aud: audience.to_owned(),
-            exp: unix(exp),
-            iat: unix(now),
-            nbf: unix(now),
-            jti: random_b64(16)?,
-            txn: task.id.clone(),
-            scope: tools.join(" "),
-            tctx: task.context(),
-            rctx,
-            act,
-            cnf: bind_x5t.map(|x5t_s256| Confirmation { x5t_s256 }),
-        };
-        let token = key.sign(&claims)?;
-        task.state().tokens_issued += 1;
-        Ok(IssuedToken {
-            token,
-            jti: claims.jti,
-            expires_at: UNIX_EPOCH + Duration::from_secs(claims.exp),
-        })
-    }
-
     /// Forgets ended tasks whose tokens have all expired, here and in the
     /// store.
     pub async fn prune(&self) -> Result<usize, TaskError> {
@@ -1207,100 +614,6 @@ fn task_event(task: &Task, event: EventKind, decision: AuditDecision) -> AuditEv
     }
 }
 
-fn invalid(field: &'static str, problem: impl Into<String>) -> TaskError {
-    TaskError::Invalid {
-        field,
-        problem: problem.into(),
-    }
-}
-
-fn check_audience(field: &'static str, audience: &str) -> Result<(), TaskError> {
-    if audience.is_empty() {
-        return Err(invalid(field, "is required (exactly one audience)"));
-    }
-    if audience.len() > 1024
-        || audience
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(invalid(
-            field,
-            "must be one audience: at most 1024 bytes, no spaces",
-        ));
-    }
-    Ok(())
-}
-
-fn check_tools(tools: &[String], config: &TaskConfig) -> Result<(), TaskError> {
-    if tools.len() > config.max_tools {
-        return Err(invalid(
-            "tools",
-            format!("{} tools; the limit is {}", tools.len(), config.max_tools),
-        ));
-    }
-    for tool in tools {
-        let ok = !tool.is_empty()
-            && tool.len() <= config.max_tool_len
-            && tool.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/')
-            });
-        if !ok {
-            return Err(invalid(
-                "tools",
-                format!(
-                    "{:?} is not a tool name (1-{} characters of A-Z a-z 0-9 . _ - : /)",
-                    tool.chars().take(80).collect::<String>(),
-                    config.max_tool_len
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn dedup(mut tools: Vec<String>) -> Vec<String> {
-    let mut seen = std::collections::HashSet::new();
-    tools.retain(|t| seen.insert(t.clone()));
-    tools
-}
-
-/// The token's single `aud`, unverified: only used to pick what to verify it for.
-fn peek_audience(token: &str) -> Option<String> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Aud {
-        One(String),
-        Many(Vec<String>),
-    }
-    #[derive(Deserialize)]
-    struct Peek {
-        aud: Aud,
-    }
-    let peek: Peek = jsonwebtoken::dangerous::insecure_decode_claims(token).ok()?;
-    match peek.aud {
-        Aud::One(a) => Some(a),
-        Aud::Many(mut v) if v.len() == 1 => v.pop(),
-        Aud::Many(_) => None,
-    }
-}
-
-/// The token's `kid`, unverified.
-fn peek_kid(token: &str) -> Option<String> {
-    jsonwebtoken::decode_header(token).ok()?.kid
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn random_b64(len: usize) -> Result<String, TaskError> {
-    let mut bytes = vec![0u8; len];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| TaskError::Sign(AuthorityError::Random))?;
-    Ok(URL_SAFE_NO_PAD.encode(bytes))
-}
-
 /// A random UUID (version 4) as text.
 fn new_task_id() -> Result<String, TaskError> {
     let mut b = [0u8; 16];
@@ -1320,28 +633,5 @@ fn new_task_id() -> Result<String, TaskError> {
     ))
 }
 
-/// A stored task row for unit tests: owned by `owner` (pid, start time),
-/// ten minutes to live.
 #[cfg(test)]
-pub(crate) fn test_row(id: &str, owner: (i32, u64), scope_descendants: bool) -> TaskRow {
-    let now = SystemTime::now();
-    TaskRow {
-        id: id.into(),
-        owner_pid: owner.0,
-        owner_start_time: owner.1,
-        owner_uid: 1000,
-        owner_executable: None,
-        owner_exe_sha256: None,
-        spiffe_id: "spiffe://example.org/agent".into(),
-        entry_id: "ent-1".into(),
-        audience: "spiffe://example.org/mcp".into(),
-        intent: "test".into(),
-        tools: vec!["search".into()],
-        bind_x5t: None,
-        created_at: now,
-        deadline: now + Duration::from_secs(600),
-        ended: None,
-        tokens_issued: 0,
-        scope_descendants,
-    }
-}
+mod tests;

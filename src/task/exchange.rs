@@ -1,0 +1,193 @@
+//! Token exchange (RFC 8693 in spirit): a service that was handed a task
+//! token trades it for one addressed to the next hop. Two steps, so policy
+//! can decide on the checked plan in between: [`Tasks::prepare_exchange`]
+//! checks, [`Tasks::complete_exchange`] signs and records.
+//!
+//! Never widens: the same `sub` and `txn`, tools only narrow (a tool the
+//! subject token lacks is refused, not dropped), `exp` never after the
+//! subject token's, the exchanger prepended to `act`, and only the subject
+//! token's audience may exchange it.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::Deserialize;
+use spiffe::{SpiffeId, TrustDomain};
+
+use super::claims::{self, Actor, TaskClaims};
+use super::request::{check_audience, check_tools, dedup};
+use super::{IssuedToken, Task, TaskError, Tasks, task_event};
+use crate::audit::{AuditEvent, Decision as AuditDecision, EventKind};
+use crate::bundle::TrustBundle;
+use crate::registration::Match;
+use crate::telemetry::metrics::{Kind, metrics};
+
+/// An exchange that passed every check but policy.
+#[derive(Debug)]
+pub struct Exchange {
+    /// The task of the subject token.
+    pub task: Arc<Task>,
+    /// The exchanging identity (the new actor).
+    pub actor: SpiffeId,
+    /// The new actor chain, newest first.
+    pub actors: Vec<String>,
+    /// The new audience.
+    pub audience: String,
+    /// The tools of the new token.
+    pub tools: Vec<String>,
+    /// The subject token's claims.
+    pub subject: TaskClaims,
+}
+
+// === impl Tasks ===
+
+impl Tasks {
+    /// Checks an exchange of `subject` (a task token addressed to the
+    /// caller) for a token addressed to `audience`, with `tools` (a subset;
+    /// empty keeps them). `identities` are the caller's matched identities:
+    /// the subject token must be addressed to one of their SPIFFE IDs or
+    /// declared audiences, and that identity becomes the new actor. A bound
+    /// subject token (`cnf`) is accepted only with `subject_presenter`, the
+    /// certificate the caller says it was presented with, and only if that
+    /// is the one it is bound to (the caller's statement: it keeps an honest
+    /// service from exchanging a copied token). Nothing is issued until [`Tasks::complete_exchange`], so
+    /// policy can decide on the checked plan in between.
+    pub fn prepare_exchange(
+        &self,
+        subject: &str,
+        subject_presenter: Option<&[u8]>,
+        identities: &[Match],
+        audience: &str,
+        tools: &[String],
+        bundle_for: impl Fn(&TrustDomain) -> Option<Arc<TrustBundle>>,
+    ) -> Result<Exchange, TaskError> {
+        check_audience("audience", audience)?;
+        check_tools(tools, &self.inner.config)?;
+        // The subject token must be addressed to the caller: find its
+        // audience among the caller's names, then validate it for that.
+        let unverified_aud = peek_audience(subject).ok_or_else(|| {
+            TaskError::Exchange("the subject token has no single audience".into())
+        })?;
+        let actor = identities
+            .iter()
+            .find(|m| m.spiffe_id.to_string() == unverified_aud)
+            .or_else(|| identities.iter().find(|m| m.entry.audiences.contains(&unverified_aud)))
+            .map(|m| m.spiffe_id.clone())
+            .ok_or_else(|| {
+                TaskError::Exchange(format!(
+                    "the subject token is addressed to {unverified_aud:?}, not to the caller; only a token's audience may exchange it"
+                ))
+            })?;
+        let subject = self.validate(
+            subject,
+            &unverified_aud,
+            None,
+            subject_presenter,
+            bundle_for,
+        )?;
+        let task = self.get(&subject.claims.txn).ok_or_else(|| {
+            TaskError::Exchange(format!(
+                "task {} is not known to this agent",
+                subject.claims.txn
+            ))
+        })?;
+        if let Some((reason, _)) = task.ended() {
+            return Err(TaskError::Ended {
+                id: task.id.clone(),
+                reason: reason.to_string(),
+            });
+        }
+        let granted: Vec<String> = subject.claims.tools().map(str::to_owned).collect();
+        let tools = if tools.is_empty() {
+            granted
+        } else {
+            if let Some(extra) = tools.iter().find(|t| !granted.contains(t)) {
+                return Err(TaskError::Exchange(format!(
+                    "tool {extra:?} is not in the subject token's scope; an exchange can only narrow"
+                )));
+            }
+            dedup(tools.to_vec())
+        };
+        if subject.claims.actors().len() + 1 > claims::MAX_ACTOR_DEPTH {
+            return Err(TaskError::Exchange(format!(
+                "the actor chain would exceed {} actors",
+                claims::MAX_ACTOR_DEPTH
+            )));
+        }
+        let mut actors = vec![actor.to_string()];
+        actors.extend(subject.claims.actors());
+        Ok(Exchange {
+            task,
+            actor,
+            actors,
+            audience: audience.to_owned(),
+            tools,
+            subject: subject.claims,
+        })
+    }
+
+    /// Issues the token of a checked exchange, bound to `bind_x5t` when
+    /// given, recording which policies allowed it.
+    pub fn complete_exchange(
+        &self,
+        exchange: Exchange,
+        bind_x5t: Option<String>,
+        decided_by: Vec<String>,
+    ) -> Result<IssuedToken, TaskError> {
+        let Exchange {
+            task,
+            actor,
+            actors,
+            audience,
+            tools,
+            subject,
+        } = exchange;
+        let act = Actor {
+            sub: actor.to_string(),
+            act: subject.act.clone().map(Box::new),
+        };
+        let token = self.issue(
+            &task,
+            &audience,
+            &tools,
+            Some(act),
+            bind_x5t,
+            Some(UNIX_EPOCH + Duration::from_secs(subject.exp)),
+            subject.rctx.clone(),
+        )?;
+        tracing::info!(task_id = %task.id, actor = %actor, audience, tools = ?tools, "task token exchanged");
+        self.inner.audit.record(AuditEvent {
+            audience: Some(audience),
+            tools,
+            actors,
+            token_id: Some(token.jti.clone()),
+            policy_ids: decided_by,
+            ..task_event(&task, EventKind::Exchange, AuditDecision::Allow)
+        })?;
+        metrics()
+            .task_tokens_issued
+            .get_or_create(&Kind { kind: "exchange" })
+            .inc();
+        Ok(token)
+    }
+}
+
+/// The token's single `aud`, unverified: only used to pick what to verify it for.
+fn peek_audience(token: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Aud {
+        One(String),
+        Many(Vec<String>),
+    }
+    #[derive(Deserialize)]
+    struct Peek {
+        aud: Aud,
+    }
+    let peek: Peek = jsonwebtoken::dangerous::insecure_decode_claims(token).ok()?;
+    match peek.aud {
+        Aud::One(a) => Some(a),
+        Aud::Many(mut v) if v.len() == 1 => v.pop(),
+        Aud::Many(_) => None,
+    }
+}
