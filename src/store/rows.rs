@@ -398,7 +398,7 @@ impl<'a> EncodedEnd<'a> {
 
 // === encoding ===
 
-fn bounded<'a>(column: &str, value: &'a str, max: usize) -> Result<&'a str, Problem> {
+pub(super) fn bounded<'a>(column: &str, value: &'a str, max: usize) -> Result<&'a str, Problem> {
     if value.len() > max {
         return Err(Problem::new(
             column,
@@ -408,7 +408,7 @@ fn bounded<'a>(column: &str, value: &'a str, max: usize) -> Result<&'a str, Prob
     Ok(value)
 }
 
-fn encode_list(column: &str, items: &[String]) -> Result<String, Problem> {
+pub(super) fn encode_list(column: &str, items: &[String]) -> Result<String, Problem> {
     check_list(column, items)?;
     // `Value`'s Display cannot fail, unlike `serde_json::to_string`.
     let json = serde_json::Value::from(items.to_vec()).to_string();
@@ -439,16 +439,16 @@ pub(super) fn encode_time(column: &str, time: SystemTime) -> Result<i64, Problem
 }
 
 /// A flag as an `INTEGER`, 0 or 1.
-fn encode_flag(flag: bool) -> i64 {
+pub(super) fn encode_flag(flag: bool) -> i64 {
     i64::from(flag)
 }
 
 /// An unsigned number as an `INTEGER`.
-fn encode_count(column: &str, n: u64) -> Result<i64, Problem> {
+pub(super) fn encode_count(column: &str, n: u64) -> Result<i64, Problem> {
     i64::try_from(n).map_err(|_| Problem::new(column, "larger than i64::MAX"))
 }
 
-fn encode_duration(column: &str, duration: Duration) -> Result<i64, Problem> {
+pub(super) fn encode_duration(column: &str, duration: Duration) -> Result<i64, Problem> {
     millis(column, duration)
 }
 
@@ -461,28 +461,60 @@ fn millis(column: &str, duration: Duration) -> Result<i64, Problem> {
 
 // === decoding ===
 
-/// The entry columns [`decode_entry`] reads, in its order.
-pub(super) const ENTRY_COLUMNS_SQL: &str = "id, spiffe_id, selectors, x509_svid_ttl_ms, \
-     jwt_svid_ttl_ms, dns_names, hint, federates_with, audiences, process_bound, created_at_ms, \
-     updated_at_ms, revision";
-pub(super) const ENTRY_COLUMNS: usize = 13;
+/// How the rows of one table are read back: the columns its decoder reads,
+/// in its order, and the decoder. `Store::select` reads every row through
+/// one of these.
+pub(super) struct RowCodec<T, const N: usize> {
+    /// The table.
+    pub(super) table: &'static str,
+    /// The columns `decode` reads, in its order, as SQL.
+    pub(super) columns: &'static str,
+    /// The row from those columns' values.
+    pub(super) decode: fn(&[ValueRef<'_>; N]) -> Result<T, Problem>,
+}
 
-/// The issued_x509 columns [`decode_x509`] reads, in its order.
-pub(super) const X509_COLUMNS_SQL: &str =
-    "serial, entry_id, spiffe_id, not_before_ms, not_after_ms, issued_at_ms";
-pub(super) const X509_COLUMNS: usize = 6;
+pub(super) const ENTRIES: &str = "entries";
+pub(super) const ISSUED_X509: &str = "issued_x509";
+pub(super) const REVOKED_X509: &str = "revoked_x509";
+pub(super) const TASKS: &str = "tasks";
 
-/// The revoked_x509 columns [`decode_revoked`] reads, in its order.
-pub(super) const REVOKED_COLUMNS_SQL: &str = "serial, ca_id, revoked_at_ms, not_after_ms, reason";
-pub(super) const REVOKED_COLUMNS: usize = 5;
+const ENTRY_COLUMNS: usize = 13;
+const X509_COLUMNS: usize = 6;
+const REVOKED_COLUMNS: usize = 5;
+const TASK_COLUMNS: usize = 18;
 
-/// The tasks columns [`decode_task`] reads, in its order.
-pub(super) const TASK_COLUMNS_SQL: &str = "id, owner_pid, owner_start_time, owner_uid, \
-     owner_executable, owner_exe_sha256, spiffe_id, entry_id, audience, intent, tools, bind_x5t, \
-     created_at_ms, deadline_ms, ended_at_ms, end_reason, tokens_issued, scope_descendants";
-pub(super) const TASK_COLUMNS: usize = 18;
+/// [`EntryRow`]s, from `entries`.
+pub(super) const ENTRY: RowCodec<EntryRow, ENTRY_COLUMNS> = RowCodec {
+    table: ENTRIES,
+    columns: "id, spiffe_id, selectors, x509_svid_ttl_ms, jwt_svid_ttl_ms, dns_names, hint, \
+              federates_with, audiences, process_bound, created_at_ms, updated_at_ms, revision",
+    decode: decode_entry,
+};
 
-pub(super) fn decode_entry(v: &[ValueRef<'_>; ENTRY_COLUMNS]) -> Result<EntryRow, Problem> {
+/// [`IssuedX509`] records, from `issued_x509`.
+pub(super) const X509: RowCodec<IssuedX509, X509_COLUMNS> = RowCodec {
+    table: ISSUED_X509,
+    columns: "serial, entry_id, spiffe_id, not_before_ms, not_after_ms, issued_at_ms",
+    decode: decode_x509,
+};
+
+/// [`RevokedX509`] records, from `revoked_x509`.
+pub(super) const REVOKED: RowCodec<RevokedX509, REVOKED_COLUMNS> = RowCodec {
+    table: REVOKED_X509,
+    columns: "serial, ca_id, revoked_at_ms, not_after_ms, reason",
+    decode: decode_revoked,
+};
+
+/// [`TaskRow`]s, from `tasks`.
+pub(super) const TASK: RowCodec<TaskRow, TASK_COLUMNS> = RowCodec {
+    table: TASKS,
+    columns: "id, owner_pid, owner_start_time, owner_uid, owner_executable, owner_exe_sha256, \
+              spiffe_id, entry_id, audience, intent, tools, bind_x5t, created_at_ms, \
+              deadline_ms, ended_at_ms, end_reason, tokens_issued, scope_descendants",
+    decode: decode_task,
+};
+
+fn decode_entry(v: &[ValueRef<'_>; ENTRY_COLUMNS]) -> Result<EntryRow, Problem> {
     Ok(EntryRow {
         id: decode_text("id", v[0], MAX_ID_LEN)?.to_owned(),
         spiffe_id: decode_text("spiffe_id", v[1], MAX_SPIFFE_ID_LEN)?.to_owned(),
@@ -500,7 +532,7 @@ pub(super) fn decode_entry(v: &[ValueRef<'_>; ENTRY_COLUMNS]) -> Result<EntryRow
     })
 }
 
-pub(super) fn decode_x509(v: &[ValueRef<'_>; X509_COLUMNS]) -> Result<IssuedX509, Problem> {
+fn decode_x509(v: &[ValueRef<'_>; X509_COLUMNS]) -> Result<IssuedX509, Problem> {
     Ok(IssuedX509 {
         serial: decode_text("serial", v[0], MAX_ID_LEN)?.to_owned(),
         entry_id: decode_text("entry_id", v[1], MAX_ID_LEN)?.to_owned(),
@@ -511,7 +543,7 @@ pub(super) fn decode_x509(v: &[ValueRef<'_>; X509_COLUMNS]) -> Result<IssuedX509
     })
 }
 
-pub(super) fn decode_revoked(v: &[ValueRef<'_>; REVOKED_COLUMNS]) -> Result<RevokedX509, Problem> {
+fn decode_revoked(v: &[ValueRef<'_>; REVOKED_COLUMNS]) -> Result<RevokedX509, Problem> {
     Ok(RevokedX509 {
         serial: decode_text("serial", v[0], MAX_ID_LEN)?.to_owned(),
         ca_id: decode_text("ca_id", v[1], MAX_ID_LEN)?.to_owned(),
@@ -521,7 +553,7 @@ pub(super) fn decode_revoked(v: &[ValueRef<'_>; REVOKED_COLUMNS]) -> Result<Revo
     })
 }
 
-pub(super) fn decode_task(v: &[ValueRef<'_>; TASK_COLUMNS]) -> Result<TaskRow, Problem> {
+fn decode_task(v: &[ValueRef<'_>; TASK_COLUMNS]) -> Result<TaskRow, Problem> {
     Ok(TaskRow {
         id: decode_text("id", v[0], MAX_ID_LEN)?.to_owned(),
         owner_pid: decode_integer("owner_pid", v[1], 1)?,
@@ -546,7 +578,10 @@ pub(super) fn decode_task(v: &[ValueRef<'_>; TASK_COLUMNS]) -> Result<TaskRow, P
 
 /// Both end columns NULL (active), or both set (ended); one without the
 /// other is damage.
-fn decode_end(at: ValueRef<'_>, reason: ValueRef<'_>) -> Result<Option<TaskEnd>, Problem> {
+pub(super) fn decode_end(
+    at: ValueRef<'_>,
+    reason: ValueRef<'_>,
+) -> Result<Option<TaskEnd>, Problem> {
     match (at, reason) {
         (ValueRef::Null, ValueRef::Null) => Ok(None),
         (at, reason) => Ok(Some(TaskEnd {
@@ -618,7 +653,7 @@ pub(super) fn decode_revision(value: ValueRef<'_>) -> Result<u64, Problem> {
 
 /// An `INTEGER` column holding 0 or 1, strictly: any other value is damage,
 /// not "true".
-fn decode_flag(column: &str, value: ValueRef<'_>) -> Result<bool, Problem> {
+pub(super) fn decode_flag(column: &str, value: ValueRef<'_>) -> Result<bool, Problem> {
     match value {
         ValueRef::Integer(0) => Ok(false),
         ValueRef::Integer(1) => Ok(true),
@@ -628,7 +663,7 @@ fn decode_flag(column: &str, value: ValueRef<'_>) -> Result<bool, Problem> {
 }
 
 /// An `INTEGER` column of at least `min` that fits `T`.
-fn decode_integer<T: TryFrom<i64>>(
+pub(super) fn decode_integer<T: TryFrom<i64>>(
     column: &str,
     value: ValueRef<'_>,
     min: i64,
@@ -681,157 +716,4 @@ fn unexpected(column: &str, wanted: &str, found: ValueRef<'_>) -> Problem {
         column,
         format_args!("expected {wanted}, found {}", found.data_type()),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn list(n: usize, len: usize) -> Vec<String> {
-        (0..n).map(|i| format!("{i:0len$}")).collect()
-    }
-
-    #[test]
-    fn selector_key_ignores_order_and_repeats_but_not_content() {
-        let key = |s: &[&str]| selector_key(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        assert_eq!(key(&["b", "a", "a"]), key(&["a", "b"]));
-        assert_eq!(key(&["a", "b"]), r#"["a","b"]"#);
-        // A separator inside a selector does not merge two sets into one.
-        assert_ne!(key(&["a,b"]), key(&["a", "b"]));
-        assert_ne!(key(&["a\nb"]), key(&["a", "b"]));
-        assert_eq!(key(&[]), "[]");
-    }
-
-    #[test]
-    fn times_round_trip_in_whole_milliseconds() {
-        let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        let ms = encode_time("t", t).unwrap();
-        assert_eq!(ms, 1_700_000_000_123);
-        assert_eq!(decode_time("t", ValueRef::Integer(ms)).unwrap(), t);
-        // Sub-millisecond precision is dropped, not rounded up.
-        let fine = t + Duration::from_micros(999);
-        assert_eq!(encode_time("t", fine).unwrap(), ms);
-    }
-
-    #[test]
-    fn out_of_range_values_are_refused_both_ways() {
-        let before_epoch = UNIX_EPOCH - Duration::from_secs(1);
-        assert!(encode_time("t", before_epoch).is_err());
-        assert!(encode_duration("d", Duration::MAX).is_err());
-        assert!(encode_duration("d", Duration::from_millis(MAX_MILLIS as u64 + 1)).is_err());
-        assert!(encode_duration("d", Duration::from_millis(MAX_MILLIS as u64)).is_ok());
-
-        for bad in [
-            ValueRef::Integer(-1),
-            ValueRef::Integer(MAX_MILLIS + 1),
-            ValueRef::Integer(i64::MAX),
-            ValueRef::Integer(i64::MIN),
-            ValueRef::Real(1.0),
-            ValueRef::Text(b"1"),
-            ValueRef::Null,
-        ] {
-            assert!(decode_time("t", bad).is_err(), "{bad:?}");
-        }
-        assert!(decode_opt_duration("d", ValueRef::Null).unwrap().is_none());
-        assert!(decode_opt_duration("d", ValueRef::Integer(-5)).is_err());
-        assert!(decode_revision(ValueRef::Integer(-1)).is_err());
-        assert_eq!(decode_revision(ValueRef::Integer(7)).unwrap(), 7);
-    }
-
-    #[test]
-    fn integers_are_bounded_by_their_type_and_minimum() {
-        let pid = |n| decode_integer::<i32>("owner_pid", ValueRef::Integer(n), 1);
-        assert_eq!(pid(1).unwrap(), 1);
-        assert_eq!(pid(i64::from(i32::MAX)).unwrap(), i32::MAX);
-        for bad in [0, -1, i64::from(i32::MAX) + 1, i64::MIN] {
-            let err = pid(bad).unwrap_err();
-            assert!(err.what.starts_with("owner_pid: "), "{}", err.what);
-        }
-        let uid = |n| decode_integer::<u32>("owner_uid", ValueRef::Integer(n), 0);
-        assert_eq!(uid(i64::from(u32::MAX)).unwrap(), u32::MAX);
-        assert!(uid(i64::from(u32::MAX) + 1).is_err());
-        assert!(uid(-1).is_err());
-        let count = |v| decode_integer::<u64>("tokens_issued", v, 0);
-        assert_eq!(count(ValueRef::Integer(i64::MAX)).unwrap(), i64::MAX as u64);
-        assert!(count(ValueRef::Text(b"1")).is_err());
-        assert!(count(ValueRef::Null).is_err());
-        assert!(encode_count("c", i64::MAX as u64).is_ok());
-        assert!(encode_count("c", i64::MAX as u64 + 1).is_err());
-    }
-
-    #[test]
-    fn flags_are_0_or_1_strictly() {
-        assert_eq!(encode_flag(false), 0);
-        assert_eq!(encode_flag(true), 1);
-        assert!(!decode_flag("f", ValueRef::Integer(0)).unwrap());
-        assert!(decode_flag("f", ValueRef::Integer(1)).unwrap());
-        for bad in [
-            ValueRef::Integer(2),
-            ValueRef::Integer(-1),
-            ValueRef::Integer(256),
-            ValueRef::Integer(i64::MIN),
-            ValueRef::Real(1.0),
-            ValueRef::Text(b"1"),
-            ValueRef::Null,
-        ] {
-            let err = decode_flag("process_bound", bad).unwrap_err();
-            assert!(err.what.starts_with("process_bound: "), "{}", err.what);
-        }
-    }
-
-    #[test]
-    fn an_end_is_both_columns_or_neither() {
-        assert_eq!(decode_end(ValueRef::Null, ValueRef::Null).unwrap(), None);
-        let ended = decode_end(ValueRef::Integer(5), ValueRef::Text(b"completed")).unwrap();
-        assert_eq!(
-            ended,
-            Some(TaskEnd {
-                at: UNIX_EPOCH + Duration::from_millis(5),
-                reason: "completed".into()
-            })
-        );
-        let err = decode_end(ValueRef::Integer(5), ValueRef::Null).unwrap_err();
-        assert!(err.what.starts_with("end_reason: "), "{}", err.what);
-        let err = decode_end(ValueRef::Null, ValueRef::Text(b"completed")).unwrap_err();
-        assert!(err.what.starts_with("ended_at_ms: "), "{}", err.what);
-    }
-
-    #[test]
-    fn lists_are_bounded_both_ways() {
-        assert!(encode_list("l", &list(MAX_LIST_ITEMS, 8)).is_ok());
-        assert!(encode_list("l", &list(MAX_LIST_ITEMS + 1, 8)).is_err());
-        assert!(encode_list("l", &list(1, MAX_LIST_ITEM_LEN + 1)).is_err());
-        // Within the item limits, but too long as a whole.
-        assert!(encode_list("l", &list(MAX_LIST_ITEMS, MAX_LIST_ITEM_LEN)).is_err());
-
-        let too_many = serde_json::Value::from(list(MAX_LIST_ITEMS + 1, 1)).to_string();
-        let err = decode_list("l", ValueRef::Text(too_many.as_bytes())).unwrap_err();
-        assert!(err.what.contains("items"), "{}", err.what);
-
-        let huge = format!("[\"{}\"]", "x".repeat(MAX_LIST_JSON_LEN));
-        assert!(decode_list("l", ValueRef::Text(huge.as_bytes())).is_err());
-
-        for bad in [
-            &b"{}"[..],
-            &b"[1]"[..],
-            &b"[\"a\""[..],
-            &b"\xff"[..],
-            &b"[[\"a\"]]"[..],
-        ] {
-            let err = decode_list("l", ValueRef::Text(bad)).unwrap_err();
-            assert!(err.what.starts_with("l: "), "{}", err.what);
-        }
-        let ok = decode_list("l", ValueRef::Text(br#"["a","b"]"#)).unwrap();
-        assert_eq!(ok, ["a", "b"]);
-    }
-
-    #[test]
-    fn text_is_bounded_and_utf8() {
-        assert_eq!(decode_text("c", ValueRef::Text(b"abc"), 3).unwrap(), "abc");
-        assert!(decode_text("c", ValueRef::Text(b"abcd"), 3).is_err());
-        assert!(decode_text("c", ValueRef::Text(b"\xc3"), 3).is_err());
-        assert!(decode_text("c", ValueRef::Blob(b"abc"), 3).is_err());
-        assert!(decode_opt_text("c", ValueRef::Null, 3).unwrap().is_none());
-        assert!(bounded("c", &"x".repeat(MAX_ID_LEN + 1), MAX_ID_LEN).is_err());
-    }
 }
