@@ -628,7 +628,7 @@ mod tests {
         f.start_writer();
         assert!(f.issued().await.is_empty());
         let svid = f.issuer.x509_svid(&m, &f.caller).await.unwrap();
-        assert_eq!(f.issued().await, [svid.serial.clone()]);
+        assert_eq!(f.issued().await, std::slice::from_ref(&svid.serial));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -638,7 +638,7 @@ mod tests {
         drop(f.start(&m));
         assert!(f.issuer.flights.is_empty(), "abandoned flights are removed");
         let svid = f.issuer.x509_svid(&m, &f.caller).await.unwrap();
-        assert_eq!(f.issued().await, [svid.serial.clone()]);
+        assert_eq!(f.issued().await, std::slice::from_ref(&svid.serial));
     }
 
     #[test]
