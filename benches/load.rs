@@ -49,11 +49,12 @@ enum Op {
     WatchRefresh,
     ProcessCached,
     ProcessCold,
+    ProcessBound,
     Empty,
 }
 
 impl Op {
-    const ALL: [Op; 11] = [
+    const ALL: [Op; 12] = [
         Op::Empty,
         Op::FetchJwt,
         Op::ValidateJwt,
@@ -65,6 +66,7 @@ impl Op {
         Op::NewConnection,
         Op::ProcessCached,
         Op::ProcessCold,
+        Op::ProcessBound,
     ];
 
     /// Operations that start a process each time: run at up to this many
@@ -72,7 +74,7 @@ impl Op {
     const MAX_PROCESS_CLIENTS: usize = 16;
 
     fn spawns_processes(self) -> bool {
-        matches!(self, Op::ProcessCached | Op::ProcessCold)
+        matches!(self, Op::ProcessCached | Op::ProcessCold | Op::ProcessBound)
     }
 
     fn name(self) -> &'static str {
@@ -87,6 +89,7 @@ impl Op {
             Op::WatchRefresh => "watch_refresh",
             Op::ProcessCached => "process_cached",
             Op::ProcessCold => "process_cold",
+            Op::ProcessBound => "process_bound",
             Op::Empty => "empty",
         }
     }
@@ -103,6 +106,9 @@ impl Op {
             Op::WatchRefresh => "WatchTask, one fresh token (re-check, policy, sign)",
             Op::ProcessCached => "new process: `tether api fetch jwt` (exe hash cached)",
             Op::ProcessCold => "new process: `tether api fetch jwt` (exe hash cold, 30 MB)",
+            Op::ProcessBound => {
+                "new process of a process-bound entry: `tether api fetch x509` (its own SVID each)"
+            }
             Op::Empty => "empty unary gRPC call (the stack alone, no agent)",
         }
     }
@@ -119,7 +125,7 @@ impl Op {
             | Op::BeginEnd => (limits.sign, "ES256 sign"),
             Op::Empty => (f64::INFINITY, "—"),
             Op::ValidateJwt | Op::ValidateTask => (limits.verify, "ES256 verify"),
-            Op::X509First => (limits.keygen_x509, "P-256 keygen + X.509 sign"),
+            Op::X509First | Op::ProcessBound => (limits.keygen_x509, "P-256 keygen + X.509 sign"),
         }
     }
 }
@@ -143,6 +149,8 @@ struct Args {
 /// Where the clients connect, and a directory for what they make.
 struct Targets {
     agent: PathBuf,
+    /// The copy of `tether` the process-bound entry selects.
+    bound: PathBuf,
     empty: PathBuf,
     work: PathBuf,
 }
@@ -183,6 +191,7 @@ fn main() {
         .unwrap();
     let targets = Targets {
         agent: agent.socket.clone(),
+        bound: agent.bound_exe(),
         empty: empty::serve(&empty_runtime, dir.path()),
         work: dir.path().to_owned(),
     };
@@ -360,9 +369,13 @@ struct Agent {
 }
 
 impl Agent {
-    /// Starts an agent in `dir` with the bench's entries.
+    /// Starts an agent in `dir` with the bench's entries: two for the
+    /// uid, and a process-bound one for [`bound_exe`] only.
     fn start(dir: &Path) -> Self {
         let uid = nix::unistd::geteuid().as_raw();
+        let bound = bound_exe(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::copy(env!("CARGO_BIN_EXE_tether"), &bound).unwrap();
         let entries = format!(
             r#"[[entries]]
 spiffe_id = "spiffe://bench.local/agent"
@@ -371,7 +384,13 @@ selectors = ["unix:uid:{uid}"]
 [[entries]]
 spiffe_id = "{AUDIENCE}"
 selectors = ["unix:uid:{uid}"]
-"#
+
+[[entries]]
+spiffe_id = "spiffe://bench.local/bound"
+selectors = ["unix:uid:{uid}", "unix:path:{bound}"]
+process_bound = true
+"#,
+            bound = bound.display(),
         );
         Self::start_with(dir, "", &entries)
     }
@@ -437,6 +456,11 @@ listen = "{http}"
             socket,
             http,
         }
+    }
+
+    /// The executable the process-bound entry selects.
+    fn bound_exe(&self) -> PathBuf {
+        bound_exe(self.socket.parent().unwrap())
     }
 
     /// The agent's attestation-time histogram: (upper bound in seconds,
@@ -519,12 +543,13 @@ async fn run(op: Op, clients: usize, duration: Duration, targets: &Targets) -> R
     for mut client in prepared {
         let socket = targets.agent.clone();
         let work = targets.work.clone();
+        let bound = targets.bound.clone();
         workers.push(tokio::spawn(async move {
             tokio::time::sleep_until(start.into()).await;
             let mut latencies = Vec::new();
             let mut errors = 0usize;
             while start.elapsed() < duration {
-                match client.once(op, &socket, &work).await {
+                match client.once(op, &socket, &work, &bound).await {
                     Some(took) => latencies.push(took),
                     None => errors += 1,
                 }
@@ -617,11 +642,12 @@ impl Client {
     }
 
     /// One operation: how long it took, or `None` when it failed.
-    async fn once(&mut self, op: Op, socket: &Path, work: &Path) -> Option<Duration> {
+    async fn once(&mut self, op: Op, socket: &Path, work: &Path, bound: &Path) -> Option<Duration> {
         match op {
             Op::ProcessCached => {
                 return spawn_fetch(env!("CARGO_BIN_EXE_tether").as_ref(), socket).await;
             }
+            Op::ProcessBound => return spawn_fetch_x509(bound, socket).await,
             Op::ProcessCold => {
                 // A copy is a new inode: its hash is not cached. Made before
                 // the clock starts.
@@ -665,7 +691,7 @@ impl Client {
                 };
                 matches!(self.tasks.next(&mut stream).await, Ok(Some(_)))
             }
-            Op::ProcessCached | Op::ProcessCold => false,
+            Op::ProcessCached | Op::ProcessCold | Op::ProcessBound => false,
             Op::FetchJwt => self
                 .workload
                 .fetch_jwt_svid(wl::JwtsvidRequest {
@@ -737,21 +763,30 @@ impl Client {
 /// Runs `tether api fetch jwt` as a new process; how long it took, or
 /// `None` when it failed.
 async fn spawn_fetch(exe: &Path, socket: &Path) -> Option<Duration> {
+    let args = ["fetch", "jwt", "--token-only", "--audience", AUDIENCE];
+    spawn_api(exe, &args, socket).await
+}
+
+/// Runs `tether api fetch x509` as a new process (the first message of
+/// FetchX509SVID, then it exits); how long it took, or `None` when it
+/// failed.
+async fn spawn_fetch_x509(exe: &Path, socket: &Path) -> Option<Duration> {
+    spawn_api(exe, &["fetch", "x509"], socket).await
+}
+
+/// Runs `tether api <args> --socket <socket>` as a new process; how long it
+/// took, or `None` when it failed.
+async fn spawn_api(exe: &Path, args: &[&str], socket: &Path) -> Option<Duration> {
     let exe = exe.to_owned();
+    let args: Vec<String> = args.iter().map(|&a| a.to_owned()).collect();
     let socket = socket.to_owned();
     tokio::task::spawn_blocking(move || {
         for _ in 0..10 {
             let began = Instant::now();
             let status = Command::new(&exe)
-                .args([
-                    "api",
-                    "fetch",
-                    "jwt",
-                    "--token-only",
-                    "--audience",
-                    AUDIENCE,
-                    "--socket",
-                ])
+                .arg("api")
+                .args(&args)
+                .arg("--socket")
                 .arg(&socket)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -770,6 +805,13 @@ async fn spawn_fetch(exe: &Path, socket: &Path) -> Option<Duration> {
     })
     .await
     .unwrap()
+}
+
+/// The copy of `tether` the process-bound entry of the agent in `dir`
+/// selects (by `unix:path`): its processes each get their own SVID, and
+/// the processes of every other operation do not match it.
+fn bound_exe(dir: &Path) -> PathBuf {
+    dir.join("tether-bound")
 }
 
 fn begin_request() -> task_pb::BeginTaskRequest {

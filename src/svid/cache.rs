@@ -36,7 +36,6 @@ pub const SHARDS: usize = 63;
 #[derive(Debug)]
 pub struct X509SvidCache {
     svids: Mutex<HashMap<SvidKey, Arc<X509Svid>>>,
-    issuing: Mutex<()>,
     /// Bumped when a key in the shard is replaced or dropped.
     shards: Box<[watch::Sender<u64>]>,
     /// Bumped for what concerns every holder (new CRLs).
@@ -62,7 +61,6 @@ impl Default for X509SvidCache {
     fn default() -> Self {
         Self {
             svids: Mutex::default(),
-            issuing: Mutex::default(),
             shards: (0..SHARDS).map(|_| watch::channel(0).0).collect(),
             everyone: watch::channel(0).0,
         }
@@ -79,11 +77,6 @@ impl X509SvidCache {
     /// The cached SVID for `key`, if any.
     pub fn get(&self, key: &SvidKey) -> Option<Arc<X509Svid>> {
         self.svids().get(key).cloned()
-    }
-
-    /// Serialises issuance on a miss; hold the guard while issuing.
-    pub fn issuing(&self) -> MutexGuard<'_, ()> {
-        self.issuing.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Stores `svid` as the entry's current SVID and wakes its holders.

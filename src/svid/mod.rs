@@ -7,10 +7,16 @@
 //! jitter so SVIDs issued together do not all renew together. JWT-SVIDs are
 //! signed per request.
 //!
+//! Issuance never blocks the async workers and never waits behind another
+//! key: key generation and signing run on the blocking pool, and requests
+//! for the same SVID share one issuance ([`flights`]) while other SVIDs
+//! are issued alongside.
+//!
 //! Invariant: every SVID is signed by a key that is already in the
 //! published bundle, and never outlives that key (the authority caps it).
 
 pub mod cache;
+pub mod flights;
 pub mod holders;
 pub mod jwt;
 pub mod revocation;
@@ -29,7 +35,8 @@ use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, Decision as AuditDeci
 use crate::authority::{Authority, AuthorityError};
 use crate::registration::Match;
 use crate::store::{IssuedX509, Store, StoreError};
-pub use cache::{Interest, ProcessKey, SvidWatch, X509SvidCache};
+pub use cache::{Interest, ProcessKey, SvidKey, SvidWatch, X509SvidCache};
+use flights::{Flights, Issued};
 pub use holders::{Holder, HolderHandle, Holders};
 pub use jwt::{JwtSvid, JwtValidationError, ValidatedJwt};
 use revocation::Revocations;
@@ -53,6 +60,10 @@ pub enum SvidError {
     /// Generating the SVID's key pair failed.
     #[error("generating the SVID key: {0}")]
     KeyGeneration(#[source] rcgen::Error),
+    /// The blocking job generating the key and signing ended without an
+    /// answer (it panicked, or the runtime is shutting down).
+    #[error("the signing job ended without an answer: {0}")]
+    SigningJob(#[source] tokio::task::JoinError),
     /// The issuance could not be recorded: nothing is issued unaudited.
     #[error("not issuing: {0}")]
     Audit(#[from] AuditUnavailable),
@@ -72,6 +83,7 @@ pub struct SvidIssuer {
     authority: Authority,
     config: SvidConfig,
     x509: Arc<X509SvidCache>,
+    flights: Arc<Flights>,
     holders: Arc<Holders>,
     store: Store,
     records: mpsc::Sender<IssuedX509>,
@@ -102,6 +114,7 @@ impl SvidIssuer {
             authority,
             config,
             x509: Arc::new(X509SvidCache::default()),
+            flights: Arc::default(),
             holders: Arc::default(),
             store,
             records,
@@ -187,9 +200,13 @@ impl SvidIssuer {
     /// is none or the one there no longer matches the entry. The caller is
     /// about to hand it out, so it counts as in use. For a process-bound
     /// entry the SVID is `caller`'s own, revoked when it exits.
-    pub fn x509_svid(&self, matched: &Match, caller: &Caller) -> Result<Arc<X509Svid>, SvidError> {
+    ///
+    /// Requests for the same SVID while it is being issued share that
+    /// issuance, and its error if it fails (nothing failed is cached: the
+    /// next request tries again).
+    pub async fn x509_svid(&self, matched: &Match, caller: &Caller) -> Issued {
         let process = matched.entry.process_bound.then(|| caller.key());
-        let svid = self.current_or_issue(matched, process, caller)?;
+        let svid = self.current_or_issue(matched, process, caller).await?;
         if let Some(process) = process {
             self.revocations.watch(process, caller);
         }
@@ -197,12 +214,12 @@ impl SvidIssuer {
         Ok(svid)
     }
 
-    fn current_or_issue(
+    async fn current_or_issue(
         &self,
         matched: &Match,
         process: Option<ProcessKey>,
         caller: &Caller,
-    ) -> Result<Arc<X509Svid>, SvidError> {
+    ) -> Issued {
         let entry = &matched.entry;
         let key = (entry.id.clone(), matched.spiffe_id.clone(), process);
         let fresh =
@@ -210,31 +227,73 @@ impl SvidIssuer {
         if let Some(svid) = self.x509.get(&key).filter(fresh) {
             return Ok(svid);
         }
-        let _issuing = self.x509.issuing();
-        // Another caller may have issued while we waited.
-        if let Some(svid) = self.x509.get(&key).filter(fresh) {
-            return Ok(svid);
+        // A flight joined was started for the entry as its first caller
+        // saw it; if the entry changed since, one more flight issues for
+        // this caller's view. Two at most: entries change rarely, and the
+        // stream re-issues on the entry change anyway.
+        let mut svid = self.issue_once(matched, &key, Some(caller), fresh).await?;
+        if !fresh(&svid) {
+            svid = self.issue_once(matched, &key, Some(caller), fresh).await?;
         }
-        self.renew_x509(matched, process, Some(caller))
+        Ok(svid)
+    }
+
+    /// The flight for `key`: joined if one is in the air, else the cached
+    /// SVID if `usable`, else a new issuance for `matched`, `by` the caller
+    /// (`None`: the rotation loop).
+    async fn issue_once(
+        &self,
+        matched: &Match,
+        key: &SvidKey,
+        by: Option<&Caller>,
+        usable: impl Fn(&Arc<X509Svid>) -> bool,
+    ) -> Issued {
+        let current = || self.x509.get(key).filter(|svid| usable(svid));
+        let issue = || self.clone().issue_x509(matched.clone(), key.2, by.cloned());
+        self.flights.issue_once(key, current, issue).await
+    }
+
+    /// Renews `due` (the rotation loop): a new X.509-SVID for `matched`
+    /// made current, unless another request replaced `due` already (that
+    /// replacement is the renewal) or is replacing it (its flight is
+    /// joined).
+    pub(crate) async fn renew_x509(&self, matched: &Match, due: &Arc<X509Svid>) -> Issued {
+        let replaced = |current: &Arc<X509Svid>| !Arc::ptr_eq(current, due);
+        self.issue_once(matched, &due.key(), None, replaced).await
     }
 
     /// Issues a new X.509-SVID for a matched identity (and process) and
-    /// makes it current.
-    pub(crate) fn renew_x509(
-        &self,
-        matched: &Match,
+    /// makes it current. The key pair and the signature are made on the
+    /// blocking pool; the audit record is made before the SVID is cached,
+    /// so nothing leaves unaudited.
+    async fn issue_x509(
+        self,
+        matched: Match,
         process: Option<ProcessKey>,
-        by: Option<&Caller>,
+        by: Option<Caller>,
     ) -> Result<Arc<X509Svid>, SvidError> {
         let entry = &matched.entry;
-        let svid = Arc::new(x509::issue(
-            &self.authority,
-            entry,
-            &matched.spiffe_id,
-            process,
-            self.config.x509_svid_ttl,
-            SystemTime::now(),
-        )?);
+        let signing = {
+            let authority = self.authority.clone();
+            let entry = Arc::clone(entry);
+            let spiffe_id = matched.spiffe_id.clone();
+            let ttl = self.config.x509_svid_ttl;
+            move || {
+                x509::issue(
+                    &authority,
+                    &entry,
+                    &spiffe_id,
+                    process,
+                    ttl,
+                    SystemTime::now(),
+                )
+            }
+        };
+        let svid = Arc::new(
+            tokio::task::spawn_blocking(signing)
+                .await
+                .map_err(SvidError::SigningJob)??,
+        );
         tracing::info!(
             entry_id = %entry.id,
             spiffe_id = %svid.spiffe_id,
@@ -246,8 +305,8 @@ impl SvidIssuer {
         // Recorded before it is handed out: nothing leaves unaudited.
         self.audit.record(AuditEvent {
             spiffe_id: Some(svid.spiffe_id.to_string()),
-            pid: by.map(Caller::pid),
-            uid: by.map(Caller::uid),
+            pid: by.as_ref().map(Caller::pid),
+            uid: by.as_ref().map(Caller::uid),
             entry_id: Some(entry.id.to_string()),
             token_id: Some(svid.serial.clone()),
             reason: Some(
@@ -319,7 +378,268 @@ pub(crate) fn renewal_time(now: SystemTime, not_after: SystemTime) -> SystemTime
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+    use std::path::PathBuf;
+
+    use futures_util::FutureExt as _;
+    use futures_util::future::BoxFuture;
+    use spiffe::{SpiffeId, TrustDomain};
+
     use super::*;
+    use crate::audit::{AuditConfig, AuditWriter, SigningKey};
+    use crate::authority::AuthorityConfig;
+    use crate::registration::{EntrySpec, RegistrationEntry};
+
+    /// An issuer over a fresh authority, store and audit trail, and this
+    /// test process as the caller.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        audit_dir: PathBuf,
+        issuer: SvidIssuer,
+        audit: AuditLog,
+        writer: Option<AuditWriter>,
+        cancel: CancellationToken,
+        caller: Caller,
+        _peer: tokio::net::UnixStream,
+    }
+
+    impl Fixture {
+        /// The audit writer runs unless `queue` is given: then records
+        /// wait, `queue` at most, until [`Self::start_writer`].
+        fn new(queue: Option<usize>) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let td = TrustDomain::new("example.org").unwrap();
+            let authority =
+                Authority::load_or_create(td, AuthorityConfig::default(), &dir.path().join("keys"))
+                    .unwrap();
+            let data = dir.path().join("data");
+            std::fs::create_dir(&data).unwrap();
+            let store = Store::open(&data).unwrap();
+            let audit_dir = dir.path().join("audit");
+            let config = AuditConfig {
+                flush_interval: Duration::from_millis(5),
+                queue: queue.unwrap_or(AuditConfig::default().queue),
+                ..AuditConfig::default()
+            };
+            let key = Arc::new(SigningKey::generate().unwrap().0);
+            let (audit, writer) = AuditLog::open(&audit_dir, &config, key).unwrap();
+            let issuer = SvidIssuer::new(authority, SvidConfig::default(), store, audit.clone());
+            let (ours, peer) = tokio::net::UnixStream::pair().unwrap();
+            let mut fixture = Self {
+                _dir: dir,
+                audit_dir,
+                issuer,
+                audit,
+                writer: Some(writer),
+                cancel: CancellationToken::new(),
+                caller: Caller::from_stream(&ours).unwrap(),
+                _peer: peer,
+            };
+            if queue.is_none() {
+                fixture.start_writer();
+            }
+            fixture
+        }
+
+        fn start_writer(&mut self) {
+            if let Some(writer) = self.writer.take() {
+                tokio::spawn(writer.run(self.cancel.clone()));
+            }
+        }
+
+        /// The serials of the X.509 issuance records written so far.
+        async fn issued(&self) -> Vec<String> {
+            self.audit.written().await.unwrap();
+            let mut lines = Vec::new();
+            for file in std::fs::read_dir(&self.audit_dir).unwrap() {
+                let path = file.unwrap().path();
+                if path.extension().is_some_and(|e| e == "jsonl") {
+                    let text = std::fs::read_to_string(path).unwrap();
+                    lines.extend(text.lines().map(str::to_owned));
+                }
+            }
+            lines
+                .iter()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter(|record| record.to_string().contains("issue-x509"))
+                .filter_map(|record| find_str(&record, "token_id"))
+                .collect()
+        }
+
+        /// An X.509-SVID request for `m` by this process, polled once: it
+        /// has joined or started its flight, which stays in the air until
+        /// a waiter polls it again. Landed only if the signing job ended
+        /// before that one poll looked (this thread preempted meanwhile).
+        fn start<'a>(&'a self, m: &'a Match) -> Started<'a> {
+            let mut request = self.issuer.x509_svid(m, &self.caller).boxed();
+            match (&mut request).now_or_never() {
+                None => Started::InFlight(request),
+                Some(issued) => Started::Landed(issued),
+            }
+        }
+    }
+
+    enum Started<'a> {
+        InFlight(BoxFuture<'a, Issued>),
+        Landed(Issued),
+    }
+
+    impl Started<'_> {
+        fn is_in_flight(&self) -> bool {
+            matches!(self, Started::InFlight(_))
+        }
+
+        async fn outcome(self) -> Issued {
+            match self {
+                Started::InFlight(request) => request.await,
+                Started::Landed(issued) => issued,
+            }
+        }
+    }
+
+    /// Every request's outcome.
+    async fn outcomes(requests: Vec<Started<'_>>) -> Vec<Issued> {
+        futures_util::future::join_all(requests.into_iter().map(Started::outcome)).await
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            self.cancel.cancel();
+        }
+    }
+
+    /// The string `field` anywhere in `value`.
+    fn find_str(value: &serde_json::Value, field: &str) -> Option<String> {
+        match value {
+            serde_json::Value::Object(map) => map
+                .get(field)
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+                .or_else(|| map.values().find_map(|v| find_str(v, field))),
+            _ => None,
+        }
+    }
+
+    /// A match for the entry `spiffe://example.org/<name>`.
+    fn matched(name: &str, process_bound: bool) -> Match {
+        let td = TrustDomain::new("example.org").unwrap();
+        let spiffe_id = format!("spiffe://example.org/{name}");
+        let entry = RegistrationEntry::from_config(
+            &EntrySpec {
+                spiffe_id: spiffe_id.clone(),
+                selectors: vec!["unix:uid:1".into()],
+                process_bound,
+                ..EntrySpec::default()
+            },
+            &td,
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        Match {
+            entry: Arc::new(entry),
+            spiffe_id: SpiffeId::new(&spiffe_id).unwrap(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_storm_for_one_svid_issues_it_once_and_everyone_gets_it() {
+        let f = Fixture::new(None);
+        let m = matched("bound", true);
+        // Each request is in before the first issuance could end (unless
+        // the signing outruns them): they find the one flight.
+        let storm: Vec<_> = (0..32).map(|_| f.start(&m)).collect();
+        assert!(f.issuer.flights.len() <= 1);
+        let svids: Vec<_> = outcomes(storm)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        for svid in &svids {
+            assert!(
+                Arc::ptr_eq(svid, &svids[0]),
+                "every request got the one SVID"
+            );
+        }
+        assert_eq!(f.issued().await, [svids[0].serial.clone()]);
+        assert!(f.issuer.flights.is_empty(), "the flight landed");
+        // Cached now: a later request issues nothing.
+        let again = f.issuer.x509_svid(&m, &f.caller).await.unwrap();
+        assert!(Arc::ptr_eq(&again, &svids[0]));
+        assert_eq!(f.issued().await.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn different_svids_are_issued_side_by_side() {
+        let f = Fixture::new(None);
+        let ms: Vec<_> = (0..8).map(|i| matched(&format!("svc-{i}"), true)).collect();
+        // All eight in flight at once: none waits for another to start.
+        let started: Vec<_> = ms.iter().map(|m| f.start(m)).collect();
+        let in_flight = started.iter().filter(|s| s.is_in_flight()).count();
+        assert!(in_flight > 0, "every signing outran its own first poll");
+        assert_eq!(f.issuer.flights.len(), in_flight);
+        // One more, issued start to end while those are in the air (their
+        // waiters are not polled, so none of them can land).
+        let other = matched("other", false);
+        let alone = f.issuer.x509_svid(&other, &f.caller).await.unwrap();
+        assert_eq!(f.issuer.flights.len(), in_flight, "still in flight");
+
+        let svids: Vec<_> = outcomes(started)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let mut serials: BTreeSet<String> = svids.iter().map(|s| s.serial.clone()).collect();
+        serials.insert(alone.serial.clone());
+        assert_eq!(serials.len(), ms.len() + 1, "each got its own SVID");
+        for (svid, m) in svids.iter().zip(&ms) {
+            assert_eq!(svid.spiffe_id, m.spiffe_id);
+        }
+        let recorded: BTreeSet<String> = f.issued().await.into_iter().collect();
+        assert_eq!(recorded, serials, "one record each");
+        assert!(f.issuer.flights.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_issuance_fails_every_waiter_and_the_next_request_retries() {
+        // The audit queue holds one record and nobody writes it out yet:
+        // once full, issuance fails closed.
+        let mut f = Fixture::new(Some(1));
+        f.audit
+            .record(AuditEvent::new(EventKind::IssueJwt, AuditDecision::Allow))
+            .unwrap();
+        let m = matched("bound", true);
+        let storm: Vec<_> = (0..8).map(|_| f.start(&m)).collect();
+        let together = storm.iter().all(Started::is_in_flight);
+        let errors: Vec<_> = outcomes(storm)
+            .await
+            .into_iter()
+            .map(Result::unwrap_err)
+            .collect();
+        for error in &errors {
+            assert!(matches!(**error, SvidError::Audit(_)), "{error}");
+            if together {
+                assert!(Arc::ptr_eq(error, &errors[0]), "one issuance, one error");
+            }
+        }
+        assert!(f.issuer.flights.is_empty(), "a failed flight lands too");
+        assert!(f.issuer.x509_svids().is_empty(), "nothing failed is cached");
+
+        // The trail drains: the next request issues.
+        f.start_writer();
+        assert!(f.issued().await.is_empty());
+        let svid = f.issuer.x509_svid(&m, &f.caller).await.unwrap();
+        assert_eq!(f.issued().await, std::slice::from_ref(&svid.serial));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_left_unfinished_by_all_its_waiters_leaves_no_flight() {
+        let f = Fixture::new(None);
+        let m = matched("bound", true);
+        drop(f.start(&m));
+        assert!(f.issuer.flights.is_empty(), "abandoned flights are removed");
+        let svid = f.issuer.x509_svid(&m, &f.caller).await.unwrap();
+        assert_eq!(f.issued().await, std::slice::from_ref(&svid.serial));
+    }
 
     #[test]
     fn renewal_is_near_half_life() {

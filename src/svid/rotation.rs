@@ -58,7 +58,7 @@ impl SvidIssuer {
                     entry: Arc::clone(entry),
                     spiffe_id: svid.spiffe_id.clone(),
                 };
-                match self.renew_x509(&matched, svid.process, None) {
+                match self.renew_x509(&matched, &svid).await {
                     Ok(new) => {
                         new.succeed(&svid);
                         tracing::debug!(

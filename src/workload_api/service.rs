@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
+use futures_util::future::BoxFuture;
 use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -195,7 +196,7 @@ impl WorkloadApi {
     /// The caller's X.509 state: one SVID per matching entry (the first is
     /// the default) and the bundles of the domains those entries federate
     /// with; and the SVIDs and CRLs it depends on.
-    fn x509_state(
+    async fn x509_state(
         &self,
         caller: &Caller,
         selectors: &SelectorSet,
@@ -206,17 +207,16 @@ impl WorkloadApi {
         }
         let own = self.svids.authority().bundle().x509_der();
         let mut interest = Interest::NONE.crls();
-        let svids = matches
-            .iter()
-            .map(|m| {
-                let svid = self
-                    .svids
-                    .x509_svid(m, caller)
-                    .map_err(|e| status::issuance(&e))?;
-                interest = interest.key(&svid.key());
-                Ok(convert::x509_svid(&svid, m.entry.hint.as_deref(), &own))
-            })
-            .collect::<Result<Vec<_>, Status>>()?;
+        let mut svids = Vec::with_capacity(matches.len());
+        for m in &matches {
+            let svid = self
+                .svids
+                .x509_svid(m, caller)
+                .await
+                .map_err(|e| status::issuance(&e))?;
+            interest = interest.key(&svid.key());
+            svids.push(convert::x509_svid(&svid, m.entry.hint.as_deref(), &own));
+        }
         let federated = self.federated_bundles(&matches);
         let response = pb::X509svidResponse {
             svids,
@@ -270,7 +270,7 @@ impl WorkloadApi {
             method,
             (caller, slot),
             first,
-            state,
+            move |api: &Self| Box::pin(std::future::ready(state(api))),
             |_| {},
         )))
     }
@@ -280,6 +280,8 @@ impl WorkloadApi {
     /// becomes an error (sent, then the stream ends) or the agent stops.
     /// `sent` sees every message that went out. Each state comes with the
     /// cache [`Interest`] it depends on, which the stream then follows.
+    /// `compute` may wait (an X.509-SVID being issued) without holding a
+    /// worker.
     /// The caller's stream `slot` is held until the stream ends.
     fn stream<T, F, S>(
         &self,
@@ -291,7 +293,7 @@ impl WorkloadApi {
     ) -> Stream<T>
     where
         T: PartialEq + Clone + Send + 'static,
-        F: Fn(&Self) -> Result<(T, Interest), Status> + Send + 'static,
+        F: for<'a> Fn(&'a Self) -> BoxFuture<'a, Result<(T, Interest), Status>> + Send + 'static,
         S: Fn(&T) + Send + 'static,
     {
         // Subscribed after `first` was computed, so the loop recomputes once
@@ -328,7 +330,7 @@ impl WorkloadApi {
                         }
                     }
                     recheck = false;
-                    match compute(&this) {
+                    match compute(&this).await {
                         Ok((state, interest)) => {
                             if interest != watches.svids.interest() {
                                 // Holds other SVIDs now: follow those, and
@@ -422,7 +424,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let (caller, attested) = self.identify(&request).await?;
         let slot = self.jobs.streams.take(&caller)?;
-        let first = self.x509_state(&caller, &attested.selectors)?;
+        let first = self.x509_state(&caller, &attested.selectors).await?;
         tracing::debug!(
             pid = caller.pid(),
             svids = first.0.svids.len(),
@@ -437,24 +439,27 @@ impl SpiffeWorkloadApi for WorkloadApi {
             since: SystemTime::now(),
             serials: Vec::new(),
         });
-        let selectors = attested.selectors;
+        let selectors = Arc::new(attested.selectors);
         let stream_caller = caller.clone();
-        let compute = move |api: &Self| {
-            api.x509_state(&stream_caller, &selectors).map_err(|s| {
-                if s.code() == tonic::Code::PermissionDenied {
-                    status::identity_lost()
-                } else {
-                    s
-                }
-            })
-        };
         let sent =
             move |response: &pb::X509svidResponse| holder.set_serials(convert::serials(response));
         Ok(Response::new(self.stream(
             "FetchX509SVID",
             (caller, slot),
             first,
-            compute,
+            move |api: &Self| {
+                let caller = stream_caller.clone();
+                let selectors = Arc::clone(&selectors);
+                Box::pin(async move {
+                    api.x509_state(&caller, &selectors).await.map_err(|s| {
+                        if s.code() == tonic::Code::PermissionDenied {
+                            status::identity_lost()
+                        } else {
+                            s
+                        }
+                    })
+                })
+            },
             sent,
         )))
     }
