@@ -52,7 +52,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The part of [`SHUTDOWN_GRACE`] kept for the audit writer, after every
 /// job that records has stopped.
-const AUDIT_DRAIN: Duration = Duration::from_secs(2);
+pub const AUDIT_DRAIN: Duration = Duration::from_secs(2);
 
 /// How long a socket's clients have, once the agent stops, to close their
 /// connections (streams have ended by then) before they are closed.
