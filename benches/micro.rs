@@ -268,7 +268,7 @@ impl Agent {
             max_tasks_per_process: 100_000,
             ..TaskConfig::default()
         };
-        let tasks = Tasks::new(config, authority.clone(), store, audit);
+        let (tasks, _owners) = Tasks::new(config, authority.clone(), store, audit);
         // The bench process is the owner of every task: the peer of its own
         // socket pair.
         let caller = runtime.block_on(async {

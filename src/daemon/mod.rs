@@ -37,8 +37,8 @@ use crate::federation::Federation;
 use crate::policy::Policy;
 use crate::registration::Registry;
 use crate::store::Store;
-use crate::svid::SvidIssuer;
-use crate::task::Tasks;
+use crate::svid::{SvidInboxes, SvidIssuer};
+use crate::task::{OwnerInbox, Tasks};
 use crate::task_api::{self, TaskApi};
 use crate::telemetry::{self, http::Readiness};
 use crate::transport::{self, BoundSocket, Jobs, SocketIdentity, StreamSlots};
@@ -144,7 +144,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         federation,
         registry,
         svids,
+        svid_inboxes,
         tasks,
+        owners,
         attestor,
     } = match load_parts(&config, &authority, &store, &audit).await {
         Ok(parts) => parts,
@@ -165,11 +167,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     shutdown.spawn(
         "issuance recorder",
-        svids.clone().run_recorder(shutdown.token()),
+        svids
+            .clone()
+            .run_recorder(svid_inboxes.records, shutdown.token()),
     );
     shutdown.spawn(
         "svid revocations",
-        svids.clone().run_revocations(shutdown.token()),
+        svids
+            .clone()
+            .run_revocations(svid_inboxes.revocations, shutdown.token()),
     );
     shutdown.spawn(
         "federated bundles",
@@ -179,7 +185,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         "task lifecycle",
         tasks
             .clone()
-            .run_lifecycle(registry.clone(), shutdown.token()),
+            .run_lifecycle(registry.clone(), owners, shutdown.token()),
     );
 
     let jobs = Jobs {
@@ -348,7 +354,9 @@ struct Parts {
     federation: Federation,
     registry: Registry,
     svids: SvidIssuer,
+    svid_inboxes: SvidInboxes,
     tasks: Tasks,
+    owners: OwnerInbox,
     attestor: Attestor,
 }
 
@@ -384,8 +392,9 @@ async fn load_parts(
         federation.trust_domains(),
     )
     .context("loading registration entries")?;
-    let svids = SvidIssuer::new(authority.clone(), config.svid, store.clone(), audit.clone());
-    let tasks = Tasks::new(
+    let (svids, svid_inboxes) =
+        SvidIssuer::new(authority.clone(), config.svid, store.clone(), audit.clone());
+    let (tasks, owners) = Tasks::new(
         config.tasks.clone(),
         authority.clone(),
         store.clone(),
@@ -410,7 +419,9 @@ async fn load_parts(
         federation,
         registry,
         svids,
+        svid_inboxes,
         tasks,
+        owners,
         attestor,
     })
 }

@@ -23,7 +23,7 @@ pub mod revocation;
 pub mod rotation;
 pub mod x509;
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
@@ -39,6 +39,7 @@ pub use cache::{Interest, ProcessKey, SvidKey, SvidWatch, X509SvidCache};
 use flights::{Flights, Issued};
 pub use holders::{Holder, HolderHandle, Holders};
 pub use jwt::{JwtSvid, JwtValidationError, ValidatedJwt};
+pub use revocation::RevocationInbox;
 use revocation::Revocations;
 pub use x509::X509Svid;
 
@@ -87,10 +88,23 @@ pub struct SvidIssuer {
     holders: Arc<Holders>,
     store: Store,
     records: mpsc::Sender<IssuedX509>,
-    recorder: Arc<Mutex<Option<mpsc::Receiver<IssuedX509>>>>,
     revocations: Arc<Revocations>,
     audit: AuditLog,
 }
+
+/// What [`SvidIssuer::new`] hands the composition root for the issuer's
+/// loops: each inbox is moved into its loop.
+#[derive(Debug)]
+pub struct SvidInboxes {
+    /// For [`SvidIssuer::run_recorder`].
+    pub records: RecordInbox,
+    /// For [`SvidIssuer::run_revocations`].
+    pub revocations: RevocationInbox,
+}
+
+/// Issuance records waiting for the recorder.
+#[derive(Debug)]
+pub struct RecordInbox(mpsc::Receiver<IssuedX509>);
 
 // === impl SvidConfig ===
 
@@ -107,10 +121,18 @@ impl Default for SvidConfig {
 
 impl SvidIssuer {
     /// An issuer signing through `authority`, recording X.509 issuance in
-    /// `store`.
-    pub fn new(authority: Authority, config: SvidConfig, store: Store, audit: AuditLog) -> Self {
+    /// `store`, and the inboxes of the two loops it needs
+    /// ([`Self::run_recorder`], [`Self::run_revocations`]): each loop takes
+    /// its inbox, so it can only run once.
+    pub fn new(
+        authority: Authority,
+        config: SvidConfig,
+        store: Store,
+        audit: AuditLog,
+    ) -> (Self, SvidInboxes) {
         let (records, recorder) = mpsc::channel(RECORD_QUEUE);
-        Self {
+        let (revocations, watches) = Revocations::new();
+        let issuer = Self {
             authority,
             config,
             x509: Arc::new(X509SvidCache::default()),
@@ -118,10 +140,14 @@ impl SvidIssuer {
             holders: Arc::default(),
             store,
             records,
-            recorder: Arc::new(Mutex::new(Some(recorder))),
-            revocations: Arc::default(),
+            revocations: Arc::new(revocations),
             audit,
-        }
+        };
+        let inboxes = SvidInboxes {
+            records: RecordInbox(recorder),
+            revocations: watches,
+        };
+        (issuer, inboxes)
     }
 
     /// Registers a process holding X.509-SVIDs through a stream.
@@ -156,15 +182,8 @@ impl SvidIssuer {
 
     /// The recorder loop: writes issuance records to the store, off the
     /// request path, and prunes old ones.
-    pub async fn run_recorder(self, cancel: CancellationToken) {
-        let taken = self
-            .recorder
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let Some(mut records) = taken else {
-            return;
-        };
+    pub async fn run_recorder(self, inbox: RecordInbox, cancel: CancellationToken) {
+        let RecordInbox(mut records) = inbox;
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         loop {
             tokio::select! {
@@ -423,7 +442,8 @@ mod tests {
             };
             let key = Arc::new(SigningKey::generate().unwrap().0);
             let (audit, writer) = AuditLog::open(&audit_dir, &config, key).unwrap();
-            let issuer = SvidIssuer::new(authority, SvidConfig::default(), store, audit.clone());
+            let (issuer, _inboxes) =
+                SvidIssuer::new(authority, SvidConfig::default(), store, audit.clone());
             let (ours, peer) = tokio::net::UnixStream::pair().unwrap();
             let mut fixture = Self {
                 _dir: dir,

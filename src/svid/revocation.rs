@@ -29,24 +29,26 @@ const RESIGN_EVERY: Duration = Duration::from_secs(30 * 60);
 #[derive(Debug)]
 pub struct Revocations {
     watch_tx: mpsc::UnboundedSender<(ProcessKey, Caller)>,
-    watch_rx: Mutex<Option<mpsc::UnboundedReceiver<(ProcessKey, Caller)>>>,
     watched: Mutex<HashSet<ProcessKey>>,
     crls: watch::Sender<Arc<Vec<Vec<u8>>>>,
 }
 
-impl Default for Revocations {
-    fn default() -> Self {
-        let (watch_tx, watch_rx) = mpsc::unbounded_channel();
-        Self {
-            watch_tx,
-            watch_rx: Mutex::new(Some(watch_rx)),
-            watched: Mutex::default(),
-            crls: watch::channel(Arc::new(Vec::new())).0,
-        }
-    }
-}
+/// Processes to watch, waiting for the revocation loop.
+#[derive(Debug)]
+pub struct RevocationInbox(mpsc::UnboundedReceiver<(ProcessKey, Caller)>);
 
 impl Revocations {
+    /// The shared state, and the inbox its loop takes.
+    pub(super) fn new() -> (Self, RevocationInbox) {
+        let (watch_tx, watch_rx) = mpsc::unbounded_channel();
+        let revocations = Self {
+            watch_tx,
+            watched: Mutex::default(),
+            crls: watch::channel(Arc::new(Vec::new())).0,
+        };
+        (revocations, RevocationInbox(watch_rx))
+    }
+
     fn watched(&self) -> MutexGuard<'_, HashSet<ProcessKey>> {
         self.watched.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -67,16 +69,8 @@ impl Revocations {
 impl SvidIssuer {
     /// The revocation loop: revokes a process-bound SVID when its process
     /// exits, and keeps the CRLs signed and current.
-    pub async fn run_revocations(self, cancel: CancellationToken) {
-        let taken = self
-            .revocations
-            .watch_rx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let Some(mut watches) = taken else {
-            return;
-        };
+    pub async fn run_revocations(self, inbox: RevocationInbox, cancel: CancellationToken) {
+        let RevocationInbox(mut watches) = inbox;
         self.republish().await;
         let mut exits = FuturesUnordered::new();
         let mut resign = tokio::time::interval(RESIGN_EVERY);

@@ -23,16 +23,13 @@ const MAX_SLEEP: Duration = Duration::from_secs(30);
 
 impl Tasks {
     /// Runs until `cancel`.
-    pub async fn run_lifecycle(self, registry: Registry, cancel: CancellationToken) {
-        let taken = self
-            .inner
-            .owners_rx
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        let Some(mut owners) = taken else {
-            return;
-        };
+    pub async fn run_lifecycle(
+        self,
+        registry: Registry,
+        inbox: super::OwnerInbox,
+        cancel: CancellationToken,
+    ) {
+        let super::OwnerInbox(mut owners) = inbox;
         // One exit watch per owner process (not per task): a process that
         // begins and ends many tasks costs one future.
         let mut exits = FuturesUnordered::new();

@@ -255,7 +255,6 @@ struct Inner {
     changes: watch::Sender<u64>,
     /// New owners for the lifecycle loop to watch.
     owners: mpsc::UnboundedSender<OwnerWatch>,
-    owners_rx: Mutex<Option<mpsc::UnboundedReceiver<OwnerWatch>>>,
     /// Group commit for begins and ends; started on first use, inside the runtime.
     journal: std::sync::OnceLock<Journal>,
     /// Active tasks by owner. Locked after `tasks` when both are held.
@@ -317,14 +316,24 @@ impl Task {
     }
 }
 
+/// Owner processes to watch, waiting for the lifecycle loop.
+#[derive(Debug)]
+pub struct OwnerInbox(mpsc::UnboundedReceiver<OwnerWatch>);
+
 // === impl Tasks ===
 
 impl Tasks {
     /// The tasks of an agent signing with `authority`, kept in `store`,
-    /// every decision recorded in `audit`.
-    pub fn new(config: TaskConfig, authority: Authority, store: Store, audit: AuditLog) -> Self {
+    /// every decision recorded in `audit`; and the inbox of the lifecycle
+    /// loop ([`Self::run_lifecycle`] takes it, so it runs once).
+    pub fn new(
+        config: TaskConfig,
+        authority: Authority,
+        store: Store,
+        audit: AuditLog,
+    ) -> (Self, OwnerInbox) {
         let (owners, owners_rx) = mpsc::unbounded_channel();
-        Self {
+        let tasks = Self {
             inner: Arc::new(Inner {
                 config,
                 authority,
@@ -333,11 +342,11 @@ impl Tasks {
                 tasks: Mutex::default(),
                 changes: watch::channel(0).0,
                 owners,
-                owners_rx: Mutex::new(Some(owners_rx)),
                 journal: std::sync::OnceLock::new(),
                 active: Mutex::default(),
             }),
-        }
+        };
+        (tasks, OwnerInbox(owners_rx))
     }
 
     /// The group-commit writers, started on first use (inside the runtime).

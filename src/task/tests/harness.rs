@@ -217,5 +217,5 @@ fn tasks(
     .unwrap();
     tokio::spawn(writer.run(cancel.clone()));
     let store = Store::open(dir.path()).unwrap();
-    Tasks::new(config, authority.clone(), store, audit)
+    Tasks::new(config, authority.clone(), store, audit).0
 }
