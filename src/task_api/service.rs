@@ -19,12 +19,12 @@ use crate::policy::{Action, Policy, PolicyContext, PolicyRequest, Resource};
 use crate::proto::task as pb;
 use crate::proto::task::tasks_server::Tasks as TasksRpc;
 use crate::registration::{Match, Registry};
+// The one limit for every token the agent is handed.
+use crate::svid::jwt::MAX_TOKEN_LEN;
 use crate::task::{BeginRequest, IssuedToken, Owner, Task, Tasks, ValidatedTaskToken, claims};
 use crate::transport::gate::{self, Subject};
 use crate::transport::{self, Jobs};
 
-/// Longest token accepted in a request, in bytes.
-const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// Largest certificate accepted in a request, in bytes.
 const MAX_CERT_LEN: usize = 16 * 1024;
 
