@@ -87,7 +87,7 @@ impl Budget {
         &mut self,
         uid: u32,
         pid: i32,
-        executable: Option<&str>,
+        executable: Option<&std::path::Path>,
         now: Instant,
     ) -> Admission {
         let Some(bucket) = self.bucket(uid, now) else {
@@ -109,7 +109,7 @@ impl Budget {
             note: Some(Box::new(AuditEvent {
                 pid: Some(pid),
                 uid: Some(uid),
-                executable: executable.map(ToOwned::to_owned),
+                executable: executable.map(|path| path.display().to_string()),
                 reason: Some(format!(
                     "audit budget of uid {uid} exhausted ({} bytes/s, burst {}): its requests are refused until it refills",
                     self.rate, self.burst

@@ -466,7 +466,7 @@ impl AuditLog {
         &self,
         uid: u32,
         pid: i32,
-        executable: Option<&str>,
+        executable: Option<&Path>,
     ) -> Result<(), AuditUnavailable> {
         let admission = self
             .budget

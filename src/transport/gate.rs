@@ -145,12 +145,9 @@ pub fn executable(attested: &Attested) -> String {
 /// its audit budget (see `audit::budget`). Every edge asks right after
 /// identifying the caller, before any work.
 pub fn admit(audit: &AuditLog, attested: &Attested) -> Result<(), Status> {
-    let executable = attested
-        .executable
-        .as_ref()
-        .map(|p| p.display().to_string());
+    // The path is formatted only for a refusal's record, not per request.
     audit
-        .admit(attested.uid, attested.pid, executable.as_deref())
+        .admit(attested.uid, attested.pid, attested.executable.as_deref())
         .map_err(|error| Status::resource_exhausted(error.to_string()))
 }
 
