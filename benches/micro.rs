@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use tether::attestation::Caller;
 use tether::audit::{AuditConfig, AuditLog};
-use tether::authority::{Authority, AuthorityConfig};
+use tether::authority::{Authority as _, AuthorityConfig, LocalAuthority};
 use tether::registration::{EntrySet, EntrySpec, Match, RegistrationEntry, Registry, SelectorSet};
 use tether::store::Store;
 use tether::task::{BeginRequest, IssuedToken, Owner, Task, TaskConfig, Tasks};
@@ -247,7 +247,7 @@ fn matching(c: &mut Criterion) {
 struct Agent {
     _dir: TempDir,
     runtime: tokio::runtime::Runtime,
-    authority: Authority,
+    authority: LocalAuthority,
     tasks: Tasks,
     caller: Caller,
     owner: Owner,
@@ -260,7 +260,8 @@ impl Agent {
         let runtime = runtime();
         let td = trust_domain();
         let authority =
-            Authority::load_or_create(td.clone(), AuthorityConfig::default(), dir.path()).unwrap();
+            LocalAuthority::load_or_create(td.clone(), AuthorityConfig::default(), dir.path())
+                .unwrap();
         let store = Store::open(dir.path()).unwrap();
         let audit = audit_log(dir.path(), &runtime);
         let config = TaskConfig {
@@ -268,7 +269,7 @@ impl Agent {
             max_tasks_per_process: 100_000,
             ..TaskConfig::default()
         };
-        let (tasks, _owners) = Tasks::new(config, authority.clone(), store, audit);
+        let (tasks, _owners) = Tasks::new(config, Arc::new(authority.clone()), store, audit);
         // The bench process is the owner of every task: the peer of its own
         // socket pair.
         let caller = runtime.block_on(async {
@@ -340,7 +341,10 @@ impl Agent {
                 live = Some(task);
             }
         }
-        let live = self.tasks.token_for(&live.unwrap(), Vec::new()).unwrap();
+        let live = self
+            .runtime
+            .block_on(self.tasks.token_for(&live.unwrap(), Vec::new()))
+            .unwrap();
         (live, revoked.unwrap())
     }
 }
@@ -360,19 +364,26 @@ fn sign(c: &mut Criterion) {
     let mut group = c.benchmark_group("sign");
     group.bench_function("jwt_svid", |b| {
         b.iter(|| {
-            tether::svid::jwt::issue(
-                &agent.authority,
-                &agent.matched.entry,
-                &agent.matched.spiffe_id,
-                black_box(&audiences),
-                Duration::from_secs(300),
-                SystemTime::now(),
-            )
-            .unwrap()
+            agent
+                .runtime
+                .block_on(tether::svid::jwt::issue(
+                    &agent.authority,
+                    &agent.matched.entry,
+                    &agent.matched.spiffe_id,
+                    black_box(&audiences),
+                    Duration::from_secs(300),
+                    SystemTime::now(),
+                ))
+                .unwrap()
         });
     });
     group.bench_function("task_token", |b| {
-        b.iter(|| agent.tasks.token_for(black_box(&task), Vec::new()).unwrap());
+        b.iter(|| {
+            agent
+                .runtime
+                .block_on(agent.tasks.token_for(black_box(&task), Vec::new()))
+                .unwrap()
+        });
     });
     let key = agent.authority.jwt_signer().unwrap();
     let claims = BareClaims {

@@ -16,7 +16,9 @@
 //!   audit trail of every identity decision.
 //! - [`registration`]: entries (selectors -> SPIFFE ID) and subset
 //!   matching. [`attestation`]: from a connected process to its selectors.
-//!   [`authority`]: the CA and JWT keys, on disk and rotated; the only
+//!   [`authority`]: the signing seam ([`authority::Authority`]: sign a
+//!   CSR, sign JWT claims, publish the bundle) and its local
+//!   implementation, the CA and JWT keys on disk and rotated; the only
 //!   module holding private signing keys. [`federation`]: foreign trust
 //!   bundles read from files.
 //! - [`svid`]: issuing, caching, rotating and validating SVIDs.

@@ -9,7 +9,7 @@
 use std::sync::{Arc, OnceLock};
 
 use spiffe::TrustDomain;
-use tether::authority::{Authority, AuthorityConfig};
+use tether::authority::{Authority as _, AuthorityConfig, LocalAuthority};
 use tether::bundle::TrustBundle;
 
 struct Fixture {
@@ -22,7 +22,7 @@ fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let td = TrustDomain::new("example.org").expect("a trust domain");
-        let authority = Authority::load_or_create(td, AuthorityConfig::default(), dir.path())
+        let authority = LocalAuthority::load_or_create(td, AuthorityConfig::default(), dir.path())
             .expect("an authority");
         Fixture {
             bundle: authority.bundle(),

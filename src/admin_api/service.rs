@@ -38,7 +38,7 @@ pub type ReloadRequest = oneshot::Sender<Result<ReloadOutcome, String>>;
 pub struct AdminApi {
     registry: Registry,
     svids: SvidIssuer,
-    authority: Authority,
+    authority: Arc<dyn Authority>,
     tasks: Tasks,
     open_streams: Arc<AtomicUsize>,
     reload: mpsc::Sender<ReloadRequest>,
@@ -50,7 +50,7 @@ impl AdminApi {
     pub fn new(
         registry: Registry,
         svids: SvidIssuer,
-        authority: Authority,
+        authority: Arc<dyn Authority>,
         tasks: Tasks,
         open_streams: Arc<AtomicUsize>,
         reload: mpsc::Sender<ReloadRequest>,

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
 };
 use spiffe::TrustDomain;
 use x509_parser::prelude::FromDer;
@@ -202,7 +202,7 @@ impl X509Authority {
     pub fn sign_leaf(
         &self,
         template: &LeafTemplate,
-        public_key: &KeyPair,
+        public_key: &impl PublicKeyData,
         now: SystemTime,
     ) -> Result<SignedLeaf, AuthorityError> {
         let not_before = now - BACKDATE;

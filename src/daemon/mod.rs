@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin_api::{self, AdminApi, AdminAuthz};
 use crate::attestation::Attestor;
 use crate::audit::AuditLog;
-use crate::authority::Authority;
+use crate::authority::{Authority, LocalAuthority};
 use crate::config::{Config, ConfigSource};
 use crate::federation::Federation;
 use crate::policy::Policy;
@@ -106,16 +106,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => None,
     };
 
-    let authority = {
+    // The keys are held here; everything past this point signs through the
+    // `Authority` seam and does not know it.
+    let local_authority = {
         let (td, cfg, dir) = (
             config.trust_domain.clone(),
             config.authority.clone(),
             config.data_dir.clone(),
         );
-        tokio::task::spawn_blocking(move || Authority::load_or_create(td, cfg, &dir))
+        tokio::task::spawn_blocking(move || LocalAuthority::load_or_create(td, cfg, &dir))
             .await
             .context("loading the authority")??
     };
+    let authority: Arc<dyn Authority> = Arc::new(local_authority.clone());
     let store = {
         let dir = config.data_dir.clone();
         tokio::task::spawn_blocking(move || Store::open(&dir))
@@ -158,7 +161,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     let shutdown = Shutdown::default();
-    shutdown.spawn("key rotation", authority.clone().run(shutdown.token()));
+    shutdown.spawn("key rotation", local_authority.run(shutdown.token()));
     shutdown.spawn(
         "svid rotation",
         svids
@@ -218,7 +221,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let readiness: Readiness = {
         let (authority, audit, store) = (authority.clone(), audit.clone(), store.clone());
         let sockets = [socket.identity(), admin_socket.identity()];
-        Readiness::new(move || problems(&authority, &audit, &store, &sockets))
+        Readiness::new(move || problems(authority.as_ref(), &audit, &store, &sockets))
     };
     let admin = AdminApi::new(
         registry.clone(),
@@ -365,7 +368,7 @@ struct Parts {
 /// writer runs.
 async fn load_parts(
     config: &Config,
-    authority: &Authority,
+    authority: &Arc<dyn Authority>,
     store: &Store,
     audit: &AuditLog,
 ) -> anyhow::Result<Parts> {
@@ -429,18 +432,13 @@ async fn load_parts(
 /// Why the agent is not serving right now (empty: it is): the one answer
 /// behind the admin API's Health and the HTTP endpoint's `/readyz`.
 fn problems(
-    authority: &Authority,
+    authority: &dyn Authority,
     audit: &AuditLog,
     store: &Store,
     sockets: &[SocketIdentity],
 ) -> Vec<String> {
     let mut problems: Vec<String> = sockets.iter().filter_map(SocketIdentity::problem).collect();
-    if let Err(error) = authority.x509_signer() {
-        problems.push(format!("no usable X.509 signing key: {error}"));
-    }
-    if let Err(error) = authority.jwt_signer() {
-        problems.push(format!("no usable JWT signing key: {error}"));
-    }
+    problems.extend(authority.problems());
     if let Some(problem) = audit.problem() {
         problems.push(format!(
             "the audit trail is failing, issuance is refused: {problem}"

@@ -261,13 +261,13 @@ impl SvidWatch {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use futures_util::FutureExt as _;
     use spiffe::TrustDomain;
 
     use super::*;
-    use crate::authority::{Authority, AuthorityConfig};
+    use crate::authority::{AuthorityConfig, LocalAuthority};
     use crate::registration::{EntrySpec, RegistrationEntry};
 
     /// A process-bound SVID for each of `pids`, from a fresh authority.
@@ -275,7 +275,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("example.org").unwrap();
         let authority =
-            Authority::load_or_create(td.clone(), AuthorityConfig::default(), dir.path()).unwrap();
+            LocalAuthority::load_or_create(td.clone(), AuthorityConfig::default(), dir.path())
+                .unwrap();
         let entry = Arc::new(
             RegistrationEntry::from_config(
                 &EntrySpec {
@@ -290,19 +291,22 @@ mod tests {
             .unwrap(),
         );
         let id = SpiffeId::new("spiffe://example.org/agent").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let svids = pids
             .iter()
             .map(|&pid| {
                 Arc::new(
-                    crate::svid::x509::issue(
-                        &authority,
-                        &entry,
-                        &id,
-                        Some((pid, 1)),
-                        Duration::from_secs(60),
-                        SystemTime::now(),
-                    )
-                    .unwrap(),
+                    runtime
+                        .block_on(crate::svid::x509::issue(
+                            &authority,
+                            &entry,
+                            &id,
+                            Some((pid, 1)),
+                            Duration::from_secs(60),
+                        ))
+                        .unwrap(),
                 )
             })
             .collect();

@@ -14,12 +14,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, Validation};
-use serde::Serialize;
 use serde_json::{Map, Value};
 use spiffe::{SpiffeId, TrustDomain};
 
 use super::SvidError;
-use crate::authority::Authority;
+use crate::authority::{Authority, JwtRequest};
 use crate::bundle::TrustBundle;
 use crate::registration::{Match, RegistrationEntry};
 
@@ -117,41 +116,34 @@ pub enum JwtValidationError {
     Invalid(String),
 }
 
-#[derive(Serialize)]
-struct Claims<'a> {
-    sub: String,
-    aud: &'a [String],
-    exp: u64,
-    iat: u64,
-    jti: &'a str,
-}
-
 /// Signs a JWT-SVID with subject `spiffe_id` (the entry's ID for the
-/// caller) for `entry` and `audiences` at `now`.
-pub fn issue(
-    authority: &Authority,
+/// caller) for `entry` and `audiences` at `now`, through `authority`
+/// (which sets `exp`, never past its key's expiry).
+pub async fn issue(
+    authority: &dyn Authority,
     entry: &RegistrationEntry,
     spiffe_id: &SpiffeId,
     audiences: &[String],
     default_ttl: Duration,
     now: SystemTime,
 ) -> Result<JwtSvid, SvidError> {
-    let key = authority.jwt_signer()?;
-    let expiry = (now + entry.jwt_svid_ttl.unwrap_or(default_ttl)).min(key.latest_expiry());
     let jti = crate::authority::random_id()?;
-    let claims = Claims {
-        sub: spiffe_id.to_string(),
-        aud: audiences,
-        exp: unix(expiry),
-        iat: unix(now),
-        jti: &jti,
-    };
-    let token = key.sign(&claims)?;
+    let mut claims = Map::with_capacity(4);
+    claims.insert("sub".into(), spiffe_id.to_string().into());
+    claims.insert("aud".into(), audiences.into());
+    claims.insert("iat".into(), unix(now).into());
+    claims.insert("jti".into(), jti.clone().into());
+    let signed = authority
+        .sign_jwt(JwtRequest {
+            claims,
+            not_after: now + entry.jwt_svid_ttl.unwrap_or(default_ttl),
+        })
+        .await?;
     Ok(JwtSvid {
         spiffe_id: spiffe_id.clone(),
-        token,
+        token: signed.token,
         hint: entry.hint.clone(),
-        expiry,
+        expiry: signed.expires_at,
         jti,
     })
 }
@@ -289,14 +281,15 @@ pub fn federated_domains<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authority::AuthorityConfig;
+    use crate::authority::{AuthorityConfig, LocalAuthority};
     use crate::registration::EntrySpec;
 
-    fn setup() -> (tempfile::TempDir, Authority, RegistrationEntry) {
+    fn setup() -> (tempfile::TempDir, LocalAuthority, RegistrationEntry) {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("example.org").unwrap();
         let authority =
-            Authority::load_or_create(td.clone(), AuthorityConfig::default(), dir.path()).unwrap();
+            LocalAuthority::load_or_create(td.clone(), AuthorityConfig::default(), dir.path())
+                .unwrap();
         let entry = RegistrationEntry::from_config(
             &EntrySpec {
                 spiffe_id: "spiffe://example.org/svc".into(),
@@ -323,8 +316,8 @@ mod tests {
         )
     }
 
-    #[test]
-    fn issue_then_validate() {
+    #[tokio::test]
+    async fn issue_then_validate() {
         let (_dir, authority, entry) = setup();
         let aud = vec!["api".to_owned()];
         let svid = issue(
@@ -335,6 +328,7 @@ mod tests {
             Duration::from_secs(300),
             SystemTime::now(),
         )
+        .await
         .unwrap();
         let bundle = authority.bundle();
         let ok = validate(&svid.token, "api", |_| Some(bundle.clone())).unwrap();
@@ -355,8 +349,8 @@ mod tests {
         assert!(matches!(untrusted, JwtValidationError::UntrustedDomain(_)));
     }
 
-    #[test]
-    fn expired_token_is_refused_without_leeway() {
+    #[tokio::test]
+    async fn expired_token_is_refused_without_leeway() {
         let (_dir, authority, entry) = setup();
         let past = SystemTime::now() - Duration::from_secs(301);
         let svid = issue(
@@ -367,6 +361,7 @@ mod tests {
             Duration::from_secs(300),
             past,
         )
+        .await
         .unwrap();
         let bundle = authority.bundle();
         let err = validate(&svid.token, "a", |_| Some(bundle.clone())).unwrap_err();
@@ -375,11 +370,11 @@ mod tests {
 
     /// Regression: a token issued while the issuer's clock was hours ahead
     /// validated once the clock stepped back, living hours past its TTL.
-    #[test]
-    fn a_token_issued_in_the_future_is_refused() {
+    #[tokio::test]
+    async fn a_token_issued_in_the_future_is_refused() {
         let (_dir, authority, entry) = setup();
         let bundle = authority.bundle();
-        let issue_at = |at| {
+        let issue_at = async |at| {
             issue(
                 &authority,
                 &entry,
@@ -388,13 +383,14 @@ mod tests {
                 Duration::from_secs(300),
                 at,
             )
+            .await
             .unwrap()
         };
-        let ahead = issue_at(SystemTime::now() + Duration::from_secs(3600));
+        let ahead = issue_at(SystemTime::now() + Duration::from_secs(3600)).await;
         let err = validate(&ahead.token, "a", |_| Some(bundle.clone())).unwrap_err();
         assert!(err.to_string().contains("issued in the future"), "{err}");
         // Within the skew allowed between nodes, it is not.
-        let skewed = issue_at(SystemTime::now() + MAX_IAT_SKEW / 2);
+        let skewed = issue_at(SystemTime::now() + MAX_IAT_SKEW / 2).await;
         validate(&skewed.token, "a", |_| Some(bundle.clone())).unwrap();
     }
 

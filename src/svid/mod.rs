@@ -81,7 +81,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Issues and caches SVIDs. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SvidIssuer {
-    authority: Authority,
+    authority: Arc<dyn Authority>,
     config: SvidConfig,
     x509: Arc<X509SvidCache>,
     flights: Arc<Flights>,
@@ -125,7 +125,7 @@ impl SvidIssuer {
     /// ([`Self::run_recorder`], [`Self::run_revocations`]): each loop takes
     /// its inbox, so it can only run once.
     pub fn new(
-        authority: Authority,
+        authority: Arc<dyn Authority>,
         config: SvidConfig,
         store: Store,
         audit: AuditLog,
@@ -211,7 +211,7 @@ impl SvidIssuer {
     }
 
     /// The authority behind this issuer.
-    pub fn authority(&self) -> &Authority {
+    pub fn authority(&self) -> &Arc<dyn Authority> {
         &self.authority
     }
 
@@ -292,26 +292,15 @@ impl SvidIssuer {
         by: Option<Caller>,
     ) -> Result<Arc<X509Svid>, SvidError> {
         let entry = &matched.entry;
-        let signing = {
-            let authority = self.authority.clone();
-            let entry = Arc::clone(entry);
-            let spiffe_id = matched.spiffe_id.clone();
-            let ttl = self.config.x509_svid_ttl;
-            move || {
-                x509::issue(
-                    &authority,
-                    &entry,
-                    &spiffe_id,
-                    process,
-                    ttl,
-                    SystemTime::now(),
-                )
-            }
-        };
         let svid = Arc::new(
-            tokio::task::spawn_blocking(signing)
-                .await
-                .map_err(SvidError::SigningJob)??,
+            x509::issue(
+                self.authority.as_ref(),
+                entry,
+                &matched.spiffe_id,
+                process,
+                self.config.x509_svid_ttl,
+            )
+            .await?,
         );
         tracing::info!(
             entry_id = %entry.id,
@@ -366,15 +355,20 @@ impl SvidIssuer {
     }
 
     /// Signs a JWT-SVID for a matched identity and `audiences`.
-    pub fn jwt_svid(&self, matched: &Match, audiences: &[String]) -> Result<JwtSvid, SvidError> {
+    pub async fn jwt_svid(
+        &self,
+        matched: &Match,
+        audiences: &[String],
+    ) -> Result<JwtSvid, SvidError> {
         jwt::issue(
-            &self.authority,
+            self.authority.as_ref(),
             &matched.entry,
             &matched.spiffe_id,
             audiences,
             self.config.jwt_svid_ttl,
             SystemTime::now(),
         )
+        .await
     }
 }
 
@@ -406,7 +400,7 @@ mod tests {
 
     use super::*;
     use crate::audit::{AuditConfig, AuditWriter, SigningKey};
-    use crate::authority::AuthorityConfig;
+    use crate::authority::{AuthorityConfig, LocalAuthority};
     use crate::registration::{EntrySpec, RegistrationEntry};
 
     /// An issuer over a fresh authority, store and audit trail, and this
@@ -428,9 +422,12 @@ mod tests {
         fn new(queue: Option<usize>) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let td = TrustDomain::new("example.org").unwrap();
-            let authority =
-                Authority::load_or_create(td, AuthorityConfig::default(), &dir.path().join("keys"))
-                    .unwrap();
+            let authority = LocalAuthority::load_or_create(
+                td,
+                AuthorityConfig::default(),
+                &dir.path().join("keys"),
+            )
+            .unwrap();
             let data = dir.path().join("data");
             std::fs::create_dir(&data).unwrap();
             let store = Store::open(&data).unwrap();
@@ -442,8 +439,12 @@ mod tests {
             };
             let key = Arc::new(SigningKey::generate().unwrap().0);
             let (audit, writer) = AuditLog::open(&audit_dir, &config, key).unwrap();
-            let (issuer, _inboxes) =
-                SvidIssuer::new(authority, SvidConfig::default(), store, audit.clone());
+            let (issuer, _inboxes) = SvidIssuer::new(
+                Arc::new(authority),
+                SvidConfig::default(),
+                store,
+                audit.clone(),
+            );
             let (ours, peer) = tokio::net::UnixStream::pair().unwrap();
             let mut fixture = Self {
                 _dir: dir,

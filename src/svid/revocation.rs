@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::SvidIssuer;
 use super::cache::ProcessKey;
 use crate::attestation::Caller;
+use crate::authority::CrlRequest;
 use crate::store::RevokedX509;
 
 /// CRLs are re-signed at least this often, and valid for twice as long.
@@ -161,14 +162,18 @@ impl SvidIssuer {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let mut crls = Vec::with_capacity(by_ca.len());
-        for (ca_id, serials) in &by_ca {
-            match self
-                .authority()
-                .sign_crl(ca_id, serials, number, now + 2 * RESIGN_EVERY)
-            {
+        for (ca_id, revoked) in by_ca {
+            let request = CrlRequest {
+                ca_id,
+                revoked,
+                crl_number: number,
+                next_update: now + 2 * RESIGN_EVERY,
+            };
+            let ca_id = request.ca_id.clone();
+            match self.authority().sign_crl(request).await {
                 Ok(Some(der)) => crls.push(der),
                 Ok(None) => {}
-                Err(error) => tracing::error!(ca_id, %error, "could not sign a CRL"),
+                Err(error) => tracing::error!(%ca_id, %error, "could not sign a CRL"),
             }
         }
         self.revocations.crls.send_replace(Arc::new(crls));

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use spiffe::SpiffeId;
 use zeroize::Zeroizing;
 
 use super::SvidError;
 use super::cache::{ProcessKey, SvidKey};
-use crate::authority::{Authority, LeafTemplate};
+use crate::authority::{Authority, X509SvidRequest};
 use crate::registration::{EntryId, RegistrationEntry};
 
 /// An X.509-SVID with its private key.
@@ -114,38 +114,51 @@ impl fmt::Debug for X509Svid {
 }
 
 /// Issues an X.509-SVID with `spiffe_id` (the entry's ID for the caller)
-/// for `entry` at `now`.
-pub fn issue(
-    authority: &Authority,
+/// for `entry`: a fresh P-256 key and a CSR for it, made on the blocking
+/// pool, signed by `authority`. The key never leaves this agent.
+pub async fn issue(
+    authority: &dyn Authority,
     entry: &Arc<RegistrationEntry>,
     spiffe_id: &SpiffeId,
     process: Option<ProcessKey>,
     default_ttl: Duration,
-    now: SystemTime,
 ) -> Result<X509Svid, SvidError> {
-    let ca = authority.x509_signer()?;
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(SvidError::KeyGeneration)?;
-    let template = LeafTemplate {
-        uri: spiffe_id.to_string(),
-        dns_names: entry.dns_names.clone(),
-        ttl: entry.x509_svid_ttl.unwrap_or(default_ttl),
-    };
-    let signed = ca.sign_leaf(&template, &key, now)?;
+    let (key, csr) = tokio::task::spawn_blocking(key_and_csr)
+        .await
+        .map_err(SvidError::SigningJob)??;
+    let signed = authority
+        .sign_x509_svid(X509SvidRequest {
+            csr,
+            spiffe_id: spiffe_id.clone(),
+            dns_names: entry.dns_names.clone(),
+            ttl: entry.x509_svid_ttl.unwrap_or(default_ttl),
+        })
+        .await?;
     let serial = signed.serial_hex();
-    let renew_at = super::renewal_time(now, signed.not_after);
+    let renew_at = super::renewal_time(SystemTime::now(), signed.not_after);
     Ok(X509Svid {
         entry_id: entry.id.clone(),
         spiffe_id: spiffe_id.clone(),
         chain: signed.chain,
-        key: Zeroizing::new(key.serialize_der()),
+        key,
         serial,
         not_before: signed.not_before,
         not_after: signed.not_after,
         renew_at,
-        ca_id: ca.id().to_owned(),
+        ca_id: signed.ca_id,
         process,
         issued_for: Arc::clone(entry),
         served: AtomicBool::new(false),
         predecessor_served: AtomicBool::new(false),
     })
+}
+
+/// A fresh P-256 key (PKCS#8 DER) and a CSR signed by it (DER). The CSR
+/// names nothing: the authority takes the identity from the request.
+fn key_and_csr() -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), SvidError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(SvidError::KeyGeneration)?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(SvidError::KeyGeneration)?;
+    Ok((Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
 }

@@ -127,8 +127,9 @@ impl Tasks {
     }
 
     /// Issues the token of a checked exchange, bound to `bind_x5t` when
-    /// given, recording which policies allowed it.
-    pub fn complete_exchange(
+    /// given, recording which policies allowed it. A task that ended since
+    /// the exchange was checked gets nothing.
+    pub async fn complete_exchange(
         &self,
         exchange: Exchange,
         bind_x5t: Option<String>,
@@ -142,19 +143,27 @@ impl Tasks {
             tools,
             subject,
         } = exchange;
+        if let Some((reason, _)) = task.ended() {
+            return Err(TaskError::Ended {
+                id: task.id.clone(),
+                reason: reason.to_string(),
+            });
+        }
         let act = Actor {
             sub: actor.to_string(),
             act: subject.act.clone().map(Box::new),
         };
-        let token = self.issue(
-            &task,
-            &audience,
-            &tools,
-            Some(act),
-            bind_x5t,
-            Some(UNIX_EPOCH + Duration::from_secs(subject.exp)),
-            subject.rctx.clone(),
-        )?;
+        let token = self
+            .issue(
+                &task,
+                &audience,
+                &tools,
+                Some(act),
+                bind_x5t,
+                Some(UNIX_EPOCH + Duration::from_secs(subject.exp)),
+                subject.rctx.clone(),
+            )
+            .await?;
         tracing::info!(task_id = %task.id, actor = %actor, audience, tools = ?tools, "task token exchanged");
         self.inner.audit.record(AuditEvent {
             audience: Some(audience),

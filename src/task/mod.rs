@@ -247,7 +247,7 @@ type OwnerWatch = (Arc<Task>, Caller);
 #[derive(Debug)]
 struct Inner {
     config: TaskConfig,
-    authority: Authority,
+    authority: Arc<dyn Authority>,
     store: Store,
     audit: AuditLog,
     tasks: Mutex<HashMap<String, Arc<Task>>>,
@@ -328,7 +328,7 @@ impl Tasks {
     /// loop ([`Self::run_lifecycle`] takes it, so it runs once).
     pub fn new(
         config: TaskConfig,
-        authority: Authority,
+        authority: Arc<dyn Authority>,
         store: Store,
         audit: AuditLog,
     ) -> (Self, OwnerInbox) {
@@ -432,7 +432,7 @@ impl Tasks {
         // Active from now: its end, whenever it comes, counts it down.
         metrics().tasks_active.inc();
         let _ = self.inner.owners.send((Arc::clone(&task), caller.clone()));
-        let token = self.issue_own(&task)?;
+        let token = self.issue_own(&task).await?;
         if let Err(unavailable) = self.inner.audit.record(AuditEvent {
             token_id: Some(token.jti.clone()),
             policy_ids: decided_by,

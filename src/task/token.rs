@@ -3,7 +3,7 @@
 //! key's own expiry and, for an exchange, the subject token's `exp`.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine as _;
@@ -12,7 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use super::claims::{Actor, Confirmation, RequesterContext, TCTX_VERSION, TaskClaims, TaskContext};
 use super::{Task, TaskError, Tasks, task_event};
 use crate::audit::{AuditEvent, Decision as AuditDecision, EventKind};
-use crate::authority::AuthorityError;
+use crate::authority::{AuthorityError, JwtRequest};
 use crate::telemetry::metrics::{Kind, metrics};
 
 /// A signed task token.
@@ -67,7 +67,7 @@ impl fmt::Debug for IssuedToken {
 impl Tasks {
     /// A fresh token for `task` (its own audience and tools), if it lives,
     /// recording which policies allowed the renewal.
-    pub fn token_for(
+    pub async fn token_for(
         &self,
         task: &Task,
         decided_by: Vec<String>,
@@ -78,7 +78,7 @@ impl Tasks {
                 reason: reason.to_string(),
             });
         }
-        let token = self.issue_own(task)?;
+        let token = self.issue_own(task).await?;
         self.inner.audit.record(AuditEvent {
             token_id: Some(token.jti.clone()),
             policy_ids: decided_by,
@@ -93,7 +93,7 @@ impl Tasks {
 
     /// A token of `task` as its owner gets it (begin, renew): the task's
     /// own audience, tools and binding, no actor.
-    pub(super) fn issue_own(&self, task: &Task) -> Result<IssuedToken, TaskError> {
+    pub(super) async fn issue_own(&self, task: &Task) -> Result<IssuedToken, TaskError> {
         self.issue(
             task,
             &task.audience,
@@ -103,13 +103,14 @@ impl Tasks {
             None,
             task.requester(),
         )
+        .await
     }
 
     #[expect(
         clippy::too_many_arguments,
         reason = "the claims that vary between begin, renew and exchange"
     )]
-    pub(super) fn issue(
+    pub(super) async fn issue(
         &self,
         task: &Task,
         audience: &str,
@@ -119,11 +120,8 @@ impl Tasks {
         not_after: Option<SystemTime>,
         rctx: RequesterContext,
     ) -> Result<IssuedToken, TaskError> {
-        let key = self.inner.authority.jwt_signer()?;
         let now = SystemTime::now();
-        let mut exp = (now + self.inner.config.token_ttl)
-            .min(task.deadline)
-            .min(key.latest_expiry());
+        let mut exp = (now + self.inner.config.token_ttl).min(task.deadline);
         if let Some(cap) = not_after {
             exp = exp.min(cap);
         }
@@ -131,7 +129,8 @@ impl Tasks {
             iss: self.trust_domain().id_string(),
             sub: task.spiffe_id.to_string(),
             aud: audience.to_owned(),
-            exp: unix(exp),
+            // Set by the authority, capped at its key's expiry.
+            exp: 0,
             iat: unix(now),
             nbf: unix(now),
             jti: random_b64(16)?,
@@ -142,12 +141,27 @@ impl Tasks {
             act,
             cnf: bind_x5t.map(|x5t_s256| Confirmation { x5t_s256 }),
         };
-        let token = key.sign(&claims)?;
+        let serde_json::Value::Object(mut body) =
+            serde_json::to_value(&claims).map_err(|e| AuthorityError::BadRequest(e.to_string()))?
+        else {
+            return Err(
+                AuthorityError::BadRequest("task claims are not a JSON object".into()).into(),
+            );
+        };
+        body.remove("exp");
+        let signed = self
+            .inner
+            .authority
+            .sign_jwt(JwtRequest {
+                claims: body,
+                not_after: exp,
+            })
+            .await?;
         task.state().tokens_issued += 1;
         Ok(IssuedToken {
-            token,
+            token: signed.token,
             jti: claims.jti,
-            expires_at: UNIX_EPOCH + Duration::from_secs(claims.exp),
+            expires_at: signed.expires_at,
         })
     }
 }

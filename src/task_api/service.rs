@@ -34,7 +34,7 @@ pub struct TaskApi {
     attestor: Attestor,
     registry: Registry,
     tasks: Tasks,
-    authority: Authority,
+    authority: Arc<dyn Authority>,
     federation: Federation,
     policy: Policy,
     jobs: Jobs,
@@ -49,7 +49,7 @@ impl TaskApi {
         attestor: Attestor,
         registry: Registry,
         tasks: Tasks,
-        authority: Authority,
+        authority: Arc<dyn Authority>,
         federation: Federation,
         policy: Policy,
         jobs: Jobs,
@@ -388,6 +388,7 @@ impl TasksRpc for TaskApi {
         let first = self
             .tasks
             .token_for(&task, decided_by)
+            .await
             .map_err(status::task)?;
         let (tx, rx) = mpsc::channel(1);
         let tasks = self.tasks.clone();
@@ -453,7 +454,7 @@ impl TasksRpc for TaskApi {
                         return;
                     }
                 };
-                token = match tasks.token_for(&task, decided_by) {
+                token = match tasks.token_for(&task, decided_by).await {
                     Ok(token) => token,
                     Err(error) => {
                         let _ = tx.send(Err(status::task(error))).await;
@@ -476,6 +477,7 @@ impl TasksRpc for TaskApi {
         let token = self
             .tasks
             .token_for(&task, decided_by)
+            .await
             .map_err(status::task)?;
         gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(token_message(token)))
@@ -579,6 +581,7 @@ impl TasksRpc for TaskApi {
         let token = self
             .tasks
             .complete_exchange(exchange, bind_x5t, decided_by)
+            .await
             .map_err(status::task)?;
         gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(pb::ExchangeTokenResponse {

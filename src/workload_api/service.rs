@@ -173,6 +173,7 @@ impl WorkloadApi {
         let token = self
             .tasks
             .token_for(&task, decided_by)
+            .await
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         tracing::debug!(pid = caller.pid(), task_id = %task.id, "issued a task-scoped JWT-SVID");
         Ok(Some(pb::JwtsvidResponse {
@@ -563,6 +564,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let svid = self
                 .svids
                 .jwt_svid(m, audiences)
+                .await
                 .map_err(|e| status::issuance(&e))?;
             self.tasks
                 .audit()

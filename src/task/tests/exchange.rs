@@ -18,7 +18,7 @@ fn tools(tools: &[&str]) -> Vec<String> {
 
 /// `subject`, exchanged by the workload `exchanger` for a token addressed
 /// to `audience` with `tools`.
-fn exchange(
+async fn exchange(
     agent: &Agent,
     subject: &str,
     exchanger: &str,
@@ -33,7 +33,7 @@ fn exchange(
         &tools(wanted),
         agent.bundle_for(),
     )?;
-    agent.tasks.complete_exchange(plan, None, Vec::new())
+    agent.tasks.complete_exchange(plan, None, Vec::new()).await
 }
 
 /// The claims of `token`, validated for `audience`.
@@ -56,6 +56,7 @@ async fn exchange_narrows_the_tools_changes_the_audience_and_keeps_sub_and_txn()
         NEXT_HOP_ID,
         &["notes.read"],
     )
+    .await
     .unwrap();
 
     let before = claims(&agent, &subject, SERVICE_ID);
@@ -113,7 +114,8 @@ async fn exchange_refuses_a_tool_the_subject_token_does_not_grant() {
         SERVICE_ID,
         NEXT_HOP_ID,
         &["notes.read", "notes.write"],
-    );
+    )
+    .await;
     assert!(
         matches!(&refused, Err(TaskError::Exchange(why)) if why.contains("\"notes.write\"") && why.contains("only narrow")),
         "{refused:?}"
@@ -128,6 +130,7 @@ async fn exchange_refuses_a_tool_the_subject_token_does_not_grant() {
         NEXT_HOP_ID,
         &["notes.read"],
     )
+    .await
     .unwrap();
     let again = exchange(
         &agent,
@@ -135,7 +138,8 @@ async fn exchange_refuses_a_tool_the_subject_token_does_not_grant() {
         NEXT_HOP_ID,
         ARCHIVE_ID,
         &["notes.search"],
-    );
+    )
+    .await;
     assert!(matches!(again, Err(TaskError::Exchange(_))), "{again:?}");
 }
 
@@ -144,7 +148,9 @@ async fn exchange_without_tools_keeps_the_subject_tokens_and_drops_repeats() {
     let agent = Agent::start(TaskConfig::default()).await;
     let (_task, subject) = agent.begin().await;
 
-    let kept = exchange(&agent, &subject.token, SERVICE_ID, NEXT_HOP_ID, &[]).unwrap();
+    let kept = exchange(&agent, &subject.token, SERVICE_ID, NEXT_HOP_ID, &[])
+        .await
+        .unwrap();
     assert_eq!(claims(&agent, &kept, NEXT_HOP_ID).scope, TOOLS.join(" "));
 
     let once = exchange(
@@ -154,6 +160,7 @@ async fn exchange_without_tools_keeps_the_subject_tokens_and_drops_repeats() {
         NEXT_HOP_ID,
         &["notes.read", "notes.read"],
     )
+    .await
     .unwrap();
     assert_eq!(claims(&agent, &once, NEXT_HOP_ID).scope, "notes.read");
 }
@@ -163,7 +170,9 @@ async fn each_exchange_adds_the_exchanger_to_the_actor_chain() {
     let agent = Agent::start(TaskConfig::default()).await;
     let (task, subject) = agent.begin().await;
 
-    let first = exchange(&agent, &subject.token, SERVICE_ID, NEXT_HOP_ID, &[]).unwrap();
+    let first = exchange(&agent, &subject.token, SERVICE_ID, NEXT_HOP_ID, &[])
+        .await
+        .unwrap();
     let second = exchange(
         &agent,
         &first.token,
@@ -171,6 +180,7 @@ async fn each_exchange_adds_the_exchanger_to_the_actor_chain() {
         ARCHIVE_ID,
         &["notes.read"],
     )
+    .await
     .unwrap();
 
     let claims = claims(&agent, &second, ARCHIVE_ID);
@@ -196,7 +206,7 @@ async fn only_the_subject_tokens_audience_may_exchange_it() {
     let agent = Agent::start(TaskConfig::default()).await;
     let (task, subject) = agent.begin().await;
 
-    let refused = exchange(&agent, &subject.token, NEXT_HOP_ID, ARCHIVE_ID, &[]);
+    let refused = exchange(&agent, &subject.token, NEXT_HOP_ID, ARCHIVE_ID, &[]).await;
     assert!(
         matches!(&refused, Err(TaskError::Exchange(why)) if why.contains("not to the caller")),
         "{refused:?}"
@@ -235,6 +245,7 @@ async fn a_bound_subject_token_is_exchanged_only_with_its_certificate() {
     let token = agent
         .tasks
         .complete_exchange(plan, None, Vec::new())
+        .await
         .unwrap();
     assert_eq!(
         claims(&agent, &token, NEXT_HOP_ID).cnf,
@@ -249,9 +260,35 @@ async fn a_token_of_an_ended_task_is_not_exchanged() {
     let (task, subject) = agent.begin().await;
     agent.tasks.revoke(&task.id).await.unwrap();
 
-    let refused = exchange(&agent, &subject.token, SERVICE_ID, NEXT_HOP_ID, &[]);
+    let refused = exchange(&agent, &subject.token, SERVICE_ID, NEXT_HOP_ID, &[]).await;
     assert!(
         matches!(&refused, Err(TaskError::Token(TokenRejection::Ended { reason, .. })) if reason == "revoked"),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_task_that_ends_between_the_check_and_the_signature_gets_no_token() {
+    // Regression: the exchange was checked while the task lived, then the
+    // task ended (its owner exited) before the token was signed.
+    let agent = Agent::start(TaskConfig::default()).await;
+    let (task, subject) = agent.begin().await;
+    let plan = agent
+        .tasks
+        .prepare_exchange(
+            &subject.token,
+            None,
+            &[matched(SERVICE_ID)],
+            NEXT_HOP_ID,
+            &tools(&[]),
+            agent.bundle_for(),
+        )
+        .unwrap();
+    agent.tasks.revoke(&task.id).await.unwrap();
+
+    let refused = agent.tasks.complete_exchange(plan, None, Vec::new()).await;
+    assert!(
+        matches!(&refused, Err(TaskError::Ended { reason, .. }) if reason == "revoked"),
         "{refused:?}"
     );
 }
@@ -261,10 +298,14 @@ async fn the_exchanged_token_expires_no_later_than_its_subject() {
     // Tokens live two minutes; the subject has thirty seconds left.
     let agent = Agent::start(TaskConfig::default()).await;
     let (task, _) = agent.begin().await;
-    let subject = agent.token_expiring(&task, SystemTime::now() + Duration::from_secs(30));
+    let subject = agent
+        .token_expiring(&task, SystemTime::now() + Duration::from_secs(30))
+        .await;
     let subject_exp = claims(&agent, &subject, SERVICE_ID).exp;
 
-    let token = exchange(&agent, &subject.token, SERVICE_ID, NEXT_HOP_ID, &[]).unwrap();
+    let token = exchange(&agent, &subject.token, SERVICE_ID, NEXT_HOP_ID, &[])
+        .await
+        .unwrap();
 
     let exp = claims(&agent, &token, NEXT_HOP_ID).exp;
     assert_eq!(
@@ -288,14 +329,11 @@ async fn the_exchanged_token_expires_no_later_than_the_task_deadline() {
     let mut outliving = claims(&agent, &begun, SERVICE_ID);
     outliving.exp = deadline + 120;
     outliving.jti = "outliving".into();
-    let signed = agent
-        .authority
-        .jwt_signer()
-        .unwrap()
-        .sign(&outliving)
-        .unwrap();
+    let signed = agent.sign(&outliving);
 
-    let token = exchange(&agent, &signed, SERVICE_ID, NEXT_HOP_ID, &[]).unwrap();
+    let token = exchange(&agent, &signed, SERVICE_ID, NEXT_HOP_ID, &[])
+        .await
+        .unwrap();
 
     let exp = claims(&agent, &token, NEXT_HOP_ID).exp;
     assert!(

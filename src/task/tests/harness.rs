@@ -17,7 +17,7 @@ use super::super::{
 };
 use crate::attestation::Caller;
 use crate::audit::{AuditConfig, AuditLog, SigningKey};
-use crate::authority::{Authority, AuthorityConfig};
+use crate::authority::{Authority as _, AuthorityConfig, LocalAuthority};
 use crate::bundle::TrustBundle;
 use crate::registration::{EntrySpec, Match, RegistrationEntry};
 use crate::store::Store;
@@ -34,7 +34,7 @@ pub(super) const TOOLS: [&str; 3] = ["notes.read", "notes.search", "notes.write"
 /// An agent's task state in a scratch directory.
 pub(super) struct Agent {
     pub(super) dir: TempDir,
-    pub(super) authority: Authority,
+    pub(super) authority: LocalAuthority,
     pub(super) tasks: Tasks,
     pub(super) caller: Caller,
     config: TaskConfig,
@@ -71,7 +71,7 @@ impl Agent {
 
     /// The keys in `dir` (created on first use) and the tasks over them.
     fn open(dir: TempDir, caller: Caller, config: TaskConfig, cancel: CancellationToken) -> Self {
-        let authority = Authority::load_or_create(
+        let authority = LocalAuthority::load_or_create(
             TrustDomain::new("example.org").unwrap(),
             AuthorityConfig::default(),
             dir.path(),
@@ -94,6 +94,13 @@ impl Agent {
         let dir = tempfile::tempdir().unwrap();
         let tasks = tasks(&dir, &self.authority, self.config.clone(), &self.cancel);
         (dir, tasks)
+    }
+
+    /// `claims` signed with this agent's JWT key exactly as given (`exp`
+    /// included): a token the agent's rules never issue, for the checks
+    /// that must refuse it anyway.
+    pub(super) fn sign(&self, claims: &impl serde::Serialize) -> String {
+        self.authority.jwt_signer().unwrap().sign(claims).unwrap()
     }
 
     /// The test process as a task owner.
@@ -138,7 +145,7 @@ impl Agent {
 
     /// A token of `task` (its own audience and tools) whose `exp` is
     /// `not_after`, signed as the agent signs every task token.
-    pub(super) fn token_expiring(&self, task: &Task, not_after: SystemTime) -> IssuedToken {
+    pub(super) async fn token_expiring(&self, task: &Task, not_after: SystemTime) -> IssuedToken {
         self.tasks
             .issue(
                 task,
@@ -149,6 +156,7 @@ impl Agent {
                 Some(not_after),
                 task.requester(),
             )
+            .await
             .unwrap()
     }
 
@@ -203,7 +211,7 @@ pub(super) fn certificate(name: &str) -> Vec<u8> {
 /// (a writer still running holds its trail's lock).
 fn tasks(
     dir: &TempDir,
-    authority: &Authority,
+    authority: &LocalAuthority,
     config: TaskConfig,
     cancel: &CancellationToken,
 ) -> Tasks {
@@ -217,5 +225,5 @@ fn tasks(
     .unwrap();
     tokio::spawn(writer.run(cancel.clone()));
     let store = Store::open(dir.path()).unwrap();
-    Tasks::new(config, authority.clone(), store, audit).0
+    Tasks::new(config, Arc::new(authority.clone()), store, audit).0
 }

@@ -53,7 +53,7 @@ async fn active_tasks_stay_active_and_ended_ones_stay_ended_across_a_restart() {
     agent
         .validate(&live_token.token, SERVICE_ID, Some("notes.read"), None)
         .unwrap();
-    agent.tasks.token_for(&restored, Vec::new()).unwrap();
+    agent.tasks.token_for(&restored, Vec::new()).await.unwrap();
 
     // The ended ones keep their reason, and their tokens stay refused.
     for (task, token, reason) in [
@@ -67,7 +67,7 @@ async fn active_tasks_stay_active_and_ended_ones_stay_ended_across_a_restart() {
             matches!(&refused, Err(TokenRejection::Ended { reason: why, .. }) if why == reason.as_str()),
             "{refused:?}"
         );
-        assert!(agent.tasks.token_for(&restored, Vec::new()).is_err());
+        assert!(agent.tasks.token_for(&restored, Vec::new()).await.is_err());
     }
 }
 

@@ -61,7 +61,9 @@ async fn an_expired_token_is_refused() {
     let agent = Agent::start(TaskConfig::default()).await;
     let (task, _) = agent.begin().await;
     // Signed for the live task, but its exp a minute ago.
-    let expired = agent.token_expiring(&task, SystemTime::now() - Duration::from_secs(60));
+    let expired = agent
+        .token_expiring(&task, SystemTime::now() - Duration::from_secs(60))
+        .await;
 
     let refused = agent.validate(&expired.token, SERVICE_ID, None, None);
     assert!(
@@ -80,7 +82,7 @@ async fn a_token_that_lives_longer_than_tokens_may_is_refused() {
         .claims;
     let max = TaskConfig::default().max_token_ttl.as_secs();
     claims.exp = claims.iat + max + 1;
-    let long = agent.authority.jwt_signer().unwrap().sign(&claims).unwrap();
+    let long = agent.sign(&claims);
 
     let refused = agent.validate(&long, SERVICE_ID, None, None);
     assert!(
@@ -93,7 +95,7 @@ async fn a_token_that_lives_longer_than_tokens_may_is_refused() {
 async fn tokens_of_an_ended_or_revoked_task_are_refused() {
     let agent = Agent::start(TaskConfig::default()).await;
     let (completed, completed_token) = agent.begin().await;
-    let renewed = agent.tasks.token_for(&completed, Vec::new()).unwrap();
+    let renewed = agent.tasks.token_for(&completed, Vec::new()).await.unwrap();
     let (revoked, revoked_token) = agent.begin().await;
 
     agent.tasks.end(&agent.caller, &completed.id).await.unwrap();
@@ -112,7 +114,7 @@ async fn tokens_of_an_ended_or_revoked_task_are_refused() {
     }
     // And no new token is issued for it.
     assert!(matches!(
-        agent.tasks.token_for(&revoked, Vec::new()),
+        agent.tasks.token_for(&revoked, Vec::new()).await,
         Err(TaskError::Ended { .. })
     ));
 }
