@@ -16,12 +16,13 @@ use thiserror::Error;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use super::channel::{
-    self, CallError, DialError, MAX_MESSAGE_LEN, describe_status, io_cause, parse_timeout,
-    root_cause, status_exit_code,
-};
+use super::flags::parse_timeout;
 use super::output::Format;
-use super::{EXIT_NOPERM, EXIT_UNAVAILABLE};
+use crate::client::channel::{
+    self, CallError, DialError, MAX_MESSAGE_LEN, describe_status, io_cause, root_cause,
+    status_exit_code,
+};
+use crate::client::{EXIT_NOPERM, EXIT_UNAVAILABLE};
 use crate::config::{EnvSource, default_admin_socket_path};
 use crate::proto::admin::{self as pb, admin_client};
 

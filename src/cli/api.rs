@@ -6,7 +6,7 @@
 //! with `x509-parser`, PEM is written with `pem`, trust domain names are
 //! checked with `spiffe` before they become file names, and no malformed
 //! answer can panic the CLI. Rendering lives in [`super::output`]; dialling
-//! and the status-to-exit-code mapping in [`super::workload_client`].
+//! and the status-to-exit-code mapping in [`crate::client::workload`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{DirBuilder, OpenOptions};
@@ -36,8 +36,8 @@ use super::output::{
     JwtKeySummary, JwtReport, JwtSvidSummary, Timestamp, ValidationReport, WatchUpdate, X509Report,
     X509SvidSummary,
 };
-use super::workload_client::{SocketError, WorkloadClient, WorkloadClientError, resolve_socket};
 use super::{EXIT_NOPERM, EXIT_UNAVAILABLE, EXIT_USAGE, fail};
+use crate::client::workload::{SocketError, WorkloadClient, WorkloadClientError, resolve_socket};
 use crate::config::ProcessEnv;
 use crate::proto::workload as pb;
 
@@ -76,7 +76,7 @@ struct CommonArgs {
         global = true,
         value_name = "DURATION",
         default_value = "5s",
-        value_parser = super::channel::parse_timeout
+        value_parser = super::flags::parse_timeout
     )]
     timeout: Duration,
 }
@@ -1114,7 +1114,7 @@ mod tests {
 
     #[test]
     fn timeouts_must_be_positive_durations() {
-        let parse = super::super::channel::parse_timeout;
+        let parse = super::super::flags::parse_timeout;
         assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse("0s").is_err());
         assert!(parse("soon").is_err());

@@ -11,7 +11,7 @@
 //! the agent ends the task as "owner exited"), and end the task before
 //! cleaning up (its tokens die with the command, not with the stragglers).
 //! Process handling lives in [`super::subreaper`], the Task API client in
-//! [`super::task_client`].
+//! [`crate::client::task`].
 
 use std::ffi::OsString;
 use std::io;
@@ -30,11 +30,10 @@ use tonic::codec::Streaming;
 
 use super::api::write_atomically;
 use super::fail;
+use super::flags::SocketArgs;
 use super::subreaper::{self, CommandExit, Event, Signals};
-use super::task_client::{
-    SocketArgs, SvidChoice, TaskClient, TaskClientError, own_leaf_certificate,
-};
-use super::workload_client::{SPIFFE_ENDPOINT_SOCKET, WorkloadClientError};
+use crate::client::task::{SvidChoice, TaskClient, TaskClientError, own_leaf_certificate};
+use crate::client::workload::{SPIFFE_ENDPOINT_SOCKET, WorkloadClientError};
 use crate::config::ProcessEnv;
 use crate::proto::task as pb;
 
@@ -96,7 +95,7 @@ pub struct RunArgs {
     /// How long the command has to exit after SIGTERM before SIGKILL when
     /// the task ends first; and, once the command has exited, how long
     /// what it left running has before SIGTERM, and again before SIGKILL.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = super::channel::parse_timeout)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = super::flags::parse_timeout)]
     grace: Duration,
 
     /// The command and its arguments, after `--`.

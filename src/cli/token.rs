@@ -6,7 +6,7 @@
 //! `--token -`, bounded) and the presenter's certificate, and reads a
 //! token's `aud` unverified only to choose which of its own SVIDs to bind
 //! to. Rendering lives in [`super::output`]; the client in
-//! [`super::task_client`].
+//! [`crate::client::task`].
 
 use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
@@ -18,11 +18,10 @@ use thiserror::Error;
 
 use super::api::struct_to_json;
 use super::fail;
+use super::flags::SocketArgs;
 use super::output::{ExchangedToken, Format, TaskTokenValidation, Timestamp};
-use super::task_client::{
-    SocketArgs, SvidChoice, TaskClient, TaskClientError, own_leaf_certificate,
-};
-use super::workload_client::WorkloadClientError;
+use crate::client::task::{SvidChoice, TaskClient, TaskClientError, own_leaf_certificate};
+use crate::client::workload::WorkloadClientError;
 use crate::config::ProcessEnv;
 use crate::proto::task as pb;
 
