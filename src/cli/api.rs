@@ -32,7 +32,7 @@ use x509_parser::extensions::GeneralName;
 use zeroize::{Zeroize as _, Zeroizing};
 
 use super::output::{
-    BundleSummary, BundlesReport, CaSummary, FederatedBundleSummary, FetchX509Output, Format,
+    self, BundleSummary, BundlesReport, CaSummary, FederatedBundleSummary, FetchX509Output, Format,
     JwtKeySummary, JwtReport, JwtSvidSummary, Timestamp, ValidationReport, WatchUpdate, X509Report,
     X509SvidSummary,
 };
@@ -390,7 +390,7 @@ fn execute(args: &ApiArgs) -> Result<(), ApiError> {
                 Ok::<_, ApiError>((x509, jwt))
             })?;
             let report = bundles_report(&x509, &jwt)?;
-            format.bundles(&report).map_err(stdout)
+            format.print(&report).map_err(stdout)
         }
         ApiCommand::Validate(ValidateCommand::Jwt(validate)) => {
             let request = pb::ValidateJwtsvidRequest {
@@ -406,7 +406,7 @@ fn execute(args: &ApiArgs) -> Result<(), ApiError> {
                     struct_to_json,
                 ),
             };
-            format.validation(&report).map_err(stdout)
+            format.print(&report).map_err(stdout)
         }
         ApiCommand::Watch => runtime.block_on(watch(format, connect)),
     }
@@ -426,7 +426,7 @@ fn fetch_x509(
     };
     drop(response);
     format
-        .fetch_x509(&FetchX509Output {
+        .print(&FetchX509Output {
             report,
             files_written,
         })
@@ -440,7 +440,7 @@ fn fetch_jwt(
 ) -> Result<(), ApiError> {
     if args.token_only {
         let first = response.svids.first().ok_or(ApiError::NoJwtSvid)?;
-        return Format::token(&first.svid).map_err(stdout);
+        return output::print_token(&first.svid).map_err(stdout);
     }
     let report = JwtReport {
         svids: response
@@ -454,7 +454,7 @@ fn fetch_jwt(
             })
             .collect(),
     };
-    format.fetch_jwt(&report).map_err(stdout)
+    format.print(&report).map_err(stdout)
 }
 
 async fn watch(
@@ -489,7 +489,7 @@ async fn watch(
         let report = x509_report(&message.0)?;
         drop(message);
         format
-            .watch_update(&WatchUpdate {
+            .print(&WatchUpdate {
                 received_at: Timestamp(OffsetDateTime::now_utc()),
                 update,
                 report,

@@ -17,7 +17,7 @@ use thiserror::Error;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::output::{AuditBroken, AuditRecoveryView, AuditVerified, Format};
+use super::output::{AuditBroken, AuditRecoveryView, AuditVerified, Format, StoredRecord};
 use super::{EXIT_USAGE, fail};
 use crate::audit::{self, AuditError, AuditReader, AuditRecord, PublicKey, ReadFilter};
 use crate::config::{Config, ConfigError, ProcessEnv};
@@ -196,7 +196,7 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode, AuditCliError> {
                 );
             }
             format
-                .audit_verified(&AuditVerified {
+                .print(&AuditVerified {
                     intact: true,
                     records: report.records,
                     files: report.files,
@@ -226,7 +226,7 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode, AuditCliError> {
             problem,
         }) => {
             format
-                .audit_broken(&AuditBroken {
+                .print(&AuditBroken {
                     intact: false,
                     file,
                     line,
@@ -278,17 +278,17 @@ fn run_tail(args: &TailArgs) -> Result<ExitCode, AuditCliError> {
                     last.pop_front();
                 }
             }
-            None => format.audit_record(&record).map_err(stdout)?,
+            None => format.print(&StoredRecord(&record)).map_err(stdout)?,
         }
     }
     for record in &last {
-        format.audit_record(record).map_err(stdout)?;
+        format.print(&StoredRecord(record)).map_err(stdout)?;
     }
 
     if args.follow {
         loop {
             while let Some(record) = next(&mut reader, &mut damaged)? {
-                format.audit_record(&record).map_err(stdout)?;
+                format.print(&StoredRecord(&record)).map_err(stdout)?;
             }
             std::thread::sleep(FOLLOW_POLL);
         }

@@ -219,7 +219,7 @@ fn execute(args: &EntryArgs) -> Result<(), EntryError> {
             let entry = common.block_on(&ProcessEnv, |mut client| async move {
                 Ok::<_, EntryError>(client.create_entry(spec.to_spec()).await?)
             })?;
-            format.entry(&entry_view(entry)?).map_err(stdout)
+            format.print(&entry_view(entry)?).map_err(stdout)
         }
         EntryCommand::List(list) => {
             let request = pb::ListEntriesRequest {
@@ -235,13 +235,13 @@ fn execute(args: &EntryArgs) -> Result<(), EntryError> {
                     .map(entry_view)
                     .collect::<Result<_, _>>()?,
             };
-            format.entries(&report).map_err(stdout)
+            format.print(&report).map_err(stdout)
         }
         EntryCommand::Show(IdArg { id }) => {
             let entry = common.block_on(&ProcessEnv, |mut client| async move {
                 Ok::<_, EntryError>(client.get_entry(id.clone()).await?)
             })?;
-            format.entry(&entry_view(entry)?).map_err(stdout)
+            format.print(&entry_view(entry)?).map_err(stdout)
         }
         EntryCommand::Update(update) => {
             let entry = common.block_on(&ProcessEnv, |mut client| async move {
@@ -254,14 +254,14 @@ fn execute(args: &EntryArgs) -> Result<(), EntryError> {
                     .await?;
                 Ok::<_, EntryError>(entry)
             })?;
-            format.entry(&entry_view(entry)?).map_err(stdout)
+            format.print(&entry_view(entry)?).map_err(stdout)
         }
         EntryCommand::Delete(IdArg { id }) => {
             common.block_on(&ProcessEnv, |mut client| async move {
                 Ok::<_, EntryError>(client.delete_entry(id.clone()).await?)
             })?;
             format
-                .deleted(&DeletedReport {
+                .print(&DeletedReport {
                     deleted: id.clone(),
                 })
                 .map_err(stdout)

@@ -18,7 +18,8 @@ use x509_parser::error::X509Error;
 
 use super::admin_client::{AdminArgs, AdminClientError};
 use super::output::{
-    Format, HealthReport, HolderView, IssuedSvidView, ReloadReport, SvidsReport, Timestamp,
+    self, Document, Format, HealthReport, HolderView, IssuedSvidView, ReloadReport, SvidsReport,
+    Timestamp,
 };
 use super::{EXIT_USAGE, fail};
 use crate::config::ProcessEnv;
@@ -194,7 +195,7 @@ fn svid_list(common: &AdminArgs) -> Result<(), OperatorError> {
     let report = SvidsReport {
         svids: svids.into_iter().map(svid_view).collect(),
     };
-    common.format().svids(&report).map_err(stdout)
+    common.format().print(&report).map_err(stdout)
 }
 
 fn bundle_show(common: &AdminArgs, format: BundleFormat) -> Result<(), OperatorError> {
@@ -208,9 +209,9 @@ fn bundle_show(common: &AdminArgs, format: BundleFormat) -> Result<(), OperatorE
         BundleFormat::Spiffe => {
             let document: serde_json::Value = serde_json::from_str(&bundle.spiffe_json)
                 .map_err(|source| OperatorError::BundleDocument { source })?;
-            common.format().document(&document).map_err(stdout)
+            common.format().print(&Document(document)).map_err(stdout)
         }
-        BundleFormat::Pem => Format::pem(&authorities_pem(&bundle)?).map_err(stdout),
+        BundleFormat::Pem => output::print_pem(&authorities_pem(&bundle)?).map_err(stdout),
     }
 }
 
@@ -231,7 +232,7 @@ fn healthcheck(common: &AdminArgs) -> Result<(), OperatorError> {
     // Scripts get the document either way; people get the reason on
     // stderr only, as one line.
     if report.serving || format == Format::Json {
-        format.health(&report).map_err(stdout)?;
+        format.print(&report).map_err(stdout)?;
     }
     if report.serving {
         Ok(())
@@ -254,7 +255,7 @@ fn reload(common: &AdminArgs) -> Result<(), OperatorError> {
     })?;
     common
         .format()
-        .reload(&ReloadReport {
+        .print(&ReloadReport {
             config_entries: outcome.config_entries,
             federations: outcome.federations,
             needs_restart: outcome.needs_restart,

@@ -219,7 +219,7 @@ fn validate(format: Format, args: &ValidateArgs) -> Result<(), PolicyCommandErro
         }
     }
     if report.valid || format == Format::Json {
-        format.policy_validation(&report).map_err(stdout)?;
+        format.print(&report).map_err(stdout)?;
     }
     if errors == 0 {
         Ok(())
@@ -299,7 +299,7 @@ fn check(format: Format, args: &CheckArgs) -> Result<(), PolicyCommandError> {
             false,
         ),
     };
-    format.policy_decision(&view).map_err(stdout)?;
+    format.print(&view).map_err(stdout)?;
     if allowed {
         Ok(())
     } else {

@@ -144,7 +144,7 @@ fn list_tasks(args: &ListArgs) -> Result<(), TaskCommandError> {
     let report = TasksReport {
         tasks: tasks.into_iter().map(task_view).collect(),
     };
-    args.common.format().tasks(&report).map_err(stdout)
+    args.common.format().print(&report).map_err(stdout)
 }
 
 fn show_task(args: &IdArgs) -> Result<(), TaskCommandError> {
@@ -152,7 +152,7 @@ fn show_task(args: &IdArgs) -> Result<(), TaskCommandError> {
     let task = args.common.block_on(&ProcessEnv, |mut client| async move {
         Ok::<_, TaskCommandError>(client.get_task(id).await?)
     })?;
-    args.common.format().task(&task_view(task)).map_err(stdout)
+    args.common.format().print(&task_view(task)).map_err(stdout)
 }
 
 fn revoke_task(args: &IdArgs) -> Result<(), TaskCommandError> {
@@ -160,7 +160,7 @@ fn revoke_task(args: &IdArgs) -> Result<(), TaskCommandError> {
     let task = args.common.block_on(&ProcessEnv, |mut client| async move {
         Ok::<_, TaskCommandError>(client.revoke_task(id).await?)
     })?;
-    args.common.format().task(&task_view(task)).map_err(stdout)
+    args.common.format().print(&task_view(task)).map_err(stdout)
 }
 
 /// The agent's task, for printing.

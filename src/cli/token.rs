@@ -256,7 +256,7 @@ fn execute(args: &TokenArgs) -> Result<(), TokenError> {
                 Ok::<_, TokenError>(client.exchange(request).await?)
             })?;
             format
-                .exchanged(&ExchangedToken {
+                .print(&ExchangedToken {
                     token: issued.token,
                     expires_at: Timestamp::from_unix_ms(issued.expires_at_ms),
                 })
@@ -277,7 +277,7 @@ fn execute(args: &TokenArgs) -> Result<(), TokenError> {
             // Scripts get the document either way; people get an invalid
             // token's reason on stderr only, as one line.
             if report.valid || format == Format::Json {
-                format.task_validation(&report).map_err(stdout)?;
+                format.print(&report).map_err(stdout)?;
             }
             match report.reason {
                 Some(reason) if !report.valid => Err(TokenError::Invalid { reason }),
