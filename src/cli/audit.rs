@@ -29,7 +29,7 @@ const FOLLOW_POLL: Duration = Duration::from_millis(250);
 
 /// Arguments of `tether audit`.
 #[derive(Debug, Args)]
-pub struct AuditArgs {
+pub(crate) struct AuditArgs {
     #[command(subcommand)]
     command: AuditCommand,
 }
@@ -129,7 +129,7 @@ struct TailArgs {
 
 /// Why an audit command failed.
 #[derive(Debug, Error)]
-pub enum AuditCliError {
+pub(crate) enum AuditCliError {
     /// The config file named no usable trail.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -152,7 +152,7 @@ pub enum AuditCliError {
 
 impl AuditCliError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Config(_) => EXIT_USAGE,
             _ => 1,
@@ -161,7 +161,7 @@ impl AuditCliError {
 }
 
 /// Runs `tether audit ...`.
-pub fn run(args: &AuditArgs) -> ExitCode {
+pub(crate) fn run(args: &AuditArgs) -> ExitCode {
     let result = match &args.command {
         AuditCommand::Verify(verify) => run_verify(verify),
         AuditCommand::Tail(tail) => run_tail(tail),

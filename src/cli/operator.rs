@@ -27,7 +27,7 @@ use crate::proto::admin as pb;
 
 /// Arguments of `tether svid`.
 #[derive(Debug, Args)]
-pub struct SvidArgs {
+pub(crate) struct SvidArgs {
     #[command(flatten)]
     common: AdminArgs,
     #[command(subcommand)]
@@ -47,7 +47,7 @@ enum SvidCommand {
 
 /// Arguments of `tether bundle`.
 #[derive(Debug, Args)]
-pub struct BundleArgs {
+pub(crate) struct BundleArgs {
     #[command(flatten)]
     common: AdminArgs,
     #[command(subcommand)]
@@ -81,14 +81,14 @@ enum BundleFormat {
 
 /// Arguments of `tether healthcheck` and `tether reload`.
 #[derive(Debug, Args)]
-pub struct PlainArgs {
+pub(crate) struct PlainArgs {
     #[command(flatten)]
     common: AdminArgs,
 }
 
 /// Why an operator command failed.
 #[derive(Debug, Error)]
-pub enum OperatorError {
+pub(crate) enum OperatorError {
     /// Reaching the agent failed, or the agent refused.
     #[error(transparent)]
     Client(#[from] AdminClientError),
@@ -140,7 +140,7 @@ pub enum OperatorError {
 
 impl OperatorError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Client(error) => error.exit_code(),
             Self::PemAsJson => EXIT_USAGE,
@@ -156,14 +156,14 @@ impl OperatorError {
 }
 
 /// Runs `tether svid ...`.
-pub fn run_svid(args: &SvidArgs) -> ExitCode {
+pub(crate) fn run_svid(args: &SvidArgs) -> ExitCode {
     finish(match args.command {
         SvidCommand::List => svid_list(&args.common),
     })
 }
 
 /// Runs `tether bundle ...`.
-pub fn run_bundle(args: &BundleArgs) -> ExitCode {
+pub(crate) fn run_bundle(args: &BundleArgs) -> ExitCode {
     finish(match &args.command {
         BundleCommand::Show(show) => bundle_show(&args.common, show.format),
     })
@@ -171,12 +171,12 @@ pub fn run_bundle(args: &BundleArgs) -> ExitCode {
 
 /// Runs `tether healthcheck`: exit 0 only when the agent answers and
 /// serves.
-pub fn run_healthcheck(args: &PlainArgs) -> ExitCode {
+pub(crate) fn run_healthcheck(args: &PlainArgs) -> ExitCode {
     finish(healthcheck(&args.common))
 }
 
 /// Runs `tether reload`.
-pub fn run_reload(args: &PlainArgs) -> ExitCode {
+pub(crate) fn run_reload(args: &PlainArgs) -> ExitCode {
     finish(reload(&args.common))
 }
 

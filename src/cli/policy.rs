@@ -23,7 +23,7 @@ use crate::policy::{
 
 /// Arguments of `tether policy`.
 #[derive(Debug, Args)]
-pub struct PolicyArgs {
+pub(crate) struct PolicyArgs {
     /// Print JSON on stdout (stable field names, listed in each command's
     /// --help).
     #[arg(long, global = true)]
@@ -110,7 +110,7 @@ struct ContextArg {
 
 /// Why a `policy` command failed.
 #[derive(Debug, Error)]
-pub enum PolicyCommandError {
+pub(crate) enum PolicyCommandError {
     /// The directory could not be loaded.
     #[error(transparent)]
     Load(#[from] PolicyError),
@@ -160,7 +160,7 @@ impl PolicyCommandError {
 }
 
 /// Runs `tether policy ...`.
-pub fn run(args: &PolicyArgs) -> ExitCode {
+pub(crate) fn run(args: &PolicyArgs) -> ExitCode {
     let format = Format::from_json_flag(args.json);
     let result = match &args.command {
         PolicyCommand::Validate(validate_args) => validate(format, validate_args),

@@ -38,11 +38,11 @@ use crate::config::ProcessEnv;
 use crate::proto::task as pb;
 
 /// The command's environment: its first token.
-pub const TETHER_TASK_TOKEN: &str = "TETHER_TASK_TOKEN";
+pub(crate) const TETHER_TASK_TOKEN: &str = "TETHER_TASK_TOKEN";
 /// The command's environment: the task's id.
-pub const TETHER_TASK_ID: &str = "TETHER_TASK_ID";
+pub(crate) const TETHER_TASK_ID: &str = "TETHER_TASK_ID";
 /// The command's environment: the `--token-file` path, when given.
-pub const TETHER_TASK_TOKEN_FILE: &str = "TETHER_TASK_TOKEN_FILE";
+pub(crate) const TETHER_TASK_TOKEN_FILE: &str = "TETHER_TASK_TOKEN_FILE";
 
 /// Exit status when the command could not be found (as a shell).
 const EXIT_NOT_FOUND: u8 = 127;
@@ -54,7 +54,7 @@ const RECONNECT_BACKOFF: (Duration, Duration) =
 
 /// Arguments of `tether task run`.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     #[command(flatten)]
     socket: SocketArgs,
 
@@ -106,7 +106,7 @@ pub struct RunArgs {
 /// Why `task run` failed before or around the command (the command's own
 /// failures are its exit status).
 #[derive(Debug, Error)]
-pub enum RunError {
+pub(crate) enum RunError {
     /// prctl(PR_SET_CHILD_SUBREAPER) failed.
     #[error("cannot become a child subreaper: {source}")]
     Subreaper {
@@ -173,7 +173,7 @@ struct Begun {
 
 impl RunError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Client(error) => error.exit_code(),
             Self::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound => {
@@ -193,7 +193,7 @@ impl From<WorkloadClientError> for RunError {
 
 /// Runs `tether task run`: the command's exit status, 128 + its signal, 1
 /// when the task ended first, or this command's own failure.
-pub fn run(args: &RunArgs) -> ExitCode {
+pub(crate) fn run(args: &RunArgs) -> ExitCode {
     match execute(args) {
         Ok(code) => ExitCode::from(code),
         Err(error) => fail(error.exit_code(), error),

@@ -33,7 +33,7 @@ const MAX_CERT_FILE_LEN: u64 = 1024 * 1024;
 
 /// Arguments of `tether token`.
 #[derive(Debug, Args)]
-pub struct TokenArgs {
+pub(crate) struct TokenArgs {
     #[command(flatten)]
     socket: SocketArgs,
 
@@ -118,7 +118,7 @@ struct ValidateArgs {
 
 /// Why a `token` command failed.
 #[derive(Debug, Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     /// Reaching the agent failed, the agent refused, or this process holds
     /// no SVID to bind to.
     #[error(transparent)]
@@ -182,7 +182,7 @@ struct Audience {
 
 impl TokenError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Client(error) => error.exit_code(),
             _ => 1,
@@ -203,7 +203,7 @@ impl From<WorkloadClientError> for TokenError {
 }
 
 /// Runs `tether token ...` on a current-thread runtime.
-pub fn run(args: &TokenArgs) -> ExitCode {
+pub(crate) fn run(args: &TokenArgs) -> ExitCode {
     match execute(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,

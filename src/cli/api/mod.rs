@@ -48,7 +48,7 @@ const MAX_STDIN_TOKEN_LEN: u64 = 1024 * 1024;
 
 /// Arguments of `tether api`.
 #[derive(Debug, Args)]
-pub struct ApiArgs {
+pub(crate) struct ApiArgs {
     #[command(flatten)]
     common: CommonArgs,
     #[command(subcommand)]
@@ -180,7 +180,7 @@ struct ValidateJwtArgs {
 
 /// Why an `api` command failed.
 #[derive(Debug, Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// The socket address from the flag or the environment is unusable.
     #[error(transparent)]
     Socket(#[from] SocketError),
@@ -275,7 +275,7 @@ struct X509Response(pb::X509svidResponse);
 
 impl ApiError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Socket(SocketError::Untrusted(_)) => EXIT_NOPERM,
             Self::Socket(_) => EXIT_USAGE,
@@ -303,7 +303,7 @@ impl Drop for X509Response {
 }
 
 /// Runs `tether api ...` on a current-thread runtime.
-pub fn run(args: &ApiArgs) -> ExitCode {
+pub(crate) fn run(args: &ApiArgs) -> ExitCode {
     match execute(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
