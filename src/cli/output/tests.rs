@@ -398,3 +398,36 @@ fn fetch_x509_json_field_names_are_stable() {
     assert!(text.contains("partner.example (2 CAs)"), "{text}");
     assert!(text.contains("Wrote /tmp/svid.0.pem"), "{text}");
 }
+
+#[test]
+fn every_render_prints_its_serde_form_as_json() {
+    let report = DeletedReport {
+        deleted: "ent-1".into(),
+    };
+    assert_eq!(report.json_line().unwrap(), r#"{"deleted":"ent-1"}"#);
+    let mut text = String::new();
+    report.readable_text(&mut text, at(0).0).unwrap();
+    assert_eq!(text, "Deleted entry ent-1\n");
+
+    let document = Document(serde_json::json!({"keys": [{"kid": "k1"}]}));
+    assert_eq!(document.json_line().unwrap(), r#"{"keys":[{"kid":"k1"}]}"#);
+    let mut text = String::new();
+    document.readable_text(&mut text, at(0).0).unwrap();
+    assert!(text.starts_with("{\n  \"keys\": ["), "{text}");
+}
+
+#[test]
+fn audit_records_print_their_stored_line_as_json() {
+    use crate::audit::{AuditEvent, Decision, EventKind};
+    // Not what serde would write for the record: the stored line, as is,
+    // so that what a script reads is what the chain hashes.
+    let line = r#"{"seq":3,"time":"2023-11-14T22:13:20Z","prev":"00","event":"deny"}"#;
+    let record = AuditRecord {
+        seq: 3,
+        time: at(1_700_000_000).0,
+        prev: "00".into(),
+        event: AuditEvent::new(EventKind::Deny, Decision::Deny),
+        line: line.into(),
+    };
+    assert_eq!(StoredRecord(&record).json_line().unwrap(), line);
+}
