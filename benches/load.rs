@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tether::cli::task_client::TaskClient;
-use tether::cli::workload_client::WorkloadClient;
+use tether::client::task::TaskClient;
+use tether::client::workload::WorkloadClient;
 use tether::proto::task as task_pb;
 use tether::proto::workload as wl;
 
@@ -606,7 +606,7 @@ impl Client {
         let mut empty = None;
         match op {
             Op::Empty => {
-                let channel = tether::cli::channel::dial(&targets.empty, TIMEOUT)
+                let channel = tether::client::channel::dial(&targets.empty, TIMEOUT)
                     .await
                     .unwrap();
                 empty = Some(tonic::client::Grpc::new(channel));
@@ -840,8 +840,8 @@ mod scale {
 
     use nix::sys::signal::{Signal, kill, killpg};
     use nix::unistd::Pid;
-    use tether::cli::task_client::TaskClient;
-    use tether::cli::workload_client::WorkloadClient;
+    use tether::client::task::TaskClient;
+    use tether::client::workload::WorkloadClient;
     use tether::proto::task as task_pb;
 
     use super::{AUDIENCE, Agent, TIMEOUT, begin_request};

@@ -32,7 +32,10 @@
 //!   [`admin_api`]: the operators' API on a second, root-only socket.
 //! - [`config`]: the TOML file, composed from each domain's settings type.
 //! - [`daemon`]: the composition root; spawns every long-lived job.
-//! - [`cli`]: the `tether` command line.
+//!   [`client`]: the Rust client for the agent's sockets (Workload API,
+//!   Task API), as any workload uses them; it speaks only [`proto`].
+//! - [`cli`]: the `tether` command line; only [`cli::Cli`] and [`cli::run`]
+//!   are public (for `main.rs`), the rest is its own.
 //!
 //! # Invariants
 //!
@@ -69,6 +72,9 @@ pub mod admin_api;
 pub mod task_api;
 pub mod workload_api;
 
-pub mod cli;
 pub mod config;
+
+pub mod client;
 pub mod daemon;
+
+pub mod cli;

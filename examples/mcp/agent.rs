@@ -359,7 +359,7 @@ fn challenge_of(error: &(dyn std::error::Error + 'static)) -> Option<(u16, Strin
 /// Keeps the task until a stop signal or its end; refreshes the token file
 /// with each token tether pushes. False when the task ended on its own.
 async fn hold(
-    tasks: &mut tether::cli::task_client::TaskClient,
+    tasks: &mut tether::client::task::TaskClient,
     task_id: &str,
     token_file: Option<&Path>,
     stop: impl Future<Output = ()>,

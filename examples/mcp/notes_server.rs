@@ -56,7 +56,7 @@ use rmcp::transport::streamable_http_server::session::local::LocalSessionManager
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{Value, json};
-use tether::cli::task_client::TaskClient;
+use tether::client::task::TaskClient;
 use tether::proto::task as pb;
 
 use self::link::{Accepted, Refusal};

@@ -27,7 +27,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
-use tether::cli::task_client::TaskClient;
+use tether::client::task::TaskClient;
 
 use self::link::Refusal;
 

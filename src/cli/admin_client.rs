@@ -16,22 +16,23 @@ use thiserror::Error;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use super::channel::{
-    self, CallError, DialError, MAX_MESSAGE_LEN, describe_status, io_cause, parse_timeout,
-    root_cause, status_exit_code,
-};
+use super::flags::parse_timeout;
 use super::output::Format;
-use super::{EXIT_NOPERM, EXIT_UNAVAILABLE};
+use crate::client::channel::{
+    self, CallError, DialError, MAX_MESSAGE_LEN, describe_status, io_cause, root_cause,
+    status_exit_code,
+};
+use crate::client::{EXIT_NOPERM, EXIT_UNAVAILABLE};
 use crate::config::{EnvSource, default_admin_socket_path};
 use crate::proto::admin::{self as pb, admin_client};
 
 /// The environment variable naming the admin socket, shared with
 /// `tether run`.
-pub const TETHER_ADMIN_SOCKET: &str = "TETHER_ADMIN_SOCKET";
+pub(crate) const TETHER_ADMIN_SOCKET: &str = "TETHER_ADMIN_SOCKET";
 
 /// Flags every operator command takes (before or after the subcommand).
 #[derive(Debug, Args)]
-pub struct AdminArgs {
+pub(crate) struct AdminArgs {
     /// The agent's admin socket (a path). Without it: $TETHER_ADMIN_SOCKET,
     /// then the agent's default for this user
     /// (/run/tether-admin/admin.sock for root).
@@ -57,7 +58,7 @@ pub struct AdminArgs {
 
 /// Talking to the admin API failed.
 #[derive(Debug, Error)]
-pub enum AdminClientError {
+pub(crate) enum AdminClientError {
     /// The socket could not be dialled.
     #[error(
         "cannot connect to the agent's admin socket {}: {}; {}",
@@ -109,7 +110,7 @@ pub enum AdminClientError {
 
 /// A connected admin API client: every call bounded by the timeout.
 #[derive(Debug, Clone)]
-pub struct AdminClient {
+pub(crate) struct AdminClient {
     client: admin_client::AdminClient<Channel>,
     socket: PathBuf,
     timeout: Duration,
@@ -119,18 +120,18 @@ pub struct AdminClient {
 
 impl AdminArgs {
     /// `--json` or not.
-    pub fn format(&self) -> Format {
+    pub(crate) fn format(&self) -> Format {
         Format::from_json_flag(self.json)
     }
 
     /// The admin socket to dial.
-    pub fn socket(&self, env: &dyn EnvSource) -> Result<PathBuf, AdminClientError> {
+    pub(crate) fn socket(&self, env: &dyn EnvSource) -> Result<PathBuf, AdminClientError> {
         resolve_admin_socket(self.admin_socket.as_deref(), env)
     }
 
     /// Runs `job` with a client connected to the admin socket, on a
     /// current-thread runtime.
-    pub fn block_on<T, E, F>(
+    pub(crate) fn block_on<T, E, F>(
         &self,
         env: &dyn EnvSource,
         job: impl FnOnce(AdminClient) -> F,
@@ -155,7 +156,7 @@ impl AdminArgs {
 
 impl AdminClientError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Connect { .. } | Self::Timeout { .. } => EXIT_UNAVAILABLE,
             Self::Status { status, .. } => status_exit_code(status.code()),
@@ -169,7 +170,10 @@ impl AdminClientError {
 
 impl AdminClient {
     /// Dials the admin socket, waiting at most `timeout`.
-    pub async fn connect(socket: &Path, timeout: Duration) -> Result<Self, AdminClientError> {
+    pub(crate) async fn connect(
+        socket: &Path,
+        timeout: Duration,
+    ) -> Result<Self, AdminClientError> {
         let channel = channel::dial(socket, timeout)
             .await
             .map_err(|error| match error {
@@ -192,12 +196,12 @@ impl AdminClient {
     }
 
     /// The socket this client talks to.
-    pub fn socket(&self) -> &Path {
+    pub(crate) fn socket(&self) -> &Path {
         &self.socket
     }
 
     /// Creates an entry.
-    pub async fn create_entry(
+    pub(crate) async fn create_entry(
         &mut self,
         spec: pb::EntrySpec,
     ) -> Result<pb::Entry, AdminClientError> {
@@ -209,7 +213,7 @@ impl AdminClient {
 
     /// Replaces an entry's spec; `revision` 0 applies it whatever the
     /// entry's revision.
-    pub async fn update_entry(
+    pub(crate) async fn update_entry(
         &mut self,
         id: String,
         spec: pb::EntrySpec,
@@ -224,19 +228,19 @@ impl AdminClient {
     }
 
     /// Deletes an entry.
-    pub async fn delete_entry(&mut self, id: String) -> Result<(), AdminClientError> {
+    pub(crate) async fn delete_entry(&mut self, id: String) -> Result<(), AdminClientError> {
         let call = self.client.delete_entry(pb::DeleteEntryRequest { id });
         bounded(self.timeout, &self.socket, call).await.map(drop)
     }
 
     /// One entry.
-    pub async fn get_entry(&mut self, id: String) -> Result<pb::Entry, AdminClientError> {
+    pub(crate) async fn get_entry(&mut self, id: String) -> Result<pb::Entry, AdminClientError> {
         let call = self.client.get_entry(pb::GetEntryRequest { id });
         bounded(self.timeout, &self.socket, call).await
     }
 
     /// The entries matching the filters.
-    pub async fn list_entries(
+    pub(crate) async fn list_entries(
         &mut self,
         request: pb::ListEntriesRequest,
     ) -> Result<Vec<pb::Entry>, AdminClientError> {
@@ -247,7 +251,7 @@ impl AdminClient {
     }
 
     /// Every live X.509-SVID and its holders.
-    pub async fn list_svids(&mut self) -> Result<Vec<pb::IssuedSvid>, AdminClientError> {
+    pub(crate) async fn list_svids(&mut self) -> Result<Vec<pb::IssuedSvid>, AdminClientError> {
         let call = self.client.list_svids(pb::ListSvidsRequest {});
         bounded(self.timeout, &self.socket, call)
             .await
@@ -255,26 +259,26 @@ impl AdminClient {
     }
 
     /// The trust domain's bundle.
-    pub async fn get_bundle(&mut self) -> Result<pb::Bundle, AdminClientError> {
+    pub(crate) async fn get_bundle(&mut self) -> Result<pb::Bundle, AdminClientError> {
         let call = self.client.get_bundle(pb::GetBundleRequest {});
         bounded(self.timeout, &self.socket, call).await
     }
 
     /// Whether the agent is serving.
-    pub async fn health(&mut self) -> Result<pb::HealthResponse, AdminClientError> {
+    pub(crate) async fn health(&mut self) -> Result<pb::HealthResponse, AdminClientError> {
         let call = self.client.health(pb::HealthRequest {});
         bounded(self.timeout, &self.socket, call).await
     }
 
     /// Asks the agent to re-read its config file.
-    pub async fn reload(&mut self) -> Result<pb::ReloadResponse, AdminClientError> {
+    pub(crate) async fn reload(&mut self) -> Result<pb::ReloadResponse, AdminClientError> {
         let call = self.client.reload(pb::ReloadRequest {});
         bounded(self.timeout, &self.socket, call).await
     }
 
     /// The live tasks, and with `include_ended` the ended ones the agent
     /// still remembers: every page, each within the message limit.
-    pub async fn list_tasks(
+    pub(crate) async fn list_tasks(
         &mut self,
         include_ended: bool,
     ) -> Result<Vec<pb::TaskInfo>, AdminClientError> {
@@ -299,13 +303,16 @@ impl AdminClient {
     }
 
     /// One task.
-    pub async fn get_task(&mut self, id: String) -> Result<pb::TaskInfo, AdminClientError> {
+    pub(crate) async fn get_task(&mut self, id: String) -> Result<pb::TaskInfo, AdminClientError> {
         let call = self.client.get_task(pb::GetTaskRequest { id });
         bounded(self.timeout, &self.socket, call).await
     }
 
     /// Ends a task as revoked; the task as it is afterwards.
-    pub async fn revoke_task(&mut self, id: String) -> Result<pb::TaskInfo, AdminClientError> {
+    pub(crate) async fn revoke_task(
+        &mut self,
+        id: String,
+    ) -> Result<pb::TaskInfo, AdminClientError> {
         let call = self.client.revoke_task(pb::RevokeTaskRequest { id });
         bounded(self.timeout, &self.socket, call).await
     }
@@ -333,7 +340,7 @@ async fn bounded<T>(
 
 /// The admin socket to dial: `--admin-socket`, else `TETHER_ADMIN_SOCKET`,
 /// else the agent's default for this user, when its directory is trusted.
-pub fn resolve_admin_socket(
+pub(crate) fn resolve_admin_socket(
     flag: Option<&Path>,
     env: &dyn EnvSource,
 ) -> Result<PathBuf, AdminClientError> {

@@ -17,7 +17,7 @@ use thiserror::Error;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::output::{AuditBroken, AuditRecoveryView, AuditVerified, Format};
+use super::output::{AuditBroken, AuditRecoveryView, AuditVerified, Format, StoredRecord};
 use super::{EXIT_USAGE, fail};
 use crate::audit::{self, AuditError, AuditReader, AuditRecord, PublicKey, ReadFilter};
 use crate::config::{Config, ConfigError, ProcessEnv};
@@ -29,7 +29,7 @@ const FOLLOW_POLL: Duration = Duration::from_millis(250);
 
 /// Arguments of `tether audit`.
 #[derive(Debug, Args)]
-pub struct AuditArgs {
+pub(crate) struct AuditArgs {
     #[command(subcommand)]
     command: AuditCommand,
 }
@@ -129,7 +129,7 @@ struct TailArgs {
 
 /// Why an audit command failed.
 #[derive(Debug, Error)]
-pub enum AuditCliError {
+pub(crate) enum AuditCliError {
     /// The config file named no usable trail.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -152,7 +152,7 @@ pub enum AuditCliError {
 
 impl AuditCliError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Config(_) => EXIT_USAGE,
             _ => 1,
@@ -161,7 +161,7 @@ impl AuditCliError {
 }
 
 /// Runs `tether audit ...`.
-pub fn run(args: &AuditArgs) -> ExitCode {
+pub(crate) fn run(args: &AuditArgs) -> ExitCode {
     let result = match &args.command {
         AuditCommand::Verify(verify) => run_verify(verify),
         AuditCommand::Tail(tail) => run_tail(tail),
@@ -196,7 +196,7 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode, AuditCliError> {
                 );
             }
             format
-                .audit_verified(&AuditVerified {
+                .print(&AuditVerified {
                     intact: true,
                     records: report.records,
                     files: report.files,
@@ -226,7 +226,7 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode, AuditCliError> {
             problem,
         }) => {
             format
-                .audit_broken(&AuditBroken {
+                .print(&AuditBroken {
                     intact: false,
                     file,
                     line,
@@ -278,17 +278,17 @@ fn run_tail(args: &TailArgs) -> Result<ExitCode, AuditCliError> {
                     last.pop_front();
                 }
             }
-            None => format.audit_record(&record).map_err(stdout)?,
+            None => format.print(&StoredRecord(&record)).map_err(stdout)?,
         }
     }
     for record in &last {
-        format.audit_record(record).map_err(stdout)?;
+        format.print(&StoredRecord(record)).map_err(stdout)?;
     }
 
     if args.follow {
         loop {
             while let Some(record) = next(&mut reader, &mut damaged)? {
-                format.audit_record(&record).map_err(stdout)?;
+                format.print(&StoredRecord(&record)).map_err(stdout)?;
             }
             std::thread::sleep(FOLLOW_POLL);
         }

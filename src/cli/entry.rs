@@ -22,7 +22,7 @@ use crate::proto::admin as pb;
 
 /// Arguments of `tether entry`.
 #[derive(Debug, Args)]
-pub struct EntryArgs {
+pub(crate) struct EntryArgs {
     #[command(flatten)]
     common: AdminArgs,
     #[command(subcommand)]
@@ -147,7 +147,7 @@ struct IdArg {
 
 /// Why an `entry` command failed.
 #[derive(Debug, Error)]
-pub enum EntryError {
+pub(crate) enum EntryError {
     /// Reaching the agent failed, or the agent refused.
     #[error(transparent)]
     Client(#[from] AdminClientError),
@@ -170,7 +170,7 @@ pub enum EntryError {
 
 impl EntryError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Client(error) => error.exit_code(),
             Self::IncompleteEntry { .. } | Self::Stdout { .. } => 1,
@@ -203,7 +203,7 @@ impl SpecArgs {
 }
 
 /// Runs `tether entry ...`.
-pub fn run(args: &EntryArgs) -> ExitCode {
+pub(crate) fn run(args: &EntryArgs) -> ExitCode {
     match execute(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
@@ -219,7 +219,7 @@ fn execute(args: &EntryArgs) -> Result<(), EntryError> {
             let entry = common.block_on(&ProcessEnv, |mut client| async move {
                 Ok::<_, EntryError>(client.create_entry(spec.to_spec()).await?)
             })?;
-            format.entry(&entry_view(entry)?).map_err(stdout)
+            format.print(&entry_view(entry)?).map_err(stdout)
         }
         EntryCommand::List(list) => {
             let request = pb::ListEntriesRequest {
@@ -235,13 +235,13 @@ fn execute(args: &EntryArgs) -> Result<(), EntryError> {
                     .map(entry_view)
                     .collect::<Result<_, _>>()?,
             };
-            format.entries(&report).map_err(stdout)
+            format.print(&report).map_err(stdout)
         }
         EntryCommand::Show(IdArg { id }) => {
             let entry = common.block_on(&ProcessEnv, |mut client| async move {
                 Ok::<_, EntryError>(client.get_entry(id.clone()).await?)
             })?;
-            format.entry(&entry_view(entry)?).map_err(stdout)
+            format.print(&entry_view(entry)?).map_err(stdout)
         }
         EntryCommand::Update(update) => {
             let entry = common.block_on(&ProcessEnv, |mut client| async move {
@@ -254,14 +254,14 @@ fn execute(args: &EntryArgs) -> Result<(), EntryError> {
                     .await?;
                 Ok::<_, EntryError>(entry)
             })?;
-            format.entry(&entry_view(entry)?).map_err(stdout)
+            format.print(&entry_view(entry)?).map_err(stdout)
         }
         EntryCommand::Delete(IdArg { id }) => {
             common.block_on(&ProcessEnv, |mut client| async move {
                 Ok::<_, EntryError>(client.delete_entry(id.clone()).await?)
             })?;
             format
-                .deleted(&DeletedReport {
+                .print(&DeletedReport {
                     deleted: id.clone(),
                 })
                 .map_err(stdout)

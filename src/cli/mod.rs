@@ -9,32 +9,26 @@
 //! configuration or usage; 69 the agent could not be reached; 77 the agent
 //! refused (no identity, permission denied).
 
-pub mod admin_client;
-pub mod api;
-pub mod audit;
-pub mod channel;
-pub mod entry;
-pub mod operator;
-pub mod output;
-pub mod policy;
-pub mod run;
-pub mod subreaper;
-pub mod task;
-pub mod task_client;
-pub mod task_run;
-pub mod token;
-pub mod workload_client;
+mod admin_client;
+mod api;
+mod audit;
+mod entry;
+mod flags;
+mod operator;
+mod output;
+mod policy;
+mod run;
+mod subreaper;
+mod task;
+mod task_run;
+mod token;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Exit status for bad configuration or usage (sysexits EX_USAGE).
-pub const EXIT_USAGE: u8 = 64;
-/// Exit status when the agent cannot be reached (EX_UNAVAILABLE).
-pub const EXIT_UNAVAILABLE: u8 = 69;
-/// Exit status when the agent refused the request (EX_NOPERM).
-pub const EXIT_NOPERM: u8 = 77;
+// The exit statuses the clients' errors map to are the CLI's too.
+use crate::client::{EXIT_NOPERM, EXIT_UNAVAILABLE, EXIT_USAGE};
 
 /// tether: the identity agent for AI and MCP agent processes.
 #[derive(Debug, Parser)]
@@ -105,7 +99,7 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 /// Prints a one-line error to stderr and returns `code`.
-pub fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("tether: error: {message}");
     ExitCode::from(code)
 }

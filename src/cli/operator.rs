@@ -18,7 +18,8 @@ use x509_parser::error::X509Error;
 
 use super::admin_client::{AdminArgs, AdminClientError};
 use super::output::{
-    Format, HealthReport, HolderView, IssuedSvidView, ReloadReport, SvidsReport, Timestamp,
+    self, Document, Format, HealthReport, HolderView, IssuedSvidView, ReloadReport, SvidsReport,
+    Timestamp,
 };
 use super::{EXIT_USAGE, fail};
 use crate::config::ProcessEnv;
@@ -26,7 +27,7 @@ use crate::proto::admin as pb;
 
 /// Arguments of `tether svid`.
 #[derive(Debug, Args)]
-pub struct SvidArgs {
+pub(crate) struct SvidArgs {
     #[command(flatten)]
     common: AdminArgs,
     #[command(subcommand)]
@@ -46,7 +47,7 @@ enum SvidCommand {
 
 /// Arguments of `tether bundle`.
 #[derive(Debug, Args)]
-pub struct BundleArgs {
+pub(crate) struct BundleArgs {
     #[command(flatten)]
     common: AdminArgs,
     #[command(subcommand)]
@@ -80,14 +81,14 @@ enum BundleFormat {
 
 /// Arguments of `tether healthcheck` and `tether reload`.
 #[derive(Debug, Args)]
-pub struct PlainArgs {
+pub(crate) struct PlainArgs {
     #[command(flatten)]
     common: AdminArgs,
 }
 
 /// Why an operator command failed.
 #[derive(Debug, Error)]
-pub enum OperatorError {
+pub(crate) enum OperatorError {
     /// Reaching the agent failed, or the agent refused.
     #[error(transparent)]
     Client(#[from] AdminClientError),
@@ -139,7 +140,7 @@ pub enum OperatorError {
 
 impl OperatorError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Client(error) => error.exit_code(),
             Self::PemAsJson => EXIT_USAGE,
@@ -155,14 +156,14 @@ impl OperatorError {
 }
 
 /// Runs `tether svid ...`.
-pub fn run_svid(args: &SvidArgs) -> ExitCode {
+pub(crate) fn run_svid(args: &SvidArgs) -> ExitCode {
     finish(match args.command {
         SvidCommand::List => svid_list(&args.common),
     })
 }
 
 /// Runs `tether bundle ...`.
-pub fn run_bundle(args: &BundleArgs) -> ExitCode {
+pub(crate) fn run_bundle(args: &BundleArgs) -> ExitCode {
     finish(match &args.command {
         BundleCommand::Show(show) => bundle_show(&args.common, show.format),
     })
@@ -170,12 +171,12 @@ pub fn run_bundle(args: &BundleArgs) -> ExitCode {
 
 /// Runs `tether healthcheck`: exit 0 only when the agent answers and
 /// serves.
-pub fn run_healthcheck(args: &PlainArgs) -> ExitCode {
+pub(crate) fn run_healthcheck(args: &PlainArgs) -> ExitCode {
     finish(healthcheck(&args.common))
 }
 
 /// Runs `tether reload`.
-pub fn run_reload(args: &PlainArgs) -> ExitCode {
+pub(crate) fn run_reload(args: &PlainArgs) -> ExitCode {
     finish(reload(&args.common))
 }
 
@@ -194,7 +195,7 @@ fn svid_list(common: &AdminArgs) -> Result<(), OperatorError> {
     let report = SvidsReport {
         svids: svids.into_iter().map(svid_view).collect(),
     };
-    common.format().svids(&report).map_err(stdout)
+    common.format().print(&report).map_err(stdout)
 }
 
 fn bundle_show(common: &AdminArgs, format: BundleFormat) -> Result<(), OperatorError> {
@@ -208,9 +209,9 @@ fn bundle_show(common: &AdminArgs, format: BundleFormat) -> Result<(), OperatorE
         BundleFormat::Spiffe => {
             let document: serde_json::Value = serde_json::from_str(&bundle.spiffe_json)
                 .map_err(|source| OperatorError::BundleDocument { source })?;
-            common.format().document(&document).map_err(stdout)
+            common.format().print(&Document(document)).map_err(stdout)
         }
-        BundleFormat::Pem => Format::pem(&authorities_pem(&bundle)?).map_err(stdout),
+        BundleFormat::Pem => output::print_pem(&authorities_pem(&bundle)?).map_err(stdout),
     }
 }
 
@@ -231,7 +232,7 @@ fn healthcheck(common: &AdminArgs) -> Result<(), OperatorError> {
     // Scripts get the document either way; people get the reason on
     // stderr only, as one line.
     if report.serving || format == Format::Json {
-        format.health(&report).map_err(stdout)?;
+        format.print(&report).map_err(stdout)?;
     }
     if report.serving {
         Ok(())
@@ -254,7 +255,7 @@ fn reload(common: &AdminArgs) -> Result<(), OperatorError> {
     })?;
     common
         .format()
-        .reload(&ReloadReport {
+        .print(&ReloadReport {
             config_entries: outcome.config_entries,
             federations: outcome.federations,
             needs_restart: outcome.needs_restart,

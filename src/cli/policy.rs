@@ -23,7 +23,7 @@ use crate::policy::{
 
 /// Arguments of `tether policy`.
 #[derive(Debug, Args)]
-pub struct PolicyArgs {
+pub(crate) struct PolicyArgs {
     /// Print JSON on stdout (stable field names, listed in each command's
     /// --help).
     #[arg(long, global = true)]
@@ -110,7 +110,7 @@ struct ContextArg {
 
 /// Why a `policy` command failed.
 #[derive(Debug, Error)]
-pub enum PolicyCommandError {
+pub(crate) enum PolicyCommandError {
     /// The directory could not be loaded.
     #[error(transparent)]
     Load(#[from] PolicyError),
@@ -160,7 +160,7 @@ impl PolicyCommandError {
 }
 
 /// Runs `tether policy ...`.
-pub fn run(args: &PolicyArgs) -> ExitCode {
+pub(crate) fn run(args: &PolicyArgs) -> ExitCode {
     let format = Format::from_json_flag(args.json);
     let result = match &args.command {
         PolicyCommand::Validate(validate_args) => validate(format, validate_args),
@@ -219,7 +219,7 @@ fn validate(format: Format, args: &ValidateArgs) -> Result<(), PolicyCommandErro
         }
     }
     if report.valid || format == Format::Json {
-        format.policy_validation(&report).map_err(stdout)?;
+        format.print(&report).map_err(stdout)?;
     }
     if errors == 0 {
         Ok(())
@@ -299,7 +299,7 @@ fn check(format: Format, args: &CheckArgs) -> Result<(), PolicyCommandError> {
             false,
         ),
     };
-    format.policy_decision(&view).map_err(stdout)?;
+    format.print(&view).map_err(stdout)?;
     if allowed {
         Ok(())
     } else {

@@ -11,16 +11,16 @@ use crate::{daemon, telemetry};
 
 /// Arguments of `tether run`.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// The TOML config file. Without it the agent runs on the embedded
     /// default: trust domain tether.local, and an identity for the user
     /// who started it.
     #[arg(long, short, env = "TETHER_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
-pub fn run(args: &RunArgs) -> ExitCode {
+pub(crate) fn run(args: &RunArgs) -> ExitCode {
     let config = match Config::load(args.config.as_deref(), &ProcessEnv) {
         Ok(config) => config,
         Err(error) => return fail(EXIT_USAGE, error),

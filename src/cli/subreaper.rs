@@ -26,7 +26,7 @@ const SCAN_EVERY: Duration = Duration::from_millis(100);
 
 /// The signals `task run` handles: SIGCHLD, and the three it forwards.
 #[derive(Debug)]
-pub struct Signals {
+pub(crate) struct Signals {
     child: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
@@ -35,7 +35,7 @@ pub struct Signals {
 
 /// What arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// A child changed state (exited): time to reap.
     ChildChanged,
     /// SIGINT, SIGTERM or SIGHUP for this process: to be forwarded.
@@ -44,7 +44,7 @@ pub enum Event {
 
 /// How the command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommandExit {
+pub(crate) enum CommandExit {
     /// It exited with this status.
     Code(i32),
     /// A signal killed it.
@@ -76,7 +76,7 @@ enum Stage {
 impl Signals {
     /// Installs the handlers. From here on SIGINT, SIGTERM and SIGHUP no
     /// longer end this process: they are the caller's to forward.
-    pub fn install() -> io::Result<Self> {
+    pub(crate) fn install() -> io::Result<Self> {
         Ok(Self {
             child: signal(SignalKind::child())?,
             interrupt: signal(SignalKind::interrupt())?,
@@ -87,7 +87,7 @@ impl Signals {
 
     /// The next signal. Cancel-safe: nothing is lost when another branch of
     /// a `select!` wins.
-    pub async fn next(&mut self) -> Event {
+    pub(crate) async fn next(&mut self) -> Event {
         tokio::select! {
             _ = self.child.recv() => Event::ChildChanged,
             _ = self.interrupt.recv() => Event::Forward(Signal::SIGINT),
@@ -102,7 +102,7 @@ impl Signals {
 impl CommandExit {
     /// The exit status a shell would report: the code, or 128 + the
     /// signal's number.
-    pub fn exit_code(self) -> u8 {
+    pub(crate) fn exit_code(self) -> u8 {
         let code = match self {
             Self::Code(code) => code,
             Self::Signal(signal) => 128 + signal as i32,
@@ -124,13 +124,13 @@ impl Stage {
 
 /// Makes this process a child subreaper: descendants orphaned below it are
 /// re-parented to it instead of to init, so none escapes the clean-up.
-pub fn become_subreaper() -> Result<(), Errno> {
+pub(crate) fn become_subreaper() -> Result<(), Errno> {
     nix::sys::prctl::set_child_subreaper(true)
 }
 
 /// Spawns `command` and returns its pid. Its status is collected by
 /// [`reap`], never through `std::process::Child`.
-pub fn spawn(mut command: Command) -> io::Result<Pid> {
+pub(crate) fn spawn(mut command: Command) -> io::Result<Pid> {
     let child = command.spawn()?;
     let pid = i32::try_from(child.id())
         .map_err(|_| io::Error::other("the kernel returned a pid beyond i32"))?;
@@ -139,7 +139,7 @@ pub fn spawn(mut command: Command) -> io::Result<Pid> {
 
 /// Sends `signal` to `pid`, a direct child not yet reaped. A child that
 /// is already gone is not an error.
-pub fn send(pid: Pid, signal: Signal) {
+pub(crate) fn send(pid: Pid, signal: Signal) {
     if let Err(error) = kill(pid, signal)
         && error != Errno::ESRCH
     {
@@ -148,7 +148,7 @@ pub fn send(pid: Pid, signal: Signal) {
 }
 
 /// Reaps every child that has exited; `Some` once `watched` is among them.
-pub fn reap(watched: Pid) -> Option<CommandExit> {
+pub(crate) fn reap(watched: Pid) -> Option<CommandExit> {
     reap_exited(Some(watched)).watched
 }
 
@@ -156,7 +156,7 @@ pub fn reap(watched: Pid) -> Option<CommandExit> {
 /// `grace` for them to finish, then SIGTERM and `grace` again, then
 /// SIGKILL and a last `grace`, after which the stragglers are left to init
 /// with a warning. A forwarded signal skips to the next stage.
-pub async fn reap_descendants(signals: &mut Signals, grace: Duration) {
+pub(crate) async fn reap_descendants(signals: &mut Signals, grace: Duration) {
     let mut stage = Stage::Wait;
     let mut stage_ends = Instant::now() + grace;
     let mut terminated: HashSet<Pid> = HashSet::new();

@@ -21,7 +21,7 @@ use crate::proto::admin as pb;
 
 /// Arguments of `tether task`.
 #[derive(Debug, Args)]
-pub struct TaskArgs {
+pub(crate) struct TaskArgs {
     #[command(subcommand)]
     command: TaskCommand,
 }
@@ -69,7 +69,7 @@ enum TaskCommand {
 
 /// Arguments of `tether task list`.
 #[derive(Debug, Args)]
-pub struct ListArgs {
+pub(crate) struct ListArgs {
     #[command(flatten)]
     common: AdminArgs,
 
@@ -80,7 +80,7 @@ pub struct ListArgs {
 
 /// A task id, and the admin socket flags.
 #[derive(Debug, Args)]
-pub struct IdArgs {
+pub(crate) struct IdArgs {
     #[command(flatten)]
     common: AdminArgs,
 
@@ -90,7 +90,7 @@ pub struct IdArgs {
 
 /// Why `task list|show|revoke` failed.
 #[derive(Debug, Error)]
-pub enum TaskCommandError {
+pub(crate) enum TaskCommandError {
     /// Reaching the agent failed, or the agent refused.
     #[error(transparent)]
     Client(#[from] AdminClientError),
@@ -107,7 +107,7 @@ pub enum TaskCommandError {
 
 impl TaskCommandError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Client(error) => error.exit_code(),
             Self::Stdout { .. } => 1,
@@ -122,7 +122,7 @@ impl TaskCommandError {
 }
 
 /// Runs `tether task ...`.
-pub fn run(args: &TaskArgs) -> ExitCode {
+pub(crate) fn run(args: &TaskArgs) -> ExitCode {
     let result = match &args.command {
         TaskCommand::Run(run) => return task_run::run(run),
         TaskCommand::List(list) => list_tasks(list),
@@ -144,7 +144,7 @@ fn list_tasks(args: &ListArgs) -> Result<(), TaskCommandError> {
     let report = TasksReport {
         tasks: tasks.into_iter().map(task_view).collect(),
     };
-    args.common.format().tasks(&report).map_err(stdout)
+    args.common.format().print(&report).map_err(stdout)
 }
 
 fn show_task(args: &IdArgs) -> Result<(), TaskCommandError> {
@@ -152,7 +152,7 @@ fn show_task(args: &IdArgs) -> Result<(), TaskCommandError> {
     let task = args.common.block_on(&ProcessEnv, |mut client| async move {
         Ok::<_, TaskCommandError>(client.get_task(id).await?)
     })?;
-    args.common.format().task(&task_view(task)).map_err(stdout)
+    args.common.format().print(&task_view(task)).map_err(stdout)
 }
 
 fn revoke_task(args: &IdArgs) -> Result<(), TaskCommandError> {
@@ -160,7 +160,7 @@ fn revoke_task(args: &IdArgs) -> Result<(), TaskCommandError> {
     let task = args.common.block_on(&ProcessEnv, |mut client| async move {
         Ok::<_, TaskCommandError>(client.revoke_task(id).await?)
     })?;
-    args.common.format().task(&task_view(task)).map_err(stdout)
+    args.common.format().print(&task_view(task)).map_err(stdout)
 }
 
 /// The agent's task, for printing.

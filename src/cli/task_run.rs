@@ -11,7 +11,7 @@
 //! the agent ends the task as "owner exited"), and end the task before
 //! cleaning up (its tokens die with the command, not with the stragglers).
 //! Process handling lives in [`super::subreaper`], the Task API client in
-//! [`super::task_client`].
+//! [`crate::client::task`].
 
 use std::ffi::OsString;
 use std::io;
@@ -30,20 +30,19 @@ use tonic::codec::Streaming;
 
 use super::api::write_atomically;
 use super::fail;
+use super::flags::SocketArgs;
 use super::subreaper::{self, CommandExit, Event, Signals};
-use super::task_client::{
-    SocketArgs, SvidChoice, TaskClient, TaskClientError, own_leaf_certificate,
-};
-use super::workload_client::{SPIFFE_ENDPOINT_SOCKET, WorkloadClientError};
+use crate::client::task::{SvidChoice, TaskClient, TaskClientError, own_leaf_certificate};
+use crate::client::workload::{SPIFFE_ENDPOINT_SOCKET, WorkloadClientError};
 use crate::config::ProcessEnv;
 use crate::proto::task as pb;
 
 /// The command's environment: its first token.
-pub const TETHER_TASK_TOKEN: &str = "TETHER_TASK_TOKEN";
+pub(crate) const TETHER_TASK_TOKEN: &str = "TETHER_TASK_TOKEN";
 /// The command's environment: the task's id.
-pub const TETHER_TASK_ID: &str = "TETHER_TASK_ID";
+pub(crate) const TETHER_TASK_ID: &str = "TETHER_TASK_ID";
 /// The command's environment: the `--token-file` path, when given.
-pub const TETHER_TASK_TOKEN_FILE: &str = "TETHER_TASK_TOKEN_FILE";
+pub(crate) const TETHER_TASK_TOKEN_FILE: &str = "TETHER_TASK_TOKEN_FILE";
 
 /// Exit status when the command could not be found (as a shell).
 const EXIT_NOT_FOUND: u8 = 127;
@@ -55,7 +54,7 @@ const RECONNECT_BACKOFF: (Duration, Duration) =
 
 /// Arguments of `tether task run`.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     #[command(flatten)]
     socket: SocketArgs,
 
@@ -96,7 +95,7 @@ pub struct RunArgs {
     /// How long the command has to exit after SIGTERM before SIGKILL when
     /// the task ends first; and, once the command has exited, how long
     /// what it left running has before SIGTERM, and again before SIGKILL.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = super::channel::parse_timeout)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = super::flags::parse_timeout)]
     grace: Duration,
 
     /// The command and its arguments, after `--`.
@@ -107,7 +106,7 @@ pub struct RunArgs {
 /// Why `task run` failed before or around the command (the command's own
 /// failures are its exit status).
 #[derive(Debug, Error)]
-pub enum RunError {
+pub(crate) enum RunError {
     /// prctl(PR_SET_CHILD_SUBREAPER) failed.
     #[error("cannot become a child subreaper: {source}")]
     Subreaper {
@@ -174,7 +173,7 @@ struct Begun {
 
 impl RunError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Client(error) => error.exit_code(),
             Self::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound => {
@@ -194,7 +193,7 @@ impl From<WorkloadClientError> for RunError {
 
 /// Runs `tether task run`: the command's exit status, 128 + its signal, 1
 /// when the task ended first, or this command's own failure.
-pub fn run(args: &RunArgs) -> ExitCode {
+pub(crate) fn run(args: &RunArgs) -> ExitCode {
     match execute(args) {
         Ok(code) => ExitCode::from(code),
         Err(error) => fail(error.exit_code(), error),

@@ -6,7 +6,7 @@
 //! `--token -`, bounded) and the presenter's certificate, and reads a
 //! token's `aud` unverified only to choose which of its own SVIDs to bind
 //! to. Rendering lives in [`super::output`]; the client in
-//! [`super::task_client`].
+//! [`crate::client::task`].
 
 use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
@@ -18,11 +18,10 @@ use thiserror::Error;
 
 use super::api::struct_to_json;
 use super::fail;
+use super::flags::SocketArgs;
 use super::output::{ExchangedToken, Format, TaskTokenValidation, Timestamp};
-use super::task_client::{
-    SocketArgs, SvidChoice, TaskClient, TaskClientError, own_leaf_certificate,
-};
-use super::workload_client::WorkloadClientError;
+use crate::client::task::{SvidChoice, TaskClient, TaskClientError, own_leaf_certificate};
+use crate::client::workload::WorkloadClientError;
 use crate::config::ProcessEnv;
 use crate::proto::task as pb;
 
@@ -34,7 +33,7 @@ const MAX_CERT_FILE_LEN: u64 = 1024 * 1024;
 
 /// Arguments of `tether token`.
 #[derive(Debug, Args)]
-pub struct TokenArgs {
+pub(crate) struct TokenArgs {
     #[command(flatten)]
     socket: SocketArgs,
 
@@ -119,7 +118,7 @@ struct ValidateArgs {
 
 /// Why a `token` command failed.
 #[derive(Debug, Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     /// Reaching the agent failed, the agent refused, or this process holds
     /// no SVID to bind to.
     #[error(transparent)]
@@ -183,7 +182,7 @@ struct Audience {
 
 impl TokenError {
     /// The exit status for this failure (see `cli` for the table).
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Client(error) => error.exit_code(),
             _ => 1,
@@ -204,7 +203,7 @@ impl From<WorkloadClientError> for TokenError {
 }
 
 /// Runs `tether token ...` on a current-thread runtime.
-pub fn run(args: &TokenArgs) -> ExitCode {
+pub(crate) fn run(args: &TokenArgs) -> ExitCode {
     match execute(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
@@ -257,7 +256,7 @@ fn execute(args: &TokenArgs) -> Result<(), TokenError> {
                 Ok::<_, TokenError>(client.exchange(request).await?)
             })?;
             format
-                .exchanged(&ExchangedToken {
+                .print(&ExchangedToken {
                     token: issued.token,
                     expires_at: Timestamp::from_unix_ms(issued.expires_at_ms),
                 })
@@ -278,7 +277,7 @@ fn execute(args: &TokenArgs) -> Result<(), TokenError> {
             // Scripts get the document either way; people get an invalid
             // token's reason on stderr only, as one line.
             if report.valid || format == Format::Json {
-                format.task_validation(&report).map_err(stdout)?;
+                format.print(&report).map_err(stdout)?;
             }
             match report.reason {
                 Some(reason) if !report.valid => Err(TokenError::Invalid { reason }),

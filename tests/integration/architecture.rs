@@ -115,8 +115,10 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("task_api", EDGE),
         // 4: config composes every domain's settings type
         ("config", CONFIG),
-        // 5: the composition root
+        // 5: the composition root, and beside it the client of the sockets
+        // (the wire protocol and the socket defaults, no service module)
         ("daemon", ROOT),
+        ("client", &["config", "proto", "trusted_fs"][..]),
         // 6: the command line
         (
             "cli",
@@ -124,6 +126,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             // evaluator offline.
             &[
                 "audit",
+                "client",
                 "config",
                 "daemon",
                 "policy",

@@ -8,9 +8,10 @@ use crate::common;
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
 
+use common::cli::{assert_exit, assert_fails, json, output, path_str, run, stderr, stdout, tether};
 use common::{PATIENCE, TestAgent, uid};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -65,7 +66,9 @@ impl FileAgent {
     /// `tether <args> --admin-socket <this agent's>`.
     async fn admin(&self, args: &[&str]) -> Output {
         let socket = self.admin_socket();
-        run(tether(args).args(["--admin-socket", &socket])).await
+        let mut command = tether(args);
+        command.args(["--admin-socket", &socket]);
+        output(command, None).await
     }
 
     /// `tether <args> --json --admin-socket ...`, exit 0, parsed.
@@ -78,20 +81,13 @@ impl FileAgent {
     /// `tether api fetch x509 --socket <this agent's>`.
     async fn fetch_x509(&self) -> Output {
         let socket = self.socket();
-        run(&mut tether(&[
-            "api", "fetch", "x509", "--json", "--socket", &socket,
-        ]))
-        .await
+        run(&["api", "fetch", "x509", "--json", "--socket", &socket]).await
     }
 
     async fn stop(self) {
         self.running.stop().await.unwrap();
         drop(self.dir);
     }
-}
-
-fn path_str(path: &Path) -> String {
-    path.to_str().unwrap().to_owned()
 }
 
 fn config_entry(path: &str, selector: &str) -> String {
@@ -102,70 +98,6 @@ fn config_entry(path: &str, selector: &str) -> String {
 
 fn me() -> String {
     format!("unix:uid:{}", uid())
-}
-
-/// The binary, with the socket environment cleared so that only what a
-/// test passes counts, and waiting for the agent as long as the test does.
-fn tether(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
-    command
-        .args(common::with_cli_timeout(args, PATIENCE))
-        .env_remove("SPIFFE_ENDPOINT_SOCKET")
-        .env_remove("TETHER_SOCKET_PATH")
-        .env_remove("TETHER_ADMIN_SOCKET")
-        .stdin(Stdio::null());
-    command
-}
-
-/// Runs `command` off the runtime (the agent is served on it).
-async fn run(command: &mut Command) -> Output {
-    let mut command = std::mem::replace(command, Command::new("true"));
-    let child = tokio::task::spawn_blocking(move || {
-        command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap()
-    });
-    tokio::time::timeout(PATIENCE, child)
-        .await
-        .expect("the CLI finishes")
-        .unwrap()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-#[track_caller]
-fn assert_exit(out: &Output, code: i32) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "stdout:\n{}\nstderr:\n{}",
-        stdout(out),
-        stderr(out)
-    );
-}
-
-/// Exit `code` with a one-line error on stderr containing `want`.
-#[track_caller]
-fn assert_fails(out: &Output, code: i32, want: &str) {
-    assert_exit(out, code);
-    let message = stderr(out);
-    assert!(message.starts_with("tether: error: "), "{message}");
-    assert_eq!(message.lines().count(), 1, "{message}");
-    assert!(message.contains(want), "wanted {want:?} in: {message}");
-    assert!(stdout(out).is_empty(), "{}", stdout(out));
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", stdout(out)))
 }
 
 fn spiffe_ids(fetched: &Value) -> Vec<String> {
@@ -533,7 +465,7 @@ async fn bad_input_names_the_field_and_bad_flags_are_usage_errors() {
     assert_fails(&out, 1, "id");
     // The workload socket is not the admin socket.
     let socket = agent.socket();
-    let out = run(&mut tether(&["entry", "list", "--admin-socket", &socket])).await;
+    let out = run(&["entry", "list", "--admin-socket", &socket]).await;
     assert_fails(&out, 1, "does not serve the admin API");
 
     // clap's own: no selector, a bad duration, an unknown flag.
@@ -567,20 +499,20 @@ async fn healthcheck_exits_69_naming_a_dead_socket() {
         &["entry", "list", "--admin-socket", &dead],
         &["reload", "--admin-socket", &dead, "--json"],
     ] {
-        let out = run(&mut tether(args)).await;
+        let out = run(args).await;
         assert_fails(&out, 69, &dead);
         assert!(stderr(&out).contains("tether run"), "{}", stderr(&out));
     }
     // TETHER_ADMIN_SOCKET is read when the flag is absent.
     let mut command = tether(&["healthcheck"]);
     command.env("TETHER_ADMIN_SOCKET", &dead);
-    assert_fails(&run(&mut command).await, 69, &dead);
+    assert_fails(&output(command, None).await, 69, &dead);
 
     // A live agent, for contrast, through the variable.
     let agent = TestAgent::start("").await;
     let mut command = tether(&["healthcheck"]);
     command.env("TETHER_ADMIN_SOCKET", agent.running().admin_socket_path());
-    let out = run(&mut command).await;
+    let out = output(command, None).await;
     if uid() == 0 {
         assert_exit(&out, 0);
         assert!(stdout(&out).starts_with("serving: trust domain example.org"));
@@ -607,7 +539,7 @@ async fn other_uids_are_refused_by_the_agent_or_by_the_socket() {
     ] {
         let mut command = tether(args);
         command.uid(65534).gid(65534);
-        let out = run(&mut command).await;
+        let out = output(command, None).await;
         assert_fails(&out, 77, "uid 65534 is not allowed");
     }
     agent.stop().await;
@@ -619,7 +551,7 @@ async fn other_uids_are_refused_by_the_agent_or_by_the_socket() {
     let admin_socket = path_str(agent.running().admin_socket_path());
     let mut command = tether(&["svid", "list", "--admin-socket", &admin_socket]);
     command.uid(65534).gid(65534);
-    let out = run(&mut command).await;
+    let out = output(command, None).await;
     assert_fails(&out, 69, "admin_uids");
     assert!(stderr(&out).contains(&admin_socket), "{}", stderr(&out));
     agent.stop().await;

@@ -4,21 +4,19 @@
 
 use crate::common;
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::Stdio;
 
 use base64::Engine as _;
+use common::PATIENCE;
+use common::cli::{assert_exit, json, output, run, stderr, stdout, tether};
 use tempfile::TempDir;
 use tether::config::{Config, MapEnv};
 use tether::daemon::{self, Running};
 use x509_parser::prelude::*;
-
-/// Failure guard for one CLI run; never a performance assertion.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 struct Agent {
     running: Running,
@@ -65,74 +63,6 @@ fn entry(path: &str, uid: u32, extra: &str) -> String {
 
 fn my_uid() -> u32 {
     nix::unistd::geteuid().as_raw()
-}
-
-/// The binary, with the socket environment cleared so that only what a
-/// test passes counts, and waiting for the agent as long as the test does.
-fn tether(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
-    command
-        .args(common::with_cli_timeout(args, PATIENCE))
-        .env_remove("SPIFFE_ENDPOINT_SOCKET")
-        .env_remove("TETHER_SOCKET_PATH")
-        .stdin(Stdio::null());
-    command
-}
-
-/// Runs `command` off the runtime (the agent is served on it), feeding
-/// `stdin` if given.
-async fn output(mut command: Command, stdin: Option<String>) -> Output {
-    let run = tokio::task::spawn_blocking(move || {
-        if stdin.is_some() {
-            command.stdin(Stdio::piped());
-        }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(text) = stdin {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-        }
-        child.wait_with_output().unwrap()
-    });
-    tokio::time::timeout(PATIENCE, run)
-        .await
-        .expect("the CLI finishes")
-        .unwrap()
-}
-
-async fn run(args: &[&str]) -> Output {
-    output(tether(args), None).await
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-#[track_caller]
-fn assert_exit(out: &Output, code: i32) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "stdout:\n{}\nstderr:\n{}",
-        stdout(out),
-        stderr(out)
-    );
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", stdout(out)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,11 +7,13 @@
 
 use crate::common;
 
-use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
+use common::cli::{
+    assert_exit, assert_fails, finish, json, output, path_str, run, stderr, stdout, tether,
+};
 use common::{PATIENCE, TestAgent, entry_for_me, eventually};
 use nix::errno::Errno;
 use nix::sys::signal::kill;
@@ -34,29 +36,11 @@ async fn agent() -> TestAgent {
 }
 
 fn socket(agent: &TestAgent) -> String {
-    agent.socket.to_str().unwrap().to_owned()
+    path_str(&agent.socket)
 }
 
 fn admin_socket(agent: &TestAgent) -> String {
-    agent
-        .running()
-        .admin_socket_path()
-        .to_str()
-        .unwrap()
-        .to_owned()
-}
-
-/// The binary, with the socket environment cleared so that only what a
-/// test passes counts, and waiting for the agent as long as the test does.
-fn tether(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
-    command
-        .args(common::with_cli_timeout(args, PATIENCE))
-        .env_remove("SPIFFE_ENDPOINT_SOCKET")
-        .env_remove("TETHER_SOCKET_PATH")
-        .env_remove("TETHER_ADMIN_SOCKET")
-        .stdin(Stdio::null());
-    command
+    path_str(agent.running().admin_socket_path())
 }
 
 /// `tether task run` on this agent for JIRA, with `flags`, then `-- sh -c
@@ -79,81 +63,6 @@ fn task_run(agent: &TestAgent, flags: &[&str], script: &str) -> Command {
     ]);
     command.args(flags).args(["--", "sh", "-c", script]);
     command
-}
-
-/// Runs `command` off the runtime (the agent is served on it), feeding
-/// `stdin` if given.
-async fn output(mut command: Command, stdin: Option<String>) -> Output {
-    let run = tokio::task::spawn_blocking(move || {
-        if stdin.is_some() {
-            command.stdin(Stdio::piped());
-        }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(text) = stdin {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-        }
-        child.wait_with_output().unwrap()
-    });
-    tokio::time::timeout(PATIENCE, run)
-        .await
-        .expect("the CLI finishes")
-        .unwrap()
-}
-
-async fn run(args: &[&str]) -> Output {
-    output(tether(args), None).await
-}
-
-/// Waits for a spawned runner off the runtime.
-async fn finish(child: Child) -> Output {
-    let wait = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
-    tokio::time::timeout(PATIENCE, wait)
-        .await
-        .expect("the runner finishes")
-        .unwrap()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-#[track_caller]
-fn assert_exit(out: &Output, code: i32) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "stdout:\n{}\nstderr:\n{}",
-        stdout(out),
-        stderr(out)
-    );
-}
-
-/// Exit `code` with a one-line error on stderr containing `want`.
-#[track_caller]
-fn assert_fails(out: &Output, code: i32, want: &str) {
-    assert_exit(out, code);
-    let message = stderr(out);
-    assert!(message.starts_with("tether: error: "), "{message}");
-    assert_eq!(message.lines().count(), 1, "{message}");
-    assert!(message.contains(want), "wanted {want:?} in: {message}");
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", stdout(out)))
 }
 
 /// The pid a script wrote to `path`, once it has.

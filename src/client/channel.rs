@@ -1,10 +1,10 @@
-//! What both of the CLI's gRPC clients share: a tonic `Channel` over a Unix
-//! socket dialled under a timeout, calls bounded by the same timeout, and
-//! the one reading of a gRPC status as an exit status and a message.
+//! What every client of tether's sockets shares: a tonic `Channel` over a
+//! Unix socket dialled under a timeout, calls bounded by the same timeout,
+//! and the one reading of a gRPC status as an exit status and a message.
 //!
-//! Each client ([`super::workload_client`], [`super::admin_client`]) keeps
-//! its own error type, because what to suggest when the agent cannot be
-//! reached differs; this module only reports what happened.
+//! Each client ([`super::workload`], [`super::task`], the CLI's admin
+//! client) keeps its own error type, because what to suggest when the
+//! agent cannot be reached differs; this module only reports what happened.
 
 use std::path::Path;
 use std::time::Duration;
@@ -91,8 +91,8 @@ pub async fn bounded<T>(
     }
 }
 
-/// The exit status for a status the agent answered with (see `cli` for the
-/// table).
+/// The exit status for a status the agent answered with (see [`super`] for
+/// the table).
 pub fn status_exit_code(code: Code) -> u8 {
     match code {
         Code::PermissionDenied | Code::Unauthenticated => EXIT_NOPERM,
@@ -152,15 +152,6 @@ pub fn io_cause<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e 
     None
 }
 
-/// Parses `--timeout`: a humantime duration greater than zero.
-pub fn parse_timeout(value: &str) -> Result<Duration, String> {
-    let timeout = humantime::parse_duration(value).map_err(|e| e.to_string())?;
-    if timeout.is_zero() {
-        return Err("must be greater than zero".to_owned());
-    }
-    Ok(timeout)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,12 +186,5 @@ mod tests {
         assert!(root_cause(&error).contains("No such file"), "{error}");
         let io = io_cause(&error).expect("an I/O cause");
         assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
-    }
-
-    #[test]
-    fn timeouts_must_be_positive_durations() {
-        assert_eq!(parse_timeout("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_timeout("0s").is_err());
-        assert!(parse_timeout("soon").is_err());
     }
 }

@@ -1,17 +1,18 @@
-//! The CLI's Task API client: the Task API is served on the workload
-//! socket, so this is the workload client's sibling. The same socket
-//! flags, the same `workload.spiffe.io: true` header, the same errors and
-//! exit codes ([`WorkloadClientError`]); and the one helper both `task run
-//! --bind` and `token exchange --bind` need: this process's own
-//! X.509-SVID leaf, to bind tokens to.
+//! The Task API client: the Task API is served on the workload socket, so
+//! this is the workload client's sibling. The same socket resolution
+//! ([`super::workload::resolve_socket`]), the same `workload.spiffe.io:
+//! true` header, the same errors and exit codes ([`WorkloadClientError`]);
+//! and the one helper that binding tokens needs (`task run --bind`, `token
+//! exchange --bind`, the MCP examples): this process's own X.509-SVID
+//! leaf.
 //!
-//! Invariant: every wait is bounded by `--timeout`, except the messages of
-//! a WatchTask stream after it opened (tokens come when they come).
+//! Invariant: every wait is bounded by the caller's timeout, except the
+//! messages of a WatchTask stream after it opened (tokens come when they
+//! come).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Args;
 use thiserror::Error;
 use tonic::Status;
 use tonic::codec::Streaming;
@@ -19,37 +20,11 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use zeroize::Zeroize as _;
 
-use super::channel::{self, CallError, DialError, MAX_MESSAGE_LEN, parse_timeout};
-use super::workload_client::{
-    SecurityHeader, SocketError, WorkloadClient, WorkloadClientError, resolve_socket,
-};
+use super::channel::{self, CallError, DialError, MAX_MESSAGE_LEN};
+use super::workload::{SecurityHeader, SocketError, WorkloadClient, WorkloadClientError};
 use super::{EXIT_NOPERM, EXIT_UNAVAILABLE, EXIT_USAGE};
-use crate::config::EnvSource;
 use crate::proto::task::{self as pb, tasks_client::TasksClient};
 use crate::proto::workload::X509svid;
-
-/// Where the workload socket is and how long to wait: the flags of `task
-/// run` and `token ...`, as `tether api` spells them.
-#[derive(Debug, Args)]
-pub struct SocketArgs {
-    /// The Workload API socket: a path, or a URI (unix:///abs/path or
-    /// unix:/abs/path). Without it: $SPIFFE_ENDPOINT_SOCKET (a unix: URI),
-    /// then $TETHER_SOCKET_PATH, then the agent's default for this user
-    /// (/run/tether/agent.sock for root).
-    #[arg(long, global = true, value_name = "PATH")]
-    socket: Option<String>,
-
-    /// How long to wait for the connection and for each answer (humantime:
-    /// 500ms, 5s, 1m).
-    #[arg(
-        long,
-        global = true,
-        value_name = "DURATION",
-        default_value = "5s",
-        value_parser = parse_timeout
-    )]
-    timeout: Duration,
-}
 
 /// Talking to the Task API failed, or the agent's answer is unusable.
 #[derive(Debug, Error)]
@@ -96,24 +71,10 @@ pub struct TaskClient {
     timeout: Duration,
 }
 
-// === impl SocketArgs ===
-
-impl SocketArgs {
-    /// The socket to dial (flag, environment, default).
-    pub fn socket(&self, env: &dyn EnvSource) -> Result<PathBuf, SocketError> {
-        resolve_socket(self.socket.as_deref(), env)
-    }
-
-    /// `--timeout`.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-}
-
 // === impl TaskClientError ===
 
 impl TaskClientError {
-    /// The exit status for this failure (see `cli` for the table).
+    /// The exit status for this failure (see [`crate::client`] for the table).
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Socket(SocketError::Untrusted(_)) => EXIT_NOPERM,

@@ -1,4 +1,4 @@
-//! The CLI's Workload API client: which socket to dial, a tonic `Channel`
+//! The Workload API client: which socket to dial, a tonic `Channel`
 //! over it, the `workload.spiffe.io: true` header on every call, and the
 //! one mapping from what went wrong to an exit status.
 //!
@@ -147,7 +147,7 @@ impl SocketError {
 // === impl WorkloadClientError ===
 
 impl WorkloadClientError {
-    /// The exit status for this failure (see `cli` for the table).
+    /// The exit status for this failure (see [`crate::client`] for the table).
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Connect { .. } | Self::Timeout { .. } => EXIT_UNAVAILABLE,
@@ -405,7 +405,7 @@ fn scheme(value: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::EXIT_NOPERM;
+    use crate::client::EXIT_NOPERM;
     use crate::config::MapEnv;
 
     fn env(vars: &[(&str, &str)], euid: u32) -> MapEnv {
