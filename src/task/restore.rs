@@ -84,8 +84,9 @@ impl Task {
 impl Tasks {
     /// Loads the tasks a previous run left whose deadline is still ahead
     /// (blocking). Ended ones stay ended; active ones whose owner is gone
-    /// (or whose deadline passed meanwhile) are ended now; the others are
-    /// watched again. Returns how many are watched.
+    /// are ended now; the others are watched again (a task whose deadline
+    /// passed while the agent was down is not loaded: its tokens have all
+    /// expired). Returns how many are watched.
     pub fn restore(&self) -> Result<usize, TaskError> {
         let now = SystemTime::now();
         let rows = self.inner.store.tasks_until(now)?;
@@ -99,20 +100,21 @@ impl Tasks {
             };
             let task = Arc::new(task);
             if task.ended().is_none() {
-                let reason = if task.deadline <= now {
-                    Some(EndReason::Deadline)
-                } else {
-                    match Caller::reattach(task.owner.pid, task.owner.uid, 0, task.owner.start_time)
-                    {
-                        Ok(caller) => {
-                            watched += 1;
-                            self.active().activate(&task, false);
-                            metrics().tasks_active.inc();
-                            let _ = self.inner.owners.send((Arc::clone(&task), caller));
-                            None
-                        }
-                        Err(_) => Some(EndReason::OwnerExited),
+                // The store returned only tasks whose deadline is ahead.
+                let reason = match Caller::reattach(
+                    task.owner.pid,
+                    task.owner.uid,
+                    0,
+                    task.owner.start_time,
+                ) {
+                    Ok(caller) => {
+                        watched += 1;
+                        self.active().activate(&task, false);
+                        metrics().tasks_active.inc();
+                        let _ = self.inner.owners.send((Arc::clone(&task), caller));
+                        None
                     }
+                    Err(_) => Some(EndReason::OwnerExited),
                 };
                 if let Some(reason) = reason {
                     task.state().ended = Some((reason, now));
