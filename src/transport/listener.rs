@@ -29,7 +29,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
-use super::authority::AuthorityFix;
+use super::h2_authority::AuthorityFix;
 use super::idle::Activity;
 use super::slots::{ProcessSlots, Slot};
 use crate::attestation::{AttestationError, Caller, ProcessKey};
