@@ -326,9 +326,9 @@ impl Attestor {
         }
     }
 
-    /// The caller's ancestors (parent first) as (pid, start time): kernel
-    /// facts a task scope is recognised by. Blocking reads, off the runtime.
-    pub async fn lineage(&self, caller: &Caller) -> Vec<(i32, u64)> {
+    /// The caller's ancestors (parent first): kernel facts a task scope is
+    /// recognised by. Blocking reads, off the runtime.
+    pub async fn lineage(&self, caller: &Caller) -> Vec<ProcessKey> {
         let proc_root = Arc::clone(&self.proc_root);
         let pid = caller.pid();
         tokio::task::spawn_blocking(move || procfs::read_lineage(&proc_root, pid, MAX_LINEAGE))

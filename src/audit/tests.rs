@@ -99,7 +99,7 @@ fn event(i: usize) -> AuditEvent {
         reason: Some(format!("reason {i}")),
         policy_ids: vec!["p0".into()],
         token_id: Some(format!("jti-{i}")),
-        ..AuditEvent::new(EventKind::IssueJwt, Decision::Allow)
+        ..AuditEvent::new(EventKind::IssueJwt, Outcome::Allow)
     }
 }
 
@@ -371,7 +371,7 @@ async fn a_torn_last_line_is_cut_and_recorded() {
     let recovered = &records[3];
     assert_eq!(recovered.seq, 4);
     assert_eq!(recovered.event.event, EventKind::AuditRecovered);
-    assert_eq!(recovered.event.decision, Decision::Info);
+    assert_eq!(recovered.event.decision, Outcome::Info);
     let reason = recovered.event.reason.as_deref().unwrap();
     assert!(
         reason.contains(&format!("{}:4", path.display())) && reason.contains("cut"),
@@ -597,7 +597,7 @@ async fn a_cut_tail_stays_visible_after_a_restart() {
     let reason = recovered.event.reason.as_deref().unwrap();
     assert!(reason.contains("records 8 to 10 are missing"), "{reason}");
     // Damage, not a crash's leftovers: a denial.
-    assert_eq!(recovered.event.decision, Decision::Deny);
+    assert_eq!(recovered.event.decision, Outcome::Deny);
     assert_eq!(records[8].seq, 12);
     assert_eq!(&lines_of(&path)[..7], &lines[..], "nothing rewritten");
 
@@ -815,7 +815,7 @@ async fn long_fields_are_cut_to_fit_a_line() {
     let long = AuditEvent {
         intent: Some("x".repeat(300_000)),
         reason: Some("denied".into()),
-        ..AuditEvent::new(EventKind::TaskBegin, Decision::Deny)
+        ..AuditEvent::new(EventKind::TaskBegin, Outcome::Deny)
     };
     running.log.record(long).unwrap();
     running.flush().await;
@@ -978,7 +978,7 @@ async fn identical_denials_are_one_record_and_then_one_count() {
         pid: Some(7),
         audience: Some("api".into()),
         reason: Some("token expired".into()),
-        ..AuditEvent::new(EventKind::Validate, Decision::Deny)
+        ..AuditEvent::new(EventKind::Validate, Outcome::Deny)
     };
     for _ in 0..50 {
         running.log.record(denial.clone()).unwrap();
@@ -990,7 +990,7 @@ async fn identical_denials_are_one_record_and_then_one_count() {
     tokio::time::sleep(repeats::INTERVAL + Duration::from_millis(100)).await;
     running
         .log
-        .record(AuditEvent::new(EventKind::Validate, Decision::Allow))
+        .record(AuditEvent::new(EventKind::Validate, Outcome::Allow))
         .unwrap();
     running.flush().await;
     let records = read(&dir, &ReadFilter::default()).unwrap();
@@ -1003,7 +1003,7 @@ async fn identical_denials_are_one_record_and_then_one_count() {
             ..denial
         }
     );
-    assert_eq!(records[2].event.decision, Decision::Allow);
+    assert_eq!(records[2].event.decision, Outcome::Allow);
     assert!(verify(&dir).is_ok());
     running.stop().await;
 }
@@ -1016,7 +1016,7 @@ async fn counts_still_being_made_are_recorded_when_the_agent_stops() {
     let denial = AuditEvent {
         pid: Some(7),
         reason: Some("no".into()),
-        ..AuditEvent::new(EventKind::Validate, Decision::Deny)
+        ..AuditEvent::new(EventKind::Validate, Outcome::Deny)
     };
     for _ in 0..5 {
         running.log.record(denial.clone()).unwrap();

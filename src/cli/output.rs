@@ -1432,7 +1432,7 @@ mod tests {
 
     #[test]
     fn audit_records_are_one_readable_line() {
-        use crate::audit::{AuditEvent, Decision, EventKind};
+        use crate::audit::{AuditEvent, EventKind, Outcome};
         let event = AuditEvent {
             spiffe_id: Some("spiffe://example.org/agent".into()),
             pid: Some(42),
@@ -1441,7 +1441,7 @@ mod tests {
             tools: vec!["jira.search".into(), "jira.read".into()],
             policy_ids: vec!["p0".into()],
             reason: Some("tool \"x\"\n\u{1b}[2J".into()),
-            ..AuditEvent::new(EventKind::Deny, Decision::Deny)
+            ..AuditEvent::new(EventKind::Deny, Outcome::Deny)
         };
         let record = AuditRecord {
             seq: 7,

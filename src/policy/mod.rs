@@ -240,7 +240,9 @@ pub struct PolicyRequest<'a> {
 }
 
 /// The answer, with the policies that gave it (for errors and the audit
-/// trail).
+/// trail). The edges record it as an `audit::Outcome` (allow or deny,
+/// with these policy ids and reason in the record's fields): the audit
+/// trail is a leaf and knows nothing of policies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Permitted by these policies (none without a policy directory).

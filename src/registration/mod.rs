@@ -32,7 +32,7 @@ use std::time::SystemTime;
 use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
-use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, Decision as AuditDecision, EventKind};
+use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, EventKind, Outcome};
 use crate::store::{Store, StoreError};
 pub use entry::{EntryError, EntryId, EntrySource, EntrySpec, RegistrationEntry};
 pub use selector::{Selector, SelectorSet, SelectorType};
@@ -437,7 +437,7 @@ impl Registry {
                     .collect::<Vec<_>>()
                     .join(" ")
             )),
-            ..AuditEvent::new(EventKind::EntryChange, AuditDecision::Info)
+            ..AuditEvent::new(EventKind::EntryChange, Outcome::Info)
         })?;
         Ok(())
     }

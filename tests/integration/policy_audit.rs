@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{PATIENCE, TestAgent, admin_client, claims_of, entry_for_me, uid};
-use tether::audit::{AuditRecord, Decision, EventKind, ReadFilter};
+use tether::audit::{AuditRecord, EventKind, Outcome, ReadFilter};
 use tether::proto::admin as admin_pb;
 use tether::proto::task as pb;
 use tether::proto::workload as wl;
@@ -130,7 +130,7 @@ async fn a_policy_forbidding_a_tool_denies_begin_task_naming_it_and_audits_both_
         .iter()
         .find(|r| r.event.event == EventKind::Deny)
         .expect("a deny record");
-    assert_eq!(deny.event.decision, Decision::Deny);
+    assert_eq!(deny.event.decision, Outcome::Deny);
     assert_eq!(deny.event.policy_ids, ["no-shell"]);
     assert_eq!(deny.event.spiffe_id.as_deref(), Some(AGENT));
     assert_eq!(
@@ -158,7 +158,7 @@ async fn a_policy_forbidding_a_tool_denies_begin_task_naming_it_and_audits_both_
         .iter()
         .find(|r| r.event.event == EventKind::TaskBegin)
         .expect("a task-begin record");
-    assert_eq!(allowed.event.decision, Decision::Allow);
+    assert_eq!(allowed.event.decision, Outcome::Allow);
     assert_eq!(allowed.event.policy_ids, ["allow-all"]);
     assert_eq!(
         allowed.event.task_id.as_deref(),
@@ -258,7 +258,7 @@ async fn a_policy_file_change_applies_without_a_restart_and_a_broken_one_changes
     let refused = eventually!(
         "the broken set is refused",
         records(&agent).await.into_iter().find(|r| {
-            r.event.event == EventKind::PolicyReload && r.event.decision == Decision::Deny
+            r.event.event == EventKind::PolicyReload && r.event.decision == Outcome::Deny
         })
     );
     let reason = refused.event.reason.unwrap();
