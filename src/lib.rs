@@ -31,6 +31,7 @@
 //! - [`config`]: the TOML file, composed from each domain's settings type.
 //! - [`daemon`]: the composition root; spawns every long-lived job.
 //! - [`cli`]: the `tether` command line.
+//! - `testing` (unit tests only): helpers any module's tests may use.
 //!
 //! # Invariants
 //!
@@ -70,3 +71,6 @@ pub mod workload_api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+
+#[cfg(test)]
+mod testing;

@@ -128,13 +128,10 @@ async fn a_caller_that_execs_after_connecting_is_refused() {
         }
         peer.say("exec now");
         let exe = PathBuf::from(format!("/proc/{}/exe", peer.pid()));
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while !std::fs::read_link(&exe).is_ok_and(|p| p.ends_with("sleep")) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        crate::testing::eventually("the peer to exec sleep", || {
+            std::fs::read_link(&exe).is_ok_and(|p| p.ends_with("sleep"))
         })
-        .await
-        .expect("the peer never exec'd");
+        .await;
         let err = attestor.attest(&caller).await.unwrap_err();
         assert!(
             matches!(err, AttestationError::ExecutableChanged { pid } if pid == peer.pid()),

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::testing::eventually;
 
 /// Longest any wait may take before the test fails instead of hanging.
 const GUARD: Duration = Duration::from_secs(60);
@@ -61,16 +62,6 @@ async fn guarded<F: Future>(future: F) -> F::Output {
     tokio::time::timeout(GUARD, future)
         .await
         .expect("timed out (guard)")
-}
-
-/// Polls until `condition` holds (the guard fails the test otherwise).
-async fn until(mut condition: impl FnMut() -> bool) {
-    guarded(async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
 }
 
 fn config() -> AuditConfig {
@@ -679,7 +670,10 @@ async fn a_writer_that_cannot_sync_head_fails_closed_then_recovers() {
     let blocker = dir.join(files::HEAD_TMP_FILE);
     fs::create_dir(&blocker).unwrap();
     running.log.record(event(1)).unwrap();
-    until(|| running.log.problem().is_some()).await;
+    eventually("the writer to report a problem", || {
+        running.log.problem().is_some()
+    })
+    .await;
     let problem = running.log.problem().unwrap();
     assert!(
         problem.contains(&blocker.display().to_string()) && problem.contains("retrying"),
@@ -693,7 +687,7 @@ async fn a_writer_that_cannot_sync_head_fails_closed_then_recovers() {
     }
 
     fs::remove_dir(&blocker).unwrap();
-    until(|| running.log.problem().is_none()).await;
+    eventually("the writer to recover", || running.log.problem().is_none()).await;
     running.log.record(event(3)).unwrap();
     running.flush().await;
     running.stop().await;
@@ -725,10 +719,16 @@ async fn a_writer_that_cannot_create_a_file_fails_closed_then_recovers() {
             Err(_) => break,
         }
         if queued > 200 {
-            until(|| running.log.problem().is_some()).await;
+            eventually("the writer to report a problem", || {
+                running.log.problem().is_some()
+            })
+            .await;
         }
     }
-    until(|| running.log.problem().is_some()).await;
+    eventually("the writer to report a problem", || {
+        running.log.problem().is_some()
+    })
+    .await;
     let problem = running.log.problem().unwrap();
     assert!(
         problem.contains(&blocker.display().to_string()),
@@ -737,7 +737,7 @@ async fn a_writer_that_cannot_create_a_file_fails_closed_then_recovers() {
     assert!(running.log.record(event(999)).is_err());
 
     fs::remove_dir(&blocker).unwrap();
-    until(|| running.log.problem().is_none()).await;
+    eventually("the writer to recover", || running.log.problem().is_none()).await;
     running.flush().await;
     running.stop().await;
 

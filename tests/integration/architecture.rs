@@ -67,6 +67,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     BTreeMap::from([
         // 0: leaves; what keeps state on disk trusts only trusted_fs's paths
         ("trusted_fs", &[][..]),
+        // Unit-test helpers (`cfg(test)` only): see TEST_SUPPORT.
+        ("testing", &[][..]),
         ("proto", &[][..]),
         ("telemetry", &[][..]),
         ("bundle", &[][..]),
@@ -143,6 +145,10 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ),
     ])
 }
+
+/// Modules any module may name: compiled only for unit tests, they are no
+/// part of the layering the agent runs with.
+const TEST_SUPPORT: &[&str] = &["testing"];
 
 /// The Workload API may not name the authority (it reaches keys only
 /// through `svid`); checked separately so the edge table can be shared.
@@ -377,7 +383,10 @@ fn violations_in(
         .into_iter()
         .filter(|name| {
             let forbidden = !allowed.contains(&name.as_str()) || denied.contains(&name.as_str());
-            name != owner && forbidden && table.contains_key(name.as_str())
+            name != owner
+                && forbidden
+                && table.contains_key(name.as_str())
+                && !TEST_SUPPORT.contains(&name.as_str())
         })
         .map(|name| format!("{owner} may not use crate::{name}"))
         .collect()

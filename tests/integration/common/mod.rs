@@ -1,7 +1,10 @@
 //! Shared test harness: a real agent on a temporary socket and data dir,
 //! driven through real clients (the `spiffe` crate, tether's own gRPC stubs).
 
+pub mod eventually;
 pub mod kubelet;
+
+pub use eventually::{eventually, eventually_blocking};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -150,18 +153,6 @@ pub async fn raw_client(socket: &Path, with_header: bool) -> RawClient {
     SpiffeWorkloadApiClient::with_interceptor(uds_channel(socket).await, header)
 }
 
-/// Polls `check` until it holds, failing after [`PATIENCE`].
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `tether` CLI arguments with the CLI's `--timeout` (how long it waits for
 /// the agent, 5s by default) set to `timeout`, unless `args` set their own:
 /// in these tests it is a failure guard, never what is tested. It goes
@@ -201,7 +192,7 @@ pub fn handles_signal(pid: u32, signal: nix::sys::signal::Signal) -> bool {
 /// Waits until process `pid` handles `signal` (see [`handles_signal`]),
 /// failing after [`PATIENCE`].
 pub async fn until_handling(pid: u32, signal: nix::sys::signal::Signal) {
-    eventually(&format!("process {pid} to handle {signal}"), || {
+    eventually(format!("process {pid} to handle {signal}"), async || {
         handles_signal(pid, signal)
     })
     .await;
