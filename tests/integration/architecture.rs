@@ -243,10 +243,10 @@ impl Paths {
     }
 
     fn record(&mut self, segments: &[String]) {
-        if let Some(path) = self.resolve(segments) {
-            if !path.is_empty() {
-                self.found.push(path);
-            }
+        if let Some(path) = self.resolve(segments)
+            && !path.is_empty()
+        {
+            self.found.push(path);
         }
     }
 
@@ -321,10 +321,7 @@ impl Paths {
 /// they end.
 fn path_from(first: String, mut cursor: Cursor<'_>) -> (Vec<String>, Cursor<'_>) {
     let mut segments = vec![first];
-    loop {
-        let Some((a, after_a)) = cursor.punct() else {
-            break;
-        };
+    while let Some((a, after_a)) = cursor.punct() {
         let Some((b, after_b)) = after_a.punct() else {
             break;
         };
