@@ -2,6 +2,10 @@
 //! and [`AuditRecord`] (an event as read back, with its place in the
 //! chain).
 //!
+//! A record's `decision` field is an [`Outcome`] (allow, deny, or info for
+//! what decides nothing), not the policy engine's `policy::Decision`: this
+//! module is a leaf, and records refusals that no policy made.
+//!
 //! An event never carries a token or a key: `token_id` is a `jti` or a
 //! certificate serial. Events are bounded here, on the caller's thread:
 //! [`AuditEvent::to_body`] cuts the longest text fields (with a marker

@@ -167,7 +167,11 @@ pub enum EndReason {
     Revoked,
 }
 
-/// The process that owns a task.
+/// The process that owns a task: the one model of a task's owner. The
+/// store keeps it as flat `owner_*` columns of a `store::TaskRow` (the
+/// store is a leaf and holds no domain types; `restore` converts both
+/// ways), the Admin API shows its pid and uid, and the active-task index
+/// keys it by its [`ProcessKey`] alone.
 #[derive(Debug, Clone)]
 pub struct Owner {
     /// The process, for good (pid and start time).
