@@ -20,21 +20,23 @@
 //! with ten entries or ten thousand.
 
 pub mod entry;
+mod entry_set;
 mod matcher;
 mod persist;
 pub mod selector;
 pub mod template;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
-use spiffe::{SpiffeId, TrustDomain};
+use spiffe::TrustDomain;
 use tokio::sync::watch;
 
 use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, EventKind, Outcome};
 use crate::store::{Store, StoreError};
 pub use entry::{EntryError, EntryId, EntrySource, EntrySpec, RegistrationEntry};
+pub use entry_set::{EntrySet, Match};
 pub use selector::{Selector, SelectorSet, SelectorType};
 pub use template::IdTemplate;
 
@@ -113,27 +115,6 @@ impl Change {
     }
 }
 
-/// One identity a caller gets: the entry and the SPIFFE ID it resolves to
-/// for this caller.
-#[derive(Debug, Clone)]
-pub struct Match {
-    /// The entry.
-    pub entry: Arc<RegistrationEntry>,
-    /// Its ID for this caller (a template filled in, or the fixed ID).
-    pub spiffe_id: SpiffeId,
-}
-
-/// An immutable set of entries: config-file entries in file order, then
-/// API entries by creation. The first entry a caller matches is its
-/// default identity.
-#[derive(Debug, Default)]
-pub struct EntrySet {
-    entries: Vec<Arc<RegistrationEntry>>,
-    /// Built from `entries` with the set, never changed after.
-    index: matcher::EntryIndex,
-    revision: u64,
-}
-
 /// The current registration entries, shared by every reader.
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -149,116 +130,6 @@ struct Inner {
     federations: Mutex<BTreeSet<TrustDomain>>,
     /// Serialises writers: persist, then publish, in one order.
     writes: tokio::sync::Mutex<()>,
-}
-
-// === impl EntrySet ===
-
-impl EntrySet {
-    /// The set of `entries`, in this order, at `revision`; indexes them.
-    fn new(entries: Vec<Arc<RegistrationEntry>>, revision: u64) -> Self {
-        Self {
-            index: matcher::EntryIndex::new(&entries),
-            entries,
-            revision,
-        }
-    }
-
-    /// Every entry, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<RegistrationEntry>> {
-        self.entries.iter()
-    }
-
-    /// How many entries there are.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// True when there are no entries.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Bumped on every change.
-    pub fn revision(&self) -> u64 {
-        self.revision
-    }
-
-    /// The entry with this id, if it still exists.
-    pub fn get(&self, id: &EntryId) -> Option<&Arc<RegistrationEntry>> {
-        self.entries.get(self.index.position_of(id)?)
-    }
-
-    /// The identities a caller with `selectors` gets, in order (the first is
-    /// its default identity): entries whose selectors are all among the
-    /// caller's and whose ID resolves for it.
-    ///
-    /// Hints must be unique within one Workload API response: when two
-    /// matching entries share a hint the first one wins and the other is
-    /// left out, as SPIRE does. So does a second entry resolving to an ID
-    /// already granted.
-    pub fn matching(&self, selectors: &SelectorSet) -> Vec<Match> {
-        let mut hints = HashSet::new();
-        let mut ids = HashSet::new();
-        let mut out = Vec::new();
-        // The index narrows the entries to those that may match, in
-        // registration order; the subset check decides.
-        let candidates = self.index.candidates(selectors);
-        let entries = candidates
-            .into_iter()
-            .filter_map(|position| self.entries.get(position));
-        for entry in entries.filter(|e| e.matches(selectors)) {
-            let Some(spiffe_id) = entry.spiffe_id.resolve(selectors) else {
-                continue;
-            };
-            if let Some(hint) = &entry.hint
-                && !hints.insert(hint.as_str())
-            {
-                // Warned about once when the entries were loaded.
-                tracing::debug!(entry_id = %entry.id, hint, "entry left out: another matching entry has the same hint");
-                continue;
-            }
-            if !ids.insert(spiffe_id.clone()) {
-                continue;
-            }
-            out.push(Match {
-                entry: Arc::clone(entry),
-                spiffe_id,
-            });
-        }
-        out
-    }
-
-    /// Whether some entry may match a caller whose uid is `uid`, judged
-    /// before attestation: false only when every entry requires a
-    /// `unix:uid` selector and none names `uid`. Any entry without one (a
-    /// `unix:path`, `unix:sha256`, `unix:gid` or `unix:user` entry, pod
-    /// selectors) may match every uid. The connection budget of uids that
-    /// match nothing is the smaller one
-    /// (`limits.max_connections_per_unmatched_uid`).
-    pub fn may_match_uid(&self, uid: u32) -> bool {
-        self.index.may_match_uid(uid)
-    }
-
-    /// Entries matching an operator's filters: an exact SPIFFE ID (or
-    /// template) and/or selectors the entry must all require.
-    pub fn filtered(
-        &self,
-        spiffe_id: Option<&str>,
-        selectors: &SelectorSet,
-    ) -> Vec<Arc<RegistrationEntry>> {
-        self.entries
-            .iter()
-            .filter(|e| spiffe_id.is_none_or(|id| e.spiffe_id.as_str() == id))
-            .filter(|e| selectors.is_subset(&e.selectors))
-            .cloned()
-            .collect()
-    }
-
-    fn duplicate_of(&self, candidate: &RegistrationEntry) -> Option<&Arc<RegistrationEntry>> {
-        self.entries
-            .iter()
-            .find(|e| e.id != candidate.id && e.same_rule(candidate))
-    }
 }
 
 // === impl Registry ===

@@ -1,6 +1,8 @@
 //! Unit tests of the registry: entry sets, matching, runtime changes and
 //! their persistence and audit records.
 
+use std::collections::HashSet;
+
 use super::*;
 
 fn td() -> TrustDomain {
