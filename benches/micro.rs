@@ -277,8 +277,7 @@ impl Agent {
             Caller::from_stream(&ours).unwrap()
         });
         let owner = Owner {
-            pid: caller.pid(),
-            start_time: caller.start_time(),
+            process: caller.key(),
             uid: caller.uid(),
             executable: None,
             exe_sha256: None,

@@ -36,6 +36,7 @@
 //!   Task API), as any workload uses them; it speaks only [`proto`].
 //! - [`cli`]: the `tether` command line; only [`cli::Cli`] and [`cli::run`]
 //!   are public (for `main.rs`), the rest is its own.
+//! - `testing` (unit tests only): helpers any module's tests may use.
 //!
 //! # Invariants
 //!
@@ -78,3 +79,6 @@ pub mod client;
 pub mod daemon;
 
 pub mod cli;
+
+#[cfg(test)]
+mod testing;

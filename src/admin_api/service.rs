@@ -141,7 +141,7 @@ fn task_info(task: &Task) -> pb::TaskInfo {
         id: task.id.clone(),
         spiffe_id: task.spiffe_id.to_string(),
         entry_id: task.entry_id.to_string(),
-        owner_pid: task.owner.pid,
+        owner_pid: task.owner.process.pid(),
         owner_uid: task.owner.uid,
         owner_executable: task
             .owner

@@ -37,8 +37,13 @@ const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 static WARNED_NO_PEER_PIDFD: AtomicBool = AtomicBool::new(false);
 
 /// A process as the kernel names it for good: pid and start time (a pid
-/// reused by a new process has another start time).
-pub type ProcessKey = (i32, u64);
+/// reused by a new process has another start time). What budgets, SVIDs
+/// bound to a process, and task owners are keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcessKey {
+    pid: i32,
+    start_time: u64,
+}
 
 /// The peer of a Unix socket connection as the kernel reported it at connect time.
 ///
@@ -80,6 +85,26 @@ struct Process {
     exit_watch: OnceLock<Option<AsyncFd<OwnedFd>>>,
     /// The last full attestation of this connection's caller.
     memo: Mutex<Option<Arc<Memo>>>,
+}
+
+// === impl ProcessKey ===
+
+impl ProcessKey {
+    /// The process with this pid that started at `start_time`
+    /// (`/proc/<pid>/stat` field 22, clock ticks since boot).
+    pub const fn new(pid: i32, start_time: u64) -> Self {
+        Self { pid, start_time }
+    }
+
+    /// Its pid, in the agent's PID namespace.
+    pub const fn pid(self) -> i32 {
+        self.pid
+    }
+
+    /// Its start time, in clock ticks since boot.
+    pub const fn start_time(self) -> u64 {
+        self.start_time
+    }
 }
 
 // === impl Caller ===
@@ -171,7 +196,7 @@ impl Caller {
 
     /// The process as the kernel names it for good: pid and start time.
     pub fn key(&self) -> ProcessKey {
-        (self.pid(), self.start_time)
+        ProcessKey::new(self.pid, self.start_time)
     }
 
     /// The effective uid at `connect()` (`SO_PEERCRED`).

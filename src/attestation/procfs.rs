@@ -12,6 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::AttestationError;
+use super::caller::ProcessKey;
 
 /// Most bytes read from one /proc text file. `status` and `stat` are a few
 /// KiB; anything larger is not a file we understand.
@@ -167,10 +168,10 @@ pub fn parse_stat_parent(contents: &[u8]) -> Result<(i32, u64), ProcfsError> {
     Ok((ppid, parse_stat_start_time(contents)?))
 }
 
-/// The ancestors of `pid` (its parent first) as (pid, start time), up to
+/// The ancestors of `pid` (its parent first), up to
 /// `max` of them, stopping below init. A process that exits while its
 /// chain is read ends the chain there.
-pub fn read_lineage(proc_root: &Path, pid: i32, max: usize) -> Vec<(i32, u64)> {
+pub fn read_lineage(proc_root: &Path, pid: i32, max: usize) -> Vec<ProcessKey> {
     let mut out = Vec::new();
     let parent_of = |pid: i32| {
         read_small(&pid_path(proc_root, pid, "stat"))
@@ -184,7 +185,7 @@ pub fn read_lineage(proc_root: &Path, pid: i32, max: usize) -> Vec<(i32, u64)> {
         let Some((ppid, start)) = parent_of(next) else {
             break;
         };
-        out.push((next, start));
+        out.push(ProcessKey::new(next, start));
         next = ppid;
     }
     out

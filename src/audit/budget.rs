@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::event::{AuditEvent, Decision, EventKind};
+use super::event::{AuditEvent, EventKind, Outcome};
 
 /// How often, at most, a uid's refusals are recorded.
 pub(super) const NOTE_INTERVAL: Duration = Duration::from_secs(10);
@@ -115,7 +115,7 @@ impl Budget {
                     self.rate, self.burst
                 )),
                 repeated: Some(refused),
-                ..AuditEvent::new(EventKind::Deny, Decision::Deny)
+                ..AuditEvent::new(EventKind::Deny, Outcome::Deny)
             })),
         }
     }
@@ -170,7 +170,7 @@ mod tests {
         AuditEvent {
             pid: Some(42),
             uid: Some(uid),
-            ..AuditEvent::new(EventKind::IssueJwt, Decision::Allow)
+            ..AuditEvent::new(EventKind::IssueJwt, Outcome::Allow)
         }
     }
 
@@ -222,12 +222,12 @@ mod tests {
         let mut budget = Budget::new(1, 1);
         let now = Instant::now();
         budget.charge(
-            &AuditEvent::new(EventKind::EntryChange, Decision::Allow),
+            &AuditEvent::new(EventKind::EntryChange, Outcome::Allow),
             60_000,
             now,
         );
         budget.charge(
-            &AuditEvent::new(EventKind::PolicyReload, Decision::Info),
+            &AuditEvent::new(EventKind::PolicyReload, Outcome::Info),
             60_000,
             now,
         );

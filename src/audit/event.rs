@@ -2,6 +2,10 @@
 //! and [`AuditRecord`] (an event as read back, with its place in the
 //! chain).
 //!
+//! A record's `decision` field is an [`Outcome`] (allow, deny, or info for
+//! what decides nothing), not the policy engine's `policy::Decision`: this
+//! module is a leaf, and records refusals that no policy made.
+//!
 //! An event never carries a token or a key: `token_id` is a `jti` or a
 //! certificate serial. Events are bounded here, on the caller's thread:
 //! [`AuditEvent::to_body`] cuts the longest text fields (with a marker
@@ -76,10 +80,15 @@ pub enum EventKind {
     AuditRecovered,
 }
 
-/// The outcome.
+/// How a recorded event came out: the `decision` field of a record.
+///
+/// Not `policy::Decision`: that is the policy engine's verdict on
+/// one request, with the policies that gave it and a reason. A record's
+/// outcome is coarser (any refusal, by policy or not, is `Deny`) and has a
+/// third value for events that decide nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Decision {
+pub enum Outcome {
     /// Granted.
     Allow,
     /// Refused.
@@ -92,11 +101,11 @@ pub enum Decision {
 /// required (so a record can never lack them); the rest is optional:
 ///
 /// ```
-/// use tether::audit::{AuditEvent, Decision, EventKind};
+/// use tether::audit::{AuditEvent, Outcome, EventKind};
 /// let event = AuditEvent {
 ///     spiffe_id: Some("spiffe://example.org/agent".into()),
 ///     pid: Some(4242),
-///     ..AuditEvent::new(EventKind::IssueJwt, Decision::Allow)
+///     ..AuditEvent::new(EventKind::IssueJwt, Outcome::Allow)
 /// };
 /// # let _ = event;
 /// ```
@@ -107,8 +116,8 @@ pub enum Decision {
 pub struct AuditEvent {
     /// What happened.
     pub event: EventKind,
-    /// The outcome.
-    pub decision: Decision,
+    /// How it came out (the field keeps its name on disk: `decision`).
+    pub decision: Outcome,
     /// The subject's SPIFFE ID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spiffe_id: Option<String>,
@@ -210,9 +219,9 @@ impl EventKind {
     }
 }
 
-// === impl Decision ===
+// === impl Outcome ===
 
-impl Decision {
+impl Outcome {
     /// The name on disk (`allow`).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -228,7 +237,7 @@ impl Decision {
 impl AuditEvent {
     /// An event with only its kind and outcome; fill the rest with struct
     /// update syntax.
-    pub fn new(event: EventKind, decision: Decision) -> Self {
+    pub fn new(event: EventKind, decision: Outcome) -> Self {
         Self {
             event,
             decision,
@@ -453,7 +462,7 @@ mod tests {
             audience: Some(long.clone()),
             tools: vec!["t".repeat(1024), "short".into()],
             intent: Some("i".repeat(1000)),
-            ..AuditEvent::new(EventKind::Validate, Decision::Deny)
+            ..AuditEvent::new(EventKind::Validate, Outcome::Deny)
         };
         let body: serde_json::Value = serde_json::from_slice(&event.to_body()).unwrap();
         let audience = body["audience"].as_str().unwrap();
@@ -485,7 +494,7 @@ mod tests {
             spiffe_id: Some("spiffe://example.org/a".into()),
             pid: Some(7),
             tools: vec!["jira.search".into()],
-            ..AuditEvent::new(EventKind::IssueX509, Decision::Allow)
+            ..AuditEvent::new(EventKind::IssueX509, Outcome::Allow)
         };
         assert_eq!(
             String::from_utf8(event.to_body()).unwrap(),
@@ -511,7 +520,7 @@ mod tests {
                 serde_json::json!(kind.as_str())
             );
         }
-        for decision in [Decision::Allow, Decision::Deny, Decision::Info] {
+        for decision in [Outcome::Allow, Outcome::Deny, Outcome::Info] {
             assert_eq!(
                 serde_json::to_value(decision).unwrap(),
                 serde_json::json!(decision.as_str())
@@ -523,7 +532,7 @@ mod tests {
     fn envelopes_parse_back() {
         let event = AuditEvent {
             reason: Some("quote \" and newline \n".into()),
-            ..AuditEvent::new(EventKind::Deny, Decision::Deny)
+            ..AuditEvent::new(EventKind::Deny, Outcome::Deny)
         };
         let line = envelope(
             3,
@@ -569,7 +578,7 @@ mod tests {
         let event = AuditEvent {
             intent: Some("i".repeat(200_000)),
             spiffe_id: Some("spiffe://example.org/a".into()),
-            ..AuditEvent::new(EventKind::TaskBegin, Decision::Allow)
+            ..AuditEvent::new(EventKind::TaskBegin, Outcome::Allow)
         };
         let body = event.to_body();
         assert!(body.len() <= MAX_BODY, "{}", body.len());
@@ -597,7 +606,7 @@ mod tests {
             tools: vec![nasty.clone(); 200],
             policy_ids: vec![nasty.clone(); 200],
             actors: vec![nasty; 200],
-            ..AuditEvent::new(EventKind::Exchange, Decision::Deny)
+            ..AuditEvent::new(EventKind::Exchange, Outcome::Deny)
         };
         let body = event.to_body();
         assert!(body.len() <= MAX_BODY, "{}", body.len());

@@ -115,7 +115,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::trusted_fs::TrustedFsError;
 
-pub use event::{AuditEvent, AuditRecord, Decision, EventKind};
+pub use event::{AuditEvent, AuditRecord, EventKind, Outcome};
 pub use files::MAX_LINE;
 pub use read::{AuditReader, ReadFilter, read};
 pub use seal::{PublicKey, Seal, SigningKey};

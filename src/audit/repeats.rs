@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::event::{AuditEvent, Decision};
+use super::event::{AuditEvent, Outcome};
 
 /// How long identical denials are counted into one record.
 pub(super) const INTERVAL: Duration = Duration::from_secs(10);
@@ -58,7 +58,7 @@ pub(super) enum Verdict {
 impl Repeats {
     /// Whether to record `event` now. Only denials are ever counted.
     pub(super) fn observe(&mut self, event: &AuditEvent, now: Instant) -> Verdict {
-        if event.decision != Decision::Deny {
+        if event.decision != Outcome::Deny {
             return Verdict::Record;
         }
         // What makes two denials the same: everything but the time.
@@ -133,7 +133,7 @@ mod tests {
             pid: Some(pid),
             audience: Some(audience.into()),
             reason: Some("token expired".into()),
-            ..AuditEvent::new(EventKind::Validate, Decision::Deny)
+            ..AuditEvent::new(EventKind::Validate, Outcome::Deny)
         }
     }
 
@@ -148,7 +148,7 @@ mod tests {
         // Another process, another audience, an allowed decision: recorded.
         assert_eq!(repeats.observe(&denial(8, "a"), start), Verdict::Record);
         assert_eq!(repeats.observe(&denial(7, "b"), start), Verdict::Record);
-        let allowed = AuditEvent::new(EventKind::Validate, Decision::Allow);
+        let allowed = AuditEvent::new(EventKind::Validate, Outcome::Allow);
         assert_eq!(repeats.observe(&allowed, start), Verdict::Record);
         assert_eq!(repeats.observe(&allowed, start), Verdict::Record);
         assert!(repeats.due(start + INTERVAL / 2).is_empty());

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::testing::eventually;
 
 /// Longest any wait may take before the test fails instead of hanging.
 const GUARD: Duration = Duration::from_secs(60);
@@ -63,16 +64,6 @@ async fn guarded<F: Future>(future: F) -> F::Output {
         .expect("timed out (guard)")
 }
 
-/// Polls until `condition` holds (the guard fails the test otherwise).
-async fn until(mut condition: impl FnMut() -> bool) {
-    guarded(async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-}
-
 fn config() -> AuditConfig {
     AuditConfig {
         flush_interval: Duration::from_millis(5),
@@ -99,7 +90,7 @@ fn event(i: usize) -> AuditEvent {
         reason: Some(format!("reason {i}")),
         policy_ids: vec!["p0".into()],
         token_id: Some(format!("jti-{i}")),
-        ..AuditEvent::new(EventKind::IssueJwt, Decision::Allow)
+        ..AuditEvent::new(EventKind::IssueJwt, Outcome::Allow)
     }
 }
 
@@ -371,7 +362,7 @@ async fn a_torn_last_line_is_cut_and_recorded() {
     let recovered = &records[3];
     assert_eq!(recovered.seq, 4);
     assert_eq!(recovered.event.event, EventKind::AuditRecovered);
-    assert_eq!(recovered.event.decision, Decision::Info);
+    assert_eq!(recovered.event.decision, Outcome::Info);
     let reason = recovered.event.reason.as_deref().unwrap();
     assert!(
         reason.contains(&format!("{}:4", path.display())) && reason.contains("cut"),
@@ -597,7 +588,7 @@ async fn a_cut_tail_stays_visible_after_a_restart() {
     let reason = recovered.event.reason.as_deref().unwrap();
     assert!(reason.contains("records 8 to 10 are missing"), "{reason}");
     // Damage, not a crash's leftovers: a denial.
-    assert_eq!(recovered.event.decision, Decision::Deny);
+    assert_eq!(recovered.event.decision, Outcome::Deny);
     assert_eq!(records[8].seq, 12);
     assert_eq!(&lines_of(&path)[..7], &lines[..], "nothing rewritten");
 
@@ -679,7 +670,10 @@ async fn a_writer_that_cannot_sync_head_fails_closed_then_recovers() {
     let blocker = dir.join(files::HEAD_TMP_FILE);
     fs::create_dir(&blocker).unwrap();
     running.log.record(event(1)).unwrap();
-    until(|| running.log.problem().is_some()).await;
+    eventually("the writer to report a problem", || {
+        running.log.problem().is_some()
+    })
+    .await;
     let problem = running.log.problem().unwrap();
     assert!(
         problem.contains(&blocker.display().to_string()) && problem.contains("retrying"),
@@ -693,7 +687,7 @@ async fn a_writer_that_cannot_sync_head_fails_closed_then_recovers() {
     }
 
     fs::remove_dir(&blocker).unwrap();
-    until(|| running.log.problem().is_none()).await;
+    eventually("the writer to recover", || running.log.problem().is_none()).await;
     running.log.record(event(3)).unwrap();
     running.flush().await;
     running.stop().await;
@@ -725,10 +719,16 @@ async fn a_writer_that_cannot_create_a_file_fails_closed_then_recovers() {
             Err(_) => break,
         }
         if queued > 200 {
-            until(|| running.log.problem().is_some()).await;
+            eventually("the writer to report a problem", || {
+                running.log.problem().is_some()
+            })
+            .await;
         }
     }
-    until(|| running.log.problem().is_some()).await;
+    eventually("the writer to report a problem", || {
+        running.log.problem().is_some()
+    })
+    .await;
     let problem = running.log.problem().unwrap();
     assert!(
         problem.contains(&blocker.display().to_string()),
@@ -737,7 +737,7 @@ async fn a_writer_that_cannot_create_a_file_fails_closed_then_recovers() {
     assert!(running.log.record(event(999)).is_err());
 
     fs::remove_dir(&blocker).unwrap();
-    until(|| running.log.problem().is_none()).await;
+    eventually("the writer to recover", || running.log.problem().is_none()).await;
     running.flush().await;
     running.stop().await;
 
@@ -815,7 +815,7 @@ async fn long_fields_are_cut_to_fit_a_line() {
     let long = AuditEvent {
         intent: Some("x".repeat(300_000)),
         reason: Some("denied".into()),
-        ..AuditEvent::new(EventKind::TaskBegin, Decision::Deny)
+        ..AuditEvent::new(EventKind::TaskBegin, Outcome::Deny)
     };
     running.log.record(long).unwrap();
     running.flush().await;
@@ -978,7 +978,7 @@ async fn identical_denials_are_one_record_and_then_one_count() {
         pid: Some(7),
         audience: Some("api".into()),
         reason: Some("token expired".into()),
-        ..AuditEvent::new(EventKind::Validate, Decision::Deny)
+        ..AuditEvent::new(EventKind::Validate, Outcome::Deny)
     };
     for _ in 0..50 {
         running.log.record(denial.clone()).unwrap();
@@ -990,7 +990,7 @@ async fn identical_denials_are_one_record_and_then_one_count() {
     tokio::time::sleep(repeats::INTERVAL + Duration::from_millis(100)).await;
     running
         .log
-        .record(AuditEvent::new(EventKind::Validate, Decision::Allow))
+        .record(AuditEvent::new(EventKind::Validate, Outcome::Allow))
         .unwrap();
     running.flush().await;
     let records = read(&dir, &ReadFilter::default()).unwrap();
@@ -1003,7 +1003,7 @@ async fn identical_denials_are_one_record_and_then_one_count() {
             ..denial
         }
     );
-    assert_eq!(records[2].event.decision, Decision::Allow);
+    assert_eq!(records[2].event.decision, Outcome::Allow);
     assert!(verify(&dir).is_ok());
     running.stop().await;
 }
@@ -1016,7 +1016,7 @@ async fn counts_still_being_made_are_recorded_when_the_agent_stops() {
     let denial = AuditEvent {
         pid: Some(7),
         reason: Some("no".into()),
-        ..AuditEvent::new(EventKind::Validate, Decision::Deny)
+        ..AuditEvent::new(EventKind::Validate, Outcome::Deny)
     };
     for _ in 0..5 {
         running.log.record(denial.clone()).unwrap();

@@ -24,7 +24,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::event::{AuditRecord, Decision, EventKind};
+use super::event::{AuditRecord, EventKind, Outcome};
 use super::files::{
     HEAD_FILE, Hash, Head, HeadState, Item, LineReader, list_segments, open_read, read_head,
     segment_name,
@@ -259,7 +259,7 @@ impl Verifier<'_> {
                     )));
                 }
             }
-            if record.event.decision == Decision::Deny && self.damage.is_none() {
+            if record.event.decision == Outcome::Deny && self.damage.is_none() {
                 self.damage = Some((
                     place.clone(),
                     record.event.reason.clone().unwrap_or_default(),

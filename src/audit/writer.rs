@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::event::{AuditEvent, Decision, EventKind, envelope};
+use super::event::{AuditEvent, EventKind, Outcome, envelope};
 use super::files::{HEAD_FILE, Hash, Head, LOCK_FILE, segment_name, sync_dir, write_head};
 use super::recovery::{Recovered, recover};
 use super::seal::{SigningKey, recovery_message};
@@ -189,9 +189,9 @@ impl AuditWriter {
             // Damage (anything but what a crash leaves) is a denial: the
             // trail is broken there for good (`verify`).
             let decision = if notes.is_empty() {
-                Decision::Info
+                Outcome::Info
             } else {
-                Decision::Deny
+                Outcome::Deny
             };
             let all: Vec<String> = notes.into_iter().chain(crash_notes).collect();
             // Bounded so the record is never cut: the seal signs it whole.

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin_api::{ReloadOutcome, ReloadRequest};
-use crate::audit::{AuditEvent, AuditLog, Decision, EventKind};
+use crate::audit::{AuditEvent, AuditLog, EventKind, Outcome};
 use crate::config::{Config, ConfigSource, ProcessEnv};
 use crate::federation::Federation;
 use crate::policy::{Policy, PolicySummary};
@@ -143,11 +143,11 @@ pub(super) fn record_policy_reload(audit: &AuditLog, outcome: Result<PolicySumma
                 summary.policies, summary.files
             )),
             policy_ids: summary.ids,
-            ..AuditEvent::new(EventKind::PolicyReload, Decision::Info)
+            ..AuditEvent::new(EventKind::PolicyReload, Outcome::Info)
         },
         Err(reason) => AuditEvent {
             reason: Some(format!("refused; the policies in force stay: {reason}")),
-            ..AuditEvent::new(EventKind::PolicyReload, Decision::Deny)
+            ..AuditEvent::new(EventKind::PolicyReload, Outcome::Deny)
         },
     };
     if let Err(error) = audit.record(event) {

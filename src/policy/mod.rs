@@ -6,7 +6,9 @@
 //! Key types: [`Policy`], a cheap handle whose evaluation reads an `Arc`
 //! snapshot (no lock is held across I/O, and a reload swaps the snapshot
 //! whole); [`PolicyRequest`] in, [`Decision`] out, naming the policies
-//! that decided (their `@id`, else `FILE:policyN`).
+//! that decided (their `@id`, else `FILE:policyN`). The edges record a
+//! decision in the audit trail as an `audit::Outcome` with those ids and
+//! the reason: a different, coarser type, since the trail is a leaf.
 //!
 //! Invariants: with a policy directory the decision fails closed. Only a
 //! matching `permit`, no matching `forbid` and no policy erroring on the
@@ -240,7 +242,9 @@ pub struct PolicyRequest<'a> {
 }
 
 /// The answer, with the policies that gave it (for errors and the audit
-/// trail).
+/// trail). The edges record it as an `audit::Outcome` (allow or deny,
+/// with these policy ids and reason in the record's fields): the audit
+/// trail is a leaf and knows nothing of policies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Permitted by these policies (none without a policy directory).

@@ -303,7 +303,7 @@ mod tests {
                             &authority,
                             &entry,
                             &id,
-                            Some((pid, 1)),
+                            Some(ProcessKey::new(pid, 1)),
                             Duration::from_secs(60),
                         ))
                         .unwrap(),

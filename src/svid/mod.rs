@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::attestation::Caller;
-use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, Decision as AuditDecision, EventKind};
+use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, EventKind, Outcome};
 use crate::authority::{Authority, AuthorityError};
 use crate::registration::Match;
 use crate::store::{IssuedX509, Store, StoreError};
@@ -306,7 +306,7 @@ impl SvidIssuer {
             entry_id = %entry.id,
             spiffe_id = %svid.spiffe_id,
             serial = %svid.serial,
-            pid = process.map(|(pid, _)| pid),
+            pid = process.map(ProcessKey::pid),
             not_after = %humantime::format_rfc3339_seconds(svid.not_after),
             "issued X.509-SVID"
         );
@@ -325,7 +325,7 @@ impl SvidIssuer {
                 }
                 .into(),
             ),
-            ..AuditEvent::new(EventKind::IssueX509, AuditDecision::Allow)
+            ..AuditEvent::new(EventKind::IssueX509, Outcome::Allow)
         })?;
         crate::telemetry::metrics().x509_svids_issued.inc();
         self.record(&svid);
@@ -626,7 +626,7 @@ mod tests {
         // once full, issuance fails closed.
         let mut f = Fixture::new(Some(1));
         f.audit
-            .record(AuditEvent::new(EventKind::IssueJwt, AuditDecision::Allow))
+            .record(AuditEvent::new(EventKind::IssueJwt, Outcome::Allow))
             .unwrap();
         let m = matched("bound", true);
         let storm: Vec<_> = (0..8).map(|_| f.start(&m)).collect();

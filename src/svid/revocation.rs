@@ -122,7 +122,7 @@ impl SvidIssuer {
                     tracing::info!(
                         serial = %svid.serial,
                         spiffe_id = %svid.spiffe_id,
-                        pid = process.0,
+                        pid = process.pid(),
                         "revoked the X.509-SVID of an exited process"
                     );
                 }

@@ -4,23 +4,21 @@
 //!
 //! A task enters when it begins (or is restored active) and leaves exactly
 //! once, by whoever moves it from active to ended ([`super::Tasks`] does
-//! both under the task's state lock). Owners are (pid, start time): a pid
-//! reused by a later process is another owner.
+//! both under the task's state lock). Owners are keyed by their
+//! [`ProcessKey`]: a pid reused by a later process is another owner.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::Task;
-
-/// A process, as a task records its owner: pid and start time.
-type Owner = (i32, u64);
+use crate::attestation::ProcessKey;
 
 /// The active tasks of each owner, and the active tasks that scope their
 /// owner's descendants.
 #[derive(Debug, Default)]
 pub(super) struct ActiveIndex {
-    owners: HashMap<Owner, OwnerTasks>,
-    scopes: HashMap<Owner, Vec<Arc<Task>>>,
+    owners: HashMap<ProcessKey, OwnerTasks>,
+    scopes: HashMap<ProcessKey, Vec<Arc<Task>>>,
 }
 
 /// One owner's active tasks (by address: an `Arc<Task>` is one task) and
@@ -38,7 +36,7 @@ impl ActiveIndex {
     /// `limit` (begins under way included): `Err(active)` then. Check and
     /// count are one step, so concurrent begins cannot pass the limit
     /// together.
-    pub(super) fn reserve(&mut self, owner: Owner, limit: usize) -> Result<(), usize> {
+    pub(super) fn reserve(&mut self, owner: ProcessKey, limit: usize) -> Result<(), usize> {
         let entry = self.owners.entry(owner).or_default();
         let active = entry.tasks.len() + entry.reserved;
         if active >= limit {
@@ -50,7 +48,7 @@ impl ActiveIndex {
     }
 
     /// Undoes a [`ActiveIndex::reserve`] whose task never became active.
-    pub(super) fn release(&mut self, owner: Owner) {
+    pub(super) fn release(&mut self, owner: ProcessKey) {
         if let Some(entry) = self.owners.get_mut(&owner) {
             entry.reserved = entry.reserved.saturating_sub(1);
         }
@@ -60,7 +58,7 @@ impl ActiveIndex {
     /// Records an active task: begun under a reservation, or restored from
     /// the store.
     pub(super) fn activate(&mut self, task: &Arc<Task>, reserved: bool) {
-        let owner = (task.owner.pid, task.owner.start_time);
+        let owner = task.owner.process;
         let entry = self.owners.entry(owner).or_default();
         if reserved {
             entry.reserved = entry.reserved.saturating_sub(1);
@@ -73,7 +71,7 @@ impl ActiveIndex {
 
     /// Forgets a task that has just ended.
     pub(super) fn deactivate(&mut self, task: &Task) {
-        let owner = (task.owner.pid, task.owner.start_time);
+        let owner = task.owner.process;
         if let Some(entry) = self.owners.get_mut(&owner) {
             entry.tasks.remove(&address(task));
         }
@@ -89,7 +87,7 @@ impl ActiveIndex {
     }
 
     /// The active tasks of `owner`.
-    pub(super) fn of_owner(&self, owner: Owner) -> Vec<Arc<Task>> {
+    pub(super) fn of_owner(&self, owner: ProcessKey) -> Vec<Arc<Task>> {
         self.owners
             .get(&owner)
             .map(|entry| entry.tasks.values().cloned().collect())
@@ -98,7 +96,7 @@ impl ActiveIndex {
 
     /// How many active tasks `owner` has (begins under way included).
     #[cfg(test)]
-    pub(super) fn count(&self, owner: Owner) -> usize {
+    pub(super) fn count(&self, owner: ProcessKey) -> usize {
         self.owners
             .get(&owner)
             .map_or(0, |entry| entry.tasks.len() + entry.reserved)
@@ -111,13 +109,13 @@ impl ActiveIndex {
 
     /// The first (oldest) active scoping task of the nearest owner in
     /// `chain`.
-    pub(super) fn scope_of(&self, chain: &[Owner]) -> Option<Arc<Task>> {
+    pub(super) fn scope_of(&self, chain: &[ProcessKey]) -> Option<Arc<Task>> {
         chain
             .iter()
             .find_map(|owner| self.scopes.get(owner)?.first().cloned())
     }
 
-    fn forget_if_empty(&mut self, owner: Owner) {
+    fn forget_if_empty(&mut self, owner: ProcessKey) {
         if self
             .owners
             .get(&owner)
@@ -137,14 +135,14 @@ fn address(task: &Task) -> usize {
 mod tests {
     use super::*;
 
-    fn task(id: &str, owner: Owner, scoped: bool) -> Arc<Task> {
+    fn task(id: &str, owner: ProcessKey, scoped: bool) -> Arc<Task> {
         Arc::new(Task::from_row(super::super::tests::test_row(id, owner, scoped)).unwrap())
     }
 
     #[test]
     fn the_limit_counts_active_tasks_per_owner() {
         let mut index = ActiveIndex::default();
-        let (a, b) = ((10, 1), (10, 2));
+        let (a, b) = (ProcessKey::new(10, 1), ProcessKey::new(10, 2));
         index.reserve(a, 2).unwrap();
         index.reserve(a, 2).unwrap();
         assert_eq!(index.reserve(a, 2), Err(2));
@@ -163,28 +161,36 @@ mod tests {
         assert!(index.of_owner(a).is_empty());
         assert!(!index.owners.contains_key(&a));
         assert_eq!(index.reserve(b, 0), Err(1));
-        assert_eq!(index.reserve((11, 1), 0), Err(0));
-        assert!(!index.owners.contains_key(&(11, 1)), "no empty owners kept");
+        assert_eq!(index.reserve(ProcessKey::new(11, 1), 0), Err(0));
+        assert!(
+            !index.owners.contains_key(&ProcessKey::new(11, 1)),
+            "no empty owners kept"
+        );
     }
 
     #[test]
     fn scopes_are_found_by_the_nearest_owner_and_leave_when_ended() {
         let mut index = ActiveIndex::default();
         assert!(!index.has_scopes());
-        let parent = task("parent", (100, 1), true);
-        let grandparent = task("grandparent", (50, 1), true);
-        let unscoped = task("plain", (200, 1), false);
+        let parent = task("parent", ProcessKey::new(100, 1), true);
+        let grandparent = task("grandparent", ProcessKey::new(50, 1), true);
+        let unscoped = task("plain", ProcessKey::new(200, 1), false);
         for t in [&parent, &grandparent, &unscoped] {
             index.activate(t, false);
         }
         assert!(index.has_scopes());
-        let chain = [(300, 9), (200, 1), (100, 1), (50, 1)];
+        let chain = [
+            ProcessKey::new(300, 9),
+            ProcessKey::new(200, 1),
+            ProcessKey::new(100, 1),
+            ProcessKey::new(50, 1),
+        ];
         assert_eq!(index.scope_of(&chain).unwrap().id, "parent");
         index.deactivate(&parent);
         assert_eq!(index.scope_of(&chain).unwrap().id, "grandparent");
         index.deactivate(&grandparent);
         assert!(index.scope_of(&chain).is_none());
         assert!(!index.has_scopes());
-        assert_eq!(index.count((200, 1)), 1);
+        assert_eq!(index.count(ProcessKey::new(200, 1)), 1);
     }
 }

@@ -17,7 +17,7 @@ use spiffe::{SpiffeId, TrustDomain};
 use super::claims::{self, Actor, TaskClaims};
 use super::request::{check_audience, check_tools, dedup};
 use super::{IssuedToken, Task, TaskError, Tasks, task_event};
-use crate::audit::{AuditEvent, Decision as AuditDecision, EventKind};
+use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::bundle::TrustBundle;
 use crate::registration::Match;
 use crate::telemetry::metrics::{Kind, metrics};
@@ -171,7 +171,7 @@ impl Tasks {
             actors,
             token_id: Some(token.jti.clone()),
             policy_ids: decided_by,
-            ..task_event(&task, EventKind::Exchange, AuditDecision::Allow)
+            ..task_event(&task, EventKind::Exchange, Outcome::Allow)
         })?;
         metrics()
             .task_tokens_issued

@@ -133,7 +133,7 @@ mod tests {
     use super::*;
 
     fn row(id: &str) -> TaskRow {
-        super::super::tests::test_row(id, (4242, 1), false)
+        super::super::tests::test_row(id, crate::attestation::ProcessKey::new(4242, 1), false)
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ use futures_util::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 
 use super::{EndReason, Task, Tasks};
+use crate::attestation::ProcessKey;
 use crate::registration::Registry;
 
 /// How often ended tasks past their deadline are forgotten.
@@ -33,7 +34,7 @@ impl Tasks {
         // One exit watch per owner process (not per task): a process that
         // begins and ends many tasks costs one future.
         let mut exits = FuturesUnordered::new();
-        let mut watched: HashSet<(i32, u64)> = HashSet::new();
+        let mut watched: HashSet<ProcessKey> = HashSet::new();
         let mut deadlines: BinaryHeap<Reverse<(SystemTime, String)>> = BinaryHeap::new();
         let mut entries = registry.subscribe();
         let mut prune = tokio::time::interval(PRUNE_EVERY);
@@ -59,7 +60,7 @@ impl Tasks {
                 () = tokio::time::sleep(wait) => {}
                 Some((task, caller)) = owners.recv() => {
                     deadlines.push(Reverse((task.deadline, task.id.clone())));
-                    let owner = (task.owner.pid, task.owner.start_time);
+                    let owner = task.owner.process;
                     if watched.insert(owner) {
                         exits.push(async move {
                             caller.exited().await;

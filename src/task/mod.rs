@@ -53,8 +53,8 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch};
 
-use crate::attestation::Caller;
-use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, Decision as AuditDecision, EventKind};
+use crate::attestation::{Caller, ProcessKey};
+use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, EventKind, Outcome};
 use crate::authority::{Authority, AuthorityError};
 use crate::registration::{EntryId, Match};
 use crate::store::{Store, StoreError, TaskEnd};
@@ -167,13 +167,15 @@ pub enum EndReason {
     Revoked,
 }
 
-/// The process that owns a task.
+/// The process that owns a task: the one model of a task's owner. The
+/// store keeps it as flat `owner_*` columns of a `store::TaskRow` (the
+/// store is a leaf and holds no domain types; `restore` converts both
+/// ways), the Admin API shows its pid and uid, and the active-task index
+/// keys it by its [`ProcessKey`] alone.
 #[derive(Debug, Clone)]
 pub struct Owner {
-    /// Its pid.
-    pub pid: i32,
-    /// Its start time: with the pid, it names one process for good.
-    pub start_time: u64,
+    /// The process, for good (pid and start time).
+    pub process: ProcessKey,
     /// Its uid.
     pub uid: u32,
     /// Its executable.
@@ -312,7 +314,7 @@ impl Task {
 
     /// True when `caller` is the owning process.
     pub fn is_owned_by(&self, caller: &Caller) -> bool {
-        caller.pid() == self.owner.pid && caller.start_time() == self.owner.start_time
+        caller.key() == self.owner.process
     }
 }
 
@@ -398,7 +400,7 @@ impl Tasks {
         )?;
         let id = new_task_id()?;
         // Counted from here; given back if the task is not stored.
-        let key = (owner.pid, owner.start_time);
+        let key = owner.process;
         self.active()
             .reserve(key, config.max_tasks_per_process)
             .map_err(TaskError::TooMany)?;
@@ -436,7 +438,7 @@ impl Tasks {
         if let Err(unavailable) = self.inner.audit.record(AuditEvent {
             token_id: Some(token.jti.clone()),
             policy_ids: decided_by,
-            ..task_event(&task, EventKind::TaskBegin, AuditDecision::Allow)
+            ..task_event(&task, EventKind::TaskBegin, Outcome::Allow)
         }) {
             // Nothing leaves unaudited: the task dies before its token does.
             let _ = self.finish(&task, EndReason::Revoked).await;
@@ -449,7 +451,7 @@ impl Tasks {
         tracing::info!(
             task_id = %task.id,
             spiffe_id = %task.spiffe_id,
-            pid = task.owner.pid,
+            pid = task.owner.process.pid(),
             audience = %task.audience,
             tools = ?task.tools,
             // Quoted and escaped: the caller wrote it, and a newline or an
@@ -527,7 +529,7 @@ impl Tasks {
         };
         if let Err(error) = self.inner.audit.record(AuditEvent {
             reason: Some(reason.to_string()),
-            ..task_event(task, kind, AuditDecision::Info)
+            ..task_event(task, kind, Outcome::Info)
         }) {
             // The end itself is stored and enforced; only its record is lost.
             tracing::error!(task_id = %task.id, %error, "could not record the end of a task in the audit trail");
@@ -536,13 +538,13 @@ impl Tasks {
     }
 
     /// The active task scoping a process whose chain (itself, then its
-    /// ancestors, as pid and start time) contains its owner, nearest first.
-    pub fn scope_of(&self, chain: &[(i32, u64)]) -> Option<Arc<Task>> {
+    /// ancestors) contains its owner, nearest first.
+    pub fn scope_of(&self, chain: &[ProcessKey]) -> Option<Arc<Task>> {
         self.active().scope_of(chain)
     }
 
-    /// The active tasks of the process `owner` (pid, start time).
-    pub fn active_of(&self, owner: (i32, u64)) -> Vec<Arc<Task>> {
+    /// The active tasks of the process `owner`.
+    pub fn active_of(&self, owner: ProcessKey) -> Vec<Arc<Task>> {
         self.active().of_owner(owner)
     }
 
@@ -604,10 +606,10 @@ impl Tasks {
 }
 
 /// The audit record of an event about `task`, with its owner and context.
-fn task_event(task: &Task, event: EventKind, decision: AuditDecision) -> AuditEvent {
+fn task_event(task: &Task, event: EventKind, decision: Outcome) -> AuditEvent {
     AuditEvent {
         spiffe_id: Some(task.spiffe_id.to_string()),
-        pid: Some(task.owner.pid),
+        pid: Some(task.owner.process.pid()),
         uid: Some(task.owner.uid),
         executable: task
             .owner

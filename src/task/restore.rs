@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use spiffe::SpiffeId;
 
 use super::{EndReason, Owner, Task, TaskError, TaskState, Tasks};
-use crate::attestation::Caller;
+use crate::attestation::{Caller, ProcessKey};
 use crate::registration::EntryId;
 use crate::store::{TaskEnd, TaskRow};
 use crate::telemetry::metrics::metrics;
@@ -23,8 +23,8 @@ impl Task {
     pub(super) fn row(&self) -> TaskRow {
         TaskRow {
             id: self.id.clone(),
-            owner_pid: self.owner.pid,
-            owner_start_time: self.owner.start_time,
+            owner_pid: self.owner.process.pid(),
+            owner_start_time: self.owner.process.start_time(),
             owner_uid: self.owner.uid,
             owner_executable: self
                 .owner
@@ -56,8 +56,7 @@ impl Task {
         Some(Self {
             id: row.id,
             owner: Owner {
-                pid: row.owner_pid,
-                start_time: row.owner_start_time,
+                process: ProcessKey::new(row.owner_pid, row.owner_start_time),
                 uid: row.owner_uid,
                 executable: row.owner_executable.map(PathBuf::from),
                 exe_sha256: row.owner_exe_sha256,
@@ -102,10 +101,10 @@ impl Tasks {
             if task.ended().is_none() {
                 // The store returned only tasks whose deadline is ahead.
                 let reason = match Caller::reattach(
-                    task.owner.pid,
+                    task.owner.process.pid(),
                     task.owner.uid,
                     0,
-                    task.owner.start_time,
+                    task.owner.process.start_time(),
                 ) {
                     Ok(caller) => {
                         watched += 1;

@@ -11,7 +11,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use super::claims::{Actor, Confirmation, RequesterContext, TCTX_VERSION, TaskClaims, TaskContext};
 use super::{Task, TaskError, Tasks, task_event};
-use crate::audit::{AuditEvent, Decision as AuditDecision, EventKind};
+use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::authority::{AuthorityError, JwtRequest};
 use crate::telemetry::metrics::{Kind, metrics};
 
@@ -41,8 +41,8 @@ impl Task {
     pub(super) fn requester(&self) -> RequesterContext {
         RequesterContext {
             authn: "unix-peercred".into(),
-            pid: self.owner.pid,
-            pid_start: self.owner.start_time,
+            pid: self.owner.process.pid(),
+            pid_start: self.owner.process.start_time(),
             uid: self.owner.uid,
             exe_sha256: self.owner.exe_sha256.clone(),
         }
@@ -82,7 +82,7 @@ impl Tasks {
         self.inner.audit.record(AuditEvent {
             token_id: Some(token.jti.clone()),
             policy_ids: decided_by,
-            ..task_event(task, EventKind::TaskRenew, AuditDecision::Allow)
+            ..task_event(task, EventKind::TaskRenew, Outcome::Allow)
         })?;
         metrics()
             .task_tokens_issued

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::status;
 use crate::attestation::{Attested, Attestor, Caller};
-use crate::audit::{AuditEvent, Decision as AuditDecision, EventKind};
+use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::authority::Authority;
 use crate::bundle::TrustBundle;
 use crate::federation::Federation;
@@ -175,7 +175,7 @@ impl TaskApi {
         let mut event = AuditEvent {
             audience: Some(audience.to_owned()),
             tools: tool.map(|t| vec![t.to_owned()]).unwrap_or_default(),
-            ..gate::caller_event(attested, EventKind::Validate, AuditDecision::Allow)
+            ..gate::caller_event(attested, EventKind::Validate, Outcome::Allow)
         };
         match outcome {
             Ok(valid) => {
@@ -185,7 +185,7 @@ impl TaskApi {
                 event.actors = valid.claims.actors();
             }
             Err(reason) => {
-                event.decision = AuditDecision::Deny;
+                event.decision = Outcome::Deny;
                 event.reason = Some(reason.clone());
             }
         }
@@ -313,8 +313,7 @@ impl TasksRpc for TaskApi {
         })?;
         let bind_x5t = self.binding(&req.bind_certificate, &matched.spiffe_id)?;
         let owner = Owner {
-            pid: caller.pid(),
-            start_time: caller.start_time(),
+            process: caller.key(),
             uid: attested.uid,
             executable: attested.executable.clone(),
             exe_sha256: attested

@@ -6,7 +6,7 @@
 use tonic::Status;
 
 use crate::attestation::Attested;
-use crate::audit::{AuditEvent, AuditLog, Decision as AuditDecision, EventKind};
+use crate::audit::{AuditEvent, AuditLog, EventKind, Outcome};
 use crate::policy::{Decision, Policy, PolicyRequest};
 
 /// Whether a caller may ask the agent to validate a token (ValidateJWTSVID,
@@ -74,7 +74,7 @@ pub fn decide(
                 reason: Some(format!("{}: {reason}", request.action.as_str())),
                 policy_ids: policies.clone(),
                 actors: subject.actors,
-                ..caller_event(attested, EventKind::Deny, AuditDecision::Deny)
+                ..caller_event(attested, EventKind::Deny, Outcome::Deny)
             };
             if let Err(error) = audit.record(record) {
                 tracing::error!(%error, "could not record a policy denial");
@@ -100,7 +100,7 @@ pub fn decide(
 
 /// An audit event about a request from `attested`: its pid, uid and
 /// executable filled in from the kernel's facts.
-pub fn caller_event(attested: &Attested, event: EventKind, decision: AuditDecision) -> AuditEvent {
+pub fn caller_event(attested: &Attested, event: EventKind, decision: Outcome) -> AuditEvent {
     AuditEvent {
         pid: Some(attested.pid),
         uid: Some(attested.uid),

@@ -29,7 +29,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
-use super::authority::AuthorityFix;
+use super::h2_authority::AuthorityFix;
 use super::idle::Activity;
 use super::slots::{ProcessSlots, Slot};
 use crate::attestation::{AttestationError, Caller, ProcessKey};
@@ -44,12 +44,19 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// first. A connection must get this far within the handshake timeout.
 const PREFACE_LEN: usize = 24;
 
-/// Where connections whose peer the kernel could not name are counted
-/// (pid 0 is never a peer): together, under one per-process budget.
-const UNIDENTIFIED: ProcessKey = (0, 0);
-/// ... and, when even the kernel gives no uid, under one per-uid budget
-/// (`(uid_t) -1` is nobody's uid).
+/// Where connections whose peer gives no uid are counted: together,
+/// under one per-uid budget (`(uid_t) -1` is nobody's uid).
 const UNIDENTIFIED_UID: u32 = u32::MAX;
+
+/// Whose per-process connection budget a connection counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum BudgetHolder {
+    /// The process the kernel named at accept.
+    Process(ProcessKey),
+    /// Every connection whose process the kernel could not name (gone or
+    /// unreadable by then), together under one budget.
+    Unidentified,
+}
 
 /// Bounds on the connections one socket holds.
 #[derive(Debug, Clone)]
@@ -158,7 +165,7 @@ pub struct PeerStream {
     /// after a stop is over): reads and writes fail from then on.
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
     _permit: OwnedSemaphorePermit,
-    _slot: Slot,
+    _slot: Slot<BudgetHolder>,
     _uid_slot: Slot<u32>,
 }
 
@@ -288,7 +295,7 @@ pub fn incoming(
 struct Acceptor {
     listener: UnixListener,
     slots: Arc<Semaphore>,
-    per_process: ProcessSlots,
+    per_process: ProcessSlots<BudgetHolder>,
     per_uid: ProcessSlots<u32>,
     limits: ConnectionLimits,
     entries: Option<Registry>,
@@ -323,19 +330,19 @@ impl Acceptor {
                 Err(TryAcquireError::Closed) => return None,
             };
             let caller = Caller::from_stream(&stream).map_err(Arc::new);
-            let (key, uid) = match &caller {
-                Ok(caller) => (caller.key(), caller.uid()),
+            let (holder, uid) = match &caller {
+                Ok(caller) => (BudgetHolder::Process(caller.key()), caller.uid()),
                 Err(error) => {
                     tracing::debug!(%error, "could not identify a connecting process");
                     // The process is gone or unreadable; its uid is still
                     // the kernel's word.
                     let uid = stream.peer_cred().map_or(UNIDENTIFIED_UID, |c| c.uid());
-                    (UNIDENTIFIED, uid)
+                    (BudgetHolder::Unidentified, uid)
                 }
             };
             // Closed unread when over either budget: the process (and its
             // uid) keep what they have.
-            let slots = self.per_process.take(key).and_then(|slot| {
+            let slots = self.per_process.take(holder).and_then(|slot| {
                 let (limit, setting) = self.uid_budget(uid);
                 let uid_slot = self.per_uid.take_within(uid, limit, setting)?;
                 Ok((slot, uid_slot))
@@ -343,7 +350,11 @@ impl Acceptor {
             let (slot, uid_slot) = match slots {
                 Ok(slots) => slots,
                 Err(exhausted) => {
-                    tracing::debug!(pid = key.0, uid, %exhausted, "connection refused");
+                    let pid = match holder {
+                        BudgetHolder::Process(process) => Some(process.pid()),
+                        BudgetHolder::Unidentified => None,
+                    };
+                    tracing::debug!(pid, uid, %exhausted, "connection refused");
                     continue;
                 }
             };

@@ -6,12 +6,12 @@
 //! identified from the kernel at accept time ([`PeerInfo`], a request
 //! extension every RPC can read), within the connection budgets of
 //! [`slots`]. [`idle`] closes connections with no request in flight.
-//! [`authority`] lets gRPC C-core clients (py-spiffe, grpc-java) through
+//! [`h2_authority`] lets gRPC C-core clients (py-spiffe, grpc-java) through
 //! the Rust HTTP/2 stack. Nothing here decides what a caller may do: the
 //! edges do.
 
-pub mod authority;
 pub mod gate;
+pub mod h2_authority;
 pub mod header;
 pub mod identify;
 pub mod idle;

@@ -146,19 +146,19 @@ mod tests {
     #[test]
     fn a_process_gets_its_limit_and_no_more() {
         let slots = ProcessSlots::<ProcessKey>::new(2, "max_streams_per_process");
-        let a = slots.take((10, 1)).unwrap();
-        let _b = slots.take((10, 1)).unwrap();
-        let refused = slots.take((10, 1)).unwrap_err();
+        let a = slots.take(ProcessKey::new(10, 1)).unwrap();
+        let _b = slots.take(ProcessKey::new(10, 1)).unwrap();
+        let refused = slots.take(ProcessKey::new(10, 1)).unwrap_err();
         assert_eq!(
             refused.to_string(),
             "already holds 2 (limits.max_streams_per_process)"
         );
         // Another process, or the same pid reused by a new process, has
         // its own budget.
-        let _other = slots.take((11, 1)).unwrap();
-        let _reused = slots.take((10, 2)).unwrap();
+        let _other = slots.take(ProcessKey::new(11, 1)).unwrap();
+        let _reused = slots.take(ProcessKey::new(10, 2)).unwrap();
         drop(a);
-        let _c = slots.take((10, 1)).unwrap();
+        let _c = slots.take(ProcessKey::new(10, 1)).unwrap();
     }
 
     #[test]
@@ -185,8 +185,8 @@ mod tests {
     #[test]
     fn a_process_with_nothing_held_is_forgotten() {
         let slots = ProcessSlots::<ProcessKey>::new(4, "max_connections_per_process");
-        let a = slots.take((10, 1)).unwrap();
-        let b = slots.take((10, 1)).unwrap();
+        let a = slots.take(ProcessKey::new(10, 1)).unwrap();
+        let b = slots.take(ProcessKey::new(10, 1)).unwrap();
         assert_eq!(slots.processes(), 1);
         drop(a);
         drop(b);

@@ -17,7 +17,7 @@ use tracing::Instrument as _;
 
 use super::{WorkloadApiConfig, convert, status};
 use crate::attestation::{Attested, Attestor, Caller};
-use crate::audit::{AuditEvent, Decision as AuditDecision, EventKind};
+use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::bundle::TrustBundle;
 use crate::federation::{FederatedBundles, Federation};
 use crate::policy::{Action, Policy, PolicyContext, PolicyRequest, Resource};
@@ -574,7 +574,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     entry_id: Some(m.entry.id.to_string()),
                     token_id: Some(svid.jti.clone()),
                     policy_ids: decided_by,
-                    ..gate::caller_event(&attested, EventKind::IssueJwt, AuditDecision::Allow)
+                    ..gate::caller_event(&attested, EventKind::IssueJwt, Outcome::Allow)
                 })
                 .map_err(|e| Status::unavailable(format!("not issuing: {e}")))?;
             crate::telemetry::metrics().jwt_svids_issued.inc();
@@ -632,7 +632,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         crate::telemetry::metrics().validated("jwt_svid", outcome.is_ok());
         let mut event = AuditEvent {
             audience: Some(audience),
-            ..gate::caller_event(&attested, EventKind::Validate, AuditDecision::Allow)
+            ..gate::caller_event(&attested, EventKind::Validate, Outcome::Allow)
         };
         match &outcome {
             Ok(validated) => {
@@ -648,7 +648,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 event.task_id = claim("txn");
             }
             Err(status) => {
-                event.decision = AuditDecision::Deny;
+                event.decision = Outcome::Deny;
                 event.reason = Some(status.message().to_owned());
             }
         }

@@ -8,7 +8,6 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use common::{PATIENCE, TestAgent, admin_client, entry_for_me, spec, uid};
 use futures_util::StreamExt as _;
@@ -523,8 +522,7 @@ async fn reload_applies_a_good_file_and_keeps_the_running_config_on_a_bad_one() 
     // SIGHUP does the same as `tether reload`.
     std::fs::write(&path, format!("{base}{}", entry_for_me("three", "three"))).unwrap();
     kill(Pid::this(), Signal::SIGHUP).unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    common::eventually("SIGHUP to reload the entries", async || {
         let entries = admin
             .list_entries(pb::ListEntriesRequest::default())
             .await
@@ -536,14 +534,12 @@ async fn reload_applies_a_good_file_and_keeps_the_running_config_on_a_bad_one() 
             .map(|e| e.spec.unwrap().spiffe_id)
             .collect();
         if ids == ["spiffe://example.org/three"] {
-            break;
+            Ok(())
+        } else {
+            Err(ids)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "SIGHUP did not reload: {ids:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     running.stop().await.unwrap();
 }
 
@@ -563,17 +559,13 @@ async fn kill_9_during_a_burst_of_writes_loses_no_acknowledged_entry() {
             .unwrap()
     };
     let wait_for_admin = || async {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Ok(channel) = common::try_uds_channel(&admin_socket).await {
-                let mut admin = pb::admin_client::AdminClient::new(channel);
-                if admin.health(pb::HealthRequest {}).await.is_ok() {
-                    return admin;
-                }
-            }
-            assert!(tokio::time::Instant::now() < deadline, "agent never served");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::eventually("the agent to serve its admin API", async || {
+            let channel = common::try_uds_channel(&admin_socket).await.ok()?;
+            let mut admin = pb::admin_client::AdminClient::new(channel);
+            admin.health(pb::HealthRequest {}).await.ok()?;
+            Some(admin)
+        })
+        .await
     };
 
     let mut agent = start();

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use tether::audit::{AuditConfig, AuditEvent, AuditLog, Decision, EventKind};
+use tether::audit::{AuditConfig, AuditEvent, AuditLog, EventKind, Outcome};
 use tokio_util::sync::CancellationToken;
 
 /// Guards against a hang; no assertion depends on timing.
@@ -42,7 +42,7 @@ async fn write_trail(dir: &Path) {
             tools: vec!["jira.search".into()],
             reason: Some(format!("reason {i}")),
             policy_ids: vec!["p0".into()],
-            ..AuditEvent::new(EventKind::IssueJwt, Decision::Allow)
+            ..AuditEvent::new(EventKind::IssueJwt, Outcome::Allow)
         })
         .unwrap();
     }

@@ -278,8 +278,7 @@ async fn an_operator_session_from_create_to_delete() {
     // A workload holding the SVID on an open stream is listed as holder.
     let watch = spawn_watch(&agent.socket()).await;
     let pid = i64::from(watch.pid);
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let svid = loop {
+    let svid = common::eventually("the watching process to show as holder", async || {
         let listed = agent.admin_json(&["svid", "list"]).await;
         let held = listed["svids"].as_array().unwrap().iter().find(|s| {
             s["spiffe_id"] == "spiffe://example.org/renamed"
@@ -289,15 +288,9 @@ async fn an_operator_session_from_create_to_delete() {
                     .iter()
                     .any(|h| h["pid"] == pid)
         });
-        if let Some(svid) = held {
-            break svid.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the watching process never showed as holder: {listed}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+        held.cloned().ok_or_else(|| listed.to_string())
+    })
+    .await;
     assert_eq!(svid["entry_id"], id.as_str());
     assert!(!svid["serial"].as_str().unwrap().is_empty());
     assert!(svid["not_after"].as_str().unwrap().ends_with('Z'));

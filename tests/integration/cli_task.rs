@@ -67,7 +67,7 @@ fn task_run(agent: &TestAgent, flags: &[&str], script: &str) -> Command {
 
 /// The pid a script wrote to `path`, once it has.
 async fn pid_in(path: &Path) -> Pid {
-    eventually("the command writes its pid", || {
+    eventually("the command writes its pid", async || {
         std::fs::read_to_string(path).is_ok_and(|s| s.ends_with('\n'))
     })
     .await;
@@ -292,7 +292,7 @@ async fn the_runner_follows_its_task_across_an_agent_restart() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    eventually("the command starts", || ready.exists()).await;
+    eventually("the command starts", async || ready.exists()).await;
     let task_id = std::fs::read_to_string(&ready).unwrap().trim().to_owned();
 
     // The task outlives the restart, and the runner keeps following it: a

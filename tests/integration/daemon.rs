@@ -5,9 +5,8 @@ use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use common::{PATIENCE, entry_for_me, until_handling};
+use common::{entry_for_me, eventually, until_handling};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -40,34 +39,23 @@ fn start(config: &Path) -> Child {
 
 /// Waits until the agent answers on its socket.
 async fn wait_serving(socket: &Path) -> spiffe::WorkloadApiClient {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Ok(client) =
-            spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display())).await
-            && client.fetch_x509_svid().await.is_ok()
-        {
-            return client;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agent never served on {}",
-            socket.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        format!("the agent to serve on {}", socket.display()),
+        async || {
+            let client =
+                spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+                    .await?;
+            client.fetch_x509_svid().await?;
+            Ok::<_, spiffe::workload_api::error::WorkloadApiError>(client)
+        },
+    )
+    .await
 }
 
 /// Waits for the agent to exit without blocking the runtime: the clients
 /// in this test must keep answering the agent's HTTP/2 shutdown PING.
 async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "agent did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the agent to exit", async || child.try_wait().unwrap()).await
 }
 
 /// `tether run` in `dir`, serving and ready for SIGTERM; its socket.

@@ -72,30 +72,26 @@ impl Layout {
 
     /// Waits until the agent serves its Workload API.
     async fn serving(&self) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Ok(client) =
-                spiffe::WorkloadApiClient::connect_to(format!("unix://{}", self.socket.display()))
-                    .await
-                && client.fetch_x509_svid().await.is_ok()
-            {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "agent never served");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::eventually("the agent to serve", async || {
+            let endpoint = format!("unix://{}", self.socket.display());
+            let client = spiffe::WorkloadApiClient::connect_to(endpoint).await?;
+            client.fetch_x509_svid().await.map(drop)
+        })
+        .await;
     }
 
     /// `tether run` to its end: it must refuse to start.
     fn refused(&self) -> Output {
         let mut child = self.start();
-        let deadline = std::time::Instant::now() + PATIENCE;
-        while child.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > deadline {
-                child.kill().unwrap();
-                panic!("the agent started on a damaged data dir");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        // An agent that starts anyway is stopped before the test fails.
+        let exited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            common::eventually_blocking("the agent to refuse the damaged data dir", || {
+                child.try_wait().unwrap()
+            })
+        }));
+        if let Err(panic) = exited {
+            let _ = child.kill();
+            std::panic::resume_unwind(panic);
         }
         child.wait_with_output().unwrap()
     }
@@ -222,7 +218,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged_and_streams_resume() {
             }
         }));
     }
-    common::eventually("load acknowledged", || {
+    common::eventually("load acknowledged", async || {
         let seen = seen.lock().unwrap();
         seen.entries.len() >= 30 && seen.ended.len() >= 10 && seen.issued.len() >= 10
     })
@@ -290,7 +286,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged_and_streams_resume() {
     assert!(out.status.success(), "the trail after a crash: {out:?}");
 
     // The stream resumed by itself on the restarted agent.
-    common::eventually("the X509Source to get a new SVID", || {
+    common::eventually("the X509Source to get a new SVID", async || {
         source
             .svid()
             .is_ok_and(|svid| svid.leaf().as_ref() != before.as_slice())
@@ -516,51 +512,27 @@ impl Drop for Ext4Loop {
 async fn issuance_refused(socket: &Path) -> Vec<String> {
     let client = workload(socket).await;
     let mut tasks = task_client(socket).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let mut refusals = Vec::new();
-    while refusals.is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "issuance never refused"
-        );
-        if let Err(error) = client.fetch_jwt_svid(&["while-broken"], None).await {
-            refusals.push(error.to_string());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "BeginTask never refused"
-        );
-        match tasks.begin_task(begin("while broken")).await {
-            Err(status) => {
-                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-                refusals.push(status.message().to_owned());
-                return refusals;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+    let issuance = common::eventually("issuance to be refused", async || {
+        client.fetch_jwt_svid(&["while-broken"], None).await.err()
+    })
+    .await;
+    let status = common::eventually("BeginTask to be refused", async || {
+        tasks.begin_task(begin("while broken")).await.err()
+    })
+    .await;
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    vec![issuance.to_string(), status.message().to_owned()]
 }
 
 /// Waits until issuance works again.
 async fn issuance_back(socket: &Path) {
     let client = workload(socket).await;
     let mut tasks = task_client(socket).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "issuance never came back"
-        );
-        if client.fetch_jwt_svid(&["again"], None).await.is_ok()
+    common::eventually("issuance to come back", async || {
+        client.fetch_jwt_svid(&["again"], None).await.is_ok()
             && tasks.begin_task(begin("again")).await.is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 }
 
 /// Validation answers as before: the JWT-SVID and the task token issued
@@ -637,7 +609,10 @@ async fn a_full_data_dir_fails_issuance_closed_says_why_and_recovers() {
     // Space again: issuance comes back by itself.
     std::fs::remove_file(filler).unwrap();
     issuance_back(&socket).await;
-    common::eventually("readiness back", || running.readiness_problems().is_empty()).await;
+    common::eventually("readiness back", async || {
+        running.readiness_problems().is_empty()
+    })
+    .await;
     running.stop().await.unwrap();
 }
 

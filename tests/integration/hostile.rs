@@ -140,9 +140,10 @@ async fn ten_thousand_abandoned_connections_are_contained() {
     println!("served {served} on the old connection, {fresh} on new ones");
     assert!(served > 0);
     // Nothing of the flood stays in the agent.
-    eventually("the agent's descriptors back to where they were", || {
-        open_fds() <= baseline + 4
-    })
+    eventually(
+        "the agent's descriptors back to where they were",
+        async || open_fds() <= baseline + 4,
+    )
     .await;
     client.fetch_x509_svid().await.unwrap();
     agent.stop().await;
@@ -388,16 +389,11 @@ async fn hold_then_one_more(agent: &TestAgent, n: usize) -> (Vec<UnixStream>, bo
 
 /// Waits until a fresh client is served (slots given back are reused).
 async fn eventually_served(agent: &TestAgent) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Ok(client) = spiffe::WorkloadApiClient::connect_to(agent.endpoint()).await
-            && client.fetch_x509_svid().await.is_ok()
-        {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never served again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("a fresh client to be served again", async || {
+        let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint()).await?;
+        client.fetch_x509_svid().await.map(drop)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -563,7 +559,10 @@ async fn a_client_that_never_reads_its_stream_holds_only_itself() {
     );
     // Hanging up frees it.
     drop((unread, body, send));
-    eventually("the unread stream freed", || running.open_streams() == 1).await;
+    eventually("the unread stream freed", async || {
+        running.open_streams() == 1
+    })
+    .await;
     client.fetch_x509_svid().await.unwrap();
     agent.stop().await;
 }
@@ -644,21 +643,16 @@ async fn a_process_gets_its_stream_budget_and_no_more() {
     );
     // A stream ended gives its slot back.
     drop(a);
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        match raw.fetch_x509svid(pb::X509svidRequest {}).await {
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                stream.message().await.unwrap().unwrap();
-                break;
-            }
-            Err(status) if status.code() == Code::ResourceExhausted => {
-                assert!(tokio::time::Instant::now() < deadline, "slot never freed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(status) => panic!("{status:?}"),
-        }
-    }
+    let stream = eventually(
+        "the ended stream's slot to be given back",
+        async || match raw.fetch_x509svid(pb::X509svidRequest {}).await {
+            Err(status) if status.code() == Code::ResourceExhausted => Err(status),
+            other => Ok(other),
+        },
+    )
+    .await;
+    let mut stream = stream.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
     agent.stop().await;
 }
 
@@ -944,7 +938,7 @@ async fn a_caller_that_execs_another_binary_after_connecting_is_refused() {
         .await
         .unwrap();
     let pid = child.id();
-    eventually("the child to exec sleep", || {
+    eventually("the child to exec sleep", async || {
         std::fs::read_link(format!("/proc/{pid}/exe"))
             .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "sleep"))
     })
@@ -1001,7 +995,7 @@ async fn a_replaced_socket_path_fails_readiness_and_is_not_removed_at_stop() {
     std::fs::remove_file(&agent.socket).unwrap();
     let _theirs = UnixListener::bind(&agent.socket).unwrap();
     let running = agent.running();
-    eventually("readiness to name the replaced socket", || {
+    eventually("readiness to name the replaced socket", async || {
         running
             .readiness_problems()
             .iter()

@@ -12,9 +12,6 @@ use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
-
-use common::PATIENCE;
 
 /// The attacker: a uid that is neither root nor the agent's.
 const ATTACKER: u32 = 4_242_424;
@@ -157,24 +154,24 @@ async fn a_non_root_agent_makes_its_own_socket_directories_and_serves() {
             .unwrap(),
     );
     let socket = victim.socket_dir().join("agent.sock");
-    common::eventually("the agent's socket", || socket.exists()).await;
+    common::eventually("the agent's socket", async || socket.exists()).await;
     for (dir, mode) in [(victim.socket_dir(), 0o755), (victim.admin_dir(), 0o700)] {
         let meta = std::fs::symlink_metadata(&dir).unwrap();
         assert_eq!((meta.uid(), meta.mode() & 0o7777), (victim.uid, mode));
     }
     // Its CLI trusts those and gets the embedded default identity.
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let out = loop {
+    let out = common::eventually("the victim's CLI to fetch its SVID", async || {
         let out = victim
             .tether(&["api", "fetch", "x509", "--timeout", "5s"])
             .output()
             .unwrap();
-        if out.status.success() || std::time::Instant::now() > deadline {
-            break out;
+        if out.status.success() {
+            Ok(out)
+        } else {
+            Err(stderr(&out))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(out.status.success(), "{}", stderr(&out));
+    })
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains(&format!("spiffe://tether.local/uid/{}", victim.uid)),
@@ -438,7 +435,7 @@ async fn callers_with_no_identity_cannot_validate_or_write_to_the_trail() {
             .await
             .unwrap();
         let me = common::uid();
-        common::eventually("the registered caller's record", || {
+        common::eventually("the registered caller's record", async || {
             records_of(&agent, me)
                 .iter()
                 .any(|r| r.event.event == tether::audit::EventKind::Validate)

@@ -8,10 +8,9 @@ use crate::common;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use common::{PATIENCE, TestAgent, admin_client, claims_of, entry_for_me, uid};
-use tether::audit::{AuditRecord, Decision, EventKind, ReadFilter};
+use tether::audit::{AuditRecord, EventKind, Outcome, ReadFilter};
 use tether::proto::admin as admin_pb;
 use tether::proto::task as pb;
 use tether::proto::workload as wl;
@@ -84,20 +83,6 @@ async fn records(agent: &TestAgent) -> Vec<AuditRecord> {
     tether::audit::read(&audit_dir(agent), &ReadFilter::default()).unwrap()
 }
 
-/// Polls `check` until it returns `Some`; fails after [`PATIENCE`].
-macro_rules! eventually {
-    ($what:expr, $check:expr) => {{
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Some(found) = $check {
-                break found;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "never: {}", $what);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }};
-}
-
 #[tokio::test]
 async fn a_policy_forbidding_a_tool_denies_begin_task_naming_it_and_audits_both_decisions() {
     let policies = policy_dir(&[("allow.cedar", ALLOW_ALL), ("tools.cedar", NO_SHELL)]);
@@ -130,7 +115,7 @@ async fn a_policy_forbidding_a_tool_denies_begin_task_naming_it_and_audits_both_
         .iter()
         .find(|r| r.event.event == EventKind::Deny)
         .expect("a deny record");
-    assert_eq!(deny.event.decision, Decision::Deny);
+    assert_eq!(deny.event.decision, Outcome::Deny);
     assert_eq!(deny.event.policy_ids, ["no-shell"]);
     assert_eq!(deny.event.spiffe_id.as_deref(), Some(AGENT));
     assert_eq!(
@@ -158,7 +143,7 @@ async fn a_policy_forbidding_a_tool_denies_begin_task_naming_it_and_audits_both_
         .iter()
         .find(|r| r.event.event == EventKind::TaskBegin)
         .expect("a task-begin record");
-    assert_eq!(allowed.event.decision, Decision::Allow);
+    assert_eq!(allowed.event.decision, Outcome::Allow);
     assert_eq!(allowed.event.policy_ids, ["allow-all"]);
     assert_eq!(
         allowed.event.task_id.as_deref(),
@@ -227,25 +212,25 @@ async fn a_policy_file_change_applies_without_a_restart_and_a_broken_one_changes
 
     // The watcher sees the new file; the next request is decided by it.
     write_policy(policies.path(), "delete.cedar", NO_DELETE);
-    let last = eventually!(
-        "the new policy denies jira.delete",
+    let last = common::eventually("the new policy denies jira.delete", async || {
         match tasks.begin_task(begin(JIRA, &["jira.delete"])).await {
             Err(status) if status.code() == Code::PermissionDenied => {
                 Some(status.message().to_owned())
             }
             _ => None,
         }
-    );
+    })
+    .await;
     assert!(last.contains("no-delete"), "{last}");
     // The watcher records the reload once the new set is in force: a
     // request may be decided by it first.
-    let reload = eventually!(
-        "the reload is audited",
+    let reload = common::eventually("the reload is audited", async || {
         records(&agent)
             .await
             .into_iter()
             .find(|r| r.event.event == EventKind::PolicyReload)
-    );
+    })
+    .await;
     assert_eq!(reload.event.policy_ids, ["allow-all", "no-delete"]);
 
     // A file that does not parse: refused with its place, and audited;
@@ -255,12 +240,13 @@ async fn a_policy_file_change_applies_without_a_restart_and_a_broken_one_changes
         "broken.cedar",
         "@id(\"broken\")\npermit (principal, action, resource)\nwhen { context.nope };\n",
     );
-    let refused = eventually!(
-        "the broken set is refused",
-        records(&agent).await.into_iter().find(|r| {
-            r.event.event == EventKind::PolicyReload && r.event.decision == Decision::Deny
-        })
-    );
+    let refused = common::eventually("the broken set is refused", async || {
+        records(&agent)
+            .await
+            .into_iter()
+            .find(|r| r.event.event == EventKind::PolicyReload && r.event.decision == Outcome::Deny)
+    })
+    .await;
     let reason = refused.event.reason.unwrap();
     assert!(reason.contains("broken.cedar:3"), "{reason}");
     let still = tasks
@@ -555,28 +541,19 @@ async fn a_stalled_audit_writer_stops_issuance_with_a_clear_status_until_it_drai
         .unwrap();
     let mut stalled_stdout = child.stdout.take().unwrap();
     let socket = dir.path().join("agent.sock");
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let mut client = loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent never served"
-        );
-        if let Ok(channel) = common::try_uds_channel(&socket).await {
-            let mut client = common::raw_client(&socket, true).await;
-            drop(channel);
-            if client
-                .fetch_jwtsvid(wl::JwtsvidRequest {
-                    audience: vec!["warm-up".into()],
-                    spiffe_id: String::new(),
-                })
-                .await
-                .is_ok()
-            {
-                break client;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut client = common::eventually("the agent to serve", async || {
+        common::try_uds_channel(&socket).await.ok()?;
+        let mut client = common::raw_client(&socket, true).await;
+        client
+            .fetch_jwtsvid(wl::JwtsvidRequest {
+                audience: vec!["warm-up".into()],
+                spiffe_id: String::new(),
+            })
+            .await
+            .ok()?;
+        Some(client)
+    })
+    .await;
 
     // Ask until the agent refuses: each JWT-SVID is a record; the pipe
     // (64 KiB) fills after a few hundred, then the writer stalls. On a busy machine
@@ -629,8 +606,7 @@ async fn a_stalled_audit_writer_stops_issuance_with_a_clear_status_until_it_drai
         let _ = stalled_stdout.read_to_end(&mut sink);
         sink
     });
-    eventually!(
-        "issuance resumes once the records drain",
+    common::eventually("issuance resumes once the records drain", async || {
         client
             .fetch_jwtsvid(wl::JwtsvidRequest {
                 audience: vec!["https://api.example".into()],
@@ -638,7 +614,8 @@ async fn a_stalled_audit_writer_stops_issuance_with_a_clear_status_until_it_drai
             })
             .await
             .ok()
-    );
+    })
+    .await;
     let health = admin
         .health(admin_pb::HealthRequest {})
         .await

@@ -345,8 +345,7 @@ async fn the_deadline_ends_the_task() {
         "never past the deadline"
     );
     let mut admin = agent.admin().await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    let info = common::eventually("the deadline to end the task", async || {
         let info = admin
             .get_task(admin_pb::GetTaskRequest {
                 id: begun.task_id.clone(),
@@ -354,16 +353,10 @@ async fn the_deadline_ends_the_task() {
             .await
             .unwrap()
             .into_inner();
-        if info.state == "ended" {
-            assert_eq!(info.end_reason, "deadline");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the deadline never ended the task"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (info.state == "ended").then_some(info)
+    })
+    .await;
+    assert_eq!(info.end_reason, "deadline");
     let (valid, _) = is_valid(&mut tasks, &token.token, JIRA).await;
     assert!(!valid);
     agent.stop().await;
@@ -428,8 +421,7 @@ async fn owner_exit_kills_the_task_without_any_further_request() {
         .unwrap()
         .unwrap();
     let mut admin = agent.admin().await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    let info = common::eventually("the owner's exit to end the task", async || {
         let info = admin
             .get_task(admin_pb::GetTaskRequest {
                 id: task_id.clone(),
@@ -437,16 +429,10 @@ async fn owner_exit_kills_the_task_without_any_further_request() {
             .await
             .unwrap()
             .into_inner();
-        if info.state == "ended" {
-            assert_eq!(info.end_reason, "owner exited");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "owner exit never ended the task"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (info.state == "ended").then_some(info)
+    })
+    .await;
+    assert_eq!(info.end_reason, "owner exited");
     let (valid, reason) = is_valid(&mut tasks, &token, JIRA).await;
     assert!(!valid && reason.contains("owner exited"), "{reason}");
     agent.stop().await;

@@ -681,10 +681,10 @@ async fn a_client_that_hangs_up_frees_its_stream() {
         a.next().await.unwrap().unwrap();
         b.next().await.unwrap().unwrap();
         let running = agent.running();
-        eventually("two open streams", || running.open_streams() == 2).await;
+        eventually("two open streams", async || running.open_streams() == 2).await;
     }
     let running = agent.running();
-    eventually("streams freed after hang-up", || {
+    eventually("streams freed after hang-up", async || {
         running.open_streams() == 0
     })
     .await;

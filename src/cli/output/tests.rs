@@ -45,7 +45,7 @@ fn timestamps_are_rfc3339_in_json() {
 
 #[test]
 fn audit_records_are_one_readable_line() {
-    use crate::audit::{AuditEvent, Decision, EventKind};
+    use crate::audit::{AuditEvent, EventKind, Outcome};
     let event = AuditEvent {
         spiffe_id: Some("spiffe://example.org/agent".into()),
         pid: Some(42),
@@ -54,7 +54,7 @@ fn audit_records_are_one_readable_line() {
         tools: vec!["jira.search".into(), "jira.read".into()],
         policy_ids: vec!["p0".into()],
         reason: Some("tool \"x\"\n\u{1b}[2J".into()),
-        ..AuditEvent::new(EventKind::Deny, Decision::Deny)
+        ..AuditEvent::new(EventKind::Deny, Outcome::Deny)
     };
     let record = AuditRecord {
         seq: 7,
@@ -418,7 +418,7 @@ fn every_render_prints_its_serde_form_as_json() {
 
 #[test]
 fn audit_records_print_their_stored_line_as_json() {
-    use crate::audit::{AuditEvent, Decision, EventKind};
+    use crate::audit::{AuditEvent, EventKind, Outcome};
     // Not what serde would write for the record: the stored line, as is,
     // so that what a script reads is what the chain hashes.
     let line = r#"{"seq":3,"time":"2023-11-14T22:13:20Z","prev":"00","event":"deny"}"#;
@@ -426,7 +426,7 @@ fn audit_records_print_their_stored_line_as_json() {
         seq: 3,
         time: at(1_700_000_000).0,
         prev: "00".into(),
-        event: AuditEvent::new(EventKind::Deny, Decision::Deny),
+        event: AuditEvent::new(EventKind::Deny, Outcome::Deny),
         line: line.into(),
     };
     assert_eq!(StoredRecord(&record).json_line().unwrap(), line);

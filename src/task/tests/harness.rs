@@ -106,8 +106,7 @@ impl Agent {
     /// The test process as a task owner.
     pub(super) fn owner(&self) -> Owner {
         Owner {
-            pid: self.caller.pid(),
-            start_time: self.caller.start_time(),
+            process: self.caller.key(),
             uid: self.caller.uid(),
             executable: None,
             exe_sha256: None,

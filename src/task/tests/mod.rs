@@ -10,16 +10,16 @@ mod validate;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::attestation::ProcessKey;
 use crate::store::TaskRow;
 
-/// A stored task row for unit tests: owned by `owner` (pid, start time),
-/// ten minutes to live.
-pub(crate) fn test_row(id: &str, owner: (i32, u64), scope_descendants: bool) -> TaskRow {
+/// A stored task row for unit tests: owned by `owner`, ten minutes to live.
+pub(crate) fn test_row(id: &str, owner: ProcessKey, scope_descendants: bool) -> TaskRow {
     let now = SystemTime::now();
     TaskRow {
         id: id.into(),
-        owner_pid: owner.0,
-        owner_start_time: owner.1,
+        owner_pid: owner.pid(),
+        owner_start_time: owner.start_time(),
         owner_uid: 1000,
         owner_executable: None,
         owner_exe_sha256: None,

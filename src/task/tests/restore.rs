@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::harness::{Agent, OWNER_ID, SERVICE_ID, matched};
 use super::test_row;
+use crate::attestation::ProcessKey;
 use crate::store::Store;
 use crate::task::{BeginRequest, EndReason, Task, TaskConfig, TokenRejection};
 
@@ -27,7 +28,7 @@ async fn active_tasks_stay_active_and_ended_ones_stay_ended_across_a_restart() {
     let (revoked, revoked_token) = agent.begin().await;
     agent.tasks.end(&agent.caller, &completed.id).await.unwrap();
     agent.tasks.revoke(&revoked.id).await.unwrap();
-    let owner = (live.owner.pid, live.owner.start_time);
+    let owner = live.owner.process;
 
     let (agent, watched) = agent.restart();
 
@@ -76,7 +77,7 @@ async fn a_task_whose_owner_is_gone_is_ended_at_restore_and_stays_ended() {
     let agent = Agent::start(TaskConfig::default()).await;
     // Owned by a process that had this pid before: another start time.
     let mut gone = agent.owner();
-    gone.start_time += 1;
+    gone.process = ProcessKey::new(gone.process.pid(), gone.process.start_time() + 1);
     let (task, token) = agent
         .tasks
         .begin(
@@ -127,11 +128,7 @@ async fn a_task_past_its_deadline_is_not_restored() {
     let agent = Agent::start(TaskConfig::default()).await;
     let owner = agent.owner();
     // Stored active by a run that stopped before its deadline came.
-    let mut row = test_row(
-        "0b7e9c1a-past-deadline",
-        (owner.pid, owner.start_time),
-        false,
-    );
+    let mut row = test_row("0b7e9c1a-past-deadline", owner.process, false);
     row.created_at = SystemTime::now() - Duration::from_secs(120);
     row.deadline = SystemTime::now() - Duration::from_secs(60);
     Store::open(agent.dir.path())
@@ -143,10 +140,5 @@ async fn a_task_past_its_deadline_is_not_restored() {
 
     assert_eq!(watched, 0);
     assert!(agent.tasks.get("0b7e9c1a-past-deadline").is_none());
-    assert!(
-        agent
-            .tasks
-            .active_of((owner.pid, owner.start_time))
-            .is_empty()
-    );
+    assert!(agent.tasks.active_of(owner.process).is_empty());
 }

@@ -2,7 +2,10 @@
 //! driven through real clients (the `spiffe` crate, tether's own gRPC stubs).
 
 pub mod cli;
+pub mod eventually;
 pub mod kubelet;
+
+pub use eventually::{eventually, eventually_blocking};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -151,18 +154,6 @@ pub async fn raw_client(socket: &Path, with_header: bool) -> RawClient {
     SpiffeWorkloadApiClient::with_interceptor(uds_channel(socket).await, header)
 }
 
-/// Polls `check` until it holds, failing after [`PATIENCE`].
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `tether` CLI arguments with the CLI's `--timeout` (how long it waits for
 /// the agent, 5s by default) set to `timeout`, unless `args` set their own:
 /// in these tests it is a failure guard, never what is tested. It goes
@@ -202,7 +193,7 @@ pub fn handles_signal(pid: u32, signal: nix::sys::signal::Signal) -> bool {
 /// Waits until process `pid` handles `signal` (see [`handles_signal`]),
 /// failing after [`PATIENCE`].
 pub async fn until_handling(pid: u32, signal: nix::sys::signal::Signal) {
-    eventually(&format!("process {pid} to handle {signal}"), || {
+    eventually(format!("process {pid} to handle {signal}"), async || {
         handles_signal(pid, signal)
     })
     .await;
