@@ -46,6 +46,8 @@
 //!   `tonic::Status`.
 //! - Nothing is spawned outside [`daemon`]'s cancellation tree.
 
+pub mod error;
+
 pub mod audit;
 pub mod bundle;
 pub mod proto;
@@ -62,6 +64,8 @@ pub mod policy;
 pub mod svid;
 pub mod task;
 pub mod transport;
+
+pub mod edge;
 
 pub mod admin_api;
 pub mod task_api;

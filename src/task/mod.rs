@@ -66,6 +66,7 @@ use request::dedup;
 
 pub use config::TaskConfig;
 pub use exchange::Exchange;
+pub use journal::JournalError;
 pub use token::IssuedToken;
 pub use validate::ValidatedTaskToken;
 
@@ -118,7 +119,7 @@ pub enum TaskError {
     Audit(#[from] AuditUnavailable),
     /// A begin or an end could not be stored.
     #[error("task store: {0}")]
-    Journal(#[from] journal::JournalError),
+    Journal(#[from] JournalError),
 }
 
 /// Why a token is not valid. Safe to return to the presenter.

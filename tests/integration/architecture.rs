@@ -13,6 +13,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "audit",
         "authority",
         "bundle",
+        "edge",
+        "error",
         "federation",
         "policy",
         "proto",
@@ -58,6 +60,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     BTreeMap::from([
         // 0: leaves; what keeps state on disk trusts only trusted_fs's paths
         ("trusted_fs", &[][..]),
+        // How every error is printed (its source chain): anyone may use it.
+        ("error", &[][..]),
         ("proto", &[][..]),
         ("telemetry", &[][..]),
         ("bundle", &[][..]),
@@ -109,7 +113,26 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ),
         // Decisions only: policy sees registration types and nothing else.
         ("policy", &["registration"][..]),
-        // 3: edges (the Workload API never touches the authority directly)
+        // 3: the gRPC-edge kit every API shares (identify, gate, the one
+        // error-to-status mapping), then the edges (the Workload API never
+        // touches the authority directly)
+        // (authority and store: its tests build the errors that carry them)
+        (
+            "edge",
+            &[
+                "attestation",
+                "audit",
+                "authority",
+                "error",
+                "policy",
+                "registration",
+                "store",
+                "svid",
+                "task",
+                "telemetry",
+                "transport",
+            ][..],
+        ),
         ("workload_api", EDGE),
         ("admin_api", EDGE),
         ("task_api", EDGE),
