@@ -39,6 +39,19 @@ pub fn invalid(field: &str, problem: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {problem}"))
 }
 
+/// Refuses a request field longer than `limit` bytes: InvalidArgument
+/// naming the field, its length, the limit and the setting (or rule) that
+/// sets it.
+pub fn bounded(field: &str, value: &str, limit: usize, setting: &str) -> Result<(), Status> {
+    if value.len() > limit {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes long; the limit is {limit} ({setting})",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The caller may not do this: PermissionDenied with `reason`.
 pub fn denied(reason: impl Into<String>) -> Status {
     Status::permission_denied(reason)

@@ -22,7 +22,9 @@ use crate::proto::task::tasks_server::Tasks as TasksRpc;
 use crate::registration::{Match, Registry};
 // The one limit for every token the agent is handed.
 use crate::svid::jwt::MAX_TOKEN_LEN;
-use crate::task::{BeginRequest, IssuedToken, Owner, Task, Tasks, ValidatedTaskToken, claims};
+use crate::task::{
+    BeginRequest, IssuedToken, Owner, Task, TaskConfig, Tasks, ValidatedTaskToken, claims,
+};
 use crate::transport::Jobs;
 
 /// Largest certificate accepted in a request, in bytes.
@@ -259,21 +261,26 @@ fn unix_ms(t: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn bounded(field: &str, value: &str, limit: usize) -> Result<(), Status> {
-    if value.len() > limit {
+/// Refuses more than `tasks.max_tools` tools before any work is done.
+fn few_enough(tools: &[String], limits: &TaskConfig) -> Result<(), Status> {
+    if tools.len() > limits.max_tools {
         return Err(status::invalid_argument(format!(
-            "{field} is {} bytes long; the limit is {limit}",
-            value.len()
+            "tools: {} tools; the limit is {} (tasks.max_tools)",
+            tools.len(),
+            limits.max_tools
         )));
     }
     Ok(())
 }
 
+/// The one bound on every token the agent is handed.
+const TOKEN_LIMIT: &str = "the JWT-SVID size limit";
+
 fn task_id(value: &str) -> Result<&str, Status> {
     if value.is_empty() {
         return Err(status::invalid_argument("task_id is required"));
     }
-    bounded("task_id", value, 64)?;
+    status::bounded("task_id", value, 64, "a task id's length")?;
     Ok(value)
 }
 
@@ -288,13 +295,23 @@ impl TasksRpc for TaskApi {
         request: Request<pb::BeginTaskRequest>,
     ) -> Result<Response<pb::BeginTaskResponse>, Status> {
         {
+            // The configured limits, checked before the caller is attested.
             let req = request.get_ref();
-            bounded("audience", &req.audience, 4096)?;
-            bounded("intent", &req.intent, 64 * 1024)?;
-            bounded("spiffe_id", &req.spiffe_id, 2048)?;
-            if req.tools.len() > 1024 {
-                return Err(status::invalid_argument("tools: far too many"));
-            }
+            let limits = self.tasks.config();
+            status::bounded(
+                "audience",
+                &req.audience,
+                limits.max_audience_len,
+                "limits.max_audience_len",
+            )?;
+            status::bounded(
+                "intent",
+                &req.intent,
+                limits.max_intent_len,
+                "tasks.max_intent_len",
+            )?;
+            status::bounded("spiffe_id", &req.spiffe_id, 2048, "a SPIFFE ID's length")?;
+            few_enough(&req.tools, limits)?;
         }
         let (caller, attested) = self.identify(&request).await?;
         let req = request.into_inner();
@@ -514,11 +531,20 @@ impl TasksRpc for TaskApi {
             if req.subject_token.is_empty() {
                 return Err(status::invalid_argument("subject_token is required"));
             }
-            bounded("subject_token", &req.subject_token, MAX_TOKEN_LEN)?;
-            bounded("audience", &req.audience, 4096)?;
-            if req.tools.len() > 1024 {
-                return Err(status::invalid_argument("tools: far too many"));
-            }
+            let limits = self.tasks.config();
+            status::bounded(
+                "subject_token",
+                &req.subject_token,
+                MAX_TOKEN_LEN,
+                TOKEN_LIMIT,
+            )?;
+            status::bounded(
+                "audience",
+                &req.audience,
+                limits.max_audience_len,
+                "limits.max_audience_len",
+            )?;
+            few_enough(&req.tools, limits)?;
             if req.subject_presenter_certificate.len() > MAX_CERT_LEN {
                 return Err(status::invalid_argument(
                     "subject_presenter_certificate is too large",
@@ -611,9 +637,15 @@ impl TasksRpc for TaskApi {
             if req.audience.is_empty() {
                 return Err(status::invalid_argument("audience is required"));
             }
-            bounded("token", &req.token, MAX_TOKEN_LEN)?;
-            bounded("audience", &req.audience, 4096)?;
-            bounded("tool", &req.tool, 1024)?;
+            let limits = self.tasks.config();
+            status::bounded("token", &req.token, MAX_TOKEN_LEN, TOKEN_LIMIT)?;
+            status::bounded(
+                "audience",
+                &req.audience,
+                limits.max_audience_len,
+                "limits.max_audience_len",
+            )?;
+            status::bounded("tool", &req.tool, limits.max_tool_len, "tasks.max_tool_len")?;
             if req.presenter_certificate.len() > MAX_CERT_LEN {
                 return Err(status::invalid_argument(
                     "presenter_certificate is too large",

@@ -183,23 +183,17 @@ impl WorkloadApiLimits {
                     "audience must not contain empty strings",
                 ));
             }
-            self.check_len("audience", audience, self.max_audience_len)?;
+            status::bounded(
+                "audience",
+                audience,
+                self.max_audience_len,
+                "limits.max_audience_len",
+            )?;
             if audience.chars().any(char::is_control) {
                 return Err(status::invalid_argument(
                     "audience must not contain control characters",
                 ));
             }
-        }
-        Ok(())
-    }
-
-    /// Refuses a field longer than `limit` bytes.
-    pub fn check_len(&self, field: &str, value: &str, limit: usize) -> Result<(), Status> {
-        if value.len() > limit {
-            return Err(status::invalid_argument(format!(
-                "{field} is {} bytes long; the limit is {limit}",
-                value.len()
-            )));
         }
         Ok(())
     }

@@ -497,10 +497,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
             if req.spiffe_id.is_empty() {
                 None
             } else {
-                limits.check_len(
+                status::bounded(
                     "spiffe_id",
                     &req.spiffe_id,
                     crate::registration::entry::MAX_SPIFFE_ID_LEN,
+                    "a SPIFFE ID's length",
                 )?;
                 Some(SpiffeId::new(&req.spiffe_id).map_err(|e| {
                     status::invalid_argument(format!(
@@ -619,14 +620,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
             if req.svid.is_empty() {
                 return Err(status::invalid_argument("svid must be specified"));
             }
-            self.config.limits.check_len(
+            status::bounded(
                 "audience",
                 &req.audience,
                 self.config.limits.max_audience_len,
+                "limits.max_audience_len",
             )?;
-            self.config
-                .limits
-                .check_len("svid", &req.svid, svid::jwt::MAX_TOKEN_LEN)?;
+            status::bounded(
+                "svid",
+                &req.svid,
+                svid::jwt::MAX_TOKEN_LEN,
+                "the JWT-SVID size limit",
+            )?;
         }
         let (_caller, attested) = self.identify(&request).await?;
         let matches = self.registry.snapshot().matching(&attested.selectors);
