@@ -45,6 +45,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "authority",
         "bundle",
         "config",
+        "edge",
+        "error",
         "federation",
         "policy",
         "registration",
@@ -63,17 +65,17 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // How every error is printed (its source chain): anyone may use it.
         ("error", &[][..]),
         ("proto", &[][..]),
-        ("telemetry", &[][..]),
+        ("telemetry", &["error"][..]),
         ("bundle", &[][..]),
         ("store", &["trusted_fs"][..]),
-        ("audit", &["trusted_fs"][..]),
+        ("audit", &["error", "trusted_fs"][..]),
         // 1: core
         // Core modules record their decisions in the audit trail (a leaf).
         ("registration", &["audit", "store"][..]),
         // Every layer records metrics (telemetry, a leaf).
-        ("attestation", &["registration", "telemetry"][..]),
+        ("attestation", &["error", "registration", "telemetry"][..]),
         ("authority", &["bundle", "trusted_fs"][..]),
-        ("federation", &["bundle"][..]),
+        ("federation", &["bundle", "error"][..]),
         // 2: services and the shared transport
         (
             "svid",
@@ -82,6 +84,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "audit",
                 "authority",
                 "bundle",
+                "error",
                 "registration",
                 "store",
                 "telemetry",
@@ -94,6 +97,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "audit",
                 "authority",
                 "bundle",
+                "error",
                 "registration",
                 "store",
                 "svid",
@@ -105,6 +109,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             &[
                 "attestation",
                 "audit",
+                "error",
                 "policy",
                 "registration",
                 "telemetry",
@@ -112,7 +117,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             ][..],
         ),
         // Decisions only: policy sees registration types and nothing else.
-        ("policy", &["registration"][..]),
+        ("policy", &["error", "registration"][..]),
         // 3: the gRPC-edge kit every API shares (identify, gate, the one
         // error-to-status mapping), then the edges (the Workload API never
         // touches the authority directly)
