@@ -1,5 +1,5 @@
 //! The gRPC-edge kit: what the Workload API, the Task API and the admin
-//! API share once a connection is accepted. [`identify`] attests the
+//! API share once a connection is accepted. [`identify()`] attests the
 //! caller of a request, [`gate`] puts every decision on the workload socket
 //! through policy and the audit trail, [`header`] checks the Workload API's
 //! security header, [`json`] turns validated claims into a protobuf
