@@ -10,8 +10,9 @@
 //!
 //! - [`trusted_fs`]: the rules for every directory and file the agent
 //!   trusts (its own or root's, nobody else's to change, no symlinks).
-//! - [`proto`], [`telemetry`], [`bundle`], [`store`], [`audit`]: leaves.
-//!   Generated gRPC code; logging, metrics and the HTTP endpoint; trust bundles as values and their three
+//! - [`error`], [`proto`], [`telemetry`], [`bundle`], [`store`], [`audit`]:
+//!   leaves. How an error is printed (with its whole source chain);
+//!   generated gRPC code; logging, metrics and the HTTP endpoint; trust bundles as values and their three
 //!   encodings; the SQLite database in the data dir; the tamper-evident
 //!   audit trail of every identity decision.
 //! - [`registration`]: entries (selectors -> SPIFFE ID) and subset
@@ -24,9 +25,13 @@
 //! - [`svid`]: issuing, caching, rotating and validating SVIDs.
 //!   [`task`]: task-bound tokens: begin, renew, exchange, validate, end,
 //!   and the journal that survives restarts.
-//!   [`transport`]: the Unix sockets both APIs serve on. [`policy`]: the
+//!   [`transport`]: the Unix sockets both APIs serve on (binding, peer
+//!   identity, budgets; no gRPC status). [`policy`]: the
 //!   operator's Cedar policies, deciding each issuance, renewal and exchange
 //!   at request time.
+//! - [`edge`]: the kit the three APIs share: identify the caller, the
+//!   policy gate, the security header, and the one mapping of domain
+//!   errors to `tonic::Status`.
 //! - [`workload_api`]: the SPIFFE Workload API over the Unix socket.
 //!   [`task_api`]: the Task API beside it on the same socket.
 //!   [`admin_api`]: the operators' API on a second, root-only socket.
@@ -49,8 +54,10 @@
 //!   [`daemon`] loads and hands to [`audit`] to seal the trail) and are
 //!   never logged.
 //! - Proto types never reach a domain module, and domain modules never see
-//!   `tonic::Status`.
+//!   `tonic::Status`; a `Status` is built only in [`edge::status`].
 //! - Nothing is spawned outside [`daemon`]'s cancellation tree.
+
+pub mod error;
 
 pub mod audit;
 pub mod bundle;
@@ -68,6 +75,8 @@ pub mod policy;
 pub mod svid;
 pub mod task;
 pub mod transport;
+
+pub mod edge;
 
 pub mod admin_api;
 pub mod task_api;

@@ -6,6 +6,7 @@
 //! seed replay of the test suite (`tests/integration/fuzz_seeds.rs`).
 
 use prost::Message as _;
+use tether::edge::status::bounded;
 use tether::proto::{task, workload};
 use tether::workload_api::WorkloadApiLimits;
 
@@ -24,7 +25,12 @@ pub fn run(data: &[u8]) {
         }
         1 => {
             if let Ok(req) = workload::ValidateJwtsvidRequest::decode(body) {
-                let _ = limits.check_len("audience", &req.audience, limits.max_audience_len);
+                let _ = bounded(
+                    "audience",
+                    &req.audience,
+                    limits.max_audience_len,
+                    "limits.max_audience_len",
+                );
             }
         }
         2 => {
@@ -34,7 +40,7 @@ pub fn run(data: &[u8]) {
         }
         3 => {
             if let Ok(req) = task::BeginTaskRequest::decode(body) {
-                let _ = limits.check_len("intent", &req.intent, 1024);
+                let _ = bounded("intent", &req.intent, 1024, "tasks.max_intent_len");
                 let _ = spiffe::SpiffeId::new(&req.spiffe_id);
             }
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Status};
 
+use crate::edge::status;
 use crate::transport::PeerInfo;
 
 /// The admin allow-list, as a tonic interceptor.
@@ -32,7 +33,7 @@ impl AdminAuthz {
             caller: Ok(caller), ..
         }) = peer
         else {
-            return Err(Status::permission_denied(
+            return Err(status::denied(
                 "admin API: the caller could not be identified",
             ));
         };
@@ -44,7 +45,7 @@ impl AdminAuthz {
                 uid = caller.uid(),
                 "admin API call refused: uid not in admin_uids"
             );
-            Err(Status::permission_denied(format!(
+            Err(status::denied(format!(
                 "admin API: uid {} is not allowed (root, the agent's user and admin_uids only)",
                 caller.uid()
             )))

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tonic::Status;
 
-use super::status;
+use crate::edge::status;
 use crate::proto::admin as pb;
 use crate::registration::{EntrySource, EntrySpec, RegistrationEntry};
 

@@ -14,7 +14,6 @@
 pub mod authz;
 pub mod convert;
 pub mod service;
-pub mod status;
 
 use std::future::Future;
 use std::path::PathBuf;

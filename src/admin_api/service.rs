@@ -8,15 +8,15 @@ use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use super::{convert, status};
+use super::convert;
 use crate::authority::Authority;
+use crate::edge::{gate, status};
 use crate::proto::admin as pb;
 use crate::proto::admin::admin_server::Admin;
 use crate::registration::{EntryId, Registry, Selector, SelectorSet};
 use crate::svid::SvidIssuer;
 use crate::task::{Task, Tasks};
 use crate::telemetry::http::Readiness;
-use crate::transport::gate;
 
 /// What a reload changed.
 #[derive(Debug, Clone)]
@@ -219,7 +219,7 @@ impl Admin for AdminApi {
         let task = self
             .tasks
             .get(id)
-            .ok_or_else(|| Status::not_found(format!("no task {id}")))?;
+            .ok_or_else(|| status::not_found(format!("no task {id}")))?;
         Ok(Response::new(task_info(&task)))
     }
 
@@ -229,13 +229,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::TaskInfo>, Status> {
         let request = request.into_inner();
         let id = task_id(&request.id)?;
-        let task = self.tasks.revoke(id).await.map_err(|e| match e {
-            crate::task::TaskError::NotFound(_) => Status::not_found(e.to_string()),
-            other => {
-                tracing::error!(error = %other, "revoking a task failed");
-                Status::internal(format!("revoking the task failed: {other}"))
-            }
-        })?;
+        let task = self.tasks.revoke(id).await.map_err(|e| status::task(&e))?;
         tracing::info!(task_id = %task.id, "task revoked by an operator");
         gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(task_info(&task)))
@@ -250,7 +244,7 @@ impl Admin for AdminApi {
             .registry
             .create(&spec)
             .await
-            .map_err(status::registration)?;
+            .map_err(|e| status::registration(&e))?;
         gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(convert::entry(&entry)))
     }
@@ -267,7 +261,7 @@ impl Admin for AdminApi {
             .registry
             .update(&id, &spec, expected)
             .await
-            .map_err(status::registration)?;
+            .map_err(|e| status::registration(&e))?;
         gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(convert::entry(&entry)))
     }
@@ -280,7 +274,7 @@ impl Admin for AdminApi {
         self.registry
             .delete(&id)
             .await
-            .map_err(status::registration)?;
+            .map_err(|e| status::registration(&e))?;
         gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(pb::DeleteEntryResponse {}))
     }
@@ -293,7 +287,7 @@ impl Admin for AdminApi {
         let snapshot = self.registry.snapshot();
         let entry = snapshot
             .get(&id)
-            .ok_or_else(|| Status::not_found(format!("no entry with id {id}")))?;
+            .ok_or_else(|| status::not_found(format!("no entry with id {id}")))?;
         Ok(Response::new(convert::entry(entry)))
     }
 
@@ -331,8 +325,8 @@ impl Admin for AdminApi {
         let issuer = self.svids.clone();
         let recorded = tokio::task::spawn_blocking(move || issuer.issued_live())
             .await
-            .map_err(|e| Status::internal(format!("listing SVIDs: {e}")))?
-            .map_err(|e| Status::internal(format!("listing SVIDs: {e}")))?;
+            .map_err(|e| status::agent_fault("listing SVIDs", &e))?
+            .map_err(|e| status::agent_fault("listing SVIDs", &e))?;
         // Recorded issuance (including before a restart), completed by the
         // cache (records are written off the request path).
         let mut svids: BTreeMap<String, pb::IssuedSvid> = recorded
@@ -402,7 +396,7 @@ impl Admin for AdminApi {
         let bundle = self.authority.bundle();
         let spiffe_json = bundle
             .to_spiffe_json()
-            .map_err(|e| Status::internal(format!("encoding the bundle: {e}")))?;
+            .map_err(|e| status::internal("encoding the bundle", &e))?;
         Ok(Response::new(pb::Bundle {
             trust_domain: bundle.trust_domain().to_string(),
             spiffe_json,
@@ -419,7 +413,7 @@ impl Admin for AdminApi {
         let readiness = self.readiness.clone();
         let problems = tokio::task::spawn_blocking(move || readiness.problems())
             .await
-            .map_err(|e| Status::internal(format!("the readiness check failed: {e}")))?;
+            .map_err(|e| status::agent_fault("the readiness check", &e))?;
         Ok(Response::new(pb::HealthResponse {
             serving: problems.is_empty(),
             problems,
@@ -439,12 +433,12 @@ impl Admin for AdminApi {
         self.reload
             .send(tx)
             .await
-            .map_err(|_| Status::unavailable("the agent is stopping"))?;
+            .map_err(|_| status::unavailable("the agent is stopping"))?;
         let outcome = rx
             .await
-            .map_err(|_| Status::unavailable("the agent is stopping"))?
+            .map_err(|_| status::unavailable("the agent is stopping"))?
             .map_err(|reason| {
-                Status::failed_precondition(format!(
+                status::failed_precondition(format!(
                     "reload refused, the running config stays: {reason}"
                 ))
             })?;

@@ -256,7 +256,7 @@ impl Caller {
                         ready.clear_ready();
                     }
                     Err(error) => {
-                        tracing::warn!(pid = self.pid, %error, "waiting on pidfd failed; polling");
+                        tracing::warn!(pid = self.pid, error = %crate::error::Chain(&error), "waiting on pidfd failed; polling");
                         break;
                     }
                 }
@@ -342,7 +342,7 @@ impl Process {
                 match registered {
                     Ok(watch) => Some(watch),
                     Err(error) => {
-                        tracing::warn!(pid, %error, "cannot register pidfd with the reactor; polling for exit");
+                        tracing::warn!(pid, error = %crate::error::Chain(&error), "cannot register pidfd with the reactor; polling for exit");
                         None
                     }
                 }

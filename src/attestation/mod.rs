@@ -200,7 +200,7 @@ pub enum AttestationError {
     #[error("the attestation job did not complete")]
     Blocking(#[source] tokio::task::JoinError),
     /// The caller's cgroups place it in two pods or containers at once.
-    #[error("caller pid {pid}: {source}")]
+    #[error("caller pid {pid} is in two pods or containers at once")]
     Cgroup {
         /// The caller's PID.
         pid: i32,
@@ -209,7 +209,7 @@ pub enum AttestationError {
         source: k8s::CgroupError,
     },
     /// The caller runs in a pod that the kubelet could not tell about.
-    #[error("caller pid {pid} runs in a pod that could not be attested: {source}")]
+    #[error("caller pid {pid} runs in a pod that could not be attested")]
     Kubernetes {
         /// The caller's PID.
         pid: i32,

@@ -325,7 +325,7 @@ fn user_name(uid: u32) -> Option<String> {
     match User::from_uid(Uid::from_raw(uid)) {
         Ok(user) => user.map(|u| u.name),
         Err(error) => {
-            tracing::debug!(uid, %error, "user lookup failed; no unix:user selector");
+            tracing::debug!(uid, error = %crate::error::Chain(&error), "user lookup failed; no unix:user selector");
             None
         }
     }
@@ -336,7 +336,7 @@ fn group_name(gid: u32) -> Option<String> {
     match Group::from_gid(Gid::from_raw(gid)) {
         Ok(group) => group.map(|g| g.name),
         Err(error) => {
-            tracing::debug!(gid, %error, "group lookup failed; no group selector");
+            tracing::debug!(gid, error = %crate::error::Chain(&error), "group lookup failed; no group selector");
             None
         }
     }

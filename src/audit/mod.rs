@@ -224,7 +224,7 @@ pub enum AuditUnavailable {
     },
     /// The writer cannot write (disk full, read-only, I/O error); it retries
     /// every second.
-    #[error("the audit log cannot be written: {source}")]
+    #[error("the audit log cannot be written")]
     Failed {
         /// The last write error.
         #[source]
@@ -518,7 +518,7 @@ impl AuditLog {
             .drain();
         for counted in counts {
             if let Err(error) = self.enqueue(counted.to_body()) {
-                tracing::warn!(%error, "could not record a count of repeated denials");
+                tracing::warn!(error = %crate::error::Chain(&error), "could not record a count of repeated denials");
             }
         }
     }
@@ -571,7 +571,8 @@ impl AuditLog {
         }
         if let Some(source) = self.shared.failure() {
             return Some(
-                AuditUnavailable::Failed { source }.to_string() + " (retrying every second)",
+                crate::error::chain(&AuditUnavailable::Failed { source })
+                    + " (retrying every second)",
             );
         }
         if self.tx.is_closed() {

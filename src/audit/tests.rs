@@ -681,7 +681,8 @@ async fn a_writer_that_cannot_sync_head_fails_closed_then_recovers() {
     );
     match running.log.record(event(2)) {
         Err(error @ AuditUnavailable::Failed { .. }) => {
-            assert!(error.to_string().contains(".HEAD.tmp"), "{error}");
+            let text = crate::error::chain(&error);
+            assert!(text.contains(".HEAD.tmp"), "{text}");
         }
         other => panic!("expected a refusal, got {other:?}"),
     }

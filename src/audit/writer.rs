@@ -281,7 +281,7 @@ impl AuditWriter {
                     return;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, attempt, "writing the audit records queued at shutdown failed");
+                    tracing::warn!(error = %crate::error::Chain(&error), attempt, "writing the audit records queued at shutdown failed");
                     self.shared.set_failure(Some(error));
                     if attempt < FINAL_ATTEMPTS {
                         tokio::time::sleep(RETRY).await;
@@ -387,11 +387,11 @@ impl AuditWriter {
     fn failed(&self, error: Arc<AuditError>) {
         if self.shared.set_failure(Some(Arc::clone(&error))) {
             tracing::error!(
-                %error,
+                error = %crate::error::Chain(&error),
                 "the audit log cannot be written: recording is refused (so nothing is issued) until it can; retrying every second"
             );
         } else {
-            tracing::debug!(%error, "the audit log still cannot be written");
+            tracing::debug!(error = %crate::error::Chain(&error), "the audit log still cannot be written");
         }
     }
 
@@ -569,7 +569,7 @@ impl Disk {
         if let Err(error) = result
             && !std::mem::replace(&mut self.stdout_failed, true)
         {
-            tracing::warn!(%error, "printing audit records to stdout failed; the audit files keep them");
+            tracing::warn!(error = %crate::error::Chain(&error), "printing audit records to stdout failed; the audit files keep them");
         }
     }
 }

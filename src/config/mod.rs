@@ -128,7 +128,7 @@ impl Config {
     }
 
     fn from_raw(
-        raw: RawConfig,
+        mut raw: RawConfig,
         source: ConfigSource,
         env: &dyn EnvSource,
     ) -> Result<Self, ConfigError> {
@@ -196,6 +196,8 @@ impl Config {
         raw.limits
             .validate()
             .map_err(|(key, problem)| ConfigError::setting(format!("limits.{key}"), problem))?;
+        // One audience bound for every API on the workload socket.
+        raw.tasks.max_audience_len = raw.limits.max_audience_len;
         raw.tasks
             .validate()
             .map_err(|(key, problem)| ConfigError::setting(key, problem))?;

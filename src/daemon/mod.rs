@@ -270,7 +270,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 closing.clone(),
             );
             if let Err(error) = drained(served, &token, &closing, "workload").await {
-                tracing::error!(%error, "workload API server failed; stopping the agent");
+                tracing::error!(error = %crate::error::Chain(&error), "workload API server failed; stopping the agent");
                 fail.fail(format!("the workload API server failed: {error}"));
             }
             // Unlinks the socket, now that nothing is served on it.
@@ -286,7 +286,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let closing = CancellationToken::new();
             let served = admin_api::serve(admin, authz, &mut admin_socket, stop, closing.clone());
             if let Err(error) = drained(served, &token, &closing, "admin").await {
-                tracing::error!(%error, "admin API server failed; stopping the agent");
+                tracing::error!(error = %crate::error::Chain(&error), "admin API server failed; stopping the agent");
                 fail.fail(format!("the admin API server failed: {error}"));
             }
             drop(admin_socket);
@@ -639,6 +639,6 @@ fn raise_fd_limit() {
         && soft < hard
         && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
     {
-        tracing::debug!(%error, "could not raise the open file limit");
+        tracing::debug!(error = %crate::error::Chain(&error), "could not raise the open file limit");
     }
 }

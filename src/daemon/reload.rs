@@ -42,7 +42,7 @@ impl Reloader {
         let mut hangup = match signal(SignalKind::hangup()) {
             Ok(hangup) => Some(hangup),
             Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGHUP; reload only through `tether reload`");
+                tracing::warn!(error = %crate::error::Chain(&error), "cannot listen for SIGHUP; reload only through `tether reload`");
                 None
             }
         };
@@ -151,6 +151,6 @@ pub(super) fn record_policy_reload(audit: &AuditLog, outcome: Result<PolicySumma
         },
     };
     if let Err(error) = audit.record(event) {
-        tracing::error!(%error, "the policy reload could not be audited");
+        tracing::error!(error = %crate::error::Chain(&error), "the policy reload could not be audited");
     }
 }

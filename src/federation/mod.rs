@@ -203,7 +203,7 @@ impl Federation {
         let bytes = match read_result {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(error)) => {
-                tracing::warn!(trust_domain = %watched.source.trust_domain, %error, "federated bundle unreadable; keeping the previous one");
+                tracing::warn!(trust_domain = %watched.source.trust_domain, error = %crate::error::Chain(&error), "federated bundle unreadable; keeping the previous one");
                 return;
             }
             Err(_) => return,
@@ -232,7 +232,7 @@ impl Federation {
                 });
             }
             Err(error) => {
-                tracing::warn!(trust_domain = %watched.source.trust_domain, %error, "federated bundle invalid; keeping the previous one");
+                tracing::warn!(trust_domain = %watched.source.trust_domain, error = %crate::error::Chain(&error), "federated bundle invalid; keeping the previous one");
             }
         }
     }

@@ -60,7 +60,7 @@ impl Policy {
             let poll = match tokio::task::spawn_blocking(move || policy.poll(refused)).await {
                 Ok(poll) => poll,
                 Err(error) => {
-                    tracing::error!(%error, "policy watcher: a poll failed");
+                    tracing::error!(error = %crate::error::Chain(&error), "policy watcher: a poll failed");
                     continue;
                 }
             };
@@ -87,7 +87,7 @@ impl Policy {
                     refused = Some(digest);
                     tracing::warn!(
                         dir = %dir.display(),
-                        %error,
+                        error = %crate::error::Chain(&error),
                         "policy change refused; the policies in force stay"
                     );
                     on_reload(Err(error.to_string()));
@@ -99,12 +99,12 @@ impl Policy {
                     // The directory cannot be read: say so once, not on
                     // every poll.
                     if read_failing {
-                        tracing::debug!(%error, "policy directory still unreadable");
+                        tracing::debug!(error = %crate::error::Chain(&error), "policy directory still unreadable");
                     } else {
                         read_failing = true;
                         tracing::warn!(
                             dir = %dir.display(),
-                            %error,
+                            error = %crate::error::Chain(&error),
                             "policy directory unreadable; the policies in force stay"
                         );
                         on_reload(Err(error.to_string()));

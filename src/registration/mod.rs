@@ -70,7 +70,7 @@ pub enum RegistrationError {
     },
     /// A stored entry no longer validates (damaged store, or a trust domain
     /// or federation change): refuse to start rather than drop it.
-    #[error("stored entry {id} is not valid: {source}")]
+    #[error("stored entry {id} is not valid")]
     Stored {
         /// The stored entry's id.
         id: String,
@@ -89,13 +89,13 @@ pub enum RegistrationError {
         spiffe_id: String,
     },
     /// The store refused.
-    #[error("entry store: {0}")]
+    #[error("the entry store failed")]
     Store(#[from] StoreError),
     /// The blocking store job did not complete.
-    #[error("entry store job failed: {0}")]
+    #[error("the entry store job did not complete")]
     Job(#[from] tokio::task::JoinError),
     /// The change could not be recorded in the audit trail.
-    #[error("not changing entries: {0}")]
+    #[error("not changing entries: the change could not be audited")]
     Audit(#[from] AuditUnavailable),
 }
 

@@ -59,14 +59,14 @@ pub enum SvidError {
     #[error(transparent)]
     Authority(#[from] AuthorityError),
     /// Generating the SVID's key pair failed.
-    #[error("generating the SVID key: {0}")]
+    #[error("generating the SVID key failed")]
     KeyGeneration(#[source] rcgen::Error),
     /// The blocking job generating the key and signing ended without an
     /// answer (it panicked, or the runtime is shutting down).
-    #[error("the signing job ended without an answer: {0}")]
+    #[error("the signing job ended without an answer")]
     SigningJob(#[source] tokio::task::JoinError),
     /// The issuance could not be recorded: nothing is issued unaudited.
-    #[error("not issuing: {0}")]
+    #[error("not issuing: the issuance could not be audited")]
     Audit(#[from] AuditUnavailable),
 }
 
@@ -193,7 +193,7 @@ impl SvidIssuer {
                     let before = SystemTime::now() - RECORD_RETENTION;
                     match tokio::task::spawn_blocking(move || store.prune_x509(before)).await {
                         Ok(Ok(pruned)) if pruned > 0 => tracing::debug!(pruned, "pruned expired issuance records"),
-                        Ok(Err(error)) => tracing::warn!(%error, "could not prune issuance records"),
+                        Ok(Err(error)) => tracing::warn!(error = %crate::error::Chain(&error), "could not prune issuance records"),
                         _ => {}
                     }
                 }
@@ -202,8 +202,8 @@ impl SvidIssuer {
                     let serial = record.serial.clone();
                     match tokio::task::spawn_blocking(move || store.record_x509_issued(&record)).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(error)) => tracing::warn!(%serial, %error, "could not record an issued X.509-SVID"),
-                        Err(error) => tracing::warn!(%serial, %error, "issuance recorder job failed"),
+                        Ok(Err(error)) => tracing::warn!(%serial, error = %crate::error::Chain(&error), "could not record an issued X.509-SVID"),
+                        Err(error) => tracing::warn!(%serial, error = %crate::error::Chain(&error), "issuance recorder job failed"),
                     }
                 }
             }

@@ -127,10 +127,10 @@ impl SvidIssuer {
                     );
                 }
                 Ok(Err(error)) => {
-                    tracing::error!(serial = %svid.serial, %error, "could not store a revocation")
+                    tracing::error!(serial = %svid.serial, error = %crate::error::Chain(&error), "could not store a revocation")
                 }
                 Err(error) => {
-                    tracing::error!(serial = %svid.serial, %error, "revocation job failed")
+                    tracing::error!(serial = %svid.serial, error = %crate::error::Chain(&error), "revocation job failed")
                 }
             }
         }
@@ -144,7 +144,7 @@ impl SvidIssuer {
         let revoked = match tokio::task::spawn_blocking(move || store.revoked_x509(now)).await {
             Ok(Ok(revoked)) => revoked,
             Ok(Err(error)) => {
-                tracing::error!(%error, "could not read revocations; CRLs not updated");
+                tracing::error!(error = %crate::error::Chain(&error), "could not read revocations; CRLs not updated");
                 return;
             }
             Err(_) => return,
@@ -173,7 +173,9 @@ impl SvidIssuer {
             match self.authority().sign_crl(request).await {
                 Ok(Some(der)) => crls.push(der),
                 Ok(None) => {}
-                Err(error) => tracing::error!(%ca_id, %error, "could not sign a CRL"),
+                Err(error) => {
+                    tracing::error!(%ca_id, error = %crate::error::Chain(&error), "could not sign a CRL")
+                }
             }
         }
         self.revocations.crls.send_replace(Arc::new(crls));

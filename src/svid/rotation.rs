@@ -73,7 +73,7 @@ impl SvidIssuer {
                         tracing::warn!(
                             entry_id = %entry.id,
                             spiffe_id = %svid.spiffe_id,
-                            %error,
+                            error = %crate::error::Chain(&error),
                             "X.509-SVID renewal failed; the current SVID stays until it expires"
                         );
                     }

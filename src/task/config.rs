@@ -30,6 +30,11 @@ pub struct TaskConfig {
     pub max_tool_len: usize,
     /// Most active tasks one process may own.
     pub max_tasks_per_process: usize,
+    /// Longest audience, in bytes: not a `[tasks]` key but `[limits]
+    /// max_audience_len`, the Workload API's, so a task audience and a
+    /// JWT-SVID audience have one bound (set when the config is composed).
+    #[serde(skip)]
+    pub max_audience_len: usize,
 }
 
 // === impl TaskConfig ===
@@ -45,6 +50,7 @@ impl Default for TaskConfig {
             max_tools: 32,
             max_tool_len: 128,
             max_tasks_per_process: 64,
+            max_audience_len: 1024,
         }
     }
 }
@@ -86,6 +92,7 @@ impl TaskConfig {
             ("tasks.max_tools", self.max_tools),
             ("tasks.max_tool_len", self.max_tool_len),
             ("tasks.max_tasks_per_process", self.max_tasks_per_process),
+            ("limits.max_audience_len", self.max_audience_len),
         ] {
             if n == 0 {
                 return Err((key, "must be greater than zero".into()));

@@ -61,7 +61,7 @@ impl Tasks {
         tools: &[String],
         bundle_for: impl Fn(&TrustDomain) -> Option<Arc<TrustBundle>>,
     ) -> Result<Exchange, TaskError> {
-        check_audience("audience", audience)?;
+        check_audience("audience", audience, &self.inner.config)?;
         check_tools(tools, &self.inner.config)?;
         // The subject token must be addressed to the caller: find its
         // audience among the caller's names, then validate it for that.

@@ -121,7 +121,9 @@ async fn write_batches<T: Send + 'static>(
             }
             // The blocking job panicked or the runtime is stopping: the
             // callers' replies drop, and each hears Closed.
-            Err(error) => tracing::error!(%error, "task store batch did not complete"),
+            Err(error) => {
+                tracing::error!(error = %crate::error::Chain(&error), "task store batch did not complete")
+            }
         }
     }
 }

@@ -87,7 +87,7 @@ impl Tasks {
                 }
                 _ = prune.tick() => {
                     if let Err(error) = self.prune().await {
-                        tracing::warn!(%error, "could not prune ended tasks");
+                        tracing::warn!(error = %crate::error::Chain(&error), "could not prune ended tasks");
                     }
                 }
             }
@@ -98,7 +98,7 @@ impl Tasks {
         if let Err(error) = self.finish(task, reason).await {
             // The end is not stored: keep the task refused in memory anyway
             // (fail closed), and say so.
-            tracing::error!(task_id = %task.id, %reason, %error, "could not store the end of a task; refusing its tokens until restart");
+            tracing::error!(task_id = %task.id, %reason, error = %crate::error::Chain(&error), "could not store the end of a task; refusing its tokens until restart");
             self.mark_ended(task, reason, SystemTime::now());
             self.inner.changes.send_modify(|n| *n += 1);
         }

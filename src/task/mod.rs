@@ -66,6 +66,7 @@ use request::dedup;
 
 pub use config::TaskConfig;
 pub use exchange::Exchange;
+pub use journal::JournalError;
 pub use token::IssuedToken;
 pub use validate::ValidatedTaskToken;
 
@@ -99,26 +100,26 @@ pub enum TaskError {
     #[error("cannot exchange: {0}")]
     Exchange(String),
     /// A token was refused.
-    #[error("{0}")]
+    #[error(transparent)]
     Token(#[from] TokenRejection),
     /// No such task (operators).
     #[error("no task {0}")]
     NotFound(String),
     /// Signing failed.
-    #[error("signing a task token: {0}")]
+    #[error("signing a task token failed")]
     Sign(#[from] AuthorityError),
     /// The task store failed.
-    #[error("task store: {0}")]
+    #[error("the task store failed")]
     Store(#[from] StoreError),
     /// A blocking store job did not complete.
-    #[error("task store job failed: {0}")]
+    #[error("the task store job did not complete")]
     Job(#[from] tokio::task::JoinError),
     /// The decision could not be recorded: nothing is issued unaudited.
-    #[error("not issuing: {0}")]
+    #[error("not issuing: the decision could not be audited")]
     Audit(#[from] AuditUnavailable),
     /// A begin or an end could not be stored.
-    #[error("task store: {0}")]
-    Journal(#[from] journal::JournalError),
+    #[error("the task store could not store a begin or an end")]
+    Journal(#[from] JournalError),
 }
 
 /// Why a token is not valid. Safe to return to the presenter.
@@ -532,7 +533,7 @@ impl Tasks {
             ..task_event(task, kind, Outcome::Info)
         }) {
             // The end itself is stored and enforced; only its record is lost.
-            tracing::error!(task_id = %task.id, %error, "could not record the end of a task in the audit trail");
+            tracing::error!(task_id = %task.id, error = %crate::error::Chain(&error), "could not record the end of a task in the audit trail");
         }
         Ok(true)
     }

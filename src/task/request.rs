@@ -20,7 +20,7 @@ impl Tasks {
         ttl: Option<Duration>,
     ) -> Result<Duration, TaskError> {
         let config = &self.inner.config;
-        check_audience("audience", audience)?;
+        check_audience("audience", audience, config)?;
         if intent.trim().is_empty() {
             return Err(invalid("intent", "must say what the task is for"));
         }
@@ -60,19 +60,29 @@ pub(super) fn invalid(field: &'static str, problem: impl Into<String>) -> TaskEr
     }
 }
 
-pub(super) fn check_audience(field: &'static str, audience: &str) -> Result<(), TaskError> {
+pub(super) fn check_audience(
+    field: &'static str,
+    audience: &str,
+    config: &TaskConfig,
+) -> Result<(), TaskError> {
     if audience.is_empty() {
         return Err(invalid(field, "is required (exactly one audience)"));
     }
-    if audience.len() > 1024
-        || audience
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-    {
+    if audience.len() > config.max_audience_len {
         return Err(invalid(
             field,
-            "must be one audience: at most 1024 bytes, no spaces",
+            format!(
+                "is {} bytes; the limit is {} (limits.max_audience_len)",
+                audience.len(),
+                config.max_audience_len
+            ),
         ));
+    }
+    if audience
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(field, "must be one audience: no spaces"));
     }
     Ok(())
 }

@@ -6,12 +6,11 @@
 //! (pid and start time) that began it; only it may renew, watch or end it.
 
 pub mod service;
-pub mod status;
 
 use tonic::service::interceptor::InterceptedService;
 
+use crate::edge::header::require_security_header;
 use crate::proto::task::tasks_server::TasksServer;
-use crate::transport::header::require_security_header;
 pub use service::TaskApi;
 
 /// The header-checking interceptor's type.

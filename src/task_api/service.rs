@@ -9,11 +9,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::status;
 use crate::attestation::{Attested, Attestor, Caller};
 use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::authority::Authority;
 use crate::bundle::TrustBundle;
+use crate::edge::gate::{self, Subject};
+use crate::edge::status;
 use crate::federation::Federation;
 use crate::policy::{Action, Policy, PolicyContext, PolicyRequest, Resource};
 use crate::proto::task as pb;
@@ -21,9 +22,10 @@ use crate::proto::task::tasks_server::Tasks as TasksRpc;
 use crate::registration::{Match, Registry};
 // The one limit for every token the agent is handed.
 use crate::svid::jwt::MAX_TOKEN_LEN;
-use crate::task::{BeginRequest, IssuedToken, Owner, Task, Tasks, ValidatedTaskToken, claims};
-use crate::transport::gate::{self, Subject};
-use crate::transport::{self, Jobs};
+use crate::task::{
+    BeginRequest, IssuedToken, Owner, Task, TaskConfig, Tasks, ValidatedTaskToken, claims,
+};
+use crate::transport::Jobs;
 
 /// Largest certificate accepted in a request, in bytes.
 const MAX_CERT_LEN: usize = 16 * 1024;
@@ -75,7 +77,7 @@ impl TaskApi {
 
     /// The caller, from the kernel, admitted by its uid's audit budget.
     async fn identify<T>(&self, request: &Request<T>) -> Result<(Caller, Attested), Status> {
-        let (caller, attested) = transport::identify(&self.attestor, request).await?;
+        let (caller, attested) = crate::edge::identify(&self.attestor, request).await?;
         gate::admit(self.tasks.audit(), &attested)?;
         Ok((caller, attested))
     }
@@ -218,10 +220,10 @@ impl TaskApi {
             return Ok(None);
         }
         if cert.len() > MAX_CERT_LEN {
-            return Err(Status::invalid_argument("bind_certificate is too large"));
+            return Err(status::invalid_argument("bind_certificate is too large"));
         }
         let (_, parsed) = x509_parser::parse_x509_certificate(cert)
-            .map_err(|_| Status::invalid_argument("bind_certificate is not a DER certificate"))?;
+            .map_err(|_| status::invalid_argument("bind_certificate is not a DER certificate"))?;
         let uri = parsed
             .subject_alternative_name()
             .ok()
@@ -233,12 +235,12 @@ impl TaskApi {
                 })
             });
         if uri.as_deref() != Some(spiffe_id.to_string().as_str()) {
-            return Err(Status::invalid_argument(format!(
+            return Err(status::invalid_argument(format!(
                 "bind_certificate is not an X.509-SVID for {spiffe_id}"
             )));
         }
         if !parsed.validity().is_valid() || !self.authority.issued_here(cert) {
-            return Err(Status::invalid_argument(
+            return Err(status::invalid_argument(
                 "bind_certificate is not a current X.509-SVID issued by this agent",
             ));
         }
@@ -259,21 +261,26 @@ fn unix_ms(t: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn bounded(field: &str, value: &str, limit: usize) -> Result<(), Status> {
-    if value.len() > limit {
-        return Err(Status::invalid_argument(format!(
-            "{field} is {} bytes long; the limit is {limit}",
-            value.len()
+/// Refuses more than `tasks.max_tools` tools before any work is done.
+fn few_enough(tools: &[String], limits: &TaskConfig) -> Result<(), Status> {
+    if tools.len() > limits.max_tools {
+        return Err(status::invalid_argument(format!(
+            "tools: {} tools; the limit is {} (tasks.max_tools)",
+            tools.len(),
+            limits.max_tools
         )));
     }
     Ok(())
 }
 
+/// The one bound on every token the agent is handed.
+const TOKEN_LIMIT: &str = "the JWT-SVID size limit";
+
 fn task_id(value: &str) -> Result<&str, Status> {
     if value.is_empty() {
-        return Err(Status::invalid_argument("task_id is required"));
+        return Err(status::invalid_argument("task_id is required"));
     }
-    bounded("task_id", value, 64)?;
+    status::bounded("task_id", value, 64, "a task id's length")?;
     Ok(value)
 }
 
@@ -288,13 +295,23 @@ impl TasksRpc for TaskApi {
         request: Request<pb::BeginTaskRequest>,
     ) -> Result<Response<pb::BeginTaskResponse>, Status> {
         {
+            // The configured limits, checked before the caller is attested.
             let req = request.get_ref();
-            bounded("audience", &req.audience, 4096)?;
-            bounded("intent", &req.intent, 64 * 1024)?;
-            bounded("spiffe_id", &req.spiffe_id, 2048)?;
-            if req.tools.len() > 1024 {
-                return Err(Status::invalid_argument("tools: far too many"));
-            }
+            let limits = self.tasks.config();
+            status::bounded(
+                "audience",
+                &req.audience,
+                limits.max_audience_len,
+                "limits.max_audience_len",
+            )?;
+            status::bounded(
+                "intent",
+                &req.intent,
+                limits.max_intent_len,
+                "tasks.max_intent_len",
+            )?;
+            status::bounded("spiffe_id", &req.spiffe_id, 2048, "a SPIFFE ID's length")?;
+            few_enough(&req.tools, limits)?;
         }
         let (caller, attested) = self.identify(&request).await?;
         let req = request.into_inner();
@@ -307,7 +324,7 @@ impl TasksRpc for TaskApi {
                 .find(|m| m.spiffe_id.to_string() == req.spiffe_id)
         }
         .ok_or_else(|| {
-            Status::permission_denied(
+            status::denied(
                 "no identity issued: no registration entry grants this process that identity",
             )
         })?;
@@ -328,7 +345,7 @@ impl TasksRpc for TaskApi {
         let ttl_seconds = self
             .tasks
             .check_begin(&req.audience, &req.intent, &req.tools, ttl)
-            .map_err(status::task)?
+            .map_err(|e| status::task(&e))?
             .as_secs();
         let selectors = gate::selectors(&attested);
         let executable = gate::executable(&attested);
@@ -366,7 +383,7 @@ impl TasksRpc for TaskApi {
             .tasks
             .begin(&caller, owner, matched, begin)
             .await
-            .map_err(status::task)?;
+            .map_err(|e| status::task(&e))?;
         gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(pb::BeginTaskResponse {
             task_id: task.id.clone(),
@@ -381,14 +398,21 @@ impl TasksRpc for TaskApi {
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         let (caller, attested) = self.identify(&request).await?;
         let id = task_id(&request.get_ref().task_id)?.to_owned();
-        let task = self.tasks.owned(&caller, &id).map_err(status::task)?;
-        let slot = self.jobs.streams.take(&caller)?;
+        let task = self
+            .tasks
+            .owned(&caller, &id)
+            .map_err(|e| status::task(&e))?;
+        let slot = self
+            .jobs
+            .streams
+            .take(&caller)
+            .map_err(|e| status::exhausted("too many open streams", &e))?;
         let decided_by = self.renew_decision(&attested, &task)?;
         let first = self
             .tasks
             .token_for(&task, decided_by)
             .await
-            .map_err(status::task)?;
+            .map_err(|e| status::task(&e))?;
         let (tx, rx) = mpsc::channel(1);
         let tasks = self.tasks.clone();
         let api = self.clone();
@@ -417,7 +441,7 @@ impl TasksRpc for TaskApi {
                 loop {
                     tokio::select! {
                         () = cancel.cancelled() => {
-                            let _ = tx.send(Err(Status::unavailable("tether is shutting down"))).await;
+                            let _ = tx.send(Err(status::unavailable("tether is shutting down"))).await;
                             return;
                         }
                         () = tx.closed() => return,
@@ -427,7 +451,7 @@ impl TasksRpc for TaskApi {
                                 return;
                             }
                             if let Some((reason, _)) = task.ended() {
-                                let _ = tx.send(Err(status::ended(&task.id, reason))).await;
+                                let _ = tx.send(Err(status::task_ended(&task.id, reason))).await;
                                 return;
                             }
                         }
@@ -436,12 +460,12 @@ impl TasksRpc for TaskApi {
                 // Re-check before every renewal: the task lives, its owner
                 // too (the lifecycle loop ends it otherwise), its entry is there.
                 if let Some((reason, _)) = task.ended() {
-                    let _ = tx.send(Err(status::ended(&task.id, reason))).await;
+                    let _ = tx.send(Err(status::task_ended(&task.id, reason))).await;
                     return;
                 }
                 if registry.snapshot().get(&task.entry_id).is_none() {
                     let _ = tx
-                        .send(Err(status::ended(&task.id, crate::task::EndReason::EntryRemoved)))
+                        .send(Err(status::task_ended(&task.id, crate::task::EndReason::EntryRemoved)))
                         .await;
                     return;
                 }
@@ -456,7 +480,7 @@ impl TasksRpc for TaskApi {
                 token = match tasks.token_for(&task, decided_by).await {
                     Ok(token) => token,
                     Err(error) => {
-                        let _ = tx.send(Err(status::task(error))).await;
+                        let _ = tx.send(Err(status::task(&error))).await;
                         return;
                     }
                 };
@@ -471,13 +495,16 @@ impl TasksRpc for TaskApi {
     ) -> Result<Response<pb::TaskToken>, Status> {
         let (caller, attested) = self.identify(&request).await?;
         let id = task_id(&request.get_ref().task_id)?;
-        let task = self.tasks.owned(&caller, id).map_err(status::task)?;
+        let task = self
+            .tasks
+            .owned(&caller, id)
+            .map_err(|e| status::task(&e))?;
         let decided_by = self.renew_decision(&attested, &task)?;
         let token = self
             .tasks
             .token_for(&task, decided_by)
             .await
-            .map_err(status::task)?;
+            .map_err(|e| status::task(&e))?;
         gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(token_message(token)))
     }
@@ -488,7 +515,10 @@ impl TasksRpc for TaskApi {
     ) -> Result<Response<pb::EndTaskResponse>, Status> {
         let (caller, _) = self.identify(&request).await?;
         let id = task_id(&request.get_ref().task_id)?;
-        self.tasks.end(&caller, id).await.map_err(status::task)?;
+        self.tasks
+            .end(&caller, id)
+            .await
+            .map_err(|e| status::task(&e))?;
         gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(pb::EndTaskResponse {}))
     }
@@ -500,15 +530,24 @@ impl TasksRpc for TaskApi {
         {
             let req = request.get_ref();
             if req.subject_token.is_empty() {
-                return Err(Status::invalid_argument("subject_token is required"));
+                return Err(status::invalid_argument("subject_token is required"));
             }
-            bounded("subject_token", &req.subject_token, MAX_TOKEN_LEN)?;
-            bounded("audience", &req.audience, 4096)?;
-            if req.tools.len() > 1024 {
-                return Err(Status::invalid_argument("tools: far too many"));
-            }
+            let limits = self.tasks.config();
+            status::bounded(
+                "subject_token",
+                &req.subject_token,
+                MAX_TOKEN_LEN,
+                TOKEN_LIMIT,
+            )?;
+            status::bounded(
+                "audience",
+                &req.audience,
+                limits.max_audience_len,
+                "limits.max_audience_len",
+            )?;
+            few_enough(&req.tools, limits)?;
             if req.subject_presenter_certificate.len() > MAX_CERT_LEN {
-                return Err(Status::invalid_argument(
+                return Err(status::invalid_argument(
                     "subject_presenter_certificate is too large",
                 ));
             }
@@ -517,7 +556,7 @@ impl TasksRpc for TaskApi {
         let req = request.into_inner();
         let matches = self.registry.snapshot().matching(&attested.selectors);
         if matches.is_empty() {
-            return Err(Status::permission_denied(
+            return Err(status::denied(
                 "no identity issued: only a registered workload may exchange tokens",
             ));
         }
@@ -530,7 +569,7 @@ impl TasksRpc for TaskApi {
                         .flatten()
                 });
                 Some(bound.ok_or_else(|| {
-                    Status::invalid_argument(format!(
+                    status::invalid_argument(format!(
                         "bind_certificate is not a current X.509-SVID of the caller (for example {})",
                         first.spiffe_id
                     ))
@@ -549,7 +588,7 @@ impl TasksRpc for TaskApi {
                 &req.tools,
                 self.bundles_for(&matches),
             )
-            .map_err(status::task)?;
+            .map_err(|e| status::task(&e))?;
         let selectors = gate::selectors(&attested);
         let executable = gate::executable(&attested);
         let left = gate::seconds_until(exchange.subject.exp);
@@ -581,7 +620,7 @@ impl TasksRpc for TaskApi {
             .tasks
             .complete_exchange(exchange, bind_x5t, decided_by)
             .await
-            .map_err(status::task)?;
+            .map_err(|e| status::task(&e))?;
         gate::recorded(self.tasks.audit()).await?;
         Ok(Response::new(pb::ExchangeTokenResponse {
             token: Some(token_message(token)),
@@ -595,16 +634,22 @@ impl TasksRpc for TaskApi {
         {
             let req = request.get_ref();
             if req.token.is_empty() {
-                return Err(Status::invalid_argument("token is required"));
+                return Err(status::invalid_argument("token is required"));
             }
             if req.audience.is_empty() {
-                return Err(Status::invalid_argument("audience is required"));
+                return Err(status::invalid_argument("audience is required"));
             }
-            bounded("token", &req.token, MAX_TOKEN_LEN)?;
-            bounded("audience", &req.audience, 4096)?;
-            bounded("tool", &req.tool, 1024)?;
+            let limits = self.tasks.config();
+            status::bounded("token", &req.token, MAX_TOKEN_LEN, TOKEN_LIMIT)?;
+            status::bounded(
+                "audience",
+                &req.audience,
+                limits.max_audience_len,
+                "limits.max_audience_len",
+            )?;
+            status::bounded("tool", &req.tool, limits.max_tool_len, "tasks.max_tool_len")?;
             if req.presenter_certificate.len() > MAX_CERT_LEN {
-                return Err(Status::invalid_argument(
+                return Err(status::invalid_argument(
                     "presenter_certificate is too large",
                 ));
             }
@@ -625,7 +670,7 @@ impl TasksRpc for TaskApi {
                 presenter,
                 self.bundles_for(&matches),
             )
-            .map_err(|rejection| rejection.to_string())
+            .map_err(|rejection| crate::error::chain(&rejection))
             .and_then(|valid| match tool {
                 // Using a tool is a decision of its own, made now.
                 Some(tool) => self
@@ -642,7 +687,7 @@ impl TasksRpc for TaskApi {
                 spiffe_id: valid.spiffe_id.to_string(),
                 task_id: valid.claims.txn.clone(),
                 actors: valid.claims.actors(),
-                claims: Some(transport::json::to_struct(valid.raw_claims)),
+                claims: Some(crate::edge::json::to_struct(valid.raw_claims)),
             },
             Err(reason) => pb::ValidateTaskTokenResponse {
                 valid: false,

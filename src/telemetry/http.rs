@@ -88,7 +88,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(%error, "accepting an HTTP connection failed");
+                    tracing::warn!(error = %crate::error::Chain(&error), "accepting an HTTP connection failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }

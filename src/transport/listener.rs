@@ -101,7 +101,7 @@ pub enum BindError {
     #[error(transparent)]
     Untrusted(#[from] TrustedFsError),
     /// The file system refused.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The path.
         path: PathBuf,
@@ -238,7 +238,7 @@ impl Drop for BoundSocket {
         if self.identity.problem().is_none()
             && let Err(error) = std::fs::remove_file(path)
         {
-            tracing::warn!(path = %path.display(), %error, "could not remove socket");
+            tracing::warn!(path = %path.display(), error = %crate::error::Chain(&error), "could not remove socket");
         }
     }
 }
@@ -312,7 +312,7 @@ impl Acceptor {
             let stream = match self.listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(error) => {
-                    tracing::warn!(%error, "accept failed");
+                    tracing::warn!(error = %crate::error::Chain(&error), "accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     return Some(Err(error));
                 }
@@ -333,7 +333,7 @@ impl Acceptor {
             let (holder, uid) = match &caller {
                 Ok(caller) => (BudgetHolder::Process(caller.key()), caller.uid()),
                 Err(error) => {
-                    tracing::debug!(%error, "could not identify a connecting process");
+                    tracing::debug!(error = %crate::error::Chain(&error), "could not identify a connecting process");
                     // The process is gone or unreadable; its uid is still
                     // the kernel's word.
                     let uid = stream.peer_cred().map_or(UNIDENTIFIED_UID, |c| c.uid());

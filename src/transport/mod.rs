@@ -7,27 +7,23 @@
 //! extension every RPC can read), within the connection budgets of
 //! [`slots`]. [`idle`] closes connections with no request in flight.
 //! [`h2_authority`] lets gRPC C-core clients (py-spiffe, grpc-java) through
-//! the Rust HTTP/2 stack. Nothing here decides what a caller may do: the
-//! edges do.
+//! the Rust HTTP/2 stack. Nothing here decides what a caller may do, and
+//! nothing here speaks gRPC status: the edges (and their shared kit,
+//! `crate::edge`) do.
 
-pub mod gate;
 pub mod h2_authority;
-pub mod header;
-pub mod identify;
 pub mod idle;
-pub mod json;
 pub mod listener;
 pub mod slots;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use identify::identify;
 pub use idle::InFlightLayer;
 pub use listener::{
     BindError, BoundSocket, ConnectionLimits, PeerInfo, PeerStream, SocketIdentity, incoming,
 };
-pub use slots::{ProcessSlots, Slot, StreamSlots};
+pub use slots::{Exhausted, ProcessSlots, Slot, StreamSlots};
 
 /// Where an edge spawns per-stream work: the daemon's tracker, and the
 /// token that stops it. Edges never import `daemon`.

@@ -16,8 +16,6 @@ use std::fmt;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tonic::Status;
-
 use crate::attestation::{Caller, ProcessKey};
 
 /// Counts what each holder (a process, by default; a uid) holds against
@@ -130,12 +128,10 @@ impl StreamSlots {
         Self(ProcessSlots::new(limit, "max_streams_per_process"))
     }
 
-    /// A slot for one more stream of `caller`, or ResourceExhausted when
-    /// the process already holds its limit.
-    pub fn take(&self, caller: &Caller) -> Result<Slot, Status> {
-        self.0.take(caller.key()).map_err(|e| {
-            Status::resource_exhausted(format!("too many open streams: this process {e}"))
-        })
+    /// A slot for one more stream of `caller`, unless the process already
+    /// holds its limit (the edges answer ResourceExhausted).
+    pub fn take(&self, caller: &Caller) -> Result<Slot, Exhausted> {
+        self.0.take(caller.key())
     }
 }
 

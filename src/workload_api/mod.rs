@@ -8,7 +8,6 @@
 
 pub mod convert;
 pub mod service;
-pub mod status;
 
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use serde::Deserialize;
 use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 
+use crate::edge::status;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::transport;
 pub use service::WorkloadApi;
@@ -168,10 +168,10 @@ impl WorkloadApiLimits {
     /// overlong members.
     pub fn check_audiences(&self, audiences: &[String]) -> Result<(), Status> {
         if audiences.is_empty() {
-            return Err(Status::invalid_argument("audience must be specified"));
+            return Err(status::invalid_argument("audience must be specified"));
         }
         if audiences.len() > self.max_audiences {
-            return Err(Status::invalid_argument(format!(
+            return Err(status::invalid_argument(format!(
                 "{} audiences requested; the limit is {}",
                 audiences.len(),
                 self.max_audiences
@@ -179,27 +179,21 @@ impl WorkloadApiLimits {
         }
         for audience in audiences {
             if audience.is_empty() {
-                return Err(Status::invalid_argument(
+                return Err(status::invalid_argument(
                     "audience must not contain empty strings",
                 ));
             }
-            self.check_len("audience", audience, self.max_audience_len)?;
+            status::bounded(
+                "audience",
+                audience,
+                self.max_audience_len,
+                "limits.max_audience_len",
+            )?;
             if audience.chars().any(char::is_control) {
-                return Err(Status::invalid_argument(
+                return Err(status::invalid_argument(
                     "audience must not contain control characters",
                 ));
             }
-        }
-        Ok(())
-    }
-
-    /// Refuses a field longer than `limit` bytes.
-    pub fn check_len(&self, field: &str, value: &str, limit: usize) -> Result<(), Status> {
-        if value.len() > limit {
-            return Err(Status::invalid_argument(format!(
-                "{field} is {} bytes long; the limit is {limit}",
-                value.len()
-            )));
         }
         Ok(())
     }
@@ -215,6 +209,6 @@ pub fn service(
 ) -> InterceptedService<SpiffeWorkloadApiServer<WorkloadApi>, HeaderCheck> {
     InterceptedService::new(
         SpiffeWorkloadApiServer::new(api).max_decoding_message_size(limits.max_request_bytes),
-        transport::header::require_security_header as HeaderCheck,
+        crate::edge::header::require_security_header as HeaderCheck,
     )
 }

@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
-use super::{WorkloadApiConfig, convert, status};
+use super::{WorkloadApiConfig, convert};
 use crate::attestation::{Attested, Attestor, Caller};
 use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::bundle::TrustBundle;
+use crate::edge::gate::{self, Subject};
+use crate::edge::status;
 use crate::federation::{FederatedBundles, Federation};
 use crate::policy::{Action, Policy, PolicyContext, PolicyRequest, Resource};
 use crate::proto::workload as pb;
@@ -26,8 +28,7 @@ use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::registration::{EntrySet, Match, Registry, SelectorSet};
 use crate::svid::{self, Holder, Interest, SvidIssuer, SvidWatch};
 use crate::task::Tasks;
-use crate::transport::gate::{self, Subject};
-use crate::transport::{self, Jobs, Slot};
+use crate::transport::{Jobs, Slot};
 
 /// What the Workload API serves from. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -110,7 +111,7 @@ impl WorkloadApi {
     /// Who is calling: the connection's peer, attested now.
     /// The caller, from the kernel, admitted by its uid's audit budget.
     async fn identify<T>(&self, request: &Request<T>) -> Result<(Caller, Attested), Status> {
-        let (caller, attested) = transport::identify(&self.attestor, request).await?;
+        let (caller, attested) = crate::edge::identify(&self.attestor, request).await?;
         gate::admit(self.tasks.audit(), &attested)?;
         Ok((caller, attested))
     }
@@ -134,13 +135,13 @@ impl WorkloadApi {
             return Ok(None);
         };
         if request.audience.len() != 1 || request.audience[0] != task.audience {
-            return Err(Status::permission_denied(format!(
+            return Err(status::denied(format!(
                 "this process runs under task {}: it may only get tokens for the task's audience {:?}",
                 task.id, task.audience
             )));
         }
         if !request.spiffe_id.is_empty() && request.spiffe_id != task.spiffe_id.to_string() {
-            return Err(Status::permission_denied(format!(
+            return Err(status::denied(format!(
                 "this process runs under task {} as {}",
                 task.id, task.spiffe_id
             )));
@@ -174,7 +175,7 @@ impl WorkloadApi {
             .tasks
             .token_for(&task, decided_by)
             .await
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
+            .map_err(|e| status::task(&e))?;
         tracing::debug!(pid = caller.pid(), task_id = %task.id, "issued a task-scoped JWT-SVID");
         Ok(Some(pb::JwtsvidResponse {
             svids: vec![pb::Jwtsvid {
@@ -214,7 +215,7 @@ impl WorkloadApi {
                 .svids
                 .x509_svid(m, caller)
                 .await
-                .map_err(|e| status::issuance(&e))?;
+                .map_err(|e| status::svid(&e))?;
             interest = interest.key(&svid.key());
             svids.push(convert::x509_svid(&svid, m.entry.hint.as_deref(), &own));
         }
@@ -260,7 +261,11 @@ impl WorkloadApi {
         T: PartialEq + Clone + Send + 'static,
     {
         let (caller, attested) = self.identify(request).await?;
-        let slot = self.jobs.streams.take(&caller)?;
+        let slot = self
+            .jobs
+            .streams
+            .take(&caller)
+            .map_err(|e| status::exhausted("too many open streams", &e))?;
         let selectors = attested.selectors;
         let state = move |api: &Self| {
             api.bundle_state(&selectors)
@@ -424,7 +429,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let (caller, attested) = self.identify(&request).await?;
-        let slot = self.jobs.streams.take(&caller)?;
+        let slot = self
+            .jobs
+            .streams
+            .take(&caller)
+            .map_err(|e| status::exhausted("too many open streams", &e))?;
         let first = self.x509_state(&caller, &attested.selectors).await?;
         tracing::debug!(
             pid = caller.pid(),
@@ -489,13 +498,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
             if req.spiffe_id.is_empty() {
                 None
             } else {
-                limits.check_len(
+                status::bounded(
                     "spiffe_id",
                     &req.spiffe_id,
                     crate::registration::entry::MAX_SPIFFE_ID_LEN,
+                    "a SPIFFE ID's length",
                 )?;
                 Some(SpiffeId::new(&req.spiffe_id).map_err(|e| {
-                    Status::invalid_argument(format!(
+                    status::invalid_argument(format!(
                         "spiffe_id {:?} is not a SPIFFE ID: {e}",
                         req.spiffe_id
                     ))
@@ -565,7 +575,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .svids
                 .jwt_svid(m, audiences)
                 .await
-                .map_err(|e| status::issuance(&e))?;
+                .map_err(|e| status::svid(&e))?;
             self.tasks
                 .audit()
                 .record(AuditEvent {
@@ -576,7 +586,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     policy_ids: decided_by,
                     ..gate::caller_event(&attested, EventKind::IssueJwt, Outcome::Allow)
                 })
-                .map_err(|e| Status::unavailable(format!("not issuing: {e}")))?;
+                .map_err(|e| status::audit(&e))?;
             crate::telemetry::metrics().jwt_svids_issued.inc();
             tracing::debug!(pid = caller.pid(), spiffe_id = %m.spiffe_id, jti = %svid.jti, ?audiences, "issued JWT-SVID");
             svids.push(convert::jwt_svid(&svid));
@@ -607,19 +617,23 @@ impl SpiffeWorkloadApi for WorkloadApi {
         {
             let req = request.get_ref();
             if req.audience.is_empty() {
-                return Err(Status::invalid_argument("audience must be specified"));
+                return Err(status::invalid_argument("audience must be specified"));
             }
             if req.svid.is_empty() {
-                return Err(Status::invalid_argument("svid must be specified"));
+                return Err(status::invalid_argument("svid must be specified"));
             }
-            self.config.limits.check_len(
+            status::bounded(
                 "audience",
                 &req.audience,
                 self.config.limits.max_audience_len,
+                "limits.max_audience_len",
             )?;
-            self.config
-                .limits
-                .check_len("svid", &req.svid, svid::jwt::MAX_TOKEN_LEN)?;
+            status::bounded(
+                "svid",
+                &req.svid,
+                svid::jwt::MAX_TOKEN_LEN,
+                "the JWT-SVID size limit",
+            )?;
         }
         let (_caller, attested) = self.identify(&request).await?;
         let matches = self.registry.snapshot().matching(&attested.selectors);
@@ -656,7 +670,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let validated = outcome?;
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: validated.spiffe_id.to_string(),
-            claims: Some(transport::json::to_struct(validated.claims)),
+            claims: Some(crate::edge::json::to_struct(validated.claims)),
         }))
     }
 
@@ -664,7 +678,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         _request: Request<pb::WitsvidRequest>,
     ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
-        Err(Status::unimplemented(
+        Err(status::unimplemented(
             "tether does not serve the WIT-SVID profile",
         ))
     }
@@ -673,7 +687,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         _request: Request<pb::WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
-        Err(Status::unimplemented(
+        Err(status::unimplemented(
             "tether does not serve the WIT-SVID profile",
         ))
     }
@@ -701,7 +715,7 @@ impl WorkloadApi {
                 None
             }
         })
-        .map_err(|e| status::invalid_token(&e))?;
+        .map_err(|e| status::jwt_validation(&e))?;
         // A token bound to a certificate (`cnf`) is worth nothing without
         // it, and this RPC has no way to be shown one: a stolen bound token
         // must not pass here (issue 15, finding 8).
@@ -716,7 +730,7 @@ impl WorkloadApi {
         {
             self.tasks
                 .check_task(txn, &req.svid)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                .map_err(|e| status::token(&e))?;
         }
         Ok(validated)
     }

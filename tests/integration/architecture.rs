@@ -22,6 +22,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "audit",
         "authority",
         "bundle",
+        "edge",
+        "error",
         "federation",
         "policy",
         "proto",
@@ -52,6 +54,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "authority",
         "bundle",
         "config",
+        "edge",
+        "error",
         "federation",
         "policy",
         "registration",
@@ -69,18 +73,20 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("trusted_fs", &[][..]),
         // Unit-test helpers (`cfg(test)` only): see TEST_SUPPORT.
         ("testing", &[][..]),
+        // How every error is printed (its source chain): anyone may use it.
+        ("error", &[][..]),
         ("proto", &[][..]),
-        ("telemetry", &[][..]),
+        ("telemetry", &["error"][..]),
         ("bundle", &[][..]),
         ("store", &["trusted_fs"][..]),
-        ("audit", &["trusted_fs"][..]),
+        ("audit", &["error", "trusted_fs"][..]),
         // 1: core
         // Core modules record their decisions in the audit trail (a leaf).
         ("registration", &["audit", "store"][..]),
         // Every layer records metrics (telemetry, a leaf).
-        ("attestation", &["registration", "telemetry"][..]),
+        ("attestation", &["error", "registration", "telemetry"][..]),
         ("authority", &["bundle", "trusted_fs"][..]),
-        ("federation", &["bundle"][..]),
+        ("federation", &["bundle", "error"][..]),
         // 2: services and the shared transport
         (
             "svid",
@@ -89,6 +95,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "audit",
                 "authority",
                 "bundle",
+                "error",
                 "registration",
                 "store",
                 "telemetry",
@@ -101,6 +108,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "audit",
                 "authority",
                 "bundle",
+                "error",
                 "registration",
                 "store",
                 "svid",
@@ -112,6 +120,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             &[
                 "attestation",
                 "audit",
+                "error",
                 "policy",
                 "registration",
                 "telemetry",
@@ -119,8 +128,27 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             ][..],
         ),
         // Decisions only: policy sees registration types and nothing else.
-        ("policy", &["registration"][..]),
-        // 3: edges (the Workload API never touches the authority directly)
+        ("policy", &["error", "registration"][..]),
+        // 3: the gRPC-edge kit every API shares (identify, gate, the one
+        // error-to-status mapping), then the edges (the Workload API never
+        // touches the authority directly)
+        // (authority and store: its tests build the errors that carry them)
+        (
+            "edge",
+            &[
+                "attestation",
+                "audit",
+                "authority",
+                "error",
+                "policy",
+                "registration",
+                "store",
+                "svid",
+                "task",
+                "telemetry",
+                "transport",
+            ][..],
+        ),
         ("workload_api", EDGE),
         ("admin_api", EDGE),
         ("task_api", EDGE),
@@ -193,7 +221,6 @@ fn module_path(src: &Path, file: &Path) -> Vec<String> {
 /// `tether::` is the library seen from outside (the binary, tests): the
 /// same root as `crate::`.
 fn crate_paths(source: &str, module: &[String]) -> Vec<Vec<String>> {
-    let file = syn::parse_file(source).unwrap_or_else(|e| panic!("does not parse: {e}"));
     placed_paths(source, module)
         .into_iter()
         .map(|(_, path)| path)

@@ -122,6 +122,46 @@ async fn begin_gives_a_task_token_that_any_spiffe_validator_accepts_and_end_kill
 }
 
 #[tokio::test]
+async fn task_audiences_are_bound_by_the_workload_api_limit() {
+    // One configured bound for every audience on the workload socket.
+    let extra = format!(
+        "[limits]\nmax_audience_len = 64\n{}{}audiences = [\"https://mcp.example/jira\"]\n",
+        entry_for_me("agent", "agent"),
+        entry_for_me("mcp/jira", "mcp"),
+    );
+    let agent = TestAgent::start(&extra).await;
+    let mut tasks = agent.tasks().await;
+    let long = format!("spiffe://example.org/{}", "a".repeat(60));
+    let begun = tasks.begin_task(begin(&long, &["t"])).await.unwrap_err();
+    let exchanged = tasks
+        .exchange_token(pb::ExchangeTokenRequest {
+            subject_token: "x".into(),
+            audience: long.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let validated = tasks
+        .validate_task_token(validate("x", &long, ""))
+        .await
+        .unwrap_err();
+    for refused in [begun, exchanged, validated] {
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().contains(&format!(
+                "audience is {} bytes long; the limit is 64 (limits.max_audience_len)",
+                long.len()
+            )),
+            "{}",
+            refused.message()
+        );
+    }
+    // Within the limit, the same request is served.
+    tasks.begin_task(begin(JIRA, &["t"])).await.unwrap();
+    agent.stop().await;
+}
+
+#[tokio::test]
 async fn bad_requests_are_refused_with_the_reason() {
     let agent = agent().await;
     let mut tasks = agent.tasks().await;

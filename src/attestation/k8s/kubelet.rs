@@ -56,7 +56,7 @@ pub enum KubeletError {
     #[error("{0:?} is not a valid TLS server name for the kubelet")]
     ServerName(String),
     /// The service account token could not be read.
-    #[error("reading the service account token {}: {source}", path.display())]
+    #[error("reading the service account token {} failed", path.display())]
     Token {
         /// The file.
         path: PathBuf,

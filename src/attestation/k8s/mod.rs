@@ -323,7 +323,7 @@ impl K8sAttestor {
                 crate::telemetry::metrics().kubelet_errors.inc();
                 // The caller's attestation failure is logged where it is
                 // answered; this is the detail.
-                tracing::debug!(%error, "asking the kubelet for its pods failed");
+                tracing::debug!(error = %crate::error::Chain(&error), "asking the kubelet for its pods failed");
                 let error = Arc::new(error);
                 cache.failure = Some((Instant::now(), Arc::clone(&error)));
                 return Err(error);

@@ -14,7 +14,7 @@ pub fn require_security_header(request: Request<()>) -> Result<Request<()>, Stat
     let mut values = request.metadata().get_all(HEADER).iter();
     match (values.next(), values.next()) {
         (Some(value), None) if value.as_bytes() == b"true" => Ok(request),
-        _ => Err(Status::invalid_argument(
+        _ => Err(super::status::invalid_argument(
             "security header missing from request: every Workload API call must carry the gRPC metadata workload.spiffe.io: true",
         )),
     }

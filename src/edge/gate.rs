@@ -5,8 +5,10 @@
 
 use tonic::Status;
 
+use super::status;
 use crate::attestation::Attested;
 use crate::audit::{AuditEvent, AuditLog, EventKind, Outcome};
+use crate::error::Chain;
 use crate::policy::{Decision, Policy, PolicyRequest};
 
 /// Whether a caller may ask the agent to validate a token (ValidateJWTSVID,
@@ -18,7 +20,7 @@ pub fn verifier(has_identity: bool, allow_unauthenticated: bool) -> Result<(), S
     if has_identity || allow_unauthenticated {
         return Ok(());
     }
-    Err(Status::permission_denied(
+    Err(status::denied(
         "validation refused: no registration entry matches this process \
          (allow_unauthenticated_verifiers is off)",
     ))
@@ -77,7 +79,7 @@ pub fn decide(
                 ..caller_event(attested, EventKind::Deny, Outcome::Deny)
             };
             if let Err(error) = audit.record(record) {
-                tracing::error!(%error, "could not record a policy denial");
+                tracing::error!(error = %Chain(&error), "could not record a policy denial");
             }
             tracing::info!(
                 action = request.action.as_str(),
@@ -91,9 +93,7 @@ pub fn decide(
             } else {
                 format!(" (policies: {})", policies.join(", "))
             };
-            Err(Status::permission_denied(format!(
-                "denied by policy{named}: {reason}"
-            )))
+            Err(status::denied(format!("denied by policy{named}: {reason}")))
         }
     }
 }
@@ -148,14 +148,14 @@ pub fn admit(audit: &AuditLog, attested: &Attested) -> Result<(), Status> {
     // The path is formatted only for a refusal's record, not per request.
     audit
         .admit(attested.uid, attested.pid, attested.executable.as_deref())
-        .map_err(|error| Status::resource_exhausted(error.to_string()))
+        .map_err(|error| status::audit(&error))
 }
 
 /// Records a validation, best effort: a trail that cannot take it does not
 /// stop verifiers (a warning).
 pub fn record_validation(audit: &AuditLog, event: AuditEvent) -> Result<(), Status> {
     if let Err(error) = audit.record(event) {
-        tracing::warn!(%error, "could not record a validation");
+        tracing::warn!(error = %Chain(&error), "could not record a validation");
     }
     Ok(())
 }
@@ -166,10 +166,5 @@ pub fn record_validation(audit: &AuditLog, event: AuditEvent) -> Result<(), Stat
 /// handed out) when the trail cannot be written. A change already made
 /// (an entry, an end) stays made: only its acknowledgement is withheld.
 pub async fn recorded(audit: &AuditLog) -> Result<(), Status> {
-    audit.written().await.map_err(|error| {
-        tracing::warn!(%error, "not answering: the audit record is not written");
-        Status::unavailable(format!(
-            "not answering: this request's audit record is not written: {error}"
-        ))
-    })
+    audit.written().await.map_err(|error| status::audit(&error))
 }
