@@ -12,9 +12,10 @@
 //!   trusts (its own or root's, nobody else's to change, no symlinks).
 //! - [`error`], [`proto`], [`telemetry`], [`bundle`], [`store`], [`audit`]:
 //!   leaves. How an error is printed (with its whole source chain);
-//!   generated gRPC code; logging, metrics and the HTTP endpoint; trust bundles as values and their three
-//!   encodings; the SQLite database in the data dir; the tamper-evident
-//!   audit trail of every identity decision.
+//!   generated gRPC code; logging, metrics and the HTTP endpoint; trust
+//!   bundles as values and their three encodings; the SQLite database in
+//!   the data dir; the tamper-evident audit trail of every identity
+//!   decision.
 //! - [`registration`]: entries (selectors -> SPIFFE ID) and subset
 //!   matching. [`attestation`]: from a connected process to its selectors.
 //!   [`authority`]: the signing seam ([`authority::Authority`]: sign a
@@ -38,7 +39,9 @@
 //! - [`config`]: the TOML file, composed from each domain's settings type.
 //! - [`daemon`]: the composition root; spawns every long-lived job.
 //!   [`client`]: the Rust client for the agent's sockets (Workload API,
-//!   Task API), as any workload uses them; it speaks only [`proto`].
+//!   Task API), as any workload uses them: [`proto`] on the wire, the
+//!   socket defaults from [`config`], [`trusted_fs`] for a default
+//!   socket's directory; never the agent's own modules.
 //! - [`cli`]: the `tether` command line; only [`cli::Cli`] and [`cli::run`]
 //!   are public (for `main.rs`), the rest is its own.
 //! - `testing` (unit tests only): helpers any module's tests may use.
