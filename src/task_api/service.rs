@@ -311,6 +311,10 @@ impl TasksRpc for TaskApi {
                 "tasks.max_intent_len",
             )?;
             status::bounded("spiffe_id", &req.spiffe_id, 2048, "a SPIFFE ID's length")?;
+            if !req.spiffe_id.is_empty() {
+                // A malformed ID is a bad request, not a denial.
+                SpiffeId::new(&req.spiffe_id).map_err(|e| status::invalid("spiffe_id", e))?;
+            }
             few_enough(&req.tools, limits)?;
         }
         let (caller, attested) = self.identify(&request).await?;

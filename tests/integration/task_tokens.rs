@@ -203,6 +203,15 @@ async fn bad_requests_are_refused_with_the_reason() {
             Code::PermissionDenied,
             "no identity",
         ),
+        // Regression: a malformed ID was answered as a denial.
+        (
+            pb::BeginTaskRequest {
+                spiffe_id: "not a spiffe id".into(),
+                ..begin(JIRA, &["t"])
+            },
+            Code::InvalidArgument,
+            "spiffe_id",
+        ),
     ];
     for (request, code, want) in cases {
         let err = tasks.begin_task(request).await.unwrap_err();
