@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result};
 use axum::response::{IntoResponse as _, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tether::client::task::TaskClient;
@@ -38,14 +38,14 @@ pub fn install_crypto_provider() {
 /// The workload socket: `--socket`, else `SPIFFE_ENDPOINT_SOCKET`, else
 /// `TETHER_SOCKET_PATH`, else the agent's default for this user.
 pub fn socket(flag: Option<&str>) -> Result<PathBuf> {
-    resolve_socket(flag, &ProcessEnv).map_err(|e| anyhow!("{e}"))
+    Ok(resolve_socket(flag, &ProcessEnv)?)
 }
 
 /// Dials the Task API.
 pub async fn tasks(socket: &Path) -> Result<TaskClient> {
     TaskClient::connect(socket, TIMEOUT)
         .await
-        .map_err(|e| anyhow!("reaching tether: {e}"))
+        .context("reaching tether")
 }
 
 /// This process's SPIFFE ID, as tether attested it: the first X.509-SVID's.
@@ -53,15 +53,15 @@ pub async fn tasks(socket: &Path) -> Result<TaskClient> {
 pub async fn own_spiffe_id(socket: &Path) -> Result<String> {
     let mut client = WorkloadClient::connect(socket, TIMEOUT)
         .await
-        .map_err(|e| anyhow!("reaching tether: {e}"))?;
+        .context("reaching tether")?;
     let mut stream = client
         .fetch_x509_svid()
         .await
-        .map_err(|e| anyhow!("asking tether who this process is: {e}"))?;
+        .context("asking tether who this process is")?;
     let mut response = client
         .first(&mut stream)
         .await
-        .map_err(|e| anyhow!("asking tether who this process is: {e}"))?
+        .context("asking tether who this process is")?
         .context("tether sent no X.509-SVID")?;
     for svid in &mut response.svids {
         svid.x509_svid_key.zeroize();

@@ -162,7 +162,7 @@ pub struct AuditConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     /// The file system refused.
-    #[error("{}: {source}", .path.display())]
+    #[error("{}", .path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -183,7 +183,7 @@ pub enum AuditError {
     #[error(transparent)]
     Untrusted(#[from] TrustedFsError),
     /// Another writer holds the directory: two chains would interleave.
-    #[error("{} is in use by another tether agent ({source})", .path.display())]
+    #[error("{} is in use by another tether agent", .path.display())]
     Locked {
         /// The directory.
         path: PathBuf,
@@ -208,7 +208,7 @@ pub enum AuditError {
     Key(String),
     /// A blocking write job ended without an answer (it panicked, or the
     /// runtime is shutting down).
-    #[error("the audit write job failed: {0}")]
+    #[error("the audit write job failed")]
     Job(#[source] tokio::task::JoinError),
 }
 

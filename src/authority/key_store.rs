@@ -26,7 +26,7 @@ const MAX_FILE_LEN: u64 = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
     /// The file system refused.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -199,6 +199,20 @@ mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
+
+    #[test]
+    fn a_missing_file_prints_its_path_and_the_os_error_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        let err = read_secret(&path).unwrap_err();
+        assert_eq!(err.to_string(), path.display().to_string());
+        let text = crate::error::chain(&err);
+        assert!(
+            text.starts_with(&format!("{}: No such file or directory", path.display())),
+            "{text}"
+        );
+        assert_eq!(text.matches("No such file").count(), 1, "{text}");
+    }
 
     #[test]
     fn secrets_are_private_and_checked() {

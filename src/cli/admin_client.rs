@@ -63,15 +63,16 @@ pub(crate) enum AdminClientError {
     #[error(
         "cannot connect to the agent's admin socket {}: {}; {}",
         .socket.display(),
-        root_cause(.source),
-        connect_hint(.source)
+        root_cause(.cause),
+        connect_hint(.cause)
     )]
     Connect {
         /// The socket dialled.
         socket: PathBuf,
-        /// Why.
-        #[source]
-        source: tonic::transport::Error,
+        /// Why. Its innermost cause is in the message (tonic's outer
+        /// levels, "transport error", say nothing), so it is not the
+        /// `source()` as well.
+        cause: tonic::transport::Error,
     },
     /// The agent did not answer within the timeout.
     #[error(
@@ -91,16 +92,16 @@ pub(crate) enum AdminClientError {
     Status {
         /// The socket dialled.
         socket: PathBuf,
-        /// The agent's answer.
-        #[source]
+        /// The agent's answer. Its message is in ours, so it is not the
+        /// `source()` as well (a `Status` prints as a debug dump).
         status: Status,
     },
     /// The default admin socket's directory is someone else's or others
     /// may write it: what answers there may not be the agent.
-    #[error("refusing the default admin socket: {0}")]
+    #[error("refusing the default admin socket")]
     Untrusted(#[from] crate::trusted_fs::TrustedFsError),
     /// The async runtime could not be set up.
-    #[error("setting up the runtime: {source}")]
+    #[error("setting up the runtime")]
     Runtime {
         /// The I/O error.
         #[source]
@@ -177,9 +178,9 @@ impl AdminClient {
         let channel = channel::dial(socket, timeout)
             .await
             .map_err(|error| match error {
-                DialError::Connect(source) => AdminClientError::Connect {
+                DialError::Connect(cause) => AdminClientError::Connect {
                     socket: socket.to_owned(),
-                    source,
+                    cause,
                 },
                 DialError::Timeout => AdminClientError::Timeout {
                     socket: socket.to_owned(),

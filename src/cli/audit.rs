@@ -21,6 +21,7 @@ use super::output::{AuditBroken, AuditRecoveryView, AuditVerified, Format, Store
 use super::{EXIT_USAGE, fail};
 use crate::audit::{self, AuditError, AuditReader, AuditRecord, PublicKey, ReadFilter};
 use crate::config::{Config, ConfigError, ProcessEnv};
+use crate::error::Chain;
 
 /// Largest public key file read.
 const MAX_PUBLIC_KEY_FILE: u64 = 16 * 1024;
@@ -140,7 +141,7 @@ pub(crate) enum AuditCliError {
     #[error("{0} line{s} of the trail {are} not audit records (run `tether audit verify`)", s = if *.0 == 1 { "" } else { "s" }, are = if *.0 == 1 { "is" } else { "are" })]
     Damaged(u64),
     /// Printing failed.
-    #[error("writing to stdout: {source}")]
+    #[error("writing to stdout")]
     Stdout {
         /// The I/O error.
         #[source]
@@ -171,7 +172,7 @@ pub(crate) fn run(args: &AuditArgs) -> ExitCode {
         Err(AuditCliError::Stdout { source }) if source.kind() == io::ErrorKind::BrokenPipe => {
             ExitCode::SUCCESS
         }
-        Err(error) => fail(error.exit_code(), error),
+        Err(error) => fail(error.exit_code(), &error),
     }
 }
 
@@ -307,7 +308,7 @@ fn next(reader: &mut AuditReader, damaged: &mut u64) -> Result<Option<AuditRecor
             Ok(record) => return Ok(record),
             Err(error @ AuditError::Broken { .. }) => {
                 *damaged += 1;
-                eprintln!("tether: warning: {error}");
+                eprintln!("tether: warning: {}", Chain(&error));
             }
             Err(error) => return Err(error.into()),
         }

@@ -158,7 +158,7 @@ pub(crate) enum EntryError {
         id: String,
     },
     /// Printing the result failed.
-    #[error("writing to stdout: {source}")]
+    #[error("writing to stdout")]
     Stdout {
         /// The I/O error.
         #[source]
@@ -207,7 +207,7 @@ pub(crate) fn run(args: &EntryArgs) -> ExitCode {
     match execute(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
-        Err(error) => fail(error.exit_code(), error),
+        Err(error) => fail(error.exit_code(), &error),
     }
 }
 

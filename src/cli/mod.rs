@@ -29,6 +29,7 @@ use clap::{Parser, Subcommand};
 
 // The exit statuses the clients' errors map to are the CLI's too.
 use crate::client::{EXIT_NOPERM, EXIT_UNAVAILABLE, EXIT_USAGE};
+use crate::error::Chain;
 
 /// tether: the identity agent for AI and MCP agent processes.
 #[derive(Debug, Parser)]
@@ -98,8 +99,10 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// Prints a one-line error to stderr and returns `code`.
-fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("tether: error: {message}");
+/// Prints `error` and its whole `source()` chain as one line to stderr
+/// and returns `code`: the message says what failed, the chain why (down
+/// to the OS error), each level once.
+fn fail(code: u8, error: &(dyn std::error::Error + '_)) -> ExitCode {
+    eprintln!("tether: error: {}", Chain(error));
     ExitCode::from(code)
 }

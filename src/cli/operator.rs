@@ -103,7 +103,7 @@ pub(crate) enum OperatorError {
         socket: PathBuf,
     },
     /// The agent sent an X.509 authority that does not parse.
-    #[error("the agent sent a malformed X.509 authority (number {index} of the bundle): {source}")]
+    #[error("the agent sent a malformed X.509 authority (number {index} of the bundle)")]
     Certificate {
         /// Its position in the bundle, from 1.
         index: usize,
@@ -118,7 +118,7 @@ pub(crate) enum OperatorError {
         index: usize,
     },
     /// The agent sent a bundle document that is not JSON.
-    #[error("the agent sent a malformed SPIFFE bundle document: {source}")]
+    #[error("the agent sent a malformed SPIFFE bundle document")]
     BundleDocument {
         /// The JSON error.
         #[source]
@@ -128,7 +128,7 @@ pub(crate) enum OperatorError {
     #[error("--format pem prints PEM, not JSON: drop --json, or use --format spiffe")]
     PemAsJson,
     /// Printing the result failed.
-    #[error("writing to stdout: {source}")]
+    #[error("writing to stdout")]
     Stdout {
         /// The I/O error.
         #[source]
@@ -184,7 +184,7 @@ fn finish(result: Result<(), OperatorError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
-        Err(error) => fail(error.exit_code(), error),
+        Err(error) => fail(error.exit_code(), &error),
     }
 }
 

@@ -115,7 +115,7 @@ pub(crate) enum PolicyCommandError {
     #[error(transparent)]
     Load(#[from] PolicyError),
     /// `--context` is not the context record.
-    #[error("--context: {source}")]
+    #[error("--context")]
     Context {
         /// The JSON error.
         #[source]
@@ -139,7 +139,7 @@ pub(crate) enum PolicyCommandError {
     #[error("denied")]
     Denied,
     /// Printing the result failed.
-    #[error("writing to stdout: {source}")]
+    #[error("writing to stdout")]
     Stdout {
         /// The I/O error.
         #[source]
@@ -175,7 +175,7 @@ pub(crate) fn run(args: &PolicyArgs) -> ExitCode {
         {
             ExitCode::SUCCESS
         }
-        Err(error) => fail(error.exit_code(), error),
+        Err(error) => fail(error.exit_code(), &error),
     }
 }
 

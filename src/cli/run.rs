@@ -23,7 +23,7 @@ pub(crate) struct RunArgs {
 pub(crate) fn run(args: &RunArgs) -> ExitCode {
     let config = match Config::load(args.config.as_deref(), &ProcessEnv) {
         Ok(config) => config,
-        Err(error) => return fail(EXIT_USAGE, error),
+        Err(error) => return fail(EXIT_USAGE, &error),
     };
     telemetry::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -31,7 +31,10 @@ pub(crate) fn run(args: &RunArgs) -> ExitCode {
         .build()
     {
         Ok(runtime) => runtime,
-        Err(error) => return fail(1, format!("starting the runtime: {error}")),
+        Err(error) => {
+            let error = anyhow::Error::new(error).context("starting the runtime");
+            return fail(1, error.as_ref());
+        }
     };
     let result = runtime.block_on(async {
         let running = daemon::start(config).await?;
@@ -39,6 +42,7 @@ pub(crate) fn run(args: &RunArgs) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(1, format!("{error:#}")),
+        // The contexts and the errors below them, each once.
+        Err(error) => fail(1, error.as_ref()),
     }
 }

@@ -95,7 +95,7 @@ pub(crate) enum TaskCommandError {
     #[error(transparent)]
     Client(#[from] AdminClientError),
     /// Printing the result failed.
-    #[error("writing to stdout: {source}")]
+    #[error("writing to stdout")]
     Stdout {
         /// The I/O error.
         #[source]
@@ -132,7 +132,7 @@ pub(crate) fn run(args: &TaskArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
-        Err(error) => fail(error.exit_code(), error),
+        Err(error) => fail(error.exit_code(), &error),
     }
 }
 

@@ -35,6 +35,7 @@ use super::subreaper::{self, CommandExit, Event, Signals};
 use crate::client::task::{SvidChoice, TaskClient, TaskClientError, own_leaf_certificate};
 use crate::client::workload::{SPIFFE_ENDPOINT_SOCKET, WorkloadClientError};
 use crate::config::ProcessEnv;
+use crate::error::Chain;
 use crate::proto::task as pb;
 
 /// The command's environment: its first token.
@@ -108,7 +109,7 @@ pub(crate) struct RunArgs {
 #[derive(Debug, Error)]
 pub(crate) enum RunError {
     /// prctl(PR_SET_CHILD_SUBREAPER) failed.
-    #[error("cannot become a child subreaper: {source}")]
+    #[error("cannot become a child subreaper")]
     Subreaper {
         /// The errno.
         #[source]
@@ -124,7 +125,7 @@ pub(crate) enum RunError {
         task_id: String,
     },
     /// Writing `--token-file` failed.
-    #[error("writing the token file {}: {source}", .path.display())]
+    #[error("writing the token file {}", .path.display())]
     TokenFile {
         /// The file.
         path: PathBuf,
@@ -133,7 +134,7 @@ pub(crate) enum RunError {
         source: io::Error,
     },
     /// The command could not be started.
-    #[error("cannot run {program}: {source}")]
+    #[error("cannot run {program}")]
     Spawn {
         /// The program.
         program: String,
@@ -142,7 +143,7 @@ pub(crate) enum RunError {
         source: io::Error,
     },
     /// The runtime, the signal handlers or a path could not be set up.
-    #[error("setting up: {source}")]
+    #[error("setting up")]
     Setup {
         /// The I/O error.
         #[source]
@@ -196,7 +197,7 @@ impl From<WorkloadClientError> for RunError {
 pub(crate) fn run(args: &RunArgs) -> ExitCode {
     match execute(args) {
         Ok(code) => ExitCode::from(code),
-        Err(error) => fail(error.exit_code(), error),
+        Err(error) => fail(error.exit_code(), &error),
     }
 }
 
@@ -293,7 +294,7 @@ async fn watch_over(
             stopped = &mut keeper, if stop.is_none() => {
                 match &stopped {
                     Stop::Ended(reason) => eprintln!("tether: error: {reason}; stopping the command"),
-                    Stop::TokenFile(error) => eprintln!("tether: error: {error}; stopping the command"),
+                    Stop::TokenFile(error) => eprintln!("tether: error: {}; stopping the command", Chain(error)),
                 }
                 subreaper::send(pid, Signal::SIGTERM);
                 kill_at = Some(Instant::now() + grace);
@@ -427,7 +428,8 @@ async fn keep_fresh(
         }
         if !lost {
             eprintln!(
-                "tether: warning: lost the task's token stream ({error}); trying again, the command keeps running"
+                "tether: warning: lost the task's token stream ({}); trying again, the command keeps running",
+                Chain(&error)
             );
             lost = true;
         }
@@ -483,7 +485,8 @@ async fn end(client: &mut TaskClient, task_id: &str) {
         Err(WorkloadClientError::Status { status, .. })
             if status.code() == Code::FailedPrecondition => {}
         Err(error) => eprintln!(
-            "tether: warning: could not end task {task_id}: {error}; it ends when this process exits"
+            "tether: warning: could not end task {task_id}: {}; it ends when this process exits",
+            Chain(&error)
         ),
     }
 }

@@ -133,14 +133,14 @@ pub(crate) enum TokenError {
     #[error("the token is empty")]
     EmptyToken,
     /// Reading the token from stdin failed.
-    #[error("reading the token from stdin: {source}")]
+    #[error("reading the token from stdin")]
     Stdin {
         /// The I/O error.
         #[source]
         source: io::Error,
     },
     /// Reading `--presenter-cert` failed.
-    #[error("reading {}: {source}", .path.display())]
+    #[error("reading {}", .path.display())]
     ReadCertificate {
         /// The file.
         path: PathBuf,
@@ -157,14 +157,14 @@ pub(crate) enum TokenError {
         problem: String,
     },
     /// Printing the result failed.
-    #[error("writing to stdout: {source}")]
+    #[error("writing to stdout")]
     Stdout {
         /// The I/O error.
         #[source]
         source: io::Error,
     },
     /// The async runtime could not be set up.
-    #[error("setting up the runtime: {source}")]
+    #[error("setting up the runtime")]
     Runtime {
         /// The I/O error.
         #[source]
@@ -207,7 +207,7 @@ pub(crate) fn run(args: &TokenArgs) -> ExitCode {
     match execute(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
-        Err(error) => fail(error.exit_code(), error),
+        Err(error) => fail(error.exit_code(), &error),
     }
 }
 

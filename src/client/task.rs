@@ -95,9 +95,9 @@ impl TaskClient {
         let channel = channel::dial(socket, timeout)
             .await
             .map_err(|error| match error {
-                DialError::Connect(source) => WorkloadClientError::Connect {
+                DialError::Connect(cause) => WorkloadClientError::Connect {
                     socket: socket.to_owned(),
-                    source,
+                    cause,
                 },
                 DialError::Timeout => timed_out(timeout, socket),
             })?;

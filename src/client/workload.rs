@@ -66,7 +66,7 @@ pub enum SocketError {
     },
     /// The default socket's directory is someone else's or others may
     /// write it: what answers there may not be the agent.
-    #[error("refusing the default socket: {0}")]
+    #[error("refusing the default socket")]
     Untrusted(#[from] crate::trusted_fs::TrustedFsError),
 }
 
@@ -76,15 +76,16 @@ pub enum WorkloadClientError {
     /// The socket could not be dialled.
     #[error(
         "cannot connect to the agent: {}; is `tether run` running? socket: {}",
-        root_cause(.source),
+        root_cause(.cause),
         .socket.display()
     )]
     Connect {
         /// The socket dialled.
         socket: PathBuf,
-        /// Why.
-        #[source]
-        source: tonic::transport::Error,
+        /// Why. Its innermost cause is in the message (tonic's outer
+        /// levels, "transport error", say nothing), so it is not the
+        /// `source()` as well.
+        cause: tonic::transport::Error,
     },
     /// The agent did not answer within the timeout.
     #[error(
@@ -103,8 +104,8 @@ pub enum WorkloadClientError {
     Status {
         /// The socket dialled.
         socket: PathBuf,
-        /// The agent's answer.
-        #[source]
+        /// The agent's answer. Its message is in ours, so it is not the
+        /// `source()` as well (a `Status` prints as a debug dump).
         status: Status,
     },
 }
@@ -177,9 +178,9 @@ impl WorkloadClient {
         let channel = channel::dial(socket, timeout)
             .await
             .map_err(|error| match error {
-                DialError::Connect(source) => WorkloadClientError::Connect {
+                DialError::Connect(cause) => WorkloadClientError::Connect {
                     socket: socket.to_owned(),
-                    source,
+                    cause,
                 },
                 DialError::Timeout => timed_out(timeout, socket),
             })?;

@@ -1,4 +1,6 @@
-//! Configuration errors: each names the key, the value and what was expected.
+//! Configuration errors: each names the key, the value and what was
+//! expected; a cause below that (the OS error, a domain's refusal) is the
+//! `source()`, printed with [`crate::error::Chain`].
 
 use std::io;
 use std::path::PathBuf;
@@ -8,7 +10,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file could not be read.
-    #[error("config file {path}: {source}")]
+    #[error("config file {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -18,7 +20,7 @@ pub enum ConfigError {
     },
     /// The file is not valid TOML, or has an unknown key or a value of the
     /// wrong type.
-    #[error("config file {path}:{line}:{column}: {message} (in `{context}`)", message = source.message())]
+    #[error("config file {path}:{line}:{column}: {message} (in `{context}`)", message = report.message())]
     Parse {
         /// The file.
         path: PathBuf,
@@ -29,11 +31,12 @@ pub enum ConfigError {
         /// 1-based column of the problem.
         column: usize,
         /// The parser's report (boxed: it is large, and errors are rare).
-        #[source]
-        source: Box<toml::de::Error>,
+        /// Its message is in ours and not the `source()` as well: its own
+        /// `Display` is a multi-line excerpt, and the error is one line.
+        report: Box<toml::de::Error>,
     },
     /// A key has a value tether cannot use.
-    #[error("{key} = {value:?}: {source}")]
+    #[error("{key} = {value:?}")]
     Invalid {
         /// The key (`trust_domain`, `entries[2]`, `authority.ca_ttl`).
         key: String,
@@ -74,7 +77,7 @@ impl ConfigError {
             context,
             line,
             column,
-            source: Box::new(source),
+            report: Box::new(source),
         }
     }
 

@@ -2,6 +2,7 @@
 //! environment overrides.
 
 use super::*;
+use crate::error::chain;
 
 fn env() -> MapEnv {
     MapEnv {
@@ -105,7 +106,7 @@ fn the_kubernetes_configmaps_are_valid_agent_configs() {
 fn the_k8s_attestor_takes_its_node_from_the_downward_api() {
     let text = "[attestor.k8s]\nenabled = true\n";
     let missing = Config::from_toml(text, &env()).unwrap_err();
-    assert!(missing.to_string().contains("NODE_NAME"), "{missing}");
+    assert!(chain(&missing).contains("NODE_NAME"), "{missing}");
     let mut with_node = env();
     with_node.vars.insert("NODE_NAME".into(), "node-a".into());
     let c = Config::from_toml(text, &with_node).unwrap();
@@ -122,7 +123,7 @@ fn the_k8s_attestor_takes_its_node_from_the_downward_api() {
     )
     .unwrap_err();
     assert!(
-        bad.to_string().contains("attestor.k8s.max_poll_attempts"),
+        chain(&bad).contains("attestor.k8s.max_poll_attempts"),
         "{bad}"
     );
     // Unverified, the kubelet may only be this node's loopback.
@@ -131,7 +132,7 @@ fn the_k8s_attestor_takes_its_node_from_the_downward_api() {
         &env(),
     )
     .unwrap_err();
-    assert!(remote.to_string().contains("loopback"), "{remote}");
+    assert!(chain(&remote).contains("loopback"), "{remote}");
     // Off, nothing is required.
     assert!(!Config::from_toml("", &env()).unwrap().attestor.k8s.enabled);
 }
@@ -141,7 +142,7 @@ fn an_intent_longer_than_the_store_keeps_is_refused_at_start() {
     // Accepted here, it failed every BeginTask with Unavailable.
     let long = Config::from_toml("[tasks]\nmax_intent_len = 65536\n", &env()).unwrap_err();
     assert!(
-        long.to_string().contains("tasks.max_intent_len") && long.to_string().contains("4096"),
+        chain(&long).contains("tasks.max_intent_len") && chain(&long).contains("4096"),
         "{long}"
     );
     Config::from_toml("[tasks]\nmax_intent_len = 4096\n", &env()).unwrap();
@@ -211,7 +212,7 @@ fn the_idle_timeout_and_the_unmatched_uid_budget_are_read_and_checked() {
     for (text, want) in cases {
         let err = Config::from_toml(&format!("[limits]\n{text}"), &env()).unwrap_err();
         assert!(
-            err.to_string().contains(want),
+            chain(&err).contains(want),
             "{text}\n=> {err}\n(wanted {want:?})"
         );
     }
@@ -223,9 +224,9 @@ fn audit_dir_is_the_top_level_name_of_the_audit_directory() {
     assert_eq!(c.audit.dir, Some(PathBuf::from("/srv/audit")));
     let both =
         Config::from_toml("audit_dir = \"/srv/a\"\n[audit]\ndir = \"/srv/b\"", &env()).unwrap_err();
-    assert!(both.to_string().contains("not both"), "{both}");
+    assert!(chain(&both).contains("not both"), "{both}");
     let relative = Config::from_toml("audit_dir = \"audit\"", &env()).unwrap_err();
-    assert!(relative.to_string().contains("absolute"), "{relative}");
+    assert!(chain(&relative).contains("absolute"), "{relative}");
 }
 
 #[test]
@@ -365,8 +366,48 @@ fn bad_values_name_the_key() {
     for (text, want) in cases {
         let err = Config::from_toml(text, &env()).unwrap_err();
         assert!(
-            err.to_string().contains(want),
+            chain(&err).contains(want),
             "{text}\n=> {err}\n(wanted {want:?})"
         );
     }
+}
+
+#[test]
+fn a_missing_config_file_prints_the_path_and_the_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let error = Config::load(Some(&path), &env()).unwrap_err();
+    // What failed is the message, why is the source: never both.
+    assert_eq!(error.to_string(), format!("config file {}", path.display()));
+    let text = chain(&error);
+    assert!(
+        text.starts_with(&format!(
+            "config file {}: No such file or directory",
+            path.display()
+        )),
+        "{text}"
+    );
+    assert_eq!(text.matches("No such file").count(), 1, "{text}");
+    assert_eq!(text.matches(path.to_str().unwrap()).count(), 1, "{text}");
+
+    // A parse error is one line: the parser's message is in ours, and its
+    // multi-line excerpt is not appended as a source.
+    let error = Config::from_toml("unknown_key = true\n", &env()).unwrap_err();
+    assert!(std::error::Error::source(&error).is_none(), "{error:?}");
+    let text = chain(&error);
+    assert!(text.contains("unknown field `unknown_key`"), "{text}");
+    assert!(!text.contains('\n'), "{text}");
+}
+
+#[test]
+fn an_invalid_value_names_the_key_then_the_reason_once() {
+    let error = Config::from_toml("trust_domain = \"Not A Domain\"\n", &env()).unwrap_err();
+    let text = chain(&error);
+    assert!(
+        text.starts_with("trust_domain = \"Not A Domain\": "),
+        "{text}"
+    );
+    let reason = &text["trust_domain = \"Not A Domain\": ".len()..];
+    assert!(!reason.is_empty(), "{text}");
+    assert_eq!(text.matches(reason).count(), 1, "{text}");
 }

@@ -271,7 +271,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             );
             if let Err(error) = drained(served, &token, &closing, "workload").await {
                 tracing::error!(error = %crate::error::Chain(&error), "workload API server failed; stopping the agent");
-                fail.fail(format!("the workload API server failed: {error}"));
+                fail.fail(format!("the workload API server failed: {}", crate::error::Chain(&error)));
             }
             // Unlinks the socket, now that nothing is served on it.
             drop(socket);
@@ -287,7 +287,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let served = admin_api::serve(admin, authz, &mut admin_socket, stop, closing.clone());
             if let Err(error) = drained(served, &token, &closing, "admin").await {
                 tracing::error!(error = %crate::error::Chain(&error), "admin API server failed; stopping the agent");
-                fail.fail(format!("the admin API server failed: {error}"));
+                fail.fail(format!("the admin API server failed: {}", crate::error::Chain(&error)));
             }
             drop(admin_socket);
         });
@@ -445,7 +445,10 @@ fn problems(
         ));
     }
     if let Err(error) = store.check_writable() {
-        problems.push(format!("the store cannot be written: {error}"));
+        problems.push(format!(
+            "the store cannot be written: {}",
+            crate::error::Chain(&error)
+        ));
     }
     problems
 }

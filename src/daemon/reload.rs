@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin_api::{ReloadOutcome, ReloadRequest};
 use crate::audit::{AuditEvent, AuditLog, EventKind, Outcome};
 use crate::config::{Config, ConfigSource, ProcessEnv};
+use crate::error::{Chain, chain};
 use crate::federation::Federation;
 use crate::policy::{Policy, PolicySummary};
 use crate::registration::{Registry, check_config_duplicates};
@@ -42,7 +43,7 @@ impl Reloader {
         let mut hangup = match signal(SignalKind::hangup()) {
             Ok(hangup) => Some(hangup),
             Err(error) => {
-                tracing::warn!(error = %crate::error::Chain(&error), "cannot listen for SIGHUP; reload only through `tether reload`");
+                tracing::warn!(error = %Chain(&error), "cannot listen for SIGHUP; reload only through `tether reload`");
                 None
             }
         };
@@ -82,8 +83,8 @@ impl Reloader {
             let path = path.clone();
             tokio::task::spawn_blocking(move || Config::load(path.as_deref(), &ProcessEnv))
                 .await
-                .map_err(|e| format!("reading the config: {e}"))?
-                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("reading the config: {}", Chain(&e)))?
+                .map_err(|e| chain(&e))?
         };
         let needs_restart = self.running.needs_restart(&next);
 
@@ -92,27 +93,27 @@ impl Reloader {
             let policy = self.policy.clone();
             tokio::task::spawn_blocking(move || policy.prepare())
                 .await
-                .map_err(|e| format!("reloading policies: {e}"))?
+                .map_err(|e| format!("reloading policies: {}", Chain(&e)))?
         };
         let prepared_policies = match prepared_policies {
             Ok(prepared) => prepared,
             Err(error) => {
-                record_policy_reload(&self.audit, Err(error.to_string()));
-                return Err(format!("policies: {error}"));
+                record_policy_reload(&self.audit, Err(chain(&error)));
+                return Err(format!("policies: {}", Chain(&error)));
             }
         };
         let prepared_federation = self
             .federation
             .prepare(next.federation.clone())
-            .map_err(|e| e.to_string())?;
-        check_config_duplicates(&next.entries).map_err(|e| e.to_string())?;
+            .map_err(|e| chain(&e))?;
+        check_config_duplicates(&next.entries).map_err(|e| chain(&e))?;
 
         // Applied: the entries first, the one step that can still refuse
         // (their changes must be recorded); then what cannot fail.
         self.registry
             .replace_config(next.entries.clone(), prepared_federation.trust_domains())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| chain(&e))?;
         self.federation.apply(prepared_federation);
         let summary = self.policy.install_prepared(prepared_policies);
         record_policy_reload(&self.audit, Ok(summary));
@@ -151,6 +152,6 @@ pub(super) fn record_policy_reload(audit: &AuditLog, outcome: Result<PolicySumma
         },
     };
     if let Err(error) = audit.record(event) {
-        tracing::error!(error = %crate::error::Chain(&error), "the policy reload could not be audited");
+        tracing::error!(error = %Chain(&error), "the policy reload could not be audited");
     }
 }

@@ -53,7 +53,7 @@ pub struct FederationSource {
 #[derive(Debug, thiserror::Error)]
 pub enum FederationError {
     /// The file could not be read.
-    #[error("federation {trust_domain}: reading {path}: {source}")]
+    #[error("federation {trust_domain}: reading {path}")]
     Read {
         /// The foreign trust domain.
         trust_domain: String,
@@ -64,7 +64,7 @@ pub enum FederationError {
         source: io::Error,
     },
     /// The file is not a usable SPIFFE bundle.
-    #[error("federation {trust_domain}: {path}: {source}")]
+    #[error("federation {trust_domain}: {path}")]
     Parse {
         /// The foreign trust domain.
         trust_domain: String,

@@ -114,7 +114,7 @@ pub struct PolicyProblem {
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// The directory or a file in it could not be read.
-    #[error("reading {}: {source}", .path.display())]
+    #[error("reading {}", .path.display())]
     Read {
         /// What was being read.
         path: PathBuf,
@@ -143,16 +143,14 @@ pub enum PolicyError {
         problems: Vec<PolicyProblem>,
     },
     /// The schema compiled into this build does not parse (a bug).
-    #[error("the built-in policy schema is invalid: {source}")]
+    #[error("the built-in policy schema is invalid")]
     Schema {
         /// Cedar's error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A `Type::"name"` resource that does not parse.
-    #[error(
-        "resource {input:?} is not an entity such as Audience::\"spiffe://example.org/mcp\": {source}"
-    )]
+    #[error("resource {input:?} is not an entity such as Audience::\"spiffe://example.org/mcp\"")]
     ResourceSyntax {
         /// What was given.
         input: String,

@@ -701,3 +701,19 @@ fn offsets_become_lines_and_columns() {
         assert_eq!(line_column(text, offset), want, "{offset}");
     }
 }
+
+#[test]
+fn an_unreadable_policy_dir_prints_the_path_and_the_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("policies");
+    let error = Policy::load(&config(&missing)).unwrap_err();
+    let text = crate::error::chain(&error);
+    assert!(
+        text.starts_with(&format!(
+            "reading {}: No such file or directory",
+            missing.display()
+        )),
+        "{text}"
+    );
+    assert_eq!(text.matches("No such file").count(), 1, "{text}");
+}

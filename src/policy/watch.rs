@@ -90,7 +90,7 @@ impl Policy {
                         error = %crate::error::Chain(&error),
                         "policy change refused; the policies in force stay"
                     );
-                    on_reload(Err(error.to_string()));
+                    on_reload(Err(crate::error::chain(&error)));
                 }
                 Poll::Refused {
                     digest: None,
@@ -107,7 +107,7 @@ impl Policy {
                             error = %crate::error::Chain(&error),
                             "policy directory unreadable; the policies in force stay"
                         );
-                        on_reload(Err(error.to_string()));
+                        on_reload(Err(crate::error::chain(&error)));
                     }
                 }
             }

@@ -118,7 +118,7 @@ pub struct EntrySpec {
 #[derive(Debug, thiserror::Error)]
 pub enum EntryError {
     /// `spiffe_id` is not a SPIFFE ID.
-    #[error("spiffe_id {value:?} is not a valid SPIFFE ID: {source}")]
+    #[error("spiffe_id {value:?} is not a valid SPIFFE ID")]
     BadSpiffeId {
         /// The value given.
         value: String,
@@ -171,7 +171,7 @@ pub enum EntryError {
     )]
     NoSelectors,
     /// One of the selectors is malformed.
-    #[error("selectors: {0}")]
+    #[error("selectors")]
     BadSelector(#[from] SelectorError),
     /// A TTL of zero.
     #[error("{0} must be greater than zero")]
@@ -183,7 +183,7 @@ pub enum EntryError {
     #[error("hint must not be empty when given")]
     EmptyHint,
     /// `federates_with` names something that is not a trust domain.
-    #[error("federates_with: {value:?} is not a trust domain: {source}")]
+    #[error("federates_with: {value:?} is not a trust domain")]
     BadFederatedDomain {
         /// The value given.
         value: String,
@@ -551,6 +551,34 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_says_what_failed_and_its_cause_once() {
+        let err = RegistrationEntry::from_config(
+            &config("spiffe://example.org/x", &["1000"]),
+            &td(),
+            &feds(),
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "selectors");
+        let text = crate::error::chain(&err);
+        assert_eq!(
+            text,
+            "selectors: selector \"1000\" has no type: expected TYPE:KEY:VALUE such as unix:uid:1000"
+        );
+
+        let err =
+            RegistrationEntry::from_config(&config("not-an-id", &["unix:uid:1"]), &td(), &feds())
+                .unwrap_err();
+        let cause = std::error::Error::source(&err)
+            .expect("the parser's reason")
+            .to_string();
+        let text = crate::error::chain(&err);
+        assert_eq!(
+            text,
+            format!("spiffe_id \"not-an-id\" is not a valid SPIFFE ID: {cause}")
+        );
+    }
+
+    #[test]
     fn refuses_bad_entries() {
         let cases: Vec<(EntrySpec, &str)> = vec![
             (
@@ -616,10 +644,8 @@ mod tests {
         ];
         for (c, want) in cases {
             let err = RegistrationEntry::from_config(&c, &td(), &feds()).unwrap_err();
-            assert!(
-                err.to_string().contains(want),
-                "{c:?}: {err} (wanted {want:?})"
-            );
+            let err = crate::error::chain(&err);
+            assert!(err.contains(want), "{c:?}: {err} (wanted {want:?})");
         }
     }
 

@@ -101,7 +101,7 @@ struct Shared {
 pub enum StoreError {
     /// The file system refused while creating or inspecting the database
     /// files.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -126,7 +126,7 @@ pub enum StoreError {
         mode: u32,
     },
     /// SQLite could not open or set up the database.
-    #[error("opening {path}: {source}")]
+    #[error("opening {path}")]
     Open {
         /// The database file.
         path: PathBuf,
@@ -226,7 +226,7 @@ pub enum StoreError {
         source: Option<serde_json::Error>,
     },
     /// Any other SQLite failure.
-    #[error("store: {0}")]
+    #[error("a store query failed")]
     Sql(#[source] rusqlite::Error),
 }
 

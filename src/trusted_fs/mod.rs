@@ -91,7 +91,7 @@ pub enum TrustedFsError {
         expected: &'static str,
     },
     /// The file system refused.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         /// The path.
         path: PathBuf,

@@ -40,6 +40,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "task",
         "attestation",
         "authority",
+        "error",
         "federation",
         "policy",
         "registration",
@@ -77,15 +78,15 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("error", &[][..]),
         ("proto", &[][..]),
         ("telemetry", &["error"][..]),
-        ("bundle", &[][..]),
+        ("bundle", &["error"][..]),
         ("store", &["trusted_fs"][..]),
         ("audit", &["error", "trusted_fs"][..]),
         // 1: core
         // Core modules record their decisions in the audit trail (a leaf).
-        ("registration", &["audit", "store"][..]),
+        ("registration", &["audit", "error", "store"][..]),
         // Every layer records metrics (telemetry, a leaf).
         ("attestation", &["error", "registration", "telemetry"][..]),
-        ("authority", &["bundle", "trusted_fs"][..]),
+        ("authority", &["bundle", "error", "trusted_fs"][..]),
         ("federation", &["bundle", "error"][..]),
         // 2: services and the shared transport
         (
@@ -168,6 +169,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "client",
                 "config",
                 "daemon",
+                "error",
                 "policy",
                 "proto",
                 "telemetry",

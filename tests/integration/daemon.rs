@@ -239,3 +239,57 @@ async fn a_start_that_fails_leaves_nothing_running() {
     let running = common::start_in(dir.path(), "").await.unwrap();
     running.stop().await.unwrap();
 }
+
+/// The `tether: error:` line of a failed run (the logs share stderr).
+fn error_line(stderr: &[u8]) -> String {
+    let stderr = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("tether: error: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line: {stderr}");
+    lines[0].to_owned()
+}
+
+#[test]
+fn a_failing_run_prints_what_failed_and_the_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // No config file: the path and the OS error, once each, exit 64.
+    let missing = dir.path().join("missing.toml");
+    let out = tether()
+        .args(["run", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let line = error_line(&out.stderr);
+    assert_eq!(
+        line,
+        format!(
+            "tether: error: config file {}: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
+
+    // The agent's start fails below the config (policy_dir is a file):
+    // the context, the path and the OS error, once each, exit 1.
+    let config = write_config(dir.path(), "agent.toml", "data");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.insert_str(0, &format!("policy_dir = \"{}\"\n", config.display()));
+    std::fs::write(&config, text).unwrap();
+    let out = tether()
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let line = error_line(&out.stderr);
+    assert_eq!(
+        line,
+        format!(
+            "tether: error: loading policies: reading {}: Not a directory (os error 20)",
+            config.display()
+        )
+    );
+}

@@ -238,17 +238,17 @@ impl LocalAuthority {
                         .unwrap_or(Duration::ZERO)
                 }
                 Ok(Err(error)) => {
-                    let message = error.to_string();
+                    let message = crate::error::chain(&error);
                     if last_failure.as_deref() == Some(message.as_str()) {
-                        tracing::debug!(%error, "key rotation failed again; retrying");
+                        tracing::debug!(error = %crate::error::Chain(&error), "key rotation failed again; retrying");
                     } else {
-                        tracing::error!(%error, "key rotation failed; retrying");
+                        tracing::error!(error = %crate::error::Chain(&error), "key rotation failed; retrying");
                     }
                     last_failure = Some(message);
                     RETRY_AFTER_FAILURE
                 }
                 Err(error) => {
-                    tracing::error!(%error, "key rotation job failed; retrying");
+                    tracing::error!(error = %crate::error::Chain(&error), "key rotation job failed; retrying");
                     RETRY_AFTER_FAILURE
                 }
             };

@@ -183,11 +183,11 @@ impl LocalAuthority {
         let files = match UpstreamFiles::read(cert_path, key_path) {
             Ok(files) => files,
             Err(error) => {
-                let message = error.to_string();
+                let message = crate::error::chain(&error);
                 if state.read_failure.as_deref() == Some(message.as_str()) {
-                    tracing::debug!(%error, "upstream CA files still unreadable; keeping the upstream CA in use");
+                    tracing::debug!(error = %crate::error::Chain(&error), "upstream CA files still unreadable; keeping the upstream CA in use");
                 } else {
-                    tracing::warn!(%error, "cannot re-read the upstream CA files; keeping the upstream CA in use");
+                    tracing::warn!(error = %crate::error::Chain(&error), "cannot re-read the upstream CA files; keeping the upstream CA in use");
                 }
                 state.read_failure = Some(message);
                 return;
@@ -214,7 +214,7 @@ impl LocalAuthority {
                 state.refused = None;
             }
             Err(error) => {
-                tracing::warn!(%error, "the upstream CA files changed but were refused; keeping the upstream CA in use");
+                tracing::warn!(error = %crate::error::Chain(&error), "the upstream CA files changed but were refused; keeping the upstream CA in use");
                 state.refused = Some(fingerprint);
             }
         }

@@ -73,10 +73,16 @@ impl Authority for LocalAuthority {
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if let Err(error) = self.x509_signer() {
-            problems.push(format!("no usable X.509 signing key: {error}"));
+            problems.push(format!(
+                "no usable X.509 signing key: {}",
+                crate::error::Chain(&error)
+            ));
         }
         if let Err(error) = self.jwt_signer() {
-            problems.push(format!("no usable JWT signing key: {error}"));
+            problems.push(format!(
+                "no usable JWT signing key: {}",
+                crate::error::Chain(&error)
+            ));
         }
         problems
     }

@@ -81,7 +81,7 @@ pub enum UpstreamError {
         mode: u32,
     },
     /// A file is not PEM.
-    #[error("{path} is not PEM: {source}")]
+    #[error("{path} is not PEM")]
     Pem {
         /// The file.
         path: PathBuf,
@@ -90,7 +90,7 @@ pub enum UpstreamError {
         source: pem::PemError,
     },
     /// A certificate is not DER X.509.
-    #[error("certificate {index} in {path} is not an X.509 certificate: {source}")]
+    #[error("certificate {index} in {path} is not an X.509 certificate")]
     Certificate {
         /// The certificate file.
         path: PathBuf,
@@ -101,7 +101,7 @@ pub enum UpstreamError {
         source: X509Error,
     },
     /// The key cannot be parsed.
-    #[error("{path} holds no usable private key: {source}")]
+    #[error("{path} holds no usable private key")]
     Key {
         /// The key file.
         path: PathBuf,
@@ -145,7 +145,7 @@ pub enum UpstreamError {
         problem: String,
     },
     /// rcgen could not use the upstream CA as an issuer.
-    #[error("{path}: cannot issue from this certificate: {source}")]
+    #[error("{path}: cannot issue from this certificate")]
     Issuer {
         /// The certificate file.
         path: PathBuf,

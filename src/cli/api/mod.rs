@@ -194,7 +194,7 @@ pub(crate) enum ApiError {
         stream: &'static str,
     },
     /// The agent sent a certificate that does not parse.
-    #[error("the agent sent a malformed certificate ({what}): {source}")]
+    #[error("the agent sent a malformed certificate ({what})")]
     Certificate {
         /// Where it was.
         what: String,
@@ -211,7 +211,7 @@ pub(crate) enum ApiError {
         missing: &'static str,
     },
     /// The agent keyed a bundle by something that is not a trust domain.
-    #[error("the agent sent a bundle for {value:?}, which is not a trust domain: {source}")]
+    #[error("the agent sent a bundle for {value:?}, which is not a trust domain")]
     TrustDomain {
         /// The key the agent sent.
         value: String,
@@ -220,7 +220,7 @@ pub(crate) enum ApiError {
         source: SpiffeIdError,
     },
     /// The agent sent a JWT bundle that is not a JWK set.
-    #[error("the agent sent a malformed JWT bundle for {trust_domain}: {source}")]
+    #[error("the agent sent a malformed JWT bundle for {trust_domain}")]
     JwtBundle {
         /// Whose bundle.
         trust_domain: String,
@@ -235,14 +235,14 @@ pub(crate) enum ApiError {
     #[error("the token is empty")]
     EmptyToken,
     /// Reading the token from stdin failed.
-    #[error("reading the token from stdin: {source}")]
+    #[error("reading the token from stdin")]
     Stdin {
         /// The I/O error.
         #[source]
         source: io::Error,
     },
     /// Writing a `--write` file failed.
-    #[error("writing {}: {source}", path.display())]
+    #[error("writing {}", path.display())]
     Write {
         /// The file or directory.
         path: PathBuf,
@@ -251,14 +251,14 @@ pub(crate) enum ApiError {
         source: io::Error,
     },
     /// Printing the result failed.
-    #[error("writing to stdout: {source}")]
+    #[error("writing to stdout")]
     Stdout {
         /// The I/O error.
         #[source]
         source: io::Error,
     },
     /// The async runtime or a signal handler could not be set up.
-    #[error("setting up the runtime: {source}")]
+    #[error("setting up the runtime")]
     Runtime {
         /// The I/O error.
         #[source]
@@ -307,7 +307,7 @@ pub(crate) fn run(args: &ApiArgs) -> ExitCode {
     match execute(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
-        Err(error) => fail(error.exit_code(), error),
+        Err(error) => fail(error.exit_code(), &error),
     }
 }
 
