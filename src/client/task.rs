@@ -20,7 +20,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use zeroize::Zeroize as _;
 
-use super::channel::{self, CallError, DialError, MAX_MESSAGE_LEN};
+use super::channel::{self, CallError, MAX_MESSAGE_LEN};
 use super::workload::{SecurityHeader, SocketError, WorkloadClient, WorkloadClientError};
 use super::{EXIT_NOPERM, EXIT_UNAVAILABLE, EXIT_USAGE};
 use crate::proto::task::{self as pb, tasks_client::TasksClient};
@@ -92,15 +92,7 @@ impl TaskClientError {
 impl TaskClient {
     /// Dials `socket`, waiting at most `timeout`.
     pub async fn connect(socket: &Path, timeout: Duration) -> Result<Self, WorkloadClientError> {
-        let channel = channel::dial(socket, timeout)
-            .await
-            .map_err(|error| match error {
-                DialError::Connect(cause) => WorkloadClientError::Connect {
-                    socket: socket.to_owned(),
-                    cause,
-                },
-                DialError::Timeout => timed_out(timeout, socket),
-            })?;
+        let channel = super::workload::dial(socket, timeout).await?;
         let client = TasksClient::with_interceptor(channel, SecurityHeader)
             .max_decoding_message_size(MAX_MESSAGE_LEN);
         Ok(Self {

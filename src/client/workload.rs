@@ -170,20 +170,26 @@ impl Interceptor for SecurityHeader {
     }
 }
 
+/// Dials the workload socket (both its APIs share it), the failure as a
+/// client error naming the socket.
+pub(super) async fn dial(socket: &Path, timeout: Duration) -> Result<Channel, WorkloadClientError> {
+    channel::dial(socket, timeout)
+        .await
+        .map_err(|error| match error {
+            DialError::Connect(cause) => WorkloadClientError::Connect {
+                socket: socket.to_owned(),
+                cause,
+            },
+            DialError::Timeout => timed_out(timeout, socket),
+        })
+}
+
 // === impl WorkloadClient ===
 
 impl WorkloadClient {
     /// Dials `socket`, waiting at most `timeout`.
     pub async fn connect(socket: &Path, timeout: Duration) -> Result<Self, WorkloadClientError> {
-        let channel = channel::dial(socket, timeout)
-            .await
-            .map_err(|error| match error {
-                DialError::Connect(cause) => WorkloadClientError::Connect {
-                    socket: socket.to_owned(),
-                    cause,
-                },
-                DialError::Timeout => timed_out(timeout, socket),
-            })?;
+        let channel = dial(socket, timeout).await?;
         let client = SpiffeWorkloadApiClient::with_interceptor(channel, SecurityHeader)
             .max_decoding_message_size(MAX_MESSAGE_LEN);
         Ok(Self {
