@@ -159,6 +159,9 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // (the wire protocol and the socket defaults, no service module)
         ("daemon", ROOT),
         ("client", &["config", "proto", "trusted_fs"][..]),
+        // The fleet's server, beside the agent's root; so far the
+        // node-scope rule over entries and the attestor's pod selectors.
+        ("server", &["attestation", "error", "registration"][..]),
         // 6: the command line
         (
             "cli",
