@@ -440,7 +440,7 @@ pub fn default_data_dir(env: &dyn EnvSource) -> PathBuf {
     PathBuf::from(format!("/tmp/tether-{uid}/data"))
 }
 
-fn read_file(path: &Path) -> Result<String, ConfigError> {
+pub(crate) fn read_file(path: &Path) -> Result<String, ConfigError> {
     use std::io::Read as _;
     let read = || -> std::io::Result<String> {
         let file = std::fs::File::open(path)?;
@@ -454,7 +454,7 @@ fn read_file(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-fn parse_trust_domain(key: &str, value: &str) -> Result<TrustDomain, ConfigError> {
+pub(crate) fn parse_trust_domain(key: &str, value: &str) -> Result<TrustDomain, ConfigError> {
     let td = TrustDomain::new(value).map_err(|e| ConfigError::Invalid {
         key: key.to_owned(),
         value: value.to_owned(),
@@ -470,7 +470,7 @@ fn parse_trust_domain(key: &str, value: &str) -> Result<TrustDomain, ConfigError
     Ok(td)
 }
 
-fn check_absolute(key: &str, path: &Path) -> Result<(), ConfigError> {
+pub(crate) fn check_absolute(key: &str, path: &Path) -> Result<(), ConfigError> {
     if path.is_absolute() {
         Ok(())
     } else {
@@ -482,7 +482,11 @@ fn check_absolute(key: &str, path: &Path) -> Result<(), ConfigError> {
     }
 }
 
-fn check_ttl(key: &str, ttl: Duration, limit: Option<(&str, Duration)>) -> Result<(), ConfigError> {
+pub(crate) fn check_ttl(
+    key: &str,
+    ttl: Duration,
+    limit: Option<(&str, Duration)>,
+) -> Result<(), ConfigError> {
     let shown = humantime::format_duration(ttl).to_string();
     if ttl.is_zero() {
         return Err(ConfigError::invalid(

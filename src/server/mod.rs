@@ -2,7 +2,9 @@
 //! built; the plan is `docs/fleet-design.md`).
 //!
 //! Landed so far: [`scope`], the rule deciding which identities a node may
-//! obtain. It is pure, so it is tested on its own, ahead of the server
-//! that will ask it on every signing request.
+//! obtain, and [`config`], the server's configuration file (the fleet's
+//! contract keys). Both are tested on their own, ahead of the server that
+//! will use them.
 
+pub mod config;
 pub mod scope;

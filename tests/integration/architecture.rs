@@ -161,7 +161,16 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("client", &["config", "proto", "trusted_fs"][..]),
         // The fleet's server, beside the agent's root; so far the
         // node-scope rule over entries and the attestor's pod selectors.
-        ("server", &["attestation", "error", "registration"][..]),
+        (
+            "server",
+            &[
+                "attestation",
+                "authority",
+                "config",
+                "error",
+                "registration",
+            ][..],
+        ),
         // 6: the command line
         (
             "cli",

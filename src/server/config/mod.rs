@@ -1,0 +1,284 @@
+//! `tether server run --config FILE`: the server's configuration, one TOML
+//! file validated once into a [`ServerConfig`] that cannot be invalid.
+//!
+//! The keys are the fleet's contract (issue 17): `trust_domain`,
+//! `data_dir`, `listen`, `admin_socket_path`, `store`, `[authority]` as the
+//! agent's, and `[[entries]]` as the agent's plus `nodes`. The checks the
+//! agent applies to the same keys are the agent's own (`crate::config`'s
+//! helpers, `AuthorityConfig::validate`, `RegistrationEntry::from_config`).
+//! Environment overrides: `TETHER_TRUST_DOMAIN`, `TETHER_SERVER_DATA_DIR`,
+//! `TETHER_SERVER_ADMIN_SOCKET`, `TETHER_SERVER_STORE`.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use spiffe::TrustDomain;
+
+use super::scope::{NodeName, ServerEntry};
+use crate::authority::AuthorityConfig;
+use crate::config::{self, ConfigError, EnvSource};
+use crate::registration::{self, EntrySpec, RegistrationEntry};
+
+/// Where agents reach the server when `listen` is not set.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8081";
+
+/// A complete, valid server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The fleet's trust domain; every agent's must equal it.
+    pub trust_domain: TrustDomain,
+    /// Keys, the SQLite store (when `store` is not PostgreSQL) and the
+    /// server's audit trail.
+    pub data_dir: PathBuf,
+    /// The agents' address.
+    pub listen: SocketAddr,
+    /// The operators' socket.
+    pub admin_socket_path: PathBuf,
+    /// Where the fleet's state is kept.
+    pub store: StoreLocation,
+    /// The signing keys, as the agent's `[authority]`.
+    pub authority: AuthorityConfig,
+    /// Entries from the file, each with the nodes it names.
+    pub entries: Vec<ServerEntry>,
+}
+
+/// `store`: where replicas keep what they share.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// No `store`: SQLite in the data dir, for one replica.
+    Sqlite(PathBuf),
+    /// A `postgres://` (or `postgresql://`) URL, for several replicas.
+    Postgres(String),
+}
+
+/// The TOML document: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerConfig {
+    trust_domain: Option<String>,
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    admin_socket_path: Option<PathBuf>,
+    store: Option<String>,
+    #[serde(default)]
+    authority: AuthorityConfig,
+    #[serde(default)]
+    entries: Vec<RawServerEntry>,
+}
+
+/// `[[entries]]`: the agent's entry keys, plus `nodes`. Read by hand, not
+/// with `#[serde(flatten)]`, which would let an unknown key (a typo)
+/// through: `nodes` is taken out, and the rest must be an agent entry,
+/// unknown keys refused.
+#[derive(Debug)]
+struct RawServerEntry {
+    spec: EntrySpec,
+    nodes: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for RawServerEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut table = toml::Table::deserialize(deserializer)?;
+        let nodes = match table.remove("nodes") {
+            None => Vec::new(),
+            Some(value) => value
+                .try_into()
+                .map_err(|e| D::Error::custom(format!("nodes: {e}")))?,
+        };
+        let spec = toml::Value::Table(table)
+            .try_into()
+            .map_err(D::Error::custom)?;
+        Ok(Self { spec, nodes })
+    }
+}
+
+// === impl ServerConfig ===
+
+impl ServerConfig {
+    /// Loads and validates `path`, with the environment overrides.
+    pub fn load(path: &Path, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let text = config::read_file(path)?;
+        Self::parse(path, &text, env)
+    }
+
+    /// Parses and validates TOML `text` read from `path`.
+    pub fn parse(path: &Path, text: &str, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let raw: RawServerConfig = toml::from_str(text)
+            .map_err(|source| ConfigError::parse(path.to_owned(), text, source))?;
+        Self::from_raw(raw, env)
+    }
+
+    fn from_raw(raw: RawServerConfig, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let td_value = env
+            .var("TETHER_TRUST_DOMAIN")
+            .or(raw.trust_domain)
+            .unwrap_or_else(|| config::DEFAULT_TRUST_DOMAIN.to_owned());
+        let trust_domain = config::parse_trust_domain("trust_domain", &td_value)?;
+
+        let data_dir = env
+            .var("TETHER_SERVER_DATA_DIR")
+            .map(PathBuf::from)
+            .or(raw.data_dir)
+            .unwrap_or_else(|| default_data_dir(env));
+        config::check_absolute("data_dir", &data_dir)?;
+        let admin_socket_path = env
+            .var("TETHER_SERVER_ADMIN_SOCKET")
+            .map(PathBuf::from)
+            .or(raw.admin_socket_path)
+            .unwrap_or_else(|| default_admin_socket_path(env));
+        config::check_absolute("admin_socket_path", &admin_socket_path)?;
+
+        let listen_value = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen: SocketAddr = listen_value.parse().map_err(|_| {
+            ConfigError::invalid(
+                "listen",
+                listen_value.clone(),
+                "expected an IP address and a port, such as 0.0.0.0:8081 or [::]:8081",
+            )
+        })?;
+
+        let store = match env.var("TETHER_SERVER_STORE").or(raw.store) {
+            None => StoreLocation::Sqlite(data_dir.join("server.db")),
+            Some(url) => StoreLocation::postgres(&url)?,
+        };
+
+        let authority = raw.authority;
+        config::check_ttl("authority.ca_ttl", authority.ca_ttl, None)?;
+        config::check_ttl("authority.jwt_key_ttl", authority.jwt_key_ttl, None)?;
+        authority
+            .validate()
+            .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
+
+        let entries = entries(&raw.entries, &trust_domain)?;
+        Ok(Self {
+            trust_domain,
+            data_dir,
+            listen,
+            admin_socket_path,
+            store,
+            authority,
+            entries,
+        })
+    }
+}
+
+/// `[[entries]]`, validated as the agent validates its own, each node name
+/// checked, no entry twice. The server federates with no one yet, so
+/// `federates_with` must be empty.
+fn entries(raw: &[RawServerEntry], td: &TrustDomain) -> Result<Vec<ServerEntry>, ConfigError> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, e) in raw.iter().enumerate() {
+        let key = format!("entries[{i}]");
+        let entry =
+            RegistrationEntry::from_config(&e.spec, td, &BTreeSet::new()).map_err(|source| {
+                ConfigError::Invalid {
+                    key: key.clone(),
+                    value: e.spec.spiffe_id.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+        let mut nodes = BTreeSet::new();
+        for name in &e.nodes {
+            let node = NodeName::new(name).map_err(|source| ConfigError::Invalid {
+                key: format!("{key}.nodes"),
+                value: name.clone(),
+                source: Box::new(source),
+            })?;
+            if !nodes.insert(node) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.nodes"),
+                    name.clone(),
+                    "is listed twice",
+                ));
+            }
+        }
+        out.push(ServerEntry {
+            entry: Arc::new(entry),
+            nodes,
+        });
+    }
+    let plain: Vec<RegistrationEntry> = out.iter().map(|e| (*e.entry).clone()).collect();
+    registration::check_config_duplicates(&plain).map_err(|source| ConfigError::Invalid {
+        key: "entries".into(),
+        value: String::new(),
+        source: Box::new(source),
+    })?;
+    Ok(out)
+}
+
+/// The server's data dir when none is configured: beside the agent's
+/// default (`/var/lib/tether-server` for root).
+pub fn default_data_dir(env: &dyn EnvSource) -> PathBuf {
+    config::default_data_dir(env).with_file_name("tether-server")
+}
+
+/// The server's admin socket when none is configured: `server.sock` in
+/// the agent's admin socket directory (`/run/tether-admin/server.sock`
+/// for root).
+pub fn default_admin_socket_path(env: &dyn EnvSource) -> PathBuf {
+    config::default_admin_socket_path(env).with_file_name("server.sock")
+}
+
+// === impl StoreLocation ===
+
+impl StoreLocation {
+    /// Checks a PostgreSQL URL's form (the server connects at start).
+    fn postgres(url: &str) -> Result<Self, ConfigError> {
+        let shown = Self::Postgres(url.to_owned()).to_string();
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"));
+        match rest {
+            Some(rest) if !rest.is_empty() && !url.chars().any(char::is_whitespace) => {
+                Ok(Self::Postgres(url.to_owned()))
+            }
+            _ => Err(ConfigError::invalid(
+                "store",
+                shown,
+                "expected a postgres:// URL (or no store, for SQLite in the data dir)",
+            )),
+        }
+    }
+}
+
+/// Never prints a password: `postgres://user:***@host/db`.
+impl fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "sqlite {}", path.display()),
+            Self::Postgres(url) => f.write_str(&redact_password(url)),
+        }
+    }
+}
+
+impl fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// `scheme://user:password@rest` with the password replaced by `***`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => match rest.split_once('?') {
+            // A password may also ride in the query (`?password=`).
+            Some((base, _)) => format!("{scheme}://{base}?***"),
+            None => url.to_owned(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;
