@@ -23,7 +23,7 @@ use spiffe::SpiffeId;
 use super::x509::X509Svid;
 use crate::registration::{EntryId, EntrySet};
 
-pub use crate::attestation::ProcessKey;
+use crate::attestation::ProcessKey;
 
 /// An entry, the ID it resolved to, and for process-bound entries the
 /// process: one SVID each.

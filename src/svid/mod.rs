@@ -30,12 +30,12 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::attestation::Caller;
+use crate::attestation::{Caller, ProcessKey};
 use crate::audit::{AuditEvent, AuditLog, AuditUnavailable, EventKind, Outcome};
 use crate::authority::{Authority, AuthorityError};
 use crate::registration::Match;
 use crate::store::{IssuedX509, Store, StoreError};
-pub use cache::{Interest, ProcessKey, SvidKey, SvidWatch, X509SvidCache};
+pub use cache::{Interest, SvidKey, SvidWatch, X509SvidCache};
 use flights::{Flights, Issued};
 pub use holders::{Holder, HolderHandle, Holders};
 pub use jwt::{JwtSvid, JwtValidationError, ValidatedJwt};

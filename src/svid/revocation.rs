@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::SvidIssuer;
-use super::cache::ProcessKey;
 use crate::attestation::Caller;
+use crate::attestation::ProcessKey;
 use crate::authority::CrlRequest;
 use crate::store::RevokedX509;
 

@@ -11,7 +11,8 @@ use spiffe::SpiffeId;
 use zeroize::Zeroizing;
 
 use super::SvidError;
-use super::cache::{ProcessKey, SvidKey};
+use super::cache::SvidKey;
+use crate::attestation::ProcessKey;
 use crate::authority::{Authority, X509SvidRequest};
 use crate::registration::{EntryId, RegistrationEntry};
 
