@@ -20,8 +20,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use zeroize::Zeroize as _;
 
-use super::channel::{self, CallError, MAX_MESSAGE_LEN};
-use super::workload::{SecurityHeader, SocketError, WorkloadClient, WorkloadClientError};
+use super::channel::MAX_MESSAGE_LEN;
+use super::workload::{
+    SecurityHeader, SocketError, WorkloadClient, WorkloadClientError, bounded, status_error,
+};
 use super::{EXIT_NOPERM, EXIT_UNAVAILABLE, EXIT_USAGE};
 use crate::proto::task::{self as pb, tasks_client::TasksClient};
 use crate::proto::workload::X509svid;
@@ -215,34 +217,6 @@ fn leaf_of(svids: &[X509svid], which: SvidChoice<'_>) -> Result<Vec<u8>, TaskCli
         .get(..len)
         .map(<[u8]>::to_vec)
         .ok_or_else(malformed)
-}
-
-/// Runs a unary call, or the opening of a stream, under the timeout.
-async fn bounded<T>(
-    timeout: Duration,
-    socket: &Path,
-    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
-) -> Result<T, WorkloadClientError> {
-    channel::bounded(timeout, call)
-        .await
-        .map_err(|error| match error {
-            CallError::Status(status) => status_error(socket, status),
-            CallError::Timeout => timed_out(timeout, socket),
-        })
-}
-
-fn status_error(socket: &Path, status: Status) -> WorkloadClientError {
-    WorkloadClientError::Status {
-        socket: socket.to_owned(),
-        status,
-    }
-}
-
-fn timed_out(after: Duration, socket: &Path) -> WorkloadClientError {
-    WorkloadClientError::Timeout {
-        socket: socket.to_owned(),
-        after,
-    }
 }
 
 #[cfg(test)]

@@ -270,8 +270,9 @@ impl WorkloadClient {
     }
 }
 
-/// Runs a unary call, or the opening of a stream, under the timeout.
-async fn bounded<T>(
+/// Runs a unary call, or the opening of a stream, under the timeout (both
+/// clients of the workload socket).
+pub(super) async fn bounded<T>(
     timeout: Duration,
     socket: &Path,
     call: impl Future<Output = Result<tonic::Response<T>, Status>>,
@@ -284,14 +285,14 @@ async fn bounded<T>(
         })
 }
 
-fn status_error(socket: &Path, status: Status) -> WorkloadClientError {
+pub(super) fn status_error(socket: &Path, status: Status) -> WorkloadClientError {
     WorkloadClientError::Status {
         socket: socket.to_owned(),
         status,
     }
 }
 
-fn timed_out(after: Duration, socket: &Path) -> WorkloadClientError {
+pub(super) fn timed_out(after: Duration, socket: &Path) -> WorkloadClientError {
     WorkloadClientError::Timeout {
         socket: socket.to_owned(),
         after,
