@@ -1,10 +1,12 @@
 //! `tether server`: the fleet's authority and registry (issue 17, being
 //! built; the plan is `docs/fleet-design.md`).
 //!
-//! Landed so far: [`scope`], the rule deciding which identities a node may
-//! obtain, and [`config`], the server's configuration file (the fleet's
-//! contract keys). Both are tested on their own, ahead of the server that
-//! will use them.
+//! Landed so far, each tested on its own ahead of the server that will
+//! use it: [`scope`], the rule deciding which identities a node may
+//! obtain; [`config`], the server's configuration file (the fleet's
+//! contract keys); [`join_token`], the single-use tokens that admit a
+//! node, kept only as their hash.
 
 pub mod config;
+pub mod join_token;
 pub mod scope;
