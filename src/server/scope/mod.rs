@@ -244,9 +244,10 @@ fn runs_on(pod: &Pod, node: &NodeName) -> bool {
     pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
 }
 
-/// The selector sets a pod yields: the pod's own, and each running
-/// container's (the pod's plus the container's), as the agent's k8s
-/// attestor would see a process in that container.
+/// The selector sets a pod yields: the pod's own, and each container's
+/// (regular, init and ephemeral: the pod's selectors plus the
+/// container's), exactly the sets the agent's k8s attestor can give a
+/// process in that pod, so the server serves what the agent may match.
 fn pod_selector_sets(pod: &Pod) -> Vec<SelectorSet> {
     let mut sets: Vec<SelectorSet> = selectors_of(pod, None).into_iter().collect();
     let statuses = pod.status.as_ref();
@@ -257,6 +258,12 @@ fn pod_selector_sets(pod: &Pod) -> Vec<SelectorSet> {
         .chain(
             statuses
                 .and_then(|s| s.init_container_statuses.as_ref())
+                .into_iter()
+                .flatten(),
+        )
+        .chain(
+            statuses
+                .and_then(|s| s.ephemeral_container_statuses.as_ref())
                 .into_iter()
                 .flatten(),
         );

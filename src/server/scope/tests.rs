@@ -140,6 +140,21 @@ fn container_selectors_are_met_by_a_container_of_the_pod() {
         &[],
     );
     assert!(authorize(&sidecar, &node("node-a"), &pods, &x509(&wanted)).is_err());
+
+    // An ephemeral container (`kubectl debug`) is a container the agent's
+    // attestor sees too.
+    let mut debugged = pod("uid-1", "node-a", "agents", "planner", "planner");
+    debugged
+        .status
+        .as_mut()
+        .unwrap()
+        .ephemeral_container_statuses = Some(vec![
+        serde_json::from_value(serde_json::json!({
+            "name": "sidecar", "image": "registry.test/debug:1", "imageID": "sha256:bb",
+            "containerID": "containerd://d3b06", "ready": false, "restartCount": 0}))
+        .unwrap(),
+    ]);
+    assert!(authorize(&sidecar, &node("node-a"), &[debugged], &x509(&wanted)).is_ok());
 }
 
 #[test]
