@@ -106,7 +106,11 @@ impl LocalAuthority {
         let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
             request.csr.as_slice(),
         ))
-        .map_err(|error| AuthorityError::BadRequest(format!("the CSR was refused: {error}")))?;
+        .map_err(|error| {
+            AuthorityError::BadRequest(format!(
+                "the CSR does not parse or its signature does not verify: {error}"
+            ))
+        })?;
         if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
             return Err(AuthorityError::BadRequest(
                 "the CSR's key is not an ECDSA P-256 key".into(),
