@@ -7,6 +7,8 @@ const PROTOS: &[&str] = &[
     "spiffe/workload/workload.proto",
     "tether/admin/v1/admin.proto",
     "tether/task/v1/task.proto",
+    "tether/server/v1/node.proto",
+    "tether/server/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

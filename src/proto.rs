@@ -44,3 +44,29 @@ pub mod admin {
 pub mod task {
     include!(concat!(env!("OUT_DIR"), "/tether.task.v1.rs"));
 }
+
+/// The fleet's APIs (`proto/tether/server/v1/`): the node API agents call
+/// over mutual TLS (`Node`), and the server's admin API on its admin socket
+/// (`ServerAdmin`). They reuse the admin API's entry and bundle messages,
+/// which the generated code reaches as `super::super::admin::v1`: the
+/// module tree below gives it that path.
+pub use fleet_package::server::v1 as server;
+
+mod fleet_package {
+    pub mod admin {
+        pub use crate::proto::admin as v1;
+    }
+    pub mod server {
+        #[allow(
+            missing_docs,
+            missing_debug_implementations,
+            unused_qualifications,
+            clippy::all,
+            clippy::pedantic,
+            reason = "generated code"
+        )]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/tether.server.v1.rs"));
+        }
+    }
+}

@@ -9,7 +9,7 @@ use aws_lc_rs::digest;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use spiffe::{SpiffeId, TrustDomain};
 
 use super::selector::{Selector, SelectorError, SelectorSet};
@@ -82,7 +82,7 @@ pub struct RegistrationEntry {
 
 /// What an operator writes: an entry in the config file (`[[entries]]`) or
 /// in an admin API request, before validation.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntrySpec {
     /// `spiffe://<trust domain>/<path>`, in the agent's trust domain; the

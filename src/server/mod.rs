@@ -10,3 +10,4 @@
 pub mod config;
 pub mod join_token;
 pub mod scope;
+pub mod store;

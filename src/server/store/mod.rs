@@ -1,0 +1,164 @@
+//! The server's shared state: join tokens, nodes and entries, behind one
+//! trait ([`ServerStore`]) with two backends: SQLite in the data dir for
+//! one replica ([`sqlite`]), and PostgreSQL for several (issue 17, slice 4).
+//!
+//! Rows are plain data the callers validate; the store knows how to keep
+//! them, not what they mean. Every method is async: the SQLite backend runs
+//! its statements on the blocking pool, the PostgreSQL one on its
+//! connection.
+//!
+//! Invariants (every backend):
+//! - An acknowledged write is durable (committed before the method
+//!   returns).
+//! - A join token is consumed once: of any number of concurrent
+//!   [`ServerStore::consume_join_token`] calls for one hash, across
+//!   replicas, at most one gets it unused
+//!   (`UPDATE … WHERE used_at IS NULL RETURNING`).
+//! - The entries' revision grows with every entry change and never goes
+//!   back, so a replica or a sync stream that saw revision N knows whether
+//!   anything changed since.
+//! - Only a token's hash is stored, never the token.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::SystemTime;
+
+use futures_util::future::BoxFuture;
+
+use super::join_token::{Admission, TokenHash};
+use super::scope::NodeName;
+use crate::registration::EntrySpec;
+
+/// The fleet's state, shared by every replica.
+pub trait ServerStore: fmt::Debug + Send + Sync + 'static {
+    /// Keeps a new join token (its hash) admitting `admission.node` until
+    /// `admission.expires_at`.
+    fn add_join_token(
+        &self,
+        hash: TokenHash,
+        admission: Admission,
+    ) -> BoxFuture<'_, Result<(), ServerStoreError>>;
+
+    /// Marks the token with `hash` used at `now` and returns it as it was
+    /// before: unused (the caller admits the node) only for the first of
+    /// any number of callers. `None`: no such token. An expired token is
+    /// returned (unused) without being marked, so the caller can say it
+    /// expired.
+    fn consume_join_token(
+        &self,
+        hash: TokenHash,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<Option<Admission>, ServerStoreError>>;
+
+    /// Forgets tokens that expired before `before` (used or not).
+    fn prune_join_tokens(&self, before: SystemTime)
+    -> BoxFuture<'_, Result<u64, ServerStoreError>>;
+
+    /// Records an attested node, or a renewal of its SVID: the row
+    /// replaces any row of that name (an evicted node that attests again is
+    /// no longer evicted).
+    fn put_node(&self, node: NodeRow) -> BoxFuture<'_, Result<(), ServerStoreError>>;
+
+    /// The node named `name`.
+    fn node(&self, name: NodeName) -> BoxFuture<'_, Result<Option<NodeRow>, ServerStoreError>>;
+
+    /// Every node, by name.
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeRow>, ServerStoreError>>;
+
+    /// Marks the node evicted: its SVID is no longer accepted. `None`: no
+    /// such node.
+    fn evict_node(
+        &self,
+        name: NodeName,
+    ) -> BoxFuture<'_, Result<Option<NodeRow>, ServerStoreError>>;
+
+    /// Adds an entry; bumps the revision. Refused with
+    /// [`ServerStoreError::Duplicate`] when an entry with its id exists.
+    fn create_entry(&self, entry: EntryRecord) -> BoxFuture<'_, Result<u64, ServerStoreError>>;
+
+    /// Deletes the entry `id`; bumps the revision. False: no such entry.
+    fn delete_entry(&self, id: String) -> BoxFuture<'_, Result<bool, ServerStoreError>>;
+
+    /// Every entry and the revision they are at, read in one transaction.
+    fn entries(&self) -> BoxFuture<'_, Result<EntriesSnapshot, ServerStoreError>>;
+
+    /// The entries' revision (cheap: for polling).
+    fn revision(&self) -> BoxFuture<'_, Result<u64, ServerStoreError>>;
+}
+
+/// An attested node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    /// Its name (the last segment of its SPIFFE ID).
+    pub name: NodeName,
+    /// How it attested: `join_token` (or `k8s_psat`).
+    pub attestation: String,
+    /// When it first attested (kept across renewals).
+    pub attested_at: SystemTime,
+    /// Its current SVID's serial, lowercase hex: the only SVID of the node
+    /// the server accepts.
+    pub svid_serial: String,
+    /// When that SVID expires.
+    pub svid_expires_at: SystemTime,
+    /// Evicted by an operator: no SVID of it is accepted until it attests
+    /// again.
+    pub evicted: bool,
+}
+
+/// An entry as stored: the operator's spec, the nodes it names, and its
+/// bookkeeping. The spec is validated when it is read back, as the
+/// agent's stored entries are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryRecord {
+    /// The entry's id (unique).
+    pub id: String,
+    /// What the operator asked for.
+    pub spec: EntrySpec,
+    /// Nodes it is served on whatever runs there.
+    pub nodes: BTreeSet<NodeName>,
+    /// Its own revision (1 at creation).
+    pub revision: u64,
+    /// When it was created.
+    pub created_at: SystemTime,
+    /// When it last changed.
+    pub updated_at: SystemTime,
+}
+
+/// Every entry, at one revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntriesSnapshot {
+    /// The revision of the whole set.
+    pub revision: u64,
+    /// The entries, by id.
+    pub entries: Vec<EntryRecord>,
+}
+
+/// Why the store refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerStoreError {
+    /// An entry with this id exists.
+    #[error("an entry with id {0} already exists")]
+    Duplicate(String),
+    /// The store cannot be reached or refused the statement (a dropped
+    /// connection, a full disk): retrying later may work.
+    #[error("the server store is unavailable: {what}")]
+    Unavailable {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A stored row does not read back (damaged, or written by a newer
+    /// tether).
+    #[error("the server store holds a damaged row in {table}: {detail}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The store's files or database are not safe to use (owner, mode).
+    #[error("the server store cannot be opened")]
+    Open(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
