@@ -78,6 +78,7 @@ pub fn entry(entry: &RegistrationEntry) -> pb::Entry {
         source: match entry.source {
             EntrySource::Config => pb::EntrySource::Config,
             EntrySource::Api => pb::EntrySource::Api,
+            EntrySource::Server => pb::EntrySource::Server,
         }
         .into(),
         revision: entry.revision,

@@ -78,6 +78,9 @@ pub enum EventKind {
     /// The writer found the trail damaged or cut at start and says what it
     /// did; always the first record it writes after such a start.
     AuditRecovered,
+    /// A fleet node attested, renewed its SVID or was evicted (or was
+    /// refused): the server's trail.
+    NodeAttest,
 }
 
 /// How a recorded event came out: the `decision` field of a record.
@@ -154,6 +157,9 @@ pub struct AuditEvent {
     /// The registration entry that granted the identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry_id: Option<String>,
+    /// The fleet node that asked (its SPIFFE ID), on the server's trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// The actor chain of an exchanged token, newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub actors: Vec<String>,
@@ -215,6 +221,7 @@ impl EventKind {
             Self::EntryChange => "entry-change",
             Self::PolicyReload => "policy-reload",
             Self::AuditRecovered => "audit-recovered",
+            Self::NodeAttest => "node-attest",
         }
     }
 }
@@ -253,6 +260,7 @@ impl AuditEvent {
             policy_ids: Vec::new(),
             token_id: None,
             entry_id: None,
+            node: None,
             actors: Vec::new(),
             repeated: None,
             seal: None,
@@ -326,6 +334,7 @@ impl AuditEvent {
             &self.reason,
             &self.token_id,
             &self.entry_id,
+            &self.node,
         ];
         let lists = [&self.tools, &self.policy_ids, &self.actors];
         texts
@@ -371,6 +380,7 @@ impl AuditEvent {
             policy_ids: list(&self.policy_ids),
             token_id: text(&self.token_id),
             entry_id: text(&self.entry_id),
+            node: text(&self.node),
             actors: list(&self.actors),
             repeated: self.repeated,
             seal: self.seal.clone(),

@@ -228,9 +228,23 @@ pub enum AuthorityError {
     /// claims that are not an object or set what the authority sets.
     #[error("signing request refused: {0}")]
     BadRequest(String),
+    /// The fleet's server refused or could not sign (fleet mode), or
+    /// cannot be reached.
+    #[error("the tether server did not sign")]
+    Remote(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The configuration is incomplete (see [`AuthorityConfig::validate`]).
     #[error("{0}: {1}")]
     Config(&'static str, String),
+}
+
+/// A fresh P-256 key (PKCS#8 DER) and a PKCS#10 CSR signed by it (DER):
+/// what a caller of [`Authority::sign_x509_svid`] makes, keeps (the key)
+/// and sends (the CSR). The CSR names nothing: the authority takes the
+/// identity from the request. CPU-bound: call it on the blocking pool.
+pub fn key_and_csr() -> Result<(zeroize::Zeroizing<Vec<u8>>, Vec<u8>), rcgen::Error> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
+    Ok((zeroize::Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
 }
 
 /// 128 random bits, base64url: CA ids and `kid`s.

@@ -274,6 +274,7 @@ fn entry_view(entry: pb::Entry) -> Result<EntryView, EntryError> {
     let source = match pb::EntrySource::try_from(entry.source) {
         Ok(pb::EntrySource::Config) => "config",
         Ok(pb::EntrySource::Api) => "api",
+        Ok(pb::EntrySource::Server) => "server",
         Ok(pb::EntrySource::Unspecified) | Err(_) => "unknown",
     };
     let Some(spec) = entry.spec else {

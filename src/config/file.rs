@@ -9,6 +9,7 @@ use crate::attestation::AttestorConfig;
 use crate::audit::AuditConfig;
 use crate::authority::AuthorityConfig;
 use crate::federation::FederationConfig;
+use crate::fleet::RawFleetConfig;
 use crate::registration::EntrySpec;
 use crate::task::TaskConfig;
 use crate::telemetry::LogConfig;
@@ -41,8 +42,8 @@ pub struct RawConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub http: crate::telemetry::http::HttpConfig,
-    #[serde(default)]
-    pub authority: AuthorityConfig,
+    /// Absent in fleet mode (the server holds the keys).
+    pub authority: Option<AuthorityConfig>,
     #[serde(default)]
     pub attestor: AttestorConfig,
     #[serde(default)]
@@ -55,4 +56,6 @@ pub struct RawConfig {
     pub entries: Vec<EntrySpec>,
     #[serde(default)]
     pub federation: Vec<FederationConfig>,
+    /// Fleet mode: the `tether server` this agent belongs to.
+    pub server: Option<RawFleetConfig>,
 }

@@ -89,6 +89,8 @@ pub struct Config {
     pub entries: Vec<RegistrationEntry>,
     /// Federated trust domains.
     pub federation: Vec<FederationSource>,
+    /// Fleet mode (`[server]`): the keys and entries are the server's.
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 // === impl Config ===
@@ -156,7 +158,25 @@ impl Config {
             x509_svid_ttl: raw.x509_svid_ttl.unwrap_or(defaults.x509_svid_ttl),
             jwt_svid_ttl: raw.jwt_svid_ttl.unwrap_or(defaults.jwt_svid_ttl),
         };
-        let authority = raw.authority;
+        if raw.server.is_some() && raw.authority.is_some() {
+            return Err(ConfigError::setting(
+                "authority",
+                "an agent with [server] holds no signing keys: the server's [authority] signs; remove [authority]",
+            ));
+        }
+        if raw.server.is_some() && !raw.entries.is_empty() {
+            return Err(ConfigError::setting(
+                "entries",
+                "an agent with [server] takes its entries from the server: create them there (tether server entry create, or the server's [[entries]])",
+            ));
+        }
+        let fleet = raw
+            .server
+            .take()
+            .map(|server| server.validate(env.var("TETHER_JOIN_TOKEN")))
+            .transpose()
+            .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
+        let authority = raw.authority.take().unwrap_or_default();
         check_ttl("authority.ca_ttl", authority.ca_ttl, None)?;
         check_ttl("authority.jwt_key_ttl", authority.jwt_key_ttl, None)?;
         authority
@@ -341,6 +361,7 @@ impl Config {
             http: raw.http,
             entries,
             federation,
+            fleet,
         })
     }
 }

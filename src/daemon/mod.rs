@@ -34,6 +34,7 @@ use crate::audit::AuditLog;
 use crate::authority::{Authority, LocalAuthority};
 use crate::config::{Config, ConfigSource};
 use crate::federation::Federation;
+use crate::fleet::{Link, RemoteAuthority};
 use crate::policy::Policy;
 use crate::registration::Registry;
 use crate::store::Store;
@@ -106,19 +107,49 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => None,
     };
 
-    // The keys are held here; everything past this point signs through the
-    // `Authority` seam and does not know it.
-    let local_authority = {
-        let (td, cfg, dir) = (
-            config.trust_domain.clone(),
-            config.authority.clone(),
-            config.data_dir.clone(),
-        );
-        tokio::task::spawn_blocking(move || LocalAuthority::load_or_create(td, cfg, &dir))
+    // The keys are held here, or (fleet mode) by the server; everything
+    // past this point signs through the `Authority` seam and does not know
+    // which.
+    let (authority, local_authority, fleet): (Arc<dyn Authority>, _, _) = match &config.fleet {
+        None => {
+            let local = {
+                let (td, cfg, dir) = (
+                    config.trust_domain.clone(),
+                    config.authority.clone(),
+                    config.data_dir.clone(),
+                );
+                tokio::task::spawn_blocking(move || LocalAuthority::load_or_create(td, cfg, &dir))
+                    .await
+                    .context("loading the authority")??
+            };
+            (Arc::new(local.clone()), Some(local), None)
+        }
+        Some(fleet) => {
+            let federations = config
+                .federation
+                .iter()
+                .map(|f| f.trust_domain.clone())
+                .collect();
+            let (link, entries) = Link::start(
+                config.trust_domain.clone(),
+                fleet.clone(),
+                &config.data_dir,
+                federations,
+            )
             .await
-            .context("loading the authority")??
+            .context("joining the fleet's tether server ([server])")?;
+            tracing::info!(
+                addresses = ?fleet.addresses,
+                entries = entries.len(),
+                "fleet mode: keys and entries are the tether server's"
+            );
+            (
+                Arc::new(RemoteAuthority::new(link.clone())),
+                None,
+                Some((link, entries)),
+            )
+        }
     };
-    let authority: Arc<dyn Authority> = Arc::new(local_authority.clone());
     let store = {
         let dir = config.data_dir.clone();
         tokio::task::spawn_blocking(move || Store::open(&dir))
@@ -151,7 +182,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tasks,
         owners,
         attestor,
-    } = match load_parts(&config, &authority, &store, &audit).await {
+    } = match load_parts(
+        &config,
+        &authority,
+        &store,
+        &audit,
+        fleet.as_ref().map(|(_, entries)| entries.clone()),
+    )
+    .await
+    {
         Ok(parts) => parts,
         Err(error) => {
             audit_stop.cancel();
@@ -161,7 +200,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     let shutdown = Shutdown::default();
-    shutdown.spawn("key rotation", local_authority.run(shutdown.token()));
+    if let Some(local_authority) = local_authority {
+        shutdown.spawn("key rotation", local_authority.run(shutdown.token()));
+    }
+    if let Some((link, _)) = fleet {
+        shutdown.spawn("fleet link", link.run(registry.clone(), shutdown.token()));
+    }
     shutdown.spawn(
         "svid rotation",
         svids
@@ -371,6 +415,7 @@ async fn load_parts(
     authority: &Arc<dyn Authority>,
     store: &Store,
     audit: &AuditLog,
+    synced: Option<Vec<crate::registration::RegistrationEntry>>,
 ) -> anyhow::Result<Parts> {
     let policy = Policy::load(&config.policy).context("loading policies")?;
     if policy.is_enforcing() {
@@ -395,6 +440,12 @@ async fn load_parts(
         federation.trust_domains(),
     )
     .context("loading registration entries")?;
+    if let Some(synced) = synced {
+        registry
+            .replace_synced(synced)
+            .await
+            .context("taking the tether server's entries")?;
+    }
     let (svids, svid_inboxes) =
         SvidIssuer::new(authority.clone(), config.svid, store.clone(), audit.clone());
     let (tasks, owners) = Tasks::new(
@@ -548,14 +599,15 @@ impl Running {
 
 /// The data dir: created 0700, or an existing one that is trusted (see
 /// [`trusted_fs`]) narrowed to 0700. Nothing in it is read before this.
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     trusted_fs::dir(dir, 0o700)
         .and_then(|()| trusted_fs::set_mode(dir, 0o700))
         .with_context(|| format!("data_dir {}", dir.display()))
 }
 
-/// One agent per data dir: a second one would rotate the same keys.
-fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
+/// One agent (or server) per data dir: a second one would rotate the same
+/// keys.
+pub fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
     let path = dir.join("tether.lock");
     let file = OpenOptions::new()
         .create(true)
@@ -573,7 +625,7 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
     trusted_fs::check_file(&path, &meta, false)?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         anyhow::anyhow!(
-            "data_dir {} is in use by another tether agent ({errno}); stop it or choose another data_dir",
+            "data_dir {} is in use by another tether process ({errno}); stop it or choose another data_dir",
             dir.display()
         )
     })
@@ -583,7 +635,7 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
 /// [`CONNECTION_DRAIN`] to close, then fires `closing`, which fails every
 /// read and write of the ones still open: a client that never closes its
 /// connection cannot hold the agent's shutdown.
-async fn drained(
+pub async fn drained(
     served: impl Future<Output = Result<(), tonic::transport::Error>>,
     stop: &CancellationToken,
     closing: &CancellationToken,

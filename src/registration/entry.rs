@@ -41,6 +41,9 @@ pub enum EntrySource {
     Config,
     /// Created through the admin API; persisted in the store.
     Api,
+    /// Synced from the fleet's `tether server` (an agent in fleet mode):
+    /// the server is the source of truth, and the set is replaced whole.
+    Server,
 }
 
 /// A validated registration entry.

@@ -58,6 +58,13 @@ pub enum RegistrationError {
     /// The entry comes from the config file.
     #[error("entry {0} comes from the config file; change it there and reload")]
     FromConfig(EntryId),
+    /// The entry comes from the fleet's server.
+    #[error("entry {0} comes from the tether server; change it there (tether server entry)")]
+    FromServer(EntryId),
+    /// The change would be made on a fleet agent, whose entries are the
+    /// server's.
+    #[error("this agent takes its entries from the tether server; create them there (tether server entry create)")]
+    Fleet,
     /// The entry changed since the caller read it.
     #[error("entry {id} is at revision {found}, not {expected}; read it again")]
     Conflict {
@@ -340,28 +347,55 @@ impl Registry {
         Ok(())
     }
 
+    /// Replaces the entries synced from the fleet's server (an agent in
+    /// fleet mode) with `synced`, the whole set the server serves this
+    /// node. Each change is recorded first; nothing is applied when it
+    /// cannot be.
+    pub async fn replace_synced(
+        &self,
+        synced: Vec<RegistrationEntry>,
+    ) -> Result<(), RegistrationError> {
+        let _write = self.inner.writes.lock().await;
+        self.audit_replaced(&synced, EntrySource::Server, "synced from the server")?;
+        self.publish(|entries| {
+            entries.retain(|e| e.source != EntrySource::Server);
+            entries.extend(synced.into_iter().map(Arc::new));
+        });
+        Ok(())
+    }
+
     /// Records what a reload changes among the config entries; refused
     /// (nothing applied) when it cannot be recorded.
     fn audit_config_changes(&self, next: &[RegistrationEntry]) -> Result<(), RegistrationError> {
+        self.audit_replaced(next, EntrySource::Config, "by a reload")
+    }
+
+    /// Records what replacing the entries of `source` with `next` changes.
+    fn audit_replaced(
+        &self,
+        next: &[RegistrationEntry],
+        source: EntrySource,
+        how: &str,
+    ) -> Result<(), RegistrationError> {
         let snapshot = self.snapshot();
         let running: HashMap<&EntryId, &RegistrationEntry> = snapshot
             .entries
             .iter()
-            .filter(|e| e.source == EntrySource::Config)
+            .filter(|e| e.source == source)
             .map(|e| (&e.id, e.as_ref()))
             .collect();
         for entry in next {
             match running.get(&entry.id) {
-                None => self.audit_change(entry, "created by a reload")?,
+                None => self.audit_change(entry, &format!("created {how}"))?,
                 Some(current) if !current.grants_as(entry) => {
-                    self.audit_change(entry, "updated by a reload")?;
+                    self.audit_change(entry, &format!("updated {how}"))?;
                 }
                 Some(_) => {}
             }
         }
         for (id, current) in &running {
             if !next.iter().any(|e| e.id == **id) {
-                self.audit_change(current, "deleted by a reload")?;
+                self.audit_change(current, &format!("deleted {how}"))?;
             }
         }
         Ok(())
@@ -372,8 +406,10 @@ impl Registry {
         let entry = snapshot
             .get(id)
             .ok_or_else(|| RegistrationError::NotFound(id.clone()))?;
-        if entry.source == EntrySource::Config {
-            return Err(RegistrationError::FromConfig(id.clone()));
+        match entry.source {
+            EntrySource::Config => return Err(RegistrationError::FromConfig(id.clone())),
+            EntrySource::Server => return Err(RegistrationError::FromServer(id.clone())),
+            EntrySource::Api => {}
         }
         Ok(Arc::clone(entry))
     }

@@ -1,13 +1,26 @@
 //! `tether server`: the fleet's authority and registry (issue 17, being
 //! built; the plan is `docs/fleet-design.md`).
 //!
-//! Landed so far, each tested on its own ahead of the server that will
-//! use it: [`scope`], the rule deciding which identities a node may
-//! obtain; [`config`], the server's configuration file (the fleet's
-//! contract keys); [`join_token`], the single-use tokens that admit a
-//! node, kept only as their hash.
+//! - [`run`]: the composition root of `tether server run`;
+//! - [`node_api`]: the gRPC service fleet agents call over mutual TLS
+//!   (attestation, sync, signing);
+//! - [`admin`]: the operators' admin socket;
+//! - [`registry`]: the entries the server serves (its file's and the
+//!   store's);
+//! - [`scope`]: the rule deciding which identities a node may obtain;
+//! - [`store`]: the fleet's shared state (join tokens, nodes, entries);
+//! - [`config`]: the server's configuration file (the fleet's contract
+//!   keys);
+//! - [`join_token`]: the single-use tokens that admit a node, kept only as
+//!   their hash.
 
+pub mod admin;
 pub mod config;
 pub mod join_token;
+pub mod node_api;
+pub mod registry;
+pub mod run;
 pub mod scope;
 pub mod store;
+
+pub use config::ServerConfig;

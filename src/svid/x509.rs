@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use spiffe::SpiffeId;
 use zeroize::Zeroizing;
 
@@ -124,9 +123,10 @@ pub async fn issue(
     process: Option<ProcessKey>,
     default_ttl: Duration,
 ) -> Result<X509Svid, SvidError> {
-    let (key, csr) = tokio::task::spawn_blocking(key_and_csr)
+    let (key, csr) = tokio::task::spawn_blocking(crate::authority::key_and_csr)
         .await
-        .map_err(SvidError::SigningJob)??;
+        .map_err(SvidError::SigningJob)?
+        .map_err(SvidError::KeyGeneration)?;
     let signed = authority
         .sign_x509_svid(X509SvidRequest {
             csr,
@@ -154,12 +154,3 @@ pub async fn issue(
     })
 }
 
-/// A fresh P-256 key (PKCS#8 DER) and a CSR signed by it (DER). The CSR
-/// names nothing: the authority takes the identity from the request.
-fn key_and_csr() -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), SvidError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(SvidError::KeyGeneration)?;
-    let csr = CertificateParams::default()
-        .serialize_request(&key)
-        .map_err(SvidError::KeyGeneration)?;
-    Ok((Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
-}

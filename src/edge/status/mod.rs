@@ -23,6 +23,7 @@ use tonic::Status;
 
 use crate::attestation::AttestationError;
 use crate::audit::AuditUnavailable;
+use crate::authority::AuthorityError;
 use crate::error::Chain;
 use crate::registration::RegistrationError;
 use crate::svid::{JwtValidationError, SvidError};
@@ -52,9 +53,36 @@ pub fn bounded(field: &str, value: &str, limit: usize, setting: &str) -> Result<
     Ok(())
 }
 
+/// Refuses a binary request field longer than `limit` bytes:
+/// InvalidArgument naming the field, its length and the limit.
+pub fn bounded_bytes(field: &str, len: usize, limit: usize) -> Result<(), Status> {
+    if len > limit {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {len} bytes long; the limit is {limit}"
+        )));
+    }
+    Ok(())
+}
+
 /// The caller may not do this: PermissionDenied with `reason`.
 pub fn denied(reason: impl Into<String>) -> Status {
     Status::permission_denied(reason)
+}
+
+/// The caller's identity cannot be verified (a fleet node without a valid
+/// node SVID, a join token that does not admit it): Unauthenticated.
+pub fn unauthenticated(reason: impl Into<String>) -> Status {
+    Status::unauthenticated(reason)
+}
+
+/// A signing request the authority refused or could not sign: the
+/// request's fault (a CSR that does not verify, claims it may not set)
+/// InvalidArgument; the signer's Unavailable.
+pub fn authority(error: &AuthorityError) -> Status {
+    match error {
+        AuthorityError::BadRequest(_) => Status::invalid_argument(Chain(error).to_string()),
+        _ => agent_fault("signing failed", error),
+    }
 }
 
 /// Nothing by that name (operators' lookups).
@@ -251,7 +279,9 @@ pub fn registration(error: &RegistrationError) -> Status {
         RegistrationError::Invalid(_) => Status::invalid_argument(Chain(error).to_string()),
         RegistrationError::Duplicate { .. } => Status::already_exists(Chain(error).to_string()),
         RegistrationError::NotFound(_) => Status::not_found(Chain(error).to_string()),
-        RegistrationError::FromConfig(_) => Status::failed_precondition(Chain(error).to_string()),
+        RegistrationError::FromConfig(_)
+        | RegistrationError::FromServer(_)
+        | RegistrationError::Fleet => Status::failed_precondition(Chain(error).to_string()),
         RegistrationError::Conflict { .. } => Status::aborted(Chain(error).to_string()),
         RegistrationError::Audit(unavailable) => audit(unavailable),
         RegistrationError::Store(_) | RegistrationError::Job(_) => {

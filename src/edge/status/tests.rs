@@ -12,7 +12,7 @@ use super::*;
 use crate::attestation::ProcfsError;
 use crate::attestation::k8s::{CgroupError, K8sError};
 use crate::audit::AuditError;
-use crate::authority::AuthorityError;
+
 use crate::registration::{EntryError, EntryId};
 use crate::store::StoreError;
 use crate::task::JournalError;
@@ -382,4 +382,17 @@ fn denials_and_budgets() {
     ] {
         assert_eq!(task_ended("t", reason).code(), Code::PermissionDenied);
     }
+}
+
+#[test]
+fn a_refused_signing_request_is_the_callers_and_a_signer_fault_unavailable() {
+    let table = [
+        (AuthorityError::BadRequest("CSR signature".into()), Code::InvalidArgument),
+        (AuthorityError::NoActiveKey("JWT"), Code::Unavailable),
+        (AuthorityError::Random, Code::Unavailable),
+    ];
+    for (error, code) in table {
+        assert_eq!(authority(&error).code(), code, "{error}");
+    }
+    assert_eq!(unauthenticated("no node SVID").code(), Code::Unauthenticated);
 }

@@ -68,6 +68,8 @@ pub struct SignRequest<'a> {
     pub credential: Credential,
     /// The lifetime asked for.
     pub ttl: Duration,
+    /// DNS names asked for (X.509 only): each must be one of the entry's.
+    pub dns_names: &'a [String],
 }
 
 /// Why the entry is served on the node: the grant a signature rests on,
@@ -102,6 +104,22 @@ pub enum Refusal {
         requested: String,
         /// The node.
         node: String,
+    },
+    /// No entry served on the node yields the identity.
+    #[error("no entry served on node {node} yields {requested}")]
+    NoEntry {
+        /// What was asked for.
+        requested: String,
+        /// The node.
+        node: String,
+    },
+    /// A DNS name the entry does not give.
+    #[error("entry {entry} does not give the DNS name {name:?}")]
+    OtherName {
+        /// The entry's ID.
+        entry: String,
+        /// The name asked for.
+        name: String,
     },
     /// Longer than the entry allows.
     #[error("a lifetime of {requested:?} is more than entry {entry} allows ({allowed:?})")]
@@ -236,7 +254,43 @@ pub fn authorize(
             allowed,
         });
     }
+    if let Some(name) = request
+        .dns_names
+        .iter()
+        .find(|name| !entry.entry.dns_names.contains(name))
+    {
+        return Err(Refusal::OtherName {
+            entry: entry.entry.id.to_string(),
+            name: name.clone(),
+        });
+    }
     Ok(grant)
+}
+
+/// Decides one signing request of `node` against every entry: the first
+/// entry that allows it, with its grant. When none does, the refusal of
+/// an entry that yields the identity on the node (its lifetime or names
+/// were refused), or [`Refusal::NoEntry`] when no entry yields it there.
+pub fn authorize_any<'e>(
+    entries: &'e [ServerEntry],
+    node: &NodeName,
+    pods: &[Pod],
+    request: &SignRequest<'_>,
+) -> Result<(&'e ServerEntry, Grant), Refusal> {
+    let mut closest = None;
+    for entry in entries {
+        match authorize(entry, node, pods, request) {
+            Ok(grant) => return Ok((entry, grant)),
+            Err(refusal @ (Refusal::TooLong { .. } | Refusal::OtherName { .. })) => {
+                closest.get_or_insert(refusal);
+            }
+            Err(_) => {}
+        }
+    }
+    Err(closest.unwrap_or_else(|| Refusal::NoEntry {
+        requested: request.spiffe_id.to_string(),
+        node: node.to_string(),
+    }))
 }
 
 /// True when the API says `pod` is bound to `node`.

@@ -52,6 +52,7 @@ fn x509(spiffe_id: &SpiffeId) -> SignRequest<'_> {
         spiffe_id,
         credential: Credential::X509,
         ttl: Duration::from_secs(300),
+        dns_names: &[],
     }
 }
 
@@ -218,4 +219,65 @@ fn a_lifetime_above_the_entrys_is_refused() {
         ..x509(&wanted)
     };
     assert_eq!(authorize(&e, &node("node-a"), &[], &jwt), Ok(Grant::Named));
+}
+
+#[test]
+fn dns_names_are_only_the_entrys() {
+    let spec = EntrySpec {
+        spiffe_id: "spiffe://fleet.test/web".into(),
+        selectors: vec!["unix:uid:1000".into()],
+        dns_names: vec!["web.fleet.test".into()],
+        ..EntrySpec::default()
+    };
+    let td = TrustDomain::new("fleet.test").unwrap();
+    let e = ServerEntry {
+        entry: Arc::new(RegistrationEntry::from_config(&spec, &td, &BTreeSet::new()).unwrap()),
+        nodes: [node("node-a")].into(),
+    };
+    let wanted = id("spiffe://fleet.test/web");
+    let own = ["web.fleet.test".to_owned()];
+    let ok = SignRequest {
+        dns_names: &own,
+        ..x509(&wanted)
+    };
+    assert_eq!(authorize(&e, &node("node-a"), &[], &ok), Ok(Grant::Named));
+    let extra = ["web.fleet.test".to_owned(), "bank.example".to_owned()];
+    let bad = SignRequest {
+        dns_names: &extra,
+        ..x509(&wanted)
+    };
+    assert_eq!(
+        authorize(&e, &node("node-a"), &[], &bad),
+        Err(Refusal::OtherName {
+            entry: e.entry.id.to_string(),
+            name: "bank.example".into()
+        })
+    );
+}
+
+#[test]
+fn any_entry_may_allow_a_request_and_the_closest_refusal_is_told() {
+    let a = entry("spiffe://fleet.test/a", &["unix:uid:1"], &["node-a"]);
+    let b = entry("spiffe://fleet.test/b", &["unix:uid:2"], &["node-b"]);
+    let entries = [a, b];
+    let wanted = id("spiffe://fleet.test/b");
+    let (found, grant) = authorize_any(&entries, &node("node-b"), &[], &x509(&wanted)).unwrap();
+    assert_eq!((found.entry.spiffe_id.to_string(), grant), ("spiffe://fleet.test/b".into(), Grant::Named));
+    // node-a asking for node-b's identity: no entry yields it there.
+    assert_eq!(
+        authorize_any(&entries, &node("node-a"), &[], &x509(&wanted)).unwrap_err(),
+        Refusal::NoEntry {
+            requested: "spiffe://fleet.test/b".into(),
+            node: "node-a".into()
+        }
+    );
+    // The entry yields it, the lifetime is too long: that is the reason.
+    let long = SignRequest {
+        ttl: Duration::from_secs(601),
+        ..x509(&wanted)
+    };
+    assert!(matches!(
+        authorize_any(&entries, &node("node-b"), &[], &long),
+        Err(Refusal::TooLong { .. })
+    ));
 }

@@ -1,0 +1,579 @@
+//! The agent's link to the fleet's server: the node's identity, the
+//! connection, the sync stream, and the bundle it keeps current.
+//!
+//! [`Link::start`] makes the node known to the server before the agent
+//! serves anything:
+//! 1. the bundle it verifies the server with: the one the server last sent
+//!    (`data_dir/node/bundle.json`), else the bootstrap bundle file;
+//! 2. the node SVID: the stored one while it is valid, else a join token
+//!    is presented once (`AttestNode`) for a fresh key's CSR;
+//! 3. a mutual-TLS connection with that SVID, and the sync stream's first
+//!    snapshot (the entries this node may serve and the bundle).
+//!
+//! [`Link::run`] then follows the sync stream (entries into the registry,
+//! the bundle into [`Link::subscribe_bundle`]), reconnects with backoff
+//! and jitter after a failure (trying every address in turn), and renews
+//! the node SVID at half life. While the server is unreachable the agent
+//! keeps serving what it holds; [`Link::problems`] says why it cannot
+//! issue anything new.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spiffe::{SpiffeId, TrustDomain};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use super::config::FleetConfig;
+use super::node_files::NodeFiles;
+use crate::admin_api::convert;
+use crate::authority::key_store::{self, KeyStoreError};
+use crate::bundle::{BundleError, TrustBundle};
+use crate::error::Chain;
+use crate::mtls::{self, Identity, MtlsError, SwappableIdentity};
+use crate::proto::server as pb;
+use crate::proto::server::node_client::NodeClient;
+use crate::registration::{EntryId, EntrySource, RegistrationEntry, Registry};
+
+/// How long a connection attempt (TCP and TLS) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the first sync snapshot may take at start.
+const FIRST_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Reconnection backoff: from 1 s, doubling, at most 30 s, with jitter.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The agent's link to the server (cheap Clone).
+#[derive(Debug, Clone)]
+pub struct Link {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    trust_domain: TrustDomain,
+    config: FleetConfig,
+    files: NodeFiles,
+    federations: BTreeSet<TrustDomain>,
+    server_id: SpiffeId,
+    bundle: watch::Sender<Arc<TrustBundle>>,
+    identity: SwappableIdentity,
+    node_expires: Mutex<SystemTime>,
+    channel: Mutex<Option<Channel>>,
+    problem: Mutex<Option<String>>,
+    /// The sync stream `start` opened, until `run` takes it.
+    first_stream: Mutex<Option<tonic::Streaming<pb::SyncSnapshot>>>,
+}
+
+/// Why the link could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The bootstrap bundle could not be read.
+    #[error("reading the bootstrap bundle {path}")]
+    BootstrapRead {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: KeyStoreError,
+    },
+    /// A bundle (the bootstrap file's, or the server's) does not parse.
+    #[error("the {what} is not a SPIFFE bundle of the trust domain")]
+    Bundle {
+        /// Which bundle.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: BundleError,
+    },
+    /// The node's files in the data dir.
+    #[error("the node's files in the data dir")]
+    Files(#[from] KeyStoreError),
+    /// The node must attest and has no token to do it with.
+    #[error(
+        "this node has no valid node SVID and no join token: create one on the server \
+         (tether server token create --node NAME) and set server.join_token or TETHER_JOIN_TOKEN"
+    )]
+    NoJoinToken,
+    /// Making the node's key failed.
+    #[error("making the node's key")]
+    Key(#[source] rcgen::Error),
+    /// A blocking job did not complete.
+    #[error("a blocking job did not complete")]
+    Job(#[from] tokio::task::JoinError),
+    /// The server could not be reached.
+    #[error("connecting to the tether server ({addresses})")]
+    Connect {
+        /// The addresses tried.
+        addresses: String,
+        /// The cause.
+        #[source]
+        source: MtlsError,
+    },
+    /// The server refused or failed a call.
+    #[error("the tether server refused {what}")]
+    Refused {
+        /// What was asked.
+        what: &'static str,
+        /// Its answer.
+        #[source]
+        source: tonic::Status,
+    },
+    /// The server's answer is not what the protocol says.
+    #[error("the tether server's answer to {what} is malformed: {detail}")]
+    BadReply {
+        /// What was asked.
+        what: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The server's SVID or the node's could not be used for TLS.
+    #[error("the node SVID cannot be used")]
+    Identity(#[source] MtlsError),
+    /// The first snapshot did not come in time.
+    #[error("the tether server sent no entries within {0:?}")]
+    NoSnapshot(Duration),
+}
+
+// === impl Link ===
+
+impl Link {
+    /// Makes the node known to the server and takes the first snapshot:
+    /// the link and the entries this node may serve.
+    pub async fn start(
+        trust_domain: TrustDomain,
+        config: FleetConfig,
+        data_dir: &std::path::Path,
+        federations: BTreeSet<TrustDomain>,
+    ) -> Result<(Self, Vec<RegistrationEntry>), LinkError> {
+        let files = NodeFiles::new(data_dir);
+        let bundle = initial_bundle(&trust_domain, &config, &files).await?;
+        let server_id = SpiffeId::new(format!("spiffe://{trust_domain}/tether/server")).map_err(
+            |e| LinkError::BadReply {
+                what: "the server's SPIFFE ID",
+                detail: e.to_string(),
+            },
+        )?;
+        if config.insecure_bootstrap {
+            tracing::warn!(
+                "server.insecure_bootstrap is set: a first contact accepts whichever server answers; \
+                 set server.bootstrap_bundle instead"
+            );
+        }
+        let stored = {
+            let files = files.clone();
+            tokio::task::spawn_blocking(move || files.load_svid()).await??
+        };
+        let this = Self {
+            inner: Arc::new(Inner {
+                trust_domain,
+                config,
+                files,
+                federations,
+                server_id,
+                bundle: watch::channel(Arc::new(bundle)).0,
+                identity: SwappableIdentity::empty(),
+                node_expires: Mutex::new(UNIX_EPOCH),
+                channel: Mutex::new(None),
+                problem: Mutex::new(None),
+                first_stream: Mutex::new(None),
+            }),
+        };
+        let now = SystemTime::now();
+        match stored.and_then(|s| leaf_not_after(&s.chain).filter(|t| *t > now).map(|t| (s, t))) {
+            Some((svid, expires)) => {
+                this.use_identity(svid.chain, svid.key, expires)?;
+                tracing::info!("node SVID loaded from the data dir");
+            }
+            None => this.attest().await?,
+        }
+        let channel = this.connect().await?;
+        let mut stream = this.open_sync(&channel).await?;
+        let first = tokio::time::timeout(FIRST_SNAPSHOT_TIMEOUT, stream.message())
+            .await
+            .map_err(|_| LinkError::NoSnapshot(FIRST_SNAPSHOT_TIMEOUT))?
+            .map_err(|source| LinkError::Refused {
+                what: "the sync stream",
+                source,
+            })?
+            .ok_or(LinkError::NoSnapshot(FIRST_SNAPSHOT_TIMEOUT))?;
+        let entries = this.apply_bundle_and_entries(first)?;
+        *lock(&this.inner.channel) = Some(channel);
+        *lock(&this.inner.first_stream) = Some(stream);
+        Ok((this, entries))
+    }
+
+    /// A client of the node API on the current connection; `None` while
+    /// there is none.
+    pub(crate) fn client(&self) -> Option<NodeClient<Channel>> {
+        lock(&self.inner.channel).clone().map(NodeClient::new)
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.inner.trust_domain
+    }
+
+    /// The bundle as the server last sent it.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.inner.bundle.borrow().clone()
+    }
+
+    /// Wakes when the server sends a changed bundle.
+    pub fn subscribe_bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
+        self.inner.bundle.subscribe()
+    }
+
+    /// Why the agent cannot reach the server right now (empty: it can).
+    pub fn problems(&self) -> Vec<String> {
+        lock(&self.inner.problem).iter().cloned().collect()
+    }
+
+    /// Follows the sync stream into `registry` until `cancel`, reconnecting
+    /// after failures and renewing the node SVID at half life.
+    pub async fn run(self, registry: Registry, cancel: CancellationToken) {
+        let mut stream = lock(&self.inner.first_stream).take();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let Some(mut sync) = stream.take() else {
+                match self.reconnect().await {
+                    Ok(sync) => {
+                        backoff = BACKOFF_MIN;
+                        stream = Some(sync);
+                        continue;
+                    }
+                    Err(error) => {
+                        self.set_problem(format!("{}", Chain(&error)));
+                        tracing::warn!(error = %Chain(&error), "the tether server is unreachable; retrying");
+                        let wait = jitter(backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            () = tokio::time::sleep(wait) => continue,
+                        }
+                    }
+                }
+            };
+            let renew_in = self.renew_in();
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(renew_in) => {
+                    match self.renew().await {
+                        Ok(()) => {} // reconnect with the new SVID
+                        Err(error) => {
+                            tracing::warn!(error = %Chain(&error), "node SVID renewal failed; retrying");
+                            self.set_problem(format!("{}", Chain(&error)));
+                            tokio::select! {
+                                () = cancel.cancelled() => return,
+                                () = tokio::time::sleep(jitter(BACKOFF_MAX)) => {}
+                            }
+                            stream = Some(sync);
+                        }
+                    }
+                }
+                message = sync.message() => match message {
+                    Ok(Some(snapshot)) => {
+                        match self.apply_bundle_and_entries(snapshot) {
+                            Ok(entries) => {
+                                if let Err(error) = registry.replace_synced(entries).await {
+                                    tracing::error!(error = %Chain(&error), "could not apply the server's entries");
+                                }
+                            }
+                            Err(error) => {
+                                tracing::error!(error = %Chain(&error), "the server's snapshot was refused");
+                            }
+                        }
+                        self.clear_problem();
+                        stream = Some(sync);
+                    }
+                    Ok(None) => {
+                        self.set_problem("the tether server ended the sync stream".into());
+                    }
+                    Err(status) => {
+                        tracing::warn!(code = ?status.code(), message = status.message(), "the sync stream failed");
+                        self.set_problem(format!("the sync stream failed: {}", status.message()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reconnects (a new connection with the current SVID) and opens the
+    /// sync stream; a node SVID that expired meanwhile is attested again
+    /// when a join token is configured.
+    async fn reconnect(&self) -> Result<tonic::Streaming<pb::SyncSnapshot>, LinkError> {
+        if *lock(&self.inner.node_expires) <= SystemTime::now() {
+            self.attest().await?;
+        }
+        let channel = self.connect().await?;
+        let stream = self.open_sync(&channel).await?;
+        *lock(&self.inner.channel) = Some(channel);
+        Ok(stream)
+    }
+
+    /// Presents the join token once: a node SVID for a fresh key, and the
+    /// server's bundle.
+    async fn attest(&self) -> Result<(), LinkError> {
+        let token = self
+            .inner
+            .config
+            .join_token
+            .clone()
+            .ok_or(LinkError::NoJoinToken)?;
+        let (key, csr) = tokio::task::spawn_blocking(crate::authority::key_and_csr)
+            .await?
+            .map_err(LinkError::Key)?;
+        let tls = mtls::client_config(
+            self.inner.bundle.subscribe(),
+            self.inner.server_id.clone(),
+            None,
+            self.inner.config.insecure_bootstrap,
+        );
+        let channel = self.dial(tls).await?;
+        let response = NodeClient::new(channel)
+            .attest_node(pb::AttestNodeRequest {
+                credential: Some(pb::attest_node_request::Credential::JoinToken(
+                    token.to_string(),
+                )),
+                csr,
+            })
+            .await
+            .map_err(|source| LinkError::Refused {
+                what: "the join token",
+                source,
+            })?
+            .into_inner();
+        if let Some(bundle) = &response.bundle {
+            self.take_bundle(bundle)?;
+        }
+        let svid = response.svid.ok_or(LinkError::BadReply {
+            what: "AttestNode",
+            detail: "no SVID".into(),
+        })?;
+        self.keep_svid(svid.cert_chain, key).await?;
+        tracing::info!(node = %response.node_name, "node attested to the tether server");
+        Ok(())
+    }
+
+    /// Renews the node SVID for a fresh key over the current connection,
+    /// then reconnects with it.
+    async fn renew(&self) -> Result<(), LinkError> {
+        let (key, csr) = tokio::task::spawn_blocking(crate::authority::key_and_csr)
+            .await?
+            .map_err(LinkError::Key)?;
+        let mut client = self.client().ok_or(LinkError::NoSnapshot(Duration::ZERO))?;
+        let svid = client
+            .renew_node(pb::RenewNodeRequest { csr })
+            .await
+            .map_err(|source| LinkError::Refused {
+                what: "the node SVID renewal",
+                source,
+            })?
+            .into_inner();
+        self.keep_svid(svid.cert_chain, key).await?;
+        tracing::info!("node SVID renewed");
+        Ok(())
+    }
+
+    /// Stores and uses a new node SVID.
+    async fn keep_svid(
+        &self,
+        chain: Vec<Vec<u8>>,
+        key: zeroize::Zeroizing<Vec<u8>>,
+    ) -> Result<(), LinkError> {
+        let expires = leaf_not_after(&chain).ok_or(LinkError::BadReply {
+            what: "the node SVID",
+            detail: "not an X.509 certificate".into(),
+        })?;
+        {
+            let (files, chain, key) = (self.inner.files.clone(), chain.clone(), key.clone());
+            tokio::task::spawn_blocking(move || files.save_svid(&chain, &key)).await??;
+        }
+        self.use_identity(chain, key, expires)
+    }
+
+    fn use_identity(
+        &self,
+        chain: Vec<Vec<u8>>,
+        key: zeroize::Zeroizing<Vec<u8>>,
+        expires: SystemTime,
+    ) -> Result<(), LinkError> {
+        let identity = Identity::new(chain, key).map_err(LinkError::Identity)?;
+        self.inner.identity.set(identity);
+        *lock(&self.inner.node_expires) = expires;
+        Ok(())
+    }
+
+    /// A mutual-TLS connection with the node SVID.
+    async fn connect(&self) -> Result<Channel, LinkError> {
+        let tls = mtls::client_config(
+            self.inner.bundle.subscribe(),
+            self.inner.server_id.clone(),
+            Some(self.inner.identity.clone()),
+            false,
+        );
+        self.dial(tls).await
+    }
+
+    async fn dial(&self, tls: Arc<tokio_rustls::rustls::ClientConfig>) -> Result<Channel, LinkError> {
+        mtls::connect(&self.inner.config.addresses, tls, CONNECT_TIMEOUT)
+            .await
+            .map_err(|source| LinkError::Connect {
+                addresses: self.inner.config.addresses.join(", "),
+                source,
+            })
+    }
+
+    async fn open_sync(
+        &self,
+        channel: &Channel,
+    ) -> Result<tonic::Streaming<pb::SyncSnapshot>, LinkError> {
+        NodeClient::new(channel.clone())
+            .sync(pb::SyncRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|source| LinkError::Refused {
+                what: "the sync stream",
+                source,
+            })
+    }
+
+    /// Takes a snapshot's bundle and returns its entries, each validated as
+    /// the agent validates entries (one that does not validate is skipped
+    /// and logged: the others still apply).
+    fn apply_bundle_and_entries(
+        &self,
+        snapshot: pb::SyncSnapshot,
+    ) -> Result<Vec<RegistrationEntry>, LinkError> {
+        if let Some(bundle) = &snapshot.bundle {
+            self.take_bundle(bundle)?;
+        }
+        let mut entries = Vec::with_capacity(snapshot.entries.len());
+        for entry in snapshot.entries {
+            match self.entry_of(entry) {
+                Ok(entry) => entries.push(entry),
+                Err(problem) => {
+                    tracing::error!(problem, "an entry from the server was refused");
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    fn entry_of(&self, entry: crate::proto::admin::Entry) -> Result<RegistrationEntry, String> {
+        let spec = convert::spec(entry.spec).map_err(|s| s.message().to_owned())?;
+        let id = EntryId::parse(&entry.id).map_err(|e| format!("{}", Chain(&e)))?;
+        let time = |ms: i64| UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+        let mut entry = RegistrationEntry::from_api(
+            &spec,
+            &self.inner.trust_domain,
+            &self.inner.federations,
+            id,
+            entry.revision.max(1),
+            time(entry.created_at_ms),
+            time(entry.updated_at_ms),
+        )
+        .map_err(|e| format!("{}: {}", spec.spiffe_id, Chain(&e)))?;
+        entry.source = EntrySource::Server;
+        Ok(entry)
+    }
+
+    /// Keeps a bundle the server sent (in memory and in the data dir) when
+    /// it is the trust domain's and new.
+    fn take_bundle(&self, message: &pb::Bundle) -> Result<(), LinkError> {
+        let bundle = TrustBundle::from_spiffe_json(
+            self.inner.trust_domain.clone(),
+            message.spiffe_json.as_bytes(),
+        )
+        .map_err(|source| LinkError::Bundle {
+            what: "server's bundle",
+            source,
+        })?;
+        if bundle.x509_authorities().is_empty() {
+            return Err(LinkError::BadReply {
+                what: "the bundle",
+                detail: "it has no X.509 authority".into(),
+            });
+        }
+        let changed = self.inner.bundle.send_if_modified(|current| {
+            if current.same_keys(&bundle) {
+                return false;
+            }
+            *current = Arc::new(bundle);
+            true
+        });
+        if changed && let Err(error) = self.inner.files.save_bundle(&message.spiffe_json) {
+            tracing::warn!(error = %Chain(&error), "could not keep the server's bundle in the data dir");
+        }
+        Ok(())
+    }
+
+    /// When to renew the node SVID: half its remaining life.
+    fn renew_in(&self) -> Duration {
+        let expires = *lock(&self.inner.node_expires);
+        expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            / 2
+    }
+
+    fn set_problem(&self, problem: String) {
+        *lock(&self.inner.problem) = Some(problem);
+    }
+
+    fn clear_problem(&self) {
+        *lock(&self.inner.problem) = None;
+    }
+}
+
+/// The bundle to verify the server with at start.
+async fn initial_bundle(
+    trust_domain: &TrustDomain,
+    config: &FleetConfig,
+    files: &NodeFiles,
+) -> Result<TrustBundle, LinkError> {
+    let (bytes, what) = match files.load_bundle()? {
+        Some(bytes) => (bytes, "kept bundle (data_dir/node/bundle.json)"),
+        None => match &config.bootstrap_bundle {
+            Some(path) => {
+                let path = path.clone();
+                let read = tokio::task::spawn_blocking({
+                    let path = path.clone();
+                    move || key_store::read_mounted(&path)
+                })
+                .await?;
+                let bytes = read.map_err(|source| LinkError::BootstrapRead {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                (bytes, "bootstrap bundle")
+            }
+            None => {
+                return Ok(TrustBundle::new(trust_domain.clone(), Vec::new(), Vec::new(), 0));
+            }
+        },
+    };
+    TrustBundle::from_spiffe_json(trust_domain.clone(), &bytes)
+        .map_err(|source| LinkError::Bundle { what, source })
+}
+
+/// The leaf's `notAfter`.
+fn leaf_not_after(chain: &[Vec<u8>]) -> Option<SystemTime> {
+    let (_, leaf) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
+    let secs = u64::try_from(leaf.validity().not_after.timestamp()).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// `base` less up to a quarter, at random: agents that lost the server
+/// together do not come back together.
+fn jitter(base: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let _ = aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut byte);
+    base - base / 4 * u32::from(byte[0]) / 255
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,353 @@
+//! The node API (`tether.server.v1.Node`): what fleet agents ask of the
+//! server over mutual TLS.
+//!
+//! Who is calling is decided here, from the connection, never from a
+//! request field ([`NodeApi::node_of`]):
+//! - the client certificate was verified by the TLS layer (`crate::mtls`)
+//!   against the trust bundle;
+//! - its SPIFFE ID must be a node SVID `spiffe://<td>/tether/node/<name>`;
+//! - the node must be in the store and not evicted;
+//! - the certificate must not predate the node's latest attestation (an
+//!   SVID of an earlier admission of the same name, before an eviction,
+//!   is refused).
+//!
+//! `AttestNode` is the one RPC served without a client certificate: it
+//! consumes a join token (once) and signs the node's first SVID.
+//!
+//! What a node may have signed is `server::scope`'s decision
+//! ([`sign`]); the entries and bundle it is sent are [`sync`]'s. Every
+//! admission, renewal, signature and refusal is in the server's audit
+//! trail, with the node's SPIFFE ID.
+
+mod sign;
+mod sync;
+#[cfg(test)]
+mod tests;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::Stream;
+use spiffe::{SpiffeId, TrustDomain};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::join_token::{TokenHash, TokenRefusal};
+use super::registry::ServerRegistry;
+use super::scope::NodeName;
+use super::store::{NodeRow, ServerStore};
+use crate::audit::{AuditEvent, AuditLog, EventKind, Outcome};
+use crate::authority::{Authority, SignedX509Svid, X509SvidRequest};
+use crate::edge::status;
+use crate::mtls;
+use crate::proto::server as pb;
+
+/// How long a node SVID lives (renewed at half life).
+pub const NODE_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Largest CSR a node may send, in bytes.
+const MAX_CSR_LEN: usize = 4096;
+/// The path under the trust domain of node SVIDs.
+pub const NODE_PATH_PREFIX: &str = "/tether/node/";
+/// The path of the server's own SVID.
+pub const SERVER_PATH: &str = "/tether/server";
+
+/// The node API's service.
+#[derive(Debug, Clone)]
+pub struct NodeApi {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    trust_domain: TrustDomain,
+    authority: Arc<dyn Authority>,
+    store: Arc<dyn ServerStore>,
+    registry: ServerRegistry,
+    audit: AuditLog,
+    /// Ends every sync stream when the server stops.
+    stop: CancellationToken,
+}
+
+/// A node, as its verified client certificate and the store name it.
+#[derive(Debug, Clone)]
+pub(crate) struct CallingNode {
+    pub(crate) name: NodeName,
+    pub(crate) spiffe_id: SpiffeId,
+}
+
+// === impl NodeApi ===
+
+impl NodeApi {
+    /// The service, signing through `authority`, with the nodes and join
+    /// tokens in `store` and the entries of `registry`.
+    pub fn new(
+        trust_domain: TrustDomain,
+        authority: Arc<dyn Authority>,
+        store: Arc<dyn ServerStore>,
+        registry: ServerRegistry,
+        audit: AuditLog,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                trust_domain,
+                authority,
+                store,
+                registry,
+                audit,
+                stop,
+            }),
+        }
+    }
+
+    /// The node calling, from its verified client certificate and the
+    /// store; refused (Unauthenticated) without a valid node SVID.
+    pub(crate) async fn node_of<T>(&self, request: &Request<T>) -> Result<CallingNode, Status> {
+        let peer = mtls::peer_svid(request).ok_or_else(status::no_peer)?;
+        let Some(spiffe_id) = peer.spiffe_id.clone() else {
+            return Err(status::unauthenticated(
+                "this call needs the node's SVID as the TLS client certificate; attest the node first",
+            ));
+        };
+        let name = node_name_of(&self.inner.trust_domain, &spiffe_id).ok_or_else(|| {
+            status::unauthenticated(format!("{spiffe_id} is not a node SVID"))
+        })?;
+        let row = self
+            .inner
+            .store
+            .node(name.clone())
+            .await
+            .map_err(|e| status::agent_fault("reading the node registry", &e))?
+            .ok_or_else(|| status::unauthenticated(format!("node {name} is not registered")))?;
+        if row.evicted {
+            return Err(status::unauthenticated(format!(
+                "node {name} was evicted; it must attest again"
+            )));
+        }
+        if peer.not_before < row.attested_at {
+            return Err(status::unauthenticated(format!(
+                "this SVID of node {name} predates its latest attestation"
+            )));
+        }
+        Ok(CallingNode { name, spiffe_id })
+    }
+
+    /// Signs a node SVID for the key in `csr`.
+    async fn sign_node_svid(
+        &self,
+        name: &NodeName,
+        csr: Vec<u8>,
+    ) -> Result<SignedX509Svid, Status> {
+        status::bounded_bytes("csr", csr.len(), MAX_CSR_LEN)?;
+        let spiffe_id = node_spiffe_id(&self.inner.trust_domain, name)
+            .map_err(|e| status::internal("naming the node", &e))?;
+        self.inner
+            .authority
+            .sign_x509_svid(X509SvidRequest {
+                csr,
+                spiffe_id,
+                dns_names: Vec::new(),
+                ttl: NODE_SVID_TTL,
+            })
+            .await
+            .map_err(|e| status::authority(&e))
+    }
+
+    /// Records a node event on the server's trail; refused when it cannot
+    /// be recorded (an unrecorded admission could not be traced).
+    fn record(&self, event: AuditEvent) -> Result<(), Status> {
+        self.inner
+            .audit
+            .record(event)
+            .map_err(|e| status::audit(&e))
+    }
+
+    fn bundle(&self) -> Result<pb::Bundle, Status> {
+        bundle_message(&self.inner.authority)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeApi {
+    async fn attest_node(
+        &self,
+        request: Request<pb::AttestNodeRequest>,
+    ) -> Result<Response<pb::AttestNodeResponse>, Status> {
+        let request = request.into_inner();
+        let Some(pb::attest_node_request::Credential::JoinToken(token)) = request.credential
+        else {
+            return Err(status::invalid(
+                "credential",
+                "a join token is required (node_attestation = \"join_token\")",
+            ));
+        };
+        let hash = TokenHash::of_presented(&token).map_err(|e| self.refuse_admission(None, &e))?;
+        let now = SystemTime::now();
+        let admission = self
+            .inner
+            .store
+            .consume_join_token(hash, now)
+            .await
+            .map_err(|e| status::agent_fault("reading the join tokens", &e))?
+            .ok_or(TokenRefusal::Unknown)
+            .map_err(|e| self.refuse_admission(None, &e))?;
+        let name = admission
+            .admit(now)
+            .map_err(|e| self.refuse_admission(Some(&admission.node), &e))?
+            .clone();
+        let svid = self.sign_node_svid(&name, request.csr).await?;
+        let spiffe_id = node_spiffe_id(&self.inner.trust_domain, &name)
+            .map_err(|e| status::internal("naming the node", &e))?;
+        self.record(AuditEvent {
+            node: Some(spiffe_id.to_string()),
+            token_id: Some(svid.serial_hex()),
+            reason: Some("admitted by a join token".into()),
+            ..AuditEvent::new(EventKind::NodeAttest, Outcome::Allow)
+        })?;
+        self.inner
+            .store
+            .put_node(NodeRow {
+                name: name.clone(),
+                attestation: "join_token".into(),
+                attested_at: svid.not_before,
+                svid_serial: svid.serial_hex(),
+                svid_expires_at: svid.not_after,
+                evicted: false,
+            })
+            .await
+            .map_err(|e| status::agent_fault("recording the node", &e))?;
+        tracing::info!(node = %name, serial = %svid.serial_hex(), "node attested");
+        Ok(Response::new(pb::AttestNodeResponse {
+            node_name: name.to_string(),
+            svid: Some(node_svid_message(&svid)),
+            bundle: Some(self.bundle()?),
+        }))
+    }
+
+    async fn renew_node(
+        &self,
+        request: Request<pb::RenewNodeRequest>,
+    ) -> Result<Response<pb::NodeSvid>, Status> {
+        let node = self.node_of(&request).await?;
+        let row = self
+            .inner
+            .store
+            .node(node.name.clone())
+            .await
+            .map_err(|e| status::agent_fault("reading the node registry", &e))?
+            .ok_or_else(|| status::unauthenticated(format!("node {} is not registered", node.name)))?;
+        let svid = self
+            .sign_node_svid(&node.name, request.into_inner().csr)
+            .await?;
+        self.record(AuditEvent {
+            node: Some(node.spiffe_id.to_string()),
+            token_id: Some(svid.serial_hex()),
+            reason: Some("node SVID renewed".into()),
+            ..AuditEvent::new(EventKind::NodeAttest, Outcome::Allow)
+        })?;
+        self.inner
+            .store
+            .put_node(NodeRow {
+                svid_serial: svid.serial_hex(),
+                svid_expires_at: svid.not_after,
+                ..row
+            })
+            .await
+            .map_err(|e| status::agent_fault("recording the node", &e))?;
+        Ok(Response::new(node_svid_message(&svid)))
+    }
+
+    type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncSnapshot, Status>> + Send>>;
+
+    async fn sync(
+        &self,
+        request: Request<pb::SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let node = self.node_of(&request).await?;
+        Ok(Response::new(sync::stream(self.clone(), node)))
+    }
+
+    async fn sign_x509_svids(
+        &self,
+        request: Request<pb::SignX509SvidsRequest>,
+    ) -> Result<Response<pb::SignX509SvidsResponse>, Status> {
+        let node = self.node_of(&request).await?;
+        sign::x509_svids(self, &node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn sign_jwt(
+        &self,
+        request: Request<pb::SignJwtRequest>,
+    ) -> Result<Response<pb::SignJwtResponse>, Status> {
+        let node = self.node_of(&request).await?;
+        sign::jwt(self, &node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+}
+
+impl NodeApi {
+    /// Records a refused admission (never the token) and says why.
+    fn refuse_admission(&self, node: Option<&NodeName>, refusal: &TokenRefusal) -> Status {
+        let node_id = node.and_then(|n| node_spiffe_id(&self.inner.trust_domain, n).ok());
+        if let Err(e) = self.inner.audit.record(AuditEvent {
+            node: node_id.map(|id| id.to_string()),
+            reason: Some(format!("join token refused: {refusal}")),
+            ..AuditEvent::new(EventKind::NodeAttest, Outcome::Deny)
+        }) {
+            return status::audit(&e);
+        }
+        tracing::warn!(node = ?node.map(NodeName::as_str), "join token refused: {refusal}");
+        status::unauthenticated(format!("join token refused: {refusal}"))
+    }
+}
+
+/// The SPIFFE ID of node `name`: `spiffe://<td>/tether/node/<name>`.
+pub fn node_spiffe_id(
+    trust_domain: &TrustDomain,
+    name: &NodeName,
+) -> Result<SpiffeId, spiffe::SpiffeIdError> {
+    SpiffeId::new(format!("spiffe://{trust_domain}{NODE_PATH_PREFIX}{name}"))
+}
+
+/// The server's SPIFFE ID: `spiffe://<td>/tether/server`.
+pub fn server_spiffe_id(trust_domain: &TrustDomain) -> Result<SpiffeId, spiffe::SpiffeIdError> {
+    SpiffeId::new(format!("spiffe://{trust_domain}{SERVER_PATH}"))
+}
+
+/// The node `id` names, when it is a node SVID of `trust_domain`.
+pub fn node_name_of(trust_domain: &TrustDomain, id: &SpiffeId) -> Option<NodeName> {
+    if id.trust_domain() != trust_domain {
+        return None;
+    }
+    let name = id.path().strip_prefix(NODE_PATH_PREFIX)?;
+    NodeName::new(name).ok()
+}
+
+/// The trust bundle as the node API sends it.
+pub(crate) fn bundle_message(authority: &Arc<dyn Authority>) -> Result<pb::Bundle, Status> {
+    let bundle = authority.bundle();
+    let spiffe_json = bundle
+        .to_spiffe_json()
+        .map_err(|e| status::internal("encoding the trust bundle", &e))?;
+    Ok(pb::Bundle {
+        spiffe_json,
+        sequence: bundle.sequence(),
+    })
+}
+
+fn node_svid_message(svid: &SignedX509Svid) -> pb::NodeSvid {
+    pb::NodeSvid {
+        cert_chain: svid.chain.clone(),
+        expires_at_ms: unix_ms(svid.not_after),
+    }
+}
+
+/// Milliseconds since the epoch (0 before it).
+pub(crate) fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

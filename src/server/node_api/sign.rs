@@ -1,0 +1,200 @@
+//! Signing for a node: every item is checked against the node's scope
+//! (`server::scope::authorize_any` over the server's entries) before the
+//! authority signs it; a refusal is recorded with the node's SPIFFE ID and
+//! refuses the whole request (PermissionDenied).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spiffe::SpiffeId;
+use tonic::Status;
+
+use super::{CallingNode, NodeApi, unix_ms};
+use crate::audit::{AuditEvent, EventKind, Outcome};
+use crate::authority::{JwtRequest, X509SvidRequest};
+use crate::edge::status;
+use crate::proto::server as pb;
+use crate::server::scope::{self, Credential, Refusal, SignRequest};
+
+/// Most X.509-SVIDs one request may ask for.
+pub const MAX_BATCH: usize = 64;
+/// Largest CSR, in bytes.
+const MAX_CSR_LEN: usize = 4096;
+/// Largest SPIFFE ID, in bytes (the SPIFFE spec's bound).
+const MAX_SPIFFE_ID_LEN: usize = 2048;
+/// Most DNS names per SVID, and the longest name.
+const MAX_DNS_NAMES: usize = 32;
+const MAX_DNS_NAME_LEN: usize = 253;
+/// Largest JWT claims object, in bytes.
+const MAX_CLAIMS_LEN: usize = 16 * 1024;
+
+/// Signs each X.509-SVID of `request`, in order, or refuses them all.
+pub(super) async fn x509_svids(
+    api: &NodeApi,
+    node: &CallingNode,
+    request: pb::SignX509SvidsRequest,
+) -> Result<pb::SignX509SvidsResponse, Status> {
+    if request.requests.len() > MAX_BATCH {
+        return Err(status::invalid(
+            "requests",
+            format!(
+                "{} SVIDs asked for; at most {MAX_BATCH} per request",
+                request.requests.len()
+            ),
+        ));
+    }
+    let mut checked = Vec::with_capacity(request.requests.len());
+    for item in request.requests {
+        status::bounded_bytes("csr", item.csr.len(), MAX_CSR_LEN)?;
+        if item.dns_names.len() > MAX_DNS_NAMES {
+            return Err(status::invalid(
+                "dns_names",
+                format!("at most {MAX_DNS_NAMES} names"),
+            ));
+        }
+        for name in &item.dns_names {
+            status::bounded("dns_names", name, MAX_DNS_NAME_LEN, "RFC 1035")?;
+        }
+        let spiffe_id = parse_id(api, &item.spiffe_id)?;
+        let ttl = Duration::from_millis(item.ttl_ms);
+        if ttl.is_zero() {
+            return Err(status::invalid("ttl_ms", "must be more than zero"));
+        }
+        authorize(
+            api,
+            node,
+            &SignRequest {
+                spiffe_id: &spiffe_id,
+                credential: Credential::X509,
+                ttl,
+                dns_names: &item.dns_names,
+            },
+        )?;
+        checked.push(X509SvidRequest {
+            csr: item.csr,
+            spiffe_id,
+            dns_names: item.dns_names,
+            ttl,
+        });
+    }
+    let mut svids = Vec::with_capacity(checked.len());
+    for request in checked {
+        let spiffe_id = request.spiffe_id.to_string();
+        let signed = api
+            .inner
+            .authority
+            .sign_x509_svid(request)
+            .await
+            .map_err(|e| status::authority(&e))?;
+        api.record(AuditEvent {
+            spiffe_id: Some(spiffe_id),
+            node: Some(node.spiffe_id.to_string()),
+            token_id: Some(signed.serial_hex()),
+            ..AuditEvent::new(EventKind::IssueX509, Outcome::Allow)
+        })?;
+        svids.push(pb::SignedX509Svid {
+            cert_chain: signed.chain.clone(),
+            ca_id: signed.ca_id.clone(),
+            serial: signed.serial.clone(),
+            not_before_ms: unix_ms(signed.not_before),
+            not_after_ms: unix_ms(signed.not_after),
+        });
+    }
+    Ok(pb::SignX509SvidsResponse { svids })
+}
+
+/// Signs the claims of `request` as a JWT, when `sub` is an identity the
+/// node may serve and `aud` is present.
+pub(super) async fn jwt(
+    api: &NodeApi,
+    node: &CallingNode,
+    request: pb::SignJwtRequest,
+) -> Result<pb::SignJwtResponse, Status> {
+    status::bounded_bytes("claims_json", request.claims_json.len(), MAX_CLAIMS_LEN)?;
+    let claims: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&request.claims_json)
+            .map_err(|e| status::invalid("claims_json", format!("not a JSON object: {e}")))?;
+    let sub = claims
+        .get("sub")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| status::invalid("claims_json", "sub (a SPIFFE ID) is required"))?;
+    let spiffe_id = parse_id(api, sub)?;
+    let has_audience = match claims.get("aud") {
+        Some(serde_json::Value::String(a)) => !a.is_empty(),
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        _ => false,
+    };
+    if !has_audience {
+        return Err(status::invalid("claims_json", "aud is required"));
+    }
+    let not_after = UNIX_EPOCH
+        + Duration::from_millis(u64::try_from(request.not_after_ms).unwrap_or_default());
+    let ttl = not_after
+        .duration_since(SystemTime::now())
+        .map_err(|_| status::invalid("not_after_ms", "is in the past"))?;
+    authorize(
+        api,
+        node,
+        &SignRequest {
+            spiffe_id: &spiffe_id,
+            credential: Credential::Jwt,
+            ttl,
+            dns_names: &[],
+        },
+    )?;
+    let signed = api
+        .inner
+        .authority
+        .sign_jwt(JwtRequest { claims, not_after })
+        .await
+        .map_err(|e| status::authority(&e))?;
+    api.record(AuditEvent {
+        spiffe_id: Some(spiffe_id.to_string()),
+        node: Some(node.spiffe_id.to_string()),
+        token_id: Some(signed.kid.clone()),
+        ..AuditEvent::new(EventKind::IssueJwt, Outcome::Allow)
+    })?;
+    Ok(pb::SignJwtResponse {
+        token: signed.token,
+        kid: signed.kid,
+        expires_at_ms: unix_ms(signed.expires_at),
+    })
+}
+
+fn parse_id(api: &NodeApi, value: &str) -> Result<SpiffeId, Status> {
+    status::bounded("spiffe_id", value, MAX_SPIFFE_ID_LEN, "the SPIFFE ID standard")?;
+    let id = SpiffeId::new(value).map_err(|e| status::invalid("spiffe_id", e))?;
+    if id.trust_domain() != &api.inner.trust_domain {
+        return Err(status::invalid(
+            "spiffe_id",
+            format!("{id} is not in trust domain {}", api.inner.trust_domain),
+        ));
+    }
+    Ok(id)
+}
+
+/// The node-scope check of one request; a refusal is recorded and
+/// returned as PermissionDenied.
+fn authorize(api: &NodeApi, node: &CallingNode, request: &SignRequest<'_>) -> Result<(), Status> {
+    let entries = api.inner.registry.snapshot();
+    match scope::authorize_any(&entries.entries, &node.name, &[], request) {
+        Ok(_) => Ok(()),
+        Err(refusal) => Err(refuse(api, node, request, &refusal)),
+    }
+}
+
+fn refuse(api: &NodeApi, node: &CallingNode, request: &SignRequest<'_>, refusal: &Refusal) -> Status {
+    let kind = match request.credential {
+        Credential::X509 => EventKind::IssueX509,
+        Credential::Jwt => EventKind::IssueJwt,
+    };
+    if let Err(e) = api.record(AuditEvent {
+        spiffe_id: Some(request.spiffe_id.to_string()),
+        node: Some(node.spiffe_id.to_string()),
+        reason: Some(refusal.to_string()),
+        ..AuditEvent::new(kind, Outcome::Deny)
+    }) {
+        return e;
+    }
+    tracing::warn!(node = %node.name, spiffe_id = %request.spiffe_id, "signing refused: {refusal}");
+    status::denied(refusal.to_string())
+}

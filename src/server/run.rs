@@ -1,0 +1,350 @@
+//! The server's composition root: `tether server run`.
+//!
+//! [`start`] takes the data dir's lock and binds the agents' TCP listener
+//! and the admin socket first, then loads (keys, store, audit trail,
+//! entries), then spawns each job by name: key rotation, the server's own
+//! SVID, entry refresh from the store (other replicas' writes), join-token
+//! pruning, the node API over mutual TLS and the admin API. A failed start
+//! leaves nothing running. [`RunningServer::stop`] stops them within the
+//! agent's grace period, the audit writer last.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::ServerConfig;
+use super::admin::{self as server_admin, ServerAdminService};
+use super::config::StoreLocation;
+use super::node_api::{self, NodeApi};
+use super::registry::ServerRegistry;
+use super::store::ServerStore;
+use super::store::sqlite::SqliteStore;
+use crate::audit::{AuditConfig, AuditLog};
+use crate::authority::{Authority, LocalAuthority, X509SvidRequest};
+use crate::daemon::{self, AUDIT_DRAIN, SHUTDOWN_GRACE, Shutdown, audit_key, shutdown};
+use crate::error::Chain;
+use crate::mtls::{self, Identity, SwappableIdentity};
+use crate::proto::server::node_server::NodeServer;
+
+/// The server's own SVID's lifetime (renewed at half life).
+const SERVER_SVID_TTL: Duration = Duration::from_secs(3600);
+/// How often expired join tokens are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Largest node API request.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Most concurrent streams per node connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// A started server.
+#[derive(Debug)]
+pub struct RunningServer {
+    listen_addr: SocketAddr,
+    admin_socket_path: PathBuf,
+    shutdown: Shutdown,
+    audit: AuditLog,
+    audit_stop: CancellationToken,
+    audit_writer: tokio::task::JoinHandle<()>,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Starts the server described by `config`.
+pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    daemon::create_private_dir(&config.data_dir)?;
+    let lock = daemon::lock_data_dir(&config.data_dir)?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the node API on {} (listen)", config.listen))?;
+    let listen_addr = listener.local_addr().context("the node API's address")?;
+    let mut admin_socket = server_admin::bind(&config.admin_socket_path).with_context(|| {
+        format!(
+            "binding the admin socket {}",
+            config.admin_socket_path.display()
+        )
+    })?;
+
+    let local_authority = {
+        let (td, cfg, dir) = (
+            config.trust_domain.clone(),
+            config.authority.clone(),
+            config.data_dir.clone(),
+        );
+        tokio::task::spawn_blocking(move || LocalAuthority::load_or_create(td, cfg, &dir))
+            .await
+            .context("loading the authority")??
+    };
+    let authority: Arc<dyn Authority> = Arc::new(local_authority.clone());
+    let store: Arc<dyn ServerStore> = match &config.store {
+        StoreLocation::Sqlite(path) => {
+            let path = path.clone();
+            Arc::new(
+                tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                    .await
+                    .context("opening the server store")??,
+            )
+        }
+        StoreLocation::Postgres(url) => anyhow::bail!(
+            "store = {url}: the PostgreSQL store is not built yet in this version; remove `store` to use SQLite in the data dir (one replica)"
+        ),
+    };
+    let audit_dir = config.data_dir.join("audit");
+    let audit_key = {
+        let dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || audit_key::load_or_create(&dir))
+            .await
+            .context("loading the audit key")??
+    };
+    let (audit, audit_writer) =
+        AuditLog::open(&audit_dir, &AuditConfig::default(), Arc::new(audit_key))
+            .with_context(|| format!("opening the audit trail in {}", audit_dir.display()))?;
+    let audit_stop = CancellationToken::new();
+    let audit_writer = tokio::spawn(audit_writer.run(audit_stop.clone()));
+    let loaded = async {
+        let registry = ServerRegistry::open(
+            store.clone(),
+            config.trust_domain.clone(),
+            config.entries.clone(),
+            audit.clone(),
+        )
+        .await
+        .context("loading registration entries")?;
+        let identity = own_identity(&authority, &config).await?;
+        anyhow::Ok((registry, identity))
+    };
+    let (registry, (identity, identity_expires)) = match loaded.await {
+        Ok(parts) => parts,
+        Err(error) => {
+            audit_stop.cancel();
+            let _ = audit_writer.await;
+            return Err(error);
+        }
+    };
+
+    let shutdown = Shutdown::default();
+    shutdown.spawn("key rotation", local_authority.run(shutdown.token()));
+    shutdown.spawn("entry refresh", registry.clone().run(shutdown.token()));
+    shutdown.spawn(
+        "server svid renewal",
+        renew_own_identity(
+            authority.clone(),
+            config.clone(),
+            identity.clone(),
+            identity_expires,
+            shutdown.token(),
+        ),
+    );
+    shutdown.spawn(
+        "join token pruning",
+        prune_join_tokens(store.clone(), shutdown.token()),
+    );
+
+    let node_api = NodeApi::new(
+        config.trust_domain.clone(),
+        authority.clone(),
+        store.clone(),
+        registry.clone(),
+        audit.clone(),
+        shutdown.token(),
+    );
+    {
+        let tls = mtls::server_config(authority.subscribe_bundle(), identity);
+        let token = shutdown.token();
+        let fail = shutdown.clone();
+        shutdown.spawn("node api", async move {
+            let closing = CancellationToken::new();
+            let served = tonic::transport::Server::builder()
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                .add_service(
+                    NodeServer::new(node_api)
+                        .max_decoding_message_size(MAX_REQUEST_BYTES)
+                        .max_encoding_message_size(MAX_REQUEST_BYTES),
+                )
+                .serve_with_incoming_shutdown(
+                    mtls::incoming(listener, tls),
+                    token.clone().cancelled_owned(),
+                );
+            if let Err(error) = daemon::drained(served, &token, &closing, "node api").await {
+                tracing::error!(error = %Chain(&error), "node API server failed; stopping the server");
+                fail.fail(format!("the node API server failed: {}", Chain(&error)));
+            }
+        });
+    }
+    {
+        let admin = ServerAdminService::new(
+            registry.clone(),
+            store.clone(),
+            authority.clone(),
+            audit.clone(),
+        );
+        let token = shutdown.token();
+        let fail = shutdown.clone();
+        shutdown.spawn("admin server", async move {
+            let closing = CancellationToken::new();
+            let served = server_admin::serve(
+                admin,
+                &mut admin_socket,
+                token.clone().cancelled_owned(),
+                closing.clone(),
+            );
+            if let Err(error) = daemon::drained(served, &token, &closing, "admin").await {
+                tracing::error!(error = %Chain(&error), "admin API server failed; stopping the server");
+                fail.fail(format!("the admin API server failed: {}", Chain(&error)));
+            }
+            drop(admin_socket);
+        });
+    }
+
+    tracing::info!(
+        trust_domain = %config.trust_domain,
+        listen = %listen_addr,
+        admin_socket = %config.admin_socket_path.display(),
+        data_dir = %config.data_dir.display(),
+        entries = registry.snapshot().entries.len(),
+        "tether server started"
+    );
+    Ok(RunningServer {
+        listen_addr,
+        admin_socket_path: config.admin_socket_path,
+        shutdown,
+        audit,
+        audit_stop,
+        audit_writer,
+        _lock: lock,
+    })
+}
+
+// === impl RunningServer ===
+
+impl RunningServer {
+    /// Where agents reach the node API (the bound address: a `listen`
+    /// port of 0 is resolved).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    /// The admin socket.
+    pub fn admin_socket_path(&self) -> &std::path::Path {
+        &self.admin_socket_path
+    }
+
+    /// Runs until SIGINT/SIGTERM or a fatal failure, then stops.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        let failed = self.shutdown.token();
+        tokio::select! {
+            signal = shutdown::os_signal() => {
+                let signal = signal.context("installing signal handlers")?;
+                tracing::info!(signal, "stopping");
+            }
+            () = failed.cancelled() => {}
+        }
+        self.stop().await
+    }
+
+    /// Stops every job, then the audit writer, within the agent's grace
+    /// period.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        if let Err(left) = self.shutdown.stop(SHUTDOWN_GRACE - AUDIT_DRAIN).await {
+            tracing::warn!(jobs = ?left.jobs, "some jobs did not stop within the grace period");
+        }
+        self.audit.record_counts();
+        self.audit_stop.cancel();
+        if tokio::time::timeout(AUDIT_DRAIN, self.audit_writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the audit writer did not finish within its part of the grace period");
+        }
+        if let Some(failure) = self.shutdown.failure() {
+            anyhow::bail!("{failure}");
+        }
+        tracing::info!("tether server stopped");
+        Ok(())
+    }
+}
+
+/// Signs the server's own SVID (`spiffe://<td>/tether/server`) for a fresh
+/// key, held in memory only.
+async fn own_identity(
+    authority: &Arc<dyn Authority>,
+    config: &ServerConfig,
+) -> anyhow::Result<(SwappableIdentity, SystemTime)> {
+    let (identity, expires) = sign_own_identity(authority, config).await?;
+    Ok((SwappableIdentity::new(identity), expires))
+}
+
+async fn sign_own_identity(
+    authority: &Arc<dyn Authority>,
+    config: &ServerConfig,
+) -> anyhow::Result<(Identity, SystemTime)> {
+    let (key, csr) = tokio::task::spawn_blocking(crate::authority::key_and_csr)
+        .await
+        .context("making the server's key")?
+        .context("making the server's key")?;
+    let spiffe_id = node_api::server_spiffe_id(&config.trust_domain)
+        .context("naming the server's SVID")?;
+    let signed = authority
+        .sign_x509_svid(X509SvidRequest {
+            csr,
+            spiffe_id,
+            dns_names: Vec::new(),
+            ttl: SERVER_SVID_TTL,
+        })
+        .await
+        .context("signing the server's SVID")?;
+    let identity = Identity::new(signed.chain, key).context("loading the server's SVID")?;
+    Ok((identity, signed.not_after))
+}
+
+/// Renews the server's SVID at half its remaining life; a failure is
+/// retried every 10 s while the old one lasts.
+async fn renew_own_identity(
+    authority: Arc<dyn Authority>,
+    config: ServerConfig,
+    identity: SwappableIdentity,
+    mut expires: SystemTime,
+    cancel: CancellationToken,
+) {
+    loop {
+        let left = expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(left / 2) => {}
+        }
+        match sign_own_identity(&authority, &config).await {
+            Ok((renewed, until)) => {
+                identity.set(renewed);
+                expires = until;
+                tracing::info!("server SVID renewed");
+            }
+            Err(error) => {
+                tracing::error!(error = %Chain(error.as_ref()), "could not renew the server's SVID; retrying in 10 s");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(10)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Forgets expired join tokens every [`PRUNE_EVERY`].
+async fn prune_join_tokens(store: Arc<dyn ServerStore>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(PRUNE_EVERY) => {}
+        }
+        match store.prune_join_tokens(SystemTime::now()).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "expired join tokens forgotten"),
+            Err(error) => tracing::warn!(error = %Chain(&error), "could not prune join tokens"),
+        }
+    }
+}
