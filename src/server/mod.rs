@@ -5,9 +5,15 @@
 //! use it: [`scope`], the rule deciding which identities a node may
 //! obtain; [`config`], the server's configuration file (the fleet's
 //! contract keys); [`join_token`], the single-use tokens that admit a
-//! node, kept only as their hash.
+//! node, kept only as their hash; [`store`], the state replicas share;
+//! [`registry`], the entries the server serves (the file's and the stored
+//! ones, validated as the agent validates its own, polled for other
+//! replicas' changes); [`admin`], the operators' socket (join tokens,
+//! entries, nodes, the bundle).
 
+pub mod admin;
 pub mod config;
 pub mod join_token;
+pub mod registry;
 pub mod scope;
 pub mod store;
