@@ -163,7 +163,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("daemon", ROOT),
         ("client", &["config", "proto", "trusted_fs"][..]),
         // The fleet's server, beside the agent's root; so far the
-        // node-scope rule over entries and the attestor's pod selectors.
+        // node-scope rule over entries and the attestor's pod selectors,
+        // and its SQLite store (opened as the agent's store opens its own).
         (
             "server",
             &[
@@ -176,6 +177,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "error",
                 "proto",
                 "registration",
+                "store",
                 "transport",
             ][..],
         ),
