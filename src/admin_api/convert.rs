@@ -4,6 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tonic::Status;
 
+use crate::bundle::{BundleError, TrustBundle};
 use crate::edge::status;
 use crate::proto::admin as pb;
 use crate::registration::{EntrySource, EntrySpec, RegistrationEntry};
@@ -85,6 +86,17 @@ pub fn entry(entry: &RegistrationEntry) -> pb::Entry {
         created_at_ms: unix_ms(entry.created_at),
         updated_at_ms: unix_ms(entry.updated_at),
     }
+}
+
+/// A trust bundle for the wire (the agent's `GetBundle`, and the fleet
+/// server's): the SPIFFE bundle document and the X.509 authorities.
+pub fn bundle(bundle: &TrustBundle) -> Result<pb::Bundle, BundleError> {
+    Ok(pb::Bundle {
+        trust_domain: bundle.trust_domain().to_string(),
+        spiffe_json: bundle.to_spiffe_json()?,
+        x509_authorities: bundle.x509_authorities().to_vec(),
+        sequence: bundle.sequence(),
+    })
 }
 
 /// Unix milliseconds.

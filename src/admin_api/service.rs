@@ -393,16 +393,9 @@ impl Admin for AdminApi {
         &self,
         _request: Request<pb::GetBundleRequest>,
     ) -> Result<Response<pb::Bundle>, Status> {
-        let bundle = self.authority.bundle();
-        let spiffe_json = bundle
-            .to_spiffe_json()
-            .map_err(|e| status::internal("encoding the bundle", &e))?;
-        Ok(Response::new(pb::Bundle {
-            trust_domain: bundle.trust_domain().to_string(),
-            spiffe_json,
-            x509_authorities: bundle.x509_authorities().to_vec(),
-            sequence: bundle.sequence(),
-        }))
+        convert::bundle(&self.authority.bundle())
+            .map(Response::new)
+            .map_err(|e| status::internal("encoding the bundle", &e))
     }
 
     async fn health(

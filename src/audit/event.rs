@@ -75,6 +75,9 @@ pub enum EventKind {
     EntryChange,
     /// The policy set was (re)loaded.
     PolicyReload,
+    /// A join token admitting a node was created (the fleet's server; the
+    /// record names the node and the expiry, never the token).
+    JoinToken,
     /// The writer found the trail damaged or cut at start and says what it
     /// did; always the first record it writes after such a start.
     AuditRecovered,
@@ -220,6 +223,7 @@ impl EventKind {
             Self::Expire => "expire",
             Self::EntryChange => "entry-change",
             Self::PolicyReload => "policy-reload",
+            Self::JoinToken => "join-token",
             Self::AuditRecovered => "audit-recovered",
             Self::NodeAttest => "node-attest",
         }
@@ -523,6 +527,7 @@ mod tests {
             EventKind::Expire,
             EventKind::EntryChange,
             EventKind::PolicyReload,
+            EventKind::JoinToken,
             EventKind::AuditRecovered,
         ] {
             assert_eq!(

@@ -68,6 +68,15 @@ mod x509;
 
 pub use rows::{EntryRow, IssuedX509, MAX_INTENT_LEN, RevokedX509, TaskEnd, TaskRow};
 
+/// The column codec (bounds, times as unix milliseconds, flags), shared
+/// with the server's SQLite store so both read and write columns alike.
+pub(crate) mod codec {
+    pub(crate) use super::rows::{
+        Problem, bounded, decode_flag, decode_integer, decode_text, decode_time, encode_count,
+        encode_flag, encode_time,
+    };
+}
+
 use rows::{MAX_ID_LEN, Problem, RowCodec};
 
 /// The database file inside `data_dir`.
@@ -245,35 +254,7 @@ impl Store {
     /// it to write a database of an older schema.
     fn open_with(data_dir: &Path, steps: &[&str]) -> Result<Store, StoreError> {
         let path = data_dir.join(DB_FILE);
-        prepare_files(data_dir, &path)?;
-
-        // No CREATE: the file exists by now, and one that vanished meanwhile
-        // must not be replaced by an empty database. NO_MUTEX: `Shared`
-        // serialises access. NOFOLLOW: a path swapped for a symlink is refused.
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
-        let mut conn = Connection::open_with_flags(&path, flags).map_err(open_error(&path))?;
-
-        // Until every check has passed, closing must not checkpoint: that
-        // would copy frames from a leftover -wal into a database we refuse.
-        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
-            .map_err(open_error(&path))?;
-        configure(&conn).map_err(open_error(&path))?;
-        check_integrity(&conn, &path)?;
-        check_identity(&conn, &path, steps)?;
-
-        // Persistent in the file header; the first write since `quick_check`.
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(open_error(&path))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::NoWal { path, mode });
-        }
-        migrations::apply(&mut conn, steps).map_err(open_error(&path))?;
-        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
-            .map_err(open_error(&path))?;
-
+        let conn = open_connection(&path, migrations::APPLICATION_ID, steps)?;
         Ok(Store {
             shared: Arc::new(Shared {
                 path,
@@ -350,6 +331,58 @@ impl Store {
 }
 
 // === opening ===
+
+/// Opens (creating it 0600 if missing) the SQLite database at `path` as
+/// tether keeps its databases: owner-only files checked with `trusted_fs`,
+/// write-ahead logging with `synchronous = FULL`, `quick_check` before
+/// anything is written, a database that is not this one's
+/// (`application_id`, once it has a schema) or has a schema newer than
+/// `steps` refused untouched, then the pending `steps` applied (the first
+/// sets `application_id`). The agent's store and the server's SQLite store
+/// both open through here. The directory of `path` must exist and be
+/// trusted (its owner checks it).
+pub(crate) fn open_connection(
+    path: &Path,
+    application_id: i64,
+    steps: &[&str],
+) -> Result<Connection, StoreError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    prepare_files(dir, path)?;
+
+    // No CREATE: the file exists by now, and one that vanished meanwhile
+    // must not be replaced by an empty database. NO_MUTEX: the caller
+    // serialises access. NOFOLLOW: a path swapped for a symlink is refused.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(open_error(path))?;
+
+    // Until every check has passed, closing must not checkpoint: that
+    // would copy frames from a leftover -wal into a database we refuse.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        .map_err(open_error(path))?;
+    configure(&conn).map_err(open_error(path))?;
+    check_integrity(&conn, path)?;
+    check_identity(&conn, path, application_id, steps)?;
+
+    // Persistent in the file header; the first write since `quick_check`.
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(open_error(path))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::NoWal {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    migrations::apply(&mut conn, steps).map_err(open_error(path))?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
+        .map_err(open_error(path))?;
+    Ok(conn)
+}
 
 /// Creates the database file 0600 if it is missing, and refuses database
 /// files that are not owner-only regular files.
@@ -457,9 +490,15 @@ fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     })
 }
 
-/// Refuses another program's database, and one with a schema newer than
-/// `steps` produce.
-fn check_identity(conn: &Connection, path: &Path, steps: &[&str]) -> Result<(), StoreError> {
+/// Refuses another program's database (or the other role's: the agent's and
+/// the server's differ in `application_id`), and one with a schema newer
+/// than `steps` produce.
+fn check_identity(
+    conn: &Connection,
+    path: &Path,
+    application_id: i64,
+    steps: &[&str],
+) -> Result<(), StoreError> {
     let not_ours = |detail: String| StoreError::Corrupt {
         path: path.to_owned(),
         detail,
@@ -480,10 +519,9 @@ fn check_identity(conn: &Connection, path: &Path, steps: &[&str]) -> Result<(), 
         }
         return Ok(());
     }
-    if app_id != migrations::APPLICATION_ID {
+    if app_id != application_id {
         return Err(not_ours(format!(
-            "its application_id is {app_id:#x}, not tether's {:#x}",
-            migrations::APPLICATION_ID
+            "its application_id is {app_id:#x}, not the expected {application_id:#x}"
         )));
     }
     let found =
@@ -515,7 +553,8 @@ fn open_error(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     }
 }
 
-fn is_damage(e: &rusqlite::Error) -> bool {
+/// Whether SQLite reports the database damaged (or not a database).
+pub(crate) fn is_damage(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error_code(),
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
@@ -608,7 +647,7 @@ fn bad_row(table: &'static str, id: String, problem: Problem) -> StoreError {
 
 /// `time` as a bound for a query: unlike a stored time, any instant is a
 /// fine bound, so clamp instead of refusing.
-fn query_millis(time: SystemTime) -> i64 {
+pub(crate) fn query_millis(time: SystemTime) -> i64 {
     match time.duration_since(UNIX_EPOCH) {
         Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
         // Before every stored time, which are all >= 0.

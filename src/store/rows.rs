@@ -176,8 +176,8 @@ pub struct TaskEnd {
 /// What is wrong with one field, on its way in or out. Becomes
 /// `Unstorable` or `BadRow` once the row is known.
 #[derive(Debug)]
-pub(super) struct Problem {
-    pub(super) what: String,
+pub(crate) struct Problem {
+    pub(crate) what: String,
     pub(super) source: Option<serde_json::Error>,
 }
 
@@ -256,7 +256,7 @@ pub(super) struct EncodedEnd<'a> {
 // === impl Problem ===
 
 impl Problem {
-    fn new(column: &str, what: impl std::fmt::Display) -> Problem {
+    pub(crate) fn new(column: &str, what: impl std::fmt::Display) -> Problem {
         Problem {
             what: format!("{column}: {what}"),
             source: None,
@@ -398,7 +398,7 @@ impl<'a> EncodedEnd<'a> {
 
 // === encoding ===
 
-pub(super) fn bounded<'a>(column: &str, value: &'a str, max: usize) -> Result<&'a str, Problem> {
+pub(crate) fn bounded<'a>(column: &str, value: &'a str, max: usize) -> Result<&'a str, Problem> {
     if value.len() > max {
         return Err(Problem::new(
             column,
@@ -431,7 +431,7 @@ pub(super) fn selector_key(selectors: &[String]) -> String {
     serde_json::Value::from(set.into_iter().cloned().collect::<Vec<_>>()).to_string()
 }
 
-pub(super) fn encode_time(column: &str, time: SystemTime) -> Result<i64, Problem> {
+pub(crate) fn encode_time(column: &str, time: SystemTime) -> Result<i64, Problem> {
     let since_epoch = time
         .duration_since(UNIX_EPOCH)
         .map_err(|_| Problem::new(column, "before 1970"))?;
@@ -439,12 +439,12 @@ pub(super) fn encode_time(column: &str, time: SystemTime) -> Result<i64, Problem
 }
 
 /// A flag as an `INTEGER`, 0 or 1.
-pub(super) fn encode_flag(flag: bool) -> i64 {
+pub(crate) fn encode_flag(flag: bool) -> i64 {
     i64::from(flag)
 }
 
 /// An unsigned number as an `INTEGER`.
-pub(super) fn encode_count(column: &str, n: u64) -> Result<i64, Problem> {
+pub(crate) fn encode_count(column: &str, n: u64) -> Result<i64, Problem> {
     i64::try_from(n).map_err(|_| Problem::new(column, "larger than i64::MAX"))
 }
 
@@ -592,7 +592,7 @@ pub(super) fn decode_end(
 }
 
 /// A `TEXT` column within `max` bytes.
-pub(super) fn decode_text<'r>(
+pub(crate) fn decode_text<'r>(
     column: &str,
     value: ValueRef<'r>,
     max: usize,
@@ -630,7 +630,7 @@ pub(super) fn decode_list(column: &str, value: ValueRef<'_>) -> Result<Vec<Strin
     Ok(items)
 }
 
-pub(super) fn decode_time(column: &str, value: ValueRef<'_>) -> Result<SystemTime, Problem> {
+pub(crate) fn decode_time(column: &str, value: ValueRef<'_>) -> Result<SystemTime, Problem> {
     let ms = decode_millis(column, value)?;
     UNIX_EPOCH
         .checked_add(Duration::from_millis(ms))
@@ -653,7 +653,7 @@ pub(super) fn decode_revision(value: ValueRef<'_>) -> Result<u64, Problem> {
 
 /// An `INTEGER` column holding 0 or 1, strictly: any other value is damage,
 /// not "true".
-pub(super) fn decode_flag(column: &str, value: ValueRef<'_>) -> Result<bool, Problem> {
+pub(crate) fn decode_flag(column: &str, value: ValueRef<'_>) -> Result<bool, Problem> {
     match value {
         ValueRef::Integer(0) => Ok(false),
         ValueRef::Integer(1) => Ok(true),
@@ -663,7 +663,7 @@ pub(super) fn decode_flag(column: &str, value: ValueRef<'_>) -> Result<bool, Pro
 }
 
 /// An `INTEGER` column of at least `min` that fits `T`.
-pub(super) fn decode_integer<T: TryFrom<i64>>(
+pub(crate) fn decode_integer<T: TryFrom<i64>>(
     column: &str,
     value: ValueRef<'_>,
     min: i64,

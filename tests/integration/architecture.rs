@@ -134,6 +134,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // error-to-status mapping), then the edges (the Workload API never
         // touches the authority directly)
         // (authority and store: its tests build the errors that carry them)
+        // (server: the fleet server's error types, mapped here like every
+        // other domain error so a code means the same on every API)
         (
             "edge",
             &[
@@ -143,6 +145,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "error",
                 "policy",
                 "registration",
+                "server",
                 "store",
                 "svid",
                 "task",
@@ -160,15 +163,22 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("daemon", ROOT),
         ("client", &["config", "proto", "trusted_fs"][..]),
         // The fleet's server, beside the agent's root; so far the
-        // node-scope rule over entries and the attestor's pod selectors.
+        // node-scope rule over entries and the attestor's pod selectors,
+        // and its SQLite store (opened as the agent's store opens its own).
         (
             "server",
             &[
+                "admin_api",
                 "attestation",
+                "audit",
                 "authority",
                 "config",
+                "edge",
                 "error",
+                "proto",
                 "registration",
+                "store",
+                "transport",
             ][..],
         ),
         // 6: the command line
@@ -184,6 +194,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "error",
                 "policy",
                 "proto",
+                "server",
                 "telemetry",
                 "trusted_fs",
             ][..],

@@ -14,6 +14,9 @@
 //!   retry with backoff. The caller reads what failed; the whole chain goes
 //!   to the log.
 //!
+//! The fleet's server (`server::admin`, the node API) maps its errors
+//! here too, under the same rule.
+//!
 //! Every status text that carries an error prints it with its source chain
 //! ([`crate::error::Chain`]). Only this file constructs a `Status`.
 
@@ -26,6 +29,10 @@ use crate::audit::AuditUnavailable;
 use crate::authority::AuthorityError;
 use crate::error::Chain;
 use crate::registration::RegistrationError;
+use crate::server::join_token::TokenRefusal;
+use crate::server::registry::ServerRegistryError;
+use crate::server::scope::BadNodeName;
+use crate::server::store::ServerStoreError;
 use crate::svid::{JwtValidationError, SvidError};
 use crate::task::{EndReason, TaskError, TokenRejection};
 use crate::transport::Exhausted;
@@ -293,6 +300,56 @@ pub fn registration(error: &RegistrationError) -> Status {
             tracing::error!(error = %Chain(error), "entry store failure");
             Status::internal(format!("the entry store failed: {}", Chain(error)))
         }
+    }
+}
+
+/// A node name that is not one (the fleet's server): InvalidArgument
+/// naming the request's field.
+pub fn node_name(field: &str, error: &BadNodeName) -> Status {
+    invalid(field, Chain(error))
+}
+
+/// A join token refused or not made (the fleet's server). A presented
+/// token that admits nothing (malformed, unknown, expired, used) is the
+/// presenter's failed authentication; a lifetime out of bounds is the
+/// operator's input; a failed random number generator may pass.
+pub fn join_token(error: &TokenRefusal) -> Status {
+    match error {
+        TokenRefusal::Malformed
+        | TokenRefusal::Unknown
+        | TokenRefusal::Expired
+        | TokenRefusal::Used => Status::unauthenticated(Chain(error).to_string()),
+        TokenRefusal::BadTtl(_) => invalid("ttl_ms", Chain(error)),
+        TokenRefusal::Random => agent_fault("could not create a join token", error),
+    }
+}
+
+/// The fleet server's store failed while doing `what`: a duplicate is
+/// AlreadyExists; an unreachable store may pass (Unavailable); a damaged
+/// row or a store that cannot be opened needs an operator (Internal).
+pub fn server_store(what: &str, error: &ServerStoreError) -> Status {
+    match error {
+        ServerStoreError::Duplicate(_) => {
+            Status::already_exists(format!("{what}: {}", Chain(error)))
+        }
+        ServerStoreError::Unavailable { .. } => agent_fault(what, error),
+        ServerStoreError::Corrupt { .. } | ServerStoreError::Open(_) => internal(what, error),
+    }
+}
+
+/// A change to the fleet server's entries that was refused or failed.
+pub fn server_registry(error: &ServerRegistryError) -> Status {
+    match error {
+        ServerRegistryError::Invalid(_) => Status::invalid_argument(Chain(error).to_string()),
+        ServerRegistryError::Duplicate { .. } => Status::already_exists(Chain(error).to_string()),
+        ServerRegistryError::NotFound(_) => Status::not_found(Chain(error).to_string()),
+        ServerRegistryError::FromConfig(_) => Status::failed_precondition(Chain(error).to_string()),
+        ServerRegistryError::Audit(unavailable) => audit(unavailable),
+        ServerRegistryError::Store { what, source } => server_store(what, source),
+        ServerRegistryError::Random(_) => agent_fault("could not create the entry", error),
+        // The stored entries are not valid: retrying will not help until
+        // an operator fixes them.
+        ServerRegistryError::Stored { .. } => internal("the server's entry store failed", error),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The server's shared state: join tokens, nodes and entries, behind one
 //! trait ([`ServerStore`]) with two backends: SQLite in the data dir for
-//! one replica ([`sqlite`]), and PostgreSQL for several (issue 17, slice 4).
+//! one replica ([`sqlite::SqliteStore`]), and PostgreSQL for several
+//! (issue 17, slice 4).
 //!
 //! Rows are plain data the callers validate; the store knows how to keep
 //! them, not what they mean. Every method is async: the SQLite backend runs
@@ -28,6 +29,8 @@ use futures_util::future::BoxFuture;
 use super::join_token::{Admission, TokenHash};
 use super::scope::NodeName;
 use crate::registration::EntrySpec;
+
+pub mod sqlite;
 
 /// The fleet's state, shared by every replica.
 pub trait ServerStore: fmt::Debug + Send + Sync + 'static {
@@ -149,6 +152,16 @@ pub enum ServerStoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A row the store refuses to keep: a value it could not read back
+    /// (a time before 1970 or after 9999, text or JSON over its column's
+    /// bound). The caller's bug or its input, not the store's state.
+    #[error("the server store cannot keep this {table} row: {detail}")]
+    Unstorable {
+        /// The table.
+        table: &'static str,
+        /// What is out of bounds.
+        detail: String,
+    },
     /// A stored row does not read back (damaged, or written by a newer
     /// tether).
     #[error("the server store holds a damaged row in {table}: {detail}")]
@@ -158,7 +171,9 @@ pub enum ServerStoreError {
         /// What is wrong.
         detail: String,
     },
-    /// The store's files or database are not safe to use (owner, mode).
+    /// The store could not be opened: its files are not safe to use
+    /// (owner, mode), the database is damaged or not the server's, or its
+    /// schema is newer than this build's.
     #[error("the server store cannot be opened")]
     Open(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

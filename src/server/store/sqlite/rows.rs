@@ -1,0 +1,234 @@
+//! How the server's rows become columns and back, with the agent store's
+//! codec (`crate::store::codec`): times are unix milliseconds within
+//! 1970..=9999, flags 0 or 1, text bounded per column.
+//!
+//! Both directions apply the same bounds: a row the store could not read
+//! back is refused on write ([`ServerStoreError::Unstorable`]), so a stored
+//! value outside them can only be damage, and reads as
+//! [`ServerStoreError::Corrupt`], never a panic. Node names are checked by
+//! [`NodeName::new`] and entry specs by serde as they are read.
+
+use std::collections::BTreeSet;
+
+use rusqlite::Row;
+use rusqlite::types::ValueRef;
+
+use crate::registration::EntrySpec;
+use crate::server::join_token::Admission;
+use crate::server::scope::{MAX_NODE_NAME_LEN, NodeName};
+use crate::server::store::{EntryRecord, NodeRow, ServerStoreError};
+use crate::store::codec::{
+    Problem, bounded, decode_flag, decode_integer, decode_text, decode_time, encode_count,
+    encode_flag, encode_time,
+};
+
+/// Longest attestation kind (`join_token`, `k8s_psat`), in bytes.
+pub(super) const MAX_ATTESTATION_LEN: usize = 64;
+/// Longest SVID serial, lowercase hex, in bytes (RFC 5280 allows 20 bytes:
+/// 40 digits).
+pub(super) const MAX_SERIAL_LEN: usize = 128;
+/// Longest entry id, in bytes.
+pub(super) const MAX_ENTRY_ID_LEN: usize = 256;
+/// Longest entry spec as JSON, in bytes. Checked before parsing, so a
+/// damaged row never makes the store allocate more than this for it.
+pub(super) const MAX_SPEC_JSON_LEN: usize = 64 * 1024;
+/// Longest JSON list of the nodes an entry names, in bytes: about a
+/// thousand names of the longest kind.
+pub(super) const MAX_NODES_JSON_LEN: usize = 256 * 1024;
+
+/// The tables, as errors name them.
+pub(super) const JOIN_TOKENS: &str = "join_tokens";
+pub(super) const NODES: &str = "nodes";
+pub(super) const ENTRIES: &str = "entries";
+pub(super) const META: &str = "meta";
+
+/// An [`Admission`] as the columns `node, expires_at_ms`.
+pub(super) struct EncodedAdmission<'a> {
+    pub(super) node: &'a str,
+    pub(super) expires_at_ms: i64,
+}
+
+/// A [`NodeRow`] as its columns, in `node_columns!` order.
+pub(super) struct EncodedNode<'a> {
+    pub(super) name: &'a str,
+    pub(super) attestation: &'a str,
+    pub(super) attested_at_ms: i64,
+    pub(super) svid_serial: &'a str,
+    pub(super) svid_expires_at_ms: i64,
+    pub(super) evicted: i64,
+}
+
+/// An [`EntryRecord`] as its columns, in `entry_columns!` order.
+pub(super) struct EncodedEntry<'a> {
+    pub(super) id: &'a str,
+    pub(super) spec_json: String,
+    pub(super) nodes_json: String,
+    pub(super) revision: i64,
+    pub(super) created_at_ms: i64,
+    pub(super) updated_at_ms: i64,
+}
+
+// === encoding ===
+
+impl<'a> EncodedAdmission<'a> {
+    pub(super) fn new(admission: &'a Admission) -> Result<Self, ServerStoreError> {
+        let encoded = (|| {
+            Ok(Self {
+                node: admission.node.as_str(),
+                expires_at_ms: encode_time("expires_at_ms", admission.expires_at)?,
+            })
+        })();
+        encoded.map_err(|p| unstorable(JOIN_TOKENS, p))
+    }
+}
+
+impl<'a> EncodedNode<'a> {
+    pub(super) fn new(node: &'a NodeRow) -> Result<Self, ServerStoreError> {
+        let encoded = (|| {
+            Ok(Self {
+                name: node.name.as_str(),
+                attestation: bounded("attestation", &node.attestation, MAX_ATTESTATION_LEN)?,
+                attested_at_ms: encode_time("attested_at_ms", node.attested_at)?,
+                svid_serial: bounded("svid_serial", &node.svid_serial, MAX_SERIAL_LEN)?,
+                svid_expires_at_ms: encode_time("svid_expires_at_ms", node.svid_expires_at)?,
+                evicted: encode_flag(node.evicted),
+            })
+        })();
+        encoded.map_err(|p| unstorable(NODES, p))
+    }
+}
+
+impl<'a> EncodedEntry<'a> {
+    pub(super) fn new(entry: &'a EntryRecord) -> Result<Self, ServerStoreError> {
+        let encoded = (|| {
+            let spec_json = serde_json::to_string(&entry.spec)
+                .map_err(|e| Problem::new("spec_json", format_args!("not encodable: {e}")))?;
+            let names: Vec<&str> = entry.nodes.iter().map(NodeName::as_str).collect();
+            // `Value`'s Display cannot fail, unlike `serde_json::to_string`.
+            let nodes_json = serde_json::Value::from(names).to_string();
+            Ok(Self {
+                id: bounded("id", &entry.id, MAX_ENTRY_ID_LEN)?,
+                spec_json: json_within("spec_json", spec_json, MAX_SPEC_JSON_LEN)?,
+                nodes_json: json_within("nodes_json", nodes_json, MAX_NODES_JSON_LEN)?,
+                revision: encode_count("revision", entry.revision)?,
+                created_at_ms: encode_time("created_at_ms", entry.created_at)?,
+                updated_at_ms: encode_time("updated_at_ms", entry.updated_at)?,
+            })
+        })();
+        encoded.map_err(|p| unstorable(ENTRIES, p))
+    }
+}
+
+fn json_within(column: &str, json: String, max: usize) -> Result<String, Problem> {
+    if json.len() > max {
+        return Err(Problem::new(
+            column,
+            format_args!("{} bytes as JSON, at most {max}", json.len()),
+        ));
+    }
+    Ok(json)
+}
+
+// === decoding ===
+
+/// A token read by `SELECT node, expires_at_ms, used_at_ms`.
+pub(super) fn decode_admission(row: &Row<'_>) -> Result<Admission, ServerStoreError> {
+    let decoded = (|| {
+        Ok(Admission {
+            node: decode_node_name("node", value(row, 0)?)?,
+            expires_at: decode_time("expires_at_ms", value(row, 1)?)?,
+            used_at: match value(row, 2)? {
+                ValueRef::Null => None,
+                used => Some(decode_time("used_at_ms", used)?),
+            },
+        })
+    })();
+    decoded.map_err(|p| corrupt(JOIN_TOKENS, p))
+}
+
+/// A token as the consuming update returns it (`node, expires_at_ms`): as
+/// it was before, unused.
+pub(super) fn decode_consumed(row: &Row<'_>) -> Result<Admission, ServerStoreError> {
+    let decoded = (|| {
+        Ok(Admission {
+            node: decode_node_name("node", value(row, 0)?)?,
+            expires_at: decode_time("expires_at_ms", value(row, 1)?)?,
+            used_at: None,
+        })
+    })();
+    decoded.map_err(|p| corrupt(JOIN_TOKENS, p))
+}
+
+/// A node read by its columns (`node_columns!`).
+pub(super) fn decode_node(row: &Row<'_>) -> Result<NodeRow, ServerStoreError> {
+    let decoded = (|| {
+        Ok(NodeRow {
+            name: decode_node_name("name", value(row, 0)?)?,
+            attestation: decode_text("attestation", value(row, 1)?, MAX_ATTESTATION_LEN)?.into(),
+            attested_at: decode_time("attested_at_ms", value(row, 2)?)?,
+            svid_serial: decode_text("svid_serial", value(row, 3)?, MAX_SERIAL_LEN)?.into(),
+            svid_expires_at: decode_time("svid_expires_at_ms", value(row, 4)?)?,
+            evicted: decode_flag("evicted", value(row, 5)?)?,
+        })
+    })();
+    decoded.map_err(|p| corrupt(NODES, p))
+}
+
+/// An entry read by its columns (`entry_columns!`).
+pub(super) fn decode_entry(row: &Row<'_>) -> Result<EntryRecord, ServerStoreError> {
+    let decoded = (|| {
+        let id = decode_text("id", value(row, 0)?, MAX_ENTRY_ID_LEN)?;
+        let spec_json = decode_text("spec_json", value(row, 1)?, MAX_SPEC_JSON_LEN)?;
+        let spec: EntrySpec = serde_json::from_str(spec_json)
+            .map_err(|e| Problem::new("spec_json", format_args!("entry {id:?}: {e}")))?;
+        let nodes_json = decode_text("nodes_json", value(row, 2)?, MAX_NODES_JSON_LEN)?;
+        let names: Vec<String> = serde_json::from_str(nodes_json)
+            .map_err(|e| Problem::new("nodes_json", format_args!("entry {id:?}: {e}")))?;
+        let nodes = names
+            .iter()
+            .map(|name| {
+                NodeName::new(name).map_err(|e| Problem::new("nodes_json", format_args!("{e}")))
+            })
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        Ok(EntryRecord {
+            id: id.into(),
+            spec,
+            nodes,
+            revision: decode_integer("revision", value(row, 3)?, 1)?,
+            created_at: decode_time("created_at_ms", value(row, 4)?)?,
+            updated_at: decode_time("updated_at_ms", value(row, 5)?)?,
+        })
+    })();
+    decoded.map_err(|p| corrupt(ENTRIES, p))
+}
+
+/// The entries' revision, read from `meta`.
+pub(super) fn decode_revision(value: ValueRef<'_>) -> Result<u64, ServerStoreError> {
+    decode_integer("entries_revision", value, 0).map_err(|p| corrupt(META, p))
+}
+
+fn decode_node_name(column: &str, value: ValueRef<'_>) -> Result<NodeName, Problem> {
+    let name = decode_text(column, value, MAX_NODE_NAME_LEN)?;
+    NodeName::new(name).map_err(|e| Problem::new(column, e))
+}
+
+fn value<'r>(row: &'r Row<'_>, i: usize) -> Result<ValueRef<'r>, Problem> {
+    row.get_ref(i)
+        .map_err(|e| Problem::new("a column", format_args!("unreadable: {e}")))
+}
+
+// === errors ===
+
+fn unstorable(table: &'static str, problem: Problem) -> ServerStoreError {
+    ServerStoreError::Unstorable {
+        table,
+        detail: problem.what,
+    }
+}
+
+fn corrupt(table: &'static str, problem: Problem) -> ServerStoreError {
+    ServerStoreError::Corrupt {
+        table,
+        detail: problem.what,
+    }
+}

@@ -1,0 +1,109 @@
+//! The server's SQLite schema (append-only steps, as the agent's) and every
+//! statement the backend runs.
+//!
+//! The statements are written for PostgreSQL too (`RETURNING`, `ON
+//! CONFLICT`, `TRUE`, `$n` parameters), so its backend can share them.
+//! SQLite reads `$1` as a named parameter and numbers parameters by first
+//! appearance, so in every statement `$1`, `$2`, ... first appear in that
+//! order (a test checks it): then positional binding means the same in
+//! both databases.
+
+/// `PRAGMA application_id` of the server's database ("tsrv"), set by step
+/// 1; the agent's database has another.
+pub(super) const APPLICATION_ID: i64 = 0x7473_7276;
+
+/// Every schema step, oldest first; index + 1 is the version it produces.
+/// A shipped step is never edited (a test pins each one's SHA-256).
+///
+/// - v1: `join_tokens`, `nodes`, `entries`, `meta` (`entries_revision`).
+pub(super) const STEPS: &[&str] = &[include_str!("migrations/v1.sql")];
+
+// === join tokens ===
+
+pub(super) const INSERT_JOIN_TOKEN: &str =
+    "INSERT INTO join_tokens (hash, node, expires_at_ms, used_at_ms) VALUES ($1, $2, $3, NULL)";
+
+/// Marks an unused, unexpired token used; returns it as it was.
+pub(super) const CONSUME_JOIN_TOKEN: &str = "UPDATE join_tokens SET used_at_ms = $1 \
+     WHERE hash = $2 AND used_at_ms IS NULL AND expires_at_ms > $3 \
+     RETURNING node, expires_at_ms";
+
+pub(super) const SELECT_JOIN_TOKEN: &str =
+    "SELECT node, expires_at_ms, used_at_ms FROM join_tokens WHERE hash = $1";
+
+pub(super) const PRUNE_JOIN_TOKENS: &str = "DELETE FROM join_tokens WHERE expires_at_ms < $1";
+
+// === nodes ===
+
+/// The columns a node is read from, in `rows::decode_node`'s order.
+macro_rules! node_columns {
+    () => {
+        "name, attestation, attested_at_ms, svid_serial, svid_expires_at_ms, evicted"
+    };
+}
+
+pub(super) const UPSERT_NODE: &str = concat!(
+    "INSERT INTO nodes (",
+    node_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO UPDATE SET \
+     attestation = excluded.attestation, attested_at_ms = excluded.attested_at_ms, \
+     svid_serial = excluded.svid_serial, svid_expires_at_ms = excluded.svid_expires_at_ms, \
+     evicted = excluded.evicted"
+);
+
+pub(super) const SELECT_NODE: &str =
+    concat!("SELECT ", node_columns!(), " FROM nodes WHERE name = $1");
+
+pub(super) const SELECT_NODES: &str =
+    concat!("SELECT ", node_columns!(), " FROM nodes ORDER BY name");
+
+pub(super) const EVICT_NODE: &str = concat!(
+    "UPDATE nodes SET evicted = TRUE WHERE name = $1 RETURNING ",
+    node_columns!()
+);
+
+// === entries ===
+
+/// The columns an entry is read from, in `rows::decode_entry`'s order.
+macro_rules! entry_columns {
+    () => {
+        "id, spec_json, nodes_json, revision, created_at_ms, updated_at_ms"
+    };
+}
+
+/// Inserts an entry unless its id is taken (no row changed: a duplicate).
+pub(super) const INSERT_ENTRY: &str = concat!(
+    "INSERT INTO entries (",
+    entry_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING"
+);
+
+pub(super) const DELETE_ENTRY: &str = "DELETE FROM entries WHERE id = $1";
+
+pub(super) const SELECT_ENTRIES: &str =
+    concat!("SELECT ", entry_columns!(), " FROM entries ORDER BY id");
+
+// === the revision ===
+
+pub(super) const BUMP_REVISION: &str =
+    "UPDATE meta SET value = value + 1 WHERE key = 'entries_revision' RETURNING value";
+
+pub(super) const SELECT_REVISION: &str = "SELECT value FROM meta WHERE key = 'entries_revision'";
+
+/// Every statement, for the parameter-order test.
+#[cfg(test)]
+pub(super) const ALL: &[&str] = &[
+    INSERT_JOIN_TOKEN,
+    CONSUME_JOIN_TOKEN,
+    SELECT_JOIN_TOKEN,
+    PRUNE_JOIN_TOKENS,
+    UPSERT_NODE,
+    SELECT_NODE,
+    SELECT_NODES,
+    EVICT_NODE,
+    INSERT_ENTRY,
+    DELETE_ENTRY,
+    SELECT_ENTRIES,
+    BUMP_REVISION,
+    SELECT_REVISION,
+];
