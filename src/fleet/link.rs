@@ -59,7 +59,8 @@ struct Inner {
     federations: BTreeSet<TrustDomain>,
     server_id: SpiffeId,
     bundle: watch::Sender<Arc<TrustBundle>>,
-    identity: SwappableIdentity,
+    /// The node SVID presented; `None` until the node has one.
+    identity: Mutex<Option<SwappableIdentity>>,
     node_expires: Mutex<SystemTime>,
     channel: Mutex<Option<Channel>>,
     problem: Mutex<Option<String>>,
@@ -174,7 +175,7 @@ impl Link {
                 federations,
                 server_id,
                 bundle: watch::channel(Arc::new(bundle)).0,
-                identity: SwappableIdentity::empty(),
+                identity: Mutex::new(None),
                 node_expires: Mutex::new(UNIX_EPOCH),
                 channel: Mutex::new(None),
                 problem: Mutex::new(None),
@@ -401,7 +402,12 @@ impl Link {
         expires: SystemTime,
     ) -> Result<(), LinkError> {
         let identity = Identity::new(chain, key).map_err(LinkError::Identity)?;
-        self.inner.identity.set(identity);
+        let mut slot = lock(&self.inner.identity);
+        match slot.as_ref() {
+            Some(current) => current.set(identity),
+            None => *slot = Some(SwappableIdentity::new(identity)),
+        }
+        drop(slot);
         *lock(&self.inner.node_expires) = expires;
         Ok(())
     }
@@ -411,7 +417,7 @@ impl Link {
         let tls = mtls::client_config(
             self.inner.bundle.subscribe(),
             self.inner.server_id.clone(),
-            Some(self.inner.identity.clone()),
+            lock(&self.inner.identity).clone(),
             false,
         );
         self.dial(tls).await

@@ -37,6 +37,11 @@ const SERVER_SVID_TTL: Duration = Duration::from_secs(3600);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Largest node API request.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// A node's TLS handshake: at most 10 s, 64 at once.
+const HANDSHAKES: mtls::HandshakeLimits = mtls::HandshakeLimits {
+    timeout: Duration::from_secs(10),
+    max_in_flight: 64,
+};
 /// Most concurrent streams per node connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
@@ -165,7 +170,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                         .max_encoding_message_size(MAX_REQUEST_BYTES),
                 )
                 .serve_with_incoming_shutdown(
-                    mtls::incoming(listener, tls),
+                    mtls::incoming(listener, tls, HANDSHAKES),
                     token.clone().cancelled_owned(),
                 );
             if let Err(error) = daemon::drained(served, &token, &closing, "node api").await {
@@ -187,6 +192,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             let closing = CancellationToken::new();
             let served = server_admin::serve(
                 admin,
+                server_admin::ServerAdminAuthz::new(&[]),
                 &mut admin_socket,
                 token.clone().cancelled_owned(),
                 closing.clone(),

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod eventually;
+pub mod fleet;
 pub mod kubelet;
 
 pub use eventually::{eventually, eventually_blocking};

@@ -1,0 +1,248 @@
+//! The fleet on one machine: a `tether server` (in this process, on a veth
+//! address of the root namespace) and agents, each the `tether` binary
+//! started inside its own network namespace (`ip netns`, a veth pair with
+//! a /30), so each agent reaches the server over a real link as a node
+//! would. Needs root.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tempfile::TempDir;
+use tether::config::MapEnv;
+use tether::proto::server::server_admin_client::ServerAdminClient;
+use tether::server::ServerConfig;
+use tether::server::run::RunningServer;
+use tonic::transport::Channel;
+
+use super::{eventually, uds_channel};
+
+/// The fleet's trust domain in tests.
+pub const TRUST_DOMAIN: &str = "fleet.test";
+
+/// A network namespace with a veth pair to the root namespace.
+pub struct Netns {
+    pub name: String,
+    /// The root namespace's end (where the server listens).
+    pub host_ip: String,
+    /// The namespace's end (the node's address).
+    pub node_ip: String,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("prerequisite missing: ip (iproute2): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    /// A fresh namespace named after the test and this process.
+    pub fn new() -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        // A /30 per namespace, from the process id and a counter: tests
+        // running at once in other processes get other subnets.
+        let net = (pid.wrapping_mul(7).wrapping_add(n * 4)) % (250 * 64);
+        let (b, c) = (net / 64, (net % 64) * 4);
+        let name = format!("tt{pid}n{n}");
+        let (host, node) = (format!("vh{pid}n{n}"), format!("vn{pid}n{n}"));
+        let host_ip = format!("10.{}.{b}.{}", 200 + (pid % 50), c + 1);
+        let node_ip = format!("10.{}.{b}.{}", 200 + (pid % 50), c + 2);
+        ip(&["netns", "add", &name]);
+        ip(&["link", "add", &host, "type", "veth", "peer", "name", &node]);
+        ip(&["link", "set", &node, "netns", &name]);
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host]);
+        ip(&["link", "set", &host, "up"]);
+        ip(&["-n", &name, "addr", "add", &format!("{node_ip}/30"), "dev", &node]);
+        ip(&["-n", &name, "link", "set", &node, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Self {
+            name,
+            host_ip,
+            node_ip,
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its veth end, and so the pair.
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+/// A server and its directory.
+pub struct FleetServer {
+    pub running: Option<RunningServer>,
+    pub dir: TempDir,
+}
+
+impl FleetServer {
+    /// Starts a server listening on `listen_ip` (port chosen by the
+    /// kernel) with `extra` appended to its config.
+    pub async fn start(listen_ip: &str, extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = format!(
+            "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nlisten = \"{listen_ip}:0\"\nadmin_socket_path = \"{}\"\n{extra}",
+            dir.path().join("data").display(),
+            dir.path().join("admin/server.sock").display(),
+        );
+        let config = ServerConfig::parse(Path::new("server.toml"), &text, &MapEnv::default())
+            .expect("server config");
+        let running = tether::server::run::start(config)
+            .await
+            .expect("server starts");
+        Self {
+            running: Some(running),
+            dir,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        self.running().listen_addr().to_string()
+    }
+
+    pub fn running(&self) -> &RunningServer {
+        self.running.as_ref().expect("server is running")
+    }
+
+    pub fn audit_dir(&self) -> PathBuf {
+        self.dir.path().join("data/audit")
+    }
+
+    pub async fn admin(&self) -> ServerAdminClient<Channel> {
+        ServerAdminClient::new(uds_channel(self.running().admin_socket_path()).await)
+    }
+
+    /// A single-use join token for `node`.
+    pub async fn join_token(&self, node: &str) -> String {
+        self.admin()
+            .await
+            .create_join_token(tether::proto::server::CreateJoinTokenRequest {
+                node_name: node.into(),
+                ttl_ms: 0,
+            })
+            .await
+            .expect("token create")
+            .into_inner()
+            .token
+    }
+
+    /// The trust domain's bundle (SPIFFE JSON), as an operator hands it to
+    /// a node to bootstrap.
+    pub async fn bundle_json(&self) -> String {
+        self.admin()
+            .await
+            .get_bundle(tether::proto::admin::GetBundleRequest {})
+            .await
+            .expect("bundle")
+            .into_inner()
+            .spiffe_json
+    }
+
+    /// Creates an entry served on `nodes`.
+    pub async fn create_entry(
+        &self,
+        spec: tether::proto::admin::EntrySpec,
+        nodes: &[&str],
+    ) -> String {
+        self.admin()
+            .await
+            .create_entry(tether::proto::server::CreateServerEntryRequest {
+                spec: Some(spec),
+                nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+            })
+            .await
+            .expect("entry create")
+            .into_inner()
+            .entry
+            .expect("entry")
+            .id
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("clean server stop");
+        }
+    }
+}
+
+/// An agent (the `tether` binary) in a network namespace, killed on drop.
+pub struct FleetAgent {
+    pub child: Child,
+    pub dir: TempDir,
+    pub socket: PathBuf,
+}
+
+impl FleetAgent {
+    /// Starts `tether run` in `netns` as node of `server`, attesting with
+    /// `join_token`; returns once its workload socket is up.
+    pub async fn start(netns: &Netns, server: &FleetServer, join_token: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle = dir.path().join("bootstrap.json");
+        std::fs::write(&bundle, server.bundle_json().await).expect("bootstrap bundle");
+        let port = server.running().listen_addr().port();
+        let socket = dir.path().join("agent.sock");
+        let config = format!(
+            "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\nlog.level = \"info\"\n\n[server]\naddress = \"{}:{port}\"\nbootstrap_bundle = \"{}\"\n",
+            socket.display(),
+            dir.path().join("admin/admin.sock").display(),
+            dir.path().join("data").display(),
+            netns.host_ip,
+            bundle.display(),
+        );
+        let config_path = dir.path().join("agent.toml");
+        std::fs::write(&config_path, config).expect("agent config");
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &netns.name, env!("CARGO_BIN_EXE_tether")])
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("TETHER_JOIN_TOKEN", join_token)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("agent spawns");
+        let mut agent = Self { child, dir, socket };
+        let socket = agent.socket.clone();
+        eventually("the fleet agent's workload socket", async || {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("the fleet agent exited ({status}): {}", agent.log());
+            }
+            socket.exists()
+        })
+        .await;
+        agent
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for FleetAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,253 @@
+//! The fleet, one node at a time (issue 17): an agent in its own network
+//! namespace joins a `tether server` with a join token, holds no signing
+//! key, serves X.509-SVIDs the server signed for entries scoped to its
+//! node, picks up a new entry without a restart, and cannot get the
+//! server to sign an identity scoped to another node.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spiffe::{SpiffeId, TrustDomain};
+use tether::audit::{EventKind, Outcome, ReadFilter};
+use tether::bundle::TrustBundle;
+use tether::proto::server as pb;
+use tokio::sync::watch;
+
+use crate::common::fleet::{FleetAgent, FleetServer, Netns, TRUST_DOMAIN};
+use crate::common::{eventually, require_root, spec, uid};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces): scripts/test runs it"]
+async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
+    require_root("network namespaces");
+    let netns = Netns::new();
+    let server = FleetServer::start(&netns.host_ip, "").await;
+    let me = format!("unix:uid:{}", uid());
+    server
+        .create_entry(spec("spiffe://fleet.test/web", &[&me]), &["node-a"])
+        .await;
+    server
+        .create_entry(spec("spiffe://fleet.test/billing", &[&me]), &["node-b"])
+        .await;
+    let token = server.join_token("node-a").await;
+    let agent = FleetAgent::start(&netns, &server, &token).await;
+
+    // The node's workload gets the identity scoped to node-a, signed by
+    // the server's CA, and not node-b's.
+    let mut client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .expect("spiffe client");
+    let svids = eventually("the X.509-SVID of node-a's entry", async || {
+        client.fetch_all_x509_svids().await
+    })
+    .await;
+    let ids: BTreeSet<String> = svids.iter().map(|s| s.spiffe_id().to_string()).collect();
+    assert_eq!(ids, BTreeSet::from(["spiffe://fleet.test/web".to_owned()]));
+    let bundle = server_bundle(&server).await;
+    let leaf = svids[0].leaf().as_ref().to_vec();
+    assert!(
+        signed_by_bundle(&leaf, &bundle),
+        "the SVID is signed by one of the server's CAs"
+    );
+
+    // Check 5: an entry created on the server reaches the node's workload
+    // without a restart.
+    server
+        .create_entry(spec("spiffe://fleet.test/api", &[&me]), &["node-a"])
+        .await;
+    eventually("the new entry's SVID on node-a", async || {
+        let svids = client.fetch_all_x509_svids().await.map_err(|e| e.to_string())?;
+        let found = svids
+            .iter()
+            .any(|s| s.spiffe_id().to_string() == "spiffe://fleet.test/api");
+        if found { Ok(()) } else { Err(format!("{} SVIDs", svids.len())) }
+    })
+    .await;
+
+    // Check 3: no file of the agent holds a key the bundle trusts.
+    assert_no_trusted_key_in(&agent.data_dir(), &bundle);
+    assert!(
+        !agent.data_dir().join("authority").exists(),
+        "a fleet agent has no authority directory"
+    );
+
+    // Check 2: node-a, with its own node SVID (as a rooted node has it),
+    // asks the server directly for node-b's identity: refused, and the
+    // refusal is in the server's trail with node-a's SPIFFE ID.
+    let mut node = node_client(&agent, &server, &bundle).await;
+    let (_, csr) = tether::authority::key_and_csr().expect("csr");
+    let refused = node
+        .sign_x509_svids(pb::SignX509SvidsRequest {
+            requests: vec![pb::X509SvidRequest {
+                spiffe_id: "spiffe://fleet.test/billing".into(),
+                csr: csr.clone(),
+                ttl_ms: 60_000,
+                dns_names: vec![],
+            }],
+        })
+        .await
+        .expect_err("another node's identity is refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("node-a"), "{}", refused.message());
+    // Its own identity with a DNS name the entry does not give: refused.
+    let extra = node
+        .sign_x509_svids(pb::SignX509SvidsRequest {
+            requests: vec![pb::X509SvidRequest {
+                spiffe_id: "spiffe://fleet.test/web".into(),
+                csr,
+                ttl_ms: 60_000,
+                dns_names: vec!["bank.example".into()],
+            }],
+        })
+        .await
+        .expect_err("extra SANs are refused");
+    assert_eq!(extra.code(), tonic::Code::PermissionDenied, "{extra:?}");
+
+    eventually("the refusal and the admission in the server's trail", async || {
+        let trail = tether::audit::read(&server.audit_dir(), &ReadFilter::default())
+            .map_err(|e| e.to_string())?;
+        let refused = trail.iter().any(|r| {
+            r.event.decision == Outcome::Deny
+                && r.event.node.as_deref() == Some("spiffe://fleet.test/tether/node/node-a")
+                && r.event.spiffe_id.as_deref() == Some("spiffe://fleet.test/billing")
+        });
+        let admitted = trail
+            .iter()
+            .any(|r| r.event.event == EventKind::NodeAttest && r.event.decision == Outcome::Allow);
+        if refused && admitted {
+            Ok(())
+        } else {
+            Err(format!("refusal {refused}, admission {admitted}"))
+        }
+    })
+    .await;
+
+    // The token was single use: presenting it again is refused.
+    let mut anonymous = anonymous_client(&server, &bundle).await;
+    let reuse = anonymous
+        .attest_node(pb::AttestNodeRequest {
+            credential: Some(pb::attest_node_request::Credential::JoinToken(token)),
+            csr: tether::authority::key_and_csr().expect("csr").1,
+        })
+        .await
+        .expect_err("a used token is refused");
+    assert_eq!(reuse.code(), tonic::Code::Unauthenticated, "{reuse:?}");
+    assert!(reuse.message().contains("already used"), "{}", reuse.message());
+
+    drop(agent);
+    server.stop().await;
+}
+
+async fn server_bundle(server: &FleetServer) -> TrustBundle {
+    TrustBundle::from_spiffe_json(
+        TrustDomain::new(TRUST_DOMAIN).expect("td"),
+        server.bundle_json().await.as_bytes(),
+    )
+    .expect("bundle")
+}
+
+fn signed_by_bundle(cert: &[u8], bundle: &TrustBundle) -> bool {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).expect("certificate");
+    bundle.x509_authorities().iter().any(|ca| {
+        let (_, ca) = x509_parser::parse_x509_certificate(ca).expect("CA");
+        cert.verify_signature(Some(ca.public_key())).is_ok()
+    })
+}
+
+/// Every file under `dir` that parses as a private key (PKCS#8 DER or
+/// PEM) has a public key that is not a CA's of the bundle.
+fn assert_no_trusted_key_in(dir: &Path, bundle: &TrustBundle) {
+    let trusted: Vec<Vec<u8>> = bundle
+        .x509_authorities()
+        .iter()
+        .map(|ca| {
+            let (_, ca) = x509_parser::parse_x509_certificate(ca).expect("CA");
+            ca.public_key().subject_public_key.data.to_vec()
+        })
+        .collect();
+    let mut keys = 0;
+    for file in walk(dir) {
+        let bytes = std::fs::read(&file).expect("read");
+        let key = rcgen::KeyPair::try_from(bytes.as_slice()).ok().or_else(|| {
+            std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|pem| rcgen::KeyPair::from_pem(pem).ok())
+        });
+        if let Some(key) = key {
+            keys += 1;
+            assert!(
+                !trusted.contains(&key.public_key_raw().to_vec()),
+                "{} holds the private key of a CA in the bundle",
+                file.display()
+            );
+        }
+    }
+    assert!(keys >= 1, "the node key is found (the walk reads the data dir)");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else if path.is_file() {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// A node API client with the agent's own node SVID (read from its data
+/// dir, as whoever roots the node can).
+async fn node_client(
+    agent: &FleetAgent,
+    server: &FleetServer,
+    bundle: &TrustBundle,
+) -> pb::node_client::NodeClient<tonic::transport::Channel> {
+    let node_dir = agent.data_dir().join("node");
+    let chain = decode_chain(&std::fs::read(node_dir.join("svid.der")).expect("node SVID"));
+    let key = zeroize::Zeroizing::new(std::fs::read(node_dir.join("key.der")).expect("node key"));
+    let identity = tether::mtls::SwappableIdentity::new(
+        tether::mtls::Identity::new(chain, key).expect("node identity"),
+    );
+    let tls = tether::mtls::client_config(
+        watch::channel(Arc::new(bundle.clone())).1,
+        SpiffeId::new("spiffe://fleet.test/tether/server").expect("id"),
+        Some(identity),
+        false,
+    );
+    let channel = tether::mtls::connect(&[server.address()], tls, Duration::from_secs(10))
+        .await
+        .expect("mTLS to the server");
+    pb::node_client::NodeClient::new(channel)
+}
+
+async fn anonymous_client(
+    server: &FleetServer,
+    bundle: &TrustBundle,
+) -> pb::node_client::NodeClient<tonic::transport::Channel> {
+    let tls = tether::mtls::client_config(
+        watch::channel(Arc::new(bundle.clone())).1,
+        SpiffeId::new("spiffe://fleet.test/tether/server").expect("id"),
+        None,
+        false,
+    );
+    let channel = tether::mtls::connect(&[server.address()], tls, Duration::from_secs(10))
+        .await
+        .expect("TLS to the server");
+    pb::node_client::NodeClient::new(channel)
+}
+
+/// The node's stored chain: each DER certificate behind a 4-byte length.
+fn decode_chain(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut chain = Vec::new();
+    while let Some((len, rest)) = bytes.split_first_chunk::<4>() {
+        let len = u32::from_be_bytes(*len) as usize;
+        chain.push(rest[..len].to_vec());
+        bytes = &rest[len..];
+    }
+    chain
+}
