@@ -22,7 +22,9 @@
 //!   CSR, sign JWT claims, publish the bundle) and its local
 //!   implementation, the CA and JWT keys on disk and rotated; the only
 //!   module holding private signing keys. [`federation`]: foreign trust
-//!   bundles read from files.
+//!   bundles read from files. [`mtls`]: SPIFFE mutual TLS over TCP
+//!   between fleet agents and `tether server` (peers named by SPIFFE ID,
+//!   chains checked against the current bundle at every handshake).
 //! - [`svid`]: issuing, caching, rotating and validating SVIDs.
 //!   [`task`]: task-bound tokens: begin, renew, exchange, validate, end,
 //!   and the journal that survives restarts.
@@ -74,6 +76,7 @@ pub mod trusted_fs;
 pub mod attestation;
 pub mod authority;
 pub mod federation;
+pub mod mtls;
 pub mod registration;
 
 pub mod policy;
