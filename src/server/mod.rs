@@ -5,7 +5,8 @@
 //! use it: [`scope`], the rule deciding which identities a node may
 //! obtain; [`config`], the server's configuration file (the fleet's
 //! contract keys); [`join_token`], the single-use tokens that admit a
-//! node, kept only as their hash.
+//! node, kept only as their hash; [`store`], the fleet's shared state
+//! behind one trait, with its SQLite backend.
 
 pub mod config;
 pub mod join_token;
