@@ -76,8 +76,7 @@ async fn serve_in_tempdir() -> Served {
         .expect("the registry opens");
     let authority = LocalAuthority::load_or_create(td(), AuthorityConfig::default(), dir.path())
         .expect("the authority starts");
-    let service =
-        ServerAdminService::new(registry, Arc::clone(&store), Arc::new(authority), log);
+    let service = ServerAdminService::new(registry, Arc::clone(&store), Arc::new(authority), log);
     let path = dir.path().join("admin/server.sock");
     let mut socket = bind(&path).expect("the socket binds");
     let stop = CancellationToken::new();
@@ -138,9 +137,16 @@ async fn join_tokens_are_returned_once_and_kept_as_their_hash() {
         .await
         .expect("the store answers")
         .expect("the store holds the token's hash");
-    assert_eq!(admission.admit(now), Ok(&NodeName::new("node-1").expect("a name")));
     assert_eq!(
-        admission.expires_at.duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_millis()),
+        admission.admit(now),
+        Ok(&NodeName::new("node-1").expect("a name"))
+    );
+    assert_eq!(
+        admission
+            .expires_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_millis()),
         Some(u128::try_from(created.expires_at_ms).expect("after 1970")),
     );
     let again = s
@@ -327,6 +333,10 @@ async fn nodes_are_listed_and_evicted_and_the_bundle_is_served() {
         .into_inner();
     assert_eq!(bundle.trust_domain, "example.org");
     assert_eq!(bundle.x509_authorities.len(), 1);
-    assert!(bundle.spiffe_json.contains("x509-svid"), "{}", bundle.spiffe_json);
+    assert!(
+        bundle.spiffe_json.contains("x509-svid"),
+        "{}",
+        bundle.spiffe_json
+    );
     s.stop.cancel();
 }
