@@ -62,9 +62,10 @@ enum EntryCommand {
     Delete(IdArg),
 }
 
-/// What an operator writes for an entry (`create`, `update`).
+/// What an operator writes for an entry (`create`, `update`, and
+/// `tether server entry create`).
 #[derive(Debug, Args)]
-struct SpecArgs {
+pub(crate) struct SpecArgs {
     /// The SPIFFE ID to grant, in the agent's trust domain. May use
     /// {type:key} placeholders filled from the caller's selectors:
     /// spiffe://example.org/user/{unix:user}.
@@ -140,9 +141,9 @@ struct ListArgs {
 
 /// An entry id (`ent-...` or `cfg-...`).
 #[derive(Debug, Args)]
-struct IdArg {
+pub(crate) struct IdArg {
     /// The entry's id, as `entry list` shows it.
-    id: String,
+    pub(crate) id: String,
 }
 
 /// Why an `entry` command failed.
@@ -179,7 +180,7 @@ impl EntryError {
 
     /// The reader of our output went away (`| head -1`): not worth a
     /// complaint.
-    fn is_broken_pipe(&self) -> bool {
+    pub(crate) fn is_broken_pipe(&self) -> bool {
         matches!(self, Self::Stdout { source } if source.kind() == io::ErrorKind::BrokenPipe)
     }
 }
@@ -187,7 +188,8 @@ impl EntryError {
 // === impl SpecArgs ===
 
 impl SpecArgs {
-    fn to_spec(&self) -> pb::EntrySpec {
+    /// The spec the flags describe.
+    pub(crate) fn to_spec(&self) -> pb::EntrySpec {
         pb::EntrySpec {
             spiffe_id: self.spiffe_id.clone(),
             selectors: self.selectors.clone(),
@@ -269,8 +271,8 @@ fn execute(args: &EntryArgs) -> Result<(), EntryError> {
     }
 }
 
-/// The agent's entry, for printing.
-fn entry_view(entry: pb::Entry) -> Result<EntryView, EntryError> {
+/// The agent's (or the fleet server's) entry, for printing.
+pub(crate) fn entry_view(entry: pb::Entry) -> Result<EntryView, EntryError> {
     let source = match pb::EntrySource::try_from(entry.source) {
         Ok(pb::EntrySource::Config) => "config",
         Ok(pb::EntrySource::Api) => "api",

@@ -2,7 +2,8 @@
 //! `task run` talk to a running agent's workload socket the way a workload
 //! would; the operator commands (`entry`, `svid`, `bundle`, `healthcheck`,
 //! `reload`, `task list|show|revoke`) talk to its admin socket; `audit`
-//! reads the audit trail's files directly.
+//! reads the audit trail's files directly; `server ...` talks to the
+//! fleet server's admin socket.
 //!
 //! Exit codes (stable, for scripts): 0 success; 1 any other failure (the
 //! agent refused a request as invalid, say); 2 bad flags (clap); 64 bad
@@ -18,6 +19,7 @@ mod operator;
 mod output;
 mod policy;
 mod run;
+mod server;
 mod subreaper;
 mod task;
 mod task_run;
@@ -80,6 +82,9 @@ enum Command {
     /// Verify or read the tamper-evident audit trail (its files; no agent
     /// needed).
     Audit(audit::AuditArgs),
+    /// The fleet's server: join tokens, entries, nodes and the bundle
+    /// (the server's admin socket).
+    Server(server::ServerArgs),
 }
 
 /// Runs the parsed command line and maps the outcome to an exit status.
@@ -96,6 +101,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Token(args) => token::run(&args),
         Command::Policy(args) => policy::run(&args),
         Command::Audit(args) => audit::run(&args),
+        Command::Server(args) => server::run(&args),
     }
 }
 

@@ -60,19 +60,19 @@ enum BundleCommand {
     Show(ShowBundleArgs),
 }
 
-/// Arguments of `tether bundle show`.
+/// Arguments of `tether bundle show` (and `tether server bundle show`).
 #[derive(Debug, Args)]
-struct ShowBundleArgs {
+pub(crate) struct ShowBundleArgs {
     /// spiffe: the SPIFFE bundle document (a JWK Set with x509-svid and
     /// jwt-svid keys), indented, or on one line with --json. pem: the
     /// X.509 authorities as PEM CERTIFICATE blocks (not with --json).
     #[arg(long, value_enum, default_value_t = BundleFormat::Spiffe)]
-    format: BundleFormat,
+    pub(crate) format: BundleFormat,
 }
 
 /// How `bundle show` prints the bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum BundleFormat {
+pub(crate) enum BundleFormat {
     /// The SPIFFE bundle document (JSON).
     Spiffe,
     /// The X.509 authorities as PEM.
@@ -150,7 +150,7 @@ impl OperatorError {
 
     /// The reader of our output went away (`| head -1`): not worth a
     /// complaint.
-    fn is_broken_pipe(&self) -> bool {
+    pub(crate) fn is_broken_pipe(&self) -> bool {
         matches!(self, Self::Stdout { source } if source.kind() == io::ErrorKind::BrokenPipe)
     }
 }
@@ -199,20 +199,41 @@ fn svid_list(common: &AdminArgs) -> Result<(), OperatorError> {
 }
 
 fn bundle_show(common: &AdminArgs, format: BundleFormat) -> Result<(), OperatorError> {
-    if format == BundleFormat::Pem && common.format() == Format::Json {
-        return Err(OperatorError::PemAsJson);
-    }
+    check_bundle_format(format, common.format())?;
     let bundle = common.block_on(&ProcessEnv, |mut client| async move {
         Ok::<_, OperatorError>(client.get_bundle().await?)
     })?;
+    print_bundle(&bundle, format, common.format())
+}
+
+/// Prints a bundle as `bundle show` does (the agent's, or the fleet
+/// server's): the SPIFFE document, parsed first, or the X.509 authorities
+/// as PEM, each parsed first. Call [`check_bundle_format`] before asking
+/// for the bundle.
+pub(crate) fn print_bundle(
+    bundle: &pb::Bundle,
+    format: BundleFormat,
+    output_format: Format,
+) -> Result<(), OperatorError> {
     match format {
         BundleFormat::Spiffe => {
             let document: serde_json::Value = serde_json::from_str(&bundle.spiffe_json)
                 .map_err(|source| OperatorError::BundleDocument { source })?;
-            common.format().print(&Document(document)).map_err(stdout)
+            output_format.print(&Document(document)).map_err(stdout)
         }
-        BundleFormat::Pem => output::print_pem(&authorities_pem(&bundle)?).map_err(stdout),
+        BundleFormat::Pem => output::print_pem(&authorities_pem(bundle)?).map_err(stdout),
     }
+}
+
+/// Refuses `--format pem` with `--json` (PEM is not JSON).
+pub(crate) fn check_bundle_format(
+    format: BundleFormat,
+    output_format: Format,
+) -> Result<(), OperatorError> {
+    if format == BundleFormat::Pem && output_format == Format::Json {
+        return Err(OperatorError::PemAsJson);
+    }
+    Ok(())
 }
 
 fn healthcheck(common: &AdminArgs) -> Result<(), OperatorError> {

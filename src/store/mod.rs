@@ -39,8 +39,10 @@
 //! deadline.
 //!
 //! The files: this one opens the database (file modes, pragmas, integrity
-//! and identity checks) and holds the [`Store`] handle, its error, and the
-//! one reader every query goes through (`select`); `entries`, `x509`
+//! and identity checks: `open_connection`, which the server's SQLite store
+//! opens its own database through, with its own `application_id` and
+//! steps) and holds the [`Store`] handle, its error, and the one reader
+//! every query goes through (`select`); `entries`, `x509`
 //! (issued and revoked X.509-SVIDs) and `tasks` add the `Store` methods of
 //! each table; `rows` holds the row types and the column codec with its
 //! bounds; `migrations` the append-only schema steps. The tests are in

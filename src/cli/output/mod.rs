@@ -10,7 +10,8 @@
 //! characters (no terminal escape sequences from a hostile socket).
 //!
 //! One file per topic: [`workload`] (`tether api`), [`operator`] (entries,
-//! SVIDs, bundle, health, reload), [`task`] (tasks and task tokens),
+//! SVIDs, bundle, health, reload), [`server`] (`tether server`: the
+//! fleet's entries and nodes), [`task`] (tasks and task tokens),
 //! [`policy`], [`audit`]; [`text`] holds the readable form's shared
 //! vocabulary (tables, times, escapes).
 //!
@@ -20,6 +21,7 @@
 mod audit;
 mod operator;
 mod policy;
+mod server;
 mod task;
 mod text;
 mod workload;
@@ -38,6 +40,7 @@ pub(crate) use operator::{
     ReloadReport, SvidsReport,
 };
 pub(crate) use policy::{PolicyDecisionView, PolicyProblemView, PolicyValidation};
+pub(crate) use server::{NodeView, NodesReport, ServerEntriesReport, ServerEntryView};
 pub(crate) use task::{ExchangedToken, TaskTokenValidation, TaskView, TasksReport};
 pub(crate) use text::printable;
 pub(crate) use workload::{

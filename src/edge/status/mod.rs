@@ -325,12 +325,17 @@ pub fn join_token(error: &TokenRefusal) -> Status {
 }
 
 /// The fleet server's store failed while doing `what`: a duplicate is
-/// AlreadyExists; an unreachable store may pass (Unavailable); a damaged
-/// row or a store that cannot be opened needs an operator (Internal).
+/// AlreadyExists; a value it cannot keep (a time or text out of its
+/// bounds) is the caller's input (InvalidArgument); an unreachable store
+/// may pass (Unavailable); a damaged row or a store that cannot be opened
+/// needs an operator (Internal).
 pub fn server_store(what: &str, error: &ServerStoreError) -> Status {
     match error {
         ServerStoreError::Duplicate(_) => {
             Status::already_exists(format!("{what}: {}", Chain(error)))
+        }
+        ServerStoreError::Unstorable { .. } => {
+            Status::invalid_argument(format!("{what}: {}", Chain(error)))
         }
         ServerStoreError::Unavailable { .. } => agent_fault(what, error),
         ServerStoreError::Corrupt { .. } | ServerStoreError::Open(_) => internal(what, error),

@@ -396,3 +396,142 @@ fn a_refused_signing_request_is_the_callers_and_a_signer_fault_unavailable() {
     }
     assert_eq!(unauthenticated("no node SVID").code(), Code::Unauthenticated);
 }
+
+fn server_store_unavailable() -> ServerStoreError {
+    ServerStoreError::Unavailable {
+        what: "reading entries",
+        source: Box::new(io()),
+    }
+}
+
+#[test]
+fn every_server_store_error_has_one_code() {
+    let table: Vec<(ServerStoreError, Code)> = vec![
+        (
+            ServerStoreError::Duplicate("ent-e1".into()),
+            Code::AlreadyExists,
+        ),
+        (server_store_unavailable(), Code::Unavailable),
+        (
+            ServerStoreError::Unstorable {
+                table: "entries",
+                detail: "a time after 9999".into(),
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            ServerStoreError::Corrupt {
+                table: "entries",
+                detail: "bad spec".into(),
+            },
+            Code::Internal,
+        ),
+        (ServerStoreError::Open(Box::new(io())), Code::Internal),
+    ];
+    for (error, code) in table {
+        let status = server_store("listing the nodes", &error);
+        assert_eq!(status.code(), code, "{error:?}");
+        assert!(
+            status.message().starts_with("listing the nodes: "),
+            "{status:?}"
+        );
+    }
+    // The OS error under an unreachable store reaches the status text.
+    let status = server_store("x", &server_store_unavailable());
+    assert!(status.message().contains(&io().to_string()), "{status:?}");
+}
+
+#[test]
+fn every_server_registry_error_has_one_code() {
+    let id = EntryId::parse("ent-e1").unwrap();
+    let invalid = || EntryError::NotCanonical {
+        value: "spiffe://A/x".into(),
+        canonical: "spiffe://a/x".into(),
+    };
+    let table: Vec<(ServerRegistryError, Code)> = vec![
+        (
+            ServerRegistryError::Invalid(invalid()),
+            Code::InvalidArgument,
+        ),
+        (
+            ServerRegistryError::Duplicate {
+                existing: id.clone(),
+            },
+            Code::AlreadyExists,
+        ),
+        (
+            ServerRegistryError::NotFound("ent-e1".into()),
+            Code::NotFound,
+        ),
+        (
+            ServerRegistryError::FromConfig(id),
+            Code::FailedPrecondition,
+        ),
+        (
+            ServerRegistryError::Stored {
+                id: "ent-e1".into(),
+                source: invalid(),
+            },
+            Code::Internal,
+        ),
+        (
+            ServerRegistryError::Store {
+                what: "storing the entry",
+                source: server_store_unavailable(),
+            },
+            Code::Unavailable,
+        ),
+        (
+            ServerRegistryError::Random(EntryError::BadId("<rng>".into())),
+            Code::Unavailable,
+        ),
+        (
+            ServerRegistryError::Audit(AuditUnavailable::Stopped),
+            Code::Unavailable,
+        ),
+        (
+            ServerRegistryError::Audit(AuditUnavailable::OverBudget { uid: 0, rate: 1 }),
+            Code::ResourceExhausted,
+        ),
+    ];
+    for (error, code) in table {
+        let status = server_registry(&error);
+        assert_eq!(status.code(), code, "{error:?}");
+        assert!(!status.message().is_empty(), "{error:?}");
+    }
+    // What was being done leads the store's failure.
+    let status = server_registry(&ServerRegistryError::Store {
+        what: "storing the entry",
+        source: server_store_unavailable(),
+    });
+    assert!(
+        status.message().starts_with("storing the entry: "),
+        "{status:?}"
+    );
+}
+
+#[test]
+fn join_token_refusals_and_node_names_have_one_code() {
+    for (error, code) in [
+        (TokenRefusal::Malformed, Code::Unauthenticated),
+        (TokenRefusal::Unknown, Code::Unauthenticated),
+        (TokenRefusal::Expired, Code::Unauthenticated),
+        (TokenRefusal::Used, Code::Unauthenticated),
+        (
+            TokenRefusal::BadTtl(Duration::from_secs(8 * 24 * 3600)),
+            Code::InvalidArgument,
+        ),
+        (TokenRefusal::Random, Code::Unavailable),
+    ] {
+        assert_eq!(join_token(&error).code(), code, "{error:?}");
+    }
+    assert!(
+        join_token(&TokenRefusal::BadTtl(Duration::ZERO))
+            .message()
+            .starts_with("ttl_ms: ")
+    );
+    let status = node_name("nodes", &BadNodeName("Bad_Node".into()));
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("nodes: "), "{status:?}");
+    assert!(status.message().contains("Bad_Node"), "{status:?}");
+}

@@ -25,7 +25,7 @@ pub(super) const INSERT_JOIN_TOKEN: &str =
 
 /// Marks an unused, unexpired token used; returns it as it was.
 pub(super) const CONSUME_JOIN_TOKEN: &str = "UPDATE join_tokens SET used_at_ms = $1 \
-     WHERE hash = $2 AND used_at_ms IS NULL AND expires_at_ms > $3 \
+     WHERE hash = $2 AND used_at_ms IS NULL AND expires_at_ms > $1 \
      RETURNING node, expires_at_ms";
 
 pub(super) const SELECT_JOIN_TOKEN: &str =
