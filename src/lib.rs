@@ -90,6 +90,8 @@ pub mod admin_api;
 pub mod task_api;
 pub mod workload_api;
 
+pub mod fleet;
+
 pub mod config;
 
 pub mod client;

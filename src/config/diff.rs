@@ -27,6 +27,7 @@ impl Config {
             audit,
             log,
             http,
+            fleet,
             // Applied by a reload.
             entries: _,
             federation: _,
@@ -53,6 +54,7 @@ impl Config {
         differs("jwt_svid_ttl", svid.jwt_svid_ttl != self.svid.jwt_svid_ttl);
         differs("[authority]", *authority != self.authority);
         differs("[attestor]", *attestor != self.attestor);
+        differs("[server]", *fleet != self.fleet);
         differs(
             "allow_unauthenticated_verifiers",
             workload_api.allow_unauthenticated_verifiers

@@ -24,7 +24,7 @@ pub const PUBLIC_FILE: &str = "audit.pub";
 
 /// Reads the audit key, or creates it on the first start, and makes sure
 /// its public part is published.
-pub(super) fn load_or_create(data_dir: &Path) -> anyhow::Result<SigningKey> {
+pub fn load_or_create(data_dir: &Path) -> anyhow::Result<SigningKey> {
     let path = data_dir.join(KEY_FILE);
     let key = match key_store::read_secret(&path) {
         Ok(der) => SigningKey::from_pkcs8(&der)

@@ -31,7 +31,7 @@ pub struct RawFleetConfig {
 }
 
 /// A valid `[server]`.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct FleetConfig {
     /// `host:port` each, tried in turn.
     pub addresses: Vec<String>,

@@ -50,6 +50,9 @@ pub struct PeerSvid {
     /// When the client certificate expires. A connection outlives its
     /// certificate unless a service checks this per call.
     pub not_after: Option<SystemTime>,
+    /// When the client certificate starts to be valid (a server compares
+    /// it with when the peer was last admitted).
+    pub not_before: Option<SystemTime>,
 }
 
 /// One accepted, handshaken connection: TLS over TCP, with its peer.
@@ -184,6 +187,7 @@ impl PeerSvid {
                 spiffe_id: None,
                 serial_hex: None,
                 not_after: None,
+                not_before: None,
             });
         };
         let facts = verify::leaf_facts(leaf)?;
@@ -192,6 +196,7 @@ impl PeerSvid {
             spiffe_id: Some(facts.spiffe_id),
             serial_hex: Some(facts.serial_hex),
             not_after: Some(facts.not_after),
+            not_before: Some(facts.not_before),
         })
     }
 }

@@ -36,6 +36,8 @@ pub(super) struct LeafFacts {
     pub spiffe_id: SpiffeId,
     /// The serial, lowercase hex of its big-endian bytes.
     pub serial_hex: String,
+    /// When it starts to be valid.
+    pub not_before: SystemTime,
     /// When it expires.
     pub not_after: SystemTime,
 }
@@ -91,9 +93,12 @@ pub(super) fn leaf_facts(der: &[u8]) -> Result<LeafFacts, MtlsError> {
     let spiffe_id = SpiffeId::new(uri).map_err(MtlsError::NotSpiffeId)?;
     let not_after = SystemTime::UNIX_EPOCH
         + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
+    let not_before = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(cert.validity().not_before.timestamp()).unwrap_or(0));
     Ok(LeafFacts {
         spiffe_id,
         serial_hex: serial_hex(cert.raw_serial()),
+        not_before,
         not_after,
     })
 }

@@ -125,7 +125,13 @@ impl NodeApi {
                 "node {name} was evicted; it must attest again"
             )));
         }
-        if peer.not_before < row.attested_at {
+        let now = SystemTime::now();
+        if peer.not_after.is_none_or(|t| t <= now) {
+            return Err(status::unauthenticated(format!(
+                "the SVID of node {name} on this connection has expired; reconnect with the renewed one"
+            )));
+        }
+        if peer.not_before.is_none_or(|t| t < row.attested_at) {
             return Err(status::unauthenticated(format!(
                 "this SVID of node {name} predates its latest attestation"
             )));
