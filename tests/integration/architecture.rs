@@ -167,7 +167,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("client", &["config", "proto", "trusted_fs"][..]),
         // The fleet's server, beside the agent's root; so far the
         // node-scope rule over entries and the attestor's pod selectors,
-        // and its SQLite store (opened as the agent's store opens its own).
+        // and its SQLite store (opened as the agent's store opens its own,
+        // whose file checks are trusted_fs's).
         (
             "server",
             &[
@@ -182,6 +183,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "registration",
                 "store",
                 "transport",
+                "trusted_fs",
             ][..],
         ),
         // 6: the command line
