@@ -2,7 +2,7 @@
 //! the server's addresses in turn and runs the TLS handshake below HTTP/2.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -35,6 +35,11 @@ struct Dialer {
 /// connection and a TLS handshake under `config`, each attempt within
 /// `connect_timeout`. The channel dials the same way again whenever it
 /// reconnects, so a server that moved between the addresses is found.
+///
+/// When no address answers, the error is the last address's failure
+/// (each one is logged at debug). A server that refuses this client's
+/// certificate is seen at the first call, not here: in TLS 1.3 the client
+/// finishes its handshake before the server has judged its certificate.
 pub async fn connect(
     addresses: &[String],
     config: Arc<ClientConfig>,
@@ -48,9 +53,19 @@ pub async fn connect(
         tls: TlsConnector::from(config),
         connect_timeout,
     };
+    // The first connection is dialled here, so its failure is ours to
+    // report as it is (tonic would wrap it); tonic's reconnections dial
+    // afresh.
+    let first = Arc::new(Mutex::new(Some(dialer.dial().await?)));
     let connector = tower::service_fn(move |_: Uri| {
         let dialer = dialer.clone();
-        async move { dialer.dial().await }
+        let first = first.lock().unwrap_or_else(PoisonError::into_inner).take();
+        async move {
+            match first {
+                Some(stream) => Ok(stream),
+                None => dialer.dial().await,
+            }
+        }
     });
     Endpoint::from_static(PLACEHOLDER_URI)
         .connect_with_connector(connector)

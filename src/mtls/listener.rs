@@ -101,6 +101,18 @@ pub fn peer_svid<T>(request: &tonic::Request<T>) -> Option<&PeerSvid> {
     request.extensions().get::<PeerSvid>()
 }
 
+// === impl HandshakeLimits ===
+
+impl Default for HandshakeLimits {
+    /// Ten seconds per handshake, 64 at once.
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            max_in_flight: 64,
+        }
+    }
+}
+
 // === impl Acceptor ===
 
 impl Acceptor {
