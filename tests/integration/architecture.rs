@@ -179,6 +179,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "registration",
                 "store",
                 "transport",
+                "trusted_fs",
             ][..],
         ),
         // 6: the command line
