@@ -95,7 +95,16 @@ async fn serve_in_tempdir() -> Served {
             served.expect("the admin server serves");
         });
     }
-    let channel = crate::client::channel::dial(&path, crate::testing::PATIENCE)
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move {
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(connector)
         .await
         .expect("the socket answers");
     Served {
