@@ -244,7 +244,10 @@ pub enum AuthorityError {
 pub fn key_and_csr() -> Result<(zeroize::Zeroizing<Vec<u8>>, Vec<u8>), rcgen::Error> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
-    Ok((zeroize::Zeroizing::new(key.serialize_der()), csr.der().to_vec()))
+    Ok((
+        zeroize::Zeroizing::new(key.serialize_der()),
+        csr.der().to_vec(),
+    ))
 }
 
 /// 128 random bits, base64url: CA ids and `kid`s.

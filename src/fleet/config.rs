@@ -88,10 +88,7 @@ impl RawFleetConfig {
         for address in &addresses {
             let port = address.rsplit_once(':').map(|(_, port)| port);
             if port.is_none_or(|p| p.parse::<u16>().is_err()) || address.len() > 260 {
-                return Err((
-                    "server.addresses",
-                    format!("{address:?} is not host:port"),
-                ));
+                return Err(("server.addresses", format!("{address:?} is not host:port")));
             }
         }
         match self.node_attestation.as_deref() {

@@ -151,12 +151,13 @@ impl Link {
     ) -> Result<(Self, Vec<RegistrationEntry>), LinkError> {
         let files = NodeFiles::new(data_dir);
         let bundle = initial_bundle(&trust_domain, &config, &files).await?;
-        let server_id = SpiffeId::new(format!("spiffe://{trust_domain}/tether/server")).map_err(
-            |e| LinkError::BadReply {
-                what: "the server's SPIFFE ID",
-                detail: e.to_string(),
-            },
-        )?;
+        let server_id =
+            SpiffeId::new(format!("spiffe://{trust_domain}/tether/server")).map_err(|e| {
+                LinkError::BadReply {
+                    what: "the server's SPIFFE ID",
+                    detail: e.to_string(),
+                }
+            })?;
         if config.insecure_bootstrap {
             tracing::warn!(
                 "server.insecure_bootstrap is set: a first contact accepts whichever server answers; \
@@ -183,7 +184,11 @@ impl Link {
             }),
         };
         let now = SystemTime::now();
-        match stored.and_then(|s| leaf_not_after(&s.chain).filter(|t| *t > now).map(|t| (s, t))) {
+        match stored.and_then(|s| {
+            leaf_not_after(&s.chain)
+                .filter(|t| *t > now)
+                .map(|t| (s, t))
+        }) {
             Some((svid, expires)) => {
                 this.use_identity(svid.chain, svid.key, expires)?;
                 tracing::info!("node SVID loaded from the data dir");
@@ -423,7 +428,10 @@ impl Link {
         self.dial(tls).await
     }
 
-    async fn dial(&self, tls: Arc<tokio_rustls::rustls::ClientConfig>) -> Result<Channel, LinkError> {
+    async fn dial(
+        &self,
+        tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    ) -> Result<Channel, LinkError> {
         mtls::connect(&self.inner.config.addresses, tls, CONNECT_TIMEOUT)
             .await
             .map_err(|source| LinkError::Connect {
@@ -557,7 +565,12 @@ async fn initial_bundle(
                 (bytes, "bootstrap bundle")
             }
             None => {
-                return Ok(TrustBundle::new(trust_domain.clone(), Vec::new(), Vec::new(), 0));
+                return Ok(TrustBundle::new(
+                    trust_domain.clone(),
+                    Vec::new(),
+                    Vec::new(),
+                    0,
+                ));
             }
         },
     };

@@ -64,9 +64,13 @@ impl Authority for RemoteAuthority {
                 .await
                 .map_err(|status| AuthorityError::Remote(Box::new(status)))?
                 .into_inner();
-            let svid = response.svids.pop().filter(|s| !s.cert_chain.is_empty()).ok_or_else(
-                || AuthorityError::BadRequest("the tether server sent no certificate".into()),
-            )?;
+            let svid = response
+                .svids
+                .pop()
+                .filter(|s| !s.cert_chain.is_empty())
+                .ok_or_else(|| {
+                    AuthorityError::BadRequest("the tether server sent no certificate".into())
+                })?;
             Ok(SignedX509Svid {
                 chain: svid.cert_chain,
                 serial: svid.serial,

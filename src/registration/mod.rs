@@ -63,7 +63,9 @@ pub enum RegistrationError {
     FromServer(EntryId),
     /// The change would be made on a fleet agent, whose entries are the
     /// server's.
-    #[error("this agent takes its entries from the tether server; create them there (tether server entry create)")]
+    #[error(
+        "this agent takes its entries from the tether server; create them there (tether server entry create)"
+    )]
     Fleet,
     /// The entry changed since the caller read it.
     #[error("entry {id} is at revision {found}, not {expected}; read it again")]

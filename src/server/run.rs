@@ -291,8 +291,8 @@ async fn sign_own_identity(
         .await
         .context("making the server's key")?
         .context("making the server's key")?;
-    let spiffe_id = node_api::server_spiffe_id(&config.trust_domain)
-        .context("naming the server's SVID")?;
+    let spiffe_id =
+        node_api::server_spiffe_id(&config.trust_domain).context("naming the server's SVID")?;
     let signed = authority
         .sign_x509_svid(X509SvidRequest {
             csr,

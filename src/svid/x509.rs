@@ -153,4 +153,3 @@ pub async fn issue(
         predecessor_served: AtomicBool::new(false),
     })
 }
-

@@ -36,7 +36,7 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
 
     // The node's workload gets the identity scoped to node-a, signed by
     // the server's CA, and not node-b's.
-    let mut client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
         .await
         .expect("spiffe client");
     let svids = eventually("the X.509-SVID of node-a's entry", async || {
@@ -58,11 +58,18 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
         .create_entry(spec("spiffe://fleet.test/api", &[&me]), &["node-a"])
         .await;
     eventually("the new entry's SVID on node-a", async || {
-        let svids = client.fetch_all_x509_svids().await.map_err(|e| e.to_string())?;
+        let svids = client
+            .fetch_all_x509_svids()
+            .await
+            .map_err(|e| e.to_string())?;
         let found = svids
             .iter()
             .any(|s| s.spiffe_id().to_string() == "spiffe://fleet.test/api");
-        if found { Ok(()) } else { Err(format!("{} SVIDs", svids.len())) }
+        if found {
+            Ok(())
+        } else {
+            Err(format!("{} SVIDs", svids.len()))
+        }
     })
     .await;
 
@@ -90,7 +97,11 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
         .await
         .expect_err("another node's identity is refused");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
-    assert!(refused.message().contains("node-a"), "{}", refused.message());
+    assert!(
+        refused.message().contains("node-a"),
+        "{}",
+        refused.message()
+    );
     // Its own identity with a DNS name the entry does not give: refused.
     let extra = node
         .sign_x509_svids(pb::SignX509SvidsRequest {
@@ -105,23 +116,26 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
         .expect_err("extra SANs are refused");
     assert_eq!(extra.code(), tonic::Code::PermissionDenied, "{extra:?}");
 
-    eventually("the refusal and the admission in the server's trail", async || {
-        let trail = tether::audit::read(&server.audit_dir(), &ReadFilter::default())
-            .map_err(|e| e.to_string())?;
-        let refused = trail.iter().any(|r| {
-            r.event.decision == Outcome::Deny
-                && r.event.node.as_deref() == Some("spiffe://fleet.test/tether/node/node-a")
-                && r.event.spiffe_id.as_deref() == Some("spiffe://fleet.test/billing")
-        });
-        let admitted = trail
-            .iter()
-            .any(|r| r.event.event == EventKind::NodeAttest && r.event.decision == Outcome::Allow);
-        if refused && admitted {
-            Ok(())
-        } else {
-            Err(format!("refusal {refused}, admission {admitted}"))
-        }
-    })
+    eventually(
+        "the refusal and the admission in the server's trail",
+        async || {
+            let trail = tether::audit::read(&server.audit_dir(), &ReadFilter::default())
+                .map_err(|e| e.to_string())?;
+            let refused = trail.iter().any(|r| {
+                r.event.decision == Outcome::Deny
+                    && r.event.node.as_deref() == Some("spiffe://fleet.test/tether/node/node-a")
+                    && r.event.spiffe_id.as_deref() == Some("spiffe://fleet.test/billing")
+            });
+            let admitted = trail.iter().any(|r| {
+                r.event.event == EventKind::NodeAttest && r.event.decision == Outcome::Allow
+            });
+            if refused && admitted {
+                Ok(())
+            } else {
+                Err(format!("refusal {refused}, admission {admitted}"))
+            }
+        },
+    )
     .await;
 
     // The token was single use: presenting it again is refused.
@@ -134,7 +148,11 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
         .await
         .expect_err("a used token is refused");
     assert_eq!(reuse.code(), tonic::Code::Unauthenticated, "{reuse:?}");
-    assert!(reuse.message().contains("already used"), "{}", reuse.message());
+    assert!(
+        reuse.message().contains("already used"),
+        "{}",
+        reuse.message()
+    );
 
     drop(agent);
     server.stop().await;
@@ -184,7 +202,10 @@ fn assert_no_trusted_key_in(dir: &Path, bundle: &TrustBundle) {
             );
         }
     }
-    assert!(keys >= 1, "the node key is found (the walk reads the data dir)");
+    assert!(
+        keys >= 1,
+        "the node key is found (the walk reads the data dir)"
+    );
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

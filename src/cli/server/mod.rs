@@ -1,4 +1,5 @@
-//! `tether server ...`: the operator commands of the fleet's server, over
+//! `tether server ...`: `run` starts the fleet's server ([`run`]); the
+//! operator commands reach it over
 //! its admin socket: `token create`, `entry create|list|show|delete`,
 //! `node list|evict`, `bundle show`.
 //!
@@ -9,6 +10,7 @@
 //! to stdout alone (for `$(...)`), its expiry to stderr.
 
 mod client;
+mod run;
 
 use std::io;
 use std::process::ExitCode;
@@ -41,6 +43,9 @@ pub(crate) struct ServerArgs {
 /// variant.
 #[derive(Debug, Subcommand)]
 enum ServerCommand {
+    /// Run the server: the fleet's keys, entries and node registry,
+    /// serving agents over mutual TLS on `listen`.
+    Run(run::ServerRunArgs),
     /// Create join tokens admitting nodes (admin socket).
     Token(Operator<TokenCommand>),
     /// Manage the fleet's registration entries (admin socket).
@@ -191,6 +196,7 @@ impl ServerCliError {
 /// Runs `tether server ...`.
 pub(crate) fn run(args: &ServerArgs) -> ExitCode {
     let result = match &args.command {
+        ServerCommand::Run(args) => return run::run(args),
         ServerCommand::Token(op) => token(op),
         ServerCommand::Entry(op) => entry(op),
         ServerCommand::Node(op) => node(op),

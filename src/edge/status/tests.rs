@@ -387,14 +387,20 @@ fn denials_and_budgets() {
 #[test]
 fn a_refused_signing_request_is_the_callers_and_a_signer_fault_unavailable() {
     let table = [
-        (AuthorityError::BadRequest("CSR signature".into()), Code::InvalidArgument),
+        (
+            AuthorityError::BadRequest("CSR signature".into()),
+            Code::InvalidArgument,
+        ),
         (AuthorityError::NoActiveKey("JWT"), Code::Unavailable),
         (AuthorityError::Random, Code::Unavailable),
     ];
     for (error, code) in table {
         assert_eq!(authority(&error).code(), code, "{error}");
     }
-    assert_eq!(unauthenticated("no node SVID").code(), Code::Unauthenticated);
+    assert_eq!(
+        unauthenticated("no node SVID").code(),
+        Code::Unauthenticated
+    );
 }
 
 fn server_store_unavailable() -> ServerStoreError {

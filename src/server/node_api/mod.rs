@@ -110,9 +110,8 @@ impl NodeApi {
                 "this call needs the node's SVID as the TLS client certificate; attest the node first",
             ));
         };
-        let name = node_name_of(&self.inner.trust_domain, &spiffe_id).ok_or_else(|| {
-            status::unauthenticated(format!("{spiffe_id} is not a node SVID"))
-        })?;
+        let name = node_name_of(&self.inner.trust_domain, &spiffe_id)
+            .ok_or_else(|| status::unauthenticated(format!("{spiffe_id} is not a node SVID")))?;
         let row = self
             .inner
             .store
@@ -181,8 +180,7 @@ impl pb::node_server::Node for NodeApi {
         request: Request<pb::AttestNodeRequest>,
     ) -> Result<Response<pb::AttestNodeResponse>, Status> {
         let request = request.into_inner();
-        let Some(pb::attest_node_request::Credential::JoinToken(token)) = request.credential
-        else {
+        let Some(pb::attest_node_request::Credential::JoinToken(token)) = request.credential else {
             return Err(status::invalid(
                 "credential",
                 "a join token is required (node_attestation = \"join_token\")",
@@ -216,7 +214,9 @@ impl pb::node_server::Node for NodeApi {
             .put_node(NodeRow {
                 name: name.clone(),
                 attestation: "join_token".into(),
-                attested_at: svid.not_before,
+                // The certificate carries whole seconds: what a later
+                // call's `not_before` is compared with.
+                attested_at: whole_seconds(svid.not_before),
                 svid_serial: svid.serial_hex(),
                 svid_expires_at: svid.not_after,
                 evicted: false,
@@ -242,7 +242,9 @@ impl pb::node_server::Node for NodeApi {
             .node(node.name.clone())
             .await
             .map_err(|e| status::agent_fault("reading the node registry", &e))?
-            .ok_or_else(|| status::unauthenticated(format!("node {} is not registered", node.name)))?;
+            .ok_or_else(|| {
+                status::unauthenticated(format!("node {} is not registered", node.name))
+            })?;
         let svid = self
             .sign_node_svid(&node.name, request.into_inner().csr)
             .await?;
@@ -350,6 +352,13 @@ fn node_svid_message(svid: &SignedX509Svid) -> pb::NodeSvid {
         cert_chain: svid.chain.clone(),
         expires_at_ms: unix_ms(svid.not_after),
     }
+}
+
+/// `t` without its fraction of a second, as X.509 times are.
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    t.duration_since(UNIX_EPOCH).map_or(UNIX_EPOCH, |d| {
+        UNIX_EPOCH + Duration::from_secs(d.as_secs())
+    })
 }
 
 /// Milliseconds since the epoch (0 before it).

@@ -126,8 +126,8 @@ pub(super) async fn jwt(
     if !has_audience {
         return Err(status::invalid("claims_json", "aud is required"));
     }
-    let not_after = UNIX_EPOCH
-        + Duration::from_millis(u64::try_from(request.not_after_ms).unwrap_or_default());
+    let not_after =
+        UNIX_EPOCH + Duration::from_millis(u64::try_from(request.not_after_ms).unwrap_or_default());
     let ttl = not_after
         .duration_since(SystemTime::now())
         .map_err(|_| status::invalid("not_after_ms", "is in the past"))?;
@@ -161,7 +161,12 @@ pub(super) async fn jwt(
 }
 
 fn parse_id(api: &NodeApi, value: &str) -> Result<SpiffeId, Status> {
-    status::bounded("spiffe_id", value, MAX_SPIFFE_ID_LEN, "the SPIFFE ID standard")?;
+    status::bounded(
+        "spiffe_id",
+        value,
+        MAX_SPIFFE_ID_LEN,
+        "the SPIFFE ID standard",
+    )?;
     let id = SpiffeId::new(value).map_err(|e| status::invalid("spiffe_id", e))?;
     if id.trust_domain() != &api.inner.trust_domain {
         return Err(status::invalid(
@@ -182,7 +187,12 @@ fn authorize(api: &NodeApi, node: &CallingNode, request: &SignRequest<'_>) -> Re
     }
 }
 
-fn refuse(api: &NodeApi, node: &CallingNode, request: &SignRequest<'_>, refusal: &Refusal) -> Status {
+fn refuse(
+    api: &NodeApi,
+    node: &CallingNode,
+    request: &SignRequest<'_>,
+    refusal: &Refusal,
+) -> Status {
     let kind = match request.credential {
         Credential::X509 => EventKind::IssueX509,
         Credential::Jwt => EventKind::IssueJwt,

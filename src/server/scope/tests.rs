@@ -262,7 +262,10 @@ fn any_entry_may_allow_a_request_and_the_closest_refusal_is_told() {
     let entries = [a, b];
     let wanted = id("spiffe://fleet.test/b");
     let (found, grant) = authorize_any(&entries, &node("node-b"), &[], &x509(&wanted)).unwrap();
-    assert_eq!((found.entry.spiffe_id.to_string(), grant), ("spiffe://fleet.test/b".into(), Grant::Named));
+    assert_eq!(
+        (found.entry.spiffe_id.to_string(), grant),
+        ("spiffe://fleet.test/b".into(), Grant::Named)
+    );
     // node-a asking for node-b's identity: no entry yields it there.
     assert_eq!(
         authorize_any(&entries, &node("node-a"), &[], &x509(&wanted)).unwrap_err(),

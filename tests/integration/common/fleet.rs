@@ -26,6 +26,7 @@ pub struct Netns {
     /// The root namespace's end (where the server listens).
     pub host_ip: String,
     /// The namespace's end (the node's address).
+    #[allow(dead_code, reason = "the node's address, for tests that dial a node")]
     pub node_ip: String,
 }
 
@@ -62,7 +63,15 @@ impl Netns {
         ip(&["link", "set", &node, "netns", &name]);
         ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host]);
         ip(&["link", "set", &host, "up"]);
-        ip(&["-n", &name, "addr", "add", &format!("{node_ip}/30"), "dev", &node]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{node_ip}/30"),
+            "dev",
+            &node,
+        ]);
         ip(&["-n", &name, "link", "set", &node, "up"]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
         Self {
@@ -216,12 +225,13 @@ impl FleetAgent {
             .spawn()
             .expect("agent spawns");
         let mut agent = Self { child, dir, socket };
-        let socket = agent.socket.clone();
-        eventually("the fleet agent's workload socket", async || {
+        // The sockets are bound before the node joins: the agent is up
+        // once it says so.
+        eventually("the fleet agent's start", async || {
             if let Ok(Some(status)) = agent.child.try_wait() {
                 panic!("the fleet agent exited ({status}): {}", agent.log());
             }
-            socket.exists()
+            agent.log().contains("tether agent started")
         })
         .await;
         agent
