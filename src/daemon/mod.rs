@@ -632,7 +632,7 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<Flock<File>> {
 }
 
 /// Runs a socket's server; once the agent stops, gives its connections
-/// [`CONNECTION_DRAIN`] to close, then fires `closing`, which fails every
+/// `CONNECTION_DRAIN` (2 s) to close, then fires `closing`, which fails every
 /// read and write of the ones still open: a client that never closes its
 /// connection cannot hold the agent's shutdown.
 pub async fn drained(

@@ -2,7 +2,7 @@
 //! server over mutual TLS.
 //!
 //! Who is calling is decided here, from the connection, never from a
-//! request field ([`NodeApi::node_of`]):
+//! request field (`NodeApi::node_of`):
 //! - the client certificate was verified by the TLS layer (`crate::mtls`)
 //!   against the trust bundle;
 //! - its SPIFFE ID must be a node SVID `spiffe://<td>/tether/node/<name>`;
@@ -15,7 +15,7 @@
 //! consumes a join token (once) and signs the node's first SVID.
 //!
 //! What a node may have signed is `server::scope`'s decision
-//! ([`sign`]); the entries and bundle it is sent are [`sync`]'s. Every
+//! (`sign`); the entries and bundle it is sent are `sync`'s. Every
 //! admission, renewal, signature and refusal is in the server's audit
 //! trail, with the node's SPIFFE ID.
 
