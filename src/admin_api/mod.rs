@@ -24,7 +24,7 @@ use tonic::transport::Server;
 use crate::proto::admin::admin_server::AdminServer;
 use crate::transport::{self, BoundSocket};
 pub use authz::AdminAuthz;
-pub use service::{AdminApi, ReloadOutcome, ReloadRequest};
+pub use service::{AdminApi, ReloadOutcome, ReloadRequest, ServerStatus};
 
 /// Most concurrent admin connections: operators, not workloads.
 const MAX_CONNECTIONS: usize = 64;

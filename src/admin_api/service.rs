@@ -43,6 +43,18 @@ pub struct AdminApi {
     open_streams: Arc<AtomicUsize>,
     reload: mpsc::Sender<ReloadRequest>,
     readiness: Readiness,
+    /// Fleet mode: the link to the server, in one line (Health's `server`).
+    server_status: Option<ServerStatus>,
+}
+
+/// Says how the agent's link to the fleet's server is, in one line.
+#[derive(Clone)]
+pub struct ServerStatus(pub Arc<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for ServerStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerStatus(..)")
+    }
 }
 
 impl AdminApi {
@@ -64,7 +76,14 @@ impl AdminApi {
             open_streams,
             reload,
             readiness,
+            server_status: None,
         }
+    }
+
+    /// Health reports the link to the fleet's server with `status`.
+    pub fn with_server_status(mut self, status: ServerStatus) -> Self {
+        self.server_status = Some(status);
+        self
     }
 }
 
@@ -415,6 +434,11 @@ impl Admin for AdminApi {
             open_streams: u32::try_from(self.open_streams.load(Ordering::Relaxed))
                 .unwrap_or(u32::MAX),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            server: self
+                .server_status
+                .as_ref()
+                .map(|status| (status.0)())
+                .unwrap_or_default(),
         }))
     }
 

@@ -293,6 +293,12 @@ impl TrustBundle {
         self.jwt_authorities.iter().find(|a| a.kid == kid)
     }
 
+    /// The same bundle at `sequence`.
+    pub fn with_sequence(mut self, sequence: u64) -> Self {
+        self.sequence = sequence;
+        self
+    }
+
     /// Grows with every change of content.
     pub fn sequence(&self) -> u64 {
         self.sequence

@@ -248,6 +248,7 @@ fn healthcheck(common: &AdminArgs) -> Result<(), OperatorError> {
         open_streams: health.open_streams,
         version: health.version,
         problems: health.problems,
+        server: health.server,
     };
     let format = common.format();
     // Scripts get the document either way; people get the reason on

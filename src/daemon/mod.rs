@@ -203,8 +203,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(local_authority) = local_authority {
         shutdown.spawn("key rotation", local_authority.run(shutdown.token()));
     }
-    if let Some((link, _)) = fleet {
-        shutdown.spawn("fleet link", link.run(registry.clone(), shutdown.token()));
+    let fleet_link = fleet.map(|(link, _)| link);
+    if let Some(link) = &fleet_link {
+        shutdown.spawn(
+            "fleet link",
+            link.clone().run(registry.clone(), shutdown.token()),
+        );
     }
     shutdown.spawn(
         "svid rotation",
@@ -276,6 +280,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         reload_tx,
         readiness.clone(),
     );
+    let admin = match fleet_link {
+        Some(link) => {
+            admin.with_server_status(admin_api::ServerStatus(Arc::new(move || link.status())))
+        }
+        None => admin,
+    };
     let http_addr = match http_listener {
         Some(listener) => {
             let addr = listener
@@ -441,6 +451,7 @@ async fn load_parts(
     )
     .context("loading registration entries")?;
     if let Some(synced) = synced {
+        registry.take_entries_from_server();
         registry
             .replace_synced(synced)
             .await

@@ -232,6 +232,22 @@ impl Link {
         self.inner.bundle.subscribe()
     }
 
+    /// The link in one line, for `tether healthcheck`: the node's SPIFFE
+    /// ID, and connected or why not.
+    pub fn status(&self) -> String {
+        let node = lock(&self.inner.identity)
+            .as_ref()
+            .map(|identity| identity.current().spiffe_id().to_string())
+            .unwrap_or_else(|| "not attested".into());
+        match lock(&self.inner.problem).as_ref() {
+            Some(problem) => format!("{node}, not connected: {problem}"),
+            None => format!(
+                "{node}, connected to {}",
+                self.inner.config.addresses.join(" or ")
+            ),
+        }
+    }
+
     /// Why the agent cannot reach the server right now (empty: it can).
     pub fn problems(&self) -> Vec<String> {
         lock(&self.inner.problem).iter().cloned().collect()

@@ -139,6 +139,8 @@ struct Inner {
     federations: Mutex<BTreeSet<TrustDomain>>,
     /// Serialises writers: persist, then publish, in one order.
     writes: tokio::sync::Mutex<()>,
+    /// Fleet mode: the entries are the server's; none is created here.
+    fleet: std::sync::atomic::AtomicBool,
 }
 
 // === impl Registry ===
@@ -179,6 +181,7 @@ impl Registry {
                 trust_domain,
                 federations: Mutex::new(federations),
                 writes: tokio::sync::Mutex::new(()),
+                fleet: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -212,6 +215,9 @@ impl Registry {
         &self,
         spec: &EntrySpec,
     ) -> Result<Arc<RegistrationEntry>, RegistrationError> {
+        if self.inner.fleet.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(RegistrationError::Fleet);
+        }
         let now = SystemTime::now();
         let entry = RegistrationEntry::from_api(
             spec,
@@ -347,6 +353,14 @@ impl Registry {
         });
         warn_shared_hints(&self.snapshot().entries);
         Ok(())
+    }
+
+    /// Fleet mode: from now on the entries are the server's alone, and
+    /// the admin API creates none ([`RegistrationError::Fleet`]).
+    pub fn take_entries_from_server(&self) {
+        self.inner
+            .fleet
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Replaces the entries synced from the fleet's server (an agent in

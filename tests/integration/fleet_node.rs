@@ -16,7 +16,7 @@ use tether::proto::server as pb;
 use tokio::sync::watch;
 
 use crate::common::fleet::{FleetAgent, FleetServer, Netns, TRUST_DOMAIN};
-use crate::common::{eventually, require_root, spec, uid};
+use crate::common::{admin_client, eventually, require_root, spec, uid};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root (network namespaces): scripts/test runs it"]
@@ -72,6 +72,52 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
         }
     })
     .await;
+
+    // The agent's operator sees the link, and cannot add entries there:
+    // the fleet's entries are the server's.
+    let mut admin = admin_client(&agent.dir.path().join("admin/admin.sock")).await;
+    let health = admin
+        .health(tether::proto::admin::HealthRequest {})
+        .await
+        .expect("health")
+        .into_inner();
+    assert!(health.serving, "{:?}", health.problems);
+    assert!(
+        health
+            .server
+            .starts_with("spiffe://fleet.test/tether/node/node-a, connected to "),
+        "{}",
+        health.server
+    );
+    let refused = admin
+        .create_entry(tether::proto::admin::CreateEntryRequest {
+            spec: Some(spec("spiffe://fleet.test/local", &[&me])),
+        })
+        .await
+        .expect_err("a fleet agent creates no entry");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("tether server entry create"),
+        "{}",
+        refused.message()
+    );
+    let listed = admin
+        .list_entries(tether::proto::admin::ListEntriesRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .entries;
+    assert!(!listed.is_empty());
+    assert!(
+        listed
+            .iter()
+            .all(|e| e.source == tether::proto::admin::EntrySource::Server as i32),
+        "every entry is the server's"
+    );
 
     // Check 3: no file of the agent holds a key the bundle trusts.
     assert_no_trusted_key_in(&agent.data_dir(), &bundle);

@@ -113,6 +113,10 @@ pub(crate) struct HealthReport {
     /// `problems`: why it is not serving, one line each (empty when
     /// serving).
     pub(crate) problems: Vec<String>,
+    /// `server`: fleet mode's link to the tether server, in one line
+    /// (absent for a standalone agent).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) server: String,
 }
 
 /// `tether reload`.
@@ -266,6 +270,9 @@ impl Render for HealthReport {
             self.open_streams,
             plural(self.open_streams as usize)
         )?;
+        if !self.server.is_empty() {
+            writeln!(w, "  server: {}", printable(&self.server))?;
+        }
         for problem in &self.problems {
             writeln!(w, "  {}", printable(problem))?;
         }

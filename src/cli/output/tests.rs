@@ -187,6 +187,7 @@ fn health_and_reload_lines_count_in_words() {
         open_streams,
         version: "0.1.0".into(),
         problems: Vec::new(),
+        server: String::new(),
     };
     let mut text = String::new();
     health(1, 2).readable(&mut text, at(0).0).unwrap();
@@ -205,6 +206,17 @@ fn health_and_reload_lines_count_in_words() {
         json,
         serde_json::json!({"serving": true, "trust_domain": "example.org",
             "entries": 3, "open_streams": 1, "version": "0.1.0", "problems": []})
+    );
+    // A fleet agent says how its link to the server is.
+    let fleet = HealthReport {
+        server: "spiffe://fleet.test/tether/node/a, connected to 10.0.0.1:8081".into(),
+        ..health(1, 0)
+    };
+    let mut text = String::new();
+    fleet.readable(&mut text, at(0).0).unwrap();
+    assert_eq!(
+        text,
+        "serving: trust domain example.org, 1 entry, 0 open streams\n  server: spiffe://fleet.test/tether/node/a, connected to 10.0.0.1:8081\n"
     );
 }
 
