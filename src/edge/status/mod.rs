@@ -170,6 +170,11 @@ pub fn internal(what: &str, error: &(dyn Error + '_)) -> Status {
     Status::internal(format!("{what}: {}", Chain(error)))
 }
 
+/// A caller over its request rate: ResourceExhausted with `reason`.
+pub fn exhausted_rate(reason: &str) -> Status {
+    Status::resource_exhausted(reason)
+}
+
 /// A holder already holds its budget (streams per process).
 pub fn exhausted(what: &str, error: &Exhausted) -> Status {
     Status::resource_exhausted(format!("{what}: this process {error}"))

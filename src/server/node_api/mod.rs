@@ -17,8 +17,10 @@
 //! What a node may have signed is `server::scope`'s decision
 //! (`sign`); the entries and bundle it is sent are `sync`'s. Every
 //! admission, renewal, signature and refusal is in the server's audit
-//! trail, with the node's SPIFFE ID.
+//! trail, with the node's SPIFFE ID. Each node's calls are bounded by a
+//! token bucket (`rate`), so one node cannot starve the others.
 
+mod rate;
 mod sign;
 mod sync;
 #[cfg(test)]
@@ -67,6 +69,8 @@ struct Inner {
     audit: AuditLog,
     /// Ends every sync stream when the server stops.
     stop: CancellationToken,
+    /// Each node's request budget.
+    rates: rate::NodeRates,
 }
 
 /// A node, as its verified client certificate and the store name it.
@@ -97,6 +101,7 @@ impl NodeApi {
                 registry,
                 audit,
                 stop,
+                rates: rate::NodeRates::default(),
             }),
         }
     }
@@ -133,6 +138,13 @@ impl NodeApi {
         if peer.not_before.is_none_or(|t| t < row.attested_at) {
             return Err(status::unauthenticated(format!(
                 "this SVID of node {name} predates its latest attestation"
+            )));
+        }
+        if !self.inner.rates.admit(&name, tokio::time::Instant::now()) {
+            return Err(status::exhausted_rate(&format!(
+                "node {name} is over its request budget ({} a second after a burst of {}); retry later",
+                rate::RATE,
+                rate::BURST
             )));
         }
         Ok(CallingNode { name, spiffe_id })
