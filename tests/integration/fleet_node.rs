@@ -32,7 +32,7 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
         .create_entry(spec("spiffe://fleet.test/billing", &[&me]), &["node-b"])
         .await;
     let token = server.join_token("node-a").await;
-    let agent = FleetAgent::start(&netns, &server, &token).await;
+    let mut agent = FleetAgent::start(&netns, &server, &token).await;
 
     // The node's workload gets the identity scoped to node-a, signed by
     // the server's CA, and not node-b's.
@@ -198,6 +198,35 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
         reuse.message().contains("already used"),
         "{}",
         reuse.message()
+    );
+
+    // A restart needs no new token: the node comes back with its stored
+    // node SVID and the bundle the server last sent.
+    agent.restart().await;
+    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .expect("spiffe client");
+    eventually("node-a's SVIDs after a restart", async || {
+        let svids = client
+            .fetch_all_x509_svids()
+            .await
+            .map_err(|e| e.to_string())?;
+        let ids: BTreeSet<String> = svids.iter().map(|s| s.spiffe_id().to_string()).collect();
+        let want = BTreeSet::from([
+            "spiffe://fleet.test/api".to_owned(),
+            "spiffe://fleet.test/web".to_owned(),
+        ]);
+        if ids == want {
+            Ok(())
+        } else {
+            Err(format!("{ids:?}"))
+        }
+    })
+    .await;
+    assert!(
+        agent.log().contains("node SVID loaded from the data dir"),
+        "{}",
+        agent.log()
     );
 
     drop(agent);

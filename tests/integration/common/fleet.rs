@@ -192,6 +192,33 @@ pub struct FleetAgent {
     pub child: Child,
     pub dir: TempDir,
     pub socket: PathBuf,
+    netns: String,
+}
+
+fn spawn_agent(netns: &Netns, dir: &TempDir, join_token: Option<&str>) -> Child {
+    spawn_agent_named(&netns.name, dir, join_token)
+}
+
+/// `tether run` in the namespace `netns`, logging to `agent.log` (appended).
+fn spawn_agent_named(netns: &str, dir: &TempDir, join_token: Option<&str>) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join("agent.log"))
+        .expect("log file");
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", netns, env!("CARGO_BIN_EXE_tether")])
+        .args(["run", "--config"])
+        .arg(dir.path().join("agent.toml"))
+        .env_remove("TETHER_JOIN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    if let Some(token) = join_token {
+        command.env("TETHER_JOIN_TOKEN", token);
+    }
+    command.spawn().expect("agent spawns")
 }
 
 impl FleetAgent {
@@ -213,28 +240,48 @@ impl FleetAgent {
         );
         let config_path = dir.path().join("agent.toml");
         std::fs::write(&config_path, config).expect("agent config");
-        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &netns.name, env!("CARGO_BIN_EXE_tether")])
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .env("TETHER_JOIN_TOKEN", join_token)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("agent spawns");
-        let mut agent = Self { child, dir, socket };
-        // The sockets are bound before the node joins: the agent is up
-        // once it says so.
-        eventually("the fleet agent's start", async || {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!("the fleet agent exited ({status}): {}", agent.log());
+        let mut agent = Self {
+            child: spawn_agent(netns, &dir, Some(join_token)),
+            dir,
+            socket,
+            netns: netns.name.clone(),
+        };
+        agent.until_started().await;
+        agent
+    }
+
+    /// Stops the agent (SIGTERM) and starts it again on the same data dir
+    /// and config, without a join token: it comes back as the same node.
+    pub async fn restart(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        // The log is appended to: the next start's line is looked for
+        // after the old ones.
+        let seen = self.log().matches("tether agent started").count();
+        self.child = spawn_agent_named(&self.netns, &self.dir, None);
+        let socket = self.socket.clone();
+        eventually("the fleet agent's restart", async || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the fleet agent exited ({status}): {}", self.log());
             }
-            agent.log().contains("tether agent started")
+            socket.exists() && self.log().matches("tether agent started").count() > seen
         })
         .await;
-        agent
+    }
+
+    /// Waits for the agent to say it started (the sockets are bound
+    /// before the node joins); fails with its log if it exits.
+    async fn until_started(&mut self) {
+        eventually("the fleet agent's start", async || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the fleet agent exited ({status}): {}", self.log());
+            }
+            self.log().contains("tether agent started")
+        })
+        .await;
     }
 
     pub fn data_dir(&self) -> PathBuf {
