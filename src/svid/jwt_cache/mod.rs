@@ -23,6 +23,10 @@
 //!   new audiences (caller input) only churns its own tokens;
 //! - the tokens of an entry that is removed or changed are dropped
 //!   ([`JwtSvidCache::retain_current`], on every registry change).
+//!
+//! Concurrent misses for one key each sign, and the last one cached stays:
+//! unlike an X.509-SVID (a key pair and a certificate), a JWT costs one
+//! signature, so misses share no flight.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
