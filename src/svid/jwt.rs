@@ -55,6 +55,8 @@ pub struct JwtSvid {
     pub expiry: SystemTime,
     /// `jti`, for logs.
     pub jti: String,
+    /// The `kid` of the key that signed it.
+    pub kid: String,
 }
 
 impl std::fmt::Debug for JwtSvid {
@@ -62,6 +64,7 @@ impl std::fmt::Debug for JwtSvid {
         f.debug_struct("JwtSvid")
             .field("spiffe_id", &self.spiffe_id.to_string())
             .field("jti", &self.jti)
+            .field("kid", &self.kid)
             .finish_non_exhaustive()
     }
 }
@@ -145,6 +148,7 @@ pub async fn issue(
         hint: entry.hint.clone(),
         expiry: signed.expires_at,
         jti,
+        kid: signed.kid,
     })
 }
 

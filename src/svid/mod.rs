@@ -5,7 +5,8 @@
 //! demand the first time a caller needs one (never after a polling delay)
 //! and then renewed by the rotation loop at about half their life, with
 //! jitter so SVIDs issued together do not all renew together. JWT-SVIDs are
-//! signed per request.
+//! signed on request and served again from [`jwt_cache`] while more than
+//! half their life remains.
 //!
 //! Issuance never blocks the async workers and never waits behind another
 //! key: key generation and signing run on the blocking pool, and requests
@@ -19,6 +20,7 @@ pub mod cache;
 pub mod flights;
 pub mod holders;
 pub mod jwt;
+pub mod jwt_cache;
 pub mod revocation;
 pub mod rotation;
 pub mod x509;
@@ -39,6 +41,7 @@ pub use cache::{Interest, SvidKey, SvidWatch, X509SvidCache};
 use flights::{Flights, Issued};
 pub use holders::{Holder, HolderHandle, Holders};
 pub use jwt::{JwtSvid, JwtValidationError, ValidatedJwt};
+pub use jwt_cache::JwtSvidCache;
 pub use revocation::RevocationInbox;
 use revocation::Revocations;
 pub use x509::X509Svid;
@@ -84,6 +87,7 @@ pub struct SvidIssuer {
     authority: Arc<dyn Authority>,
     config: SvidConfig,
     x509: Arc<X509SvidCache>,
+    jwt: Arc<JwtSvidCache>,
     flights: Arc<Flights>,
     holders: Arc<Holders>,
     store: Store,
@@ -100,6 +104,16 @@ pub struct SvidInboxes {
     pub records: RecordInbox,
     /// For [`SvidIssuer::run_revocations`].
     pub revocations: RevocationInbox,
+}
+
+/// A JWT-SVID for a caller, and whether it was signed for this request
+/// or served from the cache (the edge's audit record says which).
+#[derive(Debug, Clone)]
+pub struct ServedJwt {
+    /// The token.
+    pub svid: JwtSvid,
+    /// True when it was signed for an earlier request and served again.
+    pub from_cache: bool,
 }
 
 /// Issuance records waiting for the recorder.
@@ -136,6 +150,7 @@ impl SvidIssuer {
             authority,
             config,
             x509: Arc::new(X509SvidCache::default()),
+            jwt: Arc::default(),
             flights: Arc::default(),
             holders: Arc::default(),
             store,
@@ -354,21 +369,52 @@ impl SvidIssuer {
         self.config.jwt_svid_ttl
     }
 
-    /// Signs a JWT-SVID for a matched identity and `audiences`.
+    /// A JWT-SVID for a matched identity and `audiences`: the cached one
+    /// while more than half its life remains, else one signed now (and
+    /// cached). The caller has already been matched to `matched` and
+    /// allowed by policy; the cache never decides who gets a token.
     pub async fn jwt_svid(
         &self,
         matched: &Match,
         audiences: &[String],
-    ) -> Result<JwtSvid, SvidError> {
-        jwt::issue(
+    ) -> Result<ServedJwt, SvidError> {
+        self.jwt_svid_at(matched, audiences, SystemTime::now())
+            .await
+    }
+
+    /// [`Self::jwt_svid`] at `now` (the unit tests' clock).
+    async fn jwt_svid_at(
+        &self,
+        matched: &Match,
+        audiences: &[String],
+        now: SystemTime,
+    ) -> Result<ServedJwt, SvidError> {
+        let bundle = self.authority.bundle();
+        let cached = self
+            .jwt
+            .get(&matched.entry, &matched.spiffe_id, audiences, now, |kid| {
+                bundle.jwt_authority(kid).is_some()
+            });
+        if let Some(svid) = cached {
+            return Ok(ServedJwt {
+                svid,
+                from_cache: true,
+            });
+        }
+        let svid = jwt::issue(
             self.authority.as_ref(),
             &matched.entry,
             &matched.spiffe_id,
             audiences,
             self.config.jwt_svid_ttl,
-            SystemTime::now(),
+            now,
         )
-        .await
+        .await?;
+        self.jwt.put(&matched.entry, audiences, svid.clone(), now);
+        Ok(ServedJwt {
+            svid,
+            from_cache: false,
+        })
     }
 }
 
@@ -660,6 +706,29 @@ mod tests {
         assert!(f.issuer.flights.is_empty(), "abandoned flights are removed");
         let svid = f.issuer.x509_svid(&m, &f.caller).await.unwrap();
         assert_eq!(f.issued().await, std::slice::from_ref(&svid.serial));
+    }
+
+    #[tokio::test]
+    async fn a_jwt_svid_is_served_from_the_cache_until_half_its_life() {
+        let f = Fixture::new(None);
+        let m = matched("web", false);
+        let aud = vec!["api".to_owned()];
+        let first = f.issuer.jwt_svid(&m, &aud).await.unwrap();
+        assert!(!first.from_cache);
+        let again = f.issuer.jwt_svid(&m, &aud).await.unwrap();
+        assert!(again.from_cache);
+        assert_eq!(again.svid.token, first.svid.token, "no second signature");
+        assert_eq!(again.svid.jti, first.svid.jti);
+        // Another audience is another token.
+        let other = f.issuer.jwt_svid(&m, &["db".to_owned()]).await.unwrap();
+        assert!(!other.from_cache);
+        assert_ne!(other.svid.jti, first.svid.jti);
+
+        // Past half its life (of the default 5 minutes), it is signed anew.
+        let half = SystemTime::now() + f.issuer.jwt_svid_ttl() / 2 + Duration::from_secs(1);
+        let later = f.issuer.jwt_svid_at(&m, &aud, half).await.unwrap();
+        assert!(!later.from_cache);
+        assert_ne!(later.svid.jti, first.svid.jti);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! It sleeps until the earliest renewal time in the cache, re-issues what is
 //! due, and on every registry change drops the SVIDs of removed or changed
-//! entries (their holders' streams re-issue on demand). Issuance that fails
+//! entries (their holders' streams re-issue on demand), and the cached
+//! JWT-SVIDs of those entries. Issuance that fails
 //! keeps the last good SVID, which stays valid until its own expiry, and is
 //! retried with backoff.
 
@@ -94,6 +95,10 @@ impl SvidIssuer {
                     let dropped = self.x509.retain_current(&set);
                     if dropped > 0 {
                         tracing::debug!(dropped, "dropped X.509-SVIDs of removed or changed entries");
+                    }
+                    let dropped = self.jwt.retain_current(&set);
+                    if dropped > 0 {
+                        tracing::debug!(dropped, "dropped cached JWT-SVIDs of removed or changed entries");
                     }
                 }
             }

@@ -30,6 +30,9 @@ use crate::svid::{self, Holder, Interest, SvidIssuer, SvidWatch};
 use crate::task::Tasks;
 use crate::transport::{Jobs, Slot};
 
+/// The audit record's reason for a JWT-SVID served from the cache.
+const JWT_FROM_CACHE: &str = "served from the JWT-SVID cache";
+
 /// What the Workload API serves from. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
@@ -571,11 +574,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 denied.get_or_insert(status);
                 continue;
             }
-            let svid = self
+            let served = self
                 .svids
                 .jwt_svid(m, audiences)
                 .await
                 .map_err(|e| status::svid(&e))?;
+            let svid = &served.svid;
+            // Every serve is recorded, a cached token's too (same `jti`,
+            // and a reason saying so).
             self.tasks
                 .audit()
                 .record(AuditEvent {
@@ -584,12 +590,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     entry_id: Some(m.entry.id.to_string()),
                     token_id: Some(svid.jti.clone()),
                     policy_ids: decided_by,
+                    reason: served.from_cache.then(|| JWT_FROM_CACHE.to_owned()),
                     ..gate::caller_event(&attested, EventKind::IssueJwt, Outcome::Allow)
                 })
                 .map_err(|e| status::audit(&e))?;
-            crate::telemetry::metrics().jwt_svids_issued.inc();
-            tracing::debug!(pid = caller.pid(), spiffe_id = %m.spiffe_id, jti = %svid.jti, ?audiences, "issued JWT-SVID");
-            svids.push(convert::jwt_svid(&svid));
+            if !served.from_cache {
+                crate::telemetry::metrics().jwt_svids_issued.inc();
+            }
+            tracing::debug!(pid = caller.pid(), spiffe_id = %m.spiffe_id, jti = %svid.jti, ?audiences, from_cache = served.from_cache, "served JWT-SVID");
+            svids.push(convert::jwt_svid(svid));
         }
         if svids.is_empty() {
             return Err(denied.unwrap_or_else(status::no_identity));

@@ -26,6 +26,9 @@ const MAX_DNS_NAMES: usize = 32;
 const MAX_DNS_NAME_LEN: usize = 253;
 /// Largest JWT claims object, in bytes.
 const MAX_CLAIMS_LEN: usize = 16 * 1024;
+/// Longest `jti` a JWT may carry, in bytes (it is the audit record's
+/// `token_id`; agents make 32 hex digits).
+const MAX_JTI_LEN: usize = 256;
 
 /// Signs each X.509-SVID of `request`, in order, or refuses them all.
 pub(super) async fn x509_svids(
@@ -126,6 +129,16 @@ pub(super) async fn jwt(
     if !has_audience {
         return Err(status::invalid("claims_json", "aud is required"));
     }
+    // The token's id in the trail, as on the agent's: the `jti`, never the
+    // signing key's `kid` (which every token of a key shares).
+    let jti = match claims.get("jti") {
+        None => None,
+        Some(serde_json::Value::String(jti)) => {
+            status::bounded("jti", jti, MAX_JTI_LEN, "the node API's jti limit")?;
+            Some(jti.clone())
+        }
+        Some(_) => return Err(status::invalid("claims_json", "jti must be a string")),
+    };
     let not_after =
         UNIX_EPOCH + Duration::from_millis(u64::try_from(request.not_after_ms).unwrap_or_default());
     let ttl = not_after
@@ -150,7 +163,7 @@ pub(super) async fn jwt(
     api.record(AuditEvent {
         spiffe_id: Some(spiffe_id.to_string()),
         node: Some(node.spiffe_id.to_string()),
-        token_id: Some(signed.kid.clone()),
+        token_id: jti,
         ..AuditEvent::new(EventKind::IssueJwt, Outcome::Allow)
     })?;
     Ok(pb::SignJwtResponse {

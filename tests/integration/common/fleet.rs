@@ -74,6 +74,10 @@ impl Netns {
         ]);
         ip(&["-n", &name, "link", "set", &node, "up"]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
+        // Everything else through the root namespace: a node reaches a
+        // server listening on another namespace's veth end, as nodes of a
+        // fleet reach one server.
+        ip(&["-n", &name, "route", "add", "default", "via", &host_ip]);
         Self {
             name,
             host_ip,
@@ -222,20 +226,20 @@ fn spawn_agent_named(netns: &str, dir: &TempDir, join_token: Option<&str>) -> Ch
 }
 
 impl FleetAgent {
-    /// Starts `tether run` in `netns` as node of `server`, attesting with
-    /// `join_token`; returns once its workload socket is up.
+    /// Starts `tether run` in `netns` as node of `server` (dialled at the
+    /// address it listens on), attesting with `join_token`; returns once
+    /// its workload socket is up.
     pub async fn start(netns: &Netns, server: &FleetServer, join_token: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let bundle = dir.path().join("bootstrap.json");
         std::fs::write(&bundle, server.bundle_json().await).expect("bootstrap bundle");
-        let port = server.running().listen_addr().port();
         let socket = dir.path().join("agent.sock");
         let config = format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\nlog.level = \"info\"\n\n[server]\naddress = \"{}:{port}\"\nbootstrap_bundle = \"{}\"\n",
+            "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\nlog.level = \"info\"\n\n[server]\naddress = \"{}\"\nbootstrap_bundle = \"{}\"\n",
             socket.display(),
             dir.path().join("admin/admin.sock").display(),
             dir.path().join("data").display(),
-            netns.host_ip,
+            server.address(),
             bundle.display(),
         );
         let config_path = dir.path().join("agent.toml");
@@ -286,6 +290,11 @@ impl FleetAgent {
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The agent's own audit trail.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.data_dir().join("audit")
     }
 
     pub fn log(&self) -> String {
