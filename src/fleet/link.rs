@@ -195,8 +195,7 @@ impl Link {
             }
             None => this.attest().await?,
         }
-        let channel = this.connect().await?;
-        let mut stream = this.open_sync(&channel).await?;
+        let (channel, mut stream) = this.connect_and_sync().await?;
         let first = tokio::time::timeout(FIRST_SNAPSHOT_TIMEOUT, stream.message())
             .await
             .map_err(|_| LinkError::NoSnapshot(FIRST_SNAPSHOT_TIMEOUT))?
@@ -329,10 +328,35 @@ impl Link {
         if *lock(&self.inner.node_expires) <= SystemTime::now() {
             self.attest().await?;
         }
-        let channel = self.connect().await?;
-        let stream = self.open_sync(&channel).await?;
+        let (channel, stream) = self.connect_and_sync().await?;
         *lock(&self.inner.channel) = Some(channel);
         Ok(stream)
+    }
+
+    /// Connects with the node SVID and opens the sync stream. When the
+    /// server no longer accepts the SVID (the node was evicted) and a join
+    /// token is configured, the node attests again with it, once.
+    async fn connect_and_sync(
+        &self,
+    ) -> Result<(Channel, tonic::Streaming<pb::SyncSnapshot>), LinkError> {
+        let channel = self.connect().await?;
+        match self.open_sync(&channel).await {
+            Ok(stream) => Ok((channel, stream)),
+            Err(LinkError::Refused { source, .. })
+                if source.code() == tonic::Code::Unauthenticated
+                    && self.inner.config.join_token.is_some() =>
+            {
+                tracing::warn!(
+                    reason = source.message(),
+                    "the tether server does not accept this node's SVID; attesting again with the join token"
+                );
+                self.attest().await?;
+                let channel = self.connect().await?;
+                let stream = self.open_sync(&channel).await?;
+                Ok((channel, stream))
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Presents the join token once: a node SVID for a fresh key, and the

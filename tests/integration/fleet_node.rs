@@ -233,6 +233,80 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces): scripts/test runs it"]
+async fn an_evicted_node_is_refused_until_it_attests_again() {
+    require_root("network namespaces");
+    let netns = Netns::new();
+    let server = FleetServer::start(&netns.host_ip, "").await;
+    let me = format!("unix:uid:{}", uid());
+    server
+        .create_entry(spec("spiffe://fleet.test/web", &[&me]), &["node-a"])
+        .await;
+    let token = server.join_token("node-a").await;
+    let mut agent = FleetAgent::start(&netns, &server, &token).await;
+    let bundle = server_bundle(&server).await;
+    let mut node = node_client(&agent, &server, &bundle).await;
+
+    let evicted = server
+        .admin()
+        .await
+        .evict_node(pb::EvictNodeRequest {
+            name: "node-a".into(),
+        })
+        .await
+        .expect("evict")
+        .into_inner();
+    assert!(evicted.evicted);
+    // Its SVID is refused at once, on a connection made before.
+    let (_, csr) = tether::authority::key_and_csr().expect("csr");
+    let refused = node
+        .sign_x509_svids(pb::SignX509SvidsRequest {
+            requests: vec![pb::X509SvidRequest {
+                spiffe_id: "spiffe://fleet.test/web".into(),
+                csr,
+                ttl_ms: 60_000,
+                dns_names: vec![],
+            }],
+        })
+        .await
+        .expect_err("an evicted node signs nothing");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("evicted"),
+        "{}",
+        refused.message()
+    );
+
+    // With a new token the operator gives it, the node attests again.
+    let again = server.join_token("node-a").await;
+    agent.restart_with(Some(&again)).await;
+    assert!(
+        agent.log().contains("attesting again with the join token"),
+        "{}",
+        agent.log()
+    );
+    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .expect("spiffe client");
+    eventually("node-a's SVID after it attested again", async || {
+        client.fetch_x509_svid().await
+    })
+    .await;
+    let nodes = server
+        .admin()
+        .await
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .expect("nodes")
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), 1);
+    assert!(!nodes[0].evicted, "{nodes:?}");
+    drop(agent);
+    server.stop().await;
+}
+
 async fn server_bundle(server: &FleetServer) -> TrustBundle {
     TrustBundle::from_spiffe_json(
         TrustDomain::new(TRUST_DOMAIN).expect("td"),

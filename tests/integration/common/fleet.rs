@@ -257,6 +257,12 @@ impl FleetAgent {
     /// Stops the agent (SIGTERM) and starts it again on the same data dir
     /// and config, without a join token: it comes back as the same node.
     pub async fn restart(&mut self) {
+        self.restart_with(None).await;
+    }
+
+    /// [`Self::restart`], presenting `join_token` (an evicted node's new
+    /// token).
+    pub async fn restart_with(&mut self, join_token: Option<&str>) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -265,7 +271,7 @@ impl FleetAgent {
         // The log is appended to: the next start's line is looked for
         // after the old ones.
         let seen = self.log().matches("tether agent started").count();
-        self.child = spawn_agent_named(&self.netns, &self.dir, None);
+        self.child = spawn_agent_named(&self.netns, &self.dir, join_token);
         let socket = self.socket.clone();
         eventually("the fleet agent's restart", async || {
             if let Ok(Some(status)) = self.child.try_wait() {
