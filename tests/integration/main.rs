@@ -27,6 +27,7 @@ mod cli_task;
 mod daemon;
 mod faults;
 mod fleet_node;
+mod fleet_store;
 mod fuzz_seeds;
 mod hostile;
 mod http_endpoint;
