@@ -23,6 +23,7 @@ use super::config::StoreLocation;
 use super::node_api::{self, NodeApi};
 use super::registry::ServerRegistry;
 use super::store::ServerStore;
+use super::store::postgres::PostgresStore;
 use super::store::sqlite::SqliteStore;
 use crate::audit::{AuditConfig, AuditLog};
 use crate::authority::{Authority, LocalAuthority, X509SvidRequest};
@@ -93,8 +94,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                     .context("opening the server store")??,
             )
         }
-        StoreLocation::Postgres(url) => anyhow::bail!(
-            "store = {url}: the PostgreSQL store is not built yet in this version; remove `store` to use SQLite in the data dir (one replica)"
+        StoreLocation::Postgres(url) => Arc::new(
+            PostgresStore::connect(url)
+                .await
+                // The location's Display hides the password.
+                .with_context(|| format!("opening the server store at {}", config.store))?,
         ),
     };
     let audit_dir = config.data_dir.join("audit");

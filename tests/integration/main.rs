@@ -28,6 +28,7 @@ mod daemon;
 mod faults;
 mod fleet_node;
 mod fleet_nodes;
+mod fleet_store;
 mod fuzz_seeds;
 mod hostile;
 mod http_endpoint;

@@ -21,6 +21,7 @@ use spiffe::TrustDomain;
 use super::scope::{NodeName, ServerEntry};
 use crate::authority::AuthorityConfig;
 use crate::config::{self, ConfigError, EnvSource};
+use crate::error::Chain;
 use crate::registration::{self, EntrySpec, RegistrationEntry};
 
 /// Where agents reach the server when `listen` is not set.
@@ -235,6 +236,10 @@ impl StoreLocation {
             .or_else(|| url.strip_prefix("postgresql://"));
         match rest {
             Some(rest) if !rest.is_empty() && !url.chars().any(char::is_whitespace) => {
+                // What the store would refuse at start (TLS asked for, an
+                // option tokio-postgres does not know) is refused here.
+                super::store::postgres::check_url(url)
+                    .map_err(|e| ConfigError::invalid("store", shown, Chain(&e).to_string()))?;
                 Ok(Self::Postgres(url.to_owned()))
             }
             _ => Err(ConfigError::invalid(

@@ -114,6 +114,10 @@ fn bad_values_are_refused_naming_the_key() {
         ("listen = \"server:8081\"", "listen = \"server:8081\""),
         ("store = \"mysql://h/db\"", "store = \"mysql://h/db\""),
         ("store = \"postgres://\"", "store"),
+        (
+            "store = \"postgres://tether@db/tether?sslmode=require\"",
+            "TLS to PostgreSQL is not supported yet",
+        ),
         ("data_dir = \"relative\"", "data_dir"),
         ("unknown_key = 1", "unknown field `unknown_key`"),
         (

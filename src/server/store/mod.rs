@@ -1,12 +1,16 @@
-//! The server's shared state: join tokens, nodes and entries, behind one
-//! trait ([`ServerStore`]) with two backends: SQLite in the data dir for
-//! one replica ([`sqlite::SqliteStore`]), and PostgreSQL for several
-//! (issue 17, slice 4).
+//! The server's shared state: join tokens, nodes, entries and each
+//! replica's published bundle, behind one trait ([`ServerStore`]) with two
+//! backends: SQLite in the data dir for one replica
+//! ([`sqlite::SqliteStore`]), and PostgreSQL for several
+//! ([`postgres::PostgresStore`], `store = "postgres://…"`).
 //!
 //! Rows are plain data the callers validate; the store knows how to keep
 //! them, not what they mean. Every method is async: the SQLite backend runs
 //! its statements on the blocking pool, the PostgreSQL one on its
-//! connection.
+//! connection. Both run the same statements (`sql`) and read rows through
+//! the same bounded codec (`rows`): a row one backend refuses to keep, the
+//! other refuses too, and a damaged row reads as
+//! [`ServerStoreError::Corrupt`] from either.
 //!
 //! Invariants (every backend):
 //! - An acknowledged write is durable (committed before the method
@@ -19,6 +23,8 @@
 //!   back, so a replica or a sync stream that saw revision N knows whether
 //!   anything changed since.
 //! - Only a token's hash is stored, never the token.
+//! - A replica's bundle document is one row, replaced whole: a reader sees
+//!   a replica's old document or its new one, never a mix.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -30,6 +36,9 @@ use super::join_token::{Admission, TokenHash};
 use super::scope::NodeName;
 use crate::registration::EntrySpec;
 
+pub mod postgres;
+mod rows;
+mod sql;
 pub mod sqlite;
 
 /// The fleet's state, shared by every replica.
@@ -87,6 +96,27 @@ pub trait ServerStore: fmt::Debug + Send + Sync + 'static {
 
     /// The entries' revision (cheap: for polling).
     fn revision(&self) -> BoxFuture<'_, Result<u64, ServerStoreError>>;
+
+    /// Publishes replica `replica_id`'s trust bundle (its SPIFFE bundle
+    /// JSON: its CA certificates and JWT keys), replacing the one it
+    /// published before. The store keeps the text as given; the caller
+    /// made it and checks what it reads back. Refused with
+    /// [`ServerStoreError::Unstorable`] when the id is empty, not
+    /// printable ASCII, or either value is over its bound.
+    fn publish_bundle(
+        &self,
+        replica_id: String,
+        spiffe_json: String,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<(), ServerStoreError>>;
+
+    /// Every replica's published bundle, `(replica id, SPIFFE bundle
+    /// JSON)`, by replica id.
+    fn bundles(&self) -> BoxFuture<'_, Result<Vec<(String, String)>, ServerStoreError>>;
+
+    /// Forgets replica `replica_id`'s bundle (a replica retired for good).
+    /// False: it had none.
+    fn forget_bundle(&self, replica_id: String) -> BoxFuture<'_, Result<bool, ServerStoreError>>;
 }
 
 /// An attested node.
@@ -172,8 +202,9 @@ pub enum ServerStoreError {
         detail: String,
     },
     /// The store could not be opened: its files are not safe to use
-    /// (owner, mode), the database is damaged or not the server's, or its
-    /// schema is newer than this build's.
+    /// (owner, mode), the database is damaged or not the server's, its
+    /// schema is newer than this build's, or (PostgreSQL) its URL is
+    /// refused or the database cannot be reached at start.
     #[error("the server store cannot be opened")]
     Open(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod eventually;
 pub mod fleet;
 pub mod kubelet;
+pub mod postgres;
 
 pub use eventually::{eventually, eventually_blocking};
 

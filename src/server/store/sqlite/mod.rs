@@ -12,11 +12,11 @@
 //! A join token is consumed by one `UPDATE … WHERE used_at_ms IS NULL
 //! RETURNING`, and each entry change bumps `meta.entries_revision` in the
 //! same transaction, so the trait's invariants hold here by the same
-//! statements a PostgreSQL backend can use (`sql`).
+//! statements the PostgreSQL backend runs (`store::sql`).
 //!
-//! The files: this one opens the database and runs the statements; `sql`
-//! holds the schema steps and every statement; `rows` turns rows into
-//! columns and back, bounded and validated both ways.
+//! The files: this one opens the database and runs the statements;
+//! `schema` holds the schema steps. The statements (`store::sql`) and the
+//! row codec (`store::rows`) are the backends' shared ones.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,15 +25,14 @@ use std::time::SystemTime;
 use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 
+use super::rows::{self, EncodedAdmission, EncodedBundle, EncodedEntry, EncodedNode};
+use super::sql;
 use super::{EntriesSnapshot, EntryRecord, NodeRow, ServerStore, ServerStoreError};
 use crate::server::join_token::{Admission, TokenHash};
 use crate::server::scope::NodeName;
 use crate::store;
 
-mod rows;
-mod sql;
-
-use rows::{EncodedAdmission, EncodedEntry, EncodedNode};
+mod schema;
 
 /// The server's store in one SQLite database. Cheap to clone: clones share
 /// one connection.
@@ -58,12 +57,12 @@ impl SqliteStore {
     /// blocking pool. The directory must exist and be trusted (the server
     /// creates its data dir 0700 through `trusted_fs`).
     pub fn open(path: &Path) -> Result<SqliteStore, ServerStoreError> {
-        SqliteStore::open_with(path, sql::STEPS)
+        SqliteStore::open_with(path, schema::STEPS)
     }
 
     /// [`SqliteStore::open`] as a build that knows only `steps` would.
     fn open_with(path: &Path, steps: &[&str]) -> Result<SqliteStore, ServerStoreError> {
-        let conn = store::open_connection(path, sql::APPLICATION_ID, steps)
+        let conn = store::open_connection(path, schema::APPLICATION_ID, steps)
             .map_err(|e| ServerStoreError::Open(Box::new(e)))?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
@@ -362,6 +361,45 @@ impl ServerStore for SqliteStore {
     fn revision(&self) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
         self.run("reading the entries' revision", move |conn, failed| {
             revision_in(conn, failed)
+        })
+    }
+
+    fn publish_bundle(
+        &self,
+        replica_id: String,
+        spiffe_json: String,
+        now: SystemTime,
+    ) -> BoxFuture<'_, Result<(), ServerStoreError>> {
+        self.run("publishing a bundle", move |conn, failed| {
+            let b = EncodedBundle::new(&replica_id, &spiffe_json, now)?;
+            conn.execute(
+                sql::UPSERT_BUNDLE,
+                params![b.replica, b.bundle_json, b.updated_at_ms],
+            )
+            .map_err(failed.on(rows::BUNDLE_KEYS))?;
+            Ok(())
+        })
+    }
+
+    fn bundles(&self) -> BoxFuture<'_, Result<Vec<(String, String)>, ServerStoreError>> {
+        self.run("reading the published bundles", move |conn, failed| {
+            let on = failed.on(rows::BUNDLE_KEYS);
+            let mut stmt = conn.prepare(sql::SELECT_BUNDLES).map_err(&on)?;
+            let mut rows = stmt.query([]).map_err(&on)?;
+            let mut bundles = Vec::new();
+            while let Some(row) = rows.next().map_err(&on)? {
+                bundles.push(rows::decode_bundle(row)?);
+            }
+            Ok(bundles)
+        })
+    }
+
+    fn forget_bundle(&self, replica_id: String) -> BoxFuture<'_, Result<bool, ServerStoreError>> {
+        self.run("forgetting a bundle", move |conn, failed| {
+            let deleted = conn
+                .execute(sql::DELETE_BUNDLE, params![replica_id])
+                .map_err(failed.on(rows::BUNDLE_KEYS))?;
+            Ok(deleted > 0)
         })
     }
 }

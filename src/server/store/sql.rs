@@ -1,22 +1,11 @@
-//! The server's SQLite schema (append-only steps, as the agent's) and every
-//! statement the backend runs.
+//! Every statement the server's store runs, shared by both backends: the
+//! same text runs on SQLite and on PostgreSQL (`RETURNING`, `ON CONFLICT`,
+//! `TRUE`, `$n` parameters). Each backend keeps only its schema steps.
 //!
-//! The statements are written for PostgreSQL too (`RETURNING`, `ON
-//! CONFLICT`, `TRUE`, `$n` parameters), so its backend can share them.
 //! SQLite reads `$1` as a named parameter and numbers parameters by first
 //! appearance, so in every statement `$1`, `$2`, ... first appear in that
 //! order (a test checks it): then positional binding means the same in
 //! both databases.
-
-/// `PRAGMA application_id` of the server's database ("tsrv"), set by step
-/// 1; the agent's database has another.
-pub(super) const APPLICATION_ID: i64 = 0x7473_7276;
-
-/// Every schema step, oldest first; index + 1 is the version it produces.
-/// A shipped step is never edited (a test pins each one's SHA-256).
-///
-/// - v1: `join_tokens`, `nodes`, `entries`, `meta` (`entries_revision`).
-pub(super) const STEPS: &[&str] = &[include_str!("migrations/v1.sql")];
 
 // === join tokens ===
 
@@ -90,6 +79,19 @@ pub(super) const BUMP_REVISION: &str =
 
 pub(super) const SELECT_REVISION: &str = "SELECT value FROM meta WHERE key = 'entries_revision'";
 
+// === bundle keys ===
+
+/// Publishes (or replaces) one replica's bundle document.
+pub(super) const UPSERT_BUNDLE: &str = "INSERT INTO bundle_keys (replica, bundle_json, updated_at_ms) \
+     VALUES ($1, $2, $3) ON CONFLICT (replica) DO UPDATE SET \
+     bundle_json = excluded.bundle_json, updated_at_ms = excluded.updated_at_ms";
+
+/// Every replica's bundle document, by replica.
+pub(super) const SELECT_BUNDLES: &str =
+    "SELECT replica, bundle_json FROM bundle_keys ORDER BY replica";
+
+pub(super) const DELETE_BUNDLE: &str = "DELETE FROM bundle_keys WHERE replica = $1";
+
 /// Every statement, for the parameter-order test.
 #[cfg(test)]
 pub(super) const ALL: &[&str] = &[
@@ -106,4 +108,7 @@ pub(super) const ALL: &[&str] = &[
     SELECT_ENTRIES,
     BUMP_REVISION,
     SELECT_REVISION,
+    UPSERT_BUNDLE,
+    SELECT_BUNDLES,
+    DELETE_BUNDLE,
 ];

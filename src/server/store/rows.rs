@@ -1,6 +1,9 @@
-//! How the server's rows become columns and back, with the agent store's
-//! codec (`crate::store::codec`): times are unix milliseconds within
-//! 1970..=9999, flags 0 or 1, text bounded per column.
+//! How the server's rows become columns and back, for both backends, with
+//! the agent store's codec (`crate::store::codec`): times are unix
+//! milliseconds within 1970..=9999, flags 0 or 1, text bounded per column.
+//! A backend hands a row over as [`Columns`] (each value as SQLite's
+//! `ValueRef`: PostgreSQL's BIGINT, BOOLEAN, TEXT and BYTEA map onto its
+//! integer, text and blob), so one decoder checks rows from either.
 //!
 //! Both directions apply the same bounds: a row the store could not read
 //! back is refused on write ([`ServerStoreError::Unstorable`]), so a stored
@@ -10,7 +13,6 @@
 
 use std::collections::BTreeSet;
 
-use rusqlite::Row;
 use rusqlite::types::ValueRef;
 
 use crate::registration::EntrySpec;
@@ -41,6 +43,27 @@ pub(super) const JOIN_TOKENS: &str = "join_tokens";
 pub(super) const NODES: &str = "nodes";
 pub(super) const ENTRIES: &str = "entries";
 pub(super) const META: &str = "meta";
+pub(super) const BUNDLE_KEYS: &str = "bundle_keys";
+
+/// Longest replica id, in bytes.
+pub(super) const MAX_REPLICA_ID_LEN: usize = 256;
+/// Longest bundle document (SPIFFE bundle JSON), in bytes: a few CA
+/// certificates and JWT keys are a few kilobytes.
+pub(super) const MAX_BUNDLE_JSON_LEN: usize = 256 * 1024;
+
+/// A row as a backend hands it over: its `i`-th column as a SQLite value.
+pub(super) trait Columns {
+    /// The `i`-th column's value; a column of a type the store never
+    /// writes is a [`Problem`].
+    fn value(&self, i: usize) -> Result<ValueRef<'_>, Problem>;
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn value(&self, i: usize) -> Result<ValueRef<'_>, Problem> {
+        self.get_ref(i)
+            .map_err(|e| Problem::new("a column", format_args!("unreadable: {e}")))
+    }
+}
 
 /// An [`Admission`] as the columns `node, expires_at_ms`.
 pub(super) struct EncodedAdmission<'a> {
@@ -119,6 +142,43 @@ impl<'a> EncodedEntry<'a> {
     }
 }
 
+/// A replica's bundle as the columns `replica, bundle_json, updated_at_ms`.
+pub(super) struct EncodedBundle<'a> {
+    pub(super) replica: &'a str,
+    pub(super) bundle_json: &'a str,
+    pub(super) updated_at_ms: i64,
+}
+
+impl<'a> EncodedBundle<'a> {
+    pub(super) fn new(
+        replica: &'a str,
+        bundle_json: &'a str,
+        updated_at: std::time::SystemTime,
+    ) -> Result<Self, ServerStoreError> {
+        let encoded = (|| {
+            Ok(Self {
+                replica: replica_id(replica)?,
+                bundle_json: bounded("bundle_json", bundle_json, MAX_BUNDLE_JSON_LEN)?,
+                updated_at_ms: encode_time("updated_at_ms", updated_at)?,
+            })
+        })();
+        encoded.map_err(|p| unstorable(BUNDLE_KEYS, p))
+    }
+}
+
+/// A replica id: non-empty, bounded, printable ASCII without spaces (it is
+/// logged and compared, never parsed).
+pub(super) fn replica_id(id: &str) -> Result<&str, Problem> {
+    let id = bounded("replica", id, MAX_REPLICA_ID_LEN)?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Problem::new(
+            "replica",
+            "expected non-empty printable ASCII without spaces",
+        ));
+    }
+    Ok(id)
+}
+
 fn json_within(column: &str, json: String, max: usize) -> Result<String, Problem> {
     if json.len() > max {
         return Err(Problem::new(
@@ -132,7 +192,7 @@ fn json_within(column: &str, json: String, max: usize) -> Result<String, Problem
 // === decoding ===
 
 /// A token read by `SELECT node, expires_at_ms, used_at_ms`.
-pub(super) fn decode_admission(row: &Row<'_>) -> Result<Admission, ServerStoreError> {
+pub(super) fn decode_admission(row: &impl Columns) -> Result<Admission, ServerStoreError> {
     let decoded = (|| {
         Ok(Admission {
             node: decode_node_name("node", value(row, 0)?)?,
@@ -148,7 +208,7 @@ pub(super) fn decode_admission(row: &Row<'_>) -> Result<Admission, ServerStoreEr
 
 /// A token as the consuming update returns it (`node, expires_at_ms`): as
 /// it was before, unused.
-pub(super) fn decode_consumed(row: &Row<'_>) -> Result<Admission, ServerStoreError> {
+pub(super) fn decode_consumed(row: &impl Columns) -> Result<Admission, ServerStoreError> {
     let decoded = (|| {
         Ok(Admission {
             node: decode_node_name("node", value(row, 0)?)?,
@@ -160,7 +220,7 @@ pub(super) fn decode_consumed(row: &Row<'_>) -> Result<Admission, ServerStoreErr
 }
 
 /// A node read by its columns (`node_columns!`).
-pub(super) fn decode_node(row: &Row<'_>) -> Result<NodeRow, ServerStoreError> {
+pub(super) fn decode_node(row: &impl Columns) -> Result<NodeRow, ServerStoreError> {
     let decoded = (|| {
         Ok(NodeRow {
             name: decode_node_name("name", value(row, 0)?)?,
@@ -175,7 +235,7 @@ pub(super) fn decode_node(row: &Row<'_>) -> Result<NodeRow, ServerStoreError> {
 }
 
 /// An entry read by its columns (`entry_columns!`).
-pub(super) fn decode_entry(row: &Row<'_>) -> Result<EntryRecord, ServerStoreError> {
+pub(super) fn decode_entry(row: &impl Columns) -> Result<EntryRecord, ServerStoreError> {
     let decoded = (|| {
         let id = decode_text("id", value(row, 0)?, MAX_ENTRY_ID_LEN)?;
         let spec_json = decode_text("spec_json", value(row, 1)?, MAX_SPEC_JSON_LEN)?;
@@ -207,14 +267,28 @@ pub(super) fn decode_revision(value: ValueRef<'_>) -> Result<u64, ServerStoreErr
     decode_integer("entries_revision", value, 0).map_err(|p| corrupt(META, p))
 }
 
+/// The entries' revision, read as the one column of a row from `meta`.
+pub(super) fn decode_revision_row(row: &impl Columns) -> Result<u64, ServerStoreError> {
+    decode_revision(value(row, 0).map_err(|p| corrupt(META, p))?)
+}
+
 fn decode_node_name(column: &str, value: ValueRef<'_>) -> Result<NodeName, Problem> {
     let name = decode_text(column, value, MAX_NODE_NAME_LEN)?;
     NodeName::new(name).map_err(|e| Problem::new(column, e))
 }
 
-fn value<'r>(row: &'r Row<'_>, i: usize) -> Result<ValueRef<'r>, Problem> {
-    row.get_ref(i)
-        .map_err(|e| Problem::new("a column", format_args!("unreadable: {e}")))
+/// A replica's bundle read by `replica, bundle_json`.
+pub(super) fn decode_bundle(row: &impl Columns) -> Result<(String, String), ServerStoreError> {
+    let decoded = (|| {
+        let replica = replica_id(decode_text("replica", value(row, 0)?, MAX_REPLICA_ID_LEN)?)?;
+        let json = decode_text("bundle_json", value(row, 1)?, MAX_BUNDLE_JSON_LEN)?;
+        Ok((replica.to_owned(), json.to_owned()))
+    })();
+    decoded.map_err(|p| corrupt(BUNDLE_KEYS, p))
+}
+
+fn value(row: &impl Columns, i: usize) -> Result<ValueRef<'_>, Problem> {
+    row.value(i)
 }
 
 // === errors ===
