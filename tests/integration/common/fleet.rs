@@ -192,19 +192,46 @@ pub struct FleetAgent {
     pub child: Child,
     pub dir: TempDir,
     pub socket: PathBuf,
+    /// The projected token's directory (`k8s_psat` agents).
+    pub token_dir: Option<TempDir>,
 }
 
 impl FleetAgent {
     /// Starts `tether run` in `netns` as node of `server`, attesting with
     /// `join_token`; returns once its workload socket is up.
     pub async fn start(netns: &Netns, server: &FleetServer, join_token: &str) -> Self {
+        Self::spawn(netns, server, "", Some(join_token)).await
+    }
+
+    /// Starts `tether run` in `netns` as node of `server`, attesting with
+    /// the projected service account token `psat` (`k8s_psat`, the token in
+    /// a file as the kubelet mounts it).
+    pub async fn start_with_psat(netns: &Netns, server: &FleetServer, psat: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tether-server");
+        std::fs::write(&path, format!("{psat}\n")).expect("token file");
+        let extra = format!(
+            "node_attestation = \"k8s_psat\"\npsat_path = \"{}\"\n",
+            path.display()
+        );
+        let mut agent = Self::spawn(netns, server, &extra, None).await;
+        agent.token_dir = Some(dir);
+        agent
+    }
+
+    async fn spawn(
+        netns: &Netns,
+        server: &FleetServer,
+        extra_server: &str,
+        join_token: Option<&str>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let bundle = dir.path().join("bootstrap.json");
         std::fs::write(&bundle, server.bundle_json().await).expect("bootstrap bundle");
         let port = server.running().listen_addr().port();
         let socket = dir.path().join("agent.sock");
         let config = format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\nlog.level = \"info\"\n\n[server]\naddress = \"{}:{port}\"\nbootstrap_bundle = \"{}\"\n",
+            "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\nlog.level = \"info\"\n\n[server]\naddress = \"{}:{port}\"\nbootstrap_bundle = \"{}\"\n{extra_server}",
             socket.display(),
             dir.path().join("admin/admin.sock").display(),
             dir.path().join("data").display(),
@@ -214,17 +241,25 @@ impl FleetAgent {
         let config_path = dir.path().join("agent.toml");
         std::fs::write(&config_path, config).expect("agent config");
         let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &netns.name, env!("CARGO_BIN_EXE_tether")])
             .args(["run", "--config"])
             .arg(&config_path)
-            .env("TETHER_JOIN_TOKEN", join_token)
+            .env_remove("TETHER_JOIN_TOKEN")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("agent spawns");
-        let mut agent = Self { child, dir, socket };
+            .stderr(log);
+        if let Some(token) = join_token {
+            command.env("TETHER_JOIN_TOKEN", token);
+        }
+        let child = command.spawn().expect("agent spawns");
+        let mut agent = Self {
+            child,
+            dir,
+            socket,
+            token_dir: None,
+        };
         // The sockets are bound before the node joins: the agent is up
         // once it says so.
         eventually("the fleet agent's start", async || {
