@@ -181,3 +181,59 @@ impl RawFleetConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> RawFleetConfig {
+        toml::from_str(&format!(
+            "address = \"tether-server:8081\"\nbootstrap_bundle = \"/etc/tether/bundle.json\"\n{text}"
+        ))
+        .expect("toml")
+    }
+
+    #[test]
+    fn k8s_psat_reads_the_projected_token_path() {
+        let config = raw("node_attestation = \"k8s_psat\"\n")
+            .validate(None)
+            .expect("valid");
+        assert_eq!(
+            config.node_attestation,
+            NodeAttestation::K8sPsat {
+                psat_path: DEFAULT_PSAT_PATH.into()
+            }
+        );
+        let config = raw("node_attestation = \"k8s_psat\"\npsat_path = \"/tokens/t\"\n")
+            .validate(None)
+            .expect("valid");
+        assert_eq!(
+            config.node_attestation,
+            NodeAttestation::K8sPsat {
+                psat_path: "/tokens/t".into()
+            }
+        );
+        let config = raw("").validate(None).expect("valid");
+        assert_eq!(config.node_attestation, NodeAttestation::JoinToken);
+    }
+
+    #[test]
+    fn k8s_psat_refuses_what_it_does_not_use() {
+        let (key, _) = raw("node_attestation = \"k8s_psat\"\n")
+            .validate(Some("tjt1.x".into()))
+            .expect_err("a join token with k8s_psat");
+        assert_eq!(key, "server.join_token");
+        let (key, _) = raw("node_attestation = \"k8s_psat\"\npsat_path = \"tokens/t\"\n")
+            .validate(None)
+            .expect_err("a relative path");
+        assert_eq!(key, "server.psat_path");
+        let (key, _) = raw("psat_path = \"/tokens/t\"\n")
+            .validate(None)
+            .expect_err("psat_path without k8s_psat");
+        assert_eq!(key, "server.psat_path");
+        let (key, _) = raw("node_attestation = \"tpm\"\n")
+            .validate(None)
+            .expect_err("unknown");
+        assert_eq!(key, "server.node_attestation");
+    }
+}

@@ -328,8 +328,7 @@ async fn tokens_the_api_does_not_vouch_for_admit_no_node() {
     let bundle = bundle_of(&plain).await;
     let refused = attest(&plain, &bundle, "psat-default")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(
         refused.code(),
         tonic::Code::FailedPrecondition,

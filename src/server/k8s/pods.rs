@@ -2,7 +2,7 @@
 //! `server::scope` needs to serve an entry with `k8s:` selectors only on
 //! the node where a matching pod runs.
 //!
-//! This slice lists every [`POD_REFRESH`] (pages of [`PAGE_SIZE`], a bound
+//! This slice lists every [`POD_REFRESH`] (pages of 500 pods, a bound
 //! on every page's size and on the number of pages), not a watch: a pod
 //! scheduled on a node is in scope within a few seconds, and one that ended
 //! or was deleted is out within as long. A failed list keeps the last one
