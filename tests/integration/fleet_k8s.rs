@@ -196,16 +196,27 @@ async fn a_psat_admits_the_node_of_its_pod_and_pods_scope_entries() {
         .expect_err("node-x no longer may");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 
-    let trail = tether::audit::read(&server.audit_dir(), &ReadFilter::default()).expect("trail");
-    assert!(trail.iter().any(|r| {
-        r.event.event == EventKind::NodeAttest
-            && r.event.decision == Outcome::Allow
-            && r.event.node.as_deref() == Some("spiffe://fleet.test/tether/node/node-x")
-            && r.event
-                .reason
-                .as_deref()
-                .is_some_and(|m| m.contains("k8s_psat") && m.contains("tether-agent-node-x"))
-    }));
+    // The audit writer is asynchronous: the admission is in the trail
+    // once it has written it.
+    eventually("node-x's admission by k8s_psat in the trail", async || {
+        let trail = tether::audit::read(&server.audit_dir(), &ReadFilter::default())
+            .map_err(|e| e.to_string())?;
+        let admitted = trail.iter().any(|r| {
+            r.event.event == EventKind::NodeAttest
+                && r.event.decision == Outcome::Allow
+                && r.event.node.as_deref() == Some("spiffe://fleet.test/tether/node/node-x")
+                && r.event
+                    .reason
+                    .as_deref()
+                    .is_some_and(|m| m.contains("k8s_psat") && m.contains("tether-agent-node-x"))
+        });
+        if admitted {
+            Ok(())
+        } else {
+            Err(format!("{} records", trail.len()))
+        }
+    })
+    .await;
     let nodes = server
         .admin()
         .await
@@ -300,12 +311,20 @@ async fn tokens_the_api_does_not_vouch_for_admit_no_node() {
             refused.message()
         );
     }
-    let trail = tether::audit::read(&server.audit_dir(), &ReadFilter::default()).expect("trail");
-    let denials = trail
-        .iter()
-        .filter(|r| r.event.event == EventKind::NodeAttest && r.event.decision == Outcome::Deny)
-        .count();
-    assert_eq!(denials, 5, "every refusal is in the trail");
+    let trail = eventually("the five refusals in the trail", async || {
+        let trail = tether::audit::read(&server.audit_dir(), &ReadFilter::default())
+            .map_err(|e| e.to_string())?;
+        let denials = trail
+            .iter()
+            .filter(|r| r.event.event == EventKind::NodeAttest && r.event.decision == Outcome::Deny)
+            .count();
+        if denials == 5 {
+            Ok(trail)
+        } else {
+            Err(format!("{denials} refusals"))
+        }
+    })
+    .await;
     assert!(
         !trail
             .iter()
