@@ -1,5 +1,7 @@
 //! `[server]` in the agent's config: where the fleet's server is and how
-//! this node proves who it is.
+//! this node proves who it is: a single-use join token (`join_token`, the
+//! default) or the agent pod's projected service account token
+//! (`k8s_psat`, read from `psat_path` at every attestation).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -9,6 +11,9 @@ use zeroize::Zeroizing;
 
 /// Most server addresses.
 const MAX_ADDRESSES: usize = 16;
+/// Where the projected service account token for the server is mounted
+/// (the fleet overlay's projected volume, audience `tether-server`).
+pub const DEFAULT_PSAT_PATH: &str = "/var/run/secrets/tokens/tether-server";
 
 /// `[server]` as serde reads it.
 #[derive(Debug, Default, Deserialize)]
@@ -25,6 +30,8 @@ pub struct RawFleetConfig {
     pub join_token: Option<String>,
     /// `join_token` (the default) or `k8s_psat`.
     pub node_attestation: Option<String>,
+    /// `k8s_psat`: the projected service account token file.
+    pub psat_path: Option<PathBuf>,
     /// Accept the server's certificate unverified at the first contact.
     #[serde(default)]
     pub insecure_bootstrap: bool,
@@ -39,8 +46,24 @@ pub struct FleetConfig {
     pub bootstrap_bundle: Option<PathBuf>,
     /// The join token, when the node has not attested yet.
     pub join_token: Option<Zeroizing<String>>,
+    /// How the node proves who it is.
+    pub node_attestation: NodeAttestation,
     /// First contact without verifying the server (logged at every start).
     pub insecure_bootstrap: bool,
+}
+
+/// How a node attests to the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAttestation {
+    /// A single-use join token (`join_token` or `TETHER_JOIN_TOKEN`).
+    JoinToken,
+    /// The agent pod's projected service account token, re-read at every
+    /// attestation (the kubelet rotates it); the server reviews it with the
+    /// Kubernetes API and names the node from the pod's `spec.nodeName`.
+    K8sPsat {
+        /// The token file.
+        psat_path: PathBuf,
+    },
 }
 
 impl fmt::Debug for FleetConfig {
@@ -49,6 +72,7 @@ impl fmt::Debug for FleetConfig {
             .field("addresses", &self.addresses)
             .field("bootstrap_bundle", &self.bootstrap_bundle)
             .field("join_token", &self.join_token.as_ref().map(|_| "***"))
+            .field("node_attestation", &self.node_attestation)
             .field("insecure_bootstrap", &self.insecure_bootstrap)
             .finish()
     }
@@ -91,21 +115,6 @@ impl RawFleetConfig {
                 return Err(("server.addresses", format!("{address:?} is not host:port")));
             }
         }
-        match self.node_attestation.as_deref() {
-            None | Some("join_token") => {}
-            Some("k8s_psat") => {
-                return Err((
-                    "server.node_attestation",
-                    "k8s_psat is not built yet in this version; use join_token".into(),
-                ));
-            }
-            Some(other) => {
-                return Err((
-                    "server.node_attestation",
-                    format!("{other:?}: expected join_token or k8s_psat"),
-                ));
-            }
-        }
         if let Some(path) = &self.bootstrap_bundle
             && !path.is_absolute()
         {
@@ -126,11 +135,105 @@ impl RawFleetConfig {
             .filter(|t| !t.is_empty())
             .or(self.join_token)
             .map(Zeroizing::new);
+        let node_attestation = match self.node_attestation.as_deref() {
+            None | Some("join_token") => {
+                if self.psat_path.is_some() {
+                    return Err((
+                        "server.psat_path",
+                        "is only read with node_attestation = \"k8s_psat\"".into(),
+                    ));
+                }
+                NodeAttestation::JoinToken
+            }
+            Some("k8s_psat") => {
+                if join_token.is_some() {
+                    return Err((
+                        "server.join_token",
+                        "a join token (server.join_token or TETHER_JOIN_TOKEN) is not used with \
+                         node_attestation = \"k8s_psat\"; remove one"
+                            .into(),
+                    ));
+                }
+                let psat_path = self
+                    .psat_path
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_PSAT_PATH));
+                if !psat_path.is_absolute() {
+                    return Err((
+                        "server.psat_path",
+                        format!("{} is not an absolute path", psat_path.display()),
+                    ));
+                }
+                NodeAttestation::K8sPsat { psat_path }
+            }
+            Some(other) => {
+                return Err((
+                    "server.node_attestation",
+                    format!("{other:?}: expected join_token or k8s_psat"),
+                ));
+            }
+        };
         Ok(FleetConfig {
             addresses,
             bootstrap_bundle: self.bootstrap_bundle,
             join_token,
+            node_attestation,
             insecure_bootstrap: self.insecure_bootstrap,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> RawFleetConfig {
+        toml::from_str(&format!(
+            "address = \"tether-server:8081\"\nbootstrap_bundle = \"/etc/tether/bundle.json\"\n{text}"
+        ))
+        .expect("toml")
+    }
+
+    #[test]
+    fn k8s_psat_reads_the_projected_token_path() {
+        let config = raw("node_attestation = \"k8s_psat\"\n")
+            .validate(None)
+            .expect("valid");
+        assert_eq!(
+            config.node_attestation,
+            NodeAttestation::K8sPsat {
+                psat_path: DEFAULT_PSAT_PATH.into()
+            }
+        );
+        let config = raw("node_attestation = \"k8s_psat\"\npsat_path = \"/tokens/t\"\n")
+            .validate(None)
+            .expect("valid");
+        assert_eq!(
+            config.node_attestation,
+            NodeAttestation::K8sPsat {
+                psat_path: "/tokens/t".into()
+            }
+        );
+        let config = raw("").validate(None).expect("valid");
+        assert_eq!(config.node_attestation, NodeAttestation::JoinToken);
+    }
+
+    #[test]
+    fn k8s_psat_refuses_what_it_does_not_use() {
+        let (key, _) = raw("node_attestation = \"k8s_psat\"\n")
+            .validate(Some("tjt1.x".into()))
+            .expect_err("a join token with k8s_psat");
+        assert_eq!(key, "server.join_token");
+        let (key, _) = raw("node_attestation = \"k8s_psat\"\npsat_path = \"tokens/t\"\n")
+            .validate(None)
+            .expect_err("a relative path");
+        assert_eq!(key, "server.psat_path");
+        let (key, _) = raw("psat_path = \"/tokens/t\"\n")
+            .validate(None)
+            .expect_err("psat_path without k8s_psat");
+        assert_eq!(key, "server.psat_path");
+        let (key, _) = raw("node_attestation = \"tpm\"\n")
+            .validate(None)
+            .expect_err("unknown");
+        assert_eq!(key, "server.node_attestation");
     }
 }

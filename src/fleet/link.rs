@@ -5,8 +5,10 @@
 //! serves anything:
 //! 1. the bundle it verifies the server with: the one the server last sent
 //!    (`data_dir/node/bundle.json`), else the bootstrap bundle file;
-//! 2. the node SVID: the stored one while it is valid, else a join token
-//!    is presented once (`AttestNode`) for a fresh key's CSR;
+//! 2. the node SVID: the stored one while it is valid, else the node
+//!    attests (`AttestNode`) for a fresh key's CSR, with its join token
+//!    (once) or its projected service account token (`k8s_psat`, read
+//!    from its file at every attestation: the kubelet rotates it);
 //! 3. a mutual-TLS connection with that SVID, and the sync stream's first
 //!    snapshot (the entries this node may serve and the bundle).
 //!
@@ -26,7 +28,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::config::FleetConfig;
+use super::config::{FleetConfig, NodeAttestation};
 use super::node_files::NodeFiles;
 use crate::admin_api::convert;
 use crate::authority::key_store::{self, KeyStoreError};
@@ -37,6 +39,8 @@ use crate::proto::server as pb;
 use crate::proto::server::node_client::NodeClient;
 use crate::registration::{EntryId, EntrySource, RegistrationEntry, Registry};
 
+/// Longest service account token file read.
+const MAX_PSAT_LEN: u64 = 16 * 1024;
 /// How long a connection attempt (TCP and TLS) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the first sync snapshot may take at start.
@@ -98,6 +102,15 @@ pub enum LinkError {
          (tether server token create --node NAME) and set server.join_token or TETHER_JOIN_TOKEN"
     )]
     NoJoinToken,
+    /// The projected service account token could not be read.
+    #[error("reading the service account token {path} (server.psat_path)")]
+    Psat {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Making the node's key failed.
     #[error("making the node's key")]
     Key(#[source] rcgen::Error),
@@ -323,7 +336,8 @@ impl Link {
 
     /// Reconnects (a new connection with the current SVID) and opens the
     /// sync stream; a node SVID that expired meanwhile is attested again
-    /// when a join token is configured.
+    /// (with the service account token's current value, or a join token
+    /// when one is configured).
     async fn reconnect(&self) -> Result<tonic::Streaming<pb::SyncSnapshot>, LinkError> {
         if *lock(&self.inner.node_expires) <= SystemTime::now() {
             self.attest().await?;
@@ -343,12 +357,11 @@ impl Link {
         match self.open_sync(&channel).await {
             Ok(stream) => Ok((channel, stream)),
             Err(LinkError::Refused { source, .. })
-                if source.code() == tonic::Code::Unauthenticated
-                    && self.inner.config.join_token.is_some() =>
+                if source.code() == tonic::Code::Unauthenticated && self.can_attest() =>
             {
                 tracing::warn!(
                     reason = source.message(),
-                    "the tether server does not accept this node's SVID; attesting again with the join token"
+                    "the tether server does not accept this node's SVID; attesting again with the join token or service account token"
                 );
                 self.attest().await?;
                 let channel = self.connect().await?;
@@ -359,15 +372,36 @@ impl Link {
         }
     }
 
-    /// Presents the join token once: a node SVID for a fresh key, and the
+    /// Whether the node has a credential to attest with.
+    fn can_attest(&self) -> bool {
+        match self.inner.config.node_attestation {
+            NodeAttestation::JoinToken => self.inner.config.join_token.is_some(),
+            NodeAttestation::K8sPsat { .. } => true,
+        }
+    }
+
+    /// Presents the node's credential (a join token, once; or its current
+    /// service account token): a node SVID for a fresh key, and the
     /// server's bundle.
     async fn attest(&self) -> Result<(), LinkError> {
-        let token = self
-            .inner
-            .config
-            .join_token
-            .clone()
-            .ok_or(LinkError::NoJoinToken)?;
+        let (credential, what) = match &self.inner.config.node_attestation {
+            NodeAttestation::JoinToken => {
+                let token = self
+                    .inner
+                    .config
+                    .join_token
+                    .clone()
+                    .ok_or(LinkError::NoJoinToken)?;
+                (
+                    pb::attest_node_request::Credential::JoinToken(token.to_string()),
+                    "the join token",
+                )
+            }
+            NodeAttestation::K8sPsat { psat_path } => (
+                pb::attest_node_request::Credential::Psat(read_psat(psat_path).await?),
+                "the service account token (k8s_psat)",
+            ),
+        };
         let (key, csr) = tokio::task::spawn_blocking(crate::authority::key_and_csr)
             .await?
             .map_err(LinkError::Key)?;
@@ -380,16 +414,11 @@ impl Link {
         let channel = self.dial(tls).await?;
         let response = NodeClient::new(channel)
             .attest_node(pb::AttestNodeRequest {
-                credential: Some(pb::attest_node_request::Credential::JoinToken(
-                    token.to_string(),
-                )),
+                credential: Some(credential),
                 csr,
             })
             .await
-            .map_err(|source| LinkError::Refused {
-                what: "the join token",
-                source,
-            })?
+            .map_err(|source| LinkError::Refused { what, source })?
             .into_inner();
         if let Some(bundle) = &response.bundle {
             self.take_bundle(bundle)?;
@@ -619,6 +648,30 @@ async fn initial_bundle(
 }
 
 /// The leaf's `notAfter`.
+/// The projected service account token, trimmed; at most
+/// [`MAX_PSAT_LEN`] bytes are read (a longer file is refused).
+async fn read_psat(path: &std::path::Path) -> Result<String, LinkError> {
+    use tokio::io::AsyncReadExt as _;
+    let error = |source| LinkError::Psat {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = tokio::fs::File::open(path).await.map_err(error)?;
+    let mut text = String::new();
+    file.take(MAX_PSAT_LEN + 1)
+        .read_to_string(&mut text)
+        .await
+        .map_err(error)?;
+    let token = text.trim();
+    if text.len() as u64 > MAX_PSAT_LEN || token.is_empty() {
+        return Err(error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("expected one token of at most {MAX_PSAT_LEN} bytes"),
+        )));
+    }
+    Ok(token.to_owned())
+}
+
 fn leaf_not_after(chain: &[Vec<u8>]) -> Option<SystemTime> {
     let (_, leaf) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
     let secs = u64::try_from(leaf.validity().not_after.timestamp()).ok()?;

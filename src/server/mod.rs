@@ -12,11 +12,15 @@
 //! - [`config`]: the server's configuration file (the fleet's contract
 //!   keys);
 //! - [`join_token`]: the single-use tokens that admit a node, kept only as
-//!   their hash.
+//!   their hash;
+//! - [`k8s`]: the client of the Kubernetes API server (`k8s_psat` node
+//!   attestation by TokenReview, and the pods that scope entries with
+//!   `k8s:` selectors).
 
 pub mod admin;
 pub mod config;
 pub mod join_token;
+pub mod k8s;
 pub mod node_api;
 pub mod registry;
 pub mod run;

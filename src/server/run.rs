@@ -4,7 +4,7 @@
 //! and the admin socket first, then loads (keys, store, audit trail,
 //! entries), then spawns each job by name: key rotation, the server's own
 //! SVID, entry refresh from the store (other replicas' writes), join-token
-//! pruning, the node API over mutual TLS and the admin API. A failed start
+//! pruning, the pod list (with `[kubernetes]`), the node API over mutual TLS and the admin API. A failed start
 //! leaves nothing running. [`RunningServer::stop`] stops them within the
 //! agent's grace period, the audit writer last.
 
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::ServerConfig;
 use super::admin::{self as server_admin, ServerAdminService};
 use super::config::StoreLocation;
+use super::k8s::Kubernetes;
 use super::node_api::{self, NodeApi};
 use super::registry::ServerRegistry;
 use super::store::ServerStore;
@@ -101,6 +102,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .with_context(|| format!("opening the server store at {}", config.store))?,
         ),
     };
+    let kubernetes = config
+        .kubernetes
+        .clone()
+        .map(Kubernetes::new)
+        .transpose()
+        .context("the Kubernetes API client ([kubernetes])")?;
     let audit_dir = config.data_dir.join("audit");
     let audit_key = {
         let dir = config.data_dir.clone();
@@ -152,7 +159,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         prune_join_tokens(store.clone(), shutdown.token()),
     );
 
-    let node_api = NodeApi::new(
+    let mut node_api = NodeApi::new(
         config.trust_domain.clone(),
         authority.clone(),
         store.clone(),
@@ -160,6 +167,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         audit.clone(),
         shutdown.token(),
     );
+    if let Some(kubernetes) = kubernetes {
+        shutdown.spawn("pod list", kubernetes.clone().run(shutdown.token()));
+        node_api = node_api.with_kubernetes(kubernetes);
+    }
     {
         let tls = mtls::server_config(authority.subscribe_bundle(), identity);
         let token = shutdown.token();

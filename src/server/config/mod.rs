@@ -6,6 +6,8 @@
 //! agent's, and `[[entries]]` as the agent's plus `nodes`. The checks the
 //! agent applies to the same keys are the agent's own (`crate::config`'s
 //! helpers, `AuthorityConfig::validate`, `RegistrationEntry::from_config`).
+//! `[kubernetes]` (optional) enables `k8s_psat` node attestation and pod
+//! scope (`server::k8s::config`).
 //! Environment overrides: `TETHER_TRUST_DOMAIN`, `TETHER_SERVER_DATA_DIR`,
 //! `TETHER_SERVER_ADMIN_SOCKET`, `TETHER_SERVER_STORE`.
 
@@ -18,6 +20,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use spiffe::TrustDomain;
 
+use super::k8s::KubernetesConfig;
+use super::k8s::config::RawKubernetesConfig;
 use super::scope::{NodeName, ServerEntry};
 use crate::authority::AuthorityConfig;
 use crate::config::{self, ConfigError, EnvSource};
@@ -45,6 +49,9 @@ pub struct ServerConfig {
     pub authority: AuthorityConfig,
     /// Entries from the file, each with the nodes it names.
     pub entries: Vec<ServerEntry>,
+    /// `[kubernetes]`: `k8s_psat` node attestation and pod scope; `None`:
+    /// join tokens only.
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 /// `store`: where replicas keep what they share.
@@ -69,6 +76,7 @@ struct RawServerConfig {
     authority: AuthorityConfig,
     #[serde(default)]
     entries: Vec<RawServerEntry>,
+    kubernetes: Option<RawKubernetesConfig>,
 }
 
 /// `[[entries]]`: the agent's entry keys, plus `nodes`. Read by hand, not
@@ -156,6 +164,7 @@ impl ServerConfig {
             .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
 
         let entries = entries(&raw.entries, &trust_domain)?;
+        let kubernetes = raw.kubernetes.map(|k| k.validate(env)).transpose()?;
         Ok(Self {
             trust_domain,
             data_dir,
@@ -164,6 +173,7 @@ impl ServerConfig {
             store,
             authority,
             entries,
+            kubernetes,
         })
     }
 }

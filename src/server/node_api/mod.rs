@@ -12,15 +12,21 @@
 //!   is refused).
 //!
 //! `AttestNode` is the one RPC served without a client certificate: it
-//! consumes a join token (once) and signs the node's first SVID.
+//! consumes a join token (once), or has a projected service account token
+//! reviewed by the Kubernetes API server (`k8s_psat`, whose node is the
+//! pod's `spec.nodeName` as the API has it), and signs the node's SVID
+//! (`attest`).
 //!
 //! What a node may have signed is `server::scope`'s decision
-//! (`sign`); the entries and bundle it is sent are `sync`'s. Every
+//! (`sign`); the entries and bundle it is sent are `sync`'s. Both give the
+//! scope the pods the Kubernetes API places on the node (none without
+//! `[kubernetes]`). Every
 //! admission, renewal, signature and refusal is in the server's audit
 //! trail, with the node's SPIFFE ID. Each node's calls are bounded by a
 //! token bucket (`rate`), so one node cannot starve the others.
 
 mod rate;
+mod attest;
 mod sign;
 mod sync;
 #[cfg(test)]
@@ -35,7 +41,7 @@ use spiffe::{SpiffeId, TrustDomain};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::join_token::{TokenHash, TokenRefusal};
+use super::k8s::{ClusterPods, Kubernetes};
 use super::registry::ServerRegistry;
 use super::scope::NodeName;
 use super::store::{NodeRow, ServerStore};
@@ -60,7 +66,7 @@ pub struct NodeApi {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Inner {
     trust_domain: TrustDomain,
     authority: Arc<dyn Authority>,
@@ -70,7 +76,9 @@ struct Inner {
     /// Ends every sync stream when the server stops.
     stop: CancellationToken,
     /// Each node's request budget.
-    rates: rate::NodeRates,
+    rates: Arc<rate::NodeRates>,
+    /// `[kubernetes]`: PSAT review and the pods on each node.
+    kubernetes: Option<Kubernetes>,
 }
 
 /// A node, as its verified client certificate and the store name it.
@@ -101,9 +109,30 @@ impl NodeApi {
                 registry,
                 audit,
                 stop,
-                rates: rate::NodeRates::default(),
+                rates: Arc::default(),
+                kubernetes: None,
             }),
         }
+    }
+
+    /// The service with `k8s_psat` attestation and pod scope through
+    /// `kubernetes`.
+    #[must_use]
+    pub fn with_kubernetes(self, kubernetes: Kubernetes) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.kubernetes = Some(kubernetes);
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The pods of the cluster as last listed (none without
+    /// `[kubernetes]`).
+    pub(crate) fn pods(&self) -> Arc<ClusterPods> {
+        self.inner
+            .kubernetes
+            .as_ref()
+            .map_or_else(|| Arc::new(ClusterPods::default()), Kubernetes::pods)
     }
 
     /// The node calling, from its verified client certificate and the
@@ -191,56 +220,9 @@ impl pb::node_server::Node for NodeApi {
         &self,
         request: Request<pb::AttestNodeRequest>,
     ) -> Result<Response<pb::AttestNodeResponse>, Status> {
-        let request = request.into_inner();
-        let Some(pb::attest_node_request::Credential::JoinToken(token)) = request.credential else {
-            return Err(status::invalid(
-                "credential",
-                "a join token is required (node_attestation = \"join_token\")",
-            ));
-        };
-        let hash = TokenHash::of_presented(&token).map_err(|e| self.refuse_admission(None, &e))?;
-        let now = SystemTime::now();
-        let admission = self
-            .inner
-            .store
-            .consume_join_token(hash, now)
+        attest::attest_node(self, request.into_inner())
             .await
-            .map_err(|e| status::agent_fault("reading the join tokens", &e))?
-            .ok_or(TokenRefusal::Unknown)
-            .map_err(|e| self.refuse_admission(None, &e))?;
-        let name = admission
-            .admit(now)
-            .map_err(|e| self.refuse_admission(Some(&admission.node), &e))?
-            .clone();
-        let svid = self.sign_node_svid(&name, request.csr).await?;
-        let spiffe_id = node_spiffe_id(&self.inner.trust_domain, &name)
-            .map_err(|e| status::internal("naming the node", &e))?;
-        self.record(AuditEvent {
-            node: Some(spiffe_id.to_string()),
-            token_id: Some(svid.serial_hex()),
-            reason: Some("admitted by a join token".into()),
-            ..AuditEvent::new(EventKind::NodeAttest, Outcome::Allow)
-        })?;
-        self.inner
-            .store
-            .put_node(NodeRow {
-                name: name.clone(),
-                attestation: "join_token".into(),
-                // The certificate carries whole seconds: what a later
-                // call's `not_before` is compared with.
-                attested_at: whole_seconds(svid.not_before),
-                svid_serial: svid.serial_hex(),
-                svid_expires_at: svid.not_after,
-                evicted: false,
-            })
-            .await
-            .map_err(|e| status::agent_fault("recording the node", &e))?;
-        tracing::info!(node = %name, serial = %svid.serial_hex(), "node attested");
-        Ok(Response::new(pb::AttestNodeResponse {
-            node_name: name.to_string(),
-            svid: Some(node_svid_message(&svid)),
-            bundle: Some(self.bundle()?),
-        }))
+            .map(Response::new)
     }
 
     async fn renew_node(
@@ -306,22 +288,6 @@ impl pb::node_server::Node for NodeApi {
         sign::jwt(self, &node, request.into_inner())
             .await
             .map(Response::new)
-    }
-}
-
-impl NodeApi {
-    /// Records a refused admission (never the token) and says why.
-    fn refuse_admission(&self, node: Option<&NodeName>, refusal: &TokenRefusal) -> Status {
-        let node_id = node.and_then(|n| node_spiffe_id(&self.inner.trust_domain, n).ok());
-        if let Err(e) = self.inner.audit.record(AuditEvent {
-            node: node_id.map(|id| id.to_string()),
-            reason: Some(format!("join token refused: {refusal}")),
-            ..AuditEvent::new(EventKind::NodeAttest, Outcome::Deny)
-        }) {
-            return status::audit(&e);
-        }
-        tracing::warn!(node = ?node.map(NodeName::as_str), "join token refused: {refusal}");
-        status::unauthenticated(format!("join token refused: {refusal}"))
     }
 }
 

@@ -194,7 +194,8 @@ fn parse_id(api: &NodeApi, value: &str) -> Result<SpiffeId, Status> {
 /// returned as PermissionDenied.
 fn authorize(api: &NodeApi, node: &CallingNode, request: &SignRequest<'_>) -> Result<(), Status> {
     let entries = api.inner.registry.snapshot();
-    match scope::authorize_any(&entries.entries, &node.name, &[], request) {
+    let pods = api.pods();
+    match scope::authorize_any(&entries.entries, &node.name, pods.on(&node.name), request) {
         Ok(_) => Ok(()),
         Err(refusal) => Err(refuse(api, node, request, &refusal)),
     }

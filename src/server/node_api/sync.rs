@@ -2,21 +2,25 @@
 //! when it connects and again whenever either changes.
 //!
 //! A snapshot holds only what the node may serve (`ServerEntry::identities`
-//! non-empty on it), so a node never learns another node's entries. The
+//! non-empty on it, with the pods the Kubernetes API places on it), so a
+//! node never learns another node's entries; a new pod list that changes
+//! the node's view sends a new snapshot. The
 //! stream ends when the server stops, and when the node is evicted (seen
 //! at the next change or within [`RECHECK`]).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::{CallingNode, NodeApi, bundle_message};
 use crate::admin_api::convert;
 use crate::proto::server as pb;
+use crate::server::k8s::{ClusterPods, Kubernetes};
 use crate::server::registry::ServerEntries;
 
 /// How often an idle stream checks that its node is still admitted.
@@ -43,13 +47,18 @@ async fn feed(
 ) -> Result<(), Status> {
     let mut entries = api.inner.registry.subscribe();
     let mut bundle = api.inner.authority.subscribe_bundle();
+    let mut pods = api.inner.kubernetes.as_ref().map(Kubernetes::subscribe);
     let mut revision = 0u64;
     let mut last: Option<pb::SyncSnapshot> = None;
     loop {
         let snapshot = {
             let set = entries.borrow_and_update().clone();
             bundle.borrow_and_update();
-            snapshot_for(api, node, &set)?
+            let on_nodes = match pods.as_mut() {
+                Some(pods) => pods.borrow_and_update().clone(),
+                None => api.pods(),
+            };
+            snapshot_for(api, node, &set, &on_nodes)?
         };
         // Only a change is sent: a bundle tick or an entry change
         // elsewhere in the fleet may leave this node's view as it was.
@@ -71,6 +80,7 @@ async fn feed(
             () = tx.closed() => return Ok(()),
             changed = entries.changed() => if changed.is_err() { return Ok(()) },
             changed = bundle.changed() => if changed.is_err() { return Ok(()) },
+            changed = pods_changed(pods.as_mut()) => if changed.is_err() { return Ok(()) },
             () = tokio::time::sleep(RECHECK) => {}
         }
         recheck(api, node).await?;
@@ -94,16 +104,28 @@ async fn recheck(api: &NodeApi, node: &CallingNode) -> Result<(), Status> {
     }
 }
 
+/// A new pod list; never, without `[kubernetes]`.
+async fn pods_changed(
+    pods: Option<&mut watch::Receiver<Arc<ClusterPods>>>,
+) -> Result<(), watch::error::RecvError> {
+    match pods {
+        Some(pods) => pods.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The entries `node` may serve and the bundle, without a revision.
 fn snapshot_for(
     api: &NodeApi,
     node: &CallingNode,
     set: &ServerEntries,
+    pods: &ClusterPods,
 ) -> Result<pb::SyncSnapshot, Status> {
+    let on_node = pods.on(&node.name);
     let entries = set
         .entries
         .iter()
-        .filter(|e| !e.identities(&node.name, &[]).is_empty())
+        .filter(|e| !e.identities(&node.name, on_node).is_empty())
         .map(|e| convert::entry(&e.entry))
         .collect();
     Ok(pb::SyncSnapshot {

@@ -197,6 +197,8 @@ pub struct FleetAgent {
     pub dir: TempDir,
     pub socket: PathBuf,
     netns: String,
+    /// The projected token's directory (`k8s_psat` agents).
+    pub token_dir: Option<TempDir>,
 }
 
 fn spawn_agent(netns: &Netns, dir: &TempDir, join_token: Option<&str>) -> Child {
@@ -230,12 +232,37 @@ impl FleetAgent {
     /// address it listens on), attesting with `join_token`; returns once
     /// its workload socket is up.
     pub async fn start(netns: &Netns, server: &FleetServer, join_token: &str) -> Self {
+        Self::spawn(netns, server, "", Some(join_token)).await
+    }
+
+    /// Starts `tether run` in `netns` as node of `server`, attesting with
+    /// the projected service account token `psat` (`k8s_psat`, the token in
+    /// a file as the kubelet mounts it).
+    pub async fn start_with_psat(netns: &Netns, server: &FleetServer, psat: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tether-server");
+        std::fs::write(&path, format!("{psat}\n")).expect("token file");
+        let extra = format!(
+            "node_attestation = \"k8s_psat\"\npsat_path = \"{}\"\n",
+            path.display()
+        );
+        let mut agent = Self::spawn(netns, server, &extra, None).await;
+        agent.token_dir = Some(dir);
+        agent
+    }
+
+    async fn spawn(
+        netns: &Netns,
+        server: &FleetServer,
+        extra_server: &str,
+        join_token: Option<&str>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let bundle = dir.path().join("bootstrap.json");
         std::fs::write(&bundle, server.bundle_json().await).expect("bootstrap bundle");
         let socket = dir.path().join("agent.sock");
         let config = format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\nlog.level = \"info\"\n\n[server]\naddress = \"{}\"\nbootstrap_bundle = \"{}\"\n",
+            "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\nlog.level = \"info\"\n\n[server]\naddress = \"{}\"\nbootstrap_bundle = \"{}\"\n{extra_server}",
             socket.display(),
             dir.path().join("admin/admin.sock").display(),
             dir.path().join("data").display(),
@@ -245,10 +272,11 @@ impl FleetAgent {
         let config_path = dir.path().join("agent.toml");
         std::fs::write(&config_path, config).expect("agent config");
         let mut agent = Self {
-            child: spawn_agent(netns, &dir, Some(join_token)),
+            child: spawn_agent(netns, &dir, join_token),
             dir,
             socket,
             netns: netns.name.clone(),
+            token_dir: None,
         };
         agent.until_started().await;
         agent

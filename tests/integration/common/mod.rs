@@ -1,6 +1,7 @@
 //! Shared test harness: a real agent on a temporary socket and data dir,
 //! driven through real clients (the `spiffe` crate, tether's own gRPC stubs).
 
+pub mod apiserver;
 pub mod cli;
 pub mod eventually;
 pub mod fleet;
