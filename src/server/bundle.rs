@@ -180,7 +180,9 @@ pub fn replica_id(data_dir: &Path) -> Result<String, KeyStoreError> {
         && let Ok(id) = String::from_utf8(bytes)
         && !id.is_empty()
         && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
         return Ok(id);
     }

@@ -5,6 +5,8 @@
 //! - [`node_api`]: the gRPC service fleet agents call over mutual TLS
 //!   (attestation, sync, signing);
 //! - [`admin`]: the operators' admin socket;
+//! - [`bundle`]: the server's `Authority`: this replica's signatures,
+//!   every replica's keys in the bundle (shared through the store);
 //! - [`registry`]: the entries the server serves (its file's and the
 //!   store's);
 //! - [`scope`]: the rule deciding which identities a node may obtain;
@@ -18,6 +20,7 @@
 //!   `k8s:` selectors).
 
 pub mod admin;
+pub mod bundle;
 pub mod config;
 pub mod join_token;
 pub mod k8s;

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ServerConfig;
 use super::admin::{self as server_admin, ServerAdminService};
+use super::bundle::{self, FleetAuthority};
 use super::config::StoreLocation;
 use super::k8s::Kubernetes;
 use super::node_api::{self, NodeApi};
@@ -85,7 +86,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             .await
             .context("loading the authority")??
     };
-    let authority: Arc<dyn Authority> = Arc::new(local_authority.clone());
     let store: Arc<dyn ServerStore> = match &config.store {
         StoreLocation::Sqlite(path) => {
             let path = path.clone();
@@ -102,6 +102,22 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .with_context(|| format!("opening the server store at {}", config.store))?,
         ),
     };
+    // This replica signs with its own keys; what it serves and verifies
+    // with is every replica's bundle (`server::bundle`).
+    let replica = {
+        let dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || bundle::replica_id(&dir))
+            .await
+            .context("reading the replica id")?
+            .context("the replica id in the data dir")?
+    };
+    let fleet_authority =
+        FleetAuthority::new(Arc::new(local_authority.clone()), replica, store.clone());
+    fleet_authority
+        .refresh()
+        .await
+        .context("sharing this replica's bundle through the store")?;
+    let authority: Arc<dyn Authority> = Arc::new(fleet_authority.clone());
     let kubernetes = config
         .kubernetes
         .clone()
@@ -143,6 +159,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 
     let shutdown = Shutdown::default();
     shutdown.spawn("key rotation", local_authority.run(shutdown.token()));
+    shutdown.spawn("bundle sharing", fleet_authority.run(shutdown.token()));
     shutdown.spawn("entry refresh", registry.clone().run(shutdown.token()));
     shutdown.spawn(
         "server svid renewal",

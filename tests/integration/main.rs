@@ -29,6 +29,7 @@ mod faults;
 mod fleet_k8s;
 mod fleet_node;
 mod fleet_nodes;
+mod fleet_replicas;
 mod fleet_store;
 mod fuzz_seeds;
 mod hostile;

@@ -25,8 +25,8 @@
 //! trail, with the node's SPIFFE ID. Each node's calls are bounded by a
 //! token bucket (`rate`), so one node cannot starve the others.
 
-mod rate;
 mod attest;
+mod rate;
 mod sign;
 mod sync;
 #[cfg(test)]

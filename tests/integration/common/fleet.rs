@@ -346,3 +346,110 @@ impl Drop for FleetAgent {
         let _ = self.child.wait();
     }
 }
+
+/// A server replica as the operator runs it: the `tether server run`
+/// binary (so it can be killed), with its own data dir and admin socket,
+/// on a shared store.
+pub struct ServerProcess {
+    pub child: Child,
+    pub dir: TempDir,
+    pub address: String,
+}
+
+impl ServerProcess {
+    /// Starts `tether server run` listening on `ip` (a free port), keeping
+    /// its state in `store` (a `postgres://` URL).
+    pub async fn start(ip: &str, store: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A free port on `ip`: bound and released (nothing else binds
+        // there meanwhile in a test's own namespace pair).
+        let port = std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let address = format!("{ip}:{port}");
+        let config = format!(
+            "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nlisten = \"{address}\"\nadmin_socket_path = \"{}\"\nstore = \"{store}\"\n",
+            dir.path().join("data").display(),
+            dir.path().join("admin/server.sock").display(),
+        );
+        std::fs::write(dir.path().join("server.toml"), config).expect("server config");
+        let log = std::fs::File::create(dir.path().join("server.log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["server", "run", "--config"])
+            .arg(dir.path().join("server.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("server spawns");
+        let mut server = Self {
+            child,
+            dir,
+            address,
+        };
+        eventually("the server replica's start", async || {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("the server exited ({status}): {}", server.log());
+            }
+            server.log().contains("tether server started")
+        })
+        .await;
+        server
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub async fn admin(&self) -> ServerAdminClient<Channel> {
+        ServerAdminClient::new(uds_channel(&self.dir.path().join("admin/server.sock")).await)
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl FleetAgent {
+    /// Starts `tether run` in `netns` as a node of the replicas at
+    /// `addresses` (tried in turn), bootstrapped with `bundle_json`.
+    pub async fn start_at(
+        netns: &Netns,
+        addresses: &[String],
+        bundle_json: &str,
+        join_token: &str,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle = dir.path().join("bootstrap.json");
+        std::fs::write(&bundle, bundle_json).expect("bootstrap bundle");
+        let socket = dir.path().join("agent.sock");
+        let list: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+        let config = format!(
+            "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\nlog.level = \"info\"\n\n[server]\naddresses = [{}]\nbootstrap_bundle = \"{}\"\n",
+            socket.display(),
+            dir.path().join("admin/admin.sock").display(),
+            dir.path().join("data").display(),
+            list.join(", "),
+            bundle.display(),
+        );
+        std::fs::write(dir.path().join("agent.toml"), config).expect("agent config");
+        let mut agent = Self {
+            child: spawn_agent(netns, &dir, Some(join_token)),
+            dir,
+            socket,
+            netns: netns.name.clone(),
+            token_dir: None,
+        };
+        agent.until_started().await;
+        agent
+    }
+}
