@@ -224,7 +224,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             let closing = CancellationToken::new();
             let served = server_admin::serve(
                 admin,
-                server_admin::ServerAdminAuthz::new(&[]),
+                server_admin::authz(),
                 &mut admin_socket,
                 token.clone().cancelled_owned(),
                 closing.clone(),

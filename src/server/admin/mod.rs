@@ -3,8 +3,8 @@
 //!
 //! Owns the socket (bound 0600 in a 0700 directory, through
 //! [`BoundSocket`], as the agent's admin socket), who may call
-//! ([`ServerAdminAuthz`]: root, the server's own user and the uids it is
-//! given, decided from the kernel's peer credentials on every call), and
+//! ([`authz`]: root and the server's own user,
+//! decided from the kernel's peer credentials on every call), and
 //! the RPCs ([`ServerAdminService`]): join tokens, entries, nodes and the
 //! bundle.
 //!
@@ -20,7 +20,6 @@
 //!   the connection limits of the agent's admin socket.
 //! - Errors become a `Status` only through `crate::edge::status`.
 
-mod authz;
 mod service;
 
 use std::future::Future;
@@ -31,9 +30,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
+use crate::admin_api::AdminAuthz;
 use crate::proto::server::server_admin_server::ServerAdminServer;
 use crate::transport::{self, BindError, BoundSocket};
-pub use authz::ServerAdminAuthz;
+
+/// Who may call: root and the server's own user, from the peer's
+/// credentials on every call (the agent's admin interceptor).
+pub fn authz() -> AdminAuthz {
+    AdminAuthz::named(&[], "server admin API", "root and the server's user only")
+}
 pub use service::{MAX_ENTRY_NODES, ServerAdminService};
 
 /// Most concurrent connections: operators, not workloads.
@@ -58,7 +63,7 @@ pub fn bind(path: &Path) -> Result<BoundSocket, BindError> {
 /// The socket's file stays owned by `socket` (dropping it unlinks it).
 pub async fn serve(
     service: ServerAdminService,
-    authz: ServerAdminAuthz,
+    authz: AdminAuthz,
     socket: &mut BoundSocket,
     shutdown: impl Future<Output = ()>,
     closing: CancellationToken,

@@ -86,7 +86,7 @@ async fn serve_in_tempdir() -> Served {
             let closing = CancellationToken::new();
             let served = serve(
                 service,
-                ServerAdminAuthz::new(&[]),
+                authz(),
                 &mut socket,
                 stop.cancelled_owned(),
                 closing,
