@@ -183,7 +183,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         registry.clone(),
         audit.clone(),
         shutdown.token(),
-    );
+    )
+    .with_node_svid_ttl(config.node_svid_ttl);
     if let Some(kubernetes) = kubernetes {
         shutdown.spawn("pod list", kubernetes.clone().run(shutdown.token()));
         node_api = node_api.with_kubernetes(kubernetes);

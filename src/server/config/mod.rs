@@ -16,6 +16,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 use spiffe::TrustDomain;
@@ -27,6 +28,11 @@ use crate::authority::AuthorityConfig;
 use crate::config::{self, ConfigError, EnvSource};
 use crate::error::Chain;
 use crate::registration::{self, EntrySpec, RegistrationEntry};
+
+/// A node SVID's life when `node_svid_ttl` is not set.
+pub const DEFAULT_NODE_SVID_TTL: Duration = Duration::from_secs(3600);
+/// The shortest `node_svid_ttl`.
+pub const MIN_NODE_SVID_TTL: Duration = Duration::from_secs(10);
 
 /// Where agents reach the server when `listen` is not set.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8081";
@@ -45,6 +51,8 @@ pub struct ServerConfig {
     pub admin_socket_path: PathBuf,
     /// Where the fleet's state is kept.
     pub store: StoreLocation,
+    /// How long a node SVID lives (nodes renew at half of it).
+    pub node_svid_ttl: Duration,
     /// The signing keys, as the agent's `[authority]`.
     pub authority: AuthorityConfig,
     /// Entries from the file, each with the nodes it names.
@@ -72,6 +80,8 @@ struct RawServerConfig {
     listen: Option<String>,
     admin_socket_path: Option<PathBuf>,
     store: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    node_svid_ttl: Option<Duration>,
     #[serde(default)]
     authority: AuthorityConfig,
     #[serde(default)]
@@ -163,6 +173,23 @@ impl ServerConfig {
             .validate()
             .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
 
+        let node_svid_ttl = raw.node_svid_ttl.unwrap_or(DEFAULT_NODE_SVID_TTL);
+        if node_svid_ttl < MIN_NODE_SVID_TTL {
+            return Err(ConfigError::invalid(
+                "node_svid_ttl",
+                humantime::format_duration(node_svid_ttl).to_string(),
+                format!(
+                    "must be at least {} (nodes renew at half of it)",
+                    humantime::format_duration(MIN_NODE_SVID_TTL)
+                ),
+            ));
+        }
+        config::check_ttl(
+            "node_svid_ttl",
+            node_svid_ttl,
+            Some(("authority.ca_ttl", authority.ca_ttl)),
+        )?;
+
         let entries = entries(&raw.entries, &trust_domain)?;
         let kubernetes = raw.kubernetes.map(|k| k.validate(env)).transpose()?;
         Ok(Self {
@@ -171,6 +198,7 @@ impl ServerConfig {
             listen,
             admin_socket_path,
             store,
+            node_svid_ttl,
             authority,
             entries,
             kubernetes,

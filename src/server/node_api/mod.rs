@@ -51,8 +51,6 @@ use crate::edge::status;
 use crate::mtls;
 use crate::proto::server as pb;
 
-/// How long a node SVID lives (renewed at half life).
-pub const NODE_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Largest CSR a node may send, in bytes.
 const MAX_CSR_LEN: usize = 4096;
 /// The path under the trust domain of node SVIDs.
@@ -75,6 +73,8 @@ struct Inner {
     audit: AuditLog,
     /// Ends every sync stream when the server stops.
     stop: CancellationToken,
+    /// How long a node SVID lives.
+    node_svid_ttl: Duration,
     /// Each node's request budget.
     rates: Arc<rate::NodeRates>,
     /// `[kubernetes]`: PSAT review and the pods on each node.
@@ -109,6 +109,7 @@ impl NodeApi {
                 registry,
                 audit,
                 stop,
+                node_svid_ttl: crate::server::config::DEFAULT_NODE_SVID_TTL,
                 rates: Arc::default(),
                 kubernetes: None,
             }),
@@ -121,6 +122,16 @@ impl NodeApi {
     pub fn with_kubernetes(self, kubernetes: Kubernetes) -> Self {
         let mut inner = Arc::unwrap_or_clone(self.inner);
         inner.kubernetes = Some(kubernetes);
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The service, signing node SVIDs for `ttl` (`node_svid_ttl`).
+    #[must_use]
+    pub fn with_node_svid_ttl(self, ttl: Duration) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.node_svid_ttl = ttl;
         Self {
             inner: Arc::new(inner),
         }
@@ -194,7 +205,7 @@ impl NodeApi {
                 csr,
                 spiffe_id,
                 dns_names: Vec::new(),
-                ttl: NODE_SVID_TTL,
+                ttl: self.inner.node_svid_ttl,
             })
             .await
             .map_err(|e| status::authority(&e))
