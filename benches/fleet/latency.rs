@@ -42,6 +42,13 @@ impl Op {
         }
     }
 
+    /// Whether the operation signs each time, and so in fleet mode is
+    /// charged against the node's request budget at the server (50 a
+    /// second after a burst of 500, `server::node_api::rate`): run paced.
+    pub fn is_paced(self) -> bool {
+        matches!(self, Op::ColdJwt | Op::BeginTask)
+    }
+
     /// What the report calls it.
     pub fn describe(self) -> &'static str {
         match self {
@@ -54,19 +61,41 @@ impl Op {
 
 /// Runs `op` from `clients` clients against the agent on `socket` for
 /// `duration`; every client connects (and, for the warm cache, fetches
-/// once) before the clock starts.
-pub async fn run(op: Op, clients: usize, duration: Duration, socket: &Path) -> Summary {
+/// once) before the clock starts. With `pace` (calls per second, all
+/// clients together), each client starts its calls on a fixed schedule,
+/// the clients staggered, instead of one after another as fast as they
+/// can; a late call starts the next at once, without catching up.
+pub async fn run(
+    op: Op,
+    clients: usize,
+    duration: Duration,
+    pace: Option<f64>,
+    socket: &Path,
+) -> Summary {
     let mut prepared = Vec::with_capacity(clients);
     for _ in 0..clients {
         prepared.push(Client::prepare(op, socket).await);
     }
+    let interval = pace
+        .filter(|rate| *rate > 0.0)
+        .map(|rate| Duration::from_secs_f64(clients as f64 / rate));
     let start = Instant::now() + Duration::from_millis(50);
     let mut workers = Vec::with_capacity(clients);
-    for mut client in prepared {
+    for (index, mut client) in prepared.into_iter().enumerate() {
+        let offset = interval.map_or(Duration::ZERO, |each| {
+            each.mul_f64(index as f64 / clients as f64)
+        });
         workers.push(tokio::spawn(async move {
-            tokio::time::sleep_until(start.into()).await;
+            let mut next = start + offset;
             let (mut latencies, mut errors) = (Vec::new(), 0usize);
-            while start.elapsed() < duration {
+            loop {
+                tokio::time::sleep_until(next.into()).await;
+                if start.elapsed() >= duration {
+                    break;
+                }
+                if let Some(each) = interval {
+                    next = (next + each).max(Instant::now());
+                }
                 match client.once(op).await {
                     Some(took) => latencies.push(took),
                     None => errors += 1,

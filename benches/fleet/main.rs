@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo bench --bench fleet -- [--duration 5s] [--clients 1,16] [--ops warm_jwt,cold_jwt,begin_task]
-//!                              [--agents 100] [--key-ttl 2m] [--write FILE]
+//!                              [--paced 40] [--agents 100] [--key-ttl 2m] [--write FILE]
 //! ```
 //!
 //! 1. FetchJWTSVID with a warm JWT-SVID cache (the same audience), on a
@@ -13,6 +13,11 @@
 //! 2. FetchJWTSVID cold (a new audience each call: a signature each, in
 //!    fleet mode a round trip to the server);
 //! 3. BeginTask (the task token signed; in fleet mode by the server);
+//!    2 and 3 run paced, `--paced` calls a second from all clients together
+//!    (default 40), under the server's budget per node (50 a second after
+//!    a burst of 500): unpaced, a fleet agent's clients are refused by the
+//!    budget, and the run measures the refusals, not the round trip
+//!    (`--paced 0` does that);
 //! 4. one server with `--agents` agent processes: the server's CPU and
 //!    memory while they attest and sync, at steady state, and around a key
 //!    rotation (`--key-ttl` is the server's `ca_ttl` and `jwt_key_ttl`;
@@ -56,6 +61,9 @@ pub struct Args {
     pub agents: usize,
     /// The server's key lifetime in the many-agents part.
     pub key_ttl: Duration,
+    /// Calls per second (all clients together) of the operations that
+    /// sign each time; 0: as fast as the clients can.
+    pub paced: f64,
     /// Where to write the report.
     pub write: Option<PathBuf>,
 }
@@ -181,7 +189,14 @@ fn measure(
 ) -> Measured {
     let agent_before = agent.process.cpu_time();
     let server_before = server.map(Process::cpu_time);
-    let summary = runtime.block_on(latency::run(op, clients, args.duration, &agent.socket));
+    let pace = (op.is_paced() && args.paced > 0.0).then_some(args.paced);
+    let summary = runtime.block_on(latency::run(
+        op,
+        clients,
+        args.duration,
+        pace,
+        &agent.socket,
+    ));
     let done = u32::try_from(summary.done.max(1)).unwrap_or(u32::MAX);
     let agent_cpu = agent.process.cpu_time().saturating_sub(agent_before);
     let server_cpu = server
@@ -201,6 +216,7 @@ fn parse_args() -> Args {
         ops: Op::ALL.to_vec(),
         agents: 100,
         key_ttl: Duration::from_secs(120),
+        paced: 40.0,
         write: None,
     };
     let mut it = std::env::args().skip(1);
@@ -234,6 +250,7 @@ fn parse_args() -> Args {
             "--key-ttl" => {
                 args.key_ttl = humantime::parse_duration(&next()).expect("--key-ttl: humantime");
             }
+            "--paced" => args.paced = next().parse().expect("--paced: calls per second"),
             "--write" => args.write = Some(next().into()),
             // cargo bench passes --bench to every harness.
             "--bench" => {}

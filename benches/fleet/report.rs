@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::hundred::Fleet;
+use crate::latency::Op;
 use crate::stats::{self, ratio};
 use crate::{Args, Pair};
 
@@ -38,13 +39,14 @@ pub fn render(
     let _ = writeln!(out, "## The fleet (issue 17)\n");
     let _ = writeln!(
         out,
-        "Produced by `cargo bench --bench fleet -- --duration {} --clients {} --ops {} --agents {} --key-ttl {}`. \
+        "Produced by `cargo bench --bench fleet -- --duration {} --clients {} --ops {} --paced {} --agents {} --key-ttl {}`. \
          {cores} cores; load average {} before the run, {} after. Every process is the release \
          `tether` binary on loopback: a `tether server` (SQLite store), agents in fleet mode \
          (`[server]`, a join token each) and a standalone agent, with the clients on the same cores.\n",
         humantime::format_duration(args.duration),
         clients.join(","),
         ops.join(","),
+        args.paced,
         args.agents,
         humantime::format_duration(args.key_ttl),
         load.0,
@@ -66,7 +68,7 @@ pub fn render(
         let _ = writeln!(
             out,
             "| {} | {} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
-            pair.op.describe(),
+            describe(pair.op, args.paced),
             pair.clients,
             s.per_second,
             micros(s.p50),
@@ -186,6 +188,15 @@ fn many(out: &mut String, fleet: &Fleet) {
         "\nServer CPU % each second after the sync (bold: a key prepared or retired in that second): {}.",
         seconds.join(" ")
     );
+}
+
+/// The operation's name, with its pace when it ran paced.
+fn describe(op: Op, paced: f64) -> String {
+    if op.is_paced() && paced > 0.0 {
+        format!("{}, paced at {paced}/s", op.describe())
+    } else {
+        op.describe().to_owned()
+    }
 }
 
 fn micros(d: Duration) -> String {
