@@ -24,6 +24,9 @@ const ROTATION_EVENTS: [&str; 4] = [
     "retired expired JWT signing key",
 ];
 
+/// The reason of a node SVID renewal on the server's audit trail.
+const RENEWAL: &str = "node SVID renewed";
+
 /// The figures of one run.
 #[derive(Debug)]
 pub struct Fleet {
@@ -102,20 +105,28 @@ pub fn run(
     eprintln!("fleet: {agents} agents synced in {sync_wall:?}, server CPU {sync_cpu:?}");
 
     let deadline = server_started + key_ttl + tail;
-    let events = |server: &Server| -> usize {
-        ROTATION_EVENTS.iter().map(|e| server.logged(e)).sum()
-    };
+    let events =
+        |server: &Server| -> usize { ROTATION_EVENTS.iter().map(|e| server.logged(e)).sum() };
     let mut seconds = Vec::new();
-    let (mut last_cpu, mut last_events) = (server.process.cpu_time(), events(&server));
+    let mut last = (
+        server.process.cpu_time(),
+        events(&server),
+        server.audited(RENEWAL),
+    );
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_secs(1));
-        let (cpu, seen) = (server.process.cpu_time(), events(&server));
+        let now = (
+            server.process.cpu_time(),
+            events(&server),
+            server.audited(RENEWAL),
+        );
         seconds.push(Second {
-            cpu: cpu.saturating_sub(last_cpu).as_secs_f64(),
+            cpu: now.0.saturating_sub(last.0).as_secs_f64(),
             rss_kib: server.process.rss_kib(),
-            events: seen - last_events,
+            events: now.1.saturating_sub(last.1),
+            renewals: now.2.saturating_sub(last.2),
         });
-        (last_cpu, last_events) = (cpu, seen);
+        last = now;
     }
     let peak_rss_kib = server.process.peak_rss_kib();
     let agents_rss_kib = running.iter().map(|a| a.process.rss_kib()).sum();

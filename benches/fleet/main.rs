@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo bench --bench fleet -- [--duration 5s] [--clients 1,16] [--ops warm_jwt,cold_jwt,begin_task]
-//!                              [--paced 40] [--agents 100] [--key-ttl 2m] [--write FILE]
+//!                              [--paced 40] [--agents 100] [--key-ttl 2m] [--write FILE] [--keep]
 //! ```
 //!
 //! 1. FetchJWTSVID with a warm JWT-SVID cache (the same audience), on a
@@ -24,7 +24,8 @@
 //!    `--agents 0` skips this part).
 //!
 //! The report (markdown, for BENCHMARKS.md) goes to stdout, and to
-//! `--write FILE` when given.
+//! `--write FILE` when given. `--keep` keeps the processes' directories
+//! (configs, logs, audit trails) and prints where they are.
 
 #![allow(
     clippy::unwrap_used,
@@ -66,6 +67,8 @@ pub struct Args {
     pub paced: f64,
     /// Where to write the report.
     pub write: Option<PathBuf>,
+    /// Keep the processes' directories (configs, logs, audit trails).
+    pub keep: bool,
 }
 
 /// One operation at one client count, on both kinds of agent.
@@ -175,6 +178,9 @@ fn main() {
         std::fs::write(path, &text).expect("the report is written");
         eprintln!("wrote {}", path.display());
     }
+    if args.keep {
+        eprintln!("kept {}", dir.keep().display());
+    }
 }
 
 /// Runs `op` at `clients` against `agent`, with the CPU the agent (and the
@@ -218,13 +224,11 @@ fn parse_args() -> Args {
         key_ttl: Duration::from_secs(120),
         paced: 40.0,
         write: None,
+        keep: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut next = || {
-            it.next()
-                .unwrap_or_else(|| panic!("{flag} needs a value"))
-        };
+        let mut next = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--duration" => {
                 args.duration = humantime::parse_duration(&next()).expect("--duration: humantime");
@@ -252,6 +256,7 @@ fn parse_args() -> Args {
             }
             "--paced" => args.paced = next().parse().expect("--paced: calls per second"),
             "--write" => args.write = Some(next().into()),
+            "--keep" => args.keep = true,
             // cargo bench passes --bench to every harness.
             "--bench" => {}
             other => panic!("unknown argument {other}"),

@@ -94,8 +94,10 @@ pub fn render(
         "\nPeak RSS over these runs: standalone agent {:.1} MiB, fleet agent {:.1} MiB ({}), server {:.1} MiB.",
         mib(memory.standalone_kib),
         mib(memory.fleet_kib),
-        ratio(memory.fleet_kib as f64, memory.standalone_kib as f64)
-            .map_or_else(|| "—".to_owned(), |r| format!("{r:.2}× the standalone agent")),
+        ratio(memory.fleet_kib as f64, memory.standalone_kib as f64).map_or_else(
+            || "—".to_owned(),
+            |r| format!("{r:.2}× the standalone agent")
+        ),
         mib(memory.server_kib),
     );
     if let Some(fleet) = fleet {
@@ -109,6 +111,13 @@ fn many(out: &mut String, fleet: &Fleet) {
     let n = fleet.agents.max(1) as f64;
     let (steady, rotation) = stats::split(&fleet.seconds, AFTER_EVENT);
     let events: usize = fleet.seconds.iter().map(|s| s.events).sum();
+    let renewals: Vec<String> = fleet
+        .seconds
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.renewals > 0)
+        .map(|(i, s)| format!("{} in second {}", s.renewals, i + 1))
+        .collect();
     let _ = writeln!(
         out,
         "\n### One server, {} agents\n\n{} agent processes (`tether run`, each its own data dir, \
@@ -139,7 +148,7 @@ fn many(out: &mut String, fleet: &Fleet) {
     for (name, window) in [
         ("steady state (no key change)", steady),
         (
-            "key rotation: each second with a key prepared or retired, and the 2 after",
+            "key rotation: each second with a key prepared or retired or node SVIDs renewed, and the 2 after",
             rotation,
         ),
     ] {
@@ -158,7 +167,8 @@ fn many(out: &mut String, fleet: &Fleet) {
         out,
         "\nServer RSS: {:.1} MiB before any agent, {:.1} MiB with {} synced ({:.1} KiB per agent), \
          {:.1} MiB at its peak (VmHWM). The {} agents together: {:.1} MiB resident at the end \
-         ({:.1} MiB each). Rotation events logged by the server in the window: {events}. \
+         ({:.1} MiB each). Key changes logged by the server in the window: {events}; node SVID \
+         renewals on its audit trail: {}. \
          At the end, {} of {} agents served exactly the server's JWT keys (the rotated bundle \
          reached them).",
         mib(fleet.idle_rss_kib),
@@ -169,6 +179,11 @@ fn many(out: &mut String, fleet: &Fleet) {
         fleet.agents,
         mib(fleet.agents_rss_kib),
         mib(fleet.agents_rss_kib) / n,
+        if renewals.is_empty() {
+            "none".to_owned()
+        } else {
+            renewals.join(", ")
+        },
         fleet.bundle_current,
         fleet.agents,
     );
@@ -178,6 +193,8 @@ fn many(out: &mut String, fleet: &Fleet) {
         .map(|s| {
             if s.events > 0 {
                 format!("**{:.0}**", s.cpu * 100.0)
+            } else if s.renewals > 0 {
+                format!("_{:.0}_", s.cpu * 100.0)
             } else {
                 format!("{:.0}", s.cpu * 100.0)
             }
@@ -185,7 +202,7 @@ fn many(out: &mut String, fleet: &Fleet) {
         .collect();
     let _ = writeln!(
         out,
-        "\nServer CPU % each second after the sync (bold: a key prepared or retired in that second): {}.",
+        "\nServer CPU % each second after the sync (bold: a key prepared or retired in that second; italic: node SVIDs renewed): {}.",
         seconds.join(" ")
     );
 }

@@ -60,6 +60,8 @@ pub struct Second {
     pub rss_kib: u64,
     /// Key rotation events (a key prepared or retired) logged in the second.
     pub events: usize,
+    /// Node SVIDs renewed in the second (the server's audit trail).
+    pub renewals: usize,
 }
 
 /// A set of seconds, summed up.
@@ -93,15 +95,17 @@ impl Window {
     }
 }
 
-/// `seconds` split into the rotation window (every second with a rotation
-/// event and the `after` seconds that follow it, when the new bundle is
-/// pushed and the nodes renew) and the steady window (every other second).
+/// `seconds` split into the rotation window (every second with a key
+/// prepared or retired or a node SVID renewed, and the `after` seconds that
+/// follow it) and the steady window (every other second). Node SVIDs are
+/// capped at the signing CA's end, so a short CA life makes the nodes
+/// renew with the rotation.
 pub fn split(seconds: &[Second], after: usize) -> (Window, Window) {
     let mut steady = Window::default();
     let mut rotation = Window::default();
     let mut left = 0usize;
     for second in seconds {
-        if second.events > 0 {
+        if second.events > 0 || second.renewals > 0 {
             left = after + 1;
         }
         if left > 0 {

@@ -66,7 +66,10 @@ impl Server {
             dir: dir.to_owned(),
         };
         let started = Instant::now();
-        while server.try_admin(&["bundle", "show", "--format", "spiffe"]).is_none() {
+        while server
+            .try_admin(&["bundle", "show", "--format", "spiffe"])
+            .is_none()
+        {
             server.process.assert_alive("the server");
             assert!(started.elapsed() < TIMEOUT, "the server did not start");
             std::thread::sleep(Duration::from_millis(50));
@@ -108,6 +111,24 @@ impl Server {
     /// How many times the server logged `needle` so far.
     pub fn logged(&self, needle: &str) -> usize {
         self.process.log().matches(needle).count()
+    }
+
+    /// How many records of the server's audit trail hold `needle`.
+    pub fn audited(&self, needle: &str) -> usize {
+        let Ok(files) = std::fs::read_dir(self.dir.join("data/audit")) else {
+            return 0;
+        };
+        files
+            .flatten()
+            .filter(|f| f.file_name().to_string_lossy().ends_with(".jsonl"))
+            .map(|f| {
+                std::fs::read_to_string(f.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|line| line.contains(needle))
+                    .count()
+            })
+            .sum()
     }
 
     fn admin(&self, args: &[&str]) -> String {

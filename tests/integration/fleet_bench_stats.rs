@@ -48,6 +48,7 @@ fn second(cpu: f64, rss_kib: u64, events: usize) -> Second {
         cpu,
         rss_kib,
         events,
+        renewals: 0,
     }
 }
 
@@ -85,6 +86,22 @@ fn a_second_event_inside_the_window_extends_it() {
     let (steady, rotation) = split(&seconds, 2);
     assert_eq!(rotation.seconds, 5, "seconds 0 to 4");
     assert_eq!(steady.seconds, 1);
+}
+
+#[test]
+fn node_renewals_open_the_window_too() {
+    let mut renewing = second(0.2, 1, 0);
+    renewing.renewals = 100;
+    let seconds = [
+        second(0.0, 1, 0),
+        renewing,
+        second(0.0, 1, 0),
+        second(0.0, 1, 0),
+    ];
+    let (steady, rotation) = split(&seconds, 1);
+    assert_eq!(rotation.seconds, 2, "the renewal's second and the next");
+    assert!((rotation.cpu - 0.2).abs() < 1e-9);
+    assert_eq!(steady.seconds, 2);
 }
 
 #[test]
