@@ -34,8 +34,8 @@
     reason = "a benchmark fails by panicking"
 )]
 
-mod hundred;
 mod latency;
+mod many_agents;
 mod processes;
 mod report;
 mod stats;
@@ -157,7 +157,7 @@ fn main() {
     standalone.process.stop();
 
     let many = (args.agents > 0).then(|| {
-        hundred::run(
+        many_agents::run(
             &runtime,
             &dir.path().join("many"),
             args.agents,

@@ -5,8 +5,8 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::hundred::Fleet;
 use crate::latency::Op;
+use crate::many_agents::Fleet;
 use crate::stats::{self, ratio};
 use crate::{Args, Pair};
 
