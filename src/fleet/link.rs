@@ -66,6 +66,9 @@ struct Inner {
     /// The node SVID presented; `None` until the node has one.
     identity: Mutex<Option<SwappableIdentity>>,
     node_expires: Mutex<SystemTime>,
+    /// When to renew it: fixed when it arrives, between 40% and 50% of its
+    /// life, so nodes that got theirs together do not renew together.
+    node_renew_at: Mutex<SystemTime>,
     channel: Mutex<Option<Channel>>,
     problem: Mutex<Option<String>>,
     /// The sync stream `start` opened, until `run` takes it.
@@ -191,6 +194,7 @@ impl Link {
                 bundle: watch::channel(Arc::new(bundle)).0,
                 identity: Mutex::new(None),
                 node_expires: Mutex::new(UNIX_EPOCH),
+                node_renew_at: Mutex::new(UNIX_EPOCH),
                 channel: Mutex::new(None),
                 problem: Mutex::new(None),
                 first_stream: Mutex::new(None),
@@ -483,6 +487,7 @@ impl Link {
         }
         drop(slot);
         *lock(&self.inner.node_expires) = expires;
+        *lock(&self.inner.node_renew_at) = renewal_time(SystemTime::now(), expires);
         Ok(())
     }
 
@@ -593,13 +598,11 @@ impl Link {
         Ok(())
     }
 
-    /// When to renew the node SVID: half its remaining life.
+    /// How long until the node SVID is due for renewal.
     fn renew_in(&self) -> Duration {
-        let expires = *lock(&self.inner.node_expires);
-        expires
+        lock(&self.inner.node_renew_at)
             .duration_since(SystemTime::now())
             .unwrap_or_default()
-            / 2
     }
 
     fn set_problem(&self, problem: String) {
@@ -678,6 +681,20 @@ fn leaf_not_after(chain: &[Vec<u8>]) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(secs))
 }
 
+/// When an SVID received at `now` and expiring at `expires` is renewed:
+/// at half its life less up to a fifth of that half, at random.
+fn renewal_time(now: SystemTime, expires: SystemTime) -> SystemTime {
+    let half = expires.duration_since(now).unwrap_or_default() / 2;
+    now + jitter_fifth(half)
+}
+
+/// `base` less up to a fifth, at random.
+fn jitter_fifth(base: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let _ = aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut byte);
+    base - base / 5 * u32::from(byte[0]) / 255
+}
+
 /// `base` less up to a quarter, at random: agents that lost the server
 /// together do not come back together.
 fn jitter(base: Duration) -> Duration {
@@ -688,4 +705,30 @@ fn jitter(base: Duration) -> Duration {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_svid_is_renewed_between_two_fifths_and_half_its_life() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let expires = now + Duration::from_secs(3600);
+        let mut seen = BTreeSet::new();
+        for _ in 0..200 {
+            let at = renewal_time(now, expires).duration_since(now).unwrap();
+            assert!(
+                at >= Duration::from_secs(1440) && at <= Duration::from_secs(1800),
+                "{at:?}"
+            );
+            seen.insert(at.as_secs());
+        }
+        assert!(seen.len() > 10, "spread out, not one instant: {seen:?}");
+        assert_eq!(
+            renewal_time(expires, now),
+            expires,
+            "an expired SVID is due now"
+        );
+    }
 }

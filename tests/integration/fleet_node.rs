@@ -307,6 +307,67 @@ async fn an_evicted_node_is_refused_until_it_attests_again() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces): scripts/test runs it"]
+async fn a_node_renews_its_svid_before_it_expires_and_keeps_serving() {
+    require_root("network namespaces");
+    let netns = Netns::new();
+    let server = FleetServer::start(&netns.host_ip, "node_svid_ttl = \"10s\"\n").await;
+    let me = format!("unix:uid:{}", uid());
+    server
+        .create_entry(spec("spiffe://fleet.test/web", &[&me]), &["node-a"])
+        .await;
+    let token = server.join_token("node-a").await;
+    let agent = FleetAgent::start(&netns, &server, &token).await;
+    // Two renewals: the second is made over a connection that presented
+    // the first renewed SVID, past the first SVID's expiry.
+    eventually(
+        "two renewals of node-a's SVID on the server's trail",
+        async || {
+            let trail = tether::audit::read(&server.audit_dir(), &ReadFilter::default())
+                .map_err(|e| e.to_string())?;
+            let renewals = trail
+                .iter()
+                .filter(|r| {
+                    r.event.event == EventKind::NodeAttest
+                        && r.event.reason.as_deref() == Some("node SVID renewed")
+                })
+                .count();
+            if renewals >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{renewals} renewals"))
+            }
+        },
+    )
+    .await;
+    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .expect("spiffe client");
+    // A new identity still comes through the server.
+    server
+        .create_entry(spec("spiffe://fleet.test/late", &[&me]), &["node-a"])
+        .await;
+    eventually("an SVID signed after the renewals", async || {
+        let svids = client
+            .fetch_all_x509_svids()
+            .await
+            .map_err(|e| e.to_string())?;
+        let found = svids
+            .iter()
+            .any(|s| s.spiffe_id().to_string() == "spiffe://fleet.test/late");
+        if found {
+            Ok(())
+        } else {
+            Err(format!("{} SVIDs", svids.len()))
+        }
+    })
+    .await;
+    assert!(!agent.log().contains("renewal failed"), "{}", agent.log());
+    drop(agent);
+    server.stop().await;
+}
+
 async fn server_bundle(server: &FleetServer) -> TrustBundle {
     TrustBundle::from_spiffe_json(
         TrustDomain::new(TRUST_DOMAIN).expect("td"),

@@ -53,6 +53,10 @@ pub struct ServerConfig {
     pub store: StoreLocation,
     /// How long a node SVID lives (nodes renew at half of it).
     pub node_svid_ttl: Duration,
+    /// Each node's calls a second, after a burst of `node_request_burst`.
+    pub node_requests_per_second: u32,
+    /// Each node's burst of calls.
+    pub node_request_burst: u32,
     /// The signing keys, as the agent's `[authority]`.
     pub authority: AuthorityConfig,
     /// Entries from the file, each with the nodes it names.
@@ -82,6 +86,8 @@ struct RawServerConfig {
     store: Option<String>,
     #[serde(default, with = "humantime_serde")]
     node_svid_ttl: Option<Duration>,
+    node_requests_per_second: Option<u32>,
+    node_request_burst: Option<u32>,
     #[serde(default)]
     authority: AuthorityConfig,
     #[serde(default)]
@@ -190,6 +196,19 @@ impl ServerConfig {
             Some(("authority.ca_ttl", authority.ca_ttl)),
         )?;
 
+        let node_requests_per_second = raw
+            .node_requests_per_second
+            .unwrap_or(crate::server::node_api::DEFAULT_NODE_RATE);
+        let node_request_burst = raw
+            .node_request_burst
+            .unwrap_or(crate::server::node_api::DEFAULT_NODE_BURST);
+        if node_requests_per_second == 0 || node_request_burst == 0 {
+            return Err(ConfigError::setting(
+                "node_requests_per_second",
+                "node_requests_per_second and node_request_burst must be more than zero",
+            ));
+        }
+
         let entries = entries(&raw.entries, &trust_domain)?;
         let kubernetes = raw.kubernetes.map(|k| k.validate(env)).transpose()?;
         Ok(Self {
@@ -199,6 +218,8 @@ impl ServerConfig {
             admin_socket_path,
             store,
             node_svid_ttl,
+            node_requests_per_second,
+            node_request_burst,
             authority,
             entries,
             kubernetes,

@@ -121,6 +121,12 @@ fn bad_values_are_refused_naming_the_key() {
         ("data_dir = \"relative\"", "data_dir"),
         ("unknown_key = 1", "unknown field `unknown_key`"),
         (
+            "node_svid_ttl = \"5s\"",
+            "node_svid_ttl = \"5s\": must be at least 10s",
+        ),
+        ("node_svid_ttl = \"48h\"", "node_svid_ttl = \"2days\""),
+        ("node_requests_per_second = 0", "node_requests_per_second"),
+        (
             "[[entries]]\nspiffe_id = \"spiffe://tether.local/a\"\nselectors = [\"unix:uid:1\"]\nnodes = [\"Node_A\"]",
             "entries[0].nodes = \"Node_A\"",
         ),

@@ -27,6 +27,8 @@
 
 mod attest;
 mod rate;
+
+pub use rate::{BURST as DEFAULT_NODE_BURST, RATE as DEFAULT_NODE_RATE};
 mod sign;
 mod sync;
 #[cfg(test)]
@@ -137,6 +139,17 @@ impl NodeApi {
         }
     }
 
+    /// The service, with each node's calls bounded to `rate` a second
+    /// after a burst of `burst`.
+    #[must_use]
+    pub fn with_node_rate(self, rate: u32, burst: u32) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.rates = Arc::new(rate::NodeRates::new(rate, burst));
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
     /// The pods of the cluster as last listed (none without
     /// `[kubernetes]`).
     pub(crate) fn pods(&self) -> Arc<ClusterPods> {
@@ -181,10 +194,9 @@ impl NodeApi {
             )));
         }
         if !self.inner.rates.admit(&name, tokio::time::Instant::now()) {
+            let (rate, burst) = self.inner.rates.limits();
             return Err(status::exhausted_rate(&format!(
-                "node {name} is over its request budget ({} a second after a burst of {}); retry later",
-                rate::RATE,
-                rate::BURST
+                "node {name} is over its request budget ({rate} a second after a burst of {burst}: node_requests_per_second, node_request_burst); retry later"
             )));
         }
         Ok(CallingNode { name, spiffe_id })
