@@ -33,8 +33,9 @@ const MAX_DNS_NAMES: usize = 32;
 const MAX_DNS_NAME_LEN: usize = 253;
 /// Largest JWT claims object, in bytes.
 const MAX_CLAIMS_LEN: usize = 16 * 1024;
-/// Deepest `act` chain a JWT may carry (a task token's limit).
-const MAX_ACTORS: usize = crate::task::claims::MAX_ACTOR_DEPTH;
+/// Deepest `act` chain a JWT may carry: a task token's limit
+/// (`task::claims::MAX_ACTOR_DEPTH`, which `server` may not name).
+const MAX_ACTORS: usize = 8;
 /// Longest `jti` a JWT may carry, in bytes (it is the audit record's
 /// `token_id`; agents make 32 hex digits).
 const MAX_JTI_LEN: usize = 256;
