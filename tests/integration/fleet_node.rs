@@ -368,6 +368,142 @@ async fn a_node_renews_its_svid_before_it_expires_and_keeps_serving() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces): scripts/test runs it"]
+async fn a_rooted_node_gets_no_fleet_identity_names_no_foreign_actor_and_holds_few_streams() {
+    // Review findings, through the real node API with node-a's own SVID.
+    require_root("network namespaces");
+    let netns = Netns::new();
+    let server = FleetServer::start(&netns.host_ip, "").await;
+    let me = format!("unix:uid:{}", uid());
+    server
+        .create_entry(spec("spiffe://fleet.test/web", &[&me]), &["node-a"])
+        .await;
+    server
+        .create_entry(spec("spiffe://fleet.test/billing", &[&me]), &["node-b"])
+        .await;
+    // An operator's slip: the server's own identity as an entry on node-a.
+    server
+        .create_entry(
+            spec("spiffe://fleet.test/tether/server", &[&me]),
+            &["node-a"],
+        )
+        .await;
+    let token = server.join_token("node-a").await;
+    let agent = FleetAgent::start(&netns, &server, &token).await;
+    let bundle = server_bundle(&server).await;
+    let mut node = node_client(&agent, &server, &bundle).await;
+
+    // 1. The server's SVID (with which a node could serve agents as the
+    //    server) is signed for no node, whatever entry names it.
+    let (_, csr) = tether::authority::key_and_csr().expect("csr");
+    let refused = node
+        .sign_x509_svids(pb::SignX509SvidsRequest {
+            requests: vec![pb::X509SvidRequest {
+                spiffe_id: "spiffe://fleet.test/tether/server".into(),
+                csr,
+                ttl_ms: 60_000,
+                dns_names: vec![],
+            }],
+        })
+        .await
+        .expect_err("the server's identity is refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("fleet's own identity"),
+        "{}",
+        refused.message()
+    );
+
+    // 2. A JWT for its own identity naming another node's workload as the
+    //    actor, or another issuer: refused. Its own actor: signed.
+    let not_after_ms = i64::try_from(
+        (std::time::SystemTime::now() + Duration::from_secs(60))
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_millis(),
+    )
+    .expect("fits");
+    let jwt = |claims: serde_json::Value| pb::SignJwtRequest {
+        claims_json: claims.to_string(),
+        not_after_ms,
+    };
+    let foreign_actor = node
+        .sign_jwt(jwt(serde_json::json!({
+            "sub": "spiffe://fleet.test/web", "aud": "mcp", "txn": "t1",
+            "act": {"sub": "spiffe://fleet.test/web",
+                    "act": {"sub": "spiffe://fleet.test/billing"}},
+        })))
+        .await
+        .expect_err("an actor of node-b is refused");
+    assert_eq!(
+        foreign_actor.code(),
+        tonic::Code::PermissionDenied,
+        "{foreign_actor:?}"
+    );
+    assert!(
+        foreign_actor.message().contains("billing"),
+        "{}",
+        foreign_actor.message()
+    );
+    let issuer = node
+        .sign_jwt(jwt(serde_json::json!({
+            "sub": "spiffe://fleet.test/web", "aud": "mcp",
+            "iss": "spiffe://other.test",
+        })))
+        .await
+        .expect_err("another issuer is refused");
+    assert_eq!(issuer.code(), tonic::Code::InvalidArgument, "{issuer:?}");
+    node.sign_jwt(jwt(serde_json::json!({
+        "sub": "spiffe://fleet.test/web", "aud": "mcp", "txn": "t1",
+        "iss": "spiffe://fleet.test",
+        "act": {"sub": "spiffe://fleet.test/web"},
+    })))
+    .await
+    .expect("its own identity as the actor is signed");
+
+    // 3. Sync streams: the node's oldest is ended by newer ones (the
+    //    agent's own stream counts too), so a node holds only a few.
+    let mut first = node
+        .sync(pb::SyncRequest {})
+        .await
+        .expect("sync")
+        .into_inner();
+    let snapshot = first.message().await.expect("snapshot").expect("one");
+    let ids: BTreeSet<String> = snapshot
+        .entries
+        .iter()
+        .filter_map(|e| e.spec.as_ref().map(|s| s.spiffe_id.clone()))
+        .collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from(["spiffe://fleet.test/web".to_owned()]),
+        "the entry naming the server's identity is not synced"
+    );
+    let mut newer = Vec::new();
+    for _ in 0..2 {
+        newer.push(
+            node.sync(pb::SyncRequest {})
+                .await
+                .expect("sync")
+                .into_inner(),
+        );
+    }
+    let ended = loop {
+        match first.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the replaced stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("replaced"), "{}", ended.message());
+
+    drop(newer);
+    drop(agent);
+    server.stop().await;
+}
+
 async fn server_bundle(server: &FleetServer) -> TrustBundle {
     TrustBundle::from_spiffe_json(
         TrustDomain::new(TRUST_DOMAIN).expect("td"),

@@ -171,7 +171,51 @@ async fn nodes(store: &dyn ServerStore) {
     store.put_node(renewed.clone()).await.expect("put");
     assert_eq!(
         store.node(node("node-a")).await.expect("read"),
-        Some(renewed)
+        Some(renewed.clone())
+    );
+
+    // A renewal is recorded only while the node is as the renewal read it:
+    // never over an eviction, nor over a newer admission.
+    let next = NodeRow {
+        svid_serial: "0d".into(),
+        ..renewed.clone()
+    };
+    assert!(store.renew_node(next.clone()).await.expect("renew"));
+    assert_eq!(
+        store.node(node("node-a")).await.expect("read"),
+        Some(next.clone())
+    );
+    let stale = NodeRow {
+        attested_at: at(5),
+        svid_serial: "0e".into(),
+        ..next.clone()
+    };
+    assert!(!store.renew_node(stale).await.expect("renew"));
+    store.evict_node(node("node-a")).await.expect("evict");
+    assert!(
+        !store
+            .renew_node(NodeRow {
+                svid_serial: "0f".into(),
+                ..next.clone()
+            })
+            .await
+            .expect("renew")
+    );
+    let row = store.node(node("node-a")).await.expect("read");
+    assert_eq!(
+        row,
+        Some(NodeRow {
+            evicted: true,
+            ..next
+        }),
+        "still evicted, with the last recorded SVID"
+    );
+    assert!(
+        !store
+            .renew_node(node_row("node-z", "01"))
+            .await
+            .expect("renew"),
+        "no such node"
     );
 }
 

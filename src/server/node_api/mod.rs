@@ -79,6 +79,8 @@ struct Inner {
     node_svid_ttl: Duration,
     /// Each node's request budget.
     rates: Arc<rate::NodeRates>,
+    /// Each node's open sync streams.
+    streams: Arc<sync::OpenStreams>,
     /// `[kubernetes]`: PSAT review and the pods on each node.
     kubernetes: Option<Kubernetes>,
 }
@@ -88,6 +90,39 @@ struct Inner {
 pub(crate) struct CallingNode {
     pub(crate) name: NodeName,
     pub(crate) spiffe_id: SpiffeId,
+    /// The connection's certificate: when it starts to be valid.
+    not_before: SystemTime,
+    /// The connection's certificate: when it expires.
+    not_after: SystemTime,
+}
+
+// === impl CallingNode ===
+
+impl CallingNode {
+    /// Refuses (Unauthenticated) when, at `now`, the node's `row` no longer
+    /// admits the certificate of this connection: the node was evicted,
+    /// the certificate expired, or it predates the node's latest
+    /// attestation. Checked on every call and again by an open sync
+    /// stream, which outlives any one check.
+    fn still_admitted(&self, row: &NodeRow, now: SystemTime) -> Result<(), Status> {
+        let name = &self.name;
+        if row.evicted {
+            return Err(status::unauthenticated(format!(
+                "node {name} was evicted; it must attest again"
+            )));
+        }
+        if self.not_after <= now {
+            return Err(status::unauthenticated(format!(
+                "the SVID of node {name} on this connection has expired; reconnect with the renewed one"
+            )));
+        }
+        if self.not_before < row.attested_at {
+            return Err(status::unauthenticated(format!(
+                "this SVID of node {name} predates its latest attestation"
+            )));
+        }
+        Ok(())
+    }
 }
 
 // === impl NodeApi ===
@@ -113,6 +148,7 @@ impl NodeApi {
                 stop,
                 node_svid_ttl: crate::server::config::DEFAULT_NODE_SVID_TTL,
                 rates: Arc::default(),
+                streams: Arc::default(),
                 kubernetes: None,
             }),
         }
@@ -177,29 +213,30 @@ impl NodeApi {
             .await
             .map_err(|e| status::agent_fault("reading the node registry", &e))?
             .ok_or_else(|| status::unauthenticated(format!("node {name} is not registered")))?;
-        if row.evicted {
+        let (Some(not_before), Some(not_after)) = (peer.not_before, peer.not_after) else {
             return Err(status::unauthenticated(format!(
-                "node {name} was evicted; it must attest again"
+                "the SVID of node {name} on this connection has no validity period"
             )));
-        }
-        let now = SystemTime::now();
-        if peer.not_after.is_none_or(|t| t <= now) {
-            return Err(status::unauthenticated(format!(
-                "the SVID of node {name} on this connection has expired; reconnect with the renewed one"
-            )));
-        }
-        if peer.not_before.is_none_or(|t| t < row.attested_at) {
-            return Err(status::unauthenticated(format!(
-                "this SVID of node {name} predates its latest attestation"
-            )));
-        }
-        if !self.inner.rates.admit(&name, tokio::time::Instant::now()) {
+        };
+        let node = CallingNode {
+            name,
+            spiffe_id,
+            not_before,
+            not_after,
+        };
+        node.still_admitted(&row, SystemTime::now())?;
+        if !self
+            .inner
+            .rates
+            .admit(&node.name, tokio::time::Instant::now())
+        {
             let (rate, burst) = self.inner.rates.limits();
             return Err(status::exhausted_rate(&format!(
-                "node {name} is over its request budget ({rate} a second after a burst of {burst}: node_requests_per_second, node_request_burst); retry later"
+                "node {} is over its request budget ({rate} a second after a burst of {burst}: node_requests_per_second, node_request_burst); retry later",
+                node.name
             )));
         }
-        Ok(CallingNode { name, spiffe_id })
+        Ok(node)
     }
 
     /// Signs a node SVID for the key in `csr`.
@@ -265,21 +302,30 @@ impl pb::node_server::Node for NodeApi {
         let svid = self
             .sign_node_svid(&node.name, request.into_inner().csr)
             .await?;
-        self.record(AuditEvent {
-            node: Some(node.spiffe_id.to_string()),
-            token_id: Some(svid.serial_hex()),
-            reason: Some("node SVID renewed".into()),
-            ..AuditEvent::new(EventKind::NodeAttest, Outcome::Allow)
-        })?;
-        self.inner
+        // Recorded only if the node is still as read: an eviction or a new
+        // admission since wins, and this SVID is never handed out.
+        let renewed = self
+            .inner
             .store
-            .put_node(NodeRow {
+            .renew_node(NodeRow {
                 svid_serial: svid.serial_hex(),
                 svid_expires_at: svid.not_after,
                 ..row
             })
             .await
             .map_err(|e| status::agent_fault("recording the node", &e))?;
+        if !renewed {
+            return Err(status::unauthenticated(format!(
+                "node {} was evicted or attested again while its SVID was renewed",
+                node.name
+            )));
+        }
+        self.record(AuditEvent {
+            node: Some(node.spiffe_id.to_string()),
+            token_id: Some(svid.serial_hex()),
+            reason: Some("node SVID renewed".into()),
+            ..AuditEvent::new(EventKind::NodeAttest, Outcome::Allow)
+        })?;
         Ok(Response::new(node_svid_message(&svid)))
     }
 

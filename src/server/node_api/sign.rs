@@ -2,6 +2,13 @@
 //! (`server::scope::authorize_any` over the server's entries) before the
 //! authority signs it; a refusal is recorded with the node's SPIFFE ID and
 //! refuses the whole request (PermissionDenied).
+//!
+//! A JWT's claims are the node's to write, but not those that name an
+//! identity: `sub` and every actor of an `act` chain (a task token's
+//! exchangers, each matched on the node that holds the task) must be
+//! identities the node may serve, and `iss`, when present, is the trust
+//! domain. So a rooted node cannot mint a token saying that a workload of
+//! another node acted, nor one claiming another issuer.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +33,9 @@ const MAX_DNS_NAMES: usize = 32;
 const MAX_DNS_NAME_LEN: usize = 253;
 /// Largest JWT claims object, in bytes.
 const MAX_CLAIMS_LEN: usize = 16 * 1024;
+/// Deepest `act` chain a JWT may carry: a task token's limit
+/// (`task::claims::MAX_ACTOR_DEPTH`, which `server` may not name).
+const MAX_ACTORS: usize = 8;
 /// Longest `jti` a JWT may carry, in bytes (it is the audit record's
 /// `token_id`; agents make 32 hex digits).
 const MAX_JTI_LEN: usize = 256;
@@ -129,6 +139,8 @@ pub(super) async fn jwt(
     if !has_audience {
         return Err(status::invalid("claims_json", "aud is required"));
     }
+    check_issuer(api, &claims)?;
+    let actors = actors_of(api, &claims)?;
     // The token's id in the trail, as on the agent's: the `jti`, never the
     // signing key's `kid` (which every token of a key shares).
     let jti = match claims.get("jti") {
@@ -154,6 +166,20 @@ pub(super) async fn jwt(
             dns_names: &[],
         },
     )?;
+    for actor in &actors {
+        // Any lifetime of the actor's entry will do: the token is the
+        // subject's, the actor is only named in it.
+        authorize(
+            api,
+            node,
+            &SignRequest {
+                spiffe_id: actor,
+                credential: Credential::Jwt,
+                ttl: Duration::ZERO,
+                dns_names: &[],
+            },
+        )?;
+    }
     let signed = api
         .inner
         .authority
@@ -171,6 +197,50 @@ pub(super) async fn jwt(
         kid: signed.kid,
         expires_at_ms: unix_ms(signed.expires_at),
     })
+}
+
+/// `iss`, when present, must be the trust domain (`spiffe://<td>`).
+fn check_issuer(
+    api: &NodeApi,
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), Status> {
+    let expected = api.inner.trust_domain.id_string();
+    match claims.get("iss") {
+        None => Ok(()),
+        Some(serde_json::Value::String(iss)) if *iss == expected => Ok(()),
+        Some(_) => Err(status::invalid(
+            "claims_json",
+            format!("iss, when present, must be {expected}"),
+        )),
+    }
+}
+
+/// The SPIFFE IDs of the `act` chain (RFC 8693: each actor an object with
+/// `sub`, the one before it nested as its `act`), outermost first.
+fn actors_of(
+    api: &NodeApi,
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Vec<SpiffeId>, Status> {
+    let mut actors = Vec::new();
+    let mut next = claims.get("act");
+    while let Some(actor) = next {
+        let serde_json::Value::Object(actor) = actor else {
+            return Err(status::invalid("claims_json", "act must be an object"));
+        };
+        if actors.len() == MAX_ACTORS {
+            return Err(status::invalid(
+                "claims_json",
+                format!("act is deeper than {MAX_ACTORS} actors"),
+            ));
+        }
+        let sub = actor
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| status::invalid("claims_json", "every act has a sub (a SPIFFE ID)"))?;
+        actors.push(parse_id(api, sub)?);
+        next = actor.get("act");
+    }
+    Ok(actors)
 }
 
 fn parse_id(api: &NodeApi, value: &str) -> Result<SpiffeId, Status> {

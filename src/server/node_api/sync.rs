@@ -8,13 +8,16 @@
 //! stream ends when the server stops, and when the node is evicted (seen
 //! at the next change or within [`RECHECK`]).
 
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use futures_util::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::{CallingNode, NodeApi, bundle_message};
@@ -22,9 +25,77 @@ use crate::admin_api::convert;
 use crate::proto::server as pb;
 use crate::server::k8s::{ClusterPods, Kubernetes};
 use crate::server::registry::ServerEntries;
+use crate::server::scope::NodeName;
 
 /// How often an idle stream checks that its node is still admitted.
 const RECHECK: Duration = Duration::from_secs(10);
+
+/// Most sync streams one node has open at once; an agent needs one.
+pub const MAX_STREAMS_PER_NODE: usize = 2;
+
+/// The sync streams open, per node, oldest first.
+#[derive(Debug, Default)]
+pub(super) struct OpenStreams {
+    open: Mutex<HashMap<NodeName, VecDeque<(u64, CancellationToken)>>>,
+    next_id: AtomicU64,
+}
+
+/// One open stream's place among its node's; leaves it when dropped.
+struct StreamSlot {
+    streams: Arc<OpenStreams>,
+    node: NodeName,
+    id: u64,
+    /// Cancelled when a newer stream of the node replaces this one.
+    replaced: CancellationToken,
+}
+
+// === impl OpenStreams ===
+
+impl OpenStreams {
+    /// A place for a new stream of `node`, ending its oldest streams
+    /// beyond [`MAX_STREAMS_PER_NODE`].
+    fn open(self: &Arc<Self>, node: &NodeName) -> StreamSlot {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let replaced = CancellationToken::new();
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let streams = open.entry(node.clone()).or_default();
+        while streams.len() >= MAX_STREAMS_PER_NODE {
+            if let Some((_, oldest)) = streams.pop_front() {
+                oldest.cancel();
+            }
+        }
+        streams.push_back((id, replaced.clone()));
+        StreamSlot {
+            streams: Arc::clone(self),
+            node: node.clone(),
+            id,
+            replaced,
+        }
+    }
+
+    /// How many streams `node` has open.
+    #[cfg(test)]
+    fn count(&self, node: &NodeName) -> usize {
+        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        open.get(node).map_or(0, VecDeque::len)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .streams
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(streams) = open.get_mut(&self.node) {
+            streams.retain(|(id, _)| *id != self.id);
+            if streams.is_empty() {
+                open.remove(&self.node);
+            }
+        }
+    }
+}
 
 /// The node's sync stream.
 pub(super) fn stream(
@@ -32,9 +103,19 @@ pub(super) fn stream(
     node: CallingNode,
 ) -> Pin<Box<dyn Stream<Item = Result<pb::SyncSnapshot, Status>> + Send>> {
     let (tx, rx) = mpsc::channel(1);
+    let slot = api.inner.streams.open(&node.name);
     tokio::spawn(async move {
-        if let Err(status) = feed(&api, &node, &tx).await {
-            let _ = tx.send(Err(status)).await;
+        let result = tokio::select! {
+            result = feed(&api, &node, &tx) => result,
+            () = slot.replaced.cancelled() => Err(crate::edge::status::unavailable(format!(
+                "a newer sync stream of node {} replaced this one (at most {MAX_STREAMS_PER_NODE} per node)",
+                node.name
+            ))),
+        };
+        drop(slot);
+        if let Err(status) = result {
+            // Told to a node that reads; never waited on for longer.
+            let _ = tokio::time::timeout(RECHECK, tx.send(Err(status))).await;
         }
     });
     Box::pin(ReceiverStream::new(rx))
@@ -87,21 +168,22 @@ async fn feed(
     }
 }
 
-/// Ends the stream of a node that was evicted or re-admitted since.
+/// Ends the stream when its node SVID is no longer admitted: the node
+/// evicted (or gone), the SVID expired, or the node attested again since.
 async fn recheck(api: &NodeApi, node: &CallingNode) -> Result<(), Status> {
     let row = api
         .inner
         .store
         .node(node.name.clone())
         .await
-        .map_err(|e| crate::edge::status::agent_fault("reading the node registry", &e))?;
-    match row {
-        Some(row) if !row.evicted => Ok(()),
-        _ => Err(crate::edge::status::unauthenticated(format!(
-            "node {} was evicted; it must attest again",
-            node.name
-        ))),
-    }
+        .map_err(|e| crate::edge::status::agent_fault("reading the node registry", &e))?
+        .ok_or_else(|| {
+            crate::edge::status::unauthenticated(format!(
+                "node {} is no longer registered; it must attest again",
+                node.name
+            ))
+        })?;
+    node.still_admitted(&row, SystemTime::now())
 }
 
 /// A new pod list; never, without `[kubernetes]`.
@@ -133,4 +215,45 @@ fn snapshot_for(
         entries,
         bundle: Some(bundle_message(&api.inner.authority)?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_keeps_at_most_its_newest_streams_and_a_closed_one_leaves() {
+        // Review finding: sync streams per node were unbounded (each one a
+        // job and three watches, held open by a node that never reads).
+        let streams = Arc::new(OpenStreams::default());
+        let (a, b) = (
+            NodeName::new("node-a").expect("name"),
+            NodeName::new("node-b").expect("name"),
+        );
+        let mut slots: Vec<StreamSlot> = (0..5).map(|_| streams.open(&a)).collect();
+        let other = streams.open(&b);
+        assert_eq!(streams.count(&a), MAX_STREAMS_PER_NODE);
+        let replaced = slots.iter().filter(|s| s.replaced.is_cancelled()).count();
+        assert_eq!(replaced, 5 - MAX_STREAMS_PER_NODE, "the oldest are ended");
+        assert!(
+            slots
+                .iter()
+                .rev()
+                .take(MAX_STREAMS_PER_NODE)
+                .all(|s| !s.replaced.is_cancelled()),
+            "the newest are kept"
+        );
+        assert!(!other.replaced.is_cancelled(), "another node is untouched");
+        slots.clear();
+        assert_eq!(streams.count(&a), 0);
+        drop(other);
+        assert!(
+            streams
+                .open
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty(),
+            "nodes without streams are forgotten"
+        );
+    }
 }

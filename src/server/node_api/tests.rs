@@ -40,3 +40,43 @@ fn times_are_milliseconds_since_the_epoch() {
     assert_eq!(unix_ms(UNIX_EPOCH + Duration::from_millis(1500)), 1500);
     assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_secs(1)), 0);
 }
+
+#[test]
+fn a_connections_svid_is_admitted_only_while_the_node_row_says_so() {
+    // Review finding: an open sync stream checked only `evicted`, so a
+    // stream outlived its SVID's expiry and the node's re-admission.
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+    let name = NodeName::new("node-a").expect("name");
+    let node = CallingNode {
+        spiffe_id: node_spiffe_id(&td(), &name).expect("id"),
+        name: name.clone(),
+        not_before: t0,
+        not_after: t0 + crate::server::config::DEFAULT_NODE_SVID_TTL,
+    };
+    let row = NodeRow {
+        name,
+        attestation: "join_token".into(),
+        attested_at: t0,
+        svid_serial: "0a".into(),
+        svid_expires_at: t0 + crate::server::config::DEFAULT_NODE_SVID_TTL,
+        evicted: false,
+    };
+    let during = t0 + Duration::from_secs(60);
+    assert!(node.still_admitted(&row, during).is_ok());
+    let refused = |row: &NodeRow, now| {
+        let status = node.still_admitted(row, now).expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        status.message().to_owned()
+    };
+    let evicted = NodeRow {
+        evicted: true,
+        ..row.clone()
+    };
+    assert!(refused(&evicted, during).contains("evicted"));
+    assert!(refused(&row, t0 + crate::server::config::DEFAULT_NODE_SVID_TTL).contains("expired"));
+    let again = NodeRow {
+        attested_at: t0 + Duration::from_secs(30),
+        ..row.clone()
+    };
+    assert!(refused(&again, during).contains("predates"));
+}

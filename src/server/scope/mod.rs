@@ -10,7 +10,14 @@
 //!
 //! [`authorize`] answers one signing request of a node: the identity it
 //! asks for must be one the entry yields on that node, within the entry's
-//! lifetime. Pure: the caller brings the node's pods as the API listed
+//! lifetime.
+//!
+//! The fleet's own identities, the server's `spiffe://<td>/tether/server`
+//! and every node's `spiffe://<td>/tether/node/<name>`, are never a
+//! workload's: an entry (fixed, or a template filled from a pod's
+//! namespace, service account or name) that would yield one yields nothing
+//! there ([`is_fleet_identity`]), so no node can obtain the server's SVID or
+//! another node's. Pure: the caller brings the node's pods as the API listed
 //! them, and records a refusal with the node's identity.
 
 use std::collections::BTreeSet;
@@ -20,6 +27,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use spiffe::SpiffeId;
 
+use super::node_api::{NODE_PATH_PREFIX, SERVER_PATH};
 use crate::attestation::k8s::selectors_of;
 use crate::registration::{RegistrationEntry, SelectorSet, SelectorType};
 
@@ -121,6 +129,15 @@ pub enum Refusal {
         /// The name asked for.
         name: String,
     },
+    /// One of the fleet's own identities ([`is_fleet_identity`]), which no
+    /// entry yields.
+    #[error(
+        "{requested} is the fleet's own identity (the server's or a node's), never a workload's"
+    )]
+    FleetIdentity {
+        /// What was asked for.
+        requested: String,
+    },
     /// Longer than the entry allows.
     #[error("a lifetime of {requested:?} is more than entry {entry} allows ({allowed:?})")]
     TooLong {
@@ -186,6 +203,7 @@ impl ServerEntry {
         let mut out = Vec::new();
         if self.nodes.contains(node)
             && let Some(id) = self.entry.spiffe_id.as_fixed()
+            && !is_fleet_identity(id)
         {
             out.push((id.clone(), Grant::Named));
         }
@@ -200,6 +218,7 @@ impl ServerEntry {
             for selectors in pod_selector_sets(pod) {
                 if wanted.is_subset(&selectors)
                     && let Some(id) = self.entry.spiffe_id.resolve(&selectors)
+                    && !is_fleet_identity(&id)
                     && !out.iter().any(|(known, _)| known == &id)
                 {
                     out.push((id, Grant::Pod(uid.to_owned())));
@@ -277,6 +296,11 @@ pub fn authorize_any<'e>(
     pods: &[Pod],
     request: &SignRequest<'_>,
 ) -> Result<(&'e ServerEntry, Grant), Refusal> {
+    if is_fleet_identity(request.spiffe_id) {
+        return Err(Refusal::FleetIdentity {
+            requested: request.spiffe_id.to_string(),
+        });
+    }
     let mut closest = None;
     for entry in entries {
         match authorize(entry, node, pods, request) {
@@ -291,6 +315,14 @@ pub fn authorize_any<'e>(
         requested: request.spiffe_id.to_string(),
         node: node.to_string(),
     }))
+}
+
+/// True when `id` is one of the fleet's own identities: the server's
+/// (`/tether/server`) or a node's (under `/tether/node/`). The node API
+/// names its callers by these, so no workload entry may yield one.
+pub fn is_fleet_identity(id: &SpiffeId) -> bool {
+    let path = id.path();
+    path == SERVER_PATH || path.starts_with(NODE_PATH_PREFIX)
 }
 
 /// True when the API says `pod` is bound to `node`.

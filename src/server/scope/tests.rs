@@ -284,3 +284,73 @@ fn any_entry_may_allow_a_request_and_the_closest_refusal_is_told() {
         Err(Refusal::TooLong { .. })
     ));
 }
+
+#[test]
+fn no_entry_yields_the_fleets_own_identities() {
+    // Review finding: a template filled from the API's facts (a namespace
+    // `tether`, a service account `server` or `node`) or an entry written
+    // with a fleet path would have let a node obtain the server's SVID
+    // (and serve agents as the server) or another node's (and be that
+    // node to the server).
+    let by_sa = entry(
+        "spiffe://fleet.test/{k8s:ns}/{k8s:sa}",
+        &["k8s:ns:tether"],
+        &[],
+    );
+    let by_pod = entry(
+        "spiffe://fleet.test/{k8s:ns}/{k8s:sa}/{k8s:pod-name}",
+        &["k8s:ns:tether"],
+        &[],
+    );
+    let named = entry(
+        "spiffe://fleet.test/tether/node/node-b",
+        &["unix:uid:0"],
+        &["node-a"],
+    );
+    let server_named = entry(
+        "spiffe://fleet.test/tether/server",
+        &["unix:uid:0"],
+        &["node-a"],
+    );
+    let pods = [
+        pod("uid-1", "node-a", "tether", "server", "x"),
+        pod("uid-2", "node-a", "tether", "node", "node-b"),
+    ];
+    let a = node("node-a");
+    // What is left names no node and is not the server's: a workload's.
+    let yielded: Vec<String> = [&by_sa, &by_pod, &named, &server_named]
+        .iter()
+        .flat_map(|e| e.identities(&a, &pods))
+        .map(|(id, _)| id.to_string())
+        .collect();
+    assert_eq!(
+        yielded,
+        [
+            "spiffe://fleet.test/tether/node",
+            "spiffe://fleet.test/tether/server/x-1"
+        ]
+    );
+    let entries = [by_sa, by_pod, named, server_named];
+    for wanted in [
+        "spiffe://fleet.test/tether/server",
+        "spiffe://fleet.test/tether/node/node-b",
+        "spiffe://fleet.test/tether/node/node-b-1",
+    ] {
+        let wanted = id(wanted);
+        let refused = authorize_any(&entries, &a, &pods, &x509(&wanted));
+        assert!(
+            matches!(&refused, Err(Refusal::FleetIdentity { requested }) if requested == &wanted.to_string()),
+            "{refused:?}"
+        );
+    }
+    // A workload path that merely starts alike is a workload's.
+    let fine = entry(
+        "spiffe://fleet.test/tether/nodes",
+        &["unix:uid:0"],
+        &["node-a"],
+    );
+    assert!(!fine.identities(&a, &[]).is_empty());
+    assert!(!is_fleet_identity(&id(
+        "spiffe://fleet.test/tether/server2"
+    )));
+}

@@ -71,6 +71,14 @@ pub trait ServerStore: fmt::Debug + Send + Sync + 'static {
     /// no longer evicted).
     fn put_node(&self, node: NodeRow) -> BoxFuture<'_, Result<(), ServerStoreError>>;
 
+    /// Records the renewed SVID of `node` (its `svid_serial` and
+    /// `svid_expires_at`), only while the stored node is the one the
+    /// renewal was granted to: not evicted, and last attested at
+    /// `node.attested_at`. False, and nothing written, when it was evicted
+    /// or attested again since (a renewal racing an eviction must not undo
+    /// it).
+    fn renew_node(&self, node: NodeRow) -> BoxFuture<'_, Result<bool, ServerStoreError>>;
+
     /// The node named `name`.
     fn node(&self, name: NodeName) -> BoxFuture<'_, Result<Option<NodeRow>, ServerStoreError>>;
 

@@ -40,6 +40,11 @@ pub(super) const UPSERT_NODE: &str = concat!(
      evicted = excluded.evicted"
 );
 
+/// Records a renewed SVID of a node still admitted as the renewal read it:
+/// not evicted, and not attested again since (its `attested_at_ms`).
+pub(super) const RENEW_NODE: &str = "UPDATE nodes SET svid_serial = $1, svid_expires_at_ms = $2 \
+     WHERE name = $3 AND attested_at_ms = $4 AND evicted = FALSE";
+
 pub(super) const SELECT_NODE: &str =
     concat!("SELECT ", node_columns!(), " FROM nodes WHERE name = $1");
 
@@ -100,6 +105,7 @@ pub(super) const ALL: &[&str] = &[
     SELECT_JOIN_TOKEN,
     PRUNE_JOIN_TOKENS,
     UPSERT_NODE,
+    RENEW_NODE,
     SELECT_NODE,
     SELECT_NODES,
     EVICT_NODE,

@@ -380,6 +380,12 @@ impl ServerStore for PostgresStore {
         }))
     }
 
+    fn renew_node(&self, node: NodeRow) -> BoxFuture<'_, Result<bool, ServerStoreError>> {
+        Box::pin(self.call("renewing a node", async move |c| {
+            ops::renew_node(c, node).await
+        }))
+    }
+
     fn node(&self, name: NodeName) -> BoxFuture<'_, Result<Option<NodeRow>, ServerStoreError>> {
         Box::pin(self.call("reading a node", async move |c| ops::node(c, name).await))
     }

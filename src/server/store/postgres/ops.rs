@@ -131,6 +131,17 @@ pub(super) async fn put_node(client: &mut Client, node: NodeRow) -> Result<(), F
     Ok(())
 }
 
+pub(super) async fn renew_node(client: &mut Client, node: NodeRow) -> Result<bool, Fail> {
+    let n = EncodedNode::new(&node)?;
+    let params: [&(dyn ToSql + Sync); 4] = [
+        &n.svid_serial,
+        &n.svid_expires_at_ms,
+        &n.name,
+        &n.attested_at_ms,
+    ];
+    Ok(client.execute(sql::RENEW_NODE, &params).await? == 1)
+}
+
 pub(super) async fn node(client: &mut Client, name: NodeName) -> Result<Option<NodeRow>, Fail> {
     match client
         .query_opt(sql::SELECT_NODE, &[&name.as_str()])

@@ -250,6 +250,24 @@ impl ServerStore for SqliteStore {
         })
     }
 
+    fn renew_node(&self, node: NodeRow) -> BoxFuture<'_, Result<bool, ServerStoreError>> {
+        self.run("renewing a node", move |conn, failed| {
+            let n = EncodedNode::new(&node)?;
+            let changed = conn
+                .execute(
+                    sql::RENEW_NODE,
+                    params![
+                        n.svid_serial,
+                        n.svid_expires_at_ms,
+                        n.name,
+                        n.attested_at_ms
+                    ],
+                )
+                .map_err(failed.on(rows::NODES))?;
+            Ok(changed == 1)
+        })
+    }
+
     fn node(&self, name: NodeName) -> BoxFuture<'_, Result<Option<NodeRow>, ServerStoreError>> {
         self.run("reading a node", move |conn, failed| {
             let on = failed.on(rows::NODES);

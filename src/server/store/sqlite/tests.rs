@@ -316,6 +316,62 @@ async fn nodes_are_put_replaced_listed_and_evicted() {
 }
 
 #[tokio::test]
+async fn a_renewal_is_recorded_only_while_the_node_is_as_it_was_read() {
+    // Review finding: RenewNode wrote back the whole row it had read, so an
+    // eviction (or a new admission) landing during a renewal was undone.
+    let db = Db::new();
+    let store = db.open();
+    assert!(
+        !store
+            .renew_node(node_row("node-a", "0b"))
+            .await
+            .expect("renew"),
+        "no such node"
+    );
+    store.put_node(node_row("node-a", "0a")).await.expect("put");
+    let renewed = NodeRow {
+        svid_expires_at: at(7_200_000),
+        ..node_row("node-a", "0b")
+    };
+    assert!(store.renew_node(renewed.clone()).await.expect("renew"));
+    assert_eq!(
+        store.node(node("node-a")).await.expect("read"),
+        Some(renewed.clone())
+    );
+
+    // Attested again since: the renewal of the earlier admission is refused.
+    let again = NodeRow {
+        attested_at: at(20),
+        ..node_row("node-a", "0c")
+    };
+    store.put_node(again.clone()).await.expect("put");
+    assert!(!store.renew_node(renewed.clone()).await.expect("renew"));
+    assert_eq!(
+        store.node(node("node-a")).await.expect("read"),
+        Some(again.clone())
+    );
+
+    // Evicted: refused, and the node stays evicted.
+    store.evict_node(node("node-a")).await.expect("evict");
+    assert!(
+        !store
+            .renew_node(NodeRow {
+                svid_serial: "0d".into(),
+                ..again.clone()
+            })
+            .await
+            .expect("renew")
+    );
+    let row = store
+        .node(node("node-a"))
+        .await
+        .expect("read")
+        .expect("the node exists");
+    assert!(row.evicted);
+    assert_eq!(row.svid_serial, "0c");
+}
+
+#[tokio::test]
 async fn a_node_the_store_could_not_read_back_is_refused() {
     let db = Db::new();
     let store = db.open();
