@@ -16,7 +16,7 @@ const MAX_ADDRESSES: usize = 16;
 pub const DEFAULT_PSAT_PATH: &str = "/var/run/secrets/tokens/tether-server";
 
 /// `[server]` as serde reads it.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFleetConfig {
     /// `host:port` of the server.
@@ -35,6 +35,21 @@ pub struct RawFleetConfig {
     /// Accept the server's certificate unverified at the first contact.
     #[serde(default)]
     pub insecure_bootstrap: bool,
+}
+
+/// Never prints the join token.
+impl fmt::Debug for RawFleetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawFleetConfig")
+            .field("address", &self.address)
+            .field("addresses", &self.addresses)
+            .field("bootstrap_bundle", &self.bootstrap_bundle)
+            .field("join_token", &self.join_token.as_ref().map(|_| "***"))
+            .field("node_attestation", &self.node_attestation)
+            .field("psat_path", &self.psat_path)
+            .field("insecure_bootstrap", &self.insecure_bootstrap)
+            .finish()
+    }
 }
 
 /// A valid `[server]`.
@@ -191,6 +206,15 @@ mod tests {
             "address = \"tether-server:8081\"\nbootstrap_bundle = \"/etc/tether/bundle.json\"\n{text}"
         ))
         .expect("toml")
+    }
+
+    #[test]
+    fn the_join_token_is_never_printed() {
+        let secret = "tjt1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let raw = raw(&format!("join_token = \"{secret}\"\n"));
+        assert!(!format!("{raw:?}").contains(secret));
+        let config = raw.validate(None).expect("valid");
+        assert!(!format!("{config:?}").contains(secret));
     }
 
     #[test]

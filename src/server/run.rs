@@ -40,6 +40,11 @@ const SERVER_SVID_TTL: Duration = Duration::from_secs(3600);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Largest node API request.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Largest node API reply: a sync snapshot (a node's entries and every
+/// replica's bundle) up to what an agent's client decodes (tonic's
+/// default, 4 MiB). A larger one fails and is logged; splitting
+/// snapshots is still to come.
+const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 /// A node's TLS handshake: at most 10 s, 64 at once.
 const HANDSHAKES: mtls::HandshakeLimits = mtls::HandshakeLimits {
     timeout: Duration::from_secs(10),
@@ -201,7 +206,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .add_service(
                     NodeServer::new(node_api)
                         .max_decoding_message_size(MAX_REQUEST_BYTES)
-                        .max_encoding_message_size(MAX_REQUEST_BYTES),
+                        .max_encoding_message_size(MAX_REPLY_BYTES),
                 )
                 .serve_with_incoming_shutdown(
                     mtls::incoming(listener, tls, HANDSHAKES),
