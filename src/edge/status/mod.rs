@@ -247,6 +247,12 @@ pub fn attestation(error: &AttestationError) -> Status {
 pub fn svid(error: &SvidError) -> Status {
     match error {
         SvidError::Audit(unavailable) => audit(unavailable),
+        // Fleet mode: the server's answer (unreachable, or why it refused)
+        // is the reason, and says nothing the node does not know.
+        SvidError::Authority(AuthorityError::Remote(_)) => {
+            tracing::error!(error = %Chain(error), "SVID issuance failed");
+            Status::unavailable(format!("could not issue an SVID: {}", Chain(error)))
+        }
         SvidError::Authority(_) | SvidError::KeyGeneration(_) | SvidError::SigningJob(_) => {
             tracing::error!(error = %Chain(error), "SVID issuance failed");
             Status::unavailable("could not issue an SVID; see the agent log")
