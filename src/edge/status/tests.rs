@@ -402,9 +402,9 @@ fn a_refused_signing_request_is_the_callers_and_a_signer_fault_unavailable() {
         Code::Unauthenticated
     );
     // A fleet agent's caller learns why the server did not sign.
-    let remote = SvidError::Authority(AuthorityError::Remote(Box::new(
-        tonic::Status::unavailable("not connected to the tether server"),
-    )));
+    let remote = SvidError::Authority(AuthorityError::Remote(Box::new(Status::unavailable(
+        "not connected to the tether server",
+    ))));
     let status = svid(&remote);
     assert_eq!(status.code(), Code::Unavailable);
     assert!(
