@@ -1,5 +1,6 @@
-//! `tether server`: the fleet's authority and registry (issue 17, being
-//! built; the plan is `docs/fleet-design.md`).
+//! `tether server`: the fleet's authority and registry (issue 17; the map
+//! is ARCHITECTURE.md, "The fleet", and what is still to come is in
+//! `docs/fleet-design.md`).
 //!
 //! - [`run`]: the composition root of `tether server run`;
 //! - [`node_api`]: the gRPC service fleet agents call over mutual TLS
