@@ -34,6 +34,8 @@ use crate::error::Chain;
 
 /// How often the other replicas' bundles are read.
 pub const POLL: Duration = Duration::from_secs(1);
+/// How often an unchanged bundle is written again.
+const REPUBLISH: Duration = Duration::from_secs(60);
 
 /// The server's authority: this replica's signatures, the fleet's bundle.
 #[derive(Debug, Clone)]
@@ -42,6 +44,10 @@ pub struct FleetAuthority {
     replica: String,
     store: Arc<dyn ServerStore>,
     union: Arc<watch::Sender<Arc<TrustBundle>>>,
+    /// What this replica last wrote to the store, and when: a write only
+    /// when its bundle changed, or every [`REPUBLISH`] (the row back if
+    /// someone removed it), not at every poll.
+    published: Arc<std::sync::Mutex<Option<(String, tokio::time::Instant)>>>,
 }
 
 impl FleetAuthority {
@@ -54,6 +60,7 @@ impl FleetAuthority {
             replica,
             store,
             union,
+            published: Arc::default(),
         }
     }
 
@@ -61,9 +68,17 @@ impl FleetAuthority {
     pub async fn refresh(&self) -> Result<(), super::store::ServerStoreError> {
         let own = self.own.bundle();
         if let Ok(json) = own.to_spiffe_json() {
-            self.store
-                .publish_bundle(self.replica.clone(), json, SystemTime::now())
-                .await?;
+            let now = tokio::time::Instant::now();
+            let due = match &*self.published_lock() {
+                Some((last, at)) => *last != json || now.duration_since(*at) >= REPUBLISH,
+                None => true,
+            };
+            if due {
+                self.store
+                    .publish_bundle(self.replica.clone(), json.clone(), SystemTime::now())
+                    .await?;
+                *self.published_lock() = Some((json, now));
+            }
         }
         let others = self.store.bundles().await?;
         let mut parts = vec![own];
@@ -88,6 +103,12 @@ impl FleetAuthority {
             true
         });
         Ok(())
+    }
+
+    fn published_lock(&self) -> std::sync::MutexGuard<'_, Option<(String, tokio::time::Instant)>> {
+        self.published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Keeps the union current until `cancel`: at every change of this

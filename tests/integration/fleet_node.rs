@@ -57,21 +57,7 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
     server
         .create_entry(spec("spiffe://fleet.test/api", &[&me]), &["node-a"])
         .await;
-    eventually("the new entry's SVID on node-a", async || {
-        let svids = client
-            .fetch_all_x509_svids()
-            .await
-            .map_err(|e| e.to_string())?;
-        let found = svids
-            .iter()
-            .any(|s| s.spiffe_id().to_string() == "spiffe://fleet.test/api");
-        if found {
-            Ok(())
-        } else {
-            Err(format!("{} SVIDs", svids.len()))
-        }
-    })
-    .await;
+    agent.until_serves(&["spiffe://fleet.test/api"]).await;
 
     // The agent's operator sees the link, and cannot add entries there:
     // the fleet's entries are the server's.
@@ -132,14 +118,11 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
     let mut node = node_client(&agent, &server, &bundle).await;
     let (_, csr) = tether::authority::key_and_csr().expect("csr");
     let refused = node
-        .sign_x509_svids(pb::SignX509SvidsRequest {
-            requests: vec![pb::X509SvidRequest {
-                spiffe_id: "spiffe://fleet.test/billing".into(),
-                csr: csr.clone(),
-                ttl_ms: 60_000,
-                dns_names: vec![],
-            }],
-        })
+        .sign_x509_svids(x509_request(
+            "spiffe://fleet.test/billing",
+            csr.clone(),
+            &[],
+        ))
         .await
         .expect_err("another node's identity is refused");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
@@ -150,14 +133,11 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
     );
     // Its own identity with a DNS name the entry does not give: refused.
     let extra = node
-        .sign_x509_svids(pb::SignX509SvidsRequest {
-            requests: vec![pb::X509SvidRequest {
-                spiffe_id: "spiffe://fleet.test/web".into(),
-                csr,
-                ttl_ms: 60_000,
-                dns_names: vec!["bank.example".into()],
-            }],
-        })
+        .sign_x509_svids(x509_request(
+            "spiffe://fleet.test/web",
+            csr,
+            &["bank.example"],
+        ))
         .await
         .expect_err("extra SANs are refused");
     assert_eq!(extra.code(), tonic::Code::PermissionDenied, "{extra:?}");
@@ -203,26 +183,9 @@ async fn a_node_joins_with_a_token_and_serves_what_the_server_signs() {
     // A restart needs no new token: the node comes back with its stored
     // node SVID and the bundle the server last sent.
     agent.restart().await;
-    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
-        .await
-        .expect("spiffe client");
-    eventually("node-a's SVIDs after a restart", async || {
-        let svids = client
-            .fetch_all_x509_svids()
-            .await
-            .map_err(|e| e.to_string())?;
-        let ids: BTreeSet<String> = svids.iter().map(|s| s.spiffe_id().to_string()).collect();
-        let want = BTreeSet::from([
-            "spiffe://fleet.test/api".to_owned(),
-            "spiffe://fleet.test/web".to_owned(),
-        ]);
-        if ids == want {
-            Ok(())
-        } else {
-            Err(format!("{ids:?}"))
-        }
-    })
-    .await;
+    agent
+        .until_serves_exactly(&["spiffe://fleet.test/api", "spiffe://fleet.test/web"])
+        .await;
     assert!(
         agent.log().contains("node SVID loaded from the data dir"),
         "{}",
@@ -261,14 +224,7 @@ async fn an_evicted_node_is_refused_until_it_attests_again() {
     // Its SVID is refused at once, on a connection made before.
     let (_, csr) = tether::authority::key_and_csr().expect("csr");
     let refused = node
-        .sign_x509_svids(pb::SignX509SvidsRequest {
-            requests: vec![pb::X509SvidRequest {
-                spiffe_id: "spiffe://fleet.test/web".into(),
-                csr,
-                ttl_ms: 60_000,
-                dns_names: vec![],
-            }],
-        })
+        .sign_x509_svids(x509_request("spiffe://fleet.test/web", csr, &[]))
         .await
         .expect_err("an evicted node signs nothing");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
@@ -341,28 +297,11 @@ async fn a_node_renews_its_svid_before_it_expires_and_keeps_serving() {
         },
     )
     .await;
-    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
-        .await
-        .expect("spiffe client");
     // A new identity still comes through the server.
     server
         .create_entry(spec("spiffe://fleet.test/late", &[&me]), &["node-a"])
         .await;
-    eventually("an SVID signed after the renewals", async || {
-        let svids = client
-            .fetch_all_x509_svids()
-            .await
-            .map_err(|e| e.to_string())?;
-        let found = svids
-            .iter()
-            .any(|s| s.spiffe_id().to_string() == "spiffe://fleet.test/late");
-        if found {
-            Ok(())
-        } else {
-            Err(format!("{} SVIDs", svids.len()))
-        }
-    })
-    .await;
+    agent.until_serves(&["spiffe://fleet.test/late"]).await;
     assert!(!agent.log().contains("renewal failed"), "{}", agent.log());
     drop(agent);
     server.stop().await;
@@ -398,14 +337,7 @@ async fn a_rooted_node_gets_no_fleet_identity_names_no_foreign_actor_and_holds_f
     //    server) is signed for no node, whatever entry names it.
     let (_, csr) = tether::authority::key_and_csr().expect("csr");
     let refused = node
-        .sign_x509_svids(pb::SignX509SvidsRequest {
-            requests: vec![pb::X509SvidRequest {
-                spiffe_id: "spiffe://fleet.test/tether/server".into(),
-                csr,
-                ttl_ms: 60_000,
-                dns_names: vec![],
-            }],
-        })
+        .sign_x509_svids(x509_request("spiffe://fleet.test/tether/server", csr, &[]))
         .await
         .expect_err("the server's identity is refused");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
@@ -502,6 +434,18 @@ async fn a_rooted_node_gets_no_fleet_identity_names_no_foreign_actor_and_holds_f
     drop(newer);
     drop(agent);
     server.stop().await;
+}
+
+/// One X.509-SVID for `spiffe_id`, a minute long, with `dns_names`.
+fn x509_request(spiffe_id: &str, csr: Vec<u8>, dns_names: &[&str]) -> pb::SignX509SvidsRequest {
+    pb::SignX509SvidsRequest {
+        requests: vec![pb::X509SvidRequest {
+            spiffe_id: spiffe_id.into(),
+            csr,
+            ttl_ms: 60_000,
+            dns_names: dns_names.iter().map(|n| (*n).to_owned()).collect(),
+        }],
+    }
 }
 
 async fn server_bundle(server: &FleetServer) -> TrustBundle {

@@ -3,25 +3,12 @@
 //! no entry is lost, each replica's keys are in the one bundle, and the
 //! servers recover when the PostgreSQL connection drops and comes back.
 
-use std::collections::BTreeSet;
-
 use tether::proto::admin as admin_pb;
 use tether::proto::server as pb;
 
 use crate::common::fleet::{FleetAgent, Netns, ServerProcess};
 use crate::common::postgres::TestPostgres;
 use crate::common::{eventually, require_root, spec, uid};
-
-async fn ids_on(agent: &FleetAgent) -> Result<BTreeSet<String>, String> {
-    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
-        .await
-        .map_err(|e| e.to_string())?;
-    let svids = client
-        .fetch_all_x509_svids()
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(svids.iter().map(|s| s.spiffe_id().to_string()).collect())
-}
 
 async fn create_entry(server: &ServerProcess, path: &str) -> Result<String, tonic::Status> {
     let me = format!("unix:uid:{}", uid());
@@ -86,15 +73,7 @@ async fn an_agent_outlives_a_replica_and_the_servers_outlive_a_database_restart(
         .token;
     let addresses = [first.address.clone(), second.address.clone()];
     let agent = FleetAgent::start_at(&netns, &addresses, &bundle, &token).await;
-    eventually("node-a's first SVID", async || {
-        let ids = ids_on(&agent).await?;
-        if ids.contains("spiffe://fleet.test/web") {
-            Ok(())
-        } else {
-            Err(format!("{ids:?}"))
-        }
-    })
-    .await;
+    agent.until_serves(&["spiffe://fleet.test/web"]).await;
 
     // The replica the agent talks to (its first address) is killed. An
     // entry made on the other reaches the node: the agent moved over.
@@ -102,19 +81,9 @@ async fn an_agent_outlives_a_replica_and_the_servers_outlive_a_database_restart(
     create_entry(&second, "api")
         .await
         .expect("entry on the second replica");
-    eventually("node-a's SVIDs after the first replica died", async || {
-        let ids = ids_on(&agent).await?;
-        let want = BTreeSet::from([
-            "spiffe://fleet.test/api".to_owned(),
-            "spiffe://fleet.test/web".to_owned(),
-        ]);
-        if ids == want {
-            Ok(())
-        } else {
-            Err(format!("{ids:?}"))
-        }
-    })
-    .await;
+    agent
+        .until_serves_exactly(&["spiffe://fleet.test/api", "spiffe://fleet.test/web"])
+        .await;
     let listed = second
         .admin()
         .await
@@ -139,14 +108,8 @@ async fn an_agent_outlives_a_replica_and_the_servers_outlive_a_database_restart(
         },
     )
     .await;
-    eventually("the entry made after the restart on node-a", async || {
-        let ids = ids_on(&agent).await?;
-        if ids.contains("spiffe://fleet.test/after-restart") {
-            Ok(())
-        } else {
-            Err(format!("{ids:?}"))
-        }
-    })
-    .await;
+    agent
+        .until_serves(&["spiffe://fleet.test/after-restart"])
+        .await;
     drop(agent);
 }

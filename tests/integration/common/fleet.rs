@@ -4,6 +4,7 @@
 //! a /30), so each agent reaches the server over a real link as a node
 //! would. Needs root.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -337,6 +338,47 @@ impl FleetAgent {
 
     pub fn endpoint(&self) -> String {
         format!("unix://{}", self.socket.display())
+    }
+
+    /// The SPIFFE IDs of the X.509-SVIDs this process gets from the agent
+    /// (the `spiffe` crate's client), or why there are none.
+    pub async fn x509_ids(&self) -> Result<BTreeSet<String>, String> {
+        let client = spiffe::WorkloadApiClient::connect_to(self.endpoint())
+            .await
+            .map_err(|e| e.to_string())?;
+        let svids = client
+            .fetch_all_x509_svids()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(svids.iter().map(|s| s.spiffe_id().to_string()).collect())
+    }
+
+    /// Waits until this process gets X.509-SVIDs for at least `ids`.
+    pub async fn until_serves(&self, ids: &[&str]) {
+        let want: BTreeSet<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+        eventually(format!("X.509-SVIDs for {want:?}"), async || {
+            let ids = self.x509_ids().await?;
+            if ids.is_superset(&want) {
+                Ok(())
+            } else {
+                Err(format!("{ids:?}"))
+            }
+        })
+        .await;
+    }
+
+    /// Waits until this process gets X.509-SVIDs for `ids` and no other.
+    pub async fn until_serves_exactly(&self, ids: &[&str]) {
+        let want: BTreeSet<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+        eventually(format!("X.509-SVIDs for {want:?} only"), async || {
+            let ids = self.x509_ids().await?;
+            if ids == want {
+                Ok(())
+            } else {
+                Err(format!("{ids:?}"))
+            }
+        })
+        .await;
     }
 }
 
