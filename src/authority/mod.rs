@@ -151,6 +151,11 @@ pub struct JwtRequest {
     pub claims: serde_json::Map<String, serde_json::Value>,
     /// The latest expiry the caller wants.
     pub not_after: SystemTime,
+    /// For an exchanged task token: the token it was exchanged from. A
+    /// remote authority shows it to the server, which checks the exchange
+    /// against it; an authority holding its own keys ignores it (the
+    /// caller checked the exchange).
+    pub subject_token: Option<String>,
 }
 
 /// A signed JWT.

@@ -72,7 +72,7 @@ struct Inner {
     channel: Mutex<Option<Channel>>,
     problem: Mutex<Option<String>>,
     /// The sync stream `start` opened, until `run` takes it.
-    first_stream: Mutex<Option<tonic::Streaming<pb::SyncSnapshot>>>,
+    first_stream: Mutex<Option<tonic::Streaming<pb::SyncMessage>>>,
 }
 
 /// Why the link could not be made.
@@ -342,7 +342,7 @@ impl Link {
     /// sync stream; a node SVID that expired meanwhile is attested again
     /// (with the service account token's current value, or a join token
     /// when one is configured).
-    async fn reconnect(&self) -> Result<tonic::Streaming<pb::SyncSnapshot>, LinkError> {
+    async fn reconnect(&self) -> Result<tonic::Streaming<pb::SyncMessage>, LinkError> {
         if *lock(&self.inner.node_expires) <= SystemTime::now() {
             self.attest().await?;
         }
@@ -356,7 +356,7 @@ impl Link {
     /// token is configured, the node attests again with it, once.
     async fn connect_and_sync(
         &self,
-    ) -> Result<(Channel, tonic::Streaming<pb::SyncSnapshot>), LinkError> {
+    ) -> Result<(Channel, tonic::Streaming<pb::SyncMessage>), LinkError> {
         let channel = self.connect().await?;
         match self.open_sync(&channel).await {
             Ok(stream) => Ok((channel, stream)),
@@ -517,9 +517,9 @@ impl Link {
     async fn open_sync(
         &self,
         channel: &Channel,
-    ) -> Result<tonic::Streaming<pb::SyncSnapshot>, LinkError> {
+    ) -> Result<tonic::Streaming<pb::SyncMessage>, LinkError> {
         NodeClient::new(channel.clone())
-            .sync(pb::SyncRequest {})
+            .sync(pb::SyncRequest { task_ends_after: 0 })
             .await
             .map(tonic::Response::into_inner)
             .map_err(|source| LinkError::Refused {
@@ -533,8 +533,14 @@ impl Link {
     /// and logged: the others still apply).
     fn apply_bundle_and_entries(
         &self,
-        snapshot: pb::SyncSnapshot,
+        message: pb::SyncMessage,
     ) -> Result<Vec<RegistrationEntry>, LinkError> {
+        let Some(pb::sync_message::Kind::Snapshot(snapshot)) = message.kind else {
+            return Err(LinkError::BadReply {
+                what: "the sync stream",
+                detail: "WIP".into(),
+            });
+        };
         if let Some(bundle) = &snapshot.bundle {
             self.take_bundle(bundle)?;
         }

@@ -94,6 +94,7 @@ impl Authority for RemoteAuthority {
                 .sign_jwt(pb::SignJwtRequest {
                     claims_json,
                     not_after_ms,
+                    subject_token: request.subject_token.unwrap_or_default(),
                 })
                 .await
                 .map_err(|status| AuthorityError::Remote(Box::new(status)))?

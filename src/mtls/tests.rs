@@ -20,8 +20,8 @@ use super::*;
 use crate::proto::server::node_client::NodeClient;
 use crate::proto::server::node_server::{Node, NodeServer};
 use crate::proto::server::{
-    AttestNodeRequest, AttestNodeResponse, NodeSvid, RenewNodeRequest, SignJwtRequest,
-    SignJwtResponse, SignX509SvidsRequest, SignX509SvidsResponse, SyncRequest, SyncSnapshot,
+    AttestNodeRequest, AttestNodeResponse, EndTasksRequest, EndTasksResponse, NodeSvid, RenewNodeRequest, SignJwtRequest,
+    SignJwtResponse, SignX509SvidsRequest, SignX509SvidsResponse, SyncMessage, SyncRequest,
 };
 
 const TD: &str = "example.org";
@@ -156,7 +156,7 @@ impl Node for Echo {
         Err(Status::unimplemented("test"))
     }
 
-    type SyncStream = futures_util::stream::Empty<Result<SyncSnapshot, Status>>;
+    type SyncStream = futures_util::stream::Empty<Result<SyncMessage, Status>>;
 
     async fn sync(
         &self,
@@ -176,6 +176,13 @@ impl Node for Echo {
         &self,
         _request: Request<SignJwtRequest>,
     ) -> Result<Response<SignJwtResponse>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+
+    async fn end_tasks(
+        &self,
+        _request: Request<EndTasksRequest>,
+    ) -> Result<Response<EndTasksResponse>, Status> {
         Err(Status::unimplemented("test"))
     }
 }

@@ -140,6 +140,7 @@ pub async fn issue(
         .sign_jwt(JwtRequest {
             claims,
             not_after: now + entry.jwt_svid_ttl.unwrap_or(default_ttl),
+            subject_token: None,
         })
         .await?;
     Ok(JwtSvid {

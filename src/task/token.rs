@@ -155,6 +155,7 @@ impl Tasks {
             .sign_jwt(JwtRequest {
                 claims: body,
                 not_after: exp,
+                subject_token: None,
             })
             .await?;
         task.state().tokens_issued += 1;

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::common::apiserver::{self, ApiServer, TokenFacts};
-use crate::common::fleet::{FleetAgent, FleetServer, Netns, TRUST_DOMAIN};
+use crate::common::fleet::{FleetAgent, FleetServer, Netns, TRUST_DOMAIN, next_snapshot};
 use crate::common::{eventually, require_root, spec, uid};
 
 const PLANNER: &str = "spiffe://fleet.test/planner";
@@ -91,12 +91,10 @@ async fn sign(node: &mut NodeClient<Channel>, spiffe_id: &str) -> Result<(), ton
 }
 
 /// The SPIFFE IDs of the entries in the next snapshot of `stream`.
-async fn next_ids(stream: &mut tonic::Streaming<pb::SyncSnapshot>) -> Vec<String> {
-    let snapshot = tokio::time::timeout(Duration::from_secs(30), stream.message())
+async fn next_ids(stream: &mut tonic::Streaming<pb::SyncMessage>) -> Vec<String> {
+    let snapshot = tokio::time::timeout(Duration::from_secs(30), next_snapshot(stream))
         .await
-        .expect("a snapshot within 30 s")
-        .expect("the stream")
-        .expect("a snapshot");
+        .expect("a snapshot within 30 s");
     snapshot
         .entries
         .iter()
@@ -147,7 +145,7 @@ async fn a_psat_admits_the_node_of_its_pod_and_pods_scope_entries() {
     // node-x is sent the entry once the API's pods are listed; node-y,
     // then, is not.
     let mut x_sync = node_x
-        .sync(pb::SyncRequest {})
+        .sync(pb::SyncRequest::default())
         .await
         .expect("sync")
         .into_inner();
@@ -157,7 +155,7 @@ async fn a_psat_admits_the_node_of_its_pod_and_pods_scope_entries() {
         }
     }
     let mut y_sync = node_y
-        .sync(pb::SyncRequest {})
+        .sync(pb::SyncRequest::default())
         .await
         .expect("sync")
         .into_inner();

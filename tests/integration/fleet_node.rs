@@ -15,7 +15,7 @@ use tether::bundle::TrustBundle;
 use tether::proto::server as pb;
 use tokio::sync::watch;
 
-use crate::common::fleet::{FleetAgent, FleetServer, Netns, TRUST_DOMAIN};
+use crate::common::fleet::{FleetAgent, FleetServer, Netns, TRUST_DOMAIN, next_snapshot};
 use crate::common::{admin_client, eventually, require_root, spec, uid};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,6 +357,7 @@ async fn a_rooted_node_gets_no_fleet_identity_names_no_foreign_actor_and_holds_f
     )
     .expect("fits");
     let jwt = |claims: serde_json::Value| pb::SignJwtRequest {
+        subject_token: String::new(),
         claims_json: claims.to_string(),
         not_after_ms,
     };
@@ -397,11 +398,11 @@ async fn a_rooted_node_gets_no_fleet_identity_names_no_foreign_actor_and_holds_f
     // 3. Sync streams: the node's oldest is ended by newer ones (the
     //    agent's own stream counts too), so a node holds only a few.
     let mut first = node
-        .sync(pb::SyncRequest {})
+        .sync(pb::SyncRequest::default())
         .await
         .expect("sync")
         .into_inner();
-    let snapshot = first.message().await.expect("snapshot").expect("one");
+    let snapshot = next_snapshot(&mut first).await;
     let ids: BTreeSet<String> = snapshot
         .entries
         .iter()
@@ -415,7 +416,7 @@ async fn a_rooted_node_gets_no_fleet_identity_names_no_foreign_actor_and_holds_f
     let mut newer = Vec::new();
     for _ in 0..2 {
         newer.push(
-            node.sync(pb::SyncRequest {})
+            node.sync(pb::SyncRequest::default())
                 .await
                 .expect("sync")
                 .into_inner(),

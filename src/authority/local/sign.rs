@@ -138,6 +138,8 @@ impl LocalAuthority {
         let JwtRequest {
             mut claims,
             not_after,
+            // The caller checked the exchange; only a remote signer shows it.
+            subject_token: _,
         } = request;
         if claims.contains_key("exp") {
             return Err(AuthorityError::BadRequest(

@@ -225,6 +225,27 @@ impl ServerAdmin for ServerAdminService {
             .map(Response::new)
             .map_err(|e| status::internal("encoding the bundle", &e))
     }
+
+    async fn list_tasks(
+        &self,
+        _request: Request<pb::ListFleetTasksRequest>,
+    ) -> Result<Response<pb::ListFleetTasksResponse>, Status> {
+        Err(status::unavailable("WIP"))
+    }
+
+    async fn get_task(
+        &self,
+        _request: Request<pb::GetFleetTaskRequest>,
+    ) -> Result<Response<pb::FleetTask>, Status> {
+        Err(status::unavailable("WIP"))
+    }
+
+    async fn revoke_task(
+        &self,
+        _request: Request<pb::RevokeFleetTaskRequest>,
+    ) -> Result<Response<pb::FleetTask>, Status> {
+        Err(status::unavailable("WIP"))
+    }
 }
 
 /// A node name from the request, bounded before it is checked (the

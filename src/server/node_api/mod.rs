@@ -329,7 +329,7 @@ impl pb::node_server::Node for NodeApi {
         Ok(Response::new(node_svid_message(&svid)))
     }
 
-    type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncSnapshot, Status>> + Send>>;
+    type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + Send>>;
 
     async fn sync(
         &self,
@@ -357,6 +357,14 @@ impl pb::node_server::Node for NodeApi {
         sign::jwt(self, &node, request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn end_tasks(
+        &self,
+        request: Request<pb::EndTasksRequest>,
+    ) -> Result<Response<pb::EndTasksResponse>, Status> {
+        let _node = self.node_of(&request).await?;
+        Err(status::unavailable("WIP"))
     }
 }
 

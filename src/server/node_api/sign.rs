@@ -183,7 +183,11 @@ pub(super) async fn jwt(
     let signed = api
         .inner
         .authority
-        .sign_jwt(JwtRequest { claims, not_after })
+        .sign_jwt(JwtRequest {
+            claims,
+            not_after,
+            subject_token: None,
+        })
         .await
         .map_err(|e| status::authority(&e))?;
     api.record(AuditEvent {

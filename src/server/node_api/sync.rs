@@ -101,7 +101,7 @@ impl Drop for StreamSlot {
 pub(super) fn stream(
     api: NodeApi,
     node: CallingNode,
-) -> Pin<Box<dyn Stream<Item = Result<pb::SyncSnapshot, Status>> + Send>> {
+) -> Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + Send>> {
     let (tx, rx) = mpsc::channel(1);
     let slot = api.inner.streams.open(&node.name);
     tokio::spawn(async move {
@@ -124,7 +124,7 @@ pub(super) fn stream(
 async fn feed(
     api: &NodeApi,
     node: &CallingNode,
-    tx: &mpsc::Sender<Result<pb::SyncSnapshot, Status>>,
+    tx: &mpsc::Sender<Result<pb::SyncMessage, Status>>,
 ) -> Result<(), Status> {
     let mut entries = api.inner.registry.subscribe();
     let mut bundle = api.inner.authority.subscribe_bundle();
@@ -149,6 +149,9 @@ async fn feed(
             let message = pb::SyncSnapshot {
                 revision,
                 ..snapshot
+            };
+            let message = pb::SyncMessage {
+                kind: Some(pb::sync_message::Kind::Snapshot(message)),
             };
             if tx.send(Ok(message)).await.is_err() {
                 return Ok(()); // the node went away

@@ -125,6 +125,153 @@ pub trait ServerStore: fmt::Debug + Send + Sync + 'static {
     /// Forgets replica `replica_id`'s bundle (a replica retired for good).
     /// False: it had none.
     fn forget_bundle(&self, replica_id: String) -> BoxFuture<'_, Result<bool, ServerStoreError>>;
+
+    // === the fleet's task index ===
+
+    /// Records a task as it gets its first token, live and owned by
+    /// `task.owner_node`, unless a task with its id is stored already.
+    /// Returns the stored row either way (the new one, or the one that was
+    /// there, with its owner and state): the caller decides what the
+    /// existing row allows. Refused with [`ServerStoreError::Unstorable`]
+    /// when a value is over its bound.
+    fn begin_fleet_task(
+        &self,
+        task: NewFleetTask,
+    ) -> BoxFuture<'_, Result<FleetTaskRow, ServerStoreError>> {
+        let _ = task;
+        Box::pin(async { Err(not_built()) })
+    }
+
+    /// The task `txn`.
+    fn fleet_task(
+        &self,
+        txn: String,
+    ) -> BoxFuture<'_, Result<Option<FleetTaskRow>, ServerStoreError>> {
+        let _ = txn;
+        Box::pin(async { Err(not_built()) })
+    }
+
+    /// At most `limit` tasks, newest first (by `began_at`, then id); ended
+    /// ones only when `include_ended`.
+    fn fleet_tasks(
+        &self,
+        include_ended: bool,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<FleetTaskRow>, ServerStoreError>> {
+        let _ = (include_ended, limit);
+        Box::pin(async { Err(not_built()) })
+    }
+
+    /// Ends each task of `ends` that is live and, when `owner` is given,
+    /// owned by that node, in one transaction. Each end takes the next
+    /// task-end revision, and ends commit in revision order across
+    /// replicas (the counter's row is locked until commit), so a reader of
+    /// [`ServerStore::fleet_task_ends`] never sees revision N+1 before N.
+    /// Returns, in the order of `ends`, the row as this call ended it, or
+    /// `None`: no such task, another node's, or ended already (the first
+    /// end stands).
+    fn end_fleet_tasks(
+        &self,
+        ends: Vec<FleetTaskEndRequest>,
+        owner: Option<NodeName>,
+    ) -> BoxFuture<'_, Result<Vec<Option<FleetTaskRow>>, ServerStoreError>> {
+        let _ = (ends, owner);
+        Box::pin(async { Err(not_built()) })
+    }
+
+    /// At most `limit` ended tasks whose end revision is after `after`, in
+    /// revision order.
+    fn fleet_task_ends(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<FleetTaskRow>, ServerStoreError>> {
+        let _ = (after, limit);
+        Box::pin(async { Err(not_built()) })
+    }
+
+    /// The revision of the latest task end (0: none yet). Never goes back,
+    /// pruning included.
+    fn fleet_task_ends_revision(&self) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
+        Box::pin(async { Err(not_built()) })
+    }
+
+    /// Forgets tasks (live or ended) whose deadline is before `before`: no
+    /// token of them can be valid any more.
+    fn prune_fleet_tasks(
+        &self,
+        before: SystemTime,
+    ) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
+        let _ = before;
+        Box::pin(async { Err(not_built()) })
+    }
+}
+
+fn not_built() -> ServerStoreError {
+    ServerStoreError::Unavailable {
+        what: "the task index",
+        source: "not built yet".into(),
+    }
+}
+
+/// Longest task id (`txn`) the index keeps, in bytes. Agents make UUIDs.
+pub const MAX_TXN_LEN: usize = 128;
+/// Longest end reason the index keeps, in bytes.
+pub const MAX_END_REASON_LEN: usize = 64;
+
+/// A task as it gets its first token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewFleetTask {
+    /// The task id (`txn`): printable ASCII, at most [`MAX_TXN_LEN`].
+    pub txn: String,
+    /// The node that signed its first token: its owner.
+    pub owner_node: NodeName,
+    /// The owner's SPIFFE ID (`sub`), at most 2048 bytes.
+    pub spiffe_id: String,
+    /// When it was recorded.
+    pub began_at: SystemTime,
+    /// Its deadline (`tctx.deadline`): no token of it lives past this.
+    pub deadline: SystemTime,
+}
+
+/// A task of the fleet, as the index keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetTaskRow {
+    /// The task id (`txn`).
+    pub txn: String,
+    /// The node it was begun on.
+    pub owner_node: NodeName,
+    /// The owner's SPIFFE ID.
+    pub spiffe_id: String,
+    /// When it was recorded.
+    pub began_at: SystemTime,
+    /// Its deadline.
+    pub deadline: SystemTime,
+    /// Its end, once it ended.
+    pub ended: Option<FleetTaskEnd>,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetTaskEnd {
+    /// Why (`completed`, `deadline`, `owner exited`, `entry removed`,
+    /// `revoked`), at most [`MAX_END_REASON_LEN`].
+    pub reason: String,
+    /// When, as its owner's agent (or the operator) said.
+    pub at: SystemTime,
+    /// Its place among the fleet's ends (1, 2, ...).
+    pub revision: u64,
+}
+
+/// An end to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetTaskEndRequest {
+    /// The task.
+    pub txn: String,
+    /// Why, at most [`MAX_END_REASON_LEN`].
+    pub reason: String,
+    /// When.
+    pub at: SystemTime,
 }
 
 /// An attested node.

@@ -495,3 +495,21 @@ impl FleetAgent {
         agent
     }
 }
+
+/// The next entries-and-bundle snapshot of a node's sync stream, past the
+/// task ends and heartbeats between snapshots.
+pub async fn next_snapshot(
+    stream: &mut tonic::Streaming<tether::proto::server::SyncMessage>,
+) -> tether::proto::server::SyncSnapshot {
+    use tether::proto::server::sync_message::Kind;
+    loop {
+        let message = stream
+            .message()
+            .await
+            .expect("the sync stream")
+            .expect("a message before the stream ends");
+        if let Some(Kind::Snapshot(snapshot)) = message.kind {
+            return snapshot;
+        }
+    }
+}

@@ -128,6 +128,7 @@ async fn a_jwt_never_outlives_its_key_and_its_exp_is_the_authoritys() {
         .sign_jwt(JwtRequest {
             claims: claims.clone(),
             not_after: key_expiry + Duration::from_secs(3600),
+            subject_token: None,
         })
         .await
         .unwrap();
@@ -156,6 +157,7 @@ async fn a_jwt_never_outlives_its_key_and_its_exp_is_the_authoritys() {
         .sign_jwt(JwtRequest {
             claims,
             not_after: SystemTime::now(),
+            subject_token: None,
         })
         .await;
     assert!(
