@@ -84,6 +84,9 @@ pub enum EventKind {
     /// A fleet node attested, renewed its SVID or was evicted (or was
     /// refused): the server's trail.
     NodeAttest,
+    /// A replica of the fleet's server sent a task's end to its nodes'
+    /// sync streams: the server's trail.
+    TaskFanOut,
 }
 
 /// How a recorded event came out: the `decision` field of a record.
@@ -226,6 +229,7 @@ impl EventKind {
             Self::JoinToken => "join-token",
             Self::AuditRecovered => "audit-recovered",
             Self::NodeAttest => "node-attest",
+            Self::TaskFanOut => "task-fan-out",
         }
     }
 }

@@ -11,7 +11,10 @@
 //! - [`registry`]: the entries the server serves (its file's and the
 //!   store's);
 //! - [`scope`]: the rule deciding which identities a node may obtain;
-//! - [`store`]: the fleet's shared state (join tokens, nodes, entries);
+//! - [`store`]: the fleet's shared state (join tokens, nodes, entries,
+//!   the task index);
+//! - [`tasks`]: this replica's view of the task index (the ends every
+//!   node follows);
 //! - [`config`]: the server's configuration file (the fleet's contract
 //!   keys);
 //! - [`join_token`]: the single-use tokens that admit a node, kept only as
@@ -30,5 +33,6 @@ pub mod registry;
 pub mod run;
 pub mod scope;
 pub mod store;
+pub mod tasks;
 
 pub use config::ServerConfig;

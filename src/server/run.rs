@@ -27,6 +27,7 @@ use super::registry::ServerRegistry;
 use super::store::ServerStore;
 use super::store::postgres::PostgresStore;
 use super::store::sqlite::SqliteStore;
+use super::tasks::TaskIndex;
 use crate::audit::{AuditConfig, AuditLog};
 use crate::authority::{Authority, LocalAuthority, X509SvidRequest};
 use crate::daemon::{self, AUDIT_DRAIN, SHUTDOWN_GRACE, Shutdown, audit_key, shutdown};
@@ -153,7 +154,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         let identity = own_identity(&authority, &config).await?;
         anyhow::Ok((registry, identity))
     };
-    let (registry, (identity, identity_expires)) = match loaded.await {
+    let loaded = async {
+        let parts = loaded.await?;
+        let tasks = TaskIndex::open(store.clone(), audit.clone())
+            .await
+            .context("opening the fleet's task index")?;
+        anyhow::Ok((parts, tasks))
+    };
+    let ((registry, (identity, identity_expires)), tasks) = match loaded.await {
         Ok(parts) => parts,
         Err(error) => {
             audit_stop.cancel();
@@ -176,6 +184,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             shutdown.token(),
         ),
     );
+    shutdown.spawn("task index", tasks.clone().run(shutdown.token()));
     shutdown.spawn(
         "join token pruning",
         prune_join_tokens(store.clone(), shutdown.token()),
@@ -186,6 +195,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         authority.clone(),
         store.clone(),
         registry.clone(),
+        tasks.clone(),
         audit.clone(),
         shutdown.token(),
     )
@@ -223,6 +233,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             registry.clone(),
             store.clone(),
             authority.clone(),
+            tasks,
             audit.clone(),
         );
         let token = shutdown.token();

@@ -202,6 +202,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "proto",
                 "registration",
                 "store",
+                "svid",
                 "transport",
                 "trusted_fs",
             ][..],

@@ -18,7 +18,9 @@ use crate::registration::EntryId;
 use crate::server::join_token::{self, Admission, JoinToken};
 use crate::server::registry::ServerRegistry;
 use crate::server::scope::{MAX_NODE_NAME_LEN, NodeName, ServerEntry};
-use crate::server::store::{NodeRow, ServerStore};
+use crate::server::node_api::{check_txn, task_message};
+use crate::server::store::{FleetTaskEndRequest, NodeRow, ServerStore};
+use crate::server::tasks::TaskIndex;
 
 /// Most nodes one entry may name.
 pub const MAX_ENTRY_NODES: usize = 256;
@@ -29,24 +31,31 @@ pub struct ServerAdminService {
     registry: ServerRegistry,
     store: Arc<dyn ServerStore>,
     authority: Arc<dyn Authority>,
+    tasks: TaskIndex,
     audit: AuditLog,
 }
+
+/// Tasks listed when the request names no limit, and the most it may.
+pub const DEFAULT_TASK_LIST: u32 = 1000;
+pub const MAX_TASK_LIST: u32 = 10_000;
 
 // === impl ServerAdminService ===
 
 impl ServerAdminService {
-    /// The service over the server's registry, store, authority and audit
-    /// trail.
+    /// The service over the server's registry, store, authority, task
+    /// index and audit trail.
     pub fn new(
         registry: ServerRegistry,
         store: Arc<dyn ServerStore>,
         authority: Arc<dyn Authority>,
+        tasks: TaskIndex,
         audit: AuditLog,
     ) -> Self {
         Self {
             registry,
             store,
             authority,
+            tasks,
             audit,
         }
     }
@@ -228,23 +237,82 @@ impl ServerAdmin for ServerAdminService {
 
     async fn list_tasks(
         &self,
-        _request: Request<pb::ListFleetTasksRequest>,
+        request: Request<pb::ListFleetTasksRequest>,
     ) -> Result<Response<pb::ListFleetTasksResponse>, Status> {
-        Err(status::unavailable("WIP"))
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => DEFAULT_TASK_LIST,
+            n if n > MAX_TASK_LIST => {
+                return Err(status::invalid(
+                    "limit",
+                    format!("at most {MAX_TASK_LIST}"),
+                ));
+            }
+            n => n,
+        };
+        let tasks = self
+            .tasks
+            .list(request.include_ended, limit)
+            .await
+            .map_err(|e| status::server_store("listing the fleet's tasks", &e))?;
+        Ok(Response::new(pb::ListFleetTasksResponse {
+            tasks: tasks.iter().map(task_message).collect(),
+        }))
     }
 
     async fn get_task(
         &self,
-        _request: Request<pb::GetFleetTaskRequest>,
+        request: Request<pb::GetFleetTaskRequest>,
     ) -> Result<Response<pb::FleetTask>, Status> {
-        Err(status::unavailable("WIP"))
+        let id = request.into_inner().id;
+        check_txn("id", &id)?;
+        let task = self
+            .tasks
+            .get(&id)
+            .await
+            .map_err(|e| status::server_store("reading the fleet's task", &e))?
+            .ok_or_else(|| status::not_found(format!("no task {id} in the fleet's task index")))?;
+        Ok(Response::new(task_message(&task)))
     }
 
     async fn revoke_task(
         &self,
-        _request: Request<pb::RevokeFleetTaskRequest>,
+        request: Request<pb::RevokeFleetTaskRequest>,
     ) -> Result<Response<pb::FleetTask>, Status> {
-        Err(status::unavailable("WIP"))
+        let id = request.into_inner().id;
+        check_txn("id", &id)?;
+        let ended = self
+            .tasks
+            .end(
+                vec![FleetTaskEndRequest {
+                    txn: id.clone(),
+                    reason: "revoked".into(),
+                    at: SystemTime::now(),
+                }],
+                None,
+            )
+            .await
+            .map_err(|e| status::server_store("revoking the task", &e))?;
+        if let Some(row) = ended.into_iter().flatten().next() {
+            self.record(AuditEvent {
+                spiffe_id: Some(row.spiffe_id.clone()),
+                task_id: Some(row.txn.clone()),
+                node: Some(self.node_id(&row.owner_node)),
+                reason: Some("revoked by an operator for the whole fleet".into()),
+                ..AuditEvent::new(EventKind::Revoke, Outcome::Info)
+            })?;
+            tracing::info!(task_id = %row.txn, owner_node = %row.owner_node, "task revoked for the fleet");
+            return Ok(Response::new(task_message(&row)));
+        }
+        // Not ended by this call: it had ended already (the first end
+        // stands, and is what is shown), or it is unknown.
+        let task = self
+            .tasks
+            .get(&id)
+            .await
+            .map_err(|e| status::server_store("reading the fleet's task", &e))?
+            .ok_or_else(|| status::not_found(format!("no task {id} in the fleet's task index")))?;
+        Ok(Response::new(task_message(&task)))
     }
 }
 

@@ -76,7 +76,16 @@ async fn serve_in_tempdir() -> Served {
         .expect("the registry opens");
     let authority = LocalAuthority::load_or_create(td(), AuthorityConfig::default(), dir.path())
         .expect("the authority starts");
-    let service = ServerAdminService::new(registry, Arc::clone(&store), Arc::new(authority), log);
+    let tasks = crate::server::tasks::TaskIndex::open(Arc::clone(&store), log.clone())
+        .await
+        .expect("the task index opens");
+    let service = ServerAdminService::new(
+        registry,
+        Arc::clone(&store),
+        Arc::new(authority),
+        tasks,
+        log,
+    );
     let path = dir.path().join("admin/server.sock");
     let mut socket = bind(&path).expect("the socket binds");
     let stop = CancellationToken::new();

@@ -31,6 +31,9 @@ mod rate;
 pub use rate::{BURST as DEFAULT_NODE_BURST, RATE as DEFAULT_NODE_RATE};
 mod sign;
 mod sync;
+mod tasks;
+
+pub(crate) use tasks::{check_txn, task_message};
 #[cfg(test)]
 mod tests;
 
@@ -47,6 +50,7 @@ use super::k8s::{ClusterPods, Kubernetes};
 use super::registry::ServerRegistry;
 use super::scope::NodeName;
 use super::store::{NodeRow, ServerStore};
+use super::tasks::TaskIndex;
 use crate::audit::{AuditEvent, AuditLog, EventKind, Outcome};
 use crate::authority::{Authority, SignedX509Svid, X509SvidRequest};
 use crate::edge::status;
@@ -83,6 +87,8 @@ struct Inner {
     streams: Arc<sync::OpenStreams>,
     /// `[kubernetes]`: PSAT review and the pods on each node.
     kubernetes: Option<Kubernetes>,
+    /// The fleet's task index, as this replica serves it.
+    tasks: TaskIndex,
 }
 
 /// A node, as its verified client certificate and the store name it.
@@ -135,6 +141,7 @@ impl NodeApi {
         authority: Arc<dyn Authority>,
         store: Arc<dyn ServerStore>,
         registry: ServerRegistry,
+        tasks: TaskIndex,
         audit: AuditLog,
         stop: CancellationToken,
     ) -> Self {
@@ -150,6 +157,7 @@ impl NodeApi {
                 rates: Arc::default(),
                 streams: Arc::default(),
                 kubernetes: None,
+                tasks,
             }),
         }
     }
@@ -336,7 +344,8 @@ impl pb::node_server::Node for NodeApi {
         request: Request<pb::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let node = self.node_of(&request).await?;
-        Ok(Response::new(sync::stream(self.clone(), node)))
+        let after = request.get_ref().task_ends_after;
+        Ok(Response::new(sync::stream(self.clone(), node, after)))
     }
 
     async fn sign_x509_svids(
@@ -363,8 +372,10 @@ impl pb::node_server::Node for NodeApi {
         &self,
         request: Request<pb::EndTasksRequest>,
     ) -> Result<Response<pb::EndTasksResponse>, Status> {
-        let _node = self.node_of(&request).await?;
-        Err(status::unavailable("WIP"))
+        let node = self.node_of(&request).await?;
+        tasks::end(self, &node, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 

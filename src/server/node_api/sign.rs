@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use spiffe::SpiffeId;
 use tonic::Status;
 
-use super::{CallingNode, NodeApi, unix_ms};
+use super::{CallingNode, NodeApi, tasks, unix_ms};
 use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::authority::{JwtRequest, X509SvidRequest};
 use crate::edge::status;
@@ -151,34 +151,53 @@ pub(super) async fn jwt(
         }
         Some(_) => return Err(status::invalid("claims_json", "jti must be a string")),
     };
-    let not_after =
+    let mut not_after =
         UNIX_EPOCH + Duration::from_millis(u64::try_from(request.not_after_ms).unwrap_or_default());
     let ttl = not_after
         .duration_since(SystemTime::now())
         .map_err(|_| status::invalid("not_after_ms", "is in the past"))?;
-    authorize(
-        api,
-        node,
-        &SignRequest {
-            spiffe_id: &spiffe_id,
-            credential: Credential::Jwt,
-            ttl,
-            dns_names: &[],
-        },
-    )?;
-    for actor in &actors {
-        // Any lifetime of the actor's entry will do: the token is the
-        // subject's, the actor is only named in it.
-        authorize(
-            api,
-            node,
-            &SignRequest {
-                spiffe_id: actor,
-                credential: Credential::Jwt,
-                ttl: Duration::ZERO,
-                dns_names: &[],
-            },
-        )?;
+    let txn = tasks::txn_of(&claims)?;
+    let task = match &txn {
+        // An exchange of a task token: `sub` may be another node's
+        // workload; the exchange rule decides (`tasks`).
+        Some(txn) if !actors.is_empty() => Some(
+            tasks::exchange(api, node, &claims, txn, &actors, &request.subject_token).await?,
+        ),
+        _ => {
+            authorize(
+                api,
+                node,
+                &SignRequest {
+                    spiffe_id: &spiffe_id,
+                    credential: Credential::Jwt,
+                    ttl,
+                    dns_names: &[],
+                },
+            )?;
+            for actor in &actors {
+                // Any lifetime of the actor's entry will do: the token is
+                // the subject's, the actor is only named in it.
+                authorize(
+                    api,
+                    node,
+                    &SignRequest {
+                        spiffe_id: actor,
+                        credential: Credential::Jwt,
+                        ttl: Duration::ZERO,
+                        dns_names: &[],
+                    },
+                )?;
+            }
+            match &txn {
+                Some(txn) => {
+                    Some(tasks::begin_or_renew(api, node, &claims, txn, &spiffe_id).await?)
+                }
+                None => None,
+            }
+        }
+    };
+    if let Some(task) = &task {
+        not_after = not_after.min(task.not_after);
     }
     let signed = api
         .inner
@@ -194,7 +213,12 @@ pub(super) async fn jwt(
         spiffe_id: Some(spiffe_id.to_string()),
         node: Some(node.spiffe_id.to_string()),
         token_id: jti,
-        ..AuditEvent::new(EventKind::IssueJwt, Outcome::Allow)
+        task_id: task.as_ref().map(|t| t.txn.clone()),
+        actors: actors.iter().map(ToString::to_string).collect(),
+        ..AuditEvent::new(
+            task.as_ref().map_or(EventKind::IssueJwt, |t| t.event),
+            Outcome::Allow,
+        )
     })?;
     Ok(pb::SignJwtResponse {
         token: signed.token,
@@ -266,7 +290,11 @@ fn parse_id(api: &NodeApi, value: &str) -> Result<SpiffeId, Status> {
 
 /// The node-scope check of one request; a refusal is recorded and
 /// returned as PermissionDenied.
-fn authorize(api: &NodeApi, node: &CallingNode, request: &SignRequest<'_>) -> Result<(), Status> {
+pub(super) fn authorize(
+    api: &NodeApi,
+    node: &CallingNode,
+    request: &SignRequest<'_>,
+) -> Result<(), Status> {
     let entries = api.inner.registry.snapshot();
     let pods = api.pods();
     match scope::authorize_any(&entries.entries, &node.name, pods.on(&node.name), request) {

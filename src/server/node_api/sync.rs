@@ -1,5 +1,11 @@
 //! The sync stream: a node's entries and the trust bundle, whole, first
-//! when it connects and again whenever either changes.
+//! when it connects and again whenever either changes; and the fleet's
+//! task ends: after the snapshot, every end after the revision the node
+//! asked from (a catch-up, in pages), then each new end as this replica
+//! sees it (`server::tasks`), and a heartbeat every [`HEARTBEAT`] saying
+//! which revision the node has. A heartbeat is sent only while this
+//! replica is current with the store, and always after the ends it
+//! vouches for, so a node that reads one knows it missed no end up to it.
 //!
 //! A snapshot holds only what the node may serve (`ServerEntry::identities`
 //! non-empty on it, with the pods the Kubernetes API places on it), so a
@@ -29,6 +35,8 @@ use crate::server::scope::NodeName;
 
 /// How often an idle stream checks that its node is still admitted.
 const RECHECK: Duration = Duration::from_secs(10);
+/// How often a stream tells its node it is caught up.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Most sync streams one node has open at once; an agent needs one.
 pub const MAX_STREAMS_PER_NODE: usize = 2;
@@ -101,12 +109,13 @@ impl Drop for StreamSlot {
 pub(super) fn stream(
     api: NodeApi,
     node: CallingNode,
+    ends_after: u64,
 ) -> Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + Send>> {
     let (tx, rx) = mpsc::channel(1);
     let slot = api.inner.streams.open(&node.name);
     tokio::spawn(async move {
         let result = tokio::select! {
-            result = feed(&api, &node, &tx) => result,
+            result = feed(&api, &node, &tx, ends_after) => result,
             () = slot.replaced.cancelled() => Err(crate::edge::status::unavailable(format!(
                 "a newer sync stream of node {} replaced this one (at most {MAX_STREAMS_PER_NODE} per node)",
                 node.name
@@ -125,7 +134,13 @@ async fn feed(
     api: &NodeApi,
     node: &CallingNode,
     tx: &mpsc::Sender<Result<pb::SyncMessage, Status>>,
+    ends_after: u64,
 ) -> Result<(), Status> {
+    let mut ends = api.inner.tasks.subscribe();
+    let mut sent = ends_after;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rechecked = tokio::time::Instant::now();
     let mut entries = api.inner.registry.subscribe();
     let mut bundle = api.inner.authority.subscribe_bundle();
     let mut pods = api.inner.kubernetes.as_ref().map(Kubernetes::subscribe);
@@ -157,6 +172,9 @@ async fn feed(
                 return Ok(()); // the node went away
             }
         }
+        if !send_ends(api, tx, &mut sent).await? {
+            return Ok(());
+        }
         tokio::select! {
             () = api.inner.stop.cancelled() => {
                 return Err(crate::edge::status::shutting_down());
@@ -165,9 +183,71 @@ async fn feed(
             changed = entries.changed() => if changed.is_err() { return Ok(()) },
             changed = bundle.changed() => if changed.is_err() { return Ok(()) },
             changed = pods_changed(pods.as_mut()) => if changed.is_err() { return Ok(()) },
+            changed = ends.changed() => if changed.is_err() { return Ok(()) },
+            _ = heartbeat.tick() => {
+                // Only a replica current with the store vouches for the
+                // ends it sent; else the node goes stale and fails closed.
+                if api.inner.tasks.is_current() {
+                    if !send_ends(api, tx, &mut sent).await? {
+                        return Ok(());
+                    }
+                    let beat = pb::SyncMessage {
+                        kind: Some(pb::sync_message::Kind::Heartbeat(pb::Heartbeat {
+                            task_ends_revision: sent,
+                        })),
+                    };
+                    if tx.send(Ok(beat)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
             () = tokio::time::sleep(RECHECK) => {}
         }
-        recheck(api, node).await?;
+        if rechecked.elapsed() >= RECHECK {
+            recheck(api, node).await?;
+            rechecked = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// Sends every task end after `sent`, in pages, and moves `sent` past
+/// them. False: the node went away.
+async fn send_ends(
+    api: &NodeApi,
+    tx: &mpsc::Sender<Result<pb::SyncMessage, Status>>,
+    sent: &mut u64,
+) -> Result<bool, Status> {
+    loop {
+        let page = api
+            .inner
+            .tasks
+            .ends_after(*sent)
+            .await
+            .map_err(|e| crate::edge::status::server_store("reading task ends", &e))?;
+        let Some(last) = page.last().and_then(|r| r.ended.as_ref()).map(|e| e.revision) else {
+            return Ok(true);
+        };
+        let ends = page
+            .iter()
+            .filter_map(|row| {
+                let end = row.ended.as_ref()?;
+                Some(pb::TaskEnd {
+                    txn: row.txn.clone(),
+                    reason: end.reason.clone(),
+                    ended_at_ms: super::unix_ms(end.at),
+                    deadline_ms: super::unix_ms(row.deadline),
+                    revision: end.revision,
+                    owner_node: row.owner_node.to_string(),
+                })
+            })
+            .collect();
+        let message = pb::SyncMessage {
+            kind: Some(pb::sync_message::Kind::TaskEnds(pb::TaskEnds { ends })),
+        };
+        if tx.send(Ok(message)).await.is_err() {
+            return Ok(false);
+        }
+        *sent = last;
     }
 }
 

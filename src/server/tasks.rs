@@ -1,0 +1,281 @@
+//! The fleet's task index, as this replica serves it: which node owns each
+//! task, whether it ended, and the stream of ends every agent follows.
+//!
+//! The index itself is in the store ([`ServerStore::begin_fleet_task`] and
+//! its siblings), shared by every replica. This module keeps, per replica:
+//! - the recent ends, in revision order (a bounded ring), so the sync
+//!   streams of many nodes read one copy instead of each querying the
+//!   store;
+//! - a watch of the latest end revision this replica has seen, which wakes
+//!   those streams;
+//! - whether it is current: it polls the store for ends (other replicas'
+//!   too) every [`POLL`], at once after an end of its own, and counts as
+//!   current only while a poll succeeded within [`CURRENT_FOR`]. A replica
+//!   that cannot read the store stops sending heartbeats, so its nodes
+//!   fail closed on other nodes' tasks instead of trusting a stale view.
+//!
+//! Invariant: the ring holds every end with a revision in
+//! `(covered_after, latest]`, in order. The store commits ends in revision
+//! order, so a poll after revision N never later finds an end below N.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::scope::NodeName;
+use super::store::{
+    FleetTaskEndRequest, FleetTaskRow, NewFleetTask, ServerStore, ServerStoreError,
+};
+use crate::audit::{AuditEvent, AuditLog, EventKind, Outcome};
+use crate::error::Chain;
+
+/// How often the store is read for ends of other replicas.
+pub const POLL: Duration = Duration::from_millis(200);
+/// How long after its last successful poll the replica counts as current.
+pub const CURRENT_FOR: Duration = Duration::from_secs(2);
+/// Most ends kept in memory; older ones are read from the store.
+const RING: usize = 65_536;
+/// Most ends read from the store at once.
+pub const PAGE: u32 = 1000;
+/// How often tasks past their deadline are forgotten, and how long after
+/// the deadline (clock skew between nodes).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+const PRUNE_MARGIN: Duration = Duration::from_secs(60);
+
+/// This replica's view of the fleet's task index (cheap Clone).
+#[derive(Debug, Clone)]
+pub struct TaskIndex {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn ServerStore>,
+    audit: AuditLog,
+    recent: Mutex<Recent>,
+    latest: watch::Sender<u64>,
+    poll_now: Notify,
+    last_poll: Mutex<Option<Instant>>,
+}
+
+#[derive(Debug, Default)]
+struct Recent {
+    /// Every end after this revision is in `ends`.
+    covered_after: u64,
+    ends: VecDeque<FleetTaskRow>,
+}
+
+/// What [`TaskIndex::begin`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begun {
+    /// The task was new: recorded now, owned by the caller.
+    New(FleetTaskRow),
+    /// The task was known: as stored (its owner may be another node, and
+    /// it may have ended).
+    Known(FleetTaskRow),
+}
+
+// === impl TaskIndex ===
+
+impl TaskIndex {
+    /// The index over `store`, starting after the latest end stored: ends
+    /// before it are read from the store when a node asks for them.
+    pub async fn open(
+        store: Arc<dyn ServerStore>,
+        audit: AuditLog,
+    ) -> Result<Self, ServerStoreError> {
+        let latest = store.fleet_task_ends_revision().await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                audit,
+                recent: Mutex::new(Recent {
+                    covered_after: latest,
+                    ends: VecDeque::new(),
+                }),
+                latest: watch::channel(latest).0,
+                poll_now: Notify::new(),
+                last_poll: Mutex::new(Some(Instant::now())),
+            }),
+        })
+    }
+
+    /// Records `task` as it gets its first token, unless it is known.
+    pub async fn begin(&self, task: NewFleetTask) -> Result<Begun, ServerStoreError> {
+        let asked = task.clone();
+        let row = self.inner.store.begin_fleet_task(task).await?;
+        let new = row.owner_node == asked.owner_node
+            && row.began_at == asked.began_at
+            && row.ended.is_none()
+            && row.spiffe_id == asked.spiffe_id;
+        Ok(if new { Begun::New(row) } else { Begun::Known(row) })
+    }
+
+    /// The task `txn`.
+    pub async fn get(&self, txn: &str) -> Result<Option<FleetTaskRow>, ServerStoreError> {
+        self.inner.store.fleet_task(txn.to_owned()).await
+    }
+
+    /// At most `limit` tasks, newest first.
+    pub async fn list(
+        &self,
+        include_ended: bool,
+        limit: u32,
+    ) -> Result<Vec<FleetTaskRow>, ServerStoreError> {
+        self.inner.store.fleet_tasks(include_ended, limit).await
+    }
+
+    /// Ends the tasks of `ends` that are live (and `owner`'s, when given);
+    /// returns each as this call ended it (`None`: not ended by it), and
+    /// has the poll pick them up at once.
+    pub async fn end(
+        &self,
+        ends: Vec<FleetTaskEndRequest>,
+        owner: Option<NodeName>,
+    ) -> Result<Vec<Option<FleetTaskRow>>, ServerStoreError> {
+        let ended = self.inner.store.end_fleet_tasks(ends, owner).await?;
+        if ended.iter().any(Option::is_some) {
+            self.inner.poll_now.notify_one();
+        }
+        Ok(ended)
+    }
+
+    /// Wakes when the latest end revision this replica has seen grows.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.latest.subscribe()
+    }
+
+    /// The latest end revision this replica has seen.
+    pub fn latest(&self) -> u64 {
+        *self.inner.latest.borrow()
+    }
+
+    /// True while a poll of the store succeeded within [`CURRENT_FOR`]:
+    /// only then may a sync stream tell a node it is caught up.
+    pub fn is_current(&self) -> bool {
+        lock(&self.inner.last_poll).is_some_and(|at| at.elapsed() <= CURRENT_FOR)
+    }
+
+    /// At most [`PAGE`] ends after revision `after`, in order: from memory
+    /// when it holds them, else from the store.
+    pub async fn ends_after(&self, after: u64) -> Result<Vec<FleetTaskRow>, ServerStoreError> {
+        {
+            let recent = lock(&self.inner.recent);
+            if after >= recent.covered_after {
+                let first = recent.ends.partition_point(|e| revision(e) <= after);
+                return Ok(recent
+                    .ends
+                    .range(first..)
+                    .take(PAGE as usize)
+                    .cloned()
+                    .collect());
+            }
+        }
+        self.inner.store.fleet_task_ends(after, PAGE).await
+    }
+
+    /// Polls the store for new ends until `stop`, and forgets tasks past
+    /// their deadline.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            match self.poll().await {
+                Ok(()) => {
+                    *lock(&self.inner.last_poll) = Some(Instant::now());
+                    if failing {
+                        tracing::info!("reading the fleet's task ends works again");
+                        failing = false;
+                    }
+                }
+                Err(error) => {
+                    if !failing {
+                        tracing::error!(error = %Chain(&error), "cannot read the fleet's task ends; nodes will refuse other nodes' tasks until this works");
+                        failing = true;
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.inner.poll_now.notified() => {}
+                () = tokio::time::sleep(POLL) => {}
+                _ = prune.tick() => self.prune().await,
+            }
+        }
+    }
+
+    /// Reads every end after the latest seen, into the ring, and records
+    /// that this replica sends each to its nodes.
+    async fn poll(&self) -> Result<(), ServerStoreError> {
+        loop {
+            let after = self.latest();
+            let page = self.inner.store.fleet_task_ends(after, PAGE).await?;
+            let Some(last) = page.last().map(revision) else {
+                return Ok(());
+            };
+            let full = page.len() == PAGE as usize;
+            for row in &page {
+                self.record_fan_out(row);
+            }
+            {
+                let mut recent = lock(&self.inner.recent);
+                recent.ends.extend(page);
+                while recent.ends.len() > RING {
+                    if let Some(oldest) = recent.ends.pop_front() {
+                        recent.covered_after = revision(&oldest);
+                    }
+                }
+            }
+            self.inner.latest.send_replace(last);
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    fn record_fan_out(&self, row: &FleetTaskRow) {
+        let Some(end) = &row.ended else { return };
+        if let Err(error) = self.inner.audit.record(AuditEvent {
+            spiffe_id: Some(row.spiffe_id.clone()),
+            task_id: Some(row.txn.clone()),
+            node: Some(row.owner_node.to_string()),
+            reason: Some(format!(
+                "{} (end {}): sent to every node's sync stream on this replica",
+                end.reason, end.revision
+            )),
+            ..AuditEvent::new(EventKind::TaskFanOut, Outcome::Info)
+        }) {
+            // The end is stored and sent; only this replica's record of
+            // sending it is lost.
+            tracing::error!(task_id = %row.txn, error = %Chain(&error), "could not record a task end's fan-out");
+        }
+    }
+
+    async fn prune(&self) {
+        let before = SystemTime::now()
+            .checked_sub(PRUNE_MARGIN)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        match self.inner.store.prune_fleet_tasks(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(tasks = n, "forgot tasks past their deadline"),
+            Err(error) => {
+                tracing::warn!(error = %Chain(&error), "could not forget tasks past their deadline")
+            }
+        }
+    }
+}
+
+/// An ended task's end revision (0 for a live one, which the ring never
+/// holds).
+fn revision(row: &FleetTaskRow) -> u64 {
+    row.ended.as_ref().map_or(0, |e| e.revision)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
