@@ -34,18 +34,23 @@ use crate::audit::AuditLog;
 use crate::authority::{Authority, LocalAuthority};
 use crate::config::{Config, ConfigSource};
 use crate::federation::Federation;
-use crate::fleet::{Link, RemoteAuthority};
+use crate::fleet::{self, Link, RemoteAuthority};
 use crate::policy::Policy;
 use crate::registration::Registry;
 use crate::store::Store;
 use crate::svid::{SvidInboxes, SvidIssuer};
-use crate::task::{OwnerInbox, Tasks};
+use crate::task::{ForeignTasks, OwnerInbox, Tasks};
 use crate::task_api::{self, TaskApi};
 use crate::telemetry::{self, http::Readiness};
 use crate::transport::{self, BoundSocket, Jobs, SocketIdentity, StreamSlots};
 use crate::trusted_fs;
 use crate::workload_api::{self, WorkloadApi, WorkloadApiLimits};
 pub use shutdown::Shutdown;
+
+/// Fleet mode: most ended tasks of other nodes an agent keeps (each a few
+/// hundred bytes); past it, other nodes' tasks are refused until old ends
+/// expire (fail closed).
+const MAX_FOREIGN_ENDS: usize = 1_000_000;
 
 /// How long stopping takes at most: streams and loops, then the audit
 /// writer's final write and sync.
@@ -135,6 +140,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 fleet.clone(),
                 &config.data_dir,
                 federations,
+                // What this agent knows of other nodes' tasks: fed by the
+                // link, consulted by every task-token check.
+                ForeignTasks::new(fleet.revocation_staleness, MAX_FOREIGN_ENDS),
             )
             .await
             .context("joining the fleet's tether server ([server])")?;
@@ -188,6 +196,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         &store,
         &audit,
         fleet.as_ref().map(|(_, entries)| entries.clone()),
+        fleet.as_ref().map(|(link, _)| link.foreign()),
     )
     .await
     {
@@ -208,6 +217,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown.spawn(
             "fleet link",
             link.clone().run(registry.clone(), shutdown.token()),
+        );
+        shutdown.spawn(
+            "task end reports",
+            fleet::report_ends(
+                link.clone(),
+                tasks.report_ends(),
+                tasks.ended_tasks(),
+                shutdown.token(),
+            ),
         );
     }
     shutdown.spawn(
@@ -426,6 +444,7 @@ async fn load_parts(
     store: &Store,
     audit: &AuditLog,
     synced: Option<Vec<crate::registration::RegistrationEntry>>,
+    foreign: Option<ForeignTasks>,
 ) -> anyhow::Result<Parts> {
     let policy = Policy::load(&config.policy).context("loading policies")?;
     if policy.is_enforcing() {
@@ -465,6 +484,10 @@ async fn load_parts(
         store.clone(),
         audit.clone(),
     );
+    let tasks = match foreign {
+        Some(foreign) => tasks.with_foreign(foreign),
+        None => tasks,
+    };
     {
         let tasks = tasks.clone();
         let watched = tokio::task::spawn_blocking(move || tasks.restore())

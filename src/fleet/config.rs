@@ -5,12 +5,19 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
 /// Most server addresses.
 const MAX_ADDRESSES: usize = 16;
+/// How long an agent may go without hearing from the server before it
+/// refuses other nodes' task tokens, when `revocation_staleness` is not
+/// set; and the bounds it may be set within.
+pub const DEFAULT_REVOCATION_STALENESS: Duration = Duration::from_secs(5);
+const MIN_REVOCATION_STALENESS: Duration = Duration::from_secs(2);
+const MAX_REVOCATION_STALENESS: Duration = Duration::from_secs(600);
 /// Where the projected service account token for the server is mounted
 /// (the fleet overlay's projected volume, audience `tether-server`).
 pub const DEFAULT_PSAT_PATH: &str = "/var/run/secrets/tokens/tether-server";
@@ -35,6 +42,10 @@ pub struct RawFleetConfig {
     /// Accept the server's certificate unverified at the first contact.
     #[serde(default)]
     pub insecure_bootstrap: bool,
+    /// How long without a word from the server before other nodes' task
+    /// tokens are refused (`5s`).
+    #[serde(default, with = "humantime_serde")]
+    pub revocation_staleness: Option<Duration>,
 }
 
 /// Never prints the join token.
@@ -48,6 +59,7 @@ impl fmt::Debug for RawFleetConfig {
             .field("node_attestation", &self.node_attestation)
             .field("psat_path", &self.psat_path)
             .field("insecure_bootstrap", &self.insecure_bootstrap)
+            .field("revocation_staleness", &self.revocation_staleness)
             .finish()
     }
 }
@@ -65,6 +77,11 @@ pub struct FleetConfig {
     pub node_attestation: NodeAttestation,
     /// First contact without verifying the server (logged at every start).
     pub insecure_bootstrap: bool,
+    /// How long without a word from the server (its sync stream's
+    /// heartbeats) before this agent refuses task tokens of other nodes'
+    /// tasks: an end it may have missed. Its own node's tasks are decided
+    /// from local state.
+    pub revocation_staleness: Duration,
 }
 
 /// How a node attests to the server.
@@ -89,6 +106,7 @@ impl fmt::Debug for FleetConfig {
             .field("join_token", &self.join_token.as_ref().map(|_| "***"))
             .field("node_attestation", &self.node_attestation)
             .field("insecure_bootstrap", &self.insecure_bootstrap)
+            .field("revocation_staleness", &self.revocation_staleness)
             .finish()
     }
 }
@@ -187,12 +205,27 @@ impl RawFleetConfig {
                 ));
             }
         };
+        let revocation_staleness = self
+            .revocation_staleness
+            .unwrap_or(DEFAULT_REVOCATION_STALENESS);
+        if !(MIN_REVOCATION_STALENESS..=MAX_REVOCATION_STALENESS).contains(&revocation_staleness) {
+            return Err((
+                "server.revocation_staleness",
+                format!(
+                    "{} is outside {}..={} (the server sends a heartbeat every second)",
+                    humantime::format_duration(revocation_staleness),
+                    humantime::format_duration(MIN_REVOCATION_STALENESS),
+                    humantime::format_duration(MAX_REVOCATION_STALENESS),
+                ),
+            ));
+        }
         Ok(FleetConfig {
             addresses,
             bootstrap_bundle: self.bootstrap_bundle,
             join_token,
             node_attestation,
             insecure_bootstrap: self.insecure_bootstrap,
+            revocation_staleness,
         })
     }
 }
@@ -239,6 +272,23 @@ mod tests {
         );
         let config = raw("").validate(None).expect("valid");
         assert_eq!(config.node_attestation, NodeAttestation::JoinToken);
+    }
+
+    #[test]
+    fn revocation_staleness_has_a_default_and_bounds() {
+        let config = raw("").validate(None).expect("valid");
+        assert_eq!(config.revocation_staleness, DEFAULT_REVOCATION_STALENESS);
+        let config = raw("revocation_staleness = \"30s\"\n")
+            .validate(None)
+            .expect("valid");
+        assert_eq!(config.revocation_staleness, Duration::from_secs(30));
+        for refused in ["500ms", "1h"] {
+            let (key, problem) = raw(&format!("revocation_staleness = \"{refused}\"\n"))
+                .validate(None)
+                .expect_err("out of bounds");
+            assert_eq!(key, "server.revocation_staleness");
+            assert!(problem.contains("heartbeat"), "{problem}");
+        }
     }
 
     #[test]

@@ -24,5 +24,5 @@ mod node_files;
 mod remote;
 
 pub use config::{FleetConfig, RawFleetConfig};
-pub use link::{Link, LinkError};
+pub use link::{Link, LinkError, report_ends};
 pub use remote::RemoteAuthority;

@@ -64,6 +64,12 @@ pub struct Metrics {
     pub attestation_seconds: Histogram,
     /// Failed requests to the kubelet.
     pub kubelet_errors: Counter,
+    /// Fleet mode: seconds since the server's sync stream was last heard
+    /// (updated every second; -1 before it ever was). Past
+    /// `server.revocation_staleness`, other nodes' task tokens are refused.
+    pub server_sync_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Fleet mode: other nodes' ended tasks this agent refuses.
+    pub foreign_task_ends: Gauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -127,6 +133,16 @@ impl Metrics {
                 &mut registry,
                 "kubelet_errors",
                 "Failed requests to the kubelet",
+            ),
+            server_sync_age_seconds: registered(
+                &mut registry,
+                "server_sync_age_seconds",
+                "Fleet mode: seconds since the tether server was last heard on the sync stream (-1: never)",
+            ),
+            foreign_task_ends: registered(
+                &mut registry,
+                "foreign_task_ends",
+                "Fleet mode: other nodes' ended tasks this agent refuses",
             ),
             registry,
         }

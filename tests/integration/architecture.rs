@@ -174,6 +174,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "mtls",
                 "proto",
                 "registration",
+                "task",
+                "telemetry",
             ][..],
         ),
         // 4: config composes every domain's settings type

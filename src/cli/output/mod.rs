@@ -40,7 +40,9 @@ pub(crate) use operator::{
     ReloadReport, SvidsReport,
 };
 pub(crate) use policy::{PolicyDecisionView, PolicyProblemView, PolicyValidation};
-pub(crate) use server::{NodeView, NodesReport, ServerEntriesReport, ServerEntryView};
+pub(crate) use server::{
+    FleetTaskView, FleetTasksReport, NodeView, NodesReport, ServerEntriesReport, ServerEntryView,
+};
 pub(crate) use task::{ExchangedToken, TaskTokenValidation, TaskView, TasksReport};
 pub(crate) use text::printable;
 pub(crate) use workload::{

@@ -1,5 +1,6 @@
 //! What `tether server ...` prints: the fleet's entries (the agent's
-//! entry view and the nodes each names) and its attested nodes.
+//! entry view and the nodes each names), its attested nodes, and its task
+//! index.
 
 use std::fmt::{self, Write as _};
 
@@ -139,6 +140,81 @@ impl Render for NodesReport {
                 "SVID EXPIRES",
                 "EVICTED",
             ],
+            rows,
+        )
+    }
+}
+
+/// One task of the fleet's index: `server task show|revoke`, and each
+/// element of `server task list`.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct FleetTaskView {
+    /// `id`: the task's id (its tokens' `txn`).
+    pub(crate) id: String,
+    /// `owner_node`: the node it was begun on.
+    pub(crate) owner_node: String,
+    /// `spiffe_id`: its owner's SPIFFE ID (its tokens' `sub`).
+    pub(crate) spiffe_id: String,
+    /// `began_at`: RFC 3339 (or `null`).
+    pub(crate) began_at: Option<Timestamp>,
+    /// `deadline`: RFC 3339 (or `null`).
+    pub(crate) deadline: Option<Timestamp>,
+    /// `state`: `"active"` or `"ended"`.
+    pub(crate) state: String,
+    /// `end_reason`: why it ended (`""` while active).
+    pub(crate) end_reason: String,
+    /// `ended_at`: RFC 3339, or `null` while active.
+    pub(crate) ended_at: Option<Timestamp>,
+}
+
+/// `tether server task list`.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct FleetTasksReport {
+    /// `tasks`: newest first.
+    pub(crate) tasks: Vec<FleetTaskView>,
+}
+
+// === impl FleetTaskView ===
+
+impl Render for FleetTaskView {
+    fn readable(&self, w: &mut String, now: OffsetDateTime) -> fmt::Result {
+        writeln!(w, "ID:              {}", printable(&self.id))?;
+        writeln!(w, "Owner node:      {}", printable(&self.owner_node))?;
+        writeln!(w, "SPIFFE ID:       {}", printable(&self.spiffe_id))?;
+        writeln!(w, "Began:           {}", when(self.began_at, now))?;
+        writeln!(w, "Deadline:        {}", when(self.deadline, now))?;
+        writeln!(w, "State:           {}", printable(&self.state))?;
+        if !self.end_reason.is_empty() {
+            writeln!(w, "End reason:      {}", printable(&self.end_reason))?;
+            writeln!(w, "Ended:           {}", when(self.ended_at, now))?;
+        }
+        Ok(())
+    }
+}
+
+// === impl FleetTasksReport ===
+
+impl Render for FleetTasksReport {
+    fn readable(&self, w: &mut String, now: OffsetDateTime) -> fmt::Result {
+        if self.tasks.is_empty() {
+            return writeln!(w, "No tasks");
+        }
+        let rows = self.tasks.iter().map(|t| {
+            vec![
+                printable(&t.id).into_owned(),
+                printable(&t.owner_node).into_owned(),
+                printable(&t.spiffe_id).into_owned(),
+                when(t.deadline, now),
+                if t.end_reason.is_empty() {
+                    t.state.clone()
+                } else {
+                    format!("{} ({})", t.state, printable(&t.end_reason))
+                },
+            ]
+        });
+        table(
+            w,
+            &["ID", "OWNER NODE", "SPIFFE ID", "DEADLINE", "STATE"],
             rows,
         )
     }

@@ -251,6 +251,36 @@ impl ServerClient {
         bounded(self.timeout, &self.socket, call).await
     }
 
+    /// The fleet's tasks, newest first.
+    pub(crate) async fn list_tasks(
+        &mut self,
+        include_ended: bool,
+        limit: u32,
+    ) -> Result<Vec<pb::FleetTask>, ServerClientError> {
+        let call = self.client.list_tasks(pb::ListFleetTasksRequest {
+            include_ended,
+            limit,
+        });
+        bounded(self.timeout, &self.socket, call)
+            .await
+            .map(|r| r.tasks)
+    }
+
+    /// One task of the fleet's index.
+    pub(crate) async fn get_task(&mut self, id: String) -> Result<pb::FleetTask, ServerClientError> {
+        let call = self.client.get_task(pb::GetFleetTaskRequest { id });
+        bounded(self.timeout, &self.socket, call).await
+    }
+
+    /// Ends a task on every node.
+    pub(crate) async fn revoke_task(
+        &mut self,
+        id: String,
+    ) -> Result<pb::FleetTask, ServerClientError> {
+        let call = self.client.revoke_task(pb::RevokeFleetTaskRequest { id });
+        bounded(self.timeout, &self.socket, call).await
+    }
+
     /// The trust domain's bundle.
     pub(crate) async fn get_bundle(&mut self) -> Result<admin_pb::Bundle, ServerClientError> {
         let call = self.client.get_bundle(admin_pb::GetBundleRequest {});

@@ -1,7 +1,7 @@
 //! `tether server ...`: `run` starts the fleet's server ([`run`]); the
 //! operator commands reach it over
 //! its admin socket: `token create`, `entry create|list|show|delete`,
-//! `node list|evict`, `bundle show`.
+//! `node list|evict`, `task list|show|revoke`, `bundle show`.
 //!
 //! The server validates every field and its refusal names the field; the
 //! CLI only builds the request, with the agent's own flag structs (`entry
@@ -25,7 +25,8 @@ use super::operator::{
     BundleFormat, OperatorError, ShowBundleArgs, check_bundle_format, print_bundle,
 };
 use super::output::{
-    self, DeletedReport, NodeView, NodesReport, ServerEntriesReport, ServerEntryView, Timestamp,
+    self, DeletedReport, FleetTaskView, FleetTasksReport, NodeView, NodesReport,
+    ServerEntriesReport, ServerEntryView, Timestamp,
 };
 use crate::config::ProcessEnv;
 use crate::proto::server as pb;
@@ -52,6 +53,9 @@ enum ServerCommand {
     Entry(Operator<EntryCommand>),
     /// List and evict attested nodes (admin socket).
     Node(Operator<NodeCommand>),
+    /// The fleet's tasks: list, show, and revoke on every node (admin
+    /// socket).
+    Task(Operator<TaskCommand>),
     /// Show the fleet's trust bundle (admin socket).
     Bundle(Operator<BundleCommand>),
 }
@@ -133,6 +137,44 @@ enum NodeCommand {
     Evict(NodeNameArg),
 }
 
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// List the fleet's tasks, newest first (active ones; --all for ended
+    /// ones too).
+    ///
+    /// --json prints {"tasks": [{"id", "owner_node", "spiffe_id",
+    /// "began_at", "deadline", "state", "end_reason", "ended_at"}]}.
+    List(TaskListArgs),
+    /// Show one task of the fleet's index.
+    ///
+    /// --json prints the task as `task list --json` prints each.
+    Show(TaskIdArg),
+    /// Revoke a task on every node: its tokens, exchanged ones included,
+    /// are refused everywhere within server.revocation_staleness. A task
+    /// that had ended keeps its first end (shown).
+    ///
+    /// --json prints the task as `task list --json` prints each.
+    Revoke(TaskIdArg),
+}
+
+/// `tether server task list`'s flags.
+#[derive(Debug, Args)]
+struct TaskListArgs {
+    /// Ended tasks too.
+    #[arg(long)]
+    all: bool,
+    /// Most tasks listed (the server's default: 1000; at most 10000).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    limit: u32,
+}
+
+/// A task's id.
+#[derive(Debug, Args)]
+struct TaskIdArg {
+    /// The task's id (its tokens' `txn`).
+    id: String,
+}
+
 /// A node's name.
 #[derive(Debug, Args)]
 struct NodeNameArg {
@@ -200,6 +242,7 @@ pub(crate) fn run(args: &ServerArgs) -> ExitCode {
         ServerCommand::Token(op) => token(op),
         ServerCommand::Entry(op) => entry(op),
         ServerCommand::Node(op) => node(op),
+        ServerCommand::Task(op) => task(op),
         ServerCommand::Bundle(op) => bundle(op),
     };
     match result {
@@ -286,6 +329,35 @@ fn node(op: &Operator<NodeCommand>) -> Result<(), ServerCliError> {
     }
 }
 
+fn task(op: &Operator<TaskCommand>) -> Result<(), ServerCliError> {
+    let common = &op.common;
+    let task = match &op.command {
+        TaskCommand::List(TaskListArgs { all, limit }) => {
+            let tasks = common.block_on(&ProcessEnv, |mut client| async move {
+                Ok::<_, ServerCliError>(client.list_tasks(*all, *limit).await?)
+            })?;
+            let report = FleetTasksReport {
+                tasks: tasks.iter().map(fleet_task_view).collect(),
+            };
+            return common.format().print(&report).map_err(stdout);
+        }
+        TaskCommand::Show(TaskIdArg { id }) => {
+            common.block_on(&ProcessEnv, |mut client| async move {
+                Ok::<_, ServerCliError>(client.get_task(id.clone()).await?)
+            })?
+        }
+        TaskCommand::Revoke(TaskIdArg { id }) => {
+            common.block_on(&ProcessEnv, |mut client| async move {
+                Ok::<_, ServerCliError>(client.revoke_task(id.clone()).await?)
+            })?
+        }
+    };
+    common
+        .format()
+        .print(&fleet_task_view(&task))
+        .map_err(stdout)
+}
+
 fn bundle(op: &Operator<BundleCommand>) -> Result<(), ServerCliError> {
     let BundleCommand::Show(show) = &op.command;
     let format: BundleFormat = show.format;
@@ -316,6 +388,25 @@ fn node_view(node: &pb::NodeInfo) -> NodeView {
         svid_serial: node.svid_serial.clone(),
         svid_expires_at: Timestamp::from_unix_ms(node.svid_expires_at_ms),
         evicted: node.evicted,
+    }
+}
+
+/// A task of the fleet's index, for printing.
+fn fleet_task_view(task: &pb::FleetTask) -> FleetTaskView {
+    let ended = !task.ended_reason.is_empty();
+    FleetTaskView {
+        id: task.id.clone(),
+        owner_node: task.owner_node.clone(),
+        spiffe_id: task.spiffe_id.clone(),
+        began_at: Timestamp::from_unix_ms(task.began_at_ms),
+        deadline: Timestamp::from_unix_ms(task.deadline_ms),
+        state: if ended { "ended" } else { "active" }.to_owned(),
+        end_reason: task.ended_reason.clone(),
+        ended_at: if ended {
+            Timestamp::from_unix_ms(task.ended_at_ms)
+        } else {
+            None
+        },
     }
 }
 

@@ -12,12 +12,16 @@
 //! 3. a mutual-TLS connection with that SVID, and the sync stream's first
 //!    snapshot (the entries this node may serve and the bundle).
 //!
-//! [`Link::run`] then follows the sync stream (entries into the registry,
-//! the bundle into [`Link::subscribe_bundle`]), reconnects with backoff
-//! and jitter after a failure (trying every address in turn), and renews
-//! the node SVID at half life. While the server is unreachable the agent
-//! keeps serving what it holds; [`Link::problems`] says why it cannot
-//! issue anything new.
+//! [`Link::run`] (`follow.rs`) then follows the sync stream (entries into
+//! the registry, the bundle into [`Link::subscribe_bundle`], other nodes'
+//! task ends and the heartbeats into `task::ForeignTasks`), reconnects
+//! with backoff and jitter after a failure (trying every address in turn,
+//! asking for the task ends after the last one applied), and renews the
+//! node SVID at half life. While the server is unreachable the agent keeps
+//! serving what it holds; [`Link::problems`] says why it cannot issue
+//! anything new, and other nodes' tasks are refused once the server has
+//! been silent for `server.revocation_staleness`. [`report_ends`] sends
+//! this node's task ends to the server.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,6 +32,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+mod error;
+mod follow;
+
+pub use error::LinkError;
+pub use follow::report_ends;
+
 use super::config::{FleetConfig, NodeAttestation};
 use super::node_files::NodeFiles;
 use crate::admin_api::convert;
@@ -37,7 +47,8 @@ use crate::error::Chain;
 use crate::mtls::{self, Identity, MtlsError, SwappableIdentity};
 use crate::proto::server as pb;
 use crate::proto::server::node_client::NodeClient;
-use crate::registration::{EntryId, EntrySource, RegistrationEntry, Registry};
+use crate::registration::{EntryId, EntrySource, RegistrationEntry};
+use crate::task::ForeignTasks;
 
 /// Longest service account token file read.
 const MAX_PSAT_LEN: u64 = 16 * 1024;
@@ -73,85 +84,8 @@ struct Inner {
     problem: Mutex<Option<String>>,
     /// The sync stream `start` opened, until `run` takes it.
     first_stream: Mutex<Option<tonic::Streaming<pb::SyncMessage>>>,
-}
-
-/// Why the link could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    /// The bootstrap bundle could not be read.
-    #[error("reading the bootstrap bundle {path}")]
-    BootstrapRead {
-        /// The file.
-        path: String,
-        /// The cause.
-        #[source]
-        source: KeyStoreError,
-    },
-    /// A bundle (the bootstrap file's, or the server's) does not parse.
-    #[error("the {what} is not a SPIFFE bundle of the trust domain")]
-    Bundle {
-        /// Which bundle.
-        what: &'static str,
-        /// The cause.
-        #[source]
-        source: BundleError,
-    },
-    /// The node's files in the data dir.
-    #[error("the node's files in the data dir")]
-    Files(#[from] KeyStoreError),
-    /// The node must attest and has no token to do it with.
-    #[error(
-        "this node has no valid node SVID and no join token: create one on the server \
-         (tether server token create --node NAME) and set server.join_token or TETHER_JOIN_TOKEN"
-    )]
-    NoJoinToken,
-    /// The projected service account token could not be read.
-    #[error("reading the service account token {path} (server.psat_path)")]
-    Psat {
-        /// The file.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Making the node's key failed.
-    #[error("making the node's key")]
-    Key(#[source] rcgen::Error),
-    /// A blocking job did not complete.
-    #[error("a blocking job did not complete")]
-    Job(#[from] tokio::task::JoinError),
-    /// The server could not be reached.
-    #[error("connecting to the tether server ({addresses})")]
-    Connect {
-        /// The addresses tried.
-        addresses: String,
-        /// The cause.
-        #[source]
-        source: MtlsError,
-    },
-    /// The server refused or failed a call.
-    #[error("the tether server refused {what}")]
-    Refused {
-        /// What was asked.
-        what: &'static str,
-        /// Its answer.
-        #[source]
-        source: tonic::Status,
-    },
-    /// The server's answer is not what the protocol says.
-    #[error("the tether server's answer to {what} is malformed: {detail}")]
-    BadReply {
-        /// What was asked.
-        what: &'static str,
-        /// What is wrong.
-        detail: String,
-    },
-    /// The server's SVID or the node's could not be used for TLS.
-    #[error("the node SVID cannot be used")]
-    Identity(#[source] MtlsError),
-    /// The first snapshot did not come in time.
-    #[error("the tether server sent no entries within {0:?}")]
-    NoSnapshot(Duration),
+    /// Other nodes' ended tasks, and whether this agent is current.
+    foreign: ForeignTasks,
 }
 
 // === impl Link ===
@@ -164,6 +98,7 @@ impl Link {
         config: FleetConfig,
         data_dir: &std::path::Path,
         federations: BTreeSet<TrustDomain>,
+        foreign: ForeignTasks,
     ) -> Result<(Self, Vec<RegistrationEntry>), LinkError> {
         let files = NodeFiles::new(data_dir);
         let bundle = initial_bundle(&trust_domain, &config, &files).await?;
@@ -198,6 +133,7 @@ impl Link {
                 channel: Mutex::new(None),
                 problem: Mutex::new(None),
                 first_stream: Mutex::new(None),
+                foreign,
             }),
         };
         let now = SystemTime::now();
@@ -221,6 +157,15 @@ impl Link {
                 source,
             })?
             .ok_or(LinkError::NoSnapshot(FIRST_SNAPSHOT_TIMEOUT))?;
+        // The server sends the snapshot first; the task ends follow, and
+        // `run` reads them.
+        let Some(pb::sync_message::Kind::Snapshot(first)) = first.kind else {
+            return Err(LinkError::BadReply {
+                what: "the sync stream",
+                detail: "its first message is not the entries' snapshot".into(),
+            });
+        };
+        this.inner.foreign.heard();
         let entries = this.apply_bundle_and_entries(first)?;
         *lock(&this.inner.channel) = Some(channel);
         *lock(&this.inner.first_stream) = Some(stream);
@@ -231,6 +176,11 @@ impl Link {
     /// there is none.
     pub(crate) fn client(&self) -> Option<NodeClient<Channel>> {
         lock(&self.inner.channel).clone().map(NodeClient::new)
+    }
+
+    /// What this agent knows of other nodes' tasks (fed by [`Link::run`]).
+    pub fn foreign(&self) -> ForeignTasks {
+        self.inner.foreign.clone()
     }
 
     /// The trust domain.
@@ -255,87 +205,30 @@ impl Link {
             .as_ref()
             .map(|identity| identity.current().spiffe_id().to_string())
             .unwrap_or_else(|| "not attested".into());
-        match lock(&self.inner.problem).as_ref() {
+        let link = match lock(&self.inner.problem).as_ref() {
             Some(problem) => format!("{node}, not connected: {problem}"),
             None => format!(
                 "{node}, connected to {}",
                 self.inner.config.addresses.join(" or ")
             ),
-        }
+        };
+        let tasks = match self.inner.foreign.problem() {
+            Some(problem) => format!("other nodes' tasks refused: {problem}"),
+            None => format!(
+                "other nodes' tasks checked (last heard {} ago, {} ended tasks known)",
+                self.inner
+                    .foreign
+                    .last_heard_age()
+                    .map_or_else(|| "never".into(), |age| format!("{:.1}s", age.as_secs_f64())),
+                self.inner.foreign.len()
+            ),
+        };
+        format!("{link}; {tasks}")
     }
 
     /// Why the agent cannot reach the server right now (empty: it can).
     pub fn problems(&self) -> Vec<String> {
         lock(&self.inner.problem).iter().cloned().collect()
-    }
-
-    /// Follows the sync stream into `registry` until `cancel`, reconnecting
-    /// after failures and renewing the node SVID at half life.
-    pub async fn run(self, registry: Registry, cancel: CancellationToken) {
-        let mut stream = lock(&self.inner.first_stream).take();
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            let Some(mut sync) = stream.take() else {
-                match self.reconnect().await {
-                    Ok(sync) => {
-                        backoff = BACKOFF_MIN;
-                        stream = Some(sync);
-                        continue;
-                    }
-                    Err(error) => {
-                        self.set_problem(format!("{}", Chain(&error)));
-                        tracing::warn!(error = %Chain(&error), "the tether server is unreachable; retrying");
-                        let wait = jitter(backoff);
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                        tokio::select! {
-                            () = cancel.cancelled() => return,
-                            () = tokio::time::sleep(wait) => continue,
-                        }
-                    }
-                }
-            };
-            let renew_in = self.renew_in();
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(renew_in) => {
-                    match self.renew().await {
-                        Ok(()) => {} // reconnect with the new SVID
-                        Err(error) => {
-                            tracing::warn!(error = %Chain(&error), "node SVID renewal failed; retrying");
-                            self.set_problem(format!("{}", Chain(&error)));
-                            tokio::select! {
-                                () = cancel.cancelled() => return,
-                                () = tokio::time::sleep(jitter(BACKOFF_MAX)) => {}
-                            }
-                            stream = Some(sync);
-                        }
-                    }
-                }
-                message = sync.message() => match message {
-                    Ok(Some(snapshot)) => {
-                        match self.apply_bundle_and_entries(snapshot) {
-                            Ok(entries) => {
-                                if let Err(error) = registry.replace_synced(entries).await {
-                                    tracing::error!(error = %Chain(&error), "could not apply the server's entries");
-                                }
-                            }
-                            Err(error) => {
-                                tracing::error!(error = %Chain(&error), "the server's snapshot was refused");
-                            }
-                        }
-                        self.clear_problem();
-                        stream = Some(sync);
-                    }
-                    Ok(None) => {
-                        self.set_problem("the tether server ended the sync stream".into());
-                    }
-                    Err(status) => {
-                        tracing::warn!(code = ?status.code(), message = status.message(), "the sync stream failed");
-                        self.set_problem(format!("the sync stream failed: {}", status.message()));
-                    }
-                }
-            }
-        }
     }
 
     /// Reconnects (a new connection with the current SVID) and opens the
@@ -518,14 +411,20 @@ impl Link {
         &self,
         channel: &Channel,
     ) -> Result<tonic::Streaming<pb::SyncMessage>, LinkError> {
-        NodeClient::new(channel.clone())
-            .sync(pb::SyncRequest { task_ends_after: 0 })
+        let stream = NodeClient::new(channel.clone())
+            .sync(pb::SyncRequest {
+                task_ends_after: self.inner.foreign.watermark(),
+            })
             .await
             .map(tonic::Response::into_inner)
             .map_err(|source| LinkError::Refused {
                 what: "the sync stream",
                 source,
-            })
+            })?;
+        // Not caught up on other nodes' task ends until its first
+        // heartbeat.
+        self.inner.foreign.stream_opened();
+        Ok(stream)
     }
 
     /// Takes a snapshot's bundle and returns its entries, each validated as
@@ -533,14 +432,8 @@ impl Link {
     /// and logged: the others still apply).
     fn apply_bundle_and_entries(
         &self,
-        message: pb::SyncMessage,
+        snapshot: pb::SyncSnapshot,
     ) -> Result<Vec<RegistrationEntry>, LinkError> {
-        let Some(pb::sync_message::Kind::Snapshot(snapshot)) = message.kind else {
-            return Err(LinkError::BadReply {
-                what: "the sync stream",
-                detail: "WIP".into(),
-            });
-        };
         if let Some(bundle) = &snapshot.bundle {
             self.take_bundle(bundle)?;
         }
