@@ -6,17 +6,22 @@
 //! Never widens: the same `sub` and `txn`, tools only narrow (a tool the
 //! subject token lacks is refused, not dropped), `exp` never after the
 //! subject token's, the exchanger prepended to `act`, and only the subject
-//! token's audience may exchange it.
+//! token's audience may exchange it. The new token's claims come from the
+//! subject token, so the task may be this agent's or, in fleet mode,
+//! another node's (this agent holds no row of it; the server, which sees
+//! the subject token, checks the exchange again before it signs).
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Deserialize;
 use spiffe::{SpiffeId, TrustDomain};
 
-use super::claims::{self, Actor, TaskClaims};
+use super::claims::{self, Actor, Confirmation, TaskClaims};
 use super::request::{check_audience, check_tools, dedup};
-use super::{IssuedToken, Task, TaskError, Tasks, task_event};
+use super::token::Draft;
+use super::{IssuedToken, Task, TaskError, Tasks, TokenRejection, task_event};
 use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::bundle::TrustBundle;
 use crate::registration::Match;
@@ -25,8 +30,9 @@ use crate::telemetry::metrics::{Kind, metrics};
 /// An exchange that passed every check but policy.
 #[derive(Debug)]
 pub struct Exchange {
-    /// The task of the subject token.
-    pub task: Arc<Task>,
+    /// The task of the subject token, when it is this agent's; `None`: it
+    /// is another node's (fleet mode).
+    pub task: Option<Arc<Task>>,
     /// The exchanging identity (the new actor).
     pub actor: SpiffeId,
     /// The new actor chain, newest first.
@@ -37,6 +43,17 @@ pub struct Exchange {
     pub tools: Vec<String>,
     /// The subject token's claims.
     pub subject: TaskClaims,
+    /// The subject token itself, shown to the signer.
+    subject_token: SubjectToken,
+}
+
+/// A subject token, kept out of logs.
+struct SubjectToken(String);
+
+impl fmt::Debug for SubjectToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SubjectToken(..)")
+    }
 }
 
 // === impl Tasks ===
@@ -50,8 +67,11 @@ impl Tasks {
     /// subject token (`cnf`) is accepted only with `subject_presenter`, the
     /// certificate the caller says it was presented with, and only if that
     /// is the one it is bound to (the caller's statement: it keeps an honest
-    /// service from exchanging a copied token). Nothing is issued until [`Tasks::complete_exchange`], so
-    /// policy can decide on the checked plan in between.
+    /// service from exchanging a copied token). The task is this agent's
+    /// or, in fleet mode ([`Tasks::with_foreign`]), another node's of this
+    /// trust domain that this agent does not know ended. Nothing is issued
+    /// until [`Tasks::complete_exchange`], so policy can decide on the
+    /// checked plan in between.
     pub fn prepare_exchange(
         &self,
         subject: &str,
@@ -78,6 +98,7 @@ impl Tasks {
                     "the subject token is addressed to {unverified_aud:?}, not to the caller; only a token's audience may exchange it"
                 ))
             })?;
+        let subject_token = SubjectToken(subject.to_owned());
         let subject = self.validate(
             subject,
             &unverified_aud,
@@ -85,18 +106,31 @@ impl Tasks {
             subject_presenter,
             bundle_for,
         )?;
-        let task = self.get(&subject.claims.txn).ok_or_else(|| {
-            TaskError::Exchange(format!(
-                "task {} is not known to this agent",
-                subject.claims.txn
-            ))
-        })?;
-        if let Some((reason, _)) = task.ended() {
-            return Err(TaskError::Ended {
-                id: task.id.clone(),
-                reason: reason.to_string(),
-            });
-        }
+        let task = match self.get(&subject.claims.txn) {
+            Some(task) => {
+                if let Some((reason, _)) = task.ended() {
+                    return Err(TaskError::Ended {
+                        id: task.id.clone(),
+                        reason: reason.to_string(),
+                    });
+                }
+                Some(task)
+            }
+            // Another node's task: `validate` found it not ended and this
+            // agent fresh. Only this trust domain's tasks are the fleet's.
+            None if self.foreign().is_some()
+                && subject.spiffe_id.trust_domain() == self.trust_domain()
+                && subject.claims.iss == self.trust_domain().id_string() =>
+            {
+                None
+            }
+            None => {
+                return Err(TaskError::Exchange(format!(
+                    "task {} is not known to this agent",
+                    subject.claims.txn.chars().take(80).collect::<String>()
+                )));
+            }
+        };
         let granted: Vec<String> = subject.claims.tools().map(str::to_owned).collect();
         let tools = if tools.is_empty() {
             granted
@@ -123,12 +157,16 @@ impl Tasks {
             audience: audience.to_owned(),
             tools,
             subject: subject.claims,
+            subject_token,
         })
     }
 
     /// Issues the token of a checked exchange, bound to `bind_x5t` when
-    /// given, recording which policies allowed it. A task that ended since
-    /// the exchange was checked gets nothing.
+    /// given, recording which policies allowed it. Its claims are the
+    /// subject token's but for the audience, the narrowed tools, the actor
+    /// chain and the binding; the signer is shown the subject token. A task
+    /// that ended since the exchange was checked (here, or on its own node
+    /// as far as this agent has heard) gets nothing.
     pub async fn complete_exchange(
         &self,
         exchange: Exchange,
@@ -142,36 +180,81 @@ impl Tasks {
             audience,
             tools,
             subject,
+            subject_token,
         } = exchange;
-        if let Some((reason, _)) = task.ended() {
-            return Err(TaskError::Ended {
-                id: task.id.clone(),
-                reason: reason.to_string(),
-            });
+        // Ended since the check? Then nothing is signed.
+        match &task {
+            Some(task) => {
+                if let Some((reason, _)) = task.ended() {
+                    return Err(TaskError::Ended {
+                        id: task.id.clone(),
+                        reason: reason.to_string(),
+                    });
+                }
+            }
+            None => match self.foreign() {
+                Some(foreign) => foreign.check(&subject.txn).map_err(|rejection| match rejection {
+                    TokenRejection::Ended { txn, reason } => TaskError::Ended { id: txn, reason },
+                    other => TaskError::Token(other),
+                })?,
+                None => {
+                    return Err(TaskError::Exchange(format!(
+                        "task {} is not known to this agent",
+                        subject.txn.chars().take(80).collect::<String>()
+                    )));
+                }
+            },
         }
-        let act = Actor {
-            sub: actor.to_string(),
-            act: subject.act.clone().map(Box::new),
+        let subject_exp = UNIX_EPOCH + Duration::from_secs(subject.exp);
+        let deadline = UNIX_EPOCH + Duration::from_secs(subject.tctx.deadline);
+        let mut not_after = subject_exp.min(deadline);
+        if let Some(task) = &task {
+            not_after = not_after.min(task.deadline);
+        }
+        let draft = Draft {
+            sub: subject.sub.clone(),
+            txn: subject.txn.clone(),
+            tctx: subject.tctx.clone(),
+            rctx: subject.rctx.clone(),
+            audience: audience.clone(),
+            tools: tools.clone(),
+            act: Some(Actor {
+                sub: actor.to_string(),
+                act: subject.act.clone().map(Box::new),
+            }),
+            cnf: bind_x5t.map(|x5t_s256| Confirmation { x5t_s256 }),
+            not_after,
+            subject_token: Some(subject_token.0),
         };
-        let token = self
-            .issue(
-                &task,
-                &audience,
-                &tools,
-                Some(act),
-                bind_x5t,
-                Some(UNIX_EPOCH + Duration::from_secs(subject.exp)),
-                subject.rctx.clone(),
-            )
-            .await?;
-        tracing::info!(task_id = %task.id, actor = %actor, audience, tools = ?tools, "task token exchanged");
+        let token = self.sign_draft(draft).await?;
+        let event = match &task {
+            Some(task) => {
+                task.state().tokens_issued += 1;
+                task_event(task, EventKind::Exchange, Outcome::Allow)
+            }
+            // Another node's task: its owner is not here to name.
+            None => AuditEvent {
+                spiffe_id: Some(subject.sub.clone()),
+                task_id: Some(subject.txn.clone()),
+                intent: Some(subject.tctx.intent.clone()),
+                ..AuditEvent::new(EventKind::Exchange, Outcome::Allow)
+            },
+        };
+        tracing::info!(
+            task_id = %subject.txn,
+            actor = %actor,
+            audience,
+            tools = ?tools,
+            foreign = task.is_none(),
+            "task token exchanged"
+        );
         self.inner.audit.record(AuditEvent {
             audience: Some(audience),
             tools,
             actors,
             token_id: Some(token.jti.clone()),
             policy_ids: decided_by,
-            ..task_event(&task, EventKind::Exchange, Outcome::Allow)
+            ..event
         })?;
         metrics()
             .task_tokens_issued

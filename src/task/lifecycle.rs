@@ -99,7 +99,11 @@ impl Tasks {
             // The end is not stored: keep the task refused in memory anyway
             // (fail closed), and say so.
             tracing::error!(task_id = %task.id, %reason, error = %crate::error::Chain(&error), "could not store the end of a task; refusing its tokens until restart");
-            self.mark_ended(task, reason, SystemTime::now());
+            let now = SystemTime::now();
+            if self.mark_ended(task, reason, now) {
+                // Refused across the fleet too: fail closed everywhere.
+                self.report(task, reason, now);
+            }
             self.inner.changes.send_modify(|n| *n += 1);
         }
     }

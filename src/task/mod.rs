@@ -19,6 +19,8 @@
 //! | `exchange.rs` | token exchange (prepare, then complete after policy) |
 //! | `validate.rs` | the task rules on top of JWT-SVID validation |
 //! | `restore.rs` | the stored row of a task, and loading them after a restart |
+//! | `foreign.rs` | fleet mode: other nodes' ended tasks, and whether this agent is fresh |
+//! | `ends.rs` | fleet mode: this agent's ends, reported to the fleet link |
 //! | `active.rs` | the active tasks by owner process |
 //! | `journal.rs` | group commit of begins and ends |
 //! | [`claims`], [`lifecycle`] | the claim set; the loop that ends tasks nobody ended |
@@ -27,15 +29,21 @@
 //! - a task's end is in the store before anyone is told it ended, so a
 //!   restart never resurrects a token;
 //! - a token signed by this agent for a task this agent does not know is
-//!   rejected (fail closed);
+//!   rejected (fail closed); in fleet mode, where the server signs for
+//!   every node, a token of another node's task is accepted only while
+//!   this agent is caught up with the server's task ends and has heard
+//!   from it within the staleness bound ([`ForeignTasks`]), and its own
+//!   tasks keep validating from local state either way;
 //! - exchange never widens: same `sub` and `txn`, tools only narrow, expiry
 //!   never later than the subject token's, and only the token's audience may
-//!   exchange it.
+//!   exchange it; every exchange shows the signer its subject token.
 
 mod active;
 pub mod claims;
 mod config;
+mod ends;
 mod exchange;
+mod foreign;
 mod journal;
 pub mod lifecycle;
 mod request;
@@ -65,7 +73,9 @@ use journal::Journal;
 use request::dedup;
 
 pub use config::TaskConfig;
+pub use ends::LocalEnd;
 pub use exchange::Exchange;
+pub use foreign::{ForeignEnd, ForeignTasks, SKEW_MARGIN};
 pub use journal::JournalError;
 pub use token::IssuedToken;
 pub use validate::ValidatedTaskToken;
@@ -142,6 +152,17 @@ pub enum TokenRejection {
     /// Signed here, for a task this agent does not know.
     #[error("task {0} is unknown to this agent")]
     UnknownTask(String),
+    /// Another node's task (fleet mode), and this agent cannot vouch that
+    /// it has not ended: it is not caught up with the tether server, has
+    /// not heard from it within `server.revocation_staleness`, or could
+    /// not keep every end it was sent.
+    #[error("task {txn} is another node's, and {detail}")]
+    Stale {
+        /// The task.
+        txn: String,
+        /// Why this agent cannot vouch for it.
+        detail: String,
+    },
     /// Lives longer than tokens may.
     #[error("token lifetime {0}s exceeds the maximum of {1}s")]
     TooLong(u64, u64),
@@ -262,6 +283,12 @@ struct Inner {
     journal: std::sync::OnceLock<Journal>,
     /// Active tasks by owner. Locked after `tasks` when both are held.
     active: Mutex<ActiveIndex>,
+    /// Fleet mode: what this agent knows of other nodes' tasks (set once,
+    /// by [`Tasks::with_foreign`]).
+    foreign: std::sync::OnceLock<ForeignTasks>,
+    /// Fleet mode: where ends of this agent's tasks are reported (the
+    /// fleet link), once [`Tasks::report_ends`] installed it.
+    reports: Mutex<Option<mpsc::UnboundedSender<LocalEnd>>>,
 }
 
 // === impl EndReason ===
@@ -347,9 +374,29 @@ impl Tasks {
                 owners,
                 journal: std::sync::OnceLock::new(),
                 active: Mutex::default(),
+                foreign: std::sync::OnceLock::new(),
+                reports: Mutex::default(),
             }),
         };
         (tasks, OwnerInbox(owners_rx))
+    }
+
+    /// Fleet mode: tokens of tasks that are not this agent's are judged by
+    /// `foreign` (known ended, or this agent not fresh: refused) instead
+    /// of by the key that signed them, and other nodes' tasks may be
+    /// exchanged here. Set once, before serving; a second call is ignored
+    /// (and logged).
+    #[must_use]
+    pub fn with_foreign(self, foreign: ForeignTasks) -> Self {
+        if self.inner.foreign.set(foreign).is_err() {
+            tracing::warn!("other nodes' tasks were already set up; keeping the first");
+        }
+        self
+    }
+
+    /// What this agent knows of other nodes' tasks (fleet mode only).
+    pub fn foreign(&self) -> Option<&ForeignTasks> {
+        self.inner.foreign.get()
     }
 
     /// The group-commit writers, started on first use (inside the runtime).
@@ -509,6 +556,7 @@ impl Tasks {
             return Ok(false);
         }
         self.inner.changes.send_modify(|n| *n += 1);
+        self.report(task, reason, now);
         metrics().tasks_active.dec();
         metrics()
             .tasks_ended

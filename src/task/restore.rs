@@ -132,6 +132,15 @@ impl Tasks {
         }
         if !ends.is_empty() {
             self.inner.store.end_tasks(&ends)?;
+            // Stored: now the fleet may hear of them (if the link already
+            // listens; otherwise `ended_tasks` lists them).
+            for (id, _, _) in &ends {
+                if let Some(task) = self.get(id)
+                    && let Some((reason, at)) = task.ended()
+                {
+                    self.report(&task, reason, at);
+                }
+            }
         }
         Ok(watched)
     }

@@ -1,6 +1,9 @@
-//! Signing task tokens: the one place a token's claims are assembled. Its
-//! `exp` is capped by the token lifetime, the task's deadline, the signing
-//! key's own expiry and, for an exchange, the subject token's `exp`.
+//! Signing task tokens: the one place a token's claims are signed. A
+//! `Draft` holds them: a token of this agent's own task draws them from
+//! the task (`Tasks::issue`); an exchanged token draws them from its
+//! subject token (`exchange.rs`), whichever node's task it is. Its `exp`
+//! is capped by the token lifetime, the task's deadline, the signing key's
+//! own expiry and, for an exchange, the subject token's `exp`.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -106,9 +109,10 @@ impl Tasks {
         .await
     }
 
+    /// A token of this agent's `task`, its claims from the task itself.
     #[expect(
         clippy::too_many_arguments,
-        reason = "the claims that vary between begin, renew and exchange"
+        reason = "the claims that vary between begin, renew and the tests' tokens"
     )]
     pub(super) async fn issue(
         &self,
@@ -120,26 +124,44 @@ impl Tasks {
         not_after: Option<SystemTime>,
         rctx: RequesterContext,
     ) -> Result<IssuedToken, TaskError> {
+        let draft = Draft {
+            sub: task.spiffe_id.to_string(),
+            txn: task.id.clone(),
+            tctx: task.context(),
+            rctx,
+            audience: audience.to_owned(),
+            tools: tools.to_vec(),
+            act,
+            cnf: bind_x5t.map(|x5t_s256| Confirmation { x5t_s256 }),
+            not_after: not_after.map_or(task.deadline, |cap| cap.min(task.deadline)),
+            subject_token: None,
+        };
+        let token = self.sign_draft(draft).await?;
+        task.state().tokens_issued += 1;
+        Ok(token)
+    }
+
+    /// Signs `draft`: `iss` is this trust domain, `jti`, `iat` and `nbf`
+    /// are fresh, and `exp` is capped by the token lifetime, the draft's
+    /// `not_after` and the signing key's own expiry.
+    pub(super) async fn sign_draft(&self, draft: Draft) -> Result<IssuedToken, TaskError> {
         let now = SystemTime::now();
-        let mut exp = (now + self.inner.config.token_ttl).min(task.deadline);
-        if let Some(cap) = not_after {
-            exp = exp.min(cap);
-        }
+        let exp = (now + self.inner.config.token_ttl).min(draft.not_after);
         let claims = TaskClaims {
             iss: self.trust_domain().id_string(),
-            sub: task.spiffe_id.to_string(),
-            aud: audience.to_owned(),
+            sub: draft.sub,
+            aud: draft.audience,
             // Set by the authority, capped at its key's expiry.
             exp: 0,
             iat: unix(now),
             nbf: unix(now),
             jti: random_b64(16)?,
-            txn: task.id.clone(),
-            scope: tools.join(" "),
-            tctx: task.context(),
-            rctx,
-            act,
-            cnf: bind_x5t.map(|x5t_s256| Confirmation { x5t_s256 }),
+            txn: draft.txn,
+            scope: draft.tools.join(" "),
+            tctx: draft.tctx,
+            rctx: draft.rctx,
+            act: draft.act,
+            cnf: draft.cnf,
         };
         let serde_json::Value::Object(mut body) =
             serde_json::to_value(&claims).map_err(|e| AuthorityError::BadRequest(e.to_string()))?
@@ -155,10 +177,9 @@ impl Tasks {
             .sign_jwt(JwtRequest {
                 claims: body,
                 not_after: exp,
-                subject_token: None,
+                subject_token: draft.subject_token,
             })
             .await?;
-        task.state().tokens_issued += 1;
         Ok(IssuedToken {
             token: signed.token,
             jti: claims.jti,
@@ -167,7 +188,32 @@ impl Tasks {
     }
 }
 
-fn unix(t: SystemTime) -> u64 {
+/// The claims of a token to sign, but for those the signing sets (`iss`,
+/// `exp`, `iat`, `nbf`, `jti`).
+pub(super) struct Draft {
+    /// The task owner's SPIFFE ID.
+    pub(super) sub: String,
+    /// The task.
+    pub(super) txn: String,
+    /// The task context, fixed at begin.
+    pub(super) tctx: TaskContext,
+    /// The attested requester.
+    pub(super) rctx: RequesterContext,
+    /// The one audience.
+    pub(super) audience: String,
+    /// The tools (`scope`).
+    pub(super) tools: Vec<String>,
+    /// The actor chain.
+    pub(super) act: Option<Actor>,
+    /// The binding.
+    pub(super) cnf: Option<Confirmation>,
+    /// The latest `exp` (the task's deadline, the subject token's `exp`).
+    pub(super) not_after: SystemTime,
+    /// The subject token of an exchange, shown to the signer.
+    pub(super) subject_token: Option<String>,
+}
+
+pub(super) fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 

@@ -1,8 +1,9 @@
 //! Task-token validation: [`crate::svid::jwt::validate`] (signature,
 //! audience, expiry) and then the task rules: exactly one audience, a known
 //! `tctx` version, a bounded lifetime, the task known and not ended (fail
-//! closed for a token signed here), the tool in `scope`, and the `cnf`
-//! binding to the presenter's certificate.
+//! closed for a token signed here; in fleet mode, another node's task
+//! accepted only while this agent is fresh), the tool in `scope`, and the
+//! `cnf` binding to the presenter's certificate.
 
 use std::sync::Arc;
 
@@ -66,7 +67,8 @@ impl Tasks {
         if lifetime > max {
             return Err(TokenRejection::TooLong(lifetime, max));
         }
-        self.check_task(&claims.txn, token)?;
+        let own_domain = validated.spiffe_id.trust_domain() == self.trust_domain();
+        self.check_task_of(&claims.txn, token, own_domain)?;
         if let Some(tool) = tool
             && !claims.allows(tool)
         {
@@ -91,10 +93,26 @@ impl Tasks {
         })
     }
 
-    /// Rejects a token of an ended task, and a token signed here for a task
-    /// this agent does not know (fail closed). Tokens signed elsewhere for
-    /// tasks unknown here are judged by their signature alone.
+    /// Rejects a token of an ended task. For a task this agent does not
+    /// know: in fleet mode ([`Tasks::with_foreign`]), a token of this
+    /// trust domain is another node's, accepted only while
+    /// [`super::ForeignTasks::check`] allows it; otherwise a token signed
+    /// here is refused (fail closed), and tokens signed elsewhere are
+    /// judged by their signature alone.
     pub fn check_task(&self, txn: &str, token: &str) -> Result<(), TokenRejection> {
+        let own_domain = peek_subject(token)
+            .is_some_and(|sub| sub.trust_domain() == self.trust_domain());
+        self.check_task_of(txn, token, own_domain)
+    }
+
+    /// [`Tasks::check_task`], told whether the token's (verified) `sub` is
+    /// in this agent's trust domain.
+    fn check_task_of(
+        &self,
+        txn: &str,
+        token: &str,
+        own_domain: bool,
+    ) -> Result<(), TokenRejection> {
         match self.get(txn) {
             Some(task) => match task.ended() {
                 Some((reason, _)) => Err(TokenRejection::Ended {
@@ -103,16 +121,32 @@ impl Tasks {
                 }),
                 None => Ok(()),
             },
-            None => {
-                let kid = peek_kid(token).unwrap_or_default();
-                if self.inner.authority.is_own_jwt_key(&kid) {
-                    Err(TokenRejection::UnknownTask(txn.chars().take(80).collect()))
-                } else {
-                    Ok(())
+            None => match self.foreign() {
+                // Another node's task: its end reaches this agent through
+                // the server. (Another trust domain's tasks are not the
+                // server's: their signature is all there is to check.)
+                Some(foreign) if own_domain => foreign.check(txn),
+                _ => {
+                    let kid = peek_kid(token).unwrap_or_default();
+                    if self.inner.authority.is_own_jwt_key(&kid) {
+                        Err(TokenRejection::UnknownTask(txn.chars().take(80).collect()))
+                    } else {
+                        Ok(())
+                    }
                 }
-            }
+            },
         }
     }
+}
+
+/// The token's `sub`, unverified.
+fn peek_subject(token: &str) -> Option<SpiffeId> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        sub: String,
+    }
+    let peek: Peek = jsonwebtoken::dangerous::insecure_decode_claims(token).ok()?;
+    SpiffeId::new(&peek.sub).ok()
 }
 
 /// The token's `kid`, unverified.

@@ -606,7 +606,7 @@ impl TasksRpc for TaskApi {
                 action: Action::ExchangeToken,
                 resource: Resource::Audience(&exchange.audience),
                 context: PolicyContext {
-                    intent: &exchange.task.intent,
+                    intent: &exchange.subject.tctx.intent,
                     tools: &exchange.tools,
                     ttl_seconds: gate::ttl_seconds(left),
                     actors: &exchange.actors,
@@ -616,7 +616,7 @@ impl TasksRpc for TaskApi {
                 },
             },
             Subject {
-                task_id: Some(exchange.task.id.clone()),
+                task_id: Some(exchange.subject.txn.clone()),
                 actors: exchange.actors.clone(),
             },
         )?;

@@ -269,6 +269,7 @@ pub fn jwt_validation(error: &JwtValidationError) -> Status {
 /// A task operation that was refused or failed.
 pub fn task(error: &TaskError) -> Status {
     match error {
+        TaskError::Token(rejection @ TokenRejection::Stale { .. }) => token(rejection),
         TaskError::Invalid { .. } | TaskError::Token(_) => {
             Status::invalid_argument(Chain(error).to_string())
         }
@@ -286,9 +287,21 @@ pub fn task(error: &TaskError) -> Status {
 }
 
 /// A token presented for validation that was refused: InvalidArgument with
-/// the reason.
+/// the reason. Another node's task that this agent cannot vouch for (it
+/// has not heard from the tether server lately) is the agent's trouble,
+/// and may pass: Unavailable with the reason (the fleet link logs its own
+/// trouble, so each refusal is not logged again).
 pub fn token(error: &TokenRejection) -> Status {
-    Status::invalid_argument(Chain(error).to_string())
+    match error {
+        TokenRejection::Stale { .. } => Status::unavailable(Chain(error).to_string()),
+        TokenRejection::Jwt(_)
+        | TokenRejection::NotATaskToken(_)
+        | TokenRejection::Ended { .. }
+        | TokenRejection::UnknownTask(_)
+        | TokenRejection::TooLong(..)
+        | TokenRejection::ToolNotAllowed(_)
+        | TokenRejection::Binding(_) => Status::invalid_argument(Chain(error).to_string()),
+    }
 }
 
 /// A registration change that was refused or failed.

@@ -106,6 +106,13 @@ async fn every_task_error_has_one_code() {
             TaskError::Token(TokenRejection::UnknownTask("t9".into())),
             Code::InvalidArgument,
         ),
+        (
+            TaskError::Token(TokenRejection::Stale {
+                txn: "t9".into(),
+                detail: "this agent has not heard from the tether server for 7s".into(),
+            }),
+            Code::Unavailable,
+        ),
         (TaskError::NotFound("t1".into()), Code::NotFound),
         (
             TaskError::Sign(AuthorityError::NoActiveKey("JWT")),
@@ -347,10 +354,28 @@ fn caller_input_is_invalid_argument_with_the_reason() {
         TokenRejection::ToolNotAllowed("rm".into()),
         TokenRejection::Binding("no certificate presented"),
         TokenRejection::Jwt(JwtValidationError::MissingKid),
+        TokenRejection::NotATaskToken("no txn".into()),
+        TokenRejection::Ended {
+            txn: "t".into(),
+            reason: "revoked".into(),
+        },
     ] {
         assert_eq!(token(&error).code(), Code::InvalidArgument, "{error:?}");
     }
     assert_eq!(invalid("id", "is required").message(), "id: is required");
+}
+
+#[test]
+fn another_nodes_task_the_agent_cannot_vouch_for_is_unavailable() {
+    // The agent's own trouble (it has not heard from the server), which
+    // may pass: retried, with the reason.
+    let stale = TokenRejection::Stale {
+        txn: "t".into(),
+        detail: "this agent has not heard from the tether server for 7s".into(),
+    };
+    let status = token(&stale);
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.message(), stale.to_string());
 }
 
 #[test]

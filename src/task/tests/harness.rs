@@ -4,20 +4,25 @@
 //! pair), as `tests/integration` does with the unix attestor.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::BoxFuture;
 use spiffe::TrustDomain;
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
 use super::super::{
-    BeginRequest, IssuedToken, Owner, Task, TaskConfig, Tasks, TokenRejection, ValidatedTaskToken,
+    BeginRequest, ForeignTasks, IssuedToken, Owner, Task, TaskConfig, Tasks, TokenRejection,
+    ValidatedTaskToken,
 };
 use crate::attestation::Caller;
 use crate::audit::{AuditConfig, AuditLog, SigningKey};
-use crate::authority::{Authority as _, AuthorityConfig, LocalAuthority};
+use crate::authority::{
+    Authority, AuthorityConfig, AuthorityError, CrlRequest, JwtRequest, LocalAuthority, SignedJwt,
+    SignedX509Svid, X509SvidRequest,
+};
 use crate::bundle::TrustBundle;
 use crate::registration::{EntrySpec, Match, RegistrationEntry};
 use crate::store::Store;
@@ -77,7 +82,7 @@ impl Agent {
             dir.path(),
         )
         .unwrap();
-        let tasks = tasks(&dir, &authority, config.clone(), &cancel);
+        let tasks = tasks(&dir, Arc::new(authority.clone()), config.clone(), &cancel);
         Self {
             dir,
             authority,
@@ -92,8 +97,36 @@ impl Agent {
     /// (a store of their own), with the directory that holds them.
     pub(super) fn stranger(&self) -> (TempDir, Tasks) {
         let dir = tempfile::tempdir().unwrap();
-        let tasks = tasks(&dir, &self.authority, self.config.clone(), &self.cancel);
+        let tasks = tasks(
+            &dir,
+            Arc::new(self.authority.clone()),
+            self.config.clone(),
+            &self.cancel,
+        );
         (dir, tasks)
+    }
+
+    /// Another node of this agent's fleet, that knows of other nodes'
+    /// tasks what `foreign` knows: a store and an audit trail of its own,
+    /// signing with the same keys through a [`NodeSigner`].
+    pub(super) fn node(&self, foreign: &ForeignTasks) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Arc::new(NodeSigner {
+            keys: self.authority.clone(),
+            subject_tokens: Mutex::default(),
+        });
+        let tasks = tasks(
+            &dir,
+            Arc::clone(&signer) as Arc<dyn Authority>,
+            self.config.clone(),
+            &self.cancel,
+        )
+        .with_foreign(foreign.clone());
+        Node {
+            _dir: dir,
+            tasks,
+            signer,
+        }
     }
 
     /// `claims` signed with this agent's JWT key exactly as given (`exp`
@@ -121,19 +154,7 @@ impl Agent {
         ttl: Duration,
         bind_x5t: Option<String>,
     ) -> (Arc<Task>, IssuedToken) {
-        let request = BeginRequest {
-            audience: SERVICE_ID.into(),
-            intent: "summarise this week's notes".into(),
-            tools: tools.iter().map(|t| (*t).to_owned()).collect(),
-            ttl: Some(ttl),
-            bind_x5t,
-            scope_descendants: false,
-            decided_by: Vec::new(),
-        };
-        self.tasks
-            .begin(&self.caller, self.owner(), &matched(OWNER_ID), request)
-            .await
-            .unwrap()
+        begin_on(&self.tasks, &self.caller, tools, ttl, bind_x5t).await
     }
 
     /// Begins a task for [`SERVICE_ID`] with [`TOOLS`], for ten minutes.
@@ -179,6 +200,111 @@ impl Agent {
     }
 }
 
+/// Another node of the fleet ([`Agent::node`]).
+pub(super) struct Node {
+    _dir: TempDir,
+    /// Its tasks, with other nodes' tasks judged by the fleet's word.
+    pub(super) tasks: Tasks,
+    /// What it signs with.
+    pub(super) signer: Arc<NodeSigner>,
+}
+
+/// How a fleet node signs, for the tests: the trust domain's keys (the
+/// test agent's), but like `fleet::RemoteAuthority` it calls none of them
+/// its own, and it keeps the subject token of every JWT request (the one
+/// thing the server is shown and a local authority ignores).
+#[derive(Debug)]
+pub(super) struct NodeSigner {
+    keys: LocalAuthority,
+    subject_tokens: Mutex<Vec<Option<String>>>,
+}
+
+impl NodeSigner {
+    /// The subject token of each JWT request so far, in order.
+    pub(super) fn subject_tokens(&self) -> Vec<Option<String>> {
+        self.subject_tokens.lock().unwrap().clone()
+    }
+}
+
+impl Authority for NodeSigner {
+    fn trust_domain(&self) -> &TrustDomain {
+        self.keys.trust_domain()
+    }
+
+    fn sign_x509_svid(
+        &self,
+        request: X509SvidRequest,
+    ) -> BoxFuture<'_, Result<SignedX509Svid, AuthorityError>> {
+        self.keys.sign_x509_svid(request)
+    }
+
+    fn sign_jwt(&self, request: JwtRequest) -> BoxFuture<'_, Result<SignedJwt, AuthorityError>> {
+        self.subject_tokens
+            .lock()
+            .unwrap()
+            .push(request.subject_token.clone());
+        self.keys.sign_jwt(request)
+    }
+
+    fn sign_crl(
+        &self,
+        request: CrlRequest,
+    ) -> BoxFuture<'_, Result<Option<Vec<u8>>, AuthorityError>> {
+        self.keys.sign_crl(request)
+    }
+
+    fn bundle(&self) -> Arc<TrustBundle> {
+        self.keys.bundle()
+    }
+
+    fn subscribe_bundle(&self) -> tokio::sync::watch::Receiver<Arc<TrustBundle>> {
+        self.keys.subscribe_bundle()
+    }
+
+    fn issued_here(&self, cert_der: &[u8]) -> bool {
+        self.keys.issued_here(cert_der)
+    }
+
+    fn is_own_jwt_key(&self, _kid: &str) -> bool {
+        false
+    }
+
+    fn problems(&self) -> Vec<String> {
+        self.keys.problems()
+    }
+}
+
+/// Begins a task on `tasks` owned by `caller` (as [`OWNER_ID`]) for
+/// [`SERVICE_ID`] with `tools`, living `ttl`, its tokens bound to
+/// `bind_x5t` when given.
+pub(super) async fn begin_on(
+    tasks: &Tasks,
+    caller: &Caller,
+    tools: &[&str],
+    ttl: Duration,
+    bind_x5t: Option<String>,
+) -> (Arc<Task>, IssuedToken) {
+    let request = BeginRequest {
+        audience: SERVICE_ID.into(),
+        intent: "summarise this week's notes".into(),
+        tools: tools.iter().map(|t| (*t).to_owned()).collect(),
+        ttl: Some(ttl),
+        bind_x5t,
+        scope_descendants: false,
+        decided_by: Vec::new(),
+    };
+    let owner = Owner {
+        process: caller.key(),
+        uid: caller.uid(),
+        executable: None,
+        exe_sha256: None,
+    };
+    tasks
+        .begin(caller, owner, &matched(OWNER_ID), request)
+        .await
+        .unwrap()
+}
+
 /// The identity a caller matched: an entry with the fixed ID `spiffe_id`.
 pub(super) fn matched(spiffe_id: &str) -> Match {
     let entry = RegistrationEntry::from_config(
@@ -210,7 +336,7 @@ pub(super) fn certificate(name: &str) -> Vec<u8> {
 /// (a writer still running holds its trail's lock).
 fn tasks(
     dir: &TempDir,
-    authority: &LocalAuthority,
+    authority: Arc<dyn Authority>,
     config: TaskConfig,
     cancel: &CancellationToken,
 ) -> Tasks {
@@ -224,5 +350,5 @@ fn tasks(
     .unwrap();
     tokio::spawn(writer.run(cancel.clone()));
     let store = Store::open(dir.path()).unwrap();
-    Tasks::new(config, Arc::new(authority.clone()), store, audit).0
+    Tasks::new(config, authority, store, audit).0
 }

@@ -4,6 +4,8 @@
 //! is mocked, every token is signed and verified.
 
 mod exchange;
+mod fleet;
+mod foreign;
 mod harness;
 mod restore;
 mod validate;
