@@ -29,7 +29,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 mod error;
@@ -41,10 +40,10 @@ pub use follow::report_ends;
 use super::config::{FleetConfig, NodeAttestation};
 use super::node_files::NodeFiles;
 use crate::admin_api::convert;
-use crate::authority::key_store::{self, KeyStoreError};
-use crate::bundle::{BundleError, TrustBundle};
+use crate::authority::key_store;
+use crate::bundle::TrustBundle;
 use crate::error::Chain;
-use crate::mtls::{self, Identity, MtlsError, SwappableIdentity};
+use crate::mtls::{self, Identity, SwappableIdentity};
 use crate::proto::server as pb;
 use crate::proto::server::node_client::NodeClient;
 use crate::registration::{EntryId, EntrySource, RegistrationEntry};
