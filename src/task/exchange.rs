@@ -193,10 +193,16 @@ impl Tasks {
                 }
             }
             None => match self.foreign() {
-                Some(foreign) => foreign.check(&subject.txn).map_err(|rejection| match rejection {
-                    TokenRejection::Ended { txn, reason } => TaskError::Ended { id: txn, reason },
-                    other => TaskError::Token(other),
-                })?,
+                Some(foreign) => {
+                    foreign
+                        .check(&subject.txn)
+                        .map_err(|rejection| match rejection {
+                            TokenRejection::Ended { txn, reason } => {
+                                TaskError::Ended { id: txn, reason }
+                            }
+                            other => TaskError::Token(other),
+                        })?
+                }
                 None => {
                     return Err(TaskError::Exchange(format!(
                         "task {} is not known to this agent",

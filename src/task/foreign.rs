@@ -135,7 +135,10 @@ impl ForeignTasks {
         state.prune(now);
         for end in ends {
             state.watermark = state.watermark.max(end.revision);
-            let until = end.deadline.checked_add(SKEW_MARGIN).unwrap_or(end.deadline);
+            let until = end
+                .deadline
+                .checked_add(SKEW_MARGIN)
+                .unwrap_or(end.deadline);
             if until <= now || state.ends.contains_key(&end.txn) {
                 continue;
             }
@@ -291,7 +294,9 @@ impl State {
         if self.overflow_until.is_some_and(|until| until <= now) {
             self.overflow_until = None;
             self.overflow_logged = false;
-            tracing::info!("other nodes' task tokens are accepted again: the ends that found no room have expired");
+            tracing::info!(
+                "other nodes' task tokens are accepted again: the ends that found no room have expired"
+            );
         }
     }
 }

@@ -100,8 +100,8 @@ impl Tasks {
     /// here is refused (fail closed), and tokens signed elsewhere are
     /// judged by their signature alone.
     pub fn check_task(&self, txn: &str, token: &str) -> Result<(), TokenRejection> {
-        let own_domain = peek_subject(token)
-            .is_some_and(|sub| sub.trust_domain() == self.trust_domain());
+        let own_domain =
+            peek_subject(token).is_some_and(|sub| sub.trust_domain() == self.trust_domain());
         self.check_task_of(txn, token, own_domain)
     }
 

@@ -10,7 +10,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use super::harness::{Agent, NEXT_HOP_ID, OWNER_ID, SERVICE_ID, TOOLS, begin_on, matched};
 use crate::task::claims::{Actor, TaskClaims};
 use crate::task::{
-    EndReason, ForeignEnd, ForeignTasks, IssuedToken, TaskConfig, TaskError, TokenRejection, Tasks,
+    EndReason, ForeignEnd, ForeignTasks, IssuedToken, TaskConfig, TaskError, Tasks, TokenRejection,
 };
 
 /// Long enough that no test waits it out.
@@ -161,7 +161,10 @@ async fn a_stale_node_does_not_exchange_another_nodes_task() {
 
     let refused = exchange(&a, &b.tasks, &subject.token, &[]).await;
     assert!(
-        matches!(&refused, Err(TaskError::Token(TokenRejection::Stale { .. }))),
+        matches!(
+            &refused,
+            Err(TaskError::Token(TokenRejection::Stale { .. }))
+        ),
         "{refused:?}"
     );
     assert!(b.signer.subject_tokens().is_empty(), "nothing signed");

@@ -134,10 +134,20 @@ fn ends_are_forgotten_once_their_tokens_have_all_expired() {
     let now = SystemTime::now();
     foreign.apply_ends([
         // Kept 50 ms more: its deadline plus the clock-skew margin.
-        end("soon", "completed", now - SKEW_MARGIN + Duration::from_millis(50), 1),
+        end(
+            "soon",
+            "completed",
+            now - SKEW_MARGIN + Duration::from_millis(50),
+            1,
+        ),
         end("later", "completed", now + LONG, 2),
         // Already past: only the watermark moves.
-        end("gone", "completed", now - SKEW_MARGIN - Duration::from_secs(1), 3),
+        end(
+            "gone",
+            "completed",
+            now - SKEW_MARGIN - Duration::from_secs(1),
+            3,
+        ),
     ]);
     assert_eq!(foreign.len(), 2);
     assert_eq!(foreign.watermark(), 3);
@@ -172,7 +182,10 @@ fn a_full_set_refuses_every_other_nodes_task_until_the_lost_end_has_expired() {
         foreign.check("c"),
         Err(TokenRejection::Stale { .. })
     ));
-    assert!(matches!(foreign.check("a"), Err(TokenRejection::Ended { .. })));
+    assert!(matches!(
+        foreign.check("a"),
+        Err(TokenRejection::Ended { .. })
+    ));
 
     // Once the lost end's tokens have expired (and room freed), accepted again.
     std::thread::sleep(Duration::from_millis(100));

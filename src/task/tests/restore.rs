@@ -104,6 +104,14 @@ async fn a_task_whose_owner_is_gone_is_ended_at_restore_and_stays_ended() {
         restored.ended().map(|(why, _)| why),
         Some(EndReason::OwnerExited)
     );
+    // Restored before any fleet link listens: listed for it to send.
+    assert!(
+        agent
+            .tasks
+            .ended_tasks()
+            .iter()
+            .any(|end| end.txn == task.id && end.reason == EndReason::OwnerExited)
+    );
     assert!(matches!(
         agent.validate(&token.token, SERVICE_ID, None, None),
         Err(TokenRejection::Ended { .. })
