@@ -112,7 +112,11 @@ impl TaskIndex {
             && row.began_at == asked.began_at
             && row.ended.is_none()
             && row.spiffe_id == asked.spiffe_id;
-        Ok(if new { Begun::New(row) } else { Begun::Known(row) })
+        Ok(if new {
+            Begun::New(row)
+        } else {
+            Begun::Known(row)
+        })
     }
 
     /// The task `txn`.

@@ -267,7 +267,10 @@ impl ServerClient {
     }
 
     /// One task of the fleet's index.
-    pub(crate) async fn get_task(&mut self, id: String) -> Result<pb::FleetTask, ServerClientError> {
+    pub(crate) async fn get_task(
+        &mut self,
+        id: String,
+    ) -> Result<pb::FleetTask, ServerClientError> {
         let call = self.client.get_task(pb::GetFleetTaskRequest { id });
         bounded(self.timeout, &self.socket, call).await
     }

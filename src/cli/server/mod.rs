@@ -341,16 +341,14 @@ fn task(op: &Operator<TaskCommand>) -> Result<(), ServerCliError> {
             };
             return common.format().print(&report).map_err(stdout);
         }
-        TaskCommand::Show(TaskIdArg { id }) => {
-            common.block_on(&ProcessEnv, |mut client| async move {
+        TaskCommand::Show(TaskIdArg { id }) => common
+            .block_on(&ProcessEnv, |mut client| async move {
                 Ok::<_, ServerCliError>(client.get_task(id.clone()).await?)
-            })?
-        }
-        TaskCommand::Revoke(TaskIdArg { id }) => {
-            common.block_on(&ProcessEnv, |mut client| async move {
+            })?,
+        TaskCommand::Revoke(TaskIdArg { id }) => common
+            .block_on(&ProcessEnv, |mut client| async move {
                 Ok::<_, ServerCliError>(client.revoke_task(id.clone()).await?)
-            })?
-        }
+            })?,
     };
     common
         .format()

@@ -84,4 +84,3 @@ pub enum LinkError {
     #[error("the tether server sent no entries within {0:?}")]
     NoSnapshot(Duration),
 }
-

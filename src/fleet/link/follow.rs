@@ -179,8 +179,10 @@ pub async fn report_ends(
     ended: Vec<LocalEnd>,
     cancel: CancellationToken,
 ) {
-    let mut pending: BTreeMap<String, LocalEnd> =
-        ended.into_iter().map(|end| (end.txn.clone(), end)).collect();
+    let mut pending: BTreeMap<String, LocalEnd> = ended
+        .into_iter()
+        .map(|end| (end.txn.clone(), end))
+        .collect();
     let mut backoff = BACKOFF_MIN;
     loop {
         while let Ok(end) = ends.try_recv() {
@@ -203,7 +205,11 @@ pub async fn report_ends(
                     for end in &batch {
                         pending.remove(&end.txn);
                     }
-                    tracing::debug!(sent = batch.len(), recorded, "task ends sent to the tether server");
+                    tracing::debug!(
+                        sent = batch.len(),
+                        recorded,
+                        "task ends sent to the tether server"
+                    );
                     backoff = BACKOFF_MIN;
                     continue;
                 }

@@ -215,10 +215,10 @@ impl Link {
             Some(problem) => format!("other nodes' tasks refused: {problem}"),
             None => format!(
                 "other nodes' tasks checked (last heard {} ago, {} ended tasks known)",
-                self.inner
-                    .foreign
-                    .last_heard_age()
-                    .map_or_else(|| "never".into(), |age| format!("{:.1}s", age.as_secs_f64())),
+                self.inner.foreign.last_heard_age().map_or_else(
+                    || "never".into(),
+                    |age| format!("{:.1}s", age.as_secs_f64())
+                ),
                 self.inner.foreign.len()
             ),
         };

@@ -16,9 +16,9 @@ use crate::proto::server as pb;
 use crate::proto::server::server_admin_server::ServerAdmin;
 use crate::registration::EntryId;
 use crate::server::join_token::{self, Admission, JoinToken};
+use crate::server::node_api::{check_txn, task_message};
 use crate::server::registry::ServerRegistry;
 use crate::server::scope::{MAX_NODE_NAME_LEN, NodeName, ServerEntry};
-use crate::server::node_api::{check_txn, task_message};
 use crate::server::store::{FleetTaskEndRequest, NodeRow, ServerStore};
 use crate::server::tasks::TaskIndex;
 
@@ -243,10 +243,7 @@ impl ServerAdmin for ServerAdminService {
         let limit = match request.limit {
             0 => DEFAULT_TASK_LIST,
             n if n > MAX_TASK_LIST => {
-                return Err(status::invalid(
-                    "limit",
-                    format!("at most {MAX_TASK_LIST}"),
-                ));
+                return Err(status::invalid("limit", format!("at most {MAX_TASK_LIST}")));
             }
             n => n,
         };

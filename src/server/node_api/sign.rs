@@ -160,9 +160,9 @@ pub(super) async fn jwt(
     let task = match &txn {
         // An exchange of a task token: `sub` may be another node's
         // workload; the exchange rule decides (`tasks`).
-        Some(txn) if !actors.is_empty() => Some(
-            tasks::exchange(api, node, &claims, txn, &actors, &request.subject_token).await?,
-        ),
+        Some(txn) if !actors.is_empty() => {
+            Some(tasks::exchange(api, node, &claims, txn, &actors, &request.subject_token).await?)
+        }
         _ => {
             authorize(
                 api,

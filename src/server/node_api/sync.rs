@@ -224,7 +224,11 @@ async fn send_ends(
             .ends_after(*sent)
             .await
             .map_err(|e| crate::edge::status::server_store("reading task ends", &e))?;
-        let Some(last) = page.last().and_then(|r| r.ended.as_ref()).map(|e| e.revision) else {
+        let Some(last) = page
+            .last()
+            .and_then(|r| r.ended.as_ref())
+            .map(|e| e.revision)
+        else {
             return Ok(true);
         };
         let ends = page

@@ -119,14 +119,11 @@ pub(super) async fn begin_or_renew(
             row.owner_node
         ))
     } else if row.spiffe_id != sub.to_string() {
-        Some(format!(
-            "task {txn} is {}'s, not {sub}'s",
-            row.spiffe_id
-        ))
+        Some(format!("task {txn} is {}'s, not {sub}'s", row.spiffe_id))
     } else {
-        row.ended.as_ref().map(|end| {
-            format!("task {txn} has ended: {}", end.reason)
-        })
+        row.ended
+            .as_ref()
+            .map(|end| format!("task {txn} has ended: {}", end.reason))
     };
     if let Some(refusal) = refusal {
         return Err(deny(api, node, event, &sub.to_string(), txn, refusal));
@@ -149,7 +146,10 @@ pub(super) async fn exchange(
     subject_token: &str,
 ) -> Result<TaskGrant, Status> {
     let Some(actor) = actors.first() else {
-        return Err(status::invalid("claims_json", "an exchange names its actor in act"));
+        return Err(status::invalid(
+            "claims_json",
+            "an exchange names its actor in act",
+        ));
     };
     if subject_token.is_empty() {
         return Err(status::invalid(
@@ -157,7 +157,11 @@ pub(super) async fn exchange(
             "an exchanged task token (claims with act and txn) needs the token it was exchanged from",
         ));
     }
-    status::bounded_bytes("subject_token", subject_token.len(), jwt_svid::MAX_TOKEN_LEN)?;
+    status::bounded_bytes(
+        "subject_token",
+        subject_token.len(),
+        jwt_svid::MAX_TOKEN_LEN,
+    )?;
     // Which audience to verify it for: read unverified, then verified.
     let aud = peek_single_audience(subject_token).ok_or_else(|| {
         status::invalid("subject_token", "the subject token has no single audience")
@@ -169,7 +173,16 @@ pub(super) async fn exchange(
     })
     .map_err(|e| status::invalid("subject_token", e))?
     .claims;
-    let deny_with = |reason: String| deny(api, node, EventKind::Exchange, &actor.to_string(), txn, reason);
+    let deny_with = |reason: String| {
+        deny(
+            api,
+            node,
+            EventKind::Exchange,
+            &actor.to_string(),
+            txn,
+            reason,
+        )
+    };
 
     // The exchanger: an identity of this node, addressed by the subject.
     super::sign::authorize(
@@ -220,7 +233,9 @@ pub(super) async fn exchange(
         .await
         .map_err(|e| status::server_store("reading the task index", &e))?;
     let Some(row) = row else {
-        return Err(deny_with(format!("task {txn} is unknown to the fleet's task index")));
+        return Err(deny_with(format!(
+            "task {txn} is unknown to the fleet's task index"
+        )));
     };
     if let Some(end) = &row.ended {
         return Err(deny_with(format!("task {txn} has ended: {}", end.reason)));
@@ -241,7 +256,10 @@ pub(super) async fn end(
     if request.ends.len() > MAX_ENDS {
         return Err(status::invalid(
             "ends",
-            format!("{} ends; at most {MAX_ENDS} per request", request.ends.len()),
+            format!(
+                "{} ends; at most {MAX_ENDS} per request",
+                request.ends.len()
+            ),
         ));
     }
     let now = SystemTime::now();
@@ -343,8 +361,7 @@ fn scope_of(claims: &Map<String, Value>) -> BTreeSet<&str> {
 /// The token's single `aud`, unverified: only used to pick what to verify
 /// it for.
 fn peek_single_audience(token: &str) -> Option<String> {
-    let claims: Map<String, Value> =
-        jsonwebtoken::dangerous::insecure_decode_claims(token).ok()?;
+    let claims: Map<String, Value> = jsonwebtoken::dangerous::insecure_decode_claims(token).ok()?;
     match claims.get("aud")? {
         Value::String(aud) => Some(aud.clone()),
         Value::Array(auds) if auds.len() == 1 => auds[0].as_str().map(str::to_owned),
