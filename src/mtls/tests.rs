@@ -20,8 +20,9 @@ use super::*;
 use crate::proto::server::node_client::NodeClient;
 use crate::proto::server::node_server::{Node, NodeServer};
 use crate::proto::server::{
-    AttestNodeRequest, AttestNodeResponse, EndTasksRequest, EndTasksResponse, NodeSvid, RenewNodeRequest, SignJwtRequest,
-    SignJwtResponse, SignX509SvidsRequest, SignX509SvidsResponse, SyncMessage, SyncRequest,
+    AttestNodeRequest, AttestNodeResponse, EndTasksRequest, EndTasksResponse, NodeSvid,
+    RenewNodeRequest, SignJwtRequest, SignJwtResponse, SignX509SvidsRequest, SignX509SvidsResponse,
+    SyncMessage, SyncRequest,
 };
 
 const TD: &str = "example.org";
