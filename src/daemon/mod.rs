@@ -218,6 +218,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             "fleet link",
             link.clone().run(registry.clone(), shutdown.token()),
         );
+        link.end_own_tasks_in(tasks.clone());
         shutdown.spawn(
             "task end reports",
             fleet::report_ends(

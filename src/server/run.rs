@@ -156,7 +156,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     };
     let loaded = async {
         let parts = loaded.await?;
-        let tasks = TaskIndex::open(store.clone(), audit.clone())
+        let tasks = TaskIndex::open(store.clone(), config.trust_domain.clone(), audit.clone())
             .await
             .context("opening the fleet's task index")?;
         anyhow::Ok((parts, tasks))

@@ -22,10 +22,12 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use spiffe::TrustDomain;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::node_api::node_spiffe_id;
 use super::scope::NodeName;
 use super::store::{
     FleetTaskEndRequest, FleetTaskRow, NewFleetTask, ServerStore, ServerStoreError,
@@ -55,6 +57,8 @@ pub struct TaskIndex {
 #[derive(Debug)]
 struct Inner {
     store: Arc<dyn ServerStore>,
+    /// Names nodes in the trail by their SPIFFE IDs, as every record does.
+    trust_domain: TrustDomain,
     audit: AuditLog,
     recent: Mutex<Recent>,
     latest: watch::Sender<u64>,
@@ -86,12 +90,14 @@ impl TaskIndex {
     /// before it are read from the store when a node asks for them.
     pub async fn open(
         store: Arc<dyn ServerStore>,
+        trust_domain: TrustDomain,
         audit: AuditLog,
     ) -> Result<Self, ServerStoreError> {
         let latest = store.fleet_task_ends_revision().await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
+                trust_domain,
                 audit,
                 recent: Mutex::new(Recent {
                     covered_after: latest,
@@ -105,7 +111,10 @@ impl TaskIndex {
     }
 
     /// Records `task` as it gets its first token, unless it is known.
-    pub async fn begin(&self, task: NewFleetTask) -> Result<Begun, ServerStoreError> {
+    pub async fn begin(&self, mut task: NewFleetTask) -> Result<Begun, ServerStoreError> {
+        // The store keeps milliseconds: what it reads back must compare
+        // equal to what was asked for, or a new task looks known.
+        task.began_at = whole_millis(task.began_at);
         let asked = task.clone();
         let row = self.inner.store.begin_fleet_task(task).await?;
         let new = row.owner_node == asked.owner_node
@@ -247,7 +256,9 @@ impl TaskIndex {
         if let Err(error) = self.inner.audit.record(AuditEvent {
             spiffe_id: Some(row.spiffe_id.clone()),
             task_id: Some(row.txn.clone()),
-            node: Some(row.owner_node.to_string()),
+            node: node_spiffe_id(&self.inner.trust_domain, &row.owner_node)
+                .ok()
+                .map(|id| id.to_string()),
             reason: Some(format!(
                 "{} (end {}): sent to every node's sync stream on this replica",
                 end.reason, end.revision
@@ -272,6 +283,15 @@ impl TaskIndex {
             }
         }
     }
+}
+
+/// `t` to the millisecond below.
+fn whole_millis(t: SystemTime) -> SystemTime {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(SystemTime::UNIX_EPOCH, |d| {
+            SystemTime::UNIX_EPOCH
+                + Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        })
 }
 
 /// An ended task's end revision (0 for a live one, which the ring never

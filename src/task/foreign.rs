@@ -177,6 +177,13 @@ impl ForeignTasks {
         self.state().watermark
     }
 
+    /// Why `txn` ended, when the fleet says it did (whatever the
+    /// staleness): an operator's `tether server task revoke` of a task of
+    /// this node reaches it this way.
+    pub fn ended(&self, txn: &str) -> Option<String> {
+        self.state().ends.get(txn).map(|kept| kept.reason.clone())
+    }
+
     /// Ok when a token of another node's task `txn` may be accepted: the
     /// task is not known ended, and this agent is fresh (caught up on the
     /// current stream and heard from the server within the staleness

@@ -119,7 +119,16 @@ impl Tasks {
                     txn: txn.to_owned(),
                     reason: reason.to_string(),
                 }),
-                None => Ok(()),
+                // A task of this node the fleet ended (an operator's
+                // `tether server task revoke`): refused from the moment
+                // the end arrives, before the link ends it here too.
+                None => match self.foreign().and_then(|f| f.ended(txn)) {
+                    Some(reason) => Err(TokenRejection::Ended {
+                        txn: txn.to_owned(),
+                        reason,
+                    }),
+                    None => Ok(()),
+                },
             },
             None => match self.foreign() {
                 // Another node's task: its end reaches this agent through

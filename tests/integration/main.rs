@@ -33,6 +33,7 @@ mod fleet_nodes;
 mod fleet_replicas;
 mod fleet_store;
 mod fleet_store_tasks;
+mod fleet_tasks;
 mod fuzz_seeds;
 mod hostile;
 mod http_endpoint;

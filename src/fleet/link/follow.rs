@@ -29,7 +29,7 @@ use super::{BACKOFF_MAX, BACKOFF_MIN, Link, jitter, lock};
 use crate::error::Chain;
 use crate::proto::server as pb;
 use crate::registration::Registry;
-use crate::task::{ForeignEnd, LocalEnd};
+use crate::task::{EndReason, ForeignEnd, LocalEnd};
 use crate::telemetry::metrics::metrics;
 
 /// How often the sync age metric is updated.
@@ -147,6 +147,7 @@ impl Link {
             }
             Some(pb::sync_message::Kind::TaskEnds(ends)) => {
                 let count = ends.ends.len();
+                self.end_own_tasks(&ends.ends);
                 foreign.apply_ends(ends.ends.into_iter().filter_map(foreign_end));
                 metrics().foreign_task_ends.set(gauge(foreign.len()));
                 tracing::debug!(ends = count, "task ends from the fleet");
@@ -156,6 +157,27 @@ impl Link {
             }
             // A kind this agent does not know: a newer server; heard.
             None => {}
+        }
+    }
+
+    /// Ends the tasks of this agent among `ends` that still live here: the
+    /// fleet ended them (an operator's revoke on the server). Their tokens
+    /// are refused already (`check_task` consults the fleet's ends); this
+    /// ends them for their owners and the agent's own state.
+    fn end_own_tasks(&self, ends: &[pb::TaskEnd]) {
+        let Some(tasks) = self.inner.tasks.get() else {
+            return;
+        };
+        for end in ends {
+            let Some(task) = tasks.get(&end.txn).filter(|t| t.ended().is_none()) else {
+                continue;
+            };
+            let tasks = tasks.clone();
+            tokio::spawn(async move {
+                if let Err(error) = tasks.finish(&task, EndReason::Revoked).await {
+                    tracing::error!(task_id = %task.id, error = %Chain(&error), "could not end a task the fleet revoked");
+                }
+            });
         }
     }
 

@@ -47,7 +47,7 @@ use crate::mtls::{self, Identity, SwappableIdentity};
 use crate::proto::server as pb;
 use crate::proto::server::node_client::NodeClient;
 use crate::registration::{EntryId, EntrySource, RegistrationEntry};
-use crate::task::ForeignTasks;
+use crate::task::{ForeignTasks, Tasks};
 
 /// Longest service account token file read.
 const MAX_PSAT_LEN: u64 = 16 * 1024;
@@ -85,6 +85,9 @@ struct Inner {
     first_stream: Mutex<Option<tonic::Streaming<pb::SyncMessage>>>,
     /// Other nodes' ended tasks, and whether this agent is current.
     foreign: ForeignTasks,
+    /// This agent's tasks, once the daemon has them: a fleet end of one of
+    /// them (an operator's revoke on the server) ends it here too.
+    tasks: std::sync::OnceLock<Tasks>,
 }
 
 // === impl Link ===
@@ -133,6 +136,7 @@ impl Link {
                 problem: Mutex::new(None),
                 first_stream: Mutex::new(None),
                 foreign,
+                tasks: std::sync::OnceLock::new(),
             }),
         };
         let now = SystemTime::now();
@@ -175,6 +179,14 @@ impl Link {
     /// there is none.
     pub(crate) fn client(&self) -> Option<NodeClient<Channel>> {
         lock(&self.inner.channel).clone().map(NodeClient::new)
+    }
+
+    /// Has the fleet's ends of this node's own tasks (an operator's
+    /// `tether server task revoke`) end them in `tasks` too. Once.
+    pub fn end_own_tasks_in(&self, tasks: Tasks) {
+        if self.inner.tasks.set(tasks).is_err() {
+            tracing::warn!("the link already ends this agent's tasks");
+        }
     }
 
     /// What this agent knows of other nodes' tasks (fed by [`Link::run`]).

@@ -76,7 +76,7 @@ async fn serve_in_tempdir() -> Served {
         .expect("the registry opens");
     let authority = LocalAuthority::load_or_create(td(), AuthorityConfig::default(), dir.path())
         .expect("the authority starts");
-    let tasks = crate::server::tasks::TaskIndex::open(Arc::clone(&store), log.clone())
+    let tasks = crate::server::tasks::TaskIndex::open(Arc::clone(&store), td(), log.clone())
         .await
         .expect("the task index opens");
     let service = ServerAdminService::new(

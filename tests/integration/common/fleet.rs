@@ -17,10 +17,10 @@ use tempfile::TempDir;
 use tether::bundle::TrustBundle;
 use tether::config::MapEnv;
 use tether::proto::server as pb;
-use tokio::sync::watch;
 use tether::proto::server::server_admin_client::ServerAdminClient;
 use tether::server::ServerConfig;
 use tether::server::run::RunningServer;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use super::{eventually, uds_channel};
@@ -241,6 +241,17 @@ impl FleetAgent {
     /// its workload socket is up.
     pub async fn start(netns: &Netns, server: &FleetServer, join_token: &str) -> Self {
         Self::spawn(netns, server, "", Some(join_token)).await
+    }
+
+    /// [`Self::start`], with `extra_server` appended to the agent's
+    /// `[server]` (`revocation_staleness = "2s"`).
+    pub async fn start_with(
+        netns: &Netns,
+        server: &FleetServer,
+        join_token: &str,
+        extra_server: &str,
+    ) -> Self {
+        Self::spawn(netns, server, extra_server, Some(join_token)).await
     }
 
     /// Starts `tether run` in `netns` as node of `server`, attesting with
