@@ -9,13 +9,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spiffe::{SpiffeId, TrustDomain};
+use spiffe::SpiffeId;
 use tether::audit::{EventKind, Outcome, ReadFilter};
 use tether::bundle::TrustBundle;
 use tether::proto::server as pb;
 use tokio::sync::watch;
 
-use crate::common::fleet::{FleetAgent, FleetServer, Netns, TRUST_DOMAIN, next_snapshot};
+use crate::common::fleet::{
+    FleetAgent, FleetServer, Netns, next_snapshot, node_client, server_bundle,
+};
 use crate::common::{admin_client, eventually, require_root, spec, uid};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,7 +350,8 @@ async fn a_rooted_node_gets_no_fleet_identity_names_no_foreign_actor_and_holds_f
     );
 
     // 2. A JWT for its own identity naming another node's workload as the
-    //    actor, or another issuer: refused. Its own actor: signed.
+    //    actor, or another issuer: refused. Its own actor: signed. (A task
+    //    token's actors follow the exchange rule: `fleet_tasks.rs`.)
     let not_after_ms = i64::try_from(
         (std::time::SystemTime::now() + Duration::from_secs(60))
             .duration_since(std::time::UNIX_EPOCH)
@@ -363,7 +366,7 @@ async fn a_rooted_node_gets_no_fleet_identity_names_no_foreign_actor_and_holds_f
     };
     let foreign_actor = node
         .sign_jwt(jwt(serde_json::json!({
-            "sub": "spiffe://fleet.test/web", "aud": "mcp", "txn": "t1",
+            "sub": "spiffe://fleet.test/web", "aud": "mcp",
             "act": {"sub": "spiffe://fleet.test/web",
                     "act": {"sub": "spiffe://fleet.test/billing"}},
         })))
@@ -388,7 +391,7 @@ async fn a_rooted_node_gets_no_fleet_identity_names_no_foreign_actor_and_holds_f
         .expect_err("another issuer is refused");
     assert_eq!(issuer.code(), tonic::Code::InvalidArgument, "{issuer:?}");
     node.sign_jwt(jwt(serde_json::json!({
-        "sub": "spiffe://fleet.test/web", "aud": "mcp", "txn": "t1",
+        "sub": "spiffe://fleet.test/web", "aud": "mcp",
         "iss": "spiffe://fleet.test",
         "act": {"sub": "spiffe://fleet.test/web"},
     })))
@@ -449,14 +452,6 @@ fn x509_request(spiffe_id: &str, csr: Vec<u8>, dns_names: &[&str]) -> pb::SignX5
     }
 }
 
-async fn server_bundle(server: &FleetServer) -> TrustBundle {
-    TrustBundle::from_spiffe_json(
-        TrustDomain::new(TRUST_DOMAIN).expect("td"),
-        server.bundle_json().await.as_bytes(),
-    )
-    .expect("bundle")
-}
-
 fn signed_by_bundle(cert: &[u8], bundle: &TrustBundle) -> bool {
     let (_, cert) = x509_parser::parse_x509_certificate(cert).expect("certificate");
     bundle.x509_authorities().iter().any(|ca| {
@@ -512,31 +507,6 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// A node API client with the agent's own node SVID (read from its data
-/// dir, as whoever roots the node can).
-async fn node_client(
-    agent: &FleetAgent,
-    server: &FleetServer,
-    bundle: &TrustBundle,
-) -> pb::node_client::NodeClient<tonic::transport::Channel> {
-    let node_dir = agent.data_dir().join("node");
-    let chain = decode_chain(&std::fs::read(node_dir.join("svid.der")).expect("node SVID"));
-    let key = zeroize::Zeroizing::new(std::fs::read(node_dir.join("key.der")).expect("node key"));
-    let identity = tether::mtls::SwappableIdentity::new(
-        tether::mtls::Identity::new(chain, key).expect("node identity"),
-    );
-    let tls = tether::mtls::client_config(
-        watch::channel(Arc::new(bundle.clone())).1,
-        SpiffeId::new("spiffe://fleet.test/tether/server").expect("id"),
-        Some(identity),
-        false,
-    );
-    let channel = tether::mtls::connect(&[server.address()], tls, Duration::from_secs(10))
-        .await
-        .expect("mTLS to the server");
-    pb::node_client::NodeClient::new(channel)
-}
-
 async fn anonymous_client(
     server: &FleetServer,
     bundle: &TrustBundle,
@@ -551,15 +521,4 @@ async fn anonymous_client(
         .await
         .expect("TLS to the server");
     pb::node_client::NodeClient::new(channel)
-}
-
-/// The node's stored chain: each DER certificate behind a 4-byte length.
-fn decode_chain(mut bytes: &[u8]) -> Vec<Vec<u8>> {
-    let mut chain = Vec::new();
-    while let Some((len, rest)) = bytes.split_first_chunk::<4>() {
-        let len = u32::from_be_bytes(*len) as usize;
-        chain.push(rest[..len].to_vec());
-        bytes = &rest[len..];
-    }
-    chain
 }

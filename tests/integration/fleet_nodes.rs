@@ -5,7 +5,8 @@
 //! workload accepts: a JWT-SVID (through node-b's ValidateJWTSVID and
 //! offline against node-b's JWT bundles), an X.509-SVID (an mTLS handshake
 //! with spiffe-rustls, each side authorizing the other's SPIFFE ID), a task
-//! token (ValidateJWTSVID and ValidateTaskToken on node-b). And node-a's
+//! token (ValidateJWTSVID and ValidateTaskToken on node-b), until its task
+//! ends on node-a, after which node-b refuses it too. And node-a's
 //! JWT-SVID cache: a second FetchJWTSVID for the same audience is the same
 //! token, signed once by the server.
 
@@ -167,20 +168,27 @@ async fn what_node_a_issues_node_b_accepts() {
     let on_a_check = validate_task(&mut tasks_a, &task_token, "notes.read").await;
     assert!(!on_a_check.valid);
     assert!(on_a_check.reason.contains("ended"), "{}", on_a_check.reason);
-    // node-b does not know: task state is node-a's alone, and node-b
-    // judges a task it does not know by the token's signature, until the
-    // token expires (at most `tasks.max_token_ttl`). This is the gap
-    // issue 18 closes (the fleet's task index); when it lands, node-b
-    // refuses here and these assertions flip.
-    let on_b_after = validate_task(&mut tasks_b, &task_token, "notes.read").await;
+    // node-b refuses it too: node-a reported the end to the server, which
+    // sent it down every node's sync stream (issue 18).
+    let on_b_after = eventually("node-b refuses the ended task's token", async || {
+        let check = validate_task(&mut tasks_b, &task_token, "notes.read").await;
+        if check.valid {
+            Err("still valid on node-b".to_owned())
+        } else {
+            Ok(check)
+        }
+    })
+    .await;
     assert!(
-        on_b_after.valid,
-        "issue 18 landed? node-b now refuses an ended task's token: {}",
+        on_b_after.reason.contains("has ended: completed"),
+        "{}",
         on_b_after.reason
     );
-    on_b.validate_jwt_token(B, &task_token)
+    let refused = on_b
+        .validate_jwt_token(B, &task_token)
         .await
-        .expect("node-b's ValidateJWTSVID still accepts it (issue 18)");
+        .expect_err("node-b's ValidateJWTSVID refuses it too");
+    assert!(refused.to_string().contains("ended"), "{refused}");
 
     drop((node_a, node_b));
     server.stop().await;

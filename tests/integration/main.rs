@@ -32,6 +32,7 @@ mod fleet_node;
 mod fleet_nodes;
 mod fleet_replicas;
 mod fleet_store;
+mod fleet_store_tasks;
 mod fuzz_seeds;
 mod hostile;
 mod http_endpoint;

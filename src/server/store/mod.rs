@@ -1,7 +1,7 @@
-//! The server's shared state: join tokens, nodes, entries and each
-//! replica's published bundle, behind one trait ([`ServerStore`]) with two
-//! backends: SQLite in the data dir for one replica
-//! ([`sqlite::SqliteStore`]), and PostgreSQL for several
+//! The server's shared state: join tokens, nodes, entries, each
+//! replica's published bundle and the fleet's task index, behind one
+//! trait ([`ServerStore`]) with two backends: SQLite in the data dir for
+//! one replica ([`sqlite::SqliteStore`]), and PostgreSQL for several
 //! ([`postgres::PostgresStore`], `store = "postgres://…"`).
 //!
 //! Rows are plain data the callers validate; the store knows how to keep
@@ -25,6 +25,13 @@
 //! - Only a token's hash is stored, never the token.
 //! - A replica's bundle document is one row, replaced whole: a reader sees
 //!   a replica's old document or its new one, never a mix.
+//! - A fleet task is recorded once (the first begin's owner stands) and
+//!   ended at most once (the first end stands; nothing makes it live
+//!   again). Each end takes the next task-end revision in its
+//!   transaction, under the counter's row lock, so ends commit in revision
+//!   order across replicas; the revision never goes back, pruning
+//!   included. Readers rely on the revisions' order, not on their being
+//!   contiguous.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -133,34 +140,29 @@ pub trait ServerStore: fmt::Debug + Send + Sync + 'static {
     /// Returns the stored row either way (the new one, or the one that was
     /// there, with its owner and state): the caller decides what the
     /// existing row allows. Refused with [`ServerStoreError::Unstorable`]
-    /// when a value is over its bound.
+    /// when a value is over its bound (the id empty, not printable ASCII or
+    /// over [`MAX_TXN_LEN`], the SPIFFE ID over 2048 bytes, a time outside
+    /// 1970..=9999), before anything is written.
     fn begin_fleet_task(
         &self,
         task: NewFleetTask,
-    ) -> BoxFuture<'_, Result<FleetTaskRow, ServerStoreError>> {
-        let _ = task;
-        Box::pin(async { Err(not_built()) })
-    }
+    ) -> BoxFuture<'_, Result<FleetTaskRow, ServerStoreError>>;
 
-    /// The task `txn`.
+    /// The task `txn`. An id no task could have (empty, not printable
+    /// ASCII, over [`MAX_TXN_LEN`]) is `None` without a query.
     fn fleet_task(
         &self,
         txn: String,
-    ) -> BoxFuture<'_, Result<Option<FleetTaskRow>, ServerStoreError>> {
-        let _ = txn;
-        Box::pin(async { Err(not_built()) })
-    }
+    ) -> BoxFuture<'_, Result<Option<FleetTaskRow>, ServerStoreError>>;
 
     /// At most `limit` tasks, newest first (by `began_at`, then id); ended
-    /// ones only when `include_ended`.
+    /// ones only when `include_ended`. `limit` is clamped to
+    /// [`MAX_TASKS_PER_READ`].
     fn fleet_tasks(
         &self,
         include_ended: bool,
         limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<FleetTaskRow>, ServerStoreError>> {
-        let _ = (include_ended, limit);
-        Box::pin(async { Err(not_built()) })
-    }
+    ) -> BoxFuture<'_, Result<Vec<FleetTaskRow>, ServerStoreError>>;
 
     /// Ends each task of `ends` that is live and, when `owner` is given,
     /// owned by that node, in one transaction. Each end takes the next
@@ -169,55 +171,49 @@ pub trait ServerStore: fmt::Debug + Send + Sync + 'static {
     /// [`ServerStore::fleet_task_ends`] never sees revision N+1 before N.
     /// Returns, in the order of `ends`, the row as this call ended it, or
     /// `None`: no such task, another node's, or ended already (the first
-    /// end stands).
+    /// end stands; a txn twice in `ends` is ended by its first). Only ends
+    /// made take a revision. Refused whole with
+    /// [`ServerStoreError::Unstorable`], before anything is written, when
+    /// `ends` holds more than [`MAX_ENDS_PER_CALL`] or an end is over its
+    /// bounds (its id as [`ServerStore::begin_fleet_task`] checks it, the
+    /// reason over [`MAX_END_REASON_LEN`], a time outside 1970..=9999).
     fn end_fleet_tasks(
         &self,
         ends: Vec<FleetTaskEndRequest>,
         owner: Option<NodeName>,
-    ) -> BoxFuture<'_, Result<Vec<Option<FleetTaskRow>>, ServerStoreError>> {
-        let _ = (ends, owner);
-        Box::pin(async { Err(not_built()) })
-    }
+    ) -> BoxFuture<'_, Result<Vec<Option<FleetTaskRow>>, ServerStoreError>>;
 
     /// At most `limit` ended tasks whose end revision is after `after`, in
-    /// revision order.
+    /// revision order. `limit` is clamped to [`MAX_TASKS_PER_READ`]; ends
+    /// of pruned tasks are gone (a reader behind a prune misses them, and
+    /// their tokens are expired anyway).
     fn fleet_task_ends(
         &self,
         after: u64,
         limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<FleetTaskRow>, ServerStoreError>> {
-        let _ = (after, limit);
-        Box::pin(async { Err(not_built()) })
-    }
+    ) -> BoxFuture<'_, Result<Vec<FleetTaskRow>, ServerStoreError>>;
 
     /// The revision of the latest task end (0: none yet). Never goes back,
     /// pruning included.
-    fn fleet_task_ends_revision(&self) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
-        Box::pin(async { Err(not_built()) })
-    }
+    fn fleet_task_ends_revision(&self) -> BoxFuture<'_, Result<u64, ServerStoreError>>;
 
     /// Forgets tasks (live or ended) whose deadline is before `before`: no
-    /// token of them can be valid any more.
-    fn prune_fleet_tasks(
-        &self,
-        before: SystemTime,
-    ) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
-        let _ = before;
-        Box::pin(async { Err(not_built()) })
-    }
-}
-
-fn not_built() -> ServerStoreError {
-    ServerStoreError::Unavailable {
-        what: "the task index",
-        source: "not built yet".into(),
-    }
+    /// token of them can be valid any more. Returns how many.
+    fn prune_fleet_tasks(&self, before: SystemTime)
+    -> BoxFuture<'_, Result<u64, ServerStoreError>>;
 }
 
 /// Longest task id (`txn`) the index keeps, in bytes. Agents make UUIDs.
 pub const MAX_TXN_LEN: usize = 128;
 /// Longest end reason the index keeps, in bytes.
 pub const MAX_END_REASON_LEN: usize = 64;
+/// Most ends one [`ServerStore::end_fleet_tasks`] call takes: a bigger
+/// batch is refused whole (send it in pieces).
+pub const MAX_ENDS_PER_CALL: usize = 1024;
+/// Most rows one read of the task index returns
+/// ([`ServerStore::fleet_tasks`], [`ServerStore::fleet_task_ends`]): a
+/// bigger `limit` is clamped to it.
+pub const MAX_TASKS_PER_READ: u32 = 10_000;
 
 /// A task as it gets its first token.
 #[derive(Debug, Clone, PartialEq, Eq)]

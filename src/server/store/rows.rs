@@ -16,9 +16,13 @@ use std::collections::BTreeSet;
 use rusqlite::types::ValueRef;
 
 use crate::registration::EntrySpec;
+use crate::registration::entry::MAX_SPIFFE_ID_LEN;
 use crate::server::join_token::Admission;
 use crate::server::scope::{MAX_NODE_NAME_LEN, NodeName};
-use crate::server::store::{EntryRecord, NodeRow, ServerStoreError};
+use crate::server::store::{
+    EntryRecord, FleetTaskEnd, FleetTaskEndRequest, FleetTaskRow, MAX_END_REASON_LEN,
+    MAX_ENDS_PER_CALL, MAX_TASKS_PER_READ, MAX_TXN_LEN, NewFleetTask, NodeRow, ServerStoreError,
+};
 use crate::store::codec::{
     Problem, bounded, decode_flag, decode_integer, decode_text, decode_time, encode_count,
     encode_flag, encode_time,
@@ -44,6 +48,8 @@ pub(super) const NODES: &str = "nodes";
 pub(super) const ENTRIES: &str = "entries";
 pub(super) const META: &str = "meta";
 pub(super) const BUNDLE_KEYS: &str = "bundle_keys";
+pub(super) const FLEET_TASKS: &str = "fleet_tasks";
+pub(super) const FLEET_TASK_END_REVISION: &str = "fleet_task_end_revision";
 
 /// Longest replica id, in bytes.
 pub(super) const MAX_REPLICA_ID_LEN: usize = 256;
@@ -166,6 +172,98 @@ impl<'a> EncodedBundle<'a> {
     }
 }
 
+/// A [`NewFleetTask`] as the columns `txn, owner_node, spiffe_id,
+/// began_at_ms, deadline_ms`.
+pub(super) struct EncodedNewFleetTask<'a> {
+    pub(super) txn: &'a str,
+    pub(super) owner_node: &'a str,
+    pub(super) spiffe_id: &'a str,
+    pub(super) began_at_ms: i64,
+    pub(super) deadline_ms: i64,
+}
+
+impl<'a> EncodedNewFleetTask<'a> {
+    pub(super) fn new(task: &'a NewFleetTask) -> Result<Self, ServerStoreError> {
+        let encoded = (|| {
+            Ok(Self {
+                txn: fleet_txn(&task.txn)?,
+                owner_node: task.owner_node.as_str(),
+                spiffe_id: bounded("spiffe_id", &task.spiffe_id, MAX_SPIFFE_ID_LEN)?,
+                began_at_ms: encode_time("began_at_ms", task.began_at)?,
+                deadline_ms: encode_time("deadline_ms", task.deadline)?,
+            })
+        })();
+        encoded.map_err(|p| unstorable(FLEET_TASKS, p))
+    }
+}
+
+/// A [`FleetTaskEndRequest`] as the columns `txn, ended_reason,
+/// ended_at_ms`.
+pub(super) struct EncodedFleetTaskEnd<'a> {
+    pub(super) txn: &'a str,
+    pub(super) reason: &'a str,
+    pub(super) at_ms: i64,
+}
+
+/// Every end of one `end_fleet_tasks` call, checked before any is written:
+/// at most [`MAX_ENDS_PER_CALL`], each within its bounds.
+pub(super) fn encode_fleet_task_ends(
+    ends: &[FleetTaskEndRequest],
+) -> Result<Vec<EncodedFleetTaskEnd<'_>>, ServerStoreError> {
+    if ends.len() > MAX_ENDS_PER_CALL {
+        return Err(ServerStoreError::Unstorable {
+            table: FLEET_TASKS,
+            detail: format!(
+                "{} ends in one call, at most {MAX_ENDS_PER_CALL}",
+                ends.len()
+            ),
+        });
+    }
+    ends.iter()
+        .map(|end| {
+            Ok(EncodedFleetTaskEnd {
+                txn: fleet_txn(&end.txn)?,
+                reason: bounded("ended_reason", &end.reason, MAX_END_REASON_LEN)?,
+                at_ms: encode_time("ended_at_ms", end.at)?,
+            })
+        })
+        .collect::<Result<_, Problem>>()
+        .map_err(|p| unstorable(FLEET_TASKS, p))
+}
+
+/// The revision an end takes after `latest`, as a column.
+pub(super) fn next_end_revision(latest: u64) -> Result<(u64, i64), ServerStoreError> {
+    latest
+        .checked_add(1)
+        .and_then(|next| Some((next, i64::try_from(next).ok()?)))
+        .ok_or_else(|| ServerStoreError::Corrupt {
+            table: FLEET_TASK_END_REVISION,
+            detail: format!("revision {latest} is at its maximum"),
+        })
+}
+
+/// A task id: non-empty printable ASCII (spaces included), at most
+/// [`MAX_TXN_LEN`] bytes.
+pub(super) fn fleet_txn(txn: &str) -> Result<&str, Problem> {
+    let txn = bounded("txn", txn, MAX_TXN_LEN)?;
+    if txn.is_empty() || !txn.bytes().all(|b| matches!(b, b' '..=b'~')) {
+        return Err(Problem::new("txn", "expected non-empty printable ASCII"));
+    }
+    Ok(txn)
+}
+
+/// A read's `limit` as its `LIMIT` parameter, at most
+/// [`MAX_TASKS_PER_READ`].
+pub(super) fn read_limit(limit: u32) -> i64 {
+    i64::from(limit.min(MAX_TASKS_PER_READ))
+}
+
+/// A revision to compare with (`end_revision > $1`): one past every stored
+/// revision matches none.
+pub(super) fn revision_bound(revision: u64) -> i64 {
+    i64::try_from(revision).unwrap_or(i64::MAX)
+}
+
 /// A replica id: non-empty, bounded, printable ASCII without spaces (it is
 /// logged and compared, never parsed).
 pub(super) fn replica_id(id: &str) -> Result<&str, Problem> {
@@ -285,6 +383,59 @@ pub(super) fn decode_bundle(row: &impl Columns) -> Result<(String, String), Serv
         Ok((replica.to_owned(), json.to_owned()))
     })();
     decoded.map_err(|p| corrupt(BUNDLE_KEYS, p))
+}
+
+/// A task read by its columns (`fleet_task_columns!`). The end's three
+/// columns are NULL together (live) or set together (ended); a mix is
+/// damage.
+pub(super) fn decode_fleet_task(row: &impl Columns) -> Result<FleetTaskRow, ServerStoreError> {
+    let decoded = (|| {
+        let txn = fleet_txn(decode_text("txn", value(row, 0)?, MAX_TXN_LEN)?)?;
+        let ended = match (value(row, 5)?, value(row, 6)?, value(row, 7)?) {
+            (ValueRef::Null, ValueRef::Null, ValueRef::Null) => None,
+            (reason, at, revision) if !is_null(reason) && !is_null(at) && !is_null(revision) => {
+                Some(FleetTaskEnd {
+                    reason: decode_text("ended_reason", reason, MAX_END_REASON_LEN)?.into(),
+                    at: decode_time("ended_at_ms", at)?,
+                    revision: decode_integer("end_revision", revision, 1)?,
+                })
+            }
+            _ => {
+                return Err(Problem::new(
+                    "ended_reason",
+                    format_args!("task {txn:?}: its end is partly recorded"),
+                ));
+            }
+        };
+        Ok(FleetTaskRow {
+            txn: txn.into(),
+            owner_node: decode_node_name("owner_node", value(row, 1)?)?,
+            spiffe_id: decode_text("spiffe_id", value(row, 2)?, MAX_SPIFFE_ID_LEN)?.into(),
+            began_at: decode_time("began_at_ms", value(row, 3)?)?,
+            deadline: decode_time("deadline_ms", value(row, 4)?)?,
+            ended,
+        })
+    })();
+    decoded.map_err(|p| corrupt(FLEET_TASKS, p))
+}
+
+/// The task ends' revision, read as the one column of its row.
+pub(super) fn decode_end_revision_row(row: &impl Columns) -> Result<u64, ServerStoreError> {
+    value(row, 0)
+        .and_then(|v| decode_integer("revision", v, 0))
+        .map_err(|p| corrupt(FLEET_TASK_END_REVISION, p))
+}
+
+/// The task ends' revision row is missing: damage.
+pub(super) fn missing_end_revision() -> ServerStoreError {
+    ServerStoreError::Corrupt {
+        table: FLEET_TASK_END_REVISION,
+        detail: "its one row is missing".into(),
+    }
+}
+
+fn is_null(value: ValueRef<'_>) -> bool {
+    matches!(value, ValueRef::Null)
 }
 
 fn value(row: &impl Columns, i: usize) -> Result<ValueRef<'_>, Problem> {

@@ -97,6 +97,81 @@ pub(super) const SELECT_BUNDLES: &str =
 
 pub(super) const DELETE_BUNDLE: &str = "DELETE FROM bundle_keys WHERE replica = $1";
 
+// === the fleet's task index ===
+
+/// The columns a task is read from, in `rows::decode_fleet_task`'s order.
+macro_rules! fleet_task_columns {
+    () => {
+        "txn, owner_node, spiffe_id, began_at_ms, deadline_ms, \
+         ended_reason, ended_at_ms, end_revision"
+    };
+}
+
+/// Records a task, live, unless its id is taken (then nothing changes).
+pub(super) const INSERT_FLEET_TASK: &str = "INSERT INTO fleet_tasks \
+     (txn, owner_node, spiffe_id, began_at_ms, deadline_ms) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (txn) DO NOTHING";
+
+pub(super) const SELECT_FLEET_TASK: &str = concat!(
+    "SELECT ",
+    fleet_task_columns!(),
+    " FROM fleet_tasks WHERE txn = $1"
+);
+
+/// At most `$1` tasks, live or ended, newest first.
+pub(super) const SELECT_FLEET_TASKS: &str = concat!(
+    "SELECT ",
+    fleet_task_columns!(),
+    " FROM fleet_tasks ORDER BY began_at_ms DESC, txn DESC LIMIT $1"
+);
+
+/// At most `$1` live tasks, newest first.
+pub(super) const SELECT_LIVE_FLEET_TASKS: &str = concat!(
+    "SELECT ",
+    fleet_task_columns!(),
+    " FROM fleet_tasks WHERE ended_at_ms IS NULL \
+     ORDER BY began_at_ms DESC, txn DESC LIMIT $1"
+);
+
+/// Ends a live task at revision `$3`; returns it as ended.
+pub(super) const END_FLEET_TASK: &str = concat!(
+    "UPDATE fleet_tasks SET ended_reason = $1, ended_at_ms = $2, end_revision = $3 \
+     WHERE txn = $4 AND ended_at_ms IS NULL RETURNING ",
+    fleet_task_columns!()
+);
+
+/// Ends a live task of node `$5` at revision `$3`; returns it as ended.
+pub(super) const END_OWNED_FLEET_TASK: &str = concat!(
+    "UPDATE fleet_tasks SET ended_reason = $1, ended_at_ms = $2, end_revision = $3 \
+     WHERE txn = $4 AND ended_at_ms IS NULL AND owner_node = $5 RETURNING ",
+    fleet_task_columns!()
+);
+
+/// At most `$2` ended tasks after revision `$1`, in revision order.
+pub(super) const SELECT_FLEET_TASK_ENDS: &str = concat!(
+    "SELECT ",
+    fleet_task_columns!(),
+    " FROM fleet_tasks WHERE end_revision > $1 ORDER BY end_revision LIMIT $2"
+);
+
+pub(super) const PRUNE_FLEET_TASKS: &str = "DELETE FROM fleet_tasks WHERE deadline_ms < $1";
+
+// === the task ends' revision ===
+
+/// Locks the counter's row until the transaction ends (PostgreSQL: a
+/// no-op update takes the row lock; SQLite: the write lock is the
+/// database's) and reads it, as committed by whoever held it before.
+pub(super) const LOCK_FLEET_TASK_END_REVISION: &str = "UPDATE fleet_task_end_revision \
+     SET revision = revision WHERE id = 1 RETURNING revision";
+
+/// Moves the counter to `$1`, under the lock taken by
+/// `LOCK_FLEET_TASK_END_REVISION` in the same transaction.
+pub(super) const SET_FLEET_TASK_END_REVISION: &str =
+    "UPDATE fleet_task_end_revision SET revision = $1 WHERE id = 1";
+
+pub(super) const SELECT_FLEET_TASK_END_REVISION: &str =
+    "SELECT revision FROM fleet_task_end_revision WHERE id = 1";
+
 /// Every statement, for the parameter-order test.
 #[cfg(test)]
 pub(super) const ALL: &[&str] = &[
@@ -117,4 +192,15 @@ pub(super) const ALL: &[&str] = &[
     UPSERT_BUNDLE,
     SELECT_BUNDLES,
     DELETE_BUNDLE,
+    INSERT_FLEET_TASK,
+    SELECT_FLEET_TASK,
+    SELECT_FLEET_TASKS,
+    SELECT_LIVE_FLEET_TASKS,
+    END_FLEET_TASK,
+    END_OWNED_FLEET_TASK,
+    SELECT_FLEET_TASK_ENDS,
+    PRUNE_FLEET_TASKS,
+    LOCK_FLEET_TASK_END_REVISION,
+    SET_FLEET_TASK_END_REVISION,
+    SELECT_FLEET_TASK_END_REVISION,
 ];

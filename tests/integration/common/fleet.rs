@@ -9,8 +9,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use spiffe::{SpiffeId, TrustDomain};
 use tempfile::TempDir;
+use tether::bundle::TrustBundle;
 use tether::config::MapEnv;
+use tether::proto::server as pb;
+use tokio::sync::watch;
 use tether::proto::server::server_admin_client::ServerAdminClient;
 use tether::server::ServerConfig;
 use tether::server::run::RunningServer;
@@ -512,4 +519,49 @@ pub async fn next_snapshot(
             return snapshot;
         }
     }
+}
+
+/// The fleet's trust bundle, as the server's admin API shows it.
+pub async fn server_bundle(server: &FleetServer) -> TrustBundle {
+    TrustBundle::from_spiffe_json(
+        TrustDomain::new(TRUST_DOMAIN).expect("td"),
+        server.bundle_json().await.as_bytes(),
+    )
+    .expect("bundle")
+}
+
+/// A node API client with the agent's own node SVID (read from its data
+/// dir, as whoever roots the node can).
+pub async fn node_client(
+    agent: &FleetAgent,
+    server: &FleetServer,
+    bundle: &TrustBundle,
+) -> pb::node_client::NodeClient<Channel> {
+    let node_dir = agent.data_dir().join("node");
+    let chain = decode_chain(&std::fs::read(node_dir.join("svid.der")).expect("node SVID"));
+    let key = zeroize::Zeroizing::new(std::fs::read(node_dir.join("key.der")).expect("node key"));
+    let identity = tether::mtls::SwappableIdentity::new(
+        tether::mtls::Identity::new(chain, key).expect("node identity"),
+    );
+    let tls = tether::mtls::client_config(
+        watch::channel(Arc::new(bundle.clone())).1,
+        SpiffeId::new("spiffe://fleet.test/tether/server").expect("id"),
+        Some(identity),
+        false,
+    );
+    let channel = tether::mtls::connect(&[server.address()], tls, Duration::from_secs(10))
+        .await
+        .expect("mTLS to the server");
+    pb::node_client::NodeClient::new(channel)
+}
+
+/// The node's stored chain: each DER certificate behind a 4-byte length.
+fn decode_chain(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut chain = Vec::new();
+    while let Some((len, rest)) = bytes.split_first_chunk::<4>() {
+        let len = u32::from_be_bytes(*len) as usize;
+        chain.push(rest[..len].to_vec());
+        bytes = &rest[len..];
+    }
+    chain
 }

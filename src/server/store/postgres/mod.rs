@@ -5,7 +5,8 @@
 //! the token hash as BYTEA, specs as TEXT JSON), created by append-only
 //! steps under an advisory lock (`schema`), and every method runs the
 //! statements the SQLite backend runs (`store::sql`) through the same row
-//! codec (`store::rows`); `ops` holds the transactions.
+//! codec (`store::rows`); `ops` holds the transactions, `tasks` those of
+//! the fleet's task index.
 //!
 //! [`PostgresStore`] is a cheap handle to one connection per replica,
 //! behind an async mutex: a call waits its turn, runs, and its writes are
@@ -43,13 +44,17 @@ use tokio::sync::{Mutex, MutexGuard};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
-use super::{EntriesSnapshot, EntryRecord, NodeRow, ServerStore, ServerStoreError};
+use super::{
+    EntriesSnapshot, EntryRecord, FleetTaskEndRequest, FleetTaskRow, NewFleetTask, NodeRow,
+    ServerStore, ServerStoreError,
+};
 use crate::error::Chain;
 use crate::server::join_token::{Admission, TokenHash};
 use crate::server::scope::NodeName;
 
 mod ops;
 mod schema;
+mod tasks;
 mod url;
 
 pub use url::check_url;
@@ -445,6 +450,71 @@ impl ServerStore for PostgresStore {
     fn forget_bundle(&self, replica_id: String) -> BoxFuture<'_, Result<bool, ServerStoreError>> {
         Box::pin(self.call("forgetting a bundle", async move |c| {
             ops::forget_bundle(c, replica_id).await
+        }))
+    }
+
+    fn begin_fleet_task(
+        &self,
+        task: NewFleetTask,
+    ) -> BoxFuture<'_, Result<FleetTaskRow, ServerStoreError>> {
+        Box::pin(self.call("recording a fleet task", async move |c| {
+            tasks::begin(c, task).await
+        }))
+    }
+
+    fn fleet_task(
+        &self,
+        txn: String,
+    ) -> BoxFuture<'_, Result<Option<FleetTaskRow>, ServerStoreError>> {
+        Box::pin(self.call("reading a fleet task", async move |c| {
+            tasks::task(c, txn).await
+        }))
+    }
+
+    fn fleet_tasks(
+        &self,
+        include_ended: bool,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<FleetTaskRow>, ServerStoreError>> {
+        Box::pin(self.call("listing fleet tasks", async move |c| {
+            tasks::tasks(c, include_ended, limit).await
+        }))
+    }
+
+    fn end_fleet_tasks(
+        &self,
+        ends: Vec<FleetTaskEndRequest>,
+        owner: Option<NodeName>,
+    ) -> BoxFuture<'_, Result<Vec<Option<FleetTaskRow>>, ServerStoreError>> {
+        Box::pin(self.call("ending fleet tasks", async move |c| {
+            tasks::end(c, ends, owner).await
+        }))
+    }
+
+    fn fleet_task_ends(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<FleetTaskRow>, ServerStoreError>> {
+        Box::pin(self.call("reading fleet task ends", async move |c| {
+            tasks::ends(c, after, limit).await
+        }))
+    }
+
+    fn fleet_task_ends_revision(&self) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
+        Box::pin(
+            self.call("reading the task ends' revision", async move |c| {
+                tasks::ends_revision(c).await
+            }),
+        )
+    }
+
+    fn prune_fleet_tasks(
+        &self,
+        before: std::time::SystemTime,
+    ) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
+        Box::pin(self.call("pruning fleet tasks", async move |c| {
+            tasks::prune(c, before).await
         }))
     }
 }

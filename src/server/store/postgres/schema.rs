@@ -19,7 +19,12 @@ use crate::store;
 ///
 /// - v1: `join_tokens`, `nodes`, `entries`, `meta` (`entries_revision`),
 ///   `bundle_keys`.
-pub(super) const STEPS: &[&str] = &[include_str!("migrations/v1.sql")];
+/// - v2: `fleet_tasks` (the fleet's task index) and
+///   `fleet_task_end_revision` (the revision of its ends).
+pub(super) const STEPS: &[&str] = &[
+    include_str!("migrations/v1.sql"),
+    include_str!("migrations/v2.sql"),
+];
 
 /// The advisory lock migrations hold ("tsrv", as the SQLite file's
 /// `application_id`).

@@ -15,7 +15,8 @@
 //! statements the PostgreSQL backend runs (`store::sql`).
 //!
 //! The files: this one opens the database and runs the statements;
-//! `schema` holds the schema steps. The statements (`store::sql`) and the
+//! `tasks` those of the fleet's task index; `schema` holds the schema
+//! steps. The statements (`store::sql`) and the
 //! row codec (`store::rows`) are the backends' shared ones.
 
 use std::path::{Path, PathBuf};
@@ -27,12 +28,16 @@ use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 
 use super::rows::{self, EncodedAdmission, EncodedBundle, EncodedEntry, EncodedNode};
 use super::sql;
-use super::{EntriesSnapshot, EntryRecord, NodeRow, ServerStore, ServerStoreError};
+use super::{
+    EntriesSnapshot, EntryRecord, FleetTaskEndRequest, FleetTaskRow, NewFleetTask, NodeRow,
+    ServerStore, ServerStoreError,
+};
 use crate::server::join_token::{Admission, TokenHash};
 use crate::server::scope::NodeName;
 use crate::store;
 
 mod schema;
+mod tasks;
 
 /// The server's store in one SQLite database. Cheap to clone: clones share
 /// one connection.
@@ -418,6 +423,69 @@ impl ServerStore for SqliteStore {
                 .execute(sql::DELETE_BUNDLE, params![replica_id])
                 .map_err(failed.on(rows::BUNDLE_KEYS))?;
             Ok(deleted > 0)
+        })
+    }
+
+    fn begin_fleet_task(
+        &self,
+        task: NewFleetTask,
+    ) -> BoxFuture<'_, Result<FleetTaskRow, ServerStoreError>> {
+        self.run("recording a fleet task", move |conn, failed| {
+            tasks::begin(conn, failed, &task)
+        })
+    }
+
+    fn fleet_task(
+        &self,
+        txn: String,
+    ) -> BoxFuture<'_, Result<Option<FleetTaskRow>, ServerStoreError>> {
+        self.run("reading a fleet task", move |conn, failed| {
+            tasks::task(conn, failed, &txn)
+        })
+    }
+
+    fn fleet_tasks(
+        &self,
+        include_ended: bool,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<FleetTaskRow>, ServerStoreError>> {
+        self.run("listing fleet tasks", move |conn, failed| {
+            tasks::tasks(conn, failed, include_ended, limit)
+        })
+    }
+
+    fn end_fleet_tasks(
+        &self,
+        ends: Vec<FleetTaskEndRequest>,
+        owner: Option<NodeName>,
+    ) -> BoxFuture<'_, Result<Vec<Option<FleetTaskRow>>, ServerStoreError>> {
+        self.run("ending fleet tasks", move |conn, failed| {
+            tasks::end(conn, failed, &ends, owner.as_ref())
+        })
+    }
+
+    fn fleet_task_ends(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<FleetTaskRow>, ServerStoreError>> {
+        self.run("reading fleet task ends", move |conn, failed| {
+            tasks::ends(conn, failed, after, limit)
+        })
+    }
+
+    fn fleet_task_ends_revision(&self) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
+        self.run("reading the task ends' revision", move |conn, failed| {
+            tasks::ends_revision(conn, failed)
+        })
+    }
+
+    fn prune_fleet_tasks(
+        &self,
+        before: SystemTime,
+    ) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
+        self.run("pruning fleet tasks", move |conn, failed| {
+            tasks::prune(conn, failed, store::query_millis(before))
         })
     }
 }

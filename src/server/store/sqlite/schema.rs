@@ -12,7 +12,10 @@ pub(super) const APPLICATION_ID: i64 = 0x7473_7276;
 ///
 /// - v1: `join_tokens`, `nodes`, `entries`, `meta` (`entries_revision`).
 /// - v2: `bundle_keys` (each replica's published bundle).
+/// - v3: `fleet_tasks` (the fleet's task index) and
+///   `fleet_task_end_revision` (the revision of its ends).
 pub(super) const STEPS: &[&str] = &[
     include_str!("migrations/v1.sql"),
     include_str!("migrations/v2.sql"),
+    include_str!("migrations/v3.sql"),
 ];
