@@ -17,10 +17,10 @@ use tempfile::TempDir;
 use tether::bundle::TrustBundle;
 use tether::config::MapEnv;
 use tether::proto::server as pb;
-use tokio::sync::watch;
 use tether::proto::server::server_admin_client::ServerAdminClient;
 use tether::server::ServerConfig;
 use tether::server::run::RunningServer;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use super::{eventually, uds_channel};

@@ -128,7 +128,8 @@ pub fn target_dir() -> PathBuf {
 /// A shell session of a walkthrough: its environment, its working
 /// directory (the repository), its background processes.
 pub struct Shell {
-    dir: tempfile::TempDir,
+    /// The README directory's stand-in, deleted with the shell.
+    _dir: tempfile::TempDir,
     env: BTreeMap<String, String>,
     /// The README's words and the test's, in the order they are replaced.
     replacements: Vec<(String, String)>,
@@ -157,7 +158,7 @@ impl Shell {
         let dir = tempfile::tempdir().expect("tempdir");
         let local = dir.path().join(name).display().to_string();
         Self {
-            dir,
+            _dir: dir,
             env,
             replacements: vec![(readme_dir.to_owned(), local)],
             cleanups: Vec::new(),
