@@ -9,7 +9,9 @@
 //! back is refused on write ([`ServerStoreError::Unstorable`]), so a stored
 //! value outside them can only be damage, and reads as
 //! [`ServerStoreError::Corrupt`], never a panic. Node names are checked by
-//! [`NodeName::new`] and entry specs by serde as they are read.
+//! [`NodeName::new`] and entry specs by serde as they are read; a task's
+//! id as it is written (non-empty printable ASCII), and its end's three
+//! columns as set together or not at all.
 
 use std::collections::BTreeSet;
 

@@ -1,6 +1,7 @@
-//! The fleet's task index in SQLite: each [`ServerStore`](super::ServerStore)
-//! task method as the shared statements (`store::sql`) it runs on the
-//! connection, blocking (the caller is on the blocking pool).
+//! The fleet's task index in SQLite: each task method of
+//! [`ServerStore`](super::super::ServerStore) as the shared statements
+//! (`store::sql`) it runs on the connection, blocking (the caller is on
+//! the blocking pool).
 //!
 //! Every write runs in an `IMMEDIATE` transaction, so it holds the
 //! database's write lock from its first statement: a begin's insert and
