@@ -71,7 +71,9 @@ const MAX_BATCH: usize = 16;
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Address to listen on (loopback).
+    /// Address to listen on: loopback, or a node's address (MCP requests
+    /// must name loopback or this address in their `Host` header: rmcp's
+    /// guard against DNS rebinding).
     #[arg(long, default_value = "127.0.0.1:7701")]
     listen: SocketAddr,
     /// The workload socket of the local tether.
@@ -151,7 +153,9 @@ async fn main() -> Result<()> {
     let mcp = StreamableHttpService::new(
         move || Ok(notes.clone()),
         Arc::new(LocalSessionManager::default()),
-        StreamableHttpServerConfig::default().with_cancellation_token(stop.child_token()),
+        StreamableHttpServerConfig::default()
+            .with_cancellation_token(stop.child_token())
+            .with_allowed_hosts(allowed_hosts(args.listen)),
     );
     let router = Router::new()
         .nest_service("/mcp", mcp)
@@ -191,6 +195,22 @@ async fn main() -> Result<()> {
             .await
             .context("serving"),
     }
+}
+
+/// The `Host` names MCP requests may carry: loopback's (rmcp's default),
+/// and the address listened on, unless it is every address (`0.0.0.0`:
+/// then only loopback).
+fn allowed_hosts(listen: SocketAddr) -> Vec<String> {
+    let mut hosts = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    let ip = listen.ip();
+    if !ip.is_unspecified() && !ip.is_loopback() {
+        hosts.push(ip.to_string());
+    }
+    hosts
 }
 
 /// The mTLS server configuration: this process's SVID, and clients from

@@ -41,7 +41,7 @@ const TOOL: &str = "notes.publish";
 #[derive(Debug, Parser)]
 #[command(about = "The MCP example's downstream API: publishes notes for tokens exchanged to it")]
 struct Args {
-    /// Address to listen on (loopback).
+    /// Address to listen on: loopback, or a node's address.
     #[arg(long, default_value = "127.0.0.1:7702")]
     listen: SocketAddr,
     /// The workload socket of the local tether.

@@ -40,6 +40,7 @@ mod http_endpoint;
 mod k8s_attestor;
 mod local_users;
 mod mcp_example;
+mod mcp_fleet;
 mod policy_audit;
 mod policy_cli;
 mod process_bound;

@@ -10,50 +10,13 @@
 //! command added to or removed from the README without a matching change
 //! here fails the test.
 
-use crate::common;
+use nix::sys::signal::Signal;
 
-use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use crate::common::walkthrough::{Expect, Ready, Shell};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
-use common::PATIENCE;
-
-/// The example's processes, one executable (and so one identity) each.
-const EXAMPLES: &[&str] = &["mcp-agent", "mcp-notes-server", "notes-publish-api"];
-
-/// What one walkthrough command must do.
-#[derive(Debug, Clone, Copy)]
-enum Expect {
-    /// `cargo build`: the test suite built the binaries already.
-    Built,
-    /// `export PATH=...`: this build's target directory first.
-    Path,
-    /// `export K=V ...`.
-    Export,
-    /// `... &`, ready once its stdout has a line containing this (`None`:
-    /// the agent, ready once its socket answers).
-    Background(Option<&'static str>),
-    /// Exits 0; stdout contains each string.
-    Succeeds(&'static [&'static str]),
-    /// Exits 0 with these strings once the agent has caught up (its audit
-    /// trail is written by a job of its own, after the answer): retried.
-    SoonSucceeds(&'static [&'static str]),
-    /// Exits non-zero; stdout contains each string.
-    Fails(&'static [&'static str]),
-    /// Exits non-zero with these strings once the agent has caught up
-    /// (an owner's exit is noticed by tether, not by the caller): retried.
-    SoonFails(&'static [&'static str]),
-    /// `kill -SIG $!`: the last background process gets the signal and
-    /// exits, successfully unless it was killed.
-    Signal(Signal),
-}
+/// The README's section, and its directory.
+const SECTION: &str = "## MCP in five minutes";
+const README_DIR: &str = "/tmp/tether-mcp";
 
 /// The README walkthrough, command by command: the start of the command,
 /// and what it must do.
@@ -64,17 +27,20 @@ const WALKTHROUGH: &[(&str, Expect)] = &[
         "examples/mcp/setup.sh /tmp/tether-mcp",
         Expect::Succeeds(&["wrote /"]),
     ),
-    ("tether run --config", Expect::Background(None)),
+    (
+        "tether run --config",
+        Expect::Background(Ready::Socket("/tmp/tether-mcp/agent.sock")),
+    ),
     ("export TETHER_SOCKET_PATH=", Expect::Export),
     (
         "notes-publish-api &",
-        Expect::Background(Some(
+        Expect::Background(Ready::Line(
             "notes-publish-api: spiffe://tether.local/api/publish on http://",
         )),
     ),
     (
         "mcp-notes-server &",
-        Expect::Background(Some(
+        Expect::Background(Ready::Line(
             "mcp-notes-server: spiffe://tether.local/mcp/notes on http://",
         )),
     ),
@@ -121,7 +87,7 @@ const WALKTHROUGH: &[(&str, Expect)] = &[
     ),
     (
         "mcp-agent run --intent",
-        Expect::Background(Some("holding task")),
+        Expect::Background(Ready::Line("holding task")),
     ),
     (
         "tether task list",
@@ -149,7 +115,7 @@ const WALKTHROUGH: &[(&str, Expect)] = &[
     ),
     (
         "mcp-agent run --intent",
-        Expect::Background(Some("holding task")),
+        Expect::Background(Ready::Line("holding task")),
     ),
     ("kill -9 $!", Expect::Signal(Signal::SIGKILL)),
     (
@@ -162,13 +128,13 @@ const WALKTHROUGH: &[(&str, Expect)] = &[
     ),
     (
         "mcp-notes-server --tls --listen 127.0.0.1:7703 &",
-        Expect::Background(Some(
+        Expect::Background(Ready::Line(
             "mcp-notes-server: spiffe://tether.local/mcp/notes on https://",
         )),
     ),
     (
         "mcp-agent --tls --server https://127.0.0.1:7703/mcp run",
-        Expect::Background(Some("holding task")),
+        Expect::Background(Ready::Line("holding task")),
     ),
     (
         "mcp-agent --tls --server https://127.0.0.1:7703/mcp present --token-file /tmp/tether-mcp/bound-token",
@@ -183,23 +149,8 @@ const WALKTHROUGH: &[(&str, Expect)] = &[
 
 #[test]
 fn the_readme_walkthrough_runs_as_written() {
-    let commands = walkthrough_commands();
-    assert_eq!(
-        commands.len(),
-        WALKTHROUGH.len(),
-        "README's \"MCP in five minutes\" has {} commands, the test knows {}: {commands:#?}",
-        commands.len(),
-        WALKTHROUGH.len()
-    );
-    let mut shell = Shell::new();
-    for (command, (start, expect)) in commands.iter().zip(WALKTHROUGH) {
-        assert!(
-            command.starts_with(start),
-            "README command {command:?} is not the expected {start:?}..."
-        );
-        eprintln!("$ {command}");
-        shell.step(command, *expect);
-    }
+    let mut shell = Shell::new(README_DIR, "mcp");
+    shell.run_walkthrough(SECTION, WALKTHROUGH);
     shell.stop_all();
 }
 
@@ -208,7 +159,7 @@ fn the_readme_walkthrough_runs_as_written() {
 /// exchange: a token that is not addressed to it.
 #[test]
 fn the_mcp_server_refuses_what_is_not_its_to_accept_or_exchange() {
-    let mut shell = Shell::new();
+    let mut shell = Shell::new(README_DIR, "mcp");
     shell.step("export PATH=", Expect::Path);
     shell.step(
         "examples/mcp/setup.sh /tmp/tether-mcp",
@@ -221,7 +172,7 @@ fn the_mcp_server_refuses_what_is_not_its_to_accept_or_exchange() {
     shell.run("printf '[tasks]\\ntoken_ttl = \"10s\"\\n' >> /tmp/tether-mcp/tether.toml");
     shell.step(
         "tether run --config /tmp/tether-mcp/tether.toml &",
-        Expect::Background(None),
+        Expect::Background(Ready::Socket("/tmp/tether-mcp/agent.sock")),
     );
     shell.step(
         "export TETHER_SOCKET_PATH=/tmp/tether-mcp/agent.sock TETHER_ADMIN_SOCKET=/tmp/tether-mcp/admin/admin.sock",
@@ -229,19 +180,19 @@ fn the_mcp_server_refuses_what_is_not_its_to_accept_or_exchange() {
     );
     shell.step(
         "notes-publish-api --listen 127.0.0.1:0 &",
-        Expect::Background(Some(" on http://")),
+        Expect::Background(Ready::Line(" on http://")),
     );
     let api = shell.announced_url();
     shell.step(
         &format!("mcp-notes-server --listen 127.0.0.1:0 --publish-url {api}/publish &"),
-        Expect::Background(Some(" on http://")),
+        Expect::Background(Ready::Line(" on http://")),
     );
     let server = shell.announced_url();
     shell.step(
         &format!(
             "mcp-agent --server {server} run --intent \"publish the Q3 summary\" --tool notes.search --tool notes.read --tool notes.publish --token-file /tmp/tether-mcp/token --hold &"
         ),
-        Expect::Background(Some("holding task")),
+        Expect::Background(Ready::Line("holding task")),
     );
     let task_id = shell.background_output().iter().find_map(|line| {
         line.strip_prefix("task ")
@@ -315,321 +266,9 @@ fn the_mcp_server_refuses_what_is_not_its_to_accept_or_exchange() {
         ]),
     );
     // The held agent sees its task end and exits (1: not by its choice).
-    let mut agent = shell.background.pop().unwrap();
+    let mut agent = shell.pop_background();
     let status = agent.child.wait().unwrap();
     agent.drain();
     assert_eq!(status.code(), Some(1), "{}", agent.seen.join("\n"));
     shell.stop_all();
-}
-
-/// The `sh` blocks of README's "MCP in five minutes", one command per line
-/// (a trailing `\` joins lines).
-fn walkthrough_commands() -> Vec<String> {
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    let start = readme
-        .find("\n## MCP in five minutes")
-        .expect("README has the walkthrough");
-    let section = &readme[start + 1..];
-    let section = &section[..section[3..]
-        .find("\n## ")
-        .map_or(section.len(), |end| end + 3)];
-    let mut commands = Vec::new();
-    let mut in_sh = false;
-    let mut pending = String::new();
-    for line in section.lines() {
-        if line.starts_with("```") {
-            in_sh = line == "```sh";
-            continue;
-        }
-        if !in_sh || line.trim().is_empty() {
-            continue;
-        }
-        pending.push_str(line.trim());
-        if pending.ends_with('\\') {
-            pending.pop();
-            continue;
-        }
-        commands.push(std::mem::take(&mut pending));
-    }
-    commands
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// This build's target profile directory (`target/debug`): the test
-/// binary lives in its `deps/`.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
-    for name in EXAMPLES {
-        assert!(
-            dir.join("examples").join(name).exists(),
-            "{} is not built: `cargo build --examples` (cargo test and nextest build examples)",
-            dir.join("examples").join(name).display()
-        );
-    }
-    dir
-}
-
-/// A shell session of the walkthrough: its environment, its working
-/// directory (the repository), its background processes.
-struct Shell {
-    dir: tempfile::TempDir,
-    env: BTreeMap<String, String>,
-    background: Vec<Background>,
-}
-
-/// A process started with `&`, its stdout read line by line.
-struct Background {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Shell {
-    fn new() -> Self {
-        // The caller's own identity settings must not leak in.
-        let env = std::env::vars()
-            .filter(|(k, _)| !k.starts_with("TETHER_") && k != "SPIFFE_ENDPOINT_SOCKET")
-            .collect();
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            env,
-            background: Vec::new(),
-        }
-    }
-
-    /// The command with the walkthrough's directory replaced by this
-    /// test's own.
-    fn localize(&self, command: &str) -> String {
-        command.replace(
-            "/tmp/tether-mcp",
-            &self.dir.path().join("mcp").display().to_string(),
-        )
-    }
-
-    fn step(&mut self, command: &str, expect: Expect) {
-        match expect {
-            Expect::Built => {
-                target_dir();
-            }
-            Expect::Path => {
-                let target = target_dir();
-                let path = format!(
-                    "{}:{}:{}",
-                    target.display(),
-                    target.join("examples").display(),
-                    self.env.get("PATH").map_or("/usr/bin:/bin", String::as_str)
-                );
-                self.env.insert("PATH".into(), path);
-            }
-            Expect::Export => {
-                let assignments = self.localize(command.trim_start_matches("export "));
-                for assignment in assignments.split_whitespace() {
-                    let (key, value) = assignment.split_once('=').unwrap();
-                    self.env.insert(key.into(), value.into());
-                }
-            }
-            Expect::Background(ready) => self.spawn(command, ready),
-            Expect::Succeeds(wanted) => {
-                let output = self.run(command);
-                assert_shows(command, &output, true, wanted);
-            }
-            Expect::Fails(wanted) => {
-                let output = self.run(command);
-                assert_shows(command, &output, false, wanted);
-            }
-            Expect::SoonSucceeds(wanted) => self.retry(command, true, wanted),
-            Expect::SoonFails(wanted) => self.retry(command, false, wanted),
-            Expect::Signal(signal) => {
-                let mut last = self.background.pop().expect("a background process for $!");
-                kill(
-                    Pid::from_raw(i32::try_from(last.child.id()).unwrap()),
-                    signal,
-                )
-                .unwrap();
-                let status = last.child.wait().unwrap();
-                if signal != Signal::SIGKILL {
-                    last.drain();
-                    assert!(
-                        status.success(),
-                        "{status:?}; it printed:\n{}",
-                        last.seen.join("\n")
-                    );
-                }
-            }
-        }
-    }
-
-    /// Runs `command` until it exits successfully or not, as `success`
-    /// says, with each of `wanted` on stdout; fails after [`PATIENCE`].
-    fn retry(&self, command: &str, success: bool, wanted: &[&str]) {
-        let started = Instant::now();
-        loop {
-            let output = self.run(command);
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            if output.status.success() == success && wanted.iter().all(|w| stdout.contains(w)) {
-                eprintln!("as expected after {:?}", started.elapsed());
-                return;
-            }
-            assert!(
-                started.elapsed() < PATIENCE,
-                "{command} never {} as expected; last output:\n{stdout}",
-                if success { "succeeded" } else { "failed" }
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn command(&self, command: &str) -> Command {
-        let mut shell = Command::new("bash");
-        shell
-            .arg("-c")
-            .arg(self.localize(command))
-            .current_dir(repo())
-            .env_clear()
-            .envs(&self.env);
-        shell
-    }
-
-    fn run(&self, command: &str) -> Output {
-        let output = self.command(command).output().unwrap();
-        eprintln!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
-    }
-
-    fn spawn(&mut self, command: &str, ready: Option<&str>) {
-        let command = command.trim_end_matches('&').trim();
-        let mut child = self
-            .command(&format!("exec {command}"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut background = Background {
-            child,
-            lines,
-            seen: Vec::new(),
-        };
-        match ready {
-            Some(wanted) => background.wait_for(command, wanted),
-            None => self.wait_for_agent(),
-        }
-        self.background.push(background);
-    }
-
-    /// The agent is ready once its socket accepts connections.
-    fn wait_for_agent(&self) {
-        let socket = self.dir.path().join("mcp/agent.sock");
-        let started = Instant::now();
-        while UnixStream::connect(&socket).is_err() {
-            assert!(
-                started.elapsed() < PATIENCE,
-                "tether never listened on {}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The URL the last background process announced (`... on URL`).
-    fn announced_url(&self) -> String {
-        let last = self.background.last().expect("a background process");
-        let line = last
-            .seen
-            .iter()
-            .find(|line| line.contains(" on http"))
-            .expect("an announced address");
-        line.rsplit(' ').next().unwrap().to_owned()
-    }
-
-    /// What the last background process printed so far.
-    fn background_output(&self) -> &[String] {
-        &self.background.last().expect("a background process").seen
-    }
-
-    /// `kill $(jobs -p)`: every background process stops cleanly.
-    fn stop_all(&mut self) {
-        while let Some(mut background) = self.background.pop() {
-            kill(
-                Pid::from_raw(i32::try_from(background.child.id()).unwrap()),
-                Signal::SIGTERM,
-            )
-            .unwrap();
-            let status = background.child.wait().unwrap();
-            background.drain();
-            assert!(
-                status.success(),
-                "{status:?}; it printed:\n{}",
-                background.seen.join("\n")
-            );
-        }
-    }
-}
-
-impl Drop for Shell {
-    fn drop(&mut self) {
-        for background in &mut self.background {
-            let _ = background.child.kill();
-            let _ = background.child.wait();
-        }
-    }
-}
-
-impl Background {
-    fn wait_for(&mut self, command: &str, wanted: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    eprintln!("{line}");
-                    let found = line.contains(wanted);
-                    self.seen.push(line);
-                    if found {
-                        return;
-                    }
-                }
-                Err(_) => panic!(
-                    "{command} never printed {wanted:?}; it printed:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn drain(&mut self) {
-        self.seen.extend(self.lines.try_iter());
-    }
-}
-
-fn assert_shows(command: &str, output: &Output, success: bool, wanted: &[&str]) {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.success(),
-        success,
-        "{command}: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    for want in wanted {
-        assert!(
-            stdout.contains(want),
-            "{command}: no {want:?} in:\n{stdout}"
-        );
-    }
 }

@@ -7,6 +7,7 @@ pub mod eventually;
 pub mod fleet;
 pub mod kubelet;
 pub mod postgres;
+pub mod walkthrough;
 
 pub use eventually::{eventually, eventually_blocking};
 
