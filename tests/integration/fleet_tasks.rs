@@ -577,6 +577,80 @@ async fn a_rooted_node_cannot_sign_into_end_or_widen_another_nodes_task() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces): scripts/test runs it"]
+async fn an_end_while_the_server_is_down_reaches_every_node_after_it_restarts() {
+    require_root("network namespaces");
+    let mut fleet = Fleet::start().await;
+    let (mut on_a, mut on_b) = (
+        task_client(&fleet.a.socket).await,
+        task_client(&fleet.b.socket).await,
+    );
+    let before = begin(&mut on_a, &["notes.read"]).await;
+    let before_token = before.token.expect("token").token;
+    on_a.end_task(task_pb::EndTaskRequest {
+        task_id: before.task_id,
+    })
+    .await
+    .expect("end");
+    until_refused(&mut on_b, &before_token, B, "notes.read", "node-b").await;
+    let during = begin(&mut on_a, &["notes.read"]).await;
+    let during_token = during.token.expect("token").token;
+    assert!(
+        validate(&mut on_b, &during_token, B, "notes.read")
+            .await
+            .valid
+    );
+
+    // The server stops; the task ends on node-a meanwhile (stored there,
+    // refused there at once; its report waits for the server).
+    let address = fleet.server.pause().await;
+    on_a.end_task(task_pb::EndTaskRequest {
+        task_id: during.task_id.clone(),
+    })
+    .await
+    .expect("end while the server is down");
+    assert!(
+        !validate(&mut on_a, &during_token, B, "notes.read")
+            .await
+            .valid
+    );
+
+    // The server comes back (same store): node-a sends the end, node-b
+    // catches up, and neither task is ever valid again on node-b.
+    fleet.server.start_again(&address).await;
+    let reason = eventually("node-b learns the end sent after the restart", async || {
+        let check = validate(&mut on_b, &during_token, B, "notes.read").await;
+        if check.reason.contains("has ended") {
+            Ok(check.reason)
+        } else {
+            Err(format!("{} / {}", check.valid, check.reason))
+        }
+    })
+    .await;
+    assert!(reason.contains("completed"), "{reason}");
+    let before_check = validate(&mut on_b, &before_token, B, "notes.read").await;
+    assert!(
+        !before_check.valid && before_check.reason.contains("has ended"),
+        "{}",
+        before_check.reason
+    );
+    let indexed = fleet
+        .server
+        .admin()
+        .await
+        .get_task(pb::GetFleetTaskRequest { id: during.task_id })
+        .await
+        .expect("indexed")
+        .into_inner();
+    assert_eq!(indexed.ended_reason, "completed");
+    let Fleet {
+        server, a, b, c, ..
+    } = fleet;
+    drop((a, b, c));
+    server.stop().await;
+}
+
 /// Begins a task on `client`'s node for node-b's workload.
 async fn begin(client: &mut TaskClient, tools: &[&str]) -> task_pb::BeginTaskResponse {
     client

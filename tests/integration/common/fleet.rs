@@ -114,20 +114,39 @@ impl FleetServer {
     /// kernel) with `extra` appended to its config.
     pub async fn start(listen_ip: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let running = Self::run(&dir, &format!("{listen_ip}:0"), extra).await;
+        Self {
+            running: Some(running),
+            dir,
+        }
+    }
+
+    /// Stops the server for now, keeping its data dir, store, keys and
+    /// trail for [`Self::start_again`]; returns its address.
+    pub async fn pause(&mut self) -> String {
+        let address = self.address();
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("clean server stop");
+        }
+        address
+    }
+
+    /// Starts a paused server again on `address`, as a restarted process.
+    pub async fn start_again(&mut self, address: &str) {
+        self.running = Some(Self::run(&self.dir, address, "").await);
+    }
+
+    async fn run(dir: &TempDir, listen: &str, extra: &str) -> RunningServer {
         let text = format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nlisten = \"{listen_ip}:0\"\nadmin_socket_path = \"{}\"\n{extra}",
+            "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nlisten = \"{listen}\"\nadmin_socket_path = \"{}\"\n{extra}",
             dir.path().join("data").display(),
             dir.path().join("admin/server.sock").display(),
         );
         let config = ServerConfig::parse(Path::new("server.toml"), &text, &MapEnv::default())
             .expect("server config");
-        let running = tether::server::run::start(config)
+        tether::server::run::start(config)
             .await
-            .expect("server starts");
-        Self {
-            running: Some(running),
-            dir,
-        }
+            .expect("server starts")
     }
 
     pub fn address(&self) -> String {
