@@ -3,10 +3,12 @@
 //! ([`report_ends`]).
 //!
 //! The sync stream carries three kinds of message: the entries and bundle
-//! (a whole snapshot), other nodes' task ends, and heartbeats. Every one
-//! tells `ForeignTasks` the server was heard; a heartbeat also says every
-//! end up to its revision was sent, which is what makes the agent current
-//! after it (re)connects. A stream silent for `server.revocation_staleness`
+//! (a whole snapshot), other nodes' task ends, and heartbeats. Only a
+//! heartbeat tells `ForeignTasks` the server was heard: it says every end
+//! up to its revision was sent and that the server is current with the
+//! store (a replica that is not sends no heartbeat, though its snapshots
+//! and ends still flow), which is what keeps the agent fresh, and what
+//! makes it current after it (re)connects. A stream silent for `server.revocation_staleness`
 //! is dropped and a new one opened: the agent is stale by then anyway,
 //! and a half-open connection would otherwise never be noticed.
 //!
@@ -131,7 +133,6 @@ impl Link {
     /// Applies one message of the sync stream.
     async fn take_message(&self, message: pb::SyncMessage, registry: &Registry) {
         let foreign = &self.inner.foreign;
-        foreign.heard();
         match message.kind {
             Some(pb::sync_message::Kind::Snapshot(snapshot)) => {
                 match self.apply_bundle_and_entries(snapshot) {
