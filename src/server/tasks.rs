@@ -173,6 +173,30 @@ impl TaskIndex {
         lock(&self.inner.last_poll).is_some_and(|at| at.elapsed() <= CURRENT_FOR)
     }
 
+    /// Where a node's stream of ends starts, for a node that asks for the
+    /// ends after revision `asked`: `asked`, unless it is beyond every end
+    /// the store holds. Then the index was reset or restored from an older
+    /// copy (a new SQLite file, a restored backup), its revisions start
+    /// again below `asked`, and the ends numbered up to `asked` are new to
+    /// that node: it gets every end from the start (0). A replica that
+    /// has not yet polled an end another replica stored is no reason: the
+    /// store, not this replica's view, decides.
+    pub async fn resume_after(&self, asked: u64) -> Result<u64, ServerStoreError> {
+        if asked <= self.latest() {
+            return Ok(asked);
+        }
+        let stored = self.inner.store.fleet_task_ends_revision().await?;
+        if asked <= stored {
+            return Ok(asked);
+        }
+        tracing::warn!(
+            asked,
+            stored,
+            "a node asks for task ends after a revision the fleet's task index never reached (was it reset or restored?); sending it every end"
+        );
+        Ok(0)
+    }
+
     /// At most [`PAGE`] ends after revision `after`, in order: from memory
     /// when it holds them, else from the store.
     pub async fn ends_after(&self, after: u64) -> Result<Vec<FleetTaskRow>, ServerStoreError> {

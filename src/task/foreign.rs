@@ -6,7 +6,9 @@
 //! A token of another node's task is accepted only when its task is not
 //! known ended AND this agent is fresh: caught up on the current stream
 //! (its first heartbeat arrived, so every end before it was applied) and
-//! heard from the server within `server.revocation_staleness`. Anything
+//! had a heartbeat within `server.revocation_staleness`: only a heartbeat
+//! says the server is current with the fleet's ends, so no other message
+//! (a snapshot, a page of ends) keeps this agent fresh. Anything
 //! else is refused (fail closed): an end could have been missed.
 //!
 //! Invariants:
@@ -74,7 +76,9 @@ struct State {
     caught_up: bool,
     /// Some stream has ever caught up.
     ever_caught_up: bool,
-    /// When the server was last heard from.
+    /// When the server last vouched for this agent's ends (its last
+    /// heartbeat). Only a heartbeat counts: a replica that cannot read the
+    /// store still sends snapshots, but no heartbeat.
     last_heard: Option<Instant>,
     /// An end found no room: until then (its keep-until), other nodes'
     /// tasks are refused.
@@ -117,12 +121,6 @@ impl ForeignTasks {
         self.state().caught_up = false;
     }
 
-    /// Any message arrived on the current stream (snapshot, ends,
-    /// heartbeat): refreshes "last heard".
-    pub fn heard(&self) {
-        self.state().last_heard = Some(Instant::now());
-    }
-
     /// Ended tasks arrived. Each is kept until its deadline plus
     /// [`SKEW_MARGIN`]; one already past that only moves the watermark.
     /// A task already known ended keeps its first end. Expired ends are
@@ -157,10 +155,13 @@ impl ForeignTasks {
     }
 
     /// A heartbeat: every end up to `revision` was sent, so this agent is
-    /// caught up from now (and has heard from the server).
+    /// caught up from now (and has heard from the server). `revision` is
+    /// the next stream's start even when it is below the watermark: the
+    /// server's index was reset and numbers its ends again from below, so
+    /// an end at a revision this agent has passed may still be new to it.
     pub fn heartbeat(&self, revision: u64) {
         let mut state = self.state();
-        state.watermark = state.watermark.max(revision);
+        state.watermark = revision;
         state.caught_up = true;
         state.ever_caught_up = true;
         state.last_heard = Some(Instant::now());

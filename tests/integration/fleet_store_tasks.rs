@@ -13,10 +13,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use spiffe::TrustDomain;
+use tether::audit::{AuditConfig, AuditLog, SigningKey};
 use tether::server::store::sqlite::SqliteStore;
 use tether::server::store::{
     FleetTaskEnd, FleetTaskEndRequest, FleetTaskRow, NewFleetTask, ServerStore, ServerStoreError,
 };
+
+use tether::server::tasks::TaskIndex;
 
 use crate::common::postgres::TestPostgres;
 use crate::fleet_store::{Replicas, at, node, replica};
@@ -521,6 +525,69 @@ async fn the_sqlite_store_keeps_the_task_index_contract() {
     };
     // Two connections to one file, as two handles of one replica.
     contract((Arc::new(open().await), Arc::new(open().await))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_ahead_of_a_reset_task_index_is_sent_every_end_from_the_start() {
+    // Review finding: a node's stream started after the revision the node
+    // asked for, whatever the store held. After the index was reset (a new
+    // SQLite file, a restored backup), its new ends take revisions the
+    // node had passed already, and were never sent to it: their tokens
+    // stayed valid on that node until they expired.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("server.db");
+    let store: Arc<dyn ServerStore> = Arc::new(
+        tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+            .await
+            .expect("opened")
+            .expect("the store opens"),
+    );
+    for (i, txn) in ["t-r1", "t-r2", "t-r3"].into_iter().enumerate() {
+        begin(&*store, &new_task(txn, "node-a", 1, FAR)).await;
+        store
+            .end_fleet_tasks(vec![end(txn, "completed", 10 + i as u64)], None)
+            .await
+            .expect("ended");
+    }
+    assert_eq!(revision(&*store).await, 3);
+    let (audit, writer) = AuditLog::open(
+        &dir.path().join("audit"),
+        &AuditConfig::default(),
+        Arc::new(SigningKey::generate().expect("a key").0),
+    )
+    .expect("the trail opens");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writing = tokio::spawn(writer.run(stop.clone()));
+    let index = TaskIndex::open(
+        Arc::clone(&store),
+        TrustDomain::new("fleet.test").expect("td"),
+        audit,
+    )
+    .await
+    .expect("the index opens");
+
+    for asked in [0, 2, 3] {
+        assert_eq!(
+            index.resume_after(asked).await.expect("read"),
+            asked,
+            "a node behind or level with the index resumes where it asked"
+        );
+    }
+    assert_eq!(
+        index.resume_after(40).await.expect("read"),
+        0,
+        "a node ahead of every stored end gets every end from the start"
+    );
+    let all: Vec<String> = index
+        .ends_after(0)
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|row| row.txn)
+        .collect();
+    assert_eq!(all, ["t-r1", "t-r2", "t-r3"]);
+    stop.cancel();
+    writing.await.expect("the writer stops");
 }
 
 // === PostgreSQL ===

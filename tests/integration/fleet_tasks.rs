@@ -481,6 +481,18 @@ async fn a_rooted_node_cannot_sign_into_end_or_widen_another_nodes_task() {
         "{refused:?}"
     );
 
+    // A task of its own whose deadline is ten years away: refused by the
+    // server's max_task_ttl, so no index row outlives it.
+    let mut far = own.clone();
+    far["txn"] = "forged-far-task".into();
+    far["tctx"]["deadline"] = (not_after_ms(10 * 365 * 86_400) / 1000).into();
+    let refused = node_b
+        .sign_jwt(sign(&far, ""))
+        .await
+        .expect_err("a deadline beyond max_task_ttl");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("max_task_ttl"), "{refused:?}");
+
     // An exchange without the subject token, by a node whose workload is
     // not the audience, widening the tools, or changing the subject.
     let missing = node_b

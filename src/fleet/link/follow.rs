@@ -3,10 +3,12 @@
 //! ([`report_ends`]).
 //!
 //! The sync stream carries three kinds of message: the entries and bundle
-//! (a whole snapshot), other nodes' task ends, and heartbeats. Every one
-//! tells `ForeignTasks` the server was heard; a heartbeat also says every
-//! end up to its revision was sent, which is what makes the agent current
-//! after it (re)connects. A stream silent for `server.revocation_staleness`
+//! (a whole snapshot), other nodes' task ends, and heartbeats. Only a
+//! heartbeat tells `ForeignTasks` the server was heard: it says every end
+//! up to its revision was sent and that the server is current with the
+//! store (a replica that is not sends no heartbeat, though its snapshots
+//! and ends still flow), which is what keeps the agent fresh, and what
+//! makes it current after it (re)connects. A stream silent for `server.revocation_staleness`
 //! is dropped and a new one opened: the agent is stale by then anyway,
 //! and a half-open connection would otherwise never be noticed.
 //!
@@ -131,7 +133,6 @@ impl Link {
     /// Applies one message of the sync stream.
     async fn take_message(&self, message: pb::SyncMessage, registry: &Registry) {
         let foreign = &self.inner.foreign;
-        foreign.heard();
         match message.kind {
             Some(pb::sync_message::Kind::Snapshot(snapshot)) => {
                 match self.apply_bundle_and_entries(snapshot) {
@@ -271,16 +272,23 @@ async fn send_ends(link: &Link, ends: Vec<pb::EndedTask>) -> Result<u32, tonic::
     Ok(reply.into_inner().recorded)
 }
 
-/// A task end from the server, bounded; `None` (logged) when it is not
-/// one.
+/// A task end from the server, bounded; `None` (logged) when its task id
+/// is not one the server signs tokens for (so no token of it can be
+/// presented here). A reason over its bound is cut, never a reason to
+/// drop the end: the heartbeat after it vouches that it was applied.
 fn foreign_end(end: pb::TaskEnd) -> Option<ForeignEnd> {
-    if end.txn.is_empty() || end.txn.len() > MAX_TXN_LEN || end.reason.len() > MAX_REASON_LEN {
-        tracing::warn!("a task end from the server is out of bounds; skipped");
+    if end.txn.is_empty() || end.txn.len() > MAX_TXN_LEN {
+        tracing::warn!("a task end from the server has a task id out of bounds; skipped");
         return None;
     }
+    let reason = if end.reason.len() > MAX_REASON_LEN {
+        end.reason.chars().take(MAX_REASON_LEN).collect()
+    } else {
+        end.reason
+    };
     Some(ForeignEnd {
         txn: end.txn,
-        reason: end.reason,
+        reason,
         deadline: UNIX_EPOCH + Duration::from_millis(u64::try_from(end.deadline_ms).unwrap_or(0)),
         revision: end.revision,
     })
@@ -293,4 +301,40 @@ fn unix_ms(t: SystemTime) -> i64 {
 
 fn gauge(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task_end(txn: &str, reason: &str) -> pb::TaskEnd {
+        pb::TaskEnd {
+            txn: txn.into(),
+            reason: reason.into(),
+            ended_at_ms: 1,
+            deadline_ms: 4_000_000_000_000,
+            revision: 7,
+            owner_node: "node-a".into(),
+        }
+    }
+
+    #[test]
+    fn an_end_with_a_long_reason_is_kept_with_the_reason_cut() {
+        // Review finding: an end whose reason was over the bound was
+        // dropped, yet the heartbeat after it raised the watermark past
+        // it: its task's tokens stayed valid on this node (fail open).
+        let long = "r".repeat(MAX_REASON_LEN + 50);
+        let end = foreign_end(task_end("t1", &long)).expect("kept");
+        assert_eq!(end.txn, "t1");
+        assert_eq!(end.reason.chars().count(), MAX_REASON_LEN);
+        assert_eq!(end.revision, 7);
+        let multibyte = "é".repeat(MAX_REASON_LEN);
+        assert!(foreign_end(task_end("t1", &multibyte)).is_some());
+        // A task id the server never signs for cannot be presented here.
+        assert_eq!(foreign_end(task_end("", "completed")), None);
+        assert_eq!(
+            foreign_end(task_end(&"x".repeat(MAX_TXN_LEN + 1), "completed")),
+            None
+        );
+    }
 }

@@ -168,7 +168,6 @@ impl Link {
                 detail: "its first message is not the entries' snapshot".into(),
             });
         };
-        this.inner.foreign.heard();
         let entries = this.apply_bundle_and_entries(first)?;
         *lock(&this.inner.channel) = Some(channel);
         *lock(&this.inner.first_stream) = Some(stream);

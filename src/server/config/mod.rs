@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub node_requests_per_second: u32,
     /// Each node's burst of calls.
     pub node_request_burst: u32,
+    /// The farthest a fleet task's deadline may be from its begin: a
+    /// node's task token with a later `tctx.deadline` is refused, so every
+    /// row of the task index is pruned within it.
+    pub max_task_ttl: Duration,
     /// The signing keys, as the agent's `[authority]`.
     pub authority: AuthorityConfig,
     /// Entries from the file, each with the nodes it names.
@@ -88,6 +92,8 @@ struct RawServerConfig {
     node_svid_ttl: Option<Duration>,
     node_requests_per_second: Option<u32>,
     node_request_burst: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    max_task_ttl: Option<Duration>,
     #[serde(default)]
     authority: AuthorityConfig,
     #[serde(default)]
@@ -209,6 +215,11 @@ impl ServerConfig {
             ));
         }
 
+        let max_task_ttl = raw
+            .max_task_ttl
+            .unwrap_or(crate::server::node_api::DEFAULT_MAX_TASK_TTL);
+        config::check_ttl("max_task_ttl", max_task_ttl, None)?;
+
         let entries = entries(&raw.entries, &trust_domain)?;
         let kubernetes = raw.kubernetes.map(|k| k.validate(env)).transpose()?;
         Ok(Self {
@@ -220,6 +231,7 @@ impl ServerConfig {
             node_svid_ttl,
             node_requests_per_second,
             node_request_burst,
+            max_task_ttl,
             authority,
             entries,
             kubernetes,

@@ -38,6 +38,14 @@ fn an_empty_file_gives_the_documented_defaults() {
         StoreLocation::Sqlite("/var/lib/tether-server/server.db".into())
     );
     assert!(config.entries.is_empty());
+    assert_eq!(
+        config.max_task_ttl,
+        crate::server::node_api::DEFAULT_MAX_TASK_TTL
+    );
+    assert_eq!(
+        parse("max_task_ttl = \"2h\"").unwrap().max_task_ttl,
+        Duration::from_secs(7200)
+    );
 }
 
 #[test]
@@ -126,6 +134,10 @@ fn bad_values_are_refused_naming_the_key() {
         ),
         ("node_svid_ttl = \"48h\"", "node_svid_ttl = \"2days\""),
         ("node_requests_per_second = 0", "node_requests_per_second"),
+        (
+            "max_task_ttl = \"0s\"",
+            "max_task_ttl = \"0s\": must be greater than zero",
+        ),
         (
             "[[entries]]\nspiffe_id = \"spiffe://tether.local/a\"\nselectors = [\"unix:uid:1\"]\nnodes = [\"Node_A\"]",
             "entries[0].nodes = \"Node_A\"",

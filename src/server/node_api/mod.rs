@@ -33,6 +33,7 @@ mod sign;
 mod sync;
 mod tasks;
 
+pub use tasks::DEFAULT_MAX_TASK_TTL;
 pub(crate) use tasks::{check_txn, task_message};
 #[cfg(test)]
 mod tests;
@@ -89,6 +90,9 @@ struct Inner {
     kubernetes: Option<Kubernetes>,
     /// The fleet's task index, as this replica serves it.
     tasks: TaskIndex,
+    /// The farthest a task's deadline may be from its begin
+    /// (`max_task_ttl`).
+    max_task_ttl: Duration,
 }
 
 /// A node, as its verified client certificate and the store name it.
@@ -158,6 +162,7 @@ impl NodeApi {
                 streams: Arc::default(),
                 kubernetes: None,
                 tasks,
+                max_task_ttl: DEFAULT_MAX_TASK_TTL,
             }),
         }
     }
@@ -178,6 +183,17 @@ impl NodeApi {
     pub fn with_node_svid_ttl(self, ttl: Duration) -> Self {
         let mut inner = Arc::unwrap_or_clone(self.inner);
         inner.node_svid_ttl = ttl;
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The service, refusing tasks whose deadline is more than `ttl` away
+    /// (`max_task_ttl`).
+    #[must_use]
+    pub fn with_max_task_ttl(self, ttl: Duration) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.max_task_ttl = ttl;
         Self {
             inner: Arc::new(inner),
         }

@@ -137,7 +137,14 @@ async fn feed(
     ends_after: u64,
 ) -> Result<(), Status> {
     let mut ends = api.inner.tasks.subscribe();
-    let mut sent = ends_after;
+    // The heartbeats say where the node is (`sent`), even when that is
+    // below what it asked for, so it asks from there next time.
+    let mut sent = api
+        .inner
+        .tasks
+        .resume_after(ends_after)
+        .await
+        .map_err(|e| crate::edge::status::server_store("reading task ends", &e))?;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rechecked = tokio::time::Instant::now();

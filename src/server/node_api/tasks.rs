@@ -38,6 +38,11 @@ use crate::svid::jwt as jwt_svid;
 
 /// Most ends in one `EndTasks` request.
 pub const MAX_ENDS: usize = 1024;
+/// The farthest a task's deadline may be from its begin, by default
+/// (`max_task_ttl`). An agent's own bound (`tasks.max_ttl`, 1 h by default)
+/// is the agent's to keep; this is the server's, against a rooted node
+/// whose task rows would otherwise never be pruned.
+pub const DEFAULT_MAX_TASK_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The reasons a task ends with (`task::EndReason`, which `server` may
 /// not name).
 const END_REASONS: [&str; 5] = [
@@ -91,12 +96,7 @@ pub(super) async fn begin_or_renew(
                 "a task token (with txn) needs tctx.deadline (seconds)",
             )
         })?;
-    if deadline <= SystemTime::now() {
-        return Err(status::invalid(
-            "claims_json",
-            "tctx.deadline is in the past",
-        ));
-    }
+    check_deadline(deadline, SystemTime::now(), api.inner.max_task_ttl)?;
     let begun = api
         .inner
         .tasks
@@ -133,6 +133,32 @@ pub(super) async fn begin_or_renew(
         event,
         txn: txn.to_owned(),
     })
+}
+
+/// A task token's `tctx.deadline`, asked for at `now`: in the future, and
+/// at most `max` (`max_task_ttl`) away. A renewal's deadline is its
+/// begin's, so within `max` of any later `now` too.
+pub(super) fn check_deadline(
+    deadline: SystemTime,
+    now: SystemTime,
+    max: Duration,
+) -> Result<(), Status> {
+    if deadline <= now {
+        return Err(status::invalid(
+            "claims_json",
+            "tctx.deadline is in the past",
+        ));
+    }
+    if deadline.duration_since(now).unwrap_or_default() > max {
+        return Err(status::invalid(
+            "claims_json",
+            format!(
+                "tctx.deadline is more than {} away (the server's max_task_ttl)",
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The exchange rule: `claims` (with `act`, newest actor first in

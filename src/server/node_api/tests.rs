@@ -80,3 +80,25 @@ fn a_connections_svid_is_admitted_only_while_the_node_row_says_so() {
     };
     assert!(refused(&again, during).contains("predates"));
 }
+
+#[test]
+fn a_task_deadline_is_in_the_future_and_within_max_task_ttl() {
+    // Review finding: the server took any tctx.deadline a node claimed, so
+    // a rooted node could begin tasks whose index rows (and whose ends on
+    // every agent) were never pruned, and tokens the server signed for
+    // them were capped by the entry's TTL alone.
+    let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let max = Duration::from_secs(24 * 3600);
+    assert!(tasks::check_deadline(now + Duration::from_secs(60), now, max).is_ok());
+    assert!(tasks::check_deadline(now + max, now, max).is_ok());
+    for (deadline, words) in [
+        (now, "in the past"),
+        (now - Duration::from_secs(1), "in the past"),
+        (now + max + Duration::from_secs(1), "more than 1day away"),
+        (now + Duration::from_secs(10 * 365 * 86_400), "max_task_ttl"),
+    ] {
+        let refused = tasks::check_deadline(deadline, now, max).expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains(words), "{refused:?}");
+    }
+}

@@ -43,11 +43,10 @@ fn other_nodes_tasks_are_accepted_only_after_the_first_heartbeat() {
 
     foreign.stream_opened();
     // A snapshot of ends is not yet "every end": only the heartbeat says so.
-    foreign.heard();
     foreign.apply_ends([end("old", "completed", SystemTime::now() + LONG, 3)]);
     assert!(is_stale(foreign.check("t1"), "not caught up"));
     assert!(foreign.problem().is_some());
-    assert!(foreign.last_heard_age().is_some());
+    assert_eq!(foreign.last_heard_age(), None, "ends are no heartbeat");
 
     foreign.heartbeat(7);
     assert!(foreign.check("t1").is_ok());
@@ -62,7 +61,6 @@ fn a_lost_stream_refuses_until_the_next_one_catches_up() {
     assert!(is_stale(foreign.check("t1"), "since it reconnected"));
 
     foreign.stream_opened();
-    foreign.heard();
     assert!(is_stale(foreign.check("t1"), "since it reconnected"));
     foreign.heartbeat(0);
     assert!(foreign.check("t1").is_ok());
@@ -95,9 +93,53 @@ fn past_the_staleness_bound_other_nodes_tasks_are_refused_until_heard_again() {
         "{message}"
     );
 
-    // Any message on the stream makes it fresh again.
-    foreign.heard();
+    // Review finding: any message (a snapshot, a page of ends) made the
+    // agent fresh again, so a replica that could not read the store (and
+    // so sent no heartbeat) kept its nodes accepting other nodes' tasks
+    // for as long as entries or the bundle changed. Only a heartbeat does.
+    foreign.apply_ends([end("t9", "completed", SystemTime::now() + LONG, 9)]);
+    assert!(is_stale(
+        foreign.check("t1"),
+        "this agent has not heard from the tether server for"
+    ));
+    foreign.heartbeat(9);
     assert!(foreign.check("t1").is_ok());
+}
+
+#[test]
+fn a_heartbeat_below_the_watermark_moves_it_back_so_no_end_is_skipped() {
+    // Review finding: the watermark only grew. After the server's task
+    // index was reset or restored from an older copy, its revisions start
+    // again below this agent's; the server sends every end from the start
+    // and says where this agent is, but the agent kept asking from its old
+    // watermark on each reconnect, skipping the new ends numbered up to it.
+    let foreign = fresh(LONG, 100);
+    foreign.apply_ends([end("old", "completed", SystemTime::now() + LONG, 40)]);
+    foreign.heartbeat(40);
+    assert_eq!(foreign.watermark(), 40);
+
+    foreign.stream_lost();
+    foreign.stream_opened();
+    foreign.apply_ends([end("new", "revoked", SystemTime::now() + LONG, 2)]);
+    assert_eq!(
+        foreign.watermark(),
+        40,
+        "within a stream, ends only raise it"
+    );
+    foreign.heartbeat(2);
+    assert_eq!(
+        foreign.watermark(),
+        2,
+        "the next stream asks for the ends after 2, as the server numbers them now"
+    );
+    assert!(matches!(
+        foreign.check("new"),
+        Err(TokenRejection::Ended { .. })
+    ));
+    assert!(matches!(
+        foreign.check("old"),
+        Err(TokenRejection::Ended { .. })
+    ));
 }
 
 #[test]
