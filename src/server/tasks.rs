@@ -327,3 +327,107 @@ fn revision(row: &FleetTaskRow) -> u64 {
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::audit::{AuditConfig, SigningKey};
+    use crate::server::store::sqlite::SqliteStore;
+
+    fn audit(dir: &Path) -> AuditLog {
+        let (log, writer) = AuditLog::open(
+            dir,
+            &AuditConfig::default(),
+            Arc::new(SigningKey::generate().expect("a signing key").0),
+        )
+        .expect("the audit trail opens");
+        tokio::spawn(writer.run(CancellationToken::new()));
+        log
+    }
+
+    fn task(txn: &str, node: &str) -> NewFleetTask {
+        NewFleetTask {
+            txn: txn.into(),
+            owner_node: NodeName::new(node).expect("a node name"),
+            spiffe_id: "spiffe://example.org/w".into(),
+            began_at: SystemTime::now(),
+            deadline: SystemTime::now() + Duration::from_secs(600),
+        }
+    }
+
+    fn end(txn: &str) -> FleetTaskEndRequest {
+        FleetTaskEndRequest {
+            txn: txn.into(),
+            reason: "completed".into(),
+            at: SystemTime::now(),
+        }
+    }
+
+    fn txns(rows: &[FleetTaskRow]) -> Vec<&str> {
+        rows.iter().map(|r| r.txn.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn ends_come_in_revision_order_from_memory_or_the_store() {
+        let dir = tempfile::tempdir().expect("a tempdir");
+        let store: Arc<dyn ServerStore> =
+            Arc::new(SqliteStore::open(&dir.path().join("server.db")).expect("the store"));
+        let td = TrustDomain::new("example.org").expect("td");
+        // Two ends before this replica starts: only in the store.
+        for txn in ["t1", "t2", "t3", "t4"] {
+            store
+                .begin_fleet_task(task(txn, "node-a"))
+                .await
+                .expect("begin");
+        }
+        store
+            .end_fleet_tasks(vec![end("t1"), end("t2")], None)
+            .await
+            .expect("end");
+        let index = TaskIndex::open(store.clone(), td, audit(&dir.path().join("audit")))
+            .await
+            .expect("the index opens");
+        assert_eq!(index.latest(), 2);
+
+        // The first begin of a task is new (its time read back to the
+        // millisecond); a second one, from any node, finds it known.
+        assert!(matches!(
+            index.begin(task("t5", "node-a")).await.expect("begin"),
+            Begun::New(_)
+        ));
+        let Begun::Known(row) = index.begin(task("t5", "node-b")).await.expect("again") else {
+            panic!("a second begin is not new");
+        };
+        assert_eq!(row.owner_node.as_str(), "node-a");
+
+        // Ends after this replica started come from the ring once polled.
+        let ended = index
+            .end(
+                vec![end("t3"), end("t4"), end("t3")],
+                Some(row.owner_node.clone()),
+            )
+            .await
+            .expect("end");
+        assert_eq!(ended.iter().filter(|e| e.is_some()).count(), 2, "t3 once");
+        index.poll().await.expect("poll");
+        assert_eq!(index.latest(), 4);
+        assert!(index.is_current());
+        assert_eq!(
+            txns(&index.ends_after(2).await.expect("ring")),
+            ["t3", "t4"]
+        );
+        assert_eq!(txns(&index.ends_after(3).await.expect("ring")), ["t4"]);
+        assert!(index.ends_after(4).await.expect("none").is_empty());
+        // Before the ring: from the store, in order.
+        assert_eq!(
+            txns(&index.ends_after(0).await.expect("store")),
+            ["t1", "t2", "t3", "t4"]
+        );
+        // A node that asks past every stored end (a reset index) starts
+        // again from the first.
+        assert_eq!(index.resume_after(99).await.expect("resume"), 0);
+        assert_eq!(index.resume_after(3).await.expect("resume"), 3);
+    }
+}
