@@ -62,6 +62,12 @@ impl Fleet {
             _netns: netns,
         }
     }
+
+    /// Stops the agents, then the server.
+    async fn stop(self) {
+        drop((self.a, self.b, self.c));
+        self.server.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,11 +235,7 @@ async fn a_task_is_exchanged_on_another_node_and_revoked_on_every_node() {
     ] {
         audit_verifies(&dir);
     }
-    let Fleet {
-        server, a, b, c, ..
-    } = fleet;
-    drop((a, b, c));
-    server.stop().await;
+    fleet.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,11 +324,7 @@ async fn every_way_a_task_ends_on_its_node_reaches_the_others() {
         .into_inner();
     assert_eq!(indexed.ended_reason, "entry removed");
 
-    let Fleet {
-        server, a, b, c, ..
-    } = fleet;
-    drop((a, b, c));
-    server.stop().await;
+    fleet.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -582,11 +580,7 @@ async fn a_rooted_node_cannot_sign_into_end_or_widen_another_nodes_task() {
     )
     .await;
     assert!(late.message().contains("has ended"), "{late:?}");
-    let Fleet {
-        server, a, b, c, ..
-    } = fleet;
-    drop((a, b, c));
-    server.stop().await;
+    fleet.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,11 +650,7 @@ async fn an_end_while_the_server_is_down_reaches_every_node_after_it_restarts() 
         .expect("indexed")
         .into_inner();
     assert_eq!(indexed.ended_reason, "completed");
-    let Fleet {
-        server, a, b, c, ..
-    } = fleet;
-    drop((a, b, c));
-    server.stop().await;
+    fleet.stop().await;
 }
 
 /// Begins a task on `client`'s node for node-b's workload.

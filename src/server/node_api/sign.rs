@@ -175,18 +175,7 @@ pub(super) async fn jwt(
                 },
             )?;
             for actor in &actors {
-                // Any lifetime of the actor's entry will do: the token is
-                // the subject's, the actor is only named in it.
-                authorize(
-                    api,
-                    node,
-                    &SignRequest {
-                        spiffe_id: actor,
-                        credential: Credential::Jwt,
-                        ttl: Duration::ZERO,
-                        dns_names: &[],
-                    },
-                )?;
+                authorize(api, node, &actor_request(actor))?;
             }
             match &txn {
                 Some(txn) => {
@@ -286,6 +275,18 @@ fn parse_id(api: &NodeApi, value: &str) -> Result<SpiffeId, Status> {
         ));
     }
     Ok(id)
+}
+
+/// What naming `actor` in a JWT asks of the node's scope: any JWT
+/// lifetime of its entry will do (the token is the subject's, the actor is
+/// only named in it).
+pub(super) fn actor_request(actor: &SpiffeId) -> SignRequest<'_> {
+    SignRequest {
+        spiffe_id: actor,
+        credential: Credential::Jwt,
+        ttl: Duration::ZERO,
+        dns_names: &[],
+    }
 }
 
 /// The node-scope check of one request; a refusal is recorded and

@@ -31,7 +31,7 @@ use super::{CallingNode, NodeApi, unix_ms};
 use crate::audit::{AuditEvent, EventKind, Outcome};
 use crate::edge::status;
 use crate::proto::server as pb;
-use crate::server::scope::{self, Credential, SignRequest};
+use crate::server::scope;
 use crate::server::store::{FleetTaskEndRequest, MAX_END_REASON_LEN, MAX_TXN_LEN, NewFleetTask};
 use crate::server::tasks::Begun;
 use crate::svid::jwt as jwt_svid;
@@ -211,16 +211,7 @@ pub(super) async fn exchange(
     };
 
     // The exchanger: an identity of this node, addressed by the subject.
-    super::sign::authorize(
-        api,
-        node,
-        &SignRequest {
-            spiffe_id: actor,
-            credential: Credential::Jwt,
-            ttl: Duration::ZERO,
-            dns_names: &[],
-        },
-    )?;
+    super::sign::authorize(api, node, &super::sign::actor_request(actor))?;
     if aud != actor.to_string() && !declares_audience(api, node, actor, &aud) {
         return Err(deny_with(format!(
             "the subject token is addressed to {aud:?}, not to {actor}; only a token's audience may exchange it"
@@ -363,12 +354,7 @@ pub(crate) fn check_txn(field: &str, txn: &str) -> Result<(), Status> {
 fn declares_audience(api: &NodeApi, node: &CallingNode, actor: &SpiffeId, aud: &str) -> bool {
     let entries = api.inner.registry.snapshot();
     let pods = api.pods();
-    let request = SignRequest {
-        spiffe_id: actor,
-        credential: Credential::Jwt,
-        ttl: Duration::ZERO,
-        dns_names: &[],
-    };
+    let request = super::sign::actor_request(actor);
     entries.entries.iter().any(|entry| {
         entry.entry.audiences.iter().any(|a| a == aud)
             && scope::authorize(entry, &node.name, pods.on(&node.name), &request).is_ok()
