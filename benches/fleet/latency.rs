@@ -59,12 +59,15 @@ impl Op {
     }
 }
 
+/// A client of the benchmark that repeats one operation.
+pub trait Repeat: Send + 'static {
+    /// One operation: how long it took, or `None` when it failed.
+    fn once(&mut self) -> impl Future<Output = Option<Duration>> + Send;
+}
+
 /// Runs `op` from `clients` clients against the agent on `socket` for
 /// `duration`; every client connects (and, for the warm cache, fetches
-/// once) before the clock starts. With `pace` (calls per second, all
-/// clients together), each client starts its calls on a fixed schedule,
-/// the clients staggered, instead of one after another as fast as they
-/// can; a late call starts the next at once, without catching up.
+/// once) before the clock starts. `pace` as in [`drive`].
 pub async fn run(
     op: Op,
     clients: usize,
@@ -74,8 +77,21 @@ pub async fn run(
 ) -> Summary {
     let mut prepared = Vec::with_capacity(clients);
     for _ in 0..clients {
-        prepared.push(Client::prepare(op, socket).await);
+        prepared.push(OpClient {
+            client: Client::prepare(op, socket).await,
+            op,
+        });
     }
+    drive(prepared, duration, pace).await
+}
+
+/// Runs every client of `prepared` for `duration`, each repeating its
+/// operation. With `pace` (calls per second, all clients together), each
+/// client starts its calls on a fixed schedule, the clients staggered,
+/// instead of one after another as fast as they can; a late call starts
+/// the next at once, without catching up.
+pub async fn drive<C: Repeat>(prepared: Vec<C>, duration: Duration, pace: Option<f64>) -> Summary {
+    let clients = prepared.len().max(1);
     let interval = pace
         .filter(|rate| *rate > 0.0)
         .map(|rate| Duration::from_secs_f64(clients as f64 / rate));
@@ -96,7 +112,7 @@ pub async fn run(
                 if let Some(each) = interval {
                     next = (next + each).max(Instant::now());
                 }
-                match client.once(op).await {
+                match client.once().await {
                     Some(took) => latencies.push(took),
                     None => errors += 1,
                 }
@@ -126,6 +142,18 @@ fn jwt_request(audience: String) -> wl::JwtsvidRequest {
     wl::JwtsvidRequest {
         audience: vec![audience],
         spiffe_id: WORKLOAD_ID.into(),
+    }
+}
+
+/// A [`Client`] and the operation it repeats.
+struct OpClient {
+    client: Client,
+    op: Op,
+}
+
+impl Repeat for OpClient {
+    fn once(&mut self) -> impl Future<Output = Option<Duration>> + Send {
+        self.client.once(self.op)
     }
 }
 
@@ -178,7 +206,9 @@ impl Client {
     }
 }
 
-fn begin_request() -> task_pb::BeginTaskRequest {
+/// The BeginTask of every task the benchmark begins: [`AUDIENCE`], tools
+/// `search` and `read`, ten minutes.
+pub fn begin_request() -> task_pb::BeginTaskRequest {
     task_pb::BeginTaskRequest {
         audience: AUDIENCE.into(),
         intent: "benchmark".into(),

@@ -23,6 +23,20 @@
 //!    rotation (`--key-ttl` is the server's `ca_ttl` and `jwt_key_ttl`;
 //!    `--agents 0` skips this part).
 //!
+//! With `--tasks`, the benchmark runs only the task part instead (issue
+//! 18, "Performance"; [`tasks`]): `--nodes` agents and `--live-tasks`
+//! live tasks, cross-node revocation latency (`--end-samples` ended by
+//! EndTask, `--kill-samples` by killing the owner, node B polled every
+//! `--poll`), validation of another node's task token against a local
+//! one (`--duration`, `--clients`), and what `--ends-rate` ends a second
+//! cost the server and the agents (for at most `--ends-for`):
+//!
+//! ```text
+//! cargo bench --bench fleet -- --tasks [--nodes 10] [--live-tasks 10000] [--end-samples 200]
+//!                              [--kill-samples 50] [--poll 1ms] [--ends-rate 1000] [--ends-for 10s]
+//!                              [--duration 5s] [--clients 1,16] [--write FILE] [--keep]
+//! ```
+//!
 //! The report (markdown, for BENCHMARKS.md) goes to stdout, and to
 //! `--write FILE` when given. `--keep` keeps the processes' directories
 //! (configs, logs, audit trails) and prints where they are.
@@ -39,6 +53,7 @@ mod many_agents;
 mod processes;
 mod report;
 mod stats;
+mod tasks;
 mod topology;
 
 use std::path::PathBuf;
@@ -69,6 +84,10 @@ pub struct Args {
     pub write: Option<PathBuf>,
     /// Keep the processes' directories (configs, logs, audit trails).
     pub keep: bool,
+    /// Run the task part (issue 18) instead of the rest.
+    pub tasks: bool,
+    /// The task part's settings.
+    pub task_args: tasks::TaskArgs,
 }
 
 /// One operation at one client count, on both kinds of agent.
@@ -103,6 +122,25 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
+    if args.tasks {
+        let results = tasks::run(
+            &runtime,
+            &dir.path().join("tasks"),
+            &args.task_args,
+            &args.clients,
+            args.duration,
+        );
+        let load_after = load_average();
+        let text = tasks::report::render(
+            &args.task_args,
+            args.duration,
+            &args.clients,
+            &results,
+            (&load_before, &load_after),
+        );
+        finish(&args, &text, dir);
+        return;
+    }
 
     let standalone = Agent::spawn(
         &dir.path().join("standalone"),
@@ -173,9 +211,14 @@ fn main() {
         many.as_ref(),
         (&load_before, &load_after),
     );
+    finish(&args, &text, dir);
+}
+
+/// Prints the report, writes it to `--write`, keeps `dir` with `--keep`.
+fn finish(args: &Args, text: &str, dir: tempfile::TempDir) {
     println!("{text}");
     if let Some(path) = &args.write {
-        std::fs::write(path, &text).expect("the report is written");
+        std::fs::write(path, text).expect("the report is written");
         eprintln!("wrote {}", path.display());
     }
     if args.keep {
@@ -225,6 +268,8 @@ fn parse_args() -> Args {
         paced: 40.0,
         write: None,
         keep: false,
+        tasks: false,
+        task_args: tasks::TaskArgs::default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -257,6 +302,28 @@ fn parse_args() -> Args {
             "--paced" => args.paced = next().parse().expect("--paced: calls per second"),
             "--write" => args.write = Some(next().into()),
             "--keep" => args.keep = true,
+            "--tasks" => args.tasks = true,
+            "--nodes" => args.task_args.nodes = next().parse().expect("--nodes: a number"),
+            "--live-tasks" => {
+                args.task_args.live_tasks = next().parse().expect("--live-tasks: a number");
+            }
+            "--end-samples" => {
+                args.task_args.end_samples = next().parse().expect("--end-samples: a number");
+            }
+            "--kill-samples" => {
+                args.task_args.kill_samples = next().parse().expect("--kill-samples: a number");
+            }
+            "--poll" => {
+                args.task_args.poll =
+                    humantime::parse_duration(&next()).expect("--poll: humantime");
+            }
+            "--ends-rate" => {
+                args.task_args.ends_rate = next().parse().expect("--ends-rate: ends a second");
+            }
+            "--ends-for" => {
+                args.task_args.ends_for =
+                    humantime::parse_duration(&next()).expect("--ends-for: humantime");
+            }
             // cargo bench passes --bench to every harness.
             "--bench" => {}
             other => panic!("unknown argument {other}"),

@@ -216,7 +216,8 @@ fn describe(op: Op, paced: f64) -> String {
     }
 }
 
-fn micros(d: Duration) -> String {
+/// A latency as the tables print it: µs below 10 ms, ms with a decimal above.
+pub fn micros(d: Duration) -> String {
     if d >= Duration::from_millis(10) {
         format!("{:.1} ms", d.as_secs_f64() * 1e3)
     } else {

@@ -41,6 +41,12 @@ impl Server {
     /// `[authority]` table's keys (may be empty); returns once its admin
     /// socket answers.
     pub fn start(dir: &Path, authority: &str) -> Self {
+        Self::start_with(dir, "", authority)
+    }
+
+    /// [`Server::start`] with `settings` (top-level keys of the server's
+    /// file, e.g. `node_requests_per_second = 1000`) added.
+    pub fn start_with(dir: &Path, settings: &str, authority: &str) -> Self {
         std::fs::create_dir_all(dir).expect("the server's directory");
         let address = format!("127.0.0.1:{}", free_port());
         let admin_socket = dir.join("admin/server.sock");
@@ -48,7 +54,7 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nlisten = \"{address}\"\nadmin_socket_path = \"{}\"\n\n[authority]\n{authority}\n",
+                "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nlisten = \"{address}\"\nadmin_socket_path = \"{}\"\n{settings}\n[authority]\n{authority}\n",
                 dir.join("data").display(),
                 admin_socket.display(),
             ),
@@ -86,17 +92,25 @@ impl Server {
 
     /// Creates an entry for the caller's uid, served on `node`.
     pub fn create_entry(&self, spiffe_id: &str, node: &str) {
+        self.create_entry_on(spiffe_id, &[node]);
+    }
+
+    /// Creates one entry for the caller's uid, served on every node of
+    /// `nodes`.
+    pub fn create_entry_on(&self, spiffe_id: &str, nodes: &[&str]) {
         let selector = format!("unix:uid:{}", nix::unistd::geteuid().as_raw());
-        self.admin(&[
+        let mut args = vec![
             "entry",
             "create",
             "--spiffe-id",
             spiffe_id,
             "--selector",
             &selector,
-            "--node",
-            node,
-        ]);
+        ];
+        for node in nodes {
+            args.extend_from_slice(&["--node", node]);
+        }
+        self.admin(&args);
     }
 
     /// Writes the trust domain's bundle (SPIFFE JSON), as an operator
