@@ -44,8 +44,9 @@
 //!   Task API), as any workload uses them: [`proto`] on the wire, the
 //!   socket defaults from [`config`], [`trusted_fs`] for a default
 //!   socket's directory; never the agent's own modules.
-//!   [`server`]: `tether server`, the fleet's authority (being built;
-//!   so far the node-scope rule).
+//!   [`server`]: `tether server`, the fleet's authority: keys, entries,
+//!   the node registry and the task index, served to fleet agents
+//!   ([`fleet`]) over mutual TLS.
 //! - [`cli`]: the `tether` command line; only [`cli::Cli`] and [`cli::run`]
 //!   are public (for `main.rs`), the rest is its own.
 //! - `testing` (unit tests only): helpers any module's tests may use.

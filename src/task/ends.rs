@@ -17,6 +17,7 @@ use std::time::SystemTime;
 
 use tokio::sync::mpsc;
 
+use super::foreign::SKEW_MARGIN;
 use super::{EndReason, Task, Tasks};
 
 /// An end of one of this agent's tasks, for the tether server.
@@ -48,14 +49,16 @@ impl Tasks {
         rx
     }
 
-    /// Every ended task whose deadline is still ahead: those whose tokens
-    /// may still be alive somewhere.
+    /// Every ended task whose deadline is still ahead (with the clock-skew
+    /// margin, [`SKEW_MARGIN`]): those whose tokens may still be alive
+    /// somewhere, and those ended at their deadline, which the fleet's
+    /// index should still hear of.
     pub fn ended_tasks(&self) -> Vec<LocalEnd> {
         let now = SystemTime::now();
         let mut ends: Vec<LocalEnd> = self
             .tasks()
             .values()
-            .filter(|task| task.deadline > now)
+            .filter(|task| task.deadline + SKEW_MARGIN > now)
             .filter_map(|task| {
                 let (reason, at) = task.ended()?;
                 Some(LocalEnd {

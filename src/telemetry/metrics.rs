@@ -64,7 +64,7 @@ pub struct Metrics {
     pub attestation_seconds: Histogram,
     /// Failed requests to the kubelet.
     pub kubelet_errors: Counter,
-    /// Fleet mode: seconds since the server's sync stream was last heard
+    /// Fleet mode: seconds since the server's last heartbeat on the sync stream
     /// (updated every second; -1 before it ever was). Past
     /// `server.revocation_staleness`, other nodes' task tokens are refused.
     pub server_sync_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -137,7 +137,7 @@ impl Metrics {
             server_sync_age_seconds: registered(
                 &mut registry,
                 "server_sync_age_seconds",
-                "Fleet mode: seconds since the tether server was last heard on the sync stream (-1: never)",
+                "Fleet mode: seconds since the tether server's last heartbeat on the sync stream (-1: never)",
             ),
             foreign_task_ends: registered(
                 &mut registry,

@@ -290,10 +290,40 @@ async fn every_way_a_task_ends_on_its_node_reaches_the_others() {
     let refused = until_refused(&mut on_b, &token, B, "notes.read", "node-b").await;
     assert!(refused.reason.contains("revoked"), "{}", refused.reason);
 
+    // The deadline passes: node-a ends the task, and the fleet's index
+    // says so (its tokens expire at the deadline anyway).
+    let short = on_a
+        .begin_task(task_pb::BeginTaskRequest {
+            audience: B.into(),
+            intent: "a short one".into(),
+            tools: vec!["notes.read".into()],
+            ttl_ms: 2000,
+            ..Default::default()
+        })
+        .await
+        .expect("a two-second task")
+        .into_inner();
+    let mut admin = fleet.server.admin().await;
+    let reason = eventually("the deadline end in the fleet's index", async || {
+        let task = admin
+            .get_task(pb::GetFleetTaskRequest {
+                id: short.task_id.clone(),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        if task.ended_reason.is_empty() {
+            Err("still live".to_owned())
+        } else {
+            Ok(task.ended_reason)
+        }
+    })
+    .await;
+    assert_eq!(reason, "deadline");
+
     // The owner's entry is removed on the server: node-a ends its tasks.
     let begun = begin(&mut on_a, &["notes.read"]).await;
     let token = begun.token.expect("token").token;
-    let mut admin = fleet.server.admin().await;
     let entries = admin
         .list_entries(pb::ListServerEntriesRequest {})
         .await

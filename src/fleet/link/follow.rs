@@ -31,7 +31,7 @@ use super::{BACKOFF_MAX, BACKOFF_MIN, Link, jitter, lock};
 use crate::error::Chain;
 use crate::proto::server as pb;
 use crate::registration::Registry;
-use crate::task::{EndReason, ForeignEnd, LocalEnd};
+use crate::task::{EndReason, ForeignEnd, LocalEnd, SKEW_MARGIN};
 use crate::telemetry::metrics::metrics;
 
 /// How often the sync age metric is updated.
@@ -212,7 +212,9 @@ pub async fn report_ends(
             pending.insert(end.txn.clone(), end);
         }
         let now = SystemTime::now();
-        pending.retain(|_, end| end.deadline > now);
+        // Kept a while past the deadline: an end *at* the deadline (the
+        // lifecycle's) must still reach the index, and clocks differ.
+        pending.retain(|_, end| end.deadline + SKEW_MARGIN > now);
         if !pending.is_empty() {
             let batch: Vec<pb::EndedTask> = pending
                 .values()

@@ -225,7 +225,7 @@ impl Link {
         let tasks = match self.inner.foreign.problem() {
             Some(problem) => format!("other nodes' tasks refused: {problem}"),
             None => format!(
-                "other nodes' tasks checked (last heard {} ago, {} ended tasks known)",
+                "other nodes' tasks checked (last heartbeat {} ago, {} ended tasks known)",
                 self.inner.foreign.last_heard_age().map_or_else(
                     || "never".into(),
                     |age| format!("{:.1}s", age.as_secs_f64())
