@@ -201,7 +201,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     )
     .with_node_svid_ttl(config.node_svid_ttl)
     .with_node_rate(config.node_requests_per_second, config.node_request_burst)
-    .with_max_task_ttl(config.max_task_ttl);
+    .with_max_task_ttl(config.max_task_ttl)
+    .with_max_tasks_per_node(config.max_tasks_per_node);
     if let Some(kubernetes) = kubernetes {
         shutdown.spawn("pod list", kubernetes.clone().run(shutdown.token()));
         node_api = node_api.with_kubernetes(kubernetes);

@@ -81,6 +81,9 @@ pub enum Begun {
     /// The task was known: as stored (its owner may be another node, and
     /// it may have ended).
     Known(FleetTaskRow),
+    /// The task was new, and its node has this many tasks in the index,
+    /// its quota: not recorded.
+    OverQuota(u64),
 }
 
 // === impl TaskIndex ===
@@ -110,8 +113,23 @@ impl TaskIndex {
         })
     }
 
-    /// Records `task` as it gets its first token, unless it is known.
-    pub async fn begin(&self, mut task: NewFleetTask) -> Result<Begun, ServerStoreError> {
+    /// Records `task` as it gets its first token, unless it is known; a
+    /// new task of a node that has `max_per_node` tasks in the index
+    /// already is not recorded ([`Begun::OverQuota`]).
+    pub async fn begin(
+        &self,
+        mut task: NewFleetTask,
+        max_per_node: u64,
+    ) -> Result<Begun, ServerStoreError> {
+        let store = &self.inner.store;
+        let count = store.fleet_tasks_of(task.owner_node.clone()).await?;
+        if count >= max_per_node {
+            // At its quota a node still renews what it has.
+            return Ok(match store.fleet_task(task.txn.clone()).await? {
+                Some(row) => Begun::Known(row),
+                None => Begun::OverQuota(count),
+            });
+        }
         // The store keeps milliseconds: what it reads back must compare
         // equal to what was asked for, or a new task looks known.
         task.began_at = whole_millis(task.began_at);
@@ -336,6 +354,8 @@ mod tests {
     use crate::audit::{AuditConfig, SigningKey};
     use crate::server::store::sqlite::SqliteStore;
 
+    const QUOTA: u64 = 1000;
+
     fn audit(dir: &Path) -> AuditLog {
         let (log, writer) = AuditLog::open(
             dir,
@@ -394,13 +414,37 @@ mod tests {
         // The first begin of a task is new (its time read back to the
         // millisecond); a second one, from any node, finds it known.
         assert!(matches!(
-            index.begin(task("t5", "node-a")).await.expect("begin"),
+            index
+                .begin(task("t5", "node-a"), QUOTA)
+                .await
+                .expect("begin"),
             Begun::New(_)
         ));
-        let Begun::Known(row) = index.begin(task("t5", "node-b")).await.expect("again") else {
+        let Begun::Known(row) = index
+            .begin(task("t5", "node-b"), QUOTA)
+            .await
+            .expect("again")
+        else {
             panic!("a second begin is not new");
         };
         assert_eq!(row.owner_node.as_str(), "node-a");
+        // node-a has 5 tasks: at a quota of 5 a new one is refused, its
+        // known ones are not, and node-b is not held to node-a's count.
+        assert_eq!(
+            index.begin(task("t6", "node-a"), 5).await.expect("over"),
+            Begun::OverQuota(5)
+        );
+        assert!(matches!(
+            index.begin(task("t5", "node-a"), 5).await.expect("renew"),
+            Begun::Known(_)
+        ));
+        assert!(matches!(
+            index
+                .begin(task("t7", "node-b"), 5)
+                .await
+                .expect("other node"),
+            Begun::New(_)
+        ));
 
         // Ends after this replica started come from the ring once polled.
         let ended = index

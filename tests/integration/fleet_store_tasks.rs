@@ -112,6 +112,18 @@ async fn begins((a, b): &Replicas) {
         Some(live(&first)),
         "unchanged"
     );
+    // The quota's count: the owner's rows, seen by either replica.
+    let count = async |store: &dyn ServerStore, name: &str| {
+        store.fleet_tasks_of(node(name)).await.expect("count")
+    };
+    assert_eq!(count(&**b, "node-a").await, 1);
+    assert_eq!(
+        count(&**a, "node-b").await,
+        0,
+        "the second begin made no row"
+    );
+    begin(&**a, &new_task("t-begin-2", "node-a", 3, FAR)).await;
+    assert_eq!(count(&**b, "node-a").await, 2);
     for missing in ["t-none", "", "has\ttab", &"x".repeat(129)] {
         assert_eq!(
             b.fleet_task(missing.into()).await.expect("read"),

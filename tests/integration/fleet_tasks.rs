@@ -37,8 +37,13 @@ struct Fleet {
 
 impl Fleet {
     async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// [`Self::start`], with `server_extra` in the server's config.
+    async fn start_with(server_extra: &str) -> Self {
         let netns = [Netns::new(), Netns::new(), Netns::new()];
-        let server = FleetServer::start(&netns[0].host_ip, "").await;
+        let server = FleetServer::start(&netns[0].host_ip, server_extra).await;
         let me = format!("unix:uid:{}", uid());
         for (id, node) in [(A, "node-a"), (B, "node-b"), (C, "node-c")] {
             server.create_entry(spec(id, &[&me]), &[node]).await;
@@ -680,6 +685,40 @@ async fn an_end_while_the_server_is_down_reaches_every_node_after_it_restarts() 
         .expect("indexed")
         .into_inner();
     assert_eq!(indexed.ended_reason, "completed");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces): scripts/test runs it"]
+async fn a_node_at_its_task_quota_begins_no_more_and_the_others_are_untouched() {
+    require_root("network namespaces");
+    let fleet = Fleet::start_with("max_tasks_per_node = 2\n").await;
+    let (mut on_a, mut on_b) = (
+        task_client(&fleet.a.socket).await,
+        task_client(&fleet.b.socket).await,
+    );
+    let first = begin(&mut on_a, &["notes.read"]).await;
+    let _second = begin(&mut on_a, &["notes.read"]).await;
+    let refused = on_a
+        .begin_task(task_pb::BeginTaskRequest {
+            audience: B.into(),
+            intent: "one too many".into(),
+            tools: vec!["notes.read".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("node-a is at its quota");
+    assert!(
+        refused.message().contains("max_tasks_per_node"),
+        "{refused:?}"
+    );
+    // Its tasks still renew, and another node still begins.
+    on_a.renew_task(task_pb::RenewTaskRequest {
+        task_id: first.task_id,
+    })
+    .await
+    .expect("a task at the quota still renews");
+    begin(&mut on_b, &["notes.read"]).await;
     fleet.stop().await;
 }
 

@@ -29,6 +29,9 @@ use crate::config::{self, ConfigError, EnvSource};
 use crate::error::Chain;
 use crate::registration::{self, EntrySpec, RegistrationEntry};
 
+/// The highest `max_tasks_per_node`: an agent keeps at most 1,000,000 of
+/// other nodes' ends.
+const MAX_TASKS_PER_NODE: u64 = 1_000_000;
 /// A node SVID's life when `node_svid_ttl` is not set.
 pub const DEFAULT_NODE_SVID_TTL: Duration = Duration::from_secs(3600);
 /// The shortest `node_svid_ttl`.
@@ -61,6 +64,10 @@ pub struct ServerConfig {
     /// node's task token with a later `tctx.deadline` is refused, so every
     /// row of the task index is pruned within it.
     pub max_task_ttl: Duration,
+    /// The most tasks one node may have in the task index (live, or ended
+    /// and not yet pruned): a node's new task past it is refused, so one
+    /// node cannot fill every agent's set of other nodes' ends.
+    pub max_tasks_per_node: u64,
     /// The signing keys, as the agent's `[authority]`.
     pub authority: AuthorityConfig,
     /// Entries from the file, each with the nodes it names.
@@ -94,6 +101,7 @@ struct RawServerConfig {
     node_request_burst: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     max_task_ttl: Option<Duration>,
+    max_tasks_per_node: Option<u64>,
     #[serde(default)]
     authority: AuthorityConfig,
     #[serde(default)]
@@ -219,6 +227,15 @@ impl ServerConfig {
             .max_task_ttl
             .unwrap_or(crate::server::node_api::DEFAULT_MAX_TASK_TTL);
         config::check_ttl("max_task_ttl", max_task_ttl, None)?;
+        let max_tasks_per_node = raw
+            .max_tasks_per_node
+            .unwrap_or(crate::server::node_api::DEFAULT_MAX_TASKS_PER_NODE);
+        if max_tasks_per_node == 0 || max_tasks_per_node > MAX_TASKS_PER_NODE {
+            return Err(ConfigError::setting(
+                "max_tasks_per_node",
+                format!("must be 1 to {MAX_TASKS_PER_NODE}"),
+            ));
+        }
 
         let entries = entries(&raw.entries, &trust_domain)?;
         let kubernetes = raw.kubernetes.map(|k| k.validate(env)).transpose()?;
@@ -232,6 +249,7 @@ impl ServerConfig {
             node_requests_per_second,
             node_request_burst,
             max_task_ttl,
+            max_tasks_per_node,
             authority,
             entries,
             kubernetes,

@@ -138,6 +138,8 @@ fn bad_values_are_refused_naming_the_key() {
             "max_task_ttl = \"0s\"",
             "max_task_ttl = \"0s\": must be greater than zero",
         ),
+        ("max_tasks_per_node = 0", "max_tasks_per_node"),
+        ("max_tasks_per_node = 2000000", "max_tasks_per_node"),
         (
             "[[entries]]\nspiffe_id = \"spiffe://tether.local/a\"\nselectors = [\"unix:uid:1\"]\nnodes = [\"Node_A\"]",
             "entries[0].nodes = \"Node_A\"",

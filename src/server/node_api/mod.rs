@@ -33,7 +33,7 @@ mod sign;
 mod sync;
 mod tasks;
 
-pub use tasks::DEFAULT_MAX_TASK_TTL;
+pub use tasks::{DEFAULT_MAX_TASK_TTL, DEFAULT_MAX_TASKS_PER_NODE};
 pub(crate) use tasks::{check_txn, task_message};
 #[cfg(test)]
 mod tests;
@@ -93,6 +93,8 @@ struct Inner {
     /// The farthest a task's deadline may be from its begin
     /// (`max_task_ttl`).
     max_task_ttl: Duration,
+    /// The most tasks a node may have in the index (`max_tasks_per_node`).
+    max_tasks_per_node: u64,
 }
 
 /// A node, as its verified client certificate and the store name it.
@@ -163,6 +165,7 @@ impl NodeApi {
                 kubernetes: None,
                 tasks,
                 max_task_ttl: DEFAULT_MAX_TASK_TTL,
+                max_tasks_per_node: DEFAULT_MAX_TASKS_PER_NODE,
             }),
         }
     }
@@ -194,6 +197,17 @@ impl NodeApi {
     pub fn with_max_task_ttl(self, ttl: Duration) -> Self {
         let mut inner = Arc::unwrap_or_clone(self.inner);
         inner.max_task_ttl = ttl;
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The service, refusing a node's new task once it has `max` in the
+    /// index (`max_tasks_per_node`).
+    #[must_use]
+    pub fn with_max_tasks_per_node(self, max: u64) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.max_tasks_per_node = max;
         Self {
             inner: Arc::new(inner),
         }

@@ -43,6 +43,10 @@ pub const MAX_ENDS: usize = 1024;
 /// is the agent's to keep; this is the server's, against a rooted node
 /// whose task rows would otherwise never be pruned.
 pub const DEFAULT_MAX_TASK_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The most tasks a node may have in the index, by default
+/// (`max_tasks_per_node`): far more than a node begins within a task's
+/// life, and a twentieth of what an agent keeps of other nodes' ends.
+pub const DEFAULT_MAX_TASKS_PER_NODE: u64 = 50_000;
 /// The reasons a task ends with (`task::EndReason`, which `server` may
 /// not name).
 const END_REASONS: [&str; 5] = [
@@ -100,18 +104,37 @@ pub(super) async fn begin_or_renew(
     let begun = api
         .inner
         .tasks
-        .begin(NewFleetTask {
-            txn: txn.to_owned(),
-            owner_node: node.name.clone(),
-            spiffe_id: sub.to_string(),
-            began_at: SystemTime::now(),
-            deadline,
-        })
+        .begin(
+            NewFleetTask {
+                txn: txn.to_owned(),
+                owner_node: node.name.clone(),
+                spiffe_id: sub.to_string(),
+                began_at: SystemTime::now(),
+                deadline,
+            },
+            api.inner.max_tasks_per_node,
+        )
         .await
         .map_err(|e| status::server_store("recording the task", &e))?;
     let (row, event) = match begun {
         Begun::New(row) => (row, EventKind::TaskBegin),
         Begun::Known(row) => (row, EventKind::TaskRenew),
+        Begun::OverQuota(count) => {
+            let reason = format!(
+                "node {} has {count} tasks in the fleet's task index, the most it may \
+                 (max_tasks_per_node); a task is forgotten a minute after its deadline",
+                node.name
+            );
+            let denied = deny(
+                api,
+                node,
+                EventKind::TaskBegin,
+                &sub.to_string(),
+                txn,
+                reason,
+            );
+            return Err(status::exhausted_rate(denied.message()));
+        }
     };
     let refusal = if row.owner_node != node.name {
         Some(format!(

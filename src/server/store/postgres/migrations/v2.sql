@@ -21,10 +21,12 @@ CREATE TABLE fleet_tasks (
        AND (ended_at_ms IS NULL) = (end_revision IS NULL))
 );
 
--- Listing selects newest first; pruning selects on the deadline. The
--- UNIQUE constraint indexes the ends by revision.
+-- Listing selects newest first; pruning selects on the deadline; a
+-- node's quota counts its rows. The UNIQUE constraint indexes the ends by
+-- revision.
 CREATE INDEX fleet_tasks_by_began ON fleet_tasks (began_at_ms, txn);
 CREATE INDEX fleet_tasks_by_deadline ON fleet_tasks (deadline_ms);
+CREATE INDEX fleet_tasks_by_owner ON fleet_tasks (owner_node);
 
 -- The revision of the latest task end: one row, bumped in the transaction
 -- of each end, never lowered (pruning included). Its row lock, held by an

@@ -163,6 +163,20 @@ pub(super) fn ends_revision(conn: &Connection, failed: Failed) -> Result<u64, Se
     read_end_revision(conn, failed, sql::SELECT_FLEET_TASK_END_REVISION)
 }
 
+/// How many tasks `owner` has in the index.
+pub(super) fn count_of(
+    conn: &Connection,
+    failed: Failed,
+    owner: &NodeName,
+) -> Result<u64, ServerStoreError> {
+    let count: i64 = conn
+        .query_row(sql::COUNT_FLEET_TASKS_OF, params![owner.as_str()], |row| {
+            row.get(0)
+        })
+        .map_err(failed.on(rows::FLEET_TASKS))?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
 /// Forgets tasks whose deadline is before `before_ms`.
 pub(super) fn prune(
     conn: &Connection,
