@@ -124,6 +124,16 @@ async fn begins((a, b): &Replicas) {
     );
     begin(&**a, &new_task("t-begin-2", "node-a", 3, FAR)).await;
     assert_eq!(count(&**b, "node-a").await, 2);
+    // A node's live tasks, by id, paged by the limit.
+    let live = async |store: &dyn ServerStore, name: &str, limit: u32| {
+        store
+            .live_fleet_tasks_of(node(name), limit)
+            .await
+            .expect("live tasks")
+    };
+    assert_eq!(live(&**b, "node-a", 10).await, ["t-begin", "t-begin-2"]);
+    assert_eq!(live(&**a, "node-a", 1).await, ["t-begin"]);
+    assert!(live(&**a, "node-b", 10).await.is_empty());
     for missing in ["t-none", "", "has\ttab", &"x".repeat(129)] {
         assert_eq!(
             b.fleet_task(missing.into()).await.expect("read"),

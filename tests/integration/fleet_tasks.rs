@@ -722,6 +722,53 @@ async fn a_node_at_its_task_quota_begins_no_more_and_the_others_are_untouched() 
     fleet.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root (network namespaces): scripts/test runs it"]
+async fn evicting_a_node_ends_its_tasks_on_every_node() {
+    require_root("network namespaces");
+    let fleet = Fleet::start().await;
+    let (mut on_a, mut on_b) = (
+        task_client(&fleet.a.socket).await,
+        task_client(&fleet.b.socket).await,
+    );
+    let begun = begin(&mut on_a, &["notes.read"]).await;
+    let token = begun.token.expect("token").token;
+    assert!(validate(&mut on_b, &token, B, "notes.read").await.valid);
+    // node-b's own task lives on.
+    let own = on_b
+        .begin_task(task_pb::BeginTaskRequest {
+            audience: A.into(),
+            intent: "node-b's own".into(),
+            tools: vec!["notes.read".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("a task of node-b")
+        .into_inner();
+    let mut admin = fleet.server.admin().await;
+    admin
+        .evict_node(pb::EvictNodeRequest {
+            name: "node-a".into(),
+        })
+        .await
+        .expect("evict node-a");
+    let refused = until_refused(&mut on_b, &token, B, "notes.read", "node-b").await;
+    assert!(refused.reason.contains("revoked"), "{}", refused.reason);
+    let indexed = admin
+        .get_task(pb::GetFleetTaskRequest { id: begun.task_id })
+        .await
+        .expect("indexed")
+        .into_inner();
+    assert_eq!(indexed.ended_reason, "revoked");
+    let untouched = admin
+        .get_task(pb::GetFleetTaskRequest { id: own.task_id })
+        .await
+        .expect("indexed")
+        .into_inner();
+    assert!(untouched.ended_reason.is_empty(), "node-b's task lives");
+    fleet.stop().await;
+}
+
 /// Begins a task on `client`'s node for node-b's workload.
 async fn begin(client: &mut TaskClient, tools: &[&str]) -> task_pb::BeginTaskResponse {
     client

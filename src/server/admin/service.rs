@@ -65,6 +65,50 @@ impl ServerAdminService {
         self.audit.record(event).map_err(|e| status::audit(&e))
     }
 
+    /// Ends every live task of an evicted `node` on every node: an
+    /// eviction also takes back what the node delegated (its tokens could
+    /// otherwise still be exchanged elsewhere until they expire).
+    async fn end_tasks_of(&self, node: &NodeName) -> Result<(), Status> {
+        const PAGE: u32 = 1024;
+        let at = SystemTime::now();
+        loop {
+            let live = self
+                .store
+                .live_fleet_tasks_of(node.clone(), PAGE)
+                .await
+                .map_err(|e| status::server_store("listing the evicted node's tasks", &e))?;
+            if live.is_empty() {
+                return Ok(());
+            }
+            let ends = live
+                .into_iter()
+                .map(|txn| FleetTaskEndRequest {
+                    txn,
+                    reason: "revoked".into(),
+                    at,
+                })
+                .collect();
+            let ended = self
+                .tasks
+                .end(ends, Some(node.clone()))
+                .await
+                .map_err(|e| status::server_store("ending the evicted node's tasks", &e))?;
+            for row in ended.iter().flatten() {
+                self.record(AuditEvent {
+                    spiffe_id: Some(row.spiffe_id.clone()),
+                    task_id: Some(row.txn.clone()),
+                    node: Some(self.node_id(node)),
+                    reason: Some("revoked: its node was evicted".into()),
+                    ..AuditEvent::new(EventKind::Revoke, Outcome::Info)
+                })?;
+            }
+            if ended.iter().all(Option::is_none) {
+                // Ended meanwhile by someone else: nothing left to do here.
+                return Ok(());
+            }
+        }
+    }
+
     /// The node SPIFFE ID the audit trail names a node by.
     fn node_id(&self, node: &NodeName) -> String {
         format!(
@@ -220,6 +264,7 @@ impl ServerAdmin for ServerAdminService {
             .ok_or_else(not_found)?;
         gate::recorded(&self.audit).await?;
         tracing::info!(node = node.as_str(), "node evicted");
+        self.end_tasks_of(&node).await?;
         Ok(Response::new(node_info(&NodeRow {
             evicted: true,
             ..evicted

@@ -197,6 +197,14 @@ pub trait ServerStore: fmt::Debug + Send + Sync + 'static {
     /// pruning included.
     fn fleet_task_ends_revision(&self) -> BoxFuture<'_, Result<u64, ServerStoreError>>;
 
+    /// The ids of at most `limit` live tasks of `owner`, in id order (an
+    /// evicted node's tasks are ended through them).
+    fn live_fleet_tasks_of(
+        &self,
+        owner: NodeName,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<String>, ServerStoreError>>;
+
     /// How many tasks `owner` has in the index, live or ended (until they
     /// are pruned): what the server's `max_tasks_per_node` bounds.
     fn fleet_tasks_of(&self, owner: NodeName) -> BoxFuture<'_, Result<u64, ServerStoreError>>;

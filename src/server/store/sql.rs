@@ -156,6 +156,10 @@ pub(super) const SELECT_FLEET_TASK_ENDS: &str = concat!(
 
 pub(super) const PRUNE_FLEET_TASKS: &str = "DELETE FROM fleet_tasks WHERE deadline_ms < $1";
 
+/// The ids of a node's live tasks (an evicted node's, to end them).
+pub(super) const SELECT_LIVE_FLEET_TASKS_OF: &str = "SELECT txn FROM fleet_tasks \
+     WHERE owner_node = $1 AND ended_at_ms IS NULL ORDER BY txn LIMIT $2";
+
 /// How many tasks (live or ended, not pruned) a node owns: its quota.
 pub(super) const COUNT_FLEET_TASKS_OF: &str =
     "SELECT COUNT(*) FROM fleet_tasks WHERE owner_node = $1";
@@ -205,6 +209,7 @@ pub(super) const ALL: &[&str] = &[
     SELECT_FLEET_TASK_ENDS,
     PRUNE_FLEET_TASKS,
     COUNT_FLEET_TASKS_OF,
+    SELECT_LIVE_FLEET_TASKS_OF,
     LOCK_FLEET_TASK_END_REVISION,
     SET_FLEET_TASK_END_REVISION,
     SELECT_FLEET_TASK_END_REVISION,

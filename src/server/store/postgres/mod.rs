@@ -509,6 +509,18 @@ impl ServerStore for PostgresStore {
         )
     }
 
+    fn live_fleet_tasks_of(
+        &self,
+        owner: NodeName,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<String>, ServerStoreError>> {
+        Box::pin(
+            self.call("listing a node's live fleet tasks", async move |c| {
+                tasks::live_of(c, &owner, limit).await
+            }),
+        )
+    }
+
     fn fleet_tasks_of(&self, owner: NodeName) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
         Box::pin(self.call("counting a node's fleet tasks", async move |c| {
             tasks::count_of(c, &owner).await

@@ -26,7 +26,7 @@ use super::Fail;
 use crate::server::scope::NodeName;
 use crate::server::store::rows::{self, EncodedNewFleetTask};
 use crate::server::store::{
-    FleetTaskEndRequest, FleetTaskRow, NewFleetTask, ServerStoreError, sql,
+    FleetTaskEndRequest, FleetTaskRow, MAX_TASKS_PER_READ, NewFleetTask, ServerStoreError, sql,
 };
 
 /// How often a begin inserts and reads back before giving up: a second
@@ -173,6 +173,21 @@ pub(super) async fn ends_revision(client: &mut Client) -> Result<u64, Fail> {
             .query_opt(sql::SELECT_FLEET_TASK_END_REVISION, &[])
             .await?,
     )?)
+}
+
+/// The ids of at most `limit` live tasks of `owner`.
+pub(super) async fn live_of(
+    client: &mut Client,
+    owner: &NodeName,
+    limit: u32,
+) -> Result<Vec<String>, Fail> {
+    let limit = i64::from(limit.min(MAX_TASKS_PER_READ));
+    Ok(client
+        .query(sql::SELECT_LIVE_FLEET_TASKS_OF, &[&owner.as_str(), &limit])
+        .await?
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect())
 }
 
 /// How many tasks `owner` has in the index.

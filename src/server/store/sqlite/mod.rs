@@ -480,6 +480,16 @@ impl ServerStore for SqliteStore {
         })
     }
 
+    fn live_fleet_tasks_of(
+        &self,
+        owner: NodeName,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<String>, ServerStoreError>> {
+        self.run("listing a node's live fleet tasks", move |conn, failed| {
+            tasks::live_of(conn, failed, &owner, limit)
+        })
+    }
+
     fn fleet_tasks_of(&self, owner: NodeName) -> BoxFuture<'_, Result<u64, ServerStoreError>> {
         self.run("counting a node's fleet tasks", move |conn, failed| {
             tasks::count_of(conn, failed, &owner)

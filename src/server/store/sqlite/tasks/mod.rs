@@ -16,7 +16,7 @@ use super::Failed;
 use crate::server::scope::NodeName;
 use crate::server::store::rows::{self, EncodedNewFleetTask};
 use crate::server::store::{
-    FleetTaskEndRequest, FleetTaskRow, NewFleetTask, ServerStoreError, sql,
+    FleetTaskEndRequest, FleetTaskRow, MAX_TASKS_PER_READ, NewFleetTask, ServerStoreError, sql,
 };
 
 /// Records `task` unless its id is taken; the stored row either way.
@@ -161,6 +161,27 @@ pub(super) fn ends(
 /// The latest end's revision.
 pub(super) fn ends_revision(conn: &Connection, failed: Failed) -> Result<u64, ServerStoreError> {
     read_end_revision(conn, failed, sql::SELECT_FLEET_TASK_END_REVISION)
+}
+
+/// The ids of at most `limit` live tasks of `owner`.
+pub(super) fn live_of(
+    conn: &Connection,
+    failed: Failed,
+    owner: &NodeName,
+    limit: u32,
+) -> Result<Vec<String>, ServerStoreError> {
+    let limit = i64::from(limit.min(MAX_TASKS_PER_READ));
+    let mut statement = conn
+        .prepare(sql::SELECT_LIVE_FLEET_TASKS_OF)
+        .map_err(failed.on(rows::FLEET_TASKS))?;
+    let txns = statement
+        .query_map(params![owner.as_str(), limit], |row| {
+            row.get::<_, String>(0)
+        })
+        .map_err(failed.on(rows::FLEET_TASKS))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(failed.on(rows::FLEET_TASKS))?;
+    Ok(txns)
 }
 
 /// How many tasks `owner` has in the index.
