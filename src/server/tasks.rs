@@ -122,13 +122,14 @@ impl TaskIndex {
         max_per_node: u64,
     ) -> Result<Begun, ServerStoreError> {
         let store = &self.inner.store;
+        // Most calls are renewals of a known task: one lookup by id, and
+        // the node's count only for a task that is new.
+        if let Some(row) = store.fleet_task(task.txn.clone()).await? {
+            return Ok(Begun::Known(row));
+        }
         let count = store.fleet_tasks_of(task.owner_node.clone()).await?;
         if count >= max_per_node {
-            // At its quota a node still renews what it has.
-            return Ok(match store.fleet_task(task.txn.clone()).await? {
-                Some(row) => Begun::Known(row),
-                None => Begun::OverQuota(count),
-            });
+            return Ok(Begun::OverQuota(count));
         }
         // The store keeps milliseconds: what it reads back must compare
         // equal to what was asked for, or a new task looks known.

@@ -144,13 +144,7 @@ async fn a_task_is_exchanged_on_another_node_and_revoked_on_every_node() {
     // The server's index knows the task, owned by node-a.
     let task_id = begun.task_id.clone();
     let mut admin = fleet.server.admin().await;
-    let indexed = admin
-        .get_task(pb::GetFleetTaskRequest {
-            id: task_id.clone(),
-        })
-        .await
-        .expect("the task is in the fleet's index")
-        .into_inner();
+    let indexed = index_row(&fleet.server, task_id.clone()).await;
     assert_eq!(indexed.owner_node, "node-a");
     assert_eq!(indexed.spiffe_id, A);
     assert!(indexed.ended_reason.is_empty());
@@ -352,11 +346,7 @@ async fn every_way_a_task_ends_on_its_node_reaches_the_others() {
         "{}",
         refused.reason
     );
-    let indexed = admin
-        .get_task(pb::GetFleetTaskRequest { id: begun.task_id })
-        .await
-        .expect("indexed")
-        .into_inner();
+    let indexed = index_row(&fleet.server, begun.task_id).await;
     assert_eq!(indexed.ended_reason, "entry removed");
 
     fleet.stop().await;
@@ -577,14 +567,7 @@ async fn a_rooted_node_cannot_sign_into_end_or_widen_another_nodes_task() {
         .expect("EndTasks answers")
         .into_inner();
     assert_eq!(ended.recorded, 0, "not node-b's task");
-    let mut admin = fleet.server.admin().await;
-    let indexed = admin
-        .get_task(pb::GetFleetTaskRequest {
-            id: begun.task_id.clone(),
-        })
-        .await
-        .expect("indexed")
-        .into_inner();
+    let indexed = index_row(&fleet.server, begun.task_id.clone()).await;
     assert!(indexed.ended_reason.is_empty(), "still live");
     // Bad input is refused with the field named.
     let bad = node_b
@@ -676,14 +659,7 @@ async fn an_end_while_the_server_is_down_reaches_every_node_after_it_restarts() 
         "{}",
         before_check.reason
     );
-    let indexed = fleet
-        .server
-        .admin()
-        .await
-        .get_task(pb::GetFleetTaskRequest { id: during.task_id })
-        .await
-        .expect("indexed")
-        .into_inner();
+    let indexed = index_row(&fleet.server, during.task_id).await;
     assert_eq!(indexed.ended_reason, "completed");
     fleet.stop().await;
 }
@@ -754,19 +730,22 @@ async fn evicting_a_node_ends_its_tasks_on_every_node() {
         .expect("evict node-a");
     let refused = until_refused(&mut on_b, &token, B, "notes.read", "node-b").await;
     assert!(refused.reason.contains("revoked"), "{}", refused.reason);
-    let indexed = admin
-        .get_task(pb::GetFleetTaskRequest { id: begun.task_id })
-        .await
-        .expect("indexed")
-        .into_inner();
+    let indexed = index_row(&fleet.server, begun.task_id).await;
     assert_eq!(indexed.ended_reason, "revoked");
-    let untouched = admin
-        .get_task(pb::GetFleetTaskRequest { id: own.task_id })
-        .await
-        .expect("indexed")
-        .into_inner();
+    let untouched = index_row(&fleet.server, own.task_id).await;
     assert!(untouched.ended_reason.is_empty(), "node-b's task lives");
     fleet.stop().await;
+}
+
+/// The task `id` as the fleet's index has it.
+async fn index_row(server: &FleetServer, id: impl Into<String>) -> pb::FleetTask {
+    server
+        .admin()
+        .await
+        .get_task(pb::GetFleetTaskRequest { id: id.into() })
+        .await
+        .expect("the task is in the fleet's index")
+        .into_inner()
 }
 
 /// Begins a task on `client`'s node for node-b's workload.
