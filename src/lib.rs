@@ -25,6 +25,9 @@
 //!   bundles read from files. [`mtls`]: SPIFFE mutual TLS over TCP
 //!   between fleet agents and `tether server` (peers named by SPIFFE ID,
 //!   chains checked against the current bundle at every handshake).
+//!   [`oidc`]: OIDC discovery for relying parties that know only an
+//!   issuer URL: the discovery document and the trust domain's JWT keys
+//!   over HTTP(S).
 //! - [`svid`]: issuing, caching, rotating and validating SVIDs.
 //!   [`task`]: task-bound tokens: begin, renew, exchange, validate, end,
 //!   and the journal that survives restarts.
@@ -78,6 +81,7 @@ pub mod attestation;
 pub mod authority;
 pub mod federation;
 pub mod mtls;
+pub mod oidc;
 pub mod registration;
 
 pub mod policy;

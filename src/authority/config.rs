@@ -36,6 +36,11 @@ pub struct AuthorityConfig {
     /// Lifetime of each JWT signing key. JWT-SVIDs never outlive their key.
     #[serde(with = "humantime_serde")]
     pub jwt_key_ttl: Duration,
+    /// The issuer (`iss`) of the tokens signed here: not an
+    /// `[authority]` key but `[oidc] issuer`, set when the config is
+    /// composed (`Authority::issuer`).
+    #[serde(skip)]
+    pub issuer: Option<String>,
 }
 
 // === impl AuthorityConfig ===
@@ -48,6 +53,7 @@ impl Default for AuthorityConfig {
             key_path: None,
             ca_ttl: Duration::from_secs(24 * 3600),
             jwt_key_ttl: Duration::from_secs(24 * 3600),
+            issuer: None,
         }
     }
 }

@@ -69,6 +69,13 @@ pub trait Authority: fmt::Debug + Send + Sync + 'static {
     /// The trust domain this authority signs for.
     fn trust_domain(&self) -> &TrustDomain;
 
+    /// The `iss` its tokens carry when one is configured (`[oidc]
+    /// issuer`, on a fleet agent the server's, learned on the sync
+    /// stream); `None`: JWT-SVIDs carry no `iss` and task tokens
+    /// `spiffe://<td>`. Set by the token kinds (`svid::jwt::issue`,
+    /// `task::token`), never by the signer.
+    fn issuer(&self) -> Option<String>;
+
     /// Signs an X.509-SVID for the key in `request.csr`, naming
     /// `request.spiffe_id` (and `request.dns_names`), valid for at most
     /// `request.ttl` and never past the signing CA's own expiry.

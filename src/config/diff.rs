@@ -27,6 +27,7 @@ impl Config {
             audit,
             log,
             http,
+            oidc,
             fleet,
             // Applied by a reload.
             entries: _,
@@ -52,7 +53,12 @@ impl Config {
             svid.x509_svid_ttl != self.svid.x509_svid_ttl,
         );
         differs("jwt_svid_ttl", svid.jwt_svid_ttl != self.svid.jwt_svid_ttl);
-        differs("[authority]", *authority != self.authority);
+        // `authority.issuer` is `[oidc] issuer`, listed as `[oidc]`.
+        let keys_of = |a: &crate::authority::AuthorityConfig| crate::authority::AuthorityConfig {
+            issuer: None,
+            ..a.clone()
+        };
+        differs("[authority]", keys_of(authority) != keys_of(&self.authority));
         differs("[attestor]", *attestor != self.attestor);
         differs("[server]", *fleet != self.fleet);
         differs(
@@ -70,6 +76,10 @@ impl Config {
         differs("[audit]", *audit != self.audit);
         differs("[log]", *log != self.log);
         differs("[http]", *http != self.http);
+        // The issuer is in every token signed from now on and in the
+        // listener's routes: a restart applies it (tokens signed under the
+        // old one still validate: `task::Tasks::is_own_issuer`).
+        differs("[oidc]", *oidc != self.oidc);
         keys
     }
 
@@ -124,6 +134,10 @@ mod tests {
             ("[audit]\nqueue = 10", "[audit]"),
             ("[log]\nlevel = \"debug\"", "[log]"),
             ("policy_poll_interval = \"10s\"", "policy_poll_interval"),
+            (
+                "[oidc]\nlisten = \"127.0.0.1:0\"\nissuer = \"https://o.example\"",
+                "[oidc]",
+            ),
         ] {
             assert_eq!(running.needs_restart(&config(extra)), [key], "{extra}");
         }

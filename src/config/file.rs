@@ -42,6 +42,8 @@ pub struct RawConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub http: crate::telemetry::http::HttpConfig,
+    /// OIDC discovery (standalone agents only).
+    pub oidc: Option<crate::oidc::OidcConfig>,
     /// Absent in fleet mode (the server holds the keys).
     pub authority: Option<AuthorityConfig>,
     #[serde(default)]

@@ -85,6 +85,9 @@ pub struct Config {
     /// The HTTP endpoint for probes and metrics (`[http]`); off unless
     /// `listen` is set.
     pub http: crate::telemetry::http::HttpConfig,
+    /// OIDC discovery (`[oidc]`); its issuer is also
+    /// `authority.issuer`, the `iss` of the tokens signed here.
+    pub oidc: Option<crate::oidc::OidcConfig>,
     /// Registration entries from the file, in order.
     pub entries: Vec<RegistrationEntry>,
     /// Federated trust domains.
@@ -170,13 +173,21 @@ impl Config {
                 "an agent with [server] takes its entries from the server: create them there (tether server entry create, or the server's [[entries]])",
             ));
         }
+        if raw.server.is_some() && raw.oidc.is_some() {
+            return Err(ConfigError::setting(
+                "oidc",
+                "an agent with [server] does not serve OIDC discovery: it is served by the tether server (its [oidc]), whose issuer the agent's tokens carry; remove [oidc]",
+            ));
+        }
         let fleet = raw
             .server
             .take()
             .map(|server| server.validate(env.var("TETHER_JOIN_TOKEN")))
             .transpose()
             .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
-        let authority = raw.authority.take().unwrap_or_default();
+        let mut authority = raw.authority.take().unwrap_or_default();
+        let oidc = raw.oidc.take().map(validate_oidc).transpose()?;
+        authority.issuer = oidc.as_ref().map(|o| o.issuer.clone());
         check_ttl("authority.ca_ttl", authority.ca_ttl, None)?;
         check_ttl("authority.jwt_key_ttl", authority.jwt_key_ttl, None)?;
         authority
@@ -359,6 +370,7 @@ impl Config {
             audit,
             log,
             http: raw.http,
+            oidc,
             entries,
             federation,
             fleet,
@@ -424,6 +436,18 @@ fn resolve_audit(
         })?;
     audit.dir.get_or_insert_with(|| data_dir.join("audit"));
     Ok(audit)
+}
+
+/// `[oidc]`, validated (the issuer in its one form).
+pub(crate) fn validate_oidc(
+    mut oidc: crate::oidc::OidcConfig,
+) -> Result<crate::oidc::OidcConfig, ConfigError> {
+    let issuer = oidc.issuer.clone();
+    oidc.validate().map_err(|(key, problem)| match key {
+        "oidc.issuer" => ConfigError::invalid(key, issuer, problem),
+        _ => ConfigError::setting(key, problem),
+    })?;
+    Ok(oidc)
 }
 
 /// `admin_group`: a group name, or a numeric gid.

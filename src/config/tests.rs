@@ -411,3 +411,71 @@ fn an_invalid_value_names_the_key_then_the_reason_once() {
     assert!(!reason.is_empty(), "{text}");
     assert_eq!(text.matches(reason).count(), 1, "{text}");
 }
+
+#[test]
+fn oidc_sets_the_issuer_of_the_tokens_signed_here() {
+    let c = Config::from_toml("", &env()).unwrap();
+    assert!(c.oidc.is_none());
+    assert_eq!(c.authority.issuer, None, "no [oidc]: no issuer");
+
+    let c = Config::from_toml(
+        "[oidc]\nlisten = \"127.0.0.1:8443\"\nissuer = \"https://oidc.example.com/td/\"\n\
+         cert_path = \"/etc/tether/oidc.pem\"\nkey_path = \"/etc/tether/oidc.key\"\n",
+        &env(),
+    )
+    .unwrap();
+    let oidc = c.oidc.as_ref().unwrap();
+    assert_eq!(oidc.issuer, "https://oidc.example.com/td", "one form");
+    assert_eq!(oidc.listen.port(), 8443);
+    assert!(oidc.is_https());
+    assert_eq!(
+        c.authority.issuer.as_deref(),
+        Some("https://oidc.example.com/td")
+    );
+}
+
+#[test]
+fn bad_oidc_settings_name_the_key() {
+    for (text, want) in [
+        (
+            "[oidc]\nlisten = \"127.0.0.1:0\"\nissuer = \"http://oidc.example.com\"",
+            "oidc.issuer = \"http://oidc.example.com\": must be an https:// URL",
+        ),
+        (
+            "[oidc]\nlisten = \"127.0.0.1:0\"\nissuer = \"https://oidc.example.com?x=1\"",
+            "no query",
+        ),
+        (
+            "[oidc]\nlisten = \"127.0.0.1:0\"\nissuer = \"https://oidc.example.com\"\ncert_path = \"/c.pem\"",
+            "oidc.key_path: is required with oidc.cert_path",
+        ),
+        ("[oidc]\nissuer = \"https://oidc.example.com\"", "listen"),
+        ("[oidc]\nlisten = \"somewhere\"\nissuer = \"https://o.example\"", "listen"),
+        (
+            "[oidc]\nlisten = \"127.0.0.1:0\"\nissuer = \"https://o.example\"\nbogus = 1",
+            "bogus",
+        ),
+    ] {
+        let err = Config::from_toml(text, &env()).unwrap_err();
+        assert!(
+            chain(&err).contains(want),
+            "{text}\n=> {}\n(wanted {want:?})",
+            chain(&err)
+        );
+    }
+}
+
+#[test]
+fn a_fleet_agent_with_oidc_is_refused_the_server_serves_it() {
+    let err = Config::from_toml(
+        "[server]\naddress = \"server:8081\"\nbootstrap_bundle = \"/b.json\"\njoin_token = \"t\"\n\
+         [oidc]\nlisten = \"127.0.0.1:0\"\nissuer = \"https://o.example\"\n",
+        &env(),
+    )
+    .unwrap_err();
+    let err = chain(&err);
+    assert!(
+        err.contains("oidc") && err.contains("served by the tether server"),
+        "{err}"
+    );
+}

@@ -68,6 +68,7 @@ const CONNECTION_DRAIN: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Running {
     http_addr: Option<std::net::SocketAddr>,
+    oidc_addr: Option<std::net::SocketAddr>,
     socket_path: PathBuf,
     admin_socket_path: PathBuf,
     trust_domain: TrustDomain,
@@ -109,6 +110,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 .await
                 .with_context(|| format!("binding the HTTP endpoint {listen} ([http] listen)"))?,
         ),
+        None => None,
+    };
+    let oidc_listener = match &config.oidc {
+        Some(oidc) => Some(crate::oidc::BoundOidc::bind(oidc).await?),
         None => None,
     };
 
@@ -257,6 +262,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .clone()
             .run_lifecycle(registry.clone(), owners, shutdown.token()),
     );
+    let oidc_addr = oidc_listener.map(|bound| {
+        let addr = bound.local_addr();
+        shutdown.spawn(
+            "oidc discovery",
+            bound.serve(
+                authority.subscribe_bundle(),
+                shutdown.tracker(),
+                shutdown.token(),
+            ),
+        );
+        tracing::info!(%addr, "OIDC discovery: /.well-known/openid-configuration, /keys");
+        addr
+    });
 
     let jobs = Jobs {
         tracker: shutdown.tracker(),
@@ -410,6 +428,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     Ok(Running {
         http_addr,
+        oidc_addr,
         socket_path: config.socket_path,
         admin_socket_path: config.admin.socket_path,
         trust_domain: config.trust_domain,
@@ -546,6 +565,12 @@ impl Running {
     /// bound address: port 0 in the config gets a real one here).
     pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
         self.http_addr
+    }
+
+    /// Where OIDC discovery listens, when `[oidc]` is set (the bound
+    /// address: port 0 in the config gets a real one here).
+    pub fn oidc_addr(&self) -> Option<std::net::SocketAddr> {
+        self.oidc_addr
     }
 
     /// Why the agent is not ready (empty: it is), as `/readyz` and the

@@ -45,6 +45,12 @@ impl Authority for RemoteAuthority {
         self.link.trust_domain()
     }
 
+    /// The server's issuer, from the sync stream: the node's tokens are
+    /// the server's signatures, under its name.
+    fn issuer(&self) -> Option<String> {
+        self.link.issuer()
+    }
+
     fn sign_x509_svid(
         &self,
         request: X509SvidRequest,

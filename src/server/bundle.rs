@@ -154,6 +154,12 @@ impl Authority for FleetAuthority {
         self.own.trust_domain()
     }
 
+    /// The server's `[oidc] issuer`: every replica is configured with the
+    /// same one (the fleet has one issuer).
+    fn issuer(&self) -> Option<String> {
+        self.own.issuer()
+    }
+
     fn sign_x509_svid(
         &self,
         request: X509SvidRequest,

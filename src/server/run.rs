@@ -58,6 +58,7 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 #[derive(Debug)]
 pub struct RunningServer {
     listen_addr: SocketAddr,
+    oidc_addr: Option<SocketAddr>,
     admin_socket_path: PathBuf,
     shutdown: Shutdown,
     audit: AuditLog,
@@ -81,6 +82,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             config.admin_socket_path.display()
         )
     })?;
+    let oidc_listener = match &config.oidc {
+        Some(oidc) => Some(crate::oidc::BoundOidc::bind(oidc).await?),
+        None => None,
+    };
 
     let local_authority = {
         let (td, cfg, dir) = (
@@ -189,6 +194,20 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         "join token pruning",
         prune_join_tokens(store.clone(), shutdown.token()),
     );
+    // The fleet's keys: every replica's, as agents verify with them.
+    let oidc_addr = oidc_listener.map(|bound| {
+        let addr = bound.local_addr();
+        shutdown.spawn(
+            "oidc discovery",
+            bound.serve(
+                authority.subscribe_bundle(),
+                shutdown.tracker(),
+                shutdown.token(),
+            ),
+        );
+        tracing::info!(%addr, "OIDC discovery: /.well-known/openid-configuration, /keys");
+        addr
+    });
 
     let mut node_api = NodeApi::new(
         config.trust_domain.clone(),
@@ -267,6 +286,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     );
     Ok(RunningServer {
         listen_addr,
+        oidc_addr,
         admin_socket_path: config.admin_socket_path,
         shutdown,
         audit,
@@ -283,6 +303,12 @@ impl RunningServer {
     /// port of 0 is resolved).
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen_addr
+    }
+
+    /// Where OIDC discovery listens, when `[oidc]` is set (the bound
+    /// address: a port of 0 is resolved).
+    pub fn oidc_addr(&self) -> Option<SocketAddr> {
+        self.oidc_addr
     }
 
     /// The admin socket.

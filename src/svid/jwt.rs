@@ -1,5 +1,7 @@
 //! JWT-SVIDs: issuance (ES256, `kid` in the header; `sub`, `aud`, `exp`,
-//! `iat`, `jti` claims) and validation against trust bundles.
+//! `iat`, `jti` claims, and `iss` when an OIDC issuer is configured:
+//! `Authority::issuer`) and validation against trust bundles (which
+//! accepts any `iss`: the key that signed is what names the issuer).
 //!
 //! Validation is strict where the JWT-SVID spec is: compact JWS only; a
 //! header of `alg`, `kid` and optionally `typ` (`JWT` or `JOSE`) and
@@ -121,7 +123,8 @@ pub enum JwtValidationError {
 
 /// Signs a JWT-SVID with subject `spiffe_id` (the entry's ID for the
 /// caller) for `entry` and `audiences` at `now`, through `authority`
-/// (which sets `exp`, never past its key's expiry).
+/// (which sets `exp`, never past its key's expiry), with `iss` =
+/// `authority.issuer()` when there is one.
 pub async fn issue(
     authority: &dyn Authority,
     entry: &RegistrationEntry,
@@ -131,7 +134,13 @@ pub async fn issue(
     now: SystemTime,
 ) -> Result<JwtSvid, SvidError> {
     let jti = crate::authority::random_id()?;
-    let mut claims = Map::with_capacity(4);
+    let mut claims = Map::with_capacity(5);
+    // The one place a JWT-SVID's `iss` is set: the configured OIDC issuer
+    // (the fleet's, on a fleet agent), else none, as the JWT-SVID spec
+    // leaves it.
+    if let Some(issuer) = authority.issuer() {
+        claims.insert("iss".into(), issuer.into());
+    }
     claims.insert("sub".into(), spiffe_id.to_string().into());
     claims.insert("aud".into(), audiences.into());
     claims.insert("iat".into(), unix(now).into());

@@ -120,7 +120,7 @@ impl Tasks {
             // agent fresh. Only this trust domain's tasks are the fleet's.
             None if self.foreign().is_some()
                 && subject.spiffe_id.trust_domain() == self.trust_domain()
-                && subject.claims.iss == self.trust_domain().id_string() =>
+                && self.is_own_issuer(&subject.claims.iss) =>
             {
                 None
             }

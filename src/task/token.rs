@@ -141,14 +141,30 @@ impl Tasks {
         Ok(token)
     }
 
-    /// Signs `draft`: `iss` is this trust domain, `jti`, `iat` and `nbf`
+    /// The `iss` of this agent's task tokens: the OIDC issuer when one is
+    /// configured (the fleet's, on a fleet agent), else `spiffe://<td>`.
+    pub(super) fn issuer(&self) -> String {
+        self.inner
+            .authority
+            .issuer()
+            .unwrap_or_else(|| self.trust_domain().id_string())
+    }
+
+    /// True when `iss` names this trust domain: `spiffe://<td>` or the
+    /// configured issuer. Both, whichever is in force: a token signed
+    /// before the issuer was set or changed lives on after a restart.
+    pub(super) fn is_own_issuer(&self, iss: &str) -> bool {
+        iss == self.trust_domain().id_string() || self.inner.authority.issuer().as_deref() == Some(iss)
+    }
+
+    /// Signs `draft`: `iss` is [`Self::issuer`], `jti`, `iat` and `nbf`
     /// are fresh, and `exp` is capped by the token lifetime, the draft's
     /// `not_after` and the signing key's own expiry.
     pub(super) async fn sign_draft(&self, draft: Draft) -> Result<IssuedToken, TaskError> {
         let now = SystemTime::now();
         let exp = (now + self.inner.config.token_ttl).min(draft.not_after);
         let claims = TaskClaims {
-            iss: self.trust_domain().id_string(),
+            iss: self.issuer(),
             sub: draft.sub,
             aud: draft.audience,
             // Set by the authority, capped at its key's expiry.

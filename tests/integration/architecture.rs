@@ -43,6 +43,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "authority",
         "error",
         "federation",
+        "oidc",
         "policy",
         "registration",
         "svid",
@@ -60,6 +61,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "edge",
         "error",
         "federation",
+        "oidc",
         "policy",
         "registration",
         "store",
@@ -93,6 +95,9 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // The fleet's mutual TLS: bundles as values, never the keys
         // (its tests serve a generated service over it).
         ("mtls", &["bundle", "error", "proto"][..]),
+        // OIDC discovery: the bundle's JWT keys served over the HTTP kit
+        // (never a key, never the authority).
+        ("oidc", &["bundle", "error", "web"][..]),
         // 2: services and the shared transport
         (
             "svid",
@@ -172,6 +177,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "bundle",
                 "error",
                 "mtls",
+                "oidc",
                 "proto",
                 "registration",
                 "task",
@@ -201,6 +207,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "edge",
                 "error",
                 "mtls",
+                "oidc",
                 "proto",
                 "registration",
                 "store",

@@ -24,6 +24,10 @@ impl Authority for LocalAuthority {
         &self.inner.trust_domain
     }
 
+    fn issuer(&self) -> Option<String> {
+        self.inner.config.issuer.clone()
+    }
+
     fn sign_x509_svid(
         &self,
         request: X509SvidRequest,

@@ -73,6 +73,8 @@ struct Inner {
     federations: BTreeSet<TrustDomain>,
     server_id: SpiffeId,
     bundle: watch::Sender<Arc<TrustBundle>>,
+    /// The fleet's OIDC issuer, as the last snapshot named it.
+    issuer: Mutex<Option<String>>,
     /// The node SVID presented; `None` until the node has one.
     identity: Mutex<Option<SwappableIdentity>>,
     node_expires: Mutex<SystemTime>,
@@ -129,6 +131,7 @@ impl Link {
                 federations,
                 server_id,
                 bundle: watch::channel(Arc::new(bundle)).0,
+                issuer: Mutex::new(None),
                 identity: Mutex::new(None),
                 node_expires: Mutex::new(UNIX_EPOCH),
                 node_renew_at: Mutex::new(UNIX_EPOCH),
@@ -201,6 +204,12 @@ impl Link {
     /// The bundle as the server last sent it.
     pub fn bundle(&self) -> Arc<TrustBundle> {
         self.inner.bundle.borrow().clone()
+    }
+
+    /// The fleet's OIDC issuer, as the server last named it (`None`:
+    /// the server has no `[oidc]`).
+    pub fn issuer(&self) -> Option<String> {
+        lock(&self.inner.issuer).clone()
     }
 
     /// Wakes when the server sends a changed bundle.
@@ -447,6 +456,7 @@ impl Link {
         if let Some(bundle) = &snapshot.bundle {
             self.take_bundle(bundle)?;
         }
+        self.take_issuer(&snapshot.issuer);
         let mut entries = Vec::with_capacity(snapshot.entries.len());
         for entry in snapshot.entries {
             match self.entry_of(entry) {
@@ -475,6 +485,31 @@ impl Link {
         .map_err(|e| format!("{}: {}", spec.spiffe_id, Chain(&e)))?;
         entry.source = EntrySource::Server;
         Ok(entry)
+    }
+
+    /// Keeps the issuer a snapshot names, when it is one (an issuer the
+    /// agent's own `[oidc]` would accept); a malformed one is refused and
+    /// logged, and the last one stays.
+    fn take_issuer(&self, issuer: &str) {
+        let next = if issuer.is_empty() {
+            None
+        } else {
+            match crate::oidc::normalize_issuer(issuer) {
+                Ok(normal) if normal == issuer => Some(normal),
+                Ok(_) | Err(_) => {
+                    tracing::error!(
+                        issuer = issuer.chars().take(80).collect::<String>(),
+                        "the server names a malformed OIDC issuer; keeping the last one"
+                    );
+                    return;
+                }
+            }
+        };
+        let mut current = lock(&self.inner.issuer);
+        if *current != next {
+            tracing::info!(issuer = next.as_deref().unwrap_or("(none)"), "the fleet's OIDC issuer");
+            *current = next;
+        }
     }
 
     /// Keeps a bundle the server sent (in memory and in the data dir) when

@@ -7,7 +7,8 @@
 //! agent applies to the same keys are the agent's own (`crate::config`'s
 //! helpers, `AuthorityConfig::validate`, `RegistrationEntry::from_config`).
 //! `[kubernetes]` (optional) enables `k8s_psat` node attestation and pod
-//! scope (`server::k8s::config`).
+//! scope (`server::k8s::config`); `[oidc]` (optional) serves OIDC
+//! discovery for the fleet, as the agent's does (`crate::oidc`).
 //! Environment overrides: `TETHER_TRUST_DOMAIN`, `TETHER_SERVER_DATA_DIR`,
 //! `TETHER_SERVER_ADMIN_SOCKET`, `TETHER_SERVER_STORE`.
 
@@ -75,6 +76,9 @@ pub struct ServerConfig {
     /// `[kubernetes]`: `k8s_psat` node attestation and pod scope; `None`:
     /// join tokens only.
     pub kubernetes: Option<KubernetesConfig>,
+    /// `[oidc]`: OIDC discovery for the fleet. Its issuer is also
+    /// `authority.issuer`: the `iss` of every token the fleet signs.
+    pub oidc: Option<crate::oidc::OidcConfig>,
 }
 
 /// `store`: where replicas keep what they share.
@@ -107,6 +111,7 @@ struct RawServerConfig {
     #[serde(default)]
     entries: Vec<RawServerEntry>,
     kubernetes: Option<RawKubernetesConfig>,
+    oidc: Option<crate::oidc::OidcConfig>,
 }
 
 /// `[[entries]]`: the agent's entry keys, plus `nodes`. Read by hand, not
@@ -186,7 +191,9 @@ impl ServerConfig {
             Some(url) => StoreLocation::postgres(&url)?,
         };
 
-        let authority = raw.authority;
+        let mut authority = raw.authority;
+        let oidc = raw.oidc.map(config::validate_oidc).transpose()?;
+        authority.issuer = oidc.as_ref().map(|o| o.issuer.clone());
         config::check_ttl("authority.ca_ttl", authority.ca_ttl, None)?;
         config::check_ttl("authority.jwt_key_ttl", authority.jwt_key_ttl, None)?;
         authority
@@ -253,6 +260,7 @@ impl ServerConfig {
             authority,
             entries,
             kubernetes,
+            oidc,
         })
     }
 }

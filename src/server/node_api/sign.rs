@@ -7,7 +7,7 @@
 //! identity: `sub` and every actor of an `act` chain (a task token's
 //! exchangers, each matched on the node that holds the task) must be
 //! identities the node may serve, and `iss`, when present, is the trust
-//! domain. So a rooted node cannot mint a token saying that a workload of
+//! domain's (`spiffe://<td>` or the fleet's OIDC issuer). So a rooted node cannot mint a token saying that a workload of
 //! another node acted, nor one claiming another issuer.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -216,18 +216,29 @@ pub(super) async fn jwt(
     })
 }
 
-/// `iss`, when present, must be the trust domain (`spiffe://<td>`).
+/// `iss`, when present, must name this trust domain: `spiffe://<td>`, or
+/// the fleet's issuer (`[oidc] issuer`). Both, so that a node that has
+/// not yet heard of a new issuer (or of its removal) on the sync stream
+/// still gets its tokens signed.
 fn check_issuer(
     api: &NodeApi,
     claims: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), Status> {
-    let expected = api.inner.trust_domain.id_string();
+    let trust_domain = api.inner.trust_domain.id_string();
+    let issuer = api.inner.authority.issuer();
     match claims.get("iss") {
         None => Ok(()),
-        Some(serde_json::Value::String(iss)) if *iss == expected => Ok(()),
+        Some(serde_json::Value::String(iss))
+            if *iss == trust_domain || issuer.as_ref() == Some(iss) =>
+        {
+            Ok(())
+        }
         Some(_) => Err(status::invalid(
             "claims_json",
-            format!("iss, when present, must be {expected}"),
+            match issuer {
+                Some(issuer) => format!("iss, when present, must be {issuer} or {trust_domain}"),
+                None => format!("iss, when present, must be {trust_domain}"),
+            },
         )),
     }
 }

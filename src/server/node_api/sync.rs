@@ -290,7 +290,8 @@ async fn pods_changed(
     }
 }
 
-/// The entries `node` may serve and the bundle, without a revision.
+/// The entries `node` may serve, the bundle and the fleet's issuer,
+/// without a revision.
 fn snapshot_for(
     api: &NodeApi,
     node: &CallingNode,
@@ -308,6 +309,7 @@ fn snapshot_for(
         revision: 0,
         entries,
         bundle: Some(bundle_message(&api.inner.authority)?),
+        issuer: api.inner.authority.issuer().unwrap_or_default(),
     })
 }
 

@@ -8,8 +8,9 @@
 //! - **Exchange** (`act` present): the request carries the subject token,
 //!   verified here against the trust bundle. The newest actor must be an
 //!   identity the node may serve and the subject token's audience (its
-//!   SPIFFE ID or an audience its entry declares); `sub`, `txn`, `iss`,
-//!   `tctx` and the older actors must be the subject's; tools only narrow;
+//!   SPIFFE ID or an audience its entry declares); `sub`, `txn`,
+//!   `tctx` and the older actors must be the subject's (`iss` need only
+//!   be the trust domain's, as for every token); tools only narrow;
 //!   the task must be live in the index; the token never outlives the
 //!   subject. So a node exchanges a token of another node's task only
 //!   when a workload it serves was handed that token, and a rooted node
@@ -240,9 +241,11 @@ pub(super) async fn exchange(
             "the subject token is addressed to {aud:?}, not to {actor}; only a token's audience may exchange it"
         )));
     }
-    // Everything but the audience, the tools, the times, the token id and
-    // the binding is the subject's.
-    for claim in ["sub", "txn", "iss", "tctx", "rctx"] {
+    // Everything but the audience, the tools, the times, the token id,
+    // the binding and the issuer is the subject's. `iss` is this trust
+    // domain's either way (`sign::check_issuer`), and a token begun before
+    // the fleet's issuer changed is exchanged under the new one.
+    for claim in ["sub", "txn", "tctx", "rctx"] {
         if claims.get(claim) != subject.get(claim) {
             return Err(deny_with(format!(
                 "{claim} differs from the subject token's; an exchange keeps it"

@@ -231,6 +231,10 @@ impl Authority for NodeSigner {
         self.keys.trust_domain()
     }
 
+    fn issuer(&self) -> Option<String> {
+        self.keys.issuer()
+    }
+
     fn sign_x509_svid(
         &self,
         request: X509SvidRequest,
