@@ -58,7 +58,10 @@ impl Config {
             issuer: None,
             ..a.clone()
         };
-        differs("[authority]", keys_of(authority) != keys_of(&self.authority));
+        differs(
+            "[authority]",
+            keys_of(authority) != keys_of(&self.authority),
+        );
         differs("[attestor]", *attestor != self.attestor);
         differs("[server]", *fleet != self.fleet);
         differs(

@@ -450,7 +450,10 @@ fn bad_oidc_settings_name_the_key() {
             "oidc.key_path: is required with oidc.cert_path",
         ),
         ("[oidc]\nissuer = \"https://oidc.example.com\"", "listen"),
-        ("[oidc]\nlisten = \"somewhere\"\nissuer = \"https://o.example\"", "listen"),
+        (
+            "[oidc]\nlisten = \"somewhere\"\nissuer = \"https://o.example\"",
+            "listen",
+        ),
         (
             "[oidc]\nlisten = \"127.0.0.1:0\"\nissuer = \"https://o.example\"\nbogus = 1",
             "bogus",

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{ALLOW, CACHE_CONTROL, ETAG, IF_NONE_MATCH};
-use http_body_util::Full;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http_body_util::Full;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 

@@ -49,7 +49,11 @@ fn an_issuer_is_an_https_url_with_a_host_and_no_query_fragment_or_user() {
         ),
         ("https://10.0.0.1/x", "https://10.0.0.1/x"),
     ] {
-        assert_eq!(normalize_issuer(value).as_deref(), Ok(normalized), "{value}");
+        assert_eq!(
+            normalize_issuer(value).as_deref(),
+            Ok(normalized),
+            "{value}"
+        );
     }
     for (value, problem) in [
         ("http://oidc.example.com", "https://"),
@@ -111,8 +115,7 @@ async fn the_discovery_document_names_the_issuer_and_its_keys() {
         let response = get(&routes, path);
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         assert_eq!(response.headers()[CACHE_CONTROL], CACHE_CONTROL_VALUE);
-        let doc: serde_json::Value =
-            serde_json::from_slice(&body(response).await).expect("JSON");
+        let doc: serde_json::Value = serde_json::from_slice(&body(response).await).expect("JSON");
         assert_eq!(doc["issuer"], "https://oidc.example.com/td");
         assert_eq!(doc["jwks_uri"], "https://oidc.example.com/td/keys");
         assert_eq!(doc["id_token_signing_alg_values_supported"][0], "ES256");
@@ -151,7 +154,10 @@ async fn the_keys_follow_the_bundle_with_use_sig_and_alg() {
         "*".to_owned(),
     ] {
         let mut headers = HeaderMap::new();
-        headers.insert(IF_NONE_MATCH, HeaderValue::from_str(&tag).expect("a header"));
+        headers.insert(
+            IF_NONE_MATCH,
+            HeaderValue::from_str(&tag).expect("a header"),
+        );
         let again = routes.answer_to(&Method::GET, "/keys", &headers);
         assert_eq!(again.status(), StatusCode::NOT_MODIFIED, "{tag}");
         assert_eq!(again.headers()[ETAG], first_tag);

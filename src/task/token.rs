@@ -154,7 +154,8 @@ impl Tasks {
     /// configured issuer. Both, whichever is in force: a token signed
     /// before the issuer was set or changed lives on after a restart.
     pub(super) fn is_own_issuer(&self, iss: &str) -> bool {
-        iss == self.trust_domain().id_string() || self.inner.authority.issuer().as_deref() == Some(iss)
+        iss == self.trust_domain().id_string()
+            || self.inner.authority.issuer().as_deref() == Some(iss)
     }
 
     /// Signs `draft`: `iss` is [`Self::issuer`], `jti`, `iat` and `nbf`

@@ -8,7 +8,9 @@
 //! token (ValidateJWTSVID and ValidateTaskToken on node-b), until its task
 //! ends on node-a, after which node-b refuses it too. And node-a's
 //! JWT-SVID cache: a second FetchJWTSVID for the same audience is the same
-//! token, signed once by the server.
+//! token, signed once by the server. The server's `[oidc]`: both token
+//! kinds carry its issuer (node-a learned it on the sync stream), and its
+//! discovery endpoint serves the key that signed them.
 
 use std::sync::Arc;
 
@@ -22,6 +24,7 @@ use crate::common::{claims_of, eventually, require_root, spec, task_client, uid}
 
 const A: &str = "spiffe://fleet.test/node-a/agent";
 const B: &str = "spiffe://fleet.test/node-b/notes";
+const ISSUER: &str = "https://oidc.fleet.test";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root (network namespaces): scripts/test runs it"]
@@ -30,7 +33,13 @@ async fn what_node_a_issues_node_b_accepts() {
     let (ns_a, ns_b) = (Netns::new(), Netns::new());
     // The server listens on node-a's link; node-b reaches it through the
     // root namespace.
-    let server = FleetServer::start(&ns_a.host_ip, "").await;
+    // With [oidc]: the fleet's issuer, in every token the nodes have the
+    // server sign, and its keys served for relying parties.
+    let server = FleetServer::start(
+        &ns_a.host_ip,
+        &format!("[oidc]\nlisten = \"127.0.0.1:0\"\nissuer = \"{ISSUER}\"\n"),
+    )
+    .await;
     let me = format!("unix:uid:{}", uid());
     server.create_entry(spec(A, &[&me]), &["node-a"]).await;
     server.create_entry(spec(B, &[&me]), &["node-b"]).await;
@@ -56,6 +65,21 @@ async fn what_node_a_issues_node_b_accepts() {
         .await
         .expect("a JWT-SVID on node-a");
     assert_eq!(jwt.spiffe_id().to_string(), A);
+    // The server's issuer, learned on node-a's sync stream; the key that
+    // signed it is on the server's OIDC endpoint.
+    assert_eq!(claims_of(jwt.token())["iss"], ISSUER);
+    let kid = jsonwebtoken::decode_header(jwt.token())
+        .expect("a header")
+        .kid
+        .expect("a kid");
+    let jwks = oidc_keys(&server).await;
+    let served = jwks["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["kid"] == kid.as_str())
+        .expect("the server's OIDC endpoint serves the key that signed");
+    assert_eq!(served["use"], "sig");
     // Through node-b's ValidateJWTSVID...
     let validated = on_b
         .validate_jwt_token(B, jwt.token())
@@ -140,6 +164,7 @@ async fn what_node_a_issues_node_b_accepts() {
         .into_inner();
     let task_token = begun.token.expect("a task token").token;
     assert_eq!(claims_of(&task_token)["txn"], begun.task_id.as_str());
+    assert_eq!(claims_of(&task_token)["iss"], ISSUER);
     // node-b accepts it: the standard ValidateJWTSVID...
     let validated = on_b
         .validate_jwt_token(B, &task_token)
@@ -192,6 +217,21 @@ async fn what_node_a_issues_node_b_accepts() {
 
     drop((node_a, node_b));
     server.stop().await;
+}
+
+/// The JWKS the server's OIDC endpoint serves (plain HTTP).
+async fn oidc_keys(server: &FleetServer) -> serde_json::Value {
+    let addr = server.running().oidc_addr().expect("the server's [oidc]");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /keys HTTP/1.1\r\nHost: oidc.fleet.test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    serde_json::from_str(body).expect("a JWKS")
 }
 
 async fn spiffe_client(agent: &FleetAgent) -> spiffe::WorkloadApiClient {

@@ -41,6 +41,7 @@ mod k8s_attestor;
 mod local_users;
 mod mcp_example;
 mod mcp_fleet;
+mod oidc;
 mod policy_audit;
 mod policy_cli;
 mod process_bound;

@@ -507,7 +507,10 @@ impl Link {
         };
         let mut current = lock(&self.inner.issuer);
         if *current != next {
-            tracing::info!(issuer = next.as_deref().unwrap_or("(none)"), "the fleet's OIDC issuer");
+            tracing::info!(
+                issuer = next.as_deref().unwrap_or("(none)"),
+                "the fleet's OIDC issuer"
+            );
             *current = next;
         }
     }

@@ -178,10 +178,9 @@ fn a_password_in_a_refused_url_is_not_printed() {
 #[test]
 fn oidc_names_the_fleets_issuer() {
     assert_eq!(parse("").unwrap().authority.issuer, None);
-    let config = parse(
-        "[oidc]\nlisten = \"0.0.0.0:8443\"\nissuer = \"https://oidc.example.com/\"\n",
-    )
-    .unwrap();
+    let config =
+        parse("[oidc]\nlisten = \"0.0.0.0:8443\"\nissuer = \"https://oidc.example.com/\"\n")
+            .unwrap();
     assert_eq!(
         config.oidc.as_ref().map(|o| o.issuer.as_str()),
         Some("https://oidc.example.com")
@@ -191,5 +190,8 @@ fn oidc_names_the_fleets_issuer() {
         Some("https://oidc.example.com")
     );
     let refusal = refused("[oidc]\nlisten = \"0.0.0.0:8443\"\nissuer = \"https://a@b\"\n");
-    assert!(refusal.contains("oidc.issuer") && refusal.contains("user info"), "{refusal}");
+    assert!(
+        refusal.contains("oidc.issuer") && refusal.contains("user info"),
+        "{refusal}"
+    );
 }
