@@ -12,6 +12,7 @@
 pub mod audit_key;
 pub mod own_svid;
 mod reload;
+mod relying;
 pub mod shutdown;
 
 use std::fs::{File, OpenOptions};
@@ -46,6 +47,7 @@ use crate::telemetry::{self, http::Readiness};
 use crate::transport::{self, BoundSocket, Jobs, SocketIdentity, StreamSlots};
 use crate::trusted_fs;
 use crate::workload_api::{self, WorkloadApi, WorkloadApiLimits};
+pub use relying::Addrs as RelyingPartyAddrs;
 pub use shutdown::Shutdown;
 
 /// Fleet mode: most ended tasks of other nodes an agent keeps (each a few
@@ -69,6 +71,7 @@ const CONNECTION_DRAIN: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Running {
     http_addr: Option<std::net::SocketAddr>,
+    relying_addrs: RelyingPartyAddrs,
     socket_path: PathBuf,
     admin_socket_path: PathBuf,
     trust_domain: TrustDomain,
@@ -112,6 +115,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ),
         None => None,
     };
+    let relying_listeners = relying::Listeners::bind(&config).await?;
 
     // The keys are held here, or (fleet mode) by the server; everything
     // past this point signs through the `Authority` seam and does not know
@@ -294,8 +298,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admin = AdminApi::new(
         registry.clone(),
         svids,
-        authority,
-        tasks,
+        authority.clone(),
+        tasks.clone(),
         Arc::clone(&open_streams),
         reload_tx,
         readiness.clone(),
@@ -325,6 +329,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         None => None,
     };
+    let relying_addrs = relying_listeners
+        .spawn(relying::Context {
+            authority: &authority,
+            trust_domain: &config.trust_domain,
+            shutdown: &shutdown,
+        })
+        .await?;
 
     {
         let limits = config.workload_api.limits.clone();
@@ -411,6 +422,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     Ok(Running {
         http_addr,
+        relying_addrs,
         socket_path: config.socket_path,
         admin_socket_path: config.admin.socket_path,
         trust_domain: config.trust_domain,
@@ -547,6 +559,12 @@ impl Running {
     /// bound address: port 0 in the config gets a real one here).
     pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
         self.http_addr
+    }
+
+    /// Where the relying parties' listeners (`[oidc]`,
+    /// `[bundle_endpoint]`, `[introspection]`) are bound.
+    pub fn relying_party_addrs(&self) -> RelyingPartyAddrs {
+        self.relying_addrs
     }
 
     /// Why the agent is not ready (empty: it is), as `/readyz` and the
