@@ -10,7 +10,9 @@
 //! unlinked, the audit trail synced, the data dir unlocked.
 
 pub mod audit_key;
+pub mod own_svid;
 mod reload;
+mod relying;
 pub mod shutdown;
 
 use std::fs::{File, OpenOptions};
@@ -45,6 +47,7 @@ use crate::telemetry::{self, http::Readiness};
 use crate::transport::{self, BoundSocket, Jobs, SocketIdentity, StreamSlots};
 use crate::trusted_fs;
 use crate::workload_api::{self, WorkloadApi, WorkloadApiLimits};
+pub use relying::Addrs as RelyingPartyAddrs;
 pub use shutdown::Shutdown;
 
 /// Fleet mode: most ended tasks of other nodes an agent keeps (each a few
@@ -68,7 +71,7 @@ const CONNECTION_DRAIN: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Running {
     http_addr: Option<std::net::SocketAddr>,
-    oidc_addr: Option<std::net::SocketAddr>,
+    relying_addrs: RelyingPartyAddrs,
     socket_path: PathBuf,
     admin_socket_path: PathBuf,
     trust_domain: TrustDomain,
@@ -112,10 +115,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ),
         None => None,
     };
-    let oidc_listener = match &config.oidc {
-        Some(oidc) => Some(crate::oidc::BoundOidc::bind(oidc).await?),
-        None => None,
-    };
+    let relying_listeners = relying::Listeners::bind(&config).await?;
 
     // The keys are held here, or (fleet mode) by the server; everything
     // past this point signs through the `Authority` seam and does not know
@@ -262,19 +262,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .clone()
             .run_lifecycle(registry.clone(), owners, shutdown.token()),
     );
-    let oidc_addr = oidc_listener.map(|bound| {
-        let addr = bound.local_addr();
-        shutdown.spawn(
-            "oidc discovery",
-            bound.serve(
-                authority.subscribe_bundle(),
-                shutdown.tracker(),
-                shutdown.token(),
-            ),
-        );
-        tracing::info!(%addr, "OIDC discovery: /.well-known/openid-configuration, /keys");
-        addr
-    });
 
     let jobs = Jobs {
         tracker: shutdown.tracker(),
@@ -311,8 +298,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admin = AdminApi::new(
         registry.clone(),
         svids,
-        authority,
-        tasks,
+        authority.clone(),
+        tasks.clone(),
         Arc::clone(&open_streams),
         reload_tx,
         readiness.clone(),
@@ -342,6 +329,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         None => None,
     };
+    let relying_addrs = relying_listeners
+        .spawn(relying::Context {
+            authority: &authority,
+            trust_domain: &config.trust_domain,
+            shutdown: &shutdown,
+        })
+        .await?;
 
     {
         let limits = config.workload_api.limits.clone();
@@ -428,7 +422,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     Ok(Running {
         http_addr,
-        oidc_addr,
+        relying_addrs,
         socket_path: config.socket_path,
         admin_socket_path: config.admin.socket_path,
         trust_domain: config.trust_domain,
@@ -567,10 +561,10 @@ impl Running {
         self.http_addr
     }
 
-    /// Where OIDC discovery listens, when `[oidc]` is set (the bound
-    /// address: port 0 in the config gets a real one here).
-    pub fn oidc_addr(&self) -> Option<std::net::SocketAddr> {
-        self.oidc_addr
+    /// Where the relying parties' listeners (`[oidc]`,
+    /// `[bundle_endpoint]`, `[introspection]`) are bound.
+    pub fn relying_party_addrs(&self) -> RelyingPartyAddrs {
+        self.relying_addrs
     }
 
     /// Why the agent is not ready (empty: it is), as `/readyz` and the

@@ -295,7 +295,11 @@ async fn plain_http_behind_an_ingress_serves_the_documents_and_iss_survives_a_re
         oidc_section("127.0.0.1:0".parse().expect("addr"), issuer, None)
     );
     let mut agent = TestAgent::start(&extra).await;
-    let addr = agent.running().oidc_addr().expect("the OIDC listener");
+    let addr = agent
+        .running()
+        .relying_party_addrs()
+        .oidc
+        .expect("the OIDC listener");
 
     // The discovery document, at the root and under the issuer's path.
     for path in [
@@ -349,7 +353,7 @@ async fn plain_http_behind_an_ingress_serves_the_documents_and_iss_survives_a_re
     // A restart without [oidc]: JWT-SVIDs carry no iss again, task tokens
     // spiffe://<td>, and the token signed under the issuer still validates.
     agent.restart(&entries()).await;
-    assert!(agent.running().oidc_addr().is_none());
+    assert!(agent.running().relying_party_addrs().oidc.is_none());
     let svid = jwt_svid(&agent, "https://another.example").await;
     assert!(
         claims_of(&svid).get("iss").is_none(),
