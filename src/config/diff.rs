@@ -28,6 +28,7 @@ impl Config {
             log,
             http,
             fleet,
+            introspection,
             // Applied by a reload.
             entries: _,
             federation: _,
@@ -70,6 +71,7 @@ impl Config {
         differs("[audit]", *audit != self.audit);
         differs("[log]", *log != self.log);
         differs("[http]", *http != self.http);
+        differs("[introspection]", *introspection != self.introspection);
         keys
     }
 

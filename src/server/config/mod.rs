@@ -7,7 +7,8 @@
 //! agent applies to the same keys are the agent's own (`crate::config`'s
 //! helpers, `AuthorityConfig::validate`, `RegistrationEntry::from_config`).
 //! `[kubernetes]` (optional) enables `k8s_psat` node attestation and pod
-//! scope (`server::k8s::config`).
+//! scope (`server::k8s::config`). `[introspection]` (optional) serves
+//! RFC 7662 introspection (`crate::introspect`).
 //! Environment overrides: `TETHER_TRUST_DOMAIN`, `TETHER_SERVER_DATA_DIR`,
 //! `TETHER_SERVER_ADMIN_SOCKET`, `TETHER_SERVER_STORE`.
 
@@ -27,6 +28,7 @@ use super::scope::{NodeName, ServerEntry};
 use crate::authority::AuthorityConfig;
 use crate::config::{self, ConfigError, EnvSource};
 use crate::error::Chain;
+use crate::introspect::IntrospectionConfig;
 use crate::registration::{self, EntrySpec, RegistrationEntry};
 
 /// The highest `max_tasks_per_node`: an agent keeps at most 1,000,000 of
@@ -75,6 +77,9 @@ pub struct ServerConfig {
     /// `[kubernetes]`: `k8s_psat` node attestation and pod scope; `None`:
     /// join tokens only.
     pub kubernetes: Option<KubernetesConfig>,
+    /// `[introspection]`: the RFC 7662 endpoint for relying parties,
+    /// deciding task tokens by the fleet's task index.
+    pub introspection: Option<IntrospectionConfig>,
 }
 
 /// `store`: where replicas keep what they share.
@@ -107,6 +112,7 @@ struct RawServerConfig {
     #[serde(default)]
     entries: Vec<RawServerEntry>,
     kubernetes: Option<RawKubernetesConfig>,
+    introspection: Option<IntrospectionConfig>,
 }
 
 /// `[[entries]]`: the agent's entry keys, plus `nodes`. Read by hand, not
@@ -239,6 +245,11 @@ impl ServerConfig {
 
         let entries = entries(&raw.entries, &trust_domain)?;
         let kubernetes = raw.kubernetes.map(|k| k.validate(env)).transpose()?;
+        let introspection = raw
+            .introspection
+            .map(IntrospectionConfig::validate)
+            .transpose()
+            .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
         Ok(Self {
             trust_domain,
             data_dir,
@@ -253,6 +264,7 @@ impl ServerConfig {
             authority,
             entries,
             kubernetes,
+            introspection,
         })
     }
 }
