@@ -10,6 +10,7 @@
 //! unlinked, the audit trail synced, the data dir unlocked.
 
 pub mod audit_key;
+mod introspection;
 pub mod own_svid;
 mod reload;
 pub mod shutdown;
@@ -69,6 +70,7 @@ const CONNECTION_DRAIN: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Running {
     http_addr: Option<std::net::SocketAddr>,
+    introspection_addr: Option<std::net::SocketAddr>,
     socket_path: PathBuf,
     admin_socket_path: PathBuf,
     trust_domain: TrustDomain,
@@ -112,6 +114,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ),
         None => None,
     };
+    let introspection_listener = introspection::bind(config.introspection.as_ref()).await?;
 
     // The keys are held here, or (fleet mode) by the server; everything
     // past this point signs through the `Authority` seam and does not know
@@ -208,6 +211,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             return Err(error);
         }
     };
+    let introspection = match introspection::prepare(
+        introspection_listener,
+        config.introspection.as_ref(),
+        &config.trust_domain,
+        &authority,
+    )
+    .await
+    {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            audit_stop.cancel();
+            let _ = audit_writer.await;
+            return Err(error);
+        }
+    };
 
     let shutdown = Shutdown::default();
     if let Some(local_authority) = local_authority {
@@ -291,6 +309,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let sockets = [socket.identity(), admin_socket.identity()];
         Readiness::new(move || problems(authority.as_ref(), &audit, &store, &sockets))
     };
+    let introspection_addr = introspection
+        .map(|endpoint| endpoint.spawn(&shutdown, authority.clone(), tasks.clone(), audit.clone()));
     let admin = AdminApi::new(
         registry.clone(),
         svids,
@@ -411,6 +431,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     Ok(Running {
         http_addr,
+        introspection_addr,
         socket_path: config.socket_path,
         admin_socket_path: config.admin.socket_path,
         trust_domain: config.trust_domain,
@@ -547,6 +568,12 @@ impl Running {
     /// bound address: port 0 in the config gets a real one here).
     pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
         self.http_addr
+    }
+
+    /// Where the introspection endpoint listens, when `[introspection]` is
+    /// set (the bound address: a port of 0 is resolved).
+    pub fn introspection_addr(&self) -> Option<std::net::SocketAddr> {
+        self.introspection_addr
     }
 
     /// Why the agent is not ready (empty: it is), as `/readyz` and the

@@ -73,11 +73,13 @@ impl Introspector for AgentIntrospector {
 }
 
 /// Why a verified task token is inactive, naming its task.
-fn rejected(rejection: &TokenRejection, claims: &serde_json::Map<String, serde_json::Value>) -> Inactive {
+fn rejected(
+    rejection: &TokenRejection,
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Inactive {
     let inactive = Inactive::because(crate::error::chain(rejection));
     match claims.get("txn").and_then(serde_json::Value::as_str) {
         Some(txn) => inactive.of_task(txn),
         None => inactive,
     }
 }
-

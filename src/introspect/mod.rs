@@ -24,7 +24,7 @@ mod answer;
 mod config;
 pub mod form;
 pub mod rate;
-// mod routes;
+mod routes;
 
 use std::future::Future;
 
@@ -34,7 +34,7 @@ use spiffe::SpiffeId;
 pub use agent::AgentIntrospector;
 pub use answer::{TOKEN_TYPE, answer_json};
 pub use config::{DEFAULT_BURST, DEFAULT_REQUESTS_PER_SECOND, IntrospectionConfig};
-// pub use routes::{INTROSPECT_PATH, IntrospectionRoutes};
+pub use routes::{INTROSPECT_PATH, IntrospectionRoutes};
 
 /// Which kind of token was introspected (`token_kind` in the answer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -110,7 +110,7 @@ impl<I: Introspector> web::Routes for IntrospectionRoutes<I> {
         };
         if let Err(wait) = self
             .rates
-            .admit(caller.as_ref(), tokio::time::Instant::now())
+            .admit(&caller.to_string(), tokio::time::Instant::now())
         {
             let mut response = error_answer(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -137,7 +137,11 @@ impl<I: Introspector> web::Routes for IntrospectionRoutes<I> {
 }
 
 fn bad_form(error: &FormError) -> WebResponse {
-    error_answer(StatusCode::BAD_REQUEST, "invalid_request", &error.to_string())
+    error_answer(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &error.to_string(),
+    )
 }
 
 /// An OAuth error answer (`error`, `error_description`).

@@ -26,7 +26,10 @@ fn a_form_gives_its_token_decoded() {
 fn a_form_without_a_token_or_with_two_is_refused() {
     assert_eq!(form::parse(b""), Err(FormError::MissingToken));
     assert_eq!(form::parse(b"token="), Err(FormError::MissingToken));
-    assert_eq!(form::parse(b"token_type_hint=x"), Err(FormError::MissingToken));
+    assert_eq!(
+        form::parse(b"token_type_hint=x"),
+        Err(FormError::MissingToken)
+    );
     assert_eq!(
         form::parse(b"token=a&token=b"),
         Err(FormError::Repeated("token"))
@@ -93,7 +96,10 @@ fn a_caller_gets_its_burst_then_its_rate_and_others_are_untouched() {
     let admitted = (0..100).filter(|_| rates.admit("a", t0).is_ok()).count();
     assert_eq!(admitted, 20);
     let wait = rates.admit("a", t0).expect_err("empty");
-    assert!(wait <= Duration::from_millis(100), "one request in 1/rate s");
+    assert!(
+        wait <= Duration::from_millis(100),
+        "one request in 1/rate s"
+    );
     assert!(rates.admit("b", t0).is_ok(), "another caller is served");
     let t1 = t0 + Duration::from_secs(1);
     let admitted = (0..100).filter(|_| rates.admit("a", t1).is_ok()).count();
@@ -201,16 +207,21 @@ fn a_jwt_svid_answer_has_the_registered_claims_only() {
 
 #[test]
 fn the_kind_is_a_task_token_with_txn() {
-    assert_eq!(TokenKind::of(&claims(json!({ "txn": "t" }))), TokenKind::Task);
-    assert_eq!(TokenKind::of(&claims(json!({ "sub": "x" }))), TokenKind::JwtSvid);
+    assert_eq!(
+        TokenKind::of(&claims(json!({ "txn": "t" }))),
+        TokenKind::Task
+    );
+    assert_eq!(
+        TokenKind::of(&claims(json!({ "sub": "x" }))),
+        TokenKind::JwtSvid
+    );
 }
 
 // === the settings ===
 
 #[test]
 fn settings_default_and_bounds() {
-    let config: IntrospectionConfig =
-        toml::from_str("listen = \"127.0.0.1:0\"").expect("settings");
+    let config: IntrospectionConfig = toml::from_str("listen = \"127.0.0.1:0\"").expect("settings");
     assert_eq!(config.requests_per_second, DEFAULT_REQUESTS_PER_SECOND);
     assert_eq!(config.burst, DEFAULT_BURST);
     assert!(config.clone().validate().is_ok());

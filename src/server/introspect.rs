@@ -54,10 +54,7 @@ impl ServerIntrospector {
         let inactive = |reason: String| Inactive::because(reason).of_task(txn);
         match self.tasks.get(txn).await {
             Ok(Some(row)) => match row.ended {
-                Some(end) => Err(inactive(format!(
-                    "task {txn} has ended: {}",
-                    end.reason
-                ))),
+                Some(end) => Err(inactive(format!("task {txn} has ended: {}", end.reason))),
                 None if row.spiffe_id != sub.to_string() => Err(inactive(format!(
                     "task {txn} is not {sub}'s in the fleet's task index"
                 ))),

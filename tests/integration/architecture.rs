@@ -231,6 +231,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "svid",
                 "transport",
                 "trusted_fs",
+                "web",
             ][..],
         ),
         // 6: the command line
