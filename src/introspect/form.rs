@@ -33,7 +33,7 @@ pub enum FormError {
     /// A parameter appears twice.
     #[error("parameter {0:?} appears more than once")]
     Repeated(&'static str),
-    /// More parameters than [`MAX_PARAMETERS`].
+    /// More parameters than a form may have (16).
     #[error("more than {MAX_PARAMETERS} parameters")]
     TooManyParameters,
     /// The token is longer than [`MAX_TOKEN_LEN`].
