@@ -41,6 +41,9 @@
 //! - [`workload_api`]: the SPIFFE Workload API over the Unix socket.
 //!   [`task_api`]: the Task API beside it on the same socket.
 //!   [`admin_api`]: the operators' API on a second, root-only socket.
+//!   [`introspect`]: token introspection (RFC 7662) over mutual TLS for
+//!   relying parties without tether (a standalone agent's backend here,
+//!   the server's in `server::introspect`).
 //! - [`config`]: the TOML file, composed from each domain's settings type.
 //! - [`daemon`]: the composition root; spawns every long-lived job.
 //!   [`client`]: the Rust client for the agent's sockets (Workload API,
@@ -93,6 +96,7 @@ pub mod transport;
 pub mod edge;
 
 pub mod admin_api;
+pub mod introspect;
 pub mod task_api;
 pub mod workload_api;
 

@@ -29,6 +29,7 @@ impl Config {
             http,
             oidc,
             fleet,
+            introspection,
             // Applied by a reload.
             entries: _,
             federation: _,
@@ -83,6 +84,7 @@ impl Config {
         // listener's routes: a restart applies it (tokens signed under the
         // old one still validate: `task::Tasks::is_own_issuer`).
         differs("[oidc]", *oidc != self.oidc);
+        differs("[introspection]", *introspection != self.introspection);
         keys
     }
 

@@ -60,4 +60,6 @@ pub struct RawConfig {
     pub federation: Vec<FederationConfig>,
     /// Fleet mode: the `tether server` this agent belongs to.
     pub server: Option<RawFleetConfig>,
+    /// Token introspection (RFC 7662); standalone agents only.
+    pub introspection: Option<crate::introspect::IntrospectionConfig>,
 }

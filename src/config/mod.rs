@@ -94,6 +94,9 @@ pub struct Config {
     pub federation: Vec<FederationSource>,
     /// Fleet mode (`[server]`): the keys and entries are the server's.
     pub fleet: Option<crate::fleet::FleetConfig>,
+    /// `[introspection]`: the RFC 7662 endpoint (a standalone agent only;
+    /// in fleet mode the tether server serves it).
+    pub introspection: Option<crate::introspect::IntrospectionConfig>,
 }
 
 // === impl Config ===
@@ -179,6 +182,18 @@ impl Config {
                 "an agent with [server] does not serve OIDC discovery: it is served by the tether server (its [oidc]), whose issuer the agent's tokens carry; remove [oidc]",
             ));
         }
+        if raw.server.is_some() && raw.introspection.is_some() {
+            return Err(ConfigError::setting(
+                "introspection",
+                "an agent with [server] does not serve introspection: the tether server serves it (its own [introspection]); remove [introspection]",
+            ));
+        }
+        let introspection = raw
+            .introspection
+            .take()
+            .map(crate::introspect::IntrospectionConfig::validate)
+            .transpose()
+            .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
         let fleet = raw
             .server
             .take()
@@ -374,6 +389,7 @@ impl Config {
             entries,
             federation,
             fleet,
+            introspection,
         })
     }
 }

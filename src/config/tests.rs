@@ -482,3 +482,31 @@ fn a_fleet_agent_with_oidc_is_refused_the_server_serves_it() {
         "{err}"
     );
 }
+
+#[test]
+fn introspection_is_a_standalone_agents_and_bounded() {
+    let c = Config::from_toml("[introspection]\nlisten = \"127.0.0.1:8443\"\n", &env()).unwrap();
+    let introspection = c.introspection.expect("[introspection]");
+    assert_eq!(introspection.listen.port(), 8443);
+    assert_eq!(
+        introspection.requests_per_second,
+        crate::introspect::DEFAULT_REQUESTS_PER_SECOND
+    );
+    let error = Config::from_toml(
+        "[introspection]\nlisten = \"127.0.0.1:8443\"\nburst = 0\n",
+        &env(),
+    )
+    .unwrap_err();
+    assert!(chain(&error).starts_with("introspection.burst"), "{error}");
+    let error = Config::from_toml(
+        "[server]\naddress = \"server.example:8081\"\njoin_token = \"t\"\n\
+         [introspection]\nlisten = \"127.0.0.1:8443\"\n",
+        &env(),
+    )
+    .unwrap_err();
+    let text = chain(&error);
+    assert!(
+        text.starts_with("introspection") && text.contains("the tether server serves it"),
+        "{text}"
+    );
+}

@@ -212,6 +212,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             return Err(error);
         }
     };
+    let relying_listeners = match relying_listeners
+        .prepare(&authority, &config.trust_domain)
+        .await
+    {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            audit_stop.cancel();
+            let _ = audit_writer.await;
+            return Err(error);
+        }
+    };
 
     let shutdown = Shutdown::default();
     if let Some(local_authority) = local_authority {
@@ -329,13 +340,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         None => None,
     };
-    let relying_addrs = relying_listeners
-        .spawn(relying::Context {
-            authority: &authority,
-            trust_domain: &config.trust_domain,
-            shutdown: &shutdown,
-        })
-        .await?;
+    let relying_addrs = relying_listeners.spawn(relying::Context {
+        authority: &authority,
+        tasks: &tasks,
+        audit: &audit,
+        shutdown: &shutdown,
+    })?;
 
     {
         let limits = config.workload_api.limits.clone();

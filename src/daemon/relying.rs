@@ -2,25 +2,34 @@
 //! OIDC discovery (`[oidc]`), the SPIFFE bundle endpoint
 //! (`[bundle_endpoint]`) and token introspection (`[introspection]`).
 //!
-//! Each listener is bound in [`Listeners::bind`], with the agent's other
-//! sockets and before anything runs (a port in use fails the start, naming
-//! its key), and served from [`Listeners::spawn`] once the agent's parts
-//! are loaded. A fleet agent binds none of them: its `tether server`
-//! serves them for the trust domain (config validation refuses them on a
-//! fleet agent). The listeners that present an X.509-SVID share the
-//! agent's own ([`OwnSvid`], `spiffe://<td>/tether/agent`), made only when
-//! one of them is configured.
+//! Three steps, each where the start's order wants it:
+//! [`Listeners::bind`] binds every configured listener with the agent's
+//! other sockets, before anything runs (a port in use fails the start,
+//! naming its key); [`Listeners::prepare`] signs the agent's own X.509-SVID
+//! (`spiffe://<td>/tether/agent`) when a listener presents one, still
+//! before any job is spawned (a failure leaves nothing running);
+//! [`Prepared::spawn`] serves them, and renews the SVID, until the agent
+//! stops. A fleet agent binds none of them: its `tether server` serves them
+//! for the trust domain (config validation refuses them on a fleet agent).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use spiffe::TrustDomain;
+use anyhow::Context as _;
+use spiffe::{SpiffeId, TrustDomain};
+use tokio::net::TcpListener;
 
 use super::own_svid;
 use super::shutdown::Shutdown;
+use crate::audit::AuditLog;
 use crate::authority::Authority;
-use crate::mtls::SwappableIdentity;
+use crate::config::Config;
+use crate::introspect::{AgentIntrospector, IntrospectionConfig, IntrospectionRoutes};
+use crate::mtls::{self, SwappableIdentity};
+use crate::oidc::BoundOidc;
+use crate::task::Tasks;
+use crate::web::{self, Limits, Tls};
 
 /// The agent's own SVID's lifetime (renewed at half life).
 const OWN_SVID_TTL: Duration = Duration::from_secs(3600);
@@ -30,7 +39,23 @@ const OWN_SVID_TTL: Duration = Duration::from_secs(3600);
 #[derive(Debug, Default)]
 pub(super) struct Listeners {
     /// `[oidc]`: OIDC discovery.
-    oidc: Option<crate::oidc::BoundOidc>,
+    oidc: Option<BoundOidc>,
+    /// `[introspection]`: its listener and settings.
+    introspection: Option<(TcpListener, IntrospectionConfig)>,
+}
+
+/// The listeners with the agent's own SVID, when one of them presents it.
+pub(super) struct Prepared {
+    listeners: Listeners,
+    own: Option<OwnSvid>,
+}
+
+/// The agent's own X.509-SVID, signed in [`Listeners::prepare`] and renewed
+/// from [`Prepared::spawn`].
+struct OwnSvid {
+    spiffe_id: SpiffeId,
+    identity: SwappableIdentity,
+    expires: SystemTime,
 }
 
 /// Where each relying party's listener is bound (port 0 in the config gets
@@ -39,47 +64,114 @@ pub(super) struct Listeners {
 pub struct Addrs {
     /// OIDC discovery (`[oidc] listen`).
     pub oidc: Option<SocketAddr>,
+    /// Token introspection (`[introspection] listen`).
+    pub introspection: Option<SocketAddr>,
 }
 
 /// What the listeners serve from.
 pub(super) struct Context<'a> {
     /// Signs the agent's own SVID; its bundle is the trust domain's.
     pub authority: &'a Arc<dyn Authority>,
-    /// The agent's trust domain.
-    pub trust_domain: &'a TrustDomain,
+    /// The tasks introspection decides task tokens by.
+    pub tasks: &'a Tasks,
+    /// Where introspections are recorded.
+    pub audit: &'a AuditLog,
     /// Runs the listeners and the own SVID's renewal.
     pub shutdown: &'a Shutdown,
-}
-
-/// The agent's own X.509-SVID, signed the first time a listener asks for
-/// it ([`OwnSvid::get`]) and then renewed until the agent stops.
-pub(super) struct OwnSvid<'a> {
-    context: &'a Context<'a>,
-    current: Option<SwappableIdentity>,
 }
 
 // === impl Listeners ===
 
 impl Listeners {
     /// Binds every configured listener.
-    pub(super) async fn bind(config: &crate::config::Config) -> anyhow::Result<Self> {
+    pub(super) async fn bind(config: &Config) -> anyhow::Result<Self> {
         let oidc = match &config.oidc {
-            Some(oidc) => Some(crate::oidc::BoundOidc::bind(oidc).await?),
+            Some(oidc) => Some(BoundOidc::bind(oidc).await?),
             None => None,
         };
-        Ok(Self { oidc })
+        let introspection = match &config.introspection {
+            Some(introspection) => {
+                let listener =
+                    TcpListener::bind(introspection.listen)
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "binding the introspection endpoint {} ([introspection] listen)",
+                                introspection.listen
+                            )
+                        })?;
+                Some((listener, introspection.clone()))
+            }
+            None => None,
+        };
+        Ok(Self {
+            oidc,
+            introspection,
+        })
     }
 
+    /// Signs the agent's own SVID when a listener presents one.
+    pub(super) async fn prepare(
+        self,
+        authority: &Arc<dyn Authority>,
+        trust_domain: &TrustDomain,
+    ) -> anyhow::Result<Prepared> {
+        let own = if self.introspection.is_some() {
+            let spiffe_id = own_svid::agent_spiffe_id(trust_domain)?;
+            let (identity, expires) = own_svid::own_svid(authority, &spiffe_id, OWN_SVID_TTL)
+                .await
+                .context("the agent's own SVID, for its HTTPS listeners")?;
+            Some(OwnSvid {
+                spiffe_id,
+                identity,
+                expires,
+            })
+        } else {
+            None
+        };
+        Ok(Prepared {
+            listeners: self,
+            own,
+        })
+    }
+}
+
+// === impl Prepared ===
+
+impl Prepared {
     /// Serves every bound listener until the agent stops.
-    pub(super) async fn spawn(self, context: Context<'_>) -> anyhow::Result<Addrs> {
-        let _own = OwnSvid::new(&context);
-        let shutdown = context.shutdown;
-        let oidc = self.oidc.map(|bound| {
+    pub(super) fn spawn(self, context: Context<'_>) -> anyhow::Result<Addrs> {
+        let Context {
+            authority,
+            tasks,
+            audit,
+            shutdown,
+        } = context;
+        let identity = self.own.map(|own| {
+            shutdown.spawn(
+                "own svid renewal",
+                own_svid::renew_own_svid(
+                    Arc::clone(authority),
+                    own.spiffe_id,
+                    OWN_SVID_TTL,
+                    own.identity.clone(),
+                    own.expires,
+                    shutdown.token(),
+                ),
+            );
+            own.identity
+        });
+        let Listeners {
+            oidc,
+            introspection,
+        } = self.listeners;
+
+        let oidc = oidc.map(|bound| {
             let addr = bound.local_addr();
             shutdown.spawn(
                 "oidc discovery",
                 bound.serve(
-                    context.authority.subscribe_bundle(),
+                    authority.subscribe_bundle(),
                     shutdown.tracker(),
                     shutdown.token(),
                 ),
@@ -87,51 +179,41 @@ impl Listeners {
             tracing::info!(%addr, "OIDC discovery: /.well-known/openid-configuration, /keys");
             addr
         });
-        Ok(Addrs { oidc })
-    }
-}
 
-/// The address `listener` is bound to, naming `what` when it cannot say.
-#[expect(dead_code, reason = "the first listener lands in this issue")]
-fn bound(listener: &tokio::net::TcpListener, what: &str) -> anyhow::Result<SocketAddr> {
-    use anyhow::Context as _;
-    listener
-        .local_addr()
-        .with_context(|| format!("the address of {what}"))
-}
-
-// === impl OwnSvid ===
-
-impl<'a> OwnSvid<'a> {
-    fn new(context: &'a Context<'a>) -> Self {
-        Self {
-            context,
-            current: None,
-        }
-    }
-
-    /// The agent's own SVID, signed now if no listener asked before (and
-    /// its renewal started).
-    #[expect(dead_code, reason = "the first listener lands in this issue")]
-    pub(super) async fn get(&mut self) -> anyhow::Result<SwappableIdentity> {
-        if let Some(identity) = &self.current {
-            return Ok(identity.clone());
-        }
-        let spiffe_id = own_svid::agent_spiffe_id(self.context.trust_domain)?;
-        let (identity, expires) =
-            own_svid::own_svid(self.context.authority, &spiffe_id, OWN_SVID_TTL).await?;
-        self.context.shutdown.spawn(
-            "own svid renewal",
-            own_svid::renew_own_svid(
-                Arc::clone(self.context.authority),
-                spiffe_id,
-                OWN_SVID_TTL,
-                identity.clone(),
-                expires,
-                self.context.shutdown.token(),
-            ),
-        );
-        self.current = Some(identity.clone());
-        Ok(identity)
+        let introspection = match (introspection, &identity) {
+            (Some((listener, config)), Some(identity)) => {
+                let addr = listener
+                    .local_addr()
+                    .context("the introspection endpoint's address")?;
+                let tls = mtls::https_server_config(
+                    authority.subscribe_bundle(),
+                    identity.clone(),
+                    mtls::ClientAuth::Required,
+                );
+                let routes = IntrospectionRoutes::new(
+                    AgentIntrospector::new(Arc::clone(authority), tasks.clone()),
+                    &config,
+                    audit.clone(),
+                );
+                shutdown.spawn(
+                    "introspection endpoint",
+                    web::serve(
+                        listener,
+                        Tls::Rustls(Arc::new(tls)),
+                        Arc::new(routes),
+                        Limits::default(),
+                        shutdown.tracker(),
+                        shutdown.token(),
+                    ),
+                );
+                tracing::info!(%addr, "introspection endpoint: POST /introspect (mutual TLS)");
+                Some(addr)
+            }
+            _ => None,
+        };
+        Ok(Addrs {
+            oidc,
+            introspection,
+        })
     }
 }

@@ -15,6 +15,8 @@
 //!   the task index);
 //! - [`tasks`]: this replica's view of the task index (the ends every
 //!   node follows);
+//! - [`introspect`]: the introspection backend (RFC 7662): tokens of the
+//!   trust domain, task tokens judged by the fleet's task index;
 //! - [`config`]: the server's configuration file (the fleet's contract
 //!   keys);
 //! - [`join_token`]: the single-use tokens that admit a node, kept only as
@@ -26,6 +28,7 @@
 pub mod admin;
 pub mod bundle;
 pub mod config;
+pub mod introspect;
 pub mod join_token;
 pub mod k8s;
 pub mod node_api;

@@ -4,7 +4,8 @@
 //! and the admin socket first, then loads (keys, store, audit trail,
 //! entries), then spawns each job by name: key rotation, the server's own
 //! SVID, entry refresh from the store (other replicas' writes), join-token
-//! pruning, the pod list (with `[kubernetes]`), the node API over mutual TLS and the admin API. A failed start
+//! pruning, the pod list (with `[kubernetes]`), the node API over mutual TLS, the admin API,
+//! and (with `[introspection]`) the introspection endpoint over mutual TLS. A failed start
 //! leaves nothing running. [`RunningServer::stop`] stops them within the
 //! agent's grace period, the audit writer last.
 
@@ -21,6 +22,7 @@ use super::ServerConfig;
 use super::admin::{self as server_admin, ServerAdminService};
 use super::bundle::{self, FleetAuthority};
 use super::config::StoreLocation;
+use super::introspect::ServerIntrospector;
 use super::k8s::Kubernetes;
 use super::node_api::{self, NodeApi};
 use super::registry::ServerRegistry;
@@ -32,8 +34,10 @@ use crate::audit::{AuditConfig, AuditLog};
 use crate::authority::{Authority, LocalAuthority};
 use crate::daemon::{self, AUDIT_DRAIN, SHUTDOWN_GRACE, Shutdown, audit_key, own_svid, shutdown};
 use crate::error::Chain;
+use crate::introspect::IntrospectionRoutes;
 use crate::mtls;
 use crate::proto::server::node_server::NodeServer;
+use crate::web;
 
 /// The server's own SVID's lifetime (renewed at half life).
 const SERVER_SVID_TTL: Duration = Duration::from_secs(3600);
@@ -59,6 +63,7 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 pub struct RunningServer {
     listen_addr: SocketAddr,
     oidc_addr: Option<SocketAddr>,
+    introspection_addr: Option<SocketAddr>,
     admin_socket_path: PathBuf,
     shutdown: Shutdown,
     audit: AuditLog,
@@ -76,6 +81,23 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("binding the node API on {} (listen)", config.listen))?;
     let listen_addr = listener.local_addr().context("the node API's address")?;
+    let introspection_listener = match &config.introspection {
+        Some(introspection) => {
+            let bound = TcpListener::bind(introspection.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding the introspection endpoint {} ([introspection] listen)",
+                        introspection.listen
+                    )
+                })?;
+            let addr = bound
+                .local_addr()
+                .context("the introspection endpoint's address")?;
+            Some((bound, addr))
+        }
+        None => None,
+    };
     let mut admin_socket = server_admin::bind(&config.admin_socket_path).with_context(|| {
         format!(
             "binding the admin socket {}",
@@ -193,6 +215,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         ),
     );
     shutdown.spawn("task index", tasks.clone().run(shutdown.token()));
+    let introspection_tasks = tasks.clone();
     shutdown.spawn(
         "join token pruning",
         prune_join_tokens(store.clone(), shutdown.token()),
@@ -230,7 +253,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         node_api = node_api.with_kubernetes(kubernetes);
     }
     {
-        let tls = mtls::server_config(authority.subscribe_bundle(), identity);
+        let tls = mtls::server_config(authority.subscribe_bundle(), identity.clone());
         let token = shutdown.token();
         let fail = shutdown.clone();
         shutdown.spawn("node api", async move {
@@ -279,6 +302,35 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         });
     }
 
+    let introspection_addr = match (introspection_listener, &config.introspection) {
+        (Some((listener, addr)), Some(settings)) => {
+            let tls = mtls::https_server_config(
+                authority.subscribe_bundle(),
+                identity,
+                mtls::ClientAuth::Required,
+            );
+            let routes = IntrospectionRoutes::new(
+                ServerIntrospector::new(authority.clone(), introspection_tasks),
+                settings,
+                audit.clone(),
+            );
+            shutdown.spawn(
+                "introspection endpoint",
+                web::serve(
+                    listener,
+                    web::Tls::Rustls(Arc::new(tls)),
+                    Arc::new(routes),
+                    web::Limits::default(),
+                    shutdown.tracker(),
+                    shutdown.token(),
+                ),
+            );
+            tracing::info!(%addr, "introspection endpoint: POST /introspect (mutual TLS)");
+            Some(addr)
+        }
+        _ => None,
+    };
+
     tracing::info!(
         trust_domain = %config.trust_domain,
         listen = %listen_addr,
@@ -290,6 +342,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     Ok(RunningServer {
         listen_addr,
         oidc_addr,
+        introspection_addr,
         admin_socket_path: config.admin_socket_path,
         shutdown,
         audit,
@@ -312,6 +365,12 @@ impl RunningServer {
     /// address: a port of 0 is resolved).
     pub fn oidc_addr(&self) -> Option<SocketAddr> {
         self.oidc_addr
+    }
+
+    /// Where the introspection endpoint listens, when `[introspection]` is
+    /// set (the bound address: a port of 0 is resolved).
+    pub fn introspection_addr(&self) -> Option<SocketAddr> {
+        self.introspection_addr
     }
 
     /// The admin socket.

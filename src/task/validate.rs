@@ -38,6 +38,38 @@ impl Tasks {
         presenter_cert: Option<&[u8]>,
         bundle_for: impl Fn(&TrustDomain) -> Option<Arc<TrustBundle>>,
     ) -> Result<ValidatedTaskToken, TokenRejection> {
+        let validated = self.validate_unbound(token, audience, bundle_for)?;
+        let claims = &validated.claims;
+        if let Some(tool) = tool
+            && !claims.allows(tool)
+        {
+            return Err(TokenRejection::ToolNotAllowed(tool.to_owned()));
+        }
+        if let Some(Confirmation { x5t_s256 }) = &claims.cnf {
+            let Some(cert) = presenter_cert else {
+                return Err(TokenRejection::Binding(
+                    "the token is bound to a certificate (cnf); present the certificate it is bound to",
+                ));
+            };
+            if claims::thumbprint(cert) != *x5t_s256 {
+                return Err(TokenRejection::Binding(
+                    "the presented certificate is not the one the token is bound to",
+                ));
+            }
+        }
+        Ok(validated)
+    }
+
+    /// Validates a task token for `audience` as [`Tasks::validate`] does,
+    /// but neither for a tool nor against a presenter's certificate: for a
+    /// relying party that checks `cnf` against its own TLS peer
+    /// (introspection, RFC 8705 section 3.2, answers with the `cnf`).
+    pub fn validate_unbound(
+        &self,
+        token: &str,
+        audience: &str,
+        bundle_for: impl Fn(&TrustDomain) -> Option<Arc<TrustBundle>>,
+    ) -> Result<ValidatedTaskToken, TokenRejection> {
         let validated = jwt_svid::validate(token, audience, bundle_for)?;
         if validated
             .claims
@@ -69,23 +101,6 @@ impl Tasks {
         }
         let own_domain = validated.spiffe_id.trust_domain() == self.trust_domain();
         self.check_task_of(&claims.txn, token, own_domain)?;
-        if let Some(tool) = tool
-            && !claims.allows(tool)
-        {
-            return Err(TokenRejection::ToolNotAllowed(tool.to_owned()));
-        }
-        if let Some(Confirmation { x5t_s256 }) = &claims.cnf {
-            let Some(cert) = presenter_cert else {
-                return Err(TokenRejection::Binding(
-                    "the token is bound to a certificate (cnf); present the certificate it is bound to",
-                ));
-            };
-            if claims::thumbprint(cert) != *x5t_s256 {
-                return Err(TokenRejection::Binding(
-                    "the presented certificate is not the one the token is bound to",
-                ));
-            }
-        }
         Ok(ValidatedTaskToken {
             spiffe_id: validated.spiffe_id,
             claims,

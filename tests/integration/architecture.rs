@@ -36,6 +36,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     ];
     const CONFIG: &[&str] = &[
         "admin_api",
+        "introspect",
         "fleet",
         "audit",
         "task",
@@ -52,6 +53,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     ];
     const ROOT: &[&str] = &[
         "admin_api",
+        "introspect",
         "fleet",
         "mtls",
         "web",
@@ -170,6 +172,23 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("workload_api", EDGE),
         ("admin_api", EDGE),
         ("task_api", EDGE),
+        // Token introspection (RFC 7662) over the HTTP kit and mutual TLS:
+        // verifies with svid's validation and task's rules, records to
+        // audit, counts in telemetry.
+        (
+            "introspect",
+            &[
+                "audit",
+                "authority",
+                "bundle",
+                "error",
+                "mtls",
+                "svid",
+                "task",
+                "telemetry",
+                "web",
+            ][..],
+        ),
         // Fleet mode's link to the server and the authority that signs
         // through it (an `Authority` beside `authority::local`); it takes
         // the server's entries in the admin API's wire form.
@@ -210,6 +229,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "daemon",
                 "edge",
                 "error",
+                "introspect",
                 "mtls",
                 "oidc",
                 "proto",
@@ -218,6 +238,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "svid",
                 "transport",
                 "trusted_fs",
+                "web",
             ][..],
         ),
         // 6: the command line

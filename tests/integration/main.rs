@@ -37,6 +37,7 @@ mod fleet_tasks;
 mod fuzz_seeds;
 mod hostile;
 mod http_endpoint;
+mod introspection;
 mod k8s_attestor;
 mod local_users;
 mod mcp_example;

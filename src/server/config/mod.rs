@@ -9,6 +9,8 @@
 //! `[kubernetes]` (optional) enables `k8s_psat` node attestation and pod
 //! scope (`server::k8s::config`); `[oidc]` (optional) serves OIDC
 //! discovery for the fleet, as the agent's does (`crate::oidc`).
+//! scope (`server::k8s::config`). `[introspection]` (optional) serves
+//! RFC 7662 introspection (`crate::introspect`).
 //! Environment overrides: `TETHER_TRUST_DOMAIN`, `TETHER_SERVER_DATA_DIR`,
 //! `TETHER_SERVER_ADMIN_SOCKET`, `TETHER_SERVER_STORE`.
 
@@ -28,6 +30,7 @@ use super::scope::{NodeName, ServerEntry};
 use crate::authority::AuthorityConfig;
 use crate::config::{self, ConfigError, EnvSource};
 use crate::error::Chain;
+use crate::introspect::IntrospectionConfig;
 use crate::registration::{self, EntrySpec, RegistrationEntry};
 
 /// The highest `max_tasks_per_node`: an agent keeps at most 1,000,000 of
@@ -79,6 +82,9 @@ pub struct ServerConfig {
     /// `[oidc]`: OIDC discovery for the fleet. Its issuer is also
     /// `authority.issuer`: the `iss` of every token the fleet signs.
     pub oidc: Option<crate::oidc::OidcConfig>,
+    /// `[introspection]`: the RFC 7662 endpoint for relying parties,
+    /// deciding task tokens by the fleet's task index.
+    pub introspection: Option<IntrospectionConfig>,
 }
 
 /// `store`: where replicas keep what they share.
@@ -112,6 +118,7 @@ struct RawServerConfig {
     entries: Vec<RawServerEntry>,
     kubernetes: Option<RawKubernetesConfig>,
     oidc: Option<crate::oidc::OidcConfig>,
+    introspection: Option<IntrospectionConfig>,
 }
 
 /// `[[entries]]`: the agent's entry keys, plus `nodes`. Read by hand, not
@@ -246,6 +253,11 @@ impl ServerConfig {
 
         let entries = entries(&raw.entries, &trust_domain)?;
         let kubernetes = raw.kubernetes.map(|k| k.validate(env)).transpose()?;
+        let introspection = raw
+            .introspection
+            .map(IntrospectionConfig::validate)
+            .transpose()
+            .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
         Ok(Self {
             trust_domain,
             data_dir,
@@ -261,6 +273,7 @@ impl ServerConfig {
             entries,
             kubernetes,
             oidc,
+            introspection,
         })
     }
 }

@@ -195,3 +195,16 @@ fn oidc_names_the_fleets_issuer() {
         "{refusal}"
     );
 }
+
+#[test]
+fn introspection_is_read_and_bounded() {
+    assert!(parse("").unwrap().introspection.is_none());
+    let config = parse("[introspection]\nlisten = \"127.0.0.1:0\"\nburst = 7\n").unwrap();
+    let introspection = config.introspection.expect("[introspection]");
+    assert_eq!(introspection.burst, 7);
+    let text = refused("[introspection]\nlisten = \"127.0.0.1:0\"\nrequests_per_second = 0\n");
+    assert!(
+        text.starts_with("introspection.requests_per_second"),
+        "{text}"
+    );
+}
