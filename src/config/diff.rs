@@ -27,6 +27,7 @@ impl Config {
             audit,
             log,
             http,
+            bundle_endpoint,
             fleet,
             // Applied by a reload.
             entries: _,
@@ -70,6 +71,7 @@ impl Config {
         differs("[audit]", *audit != self.audit);
         differs("[log]", *log != self.log);
         differs("[http]", *http != self.http);
+        differs("[bundle_endpoint]", *bundle_endpoint != self.bundle_endpoint);
         keys
     }
 

@@ -89,10 +89,12 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // Every layer records metrics (telemetry, a leaf).
         ("attestation", &["error", "registration", "telemetry"][..]),
         ("authority", &["bundle", "error", "trusted_fs"][..]),
-        ("federation", &["bundle", "error"][..]),
         // The fleet's mutual TLS: bundles as values, never the keys
         // (its tests serve a generated service over it).
         ("mtls", &["bundle", "error", "proto"][..]),
+        // Federated bundles; an https_spiffe bundle endpoint is verified
+        // with the fleet's SVID verifier (mtls).
+        ("federation", &["bundle", "error", "mtls"][..]),
         // 2: services and the shared transport
         (
             "svid",
