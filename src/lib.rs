@@ -73,6 +73,7 @@ pub mod proto;
 pub mod store;
 pub mod telemetry;
 pub mod trusted_fs;
+pub mod web;
 
 pub mod attestation;
 pub mod authority;

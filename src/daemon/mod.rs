@@ -10,6 +10,7 @@
 //! unlinked, the audit trail synced, the data dir unlocked.
 
 pub mod audit_key;
+pub mod own_svid;
 mod reload;
 pub mod shutdown;
 

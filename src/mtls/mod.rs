@@ -30,6 +30,7 @@ use std::sync::Arc;
 use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 use tokio::sync::watch;
 use tokio_rustls::rustls::crypto::{CryptoProvider, aws_lc_rs};
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::{self, ClientConfig, ServerConfig};
 
 use crate::bundle::TrustBundle;
@@ -48,6 +49,8 @@ pub use listener::{HandshakeLimits, PeerSvid, TlsConn, incoming, peer_svid};
 
 /// The ALPN protocol both sides offer: gRPC is HTTP/2.
 const ALPN_H2: &[u8] = b"h2";
+/// The ALPN protocol of the HTTPS listeners ([`https_server_config`]).
+const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// What failed in the fleet's mutual TLS.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +158,7 @@ pub fn server_config(
     let verifier = Arc::new(verify::ClientSvidVerifier::new(
         bundle,
         Arc::clone(&provider),
+        false,
     ));
     #[expect(
         clippy::expect_used,
@@ -222,6 +226,58 @@ pub fn client_config(
     // SPIFFE ID, not by a host name.
     config.enable_sni = false;
     Arc::new(config)
+}
+
+/// Whether an HTTPS listener ([`https_server_config`]) asks its clients
+/// for an X.509-SVID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// No client certificate is asked for (the `https_spiffe` bundle
+    /// endpoint: anyone may fetch the bundle).
+    None,
+    /// Every client must present an X.509-SVID chaining to the trust
+    /// domain's current bundle, with one SPIFFE ID of that trust domain;
+    /// one without fails the handshake (introspection).
+    Required,
+}
+
+/// An HTTPS listener's TLS configuration with this process's SVID
+/// (`identity`, read at each handshake): TLS 1.3, ALPN `http/1.1`, no
+/// session resumption, and client certificates as `client_auth` says,
+/// verified against `bundle` as it is at each handshake. The peer chain
+/// then reaches the routes (`web::WebRequest::peer_certificates`), named by
+/// [`leaf_spiffe_id`].
+pub fn https_server_config(
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    identity: SwappableIdentity,
+    client_auth: ClientAuth,
+) -> Arc<ServerConfig> {
+    let provider = provider();
+    #[expect(
+        clippy::expect_used,
+        reason = "an invariant of the code: aws-lc-rs's default provider supports TLS 1.3 (a unit test builds this)"
+    )]
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("aws-lc-rs's default provider supports TLS 1.3");
+    let builder = match client_auth {
+        ClientAuth::None => builder.with_no_client_auth(),
+        ClientAuth::Required => builder.with_client_cert_verifier(Arc::new(
+            verify::ClientSvidVerifier::new(bundle, provider, true),
+        )),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(identity));
+    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Arc::new(config)
+}
+
+/// The SPIFFE ID of a peer chain's leaf (the first certificate), as a
+/// verifier here accepted it.
+pub fn leaf_spiffe_id(chain: &[CertificateDer<'_>]) -> Result<SpiffeId, MtlsError> {
+    let leaf = chain.first().ok_or(MtlsError::EmptyChain)?;
+    Ok(verify::leaf_facts(leaf)?.spiffe_id)
 }
 
 /// The one crypto provider (aws-lc-rs), as every config here uses it.

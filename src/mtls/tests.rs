@@ -524,3 +524,77 @@ fn serials_print_as_the_issuer_chose_them() {
         assert_eq!(verify::serial_hex(raw), want, "{raw:?}");
     }
 }
+
+/// One handshake with an HTTPS listener's configuration: the client's
+/// SPIFFE ID as the server names it, or why the handshake failed.
+async fn https_handshake(
+    server: Arc<ServerConfig>,
+    bundle: Arc<TrustBundle>,
+    client: Option<Identity>,
+) -> Result<String, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let accepted = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsAcceptor::from(server)
+            .accept(tcp)
+            .await
+            .map_err(|e| crate::error::chain(&e))?;
+        let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+        leaf_spiffe_id(chain)
+            .map(|id| id.to_string())
+            .map_err(|e| crate::error::chain(&e))
+    });
+    let mut config = ClientConfig::clone(&client_config(
+        watch::channel(bundle).1,
+        id(SERVER_ID),
+        client.map(SwappableIdentity::new),
+        false,
+    ));
+    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("tether").expect("name");
+    let client = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await;
+    // TLS 1.3: the server's verdict on the client certificate arrives
+    // after the client's handshake; the server's side is the answer.
+    drop(client);
+    accepted.await.expect("server side")
+}
+
+#[tokio::test]
+async fn an_https_listener_that_requires_an_svid_names_its_client_and_refuses_one_without() {
+    let ca = Ca::new(TD);
+    let other = Ca::new(TD);
+    let server = || {
+        https_server_config(
+            watch::channel(bundle(&[&ca], 1)).1,
+            SwappableIdentity::new(ca.identity(SERVER_ID)),
+            ClientAuth::Required,
+        )
+    };
+    assert_eq!(
+        https_handshake(server(), bundle(&[&ca], 1), Some(ca.identity(NODE_ID))).await,
+        Ok(NODE_ID.to_owned())
+    );
+    let without = https_handshake(server(), bundle(&[&ca], 1), None).await;
+    assert!(without.is_err(), "{without:?}");
+    let untrusted =
+        https_handshake(server(), bundle(&[&ca], 1), Some(other.identity(NODE_ID))).await;
+    assert!(untrusted.is_err(), "{untrusted:?}");
+
+    // Without client auth, anyone completes the handshake, unnamed.
+    let open = https_server_config(
+        watch::channel(bundle(&[&ca], 1)).1,
+        SwappableIdentity::new(ca.identity(SERVER_ID)),
+        ClientAuth::None,
+    );
+    let anonymous = https_handshake(open, bundle(&[&ca], 1), None).await;
+    assert!(
+        anonymous
+            .as_ref()
+            .is_err_and(|e| e.contains("no certificate")),
+        "{anonymous:?}"
+    );
+}

@@ -49,6 +49,8 @@ pub(super) struct LeafFacts {
 pub(super) struct ClientSvidVerifier {
     bundle: watch::Receiver<Arc<TrustBundle>>,
     provider: Arc<CryptoProvider>,
+    /// Whether a client without a certificate is refused at the handshake.
+    mandatory: bool,
 }
 
 /// The server's certificate, as the agent checks it: chained to the
@@ -197,11 +199,18 @@ fn webpki_error(error: webpki::Error) -> rustls::Error {
 // === impl ClientSvidVerifier ===
 
 impl ClientSvidVerifier {
+    /// Verifies client certificates against `bundle`; `mandatory`: a
+    /// client without one fails the handshake.
     pub(super) fn new(
         bundle: watch::Receiver<Arc<TrustBundle>>,
         provider: Arc<CryptoProvider>,
+        mandatory: bool,
     ) -> Self {
-        Self { bundle, provider }
+        Self {
+            bundle,
+            provider,
+            mandatory,
+        }
     }
 }
 
@@ -211,9 +220,9 @@ impl ClientCertVerifier for ClientSvidVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        // AttestNode comes without a certificate; the services refuse
-        // every other call without one.
-        false
+        // The node API: AttestNode comes without a certificate, and the
+        // services refuse every other call without one.
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {

@@ -29,10 +29,10 @@ use super::store::postgres::PostgresStore;
 use super::store::sqlite::SqliteStore;
 use super::tasks::TaskIndex;
 use crate::audit::{AuditConfig, AuditLog};
-use crate::authority::{Authority, LocalAuthority, X509SvidRequest};
-use crate::daemon::{self, AUDIT_DRAIN, SHUTDOWN_GRACE, Shutdown, audit_key, shutdown};
+use crate::authority::{Authority, LocalAuthority};
+use crate::daemon::{self, AUDIT_DRAIN, SHUTDOWN_GRACE, Shutdown, audit_key, own_svid, shutdown};
 use crate::error::Chain;
-use crate::mtls::{self, Identity, SwappableIdentity};
+use crate::mtls;
 use crate::proto::server::node_server::NodeServer;
 
 /// The server's own SVID's lifetime (renewed at half life).
@@ -151,8 +151,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         )
         .await
         .context("loading registration entries")?;
-        let identity = own_identity(&authority, &config).await?;
-        anyhow::Ok((registry, identity))
+        let server_id =
+            node_api::server_spiffe_id(&config.trust_domain).context("naming the server's SVID")?;
+        let identity = own_svid::own_svid(&authority, &server_id, SERVER_SVID_TTL).await?;
+        anyhow::Ok((registry, (server_id, identity)))
     };
     let loaded = async {
         let parts = loaded.await?;
@@ -161,7 +163,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             .context("opening the fleet's task index")?;
         anyhow::Ok((parts, tasks))
     };
-    let ((registry, (identity, identity_expires)), tasks) = match loaded.await {
+    let ((registry, (server_id, (identity, identity_expires))), tasks) = match loaded.await {
         Ok(parts) => parts,
         Err(error) => {
             audit_stop.cancel();
@@ -176,9 +178,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     shutdown.spawn("entry refresh", registry.clone().run(shutdown.token()));
     shutdown.spawn(
         "server svid renewal",
-        renew_own_identity(
+        own_svid::renew_own_svid(
             authority.clone(),
-            config.clone(),
+            server_id,
+            SERVER_SVID_TTL,
             identity.clone(),
             identity_expires,
             shutdown.token(),
@@ -327,71 +330,6 @@ impl RunningServer {
 
 /// Signs the server's own SVID (`spiffe://<td>/tether/server`) for a fresh
 /// key, held in memory only.
-async fn own_identity(
-    authority: &Arc<dyn Authority>,
-    config: &ServerConfig,
-) -> anyhow::Result<(SwappableIdentity, SystemTime)> {
-    let (identity, expires) = sign_own_identity(authority, config).await?;
-    Ok((SwappableIdentity::new(identity), expires))
-}
-
-async fn sign_own_identity(
-    authority: &Arc<dyn Authority>,
-    config: &ServerConfig,
-) -> anyhow::Result<(Identity, SystemTime)> {
-    let (key, csr) = tokio::task::spawn_blocking(crate::authority::key_and_csr)
-        .await
-        .context("making the server's key")?
-        .context("making the server's key")?;
-    let spiffe_id =
-        node_api::server_spiffe_id(&config.trust_domain).context("naming the server's SVID")?;
-    let signed = authority
-        .sign_x509_svid(X509SvidRequest {
-            csr,
-            spiffe_id,
-            dns_names: Vec::new(),
-            ttl: SERVER_SVID_TTL,
-        })
-        .await
-        .context("signing the server's SVID")?;
-    let identity = Identity::new(signed.chain, key).context("loading the server's SVID")?;
-    Ok((identity, signed.not_after))
-}
-
-/// Renews the server's SVID at half its remaining life; a failure is
-/// retried every 10 s while the old one lasts.
-async fn renew_own_identity(
-    authority: Arc<dyn Authority>,
-    config: ServerConfig,
-    identity: SwappableIdentity,
-    mut expires: SystemTime,
-    cancel: CancellationToken,
-) {
-    loop {
-        let left = expires
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(left / 2) => {}
-        }
-        match sign_own_identity(&authority, &config).await {
-            Ok((renewed, until)) => {
-                identity.set(renewed);
-                expires = until;
-                tracing::info!("server SVID renewed");
-            }
-            Err(error) => {
-                tracing::error!(error = %Chain(error.as_ref()), "could not renew the server's SVID; retrying in 10 s");
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(10)) => {}
-                }
-            }
-        }
-    }
-}
-
 /// Forgets expired join tokens every [`PRUNE_EVERY`].
 async fn prune_join_tokens(store: Arc<dyn ServerStore>, cancel: CancellationToken) {
     loop {

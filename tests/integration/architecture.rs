@@ -52,6 +52,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     const ROOT: &[&str] = &[
         "admin_api",
         "fleet",
+        "mtls",
+        "web",
         "attestation",
         "audit",
         "authority",
@@ -79,7 +81,9 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // How every error is printed (its source chain): anyone may use it.
         ("error", &[][..]),
         ("proto", &[][..]),
-        ("telemetry", &["error"][..]),
+        // The HTTP kit: a key file is trusted only as trusted_fs says.
+        ("web", &["error", "trusted_fs"][..]),
+        ("telemetry", &["error", "web"][..]),
         ("bundle", &["error"][..]),
         ("store", &["trusted_fs"][..]),
         ("audit", &["error", "trusted_fs"][..]),
