@@ -69,6 +69,7 @@ const CONNECTION_DRAIN: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Running {
     http_addr: Option<std::net::SocketAddr>,
+    bundle_endpoint_addr: Option<std::net::SocketAddr>,
     socket_path: PathBuf,
     admin_socket_path: PathBuf,
     trust_domain: TrustDomain,
@@ -109,6 +110,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding the HTTP endpoint {listen} ([http] listen)"))?,
+        ),
+        None => None,
+    };
+
+    let bundle_endpoint_listener = match &config.bundle_endpoint {
+        Some(endpoint) => Some(
+            tokio::net::TcpListener::bind(endpoint.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding the bundle endpoint {} ([bundle_endpoint] listen)",
+                        endpoint.listen
+                    )
+                })?,
         ),
         None => None,
     };
@@ -209,7 +224,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
 
+    let bundle_endpoint = match (&config.bundle_endpoint, bundle_endpoint_listener) {
+        (Some(endpoint), Some(listener)) => {
+            match prepare_bundle_endpoint(endpoint, listener, &authority, &config).await {
+                Ok(prepared) => Some(prepared),
+                Err(error) => {
+                    audit_stop.cancel();
+                    let _ = audit_writer.await;
+                    return Err(error);
+                }
+            }
+        }
+        _ => None,
+    };
+
+    let bundle_endpoint_addr = bundle_endpoint
+        .as_ref()
+        .and_then(|prepared| prepared.listener.local_addr().ok());
     let shutdown = Shutdown::default();
+    if let Some(prepared) = bundle_endpoint {
+        prepared.spawn(&authority, &shutdown);
+    }
     if let Some(local_authority) = local_authority {
         shutdown.spawn("key rotation", local_authority.run(shutdown.token()));
     }
@@ -416,6 +451,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     Ok(Running {
         http_addr,
+        bundle_endpoint_addr,
         socket_path: config.socket_path,
         admin_socket_path: config.admin.socket_path,
         trust_domain: config.trust_domain,
@@ -428,6 +464,87 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         audit_writer,
         _lock: lock,
     })
+}
+
+/// `[bundle_endpoint]`, ready to serve: its listener, TLS and routes, and
+/// (`https_spiffe`) the agent's own SVID to renew.
+struct PreparedBundleEndpoint {
+    listener: tokio::net::TcpListener,
+    tls: crate::web::Tls,
+    routes: Arc<crate::federation::endpoint::BundleRoutes>,
+    own_svid: Option<(spiffe::SpiffeId, Duration, crate::mtls::SwappableIdentity, std::time::SystemTime)>,
+}
+
+/// Loads what `[bundle_endpoint]` needs before anything runs: the
+/// `https_web` certificate, or the agent's own SVID
+/// (`spiffe://<td>/tether/agent`) for `https_spiffe`.
+async fn prepare_bundle_endpoint(
+    endpoint: &crate::federation::BundleEndpoint,
+    listener: tokio::net::TcpListener,
+    authority: &Arc<dyn Authority>,
+    config: &Config,
+) -> anyhow::Result<PreparedBundleEndpoint> {
+    use crate::federation::{EndpointTls, endpoint as bundle_endpoint};
+    let own = match endpoint.tls {
+        EndpointTls::Spiffe => {
+            let id = own_svid::agent_spiffe_id(&config.trust_domain)?;
+            let ttl = config.svid.x509_svid_ttl;
+            let (identity, expires) = own_svid::own_svid(authority, &id, ttl)
+                .await
+                .context("the agent's own SVID for the https_spiffe bundle endpoint")?;
+            Some((id, ttl, identity, expires))
+        }
+        EndpointTls::Web { .. } => None,
+    };
+    let tls = bundle_endpoint::tls(
+        &endpoint.tls,
+        authority.subscribe_bundle(),
+        own.as_ref().map(|(_, _, identity, _)| identity.clone()),
+    )
+    .context("the bundle endpoint's TLS ([bundle_endpoint])")?;
+    let routes = Arc::new(bundle_endpoint::BundleRoutes::new(
+        authority.subscribe_bundle(),
+        endpoint.refresh_hint,
+    ));
+    Ok(PreparedBundleEndpoint {
+        listener,
+        tls,
+        routes,
+        own_svid: own,
+    })
+}
+
+impl PreparedBundleEndpoint {
+    /// Serves the endpoint (and renews the agent's SVID) until `shutdown`.
+    fn spawn(self, authority: &Arc<dyn Authority>, shutdown: &Shutdown) {
+        if let Some((id, ttl, identity, expires)) = self.own_svid {
+            shutdown.spawn(
+                "agent svid renewal",
+                own_svid::renew_own_svid(
+                    authority.clone(),
+                    id,
+                    ttl,
+                    identity,
+                    expires,
+                    shutdown.token(),
+                ),
+            );
+        }
+        if let Ok(addr) = self.listener.local_addr() {
+            tracing::info!(%addr, "bundle endpoint: this trust domain's SPIFFE bundle at /");
+        }
+        shutdown.spawn(
+            "bundle endpoint",
+            crate::web::serve(
+                self.listener,
+                self.tls,
+                self.routes,
+                crate::web::Limits::default(),
+                shutdown.tracker(),
+                shutdown.token(),
+            ),
+        );
+    }
 }
 
 /// What the agent is made of besides its keys, store and audit trail.
@@ -552,6 +669,12 @@ impl Running {
     /// bound address: port 0 in the config gets a real one here).
     pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
         self.http_addr
+    }
+
+    /// Where `[bundle_endpoint]` listens, when it is set (the bound
+    /// address).
+    pub fn bundle_endpoint_addr(&self) -> Option<std::net::SocketAddr> {
+        self.bundle_endpoint_addr
     }
 
     /// Why the agent is not ready (empty: it is), as `/readyz` and the

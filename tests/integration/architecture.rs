@@ -97,8 +97,9 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // (its tests serve a generated service over it).
         ("mtls", &["bundle", "error", "proto"][..]),
         // Federated bundles; an https_spiffe bundle endpoint is verified
-        // with the fleet's SVID verifier (mtls).
-        ("federation", &["bundle", "error", "mtls"][..]),
+        // with the fleet's SVID verifier (mtls); our own bundle endpoint is
+        // served on the web kit.
+        ("federation", &["bundle", "error", "mtls", "web"][..]),
         // 2: services and the shared transport
         (
             "svid",

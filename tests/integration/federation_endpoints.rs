@@ -332,3 +332,178 @@ async fn a_hostile_endpoint_leaves_the_last_good_bundle_and_says_why() {
     assert!(bundles.contains_key(own.as_str()));
     agent.stop().await;
 }
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// An agent of trust domain `td` with `extra` in its config.
+async fn agent_of(td: &str, extra: &str) -> TestAgent {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = crate::common::config_text(dir.path(), extra)
+        .replace("trust_domain = \"example.org\"", &format!("trust_domain = \"{td}\""))
+        .replace("spiffe://example.org/", &format!("spiffe://{td}/"));
+    let config = tether::config::Config::from_toml(&text, &tether::config::MapEnv::default())
+        .expect("a valid config");
+    let running = tether::daemon::start(config).await.expect("agent starts");
+    let socket = running.socket_path().to_owned();
+    TestAgent {
+        running: Some(running),
+        dir,
+        socket,
+    }
+}
+
+/// The agent's own bundle as a SPIFFE document (`tether bundle show`): the
+/// out-of-band bootstrap a peer starts from.
+async fn bundle_document(agent: &TestAgent) -> String {
+    let socket = agent.running().admin_socket_path().display().to_string();
+    let mut command = crate::common::cli::tether(&["bundle", "show"]);
+    command.args(["--admin-socket", &socket]);
+    let out = crate::common::cli::output(command, None).await;
+    crate::common::cli::assert_exit(&out, 0);
+    crate::common::cli::stdout(&out)
+}
+
+/// The JWT key ids the agent's Workload API serves for `td`.
+async fn jwt_kids(agent: &TestAgent, td: &str) -> Vec<String> {
+    let client = agent.spiffe_client().await;
+    let set = client.fetch_jwt_bundles().await.expect("jwt bundles");
+    let td = TrustDomain::new(td).expect("td");
+    set.get(&td)
+        .map(|b| {
+            let mut kids: Vec<String> = b.jwt_authorities().map(|a| a.key_id().to_owned()).collect();
+            kids.sort();
+            kids
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn two_trust_domains_federate_through_their_endpoints_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port_a, port_b) = (free_port(), free_port());
+    // B's https_web certificate, from a CA A is told to trust.
+    let web_ca = TestCa::new();
+    let (cert, key) = web_ca.server_cert(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+    let (cert_path, key_path, ca_path) = (
+        dir.path().join("b-cert.pem"),
+        dir.path().join("b-key.pem"),
+        dir.path().join("b-ca.pem"),
+    );
+    std::fs::write(&cert_path, pem::encode(&pem::Pem::new("CERTIFICATE", cert))).expect("write");
+    std::fs::write(&key_path, pem::encode(&pem::Pem::new("PRIVATE KEY", key))).expect("write");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    std::fs::write(&ca_path, web_ca.pem()).expect("write");
+
+    // A: https_spiffe, JWT keys rotating every 90 s; it fetches B's bundle
+    // (https_web), which is not up yet: A starts anyway and retries.
+    let a = agent_of(
+        "a.example",
+        &format!(
+            "jwt_svid_ttl = \"30s\"\n[authority]\njwt_key_ttl = \"90s\"\n\
+             [bundle_endpoint]\nlisten = \"127.0.0.1:{port_a}\"\nprofile = \"https_spiffe\"\nrefresh_hint = \"10s\"\n\
+             {}federates_with = [\"b.example\"]\n\
+             [[federation]]\ntrust_domain = \"b.example\"\nbundle_endpoint_url = \"https://127.0.0.1:{port_b}/\"\n\
+             bundle_endpoint_profile = \"https_web\"\nbundle_endpoint_ca_path = \"{}\"\n",
+            entry_for_me("svc-a", "a"),
+            ca_path.display()
+        ),
+    )
+    .await;
+    assert!(
+        a.running()
+            .readiness_problems()
+            .iter()
+            .any(|p| p.starts_with("federation b.example: no bundle yet")),
+        "{:?}",
+        a.running().readiness_problems()
+    );
+    // B: https_web; it fetches A's bundle over https_spiffe, from A's
+    // bundle as the bootstrap.
+    let bootstrap = dir.path().join("a-bootstrap.json");
+    std::fs::write(&bootstrap, bundle_document(&a).await).expect("write");
+    let b = agent_of(
+        "b.example",
+        &format!(
+            "[bundle_endpoint]\nlisten = \"127.0.0.1:{port_b}\"\nprofile = \"https_web\"\n\
+             cert_path = \"{}\"\nkey_path = \"{}\"\nrefresh_hint = \"10s\"\n\
+             {}federates_with = [\"a.example\"]\n\
+             [[federation]]\ntrust_domain = \"a.example\"\nbundle_path = \"{}\"\n\
+             bundle_endpoint_url = \"https://127.0.0.1:{port_a}/\"\nbundle_endpoint_profile = \"https_spiffe\"\n\
+             endpoint_spiffe_id = \"spiffe://a.example/tether/agent\"\n",
+            cert_path.display(),
+            key_path.display(),
+            entry_for_me("svc-b", "b"),
+            bootstrap.display()
+        ),
+    )
+    .await;
+
+    // Both fetched: each serves the other's bundle, and nothing is wrong.
+    let a_x509 = x509_bundles(&a).await["a.example"].clone();
+    until("B serves A's X.509 bundle and is ready", async || {
+        (x509_bundles(&b).await.get("a.example") == Some(&a_x509)
+            && b.running().readiness_problems().is_empty())
+        .then_some(())
+    })
+    .await;
+    let b_x509 = x509_bundles(&b).await["b.example"].clone();
+    until("A serves B's X.509 bundle and is ready", async || {
+        (x509_bundles(&a).await.get("b.example") == Some(&b_x509)
+            && a.running().readiness_problems().is_empty())
+        .then_some(())
+    })
+    .await;
+    // A JWT-SVID of A validates on B's Workload API.
+    let a_client = a.spiffe_client().await;
+    let b_client = b.spiffe_client().await;
+    let svid = a_client
+        .fetch_jwt_svid(&["spiffe://b.example/svc-b"], None)
+        .await
+        .expect("A's JWT-SVID");
+    let validated = b_client
+        .validate_jwt_token("spiffe://b.example/svc-b", svid.token())
+        .await
+        .expect("B validates A's JWT-SVID with the fetched bundle");
+    assert_eq!(validated.spiffe_id().to_string(), "spiffe://a.example/svc-a");
+
+    // A rotates its JWT key; B follows through the endpoint alone.
+    let before = jwt_kids(&a, "a.example").await;
+    let successor = until("A prepares a new JWT key", async || {
+        jwt_kids(&a, "a.example")
+            .await
+            .into_iter()
+            .find(|kid| !before.contains(kid))
+    })
+    .await;
+    until("B has A's new JWT key", async || {
+        jwt_kids(&b, "a.example")
+            .await
+            .contains(&successor)
+            .then_some(())
+    })
+    .await;
+    let token = until("A signs with its new key", async || {
+        let svid = a_client
+            .fetch_jwt_svid(&["spiffe://b.example/svc-b"], None)
+            .await
+            .ok()?;
+        let header = jsonwebtoken::decode_header(svid.token()).ok()?;
+        (header.kid.as_deref() == Some(successor.as_str())).then(|| svid.token().to_owned())
+    })
+    .await;
+    b_client
+        .validate_jwt_token("spiffe://b.example/svc-b", &token)
+        .await
+        .expect("B validates a JWT-SVID signed with A's rotated key");
+    a.stop().await;
+    b.stop().await;
+}
