@@ -71,7 +71,10 @@ impl Config {
         differs("[audit]", *audit != self.audit);
         differs("[log]", *log != self.log);
         differs("[http]", *http != self.http);
-        differs("[bundle_endpoint]", *bundle_endpoint != self.bundle_endpoint);
+        differs(
+            "[bundle_endpoint]",
+            *bundle_endpoint != self.bundle_endpoint,
+        );
         keys
     }
 

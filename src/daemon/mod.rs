@@ -472,7 +472,12 @@ struct PreparedBundleEndpoint {
     listener: tokio::net::TcpListener,
     tls: crate::web::Tls,
     routes: Arc<crate::federation::endpoint::BundleRoutes>,
-    own_svid: Option<(spiffe::SpiffeId, Duration, crate::mtls::SwappableIdentity, std::time::SystemTime)>,
+    own_svid: Option<(
+        spiffe::SpiffeId,
+        Duration,
+        crate::mtls::SwappableIdentity,
+        std::time::SystemTime,
+    )>,
 }
 
 /// Loads what `[bundle_endpoint]` needs before anything runs: the

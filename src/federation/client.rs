@@ -98,11 +98,10 @@ pub async fn get(request: GetRequest<'_>) -> Result<Bytes, GetError> {
 }
 
 async fn exchange(request: GetRequest<'_>) -> Result<Bytes, GetError> {
-    let server_name = ServerName::try_from(request.host.to_owned()).map_err(|_| {
-        GetError::ServerName {
+    let server_name =
+        ServerName::try_from(request.host.to_owned()).map_err(|_| GetError::ServerName {
             host: request.host.to_owned(),
-        }
-    })?;
+        })?;
     let tcp = TcpStream::connect((request.host, request.port))
         .await
         .map_err(|source| GetError::Connect {

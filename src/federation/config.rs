@@ -259,9 +259,8 @@ impl FederationConfig {
                         "an https_spiffe endpoint is authenticated by its SPIFFE ID: set endpoint_spiffe_id",
                     ));
                 };
-                let spiffe_id = SpiffeId::new(written).map_err(|e| {
-                    problem("endpoint_spiffe_id", written.as_str(), e.to_string())
-                })?;
+                let spiffe_id = SpiffeId::new(written)
+                    .map_err(|e| problem("endpoint_spiffe_id", written.as_str(), e.to_string()))?;
                 if !spiffe_id.is_member_of(trust_domain) {
                     return Err(problem(
                         "endpoint_spiffe_id",

@@ -191,11 +191,10 @@ impl Fetcher {
         .await
         .map_err(FetchError::Get)?;
         let td_for_parse = td.clone();
-        let parsed = tokio::task::spawn_blocking(move || {
-            TrustBundle::from_spiffe_json(td_for_parse, &body)
-        })
-        .await
-        .map_err(|_| FetchError::Interrupted)?;
+        let parsed =
+            tokio::task::spawn_blocking(move || TrustBundle::from_spiffe_json(td_for_parse, &body))
+                .await
+                .map_err(|_| FetchError::Interrupted)?;
         let bundle = accept(parsed.map_err(FetchError::Document)?, last.as_deref())?;
         let hint = bundle.refresh_hint();
         self.publish(bundle, last.as_deref());
@@ -305,15 +304,12 @@ fn read_roots(path: &Path) -> Result<RootCertStore, FetchError> {
 fn web_client_config(roots: RootCertStore) -> Arc<ClientConfig> {
     let provider = Arc::new(aws_lc_rs::default_provider());
     // Every version the provider and rustls' build offer (TLS 1.3 here).
-    let builder = match ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-    {
-        Ok(builder) => builder,
-        Err(_) => ClientConfig::builder(),
-    };
-    let mut config = builder
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let builder =
+        match ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
+            Ok(builder) => builder,
+            Err(_) => ClientConfig::builder(),
+        };
+    let mut config = builder.with_root_certificates(roots).with_no_client_auth();
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     Arc::new(config)
 }
@@ -324,9 +320,8 @@ fn spiffe_client_config(
     bundle: watch::Receiver<Arc<TrustBundle>>,
     spiffe_id: spiffe::SpiffeId,
 ) -> Arc<ClientConfig> {
-    let mut config = ClientConfig::clone(&crate::mtls::client_config(
-        bundle, spiffe_id, None, false,
-    ));
+    let mut config =
+        ClientConfig::clone(&crate::mtls::client_config(bundle, spiffe_id, None, false));
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     Arc::new(config)
 }

@@ -389,12 +389,10 @@ fn parse(
     path: &Path,
     bytes: &[u8],
 ) -> Result<TrustBundle, FederationError> {
-    TrustBundle::from_spiffe_json(trust_domain.clone(), bytes).map_err(|e| {
-        FederationError::Parse {
-            trust_domain: trust_domain.to_string(),
-            path: path.to_owned(),
-            source: e,
-        }
+    TrustBundle::from_spiffe_json(trust_domain.clone(), bytes).map_err(|e| FederationError::Parse {
+        trust_domain: trust_domain.to_string(),
+        path: path.to_owned(),
+        source: e,
     })
 }
 

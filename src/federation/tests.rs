@@ -33,7 +33,10 @@ fn endpoint_sources_are_validated() {
     )
     .expect("https_web from its URL alone");
     let endpoint = web.endpoint.expect("an endpoint");
-    assert_eq!((endpoint.host.as_str(), endpoint.port), ("peer.example", 8443));
+    assert_eq!(
+        (endpoint.host.as_str(), endpoint.port),
+        ("peer.example", 8443)
+    );
     assert_eq!(endpoint.auth, EndpointAuth::Web { ca_path: None });
 
     let spiffe = federation(
@@ -45,7 +48,11 @@ fn endpoint_sources_are_validated() {
     assert_eq!((endpoint.host.as_str(), endpoint.port), ("::1", 443));
 
     let cases = [
-        ("", "bundle_path", "needs bundle_path or bundle_endpoint_url"),
+        (
+            "",
+            "bundle_path",
+            "needs bundle_path or bundle_endpoint_url",
+        ),
         (
             "bundle_endpoint_url = \"http://peer.example/\"\nbundle_endpoint_profile = \"https_web\"",
             "bundle_endpoint_url",
@@ -136,10 +143,22 @@ fn the_served_endpoint_is_validated() {
     assert_eq!(web.refresh_hint, Duration::from_secs(60));
     let cases = [
         ("profile = \"https_web\"", "cert_path"),
-        ("profile = \"https_web\"\ncert_path = \"/c.pem\"", "key_path"),
-        ("profile = \"https_spiffe\"\ncert_path = \"/c.pem\"", "cert_path"),
-        ("profile = \"https_spiffe\"\nrefresh_hint = \"1s\"", "refresh_hint"),
-        ("profile = \"https_spiffe\"\nrefresh_hint = \"30d\"", "refresh_hint"),
+        (
+            "profile = \"https_web\"\ncert_path = \"/c.pem\"",
+            "key_path",
+        ),
+        (
+            "profile = \"https_spiffe\"\ncert_path = \"/c.pem\"",
+            "cert_path",
+        ),
+        (
+            "profile = \"https_spiffe\"\nrefresh_hint = \"1s\"",
+            "refresh_hint",
+        ),
+        (
+            "profile = \"https_spiffe\"\nrefresh_hint = \"30d\"",
+            "refresh_hint",
+        ),
     ];
     for (text, key) in cases {
         let refused = endpoint(&format!("listen = \"127.0.0.1:0\"\n{text}")).expect_err(text);
@@ -151,16 +170,16 @@ fn jwt_only(sequence: u64, kid: &str) -> TrustBundle {
     let point = {
         use ::aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
         let rng = ::aws_lc_rs::rand::SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
-            .expect("a key");
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).expect("a key");
         EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref())
             .expect("the key")
             .public_key()
             .as_ref()
             .to_vec()
     };
-    let authority = crate::bundle::JwtAuthority::from_p256_point(kid.into(), &point)
-        .expect("a JWT authority");
+    let authority =
+        crate::bundle::JwtAuthority::from_p256_point(kid.into(), &point).expect("a JWT authority");
     TrustBundle::new(td("peer.example"), Vec::new(), vec![authority], sequence)
 }
 
@@ -193,4 +212,44 @@ fn the_refresh_hint_round_trips_and_retries_back_off() {
     assert_eq!(fetch::retry_after(2, pace), MIN_RETRY * 2);
     assert_eq!(fetch::retry_after(30, pace), pace);
     assert!(fetch::retry_after(1, Duration::ZERO) >= MIN_RETRY);
+}
+
+#[tokio::test]
+async fn the_endpoint_answers_get_of_slash_only() {
+    use http_body_util::BodyExt as _;
+
+    use super::endpoint::BundleRoutes;
+    use crate::web::{Routes as _, WebRequest};
+
+    let bundle = std::sync::Arc::new(jwt_only(7, "k1"));
+    let (_keep, watched) = tokio::sync::watch::channel(bundle);
+    let routes = BundleRoutes::new(watched, Duration::from_secs(120));
+    let request = |method: http::Method, path: &str| WebRequest {
+        method,
+        path: path.into(),
+        query: None,
+        headers: http::HeaderMap::new(),
+        body: bytes::Bytes::new(),
+        remote_addr: "127.0.0.1:1".parse().expect("an address"),
+        peer_certificates: Vec::new(),
+    };
+    let ok = routes.answer(request(http::Method::GET, "/")).await;
+    assert_eq!(ok.status(), http::StatusCode::OK);
+    assert_eq!(
+        ok.headers()
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.as_bytes()),
+        Some(&b"application/json"[..])
+    );
+    let body = ok.into_body().collect().await.expect("a body").to_bytes();
+    let served =
+        TrustBundle::from_spiffe_json(td("peer.example"), &body).expect("a bundle document");
+    assert_eq!(served.sequence(), 7);
+    assert_eq!(served.refresh_hint(), Some(Duration::from_secs(120)));
+    assert!(served.jwt_authority("k1").is_some());
+
+    let missing = routes.answer(request(http::Method::GET, "/bundle")).await;
+    assert_eq!(missing.status(), http::StatusCode::NOT_FOUND);
+    let post = routes.answer(request(http::Method::POST, "/")).await;
+    assert_eq!(post.status(), http::StatusCode::METHOD_NOT_ALLOWED);
 }

@@ -207,6 +207,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "daemon",
                 "edge",
                 "error",
+                "federation",
                 "mtls",
                 "proto",
                 "registration",
@@ -214,6 +215,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "svid",
                 "transport",
                 "trusted_fs",
+                "web",
             ][..],
         ),
         // 6: the command line

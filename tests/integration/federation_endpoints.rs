@@ -13,9 +13,9 @@ use spiffe::TrustDomain;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::aws_lc_rs;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio_rustls::rustls::ServerConfig;
 
 use crate::common::{TestAgent, entry_for_me};
 
@@ -74,7 +74,8 @@ fn bundle_doc(cas: &[&[u8]], sequence: u64) -> String {
             serde_json::json!({"use": "x509-svid", "kty": "EC", "crv": "P-256", "x5c": [STANDARD.encode(der)]})
         })
         .collect();
-    serde_json::json!({"keys": keys, "spiffe_sequence": sequence, "spiffe_refresh_hint": 1}).to_string()
+    serde_json::json!({"keys": keys, "spiffe_sequence": sequence, "spiffe_refresh_hint": 1})
+        .to_string()
 }
 
 /// What a hostile endpoint answers.
@@ -210,9 +211,17 @@ async fn a_hostile_endpoint_leaves_the_last_good_bundle_and_says_why() {
             Answer::Document("{\"keys\": [], \"spiffe_sequence\": 9}".into()),
             "has no keys",
         ),
-        ("older.example", Answer::Document(String::new()), "lower than the last accepted 5"),
+        (
+            "older.example",
+            Answer::Document(String::new()),
+            "lower than the last accepted 5",
+        ),
         ("stall.example", Answer::Stall, "no complete answer within"),
-        ("wrongtd.example", Answer::Document(String::new()), "TLS handshake"),
+        (
+            "wrongtd.example",
+            Answer::Document(String::new()),
+            "TLS handshake",
+        ),
     ];
     for (td, answer, problem) in cases {
         let ca = TestCa::new();
@@ -267,7 +276,10 @@ async fn a_hostile_endpoint_leaves_the_last_good_bundle_and_says_why() {
              endpoint_spiffe_id = \"spiffe://{td}/endpoint\"\n",
             bootstrap.display()
         ));
-        expected.insert(td.to_owned(), (vec![ca.der.clone(), next.der.clone()], None));
+        expected.insert(
+            td.to_owned(),
+            (vec![ca.der.clone(), next.der.clone()], None),
+        );
     }
     // https_web: no bundle until the first fetch; a good bundle first, then
     // an oversized answer.
@@ -295,7 +307,10 @@ async fn a_hostile_endpoint_leaves_the_last_good_bundle_and_says_why() {
              bundle_endpoint_ca_path = \"{}\"\n",
             ca_path.display()
         ));
-        expected.insert(td.to_owned(), (vec![domain_ca.der.clone()], Some("larger than")));
+        expected.insert(
+            td.to_owned(),
+            (vec![domain_ca.der.clone()], Some("larger than")),
+        );
     }
     let federates_with: Vec<String> = expected.keys().map(|td| format!("\"{td}\"")).collect();
     let extra = format!(
@@ -307,20 +322,25 @@ async fn a_hostile_endpoint_leaves_the_last_good_bundle_and_says_why() {
 
     for (td, (cas, problem)) in &expected {
         let (td, cas, problem) = (td.clone(), cas.clone(), *problem);
-        until(&format!("{td}: the bundle kept and the problem said"), async || {
-            let problems = problems_of(&agent, &td);
-            let said = match problem {
-                Some(text) => problems.iter().any(|p| p.contains(text)),
-                None => problems.is_empty(),
-            };
-            let bundles = x509_bundles(&agent).await;
-            (said && bundles.get(&td) == Some(&cas)).then_some(())
-        })
+        until(
+            &format!("{td}: the bundle kept and the problem said"),
+            async || {
+                let problems = problems_of(&agent, &td);
+                let said = match problem {
+                    Some(text) => problems.iter().any(|p| p.contains(text)),
+                    None => problems.is_empty(),
+                };
+                let bundles = x509_bundles(&agent).await;
+                (said && bundles.get(&td) == Some(&cas)).then_some(())
+            },
+        )
         .await;
         if let Some(text) = problem {
             let problems = problems_of(&agent, &td);
             assert!(
-                problems.iter().all(|p| p.contains("last good bundle is kept")),
+                problems
+                    .iter()
+                    .all(|p| p.contains("last good bundle is kept")),
                 "{td}: {problems:?} (wanted {text:?})"
             );
         }
@@ -345,7 +365,10 @@ fn free_port() -> u16 {
 async fn agent_of(td: &str, extra: &str) -> TestAgent {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = crate::common::config_text(dir.path(), extra)
-        .replace("trust_domain = \"example.org\"", &format!("trust_domain = \"{td}\""))
+        .replace(
+            "trust_domain = \"example.org\"",
+            &format!("trust_domain = \"{td}\""),
+        )
         .replace("spiffe://example.org/", &format!("spiffe://{td}/"));
     let config = tether::config::Config::from_toml(&text, &tether::config::MapEnv::default())
         .expect("a valid config");
@@ -376,7 +399,8 @@ async fn jwt_kids(agent: &TestAgent, td: &str) -> Vec<String> {
     let td = TrustDomain::new(td).expect("td");
     set.get(&td)
         .map(|b| {
-            let mut kids: Vec<String> = b.jwt_authorities().map(|a| a.key_id().to_owned()).collect();
+            let mut kids: Vec<String> =
+                b.jwt_authorities().map(|a| a.key_id().to_owned()).collect();
             kids.sort();
             kids
         })
@@ -473,7 +497,10 @@ async fn two_trust_domains_federate_through_their_endpoints_alone() {
         .validate_jwt_token("spiffe://b.example/svc-b", svid.token())
         .await
         .expect("B validates A's JWT-SVID with the fetched bundle");
-    assert_eq!(validated.spiffe_id().to_string(), "spiffe://a.example/svc-a");
+    assert_eq!(
+        validated.spiffe_id().to_string(),
+        "spiffe://a.example/svc-a"
+    );
 
     // A rotates its JWT key; B follows through the endpoint alone.
     let before = jwt_kids(&a, "a.example").await;
@@ -506,4 +533,68 @@ async fn two_trust_domains_federate_through_their_endpoints_alone() {
         .expect("B validates a JWT-SVID signed with A's rotated key");
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_serves_the_fleets_bundle_to_a_federated_agent() {
+    use crate::common::fleet::{FleetServer, TRUST_DOMAIN};
+    let server = FleetServer::start(
+        "127.0.0.1",
+        "[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\nprofile = \"https_spiffe\"\n",
+    )
+    .await;
+    let addr = server
+        .running()
+        .bundle_endpoint_addr()
+        .expect("the bundle endpoint's address");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bootstrap = dir.path().join("fleet.json");
+    let document = server.bundle_json().await;
+    // The bootstrap carries one more CA than the fleet's, at sequence 0: a
+    // bundle without it can only have come from the endpoint.
+    let extra_ca = TestCa::new();
+    let mut bootstrap_doc: serde_json::Value = serde_json::from_str(&document).expect("json");
+    bootstrap_doc["keys"]
+        .as_array_mut()
+        .expect("keys")
+        .push(serde_json::json!({"use": "x509-svid", "kty": "EC", "crv": "P-256", "x5c": [STANDARD.encode(&extra_ca.der)]}));
+    bootstrap_doc["spiffe_sequence"] = serde_json::json!(0);
+    std::fs::write(&bootstrap, bootstrap_doc.to_string()).expect("write");
+    let agent = agent_of(
+        "peer.example",
+        &format!(
+            "{}federates_with = [\"{TRUST_DOMAIN}\"]\n\
+             [[federation]]\ntrust_domain = \"{TRUST_DOMAIN}\"\nbundle_path = \"{}\"\n\
+             bundle_endpoint_url = \"https://{addr}/\"\nbundle_endpoint_profile = \"https_spiffe\"\n\
+             endpoint_spiffe_id = \"spiffe://{TRUST_DOMAIN}/tether/server\"\n",
+            entry_for_me("svc", "main"),
+            bootstrap.display()
+        ),
+    )
+    .await;
+    // The endpoint answered (authenticated with the server's SVID) and
+    // the agent serves the fleet's bundle from it.
+    until("the agent fetched the fleet's bundle", async || {
+        let problems = problems_of(&agent, TRUST_DOMAIN);
+        let bundles = x509_bundles(&agent).await;
+        let fetched = bundles
+            .get(TRUST_DOMAIN)
+            .is_some_and(|cas| !cas.contains(&extra_ca.der));
+        (problems.is_empty() && fetched).then_some(())
+    })
+    .await;
+    let served: serde_json::Value = {
+        let bundles = x509_bundles(&agent).await;
+        serde_json::json!(bundles[TRUST_DOMAIN].len())
+    };
+    let doc: serde_json::Value = serde_json::from_str(&document).expect("json");
+    let x509_keys = doc["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter(|k| k["use"] == "x509-svid")
+        .count();
+    assert_eq!(served, serde_json::json!(x509_keys));
+    agent.stop().await;
+    server.stop().await;
 }

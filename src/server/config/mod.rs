@@ -75,6 +75,9 @@ pub struct ServerConfig {
     /// `[kubernetes]`: `k8s_psat` node attestation and pod scope; `None`:
     /// join tokens only.
     pub kubernetes: Option<KubernetesConfig>,
+    /// `[bundle_endpoint]`: the fleet's bundle served to federated peers
+    /// (`https_spiffe` presents the server's own SVID).
+    pub bundle_endpoint: Option<crate::federation::BundleEndpoint>,
 }
 
 /// `store`: where replicas keep what they share.
@@ -107,6 +110,7 @@ struct RawServerConfig {
     #[serde(default)]
     entries: Vec<RawServerEntry>,
     kubernetes: Option<RawKubernetesConfig>,
+    bundle_endpoint: Option<crate::federation::BundleEndpointConfig>,
 }
 
 /// `[[entries]]`: the agent's entry keys, plus `nodes`. Read by hand, not
@@ -239,6 +243,14 @@ impl ServerConfig {
 
         let entries = entries(&raw.entries, &trust_domain)?;
         let kubernetes = raw.kubernetes.map(|k| k.validate(env)).transpose()?;
+        let bundle_endpoint = raw
+            .bundle_endpoint
+            .map(|b| {
+                b.validate().map_err(|p| {
+                    ConfigError::invalid(format!("bundle_endpoint.{}", p.key), p.value, p.problem)
+                })
+            })
+            .transpose()?;
         Ok(Self {
             trust_domain,
             data_dir,
@@ -253,6 +265,7 @@ impl ServerConfig {
             authority,
             entries,
             kubernetes,
+            bundle_endpoint,
         })
     }
 }
