@@ -34,7 +34,7 @@ pub enum EndpointError {
         key_path: PathBuf,
         /// The cause.
         #[source]
-        source: web::WebError,
+        source: Box<web::WebError>,
     },
     /// `https_spiffe` without this process's SVID (a wiring error).
     #[error("the https_spiffe bundle endpoint needs this process's X.509-SVID")]
@@ -104,7 +104,7 @@ pub fn tls(
                 EndpointError::Certificate {
                     cert_path: cert_path.clone(),
                     key_path: key_path.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
             Ok(web::Tls::Rustls(Arc::new(files)))
