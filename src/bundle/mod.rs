@@ -304,6 +304,18 @@ impl TrustBundle {
         self.sequence
     }
 
+    /// The same bundle, its document carrying `spiffe_refresh_hint` =
+    /// `hint` (in whole seconds), as a bundle endpoint serves it.
+    pub fn with_refresh_hint(mut self, hint: Duration) -> Self {
+        self.refresh_hint = Some(hint);
+        self
+    }
+
+    /// The `spiffe_refresh_hint` its document carried (or will carry).
+    pub fn refresh_hint(&self) -> Option<Duration> {
+        self.refresh_hint
+    }
+
     /// The X.509 bundle in Workload API form: concatenated DER certificates.
     pub fn x509_der(&self) -> Vec<u8> {
         self.x509_authorities.concat()

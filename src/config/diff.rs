@@ -28,6 +28,7 @@ impl Config {
             log,
             http,
             oidc,
+            bundle_endpoint,
             fleet,
             introspection,
             // Applied by a reload.
@@ -85,6 +86,10 @@ impl Config {
         // old one still validate: `task::Tasks::is_own_issuer`).
         differs("[oidc]", *oidc != self.oidc);
         differs("[introspection]", *introspection != self.introspection);
+        differs(
+            "[bundle_endpoint]",
+            *bundle_endpoint != self.bundle_endpoint,
+        );
         keys
     }
 

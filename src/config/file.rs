@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::attestation::AttestorConfig;
 use crate::audit::AuditConfig;
 use crate::authority::AuthorityConfig;
-use crate::federation::FederationConfig;
+use crate::federation::{BundleEndpointConfig, FederationConfig};
 use crate::fleet::RawFleetConfig;
 use crate::registration::EntrySpec;
 use crate::task::TaskConfig;
@@ -58,6 +58,8 @@ pub struct RawConfig {
     pub entries: Vec<EntrySpec>,
     #[serde(default)]
     pub federation: Vec<FederationConfig>,
+    /// This trust domain's bundle endpoint (standalone agents).
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
     /// Fleet mode: the `tether server` this agent belongs to.
     pub server: Option<RawFleetConfig>,
     /// Token introspection (RFC 7662); standalone agents only.

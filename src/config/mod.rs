@@ -27,7 +27,7 @@ use crate::admin_api::AdminApiConfig;
 use crate::attestation::AttestorConfig;
 use crate::audit::AuditConfig;
 use crate::authority::AuthorityConfig;
-use crate::federation::FederationSource;
+use crate::federation::{BundleEndpoint, FederationSource};
 use crate::policy::PolicyConfig;
 use crate::registration::{self, EntrySpec, RegistrationEntry};
 use crate::svid::SvidConfig;
@@ -92,6 +92,9 @@ pub struct Config {
     pub entries: Vec<RegistrationEntry>,
     /// Federated trust domains.
     pub federation: Vec<FederationSource>,
+    /// `[bundle_endpoint]`: this trust domain's bundle served to federated
+    /// peers (standalone agents only).
+    pub bundle_endpoint: Option<BundleEndpoint>,
     /// Fleet mode (`[server]`): the keys and entries are the server's.
     pub fleet: Option<crate::fleet::FleetConfig>,
     /// `[introspection]`: the RFC 7662 endpoint (a standalone agent only;
@@ -194,6 +197,21 @@ impl Config {
             .map(crate::introspect::IntrospectionConfig::validate)
             .transpose()
             .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
+        if raw.server.is_some() && raw.bundle_endpoint.is_some() {
+            return Err(ConfigError::setting(
+                "bundle_endpoint",
+                "an agent with [server] does not serve the bundle endpoint: the tether server serves it (its [bundle_endpoint]); remove it here",
+            ));
+        }
+        let bundle_endpoint = raw
+            .bundle_endpoint
+            .take()
+            .map(|b| {
+                b.validate().map_err(|p| {
+                    ConfigError::invalid(format!("bundle_endpoint.{}", p.key), p.value, p.problem)
+                })
+            })
+            .transpose()?;
         let fleet = raw
             .server
             .take()
@@ -273,19 +291,10 @@ impl Config {
                     "appears in two [[federation]] sections",
                 ));
             }
-            check_absolute(&format!("{key}.bundle_path"), &f.bundle_path)?;
-            if f.refresh_interval.is_zero() {
-                return Err(ConfigError::invalid(
-                    format!("{key}.refresh_interval"),
-                    "0s",
-                    "must be greater than zero",
-                ));
-            }
-            federation.push(FederationSource {
-                trust_domain: td,
-                bundle_path: f.bundle_path.clone(),
-                refresh_interval: f.refresh_interval,
-            });
+            let source = f.validate(td).map_err(|p| {
+                ConfigError::invalid(format!("{key}.{}", p.key), p.value, p.problem)
+            })?;
+            federation.push(source);
         }
         let federated: BTreeSet<TrustDomain> =
             federation.iter().map(|f| f.trust_domain.clone()).collect();
@@ -388,6 +397,7 @@ impl Config {
             oidc,
             entries,
             federation,
+            bundle_endpoint,
             fleet,
             introspection,
         })

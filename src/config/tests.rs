@@ -340,6 +340,18 @@ fn bad_values_name_the_key() {
             "[[federation]]\ntrust_domain = \"tether.local\"\nbundle_path = \"/x\"",
             "own trust domain",
         ),
+        (
+            "[server]\naddress = \"127.0.0.1:1\"\n[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\nprofile = \"https_spiffe\"",
+            "the tether server serves it",
+        ),
+        (
+            "[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\nprofile = \"https_web\"",
+            "bundle_endpoint.cert_path",
+        ),
+        (
+            "[[federation]]\ntrust_domain = \"peer.example\"\nbundle_endpoint_url = \"http://peer.example/\"\nbundle_endpoint_profile = \"https_web\"",
+            "federation[0].bundle_endpoint_url",
+        ),
         ("[limits]\nmax_audiences = 0", "limits.max_audiences"),
         ("[audit]\nqueue = 0", "audit.queue"),
         ("[audit]\nmax_file_bytes = 100", "audit.max_file_bytes"),

@@ -304,7 +304,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let readiness: Readiness = {
         let (authority, audit, store) = (authority.clone(), audit.clone(), store.clone());
         let sockets = [socket.identity(), admin_socket.identity()];
-        Readiness::new(move || problems(authority.as_ref(), &audit, &store, &sockets))
+        let federation = federation.clone();
+        Readiness::new(move || {
+            let mut problems = problems(authority.as_ref(), &audit, &store, &sockets);
+            problems.extend(federation.problems());
+            problems
+        })
     };
     let admin = AdminApi::new(
         registry.clone(),

@@ -25,6 +25,8 @@ use super::shutdown::Shutdown;
 use crate::audit::AuditLog;
 use crate::authority::Authority;
 use crate::config::Config;
+use crate::federation::endpoint::{self as bundle_endpoint, BundleRoutes};
+use crate::federation::{BundleEndpoint, EndpointTls};
 use crate::introspect::{AgentIntrospector, IntrospectionConfig, IntrospectionRoutes};
 use crate::mtls::{self, SwappableIdentity};
 use crate::oidc::BoundOidc;
@@ -42,12 +44,17 @@ pub(super) struct Listeners {
     oidc: Option<BoundOidc>,
     /// `[introspection]`: its listener and settings.
     introspection: Option<(TcpListener, IntrospectionConfig)>,
+    /// `[bundle_endpoint]`: its listener and settings.
+    bundle_endpoint: Option<(TcpListener, BundleEndpoint)>,
 }
 
 /// The listeners with the agent's own SVID, when one of them presents it.
 pub(super) struct Prepared {
     listeners: Listeners,
     own: Option<OwnSvid>,
+    /// The bundle endpoint's TLS (its certificate files loaded, or the
+    /// own SVID).
+    bundle_endpoint_tls: Option<Tls>,
 }
 
 /// The agent's own X.509-SVID, signed in [`Listeners::prepare`] and renewed
@@ -66,6 +73,8 @@ pub struct Addrs {
     pub oidc: Option<SocketAddr>,
     /// Token introspection (`[introspection] listen`).
     pub introspection: Option<SocketAddr>,
+    /// The SPIFFE bundle endpoint (`[bundle_endpoint] listen`).
+    pub bundle_endpoint: Option<SocketAddr>,
 }
 
 /// What the listeners serve from.
@@ -104,9 +113,22 @@ impl Listeners {
             }
             None => None,
         };
+        let bundle_endpoint = match &config.bundle_endpoint {
+            Some(endpoint) => {
+                let listener = TcpListener::bind(endpoint.listen).await.with_context(|| {
+                    format!(
+                        "binding the bundle endpoint {} ([bundle_endpoint] listen)",
+                        endpoint.listen
+                    )
+                })?;
+                Some((listener, endpoint.clone()))
+            }
+            None => None,
+        };
         Ok(Self {
             oidc,
             introspection,
+            bundle_endpoint,
         })
     }
 
@@ -116,7 +138,11 @@ impl Listeners {
         authority: &Arc<dyn Authority>,
         trust_domain: &TrustDomain,
     ) -> anyhow::Result<Prepared> {
-        let own = if self.introspection.is_some() {
+        let spiffe_bundle_endpoint = self
+            .bundle_endpoint
+            .as_ref()
+            .is_some_and(|(_, endpoint)| endpoint.tls == EndpointTls::Spiffe);
+        let own = if self.introspection.is_some() || spiffe_bundle_endpoint {
             let spiffe_id = own_svid::agent_spiffe_id(trust_domain)?;
             let (identity, expires) = own_svid::own_svid(authority, &spiffe_id, OWN_SVID_TTL)
                 .await
@@ -129,9 +155,21 @@ impl Listeners {
         } else {
             None
         };
+        let bundle_endpoint_tls = match &self.bundle_endpoint {
+            Some((_, endpoint)) => Some(
+                bundle_endpoint::tls(
+                    &endpoint.tls,
+                    authority.subscribe_bundle(),
+                    own.as_ref().map(|own| own.identity.clone()),
+                )
+                .context("the bundle endpoint's TLS ([bundle_endpoint])")?,
+            ),
+            None => None,
+        };
         Ok(Prepared {
             listeners: self,
             own,
+            bundle_endpoint_tls,
         })
     }
 }
@@ -164,6 +202,7 @@ impl Prepared {
         let Listeners {
             oidc,
             introspection,
+            bundle_endpoint,
         } = self.listeners;
 
         let oidc = oidc.map(|bound| {
@@ -211,9 +250,33 @@ impl Prepared {
             }
             _ => None,
         };
+
+        let bundle_endpoint = match (bundle_endpoint, self.bundle_endpoint_tls) {
+            (Some((listener, endpoint)), Some(tls)) => {
+                let addr = listener
+                    .local_addr()
+                    .context("the bundle endpoint's address")?;
+                let routes = BundleRoutes::new(authority.subscribe_bundle(), endpoint.refresh_hint);
+                shutdown.spawn(
+                    "bundle endpoint",
+                    web::serve(
+                        listener,
+                        tls,
+                        Arc::new(routes),
+                        Limits::default(),
+                        shutdown.tracker(),
+                        shutdown.token(),
+                    ),
+                );
+                tracing::info!(%addr, "bundle endpoint: this trust domain's SPIFFE bundle at /");
+                Some(addr)
+            }
+            _ => None,
+        };
         Ok(Addrs {
             oidc,
             introspection,
+            bundle_endpoint,
         })
     }
 }

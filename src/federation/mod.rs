@@ -1,53 +1,48 @@
-//! Federation: the trust bundles of foreign trust domains, read from files.
+//! Federation: the trust bundles of foreign trust domains, read from files
+//! or fetched from their SPIFFE bundle endpoints, and this trust domain's
+//! own bundle served to them ([`endpoint`]).
 //!
-//! Each `[[federation]]` names a trust domain and a SPIFFE bundle document
-//! on disk (as mounted from a ConfigMap, say). The files are read at start
-//! (a missing or invalid file stops the start) and then polled: a changed
-//! file that parses replaces the bundle and wakes every subscriber; one that
-//! does not is logged and the previous bundle stays in force.
+//! Each `[[federation]]` names a trust domain and where its SPIFFE bundle
+//! document comes from:
+//! - a file on disk (as mounted from a ConfigMap, say), read at start (a
+//!   missing or invalid file stops the start) and then polled: a changed
+//!   file that parses replaces the bundle and wakes every subscriber; one
+//!   that does not is logged and the previous bundle stays in force;
+//! - a bundle endpoint ([`fetch`]): `https_web` (no bundle until the first
+//!   fetch succeeds) or `https_spiffe` (the file is the bootstrap bundle,
+//!   and every fetch is authenticated against the last good bundle). A
+//!   failing endpoint never stops the start or the agent: its problem is
+//!   in [`Federation::problems`] (readiness) until a fetch succeeds.
 //!
-//! Invariant: a federated bundle only ever comes from its configured file;
-//! nothing a workload sends can add or change one.
+//! Invariant: a federated bundle only ever comes from its configured source
+//! and is parsed as its configured trust domain's; nothing a workload sends
+//! can add or change one.
 
-use std::collections::BTreeMap;
+pub mod client;
+pub mod config;
+pub mod endpoint;
+pub mod fetch;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use serde::Deserialize;
 use spiffe::TrustDomain;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bundle::{BundleError, MAX_BUNDLE_DOCUMENT_LEN, TrustBundle};
+pub use config::{
+    BundleEndpoint, BundleEndpointConfig, EndpointAuth, EndpointProfile, EndpointSource,
+    EndpointTls, FederationConfig, FederationSource, SettingProblem,
+};
+use fetch::{EndpointStatus, Fetcher, Statuses};
 
 /// The bundles of every federated trust domain.
 pub type FederatedBundles = BTreeMap<TrustDomain, Arc<TrustBundle>>;
-
-/// A `[[federation]]` section as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FederationConfig {
-    /// The foreign trust domain (`example-federated.org`).
-    pub trust_domain: String,
-    /// Its SPIFFE bundle document (JWK Set form).
-    pub bundle_path: PathBuf,
-    /// How often the file is checked for changes.
-    #[serde(default = "default_refresh_interval", with = "humantime_serde")]
-    pub refresh_interval: Duration,
-}
-
-/// A validated federation source.
-#[derive(Debug, Clone)]
-pub struct FederationSource {
-    /// The foreign trust domain.
-    pub trust_domain: TrustDomain,
-    /// Where its bundle is read from.
-    pub bundle_path: PathBuf,
-    /// How often the file is checked.
-    pub refresh_interval: Duration,
-}
 
 /// Why a federated bundle could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -76,21 +71,25 @@ pub enum FederationError {
     },
 }
 
-/// Federated bundles and the sources they are read from.
+/// Federated bundles and the sources they come from.
 #[derive(Debug, Clone)]
 pub struct Federation {
     sources: Arc<watch::Sender<Arc<Vec<FederationSource>>>>,
     bundles: Arc<watch::Sender<Arc<FederatedBundles>>>,
+    statuses: Statuses,
 }
 
 struct Watched {
     source: FederationSource,
+    path: PathBuf,
     last: Vec<u8>,
 }
 
-fn default_refresh_interval() -> Duration {
-    Duration::from_secs(5)
-}
+/// The polling tick when no file source is configured.
+const IDLE_TICK: Duration = Duration::from_secs(5);
+/// A bundle fetched longer ago than this is stale (a readiness problem
+/// even without a failure on record).
+const STALE_AFTER: Duration = Duration::from_secs(3 * 3600);
 
 /// Federation sources whose bundles have been read, not yet in force
 /// ([`Federation::prepare`]).
@@ -102,7 +101,7 @@ pub struct PreparedFederation {
 
 impl PreparedFederation {
     /// The trust domains these sources federate with.
-    pub fn trust_domains(&self) -> std::collections::BTreeSet<TrustDomain> {
+    pub fn trust_domains(&self) -> BTreeSet<TrustDomain> {
         self.sources
             .iter()
             .map(|s| s.trust_domain.clone())
@@ -113,36 +112,44 @@ impl PreparedFederation {
 // === impl Federation ===
 
 impl Federation {
-    /// Reads every source's bundle. Any unreadable or invalid file is an
-    /// error: an agent that cannot trust what it was told to trust should
-    /// not start.
+    /// Reads every source's bundle file (an endpoint's bootstrap bundle
+    /// included). Any unreadable or invalid file is an error: an agent that
+    /// cannot trust what it was told to trust should not start. An
+    /// endpoint is not contacted here: [`Self::run`] fetches.
     pub fn load(sources: Vec<FederationSource>) -> Result<Self, FederationError> {
-        let bundles = load_all(&sources)?;
+        let bundles = load_all(&sources, &[], &FederatedBundles::new())?;
+        let statuses = Arc::new(Mutex::new(BTreeMap::new()));
+        reset_statuses(&statuses, &sources);
         Ok(Self {
             sources: Arc::new(watch::channel(Arc::new(sources)).0),
             bundles: Arc::new(watch::channel(Arc::new(bundles)).0),
+            statuses,
         })
     }
 
-    /// Reads every new source's bundle for a config reload without
-    /// putting anything in force: every file must read and parse.
+    /// Reads every new source's bundle file for a config reload without
+    /// putting anything in force: every file must read and parse. A
+    /// source whose endpoint is unchanged keeps the bundle it fetched.
     /// [`Self::apply`] puts the result in force.
     pub fn prepare(
         &self,
         sources: Vec<FederationSource>,
     ) -> Result<PreparedFederation, FederationError> {
-        let bundles = load_all(&sources)?;
+        let previous = self.sources.borrow().clone();
+        let current = self.current();
+        let bundles = load_all(&sources, &previous, &current)?;
         Ok(PreparedFederation { sources, bundles })
     }
 
     /// Puts prepared sources and their bundles in force.
     pub fn apply(&self, prepared: PreparedFederation) {
+        reset_statuses(&self.statuses, &prepared.sources);
         self.bundles.send_replace(Arc::new(prepared.bundles));
         self.sources.send_replace(Arc::new(prepared.sources));
     }
 
     /// The trust domains configured now.
-    pub fn trust_domains(&self) -> std::collections::BTreeSet<TrustDomain> {
+    pub fn trust_domains(&self) -> BTreeSet<TrustDomain> {
         self.sources
             .borrow()
             .iter()
@@ -160,23 +167,83 @@ impl Federation {
         self.bundles.subscribe()
     }
 
-    /// Polls the bundle files until `cancel`, following source changes.
+    /// What is wrong with the bundle endpoints now (empty: nothing), for
+    /// readiness: a domain with no bundle yet, the last fetch's failure
+    /// (the last good bundle is kept meanwhile), a bundle gone stale.
+    pub fn problems(&self) -> Vec<String> {
+        let bundles = self.current();
+        let statuses = self
+            .statuses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut problems = Vec::new();
+        for (td, status) in statuses {
+            let has_bundle = bundles.contains_key(&td);
+            match (&status.last_error, has_bundle) {
+                (Some(error), false) => problems.push(format!(
+                    "federation {td}: no bundle yet; the bundle endpoint {} failed: {error}",
+                    status.url
+                )),
+                (None, false) => problems.push(format!(
+                    "federation {td}: no bundle yet from the bundle endpoint {}",
+                    status.url
+                )),
+                (Some(error), true) => problems.push(format!(
+                    "federation {td}: the bundle endpoint {} failed, the last good bundle is kept: {error}",
+                    status.url
+                )),
+                (None, true) => {
+                    if let Some(at) = status.last_success
+                        && at.elapsed() > STALE_AFTER
+                    {
+                        problems.push(format!(
+                            "federation {td}: the bundle from {} is stale (fetched {} ago)",
+                            status.url,
+                            humantime::format_duration(Duration::from_secs(at.elapsed().as_secs()))
+                        ));
+                    }
+                }
+            }
+        }
+        problems
+    }
+
+    /// Polls the bundle files and runs one fetcher per bundle endpoint
+    /// until `cancel`, following source changes.
     pub async fn run(self, cancel: CancellationToken) {
         let mut sources = self.sources.subscribe();
         loop {
             let current = sources.borrow_and_update().clone();
-            let mut watched: Vec<Watched> = current
+            // Dropped (every fetcher aborted) when the sources change.
+            let mut fetchers = JoinSet::new();
+            let fetchers_stop = cancel.child_token();
+            let _stop_fetchers = fetchers_stop.clone().drop_guard();
+            let mut watched = Vec::new();
+            for source in current.iter() {
+                match (&source.endpoint, &source.bundle_path) {
+                    (Some(endpoint), _) => {
+                        let fetcher = Fetcher {
+                            source: source.clone(),
+                            endpoint: endpoint.clone(),
+                            bundles: Arc::clone(&self.bundles),
+                            statuses: Arc::clone(&self.statuses),
+                        };
+                        fetchers.spawn(fetcher.run(fetchers_stop.clone()));
+                    }
+                    (None, Some(path)) => watched.push(Watched {
+                        source: source.clone(),
+                        path: path.clone(),
+                        last: read(&source.trust_domain, path).unwrap_or_default(),
+                    }),
+                    (None, None) => {}
+                }
+            }
+            let tick = watched
                 .iter()
-                .map(|source| Watched {
-                    source: source.clone(),
-                    last: read(source).unwrap_or_default(),
-                })
-                .collect();
-            let tick = current
-                .iter()
-                .map(|s| s.refresh_interval)
+                .map(|w| w.source.refresh_interval)
                 .min()
-                .unwrap_or_else(default_refresh_interval);
+                .unwrap_or(IDLE_TICK);
             let mut interval = tokio::time::interval(tick);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -188,6 +255,7 @@ impl Federation {
                         }
                         break;
                     }
+                    Some(_) = fetchers.join_next() => {}
                     _ = interval.tick() => {}
                 }
                 for w in &mut watched {
@@ -198,8 +266,8 @@ impl Federation {
     }
 
     async fn refresh(&self, watched: &mut Watched) {
-        let source = watched.source.clone();
-        let read_result = tokio::task::spawn_blocking(move || read(&source)).await;
+        let (td, path) = (watched.source.trust_domain.clone(), watched.path.clone());
+        let read_result = tokio::task::spawn_blocking(move || read(&td, &path)).await;
         let bytes = match read_result {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(error)) => {
@@ -212,7 +280,7 @@ impl Federation {
             return;
         }
         watched.last.clone_from(&bytes);
-        match parse(&watched.source, &bytes) {
+        match parse(&watched.source.trust_domain, &watched.path, &bytes) {
             Ok(bundle) => {
                 tracing::info!(
                     trust_domain = %watched.source.trust_domain,
@@ -238,22 +306,70 @@ impl Federation {
     }
 }
 
-fn load_all(sources: &[FederationSource]) -> Result<FederatedBundles, FederationError> {
+/// One status per endpoint source, kept across a reload when its source
+/// did not change, fresh otherwise.
+fn reset_statuses(statuses: &Statuses, sources: &[FederationSource]) {
+    let mut statuses = statuses.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut next = BTreeMap::new();
+    for source in sources {
+        if let Some(endpoint) = &source.endpoint {
+            let url = endpoint.url.to_string();
+            let status = match statuses.remove(&source.trust_domain) {
+                Some(old) if old.url == url => old,
+                _ => EndpointStatus {
+                    url,
+                    last_success: None,
+                    last_error: None,
+                },
+            };
+            next.insert(source.trust_domain.clone(), status);
+        }
+    }
+    *statuses = next;
+}
+
+/// Every source's bundle: a file source's file, an endpoint source's
+/// current bundle when its endpoint did not change (else its bootstrap
+/// file, or none for `https_web` until the first fetch).
+fn load_all(
+    sources: &[FederationSource],
+    previous: &[FederationSource],
+    current: &FederatedBundles,
+) -> Result<FederatedBundles, FederationError> {
     let mut bundles = FederatedBundles::new();
     for source in sources {
-        let bytes = read(source)?;
-        bundles.insert(
-            source.trust_domain.clone(),
-            Arc::new(parse(source, &bytes)?),
-        );
+        let td = &source.trust_domain;
+        let file = match &source.bundle_path {
+            Some(path) => {
+                let bytes = read(td, path)?;
+                Some(parse(td, path, &bytes)?)
+            }
+            None => None,
+        };
+        let unchanged_endpoint = source.endpoint.is_some()
+            && previous
+                .iter()
+                .any(|p| p.trust_domain == *td && p.endpoint == source.endpoint);
+        let kept = unchanged_endpoint
+            .then(|| current.get(td).cloned())
+            .flatten();
+        match (kept, file) {
+            (Some(kept), _) => {
+                bundles.insert(td.clone(), kept);
+            }
+            (None, Some(file)) => {
+                bundles.insert(td.clone(), Arc::new(file));
+            }
+            (None, None) => {}
+        }
     }
     Ok(bundles)
 }
 
-fn read(source: &FederationSource) -> Result<Vec<u8>, FederationError> {
-    read_bounded(&source.bundle_path).map_err(|e| FederationError::Read {
-        trust_domain: source.trust_domain.to_string(),
-        path: source.bundle_path.clone(),
+fn read(trust_domain: &TrustDomain, path: &Path) -> Result<Vec<u8>, FederationError> {
+    read_bounded(path).map_err(|e| FederationError::Read {
+        trust_domain: trust_domain.to_string(),
+        path: path.to_owned(),
         source: e,
     })
 }
@@ -268,12 +384,17 @@ fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn parse(source: &FederationSource, bytes: &[u8]) -> Result<TrustBundle, FederationError> {
-    TrustBundle::from_spiffe_json(source.trust_domain.clone(), bytes).map_err(|e| {
-        FederationError::Parse {
-            trust_domain: source.trust_domain.to_string(),
-            path: source.bundle_path.clone(),
-            source: e,
-        }
+fn parse(
+    trust_domain: &TrustDomain,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<TrustBundle, FederationError> {
+    TrustBundle::from_spiffe_json(trust_domain.clone(), bytes).map_err(|e| FederationError::Parse {
+        trust_domain: trust_domain.to_string(),
+        path: path.to_owned(),
+        source: e,
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -34,6 +34,7 @@ use crate::audit::{AuditConfig, AuditLog};
 use crate::authority::{Authority, LocalAuthority};
 use crate::daemon::{self, AUDIT_DRAIN, SHUTDOWN_GRACE, Shutdown, audit_key, own_svid, shutdown};
 use crate::error::Chain;
+use crate::federation::endpoint as federation_endpoint;
 use crate::introspect::IntrospectionRoutes;
 use crate::mtls;
 use crate::proto::server::node_server::NodeServer;
@@ -64,6 +65,7 @@ pub struct RunningServer {
     listen_addr: SocketAddr,
     oidc_addr: Option<SocketAddr>,
     introspection_addr: Option<SocketAddr>,
+    bundle_endpoint_addr: Option<SocketAddr>,
     admin_socket_path: PathBuf,
     shutdown: Shutdown,
     audit: AuditLog,
@@ -96,6 +98,15 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .context("the introspection endpoint's address")?;
             Some((bound, addr))
         }
+        None => None,
+    };
+    let bundle_endpoint_listener = match &config.bundle_endpoint {
+        Some(endpoint) => Some(TcpListener::bind(endpoint.listen).await.with_context(|| {
+            format!(
+                "binding the bundle endpoint {} ([bundle_endpoint] listen)",
+                endpoint.listen
+            )
+        })?),
         None => None,
     };
     let mut admin_socket = server_admin::bind(&config.admin_socket_path).with_context(|| {
@@ -199,7 +210,51 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }
     };
 
+    // The fleet's bundle for federated peers, with the server's own SVID
+    // for https_spiffe; loaded before anything runs.
+    let bundle_endpoint = match (&config.bundle_endpoint, bundle_endpoint_listener) {
+        (Some(endpoint), Some(listener)) => {
+            match federation_endpoint::tls(
+                &endpoint.tls,
+                authority.subscribe_bundle(),
+                Some(identity.clone()),
+            ) {
+                Ok(tls) => Some((
+                    listener,
+                    tls,
+                    Arc::new(federation_endpoint::BundleRoutes::new(
+                        authority.subscribe_bundle(),
+                        endpoint.refresh_hint,
+                    )),
+                )),
+                Err(error) => {
+                    audit_stop.cancel();
+                    let _ = audit_writer.await;
+                    return Err(anyhow::Error::new(error)
+                        .context("the bundle endpoint's TLS ([bundle_endpoint])"));
+                }
+            }
+        }
+        _ => None,
+    };
+    let bundle_endpoint_addr = bundle_endpoint
+        .as_ref()
+        .and_then(|(listener, _, _)| listener.local_addr().ok());
+
     let shutdown = Shutdown::default();
+    if let Some((listener, tls, routes)) = bundle_endpoint {
+        shutdown.spawn(
+            "bundle endpoint",
+            web::serve(
+                listener,
+                tls,
+                routes,
+                web::Limits::default(),
+                shutdown.tracker(),
+                shutdown.token(),
+            ),
+        );
+    }
     shutdown.spawn("key rotation", local_authority.run(shutdown.token()));
     shutdown.spawn("bundle sharing", fleet_authority.run(shutdown.token()));
     shutdown.spawn("entry refresh", registry.clone().run(shutdown.token()));
@@ -343,6 +398,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         listen_addr,
         oidc_addr,
         introspection_addr,
+        bundle_endpoint_addr,
         admin_socket_path: config.admin_socket_path,
         shutdown,
         audit,
@@ -355,6 +411,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 // === impl RunningServer ===
 
 impl RunningServer {
+    /// Where `[bundle_endpoint]` listens, when it is set (the bound
+    /// address).
+    pub fn bundle_endpoint_addr(&self) -> Option<SocketAddr> {
+        self.bundle_endpoint_addr
+    }
+
     /// Where agents reach the node API (the bound address: a `listen`
     /// port of 0 is resolved).
     pub fn listen_addr(&self) -> SocketAddr {

@@ -97,13 +97,16 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // Every layer records metrics (telemetry, a leaf).
         ("attestation", &["error", "registration", "telemetry"][..]),
         ("authority", &["bundle", "error", "trusted_fs"][..]),
-        ("federation", &["bundle", "error"][..]),
         // The fleet's mutual TLS: bundles as values, never the keys
         // (its tests serve a generated service over it).
         ("mtls", &["bundle", "error", "proto"][..]),
         // OIDC discovery: the bundle's JWT keys served over the HTTP kit
         // (never a key, never the authority).
         ("oidc", &["bundle", "error", "web"][..]),
+        // Federated bundles; an https_spiffe bundle endpoint is verified
+        // with the fleet's SVID verifier (mtls); our own bundle endpoint is
+        // served on the web kit.
+        ("federation", &["bundle", "error", "mtls", "web"][..]),
         // 2: services and the shared transport
         (
             "svid",
@@ -230,6 +233,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "edge",
                 "error",
                 "introspect",
+                "federation",
                 "mtls",
                 "oidc",
                 "proto",

@@ -26,6 +26,7 @@ mod cli_api;
 mod cli_task;
 mod daemon;
 mod faults;
+mod federation_endpoints;
 mod fleet_bench_stats;
 mod fleet_k8s;
 mod fleet_node;

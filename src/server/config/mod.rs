@@ -85,6 +85,9 @@ pub struct ServerConfig {
     /// `[introspection]`: the RFC 7662 endpoint for relying parties,
     /// deciding task tokens by the fleet's task index.
     pub introspection: Option<IntrospectionConfig>,
+    /// `[bundle_endpoint]`: the fleet's bundle served to federated peers
+    /// (`https_spiffe` presents the server's own SVID).
+    pub bundle_endpoint: Option<crate::federation::BundleEndpoint>,
 }
 
 /// `store`: where replicas keep what they share.
@@ -119,6 +122,7 @@ struct RawServerConfig {
     kubernetes: Option<RawKubernetesConfig>,
     oidc: Option<crate::oidc::OidcConfig>,
     introspection: Option<IntrospectionConfig>,
+    bundle_endpoint: Option<crate::federation::BundleEndpointConfig>,
 }
 
 /// `[[entries]]`: the agent's entry keys, plus `nodes`. Read by hand, not
@@ -258,6 +262,14 @@ impl ServerConfig {
             .map(IntrospectionConfig::validate)
             .transpose()
             .map_err(|(key, problem)| ConfigError::setting(key, problem))?;
+        let bundle_endpoint = raw
+            .bundle_endpoint
+            .map(|b| {
+                b.validate().map_err(|p| {
+                    ConfigError::invalid(format!("bundle_endpoint.{}", p.key), p.value, p.problem)
+                })
+            })
+            .transpose()?;
         Ok(Self {
             trust_domain,
             data_dir,
@@ -274,6 +286,7 @@ impl ServerConfig {
             kubernetes,
             oidc,
             introspection,
+            bundle_endpoint,
         })
     }
 }
