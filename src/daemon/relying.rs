@@ -64,7 +64,9 @@ impl Listeners {
     /// Binds every configured listener.
     pub(super) async fn bind(config: &crate::config::Config) -> anyhow::Result<Self> {
         let oidc = match &config.oidc {
-            Some(oidc) => Some(crate::oidc::BoundOidc::bind(oidc).await?),
+            Some(oidc) => {
+                Some(crate::oidc::BoundOidc::bind(oidc, config.authority.jwt_key_ttl).await?)
+            }
             None => None,
         };
         Ok(Self { oidc })
