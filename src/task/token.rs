@@ -150,14 +150,6 @@ impl Tasks {
             .unwrap_or_else(|| self.trust_domain().id_string())
     }
 
-    /// True when `iss` names this trust domain: `spiffe://<td>` or the
-    /// configured issuer. Both, whichever is in force: a token signed
-    /// before the issuer was set or changed lives on after a restart.
-    pub(super) fn is_own_issuer(&self, iss: &str) -> bool {
-        iss == self.trust_domain().id_string()
-            || self.inner.authority.issuer().as_deref() == Some(iss)
-    }
-
     /// Signs `draft`: `iss` is [`Self::issuer`], `jti`, `iat` and `nbf`
     /// are fresh, and `exp` is capped by the token lifetime, the draft's
     /// `not_after` and the signing key's own expiry.
