@@ -83,7 +83,7 @@ impl Config {
         differs("[http]", *http != self.http);
         // The issuer is in every token signed from now on and in the
         // listener's routes: a restart applies it (tokens signed under the
-        // old one still validate: `task::Tasks::is_own_issuer`).
+        // old one still validate and exchange: neither compares `iss`).
         differs("[oidc]", *oidc != self.oidc);
         differs("[introspection]", *introspection != self.introspection);
         differs(

@@ -95,7 +95,7 @@ impl Listeners {
     /// Binds every configured listener.
     pub(super) async fn bind(config: &Config) -> anyhow::Result<Self> {
         let oidc = match &config.oidc {
-            Some(oidc) => Some(BoundOidc::bind(oidc).await?),
+            Some(oidc) => Some(BoundOidc::bind(oidc, config.authority.jwt_key_ttl).await?),
             None => None,
         };
         let introspection = match &config.introspection {

@@ -13,15 +13,17 @@
 //!   watch, each with `use: "sig"` and its `alg`.
 //!
 //! Both are answered at the root too, `Cache-Control: public,
-//! max-age=300` with a content `ETag` (`If-None-Match` gives 304); any
-//! other path is 404, any other method 405.
+//! max-age=300` (less with JWT keys under 30 minutes: [`max_age_for`])
+//! with a content `ETag` (`If-None-Match` gives 304); any other path is
+//! 404, any other method 405.
 //!
 //! Invariant: a relying party that honours the cache header holds every
 //! key that signs. A JWT key is published at half its life and signs from
-//! five sixths of it (`authority::local::rotate`: eight hours ahead with
-//! the default 24 h, two seconds with a 12 s test key), far longer than
-//! [`CACHE_CONTROL_VALUE`]'s five minutes. The issuer itself is set at
-//! config load and is the `iss` of every token the authority signs
+//! five sixths of it (`authority::rotation`: eight hours ahead with the
+//! default 24 h, four seconds with a 12 s test key), at least twice the
+//! `max-age` served ([`max_age_for`]: a sixth of the key's life, at most
+//! five minutes). The issuer itself is set at config load and is the
+//! `iss` of every token the authority signs
 //! (`authority::Authority::issuer`); nothing here signs or reads a key.
 
 mod config;
@@ -29,6 +31,7 @@ mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -38,7 +41,7 @@ use tokio_util::task::TaskTracker;
 use crate::bundle::TrustBundle;
 use crate::web::{self, CertificateFiles, Limits, Tls, WebError};
 pub use config::{MAX_ISSUER_LEN, OidcConfig, normalize_issuer};
-pub use routes::{CACHE_CONTROL_VALUE, DISCOVERY_PATH, KEYS_PATH, OidcRoutes, jwks};
+pub use routes::{CACHE_CONTROL_VALUE, DISCOVERY_PATH, KEYS_PATH, OidcRoutes, jwks, max_age_for};
 
 /// Why the discovery endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,13 +71,17 @@ pub struct BoundOidc {
     addr: SocketAddr,
     tls: Tls,
     issuer: String,
+    jwt_key_ttl: Duration,
 }
 
 // === impl BoundOidc ===
 
 impl BoundOidc {
-    /// Binds `config.listen` and loads its certificate, if any.
-    pub async fn bind(config: &OidcConfig) -> Result<Self, OidcError> {
+    /// Binds `config.listen` and loads its certificate, if any. The JWT
+    /// keys served live `jwt_key_ttl` (`authority.jwt_key_ttl`), which
+    /// bounds how long relying parties may cache them
+    /// ([`max_age_for`]).
+    pub async fn bind(config: &OidcConfig, jwt_key_ttl: Duration) -> Result<Self, OidcError> {
         let tls = match (&config.cert_path, &config.key_path) {
             (Some(cert), Some(key)) => Tls::Rustls(Arc::new(
                 CertificateFiles::load(cert, key).map_err(OidcError::Certificate)?,
@@ -94,6 +101,7 @@ impl BoundOidc {
             addr,
             tls,
             issuer: config.issuer.clone(),
+            jwt_key_ttl,
         })
     }
 
@@ -110,7 +118,8 @@ impl BoundOidc {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) {
-        let routes = Arc::new(OidcRoutes::new(&self.issuer, bundle));
+        let routes =
+            Arc::new(OidcRoutes::new(&self.issuer, bundle).with_jwt_key_ttl(self.jwt_key_ttl));
         web::serve(
             self.listener,
             self.tls,

@@ -3,6 +3,7 @@
 //! a rotation is served at the next request).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ALLOW, CACHE_CONTROL, ETAG, IF_NONE_MATCH};
@@ -19,12 +20,17 @@ pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 /// The JWKS's path, below the issuer (`jwks_uri`).
 pub const KEYS_PATH: &str = "/keys";
 
-/// What relying parties may cache, and for how long. A JWT key is in the
-/// bundle hours before it signs (`authority::local::rotate`: from half
-/// its life, signing from five sixths; 8 h ahead with the default 24 h),
-/// so a relying party that refreshes every 5 minutes always holds the key
-/// of any token it is shown.
+/// What relying parties may cache, and for how long, with the default
+/// `authority.jwt_key_ttl` (24 h) or any of 30 minutes or more. A JWT key
+/// is in the bundle a third of its life before it signs
+/// (`authority::rotation`: from half its life, signing from five sixths;
+/// 8 h ahead with the default 24 h), so a relying party that refreshes
+/// every 5 minutes always holds the key of any token it is shown. Shorter
+/// keys get a shorter `max-age` ([`max_age_for`]).
 pub const CACHE_CONTROL_VALUE: &str = "public, max-age=300";
+
+/// The longest `max-age` served.
+const MAX_AGE: Duration = Duration::from_secs(300);
 
 /// The algorithms the trust domain's authority signs with (ES256, P-256:
 /// `authority::jwt_keys`).
@@ -47,6 +53,8 @@ pub struct OidcRoutes {
     discovery: Bytes,
     discovery_etag: HeaderValue,
     bundle: watch::Receiver<Arc<TrustBundle>>,
+    /// `Cache-Control` of both documents.
+    cache_control: HeaderValue,
 }
 
 /// Which document a path names.
@@ -69,7 +77,20 @@ impl OidcRoutes {
             discovery: Bytes::from(discovery),
             discovery_etag,
             bundle,
+            cache_control: HeaderValue::from_static(CACHE_CONTROL_VALUE),
         }
+    }
+
+    /// The same routes for keys living `jwt_key_ttl`
+    /// (`authority.jwt_key_ttl`): `max-age` is [`max_age_for`] it.
+    #[must_use]
+    pub fn with_jwt_key_ttl(mut self, jwt_key_ttl: Duration) -> Self {
+        let max_age = max_age_for(jwt_key_ttl).as_secs();
+        // Digits and ASCII are valid header bytes.
+        if let Ok(value) = HeaderValue::from_str(&format!("public, max-age={max_age}")) {
+            self.cache_control = value;
+        }
+        self
     }
 
     fn document(&self, path: &str) -> Option<Document> {
@@ -120,7 +141,7 @@ impl OidcRoutes {
             web::reply(StatusCode::OK, "application/json", body)
         };
         let headers = response.headers_mut();
-        headers.insert(CACHE_CONTROL, HeaderValue::from_static(CACHE_CONTROL_VALUE));
+        headers.insert(CACHE_CONTROL, self.cache_control.clone());
         headers.insert(ETAG, etag);
         response
     }
@@ -130,6 +151,14 @@ impl Routes for OidcRoutes {
     async fn answer(&self, request: WebRequest) -> WebResponse {
         self.answer_to(&request.method, &request.path, &request.headers)
     }
+}
+
+/// How long a relying party may cache the documents when JWT keys live
+/// `jwt_key_ttl`: half the time a new key is published before it signs (a
+/// third of its life), at most five minutes. A relying party that honours
+/// it holds a key before the key signs, whatever the key's lifetime.
+pub fn max_age_for(jwt_key_ttl: Duration) -> Duration {
+    (jwt_key_ttl / 6).min(MAX_AGE)
 }
 
 /// The issuer's path: what follows its host, empty at the root.

@@ -219,3 +219,28 @@ fn other_paths_are_404_and_other_methods_405() {
     let head = routes.answer_to(&Method::HEAD, "/td/keys", &HeaderMap::new());
     assert_eq!(head.status(), StatusCode::OK);
 }
+
+#[test]
+fn a_short_lived_key_is_never_cached_past_its_publication_lead() {
+    // A key is published a third of its life before it signs: a relying
+    // party that honours max-age must refresh within that lead, whatever
+    // `authority.jwt_key_ttl` is.
+    for (ttl, want) in [
+        (Duration::from_secs(24 * 3600), 300),
+        (Duration::from_secs(30 * 60), 300),
+        (Duration::from_secs(10 * 60), 100),
+        (Duration::from_secs(12), 2),
+    ] {
+        assert_eq!(max_age_for(ttl).as_secs(), want, "{ttl:?}");
+        assert!(max_age_for(ttl) * 2 <= ttl / 3, "{ttl:?}");
+        let (_tx, rx) = watch::channel(bundle(&["k1"], 1));
+        let routes = OidcRoutes::new("https://o.example", rx).with_jwt_key_ttl(ttl);
+        for path in ["/keys", "/.well-known/openid-configuration"] {
+            assert_eq!(
+                get(&routes, path).headers()[CACHE_CONTROL],
+                format!("public, max-age={want}").as_str(),
+                "{ttl:?} {path}"
+            );
+        }
+    }
+}

@@ -116,7 +116,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         )
     })?;
     let oidc_listener = match &config.oidc {
-        Some(oidc) => Some(crate::oidc::BoundOidc::bind(oidc).await?),
+        Some(oidc) => Some(crate::oidc::BoundOidc::bind(oidc, config.authority.jwt_key_ttl).await?),
         None => None,
     };
 

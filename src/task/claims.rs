@@ -3,7 +3,7 @@
 //!
 //! | claim | meaning | from |
 //! | --- | --- | --- |
-//! | `iss` | the `[oidc] issuer` when configured (`https://oidc.example.org`), else the trust domain (`spiffe://example.org`) | RFC 7519 |
+//! | `iss` | the `[oidc] issuer` when configured (`https://oidc.example.org`), else the trust domain (`spiffe://example.org`); always the trust domain with `act` | RFC 7519 |
 //! | `sub` | the owning workload's SPIFFE ID, unchanged by exchange | JWT-SVID |
 //! | `aud` | exactly one audience (a string, never an array) | JWT-SVID, RFC 8707 |
 //! | `exp`, `iat`, `nbf` | validity; `exp` never past the task deadline | RFC 7519 |

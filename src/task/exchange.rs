@@ -117,10 +117,12 @@ impl Tasks {
                 Some(task)
             }
             // Another node's task: `validate` found it not ended and this
-            // agent fresh. Only this trust domain's tasks are the fleet's.
+            // agent fresh. Only this trust domain's tasks are the fleet's
+            // (its keys signed it for a `sub` of this trust domain; its
+            // `iss` may be an issuer the fleet has since changed or
+            // dropped, and the server checks the exchange again).
             None if self.foreign().is_some()
-                && subject.spiffe_id.trust_domain() == self.trust_domain()
-                && self.is_own_issuer(&subject.claims.iss) =>
+                && subject.spiffe_id.trust_domain() == self.trust_domain() =>
             {
                 None
             }

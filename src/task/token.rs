@@ -142,20 +142,18 @@ impl Tasks {
     }
 
     /// The `iss` of this agent's task tokens: the OIDC issuer when one is
-    /// configured (the fleet's, on a fleet agent), else `spiffe://<td>`.
-    pub(super) fn issuer(&self) -> String {
-        self.inner
-            .authority
-            .issuer()
-            .unwrap_or_else(|| self.trust_domain().id_string())
-    }
-
-    /// True when `iss` names this trust domain: `spiffe://<td>` or the
-    /// configured issuer. Both, whichever is in force: a token signed
-    /// before the issuer was set or changed lives on after a restart.
-    pub(super) fn is_own_issuer(&self, iss: &str) -> bool {
-        iss == self.trust_domain().id_string()
-            || self.inner.authority.issuer().as_deref() == Some(iss)
+    /// configured (the fleet's, on a fleet agent), else `spiffe://<td>`;
+    /// always `spiffe://<td>` for an exchanged token (`act`). Its `sub` is
+    /// the task owner while another workload holds it: a relying party
+    /// that knows only OIDC would ignore `act` and take the holder for the
+    /// owner, so an exchanged token is never one such a relying party
+    /// accepts. Only tether's validators (which read `act`) take it.
+    pub(super) fn issuer(&self, exchanged: bool) -> String {
+        let own = || self.trust_domain().id_string();
+        if exchanged {
+            return own();
+        }
+        self.inner.authority.issuer().unwrap_or_else(own)
     }
 
     /// Signs `draft`: `iss` is [`Self::issuer`], `jti`, `iat` and `nbf`
@@ -165,7 +163,7 @@ impl Tasks {
         let now = SystemTime::now();
         let exp = (now + self.inner.config.token_ttl).min(draft.not_after);
         let claims = TaskClaims {
-            iss: self.issuer(),
+            iss: self.issuer(draft.act.is_some()),
             sub: draft.sub,
             aud: draft.audience,
             // Set by the authority, capped at its key's expiry.

@@ -180,6 +180,17 @@ async fn https_from_certificate_files() {
 }
 
 #[test]
+fn certificate_files_keep_no_session_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_path, key_path, _) = certificate_files(dir.path(), 0o600);
+    let files = CertificateFiles::load(&cert_path, &key_path).expect("load");
+    let config = files.server_config().expect("config");
+    assert_eq!(config.send_tls13_tickets, 0, "no TLS 1.3 tickets");
+    assert!(!config.session_storage.can_cache(), "no session cache");
+    assert!(!config.ticketer.enabled(), "no TLS 1.2 tickets");
+}
+
+#[test]
 fn a_key_file_others_may_read_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cert_path, key_path, _) = certificate_files(dir.path(), 0o644);

@@ -234,6 +234,10 @@ fn read_pair(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, Web
         .with_single_cert(chain, key)
         .map_err(pair_error)?;
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    // No resumption: every client sees the pair in force at its handshake
+    // (a reloaded certificate at once), and nothing is kept per client.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 

@@ -7,12 +7,14 @@
 //! identity: `sub` and every actor of an `act` chain (a task token's
 //! exchangers, each matched on the node that holds the task) must be
 //! identities the node may serve, and `iss`, when present, is the trust
-//! domain's (`spiffe://<td>` or the fleet's OIDC issuer). So a rooted node cannot mint a token saying that a workload of
-//! another node acted, nor one claiming another issuer.
+//! domain's (`spiffe://<td>` or the fleet's OIDC issuer; `spiffe://<td>`
+//! only with `act`). So a rooted node cannot mint a token saying that a
+//! workload of another node acted, nor one claiming another issuer, nor
+//! an exchanged token an OIDC relying party would take for its owner's.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use spiffe::SpiffeId;
+use spiffe::{SpiffeId, TrustDomain};
 use tonic::Status;
 
 use super::{CallingNode, NodeApi, tasks, unix_ms};
@@ -224,22 +226,39 @@ fn check_issuer(
     api: &NodeApi,
     claims: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), Status> {
-    let trust_domain = api.inner.trust_domain.id_string();
-    let issuer = api.inner.authority.issuer();
+    issuer_allowed(
+        &api.inner.trust_domain,
+        api.inner.authority.issuer(),
+        claims,
+    )
+    .map_err(|problem| status::invalid("claims_json", problem))
+}
+
+/// [`check_issuer`]'s rule for the trust domain `trust_domain` and the
+/// fleet's `issuer`. A token with `act` (an exchanged task token: its
+/// `sub` is the task owner, its holder the newest actor) may carry
+/// `spiffe://<td>` only, never the OIDC issuer: a relying party that
+/// knows only OIDC ignores `act` and would take the holder for the owner.
+fn issuer_allowed(
+    trust_domain: &TrustDomain,
+    issuer: Option<String>,
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), String> {
+    let trust_domain = trust_domain.id_string();
+    let delegated = claims.contains_key("act");
     match claims.get("iss") {
         None => Ok(()),
-        Some(serde_json::Value::String(iss))
-            if *iss == trust_domain || issuer.as_ref() == Some(iss) =>
-        {
+        Some(serde_json::Value::String(iss)) if *iss == trust_domain => Ok(()),
+        Some(serde_json::Value::String(iss)) if !delegated && issuer.as_ref() == Some(iss) => {
             Ok(())
         }
-        Some(_) => Err(status::invalid(
-            "claims_json",
-            match issuer {
-                Some(issuer) => format!("iss, when present, must be {issuer} or {trust_domain}"),
-                None => format!("iss, when present, must be {trust_domain}"),
-            },
+        Some(_) if delegated => Err(format!(
+            "iss, when present, must be {trust_domain} in a token with act (an OIDC relying party would not see the actor)"
         )),
+        Some(_) => Err(match issuer {
+            Some(issuer) => format!("iss, when present, must be {issuer} or {trust_domain}"),
+            None => format!("iss, when present, must be {trust_domain}"),
+        }),
     }
 }
 
@@ -335,4 +354,53 @@ fn refuse(
     }
     tracing::warn!(node = %node.name, spiffe_id = %request.spiffe_id, "signing refused: {refusal}");
     status::denied(refusal.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Map, Value, json};
+    use spiffe::TrustDomain;
+
+    use super::issuer_allowed;
+
+    fn claims(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        }
+    }
+
+    #[test]
+    fn an_exchanged_token_never_carries_the_oidc_issuer() {
+        let td = TrustDomain::new("fleet.test").expect("trust domain");
+        let issuer = Some("https://oidc.fleet.test".to_owned());
+        let act = json!({ "sub": "spiffe://fleet.test/b" });
+        // A token without act: the trust domain or the fleet's issuer.
+        for iss in ["spiffe://fleet.test", "https://oidc.fleet.test"] {
+            assert!(issuer_allowed(&td, issuer.clone(), &claims(json!({ "iss": iss }))).is_ok());
+        }
+        // With act: the trust domain only, which no OIDC relying party
+        // accepts; so the holder is never taken for the owner there.
+        let refused = issuer_allowed(
+            &td,
+            issuer.clone(),
+            &claims(json!({ "iss": "https://oidc.fleet.test", "act": act })),
+        )
+        .expect_err("an exchanged token under the OIDC issuer");
+        assert!(refused.contains("spiffe://fleet.test"), "{refused}");
+        assert!(
+            issuer_allowed(
+                &td,
+                issuer.clone(),
+                &claims(json!({ "iss": "spiffe://fleet.test", "act": act }))
+            )
+            .is_ok()
+        );
+        // Another issuer, either way: refused.
+        for extra in [json!({}), json!({ "act": act })] {
+            let mut c = claims(extra);
+            c.insert("iss".into(), "https://evil.test".into());
+            assert!(issuer_allowed(&td, issuer.clone(), &c).is_err());
+        }
+    }
 }

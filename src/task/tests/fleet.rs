@@ -253,3 +253,47 @@ async fn ends_are_reported_once_installed_and_listed_while_their_tokens_live() {
     expected.sort_by(|x, y| x.0.cmp(&y.0));
     assert_eq!(listed, expected, "every end, reported or not");
 }
+
+#[tokio::test]
+async fn an_exchanged_token_keeps_the_trust_domain_as_iss_never_the_oidc_issuer() {
+    // Node B's own tokens carry the fleet's OIDC issuer; the token its
+    // service exchanges them for names the owner as `sub` while the
+    // service holds it, so it stays under `spiffe://<td>`, which no OIDC
+    // relying party (blind to `act`) accepts.
+    let a = Agent::start(TaskConfig::default()).await;
+    let foreign = fresh();
+    let b = a.node_issuing(&foreign, Some("https://oidc.example.org"));
+    let (_task, subject) = begin_on(&b.tasks, &a.caller, &TOOLS, LONG, None).await;
+    let own = claims_on(&a, &b.tasks, &subject.token, SERVICE_ID);
+    assert_eq!(own.iss, "https://oidc.example.org", "the owner's token");
+
+    let exchanged = exchange(&a, &b.tasks, &subject.token, &["notes.read"])
+        .await
+        .unwrap();
+    let after = claims_on(&a, &b.tasks, &exchanged.token, NEXT_HOP_ID);
+    assert_eq!(after.iss, "spiffe://example.org");
+    assert!(after.act.is_some());
+}
+
+#[tokio::test]
+async fn another_nodes_token_under_an_earlier_issuer_is_still_exchanged() {
+    // Node A signed under an issuer the fleet has since changed (or
+    // dropped): its live tokens are the fleet's all the same.
+    let a = Agent::start(TaskConfig::default()).await;
+    let (task, subject) = a.begin().await;
+    let mut claims = a
+        .validate(&subject.token, SERVICE_ID, None, None)
+        .unwrap()
+        .claims;
+    claims.iss = "https://old.example.org".into();
+    let earlier = a.sign(&claims);
+    let foreign = fresh();
+    for now in [None, Some("https://new.example.org")] {
+        let b = a.node_issuing(&foreign, now);
+        let token = exchange(&a, &b.tasks, &earlier, &["notes.read"])
+            .await
+            .unwrap_or_else(|e| panic!("exchanged under {now:?}: {e}"));
+        let after = claims_on(&a, &b.tasks, &token.token, NEXT_HOP_ID);
+        assert_eq!(after.txn, task.id);
+    }
+}

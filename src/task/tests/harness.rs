@@ -110,9 +110,16 @@ impl Agent {
     /// tasks what `foreign` knows: a store and an audit trail of its own,
     /// signing with the same keys through a [`NodeSigner`].
     pub(super) fn node(&self, foreign: &ForeignTasks) -> Node {
+        self.node_issuing(foreign, None)
+    }
+
+    /// [`Agent::node`], its tokens under the fleet's OIDC `issuer` (as
+    /// the server names it on the sync stream).
+    pub(super) fn node_issuing(&self, foreign: &ForeignTasks, issuer: Option<&str>) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let signer = Arc::new(NodeSigner {
             keys: self.authority.clone(),
+            issuer: issuer.map(str::to_owned),
             subject_tokens: Mutex::default(),
         });
         let tasks = tasks(
@@ -216,6 +223,8 @@ pub(super) struct Node {
 #[derive(Debug)]
 pub(super) struct NodeSigner {
     keys: LocalAuthority,
+    /// The fleet's OIDC issuer, as the node learned it.
+    issuer: Option<String>,
     subject_tokens: Mutex<Vec<Option<String>>>,
 }
 
@@ -232,7 +241,7 @@ impl Authority for NodeSigner {
     }
 
     fn issuer(&self) -> Option<String> {
-        self.keys.issuer()
+        self.issuer.clone()
     }
 
     fn sign_x509_svid(
