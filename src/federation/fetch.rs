@@ -20,6 +20,11 @@
 //!   member of that domain, checked at config) that chains to that
 //!   domain's last good bundle, so a server of another domain fails the
 //!   handshake before anything is read.
+//!
+//! Each fetch is counted (`tether_federated_bundle_fetches_total`, by
+//! trust domain and [`FetchError::outcome`]), and the age of the bundle in
+//! force is kept for `tether_federated_bundle_age_seconds` while the
+//! fetcher runs.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -37,6 +42,7 @@ use super::config::{EndpointAuth, EndpointSource};
 use super::{FederatedBundles, FederationSource};
 use crate::bundle::{BundleError, MAX_BUNDLE_DOCUMENT_LEN, TrustBundle};
 use crate::error::Chain;
+use crate::telemetry::metrics::metrics;
 
 /// The shortest wait between two fetches after a success, whatever the hint.
 pub const MIN_REFRESH: Duration = Duration::from_secs(30);
@@ -92,6 +98,31 @@ pub enum FetchError {
     },
 }
 
+// === impl FetchError ===
+
+impl FetchError {
+    /// The failure's kind, for `tether_federated_bundle_fetches_total`'s
+    /// `outcome` label: `ca_roots`, `no_bundle`, `connect`, `tls`, `http`,
+    /// `timeout`, `too_large`, `invalid_document`, `sequence_went_back` or
+    /// `interrupted`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Roots { .. } => "ca_roots",
+            Self::NoBundle => "no_bundle",
+            Self::Get(GetError::ServerName { .. } | GetError::Connect { .. }) => "connect",
+            Self::Get(GetError::Handshake { .. }) => "tls",
+            Self::Get(
+                GetError::Http(_) | GetError::Request(_) | GetError::Status(_) | GetError::Body(_),
+            ) => "http",
+            Self::Get(GetError::Timeout(_)) => "timeout",
+            Self::Get(GetError::TooLarge { .. }) => "too_large",
+            Self::Document(_) | Self::NoKeys => "invalid_document",
+            Self::SequenceWentBack { .. } => "sequence_went_back",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
 /// What readiness and the log know of one endpoint.
 #[derive(Debug, Clone)]
 pub struct EndpointStatus {
@@ -117,11 +148,32 @@ pub(super) struct Fetcher {
 impl Fetcher {
     /// Fetches until `cancel`: at once, then at the served pace.
     pub(super) async fn run(self, cancel: CancellationToken) {
+        let td = self.source.trust_domain.to_string();
+        let age = metrics().federated_bundle_age(&td);
+        // The bundle in force before the first fetch: the one fetched
+        // before a reload kept it, or the bootstrap file's, loaded now.
+        if self
+            .bundles
+            .borrow()
+            .contains_key(&self.source.trust_domain)
+        {
+            age.since(
+                self.status()
+                    .and_then(|s| s.last_success)
+                    .unwrap_or_else(Instant::now),
+            );
+        }
         let mut failures: u32 = 0;
         let mut pace = DEFAULT_REFRESH;
         loop {
-            let wait = match self.fetch_once().await {
+            let fetched = self.fetch_once().await;
+            metrics().federated_bundle_fetched(
+                &td,
+                fetched.as_ref().map_or_else(FetchError::outcome, |_| "ok"),
+            );
+            let wait = match fetched {
                 Ok(hint) => {
+                    age.since(Instant::now());
                     failures = 0;
                     pace = hint
                         .unwrap_or(DEFAULT_REFRESH)
@@ -227,6 +279,11 @@ impl Fetcher {
             next.insert(td, bundle);
             *all = Arc::new(next);
         });
+    }
+
+    fn status(&self) -> Option<EndpointStatus> {
+        let statuses = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
+        statuses.get(&self.source.trust_domain).cloned()
     }
 
     fn set_status(&self, change: impl FnOnce(&mut EndpointStatus)) {

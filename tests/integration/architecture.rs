@@ -106,7 +106,10 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // Federated bundles; an https_spiffe bundle endpoint is verified
         // with the fleet's SVID verifier (mtls); our own bundle endpoint is
         // served on the web kit.
-        ("federation", &["bundle", "error", "mtls", "web"][..]),
+        (
+            "federation",
+            &["bundle", "error", "mtls", "telemetry", "web"][..],
+        ),
         // 2: services and the shared transport
         (
             "svid",

@@ -314,7 +314,7 @@ async fn a_hostile_endpoint_leaves_the_last_good_bundle_and_says_why() {
     }
     let federates_with: Vec<String> = expected.keys().map(|td| format!("\"{td}\"")).collect();
     let extra = format!(
-        "{}federates_with = [{}]\n{federations}",
+        "[http]\nlisten = \"127.0.0.1:0\"\n\n{}federates_with = [{}]\n{federations}",
         entry_for_me("svc", "main"),
         federates_with.join(", ")
     );
@@ -348,9 +348,74 @@ async fn a_hostile_endpoint_leaves_the_last_good_bundle_and_says_why() {
     // Another domain's name never appears: only configured domains are served.
     let bundles = x509_bundles(&agent).await;
     assert!(!bundles.contains_key("evil.example"));
+
+    // /metrics: each fetch counted by how it came out (each failure
+    // above is counted before it is said), and the age of every bundle in
+    // force, the bootstrap ones included; no series for another domain.
+    let metrics = scrape_metrics(&agent).await;
+    let fetches = |td: &str, outcome: &str| {
+        sample(
+            &metrics,
+            &format!(
+                "tether_federated_bundle_fetches_total{{trust_domain=\"{td}\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    for (td, outcome) in [
+        ("oversized.example", "too_large"),
+        ("garbage.example", "invalid_document"),
+        ("nokeys.example", "invalid_document"),
+        ("older.example", "sequence_went_back"),
+        ("stall.example", "timeout"),
+        ("wrongtd.example", "tls"),
+        ("fresh.example", "ok"),
+        ("web.example", "ok"),
+        ("web.example", "too_large"),
+    ] {
+        assert!(
+            fetches(td, outcome).is_some_and(|n| n >= 1.0),
+            "{td} {outcome}:\n{metrics}"
+        );
+    }
+    assert_eq!(fetches("oversized.example", "ok"), None, "{metrics}");
+    for td in expected.keys() {
+        let age = sample(
+            &metrics,
+            &format!("tether_federated_bundle_age_seconds{{trust_domain=\"{td}\"}}"),
+        );
+        assert!(age.is_some_and(|a| a >= 0.0), "{td}:\n{metrics}");
+    }
+    assert!(!metrics.contains("evil.example"), "{metrics}");
     let own = TrustDomain::new("example.org").expect("td");
     assert!(bundles.contains_key(own.as_str()));
     agent.stop().await;
+}
+
+/// The agent's `/metrics` (its `[http]` endpoint), as text.
+async fn scrape_metrics(agent: &TestAgent) -> String {
+    let addr = agent.running().http_addr().expect("[http] is on");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the HTTP endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("the answer");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the sample `series` (name and labels) in `metrics`.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 /// A free TCP port on 127.0.0.1 (bound, read, released).

@@ -49,8 +49,20 @@ async fn introspect(
         .introspection
         .expect("[introspection] is set");
     let url = format!("https://{addr}/introspect");
-    let endpoint = agent.endpoint();
-    let spiffe_id = spiffe_id.to_owned();
+    run_client(&url, &agent.endpoint(), spiffe_id, client_cert, requests).await
+}
+
+/// Runs the Python client (`tests/py/introspect.py`) against `url` as
+/// `spiffe_id`, its SVID from the Workload API at `endpoint`, with
+/// `requests`; its results, one per request.
+pub async fn run_client(
+    url: &str,
+    endpoint: &str,
+    spiffe_id: &str,
+    client_cert: bool,
+    requests: Value,
+) -> Vec<Value> {
+    let (url, endpoint, spiffe_id) = (url.to_owned(), endpoint.to_owned(), spiffe_id.to_owned());
     let out = tokio::task::spawn_blocking(move || {
         let mut command = Command::new(python());
         command
@@ -88,7 +100,8 @@ async fn introspect(
     parsed["results"].as_array().expect("results").clone()
 }
 
-fn form(token: &str) -> Value {
+/// A request introspecting `token` (a form, as RFC 7662 has it).
+pub fn form(token: &str) -> Value {
     json!({ "body": format!("token={token}"), "content_type": FORM })
 }
 

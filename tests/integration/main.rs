@@ -28,6 +28,7 @@ mod daemon;
 mod faults;
 mod federation_endpoints;
 mod fleet_bench_stats;
+mod fleet_introspection;
 mod fleet_k8s;
 mod fleet_node;
 mod fleet_nodes;
