@@ -32,6 +32,9 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// live longer than it was issued for: refused.
 pub const MAX_IAT_SKEW: Duration = Duration::from_secs(30);
 
+/// Most characters of a token's header value quoted in an error.
+const MAX_ECHOED: usize = 80;
+
 /// Algorithms the JWT-SVID spec allows. Never `none`, never HMAC.
 const ALLOWED_ALGS: &[Algorithm] = &[
     Algorithm::ES256,
@@ -201,7 +204,7 @@ pub fn validate(
     let key = bundle
         .jwt_authority(kid)
         .ok_or_else(|| JwtValidationError::UnknownKid {
-            kid: kid.to_owned(),
+            kid: echoed(kid),
             trust_domain: trust_domain.to_string(),
         })?;
 
@@ -259,12 +262,12 @@ fn check_header(header: &Map<String, Value>) -> Result<Algorithm, JwtValidationE
         .keys()
         .find(|k| !ALLOWED_MEMBERS.contains(&k.as_str()))
     {
-        return Err(JwtValidationError::ExtraHeader(extra.clone()));
+        return Err(JwtValidationError::ExtraHeader(echoed(extra)));
     }
     if let Some(typ) = header.get("typ") {
         match typ.as_str() {
             Some("JWT" | "JOSE") => {}
-            _ => return Err(JwtValidationError::BadType(typ.to_string())),
+            _ => return Err(JwtValidationError::BadType(echoed(&typ.to_string()))),
         }
     }
     let alg_value = header
@@ -275,7 +278,18 @@ fn check_header(header: &Map<String, Value>) -> Result<Algorithm, JwtValidationE
         .parse::<Algorithm>()
         .ok()
         .filter(|alg| ALLOWED_ALGS.contains(alg))
-        .ok_or_else(|| JwtValidationError::BadAlgorithm(alg_value.to_owned()))
+        .ok_or_else(|| JwtValidationError::BadAlgorithm(echoed(alg_value)))
+}
+
+/// At most [`MAX_ECHOED`] characters of a header value the token chose,
+/// for an error message: those messages reach logs, the audit trail (an
+/// introspection's reason) and callers, and a 16 KiB `kid` must not ride
+/// along whole.
+fn echoed(text: &str) -> String {
+    match text.char_indices().nth(MAX_ECHOED) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -445,6 +459,29 @@ mod tests {
             &"a".repeat(MAX_TOKEN_LEN + 1),
         ] {
             assert!(validate(garbage, "a", |_| Some(bundle.clone())).is_err());
+        }
+    }
+
+    /// Regression (issue 19 review): a header value the token chose was
+    /// quoted whole in the error, which an introspection records as its
+    /// reason: 12 KiB of `kid` per request into the audit trail.
+    #[test]
+    fn errors_quote_a_bounded_part_of_the_header() {
+        let (_dir, authority, _) = setup();
+        let bundle = authority.bundle();
+        let payload = serde_json::json!({"sub": "spiffe://example.org/x", "aud": "a", "exp": 4_000_000_000u64});
+        let long = "é".repeat(6000);
+        for header in [
+            format!(r#"{{"alg":"ES256","kid":"{long}"}}"#),
+            format!(r#"{{"alg":"{long}","kid":"k"}}"#),
+            format!(r#"{{"alg":"ES256","kid":"k","typ":"{long}"}}"#),
+            format!(r#"{{"alg":"ES256","kid":"k","{long}":1}}"#),
+        ] {
+            let token = sign_raw(&header, &payload);
+            let err = validate(&token, "a", |_| Some(bundle.clone())).unwrap_err();
+            let text = err.to_string();
+            assert!(text.len() < 400, "{} bytes: {}", text.len(), &text[..200]);
+            assert!(text.contains("éé…"), "{text}");
         }
     }
 }
