@@ -141,6 +141,9 @@ pub type Statuses = Arc<Mutex<std::collections::BTreeMap<TrustDomain, EndpointSt
 pub(super) struct Fetcher {
     pub(super) source: FederationSource,
     pub(super) endpoint: EndpointSource,
+    /// The sources in force: a fetch that ends after a reload replaced or
+    /// dropped this source publishes nothing.
+    pub(super) sources: watch::Receiver<Arc<Vec<FederationSource>>>,
     pub(super) bundles: Arc<watch::Sender<Arc<FederatedBundles>>>,
     pub(super) statuses: Statuses,
 }
@@ -257,7 +260,7 @@ impl Fetcher {
         Ok(hint)
     }
 
-    fn publish(&self, bundle: TrustBundle, last: Option<&TrustBundle>) {
+    pub(super) fn publish(&self, bundle: TrustBundle, last: Option<&TrustBundle>) {
         let td = self.source.trust_domain.clone();
         if let Some(last) = last
             && last.same_keys(&bundle)
@@ -265,20 +268,41 @@ impl Fetcher {
         {
             return;
         }
-        tracing::info!(
-            trust_domain = %td,
-            url = %self.endpoint.url,
-            sequence = bundle.sequence(),
-            x509_authorities = bundle.x509_authorities().len(),
-            jwt_authorities = bundle.jwt_authorities().len(),
-            "federated bundle updated from its endpoint"
+        let (sequence, x509, jwt) = (
+            bundle.sequence(),
+            bundle.x509_authorities().len(),
+            bundle.jwt_authorities().len(),
         );
         let bundle = Arc::new(bundle);
-        self.bundles.send_modify(|all| {
+        // Checked under the bundles' lock: a reload puts its sources in
+        // force before its bundles, so a fetch that ends after it cannot
+        // bring back a domain it dropped or an endpoint it replaced.
+        let published = self.bundles.send_if_modified(|all| {
+            if !self.in_force() {
+                return false;
+            }
             let mut next = FederatedBundles::clone(all);
-            next.insert(td, bundle);
+            next.insert(td.clone(), bundle);
             *all = Arc::new(next);
+            true
         });
+        if published {
+            tracing::info!(
+                trust_domain = %td,
+                url = %self.endpoint.url,
+                sequence,
+                x509_authorities = x509,
+                jwt_authorities = jwt,
+                "federated bundle updated from its endpoint"
+            );
+        } else {
+            tracing::debug!(trust_domain = %td, url = %self.endpoint.url, "a fetch ended after a reload replaced its source; its bundle is dropped");
+        }
+    }
+
+    /// Whether this fetcher's source is still configured as it was.
+    fn in_force(&self) -> bool {
+        self.sources.borrow().contains(&self.source)
     }
 
     fn status(&self) -> Option<EndpointStatus> {
@@ -287,6 +311,9 @@ impl Fetcher {
     }
 
     fn set_status(&self, change: impl FnOnce(&mut EndpointStatus)) {
+        if !self.in_force() {
+            return;
+        }
         let mut statuses = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(status) = statuses.get_mut(&self.source.trust_domain) {
             change(status);

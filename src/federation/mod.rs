@@ -144,8 +144,12 @@ impl Federation {
     /// Puts prepared sources and their bundles in force.
     pub fn apply(&self, prepared: PreparedFederation) {
         reset_statuses(&self.statuses, &prepared.sources);
-        self.bundles.send_replace(Arc::new(prepared.bundles));
+        // The sources first: a fetch or a file read that ends from here on
+        // sees them and publishes nothing for a source they dropped or
+        // changed (it checks under the bundles' lock), and one that ended
+        // before is overwritten by the bundles below.
         self.sources.send_replace(Arc::new(prepared.sources));
+        self.bundles.send_replace(Arc::new(prepared.bundles));
     }
 
     /// The trust domains configured now.
@@ -226,6 +230,7 @@ impl Federation {
                         let fetcher = Fetcher {
                             source: source.clone(),
                             endpoint: endpoint.clone(),
+                            sources: self.sources.subscribe(),
                             bundles: Arc::clone(&self.bundles),
                             statuses: Arc::clone(&self.statuses),
                         };
@@ -289,14 +294,16 @@ impl Federation {
                     "federated bundle updated"
                 );
                 let td = watched.source.trust_domain.clone();
-                // A reload may have dropped this domain meanwhile.
-                if !self.sources.borrow().iter().any(|s| s.trust_domain == td) {
-                    return;
-                }
-                self.bundles.send_modify(|all| {
+                // A reload may have dropped or changed this source
+                // meanwhile: checked under the bundles' lock ([`Self::apply`]).
+                self.bundles.send_if_modified(|all| {
+                    if !self.sources.borrow().contains(&watched.source) {
+                        return false;
+                    }
                     let mut next = FederatedBundles::clone(all);
                     next.insert(td, Arc::new(bundle));
                     *all = Arc::new(next);
+                    true
                 });
             }
             Err(error) => {

@@ -253,3 +253,51 @@ async fn the_endpoint_answers_get_of_slash_only() {
     let post = routes.answer(request(http::Method::POST, "/")).await;
     assert_eq!(post.status(), http::StatusCode::METHOD_NOT_ALLOWED);
 }
+
+/// Regression (issue 19 review): a fetch that ended after a reload had
+/// dropped its domain (or replaced its endpoint) published its bundle
+/// into the reloaded set, where it stayed in force with no source.
+#[test]
+fn a_fetch_that_ends_after_a_reload_does_not_bring_its_source_back() {
+    let web = |url: &str| {
+        federation(&format!(
+            "bundle_endpoint_url = \"{url}\"\nbundle_endpoint_profile = \"https_web\""
+        ))
+        .expect("valid")
+    };
+    let source = web("https://peer.example/");
+    let federation = super::Federation::load(vec![source.clone()]).expect("loads");
+    let fetcher = |source: &super::FederationSource| super::Fetcher {
+        source: source.clone(),
+        endpoint: source.endpoint.clone().expect("an endpoint"),
+        sources: federation.sources.subscribe(),
+        bundles: std::sync::Arc::clone(&federation.bundles),
+        statuses: std::sync::Arc::clone(&federation.statuses),
+    };
+    let old = fetcher(&source);
+    old.publish(jwt_only(1, "a"), None);
+    assert!(federation.current().contains_key(&td("peer.example")));
+
+    // The domain dropped by a reload: the late fetch publishes nothing.
+    federation.apply(federation.prepare(Vec::new()).expect("prepares"));
+    old.publish(jwt_only(2, "b"), None);
+    assert!(
+        federation.current().is_empty(),
+        "a dropped domain came back"
+    );
+
+    // Its endpoint replaced: only the new source's fetcher publishes.
+    let moved = web("https://moved.peer.example/");
+    federation.apply(federation.prepare(vec![moved.clone()]).expect("prepares"));
+    old.publish(jwt_only(3, "c"), None);
+    assert!(
+        federation.current().is_empty(),
+        "the old endpoint published"
+    );
+    fetcher(&moved).publish(jwt_only(4, "d"), None);
+    let current = federation.current();
+    let bundle = current
+        .get(&td("peer.example"))
+        .expect("the new endpoint's");
+    assert!(bundle.jwt_authority("d").is_some());
+}
