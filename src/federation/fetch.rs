@@ -185,7 +185,7 @@ impl Fetcher {
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
-                    let text = Chain(&error).to_string();
+                    let text = error_text(&error);
                     let has_bundle = self
                         .bundles
                         .borrow()
@@ -338,6 +338,21 @@ pub(super) fn accept(
         });
     }
     Ok(bundle)
+}
+
+/// Most characters of a failure kept for the log and readiness.
+const MAX_ERROR_TEXT: usize = 512;
+
+/// A failure as the log and readiness say it, at most [`MAX_ERROR_TEXT`]
+/// characters: parse errors quote what the endpoint sent (a `kid`, a
+/// string where a list belongs), and a hostile endpoint must not put a
+/// megabyte in every warning and every `/readyz` answer.
+pub(super) fn error_text(error: &FetchError) -> String {
+    let text = Chain(error).to_string();
+    match text.char_indices().nth(MAX_ERROR_TEXT) {
+        Some((end, _)) => format!("{}… ({} bytes in all)", &text[..end], text.len()),
+        None => text,
+    }
 }
 
 /// The wait before the retry after `failures` failures in a row: from

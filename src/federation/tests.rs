@@ -301,3 +301,28 @@ fn a_fetch_that_ends_after_a_reload_does_not_bring_its_source_back() {
         .expect("the new endpoint's");
     assert!(bundle.jwt_authority("d").is_some());
 }
+
+/// Regression (issue 19 review): the parser's errors quote what the
+/// endpoint sent, and the whole text went into every warning and into
+/// readiness (`/readyz`, `tether healthcheck`): a megabyte each time.
+#[test]
+fn a_hostile_document_is_quoted_in_bounded_words() {
+    let long = "k".repeat(400 * 1024);
+    // The same key twice under a long kid.
+    let twice = {
+        let one = jwt_only(1, &long).to_spiffe_json().expect("serialises");
+        let mut doc: serde_json::Value = serde_json::from_str(&one).expect("JSON");
+        let key = doc["keys"][0].clone();
+        doc["keys"] = serde_json::json!([key.clone(), key]);
+        doc.to_string()
+    };
+    let documents = [format!(r#"{{"keys":"{long}"}}"#), twice];
+    for document in documents {
+        let refused = TrustBundle::from_spiffe_json(td("peer.example"), document.as_bytes())
+            .expect_err("not a bundle");
+        let whole = crate::error::Chain(&refused).to_string();
+        let text = fetch::error_text(&FetchError::Document(refused));
+        assert!(text.len() < 1024, "{} bytes", text.len());
+        assert!(whole.len() > 100 * 1024, "the case quotes the document");
+    }
+}
