@@ -130,6 +130,9 @@ pub struct EndpointStatus {
     pub url: String,
     /// When a fetch last succeeded.
     pub last_success: Option<Instant>,
+    /// When this endpoint was configured (the bootstrap bundle, if any,
+    /// loaded): a bundle never refreshed since is as old as that.
+    pub configured: Instant,
     /// Why the last fetch failed (`None`: it succeeded, or none ran yet).
     pub last_error: Option<String>,
 }

@@ -193,19 +193,25 @@ impl Federation {
                     "federation {td}: no bundle yet from the bundle endpoint {}",
                     status.url
                 )),
-                (Some(error), true) => problems.push(format!(
-                    "federation {td}: the bundle endpoint {} failed, the last good bundle is kept: {error}",
-                    status.url
-                )),
-                (None, true) => {
-                    if let Some(at) = status.last_success
-                        && at.elapsed() > STALE_AFTER
-                    {
-                        problems.push(format!(
-                            "federation {td}: the bundle from {} is stale (fetched {} ago)",
-                            status.url,
-                            humantime::format_duration(Duration::from_secs(at.elapsed().as_secs()))
-                        ));
+                // The last good bundle is in force: a failing endpoint is
+                // logged and counted, and becomes a readiness problem only
+                // once that bundle is stale (a peer's outage must not take
+                // every agent that federates with it out of service).
+                (last_error, true) => {
+                    let at = status.last_success.unwrap_or(status.configured);
+                    if at.elapsed() > STALE_AFTER {
+                        let since =
+                            humantime::format_duration(Duration::from_secs(at.elapsed().as_secs()));
+                        problems.push(match last_error {
+                            Some(error) => format!(
+                                "federation {td}: the bundle from {} is stale (fetched {since} ago); the last fetch failed: {error}",
+                                status.url
+                            ),
+                            None => format!(
+                                "federation {td}: the bundle from {} is stale (fetched {since} ago)",
+                                status.url
+                            ),
+                        });
                     }
                 }
             }
@@ -327,6 +333,7 @@ fn reset_statuses(statuses: &Statuses, sources: &[FederationSource]) {
                     url,
                     last_success: None,
                     last_error: None,
+                    configured: std::time::Instant::now(),
                 },
             };
             next.insert(source.trust_domain.clone(), status);
