@@ -217,12 +217,11 @@ async fn assert_same_as_agent(fetched: &Value, agent: &TestAgent) {
     assert_eq!(kids, jwt_kids(agent, "example.org").await, "{fetched}");
     assert_eq!(
         fetched["x509_authorities"].as_u64(),
-        x509_count(agent, "example.org")
-            .await
-            .map(|n| n as u64),
+        x509_count(agent, "example.org").await.map(|n| n as u64),
         "{fetched}"
     );
     let document = bundle_document(agent).await;
+    assert!(fetched["spiffe_sequence"].is_u64(), "{fetched}");
     assert_eq!(
         fetched["spiffe_sequence"], document["spiffe_sequence"],
         "{fetched} / {document}"
@@ -411,9 +410,10 @@ async fn tether_fetches_from_go_spiffes_handler_and_follows_its_rotation() {
 
     // Both fetched: a JWT-SVID signed by each Go-side key validates.
     for (td, key) in [("web.go.example", &first), ("svid.go.example", &svid_jwt)] {
-        until(&format!("{td}: the key from go-spiffe's handler"), async || {
-            (jwt_kids(&agent, td).await == [key.kid.clone()]).then_some(())
-        })
+        until(
+            &format!("{td}: the key from go-spiffe's handler"),
+            async || (jwt_kids(&agent, td).await == [key.kid.clone()]).then_some(()),
+        )
         .await;
         assert_eq!(x509_count(&agent, td).await, Some(1));
         let subject = format!("spiffe://{td}/workload");

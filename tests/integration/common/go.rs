@@ -4,7 +4,7 @@
 //! The build runs once per test process (each nextest test is one), under
 //! a lock file so parallel tests never build at once; a warm build is a
 //! no-op of a fraction of a second, so a changed Go source is always
-//! rebuilt. The binary is written beside a temporary name and renamed into
+//! rebuilt. The binary is written under a temporary name and renamed into
 //! place, so a test running the previous one is not disturbed.
 //!
 //! The module and build caches live outside the clone: `$TETHER_CACHE/go`
