@@ -27,6 +27,7 @@ mod cli_task;
 mod daemon;
 mod faults;
 mod federation_endpoints;
+mod federation_go;
 mod fleet_bench_stats;
 mod fleet_introspection;
 mod fleet_k8s;

@@ -5,6 +5,7 @@ pub mod apiserver;
 pub mod cli;
 pub mod eventually;
 pub mod fleet;
+pub mod go;
 pub mod kubelet;
 pub mod postgres;
 pub mod walkthrough;
