@@ -17,7 +17,7 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::aws_lc_rs;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::common::{TestAgent, entry_for_me};
+use crate::common::{TestAgent, entry_for_me, free_port};
 
 /// A hang guard for what takes a fetch pace (30 s at least) to happen.
 const FETCH_PATIENCE: Duration = Duration::from_secs(120);
@@ -417,14 +417,6 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
         .lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
-}
-
-/// A free TCP port on 127.0.0.1 (bound, read, released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// An agent of trust domain `td` with `extra` in its config.

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use spiffe::TrustDomain;
 
 use crate::common::go::{self, GoServer};
-use crate::common::{TestAgent, entry_for_me, unix_now};
+use crate::common::{TestAgent, entry_for_me, free_port, unix_now};
 
 /// A hang guard for what takes tether's shortest fetch pace (30 s) to
 /// happen; never a performance assertion.
@@ -140,13 +140,6 @@ fn write_atomically(path: &Path, text: &str) {
     let partial = path.with_extension("partial");
     std::fs::write(&partial, text).expect("write");
     std::fs::rename(&partial, path).expect("rename");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// The agent's own bundle as a SPIFFE document (`tether bundle show`).

@@ -71,15 +71,6 @@ fn certificate_files(dir: &Path) {
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("mode");
 }
 
-/// A loopback port nobody listens on now (the issuer URL must name it
-/// before the agent binds it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 fn kid_of(token: &str) -> String {
     jsonwebtoken::decode_header(token)
         .expect("a JWT header")
@@ -179,7 +170,7 @@ impl Drop for RelyingParty {
 async fn a_relying_party_with_only_the_issuer_url_validates_and_follows_rotation() {
     let dir = tempfile::tempdir().expect("tempdir");
     certificate_files(dir.path());
-    let port = free_port();
+    let port = common::free_port();
     let issuer = format!("https://127.0.0.1:{port}/tether");
     // JWT keys of 12 s: the successor is published at 6 s, signs from
     // 10 s, and the first key leaves the bundle at 12 s.

@@ -27,6 +27,16 @@ use tonic::transport::{Channel, Endpoint};
 /// never a performance assertion.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// A loopback port nothing listens on now, for a config that must name
+/// its port before the listener starts (another side's URL). Another
+/// process may take it meanwhile: use it at once.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// The uid this test runs as.
 pub fn uid() -> u32 {
     nix::unistd::geteuid().as_raw()
