@@ -12,7 +12,7 @@
 pub mod audit_key;
 pub mod own_svid;
 mod reload;
-mod relying;
+pub mod relying;
 pub mod shutdown;
 
 use std::fs::{File, OpenOptions};
@@ -37,6 +37,7 @@ use crate::authority::{Authority, LocalAuthority};
 use crate::config::{Config, ConfigSource};
 use crate::federation::Federation;
 use crate::fleet::{self, Link, RemoteAuthority};
+use crate::introspect::AgentIntrospector;
 use crate::policy::Policy;
 use crate::registration::Registry;
 use crate::store::Store;
@@ -115,7 +116,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ),
         None => None,
     };
-    let relying_listeners = relying::Listeners::bind(&config).await?;
+    let relying_listeners = relying::Listeners::bind(relying::Sections {
+        oidc: config.oidc.as_ref(),
+        introspection: config.introspection.as_ref(),
+        bundle_endpoint: config.bundle_endpoint.as_ref(),
+        jwt_key_ttl: config.authority.jwt_key_ttl,
+    })
+    .await?;
 
     // The keys are held here, or (fleet mode) by the server; everything
     // past this point signs through the `Authority` seam and does not know
@@ -213,7 +220,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
     let relying_listeners = match relying_listeners
-        .prepare(&authority, &config.trust_domain)
+        .prepare(&authority, relying::Svid::Agent(&config.trust_domain))
         .await
     {
         Ok(prepared) => prepared,
@@ -347,7 +354,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let relying_addrs = relying_listeners.spawn(relying::Context {
         authority: &authority,
-        tasks: &tasks,
+        introspector: AgentIntrospector::new(authority.clone(), tasks.clone()),
         audit: &audit,
         shutdown: &shutdown,
     })?;

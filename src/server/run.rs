@@ -32,13 +32,12 @@ use super::store::sqlite::SqliteStore;
 use super::tasks::TaskIndex;
 use crate::audit::{AuditConfig, AuditLog};
 use crate::authority::{Authority, LocalAuthority};
-use crate::daemon::{self, AUDIT_DRAIN, SHUTDOWN_GRACE, Shutdown, audit_key, own_svid, shutdown};
+use crate::daemon::{
+    self, AUDIT_DRAIN, SHUTDOWN_GRACE, Shutdown, audit_key, own_svid, relying, shutdown,
+};
 use crate::error::Chain;
-use crate::federation::endpoint as federation_endpoint;
-use crate::introspect::IntrospectionRoutes;
 use crate::mtls;
 use crate::proto::server::node_server::NodeServer;
-use crate::web;
 
 /// The server's own SVID's lifetime (renewed at half life).
 const SERVER_SVID_TTL: Duration = Duration::from_secs(3600);
@@ -63,9 +62,7 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 #[derive(Debug)]
 pub struct RunningServer {
     listen_addr: SocketAddr,
-    oidc_addr: Option<SocketAddr>,
-    introspection_addr: Option<SocketAddr>,
-    bundle_endpoint_addr: Option<SocketAddr>,
+    relying_addrs: relying::Addrs,
     admin_socket_path: PathBuf,
     shutdown: Shutdown,
     audit: AuditLog,
@@ -83,42 +80,19 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("binding the node API on {} (listen)", config.listen))?;
     let listen_addr = listener.local_addr().context("the node API's address")?;
-    let introspection_listener = match &config.introspection {
-        Some(introspection) => {
-            let bound = TcpListener::bind(introspection.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "binding the introspection endpoint {} ([introspection] listen)",
-                        introspection.listen
-                    )
-                })?;
-            let addr = bound
-                .local_addr()
-                .context("the introspection endpoint's address")?;
-            Some((bound, addr))
-        }
-        None => None,
-    };
-    let bundle_endpoint_listener = match &config.bundle_endpoint {
-        Some(endpoint) => Some(TcpListener::bind(endpoint.listen).await.with_context(|| {
-            format!(
-                "binding the bundle endpoint {} ([bundle_endpoint] listen)",
-                endpoint.listen
-            )
-        })?),
-        None => None,
-    };
     let mut admin_socket = server_admin::bind(&config.admin_socket_path).with_context(|| {
         format!(
             "binding the admin socket {}",
             config.admin_socket_path.display()
         )
     })?;
-    let oidc_listener = match &config.oidc {
-        Some(oidc) => Some(crate::oidc::BoundOidc::bind(oidc, config.authority.jwt_key_ttl).await?),
-        None => None,
-    };
+    let relying_listeners = relying::Listeners::bind(relying::Sections {
+        oidc: config.oidc.as_ref(),
+        introspection: config.introspection.as_ref(),
+        bundle_endpoint: config.bundle_endpoint.as_ref(),
+        jwt_key_ttl: config.authority.jwt_key_ttl,
+    })
+    .await?;
 
     let local_authority = {
         let (td, cfg, dir) = (
@@ -210,51 +184,20 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }
     };
 
-    // The fleet's bundle for federated peers, with the server's own SVID
-    // for https_spiffe; loaded before anything runs.
-    let bundle_endpoint = match (&config.bundle_endpoint, bundle_endpoint_listener) {
-        (Some(endpoint), Some(listener)) => {
-            match federation_endpoint::tls(
-                &endpoint.tls,
-                authority.subscribe_bundle(),
-                Some(identity.clone()),
-            ) {
-                Ok(tls) => Some((
-                    listener,
-                    tls,
-                    Arc::new(federation_endpoint::BundleRoutes::new(
-                        authority.subscribe_bundle(),
-                        endpoint.refresh_hint,
-                    )),
-                )),
-                Err(error) => {
-                    audit_stop.cancel();
-                    let _ = audit_writer.await;
-                    return Err(anyhow::Error::new(error)
-                        .context("the bundle endpoint's TLS ([bundle_endpoint])"));
-                }
-            }
+    // The relying parties' HTTPS listeners present the server's own SVID.
+    let relying_listeners = match relying_listeners
+        .prepare(&authority, relying::Svid::Given(identity.clone()))
+        .await
+    {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            audit_stop.cancel();
+            let _ = audit_writer.await;
+            return Err(error);
         }
-        _ => None,
     };
-    let bundle_endpoint_addr = bundle_endpoint
-        .as_ref()
-        .and_then(|(listener, _, _)| listener.local_addr().ok());
 
     let shutdown = Shutdown::default();
-    if let Some((listener, tls, routes)) = bundle_endpoint {
-        shutdown.spawn(
-            "bundle endpoint",
-            web::serve(
-                listener,
-                tls,
-                routes,
-                web::Limits::default(),
-                shutdown.tracker(),
-                shutdown.token(),
-            ),
-        );
-    }
     shutdown.spawn("key rotation", local_authority.run(shutdown.token()));
     shutdown.spawn("bundle sharing", fleet_authority.run(shutdown.token()));
     shutdown.spawn("entry refresh", registry.clone().run(shutdown.token()));
@@ -270,25 +213,18 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         ),
     );
     shutdown.spawn("task index", tasks.clone().run(shutdown.token()));
-    let introspection_tasks = tasks.clone();
     shutdown.spawn(
         "join token pruning",
         prune_join_tokens(store.clone(), shutdown.token()),
     );
-    // The fleet's keys: every replica's, as agents verify with them.
-    let oidc_addr = oidc_listener.map(|bound| {
-        let addr = bound.local_addr();
-        shutdown.spawn(
-            "oidc discovery",
-            bound.serve(
-                authority.subscribe_bundle(),
-                shutdown.tracker(),
-                shutdown.token(),
-            ),
-        );
-        tracing::info!(%addr, "OIDC discovery: /.well-known/openid-configuration, /keys");
-        addr
-    });
+    // OIDC serves the fleet's keys (every replica's, as agents verify
+    // with them); introspection decides task tokens by the fleet's index.
+    let relying_addrs = relying_listeners.spawn(relying::Context {
+        authority: &authority,
+        introspector: ServerIntrospector::new(authority.clone(), tasks.clone()),
+        audit: &audit,
+        shutdown: &shutdown,
+    })?;
 
     let mut node_api = NodeApi::new(
         config.trust_domain.clone(),
@@ -357,35 +293,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         });
     }
 
-    let introspection_addr = match (introspection_listener, &config.introspection) {
-        (Some((listener, addr)), Some(settings)) => {
-            let tls = mtls::https_server_config(
-                authority.subscribe_bundle(),
-                identity,
-                mtls::ClientAuth::Required,
-            );
-            let routes = IntrospectionRoutes::new(
-                ServerIntrospector::new(authority.clone(), introspection_tasks),
-                settings,
-                audit.clone(),
-            );
-            shutdown.spawn(
-                "introspection endpoint",
-                web::serve(
-                    listener,
-                    web::Tls::Rustls(Arc::new(tls)),
-                    Arc::new(routes),
-                    web::Limits::default(),
-                    shutdown.tracker(),
-                    shutdown.token(),
-                ),
-            );
-            tracing::info!(%addr, "introspection endpoint: POST /introspect (mutual TLS)");
-            Some(addr)
-        }
-        _ => None,
-    };
-
     tracing::info!(
         trust_domain = %config.trust_domain,
         listen = %listen_addr,
@@ -396,9 +303,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     );
     Ok(RunningServer {
         listen_addr,
-        oidc_addr,
-        introspection_addr,
-        bundle_endpoint_addr,
+        relying_addrs,
         admin_socket_path: config.admin_socket_path,
         shutdown,
         audit,
@@ -414,7 +319,7 @@ impl RunningServer {
     /// Where `[bundle_endpoint]` listens, when it is set (the bound
     /// address).
     pub fn bundle_endpoint_addr(&self) -> Option<SocketAddr> {
-        self.bundle_endpoint_addr
+        self.relying_addrs.bundle_endpoint
     }
 
     /// Where agents reach the node API (the bound address: a `listen`
@@ -426,13 +331,13 @@ impl RunningServer {
     /// Where OIDC discovery listens, when `[oidc]` is set (the bound
     /// address: a port of 0 is resolved).
     pub fn oidc_addr(&self) -> Option<SocketAddr> {
-        self.oidc_addr
+        self.relying_addrs.oidc
     }
 
     /// Where the introspection endpoint listens, when `[introspection]` is
     /// set (the bound address: a port of 0 is resolved).
     pub fn introspection_addr(&self) -> Option<SocketAddr> {
-        self.introspection_addr
+        self.relying_addrs.introspection
     }
 
     /// The admin socket.
