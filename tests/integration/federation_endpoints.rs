@@ -17,54 +17,11 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::aws_lc_rs;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+use crate::common::ca::{TestCa, loopback_san, spiffe_san};
 use crate::common::{TestAgent, entry_for_me, free_port};
 
 /// A hang guard for what takes a fetch pace (30 s at least) to happen.
 const FETCH_PATIENCE: Duration = Duration::from_secs(120);
-
-/// A CA of a foreign trust domain, able to issue server certificates.
-struct TestCa {
-    key: rcgen::KeyPair,
-    params: rcgen::CertificateParams,
-    der: Vec<u8>,
-}
-
-impl TestCa {
-    fn new() -> Self {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-        let mut params = rcgen::CertificateParams::default();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let der = params.self_signed(&key).expect("ca").der().to_vec();
-        Self { key, params, der }
-    }
-
-    /// A server certificate naming `san`, and its key.
-    fn server_cert(&self, san: rcgen::SanType) -> (Vec<u8>, Vec<u8>) {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-        let mut params = rcgen::CertificateParams::default();
-        params.subject_alt_names = vec![san];
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).expect("leaf");
-        (cert.der().to_vec(), key.serialize_der())
-    }
-
-    fn pem(&self) -> String {
-        pem::encode(&pem::Pem::new("CERTIFICATE", self.der.clone()))
-    }
-}
-
-fn spiffe_san(id: &str) -> rcgen::SanType {
-    rcgen::SanType::URI(rcgen::string::Ia5String::try_from(id).expect("an IA5 URI"))
-}
 
 /// A SPIFFE bundle document with `cas` as X.509 authorities.
 fn bundle_doc(cas: &[&[u8]], sequence: u64) -> String {
@@ -286,16 +243,13 @@ async fn a_hostile_endpoint_leaves_the_last_good_bundle_and_counts_why() {
         std::fs::write(&ca_path, web_ca.pem()).expect("write");
         let domain_ca = TestCa::new();
         let good = bundle_doc(&[&domain_ca.der], 1);
-        let port = hostile_endpoint(
-            web_ca.server_cert(rcgen::SanType::IpAddress([127, 0, 0, 1].into())),
-            move |n| {
-                if n == 0 {
-                    Answer::Document(good.clone())
-                } else {
-                    Answer::Oversized
-                }
-            },
-        )
+        let port = hostile_endpoint(web_ca.server_cert(loopback_san()), move |n| {
+            if n == 0 {
+                Answer::Document(good.clone())
+            } else {
+                Answer::Oversized
+            }
+        })
         .await;
         federations.push_str(&format!(
             "[[federation]]\ntrust_domain = \"{td}\"\n\
@@ -471,7 +425,7 @@ async fn two_trust_domains_federate_through_their_endpoints_alone() {
     let (port_a, port_b) = (free_port(), free_port());
     // B's https_web certificate, from a CA A is told to trust.
     let web_ca = TestCa::new();
-    let (cert, key) = web_ca.server_cert(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+    let (cert, key) = web_ca.server_cert(loopback_san());
     let (cert_path, key_path, ca_path) = (
         dir.path().join("b-cert.pem"),
         dir.path().join("b-key.pem"),

@@ -16,6 +16,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
 use spiffe::TrustDomain;
 
+use crate::common::ca::{TestCa, loopback_san, spiffe_san};
 use crate::common::go::{self, GoServer};
 use crate::common::{TestAgent, entry_for_me, free_port, unix_now};
 
@@ -25,70 +26,6 @@ const FETCH_PATIENCE: Duration = Duration::from_secs(120);
 
 /// The agent's own SPIFFE ID on its `https_spiffe` endpoint.
 const AGENT_ID: &str = "spiffe://example.org/tether/agent";
-
-/// A CA that issues server certificates (Web PKI or X.509-SVIDs).
-struct TestCa {
-    key: rcgen::KeyPair,
-    params: rcgen::CertificateParams,
-    der: Vec<u8>,
-}
-
-impl TestCa {
-    fn new() -> Self {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-        let mut params = rcgen::CertificateParams::default();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let der = params.self_signed(&key).expect("ca").der().to_vec();
-        Self { key, params, der }
-    }
-
-    /// A server certificate naming `san`, written as PEM `cert.pem` and
-    /// `key.pem` (PKCS#8, 0600) in `dir`; returns their paths.
-    fn server_cert(&self, san: rcgen::SanType, dir: &Path, name: &str) -> (String, String) {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-        let mut params = rcgen::CertificateParams::default();
-        params.subject_alt_names = vec![san];
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).expect("leaf");
-        let (cert_path, key_path) = (
-            dir.join(format!("{name}-cert.pem")),
-            dir.join(format!("{name}-key.pem")),
-        );
-        std::fs::write(&cert_path, cert.pem()).expect("write the certificate");
-        std::fs::write(&key_path, key.serialize_pem()).expect("write the key");
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
-                .expect("chmod");
-        }
-        (
-            cert_path.display().to_string(),
-            key_path.display().to_string(),
-        )
-    }
-
-    /// The CA certificate as a PEM file in `dir`.
-    fn write_pem(&self, dir: &Path, name: &str) -> String {
-        let path = dir.join(name);
-        let text = pem::encode(&pem::Pem::new("CERTIFICATE", self.der.clone()));
-        std::fs::write(&path, text).expect("write the CA");
-        path.display().to_string()
-    }
-}
-
-fn loopback_san() -> rcgen::SanType {
-    rcgen::SanType::IpAddress([127, 0, 0, 1].into())
-}
-
-fn spiffe_san(id: &str) -> rcgen::SanType {
-    rcgen::SanType::URI(rcgen::string::Ia5String::try_from(id).expect("an IA5 URI"))
-}
 
 /// A JWT signing key of the Go side's trust domain.
 struct JwtKey {
@@ -126,7 +63,7 @@ impl JwtKey {
 /// keys, with a sequence and a one-second refresh hint.
 fn bundle_doc(ca: &TestCa, jwt: &[&JwtKey], sequence: u64) -> String {
     // go-jose wants the coordinates beside `x5c`, as the spec's JWK does.
-    let point = ca.key.public_key_raw();
+    let point = ca.public_point();
     let mut keys = vec![json!({"use": "x509-svid", "kty": "EC", "crv": "P-256",
                                "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
                                "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
@@ -228,7 +165,7 @@ async fn go_spiffe_fetches_a_tether_endpoint_over_https_web() {
     go::federation_peer();
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = TestCa::new();
-    let (cert, key) = ca.server_cert(loopback_san(), dir.path(), "web");
+    let (cert, key) = ca.write_server_cert(loopback_san(), dir.path(), "web");
     let ca_path = ca.write_pem(dir.path(), "ca.pem");
     let port = free_port();
     let agent = TestAgent::start(&format!(
@@ -332,7 +269,7 @@ async fn tether_fetches_from_go_spiffes_handler_and_follows_its_rotation() {
 
     // web.go.example: go-spiffe's handler behind a web certificate.
     let web_ca = TestCa::new();
-    let (web_cert, web_key) = web_ca.server_cert(loopback_san(), dir.path(), "web");
+    let (web_cert, web_key) = web_ca.write_server_cert(loopback_san(), dir.path(), "web");
     let web_ca_path = web_ca.write_pem(dir.path(), "web-ca.pem");
     let web_domain_ca = TestCa::new();
     let first = JwtKey::new("go-first");
@@ -360,7 +297,8 @@ async fn tether_fetches_from_go_spiffes_handler_and_follows_its_rotation() {
     // domain; the bootstrap has the CA only, the endpoint also a JWT key.
     let svid_ca = TestCa::new();
     let endpoint_id = "spiffe://svid.go.example/bundle-endpoint";
-    let (svid_cert, svid_key) = svid_ca.server_cert(spiffe_san(endpoint_id), dir.path(), "svid");
+    let (svid_cert, svid_key) =
+        svid_ca.write_server_cert(spiffe_san(endpoint_id), dir.path(), "svid");
     let svid_jwt = JwtKey::new("go-svid");
     let (svid_bootstrap, svid_bundle) = (
         dir.path().join("svid.go.example.bootstrap.json"),

@@ -2,6 +2,7 @@
 //! driven through real clients (the `spiffe` crate, tether's own gRPC stubs).
 
 pub mod apiserver;
+pub mod ca;
 pub mod cli;
 pub mod eventually;
 pub mod fleet;
