@@ -24,9 +24,10 @@ const FEDERATED: &str = "example-federated.org";
 const AUDIENCE: &str = "go-audience";
 
 /// Two entries for this process (hints `main` and `second`), both
-/// federating with [`FEDERATED`], whose bundle is `foreign`'s in a file
-/// under the agent's directory; `ttls` goes first (top-level keys).
-async fn agent(foreign: &ForeignDomain, ttls: &str) -> TestAgent {
+/// federating with [`FEDERATED`], whose bundle is `foreign`'s, in a file in
+/// the returned directory (keep it as long as the agent); `ttls` goes first
+/// (top-level keys).
+async fn agent(foreign: &ForeignDomain, ttls: &str) -> (TestAgent, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let bundle = dir.path().join("federated.json");
     std::fs::write(&bundle, foreign.bundle_json("fed-key", 1)).expect("write the bundle");
@@ -37,10 +38,7 @@ async fn agent(foreign: &ForeignDomain, ttls: &str) -> TestAgent {
         entry_for_me("go/second", "second"),
         bundle.display()
     );
-    let agent = TestAgent::start(&extra).await;
-    // The agent read the bundle at start; its file may go.
-    drop(dir);
-    agent
+    (TestAgent::start(&extra).await, dir)
 }
 
 /// Runs `binary SUBCOMMAND -socket ENDPOINT ARGS` to its end off the
@@ -119,7 +117,7 @@ fn ids_and_hints(doc: &Value) -> Vec<(String, String)> {
 #[ignore = "needs go and the Go module proxy: run scripts/test"]
 async fn go_spiffe_fetches_the_x509_context_and_svids_with_federated_bundles() {
     let foreign = ForeignDomain::new();
-    let agent = agent(&foreign, "").await;
+    let (agent, _bundle_dir) = agent(&foreign, "").await;
     let served: Vec<(String, String)> = agent
         .spiffe_client()
         .await
@@ -154,7 +152,7 @@ async fn go_spiffe_fetches_the_x509_context_and_svids_with_federated_bundles() {
 #[ignore = "needs go and the Go module proxy: run scripts/test"]
 async fn go_spiffe_fetches_and_validates_jwt_svids_online_and_offline() {
     let foreign = ForeignDomain::new();
-    let agent = agent(&foreign, "").await;
+    let (agent, _bundle_dir) = agent(&foreign, "").await;
 
     let first = check(&agent, "jwt", &["-audience", AUDIENCE]).await;
     assert_eq!(first["id"], MAIN, "the default is the first SVID: {first}");
@@ -241,7 +239,8 @@ fn rotations(doc: &Value, key: &str) -> Vec<String> {
 #[ignore = "needs go and the Go module proxy: run scripts/test"]
 async fn go_spiffe_sources_see_short_lived_svids_rotate() {
     let foreign = ForeignDomain::new();
-    let agent = agent(&foreign, "x509_svid_ttl = \"2s\"\njwt_svid_ttl = \"2s\"\n").await;
+    let (agent, _bundle_dir) =
+        agent(&foreign, "x509_svid_ttl = \"2s\"\njwt_svid_ttl = \"2s\"\n").await;
     let x509 = check(&agent, "watch-x509", &["-rotations", "2"]).await;
     let serials = rotations(&x509, "serial");
     assert_eq!(serials.len(), 3, "{x509}");
