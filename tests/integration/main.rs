@@ -38,6 +38,7 @@ mod fleet_store;
 mod fleet_store_tasks;
 mod fleet_tasks;
 mod fuzz_seeds;
+mod go_spiffe;
 mod hostile;
 mod http_endpoint;
 mod introspection;

@@ -1,8 +1,9 @@
-//! go-spiffe's federation peer (`tests/go/cmd/federation-peer`), built from
-//! `tests/go` with the machine's `go` and run as a child process.
+//! The Go programs on go-spiffe in `tests/go`: the federation peer
+//! (`cmd/federation-peer`) and the Workload API client (`cmd/workload-check`),
+//! built with the machine's `go` and run as child processes.
 //!
-//! The build runs once per test process (each nextest test is one), under
-//! a lock file so parallel tests never build at once; a warm build is a
+//! Each program is built once per test process (each nextest test is one),
+//! under a lock file so parallel tests never build at once; a warm build is a
 //! no-op of a fraction of a second, so a changed Go source is always
 //! rebuilt. The binary is written under a temporary name and renamed into
 //! place, so a test running the previous one is not disturbed.
@@ -16,7 +17,7 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use super::prerequisite;
@@ -24,7 +25,13 @@ use super::prerequisite;
 /// The built federation peer, building it first in this process.
 pub fn federation_peer() -> PathBuf {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    prerequisite(BUILT.get_or_init(build).clone())
+    prerequisite(BUILT.get_or_init(|| build("federation-peer")).clone())
+}
+
+/// The built Workload API client, building it first in this process.
+pub fn workload_check() -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    prerequisite(BUILT.get_or_init(|| build("workload-check")).clone())
 }
 
 /// Where the Go caches live: `$TETHER_CACHE/go`, else `~/.cache/tether/go`.
@@ -38,7 +45,8 @@ fn cache_dir() -> Result<PathBuf, String> {
     Ok(PathBuf::from(home).join(".cache/tether/go"))
 }
 
-fn build() -> Result<PathBuf, String> {
+/// Builds `tests/go/cmd/{program}` into `$CARGO_TARGET_TMPDIR/go-bin`.
+fn build(program: &str) -> Result<PathBuf, String> {
     let module = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/go");
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-bin");
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("mkdir {}: {e}", out_dir.display()))?;
@@ -50,12 +58,12 @@ fn build() -> Result<PathBuf, String> {
     lock.lock()
         .map_err(|e| format!("locking {}: {e}", lock_path.display()))?;
 
-    let binary = out_dir.join("federation-peer");
-    let partial = out_dir.join(format!("federation-peer.{}", std::process::id()));
+    let binary = out_dir.join(program);
+    let partial = out_dir.join(format!("{program}.{}", std::process::id()));
     let output = Command::new("go")
         .args(["build", "-trimpath", "-o"])
         .arg(&partial)
-        .arg("./cmd/federation-peer")
+        .arg(format!("./cmd/{program}"))
         .current_dir(&module)
         .env("GOMODCACHE", cache.join("mod"))
         .env("GOCACHE", cache.join("build"))
@@ -66,11 +74,13 @@ fn build() -> Result<PathBuf, String> {
         .stdin(Stdio::null())
         .output()
         .map_err(|e| {
-            format!("the Go federation tests need `go` (1.24 or later) and the Go module proxy: running go: {e}")
+            format!(
+                "the Go tests need `go` (1.24 or later) and the Go module proxy: running go: {e}"
+            )
         })?;
     if !output.status.success() {
         return Err(format!(
-            "go build ./cmd/federation-peer in {} failed ({}):\n{}",
+            "go build ./cmd/{program} in {} failed ({}):\n{}",
             module.display(),
             output.status,
             String::from_utf8_lossy(&output.stderr)
@@ -96,9 +106,10 @@ pub async fn fetch(args: Vec<String>) -> Output {
     .expect("the fetch's thread")
 }
 
-/// A running `federation-peer serve`, killed when dropped.
+/// A running Go server, killed when dropped.
 pub struct GoServer {
     child: Child,
+    stdout: BufReader<ChildStdout>,
     /// The address it listens on, as it printed it.
     pub addr: String,
 }
@@ -106,26 +117,43 @@ pub struct GoServer {
 impl GoServer {
     /// Starts `federation-peer serve ARGS` and waits for its address.
     pub fn start(args: &[String]) -> GoServer {
-        let mut child = Command::new(federation_peer())
-            .arg("serve")
-            .args(args)
+        let mut command = Command::new(federation_peer());
+        command.arg("serve").args(args);
+        GoServer::spawn(command)
+    }
+
+    /// Starts `command`, a server that prints the address it listens on as
+    /// its first line, and waits for that line.
+    pub fn spawn(mut command: Command) -> GoServer {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("the federation peer starts");
-        let stdout = child.stdout.take().expect("its stdout");
-        let mut addr = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut addr)
-            .expect("reading the address it prints");
-        let addr = addr.trim().to_owned();
+            .expect("the Go server starts");
+        let stdout = BufReader::new(child.stdout.take().expect("its stdout"));
+        let mut server = GoServer {
+            child,
+            stdout,
+            addr: String::new(),
+        };
+        let addr = server.next_line();
         assert!(
             !addr.is_empty(),
-            "the federation peer exited before listening: {:?}",
-            child.wait()
+            "the Go server exited before listening: {:?}",
+            server.child.wait()
         );
-        GoServer { child, addr }
+        server.addr = addr;
+        server
+    }
+
+    /// The next line it prints, trimmed; empty once it has exited.
+    pub fn next_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("reading the Go server's output");
+        line.trim().to_owned()
     }
 }
 
