@@ -18,7 +18,7 @@ use tokio_rustls::rustls::crypto::aws_lc_rs;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::common::ca::{TestCa, loopback_san, spiffe_san};
-use crate::common::{TestAgent, entry_for_me, free_port};
+use crate::common::{TestAgent, entry_for_me, eventually_within, free_port};
 
 /// A hang guard for what takes a fetch pace (30 s at least) to happen.
 const FETCH_PATIENCE: Duration = Duration::from_secs(120);
@@ -133,20 +133,6 @@ async fn x509_bundles(agent: &TestAgent) -> BTreeMap<String, Vec<Vec<u8>>> {
         );
     }
     out
-}
-
-async fn until<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + FETCH_PATIENCE;
-    loop {
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gave up waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
@@ -276,8 +262,7 @@ async fn a_hostile_endpoint_leaves_the_last_good_bundle_and_counts_why() {
     // becomes a readiness problem once it is missing or stale).
     for (td, (cas, outcome)) in &expected {
         let (td, cas, outcome) = (td.clone(), cas.clone(), *outcome);
-        until(
-            &format!("{td}: the bundle kept and the failure counted"),
+        eventually_within(FETCH_PATIENCE, &format!("{td}: the bundle kept and the failure counted"),
             async || {
                 let counted = match outcome {
                     Some(outcome) => {
@@ -485,18 +470,26 @@ async fn two_trust_domains_federate_through_their_endpoints_alone() {
 
     // Both fetched: each serves the other's bundle, and nothing is wrong.
     let a_x509 = x509_bundles(&a).await["a.example"].clone();
-    until("B serves A's X.509 bundle and is ready", async || {
-        (x509_bundles(&b).await.get("a.example") == Some(&a_x509)
-            && b.running().readiness_problems().is_empty())
-        .then_some(())
-    })
+    eventually_within(
+        FETCH_PATIENCE,
+        "B serves A's X.509 bundle and is ready",
+        async || {
+            (x509_bundles(&b).await.get("a.example") == Some(&a_x509)
+                && b.running().readiness_problems().is_empty())
+            .then_some(())
+        },
+    )
     .await;
     let b_x509 = x509_bundles(&b).await["b.example"].clone();
-    until("A serves B's X.509 bundle and is ready", async || {
-        (x509_bundles(&a).await.get("b.example") == Some(&b_x509)
-            && a.running().readiness_problems().is_empty())
-        .then_some(())
-    })
+    eventually_within(
+        FETCH_PATIENCE,
+        "A serves B's X.509 bundle and is ready",
+        async || {
+            (x509_bundles(&a).await.get("b.example") == Some(&b_x509)
+                && a.running().readiness_problems().is_empty())
+            .then_some(())
+        },
+    )
     .await;
     // A JWT-SVID of A validates on B's Workload API.
     let a_client = a.spiffe_client().await;
@@ -516,21 +509,21 @@ async fn two_trust_domains_federate_through_their_endpoints_alone() {
 
     // A rotates its JWT key; B follows through the endpoint alone.
     let before = jwt_kids(&a, "a.example").await;
-    let successor = until("A prepares a new JWT key", async || {
+    let successor = eventually_within(FETCH_PATIENCE, "A prepares a new JWT key", async || {
         jwt_kids(&a, "a.example")
             .await
             .into_iter()
             .find(|kid| !before.contains(kid))
     })
     .await;
-    until("B has A's new JWT key", async || {
+    eventually_within(FETCH_PATIENCE, "B has A's new JWT key", async || {
         jwt_kids(&b, "a.example")
             .await
             .contains(&successor)
             .then_some(())
     })
     .await;
-    let token = until("A signs with its new key", async || {
+    let token = eventually_within(FETCH_PATIENCE, "A signs with its new key", async || {
         let svid = a_client
             .fetch_jwt_svid(&["spiffe://b.example/svc-b"], None)
             .await
@@ -586,14 +579,18 @@ async fn the_server_serves_the_fleets_bundle_to_a_federated_agent() {
     .await;
     // The endpoint answered (authenticated with the server's SVID) and
     // the agent serves the fleet's bundle from it.
-    until("the agent fetched the fleet's bundle", async || {
-        let problems = problems_of(&agent, TRUST_DOMAIN);
-        let bundles = x509_bundles(&agent).await;
-        let fetched = bundles
-            .get(TRUST_DOMAIN)
-            .is_some_and(|cas| !cas.contains(&extra_ca.der));
-        (problems.is_empty() && fetched).then_some(())
-    })
+    eventually_within(
+        FETCH_PATIENCE,
+        "the agent fetched the fleet's bundle",
+        async || {
+            let problems = problems_of(&agent, TRUST_DOMAIN);
+            let bundles = x509_bundles(&agent).await;
+            let fetched = bundles
+                .get(TRUST_DOMAIN)
+                .is_some_and(|cas| !cas.contains(&extra_ca.der));
+            (problems.is_empty() && fetched).then_some(())
+        },
+    )
     .await;
     let served: serde_json::Value = {
         let bundles = x509_bundles(&agent).await;

@@ -18,7 +18,7 @@ use spiffe::TrustDomain;
 
 use crate::common::ca::{TestCa, loopback_san, spiffe_san};
 use crate::common::go::{self, GoServer};
-use crate::common::{TestAgent, entry_for_me, free_port, unix_now};
+use crate::common::{TestAgent, entry_for_me, eventually_within, free_port, unix_now};
 
 /// A hang guard for what takes tether's shortest fetch pace (30 s) to
 /// happen; never a performance assertion.
@@ -108,20 +108,6 @@ async fn x509_count(agent: &TestAgent, td: &str) -> Option<usize> {
     let set = client.fetch_x509_bundles().await.expect("x509 bundles");
     let td = TrustDomain::new(td).expect("td");
     set.get(&td).map(|b| b.authorities().len())
-}
-
-async fn until<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + FETCH_PATIENCE;
-    loop {
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gave up waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// go-spiffe's fetch; its JSON on success, its exit and stderr otherwise.
@@ -341,7 +327,8 @@ async fn tether_fetches_from_go_spiffes_handler_and_follows_its_rotation() {
 
     // Both fetched: a JWT-SVID signed by each Go-side key validates.
     for (td, key) in [("web.go.example", &first), ("svid.go.example", &svid_jwt)] {
-        until(
+        eventually_within(
+            FETCH_PATIENCE,
             &format!("{td}: the key from go-spiffe's handler"),
             async || (jwt_kids(&agent, td).await == [key.kid.clone()]).then_some(()),
         )
@@ -364,7 +351,7 @@ async fn tether_fetches_from_go_spiffes_handler_and_follows_its_rotation() {
     // would); tether follows at its next fetch.
     let second = JwtKey::new("go-second");
     write_atomically(&web_bundle, &bundle_doc(&web_domain_ca, &[&second], 2));
-    until("tether follows the rotation", async || {
+    eventually_within(FETCH_PATIENCE, "tether follows the rotation", async || {
         (jwt_kids(&agent, "web.go.example").await == [second.kid.clone()]).then_some(())
     })
     .await;

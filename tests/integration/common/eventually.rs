@@ -51,11 +51,18 @@ impl<T, E: Debug> Awaited for Result<T, E> {
 
 /// Runs `check` until it holds and returns what it found; fails, naming
 /// `what`, once [`PATIENCE`] has passed.
-pub async fn eventually<A: Awaited>(
+pub async fn eventually<A: Awaited>(what: impl Display, check: impl AsyncFnMut() -> A) -> A::Value {
+    eventually_within(PATIENCE, what, check).await
+}
+
+/// [`eventually`] with a longer hang guard, for what happens at a slow
+/// pace of its own (a federated bundle's fetch, 30 s apart at least).
+pub async fn eventually_within<A: Awaited>(
+    patience: Duration,
     what: impl Display,
     mut check: impl AsyncFnMut() -> A,
 ) -> A::Value {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let deadline = tokio::time::Instant::now() + patience;
     loop {
         let last = match check().await.into_found() {
             Ok(found) => return found,

@@ -11,7 +11,7 @@ pub mod kubelet;
 pub mod postgres;
 pub mod walkthrough;
 
-pub use eventually::{eventually, eventually_blocking};
+pub use eventually::{eventually, eventually_blocking, eventually_within};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
