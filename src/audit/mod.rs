@@ -44,22 +44,38 @@
 //!
 //! # Writing
 //!
-//! [`AuditLog::record`] bounds and serializes the event on the caller's
-//! thread and queues it (bounded by `queue`): it never blocks and never
-//! touches the disk. It refuses (so the caller fails closed and issues
-//! nothing) when the queue is full, when the writer has failed, or when the
-//! writer has stopped. The writer takes everything queued, gives each record
-//! its `seq` and `prev`, and writes the batch with one `write(2)` at once
-//! (a process crash loses only what is still queued); it fsyncs the
-//! file, then replaces `HEAD`, once per `flush_interval` with writes
-//! pending (or at once for [`AuditLog::flush`]), so a power loss costs at
-//! most the last interval's records, and records are never fsynced one by
-//! one. A failed write or fsync marks the log failed ([`AuditLog::problem`]
-//! says why, `record` refuses) and is retried every second with the same
-//! records, cut back to the last good length first (after a failed fsync
-//! the kernel may have dropped the unsynced pages, so they are written
-//! again); the first success clears the failure. Blocking file work runs
-//! on tokio's blocking pool, one awaited call at a time.
+//! [`AuditLog::record`] bounds and serializes the event, then writes it on
+//! the caller's thread: under one short lock it is given its `seq` and
+//! `prev` and handed to the kernel with one `pwrite(2)` (`audit::disk`).
+//! So a record is in the file, and survives a crash of the agent, before
+//! `record` returns, with no hop to another thread. It refuses (so the
+//! caller fails closed and issues nothing) when the writer has failed or
+//! stopped, when `queue` records wait for a sync, or when records have
+//! waited [`WRITE_WAIT`] for one (the writer is stalled).
+//!
+//! The writer loop ([`AuditWriter`]) never sees records one by one: it is
+//! woken when a record lands on a synced trail, waits `flush_interval`
+//! (or not at all for [`AuditLog::flush`]), fsyncs the file on tokio's
+//! blocking pool *outside* the lock (callers keep writing meanwhile), and
+//! replaces `HEAD`. So a power loss costs at most the last interval's
+//! records, and records are never fsynced one by one. A file is started
+//! only after the full one is synced (a caller that would start it while
+//! a sync runs waits for that sync, once per `max_file_bytes`), so
+//! syncing the current file makes every record written durable.
+//!
+//! A failed write or fsync marks the log failed ([`AuditLog::problem`]
+//! says why, `record` refuses). The records a failed fsync may have lost
+//! (the kernel may have dropped the unsynced pages) are cut and written
+//! again by the writer, and so is the record whose write failed (its
+//! caller was refused, but what it records may have happened); it retries
+//! every second and the first whole sync clears the failure.
+//!
+//! A `write(2)` to the page cache does not wait for the disk, but on a
+//! frozen file system (`fsfreeze`) it blocks: the caller's runtime thread
+//! waits with it, and so does every other caller that records, so the
+//! agent may stop answering until the file system thaws. Before, such a
+//! caller was refused after [`WRITE_WAIT`]; an operator freezing the
+//! agent's data disk is the price of the unhopped write.
 //!
 //! # Opening after a crash
 //!
@@ -95,6 +111,7 @@
 //! issuance: records are never dropped to keep going.
 
 mod budget;
+mod disk;
 mod event;
 mod files;
 mod read;
@@ -107,11 +124,10 @@ mod writer;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::oneshot;
 
 use crate::trusted_fs::TrustedFsError;
 
@@ -216,8 +232,8 @@ pub enum AuditError {
 /// nothing it could not record.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditUnavailable {
-    /// More records wait for the writer than the queue holds.
-    #[error("the audit queue is full ({capacity} records wait for the writer)")]
+    /// More records wait for the writer to sync them than the queue holds.
+    #[error("the audit queue is full ({capacity} records wait for the writer to sync them)")]
     QueueFull {
         /// The queue's size.
         capacity: usize,
@@ -242,69 +258,34 @@ pub enum AuditUnavailable {
         /// `caller_bytes_per_second`.
         rate: u64,
     },
-    /// The writer took the record but has not written it in time: it is
+    /// The writer has not synced what is written for this long: it is
     /// stuck (a hung disk, a stdout nobody reads).
-    #[error("the audit writer is stalled (nothing written within {waited:?})")]
+    #[error("the audit writer is stalled (nothing synced within {waited:?})")]
     Stalled {
         /// How long the caller waited.
         waited: Duration,
     },
 }
 
-/// Longest a caller waits for its record to be written before it gives
-/// up (and hands out nothing): a healthy writer takes milliseconds, a slow
-/// fsync of the batch before it (the writer does one thing at a time)
-/// rarely a second.
+/// Longest records stay written and unsynced before recording refuses
+/// (the writer is stalled: a hung disk, a stdout nobody reads), and
+/// longest a caller waits for a sync to end before it starts a new file:
+/// a healthy writer syncs every `flush_interval`, a slow fsync rarely
+/// takes a second.
 pub const WRITE_WAIT: Duration = Duration::from_secs(10);
 
 /// The handle decision points record through. Cheap to clone; recording
-/// never blocks and never touches the disk on the caller's thread.
+/// writes the record on the caller's thread (one `pwrite(2)` under a
+/// short lock) and never waits for a sync.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Message>,
-    shared: Arc<Shared>,
-    /// Records queued so far; taken with the send, so the queue holds
-    /// records `1..=queued` in this order.
-    queued: Arc<Mutex<u64>>,
+    trail: Arc<writer::Trail>,
     /// Identical denials being counted rather than recorded one by one.
     repeats: Arc<Mutex<repeats::Repeats>>,
     /// Each uid's audit bytes.
     budget: Arc<Mutex<budget::Budget>>,
     /// `caller_bytes_per_second`, for the refusal.
     caller_rate: u64,
-}
-
-/// State the writer publishes to every handle.
-#[derive(Debug)]
-struct Shared {
-    /// Fast path for `record`: set while `failure` is `Some`.
-    failed: AtomicBool,
-    failure: Mutex<Option<Arc<AuditError>>>,
-    /// How many queued records have been written to the trail (handed to
-    /// the kernel: they survive the agent's crash). Also pinged when the
-    /// writer fails or stops, so waiters look again.
-    written: watch::Sender<u64>,
-    /// Set when a caller gave up waiting for its record ([`WRITE_WAIT`]),
-    /// cleared when the writer writes again: health's "stalled".
-    stalled: AtomicBool,
-}
-
-/// What handles send the writer.
-#[derive(Debug)]
-enum Message {
-    /// One event, bounded and serialized, with its time.
-    Record(Queued),
-    /// Answer once everything queued before is durable.
-    Flush(oneshot::Sender<()>),
-}
-
-/// An event on its way to the writer.
-#[derive(Debug)]
-struct Queued {
-    /// RFC 3339, UTC, microseconds.
-    time: String,
-    /// The event's JSON object, at most `event::MAX_BODY` bytes.
-    body: Vec<u8>,
 }
 
 // === impl AuditConfig ===
@@ -386,15 +367,7 @@ impl AuditLog {
         config
             .validate()
             .map_err(|(key, problem)| AuditError::Config { key, problem })?;
-        let (tx, rx) = mpsc::channel(config.queue);
-        let shared = Arc::new(Shared {
-            failed: AtomicBool::new(false),
-            failure: Mutex::new(None),
-            written: watch::Sender::new(0),
-            stalled: AtomicBool::new(false),
-        });
-        let writer = AuditWriter::open(dir, config, rx, Arc::clone(&shared), key)?;
-        let queued = Arc::default();
+        let writer = AuditWriter::open(dir, config, key)?;
         let repeats = Arc::default();
         let budget = Arc::new(Mutex::new(budget::Budget::new(
             config.caller_bytes_per_second,
@@ -402,9 +375,7 @@ impl AuditLog {
         )));
         Ok((
             AuditLog {
-                tx,
-                shared,
-                queued,
+                trail: writer.trail(),
                 repeats,
                 budget,
                 caller_rate: config.caller_bytes_per_second,
@@ -413,11 +384,12 @@ impl AuditLog {
         ))
     }
 
-    /// Queues one record. `Err` when the queue is full, the writer has
-    /// failed or stopped: the caller then fails closed (refuses to issue),
-    /// so no credential is ever issued unaudited. `Ok` means queued: it is
-    /// written at once and durable within `flush_interval`. An edge hands
-    /// out what was recorded only after [`Self::written`].
+    /// Writes one record to the trail. `Err` when the writer has failed
+    /// or stopped, or too many records wait for a sync: the caller then
+    /// fails closed (refuses to issue), so no credential is ever issued
+    /// unaudited. `Ok` means written (handed to the kernel: it survives a
+    /// crash of the agent) and durable within `flush_interval`. An edge
+    /// hands out what was recorded only after [`Self::written`] too.
     ///
     /// A denial identical to one the same process had recorded less than
     /// 10 s ago is counted instead; the count is recorded (`repeated`)
@@ -426,9 +398,6 @@ impl AuditLog {
     /// A record about a caller's process (one with a uid) is charged to
     /// that uid's audit budget, never refused for it: see [`Self::admit`].
     pub fn record(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
-        if let Some(source) = self.shared.failure() {
-            return Err(AuditUnavailable::Failed { source });
-        }
         let now = tokio::time::Instant::now();
         let (due, verdict) = {
             let mut repeats = self.repeats.lock().unwrap_or_else(PoisonError::into_inner);
@@ -443,7 +412,7 @@ impl AuditLog {
         self.charged(event, now)
     }
 
-    /// Queues `event`, charged to the uid it is about.
+    /// Writes `event`, charged to the uid it is about.
     fn charged(
         &self,
         event: AuditEvent,
@@ -454,7 +423,7 @@ impl AuditLog {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .charge(&event, body.len() + event::ENVELOPE_MAX, now);
-        self.enqueue(body)
+        self.append(body)
     }
 
     /// Whether a request of a process of `uid` may go on: refused
@@ -478,7 +447,7 @@ impl AuditLog {
             budget::Admission::Refused { note } => {
                 if let Some(note) = note {
                     // Best effort: the refusal stands either way.
-                    let _ = self.enqueue(note.to_body());
+                    let _ = self.append(note.to_body());
                 }
                 Err(AuditUnavailable::OverBudget {
                     uid,
@@ -488,21 +457,32 @@ impl AuditLog {
         }
     }
 
-    fn enqueue(&self, body: Vec<u8>) -> Result<(), AuditUnavailable> {
-        let queued = Queued {
-            time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
-            body,
+    /// Chains and writes one record under the trail's lock; wakes the
+    /// writer when it is the first one left to sync.
+    fn append(&self, body: Vec<u8>) -> Result<(), AuditUnavailable> {
+        let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        let longest = body.len() + event::ENVELOPE_MAX + 1;
+        let first_unsynced = {
+            let mut disk = self.trail.lock();
+            if disk.must_wait_for_sync(longest) {
+                // A new file is due while the current one syncs: rare
+                // (once per `max_file_bytes`), and one fsync long.
+                let (guard, waited) = self
+                    .trail
+                    .sync_done
+                    .wait_timeout_while(disk, WRITE_WAIT, |disk| disk.must_wait_for_sync(longest))
+                    .unwrap_or_else(PoisonError::into_inner);
+                disk = guard;
+                if waited.timed_out() {
+                    return Err(AuditUnavailable::Stalled { waited: WRITE_WAIT });
+                }
+            }
+            disk.append(&time, &body)?;
+            disk.unsynced.len() == 1
         };
-        let mut count = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
-        self.tx
-            .try_send(Message::Record(queued))
-            .map_err(|error| match error {
-                mpsc::error::TrySendError::Full(_) => AuditUnavailable::QueueFull {
-                    capacity: self.tx.max_capacity(),
-                },
-                mpsc::error::TrySendError::Closed(_) => AuditUnavailable::Stopped,
-            })?;
-        *count += 1;
+        if first_unsynced {
+            self.trail.wake.notify_one();
+        }
         Ok(())
     }
 
@@ -517,40 +497,23 @@ impl AuditLog {
             .unwrap_or_else(PoisonError::into_inner)
             .drain();
         for counted in counts {
-            if let Err(error) = self.enqueue(counted.to_body()) {
+            if let Err(error) = self.append(counted.to_body()) {
                 tracing::warn!(error = %crate::error::Chain(&error), "could not record a count of repeated denials");
             }
         }
     }
 
-    /// Resolves once every record queued so far (the caller's own among
-    /// them) is written to the trail, so it survives a crash of the agent
-    /// (a crash of the machine: within `flush_interval`, see [`Self::flush`]).
-    /// `Err` when the writer fails or stops first: the caller then hands
-    /// out nothing, as if recording had been refused.
+    /// Whether what this handle's callers recorded is still in the
+    /// trail: `record` wrote it before returning `Ok`, so this is `Ok`
+    /// unless the log has failed since (a failed sync may have lost it
+    /// until the writer writes it again). The caller then hands out
+    /// nothing, as if recording had been refused.
     pub async fn written(&self) -> Result<(), AuditUnavailable> {
-        let waited = tokio::time::timeout(WRITE_WAIT, self.written_unbounded()).await;
-        waited.unwrap_or_else(|_| {
-            self.shared.stalled.store(true, Ordering::Release);
-            Err(AuditUnavailable::Stalled { waited: WRITE_WAIT })
-        })
-    }
-
-    async fn written_unbounded(&self) -> Result<(), AuditUnavailable> {
-        let target = *self.queued.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut written = self.shared.written.subscribe();
-        loop {
-            if *written.borrow_and_update() >= target {
-                return Ok(());
-            }
-            if let Some(source) = self.shared.failure() {
-                return Err(AuditUnavailable::Failed { source });
-            }
-            if self.tx.is_closed() {
-                return Err(AuditUnavailable::Stopped);
-            }
-            // The sender lives in `Shared`, as long as this handle.
-            let _ = written.changed().await;
+        match &self.trail.lock().failure {
+            Some(source) => Err(AuditUnavailable::Failed {
+                source: Arc::clone(source),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -558,30 +521,31 @@ impl AuditLog {
     /// the queue is full; the writer stopped or is stalled), or `None` when
     /// healthy. For health checks.
     pub fn problem(&self) -> Option<String> {
-        if self.shared.stalled.load(Ordering::Acquire) && self.shared.failure().is_none() {
-            let waiting = self
-                .queued
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .saturating_sub(*self.shared.written.borrow());
-            return Some(format!(
-                "the audit writer is stalled: {waiting} records wait to be written \
-                 (a hung disk, or a stdout nobody reads); issuance is refused"
-            ));
-        }
-        if let Some(source) = self.shared.failure() {
-            return Some(
-                crate::error::chain(&AuditUnavailable::Failed { source })
-                    + " (retrying every second)",
-            );
-        }
-        if self.tx.is_closed() {
+        let disk = self.trail.lock();
+        if disk.stopped {
             return Some(AuditUnavailable::Stopped.to_string());
         }
-        if self.tx.capacity() == 0 {
+        if let Some(source) = &disk.failure {
+            return Some(
+                crate::error::chain(&AuditUnavailable::Failed {
+                    source: Arc::clone(source),
+                }) + " (retrying every second)",
+            );
+        }
+        if disk
+            .unsynced_since
+            .is_some_and(|since| since.elapsed() >= WRITE_WAIT)
+        {
+            return Some(format!(
+                "the audit writer is stalled: {} records wait to be synced \
+                 (a hung disk, or a stdout nobody reads); issuance is refused",
+                disk.unsynced.len()
+            ));
+        }
+        if disk.unsynced.len() >= disk.capacity {
             return Some(
                 AuditUnavailable::QueueFull {
-                    capacity: self.tx.max_capacity(),
+                    capacity: disk.capacity,
                 }
                 .to_string(),
             );
@@ -596,60 +560,28 @@ impl AuditLog {
     /// flush. Waits while the writer is failing; returns at once if the
     /// writer has stopped.
     pub async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Message::Flush(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
+        let rx = {
+            let mut disk = self.trail.lock();
+            if disk.stopped {
+                return;
+            }
+            let (tx, rx) = oneshot::channel();
+            let seq = disk.chain.seq;
+            disk.flushes.push((seq, tx));
+            rx
+        };
+        self.trail.wake.notify_one();
+        let _ = rx.await;
     }
 }
 
 impl fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unsynced = self.trail.lock().unsynced.len();
         f.debug_struct("AuditLog")
-            .field("queued", &(self.tx.max_capacity() - self.tx.capacity()))
+            .field("unsynced", &unsynced)
             .field("problem", &self.problem())
             .finish()
-    }
-}
-
-// === impl Shared ===
-
-impl Shared {
-    fn failure(&self) -> Option<Arc<AuditError>> {
-        if !self.failed.load(Ordering::Acquire) {
-            return None;
-        }
-        self.failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Sets (`Some`) or clears (`None`) the failure; true when that changed
-    /// whether the log is failed.
-    fn set_failure(&self, failure: Option<Arc<AuditError>>) -> bool {
-        let failed = failure.is_some();
-        *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = failure;
-        let changed = self.failed.swap(failed, Ordering::AcqRel) != failed;
-        if failed {
-            // Whoever waits for a write learns it may not come.
-            self.written.send_modify(|_| {});
-        }
-        changed
-    }
-
-    /// Publishes how many queued records are written.
-    fn set_written(&self, count: u64) {
-        let newer = self.written.send_if_modified(|written| {
-            let newer = count > *written;
-            if newer {
-                *written = count;
-            }
-            newer
-        });
-        if newer {
-            self.stalled.store(false, Ordering::Release);
-        }
     }
 }
 

@@ -711,31 +711,26 @@ async fn a_writer_that_cannot_create_a_file_fails_closed_then_recovers() {
     let blocker = segment(dir, 2);
     fs::create_dir(&blocker).unwrap();
 
-    // Enough to need the second file: everything queued before the
-    // failure is kept and written once the file can be created.
-    let mut queued = 1;
-    while running.log.problem().is_none() {
-        match running.log.record(event(queued)) {
-            Ok(()) => queued += 1,
-            Err(_) => break,
+    // Enough to need the second file. The record whose write found the
+    // file missing is refused, yet kept: what it records may have happened
+    // (a change, an end), so it is written once the file can be created.
+    // Nothing after it is taken.
+    let mut written = 1;
+    let kept = loop {
+        match running.log.record(event(written)) {
+            Ok(()) => written += 1,
+            Err(AuditUnavailable::Failed { .. }) => break written + 1,
+            Err(other) => panic!("expected a failed write, got {other:?}"),
         }
-        if queued > 200 {
-            eventually("the writer to report a problem", || {
-                running.log.problem().is_some()
-            })
-            .await;
-        }
-    }
-    eventually("the writer to report a problem", || {
-        running.log.problem().is_some()
-    })
-    .await;
+        assert!(written < 1000, "the second file was never needed");
+    };
     let problem = running.log.problem().unwrap();
     assert!(
         problem.contains(&blocker.display().to_string()),
         "{problem}"
     );
     assert!(running.log.record(event(999)).is_err());
+    assert!(guarded(running.log.written()).await.is_err());
 
     fs::remove_dir(&blocker).unwrap();
     eventually("the writer to recover", || running.log.problem().is_none()).await;
@@ -743,7 +738,7 @@ async fn a_writer_that_cannot_create_a_file_fails_closed_then_recovers() {
     running.stop().await;
 
     let report = verify(dir).unwrap();
-    assert_eq!(report.records, queued as u64);
+    assert_eq!(report.records, kept as u64);
     assert!(report.files >= 2);
     let reasons: Vec<String> = read(dir, &ReadFilter::default())
         .unwrap()
@@ -752,9 +747,7 @@ async fn a_writer_that_cannot_create_a_file_fails_closed_then_recovers() {
         .collect();
     assert_eq!(
         reasons,
-        (0..queued)
-            .map(|i| format!("reason {i}"))
-            .collect::<Vec<_>>()
+        (0..kept).map(|i| format!("reason {i}")).collect::<Vec<_>>()
     );
 }
 
@@ -1032,4 +1025,72 @@ async fn counts_still_being_made_are_recorded_when_the_agent_stops() {
     running.flush().await;
     assert_eq!(read(&dir, &ReadFilter::default()).unwrap().len(), 2);
     running.stop().await;
+}
+
+/// A record is in its file before `record` returns: written on the
+/// caller's thread, with no writer loop running at all. Only the sync and
+/// `HEAD` wait for the loop.
+#[tokio::test]
+async fn a_record_is_in_the_file_when_record_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, writer) = AuditLog::open(tmp.path(), &config(), key()).unwrap();
+    for i in 0..3 {
+        log.record(event(i)).unwrap();
+        assert_eq!(lines_of(&segment(tmp.path(), 1)).len(), i + 1);
+    }
+    guarded(log.written()).await.unwrap();
+    // Written, not yet synced: HEAD still names the empty chain.
+    let report = verify(tmp.path()).unwrap();
+    assert_eq!((report.head_seq, report.last_seq), (0, 3));
+
+    let cancel = CancellationToken::new();
+    let job = tokio::spawn(writer.run(cancel.clone()));
+    guarded(log.flush()).await;
+    assert_eq!(verify(tmp.path()).unwrap().head_seq, 3);
+    cancel.cancel();
+    guarded(job).await.unwrap();
+}
+
+/// Many threads record at once into small files while the writer syncs
+/// every millisecond: every record is there once, in one chain, and no
+/// file passes `max_file_bytes` (a new file waits for a sync in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_keep_one_chain_across_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = AuditConfig {
+        flush_interval: Duration::from_millis(1),
+        ..small_files()
+    };
+    let running = Running::start(tmp.path(), &config);
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let log = running.log.clone();
+            std::thread::spawn(move || {
+                for i in 0..150 {
+                    log.record(event(t * 1000 + i)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    running.flush().await;
+    running.stop().await;
+
+    let report = verify(tmp.path()).unwrap();
+    assert_eq!((report.records, report.head_seq), (600, 600));
+    assert!(report.files > 10, "{} files", report.files);
+    for (number, path) in files::list_segments(tmp.path()).unwrap() {
+        let len = fs::metadata(&path).unwrap().len();
+        assert!(len <= 4096, "{number}: {len} bytes");
+    }
+    let mut reasons: Vec<String> = read(tmp.path(), &ReadFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event.reason.unwrap())
+        .collect();
+    reasons.sort();
+    reasons.dedup();
+    assert_eq!(reasons.len(), 600);
 }
