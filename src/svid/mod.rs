@@ -463,8 +463,8 @@ mod tests {
     }
 
     impl Fixture {
-        /// The audit writer runs unless `queue` is given: then records
-        /// wait, `queue` at most, until [`Self::start_writer`].
+        /// The audit writer runs unless `queue` is given: then records are
+        /// written but not synced, `queue` at most, until [`Self::start_writer`].
         fn new(queue: Option<usize>) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let td = TrustDomain::new("example.org").unwrap();
@@ -668,8 +668,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_issuance_fails_every_waiter_and_the_next_request_retries() {
-        // The audit queue holds one record and nobody writes it out yet:
-        // once full, issuance fails closed.
+        // The audit queue holds one unsynced record and nobody syncs it
+        // yet: once full, issuance fails closed.
         let mut f = Fixture::new(Some(1));
         f.audit
             .record(AuditEvent::new(EventKind::IssueJwt, Outcome::Allow))
@@ -691,8 +691,10 @@ mod tests {
         assert!(f.issuer.flights.is_empty(), "a failed flight lands too");
         assert!(f.issuer.x509_svids().is_empty(), "nothing failed is cached");
 
-        // The trail drains: the next request issues.
+        // The trail drains (the writer syncs what waits): the next request
+        // issues.
         f.start_writer();
+        f.audit.flush().await;
         assert!(f.issued().await.is_empty());
         let svid = f.issuer.x509_svid(&m, &f.caller).await.unwrap();
         assert_eq!(f.issued().await, std::slice::from_ref(&svid.serial));
