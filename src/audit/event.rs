@@ -426,7 +426,14 @@ pub(super) fn envelope(seq: u64, time: &str, prev: Hash, body: &[u8]) -> Vec<u8>
     // `body` is a JSON object with at least `event` and `decision`: splice
     // the envelope in after its `{`.
     let fields = body.strip_prefix(b"{").unwrap_or(body);
-    let mut line = format!("{{\"seq\":{seq},\"time\":\"{time}\",\"prev\":\"{prev}\",").into_bytes();
+    let mut line = Vec::with_capacity(ENVELOPE_MAX + fields.len() + 1);
+    line.extend_from_slice(b"{\"seq\":");
+    line.extend_from_slice(seq.to_string().as_bytes());
+    line.extend_from_slice(b",\"time\":\"");
+    line.extend_from_slice(time.as_bytes());
+    line.extend_from_slice(b"\",\"prev\":\"");
+    line.extend_from_slice(&prev.to_hex());
+    line.extend_from_slice(b"\",");
     line.extend_from_slice(fields);
     line
 }
