@@ -40,6 +40,8 @@ pub struct JwtAuthority {
     kid: String,
     jwk: Jwk,
     decoding_key: DecodingKey,
+    /// SHA-256 of the JWK as served: names this exact key (and `kid`).
+    fingerprint: [u8; 32],
 }
 
 /// The trust material of one trust domain.
@@ -124,10 +126,16 @@ impl JwtAuthority {
         let decoding_key = DecodingKey::from_jwk(&jwk).map_err(|e| e.to_string())?;
         // The Workload API JWKS form carries no `use`.
         jwk.common.public_key_use = None;
+        let served = serde_json::to_vec(&jwk).map_err(|e| e.to_string())?;
+        let mut fingerprint = [0; 32];
+        fingerprint.copy_from_slice(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &served).as_ref(),
+        );
         Ok(Self {
             kid,
             jwk,
             decoding_key,
+            fingerprint,
         })
     }
 
@@ -158,6 +166,12 @@ impl JwtAuthority {
     /// The key in the form jsonwebtoken verifies with.
     pub fn decoding_key(&self) -> &DecodingKey {
         &self.decoding_key
+    }
+
+    /// SHA-256 of the JWK as served: two authorities with the same
+    /// fingerprint verify the same signatures.
+    pub fn fingerprint(&self) -> &[u8; 32] {
+        &self.fingerprint
     }
 }
 

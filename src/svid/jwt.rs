@@ -8,6 +8,8 @@
 //! nothing else; an asymmetric `alg`; a `kid` found in the bundle of the
 //! trust domain named by `sub`; `exp` required and `nbf` honoured with no
 //! leeway; an `iat` at most [`MAX_IAT_SKEW`] ahead; the audience present.
+//! A token verified before under the same key for the same audience skips
+//! the signature check (`svid::verified`), never the rest.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde_json::{Map, Value};
 use spiffe::{SpiffeId, TrustDomain};
 
-use super::SvidError;
+use super::{SvidError, verified};
 use crate::authority::{Authority, JwtRequest};
 use crate::bundle::TrustBundle;
 use crate::registration::{Match, RegistrationEntry};
@@ -208,23 +210,21 @@ pub fn validate(
             trust_domain: trust_domain.to_string(),
         })?;
 
-    let mut validation = Validation::new(alg);
-    validation.leeway = 0;
-    validation.validate_nbf = true;
-    validation.set_audience(&[audience]);
-    validation.set_required_spec_claims(&["exp", "sub", "aud"]);
-    let data = jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), &validation)
-        .map_err(|e| {
-        use jsonwebtoken::errors::ErrorKind;
-        JwtValidationError::Invalid(match e.kind() {
-            ErrorKind::InvalidAudience => format!("it is not addressed to audience {audience:?}"),
-            ErrorKind::ExpiredSignature => "it has expired".into(),
-            ErrorKind::ImmatureSignature => "it is not valid yet (nbf)".into(),
-            ErrorKind::InvalidSignature => "its signature does not verify".into(),
-            _ => e.to_string(),
-        })
-    })?;
-    let mut claims = data.claims;
+    // A token verified before under this very key, for this audience,
+    // skips the signature (`svid::verified`); time is checked again.
+    let memo_key = verified::key(token, audience, key);
+    let mut claims = match verified::get(&memo_key) {
+        Some(claims) => {
+            verified::check_times(&claims, jsonwebtoken::get_current_timestamp())
+                .map_err(|problem| JwtValidationError::Invalid(problem.into()))?;
+            (*claims).clone()
+        }
+        None => {
+            let claims = decode(token, audience, alg, key.decoding_key())?;
+            verified::put(memo_key, token.len(), Arc::new(claims.clone()));
+            claims
+        }
+    };
     // As a number of any form: a fractional or huge `iat` is checked too.
     if let Some(iat) = claims.get("iat").and_then(Value::as_f64)
         && iat > unix(SystemTime::now() + MAX_IAT_SKEW) as f64
@@ -244,6 +244,35 @@ pub fn validate(
         spiffe_id: subject,
         claims,
     })
+}
+
+/// `jsonwebtoken`'s check of the signature under `key`, the audience, and
+/// `exp` (required) and `nbf` with no leeway: the claims.
+fn decode(
+    token: &str,
+    audience: &str,
+    alg: Algorithm,
+    key: &jsonwebtoken::DecodingKey,
+) -> Result<Map<String, Value>, JwtValidationError> {
+    let mut validation = Validation::new(alg);
+    validation.leeway = 0;
+    validation.validate_nbf = true;
+    validation.set_audience(&[audience]);
+    validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+    jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation)
+        .map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            JwtValidationError::Invalid(match e.kind() {
+                ErrorKind::InvalidAudience => {
+                    format!("it is not addressed to audience {audience:?}")
+                }
+                ErrorKind::ExpiredSignature => "it has expired".into(),
+                ErrorKind::ImmatureSignature => "it is not valid yet (nbf)".into(),
+                ErrorKind::InvalidSignature => "its signature does not verify".into(),
+                _ => e.to_string(),
+            })
+        })
+        .map(|data| data.claims)
 }
 
 fn decode_segment(
@@ -394,6 +423,50 @@ mod tests {
         let bundle = authority.bundle();
         let err = validate(&svid.token, "a", |_| Some(bundle.clone())).unwrap_err();
         assert!(err.to_string().contains("xpired"), "{err}");
+    }
+
+    /// A token verified once is served from `svid::verified` only for the
+    /// same key and audience: under another key with its `kid`, or for
+    /// another audience, it is checked in full again.
+    #[tokio::test]
+    async fn a_verified_token_is_checked_again_under_another_key_with_its_kid() {
+        let (_dir, authority, entry) = setup();
+        let aud = vec!["api".to_owned()];
+        let svid = issue(
+            &authority,
+            &entry,
+            &svc(),
+            &aud,
+            Duration::from_secs(300),
+            SystemTime::now(),
+        )
+        .await
+        .unwrap();
+        let bundle = authority.bundle();
+        for _ in 0..2 {
+            let ok = validate(&svid.token, "api", |_| Some(bundle.clone())).unwrap();
+            assert_eq!(ok.claims["aud"], serde_json::json!(["api"]));
+        }
+        let kid = jsonwebtoken::decode_header(&svid.token)
+            .unwrap()
+            .kid
+            .unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let impostor =
+            crate::bundle::JwtAuthority::from_p256_point(kid, other.public_key_raw()).unwrap();
+        let forged = Arc::new(TrustBundle::new(
+            bundle.trust_domain().clone(),
+            Vec::new(),
+            vec![impostor],
+            bundle.sequence() + 1,
+        ));
+        let err = validate(&svid.token, "api", |_| Some(forged.clone())).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "token is invalid: its signature does not verify"
+        );
+        let err = validate(&svid.token, "other", |_| Some(bundle.clone())).unwrap_err();
+        assert!(err.to_string().contains("audience"), "{err}");
     }
 
     /// Regression: a token issued while the issuer's clock was hours ahead

@@ -23,6 +23,7 @@ pub mod jwt;
 pub mod jwt_cache;
 pub mod revocation;
 pub mod rotation;
+pub mod verified;
 pub mod x509;
 
 use std::sync::Arc;
