@@ -153,7 +153,7 @@ impl Hash {
 impl Hash {
     /// The lowercase hex of the digest, without a formatter per byte (it
     /// is in every record's envelope).
-    pub fn to_hex(&self) -> [u8; 64] {
+    pub fn to_hex(self) -> [u8; 64] {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut hex = [0u8; 64];
         for (pair, byte) in hex.chunks_exact_mut(2).zip(self.0) {
