@@ -36,7 +36,7 @@
 //! `scripts/test` runs this module when the binaries are there and says
 //! that it skips it otherwise.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -48,7 +48,9 @@ use tether::config::{Config, MapEnv};
 
 use crate::common::ca::{TestCa, loopback_san};
 use crate::common::go::{self, GoServer};
-use crate::common::spire::{PeerProfile, ServedProfile, ServerOptions, SpireAgent, SpireServer};
+use crate::common::spire::{
+    PeerProfile, ServedProfile, ServerOptions, SpireAgent, SpireServer, not_yet,
+};
 use crate::common::{TestAgent, eventually_within, free_port, uid};
 
 const TETHER_TD: &str = "tether.test";
@@ -201,7 +203,7 @@ async fn until_tether_has_spires_bundle(tether: &TestAgent, spire: &mut SpireSer
             if served == expected {
                 Ok(())
             } else {
-                Err(format!("{served:?}"))
+                not_yet(format!("{served:?}")).await
             }
         },
     )
@@ -214,13 +216,14 @@ async fn until_spire_has_tethers_bundle(spire: &mut SpireServer, tether: &TestAg
     eventually_within(
         PATIENCE,
         format!("SPIRE's server to hold {TETHER_TD}'s keys {expected:?}, from tether's endpoint"),
-        async || {
-            let held = Keys::of(&spire.federated_bundle(TETHER_TD).await?);
-            if held == expected {
-                Ok(())
-            } else {
-                Err(format!("{held:?}"))
-            }
+        async || match spire
+            .federated_bundle(TETHER_TD)
+            .await
+            .map(|b| Keys::of(&b))
+        {
+            Ok(held) if held == expected => Ok(()),
+            Ok(held) => not_yet(format!("{held:?}")).await,
+            Err(why) => not_yet(why).await,
         },
     )
     .await;
@@ -304,7 +307,15 @@ async fn federated_over_https_spiffe() -> Federated {
 /// `workload-check SUBCOMMAND -socket ENDPOINT ARGS`, run to its end off
 /// the runtime: its JSON on success, else its exit and stderr.
 async fn workload_check(endpoint: &str, subcommand: &str, args: &[&str]) -> Result<Value, String> {
-    let out = run_workload_check(endpoint, subcommand, args).await;
+    let mut command = Command::new(go::workload_check());
+    command
+        .arg(subcommand)
+        .args(["-socket", endpoint])
+        .args(args)
+        .stdin(Stdio::null());
+    let out = tokio::task::spawn_blocking(move || command.output().expect("workload-check runs"))
+        .await
+        .expect("the run's thread");
     if !out.status.success() {
         return Err(format!(
             "workload-check {subcommand}: {}: {}",
@@ -320,18 +331,6 @@ async fn workload_check(endpoint: &str, subcommand: &str, args: &[&str]) -> Resu
     })
 }
 
-async fn run_workload_check(endpoint: &str, subcommand: &str, args: &[&str]) -> Output {
-    let mut command = Command::new(go::workload_check());
-    command
-        .arg(subcommand)
-        .args(["-socket", endpoint])
-        .args(args)
-        .stdin(Stdio::null());
-    tokio::task::spawn_blocking(move || command.output().expect("workload-check runs"))
-        .await
-        .expect("the run's thread")
-}
-
 /// Waits until SPIRE's agent serves this process's children
 /// [`SPIRE_WORKLOAD`] with both domains' bundles in its X.509 context.
 async fn until_spire_serves_the_workload(federated: &mut Federated) {
@@ -342,11 +341,14 @@ async fn until_spire_serves_the_workload(federated: &mut Federated) {
         format!("SPIRE's agent to serve {SPIRE_WORKLOAD} with {TETHER_TD}'s bundle"),
         async || {
             agent.assert_running();
-            let context = workload_check(&endpoint, "x509-context", &[]).await?;
-            if context["trust_domains"] == serde_json::json!([SPIRE_TD, TETHER_TD]) {
+            match workload_check(&endpoint, "x509-context", &[]).await {
                 Ok(context)
-            } else {
-                Err(context.to_string())
+                    if context["trust_domains"] == serde_json::json!([SPIRE_TD, TETHER_TD]) =>
+                {
+                    Ok(context)
+                }
+                Ok(context) => not_yet(context.to_string()).await,
+                Err(why) => not_yet(why).await,
             }
         },
     )
@@ -413,7 +415,12 @@ async fn tether_and_spire_federate_over_https_spiffe_and_validate_each_others_jw
         "{:?}",
         tether.running().readiness_problems()
     );
-    let Federated { spire_agent, spire, tether, _dir } = federated;
+    let Federated {
+        spire_agent,
+        spire,
+        tether,
+        _dir,
+    } = federated;
     drop((spire_agent, spire));
     tether.stop().await;
 }
@@ -446,7 +453,11 @@ async fn a_tether_workload_and_a_spire_workload_complete_mtls() {
     .await
     .expect("the tether workload completes mTLS with the SPIRE workload");
     assert_eq!(dialed["server"], SPIRE_WORKLOAD, "{dialed}");
-    assert_eq!(dialed["reply"], format!("hello {TETHER_WORKLOAD}"), "{dialed}");
+    assert_eq!(
+        dialed["reply"],
+        format!("hello {TETHER_WORKLOAD}"),
+        "{dialed}"
+    );
     let accepted: Value = serde_json::from_str(&tokio::task::block_in_place(|| server.next_line()))
         .expect("the server's JSON");
     assert_eq!(accepted["peer"], TETHER_WORKLOAD, "{accepted}");
@@ -456,14 +467,24 @@ async fn a_tether_workload_and_a_spire_workload_complete_mtls() {
     let error = workload_check(
         &tether_socket,
         "dial",
-        &["-addr", &server.addr, "-authorize", "spiffe://spire.test/someone-else"],
+        &[
+            "-addr",
+            &server.addr,
+            "-authorize",
+            "spiffe://spire.test/someone-else",
+        ],
     )
     .await
     .expect_err("a server of another ID is refused");
     assert!(error.contains("unexpected ID"), "{error}");
 
     drop(server);
-    let Federated { spire_agent, spire, tether, _dir } = federated;
+    let Federated {
+        spire_agent,
+        spire,
+        tether,
+        _dir,
+    } = federated;
     drop((spire_agent, spire));
     tether.stop().await;
 }

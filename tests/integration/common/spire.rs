@@ -21,11 +21,24 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde_json::Value;
 use tempfile::TempDir;
 
 use super::{eventually, free_port, prerequisite};
+
+/// The pause after a check that runs a child process (SPIRE's CLI,
+/// go-spiffe) and finds what it awaits not there yet: such checks are
+/// spaced wider than [`eventually`]'s own interval on a shared machine.
+/// Pacing only, never a timing assertion.
+pub const CHILD_POLL_PAUSE: Duration = Duration::from_millis(200);
+
+/// `Err(why)` after [`CHILD_POLL_PAUSE`]: a paced "not yet" for a check.
+pub async fn not_yet<T>(why: String) -> Result<T, String> {
+    tokio::time::sleep(CHILD_POLL_PAUSE).await;
+    Err(why)
+}
 
 /// The directory holding `spire-server` and `spire-agent`, from
 /// `TETHER_SPIRE_BIN`; a missing prerequisite without them.
@@ -35,7 +48,8 @@ pub fn binaries() -> PathBuf {
 }
 
 fn find_binaries() -> Result<PathBuf, String> {
-    const HOW: &str = "run `scripts/spire build` and export TETHER_SPIRE_BIN=<the directory it prints>";
+    const HOW: &str =
+        "run `scripts/spire build` and export TETHER_SPIRE_BIN=<the directory it prints>";
     let dir = std::env::var_os("TETHER_SPIRE_BIN")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
@@ -126,10 +140,15 @@ impl Process {
         )
     }
 
-    /// The last lines of its log.
+    /// The last lines of its log, without the API's line per request (the
+    /// test's own CLI calls, polling): what is left says what the process
+    /// did of its own accord (fetches, syncs, their errors).
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.contains("subsystem_name=api"))
+            .collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 }
@@ -168,7 +187,10 @@ async fn until_healthy(process: &mut Process, binary: &Path, socket: &Path) {
         process.assert_running();
         let mut command = Command::new(binary);
         command.arg("healthcheck").arg("-socketPath").arg(socket);
-        run(command).await
+        match run(command).await {
+            Ok(out) => Ok(out),
+            Err(why) => not_yet(why).await,
+        }
     })
     .await;
 }
@@ -231,7 +253,9 @@ plugins {{
         let mut command = Command::new(&binary);
         command.arg("run").arg("-config").arg(&config_path);
         // Only what the test gives: no roots of the machine's own choosing.
-        command.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+        command
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR");
         if let Some(roots) = &options.ssl_cert_file {
             command.env("SSL_CERT_FILE", roots);
         }
