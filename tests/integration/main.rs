@@ -51,6 +51,7 @@ mod policy_audit;
 mod policy_cli;
 mod process_bound;
 mod py_spiffe;
+mod spire_federation;
 mod task_tokens;
 mod upstream_authority;
 mod workload_api;

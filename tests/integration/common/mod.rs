@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod go;
 pub mod kubelet;
 pub mod postgres;
+pub mod spire;
 pub mod walkthrough;
 
 pub use eventually::{eventually, eventually_blocking, eventually_within};
