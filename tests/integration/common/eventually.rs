@@ -69,7 +69,7 @@ pub async fn eventually_within<A: Awaited>(
             Err(last) => last,
         };
         if tokio::time::Instant::now() >= deadline {
-            give_up(&what, &last);
+            give_up(patience, &what, &last);
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
@@ -88,15 +88,17 @@ pub fn eventually_blocking<A: Awaited>(
             Err(last) => last,
         };
         if std::time::Instant::now() >= deadline {
-            give_up(&what, &last);
+            give_up(PATIENCE, &what, &last);
         }
         std::thread::sleep(POLL_INTERVAL);
     }
 }
 
-fn give_up(what: &impl Display, last: &str) -> ! {
+/// Fails the test, naming how long it waited (`patience`, the one it was
+/// given) and for what.
+fn give_up(patience: Duration, what: &impl Display, last: &str) -> ! {
     if last.is_empty() {
-        panic!("gave up after {PATIENCE:?} waiting for {what}");
+        panic!("gave up after {patience:?} waiting for {what}");
     }
-    panic!("gave up after {PATIENCE:?} waiting for {what}; last: {last}");
+    panic!("gave up after {patience:?} waiting for {what}; last: {last}");
 }
