@@ -111,6 +111,9 @@ pub struct Attested {
 pub(crate) struct Memo {
     taken: Instant,
     status: ProcStatus,
+    /// `/proc/<pid>/status`, open since the attestation: a re-check reads
+    /// it again without a path walk.
+    status_file: procfs::StatusFile,
     exe_key: Option<FileKey>,
     attested: Attested,
     pod: Option<k8s::PodContainer>,
@@ -317,7 +320,7 @@ impl Attestor {
     /// The same credentials in `/proc/<pid>/status`, and the same
     /// executable (when the memo has one), as when `memo` was taken.
     fn facts_unchanged(&self, pid: i32, memo: &Memo) -> Result<bool, AttestationError> {
-        if procfs::read_status(&self.proc_root, pid)? != memo.status {
+        if memo.status_file.read()? != memo.status {
             return Ok(false);
         }
         match memo.exe_key {
@@ -377,11 +380,13 @@ impl Attestor {
             executable,
             selectors,
             status,
+            status_file,
             exe_key,
         } = facts;
         Ok(Memo {
             taken,
             status,
+            status_file,
             exe_key,
             attested: Attested {
                 pid: caller.pid(),

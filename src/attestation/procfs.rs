@@ -265,6 +265,73 @@ pub fn read_status(proc_root: &Path, pid: i32) -> Result<ProcStatus, Attestation
     parse_status(&contents).map_err(|source| AttestationError::ParseProc { path, source })
 }
 
+/// `<proc_root>/<pid>/status`, open: re-read with `pread(2)` from offset
+/// 0, which renders the file again, without a path walk per read. An open
+/// /proc file stays bound to the process it was opened for: once that
+/// process is gone, reading fails, and never describes a process that
+/// reused the PID.
+#[derive(Debug)]
+pub struct StatusFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl StatusFile {
+    /// Opens the caller's `status`. Like every read here, it describes the
+    /// caller only if the caller is confirmed running afterwards.
+    pub fn open(proc_root: &Path, pid: i32) -> Result<Self, AttestationError> {
+        let path = pid_path(proc_root, pid, "status");
+        match File::open(&path) {
+            Ok(file) => Ok(Self { path, file }),
+            Err(source) => Err(AttestationError::ReadProc { path, source }),
+        }
+    }
+
+    /// The ids in `status` now.
+    pub fn read(&self) -> Result<ProcStatus, AttestationError> {
+        let contents = self
+            .read_all()
+            .map_err(|source| AttestationError::ReadProc {
+                path: self.path.clone(),
+                source,
+            })?;
+        parse_status(&contents).map_err(|source| AttestationError::ParseProc {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// The whole file from offset 0. procfs renders it whole at the first
+    /// read and hands out as much as fits, so a read that does not fill the
+    /// buffer has reached the end: usually one `pread(2)`.
+    fn read_all(&self) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt as _;
+        let mut contents = vec![0; PROC_READ_CAPACITY];
+        let mut len = 0;
+        loop {
+            if len == contents.len() {
+                if len as u64 >= MAX_PROC_FILE_LEN {
+                    break;
+                }
+                contents.resize(len * 2, 0);
+            }
+            match self.file.read_at(&mut contents[len..], len as u64) {
+                Ok(0) => break,
+                Ok(n) => {
+                    len += n;
+                    if len < contents.len() {
+                        break;
+                    }
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        contents.truncate(len);
+        Ok(contents)
+    }
+}
+
 /// Reads and parses the start time from `<proc_root>/<pid>/stat`.
 pub fn read_start_time(proc_root: &Path, pid: i32) -> Result<u64, AttestationError> {
     let path = pid_path(proc_root, pid, "stat");
@@ -574,5 +641,23 @@ mod tests {
             read_status(Path::new("/nonexistent-proc"), pid),
             Err(AttestationError::ReadProc { .. })
         ));
+    }
+
+    /// An open `status` re-reads the process it was opened for, and once
+    /// that process is gone it fails rather than describe another.
+    #[test]
+    fn an_open_status_reads_its_process_until_it_is_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep runs");
+        let pid = i32::try_from(child.id()).expect("a pid fits");
+        let file = StatusFile::open(Path::new("/proc"), pid).expect("its status opens");
+        let first = file.read().expect("a live process's status reads");
+        assert_eq!(first.euid, nix::unistd::geteuid().as_raw());
+        assert_eq!(file.read().expect("and reads again"), first);
+        child.kill().expect("sleep is killed");
+        child.wait().expect("and reaped");
+        assert!(file.read().is_err(), "a reaped process's status is gone");
     }
 }

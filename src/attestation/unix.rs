@@ -59,6 +59,8 @@ pub(crate) struct UnixFacts {
     pub(crate) selectors: SelectorSet,
     /// The `/proc/<pid>/status` ids the selectors describe.
     pub(crate) status: ProcStatus,
+    /// That file, open, for the re-checks of later calls.
+    pub(crate) status_file: procfs::StatusFile,
     /// The executable's key, when `discover_workload_path` is on.
     pub(crate) exe_key: Option<FileKey>,
 }
@@ -89,7 +91,8 @@ impl UnixAttestor {
         caller: &Caller,
     ) -> Result<UnixFacts, AttestationError> {
         let pid = caller.pid();
-        let status = procfs::read_status(proc_root, pid)?;
+        let status_file = procfs::StatusFile::open(proc_root, pid)?;
+        let status = status_file.read()?;
         // A process may change its effective ids after connect (setuid
         // binaries, privilege drops), and a recycled PID (fallback path)
         // may belong to another user. Either way the kernel's record of the
@@ -174,6 +177,7 @@ impl UnixAttestor {
             executable,
             selectors,
             status,
+            status_file,
             exe_key,
         })
     }
