@@ -253,6 +253,7 @@ impl Disk {
         let len = segment.len;
         if let Err(source) = segment.file.sync_data() {
             let error = self.io_error_for_current(source);
+            // `append` or `rewrite`, our callers, fail the log.
             self.lost_unsynced();
             return Err(error);
         }
@@ -281,7 +282,11 @@ impl Disk {
     /// Takes the result of `job`'s sync. A failed sync may have lost every
     /// page written since the last good one: they are cut and written
     /// again ([`Disk::rewrite`]), and the log fails until then.
-    pub fn end_sync(&mut self, job: &SyncJob, result: io::Result<()>) -> Result<(), AuditError> {
+    pub fn end_sync(
+        &mut self,
+        job: &SyncJob,
+        result: io::Result<()>,
+    ) -> Result<(), Arc<AuditError>> {
         self.syncing = None;
         let current = self
             .segment
@@ -302,13 +307,17 @@ impl Disk {
             // itself replaced after a failure): nothing to mark.
             Ok(()) => Ok(()),
             Err(source) => {
+                let error = Arc::new(AuditError::Io {
+                    path: job.path.clone(),
+                    source,
+                });
                 if current {
                     self.lost_unsynced();
                 }
-                Err(AuditError::Io {
-                    path: job.path.clone(),
-                    source,
-                })
+                // Under the lock that cut the segment back: no caller
+                // appends between the cut and the refusal.
+                self.failure = Some(Arc::clone(&error));
+                Err(error)
             }
         }
     }
@@ -332,7 +341,9 @@ impl Disk {
     }
 
     /// After a failed sync: cut the segment back to what is known synced,
-    /// and queue every record after it to be written again.
+    /// and queue every record after it to be written again. The caller
+    /// fails the log in the same critical section: a record appended at
+    /// the cut would come before the records queued to be written there.
     fn lost_unsynced(&mut self) {
         if let Some(segment) = self.segment.as_mut() {
             segment.len = segment.synced_len;

@@ -458,11 +458,11 @@ impl AuditLog {
     }
 
     /// Chains and writes one record under the trail's lock; wakes the
-    /// writer when it is the first one left to sync.
+    /// writer when it is the first one left to sync, or when it failed.
     fn append(&self, body: Vec<u8>) -> Result<(), AuditUnavailable> {
         let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
         let longest = body.len() + event::ENVELOPE_MAX + 1;
-        let first_unsynced = {
+        let (appended, wake) = {
             let mut disk = self.trail.lock();
             if disk.must_wait_for_sync(longest) {
                 // A new file is due while the current one syncs: rare
@@ -477,13 +477,20 @@ impl AuditLog {
                     return Err(AuditUnavailable::Stalled { waited: WRITE_WAIT });
                 }
             }
-            disk.append(&time, &body)?;
-            disk.unsynced.len() == 1
+            let appended = disk.append(&time, &body);
+            // The writer is woken for the first record left to sync, and
+            // for a failed write: it writes the kept record again.
+            let wake = match &appended {
+                Ok(()) => disk.unsynced.len() == 1,
+                Err(AuditUnavailable::Failed { .. }) => true,
+                Err(_) => false,
+            };
+            (appended, wake)
         };
-        if first_unsynced {
+        if wake {
             self.trail.wake.notify_one();
         }
-        Ok(())
+        appended
     }
 
     /// Records the counts of repeated denials still being counted, their

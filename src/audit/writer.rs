@@ -57,6 +57,8 @@ pub struct AuditWriter {
     flush_interval: Duration,
     /// Writing to stdout failed once (reported once).
     stdout_failed: bool,
+    /// A failure was reported and the log has not recovered since.
+    failing: bool,
 }
 
 // === impl Trail ===
@@ -177,6 +179,7 @@ impl AuditWriter {
             key,
             flush_interval: config.flush_interval,
             stdout_failed: false,
+            failing: false,
         })
     }
 
@@ -272,24 +275,22 @@ impl AuditWriter {
             .await
             .map_err(|error| Arc::new(AuditError::Job(error)))?;
         disk::print(&printed, &mut self.stdout_failed);
-        result.map_err(Arc::new)?;
+        result?;
         let mut disk = self.trail.lock();
         disk.resolve_flushes();
         if disk.failure.is_some() && disk.is_committed() {
             disk.failure = None;
+            self.failing = false;
             tracing::info!("the audit log is writable again");
         }
         Ok(())
     }
 
-    fn failed(&self, error: &Arc<AuditError>) {
-        let first = self
-            .trail
-            .lock()
-            .failure
-            .replace(Arc::clone(error))
-            .is_none();
-        if first {
+    /// Fails the log (the disk may have set it already, in the critical
+    /// section that found the failure) and reports it once.
+    fn failed(&mut self, error: &Arc<AuditError>) {
+        self.trail.lock().failure = Some(Arc::clone(error));
+        if !std::mem::replace(&mut self.failing, true) {
             tracing::error!(
                 error = %crate::error::Chain(error),
                 "the audit log cannot be written: recording is refused (so nothing is issued) until it can; retrying every second"
@@ -302,16 +303,16 @@ impl AuditWriter {
 
 /// The blocking part of [`AuditWriter::commit`]: the result, and the lines
 /// synced for stdout (printed by the caller, whatever the result).
-fn commit(trail: &Trail, key: &SigningKey) -> (Result<(), AuditError>, Vec<Line>) {
+fn commit(trail: &Trail, key: &SigningKey) -> (Result<(), Arc<AuditError>>, Vec<Line>) {
     let result = sync_and_move_head(trail, key);
     let printed = std::mem::take(&mut trail.lock().to_print);
     (result, printed)
 }
 
-fn sync_and_move_head(trail: &Trail, key: &SigningKey) -> Result<(), AuditError> {
+fn sync_and_move_head(trail: &Trail, key: &SigningKey) -> Result<(), Arc<AuditError>> {
     let job = {
         let mut disk = trail.lock();
-        disk.rewrite()?;
+        disk.rewrite().map_err(Arc::new)?;
         disk.begin_sync()
     };
     if let Some(job) = job {
@@ -329,10 +330,10 @@ fn sync_and_move_head(trail: &Trail, key: &SigningKey) -> Result<(), AuditError>
     };
     if dir_dirty && let Err(source) = sync_dir(&dir) {
         trail.lock().dir_dirty = true;
-        return Err(io_error(&dir)(source));
+        return Err(Arc::new(io_error(&dir)(source)));
     }
     if let Some(target) = target {
-        write_head(&dir, target, key)?;
+        write_head(&dir, target, key).map_err(Arc::new)?;
         trail.lock().committed = Some(target);
     }
     Ok(())
