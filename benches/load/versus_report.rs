@@ -122,7 +122,7 @@ pub(crate) fn write(path: &Path, section: &str) {
         (Some(begin), Some(end)) if begin < end => {
             format!("{}{generated}{}", &text[..begin], &text[end + END.len()..])
         }
-        _ => format!("{}\n{HEADING}\n\n{generated}\n", text.trim_end()),
+        _ => format!("{}\n\n{HEADING}\n\n{generated}\n", text.trim_end()),
     };
     std::fs::write(path, text).unwrap();
 }
