@@ -17,7 +17,7 @@
 //!
 //! The agent's state lives in a temporary directory (on `/dev/shm` when
 //! there is one: the store's fsyncs are setup cost here, not what is
-//! measured). The load generator against a real agent is `benches/load.rs`.
+//! measured). The load generator against a real agent is `benches/load/`.
 
 #![allow(
     clippy::unwrap_used,

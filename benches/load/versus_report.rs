@@ -142,11 +142,11 @@ fn note(op: Op) -> &'static str {
     match op {
         Op::X509First => "a new stream on an open connection; both serve SVIDs already issued",
         Op::FetchJwt => {
-            "tether signs a fresh JWT each call; SPIRE's agent serves its cached one (per SPIFFE ID and audience set) until half its life is left, then asks the server"
+            "both serve a cached JWT-SVID (per identity and audiences) until half its life is left; then tether signs, SPIRE's agent asks its server"
         }
         Op::ValidateJwt => "both verify locally against the bundle",
         Op::NewConnection => {
-            "tether attests once per connection; SPIRE attests every call (the `unix` attestor reads /proc)"
+            "tether attests in full once per connection and re-checks /proc status and the executable each call; SPIRE runs its `unix` attestor every call"
         }
         Op::ProcessCached => {
             "the same CLI binary against both sockets: fork, exec, connect, attest, fetch"
