@@ -458,11 +458,12 @@ impl AuditLog {
     }
 
     /// Chains and writes one record under the trail's lock; wakes the
-    /// writer when it is the first one left to sync.
+    /// writer when it is the first one left to sync, or when its write
+    /// failed the log (the writer must write it again).
     fn append(&self, body: Vec<u8>) -> Result<(), AuditUnavailable> {
         let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
         let longest = body.len() + event::ENVELOPE_MAX + 1;
-        let first_unsynced = {
+        let (wake, appended) = {
             let mut disk = self.trail.lock();
             if disk.must_wait_for_sync(longest) {
                 // A new file is due while the current one syncs: rare
@@ -477,13 +478,22 @@ impl AuditLog {
                     return Err(AuditUnavailable::Stalled { waited: WRITE_WAIT });
                 }
             }
-            disk.append(&time, &body)?;
-            disk.unsynced.len() == 1
+            let was_failed = disk.failure.is_some();
+            let appended = disk.append(&time, &body);
+            // The writer loop is woken by the first record left to sync,
+            // and by the write that failed the log: asleep on a synced
+            // trail, nothing else would wake it to write that record
+            // again, and the log would stay failed.
+            let wake = match appended {
+                Ok(()) => disk.unsynced.len() == 1,
+                Err(_) => !was_failed && disk.failure.is_some(),
+            };
+            (wake, appended)
         };
-        if first_unsynced {
+        if wake {
             self.trail.wake.notify_one();
         }
-        Ok(())
+        appended
     }
 
     /// Records the counts of repeated denials still being counted, their

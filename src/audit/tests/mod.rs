@@ -1094,3 +1094,5 @@ async fn concurrent_callers_keep_one_chain_across_files() {
     reasons.dedup();
     assert_eq!(reasons.len(), 600);
 }
+
+mod failures;
