@@ -304,6 +304,14 @@ impl Disk {
             Err(source) => {
                 if current {
                     self.lost_unsynced();
+                    // Refuse appending from now, not from when the writer
+                    // loop reports it: a record appended meanwhile would
+                    // take the place of the records cut, and `written`
+                    // would vouch for records no longer in the file.
+                    self.failure = Some(Arc::new(AuditError::Io {
+                        path: job.path.clone(),
+                        source: copy_io_error(&source),
+                    }));
                 }
                 Err(AuditError::Io {
                     path: job.path.clone(),
@@ -415,6 +423,14 @@ impl Disk {
             // A caller that stopped waiting is no one to answer.
             let _: Result<(), ()> = tx.send(());
         }
+    }
+}
+
+/// The same error again (`io::Error` is not `Clone`).
+fn copy_io_error(error: &io::Error) -> io::Error {
+    match error.raw_os_error() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::new(error.kind(), error.to_string()),
     }
 }
 

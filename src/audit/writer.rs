@@ -57,6 +57,10 @@ pub struct AuditWriter {
     flush_interval: Duration,
     /// Writing to stdout failed once (reported once).
     stdout_failed: bool,
+    /// The current failure has been reported (as an error, once): the
+    /// failure itself may have been set by a caller's write or by
+    /// [`Disk::end_sync`], before this loop saw it.
+    failure_reported: bool,
 }
 
 // === impl Trail ===
@@ -177,6 +181,7 @@ impl AuditWriter {
             key,
             flush_interval: config.flush_interval,
             stdout_failed: false,
+            failure_reported: false,
         })
     }
 
@@ -277,19 +282,15 @@ impl AuditWriter {
         disk.resolve_flushes();
         if disk.failure.is_some() && disk.is_committed() {
             disk.failure = None;
+            self.failure_reported = false;
             tracing::info!("the audit log is writable again");
         }
         Ok(())
     }
 
-    fn failed(&self, error: &Arc<AuditError>) {
-        let first = self
-            .trail
-            .lock()
-            .failure
-            .replace(Arc::clone(error))
-            .is_none();
-        if first {
+    fn failed(&mut self, error: &Arc<AuditError>) {
+        self.trail.lock().failure = Some(Arc::clone(error));
+        if !std::mem::replace(&mut self.failure_reported, true) {
             tracing::error!(
                 error = %crate::error::Chain(error),
                 "the audit log cannot be written: recording is refused (so nothing is issued) until it can; retrying every second"

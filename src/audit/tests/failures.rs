@@ -6,7 +6,19 @@
 //! writes and refuses a sync (`EINVAL`), so a segment's file swapped for
 //! it fails where a dying disk would, with everything else real.
 
+use std::sync::Arc;
+
 use super::*;
+
+/// `/dev/null` opened for writing: writes vanish, a sync fails.
+fn sink() -> Arc<fs::File> {
+    Arc::new(
+        fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .expect("open /dev/null"),
+    )
+}
 
 fn reasons(dir: &Path) -> Vec<String> {
     read(dir, &ReadFilter::default())
@@ -57,3 +69,46 @@ async fn a_failed_write_on_a_synced_trail_is_retried_without_a_flush() {
     assert_eq!(verify(dir).expect("verify").head_seq, next as u64 + 1);
 }
 
+/// Regression: a sync that failed cut the records it may have lost and
+/// queued them to be written again, but the log was marked failed only
+/// later, by the writer loop. A caller in between was not refused: its
+/// record went where the cut records belong (before them in the file, so
+/// the chain broke once they were written again), and `written` vouched
+/// for a record that was no longer in the file.
+#[tokio::test]
+async fn a_failed_sync_refuses_callers_before_the_writer_loop_sees_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let (log, writer) = AuditLog::open(dir, &config(), key()).expect("open");
+    log.record(event(0)).expect("record 0");
+    log.record(event(1)).expect("record 1");
+
+    // The writer loop's sync, as `sync_and_move_head` runs it, failing.
+    let trail = writer.trail();
+    let mut job = trail.lock().begin_sync().expect("records to sync");
+    job.file = sink();
+    let result = job.file.sync_data();
+    assert!(result.is_err(), "a sync of /dev/null fails");
+    assert!(trail.lock().end_sync(&job, result).is_err());
+
+    // Before the loop has reported anything.
+    assert!(
+        guarded(log.written()).await.is_err(),
+        "written vouches for records the failed sync cut"
+    );
+    match log.record(event(2)) {
+        Err(AuditUnavailable::Failed { .. }) => {}
+        other => panic!("expected a refusal while records wait to be written again, got {other:?}"),
+    }
+
+    // The writer writes the cut records again, in order, and recovers.
+    let cancel = CancellationToken::new();
+    let job = tokio::spawn(writer.run(cancel.clone()));
+    eventually("the writer to recover", || log.problem().is_none()).await;
+    log.record(event(3)).expect("record 3");
+    guarded(log.flush()).await;
+    cancel.cancel();
+    guarded(job).await.expect("writer");
+    assert_eq!(reasons(dir), ["reason 0", "reason 1", "reason 3"]);
+    assert_eq!(verify(dir).expect("verify").head_seq, 3);
+}
