@@ -378,7 +378,10 @@ impl Disk {
     pub fn rewrite(&mut self) -> Result<(), AuditError> {
         while let Some(line) = self.pending.pop_front() {
             if let Err(error) = self.write_one(&line) {
-                self.pending.push_front(line);
+                // A failed sync of a full segment has put the records it
+                // cut back in front: this one goes after them.
+                let at = self.pending.partition_point(|l| l.seq < line.seq);
+                self.pending.insert(at, line);
                 return Err(error);
             }
             self.mark_written(line);

@@ -112,3 +112,46 @@ async fn a_failed_sync_refuses_callers_before_the_writer_loop_sees_it() {
     assert_eq!(reasons(dir), ["reason 0", "reason 1", "reason 3"]);
     assert_eq!(verify(dir).expect("verify").head_seq, 3);
 }
+
+/// Regression: when the writer loop wrote records again after a failure
+/// and one of them needed a new file, a failed sync of the full file put
+/// the record it was writing back *before* the ones the sync cut, so the
+/// next attempt wrote them out of order (a broken chain in the file).
+#[tokio::test]
+async fn records_written_again_keep_their_order_when_a_new_file_cannot_be_started() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let (log, writer) = AuditLog::open(dir, &small_files(), key()).expect("open");
+    let trail = writer.trail();
+    log.record(event(0)).expect("record 0");
+    // From now on the file takes writes and fails every sync.
+    trail
+        .lock()
+        .segment
+        .as_mut()
+        .expect("the first file")
+        .file = sink();
+
+    // Records fill the file; the one that needs a new file syncs the full
+    // one, which fails: that record and the ones the sync cut wait to be
+    // written again.
+    let mut next = 1;
+    loop {
+        match log.record(event(next)) {
+            Ok(()) => next += 1,
+            Err(AuditUnavailable::Failed { .. }) => break,
+            Err(other) => panic!("expected a failed sync, got {other:?}"),
+        }
+        assert!(next < 100, "the second file was never needed");
+    }
+    let seqs = |disk: &disk::Disk| disk.pending.iter().map(|l| l.seq).collect::<Vec<_>>();
+    let all: Vec<u64> = (1..=next as u64 + 1).collect();
+    assert_eq!(seqs(&trail.lock()), all);
+
+    // The writer loop's next attempt (`/dev/null` cannot be cut back, and
+    // need not be) meets the failing sync again.
+    let mut disk = trail.lock();
+    disk.segment.as_mut().expect("the file").needs_truncate = false;
+    assert!(disk.rewrite().is_err());
+    assert_eq!(seqs(&disk), all, "the records to write again, in order");
+}
