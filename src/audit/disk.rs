@@ -140,7 +140,9 @@ impl Disk {
                 source: Arc::clone(source),
             });
         }
-        if self.unsynced.len() >= self.capacity {
+        // Synced records waiting to be printed count too: a writer loop
+        // stuck printing must not let them pile up past `queue`.
+        if self.unsynced.len() + self.to_print.len() >= self.capacity {
             return Err(AuditUnavailable::QueueFull {
                 capacity: self.capacity,
             });

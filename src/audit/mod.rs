@@ -552,7 +552,7 @@ impl AuditLog {
                 disk.unsynced.len()
             ));
         }
-        if disk.unsynced.len() >= disk.capacity {
+        if disk.unsynced.len() + disk.to_print.len() >= disk.capacity {
             return Some(
                 AuditUnavailable::QueueFull {
                     capacity: disk.capacity,

@@ -155,3 +155,36 @@ async fn records_written_again_keep_their_order_when_a_new_file_cannot_be_starte
     assert!(disk.rewrite().is_err());
     assert_eq!(seqs(&disk), all, "the records to write again, in order");
 }
+
+/// Regression: with `stdout = true`, the records a caller's new file
+/// synced waited in memory for the writer loop to print them, beyond
+/// `queue`: a writer stuck printing (a stdout nobody reads) let callers
+/// go on recording, every synced record kept in memory, without bound.
+#[tokio::test]
+async fn records_waiting_to_be_printed_count_against_the_queue() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = AuditConfig {
+        stdout: true,
+        queue: 8,
+        ..small_files()
+    };
+    // No writer loop runs: as if it were stuck printing.
+    let (log, _writer) = AuditLog::open(tmp.path(), &config, key()).expect("open");
+    let mut recorded = 0;
+    let refusal = loop {
+        match log.record(event(recorded)) {
+            Ok(()) => recorded += 1,
+            Err(refusal) => break refusal,
+        }
+        assert!(
+            recorded < 100,
+            "100 records taken with the writer stuck and a queue of 8"
+        );
+    };
+    assert!(
+        matches!(refusal, AuditUnavailable::QueueFull { capacity: 8 }),
+        "{refusal:?}"
+    );
+    assert_eq!(recorded, 8);
+    assert!(log.problem().is_some_and(|p| p.contains("queue is full")));
+}
