@@ -268,15 +268,22 @@ impl AuditWriter {
     }
 
     /// One batch, on the blocking pool: write again what a failure left,
-    /// sync, sync the directory for a new segment, move `HEAD`, print,
-    /// answer flushes; clears a failure once the trail is whole.
+    /// sync, sync the directory for a new segment, move `HEAD`, print;
+    /// then answer flushes; clears a failure once the trail is whole.
     async fn commit(&mut self) -> Result<(), Arc<AuditError>> {
         let trail = Arc::clone(&self.trail);
         let key = Arc::clone(&self.key);
-        let (result, printed) = tokio::task::spawn_blocking(move || commit(&trail, &key))
-            .await
-            .map_err(|error| Arc::new(AuditError::Job(error)))?;
-        disk::print(&printed, &mut self.stdout_failed);
+        let mut stdout_failed = self.stdout_failed;
+        let (result, stdout_failed) = tokio::task::spawn_blocking(move || {
+            let (result, printed) = commit(&trail, &key);
+            // Here too, not on a runtime thread: a stdout nobody reads
+            // blocks the write.
+            disk::print(&printed, &mut stdout_failed);
+            (result, stdout_failed)
+        })
+        .await
+        .map_err(|error| Arc::new(AuditError::Job(error)))?;
+        self.stdout_failed = stdout_failed;
         result.map_err(Arc::new)?;
         let mut disk = self.trail.lock();
         disk.resolve_flushes();
@@ -302,7 +309,8 @@ impl AuditWriter {
 }
 
 /// The blocking part of [`AuditWriter::commit`]: the result, and the lines
-/// synced for stdout (printed by the caller, whatever the result).
+/// synced for stdout (printed by the caller, on the blocking pool too,
+/// whatever the result).
 fn commit(trail: &Trail, key: &SigningKey) -> (Result<(), AuditError>, Vec<Line>) {
     let result = sync_and_move_head(trail, key);
     let printed = std::mem::take(&mut trail.lock().to_print);

@@ -64,7 +64,9 @@ async fn a_failed_write_on_a_synced_trail_is_retried_without_a_flush() {
     running.stop().await;
     assert_eq!(
         reasons(dir),
-        (0..=next).map(|i| format!("reason {i}")).collect::<Vec<_>>()
+        (0..=next)
+            .map(|i| format!("reason {i}"))
+            .collect::<Vec<_>>()
     );
     assert_eq!(verify(dir).expect("verify").head_seq, next as u64 + 1);
 }
@@ -125,12 +127,7 @@ async fn records_written_again_keep_their_order_when_a_new_file_cannot_be_starte
     let trail = writer.trail();
     log.record(event(0)).expect("record 0");
     // From now on the file takes writes and fails every sync.
-    trail
-        .lock()
-        .segment
-        .as_mut()
-        .expect("the first file")
-        .file = sink();
+    trail.lock().segment.as_mut().expect("the first file").file = sink();
 
     // Records fill the file; the one that needs a new file syncs the full
     // one, which fails: that record and the ones the sync cut wait to be
@@ -187,4 +184,82 @@ async fn records_waiting_to_be_printed_count_against_the_queue() {
     );
     assert_eq!(recorded, 8);
     assert!(log.problem().is_some_and(|p| p.contains("queue is full")));
+}
+
+/// Tells [`child_printing_to_a_stdout_nobody_reads`] its audit directory.
+const STDOUT_CHILD_DIR: &str = "TETHER_AUDIT_STDOUT_CHILD_DIR";
+const STDOUT_CHILD: &str = "audit::tests::failures::child_printing_to_a_stdout_nobody_reads";
+/// The child's verdict, written once its runtime ran on while printing
+/// was blocked.
+const ALIVE: &str = "alive";
+
+/// Regression: the writer loop printed synced records (`stdout = true`) on
+/// its runtime thread, no longer on the blocking pool: a stdout nobody
+/// reads blocked that thread, and every job the runtime would run on it.
+/// A child process records into a stdout pipe this test never reads.
+#[test]
+fn a_stdout_nobody_reads_blocks_no_runtime_thread() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", STDOUT_CHILD, "--nocapture", "--ignored"])
+        .env(STDOUT_CHILD_DIR, tmp.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn the child");
+    // Held, never read: the pipe fills and the child's prints block.
+    let _stdout = child.stdout.take();
+    let marker = tmp.path().join(ALIVE);
+    let deadline = std::time::Instant::now() + GUARD;
+    while !marker.exists() && std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the child ended early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        marker.exists(),
+        "the child's runtime stopped while the audit writer printed to a full stdout"
+    );
+}
+
+#[test]
+#[ignore = "child process of audit::tests::failures::a_stdout_nobody_reads_blocks_no_runtime_thread"]
+fn child_printing_to_a_stdout_nobody_reads() {
+    let dir = PathBuf::from(
+        std::env::var_os(STDOUT_CHILD_DIR)
+            .expect("run by a_stdout_nobody_reads_blocks_no_runtime_thread"),
+    );
+    let audit = dir.join("audit");
+    // One runtime thread: a job blocked on it blocks the runtime.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let config = AuditConfig {
+            stdout: true,
+            ..config()
+        };
+        let running = Running::start(&audit, &config);
+        // Well past a pipe's 64 KiB: the printing blocks.
+        for i in 0..400 {
+            running.log.record(event(i)).expect("record");
+        }
+        eventually("HEAD to name every record", || {
+            verify(&audit).is_ok_and(|report| report.head_seq == 400)
+        })
+        .await;
+        // The writer's printing is under way (it follows HEAD at once):
+        // the runtime must still run this job.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        fs::write(dir.join(ALIVE), "").expect("write the marker");
+        // The parent kills this process: the writer never finishes.
+        std::future::pending::<()>().await;
+    });
 }
