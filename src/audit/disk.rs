@@ -140,7 +140,9 @@ impl Disk {
                 source: Arc::clone(source),
             });
         }
-        if self.unsynced.len() >= self.capacity {
+        // Synced records waiting to be printed count too: a writer loop
+        // stuck printing must not let them pile up past `queue`.
+        if self.unsynced.len() + self.to_print.len() >= self.capacity {
             return Err(AuditUnavailable::QueueFull {
                 capacity: self.capacity,
             });
@@ -253,7 +255,6 @@ impl Disk {
         let len = segment.len;
         if let Err(source) = segment.file.sync_data() {
             let error = self.io_error_for_current(source);
-            // `append` or `rewrite`, our callers, fail the log.
             self.lost_unsynced();
             return Err(error);
         }
@@ -282,11 +283,7 @@ impl Disk {
     /// Takes the result of `job`'s sync. A failed sync may have lost every
     /// page written since the last good one: they are cut and written
     /// again ([`Disk::rewrite`]), and the log fails until then.
-    pub fn end_sync(
-        &mut self,
-        job: &SyncJob,
-        result: io::Result<()>,
-    ) -> Result<(), Arc<AuditError>> {
+    pub fn end_sync(&mut self, job: &SyncJob, result: io::Result<()>) -> Result<(), AuditError> {
         self.syncing = None;
         let current = self
             .segment
@@ -307,17 +304,21 @@ impl Disk {
             // itself replaced after a failure): nothing to mark.
             Ok(()) => Ok(()),
             Err(source) => {
-                let error = Arc::new(AuditError::Io {
-                    path: job.path.clone(),
-                    source,
-                });
                 if current {
                     self.lost_unsynced();
+                    // Refuse appending from now, not from when the writer
+                    // loop reports it: a record appended meanwhile would
+                    // take the place of the records cut, and `written`
+                    // would vouch for records no longer in the file.
+                    self.failure = Some(Arc::new(AuditError::Io {
+                        path: job.path.clone(),
+                        source: copy_io_error(&source),
+                    }));
                 }
-                // Under the lock that cut the segment back: no caller
-                // appends between the cut and the refusal.
-                self.failure = Some(Arc::clone(&error));
-                Err(error)
+                Err(AuditError::Io {
+                    path: job.path.clone(),
+                    source,
+                })
             }
         }
     }
@@ -341,9 +342,7 @@ impl Disk {
     }
 
     /// After a failed sync: cut the segment back to what is known synced,
-    /// and queue every record after it to be written again. The caller
-    /// fails the log in the same critical section: a record appended at
-    /// the cut would come before the records queued to be written there.
+    /// and queue every record after it to be written again.
     fn lost_unsynced(&mut self) {
         if let Some(segment) = self.segment.as_mut() {
             segment.len = segment.synced_len;
@@ -381,7 +380,10 @@ impl Disk {
     pub fn rewrite(&mut self) -> Result<(), AuditError> {
         while let Some(line) = self.pending.pop_front() {
             if let Err(error) = self.write_one(&line) {
-                self.pending.push_front(line);
+                // A failed sync of a full segment has put the records it
+                // cut back in front: this one goes after them.
+                let at = self.pending.partition_point(|l| l.seq < line.seq);
+                self.pending.insert(at, line);
                 return Err(error);
             }
             self.mark_written(line);
@@ -426,6 +428,14 @@ impl Disk {
             // A caller that stopped waiting is no one to answer.
             let _: Result<(), ()> = tx.send(());
         }
+    }
+}
+
+/// The same error again (`io::Error` is not `Clone`).
+fn copy_io_error(error: &io::Error) -> io::Error {
+    match error.raw_os_error() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::new(error.kind(), error.to_string()),
     }
 }
 

@@ -458,11 +458,12 @@ impl AuditLog {
     }
 
     /// Chains and writes one record under the trail's lock; wakes the
-    /// writer when it is the first one left to sync, or when it failed.
+    /// writer when it is the first one left to sync, or when its write
+    /// failed the log (the writer must write it again).
     fn append(&self, body: Vec<u8>) -> Result<(), AuditUnavailable> {
         let time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
         let longest = body.len() + event::ENVELOPE_MAX + 1;
-        let (appended, wake) = {
+        let (wake, appended) = {
             let mut disk = self.trail.lock();
             if disk.must_wait_for_sync(longest) {
                 // A new file is due while the current one syncs: rare
@@ -477,15 +478,17 @@ impl AuditLog {
                     return Err(AuditUnavailable::Stalled { waited: WRITE_WAIT });
                 }
             }
+            let was_failed = disk.failure.is_some();
             let appended = disk.append(&time, &body);
-            // The writer is woken for the first record left to sync, and
-            // for a failed write: it writes the kept record again.
-            let wake = match &appended {
+            // The writer loop is woken by the first record left to sync,
+            // and by the write that failed the log: asleep on a synced
+            // trail, nothing else would wake it to write that record
+            // again, and the log would stay failed.
+            let wake = match appended {
                 Ok(()) => disk.unsynced.len() == 1,
-                Err(AuditUnavailable::Failed { .. }) => true,
-                Err(_) => false,
+                Err(_) => !was_failed && disk.failure.is_some(),
             };
-            (appended, wake)
+            (wake, appended)
         };
         if wake {
             self.trail.wake.notify_one();
@@ -549,7 +552,7 @@ impl AuditLog {
                 disk.unsynced.len()
             ));
         }
-        if disk.unsynced.len() >= disk.capacity {
+        if disk.unsynced.len() + disk.to_print.len() >= disk.capacity {
             return Some(
                 AuditUnavailable::QueueFull {
                     capacity: disk.capacity,

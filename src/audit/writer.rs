@@ -57,8 +57,10 @@ pub struct AuditWriter {
     flush_interval: Duration,
     /// Writing to stdout failed once (reported once).
     stdout_failed: bool,
-    /// A failure was reported and the log has not recovered since.
-    failing: bool,
+    /// The current failure has been reported (as an error, once): the
+    /// failure itself may have been set by a caller's write or by
+    /// [`Disk::end_sync`], before this loop saw it.
+    failure_reported: bool,
 }
 
 // === impl Trail ===
@@ -179,7 +181,7 @@ impl AuditWriter {
             key,
             flush_interval: config.flush_interval,
             stdout_failed: false,
-            failing: false,
+            failure_reported: false,
         })
     }
 
@@ -266,31 +268,36 @@ impl AuditWriter {
     }
 
     /// One batch, on the blocking pool: write again what a failure left,
-    /// sync, sync the directory for a new segment, move `HEAD`, print,
-    /// answer flushes; clears a failure once the trail is whole.
+    /// sync, sync the directory for a new segment, move `HEAD`, print;
+    /// then answer flushes; clears a failure once the trail is whole.
     async fn commit(&mut self) -> Result<(), Arc<AuditError>> {
         let trail = Arc::clone(&self.trail);
         let key = Arc::clone(&self.key);
-        let (result, printed) = tokio::task::spawn_blocking(move || commit(&trail, &key))
-            .await
-            .map_err(|error| Arc::new(AuditError::Job(error)))?;
-        disk::print(&printed, &mut self.stdout_failed);
-        result?;
+        let mut stdout_failed = self.stdout_failed;
+        let (result, stdout_failed) = tokio::task::spawn_blocking(move || {
+            let (result, printed) = commit(&trail, &key);
+            // Here too, not on a runtime thread: a stdout nobody reads
+            // blocks the write.
+            disk::print(&printed, &mut stdout_failed);
+            (result, stdout_failed)
+        })
+        .await
+        .map_err(|error| Arc::new(AuditError::Job(error)))?;
+        self.stdout_failed = stdout_failed;
+        result.map_err(Arc::new)?;
         let mut disk = self.trail.lock();
         disk.resolve_flushes();
         if disk.failure.is_some() && disk.is_committed() {
             disk.failure = None;
-            self.failing = false;
+            self.failure_reported = false;
             tracing::info!("the audit log is writable again");
         }
         Ok(())
     }
 
-    /// Fails the log (the disk may have set it already, in the critical
-    /// section that found the failure) and reports it once.
     fn failed(&mut self, error: &Arc<AuditError>) {
         self.trail.lock().failure = Some(Arc::clone(error));
-        if !std::mem::replace(&mut self.failing, true) {
+        if !std::mem::replace(&mut self.failure_reported, true) {
             tracing::error!(
                 error = %crate::error::Chain(error),
                 "the audit log cannot be written: recording is refused (so nothing is issued) until it can; retrying every second"
@@ -302,17 +309,18 @@ impl AuditWriter {
 }
 
 /// The blocking part of [`AuditWriter::commit`]: the result, and the lines
-/// synced for stdout (printed by the caller, whatever the result).
-fn commit(trail: &Trail, key: &SigningKey) -> (Result<(), Arc<AuditError>>, Vec<Line>) {
+/// synced for stdout (printed by the caller, on the blocking pool too,
+/// whatever the result).
+fn commit(trail: &Trail, key: &SigningKey) -> (Result<(), AuditError>, Vec<Line>) {
     let result = sync_and_move_head(trail, key);
     let printed = std::mem::take(&mut trail.lock().to_print);
     (result, printed)
 }
 
-fn sync_and_move_head(trail: &Trail, key: &SigningKey) -> Result<(), Arc<AuditError>> {
+fn sync_and_move_head(trail: &Trail, key: &SigningKey) -> Result<(), AuditError> {
     let job = {
         let mut disk = trail.lock();
-        disk.rewrite().map_err(Arc::new)?;
+        disk.rewrite()?;
         disk.begin_sync()
     };
     if let Some(job) = job {
@@ -330,10 +338,10 @@ fn sync_and_move_head(trail: &Trail, key: &SigningKey) -> Result<(), Arc<AuditEr
     };
     if dir_dirty && let Err(source) = sync_dir(&dir) {
         trail.lock().dir_dirty = true;
-        return Err(Arc::new(io_error(&dir)(source)));
+        return Err(io_error(&dir)(source));
     }
     if let Some(target) = target {
-        write_head(&dir, target, key).map_err(Arc::new)?;
+        write_head(&dir, target, key)?;
         trail.lock().committed = Some(target);
     }
     Ok(())

@@ -469,6 +469,39 @@ mod tests {
         assert!(err.to_string().contains("audience"), "{err}");
     }
 
+    /// Regression: a token whose `exp` and `nbf` have fractional seconds
+    /// (RFC 7519's NumericDate allows them; jsonwebtoken rounds them)
+    /// validated once, and then, served from `svid::verified`, was refused
+    /// as expired on every later call.
+    #[test]
+    fn a_token_with_fractional_times_validates_again() {
+        let td = TrustDomain::new("peer.example").expect("trust domain");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let authority =
+            crate::bundle::JwtAuthority::from_p256_point("peer".into(), key.public_key_raw())
+                .expect("authority");
+        let bundle = Arc::new(TrustBundle::new(td, Vec::new(), vec![authority], 1));
+        let now = jsonwebtoken::get_current_timestamp() as f64;
+        let claims = serde_json::json!({
+            "sub": "spiffe://peer.example/svc",
+            "aud": "api",
+            "exp": now + 300.25,
+            "nbf": now - 10.5,
+            "iat": now - 10.5,
+        });
+        let header = jsonwebtoken::Header {
+            kid: Some("peer".into()),
+            ..jsonwebtoken::Header::new(Algorithm::ES256)
+        };
+        let signing = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
+        let token = jsonwebtoken::encode(&header, &claims, &signing).expect("sign");
+        for call in 0..3 {
+            let ok = validate(&token, "api", |_| Some(bundle.clone()))
+                .unwrap_or_else(|e| panic!("call {call}: {e}"));
+            assert_eq!(ok.spiffe_id.to_string(), "spiffe://peer.example/svc");
+        }
+    }
+
     /// Regression: a token issued while the issuer's clock was hours ahead
     /// validated once the clock stepped back, living hours past its TTL.
     #[tokio::test]

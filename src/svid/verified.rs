@@ -91,18 +91,30 @@ pub fn put(key: MemoKey, len: usize, claims: Arc<Map<String, Value>>) {
 /// What `jsonwebtoken` checks of time with no leeway, at `now` (Unix
 /// seconds): `Err` names the claim that no longer holds.
 pub fn check_times(claims: &Map<String, Value>, now: u64) -> Result<(), &'static str> {
-    match claims.get("exp").and_then(Value::as_u64) {
+    match claims.get("exp").and_then(numeric_date) {
         Some(exp) if exp >= now => {}
         // It verified with an `exp` it required: a missing one here is not
         // this memo's token.
         _ => return Err("it has expired"),
     }
     if let Some(nbf) = claims.get("nbf")
-        && nbf.as_u64().is_none_or(|nbf| nbf > now)
+        && numeric_date(nbf).is_none_or(|nbf| nbf > now)
     {
         return Err("it is not valid yet (nbf)");
     }
     Ok(())
+}
+
+/// A NumericDate as `jsonwebtoken` 11 reads one: an unsigned integer, or
+/// a finite non-negative number below `u64::MAX`, rounded (RFC 7519 allows
+/// fractional seconds; a token with them verified, so it is served too).
+fn numeric_date(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f.round() as u64)
+    })
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Memo> {
@@ -132,6 +144,17 @@ mod tests {
             Err("it is not valid yet (nbf)")
         );
         assert_eq!(check_times(&Map::new(), 0), Err("it has expired"));
+        // Fractional seconds, rounded as jsonwebtoken rounds them.
+        let mut fractional = Map::new();
+        fractional.insert("exp".into(), 100.4.into());
+        fractional.insert("nbf".into(), 50.5.into());
+        assert_eq!(check_times(&fractional, 100), Ok(()));
+        assert_eq!(check_times(&fractional, 101), Err("it has expired"));
+        assert_eq!(
+            check_times(&fractional, 50),
+            Err("it is not valid yet (nbf)")
+        );
+        assert_eq!(check_times(&fractional, 51), Ok(()));
     }
 
     #[test]

@@ -1095,34 +1095,4 @@ async fn concurrent_callers_keep_one_chain_across_files() {
     assert_eq!(reasons.len(), 600);
 }
 
-/// Regression: a write that failed on a trail with nothing else to sync
-/// woke no one, so its record (kept to be written again) and the failure
-/// stayed until some other record came. The writer now retries on its own.
-#[tokio::test]
-async fn a_failed_write_on_an_idle_trail_is_retried_without_another_record() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let running = Running::start(dir, &small_files());
-    fs::create_dir(segment(dir, 2)).unwrap();
-    // Each record synced before the next, so the one that needs the second
-    // file fails on a trail with nothing else waiting.
-    let mut kept = 0;
-    for i in 0..1000 {
-        match running.log.record(event(i)) {
-            Ok(()) => running.flush().await,
-            Err(AuditUnavailable::Failed { .. }) => {
-                kept = i + 1;
-                break;
-            }
-            Err(other) => panic!("expected a failed write, got {other:?}"),
-        }
-    }
-    assert!(kept > 0, "the second file was never needed");
-    fs::remove_dir(segment(dir, 2)).unwrap();
-    eventually("the writer to write the kept record and recover", || {
-        running.log.problem().is_none()
-    })
-    .await;
-    running.stop().await;
-    assert_eq!(verify(dir).unwrap().records, kept as u64);
-}
+mod failures;
