@@ -373,20 +373,28 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn issue_then_validate() {
-        let (_dir, authority, entry) = setup();
-        let aud = vec!["api".to_owned()];
-        let svid = issue(
-            &authority,
-            &entry,
+    /// A JWT-SVID for `audience`, issued now for five minutes.
+    async fn fresh(
+        authority: &LocalAuthority,
+        entry: &RegistrationEntry,
+        audience: &str,
+    ) -> JwtSvid {
+        issue(
+            authority,
+            entry,
             &svc(),
-            &aud,
+            &[audience.to_owned()],
             Duration::from_secs(300),
             SystemTime::now(),
         )
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn issue_then_validate() {
+        let (_dir, authority, entry) = setup();
+        let svid = fresh(&authority, &entry, "api").await;
         let bundle = authority.bundle();
         let ok = validate(&svid.token, "api", |_| Some(bundle.clone())).unwrap();
         assert_eq!(ok.spiffe_id.to_string(), "spiffe://example.org/svc");
@@ -431,17 +439,7 @@ mod tests {
     #[tokio::test]
     async fn a_verified_token_is_checked_again_under_another_key_with_its_kid() {
         let (_dir, authority, entry) = setup();
-        let aud = vec!["api".to_owned()];
-        let svid = issue(
-            &authority,
-            &entry,
-            &svc(),
-            &aud,
-            Duration::from_secs(300),
-            SystemTime::now(),
-        )
-        .await
-        .unwrap();
+        let svid = fresh(&authority, &entry, "api").await;
         let bundle = authority.bundle();
         for _ in 0..2 {
             let ok = validate(&svid.token, "api", |_| Some(bundle.clone())).unwrap();
