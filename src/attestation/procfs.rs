@@ -258,13 +258,6 @@ pub fn read_cgroup(proc_root: &Path, pid: i32) -> Result<String, AttestationErro
     Ok(text)
 }
 
-/// Reads and parses `<proc_root>/<pid>/status`.
-pub fn read_status(proc_root: &Path, pid: i32) -> Result<ProcStatus, AttestationError> {
-    let path = pid_path(proc_root, pid, "status");
-    let contents = read_small(&path)?;
-    parse_status(&contents).map_err(|source| AttestationError::ParseProc { path, source })
-}
-
 /// `<proc_root>/<pid>/status`, open: re-read with `pread(2)` from offset
 /// 0, which renders the file again, without a path walk per read. An open
 /// /proc file stays bound to the process it was opened for: once that
@@ -632,13 +625,15 @@ mod tests {
     #[test]
     fn reads_this_process() {
         let pid = i32::try_from(std::process::id()).unwrap();
-        let status = read_status(Path::new("/proc"), pid).unwrap();
+        let status = StatusFile::open(Path::new("/proc"), pid)
+            .and_then(|file| file.read())
+            .unwrap();
         assert_eq!(status.euid, nix::unistd::geteuid().as_raw());
         assert_eq!(status.egid, nix::unistd::getegid().as_raw());
         let start = read_start_time(Path::new("/proc"), pid).unwrap();
         assert_eq!(read_start_time(Path::new("/proc"), pid).unwrap(), start);
         assert!(matches!(
-            read_status(Path::new("/nonexistent-proc"), pid),
+            StatusFile::open(Path::new("/nonexistent-proc"), pid),
             Err(AttestationError::ReadProc { .. })
         ));
     }

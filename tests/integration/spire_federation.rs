@@ -239,6 +239,20 @@ struct Federated {
     _dir: TempDir,
 }
 
+impl Federated {
+    /// Stops SPIRE (its agent first), then tether.
+    async fn stop(self) {
+        let Self {
+            spire_agent,
+            spire,
+            tether,
+            _dir,
+        } = self;
+        drop((spire_agent, spire));
+        tether.stop().await;
+    }
+}
+
 /// tether and SPIRE each serve a bundle endpoint over `https_spiffe`,
 /// bootstrapped with the other's X.509 authorities, and fetch the other's
 /// until each holds all of the other's keys.
@@ -415,14 +429,7 @@ async fn tether_and_spire_federate_over_https_spiffe_and_validate_each_others_jw
         "{:?}",
         tether.running().readiness_problems()
     );
-    let Federated {
-        spire_agent,
-        spire,
-        tether,
-        _dir,
-    } = federated;
-    drop((spire_agent, spire));
-    tether.stop().await;
+    federated.stop().await;
 }
 
 // tether runs in this process: reading the Go server's output blocks, so it
@@ -479,14 +486,7 @@ async fn a_tether_workload_and_a_spire_workload_complete_mtls() {
     assert!(error.contains("unexpected ID"), "{error}");
 
     drop(server);
-    let Federated {
-        spire_agent,
-        spire,
-        tether,
-        _dir,
-    } = federated;
-    drop((spire_agent, spire));
-    tether.stop().await;
+    federated.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
